@@ -1,0 +1,44 @@
+"""Which base-model family (SD1, SD2, SDXL) a LoRA file was made for."""
+from __future__ import annotations
+
+from .modelmap import FAMILY_NAMES
+
+# cross-attention context width of each family's UNet (attn2.to_k input features)
+_CONTEXT_DIMS = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+
+
+def family_from_metadata(meta: dict[str, str]) -> str | None:
+    base = meta.get("ss_base_model_version", "").lower()
+    arch = meta.get("modelspec.architecture", "").lower()
+    if base.startswith("sdxl") or arch.startswith("stable-diffusion-xl"):
+        return "sdxl"
+    if arch.startswith("stable-diffusion-v2") or base.startswith("sd_v2") or base.startswith("sd_2") \
+            or meta.get("ss_v2", "").lower() == "true":
+        return "sd2"
+    if arch.startswith("stable-diffusion-v1") or base.startswith("sd_v1") or meta.get("ss_v2", "").lower() == "false":
+        return "sd1"
+    return None
+
+
+def family_from_keys(module_keys: set[str], shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """Guess from key spelling and layer widths; ``shapes`` maps 'module.role' to shape."""
+    if any(k.startswith(("lora_te1_", "lora_te2_")) for k in module_keys):
+        return "sdxl"
+    if any(k.startswith(("lora_unet_input_blocks_", "lora_unet_output_blocks_", "lora_unet_middle_block_"))
+           for k in module_keys):
+        return "sdxl"  # kohya spells only SDXL UNets the SGM way
+    for key, shape in shapes.items():
+        if "attn2_to_k" in key and len(shape) >= 2:
+            role = key.split(".", 1)[1] if "." in key else ""
+            width = shape[1] if role in ("lora_down.weight", "hada_w1_b", "diff") else None
+            if width in _CONTEXT_DIMS:
+                return _CONTEXT_DIMS[width]
+    return None
+
+
+def detect_family(meta: dict[str, str], module_keys: set[str], shapes: dict[str, tuple[int, ...]]) -> str | None:
+    return family_from_keys(module_keys, shapes) or family_from_metadata(meta)
+
+
+def display(family: str | None) -> str:
+    return FAMILY_NAMES.get(family or "", "unknown")

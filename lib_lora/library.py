@@ -1,0 +1,190 @@
+"""The LoRA files on disk: scanning, name resolution, metadata, and a size-bounded cache.
+
+Names coming from prompts or the API are only ever looked up in the scanned index,
+never joined onto a folder, so ``../`` and absolute paths cannot reach other files.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import families
+from .fileio import PICKLE_EXT, SAFETENSORS_EXT, LoraFileError, read_header
+from .hashes import addnet_hash_safetensors, sha256_file
+from .network import Network, load_network
+
+EXTENSIONS = SAFETENSORS_EXT + (".pt", ".ckpt")
+PREVIEW_EXT = (".png", ".jpg", ".jpeg", ".webp", ".gif")
+_HEX = re.compile(r"^[0-9a-fA-F]{8,64}$")
+
+
+class LoraNotFound(LookupError):
+    pass
+
+
+class AmbiguousName(LookupError):
+    pass
+
+
+@dataclass
+class Entry:
+    """One file in a LoRA folder."""
+    path: Path
+    root: Path
+    name: str                       # file stem
+    relname: str                    # path below its root, '/'-separated, no extension
+    mtime: float
+    size: int
+    metadata: dict[str, str] = field(default_factory=dict)
+    header_error: str | None = None
+    _hash: str | None = None
+    _sha256: str | None = None
+
+    @property
+    def alias(self) -> str:
+        return self.metadata.get("ss_output_name") or self.name
+
+    @property
+    def family(self) -> str | None:
+        return families.family_from_metadata(self.metadata)
+
+    def addnet_hash(self) -> str:
+        """kohya's tensor-data hash (what the WebUI's infotext uses), computed once."""
+        if self._hash is None:
+            given = self.metadata.get("sshs_model_hash", "")
+            if _HEX.match(given):  # metadata is untrusted text: accept it only as a hash
+                self._hash = given.lower()
+            elif self.path.suffix.lower() == ".safetensors" and not self.header_error:
+                self._hash = addnet_hash_safetensors(self.path)
+            else:
+                self._hash = self.sha256()
+        return self._hash
+
+    def shorthash(self) -> str:
+        return self.addnet_hash()[:12]
+
+    def sha256(self) -> str:
+        if self._sha256 is None:
+            self._sha256 = sha256_file(self.path)
+        return self._sha256
+
+    def sidecar(self) -> Path:
+        return self.path.with_suffix(".json")
+
+    def user_metadata(self) -> dict:
+        """The built-in Lora's per-file notes (activation text, preferred weight, ...)."""
+        p = self.sidecar()
+        if not p.is_file():
+            return {}
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise LoraFileError(f"{p.name}: unreadable notes file ({e})") from None
+        return data if isinstance(data, dict) else {}
+
+    def preview(self) -> Path | None:
+        for ext in PREVIEW_EXT:
+            for cand in (self.path.with_suffix(ext), self.path.with_suffix(".preview" + ext)):
+                if cand.is_file():
+                    return cand
+        return None
+
+
+class Library:
+    def __init__(self, roots: list[str | os.PathLike], cache_bytes: int = 2 << 30):
+        self.roots = [Path(r) for r in roots]
+        self.entries: list[Entry] = []
+        self._lock = threading.RLock()
+        self._cache: OrderedDict[Path, Network] = OrderedDict()
+        self.cache_bytes = cache_bytes
+        self.refresh()
+
+    # -- scanning --------------------------------------------------------------------
+    def refresh(self) -> None:
+        old = {e.path: e for e in self.entries}
+        found: list[Entry] = []
+        seen: set[Path] = set()
+        for root in self.roots:
+            if not root.is_dir():
+                continue
+            for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                for fn in sorted(filenames):
+                    p = Path(dirpath) / fn
+                    if p.suffix.lower() not in EXTENSIONS or fn.startswith("."):
+                        continue
+                    real = p.resolve()
+                    if real in seen:
+                        continue
+                    seen.add(real)
+                    st = p.stat()
+                    prev = old.get(p)
+                    if prev is not None and prev.mtime == st.st_mtime and prev.size == st.st_size:
+                        found.append(prev)
+                        continue
+                    rel = p.relative_to(root).with_suffix("").as_posix()
+                    e = Entry(p, root, p.stem, rel, st.st_mtime, st.st_size)
+                    if p.suffix.lower() in SAFETENSORS_EXT:
+                        try:
+                            e.metadata = read_header(p).metadata
+                        except (LoraFileError, OSError) as err:
+                            e.header_error = str(err)
+                    found.append(e)
+        with self._lock:
+            self.entries = found
+            live = {e.path for e in found}
+            for p in [p for p in self._cache if p not in live]:
+                del self._cache[p]
+
+    # -- names -----------------------------------------------------------------------
+    def resolve(self, name: str) -> Entry:
+        """Find a file by relative path, file stem, or alias (``ss_output_name``)."""
+        key = name.strip().replace("\\", "/")
+        for match in (lambda e: e.relname == key, lambda e: e.name == key, lambda e: e.alias == key,
+                      lambda e: e.relname.lower() == key.lower(), lambda e: e.name.lower() == key.lower()):
+            hits = [e for e in self.entries if match(e)]
+            if len(hits) == 1:
+                return hits[0]
+            if len(hits) > 1:
+                paths = ", ".join(h.relname + h.path.suffix for h in hits)
+                raise AmbiguousName(f'Lora name "{name}" is ambiguous: {paths} — use the sub-folder path')
+        raise LoraNotFound(f"Lora not found: {name}")
+
+    def by_hash(self, shorthash: str) -> Entry | None:
+        shorthash = shorthash.lower()
+        for e in self.entries:
+            if e.addnet_hash().startswith(shorthash):
+                return e
+        return None
+
+    # -- loading -----------------------------------------------------------------------
+    def load(self, entry: Entry) -> Network:
+        """Parsed network for ``entry``, from the cache unless the file changed."""
+        with self._lock:
+            st = entry.path.stat()
+            net = self._cache.get(entry.path)
+            if net is not None and net.mtime == st.st_mtime:
+                self._cache.move_to_end(entry.path)
+                return net
+        net = load_network(entry.path, entry.name)
+        with self._lock:
+            self._cache[entry.path] = net
+            self._cache.move_to_end(entry.path)
+            self._evict()
+        return net
+
+    def set_cache_bytes(self, n: int) -> None:
+        with self._lock:
+            self.cache_bytes = n
+            self._evict()
+
+    def _evict(self) -> None:
+        total = sum(n.nbytes for n in self._cache.values())
+        while len(self._cache) > 1 and total > self.cache_bytes:
+            _, n = self._cache.popitem(last=False)
+            total -= n.nbytes

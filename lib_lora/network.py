@@ -1,0 +1,97 @@
+"""A LoRA file parsed into adapters, independent of any model."""
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from . import families
+from .adapters import Adapter, AdapterError, make_adapter
+from .fileio import LoraFileError, load_file
+from .keymap import split_key
+
+
+@dataclass
+class Network:
+    name: str
+    path: Path | None
+    metadata: dict[str, str]
+    adapters: dict[str, Adapter]          # kohya module key -> adapter
+    family: str | None
+    unknown_keys: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # modules whose tensors were unusable
+    mtime: float = 0.0
+    nbytes: int = 0
+
+    def algorithms(self) -> dict[str, int]:
+        out: dict[str, int] = defaultdict(int)
+        for a in self.adapters.values():
+            out[a.algo] += 1
+        return dict(out)
+
+    def ranks(self) -> list[int]:
+        return sorted({r for a in self.adapters.values() if (r := a.rank()) is not None})
+
+    def alphas(self) -> list[float]:
+        return sorted({a.alpha for a in self.adapters.values() if a.alpha is not None})
+
+    def count(self, component: str) -> int:
+        if component == "unet":
+            return sum(k.startswith("lora_unet_") for k in self.adapters)
+        return sum(k.startswith("lora_te") for k in self.adapters)
+
+
+def parse_state_dict(name: str, sd: dict[str, Tensor], metadata: dict[str, str],
+                     path: Path | None = None) -> Network:
+    """Group tensors by module and build one adapter per module."""
+    dual = any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for k in sd)
+    groups: dict[str, dict[str, Tensor]] = defaultdict(dict)
+    unknown: list[str] = []
+    for key, tensor in sd.items():
+        split = split_key(key, dual)
+        if split is None:
+            unknown.append(key)
+            continue
+        module, role = split
+        if not torch.is_floating_point(tensor) and role not in ("on_input",):
+            raise LoraFileError(f"{name}: tensor {key} has non-float dtype {tensor.dtype}")
+        groups[module][role] = tensor
+    adapters: dict[str, Adapter] = {}
+    errors: list[str] = []
+    for module, tensors in groups.items():
+        if set(tensors) <= {"alpha", "dora_scale"}:
+            unknown.extend(f"{module}.{r}" for r in tensors)
+            continue
+        for role, t in tensors.items():
+            if torch.is_floating_point(t) and not torch.isfinite(t).all():
+                raise LoraFileError(f"{name}: tensor {module}.{role} contains NaN or Inf values")
+        try:
+            adapter = make_adapter(module, tensors)
+        except AdapterError as e:
+            errors.append(str(e))
+            continue
+        unknown.extend(f"{module}.{r}" for r in sorted(set(tensors) - adapter.known_suffixes()))
+        adapters[module] = adapter
+    if not adapters:
+        detail = f" ({errors[0]})" if errors else ""
+        raise LoraFileError(f"{name}: no LoRA/LyCORIS tensors recognised in file{detail}")
+    shapes = {f"{m}.{r}": tuple(t.shape) for m, ts in groups.items() for r, t in ts.items()}
+    family = families.detect_family(metadata, set(adapters), shapes)
+    nbytes = sum(t.numel() * t.element_size() for t in sd.values())
+    return Network(name, path, metadata, adapters, family, unknown, errors, nbytes=nbytes)
+
+
+def load_network(path: str | os.PathLike, name: str | None = None) -> Network:
+    """Read and parse a file; raises LoraFileError with a one-line reason on bad input."""
+    path = Path(path)
+    if not path.is_file():
+        raise LoraFileError(f"{path}: no such file")
+    mtime = path.stat().st_mtime
+    sd, meta = load_file(path)
+    net = parse_state_dict(name or path.stem, sd, meta, path)
+    net.mtime = mtime
+    return net

@@ -1,0 +1,235 @@
+"""Merge adapter deltas into a model's weights and put the originals back exactly.
+
+Each touched parameter gets a *slot*: a copy of its original value (on the backup
+device, CPU by default) and the list of contributions currently merged into it.
+``apply`` re-merges only slots whose wanted contributions changed and restores
+slots no longer wanted.  Restoring copies the kept original back, never subtracts,
+so any number of cycles leaves the weights bitwise identical.  Deltas are summed in
+float32 and cast once, which is what makes fp16/bf16/fp8 weights behave.
+
+If anything else rewrites a patched weight (a checkpoint loaded into the same
+modules), the slot notices through the tensor's version counter and forgets its
+now-stale original instead of restoring it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from . import families
+from .adapters import Adapter, AdapterError
+from .modelmap import ModelMap, Target
+from .network import Network
+
+
+@dataclass(frozen=True)
+class Activation:
+    """One network wanted for the next generation, with its multipliers."""
+    network: Network
+    te: float = 1.0
+    unet: float = 1.0
+    dyn: int | None = None
+
+
+@dataclass
+class Binding:
+    """A network matched against a ModelMap: which adapter goes to which target."""
+    pairs: list[tuple[Target, Adapter]]
+    unmatched: list[str]
+
+
+@dataclass
+class ApplyReport:
+    messages: list[str] = field(default_factory=list)   # shown to the user
+    applied: dict[str, int] = field(default_factory=dict)  # network name -> layers patched
+    skipped: list[str] = field(default_factory=list)    # network names not applied at all
+    changed_slots: int = 0
+
+
+@dataclass(eq=False)
+class _Slot:
+    module: nn.Module
+    param: str
+    original: Tensor
+    contributions: tuple = ()
+    version: int = -1
+    ptr: int = 0
+
+    def tensor(self) -> Tensor:
+        return getattr(self.module, self.param)
+
+
+def bind(network: Network, mm: ModelMap) -> Binding:
+    pairs, unmatched = [], []
+    for key, adapter in network.adapters.items():
+        target = mm.get(key)
+        if target is None:
+            unmatched.append(key)
+        else:
+            pairs.append((target, adapter))
+    return Binding(pairs, unmatched)
+
+
+class Patcher:
+    def __init__(self, mm: ModelMap, backup_device: str | torch.device = "cpu"):
+        self.mm = mm
+        self.backup_device = torch.device(backup_device)
+        self.slots: dict[tuple[int, str], _Slot] = {}
+        self._bindings: dict[int, tuple[Network, Binding]] = {}
+
+    # -- public --------------------------------------------------------------------------
+    def binding(self, network: Network) -> Binding:
+        hit = self._bindings.get(id(network))
+        if hit is None or hit[0] is not network:
+            hit = (network, bind(network, self.mm))
+            self._bindings[id(network)] = hit
+            if len(self._bindings) > 64:
+                self._bindings.pop(next(iter(self._bindings)))
+        return hit[1]
+
+    def check_family(self, network: Network) -> str | None:
+        """A user-facing reason to refuse ``network`` on this model, or None."""
+        if network.family and network.family != self.mm.family:
+            return (f"{network.name} is an {families.display(network.family)} LoRA, "
+                    f"the loaded model is {families.display(self.mm.family)} — skipped")
+        return None
+
+    @torch.no_grad()
+    def apply(self, activations: list[Activation]) -> ApplyReport:
+        report = ApplyReport()
+        self._drop_stale()
+        wanted: dict[tuple[int, str], list] = {}
+        owners: dict[tuple[int, str], tuple[nn.Module, str]] = {}
+        for act in activations:
+            net = act.network
+            reason = self.check_family(net)
+            if reason:
+                report.messages.append(reason)
+                report.skipped.append(net.name)
+                continue
+            b = self.binding(net)
+            if not b.pairs:
+                report.messages.append(f"{net.name}: none of its {len(net.adapters)} layers match the loaded model — skipped")
+                report.skipped.append(net.name)
+                continue
+            if b.unmatched:
+                report.messages.append(
+                    f"{net.name}: {len(b.unmatched)} of {len(net.adapters)} layers have no counterpart in the "
+                    f"loaded model (e.g. {b.unmatched[0]})")
+            report.applied[net.name] = 0
+            for target, adapter in b.pairs:
+                mult = act.te if target.is_text_encoder else act.unet
+                if mult == 0:
+                    continue
+                for pname in (target.weight_name, target.bias_name):
+                    if pname is None or getattr(target.module, pname, None) is None:
+                        continue
+                    k = (id(target.module), pname)
+                    owners[k] = (target.module, pname)
+                    wanted.setdefault(k, []).append((target, adapter, float(mult), act.dyn, net.name))
+        touched: list[_Slot] = []
+        bad: dict[str, list[str]] = {}
+        try:
+            for k, slot in list(self.slots.items()):
+                if k not in wanted:
+                    self._write(slot, slot.original)
+                    del self.slots[k]
+                    report.changed_slots += 1
+            cache: dict[tuple[int, int], tuple[Tensor | None, Tensor | None]] = {}
+            for k, contribs in wanted.items():
+                module, pname = owners[k]
+                sig = tuple((id(a), id(t), m, d) for t, a, m, d, _ in contribs)
+                slot = self.slots.get(k)
+                if slot is not None and slot.contributions == sig:
+                    continue
+                param = getattr(module, pname)
+                base = slot.original if slot is not None else param.detach()
+                merged = base.to(param.device, torch.float32, copy=True)
+                for target, adapter, mult, dyn, netname in contribs:
+                    try:
+                        dw, db = self._deltas(cache, target, adapter, mult, dyn, module, slot, base, pname)
+                    except AdapterError as e:
+                        bad.setdefault(netname, []).append(str(e))
+                        continue
+                    d = dw if pname == target.weight_name else db
+                    if d is None:
+                        continue
+                    if target.rows is None:
+                        merged += d
+                    else:
+                        merged[target.rows] += d
+                if slot is None:
+                    slot = _Slot(module, pname, param.detach().to(self.backup_device, copy=True))
+                    self.slots[k] = slot
+                touched.append(slot)
+                self._write(slot, merged)
+                slot.contributions = sig
+                report.changed_slots += 1
+        except BaseException:
+            # never leave a half-patched model behind: put back everything we changed
+            for slot in touched:
+                self._write(slot, slot.original)
+            self.restore()
+            raise
+        for netname, errs in bad.items():
+            report.messages.append(f"{netname}: {len(errs)} layers did not match ({errs[0]})")
+        for k, contribs in wanted.items():
+            for target, adapter, _, _, netname in contribs:
+                if k[1] == target.weight_name and netname in report.applied:
+                    report.applied[netname] += 1
+        return report
+
+    @torch.no_grad()
+    def restore(self) -> int:
+        """Put every patched weight back; returns how many were restored."""
+        self._drop_stale()
+        n = 0
+        for slot in self.slots.values():
+            self._write(slot, slot.original)
+            n += 1
+        self.slots.clear()
+        return n
+
+    def forget(self) -> None:
+        """The model was replaced or reloaded: drop originals without writing them back."""
+        self.slots.clear()
+        self._bindings.clear()
+
+    @property
+    def active(self) -> bool:
+        return bool(self.slots)
+
+    # -- internals -----------------------------------------------------------------------
+    def _deltas(self, cache, target: Target, adapter: Adapter, mult: float, dyn, module, slot, base, pname):
+        key = (id(target), id(adapter))
+        if key not in cache:
+            wname, bname = target.weight_name, target.bias_name
+            w = self._original(module, wname, base if pname == wname else None)
+            b = self._original(module, bname, base if pname == bname else None) if bname else None
+            if target.rows is not None:
+                w = w[target.rows]
+                b = b[target.rows] if b is not None else None
+            cache[key] = adapter.deltas(w, b, mult, dyn)
+        return cache[key]
+
+    def _original(self, module: nn.Module, pname: str, known: Tensor | None) -> Tensor | None:
+        if known is not None:
+            return known
+        slot = self.slots.get((id(module), pname))
+        if slot is not None:
+            return slot.original
+        p = getattr(module, pname, None)
+        return None if p is None else p.detach()
+
+    def _write(self, slot: _Slot, value: Tensor) -> None:
+        t = slot.tensor()
+        t.data.copy_(value.to(t.device))
+        slot.version, slot.ptr = t._version, t.data_ptr()
+
+    def _drop_stale(self) -> None:
+        for k, slot in list(self.slots.items()):
+            t = getattr(slot.module, slot.param, None)
+            if t is None or t._version != slot.version or t.data_ptr() != slot.ptr:
+                del self.slots[k]
