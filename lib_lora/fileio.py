@@ -158,6 +158,9 @@ def save_safetensors(tensors: dict[str, Tensor], path: str | os.PathLike,
         save_file(contiguous, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a LoRA should be as readable as any file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -68,6 +68,14 @@ class Entry:
     def shorthash(self) -> str:
         return self.addnet_hash()[:12]
 
+    def known_hash(self) -> str | None:
+        """The addnet hash if it is known without reading the file (metadata or computed before)."""
+        if self._hash is None:
+            given = self.metadata.get("sshs_model_hash", "")
+            if _HEX.match(given):
+                self._hash = given.lower()
+        return self._hash
+
     def sha256(self) -> str:
         if self._sha256 is None:
             self._sha256 = sha256_file(self.path)
@@ -155,11 +163,28 @@ class Library:
                 raise AmbiguousName(f'Lora name "{name}" is ambiguous: {paths} — use the sub-folder path')
         raise LoraNotFound(f"Lora not found: {name}")
 
-    def by_hash(self, shorthash: str) -> Entry | None:
-        shorthash = shorthash.lower()
-        for e in self.entries:
-            if e.addnet_hash().startswith(shorthash):
+    def by_hash(self, shorthash: str, compute: bool = True) -> Entry | None:
+        """The entry whose addnet hash starts with ``shorthash`` (at least 8 hex digits).
+
+        Hashes already known are tried first; ``compute`` then hashes the remaining files,
+        which reads every one of them once per session.
+        """
+        shorthash = shorthash.strip().lower()
+        if len(shorthash) < 8 or not _HEX.match(shorthash):
+            return None  # "" or "a" would match an arbitrary file
+        entries = list(self.entries)
+        for e in entries:
+            known = e.known_hash()
+            if known is not None and known.startswith(shorthash):
                 return e
+        if compute:
+            for e in entries:
+                if e.known_hash() is None:
+                    try:
+                        if e.addnet_hash().startswith(shorthash):
+                            return e
+                    except OSError:
+                        continue
         return None
 
     # -- loading -----------------------------------------------------------------------
@@ -171,7 +196,7 @@ class Library:
             if net is not None and net.mtime == st.st_mtime:
                 self._cache.move_to_end(entry.path)
                 return net
-        net = load_network(entry.path, entry.name)
+        net = load_network(entry.path, entry.relname)
         with self._lock:
             self._cache[entry.path] = net
             self._cache.move_to_end(entry.path)

@@ -1,0 +1,18 @@
+"""Full: the file stores the whole weight difference (and optionally the bias difference)."""
+from __future__ import annotations
+
+from torch import Tensor
+
+from .base import Adapter
+
+
+class Full(Adapter):
+    algo = "full"
+    required = ("diff",)
+    optional = ("diff_b",)
+
+    def weight_delta(self, weight: Tensor, dyn: int | None = None) -> Tensor:
+        return self.t("diff")  # alpha is not part of LyCORIS's full algo; fit_shape checks the shape
+
+    def bias_delta(self, bias: Tensor | None) -> Tensor | None:
+        return self.t("diff_b") if "diff_b" in self.tensors else None

@@ -1,0 +1,45 @@
+"""Random kohya-format LoRA state dicts for a ModelMap (test support)."""
+from __future__ import annotations
+
+import torch
+
+from lib_lora.modelmap import ModelMap
+
+
+def kohya_lora(mm: ModelMap, rank: int = 4, alpha: float | None = 2.0, seed: int = 0, convs: bool = False,
+               only: tuple[str, ...] | None = None, scale: float = 0.1) -> dict[str, torch.Tensor]:
+    """LoRA (and LoCon for convs) on linear/conv targets, optionally filtered by key substrings."""
+    g = torch.Generator().manual_seed(seed)
+    sd: dict[str, torch.Tensor] = {}
+    for t in mm.targets:
+        w = t.weight()
+        if w.dim() < 2 or "embedding" in t.key:
+            continue
+        if only is not None and not any(s in t.key for s in only):
+            continue
+        if w.dim() == 4 and w.shape[2:] != (1, 1) and not convs:
+            continue
+        if w.dim() == 4 and w.shape[2:] != (1, 1):
+            down = torch.randn(rank, w.shape[1], *w.shape[2:], generator=g)
+            up = torch.randn(w.shape[0], rank, 1, 1, generator=g)
+        elif w.dim() == 4:
+            down = torch.randn(rank, w.shape[1], 1, 1, generator=g)
+            up = torch.randn(w.shape[0], rank, 1, 1, generator=g)
+        else:
+            down = torch.randn(rank, w.shape[1], generator=g)
+            up = torch.randn(w.shape[0], rank, generator=g)
+        sd[f"{t.key}.lora_down.weight"] = down * scale
+        sd[f"{t.key}.lora_up.weight"] = up * scale
+        if alpha is not None:
+            sd[f"{t.key}.alpha"] = torch.tensor(alpha)
+    return sd
+
+
+def snapshot(*modules: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for m in modules for p in m.state_dict().values()]
+
+
+def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    """Bitwise equality of two snapshots (NaN- and fp8-safe)."""
+    bits = lambda t: t.contiguous().view(torch.uint8)  # noqa: E731
+    return len(a) == len(b) and all(x.dtype == y.dtype and torch.equal(bits(x), bits(y)) for x, y in zip(a, b))

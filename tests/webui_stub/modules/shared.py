@@ -1,0 +1,18 @@
+"""Stub of modules/shared.py (WebUI v1.10.1).
+
+In the WebUI ``sd_model`` is a property that loads the model on first access; here it is
+a plain attribute the tests assign.
+"""
+from modules import options, shared_cmd_options
+
+cmd_opts = shared_cmd_options.cmd_opts
+
+OptionInfo = options.OptionInfo
+options_section = options.options_section
+
+options_templates: dict = {}
+opts: options.Options = options.Options(options_templates, set())
+opts.add_option("samples_format", OptionInfo("png", "File format for images"))
+opts.add_option("extra_networks_default_multiplier", OptionInfo(1.0, "Default multiplier for extra networks"))
+
+sd_model = None
