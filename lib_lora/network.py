@@ -1,6 +1,7 @@
 """A LoRA file parsed into adapters, independent of any model."""
 from __future__ import annotations
 
+import json
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -60,6 +61,7 @@ def parse_state_dict(name: str, sd: dict[str, Tensor], metadata: dict[str, str],
         if not torch.is_floating_point(tensor) and role not in ("on_input",):
             raise LoraFileError(f"{name}: tensor {key} has non-float dtype {tensor.dtype}")
         groups[module][role] = tensor
+    _apply_peft_alphas(groups, metadata)
     adapters: dict[str, Adapter] = {}
     errors: list[str] = []
     for module, tensors in groups.items():
@@ -83,6 +85,33 @@ def parse_state_dict(name: str, sd: dict[str, Tensor], metadata: dict[str, str],
     family = families.detect_family(metadata, set(adapters), shapes)
     nbytes = sum(t.numel() * t.element_size() for t in sd.values())
     return Network(name, path, metadata, adapters, family, unknown, errors, nbytes=nbytes)
+
+
+_PEFT_COMPONENTS = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
+                    "lora_te2_": "text_encoder_2"}
+
+
+def _apply_peft_alphas(groups: dict[str, dict[str, Tensor]], metadata: dict[str, str]) -> None:
+    """diffusers files keep PEFT's lora_alpha (and per-module alpha_pattern) in the header, not as tensors."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return
+    try:
+        cfg = json.loads(raw)
+    except json.JSONDecodeError:
+        raise LoraFileError("lora_adapter_metadata in the file header is not valid JSON") from None
+    for module, tensors in groups.items():
+        if "alpha" in tensors or "lora_down.weight" not in tensors:
+            continue
+        comp = next((c for p, c in _PEFT_COMPONENTS.items() if module.startswith(p)), None)
+        if comp is None or f"{comp}.lora_alpha" not in cfg:
+            continue
+        alpha = cfg[f"{comp}.lora_alpha"]
+        for pattern, value in (cfg.get(f"{comp}.alpha_pattern") or {}).items():
+            if ("_" + module).endswith("_" + pattern.replace(".", "_")):
+                alpha = value
+                break
+        tensors["alpha"] = torch.tensor(float(alpha))
 
 
 def load_network(path: str | os.PathLike, name: str | None = None) -> Network:
