@@ -1,0 +1,31 @@
+"""``python -m lib_lora sample`` and ``inspect`` end to end."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+from lib_lora.cli import main
+from lib_lora.fileio import read_header
+
+
+def test_sample_then_inspect(tmp_path, capsys):
+    out = tmp_path / "sample.safetensors"
+    assert main(["sample", str(out)]) == 0
+    h = read_header(out)
+    # real SD1.5 widths: cross-attention keys read the 768-wide CLIP-L context
+    assert h.shapes["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight"] == (4, 768)
+    assert h.shapes["lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_attn1_to_q.lora_up.weight"] == (320, 4)
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    data = out.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    assert info["family"] == "sd1" and info["algorithms"] == {"lora": 176}
+    assert info["ranks"] == [4] and info["alphas"] == [2.0]
+    assert (info["text_encoder_modules"], info["unet_modules"]) == (48, 128)
+    assert info["sha256"] == hashlib.sha256(data).hexdigest() and info["autov2"] == info["sha256"][:10]
+    assert info["sshs_model_hash"] == hashlib.sha256(data[8 + n:]).hexdigest()
+    assert main(["sample", str(out)]) == 2  # never overwrites unless asked
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "family      SD1" in text and "lora x176" in text
