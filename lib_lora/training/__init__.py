@@ -1,0 +1,1 @@
+"""LoRA training: datasets, buckets and (elsewhere) the training loop. No WebUI imports."""
