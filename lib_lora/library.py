@@ -110,6 +110,7 @@ class Library:
         self._lock = threading.RLock()
         self._cache: OrderedDict[Path, Network] = OrderedDict()
         self.cache_bytes = cache_bytes
+        self._index: tuple[list[Entry], int, list[dict[str, list[Entry]]]] | None = None
         self.refresh()
 
     # -- scanning --------------------------------------------------------------------
@@ -130,7 +131,10 @@ class Library:
                     if real in seen:
                         continue
                     seen.add(real)
-                    st = p.stat()
+                    try:
+                        st = p.stat()
+                    except OSError:  # a dangling symlink, or deleted while scanning: not a LoRA
+                        continue
                     prev = old.get(p)
                     if prev is not None and prev.mtime == st.st_mtime and prev.size == st.st_size:
                         found.append(prev)
@@ -150,12 +154,26 @@ class Library:
                 del self._cache[p]
 
     # -- names -----------------------------------------------------------------------
+    def _name_tables(self) -> list[dict[str, list[Entry]]]:
+        """resolve()'s lookup tables, rebuilt when the entry list changes (a page of cards
+        resolves every name, which would otherwise be quadratic in the library size)."""
+        entries = self.entries
+        cached = self._index
+        if cached is not None and cached[0] is entries and cached[1] == len(entries):
+            return cached[2]
+        tables: list[dict[str, list[Entry]]] = [{} for _ in range(5)]
+        for e in entries:
+            for table, k in zip(tables, (e.relname, e.name, e.alias, e.relname.lower(), e.name.lower())):
+                table.setdefault(k, []).append(e)
+        self._index = (entries, len(entries), tables)
+        return tables
+
     def resolve(self, name: str) -> Entry:
         """Find a file by relative path, file stem, or alias (``ss_output_name``)."""
         key = name.strip().replace("\\", "/")
-        for match in (lambda e: e.relname == key, lambda e: e.name == key, lambda e: e.alias == key,
-                      lambda e: e.relname.lower() == key.lower(), lambda e: e.name.lower() == key.lower()):
-            hits = [e for e in self.entries if match(e)]
+        # in this order: relative path, stem, alias, then case-insensitive path and stem
+        for table, k in zip(self._name_tables(), (key, key, key, key.lower(), key.lower())):
+            hits = table.get(k, [])
             if len(hits) == 1:
                 return hits[0]
             if len(hits) > 1:

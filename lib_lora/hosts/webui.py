@@ -1,0 +1,578 @@
+"""AUTOMATIC1111 stable-diffusion-webui host (written against v1.10.1).
+
+The only lib_lora module that imports ``modules.*``.  It holds:
+
+- ``WebUIHost``: model map of ``shared.sd_model``, LoRA folders, messages, queue lock;
+- the WebUI-facing classes (``<lora:>`` handler, Extra Networks page, notes editor);
+- ``Workshop``: one per process, kept across "Reload UI" (this module stays in
+  ``sys.modules`` while the script file is re-executed), so the parsed-file cache survives.
+
+Coexistence with the built-in Lora extension: see ``claim`` and docs/coexistence (README).
+"""
+from __future__ import annotations
+
+import contextlib
+import html
+import os
+import sys
+import threading
+import weakref
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from modules import extra_networks, paths, shared, ui_extra_networks, ui_extra_networks_user_metadata
+
+from .. import families, service
+from ..infotext import KEY as HASHES_KEY, format_hashes
+from ..library import Library
+from ..modelmap import ModelMap
+from ..runtime import ActivationResult, Runtime
+
+SECTION = ("lora_workshop", "LoRA Workshop")
+OPT_CACHE_MB = "lora_workshop_cache_mb"
+OPT_DEFAULT_WEIGHT = "lora_workshop_default_weight"
+OPT_RESTORE_AFTER = "lora_workshop_restore_after"
+OPT_SHOW_WARNINGS = "lora_workshop_show_warnings"
+DEFAULTS: dict[str, Any] = {OPT_CACHE_MB: 2048, OPT_DEFAULT_WEIGHT: 1.0, OPT_RESTORE_AFTER: False, OPT_SHOW_WARNINGS: True}
+
+NETWORK_NAME = "lora"
+NETWORK_ALIASES = ("lyco",)
+PAGE_TITLE = "Lora"  # same tab (and element ids) as the built-in, which it replaces
+_remove_symbols = str.maketrans("", "", ":,")
+
+
+def _log(message: str) -> None:
+    print(f"[LoRA Workshop] {message}", flush=True)
+
+
+# -- host --------------------------------------------------------------------------------------
+
+
+def model_family(sd_model: Any) -> str | None:
+    """The WebUI's own flags (sd_models.set_model_type); None for families we cannot patch (SD3)."""
+    if getattr(sd_model, "is_sd3", False):
+        return None
+    if getattr(sd_model, "is_sdxl", False):
+        return "sdxl"
+    if getattr(sd_model, "is_sd2", False):
+        return "sd2"
+    return "sd1"
+
+
+def _unwrap(m: Any) -> Any:
+    # sd_hijack wraps each text encoder in a *WithCustomWords object holding the original in .wrapped
+    return getattr(m, "wrapped", m)
+
+
+def text_encoder_roots(sd_model: Any, family: str) -> list[tuple[str, torch.nn.Module]]:
+    """(kohya prefix, root module) for each text encoder, where the WebUI keeps them.
+
+    SD1: cond_stage_model[.wrapped].transformer (HF CLIPTextModel);
+    SD2: cond_stage_model[.wrapped].model (OpenCLIP);
+    SDXL: conditioner.embedders[i][.wrapped] with .transformer (HF, te1) or .model (OpenCLIP, te2).
+    """
+    if family == "sdxl":
+        roots = []
+        for emb in getattr(getattr(sd_model, "conditioner", None), "embedders", []):
+            inner = _unwrap(emb)
+            if isinstance(getattr(inner, "transformer", None), torch.nn.Module):
+                roots.append(("te1", inner.transformer))
+            elif isinstance(getattr(inner, "model", None), torch.nn.Module):
+                roots.append(("te2", inner.model))
+        return roots
+    cond = _unwrap(getattr(sd_model, "cond_stage_model", None))
+    for attr in ("transformer", "model"):
+        root = getattr(cond, attr, None)
+        if isinstance(root, torch.nn.Module):
+            return [("te", root)]
+    return []
+
+
+def unet_root(sd_model: Any) -> torch.nn.Module | None:
+    return getattr(getattr(sd_model, "model", None), "diffusion_model", None)
+
+
+class WebUIHost:
+    name = "webui"
+
+    def __init__(self) -> None:
+        self._cached: tuple[tuple[weakref.ref, ...], ModelMap] | None = None
+        self._lock = threading.Lock()
+
+    # model ---------------------------------------------------------------------------------
+    def current_model(self) -> Any:
+        return shared.sd_model
+
+    def model_map(self, model: Any = None) -> ModelMap | None:
+        """ModelMap of ``model`` (default: shared.sd_model), rebuilt only when the model or one of
+        its root modules is a different object (weak references, so old models can be freed)."""
+        sd_model = self.current_model() if model is None else model
+        if sd_model is None:
+            return None
+        family = model_family(sd_model)
+        if family is None:
+            return None
+        unet, tes = unet_root(sd_model), text_encoder_roots(sd_model, family)
+        objs = [sd_model, *([unet] if unet is not None else []), *(m for _, m in tes)]
+        with self._lock:
+            if self._cached is not None:
+                refs, mm = self._cached
+                if len(refs) == len(objs) and all(r() is o for r, o in zip(refs, objs)) and mm.family == family:
+                    return mm
+            mm = ModelMap.build(family, unet, tes)
+            try:
+                self._cached = (tuple(weakref.ref(o) for o in objs), mm)
+            except TypeError:  # an object without weakref support: do not cache
+                self._cached = None
+            return mm
+
+    def forget_model(self) -> None:
+        with self._lock:
+            self._cached = None
+
+    # files ------------------------------------------------------------------------------------
+    def lora_dirs(self) -> list[Path]:
+        """--lora-dir (models/Lora by default) and the built-in's --lyco-dir-backcompat if present."""
+        opts = shared.cmd_opts
+        main = getattr(opts, "lora_dir", None) or os.path.join(paths.models_path, "Lora")
+        dirs = [Path(main)]
+        lyco = getattr(opts, "lyco_dir_backcompat", None)
+        if lyco and Path(lyco).is_dir() and Path(lyco).resolve() != Path(main).resolve():
+            dirs.append(Path(lyco))
+        return dirs
+
+    # user feedback -------------------------------------------------------------------------
+    def notify(self, message: str, p: Any = None, show: bool = True) -> None:
+        _log(message)
+        if not show:
+            return
+        if p is not None and callable(getattr(p, "comment", None)):
+            p.comment(message)  # shown under the image and in the generation info
+        else:
+            from modules import sd_hijack  # copied into p.comment() by processing after activation
+            if message not in sd_hijack.model_hijack.comments:
+                sd_hijack.model_hijack.comments.append(message)
+
+    def queue_lock(self) -> contextlib.AbstractContextManager:
+        from modules import call_queue
+        return call_queue.queue_lock
+
+    def option(self, key: str, default: Any = None) -> Any:
+        """A setting, also before/without the settings UI (api-only mode never registers them)."""
+        if default is None:
+            default = DEFAULTS.get(key)
+        return getattr(shared.opts, key, default)
+
+    # training hooks (later) ----------------------------------------------------------------
+    def encode_text(self, prompts: list[str]) -> Any:
+        raise NotImplementedError("text encoding for training is not implemented yet")
+
+    def vae_encode(self, images: Any) -> Any:
+        raise NotImplementedError("VAE encoding for training is not implemented yet")
+
+    def vae_decode(self, latents: Any) -> Any:
+        raise NotImplementedError("VAE decoding for training is not implemented yet")
+
+
+# -- the built-in Lora extension ---------------------------------------------------------------
+
+
+def builtin_lora_active() -> bool:
+    """Whether the WebUI's own Lora extension (extensions-builtin/Lora) is loaded."""
+    try:
+        from modules import extensions
+        return any(ext.is_builtin and ext.canonical_name == "lora" for ext in extensions.active())
+    except Exception:  # very old or unusual WebUI: fall back to its module being imported
+        return builtin_networks_module() is not None
+
+
+def builtin_networks_module() -> Any:
+    """The built-in's ``networks`` module if loaded (it is imported by that bare name)."""
+    mod = sys.modules.get("networks")
+    return mod if mod is not None and hasattr(mod, "loaded_networks") and hasattr(mod, "load_networks") else None
+
+
+@contextlib.contextmanager
+def _no_autocast():
+    """The WebUI activates extra networks inside devices.autocast(); merge maths must stay float32."""
+    with contextlib.ExitStack() as stack:
+        if torch.cuda.is_available():
+            stack.enter_context(torch.autocast("cuda", enabled=False))
+        stack.enter_context(torch.autocast("cpu", enabled=False))
+        yield
+
+
+# -- WebUI classes -------------------------------------------------------------------------------
+
+
+class LoraNetwork(extra_networks.ExtraNetwork):
+    """Handler of ``<lora:...>`` and ``<lyco:...>`` tokens."""
+
+    def __init__(self, workshop: "Workshop"):
+        super().__init__(NETWORK_NAME)
+        self.workshop = workshop
+
+    def activate(self, p, params_list):
+        self.workshop.activate(p, [params.items for params in params_list])
+
+    def deactivate(self, p):
+        self.workshop.deactivate(p)
+
+
+class LoraPage(ui_extra_networks.ExtraNetworksPage):
+    """The "Lora" tab of Extra Networks: cards with preview, family badge, notes and metadata."""
+
+    def __init__(self, workshop: "Workshop"):
+        super().__init__(PAGE_TITLE)
+        self.workshop = workshop
+
+    def refresh(self):
+        self.workshop.library.refresh()
+
+    def list_items(self):
+        entries = list(self.workshop.library.entries)  # a snapshot: refresh may swap the list
+        names = service.display_names(entries)
+        for index, entry in enumerate(entries):
+            yield self._item(entry, names[entry.relname], index)
+
+    def create_item(self, name, index=None, enable_filter=True):
+        try:
+            entry = self.workshop.library.resolve(name)
+        except LookupError:
+            return None
+        return self._item(entry, name, index)
+
+    def allowed_directories_for_previews(self):
+        return [str(r) for r in self.workshop.library.roots]
+
+    def create_user_metadata_editor(self, ui, tabname):
+        return LoraMetadataEditor(ui, tabname, self)
+
+    def _item(self, entry, name: str, index) -> dict:
+        ws = self.workshop
+        filename = str(entry.path)
+        base = os.path.splitext(filename)[0]
+        metadata = service.decoded_metadata(entry.metadata)
+        fam = families.display(entry.family)
+        current = ws.current_family()
+        item = {
+            "name": name,
+            "filename": filename,
+            "shorthash": (entry.known_hash() or "")[:12],
+            "preview": self.find_preview(base) or self.find_embedded_preview(base, name, metadata),
+            "description": self.find_description(base),
+            "search_terms": service.card_search_terms(entry),
+            "local_preview": f"{base}.{shared.opts.samples_format}",
+            "metadata": metadata,
+            # sort keys become data-sort-* attributes on the card: style.css draws the badge from them
+            "sort_keys": {"default": index if index is not None else 0, **self.get_sort_keys(filename),
+                          "lwfamily": fam,
+                          "lwcompat": "no" if entry.family and current and entry.family != current else "yes"},
+            "sd_version": {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}.get(entry.family or "", "Unknown"),
+        }
+        self.read_user_metadata(item)
+        token_name = service.prompt_name(ws.library, entry,
+                                         prefer_filename=ws.host.option("lora_preferred_name", "") == "Filename")
+        prompt, negative = service.card_prompts(token_name, item["user_metadata"], ws.default_weight())
+        item["prompt"] = ui_extra_networks.quote_js(prompt)
+        item["negative_prompt"] = ui_extra_networks.quote_js(negative)
+        return item
+
+
+class LoraMetadataEditor(ui_extra_networks_user_metadata.UserMetadataEditor):
+    """Edits the ``<file>.json`` notes the built-in uses (same keys, other keys preserved)."""
+
+    def save_lora_user_metadata(self, name, desc, activation_text, preferred_weight, negative_text, notes):
+        user_metadata = self.get_user_metadata(name)
+        user_metadata["description"] = desc
+        user_metadata["activation text"] = activation_text
+        user_metadata["preferred weight"] = preferred_weight
+        user_metadata["negative text"] = negative_text
+        user_metadata["notes"] = notes
+        self.write_user_metadata(name, user_metadata)
+
+    def get_metadata_table(self, name):
+        table = list(super().get_metadata_table(name))
+        item = self.page.items.get(name, {})
+        metadata = item.get("metadata") or {}
+        table.append(("Family:", html.escape(item.get("sd_version", "Unknown"))))
+        # metadata comes from the file: escape it, the WebUI puts table cells into HTML as they are
+        table += [(html.escape(label) + ":", html.escape(text)) for label, text in service.metadata_summary(metadata)]
+        tags = service.tag_frequency(metadata, top=24)
+        if tags:
+            table.append(("Top tags:", html.escape(", ".join(f"{t} ({n})" for t, n in tags))))
+        return table
+
+    def put_values_into_components(self, name):
+        user_metadata = self.get_user_metadata(name)
+        values = super().put_values_into_components(name)
+        try:
+            weight = float(user_metadata.get("preferred weight") or 0.0)
+        except (TypeError, ValueError):
+            weight = 0.0
+        return [*values[0:5], user_metadata.get("activation text", ""), weight, user_metadata.get("negative text", "")]
+
+    def create_editor(self):
+        import gradio as gr  # only in the real WebUI
+
+        self.create_default_editor_elems()
+        self.edit_activation_text = gr.Textbox(label="Activation text", info="added to the prompt with the LoRA")
+        self.slider_preferred_weight = gr.Slider(label="Preferred weight", info="0 = the default weight",
+                                                 minimum=0.0, maximum=2.0, step=0.01)
+        self.edit_negative_text = gr.Textbox(label="Negative prompt", info="added to the negative prompt")
+        self.edit_notes = gr.TextArea(label="Notes", lines=4)
+        self.create_default_buttons()
+        self.button_edit.click(
+            fn=self.put_values_into_components, inputs=[self.edit_name_input],
+            outputs=[self.edit_name, self.edit_description, self.html_filedata, self.html_preview, self.edit_notes,
+                     self.edit_activation_text, self.slider_preferred_weight, self.edit_negative_text],
+        ).then(fn=lambda: gr.update(visible=True), inputs=[], outputs=[self.box])
+        self.setup_save_handler(self.button_save, self.save_lora_user_metadata,
+                                [self.edit_description, self.edit_activation_text, self.slider_preferred_weight,
+                                 self.edit_negative_text, self.edit_notes])
+
+
+# -- the workshop ------------------------------------------------------------------------------
+
+
+class Workshop:
+    """Library + Runtime + the WebUI objects, and what the script's callbacks do."""
+
+    def __init__(self, host: WebUIHost | None = None):
+        self.host = host or WebUIHost()
+        dirs = self.host.lora_dirs()
+        try:
+            dirs[0].mkdir(parents=True, exist_ok=True)  # like the built-in, so users see where to put files
+        except OSError:
+            pass
+        self.library = Library(dirs, cache_bytes=self._cache_bytes())
+        self.runtime = Runtime(self.library)
+        self.network = LoraNetwork(self)
+        self.page = LoraPage(self)
+        self._warned: set[str] = set()
+        self._ui_claim_pending = False
+
+    # settings -----------------------------------------------------------------------------------
+    def _cache_bytes(self) -> int:
+        try:
+            mb = float(self.host.option(OPT_CACHE_MB))
+        except (TypeError, ValueError):
+            mb = DEFAULTS[OPT_CACHE_MB]
+        return max(0, int(mb)) << 20
+
+    def default_weight(self) -> float:
+        try:
+            return float(self.host.option(OPT_DEFAULT_WEIGHT))
+        except (TypeError, ValueError):
+            return DEFAULTS[OPT_DEFAULT_WEIGHT]
+
+    def apply_cache_setting(self) -> None:
+        self.library.set_cache_bytes(self._cache_bytes())
+
+    def register_settings(self) -> None:
+        """on_ui_settings: our own section; names are prefixed so they never clash with lora_*."""
+        try:
+            from gradio import Slider as slider
+        except ImportError:  # no gradio (tests, api-only tooling): the WebUI picks a field by type
+            slider = None
+        add = shared.opts.add_option
+        add(OPT_CACHE_MB, shared.OptionInfo(
+            DEFAULTS[OPT_CACHE_MB], "Memory for parsed LoRA files (MB)", slider,
+            {"minimum": 0, "maximum": 16384, "step": 64} if slider else None,
+            onchange=self.apply_cache_setting, section=SECTION,
+        ).info("least recently used files are dropped beyond this; the newest one is always kept"))
+        add(OPT_DEFAULT_WEIGHT, shared.OptionInfo(
+            DEFAULTS[OPT_DEFAULT_WEIGHT], "Default weight for <lora:name> without a weight", slider,
+            {"minimum": -2.0, "maximum": 2.0, "step": 0.05} if slider else None, section=SECTION,
+        ).info("also used by cards that have no preferred weight"))
+        add(OPT_RESTORE_AFTER, shared.OptionInfo(
+            DEFAULTS[OPT_RESTORE_AFTER], "Restore the model's weights after every generation", section=SECTION,
+        ).info("off: LoRAs stay merged until the next generation needs other ones, like the built-in Lora"))
+        add(OPT_SHOW_WARNINGS, shared.OptionInfo(
+            DEFAULTS[OPT_SHOW_WARNINGS], "Show LoRA warnings in the generation info", section=SECTION,
+        ).info("they are always printed to the console"))
+
+    # registry / page ----------------------------------------------------------------------------
+    def claim(self) -> None:
+        """Make our handler and page the only "lora" ones, whatever ran before.
+
+        The registry is a dict keyed by name and pages are a list, so whoever registers last
+        wins; the built-in registers in its before_ui callback, and before_ui callbacks run
+        in reverse load order (user-adjustable).  Calling this after every before_ui (first
+        component, app start, each generation) makes the outcome independent of that order.
+        """
+        reg = extra_networks.extra_network_registry
+        if reg.get(NETWORK_NAME) is not self.network:
+            reg[NETWORK_NAME] = self.network
+        for alias in NETWORK_ALIASES:
+            extra_networks.extra_network_aliases[alias] = self.network
+            other = reg.get(alias)
+            if other is not None and other is not self.network:
+                self._warn_once(f"registry:{alias}", f"another extension handles <{alias}:...> tokens "
+                                f"({type(other).__module__}); LoRA Workshop only handles <lora:...>")
+        pages = ui_extra_networks.extra_pages
+        if any(pg is not self.page and getattr(pg, "name", None) == self.page.name for pg in pages) \
+                or self.page not in pages:
+            keep = [pg for pg in pages if pg is self.page or getattr(pg, "name", None) != self.page.name]
+            if self.page not in keep:
+                keep.append(self.page)
+            pages[:] = keep
+            # same bookkeeping as register_page: preview files are served only from these folders
+            ui_extra_networks.allowed_dirs.clear()
+            ui_extra_networks.allowed_dirs.update(
+                set(sum([pg.allowed_directories_for_previews() for pg in pages], [])))
+
+    def register(self) -> None:
+        """on_before_ui: register like any extension, then take over from the built-in."""
+        extra_networks.register_extra_network(self.network)
+        for alias in NETWORK_ALIASES:
+            extra_networks.register_extra_network_alias(self.network, alias)
+        if self.page not in ui_extra_networks.extra_pages:
+            ui_extra_networks.register_page(self.page)
+        self.claim()
+        self._ui_claim_pending = True
+
+    def claim_once_for_ui(self) -> None:
+        """on_before_component: claim once per UI build, then cost nothing for later components."""
+        if self._ui_claim_pending:
+            self._ui_claim_pending = False
+            self.claim()
+
+    # generation -------------------------------------------------------------------------------------
+    def current_family(self) -> str | None:
+        mm = self.runtime.model_map
+        if mm is not None:
+            return mm.family
+        return None
+
+    def _sync_model(self) -> None:
+        mm = self.host.model_map()
+        if mm is None and self.host.current_model() is not None:
+            self._warn_once("family", "the loaded model type is not supported (SD1, SD2 and SDXL are) — LoRAs skipped")
+        self.runtime.set_model(mm)
+
+    def activate(self, p: Any, items_lists: list[list[Any]]) -> ActivationResult:
+        """ExtraNetwork.activate: make exactly these LoRAs active (none = restore the model)."""
+        items_lists = self._with_builtin_extra(p, [list(items) for items in items_lists])
+        requests, messages = service.requests_from_items(items_lists, self.default_weight())
+        patcher = self.runtime.patcher
+        if not requests and not messages and (patcher is None or not patcher.active):
+            return ActivationResult()  # the common no-LoRA generation: nothing to build or restore
+        self._check_builtin_idle()
+        try:
+            with _no_autocast():
+                self._sync_model()
+                res = self.runtime.activate(requests)
+        except Exception as e:  # the patcher has put the weights back; the image is made without LoRAs
+            res = ActivationResult(messages=[f"LoRA Workshop: applying LoRAs failed, generating without them "
+                                             f"({type(e).__name__}: {e})"])
+        res.messages[:0] = messages
+        self._write_hashes(p, res)
+        show = bool(self.host.option(OPT_SHOW_WARNINGS))
+        for msg in dict.fromkeys(res.messages):
+            self.host.notify(msg, p, show=show)
+        return res
+
+    def deactivate(self, p: Any) -> None:
+        if self.host.option(OPT_RESTORE_AFTER):
+            self.restore()
+
+    def restore(self) -> int:
+        return self.runtime.restore()
+
+    def _write_hashes(self, p: Any, res: ActivationResult) -> None:
+        """``Lora hashes`` infotext exactly like the built-in, accumulated over the hires pass."""
+        if not self.host.option("lora_add_hashes_to_infotext", True):  # the built-in's switch, if present
+            return
+        if not getattr(p, "is_hr_pass", False) or not isinstance(getattr(p, "lora_hashes", None), dict):
+            p.lora_hashes = {}
+        for name, shorthash in res.hashes:
+            p.lora_hashes[name.translate(_remove_symbols)] = shorthash
+        if p.lora_hashes:
+            p.extra_generation_params[HASHES_KEY] = format_hashes(list(p.lora_hashes.items()))
+
+    def _with_builtin_extra(self, p: Any, items_lists: list[list[Any]]) -> list[list[Any]]:
+        """Honour the built-in's "Add network to prompt" setting (sd_lora) now that we handle the token."""
+        if "sd_lora" not in getattr(shared.opts, "data_labels", {}):  # the built-in is not loaded
+            return items_lists
+        extra = self.host.option("sd_lora", "None")
+        if not extra or extra == "None" or any(items and str(items[0]) == extra for items in items_lists):
+            return items_lists
+        weight = self.host.option("extra_networks_default_multiplier", 1.0)
+        token = f"<lora:{extra}:{weight}>"
+        if isinstance(getattr(p, "all_prompts", None), list):
+            p.all_prompts = [x if token in x else x + token for x in p.all_prompts]
+        return [*items_lists, [extra, str(weight)]]
+
+    def _check_builtin_idle(self) -> None:
+        """The built-in patches weights only for networks in its loaded_networks; ours owns the token,
+        so that list must stay empty.  If something else filled it, say so (both would apply)."""
+        mod = builtin_networks_module()
+        if mod is not None and getattr(mod, "loaded_networks", None):
+            self._warn_once("builtin-busy", "the built-in Lora extension also has networks loaded "
+                            f"({', '.join(str(getattr(n, 'name', n)) for n in mod.loaded_networks)}); "
+                            "they are applied on top of LoRA Workshop's")
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            _log(message)
+
+    # other callbacks -----------------------------------------------------------------------------------
+    def model_loaded(self, sd_model: Any) -> None:
+        """A checkpoint was (re)loaded: new map; the previous model's backups are restored or dropped."""
+        self.host.forget_model()
+        mm = self.host.model_map(sd_model)
+        self.runtime.set_model(mm)
+
+    def infotext_pasted(self, infotext: str, params: dict) -> None:
+        value = params.get(HASHES_KEY)
+        if not value:
+            return
+        for key in ("Prompt", "Negative prompt", "Hires prompt", "Hires negative prompt"):
+            if isinstance(params.get(key), str):
+                params[key] = service.paste_rename(params[key], str(value), self.library)
+
+
+_workshop: Workshop | None = None
+_workshop_lock = threading.Lock()
+
+
+def get_workshop() -> Workshop:
+    global _workshop
+    with _workshop_lock:
+        if _workshop is None:
+            _workshop = Workshop()
+        return _workshop
+
+
+def api_auth_dependencies(app: Any) -> list:
+    """Dependencies enforcing --api-auth on our routes.
+
+    Reuses the WebUI's own ``Api.auth`` when an Api object was created (--api / --nowebui):
+    it is reachable as the bound dependency of its routes.  Otherwise the same check is
+    rebuilt from cmd_opts.api_auth.
+    """
+    from fastapi import Depends
+
+    from ..api import basic_auth
+
+    api_auth = getattr(shared.cmd_opts, "api_auth", None)
+    if not api_auth:
+        return []
+    for route in getattr(getattr(app, "router", None), "routes", []):
+        dependant = getattr(route, "dependant", None)
+        for dep in getattr(dependant, "dependencies", []) or []:
+            call = getattr(dep, "call", None)
+            owner = getattr(call, "__self__", None)
+            if getattr(call, "__name__", "") == "auth" and isinstance(getattr(owner, "credentials", None), dict):
+                return [Depends(call)]
+    return [Depends(basic_auth(api_auth))]
+
+
+def add_api_routes(app: Any, workshop: Workshop) -> list[str]:
+    from ..api import add_routes
+    return add_routes(app, lambda: workshop.library, dependencies=api_auth_dependencies(app),
+                      builtin_compatible=not builtin_lora_active())

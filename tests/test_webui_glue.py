@@ -1,0 +1,694 @@
+"""LoRA Workshop inside a stand-in WebUI (tests/webui_stub mirrors v1.10.1's module API).
+
+The script is loaded the way the WebUI loads extension scripts, on a tiny real SD1 model
+(ldm UNet + HF CLIP text encoder placed where the WebUI keeps them).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+STUB = Path(__file__).resolve().parent / "webui_stub"
+if str(STUB) not in sys.path:
+    sys.path.insert(0, str(STUB))
+
+from modules import (call_queue, extensions, extra_networks, paths, paths_internal, processing,  # noqa: E402
+                     script_callbacks, script_loading, scripts, sd_hijack, shared, ui_extra_networks)
+from modules.options import OptionInfo, Options  # noqa: E402
+
+from lib_lora.fileio import save_safetensors  # noqa: E402
+from lib_lora.hashes import addnet_hash_safetensors  # noqa: E402
+from lib_lora.hosts import webui as host  # noqa: E402
+from lib_lora.modelmap import ModelMap  # noqa: E402
+
+fastapi = pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+TE_KEY = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+UNET_KEY = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+RANK, ALPHA = 4, 2.0
+SD1_META = {"ss_base_model_version": "sd_v1", "ss_network_module": "networks.lora",
+            "ss_network_dim": str(RANK), "ss_network_alpha": str(ALPHA)}
+
+
+# -- a tiny SD1 model laid out like the WebUI's ----------------------------------------------------
+
+
+class FrozenCLIPEmbedder(nn.Module):  # ldm's embedder: the HF model is .transformer
+    def __init__(self, transformer):
+        super().__init__()
+        self.transformer = transformer
+
+
+class FrozenOpenCLIPEmbedder(nn.Module):  # ldm/sgm OpenCLIP embedders: the open_clip model is .model
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+
+class WithCustomWords(nn.Module):  # sd_hijack's wrapper: the original embedder is .wrapped
+    def __init__(self, wrapped):
+        super().__init__()
+        self.wrapped = wrapped
+
+
+class DiffusionWrapper(nn.Module):
+    def __init__(self, unet):
+        super().__init__()
+        self.diffusion_model = unet
+
+
+class FakeSdModel(nn.Module):
+    def __init__(self, unet=None, cond=None, conditioner=None, **flags):
+        super().__init__()
+        self.model = DiffusionWrapper(unet) if unet is not None else None
+        if cond is not None:
+            self.cond_stage_model = cond
+        if conditioner is not None:
+            self.conditioner = conditioner
+        self.is_sd1, self.is_sd2, self.is_sdxl, self.is_sd3 = (flags.get(k, False) for k in
+                                                               ("is_sd1", "is_sd2", "is_sdxl", "is_sd3"))
+
+
+def tiny_clip():
+    from transformers import CLIPTextConfig, CLIPTextModel
+    torch.manual_seed(1)
+    return CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, vocab_size=1000))
+
+
+def tiny_sd1():
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
+    torch.manual_seed(0)
+    unet = UNetModel(image_size=32, in_channels=4, model_channels=32, out_channels=4, num_res_blocks=2,
+                     attention_resolutions=[4, 2, 1], channel_mult=[1, 2, 4, 4], num_heads=2,
+                     use_spatial_transformer=True, transformer_depth=1, context_dim=32, legacy=False)
+    return FakeSdModel(unet, WithCustomWords(FrozenCLIPEmbedder(tiny_clip())), is_sd1=True)
+
+
+class TinyOpenClip(nn.Module):
+    """Just the module names of open_clip's text tower that LoRAs address."""
+
+    def __init__(self, width=16):
+        super().__init__()
+        block = nn.Module()
+        block.attn = nn.MultiheadAttention(width, 2)
+        block.mlp = nn.Sequential()
+        block.mlp.add_module("c_fc", nn.Linear(width, 2 * width))
+        block.mlp.add_module("c_proj", nn.Linear(2 * width, width))
+        block.ln_1, block.ln_2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.transformer = nn.Module()
+        self.transformer.resblocks = nn.ModuleList([block])
+        self.ln_final = nn.LayerNorm(width)
+
+
+@pytest.fixture(scope="module")
+def sd1():
+    model = tiny_sd1()
+    return model, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture
+def model(sd1):
+    m, snapshot = sd1
+    yield m
+    with torch.no_grad():  # undo whatever a test left merged
+        for k, v in m.state_dict().items():
+            v.copy_(snapshot[k])
+
+
+def make_lora(path: Path, mm: ModelMap, seed=0, metadata=None, only=None) -> Path:
+    """Random kohya LoRA on every linear layer of the map (rank 4, alpha 2)."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for t in mm.targets:
+        w = t.weight()
+        if w.dim() != 2 or "embedding" in t.key or (only and not any(s in t.key for s in only)):
+            continue
+        sd[f"{t.key}.lora_down.weight"] = torch.randn(RANK, w.shape[1], generator=g) * 0.1
+        sd[f"{t.key}.lora_up.weight"] = torch.randn(w.shape[0], RANK, generator=g) * 0.1
+        sd[f"{t.key}.alpha"] = torch.tensor(ALPHA)
+    return save_safetensors(sd, path, metadata=metadata or {}, overwrite=True)
+
+
+def lora_delta(path: Path, key: str) -> torch.Tensor:
+    from safetensors.torch import load_file
+    sd = load_file(str(path))
+    return sd[f"{key}.lora_up.weight"] @ sd[f"{key}.lora_down.weight"] * (ALPHA / RANK)
+
+
+# -- the stand-in WebUI ---------------------------------------------------------------------------
+
+
+class WebUI:
+    """One fresh WebUI process: folders, options, registries and our script loaded into it."""
+
+    def __init__(self, tmp: Path, monkeypatch):
+        self.tmp = tmp
+        self.lora_dir = tmp / "models" / "Lora"
+        self.lora_dir.mkdir(parents=True)
+        self.mp = monkeypatch
+        monkeypatch.setattr(paths_internal, "models_path", str(tmp / "models"))
+        monkeypatch.setattr(paths, "models_path", str(tmp / "models"))
+        monkeypatch.setattr(paths_internal, "extensions_builtin_dir", str(tmp / "extensions-builtin"))
+        monkeypatch.setattr(shared.cmd_opts, "lora_dir", str(self.lora_dir))
+        monkeypatch.setattr(shared.cmd_opts, "lyco_dir_backcompat", str(tmp / "models" / "LyCORIS"))
+        monkeypatch.setattr(shared.cmd_opts, "api_auth", None)
+        monkeypatch.setattr(shared, "opts", Options({}, set()))
+        shared.opts.add_option("samples_format", OptionInfo("png"))
+        shared.opts.add_option("extra_networks_default_multiplier", OptionInfo(1.0))
+        monkeypatch.setattr(shared, "sd_model", None)
+        monkeypatch.setattr(extensions, "extensions", [extensions.Extension("lora-workshop", str(ROOT))])
+        monkeypatch.setattr(host, "_workshop", None)
+        monkeypatch.delitem(sys.modules, "networks", raising=False)
+        extra_networks.initialize()
+        ui_extra_networks.initialize()
+        ui_extra_networks.allowed_dirs.clear()
+        script_callbacks.clear_callbacks()
+        sd_hijack.model_hijack.clear_comments()
+        self.script = None
+
+    def load_script(self):
+        """What scripts.load_scripts does for one extension script."""
+        syspath = sys.path
+        sys.path = [str(ROOT)] + sys.path
+        scripts.current_basedir = str(ROOT)
+        try:
+            self.script = script_loading.load_module(str(ROOT / "scripts" / "lora_workshop.py"))
+        finally:
+            sys.path = syspath
+            scripts.current_basedir = paths.script_path
+        return self.script
+
+    @property
+    def workshop(self) -> host.Workshop:
+        return self.script.workshop
+
+    def start_ui(self, app=None):
+        """webui(): before_ui callbacks, create_ui (its first component), then app_started."""
+        script_callbacks.before_ui_callback()
+        script_callbacks.before_component_callback(object(), elem_id="txt2img_prompt")
+        app = app or fastapi.FastAPI()
+        script_callbacks.app_started_callback(None, app)
+        return app
+
+    def generate(self, prompt: str, hr: bool = False, p=None):
+        """The extra-network part of process_images_inner: parse, activate (deactivate separately)."""
+        p = p or processing.StableDiffusionProcessingTxt2Img(prompt=prompt)
+        p.is_hr_pass = hr
+        if self.script is not None:
+            for cls in [c for c in vars(self.script).values() if isinstance(c, type) and issubclass(c, scripts.Script)
+                        and c is not scripts.Script]:
+                cls().process(p)
+        _, data = extra_networks.parse_prompts([prompt])
+        p.extra_network_data = data
+        extra_networks.activate(p, data)
+        for c in sd_hijack.model_hijack.comments:
+            p.comment(c)
+        return p
+
+
+@pytest.fixture
+def webui(tmp_path, monkeypatch):
+    return WebUI(tmp_path, monkeypatch)
+
+
+@pytest.fixture
+def sd1_map(model):
+    return ModelMap.build("sd1", model.model.diffusion_model, [("te", model.cond_stage_model.wrapped.transformer)])
+
+
+# -- loading and activation -----------------------------------------------------------------------
+
+
+def test_script_registers_handler_page_and_callbacks(webui):
+    webui.load_script()
+    webui.start_ui()
+    ws = webui.workshop
+    assert extra_networks.extra_network_registry["lora"] is ws.network
+    assert extra_networks.extra_network_aliases["lyco"] is ws.network
+    assert [pg.name for pg in ui_extra_networks.extra_pages] == ["lora"]
+    assert ui_extra_networks.extra_pages[0].title == "Lora"
+    assert str(webui.lora_dir) in ui_extra_networks.allowed_dirs
+    names = {c.name for cbs in script_callbacks.callback_map.values() for c in cbs}
+    for category in ("before_ui", "before_component", "app_started", "ui_settings", "model_loaded",
+                     "infotext_pasted", "script_unloaded"):
+        assert f"lora-workshop/lora_workshop.py/{category}" in names
+
+
+def test_activate_applies_delta_and_unmentioned_restores_bitwise(webui, model, sd1_map):
+    path = make_lora(webui.lora_dir / "tiny.safetensors", sd1_map, metadata=SD1_META)
+    shared.sd_model = model
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    webui.load_script()
+    webui.start_ui()
+
+    p = webui.generate("a cat <lora:tiny:0.5:1.5>")
+    q_proj = model.cond_stage_model.wrapped.transformer.text_model.encoder.layers[0].self_attn.q_proj
+    to_k = sd1_map.get(UNET_KEY).module
+    te_w0 = original["cond_stage_model.wrapped.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"]
+    unet_w0 = original["model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"]
+    torch.testing.assert_close(q_proj.weight, te_w0 + 0.5 * lora_delta(path, TE_KEY), rtol=0, atol=1e-6)
+    torch.testing.assert_close(to_k.weight, unet_w0 + 1.5 * lora_delta(path, UNET_KEY), rtol=0, atol=1e-6)
+    assert not p.comments
+
+    webui.generate("a cat")  # <lora> not mentioned: the WebUI calls activate(p, [])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, original[k]), k
+
+
+def test_default_weight_setting_and_restore_after_generation(webui, model, sd1_map):
+    path = make_lora(webui.lora_dir / "tiny.safetensors", sd1_map)
+    shared.sd_model = model
+    webui.load_script()
+    webui.start_ui()
+    script_callbacks.ui_settings_callback()
+    q_proj = sd1_map.get(TE_KEY).module
+    w0 = q_proj.weight.detach().clone()
+
+    shared.opts.set(host.OPT_DEFAULT_WEIGHT, 0.25)
+    p = webui.generate("<lora:tiny>")
+    torch.testing.assert_close(q_proj.weight, w0 + 0.25 * lora_delta(path, TE_KEY), rtol=0, atol=1e-6)
+    extra_networks.deactivate(p, p.extra_network_data)
+    assert not torch.equal(q_proj.weight, w0), "default: stays merged after the generation, like the built-in"
+
+    shared.opts.set(host.OPT_RESTORE_AFTER, True)
+    p = webui.generate("<lora:tiny:1>")
+    extra_networks.deactivate(p, p.extra_network_data)
+    assert torch.equal(q_proj.weight, w0)
+
+
+def test_lora_hashes_infotext_and_paste_round_trip(webui, model, sd1_map):
+    a = make_lora(webui.lora_dir / "style_a.safetensors", sd1_map, seed=1)
+    b = make_lora(webui.lora_dir / "sub" / "b.safetensors", sd1_map, seed=2, only=("attn2",))
+    shared.sd_model = model
+    webui.load_script()
+    webui.start_ui()
+    ha, hb = addnet_hash_safetensors(a)[:12], addnet_hash_safetensors(b)[:12]
+
+    p = webui.generate("x <lora:style_a:0.6> <lyco:sub/b:0.4>")
+    assert p.extra_generation_params["Lora hashes"] == f"style_a: {ha}, sub/b: {hb}"
+
+    # the hires pass adds to, rather than replaces, the first pass's hashes
+    p2 = webui.generate("x <lora:style_a:0.6>")
+    webui.generate("x <lora:b:1>", hr=True, p=p2)
+    assert p2.extra_generation_params["Lora hashes"] == f"style_a: {ha}, b: {hb}"
+
+    # pasting an infotext made where the file had another name points the token at the local file
+    shutil.move(str(a), str(webui.lora_dir / "renamed.safetensors"))
+    webui.workshop.library.refresh()
+    params = {"Prompt": "x <lora:style_a:0.6> <lora:b:1> <lora:gone:1>",
+              "Lora hashes": f"style_a: {ha}, b: {hb}, gone: 0123456789ab"}
+    script_callbacks.infotext_pasted_callback("", params)
+    assert params["Prompt"] == "x <lora:renamed:0.6> <lora:b:1> <lora:gone:1>"
+
+
+def test_missing_lora_message_in_comments_and_console(webui, model, capsys):
+    shared.sd_model = model
+    webui.load_script()
+    webui.start_ui()
+    p = webui.generate("x <lora:x:1>")
+    assert "Lora not found: x" in p.comments
+    assert "Lora not found: x" in capsys.readouterr().out
+
+    shared.opts.data[host.OPT_SHOW_WARNINGS] = False
+    p = webui.generate("x <lora:y:1>")
+    assert not p.comments
+    assert "Lora not found: y" in capsys.readouterr().out
+
+
+def test_bad_arguments_are_reported_not_raised(webui, model, sd1_map):
+    make_lora(webui.lora_dir / "tiny.safetensors", sd1_map)
+    shared.sd_model = model
+    webui.load_script()
+    webui.start_ui()
+    p = webui.generate("<lora:tiny:strong>")
+    assert any("is not a number" in c for c in p.comments)
+
+
+def test_patcher_failure_is_reported_and_generation_continues(webui, model, sd1_map, monkeypatch):
+    make_lora(webui.lora_dir / "tiny.safetensors", sd1_map)
+    shared.sd_model = model
+    webui.load_script()
+    webui.start_ui()
+    monkeypatch.setattr(webui.workshop.runtime, "activate", lambda requests: 1 / 0)
+    p = webui.generate("<lora:tiny:1>")
+    assert any(c.startswith("LoRA Workshop: applying LoRAs failed") for c in p.comments)
+
+
+# -- coexistence with the built-in Lora extension ------------------------------------------------
+
+
+class BuiltinLora:
+    """What extensions-builtin/Lora registers, reduced to its registrations and its idle state."""
+
+    def __init__(self, webui: WebUI):
+        self.activations: list = []
+        path = webui.tmp / "extensions-builtin" / "Lora"
+        path.mkdir(parents=True, exist_ok=True)
+        self.networks = types.ModuleType("networks")
+        self.networks.loaded_networks = []
+        self.networks.load_networks = lambda *a, **k: None
+        webui.mp.setitem(sys.modules, "networks", self.networks)
+        extensions.extensions.append(extensions.Extension("Lora", str(path), is_builtin=True))
+        outer = self
+
+        class ExtraNetworkLora(extra_networks.ExtraNetwork):
+            def __init__(self):
+                super().__init__("lora")
+
+            def activate(self, p, params_list):
+                outer.activations.append(params_list)
+
+            def deactivate(self, p):
+                pass
+
+        class ExtraNetworksPageLora(ui_extra_networks.ExtraNetworksPage):
+            def __init__(self):
+                super().__init__("Lora")
+
+            def list_items(self):
+                return []
+
+            def allowed_directories_for_previews(self):
+                return [str(webui.lora_dir)]
+
+        def before_ui():
+            ui_extra_networks.register_page(ExtraNetworksPageLora())
+            net = ExtraNetworkLora()
+            extra_networks.register_extra_network(net)
+            extra_networks.register_extra_network_alias(net, "lyco")
+
+        def app_started(_, app):
+            app.add_api_route("/sdapi/v1/loras", lambda: ["builtin"], methods=["GET"])
+            app.add_api_route("/sdapi/v1/refresh-loras", lambda: None, methods=["POST"])
+
+        self.before_ui, self.app_started = before_ui, app_started
+
+    def load(self):
+        script_callbacks.add_callback(script_callbacks.callback_map["callbacks_before_ui"], self.before_ui,
+                                      category="before_ui", filename="extensions-builtin/Lora/scripts/lora_script.py")
+        script_callbacks.add_callback(script_callbacks.callback_map["callbacks_app_started"], self.app_started,
+                                      category="app_started", filename="extensions-builtin/Lora/scripts/lora_script.py")
+
+
+@pytest.mark.parametrize("builtin_loads_first", [True, False])
+def test_one_handler_one_tab_no_duplicate_routes_with_builtin(webui, model, sd1_map, builtin_loads_first):
+    path = make_lora(webui.lora_dir / "tiny.safetensors", sd1_map)
+    shared.sd_model = model
+    builtin = BuiltinLora(webui)
+    if builtin_loads_first:
+        builtin.load()
+        webui.load_script()
+    else:
+        webui.load_script()
+        builtin.load()
+    app = webui.start_ui()
+    ws = webui.workshop
+
+    assert extra_networks.extra_network_registry["lora"] is ws.network
+    assert extra_networks.extra_network_aliases["lyco"] is ws.network
+    assert [pg for pg in ui_extra_networks.extra_pages if pg.name == "lora"] == [ws.page]
+    routes = [(r.path, tuple(sorted(r.methods))) for r in app.routes if hasattr(r, "methods")]
+    assert routes.count(("/sdapi/v1/loras", ("GET",))) == 1
+    assert TestClient(app).get("/sdapi/v1/loras").json() == ["builtin"], "the built-in keeps its own route"
+    assert ("/lora-workshop/v1/loras", ("GET",)) in routes
+
+    w0 = sd1_map.get(TE_KEY).module.weight.detach().clone()
+    webui.generate("<lora:tiny:1> <lyco:tiny:0>")
+    assert builtin.activations == [] and builtin.networks.loaded_networks == []
+    torch.testing.assert_close(sd1_map.get(TE_KEY).module.weight, w0 + lora_delta(path, TE_KEY), rtol=0, atol=1e-6)
+
+    # something registers "lora" again later: the next generation takes it back first
+    builtin.before_ui()
+    webui.generate("<lora:tiny:1>")
+    assert builtin.activations == []
+    assert extra_networks.extra_network_registry["lora"] is ws.network
+
+
+def test_builtin_busy_is_reported(webui, model, sd1_map, capsys):
+    make_lora(webui.lora_dir / "tiny.safetensors", sd1_map)
+    shared.sd_model = model
+    builtin = BuiltinLora(webui)
+    builtin.load()
+    webui.load_script()
+    webui.start_ui()
+    builtin.networks.loaded_networks.append(types.SimpleNamespace(name="other"))
+    webui.generate("<lora:tiny:1>")
+    assert "built-in Lora extension also has networks loaded (other)" in capsys.readouterr().out
+
+
+def test_without_builtin_serves_sdapi_routes_in_its_shape(webui, sd1_map):
+    make_lora(webui.lora_dir / "tiny.safetensors", sd1_map, metadata={**SD1_META, "ss_output_name": "tiny_alias",
+                                                                      "ss_tag_frequency": '{"10_x": {"cat": 2}}'})
+    webui.load_script()
+    client = TestClient(webui.start_ui())
+    items = client.get("/sdapi/v1/loras").json()
+    assert items == [{"name": "tiny", "alias": "tiny_alias", "path": str(webui.lora_dir / "tiny.safetensors"),
+                      "metadata": {**SD1_META, "ss_output_name": "tiny_alias", "ss_tag_frequency": {"10_x": {"cat": 2}}}}]
+    make_lora(webui.lora_dir / "new.safetensors", sd1_map)
+    r = client.post("/sdapi/v1/refresh-loras")
+    assert r.status_code == 200 and r.json() is None
+    assert len(client.get("/sdapi/v1/loras").json()) == 2
+
+
+# -- API ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def api_files(webui, sd1_map):
+    make_lora(webui.lora_dir / "tiny.safetensors", sd1_map, metadata=SD1_META)
+    make_lora(webui.lora_dir / "sub" / "inner.safetensors", sd1_map, only=("attn2",))
+    make_lora(webui.lora_dir / "ünï_コード.safetensors", sd1_map, only=("attn2",))
+    make_lora(webui.tmp / "models" / "secret.safetensors", sd1_map, only=("attn2",))  # outside the folder
+    return webui
+
+
+def test_api_routes_names_and_traversal(api_files):
+    webui = api_files
+    webui.load_script()
+    client = TestClient(webui.start_ui())
+    listing = client.get("/lora-workshop/v1/loras").json()
+    by_name = {x["name"]: x for x in listing}
+    assert set(by_name) == {"tiny", "inner", "ünï_コード"}
+    tiny = by_name["tiny"]
+    assert (tiny["path"], tiny["family"], tiny["algorithm"], tiny["rank"], tiny["alpha"]) == \
+        ("tiny.safetensors", "sd1", "lora", RANK, ALPHA)
+    assert by_name["inner"]["path"] == "sub/inner.safetensors"
+    assert tiny["metadata"]["ss_network_dim"] == str(RANK)
+
+    detail = client.get("/lora-workshop/v1/loras/tiny").json()
+    assert detail["hashes"]["shorthash"] == addnet_hash_safetensors(webui.lora_dir / "tiny.safetensors")[:12]
+    assert len(detail["hashes"]["sha256"]) == 64
+    assert client.get("/lora-workshop/v1/loras/sub/inner").status_code == 200
+    assert client.get("/lora-workshop/v1/loras/ünï_コード").json()["name"] == "ünï_コード"
+
+    for bad in ("..%2Fsecret", "..%2F..%2Fmodels%2Fsecret", "sub%2F..%2F..%2Fsecret", "%2Fetc%2Fpasswd",
+                "..%5Csecret", str(webui.tmp / "models" / "secret").replace("/", "%2F")):
+        r = client.get(f"/lora-workshop/v1/loras/{bad}")
+        assert r.status_code == 404, bad
+        assert r.json()["detail"].startswith("Lora not found: ")
+    assert client.get("/lora-workshop/v1/loras/../secret").status_code == 404  # client-normalised form
+
+    (webui.lora_dir / "tiny.safetensors").unlink()
+    assert client.post("/lora-workshop/v1/refresh").json() == {"count": 2}
+    assert client.get("/lora-workshop/v1/loras/tiny").status_code == 404
+
+
+@pytest.mark.parametrize("webui_api_object", [False, True])
+def test_api_auth(api_files, webui_api_object):
+    webui = api_files
+    # the WebUI's own parser cannot take a ':' inside a password (it fails to start); ours can
+    shared.cmd_opts.api_auth = "alice:s3cret,bob:pass" if webui_api_object else "alice:s3cret,bob:pa:ss"
+    app = fastapi.FastAPI()
+    if webui_api_object:  # started with --api: the WebUI's own Api.auth is found and reused
+        from modules.api.api import Api
+        api = Api(app, call_queue.queue_lock)
+    webui.load_script()
+    webui.start_ui(app)
+    client = TestClient(app)
+    route = next(r for r in app.routes if getattr(r, "path", "") == "/lora-workshop/v1/loras")
+    calls = [d.call for d in route.dependant.dependencies]
+    if webui_api_object:
+        assert calls == [api.auth]
+    for path in ("/lora-workshop/v1/loras", "/lora-workshop/v1/loras/tiny", "/sdapi/v1/loras"):
+        assert client.get(path).status_code == 401
+        assert client.get(path, auth=("alice", "wrong")).status_code == 401
+        assert client.get(path, auth=("mallory", "s3cret")).status_code == 401
+        assert client.get(path, auth=("alice", "s3cret")).status_code == 200
+    assert client.post("/lora-workshop/v1/refresh").status_code == 401
+    assert client.post("/lora-workshop/v1/refresh", auth=("alice", "s3cret")).status_code == 200
+    assert client.get("/lora-workshop/v1/loras/..%2Fsecret", auth=("alice", "s3cret")).status_code == 404
+    if not webui_api_object:  # our own check: ':' in a password and non-ASCII passwords work
+        assert client.get("/lora-workshop/v1/loras", auth=("bob", "pa:ss")).status_code == 200
+        assert client.get("/lora-workshop/v1/loras", auth=("bob", "pä:ss")).status_code == 401
+
+
+def test_api_without_auth_is_open(api_files):
+    api_files.load_script()
+    client = TestClient(api_files.start_ui())
+    assert client.get("/lora-workshop/v1/loras").status_code == 200
+
+
+# -- preload, install, settings --------------------------------------------------------------------
+
+
+def _builtin_preload(dirpath: Path) -> None:
+    dirpath.mkdir(parents=True, exist_ok=True)
+    (dirpath / "preload.py").write_text(
+        "def preload(parser):\n"
+        "    parser.add_argument('--lora-dir', type=str, default='builtin-default')\n"
+        "    parser.add_argument('--lyco-dir-backcompat', type=str, default='lyco')\n")
+
+
+def _user_ext(webui: WebUI) -> Path:
+    ext = webui.tmp / "extensions" / "lora-workshop"
+    ext.mkdir(parents=True)
+    shutil.copy(ROOT / "preload.py", ext / "preload.py")
+    return ext
+
+
+def test_preload_adds_lora_dir_only_when_nobody_else_does(webui):
+    ext = _user_ext(webui)
+    builtin_dir = Path(paths_internal.extensions_builtin_dir)
+
+    # no built-in Lora: we add --lora-dir with the models/Lora default
+    parser = argparse.ArgumentParser()
+    script_loading.preload_extensions(str(ext.parent), parser)
+    script_loading.preload_extensions(str(builtin_dir), parser)
+    assert parser.parse_args([]).lora_dir == str(Path(paths_internal.models_path, "Lora").absolute())
+
+    # an earlier preload already added it: left alone, no argparse conflict
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--lora-dir", default="other")
+    script_loading.preload_extensions(str(ext.parent), parser)
+    assert parser.parse_args([]).lora_dir == "other"
+
+    # built-in Lora present: user preloads run first, so we must leave the option to it
+    _builtin_preload(builtin_dir / "Lora")
+    parser = argparse.ArgumentParser()
+    script_loading.preload_extensions(str(ext.parent), parser)
+    script_loading.preload_extensions(str(builtin_dir), parser)
+    args = parser.parse_args(["--lora-dir", "/x"])
+    assert (args.lora_dir, args.lyco_dir_backcompat) == ("/x", "lyco")
+
+
+def test_install_only_installs_missing_packages(monkeypatch):
+    from modules import launch_utils
+    monkeypatch.setattr(launch_utils, "pip_calls", [])
+    install = script_loading.load_module(str(ROOT / "install.py"))
+    assert install.main() == [] and launch_utils.pip_calls == []  # safetensors is there
+    monkeypatch.setitem(install.REQUIREMENTS, "lora-workshop-surely-missing", "a test")
+    assert install.main() == ["lora-workshop-surely-missing"]
+    assert launch_utils.pip_calls[0][0] == "install lora-workshop-surely-missing"
+    # outside the WebUI the fallback check agrees
+    assert install._is_installed("safetensors") and not install._is_installed("lora-workshop-surely-missing")
+
+
+def test_settings_registered_in_own_section(webui):
+    webui.load_script()
+    script_callbacks.ui_settings_callback()
+    ours = {k: v for k, v in shared.opts.data_labels.items() if k.startswith("lora_workshop_")}
+    assert set(ours) == {host.OPT_CACHE_MB, host.OPT_DEFAULT_WEIGHT, host.OPT_RESTORE_AFTER, host.OPT_SHOW_WARNINGS}
+    assert all(v.section == ("lora_workshop", "LoRA Workshop") for v in ours.values())
+    builtin_names = {"sd_lora", "lora_preferred_name", "lora_add_hashes_to_infotext", "lora_bundled_ti_to_infotext",
+                     "lora_show_all", "lora_hide_unknown_for_versions", "lora_in_memory_limit",
+                     "lora_not_found_warning_console", "lora_not_found_gradio_warning", "lora_functional"}
+    assert not set(ours) & builtin_names
+    shared.opts.set(host.OPT_CACHE_MB, 3)
+    assert webui.workshop.library.cache_bytes == 3 << 20
+
+
+# -- model switching and host mapping -------------------------------------------------------------
+
+
+def test_model_switch_restores_previous_model(webui, model, sd1_map):
+    make_lora(webui.lora_dir / "tiny.safetensors", sd1_map)
+    shared.sd_model = model
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    webui.load_script()
+    webui.start_ui()
+    webui.generate("<lora:tiny:1>")  # stays merged (default)
+    other = FakeSdModel(None, WithCustomWords(FrozenCLIPEmbedder(tiny_clip())), is_sd1=True)
+    shared.sd_model = other
+    script_callbacks.model_loaded_callback(other)
+    # the first model may be kept in the WebUI's checkpoint cache: it must not keep the LoRA
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, original[k]), k
+    w0 = other.cond_stage_model.wrapped.transformer.text_model.encoder.layers[0].self_attn.q_proj.weight.clone()
+    webui.generate("<lora:tiny:1>")
+    assert not torch.equal(other.cond_stage_model.wrapped.transformer.text_model.encoder.layers[0]
+                           .self_attn.q_proj.weight, w0)
+
+
+def test_host_finds_text_encoders_where_the_webui_keeps_them():
+    h = host.WebUIHost()
+    sd2 = FakeSdModel(None, WithCustomWords(FrozenOpenCLIPEmbedder(TinyOpenClip())), is_sd2=True)
+    mm = h.model_map(sd2)
+    assert mm.family == "sd2" and mm.get("lora_te_text_model_encoder_layers_0_mlp_fc1") is not None
+    assert mm.get("lora_te_text_model_encoder_layers_0_self_attn_q_proj") is not None
+    assert h.model_map(sd2) is mm, "cached per model object"
+
+    conditioner = nn.Module()
+    conditioner.embedders = nn.ModuleList([WithCustomWords(FrozenCLIPEmbedder(tiny_clip())),
+                                           WithCustomWords(FrozenOpenCLIPEmbedder(TinyOpenClip()))])
+    sdxl = FakeSdModel(None, conditioner=conditioner, is_sdxl=True)
+    mm = h.model_map(sdxl)
+    assert mm.family == "sdxl" and mm.components() == {"te1", "te2"}
+    assert mm.get("lora_te1_text_model_encoder_layers_0_self_attn_q_proj") is not None
+    assert mm.get("lora_te2_text_model_encoder_layers_0_mlp_fc2") is not None
+    assert h.model_map(FakeSdModel(None, is_sd3=True)) is None
+    from lib_lora.hosts.base import Host
+    assert isinstance(h, Host)
+
+
+# -- the Extra Networks page ----------------------------------------------------------------------
+
+
+def test_page_items_prompt_search_badge_and_notes(webui, sd1_map):
+    meta = {**SD1_META, "ss_output_name": "Tiny Style", "sshs_model_hash": "ab" * 32,
+            "ss_tag_frequency": json.dumps({"5_a": {"cat": 3, "<b>dog</b>": 1}, "5_b": {"cat": 2}}),
+            "ss_training_comment": "<script>x</script>"}
+    make_lora(webui.lora_dir / "tiny.safetensors", sd1_map, metadata=meta)
+    (webui.lora_dir / "tiny.png").write_bytes(b"\x89PNG")
+    (webui.lora_dir / "tiny.json").write_text(json.dumps({"activation text": "tinystyle", "preferred weight": 0.8,
+                                                          "negative text": "blurry", "sd version": "SD1"}))
+    make_lora(webui.lora_dir / "a" / "dup.safetensors", sd1_map, only=("attn2",))
+    make_lora(webui.lora_dir / "b" / "dup.safetensors", sd1_map, only=("attn2",))
+    webui.load_script()
+    webui.start_ui()
+    page = webui.workshop.page
+    page.create_html("txt2img")
+    assert set(page.items) == {"tiny", "a/dup", "b/dup"}
+
+    item = page.items["tiny"]
+    assert item["prompt"] == ui_extra_networks.quote_js("<lora:Tiny Style:0.8> tinystyle")
+    assert item["negative_prompt"] == ui_extra_networks.quote_js("(blurry:1)")
+    assert {"tiny.safetensors", "tiny", "Tiny Style", "SD1", "ab" * 6} <= set(item["search_terms"])
+    assert item["sort_keys"]["lwfamily"] == "SD1" and item["shorthash"] == "ab" * 6
+    assert item["preview"].startswith("./sd_extra_networks/thumb?filename=")
+    assert item["metadata"]["ss_tag_frequency"] == {"5_a": {"cat": 3, "<b>dog</b>": 1}, "5_b": {"cat": 2}}
+    assert page.items["a/dup"]["prompt"] == ui_extra_networks.quote_js("<lora:a/dup:1>")
+
+    editor = page.create_user_metadata_editor(None, "txt2img")
+    table = dict(editor.get_metadata_table("tiny"))
+    assert table["Top tags:"] == "cat (5), &lt;b&gt;dog&lt;/b&gt; (1)"
+    assert table["Comment:"] == "&lt;script&gt;x&lt;/script&gt;"
+    assert table["Rank:"] == str(RANK)
+    values = editor.put_values_into_components("tiny")
+    assert values[5:] == ["tinystyle", 0.8, "blurry"]
+    editor.save_lora_user_metadata("tiny", "desc", "newword", 0.6, "", "my notes")
+    saved = json.loads((webui.lora_dir / "tiny.json").read_text())
+    assert saved == {"activation text": "newword", "preferred weight": 0.6, "negative text": "", "sd version": "SD1",
+                     "description": "desc", "notes": "my notes"}
+    assert page.create_item("tiny")["prompt"] == ui_extra_networks.quote_js("<lora:Tiny Style:0.6> newword")
+    assert page.create_item("../tiny") is None
