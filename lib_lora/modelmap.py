@@ -99,12 +99,13 @@ class ModelMap:
 
     def _add_hf_clip(self, prefix: str, root: nn.Module) -> None:
         for name, mod in root.named_modules():
+            name = _unwrap(name)
             if isinstance(mod, _PATCHABLE):
                 self._add(Target(f"lora_{prefix}_{_u(name)}", mod, prefix))
 
     def _add_open_clip(self, prefix: str, root: nn.Module) -> None:
         for name, mod in root.named_modules():
-            hf = open_clip_to_hf_name(name)
+            hf = open_clip_to_hf_name(_unwrap(name))
             if hf is None:
                 continue
             if isinstance(mod, nn.MultiheadAttention):
@@ -128,6 +129,11 @@ class ModelMap:
                 self._add(Target(ldm_key, mod, "unet"), *([diff_key] if diff_key else []))
             else:
                 self._add(Target(diff_key, mod, "unet"), ldm_key)
+
+
+def _unwrap(name: str) -> str:
+    """The WebUI wraps token embeddings (``token_embedding.wrapped``); files name the real layer."""
+    return name[: -len(".wrapped")] if name.endswith(".wrapped") else name
 
 
 def _u(path: str) -> str:

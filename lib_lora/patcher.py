@@ -9,7 +9,9 @@ float32 and cast once, which is what makes fp16/bf16/fp8 weights behave.
 
 If anything else rewrites a patched weight (a checkpoint loaded into the same
 modules), the slot notices through the tensor's version counter and forgets its
-now-stale original instead of restoring it.
+now-stale original instead of restoring it.  Moving a module to another device or
+dtype keeps the Parameter and its counter, so the original is still written back
+(cast and moved as needed) — that is what --medvram and CPU offload rely on.
 """
 from __future__ import annotations
 
@@ -55,7 +57,7 @@ class _Slot:
     original: Tensor
     contributions: tuple = ()
     version: int = -1
-    ptr: int = 0
+    obj: object = None   # the Parameter we wrote into; a different object means the model was rebuilt
 
     def tensor(self) -> Tensor:
         return getattr(self.module, self.param)
@@ -123,7 +125,7 @@ class Patcher:
                 mult = act.te if target.is_text_encoder else act.unet
                 if mult == 0:
                     continue
-                for pname in (target.weight_name, target.bias_name):
+                for pname in (target.weight_name, target.bias_name if adapter.has_bias else None):
                     if pname is None or getattr(target.module, pname, None) is None:
                         continue
                     k = (id(target.module), pname)
@@ -137,7 +139,6 @@ class Patcher:
                     self._write(slot, slot.original)
                     del self.slots[k]
                     report.changed_slots += 1
-            cache: dict[tuple[int, int], tuple[Tensor | None, Tensor | None]] = {}
             for k, contribs in wanted.items():
                 module, pname = owners[k]
                 sig = tuple((id(a), id(t), m, d) for t, a, m, d, _ in contribs)
@@ -147,19 +148,23 @@ class Patcher:
                 param = getattr(module, pname)
                 base = slot.original if slot is not None else param.detach()
                 merged = base.to(param.device, torch.float32, copy=True)
+                # deltas that scale the weight itself must see the original, not earlier adapters' sum
+                original = merged.clone() if any(a.needs_weight for _, a, *_ in contribs) else None
                 for target, adapter, mult, dyn, netname in contribs:
                     try:
-                        dw, db = self._deltas(cache, target, adapter, mult, dyn, module, slot, base, pname)
+                        if pname == target.weight_name:
+                            orig = original if original is not None else merged  # unread unless needs_weight
+                            if target.rows is None:
+                                adapter.add_weight_delta_(merged, orig, mult, dyn)
+                            else:
+                                adapter.add_weight_delta_(merged[target.rows], orig[target.rows], mult, dyn)
+                        else:
+                            bias = merged if target.rows is None else merged[target.rows]
+                            db = adapter.bias_delta_at(bias, mult)
+                            if db is not None:
+                                bias += db
                     except AdapterError as e:
                         bad.setdefault(netname, []).append(str(e))
-                        continue
-                    d = dw if pname == target.weight_name else db
-                    if d is None:
-                        continue
-                    if target.rows is None:
-                        merged += d
-                    else:
-                        merged[target.rows] += d
                 if slot is None:
                     slot = _Slot(module, pname, param.detach().to(self.backup_device, copy=True))
                     self.slots[k] = slot
@@ -202,34 +207,13 @@ class Patcher:
         return bool(self.slots)
 
     # -- internals -----------------------------------------------------------------------
-    def _deltas(self, cache, target: Target, adapter: Adapter, mult: float, dyn, module, slot, base, pname):
-        key = (id(target), id(adapter))
-        if key not in cache:
-            wname, bname = target.weight_name, target.bias_name
-            w = self._original(module, wname, base if pname == wname else None)
-            b = self._original(module, bname, base if pname == bname else None) if bname else None
-            if target.rows is not None:
-                w = w[target.rows]
-                b = b[target.rows] if b is not None else None
-            cache[key] = adapter.deltas(w, b, mult, dyn)
-        return cache[key]
-
-    def _original(self, module: nn.Module, pname: str, known: Tensor | None) -> Tensor | None:
-        if known is not None:
-            return known
-        slot = self.slots.get((id(module), pname))
-        if slot is not None:
-            return slot.original
-        p = getattr(module, pname, None)
-        return None if p is None else p.detach()
-
     def _write(self, slot: _Slot, value: Tensor) -> None:
         t = slot.tensor()
-        t.data.copy_(value.to(t.device))
-        slot.version, slot.ptr = t._version, t.data_ptr()
+        t.data.copy_(value.to(t.device))  # .data: no autograd version bump of our own
+        slot.version, slot.obj = t._version, t
 
     def _drop_stale(self) -> None:
         for k, slot in list(self.slots.items()):
             t = getattr(slot.module, slot.param, None)
-            if t is None or t._version != slot.version or t.data_ptr() != slot.ptr:
+            if t is None or t is not slot.obj or t._version != slot.version:
                 del self.slots[k]

@@ -224,3 +224,46 @@ def test_sd2_qkv_deltas_land_in_in_proj_slices():
         torch.testing.assert_close(got[i * d:(i + 1) * d], hand_delta(sd, keys[c], 0.9), rtol=1e-5, atol=1e-6)
     p.restore()
     assert torch.equal(attn.in_proj_weight.double(), base)
+
+
+def test_device_or_dtype_move_keeps_originals(sd1):
+    """--medvram/offload move modules while LoRAs are merged; restore must still undo them."""
+    tiny = build_sd1(seed=3)
+    mm = model_map(tiny)
+    before = snapshot(*modules(tiny))
+    p = Patcher(mm)
+    p.apply([Activation(parse_state_dict("a", kohya_lora(mm, seed=17, convs=True), {}))])
+    for m in modules(tiny):
+        m.double()  # stands in for .to(device): same Parameter objects, new storage
+    p.restore()
+    assert same([t.double() for t in before], snapshot(*modules(tiny)))
+
+
+def test_ia3_and_lora_on_one_layer_both_use_the_original_weight(sd1):
+    mm = model_map(sd1)
+    w0 = mm.get(Q).module.weight.detach().double().clone()
+    lora_sd = kohya_lora(mm, seed=18, only=(Q,))
+    scale = torch.rand(w0.shape[0], generator=torch.Generator().manual_seed(0))
+    ia3 = parse_state_dict("ia3", {f"{Q}.weight": scale}, {})
+    assert ia3.adapters[Q].algo == "ia3"
+    p = Patcher(mm)
+    p.apply([Activation(parse_state_dict("l", lora_sd, {})), Activation(ia3, 1, 0.5)])
+    expect = w0 + hand_delta(lora_sd, Q, 1.0) + 0.5 * w0 * scale.double()[:, None]
+    torch.testing.assert_close(mm.get(Q).module.weight.double(), expect, rtol=1e-5, atol=1e-6)
+    p.restore()
+
+
+def test_webui_wrapped_token_embedding_is_found():
+    from lib_lora.modelmap import ModelMap
+
+    class Wrapper(torch.nn.Module):  # what the WebUI's EmbeddingsWithFixes does to the layer
+        def __init__(self, wrapped):
+            super().__init__()
+            self.wrapped = wrapped
+
+    tiny = build_sd1(seed=0)
+    te = tiny.text_encoders[0][1]
+    emb = te.text_model.embeddings.token_embedding
+    te.text_model.embeddings.token_embedding = Wrapper(emb)
+    mm = ModelMap.build("sd1", None, [("te", te)])
+    assert mm.get("lora_te_text_model_embeddings_token_embedding").module is emb

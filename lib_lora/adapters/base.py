@@ -51,37 +51,70 @@ class Adapter:
         return None
 
     # -- shared behaviour ------------------------------------------------------------
+    @property
+    def needs_weight(self) -> bool:
+        """Whether the delta depends on the original weight (DoRA, IA3), not just the file."""
+        return self.dora_scale is not None
+
+    @property
+    def has_bias(self) -> bool:
+        """Whether this adapter changes the layer's bias (most only touch the weight)."""
+        return False
+
     def known_suffixes(self) -> set[str]:
         return set(self.required) | set(self.optional) | {"alpha", "dora_scale"}
 
     def t(self, key: str) -> Tensor:
-        return self.tensors[key].float()
+        """A stored tensor as float32 on the device of the weight being merged."""
+        return self.tensors[key].to(getattr(self, "_device", "cpu"), torch.float32)
+
+    def weight_delta_at(self, weight: Tensor, multiplier: float, dyn: int | None = None) -> Tensor | None:
+        """float32 weight delta at ``multiplier`` against the original ``weight`` (any device)."""
+        self._device = weight.device
+        w32 = weight.float()
+        dw = self.weight_delta(w32, dyn)
+        if dw is None:
+            return None
+        dw = fit_shape(dw, w32.shape, self.name)
+        if self.dora_scale is not None:
+            return dora_delta(w32, dw, self.t("dora_scale"), multiplier, self.name)
+        return dw * multiplier
+
+    def bias_delta_at(self, bias: Tensor | None, multiplier: float) -> Tensor | None:
+        if bias is not None:
+            self._device = bias.device
+        db = self.bias_delta(bias)
+        if db is None:
+            return None
+        if bias is None:
+            raise AdapterError(f"{self.name}: file has a bias delta but the layer has no bias")
+        return fit_shape(db.float(), bias.shape, self.name) * multiplier
+
+    def add_weight_delta_(self, dst: Tensor, weight: Tensor, multiplier: float, dyn: int | None = None) -> None:
+        """dst += delta, in place (dst is float32 and shaped like ``weight``)."""
+        dw = self.weight_delta_at(weight, multiplier, dyn)
+        if dw is not None:
+            dst += dw
 
     def deltas(self, weight: Tensor, bias: Tensor | None, multiplier: float,
                dyn: int | None = None) -> tuple[Tensor | None, Tensor | None]:
         """(weight delta, bias delta) at ``multiplier``, float32, against the original weight."""
-        w32 = weight.float()
-        dw = self.weight_delta(w32, dyn)
-        if dw is not None:
-            dw = fit_shape(dw, w32.shape, self.name)
-            if self.dora_scale is not None:
-                dw = dora_delta(w32, dw, self.dora_scale.float(), multiplier, self.name)
-            else:
-                dw = dw * multiplier
-        db = self.bias_delta(bias)
-        if db is not None:
-            if bias is None:
-                raise AdapterError(f"{self.name}: file has a bias delta but the layer has no bias")
-            db = fit_shape(db.float(), bias.shape, self.name) * multiplier
-        return dw, db
+        return self.weight_delta_at(weight, multiplier, dyn), self.bias_delta_at(bias, multiplier)
+
+
+def shape_fits(delta: tuple[int, ...], weight: tuple[int, ...]) -> bool:
+    """Equal, or differing only by trailing 1-sized dims (1x1 conv <-> linear)."""
+    if tuple(delta) == tuple(weight):
+        return True
+    squeeze = lambda s: tuple(s[:2]) if all(d == 1 for d in s[2:]) else tuple(s)  # noqa: E731
+    return squeeze(delta) == squeeze(weight)
 
 
 def fit_shape(delta: Tensor, shape: torch.Size, name: str) -> Tensor:
     """Accept only shapes that differ by trailing 1-sized dims (1x1 conv <-> linear)."""
     if delta.shape == shape:
         return delta
-    squeeze = lambda s: tuple(s[:2]) if all(d == 1 for d in s[2:]) else tuple(s)  # noqa: E731
-    if delta.numel() == int(torch.Size(shape).numel()) and squeeze(delta.shape) == squeeze(shape):
+    if shape_fits(tuple(delta.shape), tuple(shape)):
         return delta.reshape(shape)
     raise AdapterError(f"{name}: shape {tuple(delta.shape)} does not fit layer weight {tuple(shape)}")
 

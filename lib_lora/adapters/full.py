@@ -14,5 +14,9 @@ class Full(Adapter):
     def weight_delta(self, weight: Tensor, dyn: int | None = None) -> Tensor:
         return self.t("diff")  # alpha is not part of LyCORIS's full algo; fit_shape checks the shape
 
+    @property
+    def has_bias(self) -> bool:
+        return "diff_b" in self.tensors
+
     def bias_delta(self, bias: Tensor | None) -> Tensor | None:
         return self.t("diff_b") if "diff_b" in self.tensors else None

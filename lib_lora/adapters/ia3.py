@@ -16,6 +16,10 @@ class IA3(Adapter):
         # "weight" is too generic a role: claim only a group that has nothing but IA3's own tensors.
         return "weight" in suffixes and suffixes <= {"weight", "on_input", "alpha"}
 
+    @property
+    def needs_weight(self) -> bool:
+        return True
+
     def validate(self) -> None:
         w = self.tensors["weight"]
         if w.numel() == 0 or sum(d != 1 for d in w.shape) > 1:  # [n] (linear) or [1, n, 1, 1] (conv)

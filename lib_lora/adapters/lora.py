@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Adapter, AdapterError
+from .base import Adapter, AdapterError, shape_fits
 
 
 def rebuild_tucker(core: Tensor, left: Tensor, right: Tensor) -> Tensor:
@@ -25,7 +25,7 @@ class LoRA(Adapter):
     def rank(self) -> int:
         return int(self.tensors["lora_down.weight"].shape[0])
 
-    def weight_delta(self, weight: Tensor, dyn: int | None = None) -> Tensor:
+    def _factors(self, dyn: int | None) -> tuple[Tensor, Tensor, Tensor | None, float]:
         down, up = self.t("lora_down.weight"), self.t("lora_up.weight")
         mid = self.t("lora_mid.weight") if "lora_mid.weight" in self.tensors else None
         rank = down.shape[0]
@@ -34,6 +34,21 @@ class LoRA(Adapter):
         if dyn is not None and 0 < dyn < rank:
             down, up = down[:dyn], up[:, :dyn]
             mid = mid[:dyn, :dyn] if mid is not None else None
+        return down, up, mid, scale
+
+    def add_weight_delta_(self, dst: Tensor, weight: Tensor, multiplier: float, dyn: int | None = None) -> None:
+        # Fast path (peft-style merge): one fused addmm into the destination, no delta tensor.
+        if self.dora_scale is not None or "lora_mid.weight" in self.tensors or not dst.is_contiguous():
+            return super().add_weight_delta_(dst, weight, multiplier, dyn)
+        self._device = dst.device
+        down, up, _, scale = self._factors(dyn)
+        if not shape_fits((up.shape[0], *down.shape[1:]), tuple(dst.shape)):
+            raise AdapterError(f"{self.name}: shape {(up.shape[0], *down.shape[1:])} does not fit layer "
+                               f"weight {tuple(dst.shape)}")
+        dst.view(dst.shape[0], -1).addmm_(up.flatten(1), down.flatten(1), alpha=multiplier * scale)
+
+    def weight_delta(self, weight: Tensor, dyn: int | None = None) -> Tensor:
+        down, up, mid, scale = self._factors(dyn)
         if mid is not None:
             delta = rebuild_tucker(mid, up.flatten(1), down.flatten(1))
         elif down.dim() == 4 and down.shape[2:] != (1, 1):

@@ -20,5 +20,9 @@ class Norm(Adapter):
     def weight_delta(self, weight: Tensor, dyn: int | None = None) -> Tensor:
         return self.t("w_norm")
 
+    @property
+    def has_bias(self) -> bool:
+        return "b_norm" in self.tensors
+
     def bias_delta(self, bias: Tensor | None) -> Tensor | None:
         return self.t("b_norm") if "b_norm" in self.tensors else None

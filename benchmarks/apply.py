@@ -1,0 +1,147 @@
+"""Apply/switch/restore cost of LoRA merging on a full-size SD1.5 layout, against diffusers.
+
+    .venv/bin/python benchmarks/apply.py [--ranks 16 128] [--repeat 3]
+
+Both sides get the same kohya-format files (every layer kohya's LoRA trains: the
+transformer blocks' linears and 1x1 convs, CLIP attention and MLP). Ours merges into
+the LDM UNet + HF CLIP the WebUI runs; the reference is diffusers' load_lora_weights +
+fuse_lora / unfuse_lora + unload_lora_weights on the equivalent diffusers pipeline.
+Random weights; timings are medians; ratios are ours / reference (lower is better).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lib_lora.architectures import CLIP_L, SD1_UNET, build  # noqa: E402
+from lib_lora.network import parse_state_dict  # noqa: E402
+from lib_lora.patcher import Activation, Patcher  # noqa: E402
+
+KOHYA_LORA_TARGETS = ("attn1_to", "attn2_to", "ff_net", "proj_in", "proj_out", "self_attn", "mlp_fc")
+
+
+def kohya_file(mm, rank: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for t in mm.targets:
+        if not t.key.startswith(("lora_unet_down", "lora_unet_mid", "lora_unet_up", "lora_te_")):
+            continue
+        if not any(s in t.key for s in KOHYA_LORA_TARGETS):
+            continue
+        w = t.weight()
+        extra = (1, 1) if w.dim() == 4 else ()
+        sd[f"{t.key}.lora_down.weight"] = (torch.randn(rank, w.shape[1], *extra, generator=g) * 0.01).half()
+        sd[f"{t.key}.lora_up.weight"] = (torch.randn(w.shape[0], rank, *extra, generator=g) * 0.01).half()
+        sd[f"{t.key}.alpha"] = torch.tensor(rank / 2).half()
+    return sd
+
+
+def timed(fn, repeat: int, setup=None) -> float:
+    """Median seconds of ``fn`` (``setup`` runs untimed before each call)."""
+    times = []
+    for _ in range(repeat):
+        if setup is not None:
+            setup()
+        gc.collect()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def diffusers_pipe():
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8)
+    vae = AutoencoderKL(block_out_channels=(32,), down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), layers_per_block=1, latent_channels=4)
+    return StableDiffusionPipeline(vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**CLIP_L)), tokenizer=None,
+                                   unet=unet, scheduler=DDIMScheduler(), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+
+
+def unet_step_ldm(unet, x, t, ctx):
+    with torch.no_grad():
+        unet(x, t, context=ctx)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ranks", type=int, nargs="+", default=[16, 128])
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--latent", type=int, default=32, help="latent side for the sampling step (64 = 512px)")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+
+    parts = build("sd1", device="cpu")
+    mm = parts.model_map()
+    pipe = diffusers_pipe()
+    x = torch.randn(2, 4, args.latent, args.latent)
+    t = torch.tensor([500, 500])
+    ctx = torch.randn(2, 77, SD1_UNET["context_dim"])
+    print(f"SD1.5 layout: UNet {sum(p.numel() for p in parts.unet.parameters()) / 1e6:.0f}M params, "
+          f"latent {args.latent}x{args.latent}, batch 2, threads {torch.get_num_threads()}")
+
+    step_plain = timed(lambda: unet_step_ldm(parts.unet, x, t, ctx), args.repeat)
+    rows = []
+    for rank in args.ranks:
+        a, b = kohya_file(mm, rank, 1), kohya_file(mm, rank, 2)
+        na, nb = parse_state_dict("a", a, {}), parse_state_dict("b", b, {})
+        p = Patcher(mm)
+        A, B, B_half = [Activation(na)], [Activation(nb)], [Activation(nb, 0.5, 0.5)]
+        ours = {
+            "first apply": timed(lambda: p.apply(A), args.repeat, setup=p.restore),
+            "switch": timed(lambda: p.apply(B), args.repeat, setup=lambda: p.apply(A)),
+            "weight change": timed(lambda: p.apply(B_half), args.repeat, setup=lambda: p.apply(B)),
+            "restore": timed(p.restore, args.repeat, setup=lambda: p.apply(A)),
+        }
+        p.apply(A)
+        step_merged = timed(lambda: unet_step_ldm(parts.unet, x, t, ctx), args.repeat)
+        backup_mb = sum(s.original.numel() * s.original.element_size() for s in p.slots.values()) / 2**20
+        n_slots = len(p.slots)
+        p.restore()
+
+        def ref_load(sd, scale=1.0):
+            pipe.load_lora_weights({k: v.clone() for k, v in sd.items()}, adapter_name="x")
+            pipe.fuse_lora(lora_scale=scale)
+
+        def ref_unload():
+            pipe.unfuse_lora()
+            pipe.unload_lora_weights()
+
+        def ref_switch():
+            ref_unload()
+            ref_load(b)
+
+        def ref_reweight():
+            pipe.unfuse_lora()
+            pipe.fuse_lora(lora_scale=0.5)
+
+        ref = {"first apply": timed(lambda: ref_load(a), args.repeat, setup=ref_unload)}
+        ref["switch"] = timed(ref_switch, args.repeat, setup=lambda: (ref_unload(), ref_load(a)))
+        ref["weight change"] = timed(ref_reweight, args.repeat, setup=lambda: (pipe.unfuse_lora(), pipe.fuse_lora(lora_scale=1.0)))
+        ref["restore"] = timed(ref_unload, args.repeat, setup=lambda: (ref_unload(), ref_load(a)))
+        n_layers = len(na.adapters)
+        for k in ("first apply", "switch", "weight change", "restore"):
+            rows.append((rank, n_layers, k, ours[k], ref[k]))
+        rows.append((rank, n_layers, "sampling step (merged vs none)", step_merged, step_plain))
+        print(f"rank {rank}: {n_layers} layers, originals kept: {backup_mb:.0f} MiB in {n_slots} tensors")
+
+    print(f"\n{'rank':>5} {'layers':>6}  {'operation':<32} {'ours s':>9} {'reference s':>12} {'ratio':>7}")
+    for rank, n, k, o, r in rows:
+        print(f"{rank:>5} {n:>6}  {k:<32} {o:9.3f} {r:12.3f} {o / r if r else float('nan'):7.2f}")
+    print("\nreference: diffusers load_lora_weights+fuse_lora / unfuse_lora+unload_lora_weights; "
+          "sampling row compares our merged UNet with the same UNet without LoRA.")
+
+
+if __name__ == "__main__":
+    main()
