@@ -147,7 +147,13 @@ class Patcher:
                     continue
                 param = getattr(module, pname)
                 base = slot.original if slot is not None else param.detach()
-                merged = base.to(param.device, torch.float32, copy=True)
+                if slot is not None and param.dtype == torch.float32 and \
+                        param.data.data_ptr() != slot.original.data_ptr():
+                    touched.append(slot)
+                    merged = param.data  # our previous merge: re-merge in place, no new allocation
+                    merged.copy_(base)
+                else:
+                    merged = base.to(param.device, torch.float32, copy=True)
                 # deltas that scale the weight itself must see the original, not earlier adapters' sum
                 original = merged.clone() if any(a.needs_weight for _, a, *_ in contribs) else None
                 for target, adapter, mult, dyn, netname in contribs:
@@ -166,9 +172,14 @@ class Patcher:
                     except AdapterError as e:
                         bad.setdefault(netname, []).append(str(e))
                 if slot is None:
-                    slot = _Slot(module, pname, param.detach().to(self.backup_device, copy=True))
+                    # Where the backup lives with the weight, the current storage *becomes* the backup
+                    # (the merged tensor is swapped in by _write), saving a full copy of every layer.
+                    keep = param.data if param.device == self.backup_device else \
+                        param.detach().to(self.backup_device, copy=True)
+                    slot = _Slot(module, pname, keep)
                     self.slots[k] = slot
-                touched.append(slot)
+                if not touched or touched[-1] is not slot:
+                    touched.append(slot)
                 self._write(slot, merged)
                 slot.contributions = sig
                 report.changed_slots += 1
@@ -209,7 +220,13 @@ class Patcher:
     # -- internals -----------------------------------------------------------------------
     def _write(self, slot: _Slot, value: Tensor) -> None:
         t = slot.tensor()
-        t.data.copy_(value.to(t.device))  # .data: no autograd version bump of our own
+        if value.data_ptr() == t.data_ptr() and value.dtype == t.dtype:
+            pass  # merged in place already
+        elif value.device == t.device and value.shape == t.shape:
+            # swap storage instead of copying; `value` is a fresh merge or the kept original
+            t.data = value if value.dtype == t.dtype else value.to(t.dtype)
+        else:
+            t.data.copy_(value.to(t.device))  # .data: no autograd version bump of our own
         slot.version, slot.obj = t._version, t
 
     def _drop_stale(self) -> None:
