@@ -10,6 +10,7 @@ from . import families
 from .fileio import LoraFileError
 from .hashes import file_hashes
 from .network import load_network
+from .service import tag_frequency
 
 _SUMMARY_KEYS = ("ss_output_name", "ss_sd_model_name", "ss_base_model_version", "ss_network_module",
                  "ss_network_dim", "ss_network_alpha", "ss_network_args", "ss_resolution", "ss_num_train_images",
@@ -34,16 +35,8 @@ def inspect_file(path: Path) -> dict:
         "metadata": {k: meta[k] for k in _SUMMARY_KEYS if k in meta},
         "metadata_keys": len(meta),
     }
-    tags = meta.get("ss_tag_frequency")
-    if tags:
-        try:
-            freq: dict[str, int] = {}
-            for folder in json.loads(tags).values():
-                for tag, n in folder.items():
-                    freq[tag] = freq.get(tag, 0) + int(n)
-            info["top_tags"] = sorted(freq.items(), key=lambda kv: -kv[1])[:10]
-        except (ValueError, AttributeError, TypeError):
-            info["top_tags"] = "unparseable ss_tag_frequency"
+    if meta.get("ss_tag_frequency"):
+        info["top_tags"] = tag_frequency(meta, top=10)
     info.update(file_hashes(path))
     return info
 
