@@ -41,5 +41,5 @@ def snapshot(*modules: torch.nn.Module) -> list[torch.Tensor]:
 
 def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     """Bitwise equality of two snapshots (NaN- and fp8-safe)."""
-    bits = lambda t: t.contiguous().view(torch.uint8)  # noqa: E731
+    bits = lambda t: t.contiguous().reshape(-1).view(torch.uint8)  # noqa: E731
     return len(a) == len(b) and all(x.dtype == y.dtype and torch.equal(bits(x), bits(y)) for x, y in zip(a, b))

@@ -56,3 +56,48 @@ class LoRA(Adapter):
         else:
             delta = up.flatten(1) @ down.flatten(1)  # 1x1 convs are reshaped by the caller
         return delta * scale
+
+
+class LoRAModule(torch.nn.Module):
+    """The trainable form of ``LoRA``: a down/up pair beside a frozen layer (peft's bypass path).
+
+    For a conv layer the down projection copies the layer's kernel, stride and padding and
+    the up projection is 1x1 (kohya's LoCon), so ``kohya_tensors()`` is exactly what ``LoRA``
+    loads back.
+    """
+
+    def __init__(self, name: str, layer: torch.nn.Module, weight_shape: torch.Size, rank: int, alpha: float,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.name, self.rank, self.alpha = name, rank, float(alpha)
+        out_f, in_f = weight_shape[0], weight_shape[1]
+        if len(weight_shape) == 4 and isinstance(layer, torch.nn.Conv2d):
+            self.down = torch.nn.Conv2d(in_f, rank, layer.kernel_size, layer.stride, layer.padding,
+                                        layer.dilation, bias=False)
+            self.up = torch.nn.Conv2d(rank, out_f, 1, bias=False)
+        else:
+            self.down = torch.nn.Linear(in_f, rank, bias=False)
+            self.up = torch.nn.Linear(rank, out_f, bias=False)
+        torch.nn.init.kaiming_uniform_(self.down.weight, a=5 ** 0.5)
+        torch.nn.init.zeros_(self.up.weight)  # starts as an exact no-op
+        self.dropout = dropout
+        self.multiplier = 1.0
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.down(x.to(self.down.weight.dtype))
+        if self.dropout > 0 and self.training:
+            h = torch.nn.functional.dropout(h, self.dropout)  # kohya's network_dropout: on the rank dim
+        return self.up(h) * (self.multiplier * self.scale)
+
+    def delta_weight(self) -> Tensor:
+        """The weight change itself, for layers whose forward cannot be bypassed (fused attention)."""
+        return (self.up.weight.flatten(1) @ self.down.weight.flatten(1)) * (self.multiplier * self.scale)
+
+    def kohya_tensors(self, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+        return {"lora_down.weight": self.down.weight.detach().to(dtype).contiguous(),
+                "lora_up.weight": self.up.weight.detach().to(dtype).contiguous(),
+                "alpha": torch.tensor(self.alpha, dtype=dtype)}

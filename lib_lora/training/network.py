@@ -1,0 +1,169 @@
+"""The network being trained: LoRA modules attached beside a host model's frozen layers.
+
+Targets follow kohya's defaults: every linear / 1x1 conv inside the UNet's transformer
+blocks, CLIP attention and MLP projections, and (LoCon, ``conv_rank > 0``) the resnet
+blocks and down/up-samplers.  Layers are never modified: a forward hook adds the LoRA
+path, and only where a layer's weight is consumed inside a fused op (OpenCLIP's
+MultiheadAttention) is the weight parametrized as W + delta.  ``detach()`` removes all of
+it, leaving the model's Parameters untouched.
+"""
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from ..adapters.lora import LoRAModule
+from ..modelmap import ModelMap, Target
+from ..network import Network, parse_state_dict
+
+_DIFFUSERS_UNET = re.compile(r"^lora_unet_(down_blocks|mid_block|up_blocks)_")
+
+
+@dataclass
+class NetworkConfig:
+    rank: int = 16
+    alpha: float = 8.0
+    conv_rank: int = 0          # LoCon for resnets/samplers when > 0
+    conv_alpha: float = 1.0
+    dropout: float = 0.0
+    train_unet: bool = True
+    train_text_encoder: bool = True
+
+
+def unet_block_kind(target: Target) -> str | None:
+    """'transformer', 'resnet' or 'sampler' from the layer's diffusers name (whatever the file spelling)."""
+    name = next((n for n in (target.key, *target.aliases) if _DIFFUSERS_UNET.match(n)), "")
+    if "_attentions_" in name:
+        return "transformer"
+    if "_resnets_" in name:
+        return "resnet"
+    if "samplers_" in name:
+        return "sampler"
+    return None
+
+
+def select_targets(mm: ModelMap, cfg: NetworkConfig) -> list[tuple[Target, int, float]]:
+    """(target, rank, alpha) for every layer kohya's LoRA/LoCon would train."""
+    out = []
+    for t in mm.targets:
+        w = t.weight()
+        if w.dim() < 2 or isinstance(t.module, (nn.Embedding, nn.GroupNorm, nn.LayerNorm)):
+            continue
+        is_conv3 = w.dim() == 4 and tuple(w.shape[2:]) != (1, 1)
+        if t.component == "unet":
+            if not cfg.train_unet:
+                continue
+            kind = unet_block_kind(t)
+            if kind == "transformer" and not is_conv3:
+                out.append((t, cfg.rank, cfg.alpha))
+            elif kind in ("resnet", "sampler") and cfg.conv_rank > 0:
+                out.append((t, cfg.conv_rank, cfg.conv_alpha) if is_conv3 else (t, cfg.rank, cfg.alpha))
+        elif cfg.train_text_encoder and ("_self_attn_" in t.key or "_mlp_fc" in t.key):
+            out.append((t, cfg.rank, cfg.alpha))
+    return out
+
+
+class _AddDeltas(nn.Module):
+    """Parametrization W -> W + sum of LoRA deltas (on row slices for fused q/k/v)."""
+
+    def __init__(self, parts: list[tuple[slice | None, LoRAModule]]):
+        super().__init__()
+        self.rows = [r for r, _ in parts]
+        self.loras = nn.ModuleList([m for _, m in parts])
+
+    def forward(self, w: Tensor) -> Tensor:
+        for rows, lora in zip(self.rows, self.loras):
+            d = lora.delta_weight().reshape(-1, *w.shape[1:]).to(w.dtype)
+            if rows is None:
+                w = w + d
+            else:
+                idx = torch.arange(rows.start, rows.stop, device=w.device)
+                w = w.index_add(0, idx, d)
+        return w
+
+
+class TrainingNetwork(nn.Module):
+    def __init__(self, mm: ModelMap, cfg: NetworkConfig):
+        super().__init__()
+        self.mm, self.cfg = mm, cfg
+        self.targets: dict[str, Target] = {}
+        mods = {}
+        for t, rank, alpha in select_targets(mm, cfg):
+            w = t.weight()
+            mods[t.key.replace(".", "_")] = LoRAModule(t.key, t.module, w.shape, rank, alpha, cfg.dropout)
+            self.targets[t.key] = t
+        if not mods:
+            raise ValueError("nothing to train: no target layers selected (check train_unet / train_text_encoder)")
+        self.loras = nn.ModuleDict(mods)
+        self._hooks: list = []
+        self._parametrized: list[tuple[nn.Module, str, list[str]]] = []
+
+    def lora(self, key: str) -> LoRAModule:
+        return self.loras[key.replace(".", "_")]
+
+    def param_groups(self, unet_lr: float, te_lr: float) -> list[dict]:
+        unet, te = [], []
+        for key, t in self.targets.items():
+            (te if t.is_text_encoder else unet).extend(self.lora(key).parameters())
+        return [g for g in ({"params": unet, "lr": unet_lr, "name": "unet"},
+                            {"params": te, "lr": te_lr, "name": "text_encoder"}) if g["params"]]
+
+    def attach(self) -> None:
+        """Hook every target; where the weight is read inside a fused op, parametrize it instead."""
+        fused: dict[tuple[int, str], tuple[nn.Module, list]] = defaultdict(lambda: (None, []))
+        for key, t in self.targets.items():
+            lora = self.lora(key)
+            lora.to(device=t.weight().device)
+            if t.rows is not None or _weight_read_by_parent(t.module):
+                mod, parts = fused[(id(t.module), t.weight_name)]
+                parts.append((t.rows, lora))
+                fused[(id(t.module), t.weight_name)] = (t.module, parts)
+            else:
+                self._hooks.append(t.module.register_forward_hook(_bypass(lora)))
+        for (_, pname), (module, parts) in fused.items():
+            order = list(module._parameters)
+            parametrize.register_parametrization(module, pname, _AddDeltas(parts), unsafe=True)
+            self._parametrized.append((module, pname, order))
+
+    def detach(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        for module, pname, order in self._parametrized:
+            # leave_parametrized=False re-registers the original Parameter object itself ...
+            parametrize.remove_parametrizations(module, pname, leave_parametrized=False)
+            # ... but at the end; put it back in place so state_dict() order is unchanged too
+            params = module._parameters
+            module._parameters = {k: params[k] for k in order if k in params} | params
+        self._parametrized.clear()
+
+    def set_multiplier(self, m: float) -> None:
+        for lora in self.loras.values():
+            lora.multiplier = m
+
+    def kohya_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+        out = {}
+        for key in self.targets:
+            for role, t in self.lora(key).kohya_tensors(dtype).items():
+                out[f"{key}.{role}"] = t
+        return out
+
+    def to_runtime(self, name: str = "training") -> Network:
+        """The same weights as a runtime Network (what <lora:name:w> would apply)."""
+        return parse_state_dict(name, self.kohya_state_dict(), {})
+
+
+def _weight_read_by_parent(module: nn.Module) -> bool:
+    # MultiheadAttention passes out_proj.weight to F.multi_head_attention_forward: no forward to hook
+    return isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear)
+
+
+def _bypass(lora: LoRAModule):
+    def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+        return output + lora(args[0]).to(output.dtype)
+    return hook

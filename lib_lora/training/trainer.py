@@ -1,0 +1,430 @@
+"""The LoRA training loop: kohya's recipe on whatever model a host hands over.
+
+One *step* is one optimiser update (``gradient_accumulation_steps`` batches).  All
+randomness is derived from (seed, step, ...) rather than carried state, so a run
+resumed from a saved state continues exactly as the uninterrupted run would have.
+Whatever happens (finished, stopped, or an exception mid-step), ``run`` leaves the
+host's modules as it found them: hooks removed, requires_grad and train/eval flags
+restored, weights never written.
+"""
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ..fileio import save_safetensors
+from ..hashes import hashes_from_bytes
+from .dataset import Batch, Dataset, DatasetConfig, Position, derive_rng, scan
+from .metadata import build_metadata
+from .model import Conditioning, TrainableModel
+from .network import NetworkConfig, TrainingNetwork
+from .state import load_state, save_state
+
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "float": torch.float32}
+
+
+@dataclass
+class TrainConfig:
+    dataset: DatasetConfig
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    output_dir: str | Path = "."
+    output_name: str = "lora"
+    save_precision: str = "fp16"
+    save_every_n_steps: int = 0
+    save_every_n_epochs: int = 0
+    save_last_k: int = 0                # keep only the newest K intermediate files (0: keep all)
+    save_state: bool = False            # write resumable state beside each saved LoRA
+    overwrite: bool = False
+    max_train_steps: int = 1000
+    max_train_epochs: int | None = None  # when set, overrides max_train_steps
+    batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4         # UNet (and text encoder unless text_encoder_lr is set)
+    text_encoder_lr: float | None = None
+    optimizer: str = "AdamW"            # AdamW, AdamW8bit, Lion, Prodigy
+    optimizer_args: dict = field(default_factory=dict)
+    weight_decay: float = 0.01
+    lr_scheduler: str = "constant"      # constant, constant_with_warmup, cosine, linear
+    lr_warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    min_snr_gamma: float | None = None
+    noise_offset: float = 0.0
+    mixed_precision: str = "no"         # no, fp16, bf16 (GPU only)
+    cache_latents: bool = True
+    cache_latents_to_disk: bool = False
+    cache_text_encoder_outputs: bool = True  # only when the text encoder is frozen and captions are fixed
+    sample_every_n_steps: int = 0
+    sample_prompts: list[str] = field(default_factory=list)
+    training_comment: str = ""
+    world_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.save_precision not in SAVE_DTYPES:
+            raise ValueError(f"save_precision must be one of {sorted(SAVE_DTYPES)}")
+        if self.lr_scheduler not in ("constant", "constant_with_warmup", "cosine", "linear"):
+            raise ValueError(f"unknown lr_scheduler {self.lr_scheduler!r}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"mixed_precision must be no, fp16 or bf16")
+        for name in ("batch_size", "gradient_accumulation_steps", "max_train_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+
+
+@dataclass
+class Progress:
+    step: int
+    total: int
+    epoch: int
+    loss: float
+    avg_loss: float
+    lr: float
+    elapsed: float
+    eta: float
+
+
+@dataclass
+class Callbacks:
+    on_progress: Callable[[Progress], None] | None = None
+    on_saved: Callable[[Path], None] | None = None
+    on_samples: Callable[[int, list], None] | None = None
+    log: Callable[[str], None] = print
+
+
+@dataclass
+class TrainResult:
+    output: Path | None
+    steps: int
+    losses: list[float]
+    stopped: bool
+    saved: list[Path]
+
+
+class TrainingStopped(Exception):
+    pass
+
+
+def make_optimizer(name: str, groups: list[dict], cfg: TrainConfig) -> tuple[torch.optim.Optimizer, str]:
+    """The optimiser and kohya's ``ss_optimizer`` description. Extra packages are never installed for you."""
+    args = dict(cfg.optimizer_args)
+    lname = name.lower()
+    if lname == "adamw":
+        opt = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, **args)
+        return opt, "torch.optim.adamw.AdamW"
+    packages = {"adamw8bit": ("bitsandbytes", "bitsandbytes.optim", "AdamW8bit"),
+                "lion": ("lion-pytorch", "lion_pytorch", "Lion"),
+                "prodigy": ("prodigyopt", "prodigyopt", "Prodigy")}
+    if lname not in packages:
+        raise ValueError(f"unknown optimizer {name!r}: AdamW, AdamW8bit, Lion or Prodigy")
+    pip_name, module, cls = packages[lname]
+    try:
+        mod = __import__(module, fromlist=[cls])
+    except ImportError:
+        raise ValueError(f"optimizer {name} needs the '{pip_name}' package; install it yourself "
+                         f"(pip install {pip_name}) or choose AdamW") from None
+    opt = getattr(mod, cls)(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, **args)
+    return opt, f"{module}.{cls}"
+
+
+def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind in ("constant", "constant_with_warmup"):
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return f
+
+
+def snr_weights(acp: Tensor, gamma: float, prediction: str) -> Tensor:
+    """min-SNR-gamma loss weights (Hang et al. 2023), in kohya's form for epsilon and v targets."""
+    snr = acp / (1 - acp)
+    clipped = torch.clamp(snr, max=gamma)
+    return clipped / (snr + 1) if prediction == "v" else clipped / snr
+
+
+class Trainer:
+    def __init__(self, model: TrainableModel, cfg: TrainConfig, callbacks: Callbacks | None = None):
+        self.model, self.cfg = model, cfg
+        self.cb = callbacks or Callbacks()
+        self.dataset: Dataset | None = None
+        self._stop: str | None = None
+        self._latent_cache: dict[tuple, tuple[Tensor, tuple[int, int]]] = {}
+        self._text_cache: dict[tuple, Conditioning] = {}
+        self.session_id = uuid.uuid4().hex[:16]
+
+    # -- control ---------------------------------------------------------------------
+    def request_stop(self, save: bool = False) -> None:
+        """Stop after the current step; with ``save`` the network is written first."""
+        self._stop = "save" if save else "stop"
+
+    def prepare(self) -> dict:
+        """Scan and validate the dataset (raises DatasetError with the file named) and the output."""
+        self.dataset = scan(self.cfg.dataset, strict=True)
+        final = self.output_path()
+        if final.exists() and not self.cfg.overwrite:
+            raise FileExistsError(f"{final} already exists; choose another output name or allow overwriting")
+        return self.dataset.summary(self.cfg.batch_size)
+
+    def output_path(self, step: int | None = None) -> Path:
+        stem = self.cfg.output_name if step is None else f"{self.cfg.output_name}-{step:06d}"
+        return Path(self.cfg.output_dir) / f"{stem}.safetensors"
+
+    def total_steps(self) -> int:
+        assert self.dataset is not None
+        if self.cfg.max_train_epochs:
+            per_epoch = math.ceil(self.dataset.steps_per_epoch(self.cfg.batch_size) / self.cfg.gradient_accumulation_steps)
+            return per_epoch * self.cfg.max_train_epochs
+        return self.cfg.max_train_steps
+
+    # -- the run -----------------------------------------------------------------------
+    def run(self, resume_from: str | Path | None = None) -> TrainResult:
+        if self.dataset is None:
+            self.prepare()
+        cfg, m = self.cfg, self.model
+        modules = [m.unet] + [te for _, te in m.text_encoders]
+        flags = [(p, p.requires_grad) for mod in modules for p in mod.parameters()]
+        modes = [(mod, mod.training) for mod in modules for mod in mod.modules()]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)  # LoRA init without disturbing the host's global RNG
+            net = TrainingNetwork(m.model_map, cfg.network)
+        try:
+            for p, _ in flags:
+                p.requires_grad_(False)
+            for mod in modules:
+                mod.eval()  # SD has no dropout/batchnorm to train; eval keeps the host's behaviour
+            net.to(m.device).train()
+            net.attach()
+            return self._loop(net, resume_from)
+        finally:
+            net.detach()
+            for p, rg in flags:
+                p.requires_grad_(rg)
+            for mod, training in modes:
+                mod.train(training)
+            self._latent_cache.clear()
+            self._text_cache.clear()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def _loop(self, net: TrainingNetwork, resume_from) -> TrainResult:
+        cfg, m, ds = self.cfg, self.model, self.dataset
+        te_lr = cfg.text_encoder_lr if cfg.text_encoder_lr is not None else cfg.learning_rate
+        opt, opt_desc = make_optimizer(cfg.optimizer, net.param_groups(cfg.learning_rate, te_lr), cfg)
+        total = self.total_steps()
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.lr_scheduler, cfg.lr_warmup_steps, total))
+        step, pos, losses, started = 0, Position(), [], time.time()
+        if resume_from is not None:
+            step, pos, losses, started = self._resume(resume_from, net, opt, sched)
+        use_cuda = m.device.type == "cuda"
+        amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)
+        autocast = torch.autocast("cuda", dtype=amp_dtype) if (use_cuda and amp_dtype) else nullcontext()
+        scaler = torch.amp.GradScaler("cuda", enabled=use_cuda and cfg.mixed_precision == "fp16")
+        text_trains = cfg.network.train_text_encoder
+        batches = ds.iterate(cfg.batch_size, cfg.seed, pos)
+        per_epoch = max(1, ds.steps_per_epoch(cfg.batch_size))
+        saved: list[Path] = []
+        t0, step0 = time.time(), step
+        acp_all = m.alphas_cumprod.to(m.device, torch.float32)
+        batch: Batch | None = None
+        while step < total:
+            if self._stop:
+                break
+            loss_val = 0.0
+            for micro in range(cfg.gradient_accumulation_steps):
+                batch = next(batches)
+                latents, sizes, captions = self._inputs(batch)
+                cond = self._cond(captions, sizes, cache=not text_trains)
+                g = torch.Generator(m.device).manual_seed(_derive(cfg.seed, "noise", step, micro))
+                noise = torch.randn(latents.shape, generator=g, device=m.device)
+                if cfg.noise_offset:
+                    noise += cfg.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=g, device=m.device)
+                t = torch.randint(0, acp_all.shape[0], (latents.shape[0],), generator=g, device=m.device)
+                acp = acp_all[t].view(-1, 1, 1, 1)
+                noisy = acp.sqrt() * latents + (1 - acp).sqrt() * noise
+                with torch.random.fork_rng(devices=[m.device] if use_cuda else []):
+                    torch.manual_seed(_derive(cfg.seed, "dropout", step, micro))
+                    with autocast:
+                        pred = m.predict(noisy.to(_dtype(m.unet)), t, cond)
+                target = noise if m.prediction == "epsilon" else acp.sqrt() * noise - (1 - acp).sqrt() * latents
+                loss = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none").mean((1, 2, 3))
+                if cfg.min_snr_gamma:
+                    loss = loss * snr_weights(acp.flatten(), cfg.min_snr_gamma, m.prediction)
+                loss = loss.mean() / cfg.gradient_accumulation_steps
+                scaler.scale(loss).backward()
+                loss_val += loss.item()
+            if not math.isfinite(loss_val):
+                raise FloatingPointError(f"loss became {loss_val} at step {step + 1}; lower the learning rate")
+            if cfg.max_grad_norm:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.max_grad_norm)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            step += 1
+            losses.append(loss_val)
+            pos = batch.next_position
+            elapsed = time.time() - t0
+            rate = elapsed / max(step - step0, 1)
+            if self.cb.on_progress:
+                recent = losses[-50:]
+                self.cb.on_progress(Progress(step, total, pos.epoch, loss_val, sum(recent) / len(recent),
+                                             sched.get_last_lr()[0], elapsed, rate * (total - step)))
+            if step < total and self._due(step, per_epoch):
+                saved.append(self._save(net, step, pos, losses, started, opt, sched, final=False))
+                self._prune(saved)
+            if cfg.sample_every_n_steps and cfg.sample_prompts and step % cfg.sample_every_n_steps == 0:
+                self._samples(net, step)
+        stopped = step < total
+        out = None
+        if not stopped or self._stop == "save":
+            out = self._save(net, step, pos, losses, started, opt, sched, final=True)
+            saved.append(out)
+        return TrainResult(out, step, losses, stopped, saved)
+
+    # -- inputs ------------------------------------------------------------------------
+    def _inputs(self, batch: Batch) -> tuple[Tensor, list, list[str]]:
+        """Latents (cached when allowed), SDXL size conditioning and processed captions for a batch."""
+        ds, m, cfg = self.dataset, self.model, self.cfg
+        caching = cfg.cache_latents and not ds.config.random_crop
+        lats, sizes, captions = [], [], []
+        for slot, item in enumerate(batch.items):
+            captions.append(ds.process_caption(item, batch.rng(slot, "caption"), batch.epoch))
+            rng = batch.rng(slot, "image")
+            flip = ds.decide_flip(rng)
+            key = (str(item.path), batch.bucket, flip)
+            hit = self._latent_cache.get(key) if caching else None
+            if hit is None:
+                pixels, crop = ds._load(item, batch.bucket, flip, rng)
+                with torch.no_grad():
+                    lat = m.encode_images(pixels.unsqueeze(0).to(m.device))[0].float()
+                hit = (lat, crop)
+                if caching:
+                    self._latent_cache[key] = hit
+            lats.append(hit[0])
+            sizes.append(((item.size[1], item.size[0]), hit[1], (batch.bucket[1], batch.bucket[0])))
+        return torch.stack(lats).to(m.device), sizes, captions
+
+    def _cond(self, captions: list[str], sizes: list, cache: bool) -> Conditioning:
+        ds_cfg = self.cfg.dataset
+        fixed = not (ds_cfg.shuffle_caption or ds_cfg.caption_dropout_rate or ds_cfg.caption_tag_dropout_rate
+                     or ds_cfg.caption_dropout_every_n_epochs)
+        if not (cache and self.cfg.cache_text_encoder_outputs and fixed):
+            with (torch.no_grad() if cache else nullcontext()):
+                return self.model.encode_text(captions, sizes)
+        parts = []
+        for cap, size in zip(captions, sizes):
+            key = (cap, size if self.model.family == "sdxl" else None)
+            if key not in self._text_cache:
+                with torch.no_grad():
+                    self._text_cache[key] = self.model.encode_text([cap], [size])
+            parts.append(self._text_cache[key])
+        y = torch.cat([p.y for p in parts]) if parts[0].y is not None else None
+        return Conditioning(torch.cat([p.context for p in parts]), y)
+
+    # -- saving --------------------------------------------------------------------------
+    def _due(self, step: int, per_epoch: int) -> bool:
+        c = self.cfg
+        by_steps = c.save_every_n_steps and step % c.save_every_n_steps == 0
+        accum_per_epoch = max(1, math.ceil(per_epoch / c.gradient_accumulation_steps))
+        by_epochs = c.save_every_n_epochs and step % (accum_per_epoch * c.save_every_n_epochs) == 0
+        return bool(by_steps or by_epochs)
+
+    def _save(self, net, step, pos, losses, started, opt, sched, final: bool) -> Path:
+        cfg, m = self.cfg, self.model
+        path = self.output_path(None if final else step)
+        tensors = net.kohya_state_dict(SAVE_DTYPES[cfg.save_precision])
+        per_epoch = max(1, self.dataset.steps_per_epoch(cfg.batch_size))
+        meta = build_metadata(
+            family=m.family, prediction=m.prediction, session_id=self.session_id, started_at=started,
+            output_name=cfg.output_name, cfg=cfg, dataset=self.dataset, model_name=m.model_name,
+            model_hash=m.model_hash, legacy_hash=m.legacy_hash, steps=step, epoch=pos.epoch,
+            num_batches_per_epoch=per_epoch, max_steps=self.total_steps(), optimizer_desc=type(opt).__module__ + "." + type(opt).__name__,
+            resolution=self.cfg.dataset.reso, finished=final, comment=cfg.training_comment)
+        # kohya hashes the file as written with only the ss_* keys in its header
+        from safetensors.torch import save as st_save
+        h = hashes_from_bytes(st_save({k: v.contiguous() for k, v in tensors.items()},
+                                      {k: v for k, v in meta.items() if k.startswith("ss_")}))
+        meta["sshs_model_hash"], meta["sshs_legacy_hash"] = h["sshs_model_hash"], h["sshs_legacy_hash"]
+        out = save_safetensors(tensors, path, meta, overwrite=cfg.overwrite or not final)
+        if cfg.save_state:
+            save_state(self.state_path(path), {
+                "step": step, "position": pos.to_dict(), "losses": losses, "started": started,
+                "session": self.session_id, "fingerprint": self.dataset.fingerprint(),
+                "config": _jsonable(asdict(cfg)), "network": net.kohya_state_dict(torch.float32),
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
+        self.cb.log(f"saved {out}")
+        if self.cb.on_saved:
+            self.cb.on_saved(out)
+        return out
+
+    @staticmethod
+    def state_path(lora_path: Path) -> Path:
+        return lora_path.with_name(lora_path.stem + ".state.safetensors")
+
+    def _prune(self, saved: list[Path]) -> None:
+        k = self.cfg.save_last_k
+        if k <= 0:
+            return
+        while len(saved) > k:
+            old = saved.pop(0)
+            for p in (old, self.state_path(old)):
+                if p.exists():
+                    p.unlink()
+
+    def _resume(self, path, net, opt, sched):
+        st = load_state(Path(path))
+        if st["fingerprint"] != self.dataset.fingerprint():
+            raise ValueError("the dataset changed since this state was saved; resuming would not continue the same run")
+        sd = st["network"]
+        for key in net.targets:
+            lora = net.lora(key)
+            lora.down.weight.data.copy_(sd[f"{key}.lora_down.weight"].reshape(lora.down.weight.shape))
+            lora.up.weight.data.copy_(sd[f"{key}.lora_up.weight"].reshape(lora.up.weight.shape))
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        self.session_id = st["session"]
+        self.cb.log(f"resumed at step {st['step']} from {path}")
+        return st["step"], Position.from_dict(st["position"]), list(st["losses"]), st["started"]
+
+    def _samples(self, net, step: int) -> None:
+        if self.model.render is None:
+            return
+        net.eval()
+        try:
+            with torch.no_grad():
+                images = self.model.render(self.cfg.sample_prompts, seed=self.cfg.seed)
+        finally:
+            net.train()
+        if self.cb.on_samples:
+            self.cb.on_samples(step, images)
+
+
+def _derive(seed: int, *parts) -> int:
+    return derive_rng(seed, *parts).getrandbits(63)
+
+
+def _dtype(module: torch.nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj

@@ -1,0 +1,204 @@
+"""Training on tiny real-structure models: it learns, saves what others load, resumes exactly,
+and leaves the host model exactly as it was whatever happens."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lib_lora.fileio import load_safetensors
+from lib_lora.library import Library
+from lib_lora.modelmap import ModelMap
+from lib_lora.network import load_network
+from lib_lora.patcher import Activation, Patcher
+from lib_lora.training.dataset import DatasetConfig
+from lib_lora.training.network import NetworkConfig
+from lib_lora.training.trainer import Callbacks, TrainConfig, Trainer
+from loras import same, snapshot
+from tiny_models import build_sd1, build_sd2, build_sdxl
+from train_support import make_dataset, trainable, tiny_vae
+
+
+def config(tmp_path, **kw) -> TrainConfig:
+    data = make_dataset(tmp_path / "data")
+    ds = DatasetConfig(data, resolution=64, min_bucket_reso=64, max_bucket_reso=128, enable_buckets=False)
+    net = kw.pop("network", NetworkConfig(rank=4, alpha=4, train_text_encoder=True))
+    base = dict(output_dir=tmp_path / "out", output_name="t", max_train_steps=8, learning_rate=2e-3,
+                save_precision="fp32", seed=1)
+    base.update(kw)
+    return TrainConfig(ds, net, **base)
+
+
+def fixed_loss(model, trainer_inputs, n=8, seed=0) -> float:
+    """Denoising loss on the training latents at fixed noise/timesteps (our yardstick)."""
+    lat, cond = trainer_inputs
+    g = torch.Generator().manual_seed(seed)
+    total = 0.0
+    with torch.no_grad():
+        for _ in range(n):
+            noise = torch.randn(lat.shape, generator=g)
+            t = torch.randint(100, 900, (lat.shape[0],), generator=g)
+            acp = model.alphas_cumprod[t].view(-1, 1, 1, 1)
+            pred = model.predict(acp.sqrt() * lat + (1 - acp).sqrt() * noise, t, cond)
+            total += torch.nn.functional.mse_loss(pred, noise).item()
+    return total / n
+
+
+def module_state(tiny):
+    mods = [tiny.unet] + [m for _, m in tiny.text_encoders]
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for mod in mods for m in mod.modules())
+    param = [(n, p.requires_grad) for mod in mods for n, p in mod.named_parameters()]
+    classes = [type(m).__name__ for mod in mods for m in mod.modules()]
+    return hooks, param, classes
+
+
+@pytest.fixture(scope="module")
+def vae():
+    return tiny_vae()
+
+
+def test_loss_drops_and_file_round_trips(tmp_path, vae):
+    tiny = build_sd1(seed=0)
+    model = trainable(tiny, vae)
+    before = snapshot(tiny.unet, tiny.text_encoders[0][1])
+    state0 = module_state(tiny)
+    # LoCon (resnet convs too) at a high rate: a random tiny UNet has everything to learn
+    cfg = config(tmp_path, max_train_steps=60, learning_rate=5e-3,
+                 network=NetworkConfig(rank=8, alpha=8, conv_rank=4, conv_alpha=4))
+    tr = Trainer(model, cfg, Callbacks(log=lambda s: None))
+    summary = tr.prepare()
+    assert summary["steps_per_epoch"] == 8
+    ds = tr.dataset
+    pixels = torch.stack([ds.load_image(i) for i in ds.items])
+    with torch.no_grad():
+        yard = (model.encode_images(pixels), model.encode_text([i.caption for i in ds.items]))
+    base_loss = fixed_loss(model, yard)
+    res = tr.run()
+    assert res.steps == 60 and not res.stopped and res.output.exists()
+    assert same(before, snapshot(tiny.unet, tiny.text_encoders[0][1]))  # training never writes the model
+    assert module_state(tiny) == state0                                   # no hooks, flags, classes left
+
+    # our runtime merges the file: the model now behaves as during training, and learned the data
+    mm = ModelMap.build("sd1", tiny.unet, tiny.text_encoders)
+    p = Patcher(mm)
+    rep = p.apply([Activation(load_network(res.output))])
+    assert not rep.messages
+    with torch.no_grad():
+        yard_te = (yard[0], model.encode_text([i.caption for i in ds.items]))
+    trained_loss = fixed_loss(model, yard_te)
+    p.restore()
+    assert trained_loss < 0.6 * base_loss, (base_loss, trained_loss)  # measured 0.38x
+
+
+def test_saved_file_matches_diffusers_and_metadata(tmp_path, vae):
+    from tiny_models import diffusers_fused_weights, ldm_name_to_diffusers_map
+    tiny = build_sd1(seed=1)
+    tr = Trainer(trainable(tiny, vae), config(tmp_path, max_train_steps=3), Callbacks(log=lambda s: None))
+    out = tr.run().output
+    sd, meta = load_safetensors(out)
+    assert all(k.startswith(("lora_unet_", "lora_te_")) for k in sd)
+    assert any("_attentions_" in k for k in sd) and any("self_attn_q_proj" in k for k in sd)
+    # diffusers loads the same file into its own pipeline and fuses the same weights we merge
+    ref = diffusers_fused_weights(tiny, sd, scale=1.0)
+    mm = ModelMap.build("sd1", tiny.unet, tiny.text_encoders)
+    p = Patcher(mm)
+    p.apply([Activation(load_network(out))])
+    names = ldm_name_to_diffusers_map(tiny)
+    for k, v in tiny.unet.state_dict().items():
+        torch.testing.assert_close(v, ref[f"unet.{names[k]}"], rtol=1e-5, atol=1e-6)
+    for k, v in tiny.text_encoders[0][1].state_dict().items():
+        if f"text_encoder.{k}" in ref:
+            torch.testing.assert_close(v, ref[f"text_encoder.{k}"], rtol=1e-5, atol=1e-6)
+    p.restore()
+    # kohya's metadata, parseable, with hashes that match the file
+    for key in ("ss_session_id", "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_tag_frequency",
+                "ss_dataset_dirs", "ss_resolution", "ss_steps", "ss_optimizer", "ss_sd_model_name",
+                "ss_base_model_version", "sshs_model_hash", "sshs_legacy_hash", "modelspec.architecture",
+                "modelspec.date", "modelspec.title", "modelspec.resolution", "ss_training_started_at"):
+        assert key in meta, key
+    assert json.loads(meta["ss_tag_frequency"]) == {"2_zkx": {"zkx": 4, "red square": 4, "grey background": 4}}
+    assert json.loads(meta["ss_dataset_dirs"]) == {"2_zkx": {"n_repeats": 2, "img_count": 4}}
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    entry = Library([out.parent]).resolve("t")
+    assert meta["sshs_model_hash"] == __import__("lib_lora.hashes").hashes.addnet_hash_safetensors(out)
+    assert entry.family == "sd1"
+
+
+def test_resume_equals_uninterrupted(tmp_path, vae):
+    tiny = build_sd1(seed=2)
+    quiet = Callbacks(log=lambda s: None)
+    one = Trainer(trainable(tiny, vae), config(tmp_path / "a", max_train_steps=6), quiet).run()
+    first = Trainer(trainable(tiny, vae), config(tmp_path / "b", max_train_steps=6, save_every_n_steps=3,
+                                                 save_state=True), quiet)
+    def stop_after_3(prog):
+        if prog.step == 3:
+            first.request_stop()
+    first.cb.on_progress = stop_after_3
+    r1 = first.run()
+    assert r1.stopped and r1.output is None
+    state = Trainer.state_path(first.output_path(3))
+    assert state.exists()
+    second = Trainer(trainable(tiny, vae), config(tmp_path / "b", max_train_steps=6), quiet)
+    r2 = second.run(resume_from=state)
+    a, b = load_safetensors(one.output)[0], load_safetensors(r2.output)[0]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert r2.losses == one.losses
+
+
+@pytest.mark.parametrize("how", ["stop", "stop_and_save", "crash"])
+def test_model_restored_after_stop_or_crash(tmp_path, vae, how):
+    tiny = build_sd2(seed=0)  # OpenCLIP: fused q/k/v go through parametrizations
+    model = trainable(tiny, vae)
+    before = snapshot(tiny.unet, tiny.text_encoders[0][1])
+    state0 = module_state(tiny)
+    tr = Trainer(model, config(tmp_path, max_train_steps=10), Callbacks(log=lambda s: None))
+    if how == "crash":
+        real = model.predict
+        n = {"calls": 0}
+
+        def flaky(*a, **k):
+            n["calls"] += 1
+            if n["calls"] == 3:
+                raise RuntimeError("CUDA out of memory (simulated)")
+            return real(*a, **k)
+        model.predict = flaky
+        with pytest.raises(RuntimeError, match="simulated"):
+            tr.run()
+    else:
+        tr.cb.on_progress = lambda p: tr.request_stop(save=how == "stop_and_save") if p.step == 2 else None
+        res = tr.run()
+        assert res.stopped and res.steps == 2
+        assert (res.output is not None) == (how == "stop_and_save")
+        if res.output:
+            keys = load_safetensors(res.output)[0].keys()
+            assert "lora_te_text_model_encoder_layers_0_self_attn_k_proj.lora_down.weight" in keys
+            assert "lora_te_text_model_encoder_layers_0_self_attn_out_proj.lora_up.weight" in keys
+    assert same(before, snapshot(tiny.unet, tiny.text_encoders[0][1]))
+    assert module_state(tiny) == state0
+
+
+def test_sdxl_trains_both_encoders_in_sgm_names(tmp_path, vae):
+    tiny = build_sdxl(seed=0)
+    before = snapshot(tiny.unet, *[m for _, m in tiny.text_encoders])
+    res = Trainer(trainable(tiny, vae), config(tmp_path, max_train_steps=2), Callbacks(log=lambda s: None)).run()
+    sd, meta = load_safetensors(res.output)
+    prefixes = {k.split("_text_model")[0] for k in sd if k.startswith("lora_te")}
+    assert prefixes == {"lora_te1", "lora_te2"}
+    assert any(k.startswith("lora_unet_input_blocks_4_1_transformer_blocks_1_") for k in sd)
+    assert not any(k.startswith("lora_unet_down_blocks") for k in sd)
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert load_network(res.output).family == "sdxl"
+    assert same(before, snapshot(tiny.unet, *[m for _, m in tiny.text_encoders]))
+
+
+def test_existing_output_is_not_overwritten(tmp_path, vae):
+    cfg = config(tmp_path, max_train_steps=1)
+    cfg_out = tmp_path / "out"
+    cfg_out.mkdir(parents=True)
+    (cfg_out / "t.safetensors").write_bytes(b"precious")
+    with pytest.raises(FileExistsError):
+        Trainer(trainable(build_sd1(), vae), cfg).prepare()
+    assert (cfg_out / "t.safetensors").read_bytes() == b"precious"
