@@ -7,6 +7,7 @@ unchanged afterwards.
 """
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -42,6 +43,7 @@ class TrainableModel:
     model_map: ModelMap | None = None
     decode_latents: Callable[[Tensor], Tensor] | None = None   # for sample images
     render: Callable[..., list] | None = None          # host's own txt2img, for progress samples
+    context: Callable[[], AbstractContextManager] | None = None  # entered for the run (e.g. fused attention)
 
     def __post_init__(self) -> None:
         if self.model_map is None:

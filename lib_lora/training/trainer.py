@@ -206,7 +206,8 @@ class Trainer:
                 mod.eval()  # SD has no dropout/batchnorm to train; eval keeps the host's behaviour
             net.to(m.device).train()
             net.attach()
-            return self._loop(net, resume_from)
+            with (m.context() if m.context else nullcontext()):
+                return self._loop(net, resume_from)
         finally:
             net.detach()
             for p, rg in flags:

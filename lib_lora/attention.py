@@ -1,0 +1,42 @@
+"""PyTorch's fused attention for LDM/SGM CrossAttention, outside the WebUI.
+
+The WebUI swaps in its own attention optimisations; the CLI host holds the plain
+``ldm`` modules, whose reference attention materialises the full similarity matrix
+(and keeps it for backward).  ``sdpa_attention`` gives those instances an SDPA forward
+for the duration of a block and removes it afterwards, leaving the modules unchanged.
+"""
+from __future__ import annotations
+
+import types
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def _sdpa_forward(self, x, context=None, mask=None, **_):
+    h = self.heads
+    context = x if context is None else context
+    q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+    b = q.shape[0]
+    q, k, v = (t.reshape(b, -1, h, t.shape[-1] // h).transpose(1, 2) for t in (q, k, v))
+    if mask is not None:
+        mask = mask.reshape(b, 1, 1, -1).bool()
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return self.to_out(out.transpose(1, 2).reshape(b, -1, q.shape[1] * q.shape[-1]))
+
+
+@contextmanager
+def sdpa_attention(*roots: nn.Module) -> Iterator[int]:
+    """Use SDPA in every LDM/SGM ``CrossAttention`` under ``roots``; yields how many were switched."""
+    switched = [m for r in roots for m in r.modules()
+                if type(m).__name__ == "CrossAttention" and hasattr(m, "to_q") and "forward" not in vars(m)]
+    for m in switched:
+        m.forward = types.MethodType(_sdpa_forward, m)
+    try:
+        yield len(switched)
+    finally:
+        for m in switched:
+            del m.forward
