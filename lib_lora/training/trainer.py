@@ -163,6 +163,20 @@ class Trainer:
         self._latent_cache: dict[tuple, tuple[Tensor, tuple[int, int]]] = {}
         self._text_cache: dict[tuple, Conditioning] = {}
         self.session_id = uuid.uuid4().hex[:16]
+        # Under `accelerate launch`, each process trains its slice of every global batch and the
+        # gradients are summed through accelerate; one process alone is the same code with world 1.
+        self.dist = _distributed_state()
+        self.world = self.dist.num_processes if self.dist else 1
+        self.rank = self.dist.process_index if self.dist else 0
+        cfg.world_size = self.world
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.batch_size * self.world
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
     # -- control ---------------------------------------------------------------------
     def request_stop(self, save: bool = False) -> None:
@@ -175,7 +189,7 @@ class Trainer:
         final = self.output_path()
         if final.exists() and not self.cfg.overwrite:
             raise FileExistsError(f"{final} already exists; choose another output name or allow overwriting")
-        return self.dataset.summary(self.cfg.batch_size)
+        return self.dataset.summary(self.global_batch)
 
     def output_path(self, step: int | None = None) -> Path:
         stem = self.cfg.output_name if step is None else f"{self.cfg.output_name}-{step:06d}"
@@ -184,7 +198,7 @@ class Trainer:
     def total_steps(self) -> int:
         assert self.dataset is not None
         if self.cfg.max_train_epochs:
-            per_epoch = math.ceil(self.dataset.steps_per_epoch(self.cfg.batch_size) / self.cfg.gradient_accumulation_steps)
+            per_epoch = math.ceil(self.dataset.steps_per_epoch(self.global_batch) / self.cfg.gradient_accumulation_steps)
             return per_epoch * self.cfg.max_train_epochs
         return self.cfg.max_train_steps
 
@@ -233,38 +247,49 @@ class Trainer:
         autocast = torch.autocast("cuda", dtype=amp_dtype) if (use_cuda and amp_dtype) else nullcontext()
         scaler = torch.amp.GradScaler("cuda", enabled=use_cuda and cfg.mixed_precision == "fp16")
         text_trains = cfg.network.train_text_encoder
-        batches = ds.iterate(cfg.batch_size, cfg.seed, pos)
-        per_epoch = max(1, ds.steps_per_epoch(cfg.batch_size))
+        batches = ds.iterate(self.global_batch, cfg.seed, pos)
+        per_epoch = max(1, ds.steps_per_epoch(self.global_batch))
         saved: list[Path] = []
         t0, step0 = time.time(), step
         acp_all = m.alphas_cumprod.to(m.device, torch.float32)
         batch: Batch | None = None
+        B = cfg.batch_size
         while step < total:
             if self._stop:
                 break
             loss_val = 0.0
             for micro in range(cfg.gradient_accumulation_steps):
                 batch = next(batches)
-                latents, sizes, captions = self._inputs(batch)
+                n = len(batch.items)
+                lo, hi = min(self.rank * B, n), min(self.rank * B + B, n)
+                if lo == hi:
+                    continue  # a short last batch of the epoch left this process nothing
+                latents, sizes, captions = self._inputs(batch, lo, hi)
                 cond = self._cond(captions, sizes, cache=not text_trains)
+                # noise and timesteps are drawn for the whole global batch, then sliced: the same
+                # numbers whatever the number of processes
                 g = torch.Generator(m.device).manual_seed(_derive(cfg.seed, "noise", step, micro))
-                noise = torch.randn(latents.shape, generator=g, device=m.device)
+                shape = (n, *latents.shape[1:])
+                noise = torch.randn(shape, generator=g, device=m.device)
                 if cfg.noise_offset:
-                    noise += cfg.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=g, device=m.device)
-                t = torch.randint(0, acp_all.shape[0], (latents.shape[0],), generator=g, device=m.device)
+                    noise += cfg.noise_offset * torch.randn((*shape[:2], 1, 1), generator=g, device=m.device)
+                t = torch.randint(0, acp_all.shape[0], (n,), generator=g, device=m.device)
+                noise, t = noise[lo:hi], t[lo:hi]
                 acp = acp_all[t].view(-1, 1, 1, 1)
                 noisy = acp.sqrt() * latents + (1 - acp).sqrt() * noise
                 with torch.random.fork_rng(devices=[m.device] if use_cuda else []):
-                    torch.manual_seed(_derive(cfg.seed, "dropout", step, micro))
+                    torch.manual_seed(_derive(cfg.seed, "dropout", step, micro, self.rank))
                     with autocast:
                         pred = m.predict(noisy.to(_dtype(m.unet)), t, cond)
                 target = noise if m.prediction == "epsilon" else acp.sqrt() * noise - (1 - acp).sqrt() * latents
                 loss = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none").mean((1, 2, 3))
                 if cfg.min_snr_gamma:
                     loss = loss * snr_weights(acp.flatten(), cfg.min_snr_gamma, m.prediction)
-                loss = loss.mean() / cfg.gradient_accumulation_steps
+                loss = loss.sum() / (n * cfg.gradient_accumulation_steps)  # this slice's share of the mean
                 scaler.scale(loss).backward()
                 loss_val += loss.item()
+            if self.dist:
+                loss_val = self._all_reduce_grads(net, loss_val)
             if not math.isfinite(loss_val):
                 raise FloatingPointError(f"loss became {loss_val} at step {step + 1}; lower the learning rate")
             if cfg.max_grad_norm:
@@ -285,8 +310,10 @@ class Trainer:
                                              sched.get_last_lr()[0], elapsed, rate * (total - step)))
             if step < total and self._due(step, per_epoch):
                 saved.append(self._save(net, step, pos, losses, started, opt, sched, final=False))
-                self._prune(saved)
-            if cfg.sample_every_n_steps and cfg.sample_prompts and step % cfg.sample_every_n_steps == 0:
+                if self.is_main:
+                    self._prune(saved)
+            if cfg.sample_every_n_steps and cfg.sample_prompts and step % cfg.sample_every_n_steps == 0 \
+                    and self.is_main:
                 self._samples(net, step)
         stopped = step < total
         out = None
@@ -295,13 +322,27 @@ class Trainer:
             saved.append(out)
         return TrainResult(out, step, losses, stopped, saved)
 
+    def _all_reduce_grads(self, net: TrainingNetwork, loss_val: float) -> float:
+        """Sum every process's gradient share (and loss) through accelerate."""
+        from accelerate.utils import reduce
+
+        for p in net.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            p.grad = reduce(p.grad, reduction="sum")
+        return float(reduce(torch.tensor([loss_val], device=self.model.device), reduction="sum").item())
+
     # -- inputs ------------------------------------------------------------------------
-    def _inputs(self, batch: Batch) -> tuple[Tensor, list, list[str]]:
-        """Latents (cached when allowed), SDXL size conditioning and processed captions for a batch."""
+    def _inputs(self, batch: Batch, lo: int, hi: int) -> tuple[Tensor, list, list[str]]:
+        """Latents (cached when allowed), SDXL size conditioning and captions for items lo:hi of a batch.
+
+        Random choices use the item's slot in the *global* batch, so they do not depend on how
+        the batch is split between processes."""
         ds, m, cfg = self.dataset, self.model, self.cfg
         caching = cfg.cache_latents and not ds.config.random_crop
         lats, sizes, captions = [], [], []
-        for slot, item in enumerate(batch.items):
+        for slot in range(lo, hi):
+            item = batch.items[slot]
             captions.append(ds.process_caption(item, batch.rng(slot, "caption"), batch.epoch))
             rng = batch.rng(slot, "image")
             flip = ds.decide_flip(rng)
@@ -344,10 +385,17 @@ class Trainer:
         return bool(by_steps or by_epochs)
 
     def _save(self, net, step, pos, losses, started, opt, sched, final: bool) -> Path:
-        cfg, m = self.cfg, self.model
         path = self.output_path(None if final else step)
+        if self.is_main:
+            self._write(net, path, step, pos, losses, started, opt, sched, final)
+        if self.dist:
+            self.dist.wait_for_everyone()
+        return path
+
+    def _write(self, net, path, step, pos, losses, started, opt, sched, final: bool) -> None:
+        cfg, m = self.cfg, self.model
         tensors = net.kohya_state_dict(SAVE_DTYPES[cfg.save_precision])
-        per_epoch = max(1, self.dataset.steps_per_epoch(cfg.batch_size))
+        per_epoch = max(1, self.dataset.steps_per_epoch(self.global_batch))
         meta = build_metadata(
             family=m.family, prediction=m.prediction, session_id=self.session_id, started_at=started,
             output_name=cfg.output_name, cfg=cfg, dataset=self.dataset, model_name=m.model_name,
@@ -369,7 +417,6 @@ class Trainer:
         self.cb.log(f"saved {out}")
         if self.cb.on_saved:
             self.cb.on_saved(out)
-        return out
 
     @staticmethod
     def state_path(lora_path: Path) -> Path:
@@ -411,6 +458,15 @@ class Trainer:
             net.train()
         if self.cb.on_samples:
             self.cb.on_samples(step, images)
+
+
+def _distributed_state():
+    """accelerate's process state when launched with several processes, else None."""
+    import os
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+    return PartialState()
 
 
 def _derive(seed: int, *parts) -> int:
