@@ -22,7 +22,9 @@ import torch
 from torch import nn
 
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
-from ldm.modules.diffusionmodules.util import linear, timestep_embedding
+from ldm.modules.diffusionmodules.util import timestep_embedding
+
+from lib_lora.sdxl_unet import SDXLUNetModel  # the same class the CLI host loads SDXL checkpoints into
 
 # SD-family sizes (real values in comments). GroupNorm(32, ch) forces channel multiples of 32.
 MODEL_CHANNELS = 32        # real 320
@@ -50,40 +52,6 @@ class TinyModel:
 
 # ---------------------------------------------------------------------------------------------
 # UNet
-
-
-class SDXLUNetModel(UNetModel):
-    """ldm ``UNetModel`` plus sgm's ``num_classes="sequential"`` label embedding.
-
-    The installed ``ldm`` only supports int/"continuous" ``num_classes`` and an int
-    ``transformer_depth``, and its SpatialTransformer needs a context per block (forward repeats a
-    tensor context, as sgm does); Stability-AI's ``sgm`` (which the WebUI uses for SDXL) is not on PyPI.
-    sgm builds ``label_emb = Sequential(Sequential(linear(adm_in, ted), SiLU(), linear(ted, ted)))``;
-    we add exactly that, so names (``label_emb.0.0`` / ``label_emb.0.2``) match real SDXL
-    checkpoints and ldm's forward (``emb + self.label_emb(y)``) works unchanged. Transformer depth is
-    uniform (2 on every attention level and the middle block) rather than SDXL's [0, 2, 10].
-    """
-
-    def __init__(self, *, num_classes: str = "sequential", adm_in_channels: int, **kwargs: Any):
-        assert num_classes == "sequential"
-        if isinstance(kwargs.get("context_dim"), int):  # sgm repeats it per block; ldm needs the list
-            kwargs["context_dim"] = [kwargs["context_dim"]] * kwargs["transformer_depth"]
-        super().__init__(**kwargs)
-        ted = self.model_channels * 4
-        self.num_classes = num_classes
-        self.label_emb = nn.Sequential(nn.Sequential(linear(adm_in_channels, ted), nn.SiLU(), linear(ted, ted)))
-        # Put label_emb right after time_embed, as in sgm, so state_dict order matches real files.
-        mods = list(self._modules.items())
-        mods.insert(1 + [k for k, _ in mods].index("time_embed"), mods.pop())
-        self._modules.clear()
-        self._modules.update(mods)
-        self._depth = kwargs["transformer_depth"]
-
-    def forward(self, x, timesteps=None, context=None, y=None, **kwargs):
-        # ldm's SpatialTransformer wants one context per block; sgm's reuses a single one.
-        if isinstance(context, torch.Tensor):
-            context = [context] * self._depth
-        return super().forward(x, timesteps, context=context, y=y, **kwargs)
 
 
 def _unet_config(family: str) -> dict[str, Any]:

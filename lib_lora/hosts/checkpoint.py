@@ -1,0 +1,1036 @@
+"""The CLI's host: a single-file Stable Diffusion checkpoint opened without the WebUI.
+
+The parts are held as the module classes the WebUI itself runs, so LoRA names, ModelMap and
+the patcher behave exactly as inside the WebUI:
+
+- UNet: ldm ``UNetModel`` (SD1/SD2) or :class:`lib_lora.sdxl_unet.SDXLUNetModel` (SDXL);
+- text: HF ``CLIPTextModel`` (SD1, SDXL te1) and open_clip ``CLIP`` without ``.visual``
+  (SD2, SDXL te2), i.e. ``FrozenCLIPEmbedder.transformer`` / ``FrozenOpenCLIPEmbedder.model``;
+- VAE: diffusers ``AutoencoderKL`` (ldm's autoencoder module needs pytorch_lightning), with
+  weights converted by diffusers' own ``convert_ldm_vae_checkpoint``.
+
+File layout (what the WebUI, kohya and ComfyUI read)::
+
+    model.diffusion_model.*                                  UNet
+    cond_stage_model.transformer.text_model.*                SD1 CLIP-L
+    cond_stage_model.model.*                                 SD2 OpenCLIP
+    conditioner.embedders.0.transformer.text_model.*         SDXL CLIP-L
+    conditioner.embedders.1.model.*                          SDXL OpenCLIP bigG
+    first_stage_model.*                                      VAE (ldm names)
+
+Architecture config (``Checkpoint.config``)::
+
+    {"family": "sd1" | "sd2" | "sdxl",
+     "unet": {ldm/sgm UNetModel kwargs},
+     "text_encoders": [{"prefix": "te"|"te1"|"te2", "kind": "hf_clip"|"open_clip", "width", "layers",
+                        "heads", "vocab_size", "context_length", + "intermediate", "act" (hf_clip)
+                        or "mlp_ratio", "embed_dim" (open_clip)}],
+     "vae": {"embed_dim": 4, "ddconfig": {ldm ddconfig}},
+     "prediction": "epsilon" | "v", "scale_factor": 0.18215 | 0.13025,
+     "schedule": {"linear_start", "linear_end", "timesteps"}, "resolution": 512,
+     "size_embed_dim": 256}                                   # SDXL size/crop embedding width
+
+It comes from the ``config`` argument, else a sidecar ``<stem>.yaml`` (ldm/sgm format, as the
+WebUI reads it), else tensor shapes; an explicit config may be partial and then overrides the
+yaml/inferred values key by key.  Attention head counts are not stored in weights: inference
+uses the real models' values (SD1 UNet 8 heads, SD2/SDXL UNet 64-channel heads, text encoders
+64-wide heads) and, for toy widths under 128, 2 heads; a yaml or explicit config overrides that.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import io
+import json
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+from torch import Tensor, nn
+
+from .. import hashes
+from ..fileio import load_file, save_safetensors
+from ..training.model import Conditioning, SizeCond, TrainableModel
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+# (kohya prefix, file prefix, kind) per family, in conditioner order
+TEXT_LAYOUT: dict[str, list[tuple[str, str, str]]] = {
+    "sd1": [("te", "cond_stage_model.transformer.", "hf_clip")],
+    "sd2": [("te", "cond_stage_model.model.", "open_clip")],
+    "sdxl": [("te1", "conditioner.embedders.0.transformer.", "hf_clip"),
+             ("te2", "conditioner.embedders.1.model.", "open_clip")],
+}
+SCALE_FACTOR = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025}
+SCHEDULE = {"linear_start": 0.00085, "linear_end": 0.012, "timesteps": 1000}
+SIZE_EMBED_DIM = 256           # sgm ConcatTimestepEmbedderND outdim for SDXL
+BOS, EOS = 49406, 49407        # <|startoftext|>, <|endoftext|> in the CLIP BPE vocabulary
+CONTEXT_LENGTH = 77
+
+# HF CLIP keys some merged SD1 files carry without the ``text_model.`` level (the WebUI renames them too)
+_SD1_TE_RENAMES = (("embeddings.", "text_model.embeddings."), ("encoder.", "text_model.encoder."),
+                   ("final_layer_norm.", "text_model.final_layer_norm."))
+
+
+class ArchitectureError(ValueError):
+    """A checkpoint whose architecture cannot be determined or does not match its config."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Config: inference from shapes
+
+
+def _family(keys: set[str] | list[str]) -> str:
+    def has(prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in keys)
+
+    if not has(UNET_PREFIX):
+        raise ArchitectureError("cannot infer architecture: no UNet weights (model.diffusion_model.*); "
+                                "is this a full Stable Diffusion checkpoint?")
+    if has("conditioner.embedders.0.transformer.") and has("conditioner.embedders.1.model."):
+        return "sdxl"
+    if has("conditioner.embedders.0.model."):
+        raise ArchitectureError("cannot infer architecture: SDXL refiner / single-OpenCLIP sgm checkpoints "
+                                "are not supported")
+    if has("cond_stage_model.model."):
+        return "sd2"
+    if has("cond_stage_model.transformer."):
+        return "sd1"
+    raise ArchitectureError("cannot infer architecture: no known text-encoder keys (expected "
+                            "cond_stage_model.transformer.* (SD1), cond_stage_model.model.* (SD2) or "
+                            "conditioner.embedders.{0,1}.* (SDXL))")
+
+
+def _sub(sd: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def _indices(keys: Any, pattern: str) -> list[int]:
+    """Sorted distinct N in keys matching ``pattern`` (a regex with one ``(\\d+)`` group, anchored at the start)."""
+    rx = re.compile(pattern)
+    return sorted({int(m.group(1)) for k in keys if (m := rx.match(k))})
+
+
+def _heads(width: int) -> int:
+    # Real CLIP-L / OpenCLIP-H / bigG use 64-wide heads; toy models (tests) use 2 heads.
+    return width // 64 if width >= 128 and width % 64 == 0 else 2
+
+
+def _shape(sd: dict[str, Tensor], key: str, what: str) -> tuple[int, ...]:
+    if key not in sd:
+        raise ArchitectureError(f"cannot infer architecture: {what} weight {key!r} is missing")
+    return tuple(sd[key].shape)
+
+
+def _infer_unet(u: dict[str, Tensor], family: str) -> dict[str, Any]:
+    mc, in_ch = _shape(u, "input_blocks.0.0.weight", "UNet")[:2]
+    out_ch = _shape(u, "out.2.weight", "UNet")[0]
+    levels: list[dict[str, Any]] = [{"res": 0, "width": None, "depth": 0}]
+    context_dim = linear = None
+    for i in _indices(u, r"input_blocks\.(\d+)\.")[1:]:
+        if f"input_blocks.{i}.0.op.weight" in u:  # a downsampler closes the level
+            levels.append({"res": 0, "width": None, "depth": 0})
+            continue
+        lv = levels[-1]
+        lv["res"] += 1
+        lv["width"] = _shape(u, f"input_blocks.{i}.0.out_layers.3.weight", "UNet")[0]
+        depth = len(_indices(u, rf"input_blocks\.{i}\.1\.transformer_blocks\.(\d+)\."))
+        lv["depth"] = max(lv["depth"], depth)
+        if depth and context_dim is None:
+            context_dim = _shape(u, f"input_blocks.{i}.1.transformer_blocks.0.attn2.to_k.weight", "UNet")[1]
+            linear = len(_shape(u, f"input_blocks.{i}.1.proj_in.weight", "UNet")) == 2
+    if context_dim is None or any(lv["width"] is None for lv in levels):
+        raise ArchitectureError("cannot infer architecture: UNet has no cross-attention or an empty level")
+    if any(lv["width"] % mc for lv in levels):
+        raise ArchitectureError(f"cannot infer architecture: level widths {[lv['width'] for lv in levels]} "
+                                f"are not multiples of model_channels {mc}")
+    res = [lv["res"] for lv in levels]
+    depths = [lv["depth"] for lv in levels]
+    middle = len(_indices(u, r"middle_block\.1\.transformer_blocks\.(\d+)\."))
+    attn = [2 ** i for i, d in enumerate(depths) if d][::-1]
+    cfg: dict[str, Any] = dict(image_size=32, in_channels=in_ch, out_channels=out_ch, model_channels=mc,
+                               attention_resolutions=attn, num_res_blocks=res[0] if len(set(res)) == 1 else res,
+                               channel_mult=[lv["width"] // mc for lv in levels], use_spatial_transformer=True,
+                               context_dim=context_dim, use_checkpoint=False, legacy=False)
+    if family == "sd1":  # v1-inference.yaml: num_heads 8
+        cfg["num_heads"] = 8 if mc >= 128 else 2
+    else:                # v2 / sd_xl_base: num_head_channels 64
+        cfg["num_head_channels"] = 64 if mc >= 128 else mc // 2
+    if linear:
+        cfg["use_linear_in_transformer"] = True
+    attn_depths = {d for d in depths if d}
+    if attn_depths == {middle}:
+        cfg["transformer_depth"] = middle
+    else:  # SDXL: [0, 2, 10] (sgm per-level depths)
+        cfg["transformer_depth"] = depths
+        cfg["transformer_depth_middle"] = middle
+    if "label_emb.0.0.weight" in u:
+        cfg["num_classes"] = "sequential"
+        cfg["adm_in_channels"] = _shape(u, "label_emb.0.0.weight", "UNet")[1]
+    elif any(k.startswith("label_emb.") for k in u):
+        raise ArchitectureError("cannot infer architecture: class-conditional UNet (label_emb) is not supported")
+    return cfg
+
+
+def _infer_hf_clip(t: dict[str, Tensor], prefix: str) -> dict[str, Any]:
+    vocab, width = _shape(t, "text_model.embeddings.token_embedding.weight", "text encoder")
+    layers = len(_indices(t, r"text_model\.encoder\.layers\.(\d+)\."))
+    if not layers:
+        raise ArchitectureError("cannot infer architecture: HF CLIP text encoder has no layers")
+    return dict(prefix=prefix, kind="hf_clip", width=width, layers=layers, heads=_heads(width), vocab_size=vocab,
+                context_length=_shape(t, "text_model.embeddings.position_embedding.weight", "text encoder")[0],
+                intermediate=_shape(t, "text_model.encoder.layers.0.mlp.fc1.weight", "text encoder")[0],
+                act="quick_gelu")  # CLIP-L (SD1, SDXL te1) uses quick_gelu
+
+
+def _infer_open_clip(t: dict[str, Tensor], prefix: str) -> dict[str, Any]:
+    vocab, width = _shape(t, "token_embedding.weight", "text encoder")
+    layers = len(_indices(t, r"transformer\.resblocks\.(\d+)\."))
+    if not layers:
+        raise ArchitectureError("cannot infer architecture: OpenCLIP text encoder has no resblocks")
+    hidden = _shape(t, "transformer.resblocks.0.mlp.c_fc.weight", "text encoder")[0]
+    # SD2 never uses text_projection; files without it still load (see _load_open_clip)
+    embed = t["text_projection"].shape[1] if "text_projection" in t else width
+    return dict(prefix=prefix, kind="open_clip", width=width, layers=layers, heads=_heads(width), vocab_size=vocab,
+                context_length=_shape(t, "positional_embedding", "text encoder")[0], mlp_ratio=hidden / width,
+                embed_dim=embed)
+
+
+def _infer_vae(v: dict[str, Tensor]) -> dict[str, Any]:
+    if not v:
+        raise ArchitectureError("cannot infer architecture: no VAE weights (first_stage_model.*)")
+    ch, in_ch = _shape(v, "encoder.conv_in.weight", "VAE")[:2]
+    levels = _indices(v, r"encoder\.down\.(\d+)\.")
+    z = _shape(v, "decoder.conv_in.weight", "VAE")[1]
+    dd = dict(double_z=_shape(v, "encoder.conv_out.weight", "VAE")[0] == 2 * z, z_channels=z, resolution=256,
+              in_channels=in_ch, out_ch=_shape(v, "decoder.conv_out.weight", "VAE")[0], ch=ch,
+              ch_mult=[_shape(v, f"encoder.down.{i}.block.0.conv2.weight", "VAE")[0] // ch for i in levels],
+              num_res_blocks=len(_indices(v, r"encoder\.down\.0\.block\.(\d+)\.")), attn_resolutions=[],
+              dropout=0.0)
+    return {"embed_dim": _shape(v, "post_quant_conv.weight", "VAE")[1], "ddconfig": dd}
+
+
+def _default_resolution(family: str, prediction: str) -> int:
+    return {"sd1": 512, "sd2": 768 if prediction == "v" else 512, "sdxl": 1024}[family]
+
+
+def _infer_text_encoders(sd: dict[str, Tensor], family: str) -> list[dict[str, Any]]:
+    return [(_infer_hf_clip if kind == "hf_clip" else _infer_open_clip)(_te_state(sd, family, fp), prefix)
+            for prefix, fp, kind in TEXT_LAYOUT[family]]
+
+
+def infer_config(sd: dict[str, Tensor]) -> dict[str, Any]:
+    """Architecture config from tensor shapes alone (standard SD1/SD2/SDXL layouts, any width).
+
+    ``prediction`` is "epsilon" here (SDXL: "v" when the file has a ``v_pred`` marker key); SD2's
+    v-prediction is decided by :func:`load_checkpoint` the way the WebUI does, by running the UNet.
+    """
+    family = _family(sd.keys())
+    tes = _infer_text_encoders(sd, family)
+    unet = _infer_unet(_sub(sd, UNET_PREFIX), family)
+    prediction = "v" if family == "sdxl" and "v_pred" in sd else "epsilon"
+    cfg: dict[str, Any] = {"family": family, "unet": unet, "text_encoders": tes,
+                           "vae": _infer_vae(_sub(sd, VAE_PREFIX)),
+                           "prediction": prediction, "scale_factor": SCALE_FACTOR[family], "schedule": dict(SCHEDULE),
+                           "resolution": _default_resolution(family, prediction)}
+    if family == "sdxl":
+        pooled = tes[1]["embed_dim"]
+        extra = unet.get("adm_in_channels", 0) - pooled
+        if extra <= 0 or extra % 6:
+            raise ArchitectureError(f"cannot infer architecture: SDXL adm_in_channels {unet.get('adm_in_channels')} "
+                                    f"is not pooled width {pooled} + 6 size embeddings")
+        cfg["size_embed_dim"] = extra // 6
+    return cfg
+
+
+def _te_state(sd: dict[str, Tensor], family: str, file_prefix: str) -> dict[str, Tensor]:
+    t = _sub(sd, file_prefix)
+    if file_prefix.endswith("transformer.") and not any(k.startswith("text_model.") for k in t):
+        for old, new in _SD1_TE_RENAMES:
+            t = {(new + k[len(old):] if k.startswith(old) else k): v for k, v in t.items()}
+    t.pop("text_model.embeddings.position_ids", None)  # a buffer, not a weight (often stored as float)
+    if not t:
+        raise ArchitectureError(f"cannot infer architecture: no {family} text-encoder weights under {file_prefix}*")
+    return t
+
+
+# ---------------------------------------------------------------------------------------------
+# Config: ldm/sgm yaml (the WebUI's sidecar) in both directions
+
+_SGM_DROP = ("spatial_transformer_attn_type", "use_fp16", "use_fairscale_checkpoint", "offload_to_cpu")
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def config_from_yaml(doc: dict[str, Any], sd: dict[str, Tensor], where: str = "yaml") -> dict[str, Any]:
+    """Config from an ldm (``LatentDiffusion``) or sgm (``DiffusionEngine``) yaml plus the file's shapes.
+
+    The yaml gives UNet, VAE, prediction, scale factor and schedule; text-encoder widths come from
+    shapes (ldm yamls name a preset instead), heads from our ``lora_workshop`` section if present.
+    """
+    try:
+        model = doc["model"]
+        params = model.get("params") or {}
+        sgm = "DiffusionEngine" in str(model.get("target", ""))
+        unet = dict(params["network_config" if sgm else "unet_config"]["params"])
+        first = params["first_stage_config"]["params"]
+        # attn_type (vanilla / vanilla-xformers) picks an implementation, not weights
+        vae = {"embed_dim": int(first["embed_dim"]),
+               "ddconfig": {k: v for k, v in first["ddconfig"].items() if k != "attn_type"}}
+    except (KeyError, TypeError) as e:
+        raise ArchitectureError(f"{where}: not an ldm/sgm model config (missing {e})") from None
+    family = _family(sd.keys())
+    # the yaml is authoritative for UNet and VAE, so only the text encoders are read off shapes
+    cfg: dict[str, Any] = {"family": family, "text_encoders": _infer_text_encoders(sd, family),
+                           "schedule": dict(SCHEDULE)}
+    if sgm != (family == "sdxl"):
+        raise ArchitectureError(f"{where}: {'sgm' if sgm else 'ldm'} config does not fit this {family} checkpoint")
+    for k in _SGM_DROP:
+        unet.pop(k, None)
+    unet["use_checkpoint"] = False  # ldm's own checkpointing skips hooked LoRA params; the trainer decides
+    if sgm:
+        unet.setdefault("use_spatial_transformer", True)  # implied in sgm
+        unet.setdefault("image_size", 32)
+        scaling = str(((params.get("denoiser_config") or {}).get("params") or {})
+                      .get("scaling_config", {}).get("target", ""))
+        cfg["prediction"] = "v" if scaling.endswith("VScaling") else "epsilon"
+        cfg["size_embed_dim"] = SIZE_EMBED_DIM
+        for emb in (params.get("conditioner_config") or {}).get("params", {}).get("emb_models", []):
+            if str(emb.get("target", "")).endswith("ConcatTimestepEmbedderND"):
+                cfg["size_embed_dim"] = int(emb["params"]["outdim"])
+    else:
+        cfg["prediction"] = "v" if params.get("parameterization") == "v" else "epsilon"
+        cfg["schedule"] = {k: type(v)(params.get(k, v)) for k, v in SCHEDULE.items()}
+    cfg["unet"] = _plain(unet)
+    cfg["vae"] = _plain(vae)
+    cfg["scale_factor"] = float(params.get("scale_factor", SCALE_FACTOR[family]))
+    cfg["resolution"] = _default_resolution(family, cfg["prediction"])
+    ours = doc.get("lora_workshop") or {}
+    cfg = _merge(cfg, _plain({k: v for k, v in ours.items() if k != "version"}))
+    return cfg
+
+
+def webui_yaml(config: dict[str, Any]) -> dict[str, Any]:
+    """The sidecar yaml the WebUI needs to load a checkpoint with this config.
+
+    Mirrors v1-inference.yaml / v2-inference(-v).yaml / sd_xl_base.yaml with this model's UNet
+    and VAE sizes.  The WebUI builds text encoders from fixed presets, so it needs, offline:
+    SD1 / SDXL te1 - ``openai/clip-vit-large-patch14``'s tokenizer and config.json in the HF cache
+    (``FrozenCLIPEmbedder`` calls ``from_pretrained``; the weights come from the checkpoint);
+    SD2 / SDXL te2 - nothing (open_clip bundles the ViT-H-14 / ViT-bigG-14 configs and the BPE).
+    Hence only real-width text encoders load there; toy widths are for this host and tests.  Our
+    own ``lora_workshop`` section (ignored by the WebUI) keeps what the presets cannot express.
+    """
+    family, u, v = config["family"], dict(config["unet"]), config["vae"]
+    vae = {"embed_dim": v["embed_dim"], "monitor": "val/rec_loss", "ddconfig": dict(v["ddconfig"]),
+           "lossconfig": {"target": "torch.nn.Identity"}}
+    ours = {"version": 1, "text_encoders": config["text_encoders"], "resolution": config["resolution"]}
+    u["use_checkpoint"] = True  # as the stock yamls; the WebUI and we both override it
+    if family == "sdxl":
+        ted = config.get("size_embed_dim", SIZE_EMBED_DIM)
+        ours["size_embed_dim"] = ted
+        for k in ("image_size", "use_spatial_transformer"):  # not sgm UNetModel arguments
+            u.pop(k, None)
+        u["spatial_transformer_attn_type"] = "softmax-xformers"
+        te1 = config["text_encoders"][0]
+        scaling = "VScaling" if config["prediction"] == "v" else "EpsScaling"
+        size_emb = [{"is_trainable": False, "input_key": key,
+                     "target": "sgm.modules.encoders.modules.ConcatTimestepEmbedderND",
+                     "params": {"outdim": ted}}
+                    for key in ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple")]
+        params = {
+            "scale_factor": config["scale_factor"], "disable_first_stage_autocast": True,
+            "denoiser_config": {"target": "sgm.modules.diffusionmodules.denoiser.DiscreteDenoiser", "params": {
+                "num_idx": config["schedule"]["timesteps"],
+                "scaling_config": {"target": f"sgm.modules.diffusionmodules.denoiser_scaling.{scaling}"},
+                "discretization_config": {
+                    "target": "sgm.modules.diffusionmodules.discretizer.LegacyDDPMDiscretization"}}},
+            "network_config": {"target": "sgm.modules.diffusionmodules.openaimodel.UNetModel", "params": u},
+            "conditioner_config": {"target": "sgm.modules.GeneralConditioner", "params": {"emb_models": [
+                {"is_trainable": False, "input_key": "txt", "target": "sgm.modules.encoders.modules.FrozenCLIPEmbedder",
+                 "params": {"layer": "hidden", "layer_idx": te1["layers"] - 1}},  # penultimate: hidden_states[-2]
+                {"is_trainable": False, "input_key": "txt",
+                 "target": "sgm.modules.encoders.modules.FrozenOpenCLIPEmbedder2",
+                 "params": {"arch": "ViT-bigG-14", "version": "laion2b_s39b_b160k", "freeze": True,
+                            "layer": "penultimate", "always_return_pooled": True, "legacy": False}},
+                *size_emb]}},
+            "first_stage_config": {"target": "sgm.models.autoencoder.AutoencoderKLInferenceWrapper",
+                                   "params": dict(vae, ddconfig=dict(vae["ddconfig"], attn_type="vanilla-xformers"))},
+        }
+        return {"model": {"target": "sgm.models.diffusion.DiffusionEngine", "params": params}, "lora_workshop": ours}
+    sched = config["schedule"]
+    params = {"linear_start": sched["linear_start"], "linear_end": sched["linear_end"], "num_timesteps_cond": 1,
+              "log_every_t": 200, "timesteps": sched["timesteps"], "first_stage_key": "jpg", "cond_stage_key": "txt",
+              "image_size": 64, "channels": 4, "cond_stage_trainable": False, "conditioning_key": "crossattn",
+              "monitor": "val/loss_simple_ema", "scale_factor": config["scale_factor"], "use_ema": False,
+              "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": u},
+              "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL", "params": vae}}
+    if config["prediction"] == "v":
+        params = {"parameterization": "v", **params}
+    if family == "sd1":
+        params["cond_stage_config"] = {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"}
+    else:
+        params["cond_stage_config"] = {"target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
+                                       "params": {"freeze": True, "layer": "penultimate"}}
+    return {"model": {"base_learning_rate": 1.0e-4, "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
+                      "params": params}, "lora_workshop": ours}
+
+
+def _merge(base: Any, override: Any) -> Any:
+    """``override`` wins key by key; lists of dicts of equal length merge item by item."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        out = dict(base)
+        for k, v in override.items():
+            out[k] = _merge(base[k], v) if k in base else copy.deepcopy(v)
+        return out
+    if (isinstance(base, list) and isinstance(override, list) and len(base) == len(override)
+            and all(isinstance(x, dict) for x in base + override)):
+        return [_merge(b, o) for b, o in zip(base, override)]
+    return copy.deepcopy(override)
+
+
+_REQUIRED = ("family", "unet", "text_encoders", "vae")
+
+
+def resolve_config(sd: dict[str, Tensor], path: Path | None,
+                   config: dict[str, Any] | None) -> tuple[dict[str, Any], str]:
+    """(config, source) with source "explicit", "yaml" or "inferred" (the base an explicit partial config updates)."""
+    if config and all(k in config for k in _REQUIRED):
+        family, source = config["family"], "explicit"
+        if family not in TEXT_LAYOUT:
+            raise ArchitectureError(f"unknown family {family!r} (sd1, sd2, sdxl)")
+        base: dict[str, Any] = {"prediction": "epsilon", "scale_factor": SCALE_FACTOR[family],
+                                "schedule": dict(SCHEDULE),
+                                "resolution": _default_resolution(family, config.get("prediction", "epsilon"))}
+        if family == "sdxl":
+            base["size_embed_dim"] = SIZE_EMBED_DIM
+    else:
+        yaml_path = path.with_suffix(".yaml") if path is not None else None
+        if yaml_path is not None and yaml_path.is_file():
+            import yaml
+            with open(yaml_path, encoding="utf-8") as f:
+                doc = yaml.safe_load(f)
+            if not isinstance(doc, dict):
+                raise ArchitectureError(f"{yaml_path.name}: not a yaml mapping")
+            base, source = config_from_yaml(doc, sd, yaml_path.name), "yaml"
+        else:
+            base, source = infer_config(sd), "inferred"
+        if config:
+            source += "+explicit"
+    cfg = _merge(base, config or {})
+    if cfg.get("family") not in TEXT_LAYOUT:
+        raise ArchitectureError(f"unknown family {cfg.get('family')!r} (sd1, sd2, sdxl)")
+    if cfg["prediction"] not in ("epsilon", "v"):
+        raise ArchitectureError(f"unknown prediction type {cfg['prediction']!r} (epsilon, v)")
+    return cfg, source
+
+
+# ---------------------------------------------------------------------------------------------
+# Building modules (on the meta device: weights come from the file, so random init is wasted time)
+
+
+def build_unet(ucfg: dict[str, Any]) -> nn.Module:
+    import inspect
+
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    kw = {k: v for k, v in ucfg.items() if k not in _SGM_DROP}
+    allowed = set(inspect.signature(UNetModel.__init__).parameters) | {"adm_in_channels", "transformer_depth_middle"}
+    unknown = sorted(set(kw) - allowed)
+    if unknown:
+        raise ArchitectureError(f"unsupported UNet options {unknown}")
+    if kw.get("num_classes") == "sequential":
+        from ..sdxl_unet import SDXLUNetModel
+        return SDXLUNetModel(**kw)
+    if isinstance(kw.get("transformer_depth"), list) or "adm_in_channels" in kw or "transformer_depth_middle" in kw:
+        raise ArchitectureError("per-level transformer depths / adm_in_channels need num_classes='sequential' (SDXL)")
+    return UNetModel(**kw)
+
+
+def build_text_encoder(tcfg: dict[str, Any]) -> nn.Module:
+    if tcfg["kind"] == "hf_clip":
+        import transformers
+
+        # bos/eos/pad 0/2/1 as openai/clip-vit-large-patch14's config: eos_token_id == 2 selects the
+        # legacy argmax-of-ids pooling (what ldm's FrozenCLIPEmbedder and open_clip do).
+        cfg = transformers.CLIPTextConfig(
+            vocab_size=tcfg["vocab_size"], hidden_size=tcfg["width"], intermediate_size=tcfg["intermediate"],
+            num_hidden_layers=tcfg["layers"], num_attention_heads=tcfg["heads"],
+            max_position_embeddings=tcfg["context_length"], hidden_act=tcfg.get("act", "quick_gelu"),
+            projection_dim=tcfg["width"], bos_token_id=0, eos_token_id=2, pad_token_id=1)
+        return transformers.CLIPTextModel(cfg).eval()
+    if tcfg["kind"] == "open_clip":
+        from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+        # FrozenOpenCLIPEmbedder keeps open_clip's CLIP and deletes .visual; build a toy vision tower to delete.
+        vision = CLIPVisionCfg(layers=1, width=32, head_width=16, image_size=8, patch_size=4)
+        text = CLIPTextCfg(context_length=tcfg["context_length"], vocab_size=tcfg["vocab_size"], width=tcfg["width"],
+                           heads=tcfg["heads"], layers=tcfg["layers"], mlp_ratio=tcfg.get("mlp_ratio", 4.0))
+        model = CLIP(tcfg["embed_dim"], vision, text)
+        del model.visual
+        return model.eval()
+    raise ArchitectureError(f"unknown text encoder kind {tcfg['kind']!r}")
+
+
+def _vae_block_types(vcfg: dict[str, Any]) -> dict[str, Any]:
+    n = len(vcfg["ddconfig"]["ch_mult"])
+    return {"down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n}
+
+
+def build_vae(vcfg: dict[str, Any], scale_factor: float) -> nn.Module:
+    from diffusers import AutoencoderKL
+
+    dd = vcfg["ddconfig"]
+    if not dd.get("double_z", True) or vcfg["embed_dim"] != dd["z_channels"] or dd.get("attn_resolutions"):
+        raise ArchitectureError(f"VAE ddconfig {dd} / embed_dim {vcfg['embed_dim']} "
+                                "has no diffusers AutoencoderKL equivalent")
+    return AutoencoderKL(in_channels=dd["in_channels"], out_channels=dd["out_ch"],
+                         block_out_channels=tuple(dd["ch"] * m for m in dd["ch_mult"]),
+                         layers_per_block=dd["num_res_blocks"], latent_channels=dd["z_channels"],
+                         sample_size=dd.get("resolution", 256), scaling_factor=scale_factor,
+                         **_vae_block_types(vcfg)).eval()
+
+
+@functools.lru_cache(maxsize=8)
+def _ldm_vae_layout(key: str) -> dict[str, torch.Size]:
+    """ldm VAE parameter names -> shapes, from ldm's own Encoder/Decoder built on the meta device."""
+    from ldm.modules.diffusionmodules.model import Decoder, Encoder
+
+    vcfg = json.loads(key)
+    dd = dict(vcfg["ddconfig"], attn_type="vanilla")  # xformers variants have the same parameter names
+    with torch.device("meta"), contextlib.redirect_stdout(io.StringIO()):  # ldm prints shapes while building
+        enc, dec = Encoder(**dd), Decoder(**dd)
+    z, e = dd["z_channels"], vcfg["embed_dim"]
+    out = {f"encoder.{k}": v.shape for k, v in enc.state_dict().items()}
+    out |= {f"decoder.{k}": v.shape for k, v in dec.state_dict().items()}
+    out |= {"quant_conv.weight": torch.Size([2 * e, 2 * z, 1, 1]), "quant_conv.bias": torch.Size([2 * e]),
+            "post_quant_conv.weight": torch.Size([z, e, 1, 1]), "post_quant_conv.bias": torch.Size([z])}
+    return out
+
+
+def _vae_name_map(vcfg: dict[str, Any]) -> dict[str, str]:
+    """diffusers VAE name -> ldm name, found by running diffusers' converter on 1-element marker tensors."""
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    names = list(_ldm_vae_layout(json.dumps(vcfg, sort_keys=True)))
+    # 1-D markers: the converter's conv->linear slicing only touches 3-D/4-D tensors
+    markers = {VAE_PREFIX + n: torch.tensor([i]) for i, n in enumerate(names)}
+    converted = convert_ldm_vae_checkpoint(markers, _vae_block_types(vcfg))
+    return {d: names[int(t[0])] for d, t in converted.items()}
+
+
+def _materialize(module: nn.Module, sd: dict[str, Tensor], dtype: torch.dtype, what: str,
+                 source: str, optional: dict[str, Callable[[], Tensor]] | None = None) -> nn.Module:
+    """Load ``sd`` into a meta-built ``module`` by assignment (no copy, no init); re-create
+    non-persistent buffers; fail clearly on any mismatch."""
+    sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
+    expected = module.state_dict().keys()
+    for k, make in (optional or {}).items():
+        if k in expected and k not in sd:
+            sd[k] = make().to(dtype)
+    try:
+        module.load_state_dict(sd, strict=True, assign=True)
+    except RuntimeError as e:
+        raise ArchitectureError(f"{what} weights do not match the {source} config: {e}") from e
+    for name, buf in list(module.named_buffers()):
+        if not buf.is_meta:
+            continue
+        owner_name, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        if leaf == "position_ids":       # HF CLIP
+            value = torch.arange(buf.shape[-1]).expand(buf.shape)
+        elif leaf == "attn_mask":        # open_clip causal mask
+            value = torch.full(buf.shape, float("-inf")).triu_(1).to(dtype)
+        else:
+            raise ArchitectureError(f"{what}: buffer {name!r} is not in the checkpoint and cannot be rebuilt")
+        owner._buffers[leaf] = value
+    return module
+
+
+def _detect_v_prediction(unet: nn.Module, context_dim: int) -> bool:
+    """The WebUI's test for SD2 files without a yaml (``is_using_v_parameterization_for_sd2``):
+    at t=999 an epsilon model returns about the input, a v model about its negative."""
+    p = next(unet.parameters())
+    with torch.no_grad():
+        x = torch.full((1, unet.in_channels, 8, 8), 0.5, dtype=p.dtype, device=p.device)
+        ctx = torch.full((1, 2, context_dim), 0.5, dtype=p.dtype, device=p.device)
+        out = unet(x, torch.tensor([999], device=p.device), context=ctx)
+    return (out.float() - x.float()).mean().item() < -1
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenization (the real CLIP BPE ships inside open_clip)
+
+
+@functools.lru_cache(maxsize=1)
+def _bpe() -> Any:
+    from open_clip.tokenizer import SimpleTokenizer
+    return SimpleTokenizer()
+
+
+def clip_tokenize(prompts: list[str], pad_id: int, context_length: int = CONTEXT_LENGTH) -> Tensor:
+    """[BOS] + tokens[:context_length-2] + [EOS], padded with ``pad_id`` to ``context_length``.
+
+    pad_id=EOS (49407) is HF ``CLIPTokenizer`` for openai/clip-vit-large-patch14 (pad_token
+    <|endoftext|>), i.e. ldm/sgm ``FrozenCLIPEmbedder`` (SD1, SDXL te1); pad_id=0 is
+    ``open_clip.tokenize`` (SD2, SDXL te2).  Both truncate to one 77-token chunk, as kohya does by
+    default (the WebUI's prompt chunking / emphasis syntax are not reproduced).
+    """
+    bpe = _bpe()
+    out = torch.full((len(prompts), context_length), pad_id, dtype=torch.long)
+    for i, text in enumerate(prompts):
+        ids = [BOS] + bpe.encode(text)[: context_length - 2] + [EOS]
+        out[i, : len(ids)] = torch.tensor(ids)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Text encoders, as the WebUI's embedders run them
+
+
+def _open_clip_run(model: nn.Module, tokens: Tensor, layers: int) -> list[Tensor]:
+    """Hidden states after each of the first ``layers`` resblocks (index 0 = embeddings)."""
+    x = model.token_embedding(tokens) + model.positional_embedding.to(model.token_embedding.weight.dtype)
+    mask = model.attn_mask.to(x.dtype) if model.attn_mask is not None else None
+    batch_first = getattr(model.transformer, "batch_first", False)
+    hidden = [x]
+    for r in list(model.transformer.resblocks)[:layers]:
+        # open_clip 3.x is batch-first; the WebUI's older open_clip is sequence-first
+        h = r(x if batch_first else x.permute(1, 0, 2), attn_mask=mask)
+        x = h if batch_first else h.permute(1, 0, 2)
+        hidden.append(x)
+    return hidden
+
+
+def _project(model: nn.Module, pooled: Tensor) -> Tensor:
+    proj = model.text_projection
+    return proj(pooled) if isinstance(proj, nn.Module) else pooled @ proj
+
+
+def _size_embedding(size_conds: list[SizeCond], dim: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """sgm's three ConcatTimestepEmbedderND: timestep_embedding(dim) of each of the 6 scalars
+    (original h, w, crop top, left, target h, w), concatenated in that order."""
+    from ldm.modules.diffusionmodules.util import timestep_embedding
+
+    ids = torch.tensor([[*o, *c, *t] for o, c, t in size_conds], dtype=torch.float32, device=device)
+    return timestep_embedding(ids.flatten(), dim).reshape(len(size_conds), -1).to(dtype)
+
+
+def alphas_cumprod(linear_start: float = 0.00085, linear_end: float = 0.012, timesteps: int = 1000) -> Tensor:
+    """ldm's "linear" schedule (diffusers' "scaled_linear"): betas = linspace(sqrt(start), sqrt(end))**2,
+    computed in float64 like ldm's make_beta_schedule."""
+    betas = torch.linspace(linear_start ** 0.5, linear_end ** 0.5, int(timesteps), dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0).float()
+
+
+# ---------------------------------------------------------------------------------------------
+# The checkpoint
+
+
+@dataclass(eq=False)
+class Checkpoint:
+    family: str
+    unet: nn.Module
+    text_encoders: list[tuple[str, nn.Module]]
+    vae: nn.Module
+    config: dict[str, Any]
+    path: Path | None = None
+    config_source: str = "explicit"
+    _hashes: dict[str, str] = field(default_factory=dict, repr=False)
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_modules(cls, family: str, unet: nn.Module, text_encoders: list[tuple[str, nn.Module]], vae: nn.Module,
+                     prediction: str = "epsilon", scale_factor: float | None = None,
+                     size_embed_dim: int | None = None, resolution: int | None = None) -> "Checkpoint":
+        """Wrap modules already in memory (tests, conversions); the config is read off the modules."""
+        ck = cls(family, unet, list(text_encoders), vae, {"family": family, "vae": _vae_config(vae)})
+        cfg = infer_config(ck.state_dict())
+        if cfg["family"] != family:
+            raise ArchitectureError(f"modules look like {cfg['family']}, not {family}")
+        u = cfg["unet"]
+        u.pop("num_heads", None)  # the modules know their heads; shapes do not
+        u.pop("num_head_channels", None)
+        if getattr(unet, "num_head_channels", -1) != -1:
+            u["num_head_channels"] = unet.num_head_channels
+        else:
+            u["num_heads"] = unet.num_heads
+        u["image_size"] = getattr(unet, "image_size", 32)
+        for tcfg, (_, te) in zip(cfg["text_encoders"], text_encoders):
+            if tcfg["kind"] == "hf_clip":
+                tcfg["heads"], tcfg["act"] = te.config.num_attention_heads, te.config.hidden_act
+            else:
+                tcfg["heads"] = te.transformer.resblocks[0].attn.num_heads
+        cfg["prediction"] = prediction
+        cfg["resolution"] = resolution or _default_resolution(family, prediction)
+        if scale_factor is not None:
+            cfg["scale_factor"] = scale_factor
+        if size_embed_dim is not None:
+            cfg["size_embed_dim"] = size_embed_dim
+        ck.config = cfg
+        return ck
+
+    # -- properties ---------------------------------------------------------------------------
+    @property
+    def prediction(self) -> str:
+        return self.config["prediction"]
+
+    @property
+    def scale_factor(self) -> float:
+        return float(self.config["scale_factor"])
+
+    @property
+    def resolution(self) -> int:
+        return int(self.config.get("resolution", _default_resolution(self.family, self.prediction)))
+
+    @property
+    def vae_scale(self) -> int:
+        """Pixels per latent along each side (8 for every real SD VAE)."""
+        return 2 ** (len(self.config["vae"]["ddconfig"]["ch_mult"]) - 1)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def name(self) -> str:
+        return self.path.stem if self.path else f"{self.family}-in-memory"
+
+    def alphas_cumprod(self) -> Tensor:
+        return alphas_cumprod(**self.config.get("schedule", SCHEDULE))
+
+    def hashes(self) -> dict[str, str]:
+        """sha256 (full file; what kohya writes as ss_new_sd_model_hash) and kohya's legacy hash
+        (ss_sd_model_hash), computed once on first use: hashing a 2-7 GB file takes seconds."""
+        if self.path is None:
+            return {"sha256": "", "legacy": ""}
+        if not self._hashes:
+            self._hashes = {"sha256": hashes.sha256_file(self.path), "legacy": hashes.addnet_hash_legacy(self.path)}
+        return self._hashes
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Checkpoint":
+        kw = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+        for m in self.modules():
+            m.to(**kw)
+        if dtype is not None:
+            self.unet.dtype = dtype  # ldm's forward casts x to unet.dtype
+        return self
+
+    def modules(self) -> list[nn.Module]:
+        return [self.unet, *(te for _, te in self.text_encoders), self.vae]
+
+    # -- state dict in file layout ------------------------------------------------------------
+    def state_dict(self) -> dict[str, Tensor]:
+        """All weights under their single-file checkpoint names (VAE in ldm names and shapes)."""
+        sd = {UNET_PREFIX + k: v for k, v in self.unet.state_dict().items()}
+        for (prefix, te), (p2, file_prefix, kind) in zip(self.text_encoders, TEXT_LAYOUT[self.family]):
+            if prefix != p2:
+                raise ArchitectureError(f"text encoder {prefix!r} where {self.family} has {p2!r}")
+            sd |= {file_prefix + k: v for k, v in te.state_dict().items() if not k.endswith("position_ids")}
+        vcfg = self.config["vae"]
+        layout = _ldm_vae_layout(json.dumps(vcfg, sort_keys=True))
+        vae_sd = self.vae.state_dict()
+        names = _vae_name_map(vcfg)
+        if set(names) != set(vae_sd):
+            raise ArchitectureError("VAE cannot be written in ldm layout: diffusers names "
+                                    f"{sorted(set(vae_sd) ^ set(names))[:5]} have no ldm counterpart")
+        for dk, ldm in names.items():
+            sd[VAE_PREFIX + ldm] = vae_sd[dk].reshape(layout[ldm])  # attention: Linear [C,C] -> conv [C,C,1,1]
+        return sd
+
+    # -- conditioning -------------------------------------------------------------------------
+    def tokenize(self, prompts: list[str]) -> list[Tensor]:
+        """Token ids per text encoder (HF CLIP pads with EOS, OpenCLIP with 0)."""
+        out = []
+        for tcfg in self.config["text_encoders"]:
+            pad = EOS if tcfg["kind"] == "hf_clip" else 0
+            out.append(clip_tokenize(prompts, pad, tcfg["context_length"]))
+        return out
+
+    def encode_text(self, prompts: list[str], size_conds: list[SizeCond] | None = None) -> Conditioning:
+        """Cross-attention context (and SDXL's y) as the WebUI computes it with CLIP skip 1.
+
+        No ``no_grad`` here: gradients reach text encoders (or LoRA modules hooked onto them) whenever
+        anything there requires grad; callers that only infer wrap this in ``torch.no_grad``.
+        """
+        tokens = self.tokenize(list(prompts))
+        if self.family == "sd1":  # FrozenCLIPEmbedder(layer="last"): last_hidden_state (after final LN)
+            te = self.text_encoders[0][1]
+            return Conditioning(te(input_ids=tokens[0].to(_dev(te))).last_hidden_state)
+        if self.family == "sd2":  # FrozenOpenCLIPEmbedder(layer="penultimate"): skip last block, then ln_final
+            te = self.text_encoders[0][1]
+            hidden = _open_clip_run(te, tokens[0].to(_dev(te)), len(te.transformer.resblocks) - 1)
+            return Conditioning(te.ln_final(hidden[-1]))
+        # SDXL: te1 hidden_states[-2] (no final LN), te2 penultimate (no ln_final, legacy=False) and the
+        # pooled ln_final(last)[eos] @ text_projection; y = pooled ++ size embeddings (sgm GeneralConditioner)
+        te1, te2 = self.text_encoders[0][1], self.text_encoders[1][1]
+        h1 = te1(input_ids=tokens[0].to(_dev(te1)), output_hidden_states=True).hidden_states[-2]
+        t2 = tokens[1].to(_dev(te2))
+        hidden = _open_clip_run(te2, t2, len(te2.transformer.resblocks))
+        last = te2.ln_final(hidden[-1])
+        pooled = _project(te2, last[torch.arange(last.shape[0], device=last.device), t2.argmax(dim=-1)])
+        if size_conds is None:
+            r = self.resolution
+            size_conds = [((r, r), (0, 0), (r, r))] * len(tokens[1])
+        if len(size_conds) != len(tokens[1]):
+            raise ValueError(f"{len(size_conds)} size conditions for {len(tokens[1])} prompts")
+        ted = int(self.config.get("size_embed_dim", SIZE_EMBED_DIM))
+        y = torch.cat([pooled, _size_embedding(size_conds, ted, pooled.device, pooled.dtype)], dim=-1)
+        return Conditioning(torch.cat([h1, hidden[-2].to(h1.device, h1.dtype)], dim=-1), y.to(h1.device))
+
+    # -- VAE ----------------------------------------------------------------------------------
+    def encode_images(self, pixels: Tensor, sample: bool = True, generator: torch.Generator | None = None) -> Tensor:
+        """Pixels in [-1, 1] -> scaled latents; ``sample`` draws from the posterior like kohya, else its mean."""
+        p = next(self.vae.parameters())
+        with torch.no_grad():  # the VAE is never trained here
+            dist = self.vae.encode(pixels.to(p.device, p.dtype)).latent_dist
+            z = dist.sample(generator) if sample else dist.mean
+        return z * self.scale_factor
+
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """Scaled latents -> pixels in about [-1, 1]."""
+        p = next(self.vae.parameters())
+        with torch.no_grad():
+            return self.vae.decode(latents.to(p.device, p.dtype) / self.scale_factor).sample
+
+    # -- training -----------------------------------------------------------------------------
+    def trainable(self, device: torch.device | str | None = None, latent_sampling: Literal["sample", "mean"] = "sample",
+                  seed: int = 0) -> TrainableModel:
+        """A :class:`TrainableModel` over these very modules (moved to ``device`` when given)."""
+        if latent_sampling not in ("sample", "mean"):
+            raise ValueError(f"latent_sampling must be 'sample' or 'mean', not {latent_sampling!r}")
+        if device is not None:
+            self.to(torch.device(device))
+        gen = torch.Generator().manual_seed(seed)  # CPU generator: same latents on any device
+
+        def encode_images(pixels: Tensor) -> Tensor:
+            return self.encode_images(pixels, latent_sampling == "sample", gen)
+
+        h = self.hashes()
+        return TrainableModel(
+            family=self.family, unet=self.unet, text_encoders=list(self.text_encoders), encode_text=self.encode_text,
+            encode_images=encode_images, alphas_cumprod=self.alphas_cumprod(), prediction=self.prediction,
+            device=self.device, model_name=self.name, model_hash=h["sha256"], legacy_hash=h["legacy"],
+            resolution=self.resolution, decode_latents=self.decode_latents,
+            render=lambda prompts, **kw: sample(self, prompts, **kw))
+
+
+def _dev(m: nn.Module) -> torch.device:
+    return next(m.parameters()).device
+
+
+def _vae_config(vae: nn.Module) -> dict[str, Any]:
+    c = vae.config
+    if (c.get("norm_num_groups", 32) != 32 or not c.get("mid_block_add_attention", True)
+            or not c.get("use_quant_conv", True) or not c.get("use_post_quant_conv", True)
+            or c.get("act_fn", "silu") != "silu"):
+        raise ArchitectureError("this AutoencoderKL variant has no ldm single-file layout")
+    ch = c["block_out_channels"][0]
+    dd = dict(double_z=True, z_channels=c["latent_channels"], resolution=256, in_channels=c["in_channels"],
+              out_ch=c["out_channels"], ch=ch, ch_mult=[b // ch for b in c["block_out_channels"]],
+              num_res_blocks=c["layers_per_block"], attn_resolutions=[], dropout=0.0)
+    return {"embed_dim": c["latent_channels"], "ddconfig": dd}
+
+
+# ---------------------------------------------------------------------------------------------
+# Load / save
+
+
+def load_checkpoint(path: str | os.PathLike, config: dict[str, Any] | None = None, device: torch.device | str = "cpu",
+                    dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype | None = None) -> Checkpoint:
+    """Open a single-file SD1/SD2/SDXL checkpoint through ``fileio.load_file`` (validated safetensors
+    header; a legacy ``.ckpt`` is read tensors-only).  Modules come back frozen and in eval mode."""
+    path = Path(path)
+    sd, _ = load_file(path)
+    cfg, source = resolve_config(sd, path, config)
+    family = cfg["family"]
+    where = f"{path.name} ({source})"
+    with torch.device("meta"):
+        unet = build_unet(cfg["unet"])
+        tes = [(t["prefix"], build_text_encoder(t)) for t in cfg["text_encoders"]]
+        vae = build_vae(cfg["vae"], cfg["scale_factor"])
+    if [p for p, _ in tes] != [p for p, _, _ in TEXT_LAYOUT[family]]:
+        raise ArchitectureError(f"{where}: text encoders {[p for p, _ in tes]} do not fit {family}")
+    _materialize(unet, _sub(sd, UNET_PREFIX), dtype, f"{where}: UNet", source)
+    unet.dtype = dtype  # ldm's forward casts x to unet.dtype (set from use_fp16 otherwise)
+    for (prefix, te), (_, file_prefix, kind) in zip(tes, TEXT_LAYOUT[family]):
+        if kind != ("hf_clip" if hasattr(te, "text_model") else "open_clip"):
+            raise ArchitectureError(f"{where}: {prefix} must be {kind}")
+        t = _te_state(sd, family, file_prefix)
+        optional: dict[str, Callable[[], Tensor]] = {"logit_scale": lambda: torch.tensor(math.log(1 / 0.07))}
+        if family == "sd2":  # unused by SD2 conditioning; some files drop it
+            optional["text_projection"] = lambda te=te: torch.eye(te.transformer.width, te.text_projection.shape[1])
+        t = {k: v for k, v in t.items() if not k.startswith("visual.") and k != "attn_mask"}  # mask is rebuilt
+        _materialize(te, t, dtype, f"{where}: {prefix}", source, optional if kind == "open_clip" else None)
+    vae_sd = _sub(sd, VAE_PREFIX)
+    if not vae_sd:
+        raise ArchitectureError(f"{where}: no VAE weights (first_stage_model.*)")
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+    converted = convert_ldm_vae_checkpoint({VAE_PREFIX + k: v for k, v in vae_sd.items()}, _vae_block_types(cfg["vae"]))
+    _materialize(vae, converted, vae_dtype or dtype, f"{where}: VAE", source)
+    ck = Checkpoint(family, unet, tes, vae, cfg, path, source)
+    for m in ck.modules():  # inference by default; the trainer sets (and restores) what it trains
+        m.requires_grad_(False).eval()
+    ck.to(torch.device(device))
+    given = config or {}
+    if family == "sd2" and source.startswith("inferred") and "prediction" not in given:
+        cfg["prediction"] = "v" if _detect_v_prediction(unet, cfg["unet"]["context_dim"]) else "epsilon"
+        cfg["resolution"] = given.get("resolution", _default_resolution(family, cfg["prediction"]))
+    return ck
+
+
+_ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-768-v", "sdxl": "stable-diffusion-xl-v1-base"}
+
+
+def save_checkpoint(checkpoint: Checkpoint, path: str | os.PathLike, dtype: torch.dtype | None = torch.float16,
+                    yaml: bool = True, overwrite: bool = False) -> Path:
+    """Write the single-file layout atomically (+ ``<stem>.yaml`` for the WebUI when ``yaml``).
+
+    ``dtype`` casts floating tensors (None keeps them as held); fp32 round-trips bit for bit.
+    """
+    path = Path(path)
+    yaml_path = path.with_suffix(".yaml")
+    if not overwrite:
+        for p in (path, yaml_path) if yaml else (path,):
+            if p.exists():
+                raise FileExistsError(f"{p} exists; pass overwrite=True to replace it")
+    sd = {k: (v.detach().to(dtype) if dtype is not None and v.is_floating_point() else v.detach())
+          for k, v in checkpoint.state_dict().items()}
+    family = checkpoint.family
+    arch = "stable-diffusion-v2-512" if family == "sd2" and checkpoint.prediction != "v" else _ARCH[family]
+    repo = "generative-models" if family == "sdxl" else "stablediffusion"
+    meta = {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": arch,
+            "modelspec.implementation": f"https://github.com/Stability-AI/{repo}",
+            "modelspec.title": path.stem, "modelspec.prediction_type": checkpoint.prediction}
+    save_safetensors(sd, path, meta, overwrite=overwrite)
+    if yaml:
+        import yaml as pyyaml
+
+        text = pyyaml.safe_dump(_plain(webui_yaml(checkpoint.config)), sort_keys=False)
+        fd, tmp = tempfile.mkstemp(prefix=f".{yaml_path.name}.", suffix=".tmp", dir=yaml_path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(tmp, yaml_path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+    if checkpoint.path is not None and checkpoint.path.resolve() == path.resolve():
+        checkpoint._hashes = {}  # overwrote the file it was loaded from
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+
+
+def sample_latents(model: Callable[[Tensor, Tensor], Tensor], noise: Tensor, alphas_cumprod: Tensor, steps: int,
+                   prediction: str = "epsilon", sampler: str = "ddim") -> Tensor:
+    """Denoise unit-variance ``noise`` with ``model(x, t) -> eps | v`` (t: float timesteps [B]).
+
+    ddim: eta 0 on ldm's "uniform" timesteps (1000//steps apart, +1), final alpha = alphas_cumprod[0]
+    (= diffusers DDIMScheduler with steps_offset=1, set_alpha_to_one=False).
+    euler: k-diffusion's Euler on the discrete model's sigmas (t = linspace(999, 0, steps), log-sigma
+    interpolation, then 0) as the WebUI's "Euler" runs it; v-models via CompVisVDenoiser's scalings.
+    """
+    if prediction not in ("epsilon", "v"):
+        raise ValueError(f"unknown prediction type {prediction!r}")
+    if steps < 1:
+        raise ValueError("steps must be >= 1")
+    # float32 throughout: enough for 1000-step schedules, and MPS has no float64
+    acp = alphas_cumprod.to(noise.device, torch.float32)
+    T = len(acp)
+    n = noise.shape[0]
+    x = noise.float()
+
+    def run(x_in: Tensor, t: float) -> Tensor:
+        return model(x_in, torch.full((n,), float(t), device=noise.device)).float()
+
+    if sampler == "ddim":
+        c = max(T // steps, 1)
+        ts = torch.clamp(torch.arange(steps) * c + 1, max=T - 1).flip(0).tolist()
+        for i, t in enumerate(ts):
+            a, a_prev = acp[t], (acp[ts[i + 1]] if i + 1 < len(ts) else acp[0])
+            out = run(x, t)
+            if prediction == "v":
+                eps, x0 = a.sqrt() * out + (1 - a).sqrt() * x, a.sqrt() * x - (1 - a).sqrt() * out
+            else:
+                eps, x0 = out, (x - (1 - a).sqrt() * out) / a.sqrt()
+            x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+        return x
+    if sampler == "euler":
+        log_sigmas = ((1 - acp) / acp).sqrt().log()
+        t_grid = torch.linspace(T - 1, 0, steps, device=noise.device)
+        lo, hi = t_grid.floor().long(), t_grid.ceil().long()
+        w = t_grid - lo
+        sigmas = torch.cat([((1 - w) * log_sigmas[lo] + w * log_sigmas[hi]).exp(), t_grid.new_zeros(1)])
+        x = x * sigmas[0]
+        for i in range(steps):
+            s = sigmas[i]
+            out = run(x / (s ** 2 + 1).sqrt(), t_grid[i].item())
+            if prediction == "v":
+                denoised = x / (s ** 2 + 1) - out * s / (s ** 2 + 1).sqrt()
+            else:
+                denoised = x - out * s
+            x = x + (x - denoised) / s * (sigmas[i + 1] - s)
+        return x
+    raise ValueError(f"unknown sampler {sampler!r} (ddim, euler)")
+
+
+def sample(checkpoint: Checkpoint, prompts: str | list[str], negative: str | list[str] = "", steps: int = 20,
+           cfg: float = 7.0, seed: int = 0, width: int | None = None, height: int | None = None,
+           sampler: str = "ddim") -> list["PIL.Image.Image"]:
+    """txt2img with classifier-free guidance; image i uses noise from ``seed + i`` (as the WebUI).
+
+    Runs the modules as they are, so LoRAs merged by the patcher or hooked onto them take part.
+    """
+    from PIL import Image
+
+    ck = checkpoint
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    negatives = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
+    if len(negatives) != len(prompts):
+        raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+    width, height = width or ck.resolution, height or ck.resolution
+    u = ck.config["unet"]
+    latent_ch = ck.config["vae"]["ddconfig"]["z_channels"]
+    if u["in_channels"] != latent_ch:
+        raise ValueError(f"UNet takes {u['in_channels']} channels (inpainting/other conditioning); "
+                         f"txt2img needs {latent_ch}")
+    multiple = ck.vae_scale * 2 ** (len(u["channel_mult"]) - 1)
+    if width % multiple or height % multiple:
+        raise ValueError(f"width and height must be multiples of {multiple} for this model, got {width}x{height}")
+    unet = ck.unet
+    p = next(unet.parameters())
+    shape = (latent_ch, height // ck.vae_scale, width // ck.vae_scale)
+    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i))
+                         for i in range(len(prompts))]).to(p.device)
+    with torch.no_grad():
+        sizes = [((height, width), (0, 0), (height, width))] * len(prompts)
+        cond, unc = ck.encode_text(prompts, sizes), ck.encode_text(negatives, sizes)
+        context = torch.cat([unc.context, cond.context]).to(p.dtype)
+        y = torch.cat([unc.y, cond.y]).to(p.dtype) if cond.y is not None else None
+
+        def model(x: Tensor, t: Tensor) -> Tensor:
+            kw = {"y": y} if y is not None else {}
+            out = unet(torch.cat([x, x]).to(p.dtype), torch.cat([t, t]), context=context, **kw).float()
+            uncond, c = out.chunk(2)
+            return uncond + cfg * (c - uncond)
+
+        latents = sample_latents(model, noise, ck.alphas_cumprod(), steps, ck.prediction, sampler)
+        pixels = ck.decode_latents(latents).float()
+    arr = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]
