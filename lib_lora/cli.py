@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from . import families
@@ -83,6 +84,107 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_config(args: argparse.Namespace):
+    from .training.dataset import DatasetConfig
+    from .training.network import NetworkConfig
+    from .training.trainer import TrainConfig
+
+    out = Path(args.out)
+    ds = DatasetConfig(args.dataset, reg_dir=args.reg_dir, resolution=args.resolution,
+                       enable_buckets=not args.no_buckets, min_bucket_reso=args.min_bucket_reso,
+                       max_bucket_reso=args.max_bucket_reso, bucket_no_upscale=args.bucket_no_upscale,
+                       caption_extension=args.caption_extension, shuffle_caption=args.shuffle_caption,
+                       keep_tokens=args.keep_tokens, caption_dropout_rate=args.caption_dropout_rate,
+                       caption_tag_dropout_rate=args.caption_tag_dropout_rate, flip_aug=args.flip_aug)
+    net = NetworkConfig(rank=args.network_dim, alpha=args.network_alpha, conv_rank=args.conv_dim,
+                        conv_alpha=args.conv_alpha, dropout=args.network_dropout,
+                        train_unet=not args.text_encoder_only, train_text_encoder=not args.unet_only)
+    return TrainConfig(ds, net, output_dir=out.parent, output_name=out.stem, save_precision=args.save_precision,
+                       save_every_n_steps=args.save_every_n_steps, save_every_n_epochs=args.save_every_n_epochs,
+                       save_last_k=args.save_last_k, save_state=args.save_state, overwrite=args.force,
+                       max_train_steps=args.max_train_steps, max_train_epochs=args.max_train_epochs,
+                       batch_size=args.batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
+                       learning_rate=args.learning_rate, text_encoder_lr=args.text_encoder_lr,
+                       optimizer=args.optimizer, lr_scheduler=args.lr_scheduler, lr_warmup_steps=args.lr_warmup_steps,
+                       max_grad_norm=args.max_grad_norm, seed=args.seed, min_snr_gamma=args.min_snr_gamma,
+                       noise_offset=args.noise_offset, mixed_precision=args.mixed_precision,
+                       cache_latents=not args.no_cache_latents, training_comment=args.training_comment)
+
+
+class _Bar:
+    """A one-line terminal progress bar (stderr), quiet on non-main processes."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def __call__(self, p) -> None:
+        if not self.enabled:
+            return
+        width = 30
+        done = int(width * p.step / max(p.total, 1))
+        eta = time.strftime("%M:%S", time.gmtime(p.eta)) if p.eta < 3600 else f"{p.eta / 3600:.1f}h"
+        sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {p.step}/{p.total} loss {p.avg_loss:.4f} "
+                         f"lr {p.lr:.2e} eta {eta}  ")
+        if p.step == p.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from .attention import sdpa_attention
+    from .hosts.checkpoint import load_checkpoint
+    from .training.trainer import Callbacks, Trainer
+
+    cfg = _train_config(args)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    ckpt = load_checkpoint(args.base, device=device,
+                           dtype=torch.float16 if device != "cpu" and args.mixed_precision == "fp16" else torch.float32)
+    model = ckpt.trainable(seed=args.seed)
+    model.context = lambda: sdpa_attention(ckpt.unet)
+    trainer = Trainer(model, cfg, Callbacks(on_progress=_Bar(True), log=lambda s: None))
+    trainer.cb.on_progress = _Bar(trainer.is_main)
+    if trainer.is_main:
+        trainer.cb.log = lambda s: print(s, file=sys.stderr)
+    summary = trainer.prepare()
+    if trainer.is_main:
+        print(f"dataset: {summary['train_images']} images, {summary['steps_per_epoch']} steps/epoch, "
+              f"{trainer.total_steps()} steps, processes {trainer.world}", file=sys.stderr)
+    res = trainer.run(resume_from=args.resume)
+    if trainer.is_main:
+        print(f"wrote {res.output}" if res.output else "stopped without saving")
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from .hosts.checkpoint import load_checkpoint, sample
+    from .library import Library
+    from .params import parse_prompt
+    from .runtime import Runtime
+
+    ckpt = load_checkpoint(args.base)
+    prompt, requests = parse_prompt(args.prompt)
+    rt = Runtime(Library(args.lora_dir or [Path(".")]))
+    from .modelmap import ModelMap
+    rt.set_model(ModelMap.build(ckpt.family, ckpt.unet, ckpt.text_encoders))
+    res = rt.activate(requests)
+    for m in res.messages:
+        print(f"warning: {m}", file=sys.stderr)
+    try:
+        images = sample(ckpt, [prompt] * args.n, negative=args.negative, steps=args.steps, cfg=args.cfg,
+                        seed=args.seed, width=args.width, height=args.height, sampler=args.sampler)
+    finally:
+        rt.restore()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images):
+        path = out if len(images) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
+        img.save(path)
+        print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lib_lora", description="LoRA Workshop command line")
     sub = p.add_subparsers(dest="command", required=True)
@@ -96,13 +198,81 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--rank", type=int, default=4)
     sp.add_argument("--force", action="store_true", help="overwrite an existing file")
     sp.set_defaults(func=cmd_sample)
+
+    sp = sub.add_parser("train", help="train a LoRA on a single-file SD1/SD2/SDXL checkpoint (kohya-style folders)")
+    sp.add_argument("dataset", help="folder with <repeats>_<trigger> sub-folders")
+    sp.add_argument("--base", required=True, help="single-file .safetensors checkpoint (a .yaml beside it is read)")
+    sp.add_argument("--out", required=True, help="output .safetensors path")
+    sp.add_argument("--reg-dir")
+    sp.add_argument("--resolution", default="512")
+    sp.add_argument("--no-buckets", action="store_true")
+    sp.add_argument("--min-bucket-reso", type=int, default=256)
+    sp.add_argument("--max-bucket-reso", type=int, default=1024)
+    sp.add_argument("--bucket-no-upscale", action="store_true")
+    sp.add_argument("--caption-extension", default=".txt")
+    sp.add_argument("--shuffle-caption", action="store_true")
+    sp.add_argument("--keep-tokens", type=int, default=0)
+    sp.add_argument("--caption-dropout-rate", type=float, default=0.0)
+    sp.add_argument("--caption-tag-dropout-rate", type=float, default=0.0)
+    sp.add_argument("--flip-aug", action="store_true")
+    sp.add_argument("--network-dim", type=int, default=16)
+    sp.add_argument("--network-alpha", type=float, default=8.0)
+    sp.add_argument("--conv-dim", type=int, default=0, help="LoCon rank for resnet convs (0: off)")
+    sp.add_argument("--conv-alpha", type=float, default=1.0)
+    sp.add_argument("--network-dropout", type=float, default=0.0)
+    sp.add_argument("--unet-only", action="store_true")
+    sp.add_argument("--text-encoder-only", action="store_true")
+    sp.add_argument("--max-train-steps", type=int, default=1000)
+    sp.add_argument("--max-train-epochs", type=int)
+    sp.add_argument("--batch-size", type=int, default=1)
+    sp.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    sp.add_argument("--learning-rate", type=float, default=1e-4)
+    sp.add_argument("--text-encoder-lr", type=float)
+    sp.add_argument("--optimizer", default="AdamW", help="AdamW, AdamW8bit, Lion, Prodigy")
+    sp.add_argument("--lr-scheduler", default="constant", choices=["constant", "constant_with_warmup", "cosine", "linear"])
+    sp.add_argument("--lr-warmup-steps", type=int, default=0)
+    sp.add_argument("--max-grad-norm", type=float, default=1.0)
+    sp.add_argument("--seed", type=int, default=42)
+    sp.add_argument("--min-snr-gamma", type=float)
+    sp.add_argument("--noise-offset", type=float, default=0.0)
+    sp.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
+    sp.add_argument("--no-cache-latents", action="store_true")
+    sp.add_argument("--save-precision", default="fp16", choices=["fp16", "bf16", "fp32"])
+    sp.add_argument("--save-every-n-steps", type=int, default=0)
+    sp.add_argument("--save-every-n-epochs", type=int, default=0)
+    sp.add_argument("--save-last-k", type=int, default=0)
+    sp.add_argument("--save-state", action="store_true", help="also write resumable training state")
+    sp.add_argument("--resume", help="a .state.safetensors file written by --save-state")
+    sp.add_argument("--training-comment", default="")
+    sp.add_argument("--device")
+    sp.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    sp.set_defaults(func=cmd_train)
+
+    sp = sub.add_parser("render", help="txt2img on a single-file checkpoint, with <lora:...> tokens")
+    sp.add_argument("prompt")
+    sp.add_argument("--base", required=True)
+    sp.add_argument("--lora-dir", action="append", type=Path)
+    sp.add_argument("--out", default="render.png")
+    sp.add_argument("--negative", default="")
+    sp.add_argument("--steps", type=int, default=20)
+    sp.add_argument("--cfg", type=float, default=7.0)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--n", type=int, default=1)
+    sp.add_argument("--width", type=int)
+    sp.add_argument("--height", type=int)
+    sp.add_argument("--sampler", default="ddim", choices=["ddim", "euler"])
+    sp.set_defaults(func=cmd_render)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .hosts.checkpoint import ArchitectureError
+    from .training.dataset import DatasetError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (LoraFileError, FileExistsError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
+    except (LoraFileError, FileExistsError, FileNotFoundError, IsADirectoryError, PermissionError,
+            DatasetError, ArchitectureError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -813,10 +813,10 @@ class Checkpoint:
             raise ValueError(f"latent_sampling must be 'sample' or 'mean', not {latent_sampling!r}")
         if device is not None:
             self.to(torch.device(device))
-        gen = torch.Generator().manual_seed(seed)  # CPU generator: same latents on any device
-
         def encode_images(pixels: Tensor) -> Tensor:
-            return self.encode_images(pixels, latent_sampling == "sample", gen)
+            # the posterior sample draws from the global RNG, which the trainer seeds per image: the
+            # same latents whatever order (or process) encodes them in
+            return self.encode_images(pixels, latent_sampling == "sample", None)
 
         h = self.hashes()
         return TrainableModel(

@@ -350,7 +350,8 @@ class Trainer:
             hit = self._latent_cache.get(key) if caching else None
             if hit is None:
                 pixels, crop = ds._load(item, batch.bucket, flip, rng)
-                with torch.no_grad():
+                with torch.no_grad(), torch.random.fork_rng(devices=[m.device] if m.device.type == "cuda" else []):
+                    torch.manual_seed(_derive(cfg.seed, "latent", str(item.path), batch.bucket, flip))
                     lat = m.encode_images(pixels.unsqueeze(0).to(m.device))[0].float()
                 hit = (lat, crop)
                 if caching:
@@ -466,7 +467,8 @@ def _distributed_state():
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
     from accelerate import PartialState
-    return PartialState()
+    # without CUDA, accelerate only picks gloo on CPU when told so
+    return PartialState(cpu=not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true")
 
 
 def _derive(seed: int, *parts) -> int:
