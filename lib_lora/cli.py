@@ -141,7 +141,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     ckpt = load_checkpoint(args.base, device=device,
                            dtype=torch.float16 if device != "cpu" and args.mixed_precision == "fp16" else torch.float32)
-    model = ckpt.trainable(seed=args.seed)
+    model = ckpt.trainable()
     model.context = lambda: sdpa_attention(ckpt.unet)
     trainer = Trainer(model, cfg, Callbacks(on_progress=_Bar(True), log=lambda s: None))
     trainer.cb.on_progress = _Bar(trainer.is_main)

@@ -806,8 +806,8 @@ class Checkpoint:
             return self.vae.decode(latents.to(p.device, p.dtype) / self.scale_factor).sample
 
     # -- training -----------------------------------------------------------------------------
-    def trainable(self, device: torch.device | str | None = None, latent_sampling: Literal["sample", "mean"] = "sample",
-                  seed: int = 0) -> TrainableModel:
+    def trainable(self, device: torch.device | str | None = None,
+                  latent_sampling: Literal["sample", "mean"] = "sample") -> TrainableModel:
         """A :class:`TrainableModel` over these very modules (moved to ``device`` when given)."""
         if latent_sampling not in ("sample", "mean"):
             raise ValueError(f"latent_sampling must be 'sample' or 'mean', not {latent_sampling!r}")
