@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/train.py [--latent 32] [--steps 3] [--rank 16]
 
 Each variant runs in its own process so peak RSS is its own:
-  ours       LoRA Workshop's Trainer step path (LoRA on the LDM UNet's transformer blocks)
+  ours       LoRA Workshop's Trainer (LoRA on the LDM UNet's transformer blocks, cached latents
+             and text, AdamW), timed between progress callbacks after the caches are filled
   reference  the diffusers example recipe: UNet2DConditionModel + peft LoraConfig on the
              same layers, AdamW, MSE on epsilon
   bare       one forward+backward of the frozen LDM UNet (gradient w.r.t. the input only):
@@ -43,41 +44,62 @@ def _inputs(args):
     return x, t, ctx
 
 
+def _timed_steps(step, steps: int) -> tuple[float, float]:
+    """Median seconds of ``step()`` (after the first) and peak RSS growth in MiB."""
+    base = _current_rss_mb()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:] or times), _rss_mb() - base
+
+
 def run_ours(args, q):
+    """The real Trainer loop (dataset, cached latents/text, LoRA hooks, AdamW) on the LDM UNet."""
     sys.path.insert(0, str(ROOT))
+    import tempfile
+
+    import numpy as np
     import torch
+    from PIL import Image
     torch.set_num_threads(args["threads"])
     from lib_lora.architectures import build
     from lib_lora.attention import sdpa_attention
+    from lib_lora.training.dataset import DatasetConfig
     from lib_lora.training.model import Conditioning, TrainableModel
-    from lib_lora.training.network import NetworkConfig, TrainingNetwork
+    from lib_lora.training.network import NetworkConfig
+    from lib_lora.training.trainer import Callbacks, TrainConfig, Trainer
 
+    side = args["latent"] * 8
+    root = Path(tempfile.mkdtemp())
+    (root / "data" / "1_bench").mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (side, side, 3), dtype=np.uint8)).save(
+            root / "data" / "1_bench" / f"{i}.png")
     parts = build("sd1", device="cpu")
-    te = parts.text_encoders
-    model = TrainableModel("sd1", parts.unet, te, lambda c, s=None: None, lambda p: p, torch.linspace(0.99, 0.01, 1000))
-    for p in parts.unet.parameters():
-        p.requires_grad_(False)
-    net = TrainingNetwork(model.model_map, NetworkConfig(rank=args["rank"], alpha=args["rank"], train_text_encoder=False))
-    net.attach()
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
-    x, t, ctx = _inputs(args)
+    ctx = _inputs(args)[2]
+    proj = torch.nn.Conv2d(3, 4, 8, stride=8)  # stands in for the VAE: latents are cached after epoch 1
+    model = TrainableModel("sd1", parts.unet, parts.text_encoders, lambda caps, sizes=None: Conditioning(ctx.expand(len(caps), -1, -1)),
+                           lambda px: proj(px), torch.linspace(0.9999, 0.005, 1000),
+                           context=lambda: sdpa_attention(parts.unet))
+    cfg = TrainConfig(DatasetConfig(root / "data", resolution=side, min_bucket_reso=side, max_bucket_reso=side,
+                                    enable_buckets=False),
+                      NetworkConfig(rank=args["rank"], alpha=args["rank"], train_text_encoder=False),
+                      output_dir=root, output_name="bench", max_train_steps=args["steps"] + 2, learning_rate=1e-4,
+                      max_grad_norm=0.0)
+    stamps = []
     base = _current_rss_mb()
-    times = []
-    sdpa_attention(parts.unet).__enter__()  # what the CLI host does (the WebUI has its own optimisations)
-    for _ in range(args["steps"]):
-        t0 = time.perf_counter()
-        noise = torch.randn_like(x)
-        pred = model.predict(x + noise, t, Conditioning(ctx))
-        loss = torch.nn.functional.mse_loss(pred, noise)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
-    q.put({"step_s": statistics.median(times[1:] or times), "peak_mb": _rss_mb() - base,
-           "trainable": sum(p.numel() for p in net.parameters())})
+    Trainer(model, cfg, Callbacks(on_progress=lambda p: stamps.append(time.perf_counter()), log=lambda s: None)).run()
+    steps = [b - a for a, b in zip(stamps, stamps[1:])][2:]  # after the epoch that fills the caches
+    from lib_lora.fileio import load_safetensors
+    sd, _ = load_safetensors(root / "bench.safetensors")
+    trainable = sum(v.numel() for k, v in sd.items() if not k.endswith("alpha"))
+    q.put({"step_s": statistics.median(steps), "peak_mb": _rss_mb() - base, "trainable": trainable})
 
 
 def run_reference(args, q):
+    """The diffusers text-to-image LoRA example's step: UNet2DConditionModel + peft, AdamW, MSE on epsilon."""
     import torch
     torch.set_num_threads(args["threads"])
     from diffusers import UNet2DConditionModel
@@ -90,19 +112,15 @@ def run_reference(args, q):
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     x, t, ctx = _inputs(args)
-    base = _current_rss_mb()
-    times = []
-    for _ in range(args["steps"]):
-        t0 = time.perf_counter()
+
+    def step():
         noise = torch.randn_like(x)
-        pred = unet(x + noise, t, ctx).sample
-        loss = torch.nn.functional.mse_loss(pred, noise)
-        loss.backward()
+        torch.nn.functional.mse_loss(unet(x + noise, t, ctx).sample, noise).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
-    q.put({"step_s": statistics.median(times[1:] or times), "peak_mb": _rss_mb() - base,
-           "trainable": sum(p.numel() for p in params)})
+
+    step_s, peak = _timed_steps(step, args["steps"])
+    q.put({"step_s": step_s, "peak_mb": peak, "trainable": sum(p.numel() for p in params)})
 
 
 def run_bare(args, q):
@@ -110,20 +128,19 @@ def run_bare(args, q):
     import torch
     torch.set_num_threads(args["threads"])
     from lib_lora.architectures import build
-
     from lib_lora.attention import sdpa_attention
+
     unet = build("sd1", device="cpu").unet
     unet.requires_grad_(False)
     sdpa_attention(unet).__enter__()
     x, t, ctx = _inputs(args)
-    base = _current_rss_mb()
-    times = []
-    for _ in range(args["steps"]):
-        t0 = time.perf_counter()
+
+    def step():
         xi = (x + torch.randn_like(x)).requires_grad_(True)
         unet(xi, t, context=ctx).square().mean().backward()
-        times.append(time.perf_counter() - t0)
-    q.put({"step_s": statistics.median(times[1:] or times), "peak_mb": _rss_mb() - base, "trainable": 0})
+
+    step_s, peak = _timed_steps(step, args["steps"])
+    q.put({"step_s": step_s, "peak_mb": peak, "trainable": 0})
 
 
 def measure(fn, args) -> dict:
