@@ -14,3 +14,19 @@
         onUiUpdate(update);
     }
 })();
+
+// LoRA Workshop training tab: refresh the job's status every 2 s while the tab is on screen
+// (clicks the tab's own Refresh button, whose handler bypasses the queue).
+(function() {
+    function root() {
+        return typeof gradioApp === "function" ? gradioApp() : document;
+    }
+    setInterval(function() {
+        if (document.hidden) return;
+        var app = root();
+        var tab = app.querySelector("#tab_lora_workshop");
+        var button = app.querySelector("#lora_workshop_poll");
+        if (!tab || !button || tab.offsetParent === null) return;  // another tab is shown
+        button.click();
+    }, 2000);
+})();

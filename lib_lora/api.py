@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from secrets import compare_digest
-from typing import Any
+from typing import Any, Optional
 
-from fastapi import Depends, FastAPI, HTTPException
+from fastapi import Body, Depends, FastAPI, HTTPException
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
 from . import service
@@ -98,4 +98,104 @@ def add_routes(app: FastAPI, library: Callable[[], Library], *, dependencies: li
 
         route("/sdapi/v1/loras", "GET", sdapi_loras)
         route("/sdapi/v1/refresh-loras", "POST", sdapi_refresh)
+    return added
+
+
+# -- training ------------------------------------------------------------------------------------------
+
+
+def add_training_routes(app: FastAPI, runner: Callable[[], Any], *, dependencies: list | None = None) -> list[str]:
+    """Training jobs over HTTP; ``runner`` returns the ``training.jobs.JobRunner`` (called per request).
+
+    - ``POST {PREFIX}/train`` body: a training request (see ``jobs.build_request``) -> ``{"id", "name",
+      "state", "total"}`` at once; 400 bad request / dataset error (named), 409 a job is running,
+      the output exists or the loaded model cannot be trained on.
+    - ``POST {PREFIX}/train/validate`` same body -> ``{"summary", "problems"}`` (nothing starts).
+    - ``GET {PREFIX}/train`` -> ``{"active": id | null, "jobs": [{id, name, state, step, total}]}``.
+    - ``GET {PREFIX}/train/{id}`` -> the job's status (``Job.status``) with ``samples[i].url``.
+    - ``POST {PREFIX}/train/{id}/stop`` body ``{"save": bool}`` (optional) -> the status.
+    - ``GET {PREFIX}/train/{id}/samples/{n}`` -> sample image ``n`` (only files the job wrote).
+    File paths in answers are relative to the LoRA folder; nothing outside it is ever written.
+    """
+    from fastapi.responses import FileResponse
+
+    from .training.dataset import DatasetError
+    from .training.jobs import JobError
+
+    deps = list(dependencies or [])
+    added: list[str] = []
+
+    def route(path: str, method: str, fn: Callable[..., Any]) -> None:
+        if _has_route(app, path, method):
+            return
+        app.add_api_route(path, fn, methods=[method], dependencies=deps)
+        added.append(path)
+
+    def fail(e: Exception) -> HTTPException:
+        if isinstance(e, JobError):
+            return HTTPException(status_code=e.status, detail=str(e))
+        return HTTPException(status_code=400, detail=str(e))  # DatasetError: the message names the file
+
+    def status(job) -> dict[str, Any]:
+        r = runner()
+        out = job.status(relative_to=r.host.output_dir())
+        for s in out["samples"]:
+            s["url"] = f"{PREFIX}/train/{job.id}/samples/{s['index']}"
+        return out
+
+    def get_job(job_id: str):
+        try:
+            return runner().get(job_id)
+        except JobError as e:
+            raise fail(e) from None
+
+    def train(body: dict = Body(...)) -> dict[str, Any]:
+        try:
+            job = runner().start(body)
+        except (JobError, DatasetError) as e:
+            raise fail(e) from None
+        return {"id": job.id, "name": job.name, "state": job.state, "total": job.total}
+
+    def validate(body: dict = Body(...)) -> dict[str, Any]:
+        try:
+            summary, problems = runner().validate(body)
+        except (JobError, DatasetError) as e:
+            raise fail(e) from None
+        return {"summary": summary, "problems": [p.to_dict() for p in problems]}
+
+    def list_jobs() -> dict[str, Any]:
+        r = runner()
+        active = r.active()
+        return {"active": active.id if active else None,
+                "jobs": [{"id": j.id, "name": j.name, "state": j.state, "step": j.step, "total": j.total}
+                         for j in r.jobs()]}
+
+    def job_status(job_id: str) -> dict[str, Any]:
+        return status(get_job(job_id))
+
+    def stop(job_id: str, body: Optional[dict] = Body(None)) -> dict[str, Any]:
+        job = get_job(job_id)
+        save = (body or {}).get("save", False)
+        if not isinstance(save, bool):
+            raise HTTPException(status_code=400, detail="save: expected true or false")
+        job.request_stop(save=save)
+        return status(job)
+
+    def sample(job_id: str, n: int):
+        job = get_job(job_id)
+        paths = job.sample_paths()
+        if not 0 <= n < len(paths):
+            raise HTTPException(status_code=404, detail=f"no sample {n} for job {job_id}")
+        path = paths[n].resolve()
+        folder = runner().host.samples_dir(job).resolve()
+        if folder not in path.parents or not path.is_file():
+            raise HTTPException(status_code=404, detail=f"sample {n} is no longer available")
+        return FileResponse(str(path), media_type="image/png")
+
+    route(f"{PREFIX}/train", "POST", train)
+    route(f"{PREFIX}/train/validate", "POST", validate)
+    route(f"{PREFIX}/train", "GET", list_jobs)
+    route(PREFIX + "/train/{job_id}", "GET", job_status)
+    route(PREFIX + "/train/{job_id}/stop", "POST", stop)
+    route(PREFIX + "/train/{job_id}/samples/{n}", "GET", sample)
     return added

@@ -20,6 +20,7 @@ from .network import Network, load_network
 
 EXTENSIONS = SAFETENSORS_EXT + (".pt", ".ckpt")
 PREVIEW_EXT = (".png", ".jpg", ".jpeg", ".webp", ".gif")
+TRAINING_STATE_SUFFIX = ".state.safetensors"
 _HEX = re.compile(r"^[0-9a-fA-F]{8,64}$")
 
 
@@ -125,8 +126,8 @@ class Library:
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
                 for fn in sorted(filenames):
                     p = Path(dirpath) / fn
-                    if p.suffix.lower() not in EXTENSIONS or fn.startswith("."):
-                        continue
+                    if p.suffix.lower() not in EXTENSIONS or fn.startswith(".") or fn.endswith(TRAINING_STATE_SUFFIX):
+                        continue  # resumable training state saved beside a LoRA is not a LoRA
                     real = p.resolve()
                     if real in seen:
                         continue

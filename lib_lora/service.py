@@ -259,6 +259,7 @@ def paste_rename(prompt: str, hashes_value: str, library: Library) -> str:
 
 __all__ = [
     "requests_from_items", "format_weight", "decoded_metadata", "tag_frequency",
-    "metadata_summary", "algorithm_info", "relpath", "entry_json", "builtin_json", "prompt_name", "display_names",
+    "metadata_summary", "algorithm_info", "relpath", "entry_json", "builtin_json",
+    "prompt_name", "display_names",
     "card_prompts", "card_search_terms", "paste_rename",
 ]

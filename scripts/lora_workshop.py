@@ -12,7 +12,7 @@ if _root not in sys.path:  # the WebUI adds the extension folder only while load
 
 from modules import script_callbacks, scripts  # noqa: E402
 
-from lib_lora.hosts import webui  # noqa: E402
+from lib_lora.hosts import webui, webui_training  # noqa: E402
 
 workshop = webui.get_workshop()
 
@@ -56,3 +56,4 @@ script_callbacks.on_ui_settings(workshop.register_settings)
 script_callbacks.on_model_loaded(workshop.model_loaded)
 script_callbacks.on_infotext_pasted(workshop.infotext_pasted)
 script_callbacks.on_script_unloaded(workshop.restore)
+script_callbacks.on_ui_tabs(webui_training.ui_tabs)

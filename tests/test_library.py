@@ -105,3 +105,9 @@ def test_runtime_reports_and_keeps_model_intact(tmp_path):
     assert not same(before, snapshot(tiny.unet, tiny.text_encoders[0][1]))
     rt.activate([])
     assert same(before, snapshot(tiny.unet, tiny.text_encoders[0][1]))
+
+
+def test_training_state_files_are_not_loras(tmp_path):
+    lora(tmp_path / "x.safetensors")
+    lora(tmp_path / "x.state.safetensors")
+    assert [e.name for e in Library([tmp_path]).entries] == ["x"]

@@ -165,7 +165,7 @@ class WebUIHost:
             default = DEFAULTS.get(key)
         return getattr(shared.opts, key, default)
 
-    # training hooks (later) ----------------------------------------------------------------
+    # training hooks: training on the WebUI's model lives in hosts/webui_training.py ------------
     def encode_text(self, prompts: list[str]) -> Any:
         raise NotImplementedError("text encoding for training is not implemented yet")
 
@@ -232,7 +232,8 @@ class LoraPage(ui_extra_networks.ExtraNetworksPage):
         self.workshop.library.refresh()
 
     def list_items(self):
-        entries = list(self.workshop.library.entries)  # a snapshot: refresh may swap the list
+        # a snapshot (refresh may swap the list); training state files sit beside LoRAs but are not ones
+        entries = list(self.workshop.library.entries)
         names = service.display_names(entries)
         for index, entry in enumerate(entries):
             yield self._item(entry, names[entry.relname], index)
@@ -574,5 +575,7 @@ def api_auth_dependencies(app: Any) -> list:
 
 def add_api_routes(app: Any, workshop: Workshop) -> list[str]:
     from ..api import add_routes
-    return add_routes(app, lambda: workshop.library, dependencies=api_auth_dependencies(app),
-                      builtin_compatible=not builtin_lora_active())
+    from . import webui_training
+    added = add_routes(app, lambda: workshop.library, dependencies=api_auth_dependencies(app),
+                       builtin_compatible=not builtin_lora_active())
+    return added + webui_training.add_api_routes(app, workshop)

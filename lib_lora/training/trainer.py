@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ..fileio import save_safetensors
 from ..hashes import hashes_from_bytes
+from ..library import TRAINING_STATE_SUFFIX
 from .dataset import Batch, Dataset, DatasetConfig, Position, derive_rng, scan
 from .metadata import build_metadata
 from .model import Conditioning, TrainableModel
@@ -421,7 +422,7 @@ class Trainer:
 
     @staticmethod
     def state_path(lora_path: Path) -> Path:
-        return lora_path.with_name(lora_path.stem + ".state.safetensors")
+        return lora_path.with_name(lora_path.stem + TRAINING_STATE_SUFFIX)
 
     def _prune(self, saved: list[Path]) -> None:
         k = self.cfg.save_last_k

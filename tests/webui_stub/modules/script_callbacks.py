@@ -75,6 +75,17 @@ def ui_settings_callback():
     _run('ui_settings')
 
 
+def ui_tabs_callback():
+    """Each callback returns a list of (gradio Blocks, title, elem_id); the lists are concatenated."""
+    res = []
+    for c in ordered_callbacks('ui_tabs'):
+        try:
+            res += c.callback() or []
+        except Exception:
+            errors.report(f"Error executing callback ui_tabs_callback for {c.script}", exc_info=True)
+    return res
+
+
 def before_component_callback(component, **kwargs):
     _run('before_component', component, **kwargs)
 

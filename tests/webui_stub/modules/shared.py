@@ -3,7 +3,7 @@
 In the WebUI ``sd_model`` is a property that loads the model on first access; here it is
 a plain attribute the tests assign.
 """
-from modules import options, shared_cmd_options
+from modules import options, shared_cmd_options, shared_state
 
 cmd_opts = shared_cmd_options.cmd_opts
 
@@ -16,3 +16,5 @@ opts.add_option("samples_format", OptionInfo("png", "File format for images"))
 opts.add_option("extra_networks_default_multiplier", OptionInfo(1.0, "Default multiplier for extra networks"))
 
 sd_model = None
+state = shared_state.State()
+parallel_processing_allowed = True

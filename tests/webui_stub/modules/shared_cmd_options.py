@@ -18,4 +18,7 @@ cmd_opts = argparse.Namespace(
     freeze_settings=False,
     hide_ui_dir_config=False,
     skip_install=False,
+    lowvram=False,
+    medvram=False,
+    medvram_sdxl=False,
 )

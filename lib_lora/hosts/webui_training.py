@@ -1,0 +1,400 @@
+"""Training on the checkpoint the AUTOMATIC1111 WebUI has loaded (written against v1.10.1).
+
+Nothing is copied or reloaded: the trainer gets the WebUI's own modules (``sd_model.model
+.diffusion_model`` and the text encoders where ``hosts.webui`` finds them) and the WebUI's own
+paths for everything around them:
+
+- captions -> conditioning: SD1/SD2 call ``sd_model.cond_stage_model(captions)`` (the hijacked
+  embedder the WebUI prompts through: emphasis, embeddings, clip skip, >75 tokens) like the
+  WebUI's embedding training does; SDXL calls ``sd_model.conditioner(batch)`` with per-image
+  ``original_size_as_tuple`` / ``crop_coords_top_left`` / ``target_size_as_tuple`` and takes
+  ``crossattn`` and ``vector``.  sgm runs embedders without gradients unless ``is_trainable``,
+  so that flag (and ``ucg_rate`` = 0) is set for the duration of the call only.
+- images -> latents: ``encode_first_stage`` + ``get_first_stage_encoding`` under no_grad, with
+  the VAE's sampling noise seeded from the image itself (same latents on a resumed run, and the
+  global RNG untouched).
+- sample images: ``processing.StableDiffusionProcessingTxt2Img`` + ``process_images`` while the
+  LoRA being trained is attached as hooks, so the WebUI's own sampler renders with it.  Extra
+  networks are disabled for those renders and they use a private conditioning cache, so nothing
+  computed with the training LoRA is reused by later generations.
+
+The job holds ``call_queue.queue_lock`` for the whole run: a generation requested meanwhile
+(UI or /sdapi/v1/txt2img) waits until training ends.  Progress goes to ``shared.state`` the way
+the WebUI's embedding training reports it (job_count = steps, job_no = step, textinfo), so
+/sdapi/v1/progress and the progress bar show it; the WebUI's Interrupt (``shared.state
+.interrupted``) stops the job after the current step and saves what was trained.
+"""
+from __future__ import annotations
+
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from modules import paths, shared
+
+from ..training.jobs import Job, JobRunner, TrainingHost, TrainingRefused
+from ..training.model import Conditioning, TrainableModel
+from . import webui as glue
+
+JOB_NAME = "lora-workshop-train"
+_FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+             if hasattr(torch, n))
+
+
+# -- what is loaded ---------------------------------------------------------------------------------
+
+
+def loaded_model() -> Any:
+    """The loaded model without triggering a load: ``shared.sd_model`` loads one on first access."""
+    sd_models = sys.modules.get("modules.sd_models")
+    data = getattr(sd_models, "model_data", None)
+    if data is not None and hasattr(data, "sd_model"):
+        return data.sd_model
+    return getattr(shared, "sd_model", None)
+
+
+def is_sdxl_refiner(sd_model: Any) -> bool:
+    """The SDXL refiner: OpenCLIP-G only (no CLIP-L) and an aesthetic-score embedder."""
+    embedders = getattr(getattr(sd_model, "conditioner", None), "embedders", None) or []
+    if any(getattr(e, "input_key", None) == "aesthetic_score" for e in embedders):
+        return True
+    roots = glue.text_encoder_roots(sd_model, "sdxl")
+    return bool(embedders) and not any(prefix == "te1" for prefix, _ in roots)
+
+
+def uses_fp8(sd_model: Any, family: str) -> bool:
+    setting = getattr(shared.opts, "fp8_storage", "Disable")
+    if setting is True or setting == "Enable" or (setting == "Enable for SDXL" and family == "sdxl"):
+        return True
+    unet = glue.unet_root(sd_model)
+    return isinstance(unet, torch.nn.Module) and any(p.dtype in _FP8 for p in unet.parameters())
+
+
+def refusal(sd_model: Any) -> str | None:
+    """Why training on ``sd_model`` is refused, or None."""
+    if sd_model is None:
+        return "no model is loaded: load an SD1, SD2 or SDXL checkpoint first"
+    family = glue.model_family(sd_model)
+    if family is None:
+        return "the loaded model type cannot be trained on (SD1, SD2 and SDXL checkpoints can)"
+    cmd = shared.cmd_opts
+    if getattr(cmd, "lowvram", False) or getattr(cmd, "medvram", False) \
+            or (getattr(cmd, "medvram_sdxl", False) and family == "sdxl") or getattr(sd_model, "lowvram", False):
+        return ("training needs the whole model on the GPU: restart the WebUI without --lowvram / --medvram"
+                + (" / --medvram-sdxl" if family == "sdxl" else ""))
+    if family == "sdxl" and is_sdxl_refiner(sd_model):
+        return "the SDXL refiner is loaded: LoRAs are trained on an SDXL base model; select one as the checkpoint"
+    if uses_fp8(sd_model, family):
+        return ("the model's weights are stored in FP8 (Settings > Optimizations > FP8 weight): training needs "
+                "fp16/bf16/fp32 weights; disable FP8 and reload the checkpoint")
+    unet = glue.unet_root(sd_model)
+    if not isinstance(unet, torch.nn.Module):
+        return "the loaded model has no UNet where the WebUI keeps it (sd_model.model.diffusion_model)"
+    if getattr(unet, "in_channels", 4) != 4:
+        return (f"the loaded model's UNet takes {unet.in_channels} input channels (inpainting / instruct-pix2pix); "
+                "train on a regular checkpoint")
+    if not glue.text_encoder_roots(sd_model, family):
+        return "the loaded model's text encoder was not found where the WebUI keeps it"
+    sd_unet = sys.modules.get("modules.sd_unet")
+    if getattr(sd_unet, "current_unet", None) is not None:
+        return "an alternative UNet (e.g. TensorRT) is active: set SD Unet to None/Automatic-off in Settings first"
+    builtin = glue.builtin_networks_module()
+    if builtin is not None and getattr(builtin, "loaded_networks", None):
+        return ("the built-in Lora extension has networks applied to the model; generate once without LoRAs "
+                "(or disable it) before training")
+    return None
+
+
+def checkpoint_change_pending(sd_model: Any) -> bool:
+    """The checkpoint setting names another model (its reload waits for our lock): do not render."""
+    info = getattr(sd_model, "sd_checkpoint_info", None)
+    wanted = getattr(shared.opts, "sd_model_checkpoint", None)
+    if info is None or not wanted:
+        return False
+    names = {getattr(info, a, None) for a in ("title", "name", "model_name", "short_title")}
+    if getattr(info, "shorthash", None):
+        names.add(f"{getattr(info, 'name', '')} [{info.shorthash}]")
+    return wanted not in names
+
+
+# -- the model as the trainer sees it ------------------------------------------------------------------
+
+
+def _param(module: torch.nn.Module) -> torch.Tensor:
+    return next(module.parameters())
+
+
+def _pixel_seed(pixels: torch.Tensor) -> int:
+    return zlib.crc32(pixels.detach().float().cpu().numpy().tobytes())
+
+
+def trainable_model(sd_model: Any, render: Callable[..., list] | None = None, model_map=None) -> TrainableModel:
+    """Wrap the WebUI's loaded model (call ``refusal`` first)."""
+    family = glue.model_family(sd_model)
+    unet = glue.unet_root(sd_model)
+    tes = glue.text_encoder_roots(sd_model, family)
+    device = _param(unet).device
+    unet_dtype = _param(unet).dtype
+    v_pred = getattr(sd_model, "parameterization", "eps") == "v"
+
+    if family == "sdxl":
+        resolution = 1024
+
+        def encode_text(captions: list[str], sizes=None) -> Conditioning:
+            n = len(captions)
+            sizes = sizes or [((resolution, resolution), (0, 0), (resolution, resolution))] * n
+
+            def col(i: int) -> torch.Tensor:
+                return torch.tensor([list(s[i]) for s in sizes], dtype=torch.float32, device=device)
+
+            batch = {"txt": list(captions), "original_size_as_tuple": col(0), "crop_coords_top_left": col(1),
+                     "target_size_as_tuple": col(2)}
+            embedders = list(sd_model.conditioner.embedders)
+            saved = [(e, getattr(e, "is_trainable", False), getattr(e, "ucg_rate", 0.0)) for e in embedders]
+            try:
+                for e in embedders:
+                    e.is_trainable = True   # sgm wraps non-trainable embedders in no_grad; the trainer decides
+                    e.ucg_rate = 0.0        # no random caption dropout inside the conditioner
+                out = sd_model.conditioner(batch)
+            finally:
+                for e, trainable, ucg in saved:
+                    e.is_trainable, e.ucg_rate = trainable, ucg
+            return Conditioning(out["crossattn"].to(unet_dtype), out["vector"].to(unet_dtype))
+    else:
+        resolution = 768 if (family == "sd2" and v_pred) else 512
+
+        def encode_text(captions: list[str], sizes=None) -> Conditioning:
+            return Conditioning(sd_model.cond_stage_model(list(captions)).to(unet_dtype))
+
+    vae = sd_model.first_stage_model
+
+    def encode_images(pixels: torch.Tensor) -> torch.Tensor:
+        vae_param = _param(vae)
+        x = pixels.to(device=vae_param.device, dtype=vae_param.dtype)
+        devices = [vae_param.device] if vae_param.device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            torch.manual_seed(_pixel_seed(pixels))
+            z = sd_model.get_first_stage_encoding(sd_model.encode_first_stage(x))
+        return z.float().to(device)
+
+    acp = getattr(sd_model, "alphas_cumprod_original", None)
+    if acp is None:
+        acp = sd_model.alphas_cumprod
+    acp = torch.as_tensor(acp).detach().to("cpu", torch.float32).clone()
+
+    info = getattr(sd_model, "sd_checkpoint_info", None)
+    filename = getattr(info, "filename", None)
+    model_name = Path(filename).name if filename else (getattr(info, "title", None) or "")
+    return TrainableModel(
+        family=family, unet=unet, text_encoders=tes, encode_text=encode_text, encode_images=encode_images,
+        alphas_cumprod=acp, prediction="v" if v_pred else "epsilon", device=device, model_name=model_name,
+        model_hash=getattr(info, "sha256", None) or "", legacy_hash=getattr(info, "hash", None) or "",
+        resolution=resolution, model_map=model_map, render=render)
+
+
+# -- sample prompts -------------------------------------------------------------------------------------
+
+# kohya's sample prompt options: --n negative, --w/--h size, --s steps, --l cfg scale, --d seed, --ss sampler
+_KOHYA_SAMPLERS = {"ddim": "DDIM", "pndm": "PLMS", "lms": "LMS", "euler": "Euler", "euler_a": "Euler a",
+                   "heun": "Heun", "dpm_2": "DPM2", "dpm_2_a": "DPM2 a", "dpmsolver++": "DPM++ 2M",
+                   "k_lms": "LMS", "k_euler": "Euler", "k_euler_a": "Euler a",
+                   "k_dpm_2": "DPM2", "k_dpm_2_a": "DPM2 a"}
+
+
+def parse_sample_prompt(line: str, width: int, height: int, seed: int, steps: int = 20,
+                        cfg_scale: float = 7.0) -> dict:
+    """One sample prompt line with kohya's inline options (``a cat --n blurry --w 768 --s 28``)."""
+    out = {"prompt": line, "negative_prompt": "", "width": width, "height": height, "seed": seed, "steps": steps,
+           "cfg_scale": cfg_scale, "sampler_name": None}
+    head, sep, rest = line.partition(" --")
+    if not sep:
+        out["prompt"] = line.strip()
+        return out
+    out["prompt"] = head.strip()
+    for part in ("--" + rest).split(" --"):
+        part = part.strip().lstrip("-")
+        key, _, value = part.partition(" ")
+        value = value.strip()
+        try:
+            if key == "n":
+                out["negative_prompt"] = value
+            elif key == "w":
+                out["width"] = int(value)
+            elif key == "h":
+                out["height"] = int(value)
+            elif key == "s":
+                out["steps"] = int(value)
+            elif key == "l":
+                out["cfg_scale"] = float(value)
+            elif key == "d":
+                out["seed"] = int(value)
+            elif key == "ss":
+                out["sampler_name"] = _KOHYA_SAMPLERS.get(value.lower(), value)
+        except ValueError:
+            continue  # a malformed option is ignored, like kohya does
+    return out
+
+
+# -- the host -------------------------------------------------------------------------------------------
+
+
+class WebUITrainingHost(TrainingHost):
+    name = "webui"
+
+    def __init__(self, workshop: "glue.Workshop"):
+        self.workshop = workshop
+
+    def lock(self):
+        return self.workshop.host.queue_lock()
+
+    def family(self) -> str | None:
+        sd_model = loaded_model()
+        return glue.model_family(sd_model) if sd_model is not None else None
+
+    def describe(self) -> str:
+        """One line for the tab: what would be trained on, or why not."""
+        sd_model = loaded_model()
+        why = refusal(sd_model)
+        if sd_model is None:
+            return f"Cannot train: {why}"
+        info = getattr(sd_model, "sd_checkpoint_info", None)
+        title = getattr(info, "title", None) or "the loaded model"
+        family = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}.get(glue.model_family(sd_model) or "", "?")
+        return f"Cannot train on {title}: {why}" if why else f"Trains on the loaded {family} model: {title}"
+
+    def check(self) -> None:
+        why = refusal(loaded_model())
+        if why:
+            raise TrainingRefused(why)
+
+    def build_model(self, job: Job) -> TrainableModel:
+        sd_model = loaded_model()
+        why = refusal(sd_model)
+        if why:
+            raise TrainingRefused(why)
+        restored = self.workshop.restore()  # LoRAs left merged by the last generation must not be trained into
+        if restored:
+            job.log(f"restored the model's original weights ({restored} layers had LoRAs merged)")
+        self._no_token_merging(sd_model)
+        mm = self.workshop.host.model_map(sd_model)
+        return trainable_model(sd_model, render=self._renderer(job, sd_model), model_map=mm)
+
+    @staticmethod
+    def _no_token_merging(sd_model: Any) -> None:
+        """ToMe patches stay on the model after a generation; the UNet must train without them."""
+        sd_models = sys.modules.get("modules.sd_models")
+        apply = getattr(sd_models, "apply_token_merging", None)
+        if apply is not None:
+            apply(sd_model, 0)
+
+    def _renderer(self, job: Job, sd_model: Any) -> Callable[..., list]:
+        w, h = job.config.dataset.reso
+
+        def render(prompts: list[str], seed: int = 0) -> list:
+            from modules import processing
+            if checkpoint_change_pending(sd_model):
+                job.log("a checkpoint change is waiting: sample images skipped")
+                return []
+            images = []
+            for line in prompts:
+                o = parse_sample_prompt(line, w, h, seed)
+                p = processing.StableDiffusionProcessingTxt2Img(
+                    sd_model=sd_model, prompt=o["prompt"], negative_prompt=o["negative_prompt"], seed=o["seed"],
+                    steps=o["steps"], cfg_scale=o["cfg_scale"], width=o["width"], height=o["height"],
+                    sampler_name=o["sampler_name"], batch_size=1, n_iter=1, do_not_save_samples=True,
+                    do_not_save_grid=True, do_not_reload_embeddings=True, disable_extra_networks=True)
+                # a private conditioning cache: the shared one must never keep conds made with the training LoRA
+                p.cached_c = [None, None]
+                p.cached_uc = [None, None]
+                try:
+                    processed = processing.process_images(p)
+                finally:
+                    close = getattr(p, "close", None)
+                    if callable(close):
+                        close()
+                    self._no_token_merging(sd_model)
+                if processed is not None and processed.images:
+                    images.append(processed.images[0])
+                if getattr(shared.state, "interrupted", False):
+                    break
+            return images
+
+        return render
+
+    def output_dir(self) -> Path:
+        return self.workshop.host.lora_dirs()[0]
+
+    def samples_dir(self, job: Job) -> Path:
+        return Path(paths.data_path) / "outputs" / "lora-workshop" / f"{job.name}-{job.id}"
+
+    # progress, the way the WebUI's own training reports it ------------------------------------------------
+    def begin(self, job: Job) -> None:
+        st = shared.state
+        st.begin(job=JOB_NAME)
+        self.progress(job)
+
+    def progress(self, job: Job) -> None:
+        st = shared.state
+        st.job = JOB_NAME
+        st.job_count = max(job.total, 1)
+        st.job_no = job.step
+        st.sampling_step = 0
+        st.sampling_steps = 0
+        st.textinfo = job.textinfo()
+        if job.eta is not None:
+            # /sdapi/v1/progress derives its ETA from time_start and job_no/job_count: make it ours
+            p = 0.01 + job.step / st.job_count
+            if p < 1:
+                st.time_start = time.time() - job.eta * p / (1 - p)
+
+    def samples(self, job: Job, images: list) -> None:
+        assign = getattr(shared.state, "assign_current_image", None)
+        if callable(assign) and images:
+            assign(images[-1])  # the live preview shows the newest sample
+
+    def interrupted(self) -> bool:
+        return bool(getattr(shared.state, "interrupted", False))
+
+    def end(self, job: Job) -> None:
+        shared.state.textinfo = job.textinfo()
+        shared.state.end()
+
+    def after(self, job: Job) -> None:
+        self.workshop.library.refresh()
+
+    def log(self, message: str) -> None:
+        glue._log(message)
+
+
+_runner: JobRunner | None = None
+_runner_lock = threading.Lock()
+
+
+def get_runner(workshop: "glue.Workshop | None" = None) -> JobRunner:
+    """The process' job runner (kept across "Reload UI", like the Workshop)."""
+    global _runner
+    ws = workshop or glue.get_workshop()
+    with _runner_lock:
+        if _runner is None or _runner.host.workshop is not ws:
+            _runner = JobRunner(WebUITrainingHost(ws))
+        return _runner
+
+
+def ui_tabs() -> list:
+    """script_callbacks.on_ui_tabs: the "LoRA Workshop" tab."""
+    from ..training import ui
+    return ui.create_tab(get_runner())
+
+
+def add_api_routes(app: Any, workshop: "glue.Workshop") -> list[str]:
+    from ..api import add_training_routes
+    return add_training_routes(app, lambda: get_runner(workshop), dependencies=glue.api_auth_dependencies(app))
+
+
+__all__ = ["refusal", "trainable_model", "parse_sample_prompt", "WebUITrainingHost", "get_runner", "ui_tabs",
+           "loaded_model"]

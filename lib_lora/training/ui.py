@@ -1,0 +1,440 @@
+"""The "LoRA Workshop" training tab, for the gradio the WebUI ships (3.41.x).
+
+``create_tab(runner)`` is the only function that imports gradio; everything it shows is made
+by the plain functions above it (form <-> request, status HTML, the loss plot as a PIL image),
+which work and are tested without gradio.  The tab never holds the WebUI's queue lock itself:
+Start hands the request to the ``JobRunner``, whose thread takes the lock, so the page stays
+responsive.  javascript/lora_workshop.js clicks the tab's Refresh button every 2 s while the tab
+is visible.
+"""
+from __future__ import annotations
+
+import dataclasses
+import html
+import math
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw, ImageFont
+
+from .dataset import DatasetConfig, DatasetError
+from .jobs import PRESET_LABELS, PRESETS, STATE_SUFFIX, JobError, JobRunner, format_seconds, preset_for_family
+from .network import NetworkConfig
+from .trainer import TrainConfig
+
+TAB_TITLE = "LoRA Workshop"
+TAB_ID = "lora_workshop"          # the WebUI wraps it as #tab_lora_workshop
+POLL_ID = "lora_workshop_poll"    # the Refresh button the script clicks
+
+OPTIMIZERS = ["AdamW", "AdamW8bit", "Lion", "Prodigy"]
+SCHEDULERS = ["constant", "constant_with_warmup", "cosine", "linear"]
+PRECISIONS = ["auto", "no", "fp16", "bf16"]
+SAVE_PRECISIONS = ["fp16", "bf16", "fp32"]
+
+# (request key, label, kind, extra); kinds: text, textarea, int, float, opt_int/opt_float (0 = not set),
+# bool, choice.  Keys with a dot go into the "dataset"/"network" objects of the request.
+SECTIONS: list[tuple[str, bool, list[tuple[str, str, str, dict]]]] = [
+    ("Dataset", True, [
+        ("dataset.train_dir", "Dataset folder", "text",
+         {"placeholder": "holds '<repeats>_<trigger>' sub-folders, e.g. 10_mychar", "scale": 3}),
+        ("dataset.reg_dir", "Regularisation folder (optional)", "text", {"scale": 3}),
+        ("dataset.resolution", "Resolution", "int", {}),
+        ("dataset.enable_buckets", "Aspect ratio buckets", "bool", {}),
+        ("dataset.min_bucket_reso", "Smallest bucket side", "int", {}),
+        ("dataset.max_bucket_reso", "Largest bucket side", "int", {}),
+        ("dataset.caption_extension", "Caption extension", "text", {}),
+        ("dataset.shuffle_caption", "Shuffle caption tags", "bool", {}),
+        ("dataset.keep_tokens", "Keep first N tags in place", "int", {}),
+        ("dataset.caption_dropout_rate", "Caption dropout rate", "float", {}),
+        ("dataset.flip_aug", "Random horizontal flip", "bool", {}),
+        ("dataset.random_crop", "Random crop", "bool", {}),
+    ]),
+    ("Network", False, [
+        ("network.rank", "Rank (dim)", "int", {}),
+        ("network.alpha", "Alpha", "float", {}),
+        ("network.conv_rank", "Conv rank (LoCon; 0 = off)", "int", {}),
+        ("network.conv_alpha", "Conv alpha", "float", {}),
+        ("network.dropout", "Dropout", "float", {}),
+        ("network.train_unet", "Train the UNet", "bool", {}),
+        ("network.train_text_encoder", "Train the text encoder(s)", "bool", {}),
+    ]),
+    ("Optimizer and schedule", False, [
+        ("optimizer", "Optimizer", "choice", {"choices": OPTIMIZERS}),
+        ("learning_rate", "Learning rate (UNet)", "float", {}),
+        ("text_encoder_lr", "Text encoder learning rate (0 = same)", "opt_float", {}),
+        ("lr_scheduler", "Scheduler", "choice", {"choices": SCHEDULERS}),
+        ("lr_warmup_steps", "Warm-up steps", "int", {}),
+        ("max_train_epochs", "Epochs (0 = use max steps)", "opt_int", {}),
+        ("max_train_steps", "Max steps", "int", {}),
+        ("batch_size", "Batch size", "int", {}),
+        ("gradient_accumulation_steps", "Gradient accumulation", "int", {}),
+        ("weight_decay", "Weight decay", "float", {}),
+        ("max_grad_norm", "Max gradient norm (0 = off)", "float", {}),
+    ]),
+    ("Saving", False, [
+        ("save_precision", "Save as", "choice", {"choices": SAVE_PRECISIONS}),
+        ("save_every_n_epochs", "Save every N epochs (0 = off)", "int", {}),
+        ("save_every_n_steps", "Save every N steps (0 = off)", "int", {}),
+        ("save_last_k", "Keep last K intermediate files (0 = all)", "int", {}),
+        ("save_state", "Save resumable state with each file", "bool", {}),
+        ("overwrite", "Overwrite an existing file of that name", "bool", {}),
+        ("training_comment", "Comment (stored in the file)", "text", {}),
+    ]),
+    ("Sample images", False, [
+        ("sample_every_n_steps", "Every N steps (0 = off)", "int", {}),
+        ("sample_prompts", "Prompts, one per line (kohya options: --n negative --w --h --s steps --l cfg --d seed)",
+         "textarea", {}),
+    ]),
+    ("Advanced", False, [
+        ("mixed_precision", "Mixed precision", "choice", {"choices": PRECISIONS}),
+        ("seed", "Seed", "int", {}),
+        ("min_snr_gamma", "Min-SNR gamma (0 = off)", "opt_float", {}),
+        ("noise_offset", "Noise offset", "float", {}),
+        ("cache_latents", "Cache latents", "bool", {}),
+        ("cache_text_encoder_outputs", "Cache text encoder outputs (frozen TE, fixed captions)", "bool", {}),
+        ("dataset.bucket_reso_steps", "Bucket step", "int", {}),
+        ("dataset.bucket_no_upscale", "Never upscale into a bucket", "bool", {}),
+    ]),
+]
+FIELDS = [f for _, _, fields in SECTIONS for f in fields]
+KEYS = ["output_name"] + [f[0] for f in FIELDS]
+_KINDS = {"output_name": "text", **{f[0]: f[2] for f in FIELDS}}
+
+
+def _dataclass_default(key: str) -> Any:
+    section, _, name = key.rpartition(".")
+    cls = {"dataset": DatasetConfig, "network": NetworkConfig, "": TrainConfig}[section]
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                return f.default_factory()  # type: ignore[misc]
+    return None
+
+
+def preset_values(preset: str) -> dict[str, Any]:
+    """Form values (by request key) for a preset: the preset's values over the dataclass defaults."""
+    data = PRESETS[preset]
+    out: dict[str, Any] = {}
+    for key in KEYS[1:]:
+        section, _, name = key.rpartition(".")
+        src = data.get(section, {}) if section else data
+        value = src[name] if name in src else _dataclass_default(key)
+        out[key] = to_form(key, value)
+    return out
+
+
+def to_form(key: str, value: Any) -> Any:
+    kind = _KINDS[key]
+    if kind in ("opt_int", "opt_float"):
+        return 0 if value is None else value
+    if kind == "textarea":
+        return "\n".join(value) if isinstance(value, (list, tuple)) else (value or "")
+    if kind == "text":
+        return "" if value is None else str(value)
+    return value
+
+
+def form_to_request(values: dict[str, Any], preset: str | None = None) -> dict[str, Any]:
+    """Form values (by request key) -> a request for ``JobRunner.start`` / the HTTP API."""
+    req: dict[str, Any] = {"dataset": {}, "network": {}}
+    if preset:
+        req["preset"] = preset
+    for key, value in values.items():
+        kind = _KINDS.get(key)
+        if kind is None:
+            continue
+        if kind in ("opt_int", "opt_float"):
+            value = None if value in (None, "", 0, 0.0) else value
+        elif kind == "int" and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        elif kind == "text":
+            value = (value or "").strip()
+            if key == "dataset.reg_dir" and not value:
+                value = None
+        elif kind == "textarea":
+            value = [line.strip() for line in (value or "").splitlines() if line.strip()]
+        section, _, name = key.rpartition(".")
+        (req[section] if section else req)[name] = value
+    return req
+
+
+def list_state_files(folder: Path) -> list[str]:
+    """Training state files in the LoRA folder (relative names), newest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    files = [p for p in folder.rglob(f"*{STATE_SUFFIX}") if p.is_file()]
+    files.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    return [p.relative_to(folder).as_posix() for p in files]
+
+
+# -- views -----------------------------------------------------------------------------------------
+
+
+def _esc(x: Any) -> str:
+    return html.escape(str(x))
+
+
+def summary_html(summary: dict, problems: list) -> str:
+    """The dataset summary as a table, then every problem (errors first)."""
+    rows = [("Training images", summary.get("train_images")),
+            ("Images x repeats", summary.get("train_images_x_repeats")),
+            ("Regularisation images used", f"{summary.get('reg_images_used')} of {summary.get('reg_images')}"),
+            ("Samples per epoch", summary.get("samples_per_epoch")),
+            ("Steps per epoch (batch size %s)" % summary.get("batch_size"), summary.get("steps_per_epoch"))]
+    out = ['<div class="lora-workshop-summary">']
+    out.append("<table><tbody>" + "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in rows)
+               + "</tbody></table>")
+    folders = summary.get("folders") or []
+    if folders:
+        out.append("<table><thead><tr><th>Folder</th><th>Repeats</th><th>Images</th><th>Trigger / caption</th>"
+                   "</tr></thead><tbody>")
+        for f in folders:
+            name = f.get("name") or f.get("path") or ""
+            out.append(f"<tr><td>{_esc(name)}{' (reg)' if f.get('is_reg') else ''}</td>"
+                       f"<td>{_esc(f.get('repeats', ''))}</td><td>{_esc(f.get('images', ''))}</td>"
+                       f"<td>{_esc(f.get('trigger', f.get('caption', '')))}</td></tr>")
+        out.append("</tbody></table>")
+    buckets = summary.get("buckets") or []
+    if buckets:
+        out.append("<p>Buckets: " + ", ".join(f"{b['resolution'][0]}x{b['resolution'][1]} ({b['samples']})"
+                                               for b in buckets) + "</p>")
+    probs = sorted(problems, key=lambda p: 0 if _get(p, "severity") == "error" else 1)
+    if probs:
+        out.append("<ul class='lora-workshop-problems'>")
+        for p in probs:
+            sev = _get(p, "severity")
+            out.append(f"<li class='lw-{_esc(sev)}'><b>{_esc(sev)}</b>: {_esc(_get(p, 'message'))}</li>")
+        out.append("</ul>")
+    elif summary.get("ok"):
+        out.append("<p class='lw-ok'>No problems found.</p>")
+    out.append("</div>")
+    return "".join(out)
+
+
+def _get(obj: Any, key: str) -> Any:
+    return obj.get(key) if isinstance(obj, dict) else getattr(obj, key, None)
+
+
+def message_html(text: str, error: bool = False) -> str:
+    return f"<p class='{'lw-error' if error else 'lw-ok'}'>{_esc(text)}</p>"
+
+
+def status_html(status: dict | None, model_line: str = "") -> str:
+    """The job's state, a progress bar, loss/lr/ETA and where the file went."""
+    parts = ["<div class='lora-workshop-status'>"]
+    if model_line:
+        parts.append(f"<p class='lw-model'>{_esc(model_line)}</p>")
+    if not status:
+        parts.append("<p>No training job yet.</p></div>")
+        return "".join(parts)
+    total = max(int(status.get("total") or 0), 1)
+    step = int(status.get("step") or 0)
+    pct = min(100.0, 100.0 * step / total)
+    parts.append(f"<p><b>{_esc(status['name'])}</b>: {_esc(status['state'])} &mdash; step {step}/{total}, "
+                 f"epoch {_esc(status.get('epoch'))}</p>")
+    parts.append(f"<div class='lw-bar'><div style='width:{pct:.1f}%'></div></div>")
+    facts = []
+    if status.get("loss") is not None:
+        facts.append(f"loss {status['loss']:.4f} (avg {status['avg_loss']:.4f})")
+    if status.get("lr") is not None:
+        facts.append(f"lr {status['lr']:.2e}")
+    if status.get("state") in ("running", "saving") and status.get("eta") is not None:
+        facts.append(f"ETA {format_seconds(status['eta'])}")
+    if status.get("elapsed"):
+        facts.append(f"elapsed {format_seconds(status['elapsed'])}")
+    if facts:
+        parts.append("<p>" + _esc(", ".join(facts)) + "</p>")
+    if status.get("output"):
+        parts.append(f"<p>Saved: <code>{_esc(status['output'])}</code></p>")
+    if status.get("state_file"):
+        parts.append(f"<p>Resumable state: <code>{_esc(status['state_file'])}</code></p>")
+    if status.get("error"):
+        parts.append(f"<p class='lw-error'>{_esc(status['error'])}</p>")
+    if status.get("model_untouched") is False:
+        parts.append("<p class='lw-error'>The model changed during training: reload the checkpoint.</p>")
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def loss_plot(points: list[list[float]], width: int = 640, height: int = 240) -> Image.Image:
+    """Loss per step (light) and its running mean (dark) as an image; no plotting library needed."""
+    img = Image.new("RGB", (width, height), (250, 250, 250))
+    d = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    left, right, top, bottom = 56, width - 12, 12, height - 28
+    d.rectangle([left, top, right, bottom], outline=(160, 160, 160))
+    pts = [(float(s), float(v)) for s, v in points if v is not None and math.isfinite(v)]
+    if not pts:
+        d.text((left + 10, top + 10), "no loss values yet", fill=(90, 90, 90), font=font)
+        return img
+    s0, s1 = pts[0][0], pts[-1][0]
+    lo, hi = min(v for _, v in pts), max(v for _, v in pts)
+    if hi - lo < 1e-12:
+        lo, hi = lo - 0.5 * abs(lo or 1), hi + 0.5 * abs(hi or 1)
+    pad = 0.05 * (hi - lo)
+    lo, hi = lo - pad, hi + pad
+
+    def xy(s: float, v: float) -> tuple[float, float]:
+        x = left + (right - left) * ((s - s0) / (s1 - s0) if s1 > s0 else 0.5)
+        y = bottom - (bottom - top) * (v - lo) / (hi - lo)
+        return x, y
+
+    if len(pts) > 1:
+        d.line([xy(s, v) for s, v in pts], fill=(150, 180, 230), width=1)
+    window = max(1, len(pts) // 20)
+    smooth, acc = [], 0.0
+    for i, (s, v) in enumerate(pts):
+        acc += v
+        if i >= window:
+            acc -= pts[i - window][1]
+        smooth.append((s, acc / min(i + 1, window)))
+    if len(smooth) > 1:
+        d.line([xy(s, v) for s, v in smooth], fill=(30, 70, 160), width=2)
+    else:
+        x, y = xy(*smooth[0])
+        d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=(30, 70, 160))
+    for v in (hi - pad, lo + pad):
+        d.text((4, xy(s0, v)[1] - 6), f"{v:.4f}", fill=(60, 60, 60), font=font)
+    d.text((left, bottom + 8), f"step {int(s0)}", fill=(60, 60, 60), font=font)
+    label = f"step {int(s1)}"
+    d.text((right - 8 * len(label), bottom + 8), label, fill=(60, 60, 60), font=font)
+    return img
+
+
+def preset_key(label: str | None) -> str:
+    for key, text in PRESET_LABELS.items():
+        if label in (key, text):
+            return key
+    return "sd15"
+
+
+# -- the tab -------------------------------------------------------------------------------------------
+
+
+def create_tab(runner: JobRunner) -> list:
+    """Build the tab (gradio 3.41 API); returns what script_callbacks.on_ui_tabs expects."""
+    import gradio as gr
+
+    host = runner.host
+    default_preset = preset_for_family(host.family())
+    start_values = preset_values(default_preset)
+    components: dict[str, Any] = {}
+
+    def make(key: str, label: str, kind: str, extra: dict):
+        value = start_values.get(key, "")
+        eid = "lora_workshop_" + key.replace(".", "_")
+        if kind == "bool":
+            return gr.Checkbox(label=label, value=bool(value), elem_id=eid)
+        if kind == "choice":
+            return gr.Dropdown(label=label, choices=extra["choices"], value=value, elem_id=eid)
+        if kind in ("int", "opt_int"):
+            return gr.Number(label=label, value=value, precision=0, elem_id=eid)
+        if kind in ("float", "opt_float"):
+            return gr.Number(label=label, value=value, elem_id=eid)
+        if kind == "textarea":
+            return gr.Textbox(label=label, value=value, lines=3, elem_id=eid)
+        return gr.Textbox(label=label, value=value, placeholder=extra.get("placeholder"), elem_id=eid)
+
+    with gr.Blocks(analytics_enabled=False) as tab:
+        with gr.Row():
+            with gr.Column(scale=3):
+                with gr.Row():
+                    preset = gr.Dropdown(label="Preset", choices=list(PRESET_LABELS.values()),
+                                         value=PRESET_LABELS[default_preset], elem_id="lora_workshop_preset")
+                    components["output_name"] = gr.Textbox(label="Output name (file in the LoRA folder)",
+                                                           placeholder="my_lora", elem_id="lora_workshop_output_name")
+                for title, is_open, fields in SECTIONS:
+                    with gr.Accordion(title, open=is_open):
+                        per_row = 2 if title == "Dataset" else 3
+                        for i in range(0, len(fields), per_row):
+                            with gr.Row():
+                                for key, label, kind, extra in fields[i:i + per_row]:
+                                    components[key] = make(key, label, kind, extra)
+            with gr.Column(scale=2):
+                with gr.Row():
+                    validate_btn = gr.Button("Validate", elem_id="lora_workshop_validate")
+                    start_btn = gr.Button("Start", variant="primary", elem_id="lora_workshop_start")
+                    stop_btn = gr.Button("Stop", elem_id="lora_workshop_stop")
+                    save_btn = gr.Button("Stop & save", variant="stop", elem_id="lora_workshop_stop_save")
+                with gr.Row():
+                    resume_from = gr.Dropdown(label="Resume from state", choices=list_state_files(host.output_dir()),
+                                              elem_id="lora_workshop_resume_from")
+                    states_btn = gr.Button("\U0001f504", elem_id="lora_workshop_states_refresh")
+                    resume_btn = gr.Button("Resume", elem_id="lora_workshop_resume")
+                message = gr.HTML(elem_id="lora_workshop_message")
+                status = gr.HTML(status_html(None), elem_id="lora_workshop_status")
+                plot = gr.Image(label="Loss", type="pil", interactive=False, elem_id="lora_workshop_loss")
+                gallery = gr.Gallery(label="Sample images", columns=4, elem_id="lora_workshop_samples")
+                log = gr.Textbox(label="Log", lines=8, max_lines=8, interactive=False, elem_id="lora_workshop_log")
+                refresh_btn = gr.Button("Refresh", elem_id=POLL_ID)
+                validation = gr.HTML(elem_id="lora_workshop_validation")
+        seen = gr.State(None)
+
+        keys = list(components)
+        inputs = [components[k] for k in keys]
+
+        def request(preset_label, *values):
+            return form_to_request(dict(zip(keys, values)), preset_key(preset_label))
+
+        def on_preset(label):
+            vals = preset_values(preset_key(label))
+            return [gr.update(value=vals[k]) if k in vals else gr.update() for k in keys]
+
+        def on_validate(preset_label, *values):
+            try:
+                summary, problems = runner.validate(request(preset_label, *values))
+            except (JobError, DatasetError, ValueError) as e:
+                return message_html(str(e), error=True)
+            return summary_html(summary, problems)
+
+        def on_start(preset_label, *values):
+            try:
+                job = runner.start(request(preset_label, *values))
+            except (JobError, DatasetError, ValueError) as e:
+                return message_html(str(e), error=True)
+            return message_html(f"Started {job.name}: {job.total} steps.")
+
+        def on_stop(save: bool):
+            job = runner.active()
+            if job is None:
+                return message_html("No training job is running.", error=True)
+            job.request_stop(save=save)
+            return message_html(f"Stopping {job.name}{' after saving' if save else ''}...")
+
+        def on_resume(name):
+            if not name:
+                return message_html("Choose a state file first.", error=True)
+            try:
+                job = runner.start({"resume_from": name})
+            except (JobError, DatasetError, ValueError) as e:
+                return message_html(str(e), error=True)
+            return message_html(f"Resuming {job.name} from {name}.")
+
+        def on_poll(last):
+            job = runner.active() or runner.latest()
+            st = job.status(relative_to=host.output_dir()) if job else None
+            describe = getattr(host, "describe", None)
+            head = status_html(st, describe() if callable(describe) else "")
+            if st is None:
+                return head, gr.update(), gr.update(), "", None
+            key = (st["id"], st["step"], len(st["samples"]), st["state"])
+            if key == last:
+                return head, gr.update(), gr.update(), "\n".join(st["log"]), last
+            paths = [str(p) for p in job.sample_paths()]
+            return head, loss_plot(st["loss_history"]), paths, "\n".join(st["log"]), key
+
+        preset.change(fn=on_preset, inputs=[preset], outputs=inputs)
+        validate_btn.click(fn=on_validate, inputs=[preset] + inputs, outputs=[validation])
+        start_btn.click(fn=on_start, inputs=[preset] + inputs, outputs=[message])
+        stop_btn.click(fn=lambda: on_stop(False), inputs=[], outputs=[message])
+        save_btn.click(fn=lambda: on_stop(True), inputs=[], outputs=[message])
+        states_btn.click(fn=lambda: gr.update(choices=list_state_files(host.output_dir())), inputs=[],
+                         outputs=[resume_from])
+        resume_btn.click(fn=on_resume, inputs=[resume_from], outputs=[message])
+        refresh_btn.click(fn=on_poll, inputs=[seen], outputs=[status, plot, gallery, log, seen],
+                          show_progress="hidden", queue=False)
+
+    return [(tab, TAB_TITLE, TAB_ID)]

@@ -1,0 +1,615 @@
+"""Training inside the stand-in WebUI: the job runner, the WebUI host, the API routes and the tab's helpers.
+
+A tiny real SD1 (ldm UNet, HF CLIP behind a WithCustomWords-style wrapper, diffusers VAE) is laid
+out like the WebUI's ``shared.sd_model``; jobs run in their background thread exactly as in the
+WebUI, and tests pause them at a chosen step (a gate in the host's progress hook) to look at
+``shared.state``, the queue lock and the API while a job runs.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import threading
+import time
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+STUB = Path(__file__).resolve().parent / "webui_stub"
+if str(STUB) not in sys.path:
+    sys.path.insert(0, str(STUB))
+
+from modules import (call_queue, extensions, extra_networks, fifo_lock, paths, paths_internal, processing,  # noqa: E402
+                     script_callbacks, script_loading, scripts, shared, shared_state, ui_extra_networks)
+from modules.api.api import Api  # noqa: E402
+from modules.options import OptionInfo, Options  # noqa: E402
+
+from lib_lora.fileio import read_header  # noqa: E402
+from lib_lora.hosts import webui as host  # noqa: E402
+from lib_lora.hosts import webui_training as wt  # noqa: E402
+from lib_lora.training import jobs, ui  # noqa: E402
+from loras import same, snapshot  # noqa: E402
+from tiny_models import build_sd1  # noqa: E402
+from train_support import make_dataset, tiny_vae  # noqa: E402
+
+fastapi = pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+TIMEOUT = 60
+
+
+# -- a tiny SD1 laid out like the WebUI's sd_model ---------------------------------------------------
+
+
+class FrozenCLIPEmbedder(nn.Module):      # ldm's embedder: the HF model is .transformer
+    def __init__(self, transformer):
+        super().__init__()
+        self.transformer = transformer
+
+
+class CLIPWithCustomWords(nn.Module):     # sd_hijack's wrapper: the original is .wrapped; texts in, context out
+    def __init__(self, wrapped):
+        super().__init__()
+        self.wrapped = wrapped
+
+    def forward(self, texts):
+        import open_clip
+        return self.wrapped.transformer(input_ids=open_clip.tokenize(list(texts))).last_hidden_state
+
+
+class DiffusionWrapper(nn.Module):
+    def __init__(self, unet):
+        super().__init__()
+        self.diffusion_model = unet
+
+
+class TinySD1(nn.Module):
+    """The attributes of ldm's LatentDiffusion (as the WebUI leaves them) that training uses."""
+
+    def __init__(self):
+        super().__init__()
+        tiny = build_sd1(seed=3)
+        self.model = DiffusionWrapper(tiny.unet)
+        self.cond_stage_model = CLIPWithCustomWords(FrozenCLIPEmbedder(tiny.text_encoders[0][1]))
+        self.first_stage_model = tiny_vae()
+        betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+        self.alphas_cumprod = torch.cumprod(1 - betas, 0).float()
+        self.parameterization = "eps"
+        self.is_sd1, self.is_sd2, self.is_sdxl, self.is_sd3 = True, False, False, False
+        self.sd_checkpoint_info = types.SimpleNamespace(
+            filename="/webui/models/Stable-diffusion/tiny.safetensors", name="tiny.safetensors",
+            model_name="tiny", title="tiny.safetensors [abcdef0123]", short_title="tiny [abcdef0123]",
+            sha256="ab" * 32, shorthash="abcdef0123", hash="12345678")
+
+    def encode_first_stage(self, x):
+        return self.first_stage_model.encode(x).latent_dist   # ldm: a DiagonalGaussianDistribution
+
+    def get_first_stage_encoding(self, posterior):
+        return posterior.sample() * 0.18215
+
+
+@pytest.fixture(scope="module")
+def sd_model():
+    return TinySD1()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("data"), n=4, repeats=1)
+
+
+def unet_hooks(m: TinySD1) -> int:
+    return sum(len(x._forward_hooks) + len(x._forward_pre_hooks) for x in m.model.diffusion_model.modules())
+
+
+# -- the stand-in WebUI -------------------------------------------------------------------------------
+
+
+class WebUI:
+    def __init__(self, tmp: Path, monkeypatch, model):
+        self.tmp = tmp
+        self.lora_dir = tmp / "models" / "Lora"
+        self.lora_dir.mkdir(parents=True)
+        mp = monkeypatch
+        mp.setattr(paths_internal, "models_path", str(tmp / "models"))
+        mp.setattr(paths, "models_path", str(tmp / "models"))
+        mp.setattr(paths, "data_path", str(tmp))
+        mp.setattr(paths_internal, "extensions_builtin_dir", str(tmp / "extensions-builtin"))
+        mp.setattr(shared.cmd_opts, "lora_dir", str(self.lora_dir))
+        mp.setattr(shared.cmd_opts, "lyco_dir_backcompat", str(tmp / "models" / "LyCORIS"))
+        mp.setattr(shared.cmd_opts, "api_auth", None)
+        for flag in ("lowvram", "medvram", "medvram_sdxl"):
+            mp.setattr(shared.cmd_opts, flag, False)
+        mp.setattr(shared, "opts", Options({}, set()))
+        shared.opts.add_option("samples_format", OptionInfo("png"))
+        shared.opts.add_option("extra_networks_default_multiplier", OptionInfo(1.0))
+        shared.opts.add_option("fp8_storage", OptionInfo("Disable"))
+        shared.opts.add_option("sd_model_checkpoint", OptionInfo("tiny.safetensors [abcdef0123]"))
+        mp.setattr(shared, "state", shared_state.State())
+        mp.setattr(shared, "sd_model", model)
+        mp.setattr(call_queue, "queue_lock", fifo_lock.FIFOLock())
+        mp.setattr(processing, "process_callbacks", [])
+        mp.setattr(processing, "calls", [])
+        mp.setattr(extensions, "extensions", [extensions.Extension("lora-workshop", str(ROOT))])
+        mp.setattr(host, "_workshop", None)
+        mp.setattr(wt, "_runner", None)
+        mp.delitem(sys.modules, "networks", raising=False)
+        extra_networks.initialize()
+        ui_extra_networks.initialize()
+        script_callbacks.clear_callbacks()
+        self.mp = mp
+        self.app = fastapi.FastAPI()
+        self.api = None
+        self.client: TestClient | None = None
+
+    def start(self, auth: str | None = None) -> TestClient:
+        if auth:
+            self.mp.setattr(shared.cmd_opts, "api_auth", auth)
+        syspath = sys.path
+        sys.path = [str(ROOT)] + sys.path
+        scripts.current_basedir = str(ROOT)
+        try:
+            self.script = script_loading.load_module(str(ROOT / "scripts" / "lora_workshop.py"))
+        finally:
+            sys.path = syspath
+            scripts.current_basedir = paths.script_path
+        self.api = Api(self.app, call_queue.queue_lock)   # --api: /sdapi/v1/progress, /interrupt
+        script_callbacks.before_ui_callback()
+        script_callbacks.before_component_callback(object(), elem_id="txt2img_prompt")
+        script_callbacks.app_started_callback(None, self.app)
+        self.client = TestClient(self.app)
+        return self.client
+
+    @property
+    def runner(self) -> jobs.JobRunner:
+        return wt.get_runner()
+
+    def wait(self, job_id: str, auth=None) -> dict:
+        deadline = time.time() + TIMEOUT
+        while time.time() < deadline:
+            st = self.client.get(f"/lora-workshop/v1/train/{job_id}", auth=auth).json()
+            if st["state"] in ("finished", "stopped", "failed"):
+                return st
+            time.sleep(0.05)
+        raise AssertionError(f"job {job_id} did not end: {st}")
+
+    def cleanup(self):
+        for gate in Gate.open_gates:
+            gate.release.set()
+        Gate.open_gates.clear()
+        runner = wt._runner
+        if runner is not None:
+            for job in runner.jobs():
+                if job.active:
+                    job.request_stop()
+                job.wait(TIMEOUT)
+
+
+@pytest.fixture
+def webui(tmp_path, monkeypatch, sd_model):
+    w = WebUI(tmp_path, monkeypatch, sd_model)
+    yield w
+    w.cleanup()
+
+
+class Gate:
+    """Pauses the training thread right after the host reported step ``at``."""
+    open_gates: list["Gate"] = []
+
+    def __init__(self, monkeypatch, at: int):
+        self.at, self.reached, self.release = at, threading.Event(), threading.Event()
+        Gate.open_gates.append(self)
+        original = wt.WebUITrainingHost.progress
+        gate = self
+
+        def progress(host_, job):
+            original(host_, job)
+            if job.step == gate.at and not gate.reached.is_set():
+                gate.reached.set()
+                gate.release.wait(TIMEOUT)
+
+        monkeypatch.setattr(wt.WebUITrainingHost, "progress", progress)
+
+    def wait(self):
+        assert self.reached.wait(TIMEOUT), "the job never reached the gate"
+
+
+def request(data: Path, name: str = "zkx", **kw) -> dict:
+    req = {"output_name": name, "preset": "sd15",
+           "dataset": {"train_dir": str(data), "resolution": 64, "enable_buckets": False},
+           "network": {"rank": 4, "alpha": 4}, "max_train_epochs": None, "max_train_steps": 4,
+           "learning_rate": 1e-3, "min_snr_gamma": None, "save_precision": "fp32"}
+    req.update(kw)
+    return req
+
+
+# -- the API, end to end ---------------------------------------------------------------------------------
+
+
+def test_train_via_api_until_finished(webui, sd_model, data):
+    client = webui.start()
+    before = snapshot(sd_model)
+    seen = []
+    processing.process_callbacks.append(lambda p: seen.append(
+        (unet_hooks(sd_model), p.disable_extra_networks, "cached_c" in vars(p), p.prompt, p.negative_prompt,
+         p.steps, p.seed, p.width, p.height, sd_model.cond_stage_model.wrapped.transformer.training)))
+
+    r = client.post("/lora-workshop/v1/train", json=request(
+        data, sample_every_n_steps=2, sample_prompts=["zkx, red square --n blurry --s 3 --d 7"], save_state=True))
+    assert r.status_code == 200, r.text
+    job_id = r.json()["id"]
+    assert r.json()["name"] == "zkx" and r.json()["total"] == 4
+    st = webui.wait(job_id)
+
+    assert st["state"] == "finished", st
+    assert (st["step"], st["total"], st["error"], st["model_untouched"]) == (4, 4, None, True)
+    assert len(st["loss_history"]) == 4 and all(torch.isfinite(torch.tensor(v)) for _, v in st["loss_history"])
+    assert st["output"] == "zkx.safetensors" and st["state_file"] == "zkx.state.safetensors"
+    assert (webui.lora_dir / "zkx.safetensors").is_file()
+    assert "/" not in st["output"] and not any("path" in s for s in st["samples"])  # no absolute paths leak
+
+    # sample images: the WebUI's own txt2img, with the LoRA attached and extra networks off
+    assert [(s["step"], s["url"]) for s in st["samples"]] == [
+        (2, f"/lora-workshop/v1/train/{job_id}/samples/0"), (4, f"/lora-workshop/v1/train/{job_id}/samples/1")]
+    img = client.get(st["samples"][1]["url"])
+    assert img.status_code == 200 and img.headers["content-type"] == "image/png" and img.content[:4] == b"\x89PNG"
+    assert client.get(f"/lora-workshop/v1/train/{job_id}/samples/2").status_code == 404
+    assert len(seen) == 2
+    for hooks, no_extra, private_cache, prompt, negative, steps, seed, w, h, te_training in seen:
+        assert hooks > 0 and no_extra and private_cache
+        assert (prompt, negative, steps, seed, w, h) == ("zkx, red square", "blurry", 3, 7, 64, 64)
+        assert te_training is False  # the trainer switched the LoRA (and the model) to eval for samples
+
+    # the library was refreshed: the new file is a card and in the API; the state file is neither
+    names = [e["name"] for e in client.get("/lora-workshop/v1/loras").json()]
+    assert names == ["zkx"]
+    assert [i["name"] for i in webui.runner.host.workshop.page.list_items()] == ["zkx"]
+    meta = read_header(webui.lora_dir / "zkx.safetensors").metadata
+    assert meta["ss_sd_model_name"] == "tiny.safetensors" and meta["ss_new_sd_model_hash"] == "ab" * 32
+    assert meta["ss_steps"] == "4" and meta["ss_sd_model_hash"] == "12345678"
+
+    # the model is exactly as before; shared.state was ended
+    assert same(before, snapshot(sd_model)) and unet_hooks(sd_model) == 0
+    assert shared.state.job == "" and shared.state.job_count == 0 and "finished" in shared.state.textinfo
+    assert client.get("/lora-workshop/v1/train").json()["jobs"][0]["state"] == "finished"
+    assert webui.runner.get(job_id).trainer.model is None  # a kept status never pins the model in memory
+
+
+def test_second_job_409_progress_in_shared_state_and_queue_lock_held(webui, sd_model, data, monkeypatch):
+    client = webui.start()
+    gate = Gate(monkeypatch, at=2)
+    job_id = client.post("/lora-workshop/v1/train", json=request(data)).json()["id"]
+    gate.wait()
+
+    r = client.post("/lora-workshop/v1/train", json=request(data, "other"))
+    assert r.status_code == 409 and r.json()["detail"] == "a training job is already running: zkx"
+
+    st = shared.state
+    assert (st.job, st.job_count, st.job_no) == (wt.JOB_NAME, 4, 2)
+    assert "step 2/4" in st.textinfo and "loss" in st.textinfo and "ETA" in st.textinfo
+    prog = client.get("/sdapi/v1/progress").json()
+    job = webui.runner.get(job_id)
+    assert prog["progress"] == pytest.approx(0.51) and prog["textinfo"] == st.textinfo
+    assert prog["eta_relative"] == pytest.approx(job.eta, abs=2.0)  # the WebUI's ETA is the job's
+
+    # a generation (anything taking the queue lock) waits for the job
+    acquired = {}
+
+    def txt2img():
+        with call_queue.queue_lock:
+            acquired["state"] = webui.runner.get(job_id).state
+
+    t = threading.Thread(target=txt2img)
+    t.start()
+    time.sleep(0.3)
+    assert not acquired and t.is_alive()
+    gate.release.set()
+    t.join(TIMEOUT)
+    assert acquired["state"] == "finished"
+    assert webui.wait(job_id)["state"] == "finished"
+
+
+def test_stop_stop_and_save_and_resume(webui, sd_model, data, monkeypatch):
+    client = webui.start()
+    before = snapshot(sd_model)
+
+    gate = Gate(monkeypatch, at=1)
+    job_id = client.post("/lora-workshop/v1/train", json=request(data, max_train_steps=5, save_state=True)).json()["id"]
+    gate.wait()
+    r = client.post(f"/lora-workshop/v1/train/{job_id}/stop", json={"save": False})
+    assert r.status_code == 200 and r.json()["stop_requested"] == "stop"
+    gate.release.set()
+    st = webui.wait(job_id)
+    assert (st["state"], st["step"], st["output"]) == ("stopped", 1, None)
+    assert not list(webui.lora_dir.glob("*.safetensors"))
+
+    gate = Gate(monkeypatch, at=2)
+    job_id = client.post("/lora-workshop/v1/train", json=request(data, max_train_steps=5, save_state=True)).json()["id"]
+    gate.wait()
+    assert client.post(f"/lora-workshop/v1/train/{job_id}/stop", json={"save": True}).status_code == 200
+    assert client.get(f"/lora-workshop/v1/train/{job_id}").json()["state"] == "saving"
+    gate.release.set()
+    st = webui.wait(job_id)
+    assert (st["state"], st["step"], st["output"], st["state_file"]) == \
+        ("stopped", 2, "zkx.safetensors", "zkx.state.safetensors")
+    assert read_header(webui.lora_dir / "zkx.safetensors").metadata["ss_steps"] == "2"
+
+    # resume from the state file: its stored settings, continuing at step 2
+    r = client.post("/lora-workshop/v1/train", json={"resume_from": "zkx.state.safetensors"})
+    assert r.status_code == 200, r.text
+    st = webui.wait(r.json()["id"])
+    assert (st["state"], st["step"], st["total"], st["resumed_from"]) == ("finished", 5, 5, "zkx.state.safetensors")
+    assert any("resumed at step 2" in line for line in st["log"])
+    assert st["loss_history"][0][0] == 3  # steps 3..5 were trained by this job
+    assert read_header(webui.lora_dir / "zkx.safetensors").metadata["ss_steps"] == "5"
+    assert same(before, snapshot(sd_model)) and unet_hooks(sd_model) == 0
+
+    r = client.post("/lora-workshop/v1/train", json={"resume_from": "../zkx.state.safetensors"})
+    assert r.status_code == 400 and "inside the LoRA folder" in r.json()["detail"]
+
+
+def test_job_queues_behind_a_generation_and_can_be_cancelled_there(webui, data):
+    client = webui.start()
+    with call_queue.queue_lock:                                  # a generation is running
+        job_id = client.post("/lora-workshop/v1/train", json=request(data)).json()["id"]
+        time.sleep(0.2)
+        assert client.get(f"/lora-workshop/v1/train/{job_id}").json()["state"] == "queued"
+        assert client.post(f"/lora-workshop/v1/train/{job_id}/stop", json={}).status_code == 200
+    st = webui.wait(job_id)
+    assert (st["state"], st["step"], st["output"]) == ("stopped", 0, None)
+    assert "stopped before it started" in st["log"][-1]
+    assert shared.state.job == ""                                # shared.state was never taken over
+
+
+def test_webui_interrupt_stops_and_saves(webui, data, monkeypatch):
+    client = webui.start()
+    gate = Gate(monkeypatch, at=1)
+    job_id = client.post("/lora-workshop/v1/train", json=request(data)).json()["id"]
+    gate.wait()
+    client.post("/sdapi/v1/interrupt")                         # the WebUI's Interrupt button / API
+    assert shared.state.interrupted
+    gate.release.set()
+    st = webui.wait(job_id)
+    assert (st["state"], st["output"]) == ("stopped", "zkx.safetensors")
+    assert st["step"] in (1, 2)
+    assert any("interrupted" in line for line in st["log"])
+
+
+# -- refusing ----------------------------------------------------------------------------------------------
+
+
+def test_bad_requests_are_400_with_the_problem_named(webui, data, tmp_path):
+    client = webui.start()
+    bad = make_dataset(tmp_path / "bad", n=1, repeats=1)
+    (bad / "1_zkx" / "broken.png").write_bytes(b"not a png")
+
+    def post(body):
+        r = client.post("/lora-workshop/v1/train", json=body)
+        return r.status_code, r.json().get("detail", "")
+
+    code, detail = post(request(bad))
+    assert code == 400 and "broken.png" in detail
+    code, detail = post(request(tmp_path / "nowhere"))
+    assert code == 400 and "dataset folder not found" in detail
+    for name in ("../x", "a/b", "..\\x", "c:x", ""):
+        code, detail = post(request(data, name))
+        assert code == 400, name
+    assert "plain file name" in post(request(data, "../x"))[1]
+    assert post({**request(data), "output_dir": "/tmp"}) == (
+        400, "unknown option 'output_dir' (output always goes to the LoRA folder; set output_name)")
+    assert post({**request(data), "network": {"rank": "big"}}) == (400, "network.rank: expected an integer, got 'big'")
+    assert post({**request(data), "lr_scheduler": "sometimes"})[0] == 400
+    assert not list(webui.lora_dir.iterdir())
+    assert webui.runner.jobs() == []
+
+    (webui.lora_dir / "zkx.safetensors").write_bytes(b"x")
+    code, detail = post(request(data))
+    assert code == 409 and "already exists" in detail
+
+    r = client.post("/lora-workshop/v1/train/validate", json=request(bad))
+    assert r.status_code == 200
+    body = r.json()
+    assert not body["summary"]["ok"] and any("broken.png" in (p["path"] or "") for p in body["problems"])
+    assert client.get("/lora-workshop/v1/train/nope").status_code == 404
+
+
+def test_refusals(webui, sd_model, monkeypatch):
+    client = webui.start()
+
+    def post():
+        r = client.post("/lora-workshop/v1/train", json={"output_name": "x"})
+        return r.status_code, r.json()["detail"]
+
+    monkeypatch.setattr(shared, "sd_model", None)
+    assert post() == (409, "no model is loaded: load an SD1, SD2 or SDXL checkpoint first")
+    monkeypatch.setattr(shared, "sd_model", sd_model)
+    monkeypatch.setattr(shared.cmd_opts, "medvram", True)
+    code, detail = post()
+    assert code == 409 and "--lowvram / --medvram" in detail
+    monkeypatch.setattr(shared.cmd_opts, "medvram", False)
+    shared.opts.set("fp8_storage", "Enable")
+    code, detail = post()
+    assert code == 409 and "FP8" in detail
+    shared.opts.set("fp8_storage", "Enable for SDXL")
+    assert wt.refusal(sd_model) is None   # an SD1 model is not stored in fp8 by that setting
+
+    def fake(**kw):
+        return types.SimpleNamespace(**{"is_sd1": False, "is_sd2": False, "is_sdxl": False, "is_sd3": False, **kw})
+
+    assert "cannot be trained on" in wt.refusal(fake(is_sd3=True))
+    embedder = types.SimpleNamespace(input_key="aesthetic_score")
+    refiner = fake(is_sdxl=True, conditioner=types.SimpleNamespace(embedders=[embedder]))
+    assert "SDXL refiner" in wt.refusal(refiner)
+    inpaint = fake(is_sd1=True, model=types.SimpleNamespace(diffusion_model=nn.Conv2d(9, 4, 1)))
+    assert "9 input channels" in wt.refusal(inpaint)
+    assert "Cannot train" not in webui.runner.host.describe()
+
+
+def test_routes_use_the_api_auth(webui, data):
+    client = webui.start(auth="user:secret")
+    assert client.post("/lora-workshop/v1/train", json=request(data)).status_code == 401
+    assert client.get("/lora-workshop/v1/train").status_code == 401
+    r = client.post("/lora-workshop/v1/train/validate", json=request(data), auth=("user", "secret"))
+    assert r.status_code == 200 and r.json()["summary"]["train_images"] == 4
+
+
+# -- the WebUI host's model -------------------------------------------------------------------------------
+
+
+class FakeEmbedder(nn.Module):
+    def __init__(self, attr: str, input_key: str = "txt"):
+        super().__init__()
+        setattr(self, attr, nn.Linear(2, 2))
+        self.input_key, self.is_trainable, self.ucg_rate = input_key, False, 0.1
+
+
+class FakeConditioner(nn.Module):
+    """sgm's GeneralConditioner contract: batch dict in, {"crossattn", "vector"} out; frozen embedders run
+    under no_grad unless ``is_trainable``."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedders = nn.ModuleList([FakeEmbedder("transformer"), FakeEmbedder("model"),
+                                        FakeEmbedder("dummy", "original_size_as_tuple")])
+        self.seen = []
+
+    def forward(self, batch):
+        self.seen.append((batch, [(e.is_trainable, e.ucg_rate) for e in self.embedders]))
+        e0 = self.embedders[0]
+        with contextlib.nullcontext() if e0.is_trainable else torch.no_grad():
+            h = e0.transformer(torch.ones(len(batch["txt"]), 3, 2))
+        sizes = torch.cat([batch["original_size_as_tuple"], batch["crop_coords_top_left"],
+                           batch["target_size_as_tuple"]], 1)
+        return {"crossattn": h, "vector": sizes}
+
+
+def test_sdxl_text_goes_through_the_conditioner_with_sizes_and_grads():
+    unet = nn.Conv2d(4, 4, 1)
+    unet.in_channels = 4
+    sd = types.SimpleNamespace(is_sd1=False, is_sd2=False, is_sdxl=True, is_sd3=False,
+                               model=types.SimpleNamespace(diffusion_model=unet), conditioner=FakeConditioner(),
+                               first_stage_model=nn.Linear(1, 1), alphas_cumprod=torch.linspace(0.99, 0.01, 10),
+                               alphas_cumprod_original=torch.linspace(0.9, 0.1, 10), parameterization="v")
+    m = wt.trainable_model(sd, model_map=object())
+    assert (m.family, m.prediction, m.resolution, [p for p, _ in m.text_encoders]) == ("sdxl", "v", 1024, ["te1", "te2"])
+    assert torch.equal(m.alphas_cumprod, torch.linspace(0.9, 0.1, 10))  # the schedule it was trained with
+    sizes = [((832, 1216), (0, 32), (768, 1152)), ((1024, 1024), (8, 0), (1024, 1024))]
+    cond = m.encode_text(["a", "b"], sizes)
+    batch, flags = sd.conditioner.seen[-1]
+    assert batch["txt"] == ["a", "b"]
+    assert batch["original_size_as_tuple"].tolist() == [[832, 1216], [1024, 1024]]
+    assert batch["crop_coords_top_left"].tolist() == [[0, 32], [8, 0]]
+    assert batch["target_size_as_tuple"].tolist() == [[768, 1152], [1024, 1024]]
+    assert flags == [(True, 0.0)] * 3                                     # during the call ...
+    assert [(e.is_trainable, e.ucg_rate) for e in sd.conditioner.embedders] == [(False, 0.1)] * 3  # ... only
+    assert cond.y is not None and cond.y.shape == (2, 6)
+    cond.context.sum().backward()
+    assert sd.conditioner.embedders[0].transformer.weight.grad is not None  # grads reach the text encoder
+    with torch.no_grad():
+        assert not m.encode_text(["a"]).context.requires_grad               # the trainer's no_grad wins
+
+
+def test_latents_are_deterministic_and_leave_the_global_rng_alone(sd_model):
+    m = wt.trainable_model(sd_model)
+    pixels = torch.rand(1, 3, 64, 64) * 2 - 1
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    a = m.encode_images(pixels)
+    assert torch.equal(torch.rand(1), expected_next)
+    assert torch.equal(a, m.encode_images(pixels)) and a.shape == (1, 4, 8, 8)
+    assert (m.model_name, m.model_hash, m.legacy_hash, m.resolution) == \
+        ("tiny.safetensors", "ab" * 32, "12345678", 512)
+
+
+def test_sample_prompt_options():
+    o = wt.parse_sample_prompt("a cat, photo --n blurry, ugly --w 768 --h 512 --s 28 --l 5.5 --d 9 --ss euler_a",
+                               512, 512, 1)
+    assert o == {"prompt": "a cat, photo", "negative_prompt": "blurry, ugly", "width": 768, "height": 512,
+                 "seed": 9, "steps": 28, "cfg_scale": 5.5, "sampler_name": "Euler a"}
+    assert wt.parse_sample_prompt("plain", 64, 64, 3)["prompt"] == "plain"
+    assert wt.parse_sample_prompt("x --w wide", 64, 64, 3)["width"] == 64  # malformed options are ignored
+
+
+# -- the runner without the WebUI -------------------------------------------------------------------------
+
+
+class FailingHost(jobs.TrainingHost):
+    def __init__(self, out: Path):
+        self.out, self.after_calls, self.lock_obj = out, 0, threading.Lock()
+
+    def lock(self):
+        return self.lock_obj
+
+    def output_dir(self):
+        return self.out
+
+    def build_model(self, job):
+        raise RuntimeError("boom\nsecond line")
+
+    def after(self, job):
+        self.after_calls += 1
+
+    def log(self, message):
+        pass
+
+
+def test_failure_is_one_line_and_the_lock_is_released(tmp_path, data):
+    h = FailingHost(tmp_path)
+    runner = jobs.JobRunner(h)
+    job = runner.start(request(data))
+    assert job.wait(TIMEOUT)
+    st = job.status()
+    assert (st["state"], st["error"], h.after_calls) == ("failed", "RuntimeError: boom", 1)
+    assert h.lock_obj.acquire(blocking=False)
+    assert runner.active() is None
+
+
+def test_presets_and_form_round_trip(data, tmp_path):
+    for preset in ("sd15", "sdxl"):
+        values = ui.preset_values(preset)
+        values["output_name"] = "mine"
+        values["dataset.train_dir"] = str(data)
+        req = ui.form_to_request(values, preset)
+        json.dumps(req)
+        cfg = jobs.build_request(req, tmp_path).config
+        assert (cfg.network.rank, cfg.network.alpha, cfg.optimizer, cfg.lr_scheduler) == (32, 16, "AdamW", "cosine")
+        assert cfg.output_dir == tmp_path and cfg.output_name == "mine" and cfg.max_train_epochs == 10
+        if preset == "sd15":
+            assert (cfg.dataset.resolution, cfg.network.train_text_encoder, cfg.text_encoder_lr) == (512, True, 5e-5)
+        else:
+            assert (cfg.dataset.resolution, cfg.network.train_text_encoder, cfg.text_encoder_lr) == (1024, False, None)
+    assert jobs.build_request({"output_name": "x", "dataset": {"train_dir": str(data)}}, tmp_path,
+                              family="sdxl").preset == "sdxl"
+    with pytest.raises(jobs.RequestError, match="nothing to train"):
+        jobs.build_request({"output_name": "x", "dataset": {"train_dir": str(data)},
+                            "network": {"train_unet": False, "train_text_encoder": False}}, tmp_path)
+
+
+def test_tab_helpers_without_gradio(data):
+    img = ui.loss_plot([[i, 1.0 / i] for i in range(1, 300)])
+    assert img.size == (640, 240) and img.getextrema() != ((250, 250),) * 3
+    assert ui.loss_plot([]).size == (640, 240)
+    assert jobs.downsample([1.0] * 1000, 200)[-1] == [1000, 1.0] and len(jobs.downsample([1.0] * 1000, 200)) == 200
+    from lib_lora.training.dataset import DatasetConfig, validate
+    summary, problems = validate(DatasetConfig(data, resolution=64, enable_buckets=False))
+    html_out = ui.summary_html(summary, problems)
+    assert "1_zkx" in html_out and "Training images" in html_out
+    assert "<script" not in ui.summary_html({**summary, "folders": [{"name": "<script>"}]}, [])
+    status = ui.status_html({"name": "n", "state": "running", "step": 5, "total": 10, "epoch": 1, "loss": 0.1,
+                             "avg_loss": 0.12, "lr": 1e-4, "eta": 65, "elapsed": 5, "output": None})
+    assert "step 5/10" in status and "ETA 1:05" in status and "width:50.0%" in status
+
+
+def test_tab_is_registered_and_built_with_gradio(webui):
+    webui.start()
+    names = {c.name for c in script_callbacks.callback_map["callbacks_ui_tabs"]}
+    assert "lora-workshop/lora_workshop.py/ui_tabs" in names
+    pytest.importorskip("gradio")  # the WebUI's gradio 3.41 is not installed here (it pins numpy<2)
+    tabs = script_callbacks.ui_tabs_callback()
+    assert [(title, elem_id) for _, title, elem_id in tabs] == [("LoRA Workshop", "lora_workshop")]
