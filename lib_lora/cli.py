@@ -108,6 +108,8 @@ def _train_config(args: argparse.Namespace):
                        optimizer=args.optimizer, lr_scheduler=args.lr_scheduler, lr_warmup_steps=args.lr_warmup_steps,
                        max_grad_norm=args.max_grad_norm, seed=args.seed, min_snr_gamma=args.min_snr_gamma,
                        noise_offset=args.noise_offset, mixed_precision=args.mixed_precision,
+                       gradient_checkpointing=args.gradient_checkpointing,
+                       cache_latents_to_disk=args.cache_latents_to_disk,
                        cache_latents=not args.no_cache_latents, training_comment=args.training_comment)
 
 
@@ -237,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--noise-offset", type=float, default=0.0)
     sp.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     sp.add_argument("--no-cache-latents", action="store_true")
+    sp.add_argument("--cache-latents-to-disk", action="store_true", help="keep latents next to the images for reuse")
+    sp.add_argument("--gradient-checkpointing", action="store_true")
     sp.add_argument("--save-precision", default="fp16", choices=["fp16", "bf16", "fp32"])
     sp.add_argument("--save-every-n-steps", type=int, default=0)
     sp.add_argument("--save-every-n-epochs", type=int, default=0)

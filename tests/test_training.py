@@ -21,7 +21,9 @@ from train_support import make_dataset, trainable, tiny_vae
 
 
 def config(tmp_path, **kw) -> TrainConfig:
-    data = make_dataset(tmp_path / "data")
+    data = tmp_path / "data"
+    if not data.exists():  # rewriting the images would (rightly) invalidate cached latents
+        make_dataset(data)
     ds = DatasetConfig(data, resolution=64, min_bucket_reso=64, max_bucket_reso=128, enable_buckets=False)
     net = kw.pop("network", NetworkConfig(rank=4, alpha=4, train_text_encoder=True))
     base = dict(output_dir=tmp_path / "out", output_name="t", max_train_steps=8, learning_rate=2e-3,
@@ -202,3 +204,26 @@ def test_existing_output_is_not_overwritten(tmp_path, vae):
     with pytest.raises(FileExistsError):
         Trainer(trainable(build_sd1(), vae), cfg).prepare()
     assert (cfg_out / "t.safetensors").read_bytes() == b"precious"
+
+
+def test_gradient_checkpointing_and_disk_latents_change_nothing_but_cost(tmp_path, vae):
+    """Same file with activations recomputed and latents read back from disk."""
+    tiny = build_sd1(seed=4)
+    quiet = Callbacks(log=lambda s: None)
+    plain = Trainer(trainable(tiny, vae), config(tmp_path / "a", max_train_steps=8), quiet).run().output
+    cfg = config(tmp_path / "b", max_train_steps=8, gradient_checkpointing=True, cache_latents_to_disk=True)
+    first = Trainer(trainable(tiny, vae), cfg, quiet).run().output
+    cached = sorted(p.name for p in (tmp_path / "b" / "data" / "2_zkx").glob("*.lwlatent"))
+    assert cached == [f"img_{i}.64x64.lwlatent" for i in range(4)]
+    encode_calls = {"n": 0}
+    model = trainable(tiny, vae)
+    real = model.encode_images
+    model.encode_images = lambda px: (encode_calls.__setitem__("n", encode_calls["n"] + 1), real(px))[1]
+    cfg2 = config(tmp_path / "b", max_train_steps=8, gradient_checkpointing=True, cache_latents_to_disk=True,
+                  output_name="again")
+    again = Trainer(model, cfg2, quiet).run().output
+    assert encode_calls["n"] == 0  # every latent came from disk
+    a, b, c = (load_safetensors(p)[0] for p in (plain, first, again))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7)
+        assert torch.equal(b[k], c[k])

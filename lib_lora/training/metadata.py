@@ -42,7 +42,7 @@ def build_metadata(*, family: str, prediction: str, session_id: str, started_at:
         "ss_epoch": epoch,
         "ss_steps": steps,
         "ss_max_train_steps": max_steps,
-        "ss_gradient_checkpointing": False,
+        "ss_gradient_checkpointing": cfg.gradient_checkpointing,
         "ss_gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         "ss_lr_warmup_steps": cfg.lr_warmup_steps,
         "ss_lr_scheduler": cfg.lr_scheduler,
