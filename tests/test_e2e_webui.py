@@ -262,3 +262,35 @@ def test_extra_networks_card_comes_from_our_page(server):
         "GET", f"/sd_extra_networks/get-single-card?page=lora&tabname=txt2img&name={LORA_NAME}", auth=None)
     assert status == 200
     assert 'data-sort-lwfamily="SD1"' in res["html"]
+
+
+def test_training_job_on_the_loaded_model(server, tmp_path):
+    """Train through the API on the loaded checkpoint; the file appears as a card; generation is unchanged."""
+    from PIL import Image
+
+    data = tmp_path / "dataset" / "2_e2etrig"
+    data.mkdir(parents=True)
+    for i in range(2):
+        Image.new("RGB", (64, 64), (200, 30 * i, 40)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text("e2etrig, red square", encoding="utf-8")
+    before = server.txt2img("a photo")
+    body = {"output_name": "e2e_trained", "dataset": {"train_dir": str(data.parent), "resolution": 64,
+                                                      "min_bucket_reso": 64, "max_bucket_reso": 128},
+            "network": {"rank": 4, "alpha": 4}, "max_train_steps": 3, "save_precision": "fp32",
+            "sample_every_n_steps": 0}
+    assert server.request("POST", "/lora-workshop/v1/train", {**body, "output_name": "../x"})[0] == 400
+    status, job = server.request("POST", "/lora-workshop/v1/train", body)
+    assert status == 200, job
+    assert server.request("POST", "/lora-workshop/v1/train", {**body, "output_name": "other"})[0] == 409
+    deadline = time.time() + 600
+    while True:
+        status, st = server.request("GET", f"/lora-workshop/v1/train/{job['id']}")
+        if st["state"] in ("finished", "stopped", "failed") or time.time() > deadline:
+            break
+        time.sleep(2)
+    assert st["state"] == "finished", f"{st.get('error')}\n{server.log_tail()}"
+    assert st["model_untouched"] is True
+    names = [x["name"] for x in server.request("GET", "/lora-workshop/v1/loras")[1]]
+    assert "e2e_trained" in names
+    assert server.txt2img("a photo")["image"] == before["image"], "training changed the loaded model"
+    assert server.txt2img("a photo <lora:e2e_trained:1>")["image"] != before["image"]
