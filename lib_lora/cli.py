@@ -266,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--height", type=int)
     sp.add_argument("--sampler", default="ddim", choices=["ddim", "euler"])
     sp.set_defaults(func=cmd_render)
+
+    from .toyworld.demo import add_parser as add_demo_parser
+    add_demo_parser(sub)
     return p
 
 

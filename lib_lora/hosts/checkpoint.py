@@ -46,7 +46,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -55,7 +54,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import hashes
-from ..fileio import load_file, save_safetensors
+from ..fileio import load_file, save_safetensors, write_text_atomic
 from ..training.model import Conditioning, SizeCond, TrainableModel
 
 UNET_PREFIX = "model.diffusion_model."
@@ -919,15 +918,7 @@ def save_checkpoint(checkpoint: Checkpoint, path: str | os.PathLike, dtype: torc
         import yaml as pyyaml
 
         text = pyyaml.safe_dump(_plain(webui_yaml(checkpoint.config)), sort_keys=False)
-        fd, tmp = tempfile.mkstemp(prefix=f".{yaml_path.name}.", suffix=".tmp", dir=yaml_path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.replace(tmp, yaml_path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_text_atomic(yaml_path, text)
     if checkpoint.path is not None and checkpoint.path.resolve() == path.resolve():
         checkpoint._hashes = {}  # overwrote the file it was loaded from
     return path
