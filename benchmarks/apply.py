@@ -69,6 +69,13 @@ def diffusers_pipe():
                                    feature_extractor=None, requires_safety_checker=False)
 
 
+def steady_step(unet, x, t, ctx) -> float:
+    """Seconds of one UNet step after a first, untimed one: the first step after weights change
+    pays one-off costs (allocator, kernel weight reorders) that a 20-step sampling run amortises."""
+    unet_step_ldm(unet, x, t, ctx)
+    return timed(lambda: unet_step_ldm(unet, x, t, ctx), 1)
+
+
 def unet_step_ldm(unet, x, t, ctx):
     with torch.no_grad():
         unet(x, t, context=ctx)
@@ -79,6 +86,7 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, nargs="+", default=[16, 128])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--latent", type=int, default=32, help="latent side for the sampling step (64 = 512px)")
+    ap.add_argument("--sampling-only", action="store_true", help="only the merged-vs-plain sampling step")
     args = ap.parse_args()
     torch.manual_seed(0)
 
@@ -91,21 +99,37 @@ def main() -> None:
     print(f"SD1.5 layout: UNet {sum(p.numel() for p in parts.unet.parameters()) / 1e6:.0f}M params, "
           f"latent {args.latent}x{args.latent}, batch 2, threads {torch.get_num_threads()}")
 
-    step_plain = timed(lambda: unet_step_ldm(parts.unet, x, t, ctx), args.repeat)
     rows = []
     for rank in args.ranks:
         a, b = kohya_file(mm, rank, 1), kohya_file(mm, rank, 2)
         na, nb = parse_state_dict("a", a, {}), parse_state_dict("b", b, {})
         p = Patcher(mm)
         A, B, B_half = [Activation(na)], [Activation(nb)], [Activation(nb, 0.5, 0.5)]
+        if args.sampling_only:
+            merged_t, plain_t = [], []
+            for _ in range(args.repeat):
+                p.apply(A)
+                merged_t.append(steady_step(parts.unet, x, t, ctx))
+                p.restore()
+                plain_t.append(steady_step(parts.unet, x, t, ctx))
+            m, pl = statistics.median(merged_t), statistics.median(plain_t)
+            print(f"rank {rank}: sampling step merged {m:.3f}s, plain {pl:.3f}s, ratio {m / pl:.3f}")
+            continue
         ours = {
             "first apply": timed(lambda: p.apply(A), args.repeat, setup=p.restore),
             "switch": timed(lambda: p.apply(B), args.repeat, setup=lambda: p.apply(A)),
             "weight change": timed(lambda: p.apply(B_half), args.repeat, setup=lambda: p.apply(B)),
             "restore": timed(p.restore, args.repeat, setup=lambda: p.apply(A)),
         }
+        # alternate merged and plain steps so drift on a shared machine hits both alike
+        merged_t, plain_t = [], []
+        for _ in range(args.repeat):
+            p.apply(A)
+            merged_t.append(steady_step(parts.unet, x, t, ctx))
+            p.restore()
+            plain_t.append(steady_step(parts.unet, x, t, ctx))
+        step_merged, step_plain = statistics.median(merged_t), statistics.median(plain_t)
         p.apply(A)
-        step_merged = timed(lambda: unet_step_ldm(parts.unet, x, t, ctx), args.repeat)
         backup_mb = sum(s.original.numel() * s.original.element_size() for s in p.slots.values()) / 2**20
         n_slots = len(p.slots)
         p.restore()
