@@ -79,6 +79,17 @@ def steady_step(unet, x, t, ctx, n: int = 4) -> float:
     return statistics.median(timed(lambda: unet_step_ldm(unet, x, t, ctx), 1) for _ in range(n - 1))
 
 
+def sampling_steps(p, acts, unet, x, t, ctx, repeat: int) -> tuple[float, float]:
+    """Median step time with ``acts`` merged and without, alternating so drift hits both alike."""
+    merged, plain = [], []
+    for _ in range(repeat):
+        p.apply(acts)
+        merged.append(steady_step(unet, x, t, ctx))
+        p.restore()
+        plain.append(steady_step(unet, x, t, ctx))
+    return statistics.median(merged), statistics.median(plain)
+
+
 def unet_step_ldm(unet, x, t, ctx):
     with torch.no_grad():
         unet(x, t, context=ctx)
@@ -109,13 +120,7 @@ def main() -> None:
         p = Patcher(mm)
         A, B, B_half = [Activation(na)], [Activation(nb)], [Activation(nb, 0.5, 0.5)]
         if args.sampling_only:
-            merged_t, plain_t = [], []
-            for _ in range(args.repeat):
-                p.apply(A)
-                merged_t.append(steady_step(parts.unet, x, t, ctx))
-                p.restore()
-                plain_t.append(steady_step(parts.unet, x, t, ctx))
-            m, pl = statistics.median(merged_t), statistics.median(plain_t)
+            m, pl = sampling_steps(p, A, parts.unet, x, t, ctx, args.repeat)
             print(f"rank {rank}: sampling step merged {m:.3f}s, plain {pl:.3f}s, ratio {m / pl:.3f}")
             continue
         ours = {
@@ -124,14 +129,7 @@ def main() -> None:
             "weight change": timed(lambda: p.apply(B_half), args.repeat, setup=lambda: p.apply(B)),
             "restore": timed(p.restore, args.repeat, setup=lambda: p.apply(A)),
         }
-        # alternate merged and plain steps so drift on a shared machine hits both alike
-        merged_t, plain_t = [], []
-        for _ in range(args.repeat):
-            p.apply(A)
-            merged_t.append(steady_step(parts.unet, x, t, ctx))
-            p.restore()
-            plain_t.append(steady_step(parts.unet, x, t, ctx))
-        step_merged, step_plain = statistics.median(merged_t), statistics.median(plain_t)
+        step_merged, step_plain = sampling_steps(p, A, parts.unet, x, t, ctx, args.repeat)
         p.apply(A)
         backup_mb = sum(s.original.numel() * s.original.element_size() for s in p.slots.values()) / 2**20
         n_slots = len(p.slots)
