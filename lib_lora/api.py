@@ -48,6 +48,19 @@ def _has_route(app: FastAPI, path: str, method: str) -> bool:
                for r in app.router.routes)
 
 
+class _Registrar:
+    """Adds routes behind the given dependencies (auth), skipping paths something else already serves."""
+
+    def __init__(self, app: FastAPI, dependencies: list | None):
+        self.app, self.deps, self.added = app, list(dependencies or []), []
+
+    def __call__(self, path: str, method: str, fn: Callable[..., Any]) -> None:
+        if _has_route(self.app, path, method):
+            return
+        self.app.add_api_route(path, fn, methods=[method], dependencies=self.deps)
+        self.added.append(path)
+
+
 def add_routes(app: FastAPI, library: Callable[[], Library], *, dependencies: list | None = None,
                builtin_compatible: bool = False) -> list[str]:
     """Register the routes on ``app``; returns the paths added (existing ones are left alone).
@@ -56,14 +69,8 @@ def add_routes(app: FastAPI, library: Callable[[], Library], *, dependencies: li
     ``builtin_compatible`` also serves ``/sdapi/v1/loras`` and ``/sdapi/v1/refresh-loras``
     with the built-in Lora extension's JSON shape (only when that extension is not active).
     """
-    deps = list(dependencies or [])
-    added: list[str] = []
-
-    def route(path: str, method: str, fn: Callable[..., Any]) -> None:
-        if _has_route(app, path, method):
-            return
-        app.add_api_route(path, fn, methods=[method], dependencies=deps)
-        added.append(path)
+    route = _Registrar(app, dependencies)
+    added = route.added
 
     def list_loras() -> list[dict[str, Any]]:
         return [service.entry_json(e) for e in library().entries]
@@ -122,14 +129,8 @@ def add_training_routes(app: FastAPI, runner: Callable[[], Any], *, dependencies
     from .training.dataset import DatasetError
     from .training.jobs import JobError
 
-    deps = list(dependencies or [])
-    added: list[str] = []
-
-    def route(path: str, method: str, fn: Callable[..., Any]) -> None:
-        if _has_route(app, path, method):
-            return
-        app.add_api_route(path, fn, methods=[method], dependencies=deps)
-        added.append(path)
+    route = _Registrar(app, dependencies)
+    added = route.added
 
     def fail(e: Exception) -> HTTPException:
         if isinstance(e, JobError):
