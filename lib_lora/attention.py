@@ -7,13 +7,13 @@ for the duration of a block and removes it afterwards, leaving the modules uncha
 """
 from __future__ import annotations
 
-import types
-from contextlib import contextmanager
-from typing import Iterator
+from contextlib import AbstractContextManager
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from .instance_forward import instance_forward
 
 
 def _sdpa_forward(self, x, context=None, mask=None, **_):
@@ -28,15 +28,7 @@ def _sdpa_forward(self, x, context=None, mask=None, **_):
     return self.to_out(out.transpose(1, 2).reshape(b, -1, q.shape[1] * q.shape[-1]))
 
 
-@contextmanager
-def sdpa_attention(*roots: nn.Module) -> Iterator[int]:
+def sdpa_attention(*roots: nn.Module) -> AbstractContextManager[int]:
     """Use SDPA in every LDM/SGM ``CrossAttention`` under ``roots``; yields how many were switched."""
-    switched = [m for r in roots for m in r.modules()
-                if type(m).__name__ == "CrossAttention" and hasattr(m, "to_q") and "forward" not in vars(m)]
-    for m in switched:
-        m.forward = types.MethodType(_sdpa_forward, m)
-    try:
-        yield len(switched)
-    finally:
-        for m in switched:
-            del m.forward
+    return instance_forward((m for r in roots for m in r.modules()
+                             if type(m).__name__ == "CrossAttention" and hasattr(m, "to_q")), _sdpa_forward)

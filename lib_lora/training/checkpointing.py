@@ -7,12 +7,12 @@ included — and lets autograd find every parameter by itself.
 """
 from __future__ import annotations
 
-import types
-from contextlib import contextmanager
-from typing import Iterator
+from contextlib import AbstractContextManager
 
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from ..instance_forward import instance_forward
 
 
 def _blocks(unet: nn.Module) -> list[nn.Module]:
@@ -21,18 +21,10 @@ def _blocks(unet: nn.Module) -> list[nn.Module]:
     return blocks + ([mid] if mid is not None else [])
 
 
-@contextmanager
-def gradient_checkpointing(unet: nn.Module, enabled: bool = True) -> Iterator[int]:
-    """Recompute each UNet block in backward instead of keeping its activations; yields the block count."""
-    blocks = [b for b in _blocks(unet) if "forward" not in vars(b)] if enabled else []
-    for b in blocks:
-        cls_forward = type(b).forward
+def _checkpointed(self, *args, **kwargs):
+    return checkpoint(type(self).forward, self, *args, use_reentrant=False, **kwargs)
 
-        def forward(self, *args, _f=cls_forward, **kwargs):
-            return checkpoint(_f, self, *args, use_reentrant=False, **kwargs)
-        b.forward = types.MethodType(forward, b)
-    try:
-        yield len(blocks)
-    finally:
-        for b in blocks:
-            del b.forward
+
+def gradient_checkpointing(unet: nn.Module, enabled: bool = True) -> AbstractContextManager[int]:
+    """Recompute each UNet block in backward instead of keeping its activations; yields the block count."""
+    return instance_forward(_blocks(unet) if enabled else [], _checkpointed)
