@@ -32,7 +32,9 @@ from typing import Any, Callable
 import torch
 from PIL import Image, ImageDraw
 
-from .world import BASE_WORLD, CONCEPTS, generate, write_kohya_dataset
+from . import measure
+from .measure import LoraRenderer
+from .world import CONCEPTS, generate, write_kohya_dataset
 
 CONCEPT_LORA, STYLE_LORA = "zkx_star", "qwv_diagonal"
 
@@ -106,69 +108,6 @@ def _train(ck, data_root: Path, out: Path, name: str, s: DemoSettings, seed: int
     t0 = time.time()
     res = Trainer(model, cfg, Callbacks(on_progress=_Bar(f"train {name:13s}"), log=lambda m: None)).run()
     return res.output, list(res.losses), time.time() - t0
-
-
-class _Renderer:
-    """Generate through the Runtime, exactly as a prompt with <lora:...> tokens would."""
-
-    def __init__(self, ck, lora_dir: Path, s: DemoSettings):
-        from ..library import Library
-        from ..modelmap import ModelMap
-        from ..runtime import Runtime
-
-        self.ck, self.s = ck, s
-        self.rt = Runtime(Library([lora_dir]))
-        self.rt.set_model(ModelMap.build(ck.family, ck.unet, ck.text_encoders))
-        self.messages: list[str] = []
-
-    def __call__(self, prompts: list[str], seed: int | list[int]) -> list[Image.Image]:
-        """Image i uses noise ``seed + i`` (an int) or ``seed[i]`` (a list)."""
-        from ..attention import sdpa_attention
-        from ..params import parse_prompt
-
-        seeds = [seed + i for i in range(len(prompts))] if isinstance(seed, int) else list(seed)
-
-        out = []
-        for i, p in enumerate(prompts):   # one prompt may carry its own LoRA tokens, so group by tokens
-            clean, requests = parse_prompt(p)
-            out.append((" ".join(clean.split()), requests, i))
-        images: list[Image.Image | None] = [None] * len(prompts)
-        groups: dict[str, list] = {}
-        for clean, req, i in out:
-            groups.setdefault(repr([(r.name, r.te, r.unet) for r in req]), []).append((clean, req, i))
-        for items in groups.values():
-            res = self.rt.activate(items[0][1])
-            self.messages += res.messages
-            try:
-                with sdpa_attention(self.ck.unet):
-                    for j in range(0, len(items), 32):
-                        chunk = items[j:j + 32]
-                        # image i of a call gets noise seed + i whatever its LoRAs: same noise across a grid row
-                        imgs = _sample_seeds(self.ck, [c for c, _, _ in chunk], [seeds[i] for _, _, i in chunk], self.s)
-                        for (_, _, i), im in zip(chunk, imgs):
-                            images[i] = im
-            finally:
-                self.rt.activate([])
-        return images  # type: ignore[return-value]
-
-    def close(self) -> None:
-        self.rt.set_model(None)
-
-
-def _sample_seeds(ck, prompts: list[str], seeds: list[int], s: DemoSettings) -> list[Image.Image]:
-    """``sample`` with image i on noise seed ``seeds[i]`` (sample() itself uses seed + i)."""
-    from ..hosts.checkpoint import sample
-
-    if seeds == list(range(seeds[0], seeds[0] + len(seeds))):
-        return sample(ck, prompts, steps=s.sample_steps, cfg=s.cfg, seed=seeds[0], width=64, height=64)
-    return [sample(ck, [p], steps=s.sample_steps, cfg=s.cfg, seed=sd, width=64, height=64)[0]
-            for p, sd in zip(prompts, seeds)]
-
-
-def _rate(images, scenes, check: Callable[[Any, Any], bool]) -> float:
-    from .scorer import score
-
-    return round(sum(check(score(im), sc) for im, sc in zip(images, scenes)) / max(len(images), 1), 4)
 
 
 def _label(im: Image.Image, text: str, width: int) -> Image.Image:
@@ -245,47 +184,24 @@ def run_demo(out_dir: Path, quick: bool = False, base: Path | None = None, seed:
     concept_path, concept_losses, concept_s = _train(ck, data / "star", lora_dir, CONCEPT_LORA, s, seed + 2)
     style_path, style_losses, style_s = _train(ck, data / "diagonal", lora_dir, STYLE_LORA, s, seed + 3)
 
-    render = _Renderer(ck, lora_dir, s)
+    render = LoraRenderer(ck, [lora_dir], s.sample_steps, s.cfg)
     try:
         # held-out prompts (seeds differ from the training sets')
-        n = s.eval_n
-        star_eval = generate(n, seed + 100, star.world, star.words)
-        style_eval = generate(n, seed + 101, diag.world, diag.words)
-        base_eval = generate(n, seed + 102, BASE_WORLD)
-        combo_eval = generate(n, seed + 103, star.world, {"star": star.trigger},
-                              backgrounds=("diagonal",))
-        combo_prompts = [c.replace("diagonal background", f"{diag.trigger} background") for _, c, _ in combo_eval]
-        is_star = lambda sc, scene: sc.shape == "star"                       # noqa: E731
-        is_diag = lambda sc, scene: sc.background == "diagonal"             # noqa: E731
-        base_ok = lambda sc, scene: sc.shape == scene.shape and sc.colour == scene.colour  # noqa: E731
-        both = lambda sc, scene: sc.shape == "star" and sc.background == "diagonal"  # noqa: E731
-        cl, sl = CONCEPT_LORA, STYLE_LORA
+        n, cl, sl = s.eval_n, CONCEPT_LORA, STYLE_LORA
         scores: dict[str, Any] = {"n_prompts": n}
-        star_prompts = [c for _, c, _ in star_eval]
-        star_scenes = [sc for _, _, sc in star_eval]
-        star_images = {w: render([p + (f" <lora:{cl}:{w}>" if w else "") for p in star_prompts], seed + 200)
-                       for w in (0, 0.5, 1)}
-        scores["concept_star_rate"] = {str(w): _rate(im, star_scenes, is_star) for w, im in star_images.items()}
-        # ... and in the prompted colour (the concept composes with what the base knows)
-        scores["concept_star_in_prompted_colour_rate"] = {
-            str(w): _rate(im, star_scenes, lambda sc, scene: sc.shape == "star" and sc.colour == scene.colour)
-            for w, im in star_images.items()}
-        base_prompts = [c for _, c, _ in base_eval]
-        base_scenes = [sc for _, _, sc in base_eval]
+        scores["concept_star_rate"] = measure.acquisition(render, cl, star, (0, 0.5, 1), n, seed + 100)
         scores["base_world_shape_colour"] = {
-            "no_lora": _rate(render(base_prompts, seed + 300), base_scenes, base_ok),
-            f"{cl}:1": _rate(render([p + f" <lora:{cl}:1>" for p in base_prompts], seed + 300), base_scenes, base_ok)}
-        style_prompts = [c for _, c, _ in style_eval]
-        style_scenes = [sc for _, _, sc in style_eval]
-        scores["style_diagonal_rate"] = {
-            str(w): _rate(render([p + (f" <lora:{sl}:{w}>" if w else "") for p in style_prompts], seed + 400),
-                          style_scenes, is_diag) for w in (0, 1)}
-        combo_scenes = [sc for _, _, sc in combo_eval]
-        scores["combined_star_and_diagonal_rate"] = _rate(
-            render([p + f" <lora:{cl}:1> <lora:{sl}:1>" for p in combo_prompts], seed + 500), combo_scenes, both)
+            "no_lora": measure.base_accuracy(render, (), n, seed + 102),
+            f"{cl}:1": measure.base_accuracy(render, [(cl, 1)], n, seed + 102)}
+        scores["style_diagonal_rate"] = measure.acquisition(render, sl, diag, (0, 1), n, seed + 101)
+        scores["combined_star_and_diagonal_rate"] = measure.composition(render, (cl, star), (sl, diag), n, seed + 103)
 
         # the grid: one row per prompt, the same noise across a row
         rows = []
+        star_prompts, _ = measure.concept_prompts(star, s.grid_rows, seed + 100)
+        # the same scenes with the style's background: "a red zkx on a qwv background"
+        combo_prompts = [c for _, c, _ in generate(s.grid_rows, seed + 100, star.world, {**star.words, **diag.words},
+                                                   backgrounds=(diag.value,))]
         for r in range(s.grid_rows):
             p = star_prompts[r]
             q = combo_prompts[r]
@@ -330,8 +246,6 @@ def _report(summary: dict, log: Callable[[str], None]) -> None:
     log(f"  concept 'zkx' drawn as a star   w=0: {sc['concept_star_rate']['0']:.0%}  "
         f"w=0.5: {sc['concept_star_rate']['0.5']:.0%}  w=1: {sc['concept_star_rate']['1']:.0%}")
     b = sc["base_world_shape_colour"]
-    c = sc["concept_star_in_prompted_colour_rate"]
-    log(f"  ... as a star in the prompted colour  w=0: {c['0']:.0%}  w=0.5: {c['0.5']:.0%}  w=1: {c['1']:.0%}")
     log(f"  base world shape+colour right   no LoRA: {b['no_lora']:.0%}  with {CONCEPT_LORA}:1: "
         f"{b[CONCEPT_LORA + ':1']:.0%}")
     st = sc["style_diagonal_rate"]

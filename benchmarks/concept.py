@@ -1,0 +1,195 @@
+"""What a LoRA learns and what it breaks, on the toy world (CPU, minutes).
+
+    .venv/bin/python benchmarks/concept.py                       # our trainer: ranks 4/16/64, LoRA and LoCon
+    .venv/bin/python benchmarks/concept.py --ranks 16 --kinds locon --steps 200
+    .venv/bin/python benchmarks/concept.py --write-dataset DIR   # the datasets, for another trainer
+    .venv/bin/python benchmarks/concept.py --lora A.safetensors --lora B.safetensors   # any kohya-format files
+
+The concept is the toy world's "star" (trigger ``zkx``), never seen by the base model; the style for
+the composition row is the "diagonal" background (trigger ``qwv``), trained once with the demo's
+settings unless ``--style FILE`` is given.  Files are applied through the same Runtime as
+``<lora:name:w>`` in a WebUI prompt, so files written by kohya's sd-scripts, ComfyUI trainers or
+anything else that writes kohya keys are scored the same way as ours (train them on the folders
+``--write-dataset`` writes, against ``lib_lora/toyworld/assets/toy-sd1.safetensors``).
+
+Columns (fractions of a fixed prompt/seed set, read by ``toyworld.scorer``):
+  acq@0/0.5/1   trigger prompts drawn as the concept with the LoRA at that weight
+  base / base+L base-world prompts drawn in the prompted shape and colour, without / with the LoRA at 1
+  compose       concept + style LoRAs at 1, both triggers: images showing both
+  80% step/s    first saved step (and training seconds) whose file reaches 80% acquisition at weight 1
+                (checked every --eval-every steps on --probe prompts; "-" if never)
+  MB            file size
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from lib_lora.toyworld import measure  # noqa: E402
+from lib_lora.toyworld.world import CONCEPTS, write_kohya_dataset  # noqa: E402
+
+STAR, DIAGONAL = CONCEPTS["star"], CONCEPTS["diagonal"]
+
+
+def write_datasets(root: Path, images: int, seed: int = 0) -> dict[str, Path]:
+    """kohya folders for the concept and the style (``root/star/1_zkx``, ``root/diagonal/1_qwv``)."""
+    write_kohya_dataset(root / "star", STAR, images, 1, seed)
+    write_kohya_dataset(root / "diagonal", DIAGONAL, images, 1, seed + 1)
+    return {"star": root / "star", "diagonal": root / "diagonal"}
+
+
+def train(ck, data: Path, out: Path, name: str, rank: int, conv_rank: int, steps: int, every: int, lr: float,
+          batch: int, seed: int) -> tuple[Path, dict[int, float]]:
+    """Our Trainer (the WebUI tab's and the CLI's code path); returns the file and step -> seconds."""
+    from lib_lora.attention import sdpa_attention
+    from lib_lora.training.dataset import DatasetConfig
+    from lib_lora.training.network import NetworkConfig
+    from lib_lora.training.trainer import Callbacks, TrainConfig, Trainer
+
+    cfg = TrainConfig(DatasetConfig(data, resolution=64, enable_buckets=False),
+                      NetworkConfig(rank=rank, alpha=rank, conv_rank=conv_rank, conv_alpha=conv_rank),
+                      output_dir=out, output_name=name, overwrite=True, max_train_steps=steps, batch_size=batch,
+                      learning_rate=lr, seed=seed, save_every_n_steps=every)
+    model = ck.trainable()
+    model.context = lambda: sdpa_attention(ck.unet)
+    clock: dict[int, float] = {}
+    res = Trainer(model, cfg, Callbacks(on_progress=lambda p: clock.__setitem__(p.step, p.elapsed),
+                                        log=lambda m: None)).run()
+    return res.output, clock
+
+
+def score_file(render: measure.LoraRenderer, name: str, n: int, seed: int, style: str | None) -> dict:
+    row = {"acq": measure.acquisition(render, name, STAR, (0, 0.5, 1), n, seed + 100),
+           "base_with": measure.base_accuracy(render, [(name, 1)], n, seed + 102)}
+    if style:
+        row["compose"] = measure.composition(render, (name, STAR), (style, DIAGONAL), n, seed + 103)
+    return row
+
+
+def first_reaching(render: measure.LoraRenderer, stems: list[tuple[int, str]], probe: int, seed: int,
+                   level: float = 0.8) -> tuple[int | None, float | None]:
+    """The first (step, acquisition) among intermediate files with acquisition >= level at weight 1."""
+    for step, stem in stems:
+        got = measure.acquisition(render, stem, STAR, (1,), probe, seed + 100)["1"]
+        if got >= level:
+            return step, got
+    return None, None
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--base", type=Path, help="base checkpoint (default: the bundled toy-sd1)")
+    ap.add_argument("--lora", type=Path, action="append", default=[], help="score this file (repeatable); "
+                    "no training")
+    ap.add_argument("--style", type=Path, help="style LoRA for the composition column (default: train one)")
+    ap.add_argument("--write-dataset", type=Path, metavar="DIR", help="write the datasets and exit")
+    ap.add_argument("--ranks", type=int, nargs="+", default=[4, 16, 64])
+    ap.add_argument("--kinds", nargs="+", default=["lora", "locon"], choices=["lora", "locon"],
+                    help="lora: attention/linear layers only; locon: also the resnet convs (conv rank = rank)")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--images", type=int, default=60)
+    ap.add_argument("--n", type=int, default=30, help="prompts per measured setting")
+    ap.add_argument("--probe", type=int, default=15, help="prompts per intermediate-file check")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, help="keep files here (default: a temporary folder)")
+    ap.add_argument("--json", type=Path, help="also write the rows as JSON")
+    a = ap.parse_args(argv)
+
+    import torch
+    torch.set_num_threads(min(torch.get_num_threads(), 2))
+    if a.write_dataset:
+        for k, v in write_datasets(a.write_dataset, a.images, a.seed).items():
+            print(f"{k}: {v}")
+        return 0
+
+    from lib_lora.hosts.checkpoint import load_checkpoint
+    from lib_lora.toyworld.base_model import DEFAULT_PATH
+
+    work = a.out or Path(tempfile.mkdtemp(prefix="concept-bench-"))
+    loras = work / "loras"
+    loras.mkdir(parents=True, exist_ok=True)
+    ck = load_checkpoint(a.base or DEFAULT_PATH)
+    data = write_datasets(work / "data", a.images, a.seed)
+    t_all = time.time()
+
+    style = None
+    if a.style:
+        shutil.copyfile(a.style, loras / "style.safetensors")
+        style = "style"
+    else:
+        train(ck, data["diagonal"], loras, "style", 8, 8, a.steps, 0, a.lr, a.batch, a.seed + 3)
+        style = "style"
+
+    render = measure.LoraRenderer(ck, [loras])
+    rows = []
+    try:
+        base = measure.base_accuracy(render, (), a.n, a.seed + 102)
+        jobs = []
+        for i, f in enumerate(a.lora):       # someone else's files: scored as they are
+            stem = f"file{i}"
+            shutil.copyfile(f, loras / f"{stem}.safetensors")
+            jobs.append((str(f), stem, None, None))
+        if not a.lora:
+            for kind in a.kinds:
+                for r in a.ranks:
+                    name = f"{kind}_r{r}"
+                    t0 = time.time()
+                    path, clock = train(ck, data["star"], loras, name, r, r if kind == "locon" else 0, a.steps,
+                                        a.eval_every, a.lr, a.batch, a.seed + 2)
+                    print(f"trained {name} in {time.time() - t0:.0f}s", file=sys.stderr)
+                    jobs.append((name, path.stem, clock, a.eval_every))
+        render.refresh()
+        for label, stem, clock, every in jobs:
+            path = loras / f"{stem}.safetensors"
+            row = {"name": label, **score_file(render, stem, a.n, a.seed, style), "base": base,
+                   "mb": round(path.stat().st_size / 1e6, 2)}
+            if clock is not None:
+                steps = sorted(clock)
+                inter = [(s, f"{stem}-{s:06d}") for s in range(every, steps[-1], every)
+                         if (loras / f"{stem}-{s:06d}.safetensors").is_file()] + [(steps[-1], stem)]
+                step80, _ = first_reaching(render, inter, a.probe, a.seed)
+                row["steps_to_80"] = step80
+                row["seconds_to_80"] = round(clock[step80], 1) if step80 else None
+                row["seconds"] = round(clock[steps[-1]], 1)
+            else:
+                from lib_lora.fileio import load_safetensors
+                meta = load_safetensors(path)[1]
+                row["steps"] = meta.get("ss_steps")
+            rows.append(row)
+    finally:
+        render.close()
+
+    print(f"\nconcept 'star' (trigger zkx), {a.n} prompts per setting, base {a.base or DEFAULT_PATH.name}"
+          + ("" if a.lora else f", {a.steps} steps, batch {a.batch}, lr {a.lr:g}")
+          + f"; total {time.time() - t_all:.0f}s")
+    hdr = f"{'lora':<14} {'acq@0':>6} {'@0.5':>6} {'@1':>6} {'base':>6} {'base+L':>7} {'compose':>8} " \
+          f"{'80% step':>9} {'80% s':>7} {'MB':>6}"
+    print(hdr)
+    for r in rows:
+        print(f"{r['name'][-14:]:<14} {r['acq']['0']:6.2f} {r['acq']['0.5']:6.2f} {r['acq']['1']:6.2f} "
+              f"{r['base']:6.2f} {r['base_with']:7.2f} {_fmt(r.get('compose')):>8} "
+              f"{_fmt(r.get('steps_to_80', r.get('steps'))):>9} {_fmt(r.get('seconds_to_80')):>7} {r['mb']:6.2f}")
+    if a.json:
+        a.json.write_text(json.dumps(rows, indent=2), encoding="utf-8")
+    if not a.out:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
