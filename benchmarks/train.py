@@ -5,17 +5,21 @@
 Each variant runs in its own process so peak RSS is its own:
   ours       LoRA Workshop's Trainer (LoRA on the LDM UNet's transformer blocks, cached latents
              and text, AdamW), timed between progress callbacks after the caches are filled
+  ours-plain the same with lean_frozen_layers=False: autograd's own conv/linear backward
   reference  the diffusers example recipe: UNet2DConditionModel + peft LoraConfig on the
              same layers, AdamW, MSE on epsilon
   bare       one forward+backward of the frozen LDM UNet (gradient w.r.t. the input only):
              the floor any LoRA step pays
-Memory is peak RSS growth during the steps over the process's RSS after building the model.
+Memory is peak RSS growth during the steps over the process's RSS after building the model.  glibc's
+mmap threshold is pinned (MALLOC_MMAP_THRESHOLD_, for every variant alike) so that freed large tensors
+go back to the OS and RSS follows live tensor memory instead of the allocator's dynamic threshold.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import multiprocessing as mp
+import os
 import resource
 import statistics
 import sys
@@ -87,7 +91,7 @@ def run_ours(args, q):
                                     enable_buckets=False),
                       NetworkConfig(rank=args["rank"], alpha=args["rank"], train_text_encoder=False),
                       output_dir=root, output_name="bench", max_train_steps=args["steps"] + 2, learning_rate=1e-4,
-                      max_grad_norm=0.0)
+                      max_grad_norm=0.0, lean_frozen_layers=args.get("lean", True))
     stamps = []
     base = _current_rss_mb()
     Trainer(model, cfg, Callbacks(on_progress=lambda p: stamps.append(time.perf_counter()), log=lambda s: None)).run()
@@ -132,7 +136,8 @@ def run_bare(args, q):
 
     unet = build("sd1", device="cpu").unet
     unet.requires_grad_(False)
-    sdpa_attention(unet).__enter__()
+    attention = sdpa_attention(unet)  # keep a reference: a dropped context manager exits at once
+    attention.__enter__()
     x, t, ctx = _inputs(args)
 
     def step():
@@ -160,8 +165,10 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     args = vars(ap.parse_args())
-    res = {name: measure(fn, args) for name, fn in (("ours", run_ours), ("reference", run_reference),
-                                                    ("bare", run_bare))}
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")   # read by each spawned variant at start-up
+    res = {name: measure(fn, {**args, **extra}) for name, fn, extra in (
+        ("ours", run_ours, {}), ("ours-plain", run_ours, {"lean": False}), ("reference", run_reference, {}),
+        ("bare", run_bare, {}))}
     print(f"SD1.5 layout, latent {args['latent']}x{args['latent']}, batch 1, rank {args['rank']}, "
           f"{args['threads']} threads, median of {args['steps'] - 1} steps after the first")
     print(f"{'variant':<10} {'s/step':>8} {'peak MiB':>9} {'trainable':>10}")

@@ -24,6 +24,7 @@ from ..fileio import LoraFileError, load_safetensors, save_safetensors
 from ..hashes import hashes_from_bytes
 from ..library import TRAINING_STATE_SUFFIX
 from .checkpointing import gradient_checkpointing
+from .frozen_layers import frozen_layers
 from .dataset import Batch, Dataset, DatasetConfig, Position, derive_rng, scan
 from .metadata import build_metadata
 from .model import Conditioning, TrainableModel
@@ -62,6 +63,7 @@ class TrainConfig:
     noise_offset: float = 0.0
     mixed_precision: str = "no"         # no, fp16, bf16 (GPU only)
     gradient_checkpointing: bool = False  # recompute UNet blocks in backward: less memory, ~30% slower
+    lean_frozen_layers: bool = True     # frozen convs/linears keep only their weight for backward (frozen_layers.py)
     cache_latents: bool = True
     cache_latents_to_disk: bool = False
     cache_text_encoder_outputs: bool = True  # only when the text encoder is frozen and captions are fixed
@@ -224,6 +226,7 @@ class Trainer:
             net.to(m.device).train()
             net.attach()
             with (m.context() if m.context else nullcontext()), \
+                    frozen_layers(*(modules if cfg.lean_frozen_layers else [])), \
                     gradient_checkpointing(m.unet, cfg.gradient_checkpointing):
                 return self._loop(net, resume_from)
         finally:

@@ -1,0 +1,168 @@
+"""Frozen convolutions and linears that keep less for backward, and skip oneDNN where it is slow.
+
+A LoRA step needs the gradient *through* every frozen layer but never the gradient *of* its
+weight.  Autograd's conv/linear still keep each layer's input for a weight gradient nobody
+asks for; ``frozen_layers`` gives the frozen ``Conv2d``/``Linear`` instances under a model a
+forward whose backward keeps only the weight (a Parameter, so keeping it is free).  In an
+SD UNet that frees the input of every resnet convolution: the largest activations of the step.
+A LoRA beside a layer still keeps the same input for its own weight gradient, so nothing
+is recomputed and gradients are exactly autograd's.
+
+Second, on CPU a 3x3 convolution with few output positions and many channels (SD's 8x8 and
+16x16 levels at batch 1) is bound by reading its weight, and oneDNN re-lays the weight out on
+every call.  There the forward and the input gradient are done as one matrix product against
+the unfold-ed input instead (``_use_gemm``: measured 0.3-0.6x the time of ``F.conv2d`` and its
+backward for 1280-2560 channels at 4x4-8x8; see benchmarks/train.py).  The choice depends only
+on shapes, so a run and its resume pick the same kernels.
+
+Third, two cheap element-wise pairs are recomputed in backward instead of kept (selective
+checkpointing): GroupNorm -> SiLU at the head of an LDM/SGM resnet ``nn.Sequential`` keeps only
+its input, not the normalised tensor; GEGLU's ``a * gelu(gate)`` keeps the projection, not
+``gelu(gate)`` as well.  Recomputing them costs a few percent of a step's time.
+
+Only while grad mode is on: sampling in the middle of training runs the layers' own forward.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from torch.utils.checkpoint import checkpoint
+
+from ..instance_forward import instance_forward
+
+# GEGLU classes whose forward is exactly ``a, gate = proj(x).chunk(2, -1); a * gelu(gate)``
+_GEGLU_MODULES = ("ldm.modules.attention", "sgm.modules.attention")
+
+
+def _use_gemm(x: Tensor, weight: Tensor, out_hw: tuple[int, int], groups: int) -> bool:
+    """Weight-bound 3x3 (or larger) CPU conv: the weight outweighs the output positions 4:1."""
+    kh, kw = weight.shape[2:]
+    positions = x.shape[0] * out_hw[0] * out_hw[1]
+    return x.device.type == "cpu" and groups == 1 and kh * kw > 1 and weight.shape[0] >= 4 * positions
+
+
+def _out_hw(x: Tensor, weight: Tensor, stride, padding, dilation) -> tuple[int, int]:
+    return tuple((x.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i] + 1
+                 for i in range(2))  # type: ignore[return-value]
+
+
+class _FrozenConv2d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation, groups):
+        out_hw = _out_hw(x, weight, stride, padding, dilation)
+        gemm = _use_gemm(x, weight, out_hw, groups)
+        ctx.save_for_backward(weight)
+        ctx.conf = (x.shape, stride, padding, dilation, groups, gemm)
+        if not gemm:
+            return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        n = x.shape[0]
+        cols = F.unfold(x, weight.shape[2:], dilation, padding, stride)              # (N, C*k*k, L)
+        cols = cols[0] if n == 1 else cols.transpose(0, 1).reshape(cols.shape[1], -1)  # (C*k*k, N*L)
+        # one 2-D product reads the weight once (a batched matmul against a 2-D weight may copy it)
+        out = torch.mm(weight.flatten(1), cols) if bias is None else torch.addmm(bias[:, None], weight.flatten(1), cols)
+        out = out.view(weight.shape[0], n, -1).transpose(0, 1) if n > 1 else out[None]
+        return out.reshape(n, weight.shape[0], *out_hw)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (weight,) = ctx.saved_tensors
+        shape, stride, padding, dilation, groups, gemm = ctx.conf
+        if gemm:
+            n = grad.shape[0]
+            g = grad.reshape(n, grad.shape[1], -1)
+            g = g[0] if n == 1 else g.transpose(0, 1).reshape(grad.shape[1], -1)          # (O, N*L)
+            gcols = torch.mm(weight.flatten(1).t(), g)                                      # (C*k*k, N*L)
+            gcols = gcols[None] if n == 1 else gcols.view(gcols.shape[0], n, -1).transpose(0, 1)
+            gx = F.fold(gcols, shape[2:], weight.shape[2:], dilation, padding, stride)
+        else:
+            placeholder = grad.new_empty(1).expand(shape)   # only its shape is read
+            gx = torch.ops.aten.convolution_backward(grad, placeholder, weight, None, stride, padding, dilation,
+                                                     False, [0, 0], groups, (True, False, False))[0]
+        return gx, None, None, None, None, None, None
+
+
+class _FrozenLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None):
+        ctx.save_for_backward(weight)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (weight,) = ctx.saved_tensors
+        return grad @ weight, None, None
+
+
+def _is_frozen(m: nn.Module) -> bool:
+    return (not m.weight.requires_grad and (m.bias is None or not m.bias.requires_grad)
+            and not torch.nn.utils.parametrize.is_parametrized(m))
+
+
+def _conv_forward(self: nn.Conv2d, x: Tensor) -> Tensor:
+    if not (torch.is_grad_enabled() and x.requires_grad and _is_frozen(self)):
+        return type(self).forward(self, x)
+    return _FrozenConv2d.apply(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def _linear_forward(self: nn.Linear, x: Tensor) -> Tensor:
+    if not (torch.is_grad_enabled() and x.requires_grad and _is_frozen(self)):
+        return type(self).forward(self, x)
+    return _FrozenLinear.apply(x, self.weight, self.bias)
+
+
+def _plain(m: nn.Module, cls: type) -> bool:
+    # Exact classes running torch's own forward only: a subclass, or a class-level patch such as
+    # the WebUI built-in Lora's, may do more in forward than the math this replaces.
+    return (type(m) is cls and getattr(cls.forward, "__module__", "").startswith("torch.")
+            and isinstance(getattr(m, "weight", None), nn.Parameter)
+            and getattr(m, "padding_mode", "zeros") == "zeros" and not isinstance(getattr(m, "padding", 0), str))
+
+
+def _norm_act(norm: nn.Module, act: nn.Module, x: Tensor) -> Tensor:
+    return act(norm(x))
+
+
+def _norm_act_head_forward(self: nn.Sequential, x: Tensor) -> Tensor:
+    """GroupNorm -> SiLU -> rest, keeping only the GroupNorm's input for the first two."""
+    norm, act = self[0], self[1]
+    if not (torch.is_grad_enabled() and x.requires_grad and not any(p.requires_grad for p in norm.parameters())):
+        return type(self).forward(self, x)
+    h = checkpoint(_norm_act, norm, act, x, use_reentrant=False)
+    for m in list(self)[2:]:
+        h = m(h)
+    return h
+
+
+def _gate(h: Tensor) -> Tensor:
+    a, gate = h.chunk(2, dim=-1)
+    return a * F.gelu(gate)
+
+
+def _geglu_forward(self: nn.Module, x: Tensor) -> Tensor:
+    h = self.proj(x)
+    if not (torch.is_grad_enabled() and h.requires_grad):
+        return _gate(h)
+    return checkpoint(_gate, h, use_reentrant=False)
+
+
+def _norm_act_head(m: nn.Module) -> bool:
+    return (type(m) is nn.Sequential and len(m) >= 2 and isinstance(m[0], nn.GroupNorm)
+            and type(m[1]) is nn.SiLU)
+
+
+@contextmanager
+def frozen_layers(*roots: nn.Module) -> Iterator[int]:
+    """Lean forwards for the frozen layers under ``roots`` (see the module docstring); yields how many."""
+    mods = [m for r in roots for m in r.modules()]
+    convs = [m for m in mods if _plain(m, nn.Conv2d)]
+    linears = [m for m in mods if _plain(m, nn.Linear)]
+    heads = [m for m in mods if _norm_act_head(m)]
+    gegl = [m for m in mods if type(m).__name__ == "GEGLU" and type(m).__module__ in _GEGLU_MODULES]
+    with instance_forward(convs, _conv_forward) as a, instance_forward(linears, _linear_forward) as b, \
+            instance_forward(heads, _norm_act_head_forward) as c, instance_forward(gegl, _geglu_forward) as d:
+        yield a + b + c + d

@@ -1,0 +1,115 @@
+"""frozen_layers: same gradients as autograd, fewer saved activations, nothing left behind."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lib_lora.modelmap import ModelMap
+from lib_lora.training.frozen_layers import _use_gemm, frozen_layers
+from lib_lora.training.network import NetworkConfig, TrainingNetwork
+from tiny_models import OPENCLIP_EMBED_DIM, build_sd1, build_sdxl, sdxl_y
+
+
+def _saved_activation_bytes(fn, params) -> int:
+    """Bytes of the non-parameter tensors autograd keeps for backward while ``fn`` runs."""
+    pids = {p.untyped_storage().data_ptr() for p in params}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in pids:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("cin,cout,hw,k,stride,pad,batch", [
+    (16, 256, 4, 3, 1, 1, 2),     # weight-bound: the GEMM path
+    (16, 256, 8, 3, 2, 1, 1),     # strided, GEMM
+    (8, 16, 8, 3, 1, 1, 2),       # activation-bound: aten's conv + input-only backward
+    (8, 8, 6, 1, 1, 0, 3),        # 1x1
+])
+def test_conv_matches_autograd(cin, cout, hw, k, stride, pad, batch):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(cin, cout, k, stride, pad).double().requires_grad_(False)
+    x = torch.randn(batch, cin, hw, hw, dtype=torch.double, requires_grad=True)
+    ref = conv(x)
+    g = torch.randn_like(ref)
+    ref_gx, = torch.autograd.grad(ref, x, g)
+    with frozen_layers(conv) as n:
+        y = conv(x)
+        assert n == 1 and type(y.grad_fn).__name__ == "_FrozenConv2dBackward"
+        gx, = torch.autograd.grad(y, x, g)
+        # only the weight is kept: no activation at all
+        assert _saved_activation_bytes(lambda: conv(x), [conv.weight, conv.bias]) == 0
+    assert _saved_activation_bytes(lambda: conv(x), [conv.weight, conv.bias]) > 0  # autograd keeps the input
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gx, ref_gx, rtol=1e-12, atol=1e-12)
+    assert "forward" not in vars(conv)
+
+
+def test_gemm_choice_depends_on_shapes_only():
+    w = torch.empty(1280, 1280, 3, 3)
+    assert _use_gemm(torch.empty(1, 1280, 8, 8), w, (8, 8), 1)          # SD1.5's 8x8 level at batch 1
+    assert not _use_gemm(torch.empty(1, 320, 32, 32), torch.empty(320, 320, 3, 3), (32, 32), 1)
+    assert not _use_gemm(torch.empty(1, 1280, 8, 8), torch.empty(1280, 1280, 1, 1), (8, 8), 1)  # 1x1: aten
+
+
+def test_trainable_and_no_grad_layers_keep_their_own_forward():
+    conv = nn.Conv2d(4, 64, 3, padding=1)                                 # weight requires grad
+    x = torch.randn(1, 4, 4, 4, requires_grad=True)
+    with frozen_layers(conv):
+        assert type(conv(x).grad_fn).__name__ == "ConvolutionBackward0"
+        conv.requires_grad_(False)
+        with torch.no_grad():
+            assert conv(x).grad_fn is None
+
+
+def _lora_grads(tiny, lean: bool, batch: int = 2):
+    net = TrainingNetwork(ModelMap.build(tiny.family, tiny.unet, tiny.text_encoders),
+                          NetworkConfig(rank=4, alpha=4, conv_rank=4, conv_alpha=4, train_text_encoder=False))
+    g = torch.Generator().manual_seed(1)
+    for p in net.parameters():          # non-zero up weights so every path carries gradient
+        p.data.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.05)
+    tiny.unet.requires_grad_(False)
+    for _, te in tiny.text_encoders:
+        te.requires_grad_(False)
+    x = torch.randn(batch, 4, 8, 8, generator=g)
+    ctx_dim = tiny.config["context_dim"]
+    ctx = torch.randn(batch, 77, ctx_dim, generator=g)
+    t = torch.tensor([10, 700][:batch])
+    kw = {}
+    if tiny.family == "sdxl":
+        kw["y"] = sdxl_y(torch.randn(batch, OPENCLIP_EMBED_DIM, generator=g),
+                         torch.tensor([[64, 64, 0, 0, 64, 64]] * batch, dtype=torch.float32))
+    net.attach()
+    try:
+        with frozen_layers(tiny.unet) if lean else torch.enable_grad():
+            loss = tiny.unet(x, t, context=ctx, **kw).square().mean()
+            grads = torch.autograd.grad(loss, list(net.parameters()))
+            params = list(tiny.unet.parameters()) + list(net.parameters())
+            saved = _saved_activation_bytes(lambda: tiny.unet(x, t, context=ctx, **kw), params)
+    finally:
+        net.detach()
+    return loss.detach(), grads, saved
+
+
+@pytest.mark.parametrize("build", [build_sd1, build_sdxl], ids=["sd1", "sdxl"])
+def test_lora_gradients_through_a_real_unet_match_autograd(build):
+    tiny = build()
+    before = {k: v.clone() for k, v in tiny.unet.state_dict().items()}
+    loss, ref, saved_plain = _lora_grads(tiny, lean=False)
+    loss2, got, saved_lean = _lora_grads(tiny, lean=True)
+    torch.testing.assert_close(loss2, loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # the frozen convs' inputs and the normalised / gelu tensors are no longer kept (counted by
+    # autograd's own saved-tensor hooks; recomputed pieces keep their input inside checkpoint)
+    assert saved_lean < 0.9 * saved_plain, (saved_lean, saved_plain)
+    assert not [m for m in tiny.unet.modules() if "forward" in vars(m)]
+    after = tiny.unet.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
