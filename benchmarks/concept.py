@@ -7,7 +7,8 @@
 
 The concept is the toy world's "star" (trigger ``zkx``), never seen by the base model; the style for
 the composition row is the "diagonal" background (trigger ``qwv``), trained once with the demo's
-settings unless ``--style FILE`` is given.  Files are applied through the same Runtime as
+settings unless ``--style FILE`` is given.  Defaults: UNet-only LoRA (``--text-encoder`` adds
+the text encoder), 400 steps of batch 8 at lr 1e-3, 60 training images.  Files are applied through the same Runtime as
 ``<lora:name:w>`` in a WebUI prompt, so files written by kohya's sd-scripts, ComfyUI trainers or
 anything else that writes kohya keys are scored the same way as ours (train them on the folders
 ``--write-dataset`` writes, against ``lib_lora/toyworld/assets/toy-sd1.safetensors``).
@@ -47,7 +48,7 @@ def write_datasets(root: Path, images: int, seed: int = 0) -> dict[str, Path]:
 
 
 def train(ck, data: Path, out: Path, name: str, rank: int, conv_rank: int, steps: int, every: int, lr: float,
-          batch: int, seed: int) -> tuple[Path, dict[int, float]]:
+          batch: int, seed: int, text_encoder: bool = False) -> tuple[Path, dict[int, float]]:
     """Our Trainer (the WebUI tab's and the CLI's code path); returns the file and step -> seconds."""
     from lib_lora.attention import sdpa_attention
     from lib_lora.training.dataset import DatasetConfig
@@ -55,7 +56,8 @@ def train(ck, data: Path, out: Path, name: str, rank: int, conv_rank: int, steps
     from lib_lora.training.trainer import Callbacks, TrainConfig, Trainer
 
     cfg = TrainConfig(DatasetConfig(data, resolution=64, enable_buckets=False),
-                      NetworkConfig(rank=rank, alpha=rank, conv_rank=conv_rank, conv_alpha=conv_rank),
+                      NetworkConfig(rank=rank, alpha=rank, conv_rank=conv_rank, conv_alpha=conv_rank,
+                                    train_text_encoder=text_encoder),
                       output_dir=out, output_name=name, overwrite=True, max_train_steps=steps, batch_size=batch,
                       learning_rate=lr, seed=seed, save_every_n_steps=every)
     model = ck.trainable()
@@ -93,14 +95,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base", type=Path, help="base checkpoint (default: the bundled toy-sd1)")
     ap.add_argument("--lora", type=Path, action="append", default=[], help="score this file (repeatable); "
                     "no training")
-    ap.add_argument("--style", type=Path, help="style LoRA for the composition column (default: train one)")
+    ap.add_argument("--style", help="style LoRA file for the composition column (default: train one; "
+                                    "'none': skip the column)")
     ap.add_argument("--write-dataset", type=Path, metavar="DIR", help="write the datasets and exit")
     ap.add_argument("--ranks", type=int, nargs="+", default=[4, 16, 64])
     ap.add_argument("--kinds", nargs="+", default=["lora", "locon"], choices=["lora", "locon"],
                     help="lora: attention/linear layers only; locon: also the resnet convs (conv rank = rank)")
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--eval-every", type=int, default=50)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--text-encoder", action="store_true", help="also train text-encoder LoRA (same lr)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--images", type=int, default=60)
     ap.add_argument("--n", type=int, default=30, help="prompts per measured setting")
@@ -127,13 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     data = write_datasets(work / "data", a.images, a.seed)
     t_all = time.time()
 
-    style = None
-    if a.style:
+    style: str | None = "style"
+    if a.style == "none":
+        style = None
+    elif a.style:
         shutil.copyfile(a.style, loras / "style.safetensors")
-        style = "style"
     else:
-        train(ck, data["diagonal"], loras, "style", 8, 8, a.steps, 0, a.lr, a.batch, a.seed + 3)
-        style = "style"
+        train(ck, data["diagonal"], loras, "style", 16, 16, a.steps, 0, a.lr, a.batch, a.seed + 3, a.text_encoder)
 
     render = measure.LoraRenderer(ck, [loras])
     rows = []
@@ -150,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                     name = f"{kind}_r{r}"
                     t0 = time.time()
                     path, clock = train(ck, data["star"], loras, name, r, r if kind == "locon" else 0, a.steps,
-                                        a.eval_every, a.lr, a.batch, a.seed + 2)
+                                        a.eval_every, a.lr, a.batch, a.seed + 2, a.text_encoder)
                     print(f"trained {name} in {time.time() - t0:.0f}s", file=sys.stderr)
                     jobs.append((name, path.stem, clock, a.eval_every))
         render.refresh()

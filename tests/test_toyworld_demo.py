@@ -9,6 +9,12 @@ import torch
 
 from lib_lora.toyworld import base_model, demo
 
+# The CI-sized concept run: the demo's settings (UNet LoCon rank 16, lr 1e-3, batch 8, 60 images)
+# for CI_STEPS steps; the same run as benchmarks/concept.py's locon_r16 row at --steps 400 --n 20.
+CI_STEPS = 400
+CI_ACQUISITION = 0.05       # measured 0.15 at weight 1, 0 at weight 0 (the base never draws a star)
+CI_FORGETTING_MARGIN = 0.2  # base-world shape+colour without -> with the LoRA at 1: measured 0.95 -> 0.85
+
 
 def test_demo_quick_runs_end_to_end(tmp_path):
     t0 = time.time()
@@ -43,12 +49,38 @@ def test_committed_base_model_draws_the_base_world():
     ck = load_checkpoint(path)
     assert ck.family == "sd1" and ck.resolution == 64 and ck.vae_scale == 8
     ev = record["eval"]
-    # the first 20 of the recipe's own evaluation prompts/seeds (generate() and the seeds are prefix-stable)
+    # the recipe's own evaluation prompts and seeds (60 BASE_WORLD captions, 20 DDIM steps, CFG 5)
     with torch.random.fork_rng(devices=[]):
-        got = base_model.evaluate(ck, n=20, seed=ev["seed"], steps=ev["steps"], cfg=ev["cfg"])
-    # measured when the asset was built: these 20 give shape 0.30, colour 0.55, both 0.15 (all 60:
-    # 0.30 / 0.65 / 0.20); the margin absorbs a few images flipping on another CPU / torch build
-    for key in ("shape", "colour", "shape_and_colour"):
-        assert got[key] >= ev[key] - 0.15, (key, got, ev)
-    img = {k: v for k, v in got.items() if k != "images"}
-    assert img["colour"] > 1 / 6 + 0.15, img  # well above chance (six colours)
+        got = base_model.evaluate(ck, n=ev["n"], seed=ev["seed"], steps=ev["steps"], cfg=ev["cfg"])
+    got = {k: v for k, v in got.items() if k != "images"}
+    # measured when the asset was built: shape 0.98, colour 0.97, both 0.95; the issue's bar is 90%
+    assert got["shape_and_colour"] >= 0.9, got
+    assert abs(got["shape_and_colour"] - ev["shape_and_colour"]) <= 0.05, (got, ev)  # same model, same numbers
+
+
+@pytest.mark.skipif(not base_model.DEFAULT_PATH.is_file(), reason="toy base model not built")
+def test_short_training_run_learns_the_concept_and_keeps_the_base(tmp_path):
+    """A CI-sized run of the demo's concept LoRA: the scorer sees the new shape, the base world survives."""
+    from dataclasses import replace
+
+    from lib_lora.hosts.checkpoint import load_checkpoint
+    from lib_lora.toyworld import measure
+    from lib_lora.toyworld.world import CONCEPTS, write_kohya_dataset
+
+    ck = load_checkpoint(base_model.DEFAULT_PATH)
+    star = CONCEPTS["star"]
+    s = replace(demo.FULL, steps=CI_STEPS)
+    write_kohya_dataset(tmp_path / "data", star, s.images, s.repeats, 0)
+    path, losses, _ = demo._train(ck, tmp_path / "data", tmp_path / "loras", "zkx", s, 2)
+    assert path.is_file() and len(losses) == CI_STEPS
+    render = measure.LoraRenderer(ck, [tmp_path / "loras"], s.sample_steps, s.cfg)
+    try:
+        acq = measure.acquisition(render, "zkx", star, (0, 1), n=20, seed=100)
+        base = measure.base_accuracy(render, (), n=20, seed=102)
+        base_with = measure.base_accuracy(render, [("zkx", 1)], n=20, seed=102)
+    finally:
+        render.close()
+    print(f"acquisition {acq}, base world {base} -> {base_with} with the LoRA")
+    assert acq["0"] <= 0.1, acq                          # the base has never drawn a star
+    assert acq["1"] >= CI_ACQUISITION and acq["1"] > acq["0"], acq
+    assert base_with >= base - CI_FORGETTING_MARGIN, (base, base_with)

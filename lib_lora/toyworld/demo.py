@@ -48,18 +48,20 @@ class DemoSettings:
     lr: float
     rank: int
     conv_rank: int         # LoCon on resnet convs: shapes live there, attention-only LoRAs barely draw one
+    text_encoder: bool     # also train text-encoder LoRA (measured: more forgetting, no faster acquisition)
     eval_n: int            # prompts per measured setting
     sample_steps: int
     cfg: float
     grid_rows: int
 
 
-FULL = DemoSettings(images=60, repeats=1, steps=300, batch=8, lr=2e-3, rank=8, conv_rank=8, eval_n=30,
-                    sample_steps=20, cfg=5.0, grid_rows=4)
-QUICK = DemoSettings(images=12, repeats=1, steps=10, batch=4, lr=2e-3, rank=4, conv_rank=4, eval_n=4,
-                     sample_steps=6, cfg=5.0, grid_rows=2)
+FULL = DemoSettings(images=60, repeats=1, steps=500, batch=8, lr=1e-3, rank=16, conv_rank=16, text_encoder=False,
+                    eval_n=30, sample_steps=20, cfg=5.0, grid_rows=4)
+QUICK = DemoSettings(images=12, repeats=1, steps=10, batch=4, lr=1e-3, rank=4, conv_rank=4, text_encoder=False,
+                     eval_n=4, sample_steps=6, cfg=5.0, grid_rows=2)
 # Tiny-budget recipe used when no trained base exists (labelled FALLBACK).
-FALLBACK_RECIPE = dict(vae_images=128, unet_images=256, vae_eval_images=16, eval_prompts=0)
+FALLBACK_RECIPE = dict(vae_images=128, unet_images=256, vae_eval_images=16, eval_prompts=0, unet_steps=0,
+                       unet_batch=32)
 
 
 class _Bar:
@@ -99,7 +101,8 @@ def _train(ck, data_root: Path, out: Path, name: str, s: DemoSettings, seed: int
     from ..training.trainer import Callbacks, TrainConfig, Trainer
 
     cfg = TrainConfig(DatasetConfig(data_root, resolution=64, enable_buckets=False),
-                      NetworkConfig(rank=s.rank, alpha=s.rank, conv_rank=s.conv_rank, conv_alpha=s.conv_rank),
+                      NetworkConfig(rank=s.rank, alpha=s.rank, conv_rank=s.conv_rank, conv_alpha=s.conv_rank,
+                                    train_text_encoder=s.text_encoder),
                       output_dir=out, output_name=name,
                       overwrite=True, max_train_steps=s.steps, batch_size=s.batch, learning_rate=s.lr,
                       lr_scheduler="constant", seed=seed, training_comment="lib_lora toyworld demo")
