@@ -18,7 +18,8 @@ Columns (fractions of a fixed prompt/seed set, read by ``toyworld.scorer``):
   base / base+L base-world prompts drawn in the prompted shape and colour, without / with the LoRA at 1
   compose       concept + style LoRAs at 1, both triggers: images showing both
   80% step/s    first saved step (and training seconds) whose file reaches 80% acquisition at weight 1
-                (checked every --eval-every steps on --probe prompts; "-" if never)
+                (checked every --eval-every steps on --probe prompts; "-" if never); for --lora files,
+                "(N)" is the step count the file's ss_steps metadata records
   MB            file size
 """
 from __future__ import annotations
@@ -48,7 +49,8 @@ def write_datasets(root: Path, images: int, seed: int = 0) -> dict[str, Path]:
 
 
 def train(ck, data: Path, out: Path, name: str, rank: int, conv_rank: int, steps: int, every: int, lr: float,
-          batch: int, seed: int, text_encoder: bool = False) -> tuple[Path, dict[int, float]]:
+          batch: int, seed: int, text_encoder: bool = False, min_snr_gamma: float | None = None
+          ) -> tuple[Path, dict[int, float]]:
     """Our Trainer (the WebUI tab's and the CLI's code path); returns the file and step -> seconds."""
     from lib_lora.attention import sdpa_attention
     from lib_lora.training.dataset import DatasetConfig
@@ -59,7 +61,7 @@ def train(ck, data: Path, out: Path, name: str, rank: int, conv_rank: int, steps
                       NetworkConfig(rank=rank, alpha=rank, conv_rank=conv_rank, conv_alpha=conv_rank,
                                     train_text_encoder=text_encoder),
                       output_dir=out, output_name=name, overwrite=True, max_train_steps=steps, batch_size=batch,
-                      learning_rate=lr, seed=seed, save_every_n_steps=every)
+                      learning_rate=lr, seed=seed, save_every_n_steps=every, min_snr_gamma=min_snr_gamma)
     model = ck.trainable()
     model.context = lambda: sdpa_attention(ck.unet)
     clock: dict[int, float] = {}
@@ -105,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--text-encoder", action="store_true", help="also train text-encoder LoRA (same lr)")
+    ap.add_argument("--min-snr-gamma", type=float, help="min-SNR loss weighting (kohya's --min_snr_gamma)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--images", type=int, default=60)
     ap.add_argument("--n", type=int, default=30, help="prompts per measured setting")
@@ -137,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     elif a.style:
         shutil.copyfile(a.style, loras / "style.safetensors")
     else:
-        train(ck, data["diagonal"], loras, "style", 16, 16, a.steps, 0, a.lr, a.batch, a.seed + 3, a.text_encoder)
+        train(ck, data["diagonal"], loras, "style", 16, 16, a.steps, 0, a.lr, a.batch, a.seed + 3, a.text_encoder,
+              a.min_snr_gamma)
 
     render = measure.LoraRenderer(ck, [loras])
     rows = []
@@ -147,14 +151,15 @@ def main(argv: list[str] | None = None) -> int:
         for i, f in enumerate(a.lora):       # someone else's files: scored as they are
             stem = f"file{i}"
             shutil.copyfile(f, loras / f"{stem}.safetensors")
-            jobs.append((str(f), stem, None, None))
+            jobs.append((f.stem, stem, None, None))
         if not a.lora:
             for kind in a.kinds:
                 for r in a.ranks:
                     name = f"{kind}_r{r}"
                     t0 = time.time()
                     path, clock = train(ck, data["star"], loras, name, r, r if kind == "locon" else 0, a.steps,
-                                        a.eval_every, a.lr, a.batch, a.seed + 2, a.text_encoder)
+                                        a.eval_every, a.lr, a.batch, a.seed + 2, a.text_encoder,
+                                        a.min_snr_gamma)
                     print(f"trained {name} in {time.time() - t0:.0f}s", file=sys.stderr)
                     jobs.append((name, path.stem, clock, a.eval_every))
         render.refresh()
@@ -173,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 from lib_lora.fileio import load_safetensors
                 meta = load_safetensors(path)[1]
-                row["steps"] = meta.get("ss_steps")
+                row["steps"] = f"({meta['ss_steps']})" if meta.get("ss_steps") else None
             rows.append(row)
     finally:
         render.close()
