@@ -113,3 +113,19 @@ def test_lora_gradients_through_a_real_unet_match_autograd(build):
     assert not [m for m in tiny.unet.modules() if "forward" in vars(m)]
     after = tiny.unet.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_autocast_forward_then_backward():
+    """AMP: the forward runs in bf16 under autocast, backward outside it against fp32 weights."""
+    torch.manual_seed(0)
+    layers = nn.Sequential(nn.Conv2d(8, 256, 3, padding=1), nn.SiLU(), nn.Conv2d(256, 8, 3, padding=1),
+                           nn.Flatten(2), nn.Linear(16, 16)).requires_grad_(False)
+    x = torch.randn(1, 8, 4, 4, requires_grad=True)
+    grads = []
+    for lean in (False, True):
+        with frozen_layers(layers) if lean else torch.enable_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layers(x)
+        assert y.dtype == torch.bfloat16
+        grads.append(torch.autograd.grad(y.float().square().sum(), x)[0])
+    assert grads[1].dtype == torch.float32
+    torch.testing.assert_close(grads[1], grads[0], rtol=0.05, atol=0.05 * grads[0].abs().max().item())

@@ -51,6 +51,12 @@ def _out_hw(x: Tensor, weight: Tensor, stride, padding, dilation) -> tuple[int, 
                  for i in range(2))  # type: ignore[return-value]
 
 
+def _as(weight: Tensor, grad: Tensor) -> Tensor:
+    # Under autocast the forward ran in half precision but backward runs outside autocast: the
+    # fp32 weight meets a half gradient (autograd casts the returned input gradient back itself).
+    return weight if weight.dtype == grad.dtype else weight.to(grad.dtype)
+
+
 class _FrozenConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation, groups):
@@ -71,6 +77,7 @@ class _FrozenConv2d(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         (weight,) = ctx.saved_tensors
+        weight = _as(weight, grad)
         shape, stride, padding, dilation, groups, gemm = ctx.conf
         if gemm:
             n = grad.shape[0]
@@ -95,7 +102,7 @@ class _FrozenLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         (weight,) = ctx.saved_tensors
-        return grad @ weight, None, None
+        return grad @ _as(weight, grad), None, None
 
 
 def _is_frozen(m: nn.Module) -> bool:
