@@ -87,11 +87,30 @@ class LoRAModule(torch.nn.Module):
     def scale(self) -> float:
         return self.alpha / self.rank
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _rank_activations(self, x: Tensor) -> Tensor:
         h = self.down(x.to(self.down.weight.dtype))
         if self.dropout > 0 and self.training:
             h = torch.nn.functional.dropout(h, self.dropout)  # kohya's network_dropout: on the rank dim
-        return self.up(h) * (self.multiplier * self.scale)
+        # scaling the rank-wide tensor, not the layer-wide output, keeps a full-size mul out of
+        # both forward and backward
+        return h * (self.multiplier * self.scale)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The LoRA branch alone: up(down(x)) * multiplier * alpha / rank."""
+        return self.up(self._rank_activations(x))
+
+    def add_to(self, out: Tensor, x: Tensor) -> Tensor:
+        """``out + self(x)`` for the frozen layer's output ``out``.
+
+        For a Linear one GEMM writes ``out + h @ up.T``: the up projection's layer-wide result
+        is never a tensor of its own, in forward or in backward.
+        """
+        h = self._rank_activations(x)
+        if isinstance(self.up, torch.nn.Linear):
+            w = self.up.weight.t().to(out.dtype)
+            return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]).to(out.dtype), w) \
+                .view(out.shape)
+        return out + self.up(h).to(out.dtype)
 
     def delta_weight(self) -> Tensor:
         """The weight change itself, for layers whose forward cannot be bypassed (fused attention)."""

@@ -165,5 +165,5 @@ def _weight_read_by_parent(module: nn.Module) -> bool:
 
 def _bypass(lora: LoRAModule):
     def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-        return output + lora(args[0]).to(output.dtype)
+        return lora.add_to(output, args[0])
     return hook
