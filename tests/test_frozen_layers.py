@@ -5,25 +5,41 @@ import pytest
 import torch
 from torch import nn
 
+import lib_lora.training.frozen_layers as frozen_layers_module
 from lib_lora.modelmap import ModelMap
 from lib_lora.training.frozen_layers import _use_gemm, frozen_layers
 from lib_lora.training.network import NetworkConfig, TrainingNetwork
 from tiny_models import OPENCLIP_EMBED_DIM, build_sd1, build_sdxl, sdxl_y
 
 
-def _saved_activation_bytes(fn, params) -> int:
-    """Bytes of the non-parameter tensors autograd keeps for backward while ``fn`` runs."""
+def _saved_activation_bytes(fn, params, lean_roots: tuple[nn.Module, ...] = ()) -> int:
+    """Bytes of the non-parameter tensors autograd keeps for backward while ``fn`` runs.
+
+    With ``lean_roots``, ``fn`` runs inside ``frozen_layers(*lean_roots)``, whose own saved-tensor
+    hooks decide what is kept (a rebuilt activation is kept as a recipe, not a tensor): they
+    are counted there.
+    """
     pids = {p.untyped_storage().data_ptr() for p in params}
     seen: dict[int, int] = {}
 
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in pids:
-            seen[st.data_ptr()] = st.nbytes()
+    def count(t):
+        if isinstance(t, torch.Tensor):
+            st = t.untyped_storage()
+            if st.data_ptr() not in pids:
+                seen[st.data_ptr()] = st.nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
+    if not lean_roots:
+        with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
+            fn()
+        return sum(seen.values())
+    pack = frozen_layers_module._Rebuild.pack
+    frozen_layers_module._Rebuild.pack = lambda self, t: count(pack(self, t))
+    try:
+        with frozen_layers(*lean_roots):
+            fn()
+    finally:
+        frozen_layers_module._Rebuild.pack = pack
     return sum(seen.values())
 
 
@@ -44,8 +60,8 @@ def test_conv_matches_autograd(cin, cout, hw, k, stride, pad, batch):
         y = conv(x)
         assert n == 1 and type(y.grad_fn).__name__ == "_FrozenConv2dBackward"
         gx, = torch.autograd.grad(y, x, g)
-        # only the weight is kept: no activation at all
-        assert _saved_activation_bytes(lambda: conv(x), [conv.weight, conv.bias]) == 0
+    # only the weight is kept: no activation at all
+    assert _saved_activation_bytes(lambda: conv(x), [conv.weight, conv.bias], (conv,)) == 0
     assert _saved_activation_bytes(lambda: conv(x), [conv.weight, conv.bias]) > 0  # autograd keeps the input
     torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(gx, ref_gx, rtol=1e-12, atol=1e-12)
@@ -91,8 +107,9 @@ def _lora_grads(tiny, lean: bool, batch: int = 2):
         with frozen_layers(tiny.unet) if lean else torch.enable_grad():
             loss = tiny.unet(x, t, context=ctx, **kw).square().mean()
             grads = torch.autograd.grad(loss, list(net.parameters()))
-            params = list(tiny.unet.parameters()) + list(net.parameters())
-            saved = _saved_activation_bytes(lambda: tiny.unet(x, t, context=ctx, **kw), params)
+        params = list(tiny.unet.parameters()) + list(net.parameters())
+        saved = _saved_activation_bytes(lambda: tiny.unet(x, t, context=ctx, **kw), params,
+                                        (tiny.unet,) if lean else ())
     finally:
         net.detach()
     return loss.detach(), grads, saved
@@ -129,3 +146,71 @@ def test_autocast_forward_then_backward():
         grads.append(torch.autograd.grad(y.float().square().sum(), x)[0])
     assert grads[1].dtype == torch.float32
     torch.testing.assert_close(grads[1], grads[0], rtol=0.05, atol=0.05 * grads[0].abs().max().item())
+
+
+@pytest.mark.parametrize("build", [build_sd1, build_sdxl], ids=["sd1", "sdxl"])
+def test_rebuilt_activations_give_the_same_gradients_and_are_not_kept(build, monkeypatch):
+    """GEGLU outputs (input of the FeedForward LoRA) and GroupNorm->SiLU outputs (input of a LoCon)
+    are rebuilt in backward: bit-identical gradients, and their bytes are no longer kept."""
+    tiny = build()
+    monkeypatch.setattr(frozen_layers_module._Rebuild, "register", lambda *a: None)
+    loss, ref, saved_kept = _lora_grads(tiny, lean=True)
+    monkeypatch.undo()
+    loss2, got, saved_rebuilt = _lora_grads(tiny, lean=True)
+    assert torch.equal(loss, loss2)
+    assert all(torch.equal(a, b) for a, b in zip(got, ref))
+    # exactly the GEGLU outputs and the SiLU outputs of the resnet heads (each before a LoCon),
+    # where gradient flows (the first resnet's input needs none); the final head feeds conv_out,
+    # which no LoRA adapts, so nothing kept its output in the first place
+    rebuilt = []
+    rebuildable = [m for m in tiny.unet.modules() if type(m).__name__ == "GEGLU"] + \
+        [m[1] for m in tiny.unet.modules() if frozen_layers_module._norm_act_head(m) and m is not tiny.unet.out]
+    hooks = [m.register_forward_hook(lambda m, a, out: rebuilt.append(out.nbytes * a[0].requires_grad))
+             for m in rebuildable]
+    _lora_grads(tiny, lean=False)   # two forwards
+    for h in hooks:
+        h.remove()
+    assert saved_kept - saved_rebuilt == sum(rebuilt) // 2, (saved_kept, saved_rebuilt, sum(rebuilt) // 2)
+
+
+def test_an_output_changed_in_place_is_kept_not_rebuilt():
+    rebuild = frozen_layers_module._Rebuild()
+    src = torch.randn(4, 6, requires_grad=True) * 1.0
+    out = frozen_layers_module._gate(src)
+    rebuild.register(out, frozen_layers_module._gate, src)
+    packed = rebuild.pack(out.view(-1))
+    assert not isinstance(packed, torch.Tensor)
+    torch.testing.assert_close(rebuild.unpack(packed), out.view(-1), rtol=0, atol=0)
+    with torch.no_grad():
+        out.add_(1)
+    assert rebuild.pack(out) is out                       # stale recipe: keep the tensor itself
+    other = torch.randn(3)
+    assert rebuild.pack(other) is other
+    del out
+    assert not rebuild._by_storage                        # the registration died with its tensor
+
+
+def test_layer_norm_keeps_its_output_and_matches_autograd():
+    torch.manual_seed(0)
+    norm = nn.LayerNorm(32).double().requires_grad_(False)
+    with torch.no_grad():   # trained-looking affine parameters, some weights small and negative
+        norm.weight.copy_(torch.randn(32, dtype=torch.double).sign() * torch.rand(32, dtype=torch.double) * 2 + 0.01)
+        norm.bias.copy_(torch.randn(32, dtype=torch.double))
+    x = (torch.randn(3, 7, 32, dtype=torch.double) * 4 + 1).requires_grad_(True)
+    g = torch.randn(3, 7, 32, dtype=torch.double)
+    ref = norm(x)
+    ref_gx, = torch.autograd.grad(ref, x, g)
+    with frozen_layers(norm) as n:
+        y = norm(x)
+        gx, = torch.autograd.grad(y, x, g)
+    assert n == 1
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+    torch.testing.assert_close(gx, ref_gx, rtol=1e-10, atol=1e-12)
+    # what is kept is the output (what a LoRA after the norm keeps anyway) and one rstd per row
+    saved = _saved_activation_bytes(lambda: norm(x), [norm.weight, norm.bias], (norm,))
+    assert saved == y.nbytes + 3 * 7 * 8
+
+    with torch.no_grad():
+        norm.weight[3] = 0          # the normalised input cannot be recovered: aten's own LayerNorm
+    with frozen_layers(norm) as n:
+        assert n == 0 and type(norm(x).grad_fn).__name__ == "NativeLayerNormBackward0"

@@ -18,14 +18,24 @@ on shapes, so a run and its resume pick the same kernels.
 Third, two cheap element-wise pairs are recomputed in backward instead of kept (selective
 checkpointing): GroupNorm -> SiLU at the head of an LDM/SGM resnet ``nn.Sequential`` keeps only
 its input, not the normalised tensor; GEGLU's ``a * gelu(gate)`` keeps the projection, not
-``gelu(gate)`` as well.  Recomputing them costs a few percent of a step's time.
+``gelu(gate)`` as well.  Recomputing them costs a few percent of a step's time.  Their outputs are often kept all the
+same, by the LoRA of the next layer (GEGLU feeds the FeedForward's output Linear; LoCon adapts
+the conv after GroupNorm -> SiLU): ``_Rebuild`` hands autograd a recipe instead of the tensor
+whenever it saves one of those outputs, and rebuilds it from the kept input in backward.
+
+Fourth, a frozen LayerNorm keeps its output instead of its input (apex's "memory efficient"
+LayerNorm): backward gets the normalised input back as ``(y - bias) / weight``.  Its output
+is what the LoRAs on q/k/v and on the FeedForward keep anyway, so the input is one tensor
+fewer per norm.  Only where no weight element is zero, which is checked once.
 
 Only while grad mode is on: sampling in the middle of training runs the layers' own forward.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator
+import weakref
+from contextlib import ExitStack, contextmanager
+from functools import partial
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -105,8 +115,30 @@ class _FrozenLinear(torch.autograd.Function):
         return grad @ _as(weight, grad), None, None
 
 
+class _FrozenLayerNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, shape: tuple[int, ...], eps: float):
+        y, _, rstd = torch.native_layer_norm(x, shape, weight, bias, eps)
+        ctx.save_for_backward(y, rstd, weight, bias)
+        ctx.shape = shape
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        y, rstd, weight, bias = ctx.saved_tensors
+        x_hat = y if bias is None else y - _as(bias, y)
+        if weight is not None:
+            x_hat = x_hat / _as(weight, y)
+        # aten's backward for an input that is already normalised (mean 0, rstd 1), scaled by the
+        # real rstd afterwards: one fused kernel, as for the unmodified LayerNorm
+        gx = torch.ops.aten.native_layer_norm_backward(
+            grad, x_hat, ctx.shape, torch.zeros_like(rstd), torch.ones_like(rstd),
+            None if weight is None else _as(weight, grad), None, [True, False, False])[0]
+        return gx.mul_(rstd), None, None, None, None
+
+
 def _is_frozen(m: nn.Module) -> bool:
-    return (not m.weight.requires_grad and (m.bias is None or not m.bias.requires_grad)
+    return (not any(p is not None and p.requires_grad for p in (m.weight, m.bias))
             and not torch.nn.utils.parametrize.is_parametrized(m))
 
 
@@ -122,24 +154,75 @@ def _linear_forward(self: nn.Linear, x: Tensor) -> Tensor:
     return _FrozenLinear.apply(x, self.weight, self.bias)
 
 
+def _layer_norm_forward(self: nn.LayerNorm, x: Tensor) -> Tensor:
+    if not (torch.is_grad_enabled() and x.requires_grad and _is_frozen(self)):
+        return type(self).forward(self, x)
+    return _FrozenLayerNorm.apply(x, self.weight, self.bias, tuple(self.normalized_shape), self.eps)
+
+
 def _plain(m: nn.Module, cls: type) -> bool:
     # Exact classes running torch's own forward only: a subclass, or a class-level patch such as
     # the WebUI built-in Lora's, may do more in forward than the math this replaces.
     return (type(m) is cls and getattr(cls.forward, "__module__", "").startswith("torch.")
-            and isinstance(getattr(m, "weight", None), nn.Parameter)
+            and isinstance(getattr(m, "weight", None), nn.Parameter)   # LayerNorm: elementwise_affine
             and getattr(m, "padding_mode", "zeros") == "zeros" and not isinstance(getattr(m, "padding", 0), str))
+
+
+class _Rebuild:
+    """Saved-tensor hooks that swap a registered output for (recipe, input) and rebuild it in backward.
+
+    Lookup is by storage, so a view of the output (``F.linear`` saves its input reshaped to 2-D)
+    is found too.  A registration dies with its tensor, and an in-place change to the output
+    or to its input since registration means the tensor is kept as usual.  The recipe runs
+    under the autocast state of the forward, as ``checkpoint`` does.
+    """
+
+    def __init__(self) -> None:
+        self._by_storage: dict[int, tuple] = {}
+
+    def register(self, out: Tensor, fn: Callable[[Tensor], Tensor], src: Tensor) -> None:
+        key = out.untyped_storage().data_ptr()
+        dev = src.device.type
+        amp = (dev, torch.get_autocast_dtype(dev), torch.is_autocast_enabled(dev))
+        by_storage = self._by_storage
+
+        def forget(r: weakref.ref, k: int = key) -> None:
+            if by_storage.get(k, (None,))[0] is r:
+                del by_storage[k]
+
+        by_storage[key] = (weakref.ref(out, forget), out._version, fn, src, src._version, amp)
+
+    def pack(self, t: Tensor):
+        entry = self._by_storage.get(t.untyped_storage().data_ptr()) if t.layout == torch.strided else None
+        if entry is None:
+            return t
+        ref, version, fn, src, src_version, amp = entry
+        if ref() is None or t._version != version or src._version != src_version:
+            return t
+        return fn, src, src_version, amp, t.size(), t.stride(), t.storage_offset()
+
+    @staticmethod
+    def unpack(packed):
+        if isinstance(packed, Tensor):
+            return packed
+        fn, src, src_version, (dev, dtype, enabled), size, stride, offset = packed
+        if src._version != src_version:
+            raise RuntimeError("an input kept to rebuild a saved activation was modified in place")
+        with torch.no_grad(), torch.autocast(dev, dtype=dtype, enabled=enabled):
+            return fn(src.detach()).as_strided(size, stride, offset)
 
 
 def _norm_act(norm: nn.Module, act: nn.Module, x: Tensor) -> Tensor:
     return act(norm(x))
 
 
-def _norm_act_head_forward(self: nn.Sequential, x: Tensor) -> Tensor:
+def _norm_act_head_forward(self: nn.Sequential, x: Tensor, rebuild: _Rebuild) -> Tensor:
     """GroupNorm -> SiLU -> rest, keeping only the GroupNorm's input for the first two."""
     norm, act = self[0], self[1]
     if not (torch.is_grad_enabled() and x.requires_grad and not any(p.requires_grad for p in norm.parameters())):
         return type(self).forward(self, x)
     h = checkpoint(_norm_act, norm, act, x, use_reentrant=False)
+    rebuild.register(h, partial(_norm_act, norm, act), x)   # for a LoCon on the conv that follows
     for m in list(self)[2:]:
         h = m(h)
     return h
@@ -150,11 +233,13 @@ def _gate(h: Tensor) -> Tensor:
     return a * F.gelu(gate)
 
 
-def _geglu_forward(self: nn.Module, x: Tensor) -> Tensor:
+def _geglu_forward(self: nn.Module, x: Tensor, rebuild: _Rebuild) -> Tensor:
     h = self.proj(x)
     if not (torch.is_grad_enabled() and h.requires_grad):
         return _gate(h)
-    return checkpoint(_gate, h, use_reentrant=False)
+    out = checkpoint(_gate, h, use_reentrant=False)
+    rebuild.register(out, _gate, h)   # for the LoRA on the FeedForward's output Linear
+    return out
 
 
 def _norm_act_head(m: nn.Module) -> bool:
@@ -170,6 +255,16 @@ def frozen_layers(*roots: nn.Module) -> Iterator[int]:
     linears = [m for m in mods if _plain(m, nn.Linear)]
     heads = [m for m in mods if _norm_act_head(m)]
     gegl = [m for m in mods if type(m).__name__ == "GEGLU" and type(m).__module__ in _GEGLU_MODULES]
-    with instance_forward(convs, _conv_forward) as a, instance_forward(linears, _linear_forward) as b, \
-            instance_forward(heads, _norm_act_head_forward) as c, instance_forward(gegl, _geglu_forward) as d:
-        yield a + b + c + d
+    norms = [m for m in mods if _plain(m, nn.LayerNorm) and bool((m.weight != 0).all())]
+    rebuild = _Rebuild()
+    with ExitStack() as stack:
+        n = sum(stack.enter_context(instance_forward(ms, fwd)) for ms, fwd in (
+            (convs, _conv_forward), (linears, _linear_forward), (norms, _layer_norm_forward),
+            (heads, partialmethod_(_norm_act_head_forward, rebuild)), (gegl, partialmethod_(_geglu_forward, rebuild))))
+        if n:
+            stack.enter_context(torch.autograd.graph.saved_tensors_hooks(rebuild.pack, rebuild.unpack))
+        yield n
+
+
+def partialmethod_(fn: Callable, rebuild: _Rebuild) -> Callable:
+    return lambda self, x: fn(self, x, rebuild)
