@@ -6,7 +6,7 @@ installed, ``repositories/`` cloned — i.e. it has been started once):
     WEBUI_DIR=/path/to/stable-diffusion-webui \\
     [WEBUI_PYTHON=/path/to/stable-diffusion-webui/venv/bin/python] \\
     [WEBUI_E2E_CKPT=/path/to/any-sd1.safetensors WEBUI_E2E_LORA=/path/to/an-sd1-lora.safetensors] \\
-    [WEBUI_E2E_TIMEOUT=900] \\
+    [WEBUI_E2E_TIMEOUT=900] [WEBUI_E2E_DISABLE_BUILTIN_LORA=1] \\
     .venv/bin/python -m pytest tests/test_e2e_webui.py -v
 
 What it does: makes a throw-away ``--data-dir`` with ``extensions/lora-workshop`` symlinked
@@ -19,15 +19,21 @@ to this repository, a checkpoint and a LoRA, then starts
 and talks to it over HTTP.  Without WEBUI_E2E_CKPT a tiny SD1 checkpoint is generated
 (tiny UNet and VAE with a .yaml next to it; the text encoder has CLIP ViT-L/14's shape with
 random weights), plus a LoRA for it.  The WebUI still needs the ViT-L/14 *tokenizer and
-config* from the Hugging Face cache, as for any SD1 model (set HF_HUB_OFFLINE=1 when cached).
-With WEBUI_E2E_CKPT you must also give a matching WEBUI_E2E_LORA.  The server log is kept in
-the temp folder and its tail is printed when something fails.
+config* from the Hugging Face cache, as for any SD1 model: when the cache has no
+openai/clip-vit-large-patch14 snapshot, one is built offline (tests/hf_clip_l.py) in a temp
+HF_HOME and the WebUI runs with HF_HUB_OFFLINE=1.  WEBUI_E2E_DISABLE_BUILTIN_LORA=1 disables the
+WebUI's built-in Lora extension (``"disabled_extensions": ["Lora"]`` in the data dir's
+config.json, the WebUI's own mechanism).  With WEBUI_E2E_CKPT you must also give a matching
+WEBUI_E2E_LORA.  The server log is kept in the temp folder and its tail is printed when
+something fails.
 """
 from __future__ import annotations
 
 import base64
+import html
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -39,10 +45,13 @@ from pathlib import Path
 
 import pytest
 
+import hf_clip_l
+
 ROOT = Path(__file__).resolve().parent.parent
 WEBUI_DIR = os.environ.get("WEBUI_DIR")
 AUTH = ("e2e", "e2e-pass")
 LORA_NAME = "e2e_lora"
+BUILTIN_OFF = os.environ.get("WEBUI_E2E_DISABLE_BUILTIN_LORA") == "1"  # run without the WebUI's own Lora extension
 
 pytestmark = pytest.mark.skipif(not WEBUI_DIR, reason="set WEBUI_DIR to a prepared stable-diffusion-webui checkout")
 
@@ -143,14 +152,15 @@ class Server:
             req.add_header("Authorization", "Basic " + base64.b64encode(":".join(auth).encode()).decode())
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:
-                raw = r.read()
-                return r.status, json.loads(raw) if raw else None
+                status, raw = r.status, r.read()
         except urllib.error.HTTPError as e:
-            raw = e.read()
-            try:
-                return e.code, json.loads(raw)
-            except ValueError:
-                return e.code, raw.decode(errors="replace")
+            status, raw = e.code, e.read()
+        if not raw:
+            return status, None
+        try:
+            return status, json.loads(raw)
+        except ValueError:  # an HTML page or a plain-text error
+            return status, raw.decode(errors="replace")
 
     def log_tail(self, n=4000) -> str:
         return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
@@ -186,12 +196,23 @@ def server(tmp_path_factory):
         pytest.importorskip("ldm")
         ckpt, lora = _tiny_checkpoint(ckpt_dir, lora_dir)
 
+    if BUILTIN_OFF:
+        # there is no command-line switch for one extension; the WebUI reads this list from its settings file
+        (data / "config.json").write_text(json.dumps({"disabled_extensions": ["Lora"]}))
+
     port = _free_port()
     log = data / "webui.log"
     cmd = [python, "launch.py", "--skip-prepare-environment", "--skip-install", "--no-download-sd-model",
            "--skip-torch-cuda-test", "--use-cpu", "all", "--no-half", "--api", "--api-auth", ":".join(AUTH),
            "--data-dir", str(data), "--ckpt", str(ckpt), "--port", str(port), "--skip-version-check"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "COMMANDLINE_ARGS": ""}
+    if hf_clip_l.cached_snapshot(hf_clip_l.hub_cache()) is None:
+        # SD1's text encoder loads CLIP ViT-L/14's tokenizer and config by hub name: serve them offline
+        hf_home = data / "hf"
+        hf_clip_l.write_snapshot(hf_home / "hub")
+        for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE"):
+            env.pop(var, None)
+        env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=webui, stdout=out, stderr=subprocess.STDOUT, env=env)
     srv = Server(f"http://127.0.0.1:{port}", proc, log, lora)
@@ -227,6 +248,109 @@ def test_routes_need_api_auth_and_list_the_lora(server):
     assert status == 200 and len(detail["hashes"]["shorthash"]) == 12
     assert server.request("GET", "/lora-workshop/v1/loras/..%2F..%2Fconfig")[0] == 404
     assert server.request("POST", "/lora-workshop/v1/refresh")[0] == 200
+
+
+class GradioUI:
+    """The UI's event handlers, called the way the browser does (``/run/predict`` with an fn_index)."""
+
+    def __init__(self, server: Server):
+        self.server = server
+        status, self.config = server.request("GET", "/config", auth=None)
+        assert status == 200
+        self.by_id = {c["id"]: c for c in self.config["components"]}
+
+    def elem(self, elem_id: str) -> int:
+        [cid] = [i for i, c in self.by_id.items() if c.get("props", {}).get("elem_id") == elem_id]
+        return cid
+
+    def fn_index(self, trigger: str, *, target: str | None = None, output: str | None = None) -> int:
+        """The one event of ``trigger`` on the component ``target`` (or, for "load", that fills ``output``)."""
+        found = [i for i, d in enumerate(self.config["dependencies"]) if d["trigger"] == trigger
+                 and (target is None or self.elem(target) in d["targets"])
+                 and (output is None or self.elem(output) in d["outputs"])]
+        assert len(found) == 1, (trigger, target, output, found)
+        return found[0]
+
+    def call(self, fn_index: int, *data) -> list:
+        status, res = self.server.request("POST", "/run/predict", {"fn_index": fn_index, "data": list(data),
+                                                                   "session_hash": "e2e"}, auth=None)
+        assert status == 200, f"{res}\n{self.server.log_tail()}"
+        return res["data"]
+
+    def outputs(self, fn_index: int, data: list) -> dict[int, object]:
+        return dict(zip(self.config["dependencies"][fn_index]["outputs"], data))
+
+
+def test_ui_loads_with_one_workshop_tab_and_one_lora_page(server):
+    _assert_ui_complete(server)
+
+
+def _assert_ui_complete(server: Server) -> None:
+    """The page loads with our script and stylesheet, one "LoRA Workshop" tab and one Lora page per tab."""
+    from lib_lora.training.ui import TAB_ID, TAB_TITLE
+
+    status, page = server.request("GET", "/", auth=None)
+    assert status == 200 and "gradio" in page
+    # our script and stylesheet are linked into the page, from the extension folder, and served
+    ours = re.findall(r'(?:src|href)="(file=[^"?]*/lora-workshop/(?:javascript/lora_workshop\.js|style\.css)\?[^"]*)"',
+                      page)
+    assert len(ours) == 2, ours
+    for url in ours:
+        assert server.request("GET", "/" + url, auth=None)[0] == 200, url
+    ui = GradioUI(server)
+    comps = ui.by_id
+
+    def ids(elem_id: str) -> list[dict]:
+        return [c for c in comps.values() if c.get("props", {}).get("elem_id") == elem_id]
+
+    def children(node: dict, elem_id: str) -> list[dict] | None:
+        """The components directly inside the one with ``elem_id``, from the layout tree."""
+        if comps.get(node["id"], {}).get("props", {}).get("elem_id") == elem_id:  # the root is no component
+            return [comps[c["id"]] for c in node.get("children", [])]
+        return next((r for c in node.get("children", []) if (r := children(c, elem_id)) is not None), None)
+
+    # the main tab strip (#tabs); Settings has a "LoRA Workshop" section tab of its own
+    main_tabs = [c for c in children(ui.config["layout"], "tabs") or [] if c["type"] == "tabitem"]
+    ours = [c for c in main_tabs if c["props"].get("label") == TAB_TITLE]
+    assert len(ours) == 1 and ours[0]["props"].get("elem_id") == f"tab_{TAB_ID}", main_tabs
+    for tabname in ("txt2img", "img2img"):
+        pages = ids(f"{tabname}_lora")
+        assert len(pages) == 1 and pages[0]["props"].get("label") == "Lora", pages
+    # the built-in's own setting shows whether WEBUI_E2E_DISABLE_BUILTIN_LORA took effect
+    assert bool(ids("setting_sd_lora")) == (not BUILTIN_OFF)
+
+
+def test_ui_cards_notes_editor_and_training_tab(server):
+    """What the browser runs: the Lora page's cards, the notes editor, the training tab's status."""
+    ui = GradioUI(server)
+    cards = ui.elem("txt2img_lora_cards_html")
+    load = ui.fn_index("load", output="txt2img_lora_cards_html")
+    page = ui.outputs(load, ui.call(load))[cards]
+    assert f'data-name="{LORA_NAME}"' in page and 'data-sort-lwfamily="SD1"' in page, page[:2000]
+
+    # the notes editor: open, save, open again; the values land in <lora>.json beside the file
+    part = "txt2img_lora_edit_user_metadata"
+    edit = ui.fn_index("click", target=f"{part}_button")
+    opened = ui.call(edit, LORA_NAME)
+    assert len(opened) == 8 and LORA_NAME in opened[0] and "Family:" in opened[2], opened
+    [save] = [i for i, d in enumerate(ui.config["dependencies"]) if d["trigger"] == "click"
+              and d["inputs"][:1] == [ui.elem(f"{part}_name")] and len(d["inputs"]) == 6]
+    ui.call(save, LORA_NAME, "a description", "e2e style", 0.7, "blurry", "my notes")
+    notes = json.loads((server.lora.parent / f"{LORA_NAME}.json").read_text(encoding="utf-8"))
+    assert notes["activation text"] == "e2e style" and notes["preferred weight"] == 0.7 and notes["notes"] == "my notes"
+    assert ui.call(edit, LORA_NAME)[1:] == [
+        "a description", opened[2], opened[3], "my notes", "e2e style", 0.7, "blurry"]
+    status, card = server.request(
+        "GET", f"/sd_extra_networks/get-single-card?page=lora&tabname=txt2img&name={LORA_NAME}", auth=None)
+    assert status == 200 and f'"<lora:{LORA_NAME}:0.7> e2e style"' in html.unescape(card["html"]), card
+    # back to no notes (deleting the file instead would confuse the WebUI's cached file listing)
+    ui.call(save, LORA_NAME, "", "", 0, "", "")
+
+    # the training tab's status poll (no queue: it runs every 2 s while the tab is shown)
+    server.txt2img("a photo")  # the checkpoint loads in the background after start: wait for it
+    poll = ui.fn_index("click", target="lora_workshop_poll")
+    status_html = ui.call(poll, None)[0]
+    assert "Trains on the loaded SD1 model" in status_html, status_html
 
 
 def test_sdapi_loras_keeps_the_builtin_shape(server):
@@ -276,8 +400,10 @@ def test_training_job_on_the_loaded_model(server, tmp_path):
     before = server.txt2img("a photo")
     body = {"output_name": "e2e_trained", "dataset": {"train_dir": str(data.parent), "resolution": 64,
                                                       "min_bucket_reso": 64, "max_bucket_reso": 128},
-            "network": {"rank": 4, "alpha": 4}, "max_train_steps": 3, "save_precision": "fp32",
-            "sample_every_n_steps": 0}
+            "network": {"rank": 4, "alpha": 4}, "max_train_epochs": None, "max_train_steps": 3,
+            "save_precision": "fp32",
+            # one sample at step 3: rendered by the WebUI's own processing with the training LoRA attached
+            "sample_every_n_steps": 3, "sample_prompts": ["e2etrig, red square --s 2 --d 5"]}
     assert server.request("POST", "/lora-workshop/v1/train", {**body, "output_name": "../x"})[0] == 400
     status, job = server.request("POST", "/lora-workshop/v1/train", body)
     assert status == 200, job
@@ -290,7 +416,30 @@ def test_training_job_on_the_loaded_model(server, tmp_path):
         time.sleep(2)
     assert st["state"] == "finished", f"{st.get('error')}\n{server.log_tail()}"
     assert st["model_untouched"] is True
+    assert st["step"] == st["total"] == 3 and [x["step"] for x in st["samples"]] == [3], st["log"]
+    assert server.request("GET", st["samples"][0]["url"])[0] == 200
     names = [x["name"] for x in server.request("GET", "/lora-workshop/v1/loras")[1]]
     assert "e2e_trained" in names
     assert server.txt2img("a photo")["image"] == before["image"], "training changed the loaded model"
     assert server.txt2img("a photo <lora:e2e_trained:1>")["image"] != before["image"]
+
+
+def test_reload_ui_keeps_one_tab_one_page_and_loras_working(server):
+    """Settings > Reload UI: scripts re-run and a new app is built; nothing doubles, <lora:> still applies."""
+    plain, with_lora = server.txt2img("a photo"), server.txt2img(f"a photo <lora:{LORA_NAME}:1>")
+    ui = GradioUI(server)
+    starts = server.log.read_text(errors="replace").count("Startup time:")
+    ui.call(ui.fn_index("click", target="settings_restart_gradio"))
+    deadline = time.time() + 300
+    while server.log.read_text(errors="replace").count("Startup time:") == starts:
+        assert server.proc.poll() is None and time.time() < deadline, server.log_tail()
+        time.sleep(1)
+    assert "Traceback" not in server.log.read_text(errors="replace").split("Restarting UI...")[-1], server.log_tail()
+    _assert_ui_complete(server)
+    assert server.request("GET", "/lora-workshop/v1/loras")[0] == 200
+    assert server.request("GET", "/lora-workshop/v1/loras", auth=None)[0] == 401
+    page = GradioUI(server)
+    load = page.fn_index("load", output="txt2img_lora_cards_html")
+    assert 'data-sort-lwfamily="SD1"' in page.outputs(load, page.call(load))[page.elem("txt2img_lora_cards_html")]
+    assert server.txt2img(f"a photo <lora:{LORA_NAME}:1>")["image"] == with_lora["image"]
+    assert server.txt2img("a photo")["image"] == plain["image"]

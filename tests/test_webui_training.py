@@ -276,6 +276,7 @@ def test_train_via_api_until_finished(webui, sd_model, data):
     # the model is exactly as before; shared.state was ended
     assert same(before, snapshot(sd_model)) and unet_hooks(sd_model) == 0
     assert shared.state.job == "" and shared.state.job_count == 0 and "finished" in shared.state.textinfo
+    assert shared.total_tqdm._tqdm is None  # the samples' console bar was closed, as after any txt2img
     assert client.get("/lora-workshop/v1/train").json()["jobs"][0]["state"] == "finished"
     assert webui.runner.get(job_id).trainer.model is None  # a kept status never pins the model in memory
 

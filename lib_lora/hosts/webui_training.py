@@ -317,6 +317,8 @@ class WebUITrainingHost(TrainingHost):
                     close = getattr(p, "close", None)
                     if callable(close):
                         close()
+                    # as the WebUI's txt2img callers do: else the next generation's console bar continues this one
+                    shared.total_tqdm.clear()
                     self._no_token_merging(sd_model)
                 if processed is not None and processed.images:
                     images.append(processed.images[0])

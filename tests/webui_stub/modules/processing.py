@@ -95,6 +95,7 @@ def process_images(p: StableDiffusionProcessing) -> Processed:
             callback(p)
         for i in range(p.steps):
             state.sampling_step = i + 1
+            shared.total_tqdm.update()  # as sd_samplers_common does after each step
         shade = (p.seed * 37) % 256 if p.seed >= 0 else 128
         images.extend(Image.new("RGB", (p.width, p.height), (shade, 128, 255 - shade)) for _ in range(p.batch_size))
         state.nextjob()

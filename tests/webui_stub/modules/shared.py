@@ -3,7 +3,7 @@
 In the WebUI ``sd_model`` is a property that loads the model on first access; here it is
 a plain attribute the tests assign.
 """
-from modules import options, shared_cmd_options, shared_state
+from modules import options, shared_cmd_options, shared_state, shared_total_tqdm
 
 cmd_opts = shared_cmd_options.cmd_opts
 
@@ -17,4 +17,5 @@ opts.add_option("extra_networks_default_multiplier", OptionInfo(1.0, "Default mu
 
 sd_model = None
 state = shared_state.State()
+total_tqdm = shared_total_tqdm.TotalTQDM()
 parallel_processing_allowed = True
