@@ -587,6 +587,13 @@ def test_presets_and_form_round_trip(data, tmp_path):
             assert (cfg.dataset.resolution, cfg.network.train_text_encoder, cfg.text_encoder_lr) == (1024, False, None)
     assert jobs.build_request({"output_name": "x", "dataset": {"train_dir": str(data)}}, tmp_path,
                               family="sdxl").preset == "sdxl"
+    # a length given in steps is the length: the preset's 10 epochs do not override it
+    cfg = jobs.build_request({"output_name": "x", "dataset": {"train_dir": str(data)}, "max_train_steps": 3},
+                             tmp_path).config
+    assert (cfg.max_train_steps, cfg.max_train_epochs) == (3, None)
+    cfg = jobs.build_request({"output_name": "x", "dataset": {"train_dir": str(data)}, "max_train_steps": 3,
+                              "max_train_epochs": 2}, tmp_path).config
+    assert (cfg.max_train_steps, cfg.max_train_epochs) == (3, 2)
     with pytest.raises(jobs.RequestError, match="nothing to train"):
         jobs.build_request({"output_name": "x", "dataset": {"train_dir": str(data)},
                             "network": {"train_unet": False, "train_text_encoder": False}}, tmp_path)

@@ -362,6 +362,10 @@ def build_request(data: dict, output_dir: Path, family: str | None = None) -> Jo
             raise RequestError(f"preset {preset!r}: choose one of auto, {', '.join(PRESETS)}")
         base = json.loads(json.dumps(PRESETS[preset]))
     merged = _merge(base, {k: v for k, v in data.items() if k not in _EXTRA_TOP})
+    if data.get("max_train_steps") is not None and "max_train_epochs" not in data:
+        # a length in steps replaces the preset's (or the resumed run's) length in epochs, which
+        # would otherwise win (kohya's rule when both are set)
+        merged["max_train_epochs"] = None
 
     ds_data = dict(merged.get("dataset") or {})
     if not ds_data.get("train_dir"):
