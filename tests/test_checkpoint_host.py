@@ -226,6 +226,41 @@ def test_tokenizer_matches_hf_clip_and_open_clip(tmp_path):
     assert torch.equal(C.clip_tokenize(PROMPTS, pad_id=0), open_clip.tokenize(PROMPTS))
 
 
+def test_long_prompts_are_cut_into_chunks_like_the_webui():
+    from open_clip.tokenizer import SimpleTokenizer
+    enc = SimpleTokenizer().encoder
+    cat, dog, comma = enc["cat</w>"], enc["dog</w>"], enc[",</w>"]
+
+    def chunk(ids: list[int], pad: int) -> list[int]:
+        return [C.BOS, *ids, C.EOS] + [pad] * (75 - len(ids))
+
+    # one chunk: exactly the single-chunk tokenizer
+    assert torch.equal(C.clip_chunk_tokenize(PROMPTS, C.EOS)[:, 0], C.clip_tokenize(PROMPTS, C.EOS))
+    # 100 tokens: 75 + 25; the short prompt gets an empty second chunk (what "" encodes to)
+    ids = C.clip_chunk_tokenize(["cat " * 100, "dog"], 0)
+    assert ids.shape == (2, 2, 77)
+    assert ids[0].tolist() == [chunk([cat] * 75, 0), chunk([cat] * 25, 0)]
+    assert ids[1].tolist() == [chunk([dog], 0), chunk([], 0)]
+    # a boundary 5 tokens after a comma moves the words after the comma to the next chunk
+    ids = C.clip_chunk_tokenize(["cat " * 70 + ", " + "dog " * 10], C.EOS)
+    assert ids[0].tolist() == [chunk([cat] * 70 + [comma], C.EOS), chunk([dog] * 10, C.EOS)]
+    ids = C.clip_chunk_tokenize(["cat " * 70 + ", " + "dog " * 10], C.EOS, comma_backtrack=0)
+    assert ids[0].tolist() == [chunk([cat] * 70 + [comma] + [dog] * 4, C.EOS), chunk([dog] * 6, C.EOS)]
+
+
+@pytest.mark.parametrize("family", BUILD)
+def test_long_prompt_conditioning_is_its_chunks_side_by_side(saved, family):
+    _, ck, _, _ = saved[family]
+    with torch.no_grad():
+        both = ck.encode_text(["cat " * 100, "dog"])
+        first, second, dog, empty = (ck.encode_text([p]) for p in ("cat " * 75, "cat " * 25, "dog", ""))
+    assert both.context.shape[1] == 154
+    torch.testing.assert_close(both.context[:1], torch.cat([first.context, second.context], 1))
+    torch.testing.assert_close(both.context[1:], torch.cat([dog.context, empty.context], 1))
+    if family == "sdxl":   # the pooled embedding comes from the first chunk
+        torch.testing.assert_close(both.y, torch.cat([first.y, dog.y]))
+
+
 def _reference_conditioning(tiny, prompts, sizes):
     """Independent of the host: tiny_models' own open_clip_forward / sdxl_y and HF's CLIPTextModel."""
     import open_clip
@@ -341,5 +376,9 @@ def test_sample_images(saved):
     assert e[0].size == (PX, PX)
     _, sdxl, _, _ = saved["sdxl"]
     assert sample(sdxl, "x", steps=2, width=PX * 2, height=PX)[0].size == (PX * 2, PX)
+    # a two-chunk prompt with a one-chunk negative: run apart (as the WebUI does); the second chunk counts
+    long = sample(sd1, "cat " * 100, steps=2, seed=5, width=PX, height=PX)[0]
+    assert long.tobytes() != sample(sd1, "cat " * 75, steps=2, seed=5, width=PX, height=PX)[0].tobytes()
+    assert sample(sdxl, "cat " * 100, negative="dog", steps=2, width=PX, height=PX)[0].size == (PX, PX)
     with pytest.raises(ValueError, match="multiples of 16"):
         sample(sd1, "x", width=24, height=PX)

@@ -46,6 +46,21 @@ def test_cli_trains_a_loadable_file(setup, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
 
 
+def test_captions_longer_than_one_chunk_batch_with_short_ones(setup, tmp_path):
+    """A 100-token caption is two 77-token chunks; batched with one-chunk captions from the text
+    cache, the short ones are padded with empty chunks (as the WebUI pads a batch of prompts)."""
+    import shutil
+    ckpt, data = setup
+    mixed = tmp_path / "data"
+    shutil.copytree(data, mixed)
+    caption = next(mixed.rglob("*.txt"))
+    caption.write_text(", ".join(f"tag{i}" for i in range(40)), encoding="utf-8")  # 40 x (tag, N, comma)
+    out = tmp_path / "long.safetensors"
+    assert main(args(ckpt, mixed, out, "--max-train-steps", "2", "--batch-size", "4", "--unet-only")) == 0
+    sd, meta = load_safetensors(out)
+    assert meta["ss_steps"] == "2" and all(torch.isfinite(v).all() for v in sd.values())
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -595,6 +595,50 @@ def clip_tokenize(prompts: list[str], pad_id: int, context_length: int = CONTEXT
     return out
 
 
+def clip_chunk_tokenize(prompts: list[str], pad_id: int, context_length: int = CONTEXT_LENGTH,
+                        comma_backtrack: int = 20) -> Tensor:
+    """Token ids [B, chunks, context_length]: prompts of any length, cut into chunks as the WebUI does.
+
+    Each chunk holds ``context_length - 2`` tokens between BOS and EOS and is encoded on its own;
+    the contexts are then concatenated, so a 100-token caption conditions on 154 positions, not
+    on a truncated 77.  A chunk boundary falling at most ``comma_backtrack`` tokens after a comma
+    moves the words after that comma to the next chunk (the WebUI's "prompt word wrap length
+    limit", default 20).  Prompts with fewer chunks than the longest get empty chunks (BOS then
+    padding), which is also what an empty prompt encodes to.  Emphasis syntax is not parsed.
+    """
+    bpe = _bpe()
+    comma = bpe.encoder.get(",</w>")
+    size = context_length - 2
+    per_prompt = []
+    for text in prompts:
+        chunks: list[list[int]] = []
+        current: list[int] = []
+        last_comma = -1
+        for tok in bpe.encode(text):
+            if len(current) == size:
+                if tok != comma and comma_backtrack and last_comma >= 0 and size - last_comma <= comma_backtrack:
+                    chunks.append(current[:last_comma + 1])
+                    current = current[last_comma + 1:]
+                else:
+                    chunks.append(current)
+                    current = []
+                last_comma = -1
+            if tok == comma:
+                last_comma = len(current)
+            current.append(tok)
+        if current or not chunks:
+            chunks.append(current)
+        per_prompt.append(chunks)
+    n = max(len(c) for c in per_prompt)
+    out = torch.full((len(prompts), n, context_length), pad_id, dtype=torch.long)
+    out[:, :, 0] = BOS
+    for i, chunks in enumerate(per_prompt):
+        for j in range(n):
+            ids = chunks[j] if j < len(chunks) else []
+            out[i, j, 1:len(ids) + 2] = torch.tensor(ids + [EOS])
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Text encoders, as the WebUI's embedders run them
 
@@ -751,11 +795,11 @@ class Checkpoint:
 
     # -- conditioning -------------------------------------------------------------------------
     def tokenize(self, prompts: list[str]) -> list[Tensor]:
-        """Token ids per text encoder (HF CLIP pads with EOS, OpenCLIP with 0)."""
+        """Token ids [B, chunks, context] per text encoder (HF CLIP pads with EOS, OpenCLIP with 0)."""
         out = []
         for tcfg in self.config["text_encoders"]:
             pad = EOS if tcfg["kind"] == "hf_clip" else 0
-            out.append(clip_tokenize(prompts, pad, tcfg["context_length"]))
+            out.append(clip_chunk_tokenize(prompts, pad, tcfg["context_length"]))
         return out
 
     def encode_text(self, prompts: list[str], size_conds: list[SizeCond] | None = None) -> Conditioning:
@@ -764,30 +808,37 @@ class Checkpoint:
         No ``no_grad`` here: gradients reach text encoders (or LoRA modules hooked onto them) whenever
         anything there requires grad; callers that only infer wrap this in ``torch.no_grad``.
         """
-        tokens = self.tokenize(list(prompts))
+        chunked = self.tokenize(list(prompts))
+        b, n = chunked[0].shape[:2]
+        tokens = [t.flatten(0, 1) for t in chunked]   # every chunk of every prompt in one batch
+
+        def joined(h: Tensor) -> Tensor:              # [B*n, L, C] -> [B, n*L, C], chunks side by side
+            return h.reshape(b, n * h.shape[1], h.shape[2])
+
         if self.family == "sd1":  # FrozenCLIPEmbedder(layer="last"): last_hidden_state (after final LN)
             te = self.text_encoders[0][1]
-            return Conditioning(te(input_ids=tokens[0].to(_dev(te))).last_hidden_state)
+            return Conditioning(joined(te(input_ids=tokens[0].to(_dev(te))).last_hidden_state))
         if self.family == "sd2":  # FrozenOpenCLIPEmbedder(layer="penultimate"): skip last block, then ln_final
             te = self.text_encoders[0][1]
             hidden = _open_clip_run(te, tokens[0].to(_dev(te)), len(te.transformer.resblocks) - 1)
-            return Conditioning(te.ln_final(hidden[-1]))
+            return Conditioning(joined(te.ln_final(hidden[-1])))
         # SDXL: te1 hidden_states[-2] (no final LN), te2 penultimate (no ln_final, legacy=False) and the
-        # pooled ln_final(last)[eos] @ text_projection; y = pooled ++ size embeddings (sgm GeneralConditioner)
+        # pooled ln_final(last)[eos] @ text_projection of the first chunk (as the WebUI takes it);
+        # y = pooled ++ size embeddings (sgm GeneralConditioner)
         te1, te2 = self.text_encoders[0][1], self.text_encoders[1][1]
-        h1 = te1(input_ids=tokens[0].to(_dev(te1)), output_hidden_states=True).hidden_states[-2]
-        t2 = tokens[1].to(_dev(te2))
-        hidden = _open_clip_run(te2, t2, len(te2.transformer.resblocks))
-        last = te2.ln_final(hidden[-1])
-        pooled = _project(te2, last[torch.arange(last.shape[0], device=last.device), t2.argmax(dim=-1)])
+        h1 = joined(te1(input_ids=tokens[0].to(_dev(te1)), output_hidden_states=True).hidden_states[-2])
+        t2 = chunked[1][:, 0].to(_dev(te2))
+        hidden = _open_clip_run(te2, tokens[1].to(_dev(te2)), len(te2.transformer.resblocks))
+        last = te2.ln_final(hidden[-1].reshape(b, n, *hidden[-1].shape[1:])[:, 0])
+        pooled = _project(te2, last[torch.arange(b, device=last.device), t2.argmax(dim=-1)])
         if size_conds is None:
             r = self.resolution
-            size_conds = [((r, r), (0, 0), (r, r))] * len(tokens[1])
-        if len(size_conds) != len(tokens[1]):
-            raise ValueError(f"{len(size_conds)} size conditions for {len(tokens[1])} prompts")
+            size_conds = [((r, r), (0, 0), (r, r))] * b
+        if len(size_conds) != b:
+            raise ValueError(f"{len(size_conds)} size conditions for {b} prompts")
         ted = int(self.config.get("size_embed_dim", SIZE_EMBED_DIM))
         y = torch.cat([pooled, _size_embedding(size_conds, ted, pooled.device, pooled.dtype)], dim=-1)
-        return Conditioning(torch.cat([h1, hidden[-2].to(h1.device, h1.dtype)], dim=-1), y.to(h1.device))
+        return Conditioning(torch.cat([h1, joined(hidden[-2]).to(h1.device, h1.dtype)], dim=-1), y.to(h1.device))
 
     # -- VAE ----------------------------------------------------------------------------------
     def encode_images(self, pixels: Tensor, sample: bool = True, generator: torch.Generator | None = None) -> Tensor:
@@ -1012,13 +1063,17 @@ def sample(checkpoint: Checkpoint, prompts: str | list[str], negative: str | lis
     with torch.no_grad():
         sizes = [((height, width), (0, 0), (height, width))] * len(prompts)
         cond, unc = ck.encode_text(prompts, sizes), ck.encode_text(negatives, sizes)
-        context = torch.cat([unc.context, cond.context]).to(p.dtype)
-        y = torch.cat([unc.y, cond.y]).to(p.dtype) if cond.y is not None else None
+
+        def run(x: Tensor, t: Tensor, context: Tensor, y: Tensor | None) -> Tensor:
+            kw = {"y": y.to(p.dtype)} if y is not None else {}
+            return unet(x.to(p.dtype), t, context=context.to(p.dtype), **kw).float()
 
         def model(x: Tensor, t: Tensor) -> Tensor:
-            kw = {"y": y} if y is not None else {}
-            out = unet(torch.cat([x, x]).to(p.dtype), torch.cat([t, t]), context=context, **kw).float()
-            uncond, c = out.chunk(2)
+            if cond.context.shape[1] == unc.context.shape[1]:
+                y = torch.cat([unc.y, cond.y]) if cond.y is not None else None
+                uncond, c = run(torch.cat([x, x]), torch.cat([t, t]), torch.cat([unc.context, cond.context]), y).chunk(2)
+            else:   # prompt and negative of different chunk counts run apart, as in the WebUI (no padding)
+                uncond, c = run(x, t, unc.context, unc.y), run(x, t, cond.context, cond.y)
             return uncond + cfg * (c - uncond)
 
         latents = sample_latents(model, noise, ck.alphas_cumprod(), steps, ck.prediction, sampler)

@@ -413,7 +413,21 @@ class Trainer:
                     self._text_cache[key] = self.model.encode_text([cap], [size])
             parts.append(self._text_cache[key])
         y = torch.cat([p.y for p in parts]) if parts[0].y is not None else None
-        return Conditioning(torch.cat([p.context for p in parts]), y)
+        contexts = [p.context for p in parts]
+        longest = max(c.shape[1] for c in contexts)
+        if any(c.shape[1] != longest for c in contexts):
+            # a caption longer than one 75-token chunk: pad the others with empty chunks, as the
+            # WebUI (and the checkpoint host) do for a batch of prompts encoded together
+            key = ("", sizes[0] if self.model.family == "sdxl" else None)
+            if key not in self._text_cache:
+                with torch.no_grad():
+                    self._text_cache[key] = self.model.encode_text([""], [sizes[0]])
+            empty = self._text_cache[key].context
+            if any((longest - c.shape[1]) % empty.shape[1] for c in contexts):
+                raise ValueError(f"text contexts of {sorted({c.shape[1] for c in contexts})} positions cannot be "
+                                 f"batched: not whole {empty.shape[1]}-position chunks")
+            contexts = [torch.cat([c, *[empty] * ((longest - c.shape[1]) // empty.shape[1])], 1) for c in contexts]
+        return Conditioning(torch.cat(contexts), y)
 
     # -- saving --------------------------------------------------------------------------
     def _due(self, step: int, per_epoch: int) -> bool:
