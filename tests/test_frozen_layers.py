@@ -68,6 +68,26 @@ def test_conv_matches_autograd(cin, cout, hw, k, stride, pad, batch):
     assert "forward" not in vars(conv)
 
 
+@pytest.mark.parametrize("shape,bias", [((2, 8, 96), True),      # 16 rows: weight as the left operand
+                                        ((1, 64, 96), False),
+                                        ((3, 40, 96), True)])    # 120 rows: F.linear
+def test_linear_matches_autograd(shape, bias):
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 160, bias=bias).double().requires_grad_(False)
+    x = torch.randn(*shape, dtype=torch.double, requires_grad=True)
+    ref = lin(x)
+    g = torch.randn_like(ref)
+    ref_gx, = torch.autograd.grad(ref, x, g)
+    with frozen_layers(lin):
+        y = lin(x)
+        assert type(y.grad_fn).__name__ == "_FrozenLinearBackward" and y.is_contiguous()
+        gx, = torch.autograd.grad(y, x, g)
+    assert gx.shape == x.shape and gx.is_contiguous()
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gx, ref_gx, rtol=1e-12, atol=1e-12)
+    assert _saved_activation_bytes(lambda: lin(x), list(lin.parameters()), (lin,)) == 0
+
+
 def test_gemm_choice_depends_on_shapes_only():
     w = torch.empty(1280, 1280, 3, 3)
     assert _use_gemm(torch.empty(1, 1280, 8, 8), w, (8, 8), 1)          # SD1.5's 8x8 level at batch 1

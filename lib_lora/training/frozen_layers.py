@@ -18,10 +18,11 @@ on shapes, so a run and its resume pick the same kernels.
 Third, two cheap element-wise pairs are recomputed in backward instead of kept (selective
 checkpointing): GroupNorm -> SiLU at the head of an LDM/SGM resnet ``nn.Sequential`` keeps only
 its input, not the normalised tensor; GEGLU's ``a * gelu(gate)`` keeps the projection, not
-``gelu(gate)`` as well.  Recomputing them costs a few percent of a step's time.  Their outputs are often kept all the
-same, by the LoRA of the next layer (GEGLU feeds the FeedForward's output Linear; LoCon adapts
-the conv after GroupNorm -> SiLU): ``_Rebuild`` hands autograd a recipe instead of the tensor
-whenever it saves one of those outputs, and rebuilds it from the kept input in backward.
+``gelu(gate)`` as well.  Recomputing them costs a few percent of a step's time.  Their outputs
+are often kept all the same, by the LoRA of the next layer (GEGLU feeds the FeedForward's
+output Linear; LoCon adapts the conv after GroupNorm -> SiLU): ``_Rebuild`` hands autograd a
+recipe instead of the tensor whenever it saves one of those outputs, and rebuilds it from the
+kept input in backward.
 
 Fourth, a frozen LayerNorm keeps its output instead of its input (apex's "memory efficient"
 LayerNorm): backward gets the normalised input back as ``(y - bias) / weight``.  Its output
@@ -103,16 +104,33 @@ class _FrozenConv2d(torch.autograd.Function):
         return gx, None, None, None, None, None, None
 
 
+def _weight_left(x: Tensor) -> bool:
+    """A CPU product of at most 64 rows (SD's 8x8 and 4x4 levels at batch 1) against a frozen weight."""
+    return x.device.type == "cpu" and x.numel() <= 64 * x.shape[-1]
+
+
 class _FrozenLinear(torch.autograd.Function):
+    # With few rows the product is bound by reading the weight, and MKL reads it faster as the
+    # left operand: W @ x.T ran 1.1-1.4x faster than x @ W.T for 16-64 rows and 1280-10240
+    # features, forward and backward alike (benchmarks/train.py).  The transposed result is
+    # only rows-wide, so making it contiguous again is cheap.
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None):
         ctx.save_for_backward(weight)
-        return F.linear(x, weight, bias)
+        if not _weight_left(x):
+            return F.linear(x, weight, bias)
+        x2 = x.reshape(-1, x.shape[-1]).t()
+        out = torch.mm(weight, x2) if bias is None else torch.addmm(bias[:, None], weight, x2)
+        return out.t().contiguous().view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (weight,) = ctx.saved_tensors
-        return grad @ _as(weight, grad), None, None
+        weight = _as(weight, grad)
+        if not _weight_left(grad):
+            return grad @ weight, None, None
+        gx = torch.mm(weight.t(), grad.reshape(-1, grad.shape[-1]).t())
+        return gx.t().contiguous().view(*grad.shape[:-1], weight.shape[1]), None, None
 
 
 class _FrozenLayerNorm(torch.autograd.Function):
@@ -260,11 +278,11 @@ def frozen_layers(*roots: nn.Module) -> Iterator[int]:
     with ExitStack() as stack:
         n = sum(stack.enter_context(instance_forward(ms, fwd)) for ms, fwd in (
             (convs, _conv_forward), (linears, _linear_forward), (norms, _layer_norm_forward),
-            (heads, partialmethod_(_norm_act_head_forward, rebuild)), (gegl, partialmethod_(_geglu_forward, rebuild))))
+            (heads, _with(_norm_act_head_forward, rebuild)), (gegl, _with(_geglu_forward, rebuild))))
         if n:
             stack.enter_context(torch.autograd.graph.saved_tensors_hooks(rebuild.pack, rebuild.unpack))
         yield n
 
 
-def partialmethod_(fn: Callable, rebuild: _Rebuild) -> Callable:
-    return lambda self, x: fn(self, x, rebuild)
+def _with(forward: Callable, rebuild: _Rebuild) -> Callable:
+    return lambda self, x: forward(self, x, rebuild)
