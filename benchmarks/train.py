@@ -1,6 +1,6 @@
 """Seconds per training step and peak memory on a full-size SD1.5 layout (CPU, random weights).
 
-    .venv/bin/python benchmarks/train.py [--latent 32] [--steps 3] [--rank 16]
+    .venv/bin/python benchmarks/train.py [--latent 32] [--steps 4] [--rank 16] [--rounds 3] [--variants ours,reference]
 
 Each variant runs in its own process so peak RSS is its own:
   ours       LoRA Workshop's Trainer (LoRA on the LDM UNet's transformer blocks, cached latents
@@ -10,7 +10,8 @@ Each variant runs in its own process so peak RSS is its own:
              same layers, AdamW, MSE on epsilon
   bare       one forward+backward of the frozen LDM UNet (gradient w.r.t. the input only):
              the floor any LoRA step pays
-Each variant runs twice, in two allocator settings:
+Each variant runs ``--rounds`` times for time, the variants interleaved (a shared VM drifts by
+5-10% over minutes), then once more for memory; the two runs differ in the allocator:
   time    glibc as a WebUI or CLI process has it (dynamic mmap threshold: freed tensors up to
           32 MiB are reused from the heap);
   memory  peak RSS growth during the steps over the RSS after building the model, with glibc's
@@ -186,19 +187,29 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="timed runs per variant, interleaved, so that a drifting machine affects all alike")
     ap.add_argument("--variants", default="ours,ours-plain,reference,bare", help="comma-separated subset")
     args = vars(ap.parse_args())
-    chosen = args.pop("variants").split(",")
+    chosen, rounds = args.pop("variants").split(","), args.pop("rounds")
     variants = [v for v in (("ours", run_ours, {}), ("ours-plain", run_ours, {"lean": False}),
                             ("reference", run_reference, {}), ("bare", run_bare, {})) if v[0] in chosen]
+    timed: dict[str, list[dict]] = {name: [] for name, _, _ in variants}
+    for i in range(rounds):
+        for name, fn, extra in variants:
+            timed[name].append(measure(fn, {**args, **extra}, pinned=False))
+            print(f"round {i + 1} {name}: {timed[name][-1]['step_s']:.2f} s/step", flush=True)
     res = {}
     for name, fn, extra in variants:
-        t, m = measure(fn, {**args, **extra}, pinned=False), measure(fn, {**args, **extra}, pinned=True)
-        res[name] = {"step_s": t["step_s"], "faults": t["faults"], "peak_mb": m["peak_mb"],
-                     "pinned_step_s": m["step_s"], "pinned_faults": m["faults"], "trainable": t["trainable"]}
+        m = measure(fn, {**args, **extra}, pinned=True)
+        runs = timed[name]
+        res[name] = {"step_s": statistics.median(r["step_s"] for r in runs), "runs": [r["step_s"] for r in runs],
+                     "faults": statistics.median(r["faults"] for r in runs), "peak_mb": m["peak_mb"],
+                     "pinned_step_s": m["step_s"], "pinned_faults": m["faults"], "trainable": runs[0]["trainable"]}
         print(name, json.dumps(res[name]), flush=True)
     print(f"\nSD1.5 layout, latent {args['latent']}x{args['latent']}, batch 1, rank {args['rank']}, "
-          f"{args['threads']} threads, median of {args['steps'] - 1} steps after the first")
+          f"{args['threads']} threads; s/step: median of {rounds} runs (each the median of {args['steps'] - 1} "
+          f"steps after the first)")
     print(f"{'variant':<10} {'s/step':>7} {'faults':>8} | {'peak MiB':>8} {'s/step':>7} {'faults':>8} | {'trainable':>9}")
     print(f"{'':<10} {'glibc default':>16} | {'mmap threshold pinned':>25} |")
     for k, v in res.items():
@@ -207,8 +218,9 @@ def main() -> None:
     if not {"ours", "reference", "bare"} <= set(res):
         return
     o, r, b = res["ours"], res["reference"], res["bare"]
-    print(f"\nours/reference time {o['step_s'] / r['step_s']:.2f}x (target <= 0.8), "
-          f"memory {o['peak_mb'] / max(r['peak_mb'], 1):.2f}x (target <= 0.8); "
+    per_round = [a / c for a, c in zip(o["runs"], r["runs"])]
+    print(f"\nours/reference time {o['step_s'] / r['step_s']:.2f}x (per round {', '.join(f'{x:.2f}' for x in per_round)}; "
+          f"target <= 0.8), memory {o['peak_mb'] / max(r['peak_mb'], 1):.2f}x (target <= 0.8); "
           f"time with the pinned threshold {o['pinned_step_s'] / r['pinned_step_s']:.2f}x")
     print(f"ours/bare forward+backward {o['step_s'] / b['step_s']:.2f}x (target <= 2.5)")
 
