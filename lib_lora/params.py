@@ -1,4 +1,5 @@
-"""The ``<lora:name:te:unet:dyn>`` token: parsing its arguments the way the WebUI does."""
+"""WebUI prompt syntax: the ``<lora:name:te:unet:dyn>`` token, parsed the way the WebUI does,
+and escaping text that must reach the WebUI's prompt parser literally."""
 from __future__ import annotations
 
 import re
@@ -68,3 +69,15 @@ def parse_prompt(prompt: str, default: float = 1.0) -> tuple[str, list[LoraReque
         return ""
 
     return _TOKEN.sub(take, prompt), found
+
+
+_EMPHASIS = str.maketrans({c: "\\" + c for c in "\\()[]"})
+
+
+def literal_caption(text: str) -> str:
+    """A caption as plain text for the WebUI's prompt parser, which reads ``(tag)`` as emphasis.
+
+    kohya reads captions literally, so booru tags such as ``hatsune miku (vocaloid)`` train on
+    their parentheses; escaped, the WebUI's encoder sees the same tokens, all at weight 1.
+    """
+    return text.translate(_EMPHASIS)

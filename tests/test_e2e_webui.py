@@ -173,14 +173,31 @@ class Server:
         return {"image": res["images"][0], "info": json.loads(res["info"])}
 
 
+def _webui_python(webui: Path) -> str:
+    return os.environ.get("WEBUI_PYTHON") or next(
+        (str(p) for p in (webui / "venv" / "bin" / "python", webui / "venv" / "Scripts" / "python.exe") if p.exists()),
+        sys.executable)
+
+
+def test_captions_reach_the_webui_parser_as_literal_text():
+    """The WebUI's own prompt parser reads an escaped caption back as the caption, at weight 1."""
+    from lib_lora.params import literal_caption
+
+    captions = ["hatsune miku (vocaloid), [sketch], a\\b", "(red:1.3) square, ((blue))", "plain, tags"]
+    code = ("import json, sys; from modules.prompt_parser import parse_prompt_attention as p; "
+            "print(json.dumps([p(t) for t in json.loads(sys.argv[1])]))")
+    r = subprocess.run([_webui_python(Path(WEBUI_DIR)), "-c", code, json.dumps([literal_caption(c) for c in captions])],
+                       cwd=WEBUI_DIR, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout) == [[[c, 1.0]] for c in captions]
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     webui = Path(WEBUI_DIR)
     if not (webui / "launch.py").is_file() or not (webui / "repositories").is_dir():
         pytest.skip(f"{webui} is not a prepared WebUI checkout (launch.py and repositories/ needed)")
-    python = os.environ.get("WEBUI_PYTHON") or next(
-        (str(p) for p in (webui / "venv" / "bin" / "python", webui / "venv" / "Scripts" / "python.exe") if p.exists()),
-        sys.executable)
+    python = _webui_python(webui)
     data = tmp_path_factory.mktemp("webui-data")
     ckpt_dir, lora_dir = data / "models" / "Stable-diffusion", data / "models" / "Lora"
     ckpt_dir.mkdir(parents=True)

@@ -81,3 +81,11 @@ def test_family_detection():
     assert families.detect_family({"ss_v2": "True"}, {k}, {}) == "sd2"
     assert families.detect_family({"modelspec.architecture": "stable-diffusion-v1/lora"}, {k}, {}) == "sd1"
     assert families.detect_family({}, {k}, {f"{k}.lora_down.weight": (4, 32)}) is None
+
+
+def test_captions_are_escaped_for_the_webui_prompt_parser():
+    from lib_lora.params import literal_caption
+    # checked against the WebUI's own parse_prompt_attention in tests/test_e2e_webui.py
+    assert literal_caption(r"miku (vocaloid), [sketch], a\b, (red:1.2)") == \
+        r"miku \(vocaloid\), \[sketch\], a\\b, \(red:1.2\)"
+    assert literal_caption("plain, tags") == "plain, tags"

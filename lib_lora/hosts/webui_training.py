@@ -37,6 +37,7 @@ import torch
 
 from modules import paths, shared
 
+from ..params import literal_caption
 from ..training.jobs import Job, JobRunner, TrainingHost, TrainingRefused
 from ..training.model import Conditioning, TrainableModel
 from . import webui as glue
@@ -152,7 +153,8 @@ def trainable_model(sd_model: Any, render: Callable[..., list] | None = None, mo
             def col(i: int) -> torch.Tensor:
                 return torch.tensor([list(s[i]) for s in sizes], dtype=torch.float32, device=device)
 
-            batch = {"txt": list(captions), "original_size_as_tuple": col(0), "crop_coords_top_left": col(1),
+            batch = {"txt": [literal_caption(c) for c in captions], "original_size_as_tuple": col(0),
+                     "crop_coords_top_left": col(1),
                      "target_size_as_tuple": col(2)}
             embedders = list(sd_model.conditioner.embedders)
             saved = [(e, getattr(e, "is_trainable", False), getattr(e, "ucg_rate", 0.0)) for e in embedders]
@@ -169,7 +171,7 @@ def trainable_model(sd_model: Any, render: Callable[..., list] | None = None, mo
         resolution = 768 if (family == "sd2" and v_pred) else 512
 
         def encode_text(captions: list[str], sizes=None) -> Conditioning:
-            return Conditioning(sd_model.cond_stage_model(list(captions)).to(unet_dtype))
+            return Conditioning(sd_model.cond_stage_model([literal_caption(c) for c in captions]).to(unet_dtype))
 
     vae = sd_model.first_stage_model
 
