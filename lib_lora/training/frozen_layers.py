@@ -144,15 +144,18 @@ class _FrozenLayerNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         y, rstd, weight, bias = ctx.saved_tensors
-        x_hat = y if bias is None else y - _as(bias, y)
+        # at least fp32 throughout: under autocast y and grad are half while weight, bias and rstd
+        # are fp32 (the forward ran aten's mixed-precision kernel); the result goes back to y's dtype
+        dt = torch.promote_types(y.dtype, torch.float32)
+        x_hat = y.to(dt) if bias is None else y.to(dt) - bias.to(dt)
         if weight is not None:
-            x_hat = x_hat / _as(weight, y)
+            x_hat = x_hat / weight.to(dt)
         # aten's backward for an input that is already normalised (mean 0, rstd 1), scaled by the
         # real rstd afterwards: one fused kernel, as for the unmodified LayerNorm
         gx = torch.ops.aten.native_layer_norm_backward(
-            grad, x_hat, ctx.shape, torch.zeros_like(rstd), torch.ones_like(rstd),
-            None if weight is None else _as(weight, grad), None, [True, False, False])[0]
-        return gx.mul_(rstd), None, None, None, None
+            grad.to(dt), x_hat, ctx.shape, torch.zeros_like(rstd, dtype=dt), torch.ones_like(rstd, dtype=dt),
+            None if weight is None else weight.to(dt), None, [True, False, False])[0]
+        return gx.mul_(rstd.to(dt)).to(y.dtype), None, None, None, None
 
 
 def _is_frozen(m: nn.Module) -> bool:
