@@ -227,3 +227,18 @@ def test_gradient_checkpointing_and_disk_latents_change_nothing_but_cost(tmp_pat
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7)
         assert torch.equal(b[k], c[k])
+
+
+def test_trains_on_the_torch_api_of_webui_1_10(tmp_path, vae, monkeypatch):
+    """WebUI 1.10 installs torch 2.1: no torch.amp.GradScaler (2.3) and no device-type autocast
+    queries (2.4).  Without them, a run with LoCon (rebuilt activations) still trains, and the
+    same as with them."""
+    cfg = dict(max_train_steps=2, network=NetworkConfig(rank=4, alpha=4, conv_rank=4, conv_alpha=4))
+    with_new = Trainer(trainable(build_sd1(), vae), config(tmp_path / "a", **cfg), Callbacks(log=lambda s: None)).run()
+    monkeypatch.delattr(torch.amp, "GradScaler")
+    monkeypatch.setattr("lib_lora.training.frozen_layers._AUTOCAST_BY_DEVICE_TYPE", False)
+    cfg["network"] = NetworkConfig(rank=4, alpha=4, conv_rank=4, conv_alpha=4)   # config() pops it
+    old = Trainer(trainable(build_sd1(), vae), config(tmp_path / "b", **cfg), Callbacks(log=lambda s: None)).run()
+    a, _ = load_safetensors(with_new.output)
+    b, _ = load_safetensors(old.output)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -189,6 +189,18 @@ def _plain(m: nn.Module, cls: type) -> bool:
             and getattr(m, "padding_mode", "zeros") == "zeros" and not isinstance(getattr(m, "padding", 0), str))
 
 
+_AUTOCAST_BY_DEVICE_TYPE = hasattr(torch, "get_autocast_dtype")   # torch >= 2.4
+
+
+def _autocast_state(dev: str) -> tuple[str, torch.dtype, bool]:
+    if _AUTOCAST_BY_DEVICE_TYPE:
+        return dev, torch.get_autocast_dtype(dev), torch.is_autocast_enabled(dev)
+    # the torch 2.1 that WebUI 1.10 installs has one function per device kind
+    if dev == "cpu":
+        return dev, torch.get_autocast_cpu_dtype(), torch.is_autocast_cpu_enabled()
+    return dev, torch.get_autocast_gpu_dtype(), torch.is_autocast_enabled()
+
+
 class _Rebuild:
     """Saved-tensor hooks that swap a registered output for (recipe, input) and rebuild it in backward.
 
@@ -203,8 +215,7 @@ class _Rebuild:
 
     def register(self, out: Tensor, fn: Callable[[Tensor], Tensor], src: Tensor) -> None:
         key = out.untyped_storage().data_ptr()
-        dev = src.device.type
-        amp = (dev, torch.get_autocast_dtype(dev), torch.is_autocast_enabled(dev))
+        amp = _autocast_state(src.device.type)
         by_storage = self._by_storage
 
         def forget(r: weakref.ref, k: int = key) -> None:

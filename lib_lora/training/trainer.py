@@ -117,6 +117,12 @@ class TrainingStopped(Exception):
     pass
 
 
+def _grad_scaler(enabled: bool):
+    if hasattr(torch.amp, "GradScaler"):       # torch >= 2.3
+        return torch.amp.GradScaler("cuda", enabled=enabled)
+    return torch.cuda.amp.GradScaler(enabled=enabled)   # the torch 2.1 that WebUI 1.10 installs
+
+
 def make_optimizer(name: str, groups: list[dict], cfg: TrainConfig) -> tuple[torch.optim.Optimizer, str]:
     """The optimiser and kohya's ``ss_optimizer`` description. Extra packages are never installed for you."""
     args = dict(cfg.optimizer_args)
@@ -252,7 +258,7 @@ class Trainer:
         use_cuda = m.device.type == "cuda"
         amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)
         autocast = torch.autocast("cuda", dtype=amp_dtype) if (use_cuda and amp_dtype) else nullcontext()
-        scaler = torch.amp.GradScaler("cuda", enabled=use_cuda and cfg.mixed_precision == "fp16")
+        scaler = _grad_scaler(enabled=use_cuda and cfg.mixed_precision == "fp16")
         text_trains = cfg.network.train_text_encoder
         batches = ds.iterate(self.global_batch, cfg.seed, pos)
         per_epoch = max(1, ds.steps_per_epoch(self.global_batch))
