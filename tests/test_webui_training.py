@@ -513,6 +513,18 @@ def test_sdxl_text_goes_through_the_conditioner_with_sizes_and_grads():
     assert sd.conditioner.embedders[0].transformer.weight.grad is not None  # grads reach the text encoder
     with torch.no_grad():
         assert not m.encode_text(["a"]).context.requires_grad               # the trainer's no_grad wins
+        m.encode_text(["miku (vocaloid)"], sizes[:1])
+    assert sd.conditioner.seen[-1][0]["txt"] == [r"miku \(vocaloid\)"]   # literal for the prompt parser
+
+
+def test_sd1_captions_reach_the_encoder_escaped(sd_model, monkeypatch):
+    seen = []
+    forward = type(sd_model.cond_stage_model).forward
+    monkeypatch.setattr(type(sd_model.cond_stage_model), "forward", lambda self, texts: seen.append(texts) or
+                        forward(self, texts))
+    with torch.no_grad():
+        wt.trainable_model(sd_model).encode_text(["a [sketch] of (red:1.2) x", "plain"])
+    assert seen == [[r"a \[sketch\] of \(red:1.2\) x", "plain"]]
 
 
 def test_latents_are_deterministic_and_leave_the_global_rng_alone(sd_model):
