@@ -517,14 +517,24 @@ def test_sdxl_text_goes_through_the_conditioner_with_sizes_and_grads():
     assert sd.conditioner.seen[-1][0]["txt"] == [r"miku \(vocaloid\)"]   # literal for the prompt parser
 
 
-def test_sd1_captions_reach_the_encoder_escaped(sd_model, monkeypatch):
+def test_sd1_captions_reach_the_encoder_literally(sd_model, monkeypatch):
+    """Escaped for the prompt parser, and with textual-inversion names left as words (kohya's reading)."""
+    from modules import sd_hijack
+    db = sd_hijack.model_hijack.embedding_db
+    lookup = {320: [([320], "an embedding named 'a'")]}
+    monkeypatch.setattr(db, "ids_lookup", lookup)
     seen = []
     forward = type(sd_model.cond_stage_model).forward
-    monkeypatch.setattr(type(sd_model.cond_stage_model), "forward", lambda self, texts: seen.append(texts) or
-                        forward(self, texts))
+
+    def spy(self, texts):
+        seen.append((texts, dict(db.ids_lookup)))
+        return forward(self, texts)
+
+    monkeypatch.setattr(type(sd_model.cond_stage_model), "forward", spy)
     with torch.no_grad():
         wt.trainable_model(sd_model).encode_text(["a [sketch] of (red:1.2) x", "plain"])
-    assert seen == [[r"a \[sketch\] of \(red:1.2\) x", "plain"]]
+    assert seen == [([r"a \[sketch\] of \(red:1.2\) x", "plain"], {})]
+    assert db.ids_lookup is lookup                      # the WebUI's embeddings are back for generation
 
 
 def test_latents_are_deterministic_and_leave_the_global_rng_alone(sd_model):

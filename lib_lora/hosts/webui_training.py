@@ -30,8 +30,9 @@ import sys
 import threading
 import time
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -134,6 +135,21 @@ def _pixel_seed(pixels: torch.Tensor) -> int:
     return zlib.crc32(pixels.detach().float().cpu().numpy().tobytes())
 
 
+@contextmanager
+def _no_embedding_names() -> Iterator[None]:
+    """Captions as kohya reads them: a word that happens to name a textual-inversion embedding
+    stays that word (the WebUI's tokenizer would swap in the embedding's vectors, which no other
+    tool does with this LoRA's trigger words).  Training holds the queue lock, so nothing else
+    tokenizes meanwhile."""
+    from modules import sd_hijack
+    db = sd_hijack.model_hijack.embedding_db
+    lookup, db.ids_lookup = db.ids_lookup, {}
+    try:
+        yield
+    finally:
+        db.ids_lookup = lookup
+
+
 def trainable_model(sd_model: Any, render: Callable[..., list] | None = None, model_map=None) -> TrainableModel:
     """Wrap the WebUI's loaded model (call ``refusal`` first)."""
     family = glue.model_family(sd_model)
@@ -162,7 +178,8 @@ def trainable_model(sd_model: Any, render: Callable[..., list] | None = None, mo
                 for e in embedders:
                     e.is_trainable = True   # sgm wraps non-trainable embedders in no_grad; the trainer decides
                     e.ucg_rate = 0.0        # no random caption dropout inside the conditioner
-                out = sd_model.conditioner(batch)
+                with _no_embedding_names():
+                    out = sd_model.conditioner(batch)
             finally:
                 for e, trainable, ucg in saved:
                     e.is_trainable, e.ucg_rate = trainable, ucg
@@ -171,7 +188,9 @@ def trainable_model(sd_model: Any, render: Callable[..., list] | None = None, mo
         resolution = 768 if (family == "sd2" and v_pred) else 512
 
         def encode_text(captions: list[str], sizes=None) -> Conditioning:
-            return Conditioning(sd_model.cond_stage_model([literal_caption(c) for c in captions]).to(unet_dtype))
+            with _no_embedding_names():
+                context = sd_model.cond_stage_model([literal_caption(c) for c in captions])
+            return Conditioning(context.to(unet_dtype))
 
     vae = sd_model.first_stage_model
 
