@@ -242,3 +242,19 @@ def test_trains_on_the_torch_api_of_webui_1_10(tmp_path, vae, monkeypatch):
     a, _ = load_safetensors(with_new.output)
     b, _ = load_safetensors(old.output)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_model_without_autocast_is_refused_untouched(tmp_path, vae, dtype):
+    """A half UNet computes only under CUDA autocast; elsewhere the run stops before it begins."""
+    tiny = build_sd1(seed=0)
+    for m in [tiny.unet] + [te for _, te in tiny.text_encoders]:
+        m.to(dtype)
+    before = snapshot(tiny.unet, tiny.text_encoders[0][1])
+    state0 = module_state(tiny)
+    tr = Trainer(trainable(tiny, vae), config(tmp_path, max_train_steps=2, mixed_precision="fp16"),
+                 Callbacks(log=lambda s: None))
+    with pytest.raises(ValueError, match=f"weights are {str(dtype)[6:]}: .*mixed precision fp16 or bf16 on a CUDA"):
+        tr.run()
+    assert not (tmp_path / "out" / "t.safetensors").exists()
+    assert same(before, snapshot(tiny.unet, tiny.text_encoders[0][1])) and module_state(tiny) == state0

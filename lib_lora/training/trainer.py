@@ -218,6 +218,13 @@ class Trainer:
         if self.dataset is None:
             self.prepare()
         cfg, m = self.cfg, self.model
+        if _dtype(m.unet) in (torch.float16, torch.bfloat16) and not (
+                m.device.type == "cuda" and cfg.mixed_precision != "no"):
+            # a half model computes only under autocast (the host's own generation runs so too);
+            # full precision would need a second, fp32 copy of the model
+            raise ValueError(f"the model's weights are {str(_dtype(m.unet)).removeprefix('torch.')}: train it with "
+                             "mixed precision fp16 or bf16 on a CUDA device (on CPU, load the model in fp32, e.g. "
+                             "the WebUI's --no-half)")
         modules = [m.unet] + [te for _, te in m.text_encoders]
         flags = [(p, p.requires_grad) for mod in modules for p in mod.parameters()]
         modes = [(mod, mod.training) for mod in modules for mod in mod.modules()]
