@@ -1,11 +1,14 @@
-"""Seconds per training step and peak memory on a full-size SD1.5 layout (CPU, random weights).
+"""Seconds per training step and peak memory on a full-size SD1.5 layout (random weights).
 
     .venv/bin/python benchmarks/train.py [--latent 32] [--steps 4] [--rank 16] [--rounds 3] [--variants ours,reference]
+    python benchmarks/train.py --device cuda --precision fp16 --latent 64 --batch 4 --steps 12 --rounds 2
 
 Each variant runs in its own process so peak RSS is its own:
   ours       LoRA Workshop's Trainer (LoRA on the LDM UNet's transformer blocks, cached latents
-             and text, AdamW), timed between progress callbacks after the caches are filled
+             and text, AdamW), timed between progress callbacks after the caches are filled;
+             its defaults: lean frozen layers on CPU, not on CUDA
   ours-plain the same with lean_frozen_layers=False: autograd's own conv/linear backward
+  ours-lean  the same with lean_frozen_layers=True (a variant of its own on CUDA)
   reference  the diffusers example recipe: UNet2DConditionModel + peft LoraConfig on the
              same layers, AdamW, MSE on epsilon
   bare       one forward+backward of the frozen LDM UNet (gradient w.r.t. the input only):
@@ -19,6 +22,12 @@ Each variant runs ``--rounds`` times for time, the variants interleaved (a share
           the OS and RSS follows live tensor memory.  Every large allocation then page-faults
           afresh, so the step times of this run are printed too, but not used for the ratio.
 Minor page faults per step are printed for both.
+
+On CUDA (``--device cuda``) every variant holds the UNet as the WebUI does, in ``--precision``
+(fp16/bf16 weights, autocast in that type, loss scaling for fp16; the reference keeps its LoRA
+parameters in fp32 as diffusers' ``cast_training_params`` does).  Steps are timed to a
+synchronised end, and memory is the peak of torch's CUDA allocator over what the model itself
+holds, taken in the timed runs.
 """
 from __future__ import annotations
 
@@ -48,27 +57,58 @@ def _current_rss_mb() -> float:
 def _inputs(args):
     import torch
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 4, args["latent"], args["latent"], generator=g)
-    ctx = torch.randn(1, 77, 768, generator=g)
-    t = torch.tensor([500])
+    b, dev = args["batch"], args["device"]
+    x = torch.randn(b, 4, args["latent"], args["latent"], generator=g).to(dev)
+    ctx = torch.randn(b, 77, 768, generator=g).to(dev, _weights(args))
+    t = torch.full((b,), 500, device=dev)
     return x, t, ctx
+
+
+def _weights(args):
+    """The dtype the host holds the UNet in: fp32 on CPU, the half type on a GPU."""
+    import torch
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args["precision"], torch.float32)
+
+
+def _amp(args):
+    import torch
+    return torch.autocast("cuda", dtype=_weights(args), enabled=args["device"] == "cuda" and args["precision"] != "fp32")
+
+
+def _cuda_mark(args) -> int:
+    """Start a peak-memory window on CUDA; the bytes allocated now are its floor."""
+    import torch
+    if args["device"] != "cuda":
+        return 0
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
+
+
+def _cuda_peak_mb(floor: int) -> float:
+    import torch
+    return (torch.cuda.max_memory_allocated() - floor) / 2**20
 
 
 def _faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def _timed_steps(step, steps: int) -> dict:
-    """Median seconds and minor faults of ``step()`` (after the first), peak RSS growth in MiB."""
-    base = _current_rss_mb()
+def _timed_steps(step, steps: int, args) -> dict:
+    """Median seconds and minor faults of ``step()`` (after the first), peak memory growth in MiB."""
+    import torch
+    cuda = args["device"] == "cuda"
+    base, floor = _current_rss_mb(), _cuda_mark(args)
     times, faults = [], []
     for _ in range(steps):
         t0, f0 = time.perf_counter(), _faults()
         step()
+        if cuda:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
         faults.append(_faults() - f0)
     return {"step_s": statistics.median(times[1:] or times), "faults": statistics.median(faults[1:] or faults),
-            "peak_mb": _rss_mb() - base}
+            "peak_mb": _cuda_peak_mb(floor) if cuda else _rss_mb() - base}
 
 
 def run_ours(args, q):
@@ -87,25 +127,27 @@ def run_ours(args, q):
     from lib_lora.training.network import NetworkConfig
     from lib_lora.training.trainer import Callbacks, TrainConfig, Trainer
 
-    side = args["latent"] * 8
+    side, dev, dtype = args["latent"] * 8, args["device"], _weights(args)
     root = Path(tempfile.mkdtemp())
     (root / "data" / "1_bench").mkdir(parents=True)
-    for i in range(2):
+    for i in range(2 * args["batch"]):   # two steps per epoch
         Image.fromarray(np.random.default_rng(i).integers(0, 255, (side, side, 3), dtype=np.uint8)).save(
             root / "data" / "1_bench" / f"{i}.png")
-    parts = build("sd1", device="cpu")
-    ctx = _inputs(args)[2]
-    proj = torch.nn.Conv2d(3, 4, 8, stride=8)  # stands in for the VAE: latents are cached after epoch 1
+    parts = build("sd1", device=dev, dtype=dtype)
+    parts.unet.dtype = dtype    # ldm's use_fp16, as the WebUI sets it for a half model
+    ctx = _inputs(args)[2][:1]
+    proj = torch.nn.Conv2d(3, 4, 8, stride=8).to(dev, dtype)  # stands in for the VAE: latents are cached after epoch 1
     model = TrainableModel("sd1", parts.unet, parts.text_encoders, lambda caps, sizes=None: Conditioning(ctx.expand(len(caps), -1, -1)),
-                           lambda px: proj(px), torch.linspace(0.9999, 0.005, 1000),
-                           context=lambda: sdpa_attention(parts.unet))
+                           lambda px: proj(px.to(dtype)), torch.linspace(0.9999, 0.005, 1000),
+                           context=lambda: sdpa_attention(parts.unet), device=torch.device(dev))
     cfg = TrainConfig(DatasetConfig(root / "data", resolution=side, min_bucket_reso=side, max_bucket_reso=side,
                                     enable_buckets=False),
                       NetworkConfig(rank=args["rank"], alpha=args["rank"], train_text_encoder=False),
                       output_dir=root, output_name="bench", max_train_steps=args["steps"] + 2, learning_rate=1e-4,
-                      max_grad_norm=0.0, lean_frozen_layers=args.get("lean", True))
+                      max_grad_norm=0.0, lean_frozen_layers=args.get("lean"), batch_size=args["batch"],
+                      mixed_precision="no" if args["precision"] == "fp32" else args["precision"])
     stamps = []
-    base = _current_rss_mb()
+    base, floor = _current_rss_mb(), _cuda_mark(args)
     Trainer(model, cfg, Callbacks(on_progress=lambda p: stamps.append((time.perf_counter(), _faults())),
                                   log=lambda s: None)).run()
     stamps = stamps[2:]  # after the epoch that fills the caches
@@ -114,7 +156,8 @@ def run_ours(args, q):
     from lib_lora.fileio import load_safetensors
     sd, _ = load_safetensors(root / "bench.safetensors")
     trainable = sum(v.numel() for k, v in sd.items() if not k.endswith("alpha"))
-    q.put({"step_s": statistics.median(steps), "faults": statistics.median(faults), "peak_mb": _rss_mb() - base,
+    peak = _cuda_peak_mb(floor) if dev == "cuda" else _rss_mb() - base
+    q.put({"step_s": statistics.median(steps), "faults": statistics.median(faults), "peak_mb": peak,
            "trainable": trainable})
 
 
@@ -125,21 +168,35 @@ def run_reference(args, q):
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
 
-    unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8)
+    with torch.device(args["device"]):
+        unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8)
     unet.requires_grad_(False)
+    if _weights(args) != torch.float32:
+        unet.to(dtype=_weights(args))
     unet.add_adapter(LoraConfig(r=args["rank"], lora_alpha=args["rank"], init_lora_weights="gaussian",
                                 target_modules=list(TARGETS)))
     params = [p for p in unet.parameters() if p.requires_grad]
+    for p in params:     # diffusers' cast_training_params: trainable parameters in fp32
+        p.data = p.data.float()
     opt = torch.optim.AdamW(params, lr=1e-4)
+    scaler = _grad_scaler(args)
     x, t, ctx = _inputs(args)
 
     def step():
         noise = torch.randn_like(x)
-        torch.nn.functional.mse_loss(unet(x + noise, t, ctx).sample, noise).backward()
-        opt.step()
+        with _amp(args):
+            pred = unet((x + noise).to(_weights(args)), t, ctx).sample
+        scaler.scale(torch.nn.functional.mse_loss(pred.float(), noise)).backward()
+        scaler.step(opt)
+        scaler.update()
         opt.zero_grad(set_to_none=True)
 
-    q.put({**_timed_steps(step, args["steps"]), "trainable": sum(p.numel() for p in params)})
+    q.put({**_timed_steps(step, args["steps"], args), "trainable": sum(p.numel() for p in params)})
+
+
+def _grad_scaler(args):
+    import torch
+    return torch.amp.GradScaler("cuda", enabled=args["device"] == "cuda" and args["precision"] == "fp16")
 
 
 def run_bare(args, q):
@@ -149,17 +206,20 @@ def run_bare(args, q):
     from lib_lora.architectures import build
     from lib_lora.attention import sdpa_attention
 
-    unet = build("sd1", device="cpu").unet
+    unet = build("sd1", device=args["device"], dtype=_weights(args)).unet
+    unet.dtype = _weights(args)
     unet.requires_grad_(False)
     attention = sdpa_attention(unet)  # keep a reference: a dropped context manager exits at once
     attention.__enter__()
     x, t, ctx = _inputs(args)
 
     def step():
-        xi = (x + torch.randn_like(x)).requires_grad_(True)
-        unet(xi, t, context=ctx).square().mean().backward()
+        xi = (x + torch.randn_like(x)).to(_weights(args)).requires_grad_(True)
+        with _amp(args):
+            out = unet(xi, t, context=ctx)
+        out.float().square().mean().backward()
 
-    q.put({**_timed_steps(step, args["steps"]), "trainable": 0})
+    q.put({**_timed_steps(step, args["steps"], args), "trainable": 0})
 
 
 def measure(fn, args, pinned: bool) -> dict:
@@ -187,33 +247,47 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--precision", default=None, choices=("fp32", "fp16", "bf16"),
+                    help="weights and autocast type (default: fp32 on CPU, fp16 on CUDA)")
     ap.add_argument("--rounds", type=int, default=3,
                     help="timed runs per variant, interleaved, so that a drifting machine affects all alike")
-    ap.add_argument("--variants", default="ours,ours-plain,reference,bare", help="comma-separated subset")
+    ap.add_argument("--variants", help="comma-separated subset of ours, ours-plain, ours-lean, reference, bare "
+                    "(default: all but ours-lean on CPU, all but ours-plain on CUDA, where ours is each one)")
     args = vars(ap.parse_args())
-    chosen, rounds = args.pop("variants").split(","), args.pop("rounds")
+    args["precision"] = args["precision"] or ("fp16" if args["device"] == "cuda" else "fp32")
+    if args["device"] == "cpu" and args["precision"] != "fp32":
+        ap.error("CPU runs in fp32 (autocast is a GPU path here)")
+    cuda = args["device"] == "cuda"
+    chosen = (args.pop("variants") or f"ours,{'ours-lean' if cuda else 'ours-plain'},reference,bare").split(",")
+    rounds = args.pop("rounds")
     variants = [v for v in (("ours", run_ours, {}), ("ours-plain", run_ours, {"lean": False}),
-                            ("reference", run_reference, {}), ("bare", run_bare, {})) if v[0] in chosen]
+                            ("ours-lean", run_ours, {"lean": True}), ("reference", run_reference, {}),
+                            ("bare", run_bare, {})) if v[0] in chosen]
     timed: dict[str, list[dict]] = {name: [] for name, _, _ in variants}
     for i in range(rounds):
         for name, fn, extra in variants:
             timed[name].append(measure(fn, {**args, **extra}, pinned=False))
-            print(f"round {i + 1} {name}: {timed[name][-1]['step_s']:.2f} s/step", flush=True)
+            print(f"round {i + 1} {name}: {timed[name][-1]['step_s']:.3f} s/step", flush=True)
     res = {}
     for name, fn, extra in variants:
-        m = measure(fn, {**args, **extra}, pinned=True)
         runs = timed[name]
+        # CUDA memory is the allocator's own count: the timed runs already measured it
+        m = {"peak_mb": max(r["peak_mb"] for r in runs), "step_s": float("nan"), "faults": float("nan")} if cuda \
+            else measure(fn, {**args, **extra}, pinned=True)
         res[name] = {"step_s": statistics.median(r["step_s"] for r in runs), "runs": [r["step_s"] for r in runs],
                      "faults": statistics.median(r["faults"] for r in runs), "peak_mb": m["peak_mb"],
                      "pinned_step_s": m["step_s"], "pinned_faults": m["faults"], "trainable": runs[0]["trainable"]}
         print(name, json.dumps(res[name]), flush=True)
-    print(f"\nSD1.5 layout, latent {args['latent']}x{args['latent']}, batch 1, rank {args['rank']}, "
-          f"{args['threads']} threads; s/step: median of {rounds} runs (each the median of {args['steps'] - 1} "
+    where = f"{args['device']} {args['precision']}" + ("" if cuda else f", {args['threads']} threads")
+    print(f"\nSD1.5 layout, latent {args['latent']}x{args['latent']}, batch {args['batch']}, rank {args['rank']}, "
+          f"{where}; s/step: median of {rounds} runs (each the median of {args['steps'] - 1} "
           f"steps after the first)")
     print(f"{'variant':<10} {'s/step':>7} {'faults':>8} | {'peak MiB':>8} {'s/step':>7} {'faults':>8} | {'trainable':>9}")
     print(f"{'':<10} {'glibc default':>16} | {'mmap threshold pinned':>25} |")
     for k, v in res.items():
-        print(f"{k:<10} {v['step_s']:7.2f} {v['faults']:8.0f} | {v['peak_mb']:8.0f} {v['pinned_step_s']:7.2f} "
+        print(f"{k:<10} {v['step_s']:7.3f} {v['faults']:8.0f} | {v['peak_mb']:8.0f} {v['pinned_step_s']:7.3f} "
               f"{v['pinned_faults']:8.0f} | {v['trainable']:9d}")
     if not {"ours", "reference", "bare"} <= set(res):
         return
