@@ -105,33 +105,39 @@ def test_trainable_and_no_grad_layers_keep_their_own_forward():
             assert conv(x).grad_fn is None
 
 
-def _lora_grads(tiny, lean: bool, batch: int = 2, amp: bool = False):
+def _lora_grads(tiny, lean: bool, batch: int = 2, amp: torch.dtype | bool = False, device: str = "cpu"):
+    """Loss, LoRA/LoCon gradients and saved bytes of one UNet forward+backward; ``amp``: autocast
+    dtype (True: bf16), ``device``: where ``tiny`` already is."""
     net = TrainingNetwork(ModelMap.build(tiny.family, tiny.unet, tiny.text_encoders),
                           NetworkConfig(rank=4, alpha=4, conv_rank=4, conv_alpha=4, train_text_encoder=False))
     g = torch.Generator().manual_seed(1)
     for p in net.parameters():          # non-zero up weights so every path carries gradient
         p.data.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.05)
+    net.to(device)
     tiny.unet.requires_grad_(False)
     for _, te in tiny.text_encoders:
         te.requires_grad_(False)
-    x = torch.randn(batch, 4, 8, 8, generator=g)
+    x = torch.randn(batch, 4, 8, 8, generator=g).to(device)
     ctx_dim = tiny.config["context_dim"]
-    ctx = torch.randn(batch, 77, ctx_dim, generator=g)
-    t = torch.tensor([10, 700][:batch])
+    ctx = torch.randn(batch, 77, ctx_dim, generator=g).to(device)
+    t = torch.tensor([10, 700][:batch], device=device)
     kw = {}
     if tiny.family == "sdxl":
         kw["y"] = sdxl_y(torch.randn(batch, OPENCLIP_EMBED_DIM, generator=g),
-                         torch.tensor([[64, 64, 0, 0, 64, 64]] * batch, dtype=torch.float32))
+                         torch.tensor([[64, 64, 0, 0, 64, 64]] * batch, dtype=torch.float32)).to(device)
+    amp_dtype = torch.bfloat16 if amp is True else amp
+
+    def forward():
+        with torch.autocast(torch.device(device).type, dtype=amp_dtype or torch.bfloat16, enabled=bool(amp)):
+            return tiny.unet(x, t, context=ctx, **kw)
+
     net.attach()
     try:
         with frozen_layers(tiny.unet) if lean else torch.enable_grad():
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-                out = tiny.unet(x, t, context=ctx, **kw)
-            loss = out.float().square().mean()
+            loss = forward().float().square().mean()
             grads = torch.autograd.grad(loss, list(net.parameters()))
         params = list(tiny.unet.parameters()) + list(net.parameters())
-        saved = _saved_activation_bytes(lambda: tiny.unet(x, t, context=ctx, **kw), params,
-                                        (tiny.unet,) if lean else ())
+        saved = _saved_activation_bytes(forward, params, (tiny.unet,) if lean else ())
     finally:
         net.detach()
     return loss.detach(), grads, saved

@@ -24,11 +24,12 @@ def _tokens(captions: list[str]) -> torch.Tensor:
     return open_clip.tokenize(captions)  # the real CLIP BPE, shipped inside open_clip
 
 
-def trainable(tiny, vae=None, prediction: str = "epsilon") -> TrainableModel:
+def trainable(tiny, vae=None, prediction: str = "epsilon", device: str = "cpu") -> TrainableModel:
+    """``device``: where the tiny model, its encoders and the VAE already are."""
     vae = vae or tiny_vae()
 
     def encode_text(captions, sizes=None) -> Conditioning:
-        tokens = _tokens(captions)
+        tokens = _tokens(captions).to(device)
         if tiny.family == "sd1":
             return Conditioning(tiny.text_encoders[0][1](input_ids=tokens).last_hidden_state)
         if tiny.family == "sd2":
@@ -37,17 +38,17 @@ def trainable(tiny, vae=None, prediction: str = "epsilon") -> TrainableModel:
         h1 = tiny.text_encoders[0][1](input_ids=tokens, output_hidden_states=True).hidden_states[-2]
         out = open_clip_forward(tiny.text_encoders[1][1], tokens)
         sizes = sizes or [((64, 64), (0, 0), (64, 64))] * len(captions)
-        ids = torch.tensor([[*o, *c, *t] for o, c, t in sizes], dtype=torch.float32)
+        ids = torch.tensor([[*o, *c, *t] for o, c, t in sizes], dtype=torch.float32, device=device)
         return Conditioning(torch.cat([h1, out["hidden_states"][-2]], -1), sdxl_y(out["text_embeds"], ids))
 
     def encode_images(pixels):
-        return vae.encode(pixels).latent_dist.mean * 0.18215
+        return vae.encode(pixels.to(vae.dtype)).latent_dist.mean * 0.18215
 
     betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
     acp = torch.cumprod(1 - betas, 0).float()
     return TrainableModel(tiny.family, tiny.unet, tiny.text_encoders, encode_text, encode_images, acp,
                           prediction=prediction, model_name=f"tiny-{tiny.family}", model_hash="0" * 64,
-                          legacy_hash="00000000", resolution=64)
+                          legacy_hash="00000000", resolution=64, device=torch.device(device))
 
 
 def make_dataset(root: Path, n: int = 4, repeats: int = 2, trigger: str = "zkx", seed: int = 0) -> Path:

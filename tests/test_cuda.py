@@ -1,0 +1,181 @@
+"""The CUDA paths: training a half-precision model as the WebUI loads it (autocast, fp16 loss
+scaling), the frozen-layer backward on GPU kernels, and merging into a half model on the GPU.
+
+CI has no GPU, so these skip there; `tools/device_check.sh` runs them on one.
+``LORA_TEST_DEVICE=cpu`` runs the device-independent parts here (a dry run of the tests themselves).
+"""
+from __future__ import annotations
+
+import gc
+import os
+
+import pytest
+import torch
+
+from lib_lora.cli import main
+from lib_lora.fileio import load_safetensors
+from lib_lora.modelmap import ModelMap
+from lib_lora.network import load_network, parse_state_dict
+from lib_lora.patcher import Activation, Patcher
+from lib_lora.training.network import NetworkConfig
+from lib_lora.training.trainer import Callbacks, Trainer
+from loras import kohya_lora, same, snapshot
+from test_cli_train import args, setup  # noqa: F401 (a fixture)
+from test_frozen_layers import _lora_grads
+from test_training import config, module_state
+from tiny_models import build_sd1, build_sdxl
+from train_support import tiny_vae, trainable
+
+DEVICE = os.environ.get("LORA_TEST_DEVICE", "cuda")
+pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _on_device(tiny, dtype: torch.dtype):
+    """The tiny model as a WebUI holds a checkpoint: on the GPU, in its half type (ldm's
+    ``use_fp16`` makes the UNet cast its input to that type)."""
+    for m in [tiny.unet] + [te for _, te in tiny.text_encoders]:
+        m.to(DEVICE, dtype)
+    tiny.unet.dtype = dtype
+    return tiny
+
+
+@pytest.fixture
+def no_tf32():
+    """fp32 means fp32 here (cuDNN convolutions default to TF32)."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _allocated() -> int:
+    gc.collect()
+    return torch.cuda.memory_allocated() if DEVICE == "cuda" else 0
+
+
+def _yard_loss(model, lat, cond, n: int = 8) -> float:
+    """Denoising loss on the training latents at fixed noise and timesteps, under autocast as
+    the host generates."""
+    g = torch.Generator().manual_seed(0)
+    total = 0.0
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.float16, enabled=DEVICE == "cuda"):
+        for _ in range(n):
+            noise = torch.randn(lat.shape, generator=g).to(DEVICE)
+            t = torch.randint(100, 900, (lat.shape[0],), generator=g).to(DEVICE)
+            acp = model.alphas_cumprod.to(DEVICE)[t].view(-1, 1, 1, 1)
+            pred = model.predict((acp.sqrt() * lat + (1 - acp).sqrt() * noise).to(model.unet.dtype), t, cond)
+            total += torch.nn.functional.mse_loss(pred.float(), noise).item()
+    return total / n
+
+
+@pytest.mark.parametrize("family,weights,precision,lean", [
+    ("sd1", torch.float16, "fp16", None),   # the WebUI default: fp16 weights, fp16 autocast with loss scaling
+    ("sd1", torch.float16, "fp16", True),   # lean frozen layers, off by default on a GPU
+    ("sd1", torch.float16, "bf16", None),
+    ("sd1", torch.float32, "no", None),     # --no-half
+    ("sdxl", torch.float16, "fp16", None),
+])
+def test_training_a_half_model_on_the_gpu_learns_and_restores_it(tmp_path, family, weights, precision, lean):
+    if DEVICE != "cuda" and weights != torch.float32:
+        pytest.skip("half weights train only under CUDA autocast")
+    tiny = _on_device((build_sd1 if family == "sd1" else build_sdxl)(seed=0), weights)
+    vae = tiny_vae().to(DEVICE, weights)
+    model = trainable(tiny, vae, device=DEVICE)
+    params = [(p.device, p.dtype) for p in tiny.unet.parameters()]
+    before = snapshot(tiny.unet, *[te for _, te in tiny.text_encoders])
+    state0 = module_state(tiny)
+    network = dict(rank=8, alpha=8, conv_rank=4, conv_alpha=4)
+    # a first short run: the libraries' own per-thread workspaces (cuBLAS keeps 32 MiB for the
+    # autograd thread) stay allocated for the process, and are not the run's to give back
+    Trainer(model, config(tmp_path / "warm", max_train_steps=2, mixed_precision=precision, lean_frozen_layers=lean,
+                          network=NetworkConfig(**network)), Callbacks(log=lambda s: None)).run()
+    cfg = config(tmp_path, max_train_steps=60, learning_rate=5e-3, mixed_precision=precision, lean_frozen_layers=lean,
+                 network=NetworkConfig(**network))
+    tr = Trainer(model, cfg, Callbacks(log=lambda s: None))
+    tr.prepare()
+    ds = tr.dataset
+    with torch.no_grad():
+        lat = model.encode_images(torch.stack([ds.load_image(i) for i in ds.items]).to(DEVICE)).float()
+        cond = model.encode_text([i.caption for i in ds.items])
+    base_loss = _yard_loss(model, lat, cond)
+    allocated = _allocated()
+    res = tr.run()
+    assert res.steps == 60 and all(map(torch.isfinite, torch.tensor(res.losses)))
+    # the host model: same bits, device, dtype, flags and hooks
+    assert same(before, snapshot(tiny.unet, *[te for _, te in tiny.text_encoders]))
+    assert [(p.device, p.dtype) for p in tiny.unet.parameters()] == params
+    assert module_state(tiny) == state0
+    del tr
+    released = _allocated()
+
+    # merged into the half model on the GPU, the file makes it draw the training images
+    p = Patcher(ModelMap.build(family, tiny.unet, tiny.text_encoders))
+    assert not p.apply([Activation(load_network(res.output))]).messages
+    with torch.no_grad():
+        trained_loss = _yard_loss(model, lat, model.encode_text([i.caption for i in ds.items]))
+    p.restore()
+    assert trained_loss < 0.6 * base_loss, (base_loss, trained_loss)   # 0.38x in fp32 on CPU
+    assert same(before, snapshot(tiny.unet, *[te for _, te in tiny.text_encoders]))
+    assert released <= allocated + 2**20, (released, allocated)        # the run's memory given back
+
+
+@pytest.mark.parametrize("build", [build_sd1, build_sdxl], ids=["sd1", "sdxl"])
+def test_frozen_layer_backward_on_gpu_kernels(build, no_tf32):
+    """cuDNN/cuBLAS take the frozen layers' backward: fp32 gradients as autograd's; under fp16
+    autocast on fp16 weights, as close to fp32 as autograd's own fp16 gradients."""
+    ref = _lora_grads(_on_device(build(), torch.float32), lean=False, device=DEVICE)
+    got = _lora_grads(_on_device(build(), torch.float32), lean=True, device=DEVICE)
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(got[1], ref[1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert got[2] < 0.9 * ref[2], (got[2], ref[2])
+    if DEVICE != "cuda":
+        return
+    half = _on_device(build(), torch.float16)
+    plain = _lora_grads(half, lean=False, amp=torch.float16, device=DEVICE)
+    lean = _lora_grads(half, lean=True, amp=torch.float16, device=DEVICE)
+
+    def error(grads) -> float:
+        a, b = torch.cat([g.float().flatten() for g in grads]), torch.cat([g.flatten() for g in ref[1]])
+        return ((a - b).norm() / b.norm()).item()
+
+    assert error(lean[1]) < 1.25 * error(plain[1]) + 1e-3, (error(lean[1]), error(plain[1]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_merging_into_a_half_model_on_the_gpu(dtype):
+    """The patched weight equals the CPU fp64 merge cast once to the model's type; restore is exact."""
+    tiny = build_sd1(seed=1)
+    mm_cpu = ModelMap.build("sd1", tiny.unet, tiny.text_encoders)
+    sd = kohya_lora(mm_cpu, seed=8, convs=True)
+    expect = {}
+    for t in mm_cpu.targets:
+        if f"{t.key}.lora_down.weight" in sd:
+            down = sd[f"{t.key}.lora_down.weight"].double().flatten(1)
+            up = sd[f"{t.key}.lora_up.weight"].double().flatten(1)
+            w = t.weight().double()
+            delta = float(sd[f"{t.key}.alpha"]) / down.shape[0] * (up @ down)   # LoCon too: 1x1 up
+            expect[t.key] = (w.to(dtype).double() + delta.view(w.shape)).to(dtype)
+    _on_device(tiny, dtype)
+    mm = ModelMap.build("sd1", tiny.unet, tiny.text_encoders)
+    before = snapshot(tiny.unet, tiny.text_encoders[0][1])
+    p = Patcher(mm)
+    assert not p.apply([Activation(parse_state_dict("a", sd, {}))]).messages
+    for key, w in expect.items():
+        got = mm.get(key).module.weight
+        assert got.device.type == DEVICE and got.dtype == dtype
+        # deltas are summed in fp32 on the GPU: at most one unit in the last place from the fp64 sum
+        torch.testing.assert_close(got.cpu().double(), w.double(), rtol=torch.finfo(dtype).eps, atol=1e-6)
+    p.restore()
+    assert same(before, snapshot(tiny.unet, tiny.text_encoders[0][1]))
+
+
+def test_cli_trains_in_fp16_on_the_gpu(setup, tmp_path):  # noqa: F811
+    """`python -m lib_lora train --mixed-precision fp16` loads the checkpoint in fp16 on the GPU."""
+    ckpt, data = setup
+    out = tmp_path / "gpu.safetensors"
+    assert main(args(ckpt, data, out, "--max-train-steps", "4", "--mixed-precision", "fp16", "--device", DEVICE)) == 0
+    sd, meta = load_safetensors(out)
+    assert meta["ss_mixed_precision"] == "fp16" and meta["ss_steps"] == "4"
+    assert all(torch.isfinite(v).all() for v in sd.values())
+    assert any(k.endswith("lora_up.weight") and v.abs().sum() > 0 for k, v in sd.items())
