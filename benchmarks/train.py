@@ -72,7 +72,8 @@ def _weights(args):
 
 def _amp(args):
     import torch
-    return torch.autocast("cuda", dtype=_weights(args), enabled=args["device"] == "cuda" and args["precision"] != "fp32")
+    on = args["device"] == "cuda" and args["precision"] != "fp32"
+    return torch.autocast("cuda", dtype=_weights(args), enabled=on)
 
 
 def _cuda_mark(args) -> int:
@@ -137,7 +138,8 @@ def run_ours(args, q):
     parts.unet.dtype = dtype    # ldm's use_fp16, as the WebUI sets it for a half model
     ctx = _inputs(args)[2][:1]
     proj = torch.nn.Conv2d(3, 4, 8, stride=8).to(dev, dtype)  # stands in for the VAE: latents are cached after epoch 1
-    model = TrainableModel("sd1", parts.unet, parts.text_encoders, lambda caps, sizes=None: Conditioning(ctx.expand(len(caps), -1, -1)),
+    model = TrainableModel("sd1", parts.unet, parts.text_encoders,
+                           lambda caps, sizes=None: Conditioning(ctx.expand(len(caps), -1, -1)),
                            lambda px: proj(px.to(dtype)), torch.linspace(0.9999, 0.005, 1000),
                            context=lambda: sdpa_attention(parts.unet), device=torch.device(dev))
     cfg = TrainConfig(DatasetConfig(root / "data", resolution=side, min_bucket_reso=side, max_bucket_reso=side,

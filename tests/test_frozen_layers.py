@@ -264,7 +264,9 @@ def test_lean_bf16_gradients_are_as_close_to_fp32_as_autograds(build):
 
 
 def test_autocast_state_with_the_torch_2_1_functions(monkeypatch):
-    monkeypatch.setattr(frozen_layers_module, "_AUTOCAST_BY_DEVICE_TYPE", False)   # WebUI 1.10's torch 2.1
+    import lib_lora.autocast as amp
+    monkeypatch.setattr(amp, "BY_DEVICE_TYPE", False)   # WebUI 1.10's torch 2.1
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert frozen_layers_module._autocast_state("cpu") == ("cpu", torch.bfloat16, True)
-    assert frozen_layers_module._autocast_state("cpu")[2] is False
+        assert amp.autocast_state("cpu") == ("cpu", torch.bfloat16, True)
+        assert amp.autocasting("cpu") and not amp.autocasting("cuda") and not amp.autocasting("meta")
+    assert amp.autocast_state("cpu")[2] is False and not amp.autocasting("cpu")

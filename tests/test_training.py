@@ -236,7 +236,7 @@ def test_trains_on_the_torch_api_of_webui_1_10(tmp_path, vae, monkeypatch):
     cfg = dict(max_train_steps=2, network=NetworkConfig(rank=4, alpha=4, conv_rank=4, conv_alpha=4))
     with_new = Trainer(trainable(build_sd1(), vae), config(tmp_path / "a", **cfg), Callbacks(log=lambda s: None)).run()
     monkeypatch.delattr(torch.amp, "GradScaler")
-    monkeypatch.setattr("lib_lora.training.frozen_layers._AUTOCAST_BY_DEVICE_TYPE", False)
+    monkeypatch.setattr("lib_lora.autocast.BY_DEVICE_TYPE", False)
     cfg["network"] = NetworkConfig(rank=4, alpha=4, conv_rank=4, conv_alpha=4)   # config() pops it
     old = Trainer(trainable(build_sd1(), vae), config(tmp_path / "b", **cfg), Callbacks(log=lambda s: None)).run()
     a, _ = load_safetensors(with_new.output)
@@ -258,3 +258,33 @@ def test_a_half_model_without_autocast_is_refused_untouched(tmp_path, vae, dtype
         tr.run()
     assert not (tmp_path / "out" / "t.safetensors").exists()
     assert same(before, snapshot(tiny.unet, tiny.text_encoders[0][1])) and module_state(tiny) == state0
+
+
+def test_lora_under_autocast_reads_the_half_input_as_it_is(monkeypatch):
+    """The LoRA beside a frozen layer, under autocast: the same numbers as casting the half input
+    to the fp32 LoRA weight first (autocast casts it straight back), without that layer-wide copy
+    being made and kept for backward."""
+    from lib_lora.adapters.lora import LoRAModule
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 48).requires_grad_(False)
+    lora = LoRAModule("l", layer, layer.weight.shape, rank=4, alpha=2)
+    torch.nn.init.normal_(lora.up.weight)
+    x = torch.randn(2, 16, 64).to(torch.bfloat16).requires_grad_(True)
+
+    def step():
+        kept = []
+        with torch.autocast("cpu", dtype=torch.bfloat16), \
+                torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+            out = lora.add_to(layer(x), x)
+        grads = torch.autograd.grad(out.float().square().sum(), [x, lora.down.weight, lora.up.weight])
+        own = x.untyped_storage().data_ptr()
+        copies = [t for t in kept if t.numel() == x.numel() and t.untyped_storage().data_ptr() != own]
+        return out, grads, copies
+
+    out, grads, copies = step()
+    monkeypatch.setattr("lib_lora.adapters.lora.autocasting", lambda dev: False)   # cast x to fp32 first
+    out_cast, grads_cast, copies_cast = step()
+    assert out.dtype == torch.bfloat16 and torch.equal(out, out_cast)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_cast))
+    assert not copies and len(copies_cast) == 1

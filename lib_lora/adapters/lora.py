@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..autocast import autocasting
 from .base import Adapter, AdapterError, shape_fits
 
 
@@ -88,7 +89,12 @@ class LoRAModule(torch.nn.Module):
         return self.alpha / self.rank
 
     def _rank_activations(self, x: Tensor) -> Tensor:
-        h = self.down(x.to(self.down.weight.dtype))
+        # Under autocast the product takes x as it is: casting a half x to the fp32 LoRA weight
+        # first would copy the layer-wide input twice (to fp32, and back for the matmul) and
+        # keep the second copy for backward.  Outside autocast (fp32 training) no cast is needed.
+        if x.dtype != self.down.weight.dtype and not autocasting(x.device.type):
+            x = x.to(self.down.weight.dtype)
+        h = self.down(x)
         if self.dropout > 0 and self.training:
             h = torch.nn.functional.dropout(h, self.dropout)  # kohya's network_dropout: on the rank dim
         # scaling the rank-wide tensor, not the layer-wide output, keeps a full-size mul out of

@@ -44,6 +44,7 @@ from torch.nn import functional as F
 
 from torch.utils.checkpoint import checkpoint
 
+from ..autocast import autocast_state
 from ..instance_forward import instance_forward
 
 # GEGLU classes whose forward is exactly ``a, gate = proj(x).chunk(2, -1); a * gelu(gate)``
@@ -189,18 +190,6 @@ def _plain(m: nn.Module, cls: type) -> bool:
             and getattr(m, "padding_mode", "zeros") == "zeros" and not isinstance(getattr(m, "padding", 0), str))
 
 
-_AUTOCAST_BY_DEVICE_TYPE = hasattr(torch, "get_autocast_dtype")   # torch >= 2.4
-
-
-def _autocast_state(dev: str) -> tuple[str, torch.dtype, bool]:
-    if _AUTOCAST_BY_DEVICE_TYPE:
-        return dev, torch.get_autocast_dtype(dev), torch.is_autocast_enabled(dev)
-    # the torch 2.1 that WebUI 1.10 installs has one function per device kind
-    if dev == "cpu":
-        return dev, torch.get_autocast_cpu_dtype(), torch.is_autocast_cpu_enabled()
-    return dev, torch.get_autocast_gpu_dtype(), torch.is_autocast_enabled()
-
-
 class _Rebuild:
     """Saved-tensor hooks that swap a registered output for (recipe, input) and rebuild it in backward.
 
@@ -215,7 +204,7 @@ class _Rebuild:
 
     def register(self, out: Tensor, fn: Callable[[Tensor], Tensor], src: Tensor) -> None:
         key = out.untyped_storage().data_ptr()
-        amp = _autocast_state(src.device.type)
+        amp = autocast_state(src.device.type)
         by_storage = self._by_storage
 
         def forget(r: weakref.ref, k: int = key) -> None:
