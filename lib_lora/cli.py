@@ -109,6 +109,7 @@ def _train_config(args: argparse.Namespace):
                        max_grad_norm=args.max_grad_norm, seed=args.seed, min_snr_gamma=args.min_snr_gamma,
                        noise_offset=args.noise_offset, mixed_precision=args.mixed_precision,
                        gradient_checkpointing=args.gradient_checkpointing,
+                       lean_frozen_layers={"auto": None, "on": True, "off": False}[args.lean_frozen_layers],
                        cache_latents_to_disk=args.cache_latents_to_disk,
                        cache_latents=not args.no_cache_latents, training_comment=args.training_comment)
 
@@ -241,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-cache-latents", action="store_true")
     sp.add_argument("--cache-latents-to-disk", action="store_true", help="keep latents next to the images for reuse")
     sp.add_argument("--gradient-checkpointing", action="store_true")
+    sp.add_argument("--lean-frozen-layers", default="auto", choices=["auto", "on", "off"],
+                    help="frozen layers keep less for backward: less memory; auto = on CPU only (they slow a GPU step)")
     sp.add_argument("--save-precision", default="fp16", choices=["fp16", "bf16", "fp32"])
     sp.add_argument("--save-every-n-steps", type=int, default=0)
     sp.add_argument("--save-every-n-epochs", type=int, default=0)

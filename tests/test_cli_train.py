@@ -100,3 +100,13 @@ def test_two_processes_equal_one_with_double_batch(setup, tmp_path):
     for k in a:
         assert (b[k] - a[k]).abs().max().item() < lr, k
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in a.items() if "lora_up" in k)
+
+
+def test_memory_options_reach_the_config(setup, tmp_path):
+    from lib_lora.cli import _train_config, build_parser
+    ckpt, data = setup
+    for extra, want in (((), (None, False)),
+                        (("--lean-frozen-layers", "off", "--gradient-checkpointing"), (False, True)),
+                        (("--lean-frozen-layers", "on"), (True, False))):
+        cfg = _train_config(build_parser().parse_args(args(ckpt, data, tmp_path / "o.safetensors", *extra)))
+        assert (cfg.lean_frozen_layers, cfg.gradient_checkpointing) == want

@@ -603,10 +603,18 @@ def test_presets_and_form_round_trip(data, tmp_path):
         cfg = jobs.build_request(req, tmp_path).config
         assert (cfg.network.rank, cfg.network.alpha, cfg.optimizer, cfg.lr_scheduler) == (32, 16, "AdamW", "cosine")
         assert cfg.output_dir == tmp_path and cfg.output_name == "mine" and cfg.max_train_epochs == 10
+        assert (cfg.gradient_checkpointing, cfg.lean_frozen_layers) == (False, None)   # None: on CPU only
+        assert values["lean_frozen_layers"] == "auto"
         if preset == "sd15":
             assert (cfg.dataset.resolution, cfg.network.train_text_encoder, cfg.text_encoder_lr) == (512, True, 5e-5)
         else:
             assert (cfg.dataset.resolution, cfg.network.train_text_encoder, cfg.text_encoder_lr) == (1024, False, None)
+    for choice, lean in (("on", True), ("off", False)):
+        values = dict(ui.preset_values("sd15"), output_name="mine", lean_frozen_layers=choice,
+                      gradient_checkpointing=True, **{"dataset.train_dir": str(data)})
+        cfg = jobs.build_request(ui.form_to_request(values), tmp_path).config
+        assert (cfg.lean_frozen_layers, cfg.gradient_checkpointing) == (lean, True)
+        assert ui.to_form("lean_frozen_layers", lean) == choice
     assert jobs.build_request({"output_name": "x", "dataset": {"train_dir": str(data)}}, tmp_path,
                               family="sdxl").preset == "sdxl"
     # a length given in steps is the length: the preset's 10 epochs do not override it

@@ -31,8 +31,11 @@ SCHEDULERS = ["constant", "constant_with_warmup", "cosine", "linear"]
 PRECISIONS = ["auto", "no", "fp16", "bf16"]
 SAVE_PRECISIONS = ["fp16", "bf16", "fp32"]
 
+AUTO_ON_OFF = {"auto": None, "on": True, "off": False}
+
 # (request key, label, kind, extra); kinds: text, textarea, int, float, opt_int/opt_float (0 = not set),
-# bool, choice.  Keys with a dot go into the "dataset"/"network" objects of the request.
+# bool, choice, auto_bool (auto/on/off = None/True/False).  Keys with a dot go into the
+# "dataset"/"network" objects of the request.
 SECTIONS: list[tuple[str, bool, list[tuple[str, str, str, dict]]]] = [
     ("Dataset", True, [
         ("dataset.train_dir", "Dataset folder", "text",
@@ -92,6 +95,9 @@ SECTIONS: list[tuple[str, bool, list[tuple[str, str, str, dict]]]] = [
         ("noise_offset", "Noise offset", "float", {}),
         ("cache_latents", "Cache latents", "bool", {}),
         ("cache_text_encoder_outputs", "Cache text encoder outputs (frozen TE, fixed captions)", "bool", {}),
+        ("gradient_checkpointing", "Gradient checkpointing (less memory, about 30% slower)", "bool", {}),
+        ("lean_frozen_layers", "Lean frozen layers (less memory; auto: on CPU only, as they slow a GPU step)",
+         "auto_bool", {}),
         ("dataset.bucket_reso_steps", "Bucket step", "int", {}),
         ("dataset.bucket_no_upscale", "Never upscale into a bucket", "bool", {}),
     ]),
@@ -133,6 +139,8 @@ def to_form(key: str, value: Any) -> Any:
         return "\n".join(value) if isinstance(value, (list, tuple)) else (value or "")
     if kind == "text":
         return "" if value is None else str(value)
+    if kind == "auto_bool":
+        return next(k for k, v in AUTO_ON_OFF.items() if v is value)
     return value
 
 
@@ -155,6 +163,8 @@ def form_to_request(values: dict[str, Any], preset: str | None = None) -> dict[s
                 value = None
         elif kind == "textarea":
             value = [line.strip() for line in (value or "").splitlines() if line.strip()]
+        elif kind == "auto_bool":
+            value = AUTO_ON_OFF[value or "auto"]
         section, _, name = key.rpartition(".")
         (req[section] if section else req)[name] = value
     return req
@@ -330,6 +340,8 @@ def create_tab(runner: JobRunner) -> list:
             return gr.Checkbox(label=label, value=bool(value), elem_id=eid)
         if kind == "choice":
             return gr.Dropdown(label=label, choices=extra["choices"], value=value, elem_id=eid)
+        if kind == "auto_bool":
+            return gr.Radio(label=label, choices=list(AUTO_ON_OFF), value=value, elem_id=eid)
         if kind in ("int", "opt_int"):
             return gr.Number(label=label, value=value, precision=0, elem_id=eid)
         if kind in ("float", "opt_float"):
