@@ -76,6 +76,18 @@ def _amp(args):
     return torch.autocast("cuda", dtype=_weights(args), enabled=on)
 
 
+def _sd1(args):
+    """SD1.5's UNet (and CLIP-L) in the held dtype; at another ``--width`` the same layers, narrower."""
+    import torch
+    from lib_lora.architectures import SD1_UNET, Parts, build
+    if args["width"] == SD1_UNET["model_channels"]:
+        return build("sd1", device=args["device"], dtype=_weights(args))
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
+    with torch.device(args["device"]):
+        unet = UNetModel(**{**SD1_UNET, "model_channels": args["width"]})
+    return Parts("sd1", unet.to(_weights(args)), [])   # the text encoder is frozen and cached anyway
+
+
 def _cuda_mark(args) -> int:
     """Start a peak-memory window on CUDA; the bytes allocated now are its floor."""
     import torch
@@ -121,7 +133,6 @@ def run_ours(args, q):
     import torch
     from PIL import Image
     torch.set_num_threads(args["threads"])
-    from lib_lora.architectures import build
     from lib_lora.attention import sdpa_attention
     from lib_lora.training.dataset import DatasetConfig
     from lib_lora.training.model import Conditioning, TrainableModel
@@ -134,7 +145,7 @@ def run_ours(args, q):
     for i in range(2 * args["batch"]):   # two steps per epoch
         Image.fromarray(np.random.default_rng(i).integers(0, 255, (side, side, 3), dtype=np.uint8)).save(
             root / "data" / "1_bench" / f"{i}.png")
-    parts = build("sd1", device=dev, dtype=dtype)
+    parts = _sd1(args)
     parts.unet.dtype = dtype    # ldm's use_fp16, as the WebUI sets it for a half model
     ctx = _inputs(args)[2][:1]
     proj = torch.nn.Conv2d(3, 4, 8, stride=8).to(dev, dtype)  # stands in for the VAE: latents are cached after epoch 1
@@ -171,7 +182,9 @@ def run_reference(args, q):
     from peft import LoraConfig
 
     with torch.device(args["device"]):
-        unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8)
+        w = args["width"]
+        unet = UNet2DConditionModel(block_out_channels=(w, 2 * w, 4 * w, 4 * w), cross_attention_dim=768,
+                                    attention_head_dim=8)
     unet.requires_grad_(False)
     if _weights(args) != torch.float32:
         unet.to(dtype=_weights(args))
@@ -205,10 +218,9 @@ def run_bare(args, q):
     sys.path.insert(0, str(ROOT))
     import torch
     torch.set_num_threads(args["threads"])
-    from lib_lora.architectures import build
     from lib_lora.attention import sdpa_attention
 
-    unet = build("sd1", device=args["device"], dtype=_weights(args)).unet
+    unet = _sd1(args).unet
     unet.dtype = _weights(args)
     unet.requires_grad_(False)
     attention = sdpa_attention(unet)  # keep a reference: a dropped context manager exits at once
@@ -250,6 +262,9 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--width", type=int, default=320,
+                    help="UNet base channels; e.g. --width 32 --latent 8 --threads 1 keeps SD1.5's layers but makes "
+                         "the step bound by per-op overhead on CPU, as a GPU step at SD sizes is")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--precision", default=None, choices=("fp32", "fp16", "bf16"),
                     help="weights and autocast type (default: fp32 on CPU, fp16 on CUDA)")
@@ -282,7 +297,8 @@ def main() -> None:
                      "faults": statistics.median(r["faults"] for r in runs), "peak_mb": m["peak_mb"],
                      "pinned_step_s": m["step_s"], "pinned_faults": m["faults"], "trainable": runs[0]["trainable"]}
         print(name, json.dumps(res[name]), flush=True)
-    where = f"{args['device']} {args['precision']}" + ("" if cuda else f", {args['threads']} threads")
+    where = f"{args['device']} {args['precision']}" + ("" if cuda else f", {args['threads']} threads") + \
+        ("" if args["width"] == 320 else f", width {args['width']}")
     print(f"\nSD1.5 layout, latent {args['latent']}x{args['latent']}, batch {args['batch']}, rank {args['rank']}, "
           f"{where}; s/step: median of {rounds} runs (each the median of {args['steps'] - 1} "
           f"steps after the first)")
