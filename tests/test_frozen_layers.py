@@ -270,3 +270,23 @@ def test_autocast_state_with_the_torch_2_1_functions(monkeypatch):
         assert amp.autocast_state("cpu") == ("cpu", torch.bfloat16, True)
         assert amp.autocasting("cpu") and not amp.autocasting("cuda") and not amp.autocasting("meta")
     assert amp.autocast_state("cpu")[2] is False and not amp.autocasting("cpu")
+
+
+def test_linears_are_wrapped_where_they_change_something(monkeypatch):
+    """This torch's linear keeps no input when its weight is frozen, so off CPU (where the
+    weight-left product is the only other reason) frozen linears keep their own forward."""
+    lin = nn.Linear(64, 32).requires_grad_(False)
+    x = torch.randn(5, 64, requires_grad=True)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        lin(x)
+    keeps_input = any(t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for t in kept)
+    assert frozen_layers_module._autograd_keeps_linear_input() is keeps_input is False
+    with frozen_layers(lin) as n:
+        assert n == 1                                   # CPU: the weight-left products
+    off_cpu = nn.Linear(64, 32, device="meta").requires_grad_(False)
+    with frozen_layers(off_cpu) as n:
+        assert n == 0
+    monkeypatch.setattr(frozen_layers_module, "_autograd_keeps_linear_input", lambda: True)  # an older torch
+    with frozen_layers(off_cpu) as n:
+        assert n == 1

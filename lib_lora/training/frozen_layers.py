@@ -1,10 +1,12 @@
 """Frozen convolutions and linears that keep less for backward, and skip oneDNN where it is slow.
 
 A LoRA step needs the gradient *through* every frozen layer but never the gradient *of* its
-weight.  Autograd's conv/linear still keep each layer's input for a weight gradient nobody
-asks for; ``frozen_layers`` gives the frozen ``Conv2d``/``Linear`` instances under a model a
-forward whose backward keeps only the weight (a Parameter, so keeping it is free).  In an
-SD UNet that frees the input of every resnet convolution: the largest activations of the step.
+weight.  Autograd's convolution still keeps each layer's input for a weight gradient nobody
+asks for; ``frozen_layers`` gives the frozen ``Conv2d`` instances under a model a forward
+whose backward keeps only the weight (a Parameter, so keeping it is free).  In an SD UNet
+that frees the input of every resnet convolution: the largest activations of the step.
+Current torch's linear already keeps no input when its weight is frozen; where a torch does
+(checked once, ``_autograd_keeps_linear_input``), frozen ``Linear`` layers get the same treatment.
 A LoRA beside a layer still keeps the same input for its own weight gradient, so nothing
 is recomputed and gradients are exactly autograd's.
 
@@ -35,7 +37,7 @@ from __future__ import annotations
 
 import weakref
 from contextlib import ExitStack, contextmanager
-from functools import partial
+from functools import lru_cache, partial
 from typing import Callable, Iterator
 
 import torch
@@ -108,6 +110,16 @@ class _FrozenConv2d(torch.autograd.Function):
 def _weight_left(x: Tensor) -> bool:
     """A CPU product of at most 64 rows (SD's 8x8 and 4x4 levels at batch 1) against a frozen weight."""
     return x.device.type == "cpu" and x.numel() <= 64 * x.shape[-1]
+
+
+@lru_cache(maxsize=None)
+def _autograd_keeps_linear_input() -> bool:
+    """Whether this torch's linear keeps its input for backward when only that input needs a gradient."""
+    x = torch.zeros(3, 2, requires_grad=True)
+    kept: list[Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        F.linear(x, torch.zeros(2, 2))
+    return any(t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for t in kept)
 
 
 class _FrozenLinear(torch.autograd.Function):
@@ -273,7 +285,10 @@ def frozen_layers(*roots: nn.Module) -> Iterator[int]:
     """Lean forwards for the frozen layers under ``roots`` (see the module docstring); yields how many."""
     mods = [m for r in roots for m in r.modules()]
     convs = [m for m in mods if _plain(m, nn.Conv2d)]
-    linears = [m for m in mods if _plain(m, nn.Linear)]
+    # elsewhere than on CPU (the weight-left products) a frozen linear only needs us where autograd
+    # would keep its input: otherwise the wrapper is per-op overhead and nothing else
+    linears = [m for m in mods if _plain(m, nn.Linear)
+               and (m.weight.device.type == "cpu" or _autograd_keeps_linear_input())]
     heads = [m for m in mods if _norm_act_head(m)]
     gegl = [m for m in mods if type(m).__name__ == "GEGLU" and type(m).__module__ in _GEGLU_MODULES]
     norms = [m for m in mods if _plain(m, nn.LayerNorm) and bool((m.weight != 0).all())]
