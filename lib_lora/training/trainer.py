@@ -63,7 +63,7 @@ class TrainConfig:
     noise_offset: float = 0.0
     mixed_precision: str = "no"         # no, fp16, bf16 (GPU only)
     gradient_checkpointing: bool = False  # recompute UNet blocks in backward: less memory, ~30% slower
-    # frozen convs/linears keep only their weight for backward (frozen_layers.py).  None: on CPU
+    # frozen layers keep less for backward (frozen_layers.py).  None: on CPU
     # only, where they are leaner and faster; a GPU step at SD sizes is bound by Python overhead,
     # which they add to (H200, SD1.5 fp16 at 512px, batch 4: 0.73x the memory for 1.55x the time)
     lean_frozen_layers: bool | None = None
