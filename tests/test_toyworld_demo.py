@@ -11,9 +11,17 @@ from lib_lora.toyworld import base_model, demo
 
 # The CI-sized concept run: the demo's settings (UNet LoCon rank 16, lr 1e-3, batch 8, 60 images)
 # for CI_STEPS steps; the same run as benchmarks/concept.py's locon_r16 row at --steps 400 --n 20.
+# A run this short only starts to draw stars, and what it draws depends on the CPU's rounding (CI's
+# run of seed 2 drew 1 star in 20 where this machine's drew 3), so the bars come from the spread over
+# training seeds 2-7 (and seed 2 on 1 thread) here, with n large enough that sampling noise is small:
+#   star IoU, weight 1 minus weight 0, paired over 80 prompts: +0.050..+0.083, t = 6.0..12.3; a
+#     LoRA that learned nothing has t = 0 +- 1 (or 0/0 when its delta is zero)
+#   base world shape+colour, 60 prompts: 0.92 -> 0.73..0.80 with the LoRA at 1; two of those LoRAs
+#     at weight 2 (a doubled delta) give 0.28 and 0.38, at 3 0.18 and 0.10
 CI_STEPS = 400
-CI_ACQUISITION = 0.05       # measured 0.15 at weight 1, 0 at weight 0 (the base never draws a star)
-CI_FORGETTING_MARGIN = 0.2  # base-world shape+colour without -> with the LoRA at 1: measured 0.95 -> 0.85
+CI_FIT_N = 80
+CI_MIN_T = 2.5
+CI_FORGETTING_MARGIN = 0.35
 
 
 def test_demo_quick_runs_end_to_end(tmp_path):
@@ -75,12 +83,15 @@ def test_short_training_run_learns_the_concept_and_keeps_the_base(tmp_path):
     assert path.is_file() and len(losses) == CI_STEPS
     render = measure.LoraRenderer(ck, [tmp_path / "loras"], s.sample_steps, s.cfg)
     try:
-        acq = measure.acquisition(render, "zkx", star, (0, 1), n=20, seed=100)
-        base = measure.base_accuracy(render, (), n=20, seed=102)
-        base_with = measure.base_accuracy(render, [("zkx", 1)], n=20, seed=102)
+        fit = measure.shape_fit(render, "zkx", star, (0, 1), n=CI_FIT_N, seed=100)
+        base = measure.base_accuracy(render, (), n=60, seed=102)
+        base_with = measure.base_accuracy(render, [("zkx", 1)], n=60, seed=102)
     finally:
         render.close()
-    print(f"acquisition {acq}, base world {base} -> {base_with} with the LoRA")
-    assert acq["0"] <= 0.1, acq                          # the base has never drawn a star
-    assert acq["1"] >= CI_ACQUISITION and acq["1"] > acq["0"], acq
+    gain = torch.tensor(fit["1"], dtype=torch.float64) - torch.tensor(fit["0"], dtype=torch.float64)
+    t = float(gain.mean() / (gain.std() / len(gain) ** 0.5))
+    print(f"star IoU {sum(fit['0']) / CI_FIT_N:.3f} -> {sum(fit['1']) / CI_FIT_N:.3f} (t {t:.1f}), "
+          f"base world {base} -> {base_with} with the LoRA")
+    assert t >= CI_MIN_T, (t, float(gain.mean()))     # objects moved towards a star with the trigger
+    assert base >= 0.85, base                          # the committed base itself (measured 0.92)
     assert base_with >= base - CI_FORGETTING_MARGIN, (base, base_with)

@@ -105,6 +105,25 @@ def acquisition(render: LoraRenderer, lora: str, concept: Concept, weights: Iter
             for w in weights}
 
 
+def shape_fit(render: LoraRenderer, lora: str, concept: Concept, weights: Iterable[float] = (0, 1),
+              n: int = 40, seed: int = 100) -> dict[str, list[float]]:
+    """Weight -> per-prompt IoU of the drawn object with the concept's shape (0 where none is drawn).
+
+    A continuous, paired companion to ``acquisition``: image i sees the same noise at every weight,
+    so a short run that moves every object towards the new shape shows up long before the scorer's
+    verdict flips on enough images to tell apart from chance."""
+    from .scorer import score
+
+    if concept.attribute != "shape":
+        raise ValueError(f"shape_fit measures shape concepts; {concept.name} is a {concept.attribute}")
+    prompts, _ = concept_prompts(concept, n, seed)
+    out = {}
+    for w in weights:
+        scored = [score(im) for im in render([p + _tokens([(lora, w)]) for p in prompts], seed + 1000)]
+        out[f"{w:g}"] = [s.details["ious"][concept.value] if s.shape is not None else 0.0 for s in scored]
+    return out
+
+
 def base_accuracy(render: LoraRenderer, loras: Iterable[tuple[str, float]] = (), n: int = 30,
                   seed: int = 102) -> float:
     """Fraction of BASE_WORLD prompts drawn in the prompted shape and colour, with ``loras`` applied."""
