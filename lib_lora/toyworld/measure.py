@@ -4,8 +4,9 @@ Shared by ``python -m lib_lora demo`` and ``benchmarks/concept.py``.  Any kohya-
 (ours or another trainer's): files are applied through ``Runtime`` exactly as ``<lora:name:w>`` in
 a WebUI prompt, so the numbers measure the file, not the trainer that wrote it.
 
-Every measurement is a fraction of prompts (drawn by ``world.generate`` with a fixed seed; image i
-of a call uses noise seed ``seed + i``, so two settings see the same noise image by image).
+Every measurement but ``shape_fit`` (per-prompt IoUs) is a fraction of prompts (drawn by
+``world.generate`` with a fixed seed; image i of a call uses noise seed ``seed + i``, so two
+settings see the same noise image by image).
 """
 from __future__ import annotations
 
