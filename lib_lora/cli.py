@@ -87,7 +87,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def _train_config(args: argparse.Namespace):
     from .training.dataset import DatasetConfig
     from .training.network import NetworkConfig
-    from .training.trainer import TrainConfig
+    from .training.trainer import AUTO_ON_OFF, TrainConfig
 
     out = Path(args.out)
     ds = DatasetConfig(args.dataset, reg_dir=args.reg_dir, resolution=args.resolution,
@@ -109,7 +109,7 @@ def _train_config(args: argparse.Namespace):
                        max_grad_norm=args.max_grad_norm, seed=args.seed, min_snr_gamma=args.min_snr_gamma,
                        noise_offset=args.noise_offset, mixed_precision=args.mixed_precision,
                        gradient_checkpointing=args.gradient_checkpointing,
-                       lean_frozen_layers={"auto": None, "on": True, "off": False}[args.lean_frozen_layers],
+                       lean_frozen_layers=AUTO_ON_OFF[args.lean_frozen_layers],
                        cache_latents_to_disk=args.cache_latents_to_disk,
                        cache_latents=not args.no_cache_latents, training_comment=args.training_comment)
 

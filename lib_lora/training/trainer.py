@@ -34,6 +34,10 @@ from .state import load_state, save_state
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "float": torch.float32}
 
 
+# how the tab and the CLI spell a ``bool | None`` option such as ``lean_frozen_layers``
+AUTO_ON_OFF: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
+
+
 @dataclass
 class TrainConfig:
     dataset: DatasetConfig

@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 from .dataset import DatasetConfig, DatasetError
 from .jobs import PRESET_LABELS, PRESETS, STATE_SUFFIX, JobError, JobRunner, format_seconds, preset_for_family
 from .network import NetworkConfig
-from .trainer import TrainConfig
+from .trainer import AUTO_ON_OFF, TrainConfig
 
 TAB_TITLE = "LoRA Workshop"
 TAB_ID = "lora_workshop"          # the WebUI wraps it as #tab_lora_workshop
@@ -30,8 +30,6 @@ OPTIMIZERS = ["AdamW", "AdamW8bit", "Lion", "Prodigy"]
 SCHEDULERS = ["constant", "constant_with_warmup", "cosine", "linear"]
 PRECISIONS = ["auto", "no", "fp16", "bf16"]
 SAVE_PRECISIONS = ["fp16", "bf16", "fp32"]
-
-AUTO_ON_OFF = {"auto": None, "on": True, "off": False}
 
 # (request key, label, kind, extra); kinds: text, textarea, int, float, opt_int/opt_float (0 = not set),
 # bool, choice, auto_bool (auto/on/off = None/True/False).  Keys with a dot go into the
