@@ -152,14 +152,14 @@ def add_training_routes(app: FastAPI, runner: Callable[[], Any], *, dependencies
 
     def train(body: dict = Body(...)) -> dict[str, Any]:
         try:
-            job = runner().start(body)
+            job = runner().start(body, remote=True)
         except (JobError, DatasetError) as e:
             raise fail(e) from None
         return {"id": job.id, "name": job.name, "state": job.state, "total": job.total}
 
     def validate(body: dict = Body(...)) -> dict[str, Any]:
         try:
-            summary, problems = runner().validate(body)
+            summary, problems = runner().validate(body, remote=True)
         except (JobError, DatasetError) as e:
             raise fail(e) from None
         return {"summary": summary, "problems": [p.to_dict() for p in problems]}

@@ -12,6 +12,7 @@ from .fileio import LoraFileError
 from .hashes import file_hashes
 from .network import load_network
 from .service import tag_frequency
+from .training.options import OptionError
 
 _SUMMARY_KEYS = ("ss_output_name", "ss_sd_model_name", "ss_base_model_version", "ss_network_module",
                  "ss_network_dim", "ss_network_alpha", "ss_network_args", "ss_resolution", "ss_num_train_images",
@@ -84,12 +85,21 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+# option fields whose command-line flag has another name (kohya's)
+_CLI_NAMES = {"rank": "network_dim", "alpha": "network_alpha", "conv_rank": "conv_dim", "dropout": "network_dropout",
+              "output_name": "out", "overwrite": "force", "train_dir": "dataset"}
+
+
 def _train_config(args: argparse.Namespace):
     from .training.dataset import DatasetConfig
+    from .training.jobs import check_output_name
     from .training.network import NetworkConfig
     from .training.trainer import AUTO_ON_OFF, TrainConfig
 
     out = Path(args.out)
+    if out.suffix.lower() != ".safetensors":
+        raise OptionError("out", f"{args.out!r}: LoRAs are written as .safetensors; name the file NAME.safetensors")
+    check_output_name(out.stem, "out")
     ds = DatasetConfig(args.dataset, reg_dir=args.reg_dir, resolution=args.resolution,
                        enable_buckets=not args.no_buckets, min_bucket_reso=args.min_bucket_reso,
                        max_bucket_reso=args.max_bucket_reso, bucket_no_upscale=args.bucket_no_upscale,
@@ -150,7 +160,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     trainer.cb.on_progress = _Bar(trainer.is_main)
     if trainer.is_main:
         trainer.cb.log = lambda s: print(s, file=sys.stderr)
-    summary = trainer.prepare()
+    summary = trainer.prepare(args.resume)
     if trainer.is_main:
         print(f"dataset: {summary['train_images']} images, {summary['steps_per_epoch']} steps/epoch, "
               f"{trainer.total_steps()} steps, processes {trainer.world}", file=sys.stderr)
@@ -282,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except OptionError as e:
+        print(f"error: --{_CLI_NAMES.get(e.option, e.option).replace('_', '-')}: {e.detail}", file=sys.stderr)
+        return 2
     except (LoraFileError, FileExistsError, FileNotFoundError, IsADirectoryError, PermissionError,
             DatasetError, ArchitectureError) as e:
         print(f"error: {e}", file=sys.stderr)

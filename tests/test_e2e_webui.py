@@ -409,7 +409,8 @@ def test_training_job_on_the_loaded_model(server, tmp_path):
     """Train through the API on the loaded checkpoint; the file appears as a card; generation is unchanged."""
     from PIL import Image
 
-    data = tmp_path / "dataset" / "2_e2etrig"
+    # API requests may read datasets only below the WebUI's data folder (or folders listed in the settings)
+    data = server.log.parent / "datasets" / "e2e" / "2_e2etrig"
     data.mkdir(parents=True)
     for i in range(2):
         Image.new("RGB", (64, 64), (200, 30 * i, 40)).save(data / f"{i}.png")
@@ -422,6 +423,8 @@ def test_training_job_on_the_loaded_model(server, tmp_path):
             # one sample at step 3: rendered by the WebUI's own processing with the training LoRA attached
             "sample_every_n_steps": 3, "sample_prompts": ["e2etrig, red square --s 2 --d 5"]}
     assert server.request("POST", "/lora-workshop/v1/train", {**body, "output_name": "../x"})[0] == 400
+    outside = {**body, "dataset": {**body["dataset"], "train_dir": str(tmp_path)}}
+    assert server.request("POST", "/lora-workshop/v1/train/validate", outside)[0] == 400
     status, job = server.request("POST", "/lora-workshop/v1/train", body)
     assert status == 200, job
     assert server.request("POST", "/lora-workshop/v1/train", {**body, "output_name": "other"})[0] == 409

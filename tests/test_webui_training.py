@@ -191,8 +191,10 @@ class WebUI:
 
 
 @pytest.fixture
-def webui(tmp_path, monkeypatch, sd_model):
+def webui(tmp_path, tmp_path_factory, monkeypatch, sd_model):
     w = WebUI(tmp_path, monkeypatch, sd_model)
+    # the datasets of these tests live in pytest's temp folders, outside the WebUI's data folder
+    shared.opts.add_option(host.OPT_DATASET_ROOTS, OptionInfo(str(tmp_path_factory.getbasetemp())))
     yield w
     w.cleanup()
 

@@ -35,7 +35,9 @@ OPT_CACHE_MB = "lora_workshop_cache_mb"
 OPT_DEFAULT_WEIGHT = "lora_workshop_default_weight"
 OPT_RESTORE_AFTER = "lora_workshop_restore_after"
 OPT_SHOW_WARNINGS = "lora_workshop_show_warnings"
-DEFAULTS: dict[str, Any] = {OPT_CACHE_MB: 2048, OPT_DEFAULT_WEIGHT: 1.0, OPT_RESTORE_AFTER: False, OPT_SHOW_WARNINGS: True}
+OPT_DATASET_ROOTS = "lora_workshop_api_dataset_roots"
+DEFAULTS: dict[str, Any] = {OPT_CACHE_MB: 2048, OPT_DEFAULT_WEIGHT: 1.0, OPT_RESTORE_AFTER: False, OPT_SHOW_WARNINGS: True,
+                            OPT_DATASET_ROOTS: ""}
 
 NETWORK_NAME = "lora"
 NETWORK_ALIASES = ("lyco",)
@@ -369,6 +371,11 @@ class Workshop:
         except (TypeError, ValueError):
             return DEFAULTS[OPT_DEFAULT_WEIGHT]
 
+    def api_dataset_roots(self) -> list[Path]:
+        """Folders whose datasets API requests may read: the WebUI's data folder and the listed ones."""
+        listed = str(self.host.option(OPT_DATASET_ROOTS) or "")
+        return [Path(paths.data_path)] + [Path(x.strip()).expanduser() for x in listed.split(",") if x.strip()]
+
     def apply_cache_setting(self) -> None:
         self.library.set_cache_bytes(self._cache_bytes())
 
@@ -394,6 +401,10 @@ class Workshop:
         add(OPT_SHOW_WARNINGS, shared.OptionInfo(
             DEFAULTS[OPT_SHOW_WARNINGS], "Show LoRA warnings in the generation info", section=SECTION,
         ).info("they are always printed to the console"))
+        add(OPT_DATASET_ROOTS, shared.OptionInfo(
+            DEFAULTS[OPT_DATASET_ROOTS], "Dataset folders that training requests over the API may read",
+            section=SECTION,
+        ).info("comma-separated; the WebUI's data folder is always allowed; the tab is not limited"))
 
     # registry / page ----------------------------------------------------------------------------
     def claim(self) -> None:

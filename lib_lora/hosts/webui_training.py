@@ -288,6 +288,9 @@ class WebUITrainingHost(TrainingHost):
         family = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}.get(glue.model_family(sd_model) or "", "?")
         return f"Cannot train on {title}: {why}" if why else f"Trains on the loaded {family} model: {title}"
 
+    def dataset_roots(self) -> list[Path]:
+        return self.workshop.api_dataset_roots()
+
     def check(self) -> None:
         why = refusal(loaded_model())
         if why:

@@ -40,6 +40,8 @@ from ..library import TRAINING_STATE_SUFFIX as STATE_SUFFIX
 from .dataset import DatasetConfig, DatasetError, Problem, validate
 from .model import TrainableModel
 from .network import NetworkConfig
+from .options import OptionError
+from .outputs import check_output_name
 from .trainer import Callbacks, Progress, TrainConfig, Trainer
 
 STATES = ("queued", "validating", "running", "saving", "finished", "stopped", "failed")
@@ -136,6 +138,10 @@ class TrainingHost:
         """Where LoRA files are written (and where state files are looked up for resuming)."""
         raise NotImplementedError
 
+    def dataset_roots(self) -> list[Path] | None:
+        """The folders remote (API) requests may read datasets from; None: anywhere."""
+        return None
+
     def samples_dir(self, job: "Job") -> Path:
         return self.output_dir() / "samples" / job.name
 
@@ -166,7 +172,6 @@ class TrainingHost:
 
 _TOP_EXCLUDED = {"dataset", "network", "output_dir", "world_size"}
 _EXTRA_TOP = {"preset", "resume_from"}
-_BAD_NAME_CHARS = set('/\\:*?"<>|') | {chr(c) for c in range(32)}
 
 
 def _hints(cls) -> dict[str, Any]:
@@ -265,25 +270,14 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def check_output_name(name: Any) -> str:
-    """A file stem inside the LoRA folder: no folders, no '..', nothing a file system refuses."""
-    if not isinstance(name, str) or not name.strip():
-        raise RequestError("output_name is required (the LoRA's file name, without extension)")
-    name = name.strip()
-    if name.endswith(".safetensors"):
-        name = name[: -len(".safetensors")]
-    if ".." in name or any(c in _BAD_NAME_CHARS for c in name) or name.startswith(".") or name.endswith("."):
-        raise RequestError(f"output_name {name!r} is not a plain file name: no '/', '\\', '..', ':' "
-                           "or other special characters (files are always written to the LoRA folder)")
-    if name.endswith(".state"):
-        raise RequestError(f"output_name {name!r} must not end in '.state' (reserved for training state files)")
-    if len(name) > 200:
-        raise RequestError("output_name is too long (200 characters at most)")
-    return name
-
-
-def _dataset_dir(value: Any, where: str) -> Path:
+def _dataset_dir(value: Any, where: str, roots: list[Path] | None) -> Path:
+    if not isinstance(value, (str, Path)):
+        raise RequestError(f"{where}: expected a folder path, got {value!r}")
     path = Path(str(value)).expanduser()
+    if roots is not None and not _inside(path, roots):
+        # checked before existence, so a refusal says nothing about folders outside the roots
+        raise RequestError(f"{where}: {value} is outside the dataset folders this server may read "
+                           f"(add its parent folder to the setting that lists them)")
     if not path.is_dir():
         raise RequestError(f"{where}: dataset folder not found: {value}")
     return path
@@ -303,21 +297,19 @@ def resolve_state_file(value: Any, output_dir: Path) -> Path:
     return path
 
 
-def state_config(path: Path) -> dict:
-    """The TrainConfig (as a dict) stored in a training state file, read from its header only."""
-    from ..fileio import LoraFileError, read_header
-    from .state import STATE_FORMAT, _join
+def state_header(path: Path) -> dict:
+    """step, session and TrainConfig (as a dict) of a training state file, read from its header only."""
+    from ..fileio import LoraFileError
+    from .state import read_state_header
     try:
-        meta = read_header(path).metadata
+        return read_state_header(path)
     except (LoraFileError, OSError) as e:
-        raise RequestError(f"resume_from: cannot read {Path(path).name}: {e}") from None
-    if meta.get("format") != STATE_FORMAT:
-        raise RequestError(f"resume_from: {Path(path).name} is not a LoRA Workshop training state file")
-    tree = json.loads(meta["state"])
-    for k, v in tree.get("__dict__", []):
-        if k == "config":
-            return _join(v, {})
-    raise RequestError(f"resume_from: {Path(path).name} holds no training configuration")
+        raise RequestError(f"resume_from: cannot use {Path(path).name}: {e}") from None
+
+
+def _inside(path: Path, roots: list[Path]) -> bool:
+    real = path.resolve()
+    return any(real == r or r in real.parents for r in (Path(x).resolve() for x in roots))
 
 
 @dataclass
@@ -329,7 +321,8 @@ class JobRequest:
     preset: str = "sd15"
 
 
-def build_request(data: dict, output_dir: Path, family: str | None = None) -> JobRequest:
+def build_request(data: dict, output_dir: Path, family: str | None = None,
+                  dataset_roots: list[Path] | None = None) -> JobRequest:
     """A JSON request -> validated JobRequest.  Keys:
 
     ``output_name`` (required unless resuming), ``preset`` ("auto" | "sd15" | "sdxl"),
@@ -337,6 +330,7 @@ def build_request(data: dict, output_dir: Path, family: str | None = None) -> Jo
     any other TrainConfig field at the top level (``mixed_precision`` also takes "auto"),
     ``resume_from`` (a state file name in the LoRA folder: its stored settings are used, the
     request's keys override them).  ``output_dir`` cannot be chosen: it is the LoRA folder.
+    ``dataset_roots``, when given, are the only folders the dataset paths may lie in.
     """
     if not isinstance(data, dict):
         raise RequestError("the request body must be a JSON object")
@@ -346,16 +340,23 @@ def build_request(data: dict, output_dir: Path, family: str | None = None) -> Jo
         bad = sorted(unknown)[0]
         hint = " (output always goes to the LoRA folder; set output_name)" if bad == "output_dir" else ""
         raise RequestError(f"unknown option '{bad}'{hint}")
+    for part in ("dataset", "network"):
+        if part in data and not isinstance(data[part], dict):
+            raise RequestError(f"{part}: expected an object, got {type(data[part]).__name__}")
     resume = None
     if data.get("resume_from") not in (None, ""):
         resume = resolve_state_file(data["resume_from"], output_dir)
-        stored = state_config(resume)
+        stored = state_header(resume)["config"]
         base = {k: v for k, v in stored.items() if k not in _TOP_EXCLUDED}
-        base["dataset"] = dict(stored.get("dataset") or {})
-        base["network"] = dict(stored.get("network") or {})
+        for part in ("dataset", "network"):
+            if not isinstance(stored.get(part) or {}, dict):
+                raise RequestError(f"resume_from: {resume.name} holds a damaged {part} configuration")
+            base[part] = dict(stored.get(part) or {})
         preset = "resume"
     else:
         preset = data.get("preset") or "auto"
+        if not isinstance(preset, str):
+            raise RequestError(f"preset: expected one of auto, {', '.join(PRESETS)}, got {preset!r}")
         if preset == "auto":
             preset = preset_for_family(family)
         if preset not in PRESETS:
@@ -370,9 +371,9 @@ def build_request(data: dict, output_dir: Path, family: str | None = None) -> Jo
     ds_data = dict(merged.get("dataset") or {})
     if not ds_data.get("train_dir"):
         raise RequestError("dataset.train_dir is required: the folder holding '<repeats>_<trigger>' sub-folders")
-    ds_data["train_dir"] = str(_dataset_dir(ds_data["train_dir"], "dataset.train_dir"))
+    ds_data["train_dir"] = str(_dataset_dir(ds_data["train_dir"], "dataset.train_dir", dataset_roots))
     if ds_data.get("reg_dir") not in (None, ""):
-        ds_data["reg_dir"] = str(_dataset_dir(ds_data["reg_dir"], "dataset.reg_dir"))
+        ds_data["reg_dir"] = str(_dataset_dir(ds_data["reg_dir"], "dataset.reg_dir", dataset_roots))
     else:
         ds_data["reg_dir"] = None
     if isinstance(ds_data.get("resolution"), list):
@@ -381,14 +382,15 @@ def build_request(data: dict, output_dir: Path, family: str | None = None) -> Jo
     net_kwargs = _fields(NetworkConfig, dict(merged.get("network") or {}), "network")
 
     top = {k: v for k, v in merged.items() if k not in ("dataset", "network")}
-    name = check_output_name(top.get("output_name"))
+    try:
+        name = check_output_name(top.get("output_name"))
+    except OptionError as e:
+        raise RequestError(str(e)) from None
     top["output_name"] = name
     auto = top.get("mixed_precision", "auto") in ("auto", None, "")
     if auto:
         top["mixed_precision"] = "no"  # resolved from the model's dtype once it is built
     top_kwargs = _fields(TrainConfig, top, "", skip=_TOP_EXCLUDED)
-    if resume is not None:
-        top_kwargs["overwrite"] = True  # the run continues: its own files may be replaced
     try:
         dataset = DatasetConfig(**ds_kwargs)
         network = NetworkConfig(**net_kwargs)
@@ -633,23 +635,25 @@ class JobRunner:
             return list(self._jobs.values())
 
     # -- actions ------------------------------------------------------------------------------------
-    def request(self, data: dict) -> JobRequest:
-        return build_request(data, self.host.output_dir(), self.host.family())
+    def request(self, data: dict, remote: bool = False) -> JobRequest:
+        """``remote``: the request came over the API, so its dataset must lie in the host's dataset roots."""
+        roots = self.host.dataset_roots() if remote else None
+        return build_request(data, self.host.output_dir(), self.host.family(), roots)
 
-    def validate(self, data: dict) -> tuple[dict, list[Problem]]:
+    def validate(self, data: dict, remote: bool = False) -> tuple[dict, list[Problem]]:
         """Dataset summary and every problem found (nothing is started)."""
-        req = self.request(data)
+        req = self.request(data, remote)
         return validate(req.config.dataset, req.config.batch_size)
 
-    def start(self, data: dict | JobRequest) -> Job:
+    def start(self, data: dict | JobRequest, remote: bool = False) -> Job:
         """Validate (raising RequestError / DatasetError / JobConflict) and start in the background."""
         self._check_can_start()  # first: a running job or an unusable model is the answer whatever was asked
-        req = data if isinstance(data, JobRequest) else self.request(data)
+        req = data if isinstance(data, JobRequest) else self.request(data, remote)
         with self._lock:
             self._check_can_start()
             trainer = Trainer(None, req.config)  # the model is attached once the lock is held
             try:
-                summary = trainer.prepare()       # scans the dataset: DatasetError names the file
+                summary = trainer.prepare(req.resume_from)  # dataset (DatasetError names the file), output names
             except FileExistsError as e:
                 raise JobConflict(str(e)) from None
             job = Job(req, trainer, summary)

@@ -20,6 +20,7 @@ from torch.nn.utils import parametrize
 from ..adapters.lora import LoRAModule
 from ..modelmap import ModelMap, Target
 from ..network import Network, parse_state_dict
+from .options import integer, number
 
 _DIFFUSERS_UNET = re.compile(r"^lora_unet_(down_blocks|mid_block|up_blocks)_")
 
@@ -33,6 +34,13 @@ class NetworkConfig:
     dropout: float = 0.0
     train_unet: bool = True
     train_text_encoder: bool = True
+
+    def __post_init__(self) -> None:
+        integer("rank", self.rank, 1)
+        integer("conv_rank", self.conv_rank, 0)
+        number("alpha", self.alpha)
+        number("conv_alpha", self.conv_alpha)
+        number("dropout", self.dropout, maximum=0.999)
 
 
 def unet_block_kind(target: Target) -> str | None:

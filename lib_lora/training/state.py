@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..fileio import LoraFileError, load_safetensors, save_safetensors
+from ..fileio import LoraFileError, load_safetensors, read_header, save_safetensors
 
 STATE_FORMAT = "lora-workshop-train-state/1"
 
@@ -52,6 +52,48 @@ def save_state(path: Path, state: dict[str, Any], overwrite: bool = True) -> Pat
 
 def load_state(path: Path) -> dict[str, Any]:
     tensors, meta = load_safetensors(path)
+    return _parse(path, meta, tensors)
+
+
+# what a header alone can tell (no tensors): enough to resume a request and to know a run's own files
+_HEADER_KEYS = ("step", "session", "config")
+
+
+def read_state_header(path: Path) -> dict[str, Any]:
+    """``step``, ``session`` and ``config`` of a state file, from its header only.
+
+    A crafted or damaged file is refused with ``LoraFileError`` naming it.
+    """
+    meta = read_header(path).metadata
+    tree = _tree(path, meta)
+    try:
+        pairs = {k: v for k, v in tree["__dict__"] if k in _HEADER_KEYS}
+        out = {k: _join(v, {}) for k, v in pairs.items()}
+    except (KeyError, TypeError, ValueError, RecursionError):
+        raise LoraFileError(f"{Path(path).name}: damaged training state header") from None
+    if not isinstance(out.get("config"), dict):
+        raise LoraFileError(f"{Path(path).name}: the training state holds no training configuration")
+    return out
+
+
+def _tree(path: Path, meta: dict[str, str]) -> Any:
     if meta.get("format") != STATE_FORMAT:
         raise LoraFileError(f"{Path(path).name}: not a LoRA Workshop training state file")
-    return _join(json.loads(meta["state"]), tensors)
+    try:
+        tree = json.loads(meta["state"])
+    except (KeyError, ValueError, RecursionError):
+        raise LoraFileError(f"{Path(path).name}: the training state header is missing or not JSON") from None
+    if not isinstance(tree, dict) or not isinstance(tree.get("__dict__"), list):
+        raise LoraFileError(f"{Path(path).name}: the training state header is not a state record")
+    return tree
+
+
+def _parse(path: Path, meta: dict[str, str], tensors: dict[str, Tensor]) -> dict[str, Any]:
+    tree = _tree(path, meta)
+    try:
+        state = _join(tree, tensors)
+    except (KeyError, TypeError, ValueError, RecursionError):
+        raise LoraFileError(f"{Path(path).name}: damaged training state") from None
+    if not isinstance(state, dict):
+        raise LoraFileError(f"{Path(path).name}: the training state is not a state record")
+    return state

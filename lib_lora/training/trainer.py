@@ -9,6 +9,7 @@ restored, weights never written.
 """
 from __future__ import annotations
 
+import importlib
 import math
 import time
 import uuid
@@ -22,14 +23,15 @@ from torch import Tensor
 
 from ..fileio import LoraFileError, load_safetensors, save_safetensors
 from ..hashes import hashes_from_bytes
-from ..library import TRAINING_STATE_SUFFIX
 from .checkpointing import gradient_checkpointing
 from .frozen_layers import frozen_layers
 from .dataset import Batch, Dataset, DatasetConfig, Position, derive_rng, scan
 from .metadata import build_metadata
 from .model import Conditioning, TrainableModel
 from .network import NetworkConfig, TrainingNetwork
-from .state import load_state, save_state
+from . import outputs
+from .options import OptionError, check_optimizer, integer, number
+from .state import load_state, read_state_header, save_state
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "float": torch.float32}
 
@@ -56,7 +58,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     learning_rate: float = 1e-4         # UNet (and text encoder unless text_encoder_lr is set)
     text_encoder_lr: float | None = None
-    optimizer: str = "AdamW"            # AdamW, AdamW8bit, Lion, Prodigy
+    optimizer: str = "AdamW"            # options.OPTIMIZER_NAMES
     optimizer_args: dict = field(default_factory=dict)
     weight_decay: float = 0.01
     lr_scheduler: str = "constant"      # constant, constant_with_warmup, cosine, linear
@@ -81,14 +83,26 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.save_precision not in SAVE_DTYPES:
-            raise ValueError(f"save_precision must be one of {sorted(SAVE_DTYPES)}")
+            raise OptionError("save_precision", f"must be one of {', '.join(sorted(SAVE_DTYPES))}")
         if self.lr_scheduler not in ("constant", "constant_with_warmup", "cosine", "linear"):
-            raise ValueError(f"unknown lr_scheduler {self.lr_scheduler!r}")
+            raise OptionError("lr_scheduler", f"unknown scheduler {self.lr_scheduler!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ValueError(f"mixed_precision must be no, fp16 or bf16")
+            raise OptionError("mixed_precision", "must be no, fp16 or bf16")
         for name in ("batch_size", "gradient_accumulation_steps", "max_train_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
+            integer(name, getattr(self, name), 1)
+        if self.max_train_epochs is not None:
+            integer("max_train_epochs", self.max_train_epochs, 1)
+        for name in ("save_every_n_steps", "save_every_n_epochs", "save_last_k", "lr_warmup_steps",
+                     "sample_every_n_steps"):
+            integer(name, getattr(self, name), 0)
+        number("learning_rate", self.learning_rate, above=True)
+        if self.text_encoder_lr is not None:
+            number("text_encoder_lr", self.text_encoder_lr)
+        for name in ("weight_decay", "max_grad_norm", "noise_offset"):
+            number(name, getattr(self, name))
+        if self.min_snr_gamma is not None:
+            number("min_snr_gamma", self.min_snr_gamma, above=True)
+        check_optimizer(self.optimizer)
 
 
 @dataclass
@@ -133,21 +147,12 @@ def _grad_scaler(enabled: bool):
 def make_optimizer(name: str, groups: list[dict], cfg: TrainConfig) -> tuple[torch.optim.Optimizer, str]:
     """The optimiser and kohya's ``ss_optimizer`` description. Extra packages are never installed for you."""
     args = dict(cfg.optimizer_args)
-    lname = name.lower()
-    if lname == "adamw":
+    entry = check_optimizer(name)
+    if entry is None:
         opt = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, **args)
         return opt, "torch.optim.adamw.AdamW"
-    packages = {"adamw8bit": ("bitsandbytes", "bitsandbytes.optim", "AdamW8bit"),
-                "lion": ("lion-pytorch", "lion_pytorch", "Lion"),
-                "prodigy": ("prodigyopt", "prodigyopt", "Prodigy")}
-    if lname not in packages:
-        raise ValueError(f"unknown optimizer {name!r}: AdamW, AdamW8bit, Lion or Prodigy")
-    pip_name, module, cls = packages[lname]
-    try:
-        mod = __import__(module, fromlist=[cls])
-    except ImportError:
-        raise ValueError(f"optimizer {name} needs the '{pip_name}' package; install it yourself "
-                         f"(pip install {pip_name}) or choose AdamW") from None
+    _, module, cls = entry
+    mod = importlib.import_module(module)
     opt = getattr(mod, cls)(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, **args)
     return opt, f"{module}.{cls}"
 
@@ -201,17 +206,24 @@ class Trainer:
         """Stop after the current step; with ``save`` the network is written first."""
         self._stop = "save" if save else "stop"
 
-    def prepare(self) -> dict:
-        """Scan and validate the dataset (raises DatasetError with the file named) and the output."""
+    def prepare(self, resume_from: str | Path | None = None) -> dict:
+        """Scan and validate the dataset (raises DatasetError with the file named) and every output name.
+
+        Any file the run would write that exists already is refused (FileExistsError) unless
+        overwriting was asked for or, when resuming, the file belongs to the resumed run.
+        """
         self.dataset = scan(self.cfg.dataset, strict=True)
-        final = self.output_path()
-        if final.exists() and not self.cfg.overwrite:
-            raise FileExistsError(f"{final} already exists; choose another output name or allow overwriting")
+        owner = str(read_state_header(Path(resume_from))["session"]) if resume_from is not None else None
+        paths = outputs.planned(self.cfg, self.total_steps(),
+                                max(1, self.dataset.steps_per_epoch(self.global_batch)))
+        outputs.check_free(paths, self.cfg.overwrite, owner)
+        if self.is_main:
+            for p in outputs.sweep_temp(paths):
+                self.cb.log(f"removed {p.name}, left by an interrupted save")
         return self.dataset.summary(self.global_batch)
 
     def output_path(self, step: int | None = None) -> Path:
-        stem = self.cfg.output_name if step is None else f"{self.cfg.output_name}-{step:06d}"
-        return Path(self.cfg.output_dir) / f"{stem}.safetensors"
+        return outputs.output_path(self.cfg.output_dir, self.cfg.output_name, step)
 
     def total_steps(self) -> int:
         assert self.dataset is not None
@@ -223,7 +235,7 @@ class Trainer:
     # -- the run -----------------------------------------------------------------------
     def run(self, resume_from: str | Path | None = None) -> TrainResult:
         if self.dataset is None:
-            self.prepare()
+            self.prepare(resume_from)
         cfg, m = self.cfg, self.model
         if _dtype(m.unet) in (torch.float16, torch.bfloat16) and not (
                 m.device.type == "cuda" and cfg.mixed_precision != "no"):
@@ -456,10 +468,8 @@ class Trainer:
     # -- saving --------------------------------------------------------------------------
     def _due(self, step: int, per_epoch: int) -> bool:
         c = self.cfg
-        by_steps = c.save_every_n_steps and step % c.save_every_n_steps == 0
-        accum_per_epoch = max(1, math.ceil(per_epoch / c.gradient_accumulation_steps))
-        by_epochs = c.save_every_n_epochs and step % (accum_per_epoch * c.save_every_n_epochs) == 0
-        return bool(by_steps or by_epochs)
+        return outputs.save_due(step, per_epoch, c.save_every_n_steps, c.save_every_n_epochs,
+                                c.gradient_accumulation_steps)
 
     def _save(self, net, step, pos, losses, started, opt, sched, final: bool) -> Path:
         path = self.output_path(None if final else step)
@@ -484,20 +494,23 @@ class Trainer:
         h = hashes_from_bytes(st_save({k: v.contiguous() for k, v in tensors.items()},
                                       {k: v for k, v in meta.items() if k.startswith("ss_")}))
         meta["sshs_model_hash"], meta["sshs_legacy_hash"] = h["sshs_model_hash"], h["sshs_legacy_hash"]
-        out = save_safetensors(tensors, path, meta, overwrite=cfg.overwrite or not final)
+        # prepare() checked every name; a file that appeared since is replaced only if it is ours
+        out = save_safetensors(tensors, path, meta, overwrite=outputs.may_replace(path, cfg.overwrite, self.session_id))
         if cfg.save_state:
-            save_state(self.state_path(path), {
+            spath = self.state_path(path)
+            save_state(spath, {
                 "step": step, "position": pos.to_dict(), "losses": losses, "started": started,
                 "session": self.session_id, "fingerprint": self.dataset.fingerprint(),
                 "config": _jsonable(asdict(cfg)), "network": net.kohya_state_dict(torch.float32),
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
+                overwrite=outputs.may_replace(spath, cfg.overwrite, self.session_id))
         self.cb.log(f"saved {out}")
         if self.cb.on_saved:
             self.cb.on_saved(out)
 
     @staticmethod
     def state_path(lora_path: Path) -> Path:
-        return lora_path.with_name(lora_path.stem + TRAINING_STATE_SUFFIX)
+        return outputs.state_path(lora_path)
 
     def _prune(self, saved: list[Path]) -> None:
         k = self.cfg.save_last_k

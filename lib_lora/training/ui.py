@@ -20,13 +20,13 @@ from PIL import Image, ImageDraw, ImageFont
 from .dataset import DatasetConfig, DatasetError
 from .jobs import PRESET_LABELS, PRESETS, STATE_SUFFIX, JobError, JobRunner, format_seconds, preset_for_family
 from .network import NetworkConfig
+from .options import OPTIMIZER_NAMES
 from .trainer import AUTO_ON_OFF, TrainConfig
 
 TAB_TITLE = "LoRA Workshop"
 TAB_ID = "lora_workshop"          # the WebUI wraps it as #tab_lora_workshop
 POLL_ID = "lora_workshop_poll"    # the Refresh button the script clicks
 
-OPTIMIZERS = ["AdamW", "AdamW8bit", "Lion", "Prodigy"]
 SCHEDULERS = ["constant", "constant_with_warmup", "cosine", "linear"]
 PRECISIONS = ["auto", "no", "fp16", "bf16"]
 SAVE_PRECISIONS = ["fp16", "bf16", "fp32"]
@@ -60,7 +60,7 @@ SECTIONS: list[tuple[str, bool, list[tuple[str, str, str, dict]]]] = [
         ("network.train_text_encoder", "Train the text encoder(s)", "bool", {}),
     ]),
     ("Optimizer and schedule", False, [
-        ("optimizer", "Optimizer", "choice", {"choices": OPTIMIZERS}),
+        ("optimizer", "Optimizer", "choice", {"choices": OPTIMIZER_NAMES}),
         ("learning_rate", "Learning rate (UNet)", "float", {}),
         ("text_encoder_lr", "Text encoder learning rate (0 = same)", "opt_float", {}),
         ("lr_scheduler", "Scheduler", "choice", {"choices": SCHEDULERS}),
