@@ -113,6 +113,10 @@ def _tiny_checkpoint(folder: Path, lora_dir: Path) -> tuple[Path, Path]:
     vae.post_quant_conv = torch.nn.Conv2d(4, VAE["z_channels"], 1)
     te = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                       num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu"))
+    with torch.no_grad():
+        # a fresh final LayerNorm makes every embedding zero-mean, and the WebUI's "Original" emphasis
+        # rescales by the mean: 0/0 (NaN) where the sum rounds to exactly 0, as on one thread
+        te.text_model.final_layer_norm.bias.normal_(0, 0.5)
     sd = {}
     for prefix, module in (("model.diffusion_model.", unet), ("first_stage_model.", vae),
                            ("cond_stage_model.transformer.", te)):
