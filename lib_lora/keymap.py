@@ -34,6 +34,9 @@ _PROC_UNET = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.
 _PROC_TE = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 
 _KOHYA_PREFIX = re.compile(r"^(lora|lycoris)_(unet|te|te1|te2)_")
+# transformers 5 dropped CLIPTextModel's ``text_model`` level: its PEFT keys read ``encoder.layers...``
+_HF_TEXT_MODEL_CHILDREN = ("encoder.", "embeddings.", "final_layer_norm.")
+_KOHYA_TE_WITHOUT_TEXT_MODEL = re.compile(r"^(lora_te[12]?_)(?=(encoder|embeddings|final_layer_norm)_)")
 
 
 def split_key(key: str, dual_te: bool) -> tuple[str, str] | None:
@@ -49,6 +52,7 @@ def split_key(key: str, dual_te: bool) -> tuple[str, str] | None:
         module, role = key.split(".", 1)
         if m.group(1) == "lycoris":
             module = "lora_" + module[len("lycoris_"):]
+        module = _KOHYA_TE_WITHOUT_TEXT_MODEL.sub(r"\1text_model_", module)
         return module, _canonical_role(role)
     for root, comp in _DIFFUSERS_ROOTS:
         if key.startswith(root):
@@ -64,6 +68,8 @@ def split_key(key: str, dual_te: bool) -> tuple[str, str] | None:
         path = _processor_rename(path, _PROC_UNET)
         return "lora_unet_" + path.replace(".", "_"), role
     path = _processor_rename(path, _PROC_TE)
+    if path.startswith(_HF_TEXT_MODEL_CHILDREN):
+        path = "text_model." + path
     te = {"te": "te1" if dual_te else "te", "te2": "te2"}[comp]
     return f"lora_{te}_" + path.replace(".", "_"), role
 
