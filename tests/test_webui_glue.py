@@ -25,6 +25,7 @@ from modules import (call_queue, extensions, extra_networks, paths, paths_intern
                      script_callbacks, script_loading, scripts, sd_hijack, shared, ui_extra_networks)
 from modules.options import OptionInfo, Options  # noqa: E402
 
+from lib_lora import fileio  # noqa: E402
 from lib_lora.fileio import save_safetensors  # noqa: E402
 from lib_lora.hashes import addnet_hash_safetensors  # noqa: E402
 from lib_lora.hosts import webui as host  # noqa: E402
@@ -169,6 +170,7 @@ class WebUI:
         monkeypatch.setattr(shared, "sd_model", None)
         monkeypatch.setattr(extensions, "extensions", [extensions.Extension("lora-workshop", str(ROOT))])
         monkeypatch.setattr(host, "_workshop", None)
+        monkeypatch.setattr(fileio, "_torch_load", None)  # the script registers the WebUI's loader again
         monkeypatch.delitem(sys.modules, "networks", raising=False)
         extra_networks.initialize()
         ui_extra_networks.initialize()
@@ -606,6 +608,41 @@ def test_settings_registered_in_own_section(webui):
     assert not set(ours) & builtin_names
     shared.opts.set(host.OPT_CACHE_MB, 3)
     assert webui.workshop.library.cache_bytes == 3 << 20
+
+
+def test_pt_lora_loads_although_webui_replaced_torch_load(webui, model, sd1_map, monkeypatch, tmp_path):
+    """modules/safe.py's torch.load refuses what current torch saves; we read with its kept original."""
+    import pickle
+
+    from modules import safe
+
+    monkeypatch.setattr(torch, "load", safe.load)
+    tensors = fileio.load_safetensors(make_lora(tmp_path / "src.safetensors", sd1_map))[0]
+    torch.save(tensors, webui.lora_dir / "legacy.pt")
+    assert torch.load(webui.lora_dir / "legacy.pt") is None  # the WebUI's checker really refuses it
+    shared.sd_model = model
+    webui.load_script()
+    webui.start_ui()
+    w = sd1_map.get(UNET_KEY).module.weight
+    before = w.detach().clone()
+    p = webui.generate("<lora:legacy:1>")
+    assert not p.comments, p.comments
+    torch.testing.assert_close(w - before, lora_delta_from(tensors, UNET_KEY))
+
+    class Evil:
+        def __reduce__(self):
+            return (Path.touch, (tmp_path / "pwned",))
+
+    with open(webui.lora_dir / "evil.pt", "wb") as f:
+        pickle.dump({f"{UNET_KEY}.lora_down.weight": Evil()}, f)
+    webui.workshop.library.refresh()
+    p = webui.generate("<lora:evil:1>")
+    assert any("refused to load pickle file safely" in c for c in p.comments), p.comments
+    assert not (tmp_path / "pwned").exists()
+
+
+def lora_delta_from(sd: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+    return sd[f"{key}.lora_up.weight"] @ sd[f"{key}.lora_down.weight"] * (ALPHA / RANK)
 
 
 # -- model switching and host mapping -------------------------------------------------------------

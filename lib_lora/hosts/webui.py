@@ -24,7 +24,7 @@ import torch
 
 from modules import extra_networks, paths, shared, ui_extra_networks, ui_extra_networks_user_metadata
 
-from .. import families, service
+from .. import families, fileio, service
 from ..infotext import KEY as HASHES_KEY, format_hashes
 from ..library import Library
 from ..modelmap import ModelMap
@@ -174,6 +174,15 @@ class WebUIHost:
 
     def vae_decode(self, latents: Any) -> Any:
         raise NotImplementedError("VAE decoding for training is not implemented yet")
+
+
+def use_original_torch_load() -> None:
+    """.pt/.ckpt LoRAs: modules/safe.py replaces torch.load with a checker that refuses current torch's
+    zip files; fileio reads them with the original loader it keeps, always with weights_only=True."""
+    from modules import safe
+    original = getattr(safe, "unsafe_torch_load", None)
+    if callable(original):
+        fileio.use_torch_load(original)
 
 
 # -- the built-in Lora extension ---------------------------------------------------------------
@@ -342,6 +351,7 @@ class Workshop:
     """Library + Runtime + the WebUI objects, and what the script's callbacks do."""
 
     def __init__(self, host: WebUIHost | None = None):
+        use_original_torch_load()
         self.host = host or WebUIHost()
         dirs = self.host.lora_dirs()
         try:
