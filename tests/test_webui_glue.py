@@ -600,7 +600,8 @@ def test_settings_registered_in_own_section(webui):
     webui.load_script()
     script_callbacks.ui_settings_callback()
     ours = {k: v for k, v in shared.opts.data_labels.items() if k.startswith("lora_workshop_")}
-    assert set(ours) == {host.OPT_CACHE_MB, host.OPT_DEFAULT_WEIGHT, host.OPT_RESTORE_AFTER, host.OPT_SHOW_WARNINGS}
+    assert set(ours) == {host.OPT_CACHE_MB, host.OPT_DEFAULT_WEIGHT, host.OPT_RESTORE_AFTER, host.OPT_SHOW_WARNINGS,
+                         host.OPT_BUILTIN_DORA}
     assert all(v.section == ("lora_workshop", "LoRA Workshop") for v in ours.values())
     builtin_names = {"sd_lora", "lora_preferred_name", "lora_add_hashes_to_infotext", "lora_bundled_ti_to_infotext",
                      "lora_show_all", "lora_hide_unknown_for_versions", "lora_in_memory_limit",
@@ -643,6 +644,31 @@ def test_pt_lora_loads_although_webui_replaced_torch_load(webui, model, sd1_map,
 
 def lora_delta_from(sd: dict[str, torch.Tensor], key: str) -> torch.Tensor:
     return sd[f"{key}.lora_up.weight"] @ sd[f"{key}.lora_down.weight"] * (ALPHA / RANK)
+
+
+def test_builtin_compatible_dora_setting_reaches_the_merge(webui, model, sd1_map, tmp_path):
+    """The setting picks the built-in's DoRA formula: per input channel, the weight applied last."""
+    g = torch.Generator().manual_seed(5)
+    w0 = sd1_map.get(UNET_KEY).module.weight.detach().clone()
+    down, up = torch.randn(RANK, w0.shape[1], generator=g) * 0.1, torch.randn(w0.shape[0], RANK, generator=g) * 0.1
+    mag = torch.linalg.vector_norm(w0, dim=0, keepdim=True) * (1 + 0.3 * torch.rand(1, w0.shape[1], generator=g))
+    save_safetensors({f"{UNET_KEY}.lora_down.weight": down, f"{UNET_KEY}.lora_up.weight": up,
+                      f"{UNET_KEY}.alpha": torch.tensor(ALPHA), f"{UNET_KEY}.dora_scale": mag},
+                     webui.lora_dir / "dora.safetensors")
+    merged = w0 + up @ down * (ALPHA / RANK)
+    norm = torch.linalg.vector_norm(merged, dim=0, keepdim=True)
+    builtin = (merged * (mag / norm) - w0) * 0.5
+    lycoris = merged * (0.5 * (mag / norm - 1) + 1) - w0  # same orientation, weight inside the scale
+    shared.sd_model = model
+    webui.load_script()
+    script_callbacks.ui_settings_callback()
+    webui.start_ui()
+    w = sd1_map.get(UNET_KEY).module.weight
+    for on, ref in ((False, lycoris), (True, builtin), (False, lycoris)):
+        shared.opts.set(host.OPT_BUILTIN_DORA, on)
+        assert not webui.generate("<lora:dora:0.5>").comments
+        torch.testing.assert_close(w.detach() - w0, ref, rtol=1e-4, atol=1e-6)
+    assert (builtin - lycoris).abs().max() > 1e-3
 
 
 # -- model switching and host mapping -------------------------------------------------------------

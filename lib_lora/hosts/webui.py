@@ -35,7 +35,9 @@ OPT_CACHE_MB = "lora_workshop_cache_mb"
 OPT_DEFAULT_WEIGHT = "lora_workshop_default_weight"
 OPT_RESTORE_AFTER = "lora_workshop_restore_after"
 OPT_SHOW_WARNINGS = "lora_workshop_show_warnings"
-DEFAULTS: dict[str, Any] = {OPT_CACHE_MB: 2048, OPT_DEFAULT_WEIGHT: 1.0, OPT_RESTORE_AFTER: False, OPT_SHOW_WARNINGS: True}
+OPT_BUILTIN_DORA = "lora_workshop_builtin_dora"
+DEFAULTS: dict[str, Any] = {OPT_CACHE_MB: 2048, OPT_DEFAULT_WEIGHT: 1.0, OPT_RESTORE_AFTER: False, OPT_SHOW_WARNINGS: True,
+                            OPT_BUILTIN_DORA: False}
 
 NETWORK_NAME = "lora"
 NETWORK_ALIASES = ("lyco",)
@@ -404,6 +406,10 @@ class Workshop:
         add(OPT_SHOW_WARNINGS, shared.OptionInfo(
             DEFAULTS[OPT_SHOW_WARNINGS], "Show LoRA warnings in the generation info", section=SECTION,
         ).info("they are always printed to the console"))
+        add(OPT_BUILTIN_DORA, shared.OptionInfo(
+            DEFAULTS[OPT_BUILTIN_DORA], "Built-in-compatible DoRA", section=SECTION,
+        ).info("merge DoRA files the way the built-in Lora does, to reproduce its images; "
+               "off: LyCORIS's definition, which its trainers use"))
 
     # registry / page ----------------------------------------------------------------------------
     def claim(self) -> None:
@@ -472,6 +478,7 @@ class Workshop:
         if not requests and not messages and (patcher is None or not patcher.active):
             return ActivationResult()  # the common no-LoRA generation: nothing to build or restore
         self._check_builtin_idle()
+        self.runtime.dora_mode = "webui" if self.host.option(OPT_BUILTIN_DORA) else "lycoris"
         try:
             with _no_autocast():
                 self._sync_model()
