@@ -22,7 +22,7 @@ def family_from_metadata(meta: dict[str, str]) -> str | None:
 
 def family_from_keys(module_keys: set[str], shapes: dict[str, tuple[int, ...]]) -> str | None:
     """Guess from key spelling and layer widths; ``shapes`` maps 'module.role' to shape."""
-    if any(k.startswith(("lora_te1_", "lora_te2_")) for k in module_keys):
+    if any(k.startswith("lora_te2_") for k in module_keys):
         return "sdxl"
     if any(k.startswith(("lora_unet_input_blocks_", "lora_unet_output_blocks_", "lora_unet_middle_block_"))
            for k in module_keys):
@@ -33,6 +33,9 @@ def family_from_keys(module_keys: set[str], shapes: dict[str, tuple[int, ...]]) 
             width = shape[1] if role in ("lora_down.weight", "hada_w1_b", "diff") else None
             if width in _CONTEXT_DIMS:
                 return _CONTEXT_DIMS[width]
+    # te1 alone is weaker evidence: diffusers' convert_state_dict_to_kohya writes it for SD1 files too
+    if any(k.startswith("lora_te1_") for k in module_keys):
+        return "sdxl"
     return None
 
 

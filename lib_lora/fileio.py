@@ -14,7 +14,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -113,11 +113,26 @@ def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[s
     return out, h.metadata
 
 
+# torch.load as torch ships it, when a host has replaced ``torch.load`` (the WebUI's modules/safe.py
+# swaps in a checker that rejects current torch's zip layout and returns None instead of raising).
+_torch_load: Callable[..., Any] | None = None
+
+
+def use_torch_load(loader: Callable[..., Any] | None) -> None:
+    """Read pickles with ``loader`` (the host's original torch.load); None: whatever torch.load is now.
+
+    It is always called with ``weights_only=True``, so torch's own unpickler still refuses code.
+    """
+    global _torch_load
+    _torch_load = loader
+
+
 def load_pickle(path: str | os.PathLike) -> dict[str, Tensor]:
     """Legacy .pt/.ckpt: tensors only, through the loader that never executes code."""
     path = Path(path)
+    loader = _torch_load or torch.load
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        sd = loader(path, map_location="cpu", weights_only=True)
     except Exception as e:  # the unpickler's own refusal message is what the user needs
         raise LoraFileError(f"{path.name}: refused to load pickle file safely: {str(e).splitlines()[0]}") from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):

@@ -22,7 +22,8 @@ _ROLE_ALIASES = (
 _PLAIN_ROLES = ("alpha", "dora_scale", "lora_down.weight", "lora_up.weight", "lora_mid.weight",
                 "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
                 "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
-                "diff", "diff_b", "w_norm", "b_norm", "on_input", "weight", "bias")
+                "diff", "diff_b", "w_norm", "b_norm", "on_input", "oft_blocks", "oft_diag", "rescale",
+                "a1.weight", "a2.weight", "b1.weight", "b2.weight", "bm.weight", "weight", "bias")
 
 _DIFFUSERS_ROOTS = (
     ("unet.", "unet"), ("text_encoder_2.", "te2"), ("text_encoder.", "te"),
@@ -33,7 +34,12 @@ _DIFFUSERS_ROOTS = (
 _PROC_UNET = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
 _PROC_TE = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 
-_KOHYA_PREFIX = re.compile(r"^(lora|lycoris)_(unet|te|te1|te2)_")
+_KOHYA_PREFIX = re.compile(r"^(lora|lycoris|oft)_(unet|te|te1|te2)_")
+# sd-scripts' networks.oft (``oft_unet_``) clamps its blocks its own way: their role says so
+_SD_SCRIPTS_OFT_ROLES = {"oft_blocks": "kohya_oft_blocks"}
+# transformers 5 dropped CLIPTextModel's ``text_model`` level: its PEFT keys read ``encoder.layers...``
+_HF_TEXT_MODEL_CHILDREN = ("encoder.", "embeddings.", "final_layer_norm.")
+_KOHYA_TE_WITHOUT_TEXT_MODEL = re.compile(r"^(lora_te[12]?_)(?=(encoder|embeddings|final_layer_norm)_)")
 
 
 def split_key(key: str, dual_te: bool) -> tuple[str, str] | None:
@@ -47,9 +53,13 @@ def split_key(key: str, dual_te: bool) -> tuple[str, str] | None:
     m = _KOHYA_PREFIX.match(key)
     if m and "." in key:
         module, role = key.split(".", 1)
-        if m.group(1) == "lycoris":
-            module = "lora_" + module[len("lycoris_"):]
-        return module, _canonical_role(role)
+        role = _canonical_role(role)
+        if m.group(1) != "lora":
+            module = "lora_" + module[len(m.group(1)) + 1:]
+        if m.group(1) == "oft":
+            role = _SD_SCRIPTS_OFT_ROLES.get(role, role)
+        module = _KOHYA_TE_WITHOUT_TEXT_MODEL.sub(r"\1text_model_", module)
+        return module, role
     for root, comp in _DIFFUSERS_ROOTS:
         if key.startswith(root):
             rest = key[len(root):]
@@ -64,6 +74,8 @@ def split_key(key: str, dual_te: bool) -> tuple[str, str] | None:
         path = _processor_rename(path, _PROC_UNET)
         return "lora_unet_" + path.replace(".", "_"), role
     path = _processor_rename(path, _PROC_TE)
+    if path.startswith(_HF_TEXT_MODEL_CHILDREN):
+        path = "text_model." + path
     te = {"te": "te1" if dual_te else "te", "te2": "te2"}[comp]
     return f"lora_{te}_" + path.replace(".", "_"), role
 

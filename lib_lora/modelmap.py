@@ -101,7 +101,7 @@ class ModelMap:
         for name, mod in root.named_modules():
             name = _unwrap(name)
             if isinstance(mod, _PATCHABLE):
-                self._add(Target(f"lora_{prefix}_{_u(name)}", mod, prefix))
+                self._add(Target(f"lora_{prefix}_{_u(name)}", mod, prefix), *_single_te_alias(prefix, _u(name)))
 
     def _add_open_clip(self, prefix: str, root: nn.Module) -> None:
         for name, mod in root.named_modules():
@@ -112,9 +112,10 @@ class ModelMap:
                 d = mod.embed_dim
                 for i, qkv in enumerate("qkv"):
                     self._add(Target(f"lora_{prefix}_{_u(hf)}_{qkv}_proj", mod, prefix, "in_proj_weight",
-                                     "in_proj_bias", slice(i * d, (i + 1) * d)))
+                                     "in_proj_bias", slice(i * d, (i + 1) * d)),
+                              *_single_te_alias(prefix, f"{_u(hf)}_{qkv}_proj"))
             elif isinstance(mod, _PATCHABLE):
-                self._add(Target(f"lora_{prefix}_{_u(hf)}", mod, prefix))
+                self._add(Target(f"lora_{prefix}_{_u(hf)}", mod, prefix), *_single_te_alias(prefix, _u(hf)))
 
     def _add_unet(self, unet: nn.Module) -> None:
         names = ldm_unet_diffusers_names(unet)
@@ -129,6 +130,12 @@ class ModelMap:
                 self._add(Target(ldm_key, mod, "unet"), *([diff_key] if diff_key else []))
             else:
                 self._add(Target(diff_key, mod, "unet"), ldm_key)
+
+
+def _single_te_alias(prefix: str, name: str) -> tuple[str, ...]:
+    """A single-encoder model's layers also answer to ``lora_te1_``: diffusers'
+    ``convert_state_dict_to_kohya`` writes that prefix for SD1 files, and the built-in Lora applies them."""
+    return (f"lora_te1_{name}",) if prefix == "te" else ()
 
 
 def _unwrap(name: str) -> str:

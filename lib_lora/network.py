@@ -58,7 +58,9 @@ def parse_state_dict(name: str, sd: dict[str, Tensor], metadata: dict[str, str],
             unknown.append(key)
             continue
         module, role = split
-        if not torch.is_floating_point(tensor) and role not in ("on_input",):
+        if role == "alpha" and _is_integer_scalar(tensor):
+            tensor = tensor.float()  # diffusers' convert_state_dict_to_kohya writes torch.tensor(rank)
+        elif not torch.is_floating_point(tensor) and role not in ("on_input",):
             raise LoraFileError(f"{name}: tensor {key} has non-float dtype {tensor.dtype}")
         groups[module][role] = tensor
     _apply_peft_alphas(groups, metadata)
@@ -85,6 +87,10 @@ def parse_state_dict(name: str, sd: dict[str, Tensor], metadata: dict[str, str],
     family = families.detect_family(metadata, set(adapters), shapes)
     nbytes = sum(t.numel() * t.element_size() for t in sd.values())
     return Network(name, path, metadata, adapters, family, unknown, errors, nbytes=nbytes)
+
+
+def _is_integer_scalar(t: Tensor) -> bool:
+    return t.numel() == 1 and not torch.is_floating_point(t) and not torch.is_complex(t) and t.dtype != torch.bool
 
 
 _PEFT_COMPONENTS = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from . import families
-from .adapters import Adapter, AdapterError
+from .adapters import Adapter, AdapterError, dora
 from .modelmap import ModelMap, Target
 from .network import Network
 
@@ -80,6 +80,7 @@ class Patcher:
         self.backup_device = torch.device(backup_device)
         self.slots: dict[tuple[int, str], _Slot] = {}
         self._bindings: dict[int, tuple[Network, Binding]] = {}
+        self.dora_mode: str = dora.DEFAULT  # how DoRA magnitudes merge (adapters/dora.py); layers re-merge on change
 
     # -- public --------------------------------------------------------------------------
     def binding(self, network: Network) -> Binding:
@@ -133,6 +134,7 @@ class Patcher:
                     wanted.setdefault(k, []).append((target, adapter, float(mult), act.dyn, net.name))
         touched: list[_Slot] = []
         bad: dict[str, list[str]] = {}
+        dora_fn = dora.strategy(self.dora_mode)
         try:
             for k, slot in list(self.slots.items()):
                 if k not in wanted:
@@ -141,7 +143,8 @@ class Patcher:
                     report.changed_slots += 1
             for k, contribs in wanted.items():
                 module, pname = owners[k]
-                sig = tuple((id(a), id(t), m, d) for t, a, m, d, _ in contribs)
+                sig = tuple((id(a), id(t), m, d, self.dora_mode if a.dora_scale is not None else None)
+                            for t, a, m, d, _ in contribs)
                 slot = self.slots.get(k)
                 if slot is not None and slot.contributions == sig:
                     continue
@@ -161,9 +164,9 @@ class Patcher:
                         if pname == target.weight_name:
                             orig = original if original is not None else merged  # unread unless needs_weight
                             if target.rows is None:
-                                adapter.add_weight_delta_(merged, orig, mult, dyn)
+                                adapter.add_weight_delta_(merged, orig, mult, dyn, dora_fn)
                             else:
-                                adapter.add_weight_delta_(merged[target.rows], orig[target.rows], mult, dyn)
+                                adapter.add_weight_delta_(merged[target.rows], orig[target.rows], mult, dyn, dora_fn)
                         else:
                             bias = merged if target.rows is None else merged[target.rows]
                             db = adapter.bias_delta_at(bias, mult)

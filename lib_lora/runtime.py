@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
+from .adapters import dora
 from .fileio import LoraFileError
 from .library import AmbiguousName, Entry, Library, LoraNotFound
 from .modelmap import ModelMap
@@ -30,6 +31,7 @@ class Runtime:
         self.library = library
         self.patcher: Patcher | None = None
         self.lock = threading.RLock()
+        self.dora_mode: str = dora.DEFAULT  # a host setting; handed to the patcher at each activation
 
     def set_model(self, mm: ModelMap | None) -> None:
         """Point at a new model map (the same map again is a no-op).
@@ -61,6 +63,7 @@ class Runtime:
                 if requests:
                     res.messages.append("LoRA: no model is loaded — LoRAs skipped")
                 return res
+            self.patcher.dora_mode = self.dora_mode
             acts: list[Activation] = []
             entries: list[tuple[LoraRequest, Entry]] = []
             for req in requests:

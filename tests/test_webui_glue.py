@@ -25,6 +25,7 @@ from modules import (call_queue, extensions, extra_networks, paths, paths_intern
                      script_callbacks, script_loading, scripts, sd_hijack, shared, ui_extra_networks)
 from modules.options import OptionInfo, Options  # noqa: E402
 
+from lib_lora import fileio  # noqa: E402
 from lib_lora.fileio import save_safetensors  # noqa: E402
 from lib_lora.hashes import addnet_hash_safetensors  # noqa: E402
 from lib_lora.hosts import webui as host  # noqa: E402
@@ -169,6 +170,7 @@ class WebUI:
         monkeypatch.setattr(shared, "sd_model", None)
         monkeypatch.setattr(extensions, "extensions", [extensions.Extension("lora-workshop", str(ROOT))])
         monkeypatch.setattr(host, "_workshop", None)
+        monkeypatch.setattr(fileio, "_torch_load", None)  # the script registers the WebUI's loader again
         monkeypatch.delitem(sys.modules, "networks", raising=False)
         extra_networks.initialize()
         ui_extra_networks.initialize()
@@ -598,7 +600,8 @@ def test_settings_registered_in_own_section(webui):
     webui.load_script()
     script_callbacks.ui_settings_callback()
     ours = {k: v for k, v in shared.opts.data_labels.items() if k.startswith("lora_workshop_")}
-    assert set(ours) == {host.OPT_CACHE_MB, host.OPT_DEFAULT_WEIGHT, host.OPT_RESTORE_AFTER, host.OPT_SHOW_WARNINGS}
+    assert set(ours) == {host.OPT_CACHE_MB, host.OPT_DEFAULT_WEIGHT, host.OPT_RESTORE_AFTER, host.OPT_SHOW_WARNINGS,
+                         host.OPT_BUILTIN_DORA, host.OPT_DATASET_ROOTS}
     assert all(v.section == ("lora_workshop", "LoRA Workshop") for v in ours.values())
     builtin_names = {"sd_lora", "lora_preferred_name", "lora_add_hashes_to_infotext", "lora_bundled_ti_to_infotext",
                      "lora_show_all", "lora_hide_unknown_for_versions", "lora_in_memory_limit",
@@ -606,6 +609,66 @@ def test_settings_registered_in_own_section(webui):
     assert not set(ours) & builtin_names
     shared.opts.set(host.OPT_CACHE_MB, 3)
     assert webui.workshop.library.cache_bytes == 3 << 20
+
+
+def test_pt_lora_loads_although_webui_replaced_torch_load(webui, model, sd1_map, monkeypatch, tmp_path):
+    """modules/safe.py's torch.load refuses what current torch saves; we read with its kept original."""
+    import pickle
+
+    from modules import safe
+
+    monkeypatch.setattr(torch, "load", safe.load)
+    tensors = fileio.load_safetensors(make_lora(tmp_path / "src.safetensors", sd1_map))[0]
+    torch.save(tensors, webui.lora_dir / "legacy.pt")
+    assert torch.load(webui.lora_dir / "legacy.pt") is None  # the WebUI's checker really refuses it
+    shared.sd_model = model
+    webui.load_script()
+    webui.start_ui()
+    w = sd1_map.get(UNET_KEY).module.weight
+    before = w.detach().clone()
+    p = webui.generate("<lora:legacy:1>")
+    assert not p.comments, p.comments
+    torch.testing.assert_close(w - before, lora_delta_from(tensors, UNET_KEY))
+
+    class Evil:
+        def __reduce__(self):
+            return (Path.touch, (tmp_path / "pwned",))
+
+    with open(webui.lora_dir / "evil.pt", "wb") as f:
+        pickle.dump({f"{UNET_KEY}.lora_down.weight": Evil()}, f)
+    webui.workshop.library.refresh()
+    p = webui.generate("<lora:evil:1>")
+    assert any("refused to load pickle file safely" in c for c in p.comments), p.comments
+    assert not (tmp_path / "pwned").exists()
+
+
+def lora_delta_from(sd: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+    return sd[f"{key}.lora_up.weight"] @ sd[f"{key}.lora_down.weight"] * (ALPHA / RANK)
+
+
+def test_builtin_compatible_dora_setting_reaches_the_merge(webui, model, sd1_map, tmp_path):
+    """The setting picks the built-in's DoRA formula: per input channel, the weight applied last."""
+    g = torch.Generator().manual_seed(5)
+    w0 = sd1_map.get(UNET_KEY).module.weight.detach().clone()
+    down, up = torch.randn(RANK, w0.shape[1], generator=g) * 0.1, torch.randn(w0.shape[0], RANK, generator=g) * 0.1
+    mag = torch.linalg.vector_norm(w0, dim=0, keepdim=True) * (1 + 0.3 * torch.rand(1, w0.shape[1], generator=g))
+    save_safetensors({f"{UNET_KEY}.lora_down.weight": down, f"{UNET_KEY}.lora_up.weight": up,
+                      f"{UNET_KEY}.alpha": torch.tensor(ALPHA), f"{UNET_KEY}.dora_scale": mag},
+                     webui.lora_dir / "dora.safetensors")
+    merged = w0 + up @ down * (ALPHA / RANK)
+    norm = torch.linalg.vector_norm(merged, dim=0, keepdim=True)
+    builtin = (merged * (mag / norm) - w0) * 0.5
+    lycoris = merged * (0.5 * (mag / norm - 1) + 1) - w0  # same orientation, weight inside the scale
+    shared.sd_model = model
+    webui.load_script()
+    script_callbacks.ui_settings_callback()
+    webui.start_ui()
+    w = sd1_map.get(UNET_KEY).module.weight
+    for on, ref in ((False, lycoris), (True, builtin), (False, lycoris)):
+        shared.opts.set(host.OPT_BUILTIN_DORA, on)
+        assert not webui.generate("<lora:dora:0.5>").comments
+        torch.testing.assert_close(w.detach() - w0, ref, rtol=1e-4, atol=1e-6)
+    assert (builtin - lycoris).abs().max() > 1e-3
 
 
 # -- model switching and host mapping -------------------------------------------------------------

@@ -8,28 +8,26 @@ from __future__ import annotations
 from torch import Tensor
 
 from .base import Adapter, AdapterError
+from .boft import BOFT
+from .diag_oft import DiagOFT
+from .full import Full
+from .glora import GLoRA
+from .ia3 import IA3
+from .loha import LoHa
+from .lokr import LoKr
 from .lora import LoRA
+from .norm import Norm
 
-ALGORITHMS: list[type[Adapter]] = [LoRA]
-
-try:  # the LyCORIS family registers itself here once its modules exist
-    from .loha import LoHa
-    from .lokr import LoKr
-    from .ia3 import IA3
-    from .full import Full
-    from .norm import Norm
-    ALGORITHMS = [LoRA, LoHa, LoKr, IA3, Full, Norm]
-except ImportError:  # pragma: no cover - during bring-up only
-    pass
+# BOFT before DiagOFT: both store oft_blocks, BOFT's are 4-D
+ALGORITHMS: list[type[Adapter]] = [LoRA, LoHa, LoKr, IA3, Full, Norm, BOFT, DiagOFT, GLoRA]
 
 
 def make_adapter(name: str, tensors: dict[str, Tensor]) -> Adapter:
     """Build the adapter for one module's tensors; AdapterError if nothing claims them."""
-    suffixes = set(tensors)
     for cls in ALGORITHMS:
-        if cls.claims(suffixes):
+        if cls.claims_group(tensors):
             return cls(name, tensors)
-    raise AdapterError(f"{name}: unrecognised tensor set {sorted(suffixes)}")
+    raise AdapterError(f"{name}: unrecognised tensor set {sorted(tensors)}")
 
 
 __all__ = ["Adapter", "AdapterError", "ALGORITHMS", "make_adapter"]

@@ -7,10 +7,13 @@ the original weight) fits the same shape of call.
 """
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Callable, ClassVar, Dict, Optional
 
 import torch
 from torch import Tensor
+
+# how a DoRA magnitude turns a delta into the final change (adapters/dora.py holds the choices)
+DoraFn = Callable[[Tensor, Tensor, Tensor, float, str], Tensor]
 
 
 class AdapterError(ValueError):
@@ -36,6 +39,11 @@ class Adapter:
     @classmethod
     def claims(cls, suffixes: set[str]) -> bool:
         return bool(cls.required) and set(cls.required) <= suffixes
+
+    @classmethod
+    def claims_group(cls, tensors: Dict[str, Tensor]) -> bool:
+        """Whether this class takes the group; by its suffixes unless shapes decide (OFT vs BOFT)."""
+        return cls.claims(set(tensors))
 
     def validate(self) -> None:
         """Raise AdapterError when the stored shapes cannot form a delta."""
@@ -68,8 +76,12 @@ class Adapter:
         """A stored tensor as float32 on the device of the weight being merged."""
         return self.tensors[key].to(getattr(self, "_device", "cpu"), torch.float32)
 
-    def weight_delta_at(self, weight: Tensor, multiplier: float, dyn: int | None = None) -> Tensor | None:
-        """float32 weight delta at ``multiplier`` against the original ``weight`` (any device)."""
+    def weight_delta_at(self, weight: Tensor, multiplier: float, dyn: int | None = None,
+                        dora: Optional[DoraFn] = None) -> Tensor | None:
+        """float32 weight delta at ``multiplier`` against the original ``weight`` (any device).
+
+        ``dora`` is the DoRA strategy for files with a magnitude vector (default: LyCORIS's).
+        """
         self._device = weight.device
         w32 = weight.float()
         dw = self.weight_delta(w32, dyn)
@@ -77,7 +89,7 @@ class Adapter:
             return None
         dw = fit_shape(dw, w32.shape, self.name)
         if self.dora_scale is not None:
-            return dora_delta(w32, dw, self.t("dora_scale"), multiplier, self.name)
+            return (dora or dora_delta)(w32, dw, self.t("dora_scale"), multiplier, self.name)
         return dw * multiplier
 
     def bias_delta_at(self, bias: Tensor | None, multiplier: float) -> Tensor | None:
@@ -90,16 +102,17 @@ class Adapter:
             raise AdapterError(f"{self.name}: file has a bias delta but the layer has no bias")
         return fit_shape(db.float(), bias.shape, self.name) * multiplier
 
-    def add_weight_delta_(self, dst: Tensor, weight: Tensor, multiplier: float, dyn: int | None = None) -> None:
+    def add_weight_delta_(self, dst: Tensor, weight: Tensor, multiplier: float, dyn: int | None = None,
+                          dora: Optional[DoraFn] = None) -> None:
         """dst += delta, in place (dst is float32 and shaped like ``weight``)."""
-        dw = self.weight_delta_at(weight, multiplier, dyn)
+        dw = self.weight_delta_at(weight, multiplier, dyn, dora)
         if dw is not None:
             dst += dw
 
-    def deltas(self, weight: Tensor, bias: Tensor | None, multiplier: float,
-               dyn: int | None = None) -> tuple[Tensor | None, Tensor | None]:
+    def deltas(self, weight: Tensor, bias: Tensor | None, multiplier: float, dyn: int | None = None,
+               dora: Optional[DoraFn] = None) -> tuple[Tensor | None, Tensor | None]:
         """(weight delta, bias delta) at ``multiplier``, float32, against the original weight."""
-        return self.weight_delta_at(weight, multiplier, dyn), self.bias_delta_at(bias, multiplier)
+        return self.weight_delta_at(weight, multiplier, dyn, dora), self.bias_delta_at(bias, multiplier)
 
 
 def shape_fits(delta: tuple[int, ...], weight: tuple[int, ...]) -> bool:

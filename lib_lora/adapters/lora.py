@@ -1,11 +1,13 @@
 """LoRA and LoCon: W += up @ down * alpha / rank, with an optional CP core for convs."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
 from ..autocast import autocasting
-from .base import Adapter, AdapterError, shape_fits
+from .base import Adapter, AdapterError, DoraFn, shape_fits
 
 
 def rebuild_tucker(core: Tensor, left: Tensor, right: Tensor) -> Tensor:
@@ -37,10 +39,11 @@ class LoRA(Adapter):
             mid = mid[:dyn, :dyn] if mid is not None else None
         return down, up, mid, scale
 
-    def add_weight_delta_(self, dst: Tensor, weight: Tensor, multiplier: float, dyn: int | None = None) -> None:
+    def add_weight_delta_(self, dst: Tensor, weight: Tensor, multiplier: float, dyn: int | None = None,
+                          dora: Optional[DoraFn] = None) -> None:
         # Fast path (peft-style merge): one fused addmm into the destination, no delta tensor.
         if self.dora_scale is not None or "lora_mid.weight" in self.tensors or not dst.is_contiguous():
-            return super().add_weight_delta_(dst, weight, multiplier, dyn)
+            return super().add_weight_delta_(dst, weight, multiplier, dyn, dora)
         self._device = dst.device
         down, up, _, scale = self._factors(dyn)
         if not shape_fits((up.shape[0], *down.shape[1:]), tuple(dst.shape)):

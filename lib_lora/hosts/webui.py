@@ -24,7 +24,7 @@ import torch
 
 from modules import extra_networks, paths, shared, ui_extra_networks, ui_extra_networks_user_metadata
 
-from .. import families, service
+from .. import families, fileio, service
 from ..infotext import KEY as HASHES_KEY, format_hashes
 from ..library import Library
 from ..modelmap import ModelMap
@@ -36,8 +36,9 @@ OPT_DEFAULT_WEIGHT = "lora_workshop_default_weight"
 OPT_RESTORE_AFTER = "lora_workshop_restore_after"
 OPT_SHOW_WARNINGS = "lora_workshop_show_warnings"
 OPT_DATASET_ROOTS = "lora_workshop_api_dataset_roots"
+OPT_BUILTIN_DORA = "lora_workshop_builtin_dora"
 DEFAULTS: dict[str, Any] = {OPT_CACHE_MB: 2048, OPT_DEFAULT_WEIGHT: 1.0, OPT_RESTORE_AFTER: False, OPT_SHOW_WARNINGS: True,
-                            OPT_DATASET_ROOTS: ""}
+                            OPT_DATASET_ROOTS: "", OPT_BUILTIN_DORA: False}
 
 NETWORK_NAME = "lora"
 NETWORK_ALIASES = ("lyco",)
@@ -176,6 +177,15 @@ class WebUIHost:
 
     def vae_decode(self, latents: Any) -> Any:
         raise NotImplementedError("VAE decoding for training is not implemented yet")
+
+
+def use_original_torch_load() -> None:
+    """.pt/.ckpt LoRAs: modules/safe.py replaces torch.load with a checker that refuses current torch's
+    zip files; fileio reads them with the original loader it keeps, always with weights_only=True."""
+    from modules import safe
+    original = getattr(safe, "unsafe_torch_load", None)
+    if callable(original):
+        fileio.use_torch_load(original)
 
 
 # -- the built-in Lora extension ---------------------------------------------------------------
@@ -344,6 +354,7 @@ class Workshop:
     """Library + Runtime + the WebUI objects, and what the script's callbacks do."""
 
     def __init__(self, host: WebUIHost | None = None):
+        use_original_torch_load()
         self.host = host or WebUIHost()
         dirs = self.host.lora_dirs()
         try:
@@ -405,6 +416,10 @@ class Workshop:
             DEFAULTS[OPT_DATASET_ROOTS], "Dataset folders that training requests over the API may read",
             section=SECTION,
         ).info("comma-separated; the WebUI's data folder is always allowed; the tab is not limited"))
+        add(OPT_BUILTIN_DORA, shared.OptionInfo(
+            DEFAULTS[OPT_BUILTIN_DORA], "Built-in-compatible DoRA", section=SECTION,
+        ).info("merge DoRA files the way the built-in Lora does, to reproduce its images; "
+               "off: LyCORIS's definition, which its trainers use"))
 
     # registry / page ----------------------------------------------------------------------------
     def claim(self) -> None:
@@ -473,6 +488,7 @@ class Workshop:
         if not requests and not messages and (patcher is None or not patcher.active):
             return ActivationResult()  # the common no-LoRA generation: nothing to build or restore
         self._check_builtin_idle()
+        self.runtime.dora_mode = "webui" if self.host.option(OPT_BUILTIN_DORA) else "lycoris"
         try:
             with _no_autocast():
                 self._sync_model()
