@@ -16,7 +16,7 @@ to this repository, a checkpoint and a LoRA, then starts
         --skip-torch-cuda-test --use-cpu all --no-half --api --api-auth e2e:e2e-pass
         --data-dir <tmp> --ckpt <ckpt> --port <free port> --skip-version-check
 
-and talks to it over HTTP.  Without WEBUI_E2E_CKPT a tiny SD1 checkpoint is generated
+and talks to it over HTTP (the launcher is tests/webui_server.py).  Without WEBUI_E2E_CKPT a tiny SD1 checkpoint is generated
 (tiny UNet and VAE with a .yaml next to it; the text encoder has CLIP ViT-L/14's shape with
 random weights), plus a LoRA for it.  The WebUI still needs the ViT-L/14 *tokenizer and
 config* from the Hugging Face cache, as for any SD1 model: when the cache has no
@@ -29,159 +29,23 @@ something fails.
 """
 from __future__ import annotations
 
-import base64
 import html
 import json
 import os
 import re
 import shutil
-import socket
 import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-import hf_clip_l
+from webui_server import LORA_NAME, Server, StartError, data_dir, running, tiny_checkpoint, webui_python
 
-ROOT = Path(__file__).resolve().parent.parent
 WEBUI_DIR = os.environ.get("WEBUI_DIR")
-AUTH = ("e2e", "e2e-pass")
-LORA_NAME = "e2e_lora"
 BUILTIN_OFF = os.environ.get("WEBUI_E2E_DISABLE_BUILTIN_LORA") == "1"  # run without the WebUI's own Lora extension
 
 pytestmark = pytest.mark.skipif(not WEBUI_DIR, reason="set WEBUI_DIR to a prepared stable-diffusion-webui checkout")
-
-# A tiny SD1: the real ldm classes, small widths; the VAE downsamples 8x like every SD VAE.
-TINY_YAML = """\
-model:
-  target: ldm.models.diffusion.ddpm.LatentDiffusion
-  params:
-    linear_start: 0.00085
-    linear_end: 0.0120
-    num_timesteps_cond: 1
-    timesteps: 1000
-    first_stage_key: jpg
-    cond_stage_key: txt
-    image_size: 8
-    channels: 4
-    cond_stage_trainable: false
-    conditioning_key: crossattn
-    scale_factor: 0.18215
-    use_ema: false
-    unet_config:
-      target: ldm.modules.diffusionmodules.openaimodel.UNetModel
-      params: {unet}
-    first_stage_config:
-      target: ldm.models.autoencoder.AutoencoderKL
-      params:
-        embed_dim: 4
-        ddconfig: {vae}
-        lossconfig:
-          target: torch.nn.Identity
-    cond_stage_config:
-      target: ldm.modules.encoders.modules.FrozenCLIPEmbedder
-"""
-UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[4, 2, 1],
-            num_res_blocks=1, channel_mult=[1, 2, 4, 4], num_heads=2, use_spatial_transformer=True,
-            transformer_depth=1, context_dim=768, use_checkpoint=False, legacy=False)
-VAE = dict(double_z=True, z_channels=4, resolution=64, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 1, 1, 1],
-           num_res_blocks=1, attn_resolutions=[], dropout=0.0)
-
-
-def _tiny_checkpoint(folder: Path, lora_dir: Path) -> tuple[Path, Path]:
-    """tiny.safetensors + tiny.yaml, and a LoRA for its cross-attention and text-encoder q_proj layers."""
-    import torch
-    from ldm.modules.diffusionmodules.model import Decoder, Encoder
-    from ldm.modules.diffusionmodules.openaimodel import UNetModel
-    from safetensors.torch import save_file
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    sys.path.insert(0, str(ROOT))
-    from lib_lora.fileio import save_safetensors
-    from lib_lora.modelmap import ModelMap
-
-    torch.manual_seed(0)
-    unet = UNetModel(**UNET)
-    # AutoencoderKL's own layers, built without it (it imports pytorch_lightning)
-    vae = torch.nn.Module()
-    vae.encoder, vae.decoder = Encoder(**VAE), Decoder(**VAE)
-    vae.quant_conv = torch.nn.Conv2d(2 * VAE["z_channels"], 2 * 4, 1)
-    vae.post_quant_conv = torch.nn.Conv2d(4, VAE["z_channels"], 1)
-    te = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                      num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu"))
-    with torch.no_grad():
-        # a fresh final LayerNorm makes every embedding zero-mean, and the WebUI's "Original" emphasis
-        # rescales by the mean: 0/0 (NaN) where the sum rounds to exactly 0, as on one thread
-        te.text_model.final_layer_norm.bias.normal_(0, 0.5)
-    sd = {}
-    for prefix, module in (("model.diffusion_model.", unet), ("first_stage_model.", vae),
-                           ("cond_stage_model.transformer.", te)):
-        sd.update({prefix + k: v.detach().half().contiguous() for k, v in module.state_dict().items()})
-    ckpt = folder / "tiny.safetensors"
-    save_file(sd, str(ckpt))
-    (folder / "tiny.yaml").write_text(TINY_YAML.format(unet=json.dumps(UNET), vae=json.dumps(VAE)))
-
-    mm = ModelMap.build("sd1", unet, [("te", te)])
-    g = torch.Generator().manual_seed(1)
-    lora = {}
-    for t in mm.targets:
-        w = t.weight()
-        if w.dim() == 2 and ("attn2" in t.key or t.key.endswith("q_proj")):
-            lora[f"{t.key}.lora_down.weight"] = torch.randn(4, w.shape[1], generator=g) * 0.3
-            lora[f"{t.key}.lora_up.weight"] = torch.randn(w.shape[0], 4, generator=g) * 0.3
-            lora[f"{t.key}.alpha"] = torch.tensor(4.0)
-    path = save_safetensors(lora, lora_dir / f"{LORA_NAME}.safetensors", metadata={"ss_base_model_version": "sd_v1"})
-    return ckpt, path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, base: str, proc: subprocess.Popen, log: Path, lora: Path):
-        self.base, self.proc, self.log, self.lora = base, proc, log, lora
-
-    def request(self, method: str, path: str, body=None, auth=AUTH, timeout=600):
-        req = urllib.request.Request(self.base + path, method=method,
-                                     data=json.dumps(body).encode() if body is not None else None,
-                                     headers={"Content-Type": "application/json"})
-        if auth:
-            req.add_header("Authorization", "Basic " + base64.b64encode(":".join(auth).encode()).decode())
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
-                status, raw = r.status, r.read()
-        except urllib.error.HTTPError as e:
-            status, raw = e.code, e.read()
-        if not raw:
-            return status, None
-        try:
-            return status, json.loads(raw)
-        except ValueError:  # an HTML page or a plain-text error
-            return status, raw.decode(errors="replace")
-
-    def log_tail(self, n=4000) -> str:
-        return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
-
-    def txt2img(self, prompt: str) -> dict:
-        status, res = self.request("POST", "/sdapi/v1/txt2img", {
-            "prompt": prompt, "negative_prompt": "", "seed": 1234, "steps": 2, "width": 64, "height": 64,
-            "cfg_scale": 3, "sampler_name": "Euler", "batch_size": 1, "n_iter": 1})
-        assert status == 200, f"txt2img failed: {res}\n{self.log_tail()}"
-        return {"image": res["images"][0], "info": json.loads(res["info"])}
-
-
-def _webui_python(webui: Path) -> str:
-    return os.environ.get("WEBUI_PYTHON") or next(
-        (str(p) for p in (webui / "venv" / "bin" / "python", webui / "venv" / "Scripts" / "python.exe") if p.exists()),
-        sys.executable)
-
 
 def test_captions_reach_the_webui_parser_as_literal_text():
     """The WebUI's own prompt parser reads an escaped caption back as the caption, at weight 1."""
@@ -190,7 +54,7 @@ def test_captions_reach_the_webui_parser_as_literal_text():
     captions = ["hatsune miku (vocaloid), [sketch], a\\b", "(red:1.3) square, ((blue))", "plain, tags"]
     code = ("import json, sys; from modules.prompt_parser import parse_prompt_attention as p; "
             "print(json.dumps([p(t) for t in json.loads(sys.argv[1])]))")
-    r = subprocess.run([_webui_python(Path(WEBUI_DIR)), "-c", code, json.dumps([literal_caption(c) for c in captions])],
+    r = subprocess.run([webui_python(Path(WEBUI_DIR)), "-c", code, json.dumps([literal_caption(c) for c in captions])],
                        cwd=WEBUI_DIR, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout) == [[[c, 1.0]] for c in captions]
@@ -201,13 +65,8 @@ def server(tmp_path_factory):
     webui = Path(WEBUI_DIR)
     if not (webui / "launch.py").is_file() or not (webui / "repositories").is_dir():
         pytest.skip(f"{webui} is not a prepared WebUI checkout (launch.py and repositories/ needed)")
-    python = _webui_python(webui)
     data = tmp_path_factory.mktemp("webui-data")
-    ckpt_dir, lora_dir = data / "models" / "Stable-diffusion", data / "models" / "Lora"
-    ckpt_dir.mkdir(parents=True)
-    lora_dir.mkdir(parents=True)
-    (data / "extensions").mkdir()
-    os.symlink(ROOT, data / "extensions" / "lora-workshop", target_is_directory=True)
+    ckpt_dir, lora_dir = data_dir(data, builtin_off=BUILTIN_OFF)
     if os.environ.get("WEBUI_E2E_CKPT"):
         if not os.environ.get("WEBUI_E2E_LORA"):
             pytest.skip("WEBUI_E2E_CKPT needs a matching WEBUI_E2E_LORA")
@@ -215,48 +74,13 @@ def server(tmp_path_factory):
         lora = Path(shutil.copy(os.environ["WEBUI_E2E_LORA"], lora_dir / f"{LORA_NAME}.safetensors"))
     else:
         pytest.importorskip("ldm")
-        ckpt, lora = _tiny_checkpoint(ckpt_dir, lora_dir)
-
-    if BUILTIN_OFF:
-        # there is no command-line switch for one extension; the WebUI reads this list from its settings file
-        (data / "config.json").write_text(json.dumps({"disabled_extensions": ["Lora"]}))
-
-    port = _free_port()
-    log = data / "webui.log"
-    cmd = [python, "launch.py", "--skip-prepare-environment", "--skip-install", "--no-download-sd-model",
-           "--skip-torch-cuda-test", "--use-cpu", "all", "--no-half", "--api", "--api-auth", ":".join(AUTH),
-           "--data-dir", str(data), "--ckpt", str(ckpt), "--port", str(port), "--skip-version-check"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COMMANDLINE_ARGS": ""}
-    if hf_clip_l.cached_snapshot(hf_clip_l.hub_cache()) is None:
-        # SD1's text encoder loads CLIP ViT-L/14's tokenizer and config by hub name: serve them offline
-        hf_home = data / "hf"
-        hf_clip_l.write_snapshot(hf_home / "hub")
-        for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE"):
-            env.pop(var, None)
-        env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=webui, stdout=out, stderr=subprocess.STDOUT, env=env)
-    srv = Server(f"http://127.0.0.1:{port}", proc, log, lora)
-    deadline = time.time() + float(os.environ.get("WEBUI_E2E_TIMEOUT", "900"))
+        ckpt, lora = tiny_checkpoint(ckpt_dir, lora_dir)
     try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the WebUI exited with {proc.returncode}:\n{srv.log_tail()}")
-            try:
-                if srv.request("GET", "/lora-workshop/v1/loras", timeout=5)[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"the WebUI did not come up in time:\n{srv.log_tail()}")
-            time.sleep(2)
-        yield srv
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        with running(webui, data, ckpt, lora, timeout=float(os.environ.get("WEBUI_E2E_TIMEOUT", "900")),
+                     ready="/lora-workshop/v1/loras") as srv:
+            yield srv
+    except StartError as e:
+        pytest.fail(str(e))
 
 
 def test_routes_need_api_auth_and_list_the_lora(server):

@@ -1,0 +1,220 @@
+"""A real AUTOMATIC1111 WebUI, started for the end-to-end suite and the generation benchmark.
+
+``data_dir`` lays out a throw-away ``--data-dir`` (this repository linked in as an extension,
+optionally the built-in Lora disabled through the WebUI's own settings file), ``tiny_checkpoint``
+writes a tiny SD1 built from the real ``ldm`` classes, and ``running`` starts ``launch.py``
+offline on CPU and yields a ``Server`` to talk to over HTTP.
+"""
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Iterator
+
+import hf_clip_l
+
+ROOT = Path(__file__).resolve().parent.parent
+AUTH = ("e2e", "e2e-pass")
+LORA_NAME = "e2e_lora"
+
+
+class StartError(RuntimeError):
+    """The WebUI exited or did not answer in time; the message ends with its log's tail."""
+
+
+# A tiny SD1: the real ldm classes, small widths; the VAE downsamples 8x like every SD VAE.
+TINY_YAML = """\
+model:
+  target: ldm.models.diffusion.ddpm.LatentDiffusion
+  params:
+    linear_start: 0.00085
+    linear_end: 0.0120
+    num_timesteps_cond: 1
+    timesteps: 1000
+    first_stage_key: jpg
+    cond_stage_key: txt
+    image_size: 8
+    channels: 4
+    cond_stage_trainable: false
+    conditioning_key: crossattn
+    scale_factor: 0.18215
+    use_ema: false
+    unet_config:
+      target: ldm.modules.diffusionmodules.openaimodel.UNetModel
+      params: {unet}
+    first_stage_config:
+      target: ldm.models.autoencoder.AutoencoderKL
+      params:
+        embed_dim: 4
+        ddconfig: {vae}
+        lossconfig:
+          target: torch.nn.Identity
+    cond_stage_config:
+      target: ldm.modules.encoders.modules.FrozenCLIPEmbedder
+"""
+UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[4, 2, 1],
+            num_res_blocks=1, channel_mult=[1, 2, 4, 4], num_heads=2, use_spatial_transformer=True,
+            transformer_depth=1, context_dim=768, use_checkpoint=False, legacy=False)
+VAE = dict(double_z=True, z_channels=4, resolution=64, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 1, 1, 1],
+           num_res_blocks=1, attn_resolutions=[], dropout=0.0)
+
+
+def tiny_checkpoint(folder: Path, lora_dir: Path, lora_name: str = LORA_NAME,
+                    more_loras: tuple[str, ...] = ()) -> tuple[Path, Path]:
+    """tiny.safetensors + tiny.yaml, and a LoRA for its cross-attention and text-encoder q_proj layers
+    (``more_loras``: further names, each with other random weights); returns (checkpoint, first LoRA)."""
+    import torch
+    from ldm.modules.diffusionmodules.model import Decoder, Encoder
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    sys.path.insert(0, str(ROOT))
+    from lib_lora.fileio import save_safetensors
+    from lib_lora.modelmap import ModelMap
+
+    torch.manual_seed(0)
+    unet = UNetModel(**UNET)
+    # AutoencoderKL's own layers, built without it (it imports pytorch_lightning)
+    vae = torch.nn.Module()
+    vae.encoder, vae.decoder = Encoder(**VAE), Decoder(**VAE)
+    vae.quant_conv = torch.nn.Conv2d(2 * VAE["z_channels"], 2 * 4, 1)
+    vae.post_quant_conv = torch.nn.Conv2d(4, VAE["z_channels"], 1)
+    te = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                      num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu"))
+    with torch.no_grad():
+        # a fresh final LayerNorm makes every embedding zero-mean, and the WebUI's "Original" emphasis
+        # rescales by the mean: 0/0 (NaN) where the sum rounds to exactly 0, as on one thread
+        te.text_model.final_layer_norm.bias.normal_(0, 0.5)
+    sd = {}
+    for prefix, module in (("model.diffusion_model.", unet), ("first_stage_model.", vae),
+                           ("cond_stage_model.transformer.", te)):
+        sd.update({prefix + k: v.detach().half().contiguous() for k, v in module.state_dict().items()})
+    ckpt = folder / "tiny.safetensors"
+    save_file(sd, str(ckpt))
+    (folder / "tiny.yaml").write_text(TINY_YAML.format(unet=json.dumps(UNET), vae=json.dumps(VAE)))
+
+    mm = ModelMap.build("sd1", unet, [("te", te)])
+    path = None
+    for seed, name in enumerate((lora_name, *more_loras), start=1):
+        g = torch.Generator().manual_seed(seed)
+        lora = {}
+        for t in mm.targets:
+            w = t.weight()
+            if w.dim() == 2 and ("attn2" in t.key or t.key.endswith("q_proj")):
+                lora[f"{t.key}.lora_down.weight"] = torch.randn(4, w.shape[1], generator=g) * 0.3
+                lora[f"{t.key}.lora_up.weight"] = torch.randn(w.shape[0], 4, generator=g) * 0.3
+                lora[f"{t.key}.alpha"] = torch.tensor(4.0)
+        written = save_safetensors(lora, lora_dir / f"{name}.safetensors", metadata={"ss_base_model_version": "sd_v1"})
+        path = path or written
+    return ckpt, path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, base: str, proc: subprocess.Popen, log: Path, lora: Path):
+        self.base, self.proc, self.log, self.lora = base, proc, log, lora
+
+    def request(self, method: str, path: str, body=None, auth=AUTH, timeout=600):
+        req = urllib.request.Request(self.base + path, method=method,
+                                     data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"Content-Type": "application/json"})
+        if auth:
+            req.add_header("Authorization", "Basic " + base64.b64encode(":".join(auth).encode()).decode())
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                status, raw = r.status, r.read()
+        except urllib.error.HTTPError as e:
+            status, raw = e.code, e.read()
+        if not raw:
+            return status, None
+        try:
+            return status, json.loads(raw)
+        except ValueError:  # an HTML page or a plain-text error
+            return status, raw.decode(errors="replace")
+
+    def log_tail(self, n=4000) -> str:
+        return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
+
+    def txt2img(self, prompt: str) -> dict:
+        status, res = self.request("POST", "/sdapi/v1/txt2img", {
+            "prompt": prompt, "negative_prompt": "", "seed": 1234, "steps": 2, "width": 64, "height": 64,
+            "cfg_scale": 3, "sampler_name": "Euler", "batch_size": 1, "n_iter": 1})
+        assert status == 200, f"txt2img failed: {res}\n{self.log_tail()}"
+        return {"image": res["images"][0], "info": json.loads(res["info"])}
+
+
+def webui_python(webui: Path) -> str:
+    return os.environ.get("WEBUI_PYTHON") or next(
+        (str(p) for p in (webui / "venv" / "bin" / "python", webui / "venv" / "Scripts" / "python.exe") if p.exists()),
+        sys.executable)
+
+
+def data_dir(data: Path, *, extension: bool = True, builtin_off: bool = False) -> tuple[Path, Path]:
+    """Lay out a ``--data-dir``; returns (checkpoint folder, LoRA folder)."""
+    ckpt_dir, lora_dir = data / "models" / "Stable-diffusion", data / "models" / "Lora"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    lora_dir.mkdir(parents=True, exist_ok=True)
+    (data / "extensions").mkdir(exist_ok=True)
+    if extension:
+        os.symlink(ROOT, data / "extensions" / "lora-workshop", target_is_directory=True)
+    if builtin_off:
+        # there is no command-line switch for one extension; the WebUI reads this list from its settings file
+        (data / "config.json").write_text(json.dumps({"disabled_extensions": ["Lora"]}))
+    return ckpt_dir, lora_dir
+
+
+@contextlib.contextmanager
+def running(webui: Path, data: Path, ckpt: Path, lora: Path | None = None, *, timeout: float = 900,
+            ready: str = "/sdapi/v1/sd-models", extra_args: tuple[str, ...] = ()) -> Iterator[Server]:
+    """``launch.py --api`` on CPU with ``data`` as its data dir, until ``ready`` answers 200; stopped on exit."""
+    port = free_port()
+    log = data / "webui.log"
+    cmd = [webui_python(webui), "launch.py", "--skip-prepare-environment", "--skip-install", "--no-download-sd-model",
+           "--skip-torch-cuda-test", "--use-cpu", "all", "--no-half", "--api", "--api-auth", ":".join(AUTH),
+           "--data-dir", str(data), "--ckpt", str(ckpt), "--port", str(port), "--skip-version-check", *extra_args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COMMANDLINE_ARGS": ""}
+    if hf_clip_l.cached_snapshot(hf_clip_l.hub_cache()) is None:
+        # SD1's text encoder loads CLIP ViT-L/14's tokenizer and config by hub name: serve them offline
+        hf_home = data / "hf"
+        hf_clip_l.write_snapshot(hf_home / "hub")
+        for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE"):
+            env.pop(var, None)
+        env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=webui, stdout=out, stderr=subprocess.STDOUT, env=env)
+    srv = Server(f"http://127.0.0.1:{port}", proc, log, lora)
+    deadline = time.time() + timeout
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise StartError(f"the WebUI exited with {proc.returncode}:\n{srv.log_tail()}")
+            try:
+                if srv.request("GET", ready, timeout=5)[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                raise StartError(f"the WebUI did not come up in time:\n{srv.log_tail()}")
+            time.sleep(2)
+        yield srv
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
