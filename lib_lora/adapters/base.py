@@ -89,13 +89,11 @@ class Adapter:
             return
         if rank <= 0:
             raise AdapterError(f"{self.name}: rank {rank}")
-        if self.alpha is None:
-            return
-        scale = self.alpha / rank
+        scale = self.alpha / rank if self.alpha is not None else 1.0
         bound = self.delta_bound()
         peak = abs(scale) * (bound if bound is not None else 1.0)
         if not (abs(scale) <= FLOAT32_MAX and peak <= FLOAT32_MAX):
-            raise AdapterError(f"{self.name}: alpha {self.alpha:g} / rank {rank} makes deltas "
+            raise AdapterError(f"{self.name}: alpha {self.alpha} / rank {rank} makes deltas "
                                "beyond the float32 range")
 
     @property

@@ -351,9 +351,9 @@ def _text_mutation(rng: random.Random, text: str) -> tuple[str, str]:
 
 def _byte_mutation(rng: random.Random, data: bytearray, header_len: int) -> str:
     op = rng.choice(["flip_header", "flip_data", "truncate", "length_lie", "append", "zero_fill", "length_huge"])
-    if op == "flip_header" and header_len:
+    if op == "flip_header" and 0 < header_len and len(data) > 8:
         for _ in range(rng.randint(1, 8)):
-            i = 8 + rng.randrange(header_len)
+            i = 8 + rng.randrange(min(header_len, len(data) - 8))
             data[i] ^= 1 << rng.randrange(8)
     elif op == "flip_data" and len(data) > 8 + header_len:
         for _ in range(rng.randint(1, 32)):
