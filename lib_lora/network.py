@@ -82,7 +82,8 @@ def parse_state_dict(name: str, sd: dict[str, Tensor], metadata: dict[str, str],
             errors.append(str(e))
             continue
         except (RuntimeError, IndexError) as e:  # torch's refusal of shapes validate() let through
-            errors.append(f"{module}: tensors do not form an adapter ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            errors.append(f"{module}: tensors do not form an adapter ({reason})")
             continue
         unknown.extend(f"{module}.{r}" for r in sorted(set(tensors) - adapter.known_suffixes()))
         adapters[module] = adapter

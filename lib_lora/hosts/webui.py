@@ -38,8 +38,9 @@ OPT_SHOW_WARNINGS = "lora_workshop_show_warnings"
 OPT_DATASET_ROOTS = "lora_workshop_api_dataset_roots"
 OPT_BUILTIN_DORA = "lora_workshop_builtin_dora"
 OPT_OUTSIDE_LINKS = "lora_workshop_follow_outside_links"
-DEFAULTS: dict[str, Any] = {OPT_CACHE_MB: 2048, OPT_DEFAULT_WEIGHT: 1.0, OPT_RESTORE_AFTER: False, OPT_SHOW_WARNINGS: True,
-                            OPT_DATASET_ROOTS: "", OPT_BUILTIN_DORA: False, OPT_OUTSIDE_LINKS: False}
+DEFAULTS: dict[str, Any] = {OPT_CACHE_MB: 2048, OPT_DEFAULT_WEIGHT: 1.0, OPT_RESTORE_AFTER: False,
+                            OPT_SHOW_WARNINGS: True, OPT_DATASET_ROOTS: "", OPT_BUILTIN_DORA: False,
+                            OPT_OUTSIDE_LINKS: False}
 
 NETWORK_NAME = "lora"
 NETWORK_ALIASES = ("lyco",)
