@@ -48,6 +48,66 @@ class Header:
         self.shapes = {k: tuple(v["shape"]) for k, v in self.tensors.items()}
 
 
+MAX_DIMS = 8            # adapter tensors have at most 5 (conv3d); more is a corrupt header
+MAX_ELEMENTS = 1 << 48  # far beyond any real layer, and safe from int64 overflow in torch's size arithmetic
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        for s in (k, v):
+            if isinstance(s, str):
+                s.encode("utf-8")  # UnicodeEncodeError for an escaped lone surrogate, which is not text
+        out[k] = v
+    return out
+
+
+def _not_json(constant: str) -> None:
+    raise ValueError(f"{constant} is not a JSON value")
+
+
+def parse_header_json(raw: bytes, name: str) -> Any:
+    """The header's JSON, as strictly as the safetensors reference reader takes it."""
+    try:
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_not_json)
+    except RecursionError:
+        raise LoraFileError(f"{name}: safetensors header is nested too deeply") from None
+    except (UnicodeError, ValueError) as e:  # JSONDecodeError is a ValueError
+        raise LoraFileError(f"{name}: safetensors header is not valid JSON ({str(e)[:200]})") from None
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _tensor_entry(name: str, key: str, info: Any) -> tuple[str, list[int], int, int]:
+    """(dtype, shape, start, end) of one header entry, each checked for type and range."""
+    bad = f"{name}: tensor {key!r} has a malformed header entry"
+    if not isinstance(info, dict):
+        raise LoraFileError(f"{bad} (not an object)")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str):
+        raise LoraFileError(f"{bad} (dtype {dtype!r})")
+    if dtype not in _DTYPES:
+        raise LoraFileError(f"{name}: tensor {key!r} has unsupported dtype {dtype[:32]!r}")
+    if _DTYPES[dtype][0] is None:
+        raise LoraFileError(f"{name}: tensor {key!r} has dtype {dtype}, which this torch {torch.__version__} cannot read")
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_is_int(d) for d in shape):
+        raise LoraFileError(f"{bad} (shape {str(shape)[:64]})")
+    if any(d < 0 for d in shape):
+        raise LoraFileError(f"{name}: tensor {key!r} has a negative dimension")
+    extent = 1
+    for d in shape:
+        extent *= max(d, 1)  # zero-sized tensors too: [0, 2**70] would overflow torch's size arithmetic
+    if extent > MAX_ELEMENTS:
+        raise LoraFileError(f"{name}: tensor {key!r} has an implausible shape {shape}")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(x) for x in offsets):
+        raise LoraFileError(f"{bad} (data_offsets {str(offsets)[:64]})")
+    return dtype, shape, offsets[0], offsets[1]
+
+
 def read_header(path: str | os.PathLike) -> Header:
     """Parse and validate a safetensors header without reading tensor data."""
     path = Path(path)
@@ -59,30 +119,21 @@ def read_header(path: str | os.PathLike) -> Header:
         (n,) = struct.unpack("<Q", raw)
         if n > MAX_HEADER or 8 + n > size:
             raise LoraFileError(f"{path.name}: not a valid safetensors file (header length {n} exceeds file size {size})")
-        try:
-            header = json.loads(f.read(n).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise LoraFileError(f"{path.name}: safetensors header is not valid JSON ({e})") from None
+        header = parse_header_json(f.read(n), path.name)
     if not isinstance(header, dict):
         raise LoraFileError(f"{path.name}: safetensors header is not a JSON object")
     meta = header.pop("__metadata__", None) or {}
     if not isinstance(meta, dict):
         raise LoraFileError(f"{path.name}: __metadata__ is not an object")
+    for k, v in meta.items():
+        if not isinstance(v, str):  # the format's metadata is text to text; safetensors itself refuses others
+            raise LoraFileError(f"{path.name}: metadata value of {k[:64]!r} is not a string")
     data_start, data_len = 8 + n, size - 8 - n
     spans = []
     for name, info in header.items():
-        try:
-            dtype = info["dtype"]
-            shape = [int(d) for d in info["shape"]]
-            start, end = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise LoraFileError(f"{path.name}: tensor {name!r} has a malformed header entry") from None
-        if dtype not in _DTYPES or _DTYPES[dtype][0] is None:
-            raise LoraFileError(f"{path.name}: tensor {name!r} has unsupported dtype {dtype}")
+        dtype, shape, start, end = _tensor_entry(path.name, name, info)
         numel = 1
         for d in shape:
-            if d < 0:
-                raise LoraFileError(f"{path.name}: tensor {name!r} has a negative dimension")
             numel *= d
         if not (0 <= start <= end <= data_len) or end - start != numel * _DTYPES[dtype][1]:
             raise LoraFileError(
@@ -93,7 +144,7 @@ def read_header(path: str | os.PathLike) -> Header:
     for (s0, e0), (s1, _) in zip(spans, spans[1:]):
         if s1 < e0:
             raise LoraFileError(f"{path.name}: tensors overlap in the data section (corrupt header)")
-    return Header(path, {str(k): str(v) for k, v in meta.items()}, header, data_start, size)
+    return Header(path, meta, header, data_start, size)
 
 
 def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -108,8 +159,11 @@ def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[s
         dtype = _DTYPES[info["dtype"]][0]
         start, end = info["data_offsets"]
         buf = bytearray(blob[h.data_start + start:h.data_start + end])
-        t = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
-        out[name] = t.reshape(info["shape"])
+        try:  # read_header checked sizes and types, so this boundary only guards torch's own refusals
+            t = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
+            out[name] = t.reshape(info["shape"])
+        except (RuntimeError, ValueError) as e:
+            raise LoraFileError(f"{h.path.name}: tensor {name!r} cannot be read ({str(e).splitlines()[0]})") from None
     return out, h.metadata
 
 

@@ -5,15 +5,16 @@ never joined onto a folder, so ``../`` and absolute paths cannot reach other fil
 """
 from __future__ import annotations
 
-import json
 import os
 import re
+import stat
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
-from . import families
+from . import families, safe_json
 from .fileio import PICKLE_EXT, SAFETENSORS_EXT, LoraFileError, read_header
 from .hashes import addnet_hash_safetensors, sha256_file
 from .network import Network, load_network
@@ -91,8 +92,8 @@ class Entry:
         if not p.is_file():
             return {}
         try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            data = safe_json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
             raise LoraFileError(f"{p.name}: unreadable notes file ({e})") from None
         return data if isinstance(data, dict) else {}
 
@@ -104,9 +105,21 @@ class Entry:
         return None
 
 
+MAX_DEPTH = 32  # sub-folder levels below a LoRA folder that are scanned
+
+
 class Library:
-    def __init__(self, roots: list[str | os.PathLike], cache_bytes: int = 2 << 30):
+    """The LoRA files below ``roots``.
+
+    ``follow_outside_links``: also index files (and folders) that symlinks inside a root point
+    to outside every root.  Off by default, so a link such as ``x.safetensors -> /etc/passwd``
+    is not listed, hashed or served over the API.
+    """
+
+    def __init__(self, roots: list[str | os.PathLike], cache_bytes: int = 2 << 30,
+                 follow_outside_links: bool = False):
         self.roots = [Path(r) for r in roots]
+        self.follow_outside_links = follow_outside_links
         self.entries: list[Entry] = []
         self._lock = threading.RLock()
         self._cache: OrderedDict[Path, Network] = OrderedDict()
@@ -115,39 +128,73 @@ class Library:
         self.refresh()
 
     # -- scanning --------------------------------------------------------------------
+    def _inside(self, real: str, reals: list[str]) -> bool:
+        return self.follow_outside_links or any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in reals)
+
+    def _walk(self, folder: str, depth: int, visited: set[str], reals: list[str]) -> Iterator[Path]:
+        """Files below ``folder``, files of a folder before its sub-folders, each sorted by name.
+
+        Symlinked folders are followed, each real folder at most once (two links to ``.`` would
+        otherwise multiply without end), and no deeper than MAX_DEPTH.
+        """
+        try:
+            with os.scandir(folder) as it:
+                items = sorted((d for d in it if not d.name.startswith(".")), key=lambda d: d.name)
+        except OSError:  # unreadable, or removed while scanning
+            return
+        subdirs = []
+        for d in items:
+            try:
+                is_dir = d.is_dir()
+            except OSError:
+                continue
+            if not is_dir:
+                yield Path(d.path)
+            elif depth < MAX_DEPTH:
+                subdirs.append(d.path)
+        for sub in subdirs:
+            real = os.path.realpath(sub)
+            if real in visited or not self._inside(real, reals):
+                continue
+            visited.add(real)
+            yield from self._walk(sub, depth + 1, visited, reals)
+
     def refresh(self) -> None:
         old = {e.path: e for e in self.entries}
         found: list[Entry] = []
-        seen: set[Path] = set()
+        seen: set[str] = set()
+        reals = [os.path.realpath(r) for r in self.roots if r.is_dir()]
+        visited: set[str] = set()
         for root in self.roots:
             if not root.is_dir():
                 continue
-            for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                for fn in sorted(filenames):
-                    p = Path(dirpath) / fn
-                    if p.suffix.lower() not in EXTENSIONS or fn.startswith(".") or fn.endswith(TRAINING_STATE_SUFFIX):
-                        continue  # resumable training state saved beside a LoRA is not a LoRA
-                    real = p.resolve()
-                    if real in seen:
-                        continue
-                    seen.add(real)
+            visited.add(os.path.realpath(root))
+            for p in self._walk(str(root), 0, visited, reals):
+                fn = p.name
+                if p.suffix.lower() not in EXTENSIONS or fn.endswith(TRAINING_STATE_SUFFIX):
+                    continue  # resumable training state saved beside a LoRA is not a LoRA
+                real = os.path.realpath(p)
+                if real in seen or not self._inside(real, reals):
+                    continue
+                seen.add(real)
+                try:
+                    st = p.stat()
+                except OSError:  # a dangling symlink, or deleted while scanning: not a LoRA
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    continue  # a FIFO would block the header read forever; devices are not LoRAs either
+                prev = old.get(p)
+                if prev is not None and prev.mtime == st.st_mtime and prev.size == st.st_size:
+                    found.append(prev)
+                    continue
+                rel = p.relative_to(root).with_suffix("").as_posix()
+                e = Entry(p, root, p.stem, rel, st.st_mtime, st.st_size)
+                if p.suffix.lower() in SAFETENSORS_EXT:
                     try:
-                        st = p.stat()
-                    except OSError:  # a dangling symlink, or deleted while scanning: not a LoRA
-                        continue
-                    prev = old.get(p)
-                    if prev is not None and prev.mtime == st.st_mtime and prev.size == st.st_size:
-                        found.append(prev)
-                        continue
-                    rel = p.relative_to(root).with_suffix("").as_posix()
-                    e = Entry(p, root, p.stem, rel, st.st_mtime, st.st_size)
-                    if p.suffix.lower() in SAFETENSORS_EXT:
-                        try:
-                            e.metadata = read_header(p).metadata
-                        except (LoraFileError, OSError) as err:
-                            e.header_error = str(err)
-                    found.append(e)
+                        e.metadata = read_header(p).metadata
+                    except (LoraFileError, OSError) as err:
+                        e.header_error = str(err)
+                found.append(e)
         with self._lock:
             self.entries = found
             live = {e.path for e in found}

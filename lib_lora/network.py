@@ -58,12 +58,15 @@ def parse_state_dict(name: str, sd: dict[str, Tensor], metadata: dict[str, str],
             unknown.append(key)
             continue
         module, role = split
+        if tensor.layout != torch.strided or tensor.is_quantized or tensor.device.type != "cpu":
+            raise LoraFileError(f"{name}: tensor {key} is stored as {tensor.layout}/{tensor.device.type} "
+                                "(only dense CPU tensors are read)")
         if role == "alpha" and _is_integer_scalar(tensor):
             tensor = tensor.float()  # diffusers' convert_state_dict_to_kohya writes torch.tensor(rank)
         elif not torch.is_floating_point(tensor) and role not in ("on_input",):
             raise LoraFileError(f"{name}: tensor {key} has non-float dtype {tensor.dtype}")
         groups[module][role] = tensor
-    _apply_peft_alphas(groups, metadata)
+    _apply_peft_alphas(name, groups, metadata)
     adapters: dict[str, Adapter] = {}
     errors: list[str] = []
     for module, tensors in groups.items():
@@ -71,12 +74,16 @@ def parse_state_dict(name: str, sd: dict[str, Tensor], metadata: dict[str, str],
             unknown.extend(f"{module}.{r}" for r in tensors)
             continue
         for role, t in tensors.items():
-            if torch.is_floating_point(t) and not torch.isfinite(t).all():
+            if torch.is_floating_point(t) and not _finite(t):
                 raise LoraFileError(f"{name}: tensor {module}.{role} contains NaN or Inf values")
         try:
             adapter = make_adapter(module, tensors)
         except AdapterError as e:
             errors.append(str(e))
+            continue
+        except (RuntimeError, IndexError) as e:  # torch's refusal of shapes validate() let through
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            errors.append(f"{module}: tensors do not form an adapter ({reason})")
             continue
         unknown.extend(f"{module}.{r}" for r in sorted(set(tensors) - adapter.known_suffixes()))
         adapters[module] = adapter
@@ -97,27 +104,47 @@ _PEFT_COMPONENTS = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_
                     "lora_te2_": "text_encoder_2"}
 
 
-def _apply_peft_alphas(groups: dict[str, dict[str, Tensor]], metadata: dict[str, str]) -> None:
+def _finite(t: Tensor) -> bool:
+    """Finite once in float32, where deltas are computed (float8 has no isfinite of its own)."""
+    if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        t = t.float()
+    return bool(torch.isfinite(t).all())
+
+
+def _peft_alpha(name: str, where: str, value: object) -> float:
+    # bool is an int to Python, and float32 (the alpha tensor) overflows long before float64
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not abs(value) <= torch.finfo(torch.float32).max:
+        raise LoraFileError(f"{name}: lora_adapter_metadata {where} is {str(value)[:40]!r}, not a usable number")
+    return float(value)
+
+
+def _apply_peft_alphas(name: str, groups: dict[str, dict[str, Tensor]], metadata: dict[str, str]) -> None:
     """diffusers files keep PEFT's lora_alpha (and per-module alpha_pattern) in the header, not as tensors."""
     raw = metadata.get("lora_adapter_metadata")
     if not raw:
         return
     try:
         cfg = json.loads(raw)
-    except json.JSONDecodeError:
-        raise LoraFileError("lora_adapter_metadata in the file header is not valid JSON") from None
+    except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
+        raise LoraFileError(f"{name}: lora_adapter_metadata in the file header is not valid JSON") from None
+    if not isinstance(cfg, dict):
+        raise LoraFileError(f"{name}: lora_adapter_metadata in the file header is not a JSON object")
     for module, tensors in groups.items():
         if "alpha" in tensors or "lora_down.weight" not in tensors:
             continue
         comp = next((c for p, c in _PEFT_COMPONENTS.items() if module.startswith(p)), None)
         if comp is None or f"{comp}.lora_alpha" not in cfg:
             continue
-        alpha = cfg[f"{comp}.lora_alpha"]
-        for pattern, value in (cfg.get(f"{comp}.alpha_pattern") or {}).items():
+        alpha = _peft_alpha(name, f"{comp}.lora_alpha", cfg[f"{comp}.lora_alpha"])
+        patterns = cfg.get(f"{comp}.alpha_pattern") or {}
+        if not isinstance(patterns, dict):
+            raise LoraFileError(f"{name}: lora_adapter_metadata {comp}.alpha_pattern is not an object")
+        for pattern, value in patterns.items():
             if ("_" + module).endswith("_" + pattern.replace(".", "_")):
-                alpha = value
+                alpha = _peft_alpha(name, f"{comp}.alpha_pattern[{pattern!r}]", value)
                 break
-        tensors["alpha"] = torch.tensor(float(alpha))
+        tensors["alpha"] = torch.tensor(alpha)
 
 
 def load_network(path: str | os.PathLike, name: str | None = None) -> Network:

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from . import families
+from . import families, safe_json
 from .infotext import parse_hashes, rename_in_prompt
 from .library import Entry, Library
 from .params import LoraRequest, ParamError, parse_args, split_items
@@ -55,8 +56,8 @@ def decoded_metadata(meta: Mapping[str, Any]) -> dict[str, Any]:
         out[k] = v
         if isinstance(v, str) and v[:1] == "{":
             try:
-                out[k] = json.loads(v)
-            except ValueError:
+                out[k] = safe_json.loads(v)
+            except ValueError:  # out-of-range numbers, NaN, deep nesting: shown as the raw string
                 pass
     return out
 
@@ -64,7 +65,7 @@ def decoded_metadata(meta: Mapping[str, Any]) -> dict[str, Any]:
 def _json_value(v: Any) -> Any:
     if isinstance(v, str):
         try:
-            return json.loads(v)
+            return safe_json.loads(v)
         except ValueError:
             return None
     return v
@@ -82,7 +83,7 @@ def tag_frequency(meta: Mapping[str, Any], top: int | None = None) -> list[tuple
                 tag = str(tag).strip()
                 try:
                     counts[tag] = counts.get(tag, 0) + int(n)
-                except (TypeError, ValueError):
+                except (TypeError, ValueError, OverflowError):
                     continue
     ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
     return ordered[:top] if top is not None else ordered
@@ -112,21 +113,27 @@ _MODULE_ALGOS = {"networks.lora": "lora", "networks.dylora": "dylora", "networks
 def algorithm_info(meta: Mapping[str, Any]) -> dict[str, Any]:
     """Algorithm, rank and alpha as the training metadata states them (None when unknown).
 
-    Metadata only: the tensors are not read, so this is cheap for a whole library.
+    Metadata only: the tensors are not read, so this is cheap for a whole library.  A value
+    that is not a finite number (``"1e400"``, ``"abc"``) is given as the raw string.
     """
     args = _json_value(meta.get("ss_network_args"))
     algo = args.get("algo") if isinstance(args, dict) else None
-    if not algo:
+    if not isinstance(algo, str) or not algo:
         algo = _MODULE_ALGOS.get(str(meta.get("ss_network_module", "")))
     if not algo:
         arch = str(meta.get("modelspec.architecture", ""))
         algo = arch.rpartition("/")[2] or None if "/" in arch else None
 
     def num(key: str, cast):
-        try:
-            return cast(float(meta[key])) if key in meta else None
-        except (TypeError, ValueError):
+        """The number, or the text as written when it is not a (finite) number."""
+        raw = meta.get(key)
+        if raw is None or str(raw) in ("", "None"):
             return None
+        try:
+            value = float(raw)
+        except (TypeError, ValueError):
+            return str(raw)
+        return cast(value) if math.isfinite(value) else str(raw)
 
     return {"algorithm": algo, "rank": num("ss_network_dim", int), "alpha": num("ss_network_alpha", float)}
 

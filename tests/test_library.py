@@ -111,3 +111,110 @@ def test_training_state_files_are_not_loras(tmp_path):
     lora(tmp_path / "x.safetensors")
     lora(tmp_path / "x.state.safetensors")
     assert [e.name for e in Library([tmp_path]).entries] == ["x"]
+
+
+# -- hardening (issue 15): per-file errors, symlink loops, links out of the folder, odd numbers ------
+
+
+def _scan(roots, timeout=30.0, **kw) -> Library:
+    """Library(roots) in a thread, so a scan that never ends fails the test instead of hanging it."""
+    import threading
+    out: list = []
+    t = threading.Thread(target=lambda: out.append(Library(roots, **kw)), daemon=True)
+    t.start()
+    t.join(timeout)
+    assert out, f"scan did not finish in {timeout} s"
+    return out[0]
+
+
+def _write_header(path, header_text: str):
+    raw = header_text.encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw)
+    return path
+
+
+def test_unparseable_headers_are_each_files_own_error(tmp_path):
+    lora(tmp_path / "ok.safetensors")
+    _write_header(tmp_path / "deep.safetensors", "[" * 100_000 + "]" * 100_000)
+    _write_header(tmp_path / "dtype.safetensors", '{"a.alpha": {"dtype": ["F32"], "shape": [], "data_offsets": [0, 0]}}')
+    _write_header(tmp_path / "meta.safetensors", '{"__metadata__": {"x": 1e400}}')
+    lib = _scan([tmp_path])
+    errors = {e.name: e.header_error for e in lib.entries}
+    assert errors["ok"] is None
+    assert errors["deep"].startswith("deep.safetensors: ") and "nested too deeply" in errors["deep"]
+    assert errors["dtype"].startswith("dtype.safetensors: ") and "malformed header entry" in errors["dtype"]
+    assert errors["meta"].startswith("meta.safetensors: ") and "not a string" in errors["meta"]
+
+
+def test_symlink_loops_end_and_each_folder_is_scanned_once(tmp_path):
+    root = tmp_path / "Lora"
+    lora(root / "a" / "x.safetensors")
+    lora(root / "top.safetensors")
+    os.symlink(".", root / "self1")
+    os.symlink(".", root / "self2")
+    os.symlink("..", root / "a" / "up")
+    os.symlink("../Lora/a", root / "again")  # a second way into a/: listed once, at its first path
+    lib = _scan([root])
+    assert sorted(e.relname for e in lib.entries) == ["a/x", "top"]
+    deep = root.joinpath(*[f"d{i}" for i in range(40)])
+    lora(deep / "too_deep.safetensors")
+    lora(root.joinpath(*[f"d{i}" for i in range(5)]) / "shallow.safetensors")
+    lib.refresh()
+    names = {e.name for e in lib.entries}
+    assert "shallow" in names and "too_deep" not in names
+
+
+def test_links_out_of_the_lora_folder_are_not_indexed_unless_allowed(tmp_path):
+    root, outside = tmp_path / "Lora", tmp_path / "elsewhere"
+    lora(root / "own.safetensors")
+    lora(outside / "theirs.safetensors")
+    lora(outside / "sub" / "deeper.safetensors")
+    secret = tmp_path / "passwd.safetensors"
+    secret.write_bytes(b"root:x:0:0:root:/root:/bin/bash\n")
+    os.symlink(secret, root / "x.safetensors")
+    os.symlink(outside / "theirs.safetensors", root / "linked.safetensors")
+    os.symlink(outside / "sub", root / "linked_dir")
+    lora(root / "in" / "kept.safetensors")
+    os.symlink(root / "in" / "kept.safetensors", root / "alias.safetensors")  # inside: fine
+    assert sorted(e.relname for e in _scan([root]).entries) == ["alias", "own"]
+    both = _scan([root, outside])  # a second LoRA folder: links into it are inside "a model folder"
+    assert sorted(e.relname for e in both.entries if e.root == root) == ["alias", "linked", "linked_dir/deeper", "own"]
+    trusting = _scan([root], follow_outside_links=True)
+    assert sorted(e.relname for e in trusting.entries) == ["alias", "linked", "linked_dir/deeper", "own", "x"]
+    fifo = root / "pipe.safetensors"
+    os.mkfifo(fifo)
+    assert "pipe" not in {e.name for e in _scan([root]).entries}  # reading it would block forever
+
+
+def test_out_of_range_metadata_keeps_api_and_inspect_valid_json(tmp_path, capsys):
+    import json
+
+    import fastapi
+    from fastapi.testclient import TestClient
+
+    from lib_lora import api
+    from lib_lora.cli import main
+
+    meta = {"ss_network_dim": "1e400", "ss_network_alpha": "NaN", "ss_training_started_at": "1e400",
+            "ss_tag_frequency": '{"1_a": {"big": 1e400, "nan": NaN, "ok": 2}}', "ss_network_args": '{"algo": 5}',
+            "ss_bucket_info": '{"a": ' * 50 + "1" + "}" * 50, "ss_dataset_dirs": '{"a": {"n": 1e400}}'}
+    lora(tmp_path / "odd.safetensors", meta=meta)
+    lib = Library([tmp_path])
+    app = fastapi.FastAPI()
+    api.add_routes(app, lambda: lib, builtin_compatible=True)
+    client = TestClient(app)
+    strict = {"parse_constant": lambda c: pytest.fail(f"{c} in a JSON answer")}
+    for path in ("/lora-workshop/v1/loras", "/lora-workshop/v1/loras/odd", "/sdapi/v1/loras"):
+        r = client.get(path)
+        assert r.status_code == 200, path
+        json.loads(r.text, **strict)
+    (item,) = client.get("/lora-workshop/v1/loras").json()
+    assert (item["rank"], item["alpha"], item["algorithm"]) == ("1e400", "NaN", None)  # shown as written
+    assert client.get("/lora-workshop/v1/loras/odd").json()["tag_frequency"] == {}  # undecodable: no tags
+    (builtin,) = client.get("/sdapi/v1/loras").json()
+    assert builtin["metadata"]["ss_dataset_dirs"] == meta["ss_dataset_dirs"]  # not decodable: the raw text
+    assert main(["inspect", "--json", str(tmp_path / "odd.safetensors")]) == 0
+    info = json.loads(capsys.readouterr().out, **strict)
+    assert info["metadata"]["ss_network_dim"] == "1e400"
+    assert main(["inspect", str(tmp_path / "odd.safetensors")]) == 0
+    assert "1e400" in capsys.readouterr().out

@@ -601,7 +601,7 @@ def test_settings_registered_in_own_section(webui):
     script_callbacks.ui_settings_callback()
     ours = {k: v for k, v in shared.opts.data_labels.items() if k.startswith("lora_workshop_")}
     assert set(ours) == {host.OPT_CACHE_MB, host.OPT_DEFAULT_WEIGHT, host.OPT_RESTORE_AFTER, host.OPT_SHOW_WARNINGS,
-                         host.OPT_BUILTIN_DORA, host.OPT_DATASET_ROOTS}
+                         host.OPT_BUILTIN_DORA, host.OPT_DATASET_ROOTS, host.OPT_OUTSIDE_LINKS}
     assert all(v.section == ("lora_workshop", "LoRA Workshop") for v in ours.values())
     builtin_names = {"sd_lora", "lora_preferred_name", "lora_add_hashes_to_infotext", "lora_bundled_ti_to_infotext",
                      "lora_show_all", "lora_hide_unknown_for_versions", "lora_in_memory_limit",
@@ -669,6 +669,28 @@ def test_builtin_compatible_dora_setting_reaches_the_merge(webui, model, sd1_map
         assert not webui.generate("<lora:dora:0.5>").comments
         torch.testing.assert_close(w.detach() - w0, ref, rtol=1e-4, atol=1e-6)
     assert (builtin - lycoris).abs().max() > 1e-3
+
+
+def test_outside_links_setting_and_unreadable_file_on_its_card(webui, sd1_map, tmp_path):
+    outside = tmp_path / "my_own_loras"
+    make_lora(outside / "linked.safetensors", sd1_map, only=("attn2",))
+    webui.lora_dir.mkdir(parents=True, exist_ok=True)
+    (webui.lora_dir / "mine").symlink_to(outside)
+    broken = webui.lora_dir / "broken.safetensors"
+    raw = b'{"a.alpha": {"dtype": ["F32"], "shape": [], "data_offsets": [0, 0]}}'
+    broken.write_bytes(len(raw).to_bytes(8, "little") + raw)
+    webui.load_script()
+    script_callbacks.ui_settings_callback()
+    webui.start_ui()
+    lib = webui.workshop.library
+    assert [e.relname for e in lib.entries] == ["broken"]  # the link out is not followed by default
+    shared.opts.set(host.OPT_OUTSIDE_LINKS, True)
+    assert [e.relname for e in lib.entries] == ["broken", "mine/linked"]
+    page = webui.workshop.page
+    page.create_html("txt2img")
+    desc = page.items["broken"]["description"]
+    assert "broken.safetensors: tensor &#x27;a.alpha&#x27; has a malformed header entry" in desc
+    assert page.items["linked"]["description"] in (None, "")
 
 
 # -- model switching and host mapping -------------------------------------------------------------

@@ -7,6 +7,7 @@ the original weight) fits the same shape of call.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, ClassVar, Dict, Optional
 
 import torch
@@ -14,6 +15,14 @@ from torch import Tensor
 
 # how a DoRA magnitude turns a delta into the final change (adapters/dora.py holds the choices)
 DoraFn = Callable[[Tensor, Tensor, Tensor, float, str], Tensor]
+
+
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def amax(t: Tensor) -> float:
+    """Largest magnitude in a stored tensor (any float dtype, float8 included)."""
+    return float(t.float().abs().max()) if t.numel() else 0.0
 
 
 class AdapterError(ValueError):
@@ -31,9 +40,19 @@ class Adapter:
         self.name = name
         self.tensors = tensors
         alpha = tensors.get("alpha")
+        if alpha is not None and alpha.numel() != 1:
+            raise AdapterError(f"{name}: alpha must be one number, got shape {tuple(alpha.shape)}")
         self.alpha: float | None = float(alpha.float().item()) if alpha is not None else None
+        if self.alpha is not None and not math.isfinite(self.alpha):
+            raise AdapterError(f"{name}: alpha is {self.alpha}")
         self.dora_scale: Tensor | None = tensors.get("dora_scale")
+        if self.dora_scale is not None and self.dora_scale.dim() == 0:
+            raise AdapterError(f"{name}: dora_scale must be a per-channel vector, got a scalar")
         self.validate()
+        self._check_scale()
+        for role, t in tensors.items():
+            if t.numel() == 0:
+                raise AdapterError(f"{name}: {role} is empty (shape {tuple(t.shape)})")
 
     # -- things a subclass provides -------------------------------------------------
     @classmethod
@@ -51,6 +70,10 @@ class Adapter:
     def rank(self) -> int | None:
         return None
 
+    def delta_bound(self) -> float | None:
+        """An upper bound of the delta's entries before the alpha/rank scale (None: not known)."""
+        return None
+
     def weight_delta(self, weight: Tensor, dyn: int | None = None) -> Tensor | None:
         """float32 delta for multiplier 1, shaped like ``weight`` (or reshapeable to it)."""
         return None
@@ -59,6 +82,20 @@ class Adapter:
         return None
 
     # -- shared behaviour ------------------------------------------------------------
+    def _check_scale(self) -> None:
+        """Rank 0 has no scale, and a scale that overflows float32 would merge inf into the model."""
+        rank = self.rank()
+        if rank is None:
+            return
+        if rank <= 0:
+            raise AdapterError(f"{self.name}: rank {rank}")
+        scale = self.alpha / rank if self.alpha is not None else 1.0
+        bound = self.delta_bound()
+        peak = abs(scale) * (bound if bound is not None else 1.0)
+        if not (abs(scale) <= FLOAT32_MAX and peak <= FLOAT32_MAX):
+            raise AdapterError(f"{self.name}: alpha {self.alpha} / rank {rank} makes deltas "
+                               "beyond the float32 range")
+
     @property
     def needs_weight(self) -> bool:
         """Whether the delta depends on the original weight (DoRA, IA3), not just the file."""

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .base import Adapter, AdapterError
+from .base import Adapter, AdapterError, amax
 from .lora import rebuild_tucker
 
 
@@ -32,7 +32,7 @@ class LoHa(Adapter):
         a, b = self.tensors[f"hada_w{i}_a"], self.tensors[f"hada_w{i}_b"]
         t = self.tensors.get(f"hada_t{i}")
         if t is not None:  # Tucker: t [r, r, *k], a [r, out], b [r, in]
-            if a.dim() != 2 or b.dim() != 2 or t.dim() < 3 or t.shape[0] != a.shape[0] or t.shape[1] != b.shape[0]:
+            if a.dim() != 2 or b.dim() != 2 or t.dim() != 4 or t.shape[0] != a.shape[0] or t.shape[1] != b.shape[0]:
                 raise AdapterError(f"{self.name}: hada_t{i} {tuple(t.shape)} does not chain with "
                                    f"hada_w{i}_a {tuple(a.shape)} / hada_w{i}_b {tuple(b.shape)}")
             return (a.shape[1], b.shape[1], *t.shape[2:])
@@ -43,6 +43,13 @@ class LoHa(Adapter):
 
     def rank(self) -> int:
         return int(self.tensors["hada_w1_b"].shape[0])  # [r, in] in both forms, as LyCORIS reads it
+
+    def delta_bound(self) -> float:
+        bound = 1.0
+        for i in (1, 2):
+            a, b, t = self.tensors[f"hada_w{i}_a"], self.tensors[f"hada_w{i}_b"], self.tensors.get(f"hada_t{i}")
+            bound *= b.shape[0] * amax(a) * amax(b) * (t.shape[0] * amax(t) if t is not None else 1.0)
+        return bound
 
     def _half(self, i: int) -> Tensor:
         a, b = self.t(f"hada_w{i}_a"), self.t(f"hada_w{i}_b")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Adapter, AdapterError
+from .base import Adapter, AdapterError, amax
 from .loha import unflatten_conv
 from .lora import rebuild_tucker
 
@@ -35,13 +35,15 @@ class LoKr(Adapter):
                 raise AdapterError(f"{n}: lokr_w1_a {tuple(a.shape)} and lokr_w1_b {tuple(b.shape)} do not chain")
         elif ts["lokr_w1"].dim() != 2:
             raise AdapterError(f"{n}: lokr_w1 must be 2-D, got {tuple(ts['lokr_w1'].shape)}")
+        if not self._factored(2) and ts["lokr_w2"].dim() < 2:
+            raise AdapterError(f"{n}: lokr_w2 must be at least 2-D, got {tuple(ts['lokr_w2'].shape)}")
         if "lokr_t2" in ts and not self._factored(2):
             raise AdapterError(f"{n}: lokr_t2 given with a full lokr_w2")
         if self._factored(2):
             a, b = ts["lokr_w2_a"], ts["lokr_w2_b"]
             t = ts.get("lokr_t2")
             if t is not None:  # t [r, r, *k], a [r, out], b [r, in]
-                ok = (a.dim() == 2 and b.dim() == 2 and t.dim() >= 3
+                ok = (a.dim() == 2 and b.dim() == 2 and t.dim() == 4
                       and t.shape[0] == a.shape[0] and t.shape[1] == b.shape[0])
             else:  # a [out, r], b [r, in(*k)]
                 ok = a.dim() == 2 and b.dim() >= 2 and a.shape[1] == b.shape[0]
@@ -56,6 +58,16 @@ class LoKr(Adapter):
             if self._factored(i):
                 return int(self.tensors[f"lokr_w{i}_b"].shape[0])
         return None
+
+    def delta_bound(self) -> float:
+        ts, bound = self.tensors, 1.0
+        for i in (1, 2):
+            if not self._factored(i):
+                bound *= amax(ts[f"lokr_w{i}"])
+                continue
+            a, b, t = ts[f"lokr_w{i}_a"], ts[f"lokr_w{i}_b"], ts.get(f"lokr_t{i}")
+            bound *= b.shape[0] * amax(a) * amax(b) * (t.shape[0] * amax(t) if t is not None else 1.0)
+        return bound
 
     def weight_delta(self, weight: Tensor, dyn: int | None = None) -> Tensor:
         w1 = self.t("lokr_w1") if not self._factored(1) else self.t("lokr_w1_a") @ self.t("lokr_w1_b")

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from ..autocast import autocasting
-from .base import Adapter, AdapterError, DoraFn, shape_fits
+from .base import Adapter, AdapterError, DoraFn, amax, shape_fits
 
 
 def rebuild_tucker(core: Tensor, left: Tensor, right: Tensor) -> Tensor:
@@ -22,11 +22,28 @@ class LoRA(Adapter):
 
     def validate(self) -> None:
         down, up = self.tensors["lora_down.weight"], self.tensors["lora_up.weight"]
-        if down.dim() < 2 or up.dim() < 2 or up.shape[1] != down.shape[0]:
+        mid = self.tensors.get("lora_mid.weight")
+        # up is [out, r] or a 1x1 conv [out, r, 1, 1]; down carries the kernel unless a mid core does
+        if down.dim() < 2 or up.dim() < 2 or up.shape[1] != down.shape[0] or any(d != 1 for d in up.shape[2:]):
             raise AdapterError(f"{self.name}: lora_up {tuple(up.shape)} and lora_down {tuple(down.shape)} do not chain")
+        if mid is not None and (mid.dim() != 4 or tuple(mid.shape[:2]) != (up.shape[1], down.shape[0])
+                                or any(d != 1 for d in down.shape[2:])):
+            raise AdapterError(f"{self.name}: lora_mid {tuple(mid.shape)} does not chain with lora_up "
+                               f"{tuple(up.shape)} and lora_down {tuple(down.shape)}")
+        dora = self.dora_scale
+        if dora is not None and dora.numel() not in (up.shape[0], down.shape[1]):
+            raise AdapterError(f"{self.name}: dora_scale {tuple(dora.shape)} fits neither the {up.shape[0]} outputs "
+                               f"nor the {down.shape[1]} inputs")
 
     def rank(self) -> int:
         return int(self.tensors["lora_down.weight"].shape[0])
+
+    def delta_bound(self) -> float:
+        ts = self.tensors
+        bound = self.rank() * amax(ts["lora_up.weight"]) * amax(ts["lora_down.weight"])
+        if "lora_mid.weight" in ts:
+            bound *= self.rank() * amax(ts["lora_mid.weight"])
+        return bound
 
     def _factors(self, dyn: int | None) -> tuple[Tensor, Tensor, Tensor | None, float]:
         down, up = self.t("lora_down.weight"), self.t("lora_up.weight")

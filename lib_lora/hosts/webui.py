@@ -37,8 +37,10 @@ OPT_RESTORE_AFTER = "lora_workshop_restore_after"
 OPT_SHOW_WARNINGS = "lora_workshop_show_warnings"
 OPT_DATASET_ROOTS = "lora_workshop_api_dataset_roots"
 OPT_BUILTIN_DORA = "lora_workshop_builtin_dora"
-DEFAULTS: dict[str, Any] = {OPT_CACHE_MB: 2048, OPT_DEFAULT_WEIGHT: 1.0, OPT_RESTORE_AFTER: False, OPT_SHOW_WARNINGS: True,
-                            OPT_DATASET_ROOTS: "", OPT_BUILTIN_DORA: False}
+OPT_OUTSIDE_LINKS = "lora_workshop_follow_outside_links"
+DEFAULTS: dict[str, Any] = {OPT_CACHE_MB: 2048, OPT_DEFAULT_WEIGHT: 1.0, OPT_RESTORE_AFTER: False,
+                            OPT_SHOW_WARNINGS: True, OPT_DATASET_ROOTS: "", OPT_BUILTIN_DORA: False,
+                            OPT_OUTSIDE_LINKS: False}
 
 NETWORK_NAME = "lora"
 NETWORK_ALIASES = ("lyco",)
@@ -263,6 +265,14 @@ class LoraPage(ui_extra_networks.ExtraNetworksPage):
     def create_user_metadata_editor(self, ui, tabname):
         return LoraMetadataEditor(ui, tabname, self)
 
+    def _description(self, entry, base: str) -> str | None:
+        """The notes' description; an unreadable file's error goes first (escaped: cards insert it as HTML)."""
+        text = self.find_description(base)
+        if not entry.header_error:
+            return text
+        error = f'<span class="lora-workshop-error">{html.escape(entry.header_error)}</span>'
+        return error + (f"<br>{text}" if text else "")
+
     def _item(self, entry, name: str, index) -> dict:
         ws = self.workshop
         filename = str(entry.path)
@@ -275,7 +285,7 @@ class LoraPage(ui_extra_networks.ExtraNetworksPage):
             "filename": filename,
             "shorthash": (entry.known_hash() or "")[:12],
             "preview": self.find_preview(base) or self.find_embedded_preview(base, name, metadata),
-            "description": self.find_description(base),
+            "description": self._description(entry, base),
             "search_terms": service.card_search_terms(entry),
             "local_preview": f"{base}.{shared.opts.samples_format}",
             "metadata": metadata,
@@ -361,7 +371,8 @@ class Workshop:
             dirs[0].mkdir(parents=True, exist_ok=True)  # like the built-in, so users see where to put files
         except OSError:
             pass
-        self.library = Library(dirs, cache_bytes=self._cache_bytes())
+        self.library = Library(dirs, cache_bytes=self._cache_bytes(),
+                               follow_outside_links=bool(self.host.option(OPT_OUTSIDE_LINKS)))
         self.runtime = Runtime(self.library)
         self.network = LoraNetwork(self)
         self.page = LoraPage(self)
@@ -389,6 +400,10 @@ class Workshop:
 
     def apply_cache_setting(self) -> None:
         self.library.set_cache_bytes(self._cache_bytes())
+
+    def apply_links_setting(self) -> None:
+        self.library.follow_outside_links = bool(self.host.option(OPT_OUTSIDE_LINKS))
+        self.library.refresh()
 
     def register_settings(self) -> None:
         """on_ui_settings: our own section; names are prefixed so they never clash with lora_*."""
@@ -420,6 +435,11 @@ class Workshop:
             DEFAULTS[OPT_BUILTIN_DORA], "Built-in-compatible DoRA", section=SECTION,
         ).info("merge DoRA files the way the built-in Lora does, to reproduce its images; "
                "off: LyCORIS's definition, which its trainers use"))
+        add(OPT_OUTSIDE_LINKS, shared.OptionInfo(
+            DEFAULTS[OPT_OUTSIDE_LINKS], "Index files that symlinks in the LoRA folder point to outside it",
+            onchange=self.apply_links_setting, section=SECTION,
+        ).info("for folders linked in on purpose; whatever such a link points to is then listed, hashed and "
+               "served over the API"))
 
     # registry / page ----------------------------------------------------------------------------
     def claim(self) -> None:

@@ -1,0 +1,1 @@
+"""Fuzzing the file loader, the library scan and ``inspect`` with malformed adapter files."""
