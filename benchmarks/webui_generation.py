@@ -11,12 +11,14 @@ Starts the WebUI (offline, CPU, a tiny SD1 checkpoint; see tests/webui_server.py
 - ``new``: another LoRA file than the generation before (two files alternate);
 - ``weights``: the same LoRA with another weight than before (0.5 and 1 alternate).
 
-The scenarios are interleaved round by round so drift hits all alike; a round's four timings come
-from one server.  Times are medians in ms; ratios are ours / builtin (lower is better).
+All three servers run at once and take turns request by request, scenarios interleaved round by
+round, so drift hits every configuration alike.  Times are medians in ms; ratios are ours /
+builtin (lower is better).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -45,30 +47,24 @@ def prompts(scenario: str, i: int) -> str:
     return f"a photo <lora:bench_a:{0.5 if i % 2 else 1.0}>"
 
 
-def measure(webui: Path, name: str, repeat: int, warmup: int) -> dict[str, list[float]]:
-    with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp:
-        data = Path(tmp)
-        ckpt_dir, lora_dir = data_dir(data, **CONFIGS[name])
-        ckpt, _ = tiny_checkpoint(ckpt_dir, lora_dir, "bench_a", more_loras=("bench_b",))
-        ready = "/lora-workshop/v1/loras" if CONFIGS[name]["extension"] else "/sdapi/v1/sd-models"
-        with running(webui, data, ckpt, ready=ready) as srv:
-            body = dict(negative_prompt="", seed=1234, steps=4, width=64, height=64, cfg_scale=3,
-                        sampler_name="Euler", batch_size=1, n_iter=1)
-            times: dict[str, list[float]] = {s: [] for s in SCENARIOS}
-            for s in SCENARIOS:  # warm every path: first loads, caches, JIT-ish first calls
-                for i in range(warmup):
-                    srv.request("POST", "/sdapi/v1/txt2img", {**body, "prompt": prompts(s, i)})
-            for r in range(repeat):
-                for s in SCENARIOS:
-                    # the call before sets the scene: the same prompt for none/same, the other file or
-                    # weight for new/weights
-                    srv.request("POST", "/sdapi/v1/txt2img", {**body, "prompt": prompts(s, r + 1)})
-                    t0 = time.perf_counter()
-                    status, res = srv.request("POST", "/sdapi/v1/txt2img", {**body, "prompt": prompts(s, r)})
-                    times[s].append((time.perf_counter() - t0) * 1000)
-                    if status != 200:
-                        raise SystemExit(f"{name}/{s}: txt2img failed ({status}): {res}\n{srv.log_tail()}")
-            return times
+BODY = dict(negative_prompt="", seed=1234, steps=4, width=64, height=64, cfg_scale=3, sampler_name="Euler",
+            batch_size=1, n_iter=1)
+
+
+def txt2img(srv, prompt: str) -> float:
+    t0 = time.perf_counter()
+    status, res = srv.request("POST", "/sdapi/v1/txt2img", {**BODY, "prompt": prompt})
+    if status != 200:
+        raise SystemExit(f"txt2img failed ({status}): {res}\n{srv.log_tail()}")
+    return (time.perf_counter() - t0) * 1000
+
+
+def start(stack: contextlib.ExitStack, webui: Path, name: str, tmp: Path):
+    data = tmp / name
+    ckpt_dir, lora_dir = data_dir(data, **CONFIGS[name])
+    ckpt, _ = tiny_checkpoint(ckpt_dir, lora_dir, "bench_a", more_loras=("bench_b",))
+    ready = "/lora-workshop/v1/loras" if CONFIGS[name]["extension"] else "/sdapi/v1/sd-models"
+    return stack.enter_context(running(webui, data, ckpt, ready=ready))
 
 
 def main() -> None:
@@ -80,11 +76,22 @@ def main() -> None:
     webui = Path(os.environ.get("WEBUI_DIR") or "")
     if not (webui / "launch.py").is_file():
         raise SystemExit("set WEBUI_DIR to a prepared stable-diffusion-webui checkout (see README, Development)")
-    results = {}
-    for name in args.configs:
-        results[name] = measure(webui, name, args.repeat, args.warmup)
-        print(name, {s: round(statistics.median(v), 1) for s, v in results[name].items()}, flush=True)
-    med = {n: {s: statistics.median(v) for s, v in t.items()} for n, t in results.items()}
+    with tempfile.TemporaryDirectory(prefix="bench-webui-") as tmp, contextlib.ExitStack() as stack:
+        # all servers run at once and take turns, one request at a time: drift hits every config alike
+        servers = {name: start(stack, webui, name, Path(tmp)) for name in args.configs}
+        for srv in servers.values():
+            for s in SCENARIOS:  # first loads, caches and first calls of every path
+                for i in range(args.warmup):
+                    txt2img(srv, prompts(s, i))
+        times = {n: {s: [] for s in SCENARIOS} for n in servers}
+        for r in range(args.repeat):
+            for s in SCENARIOS:
+                for name, srv in servers.items():
+                    # the call before sets the scene: the same prompt for none/same, the other file
+                    # or weight for new/weights
+                    txt2img(srv, prompts(s, r + 1))
+                    times[name][s].append(txt2img(srv, prompts(s, r)))
+    med = {n: {s: statistics.median(v) for s, v in t.items()} for n, t in times.items()}
     print(f"\ntxt2img, 64 px, 4 steps, CPU; median of {args.repeat} (ms)")
     print(f"{'scenario':<10}" + "".join(f"{n:>15}" for n in med) +
           ("".join(f"{n + '/builtin':>22}" for n in med if n != "builtin") if "builtin" in med else ""))
