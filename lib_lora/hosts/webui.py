@@ -29,6 +29,7 @@ from ..infotext import KEY as HASHES_KEY, format_hashes
 from ..library import Library
 from ..modelmap import ModelMap
 from ..runtime import ActivationResult, Runtime
+from .webui_builtin import BuiltinHandoff
 
 SECTION = ("lora_workshop", "LoRA Workshop")
 OPT_CACHE_MB = "lora_workshop_cache_mb"
@@ -227,9 +228,12 @@ class LoraNetwork(extra_networks.ExtraNetwork):
         self.workshop = workshop
 
     def activate(self, p, params_list):
+        if self.workshop.hand_to_builtin(p, params_list):
+            return
         self.workshop.activate(p, [params.items for params in params_list])
 
     def deactivate(self, p):
+        self.workshop.builtin_deactivate(p)
         self.workshop.deactivate(p)
 
 
@@ -365,6 +369,7 @@ class Workshop:
         self.runtime = Runtime(self.library)
         self.network = LoraNetwork(self)
         self.page = LoraPage(self)
+        self.builtin = BuiltinHandoff(self)
         self._warned: set[str] = set()
         self._ui_claim_pending = False
 
@@ -432,6 +437,7 @@ class Workshop:
         """
         reg = extra_networks.extra_network_registry
         if reg.get(NETWORK_NAME) is not self.network:
+            self.builtin.remember(reg.get(NETWORK_NAME))
             reg[NETWORK_NAME] = self.network
         for alias in NETWORK_ALIASES:
             extra_networks.extra_network_aliases[alias] = self.network
@@ -453,6 +459,7 @@ class Workshop:
 
     def register(self) -> None:
         """on_before_ui: register like any extension, then take over from the built-in."""
+        self.builtin.remember(extra_networks.extra_network_registry.get(NETWORK_NAME))
         extra_networks.register_extra_network(self.network)
         for alias in NETWORK_ALIASES:
             extra_networks.register_extra_network_alias(self.network, alias)
@@ -542,6 +549,13 @@ class Workshop:
             self._warn_once("builtin-busy", "the built-in Lora extension also has networks loaded "
                             f"({', '.join(str(getattr(n, 'name', n)) for n in mod.loaded_networks)}); "
                             "they are applied on top of LoRA Workshop's")
+
+    def hand_to_builtin(self, p: Any, params_list: list[Any]) -> bool:
+        """True when the built-in Lora handled (or had to refuse) this activation: see webui_builtin."""
+        return self.builtin.route(p, params_list)
+
+    def builtin_deactivate(self, p: Any) -> None:
+        self.builtin.deactivate(p)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
