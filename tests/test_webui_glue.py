@@ -133,7 +133,7 @@ def make_lora(path: Path, mm: ModelMap, seed=0, metadata=None, only=None) -> Pat
     sd = {}
     for t in mm.targets:
         w = t.weight()
-        if w.dim() != 2 or "embedding" in t.key or (only and not any(s in t.key for s in only)):
+        if w is None or w.dim() != 2 or "embedding" in t.key or (only and not any(s in t.key for s in only)):
             continue
         sd[f"{t.key}.lora_down.weight"] = torch.randn(RANK, w.shape[1], generator=g) * 0.1
         sd[f"{t.key}.lora_up.weight"] = torch.randn(w.shape[0], RANK, generator=g) * 0.1

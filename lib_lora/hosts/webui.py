@@ -55,9 +55,9 @@ def _log(message: str) -> None:
 
 
 def model_family(sd_model: Any) -> str | None:
-    """The WebUI's own flags (sd_models.set_model_type); None for families we cannot patch (SD3)."""
+    """The WebUI's own flags (sd_models.set_model_type)."""
     if getattr(sd_model, "is_sd3", False):
-        return None
+        return "sd3"
     if getattr(sd_model, "is_sdxl", False):
         return "sdxl"
     if getattr(sd_model, "is_sd2", False):
@@ -75,8 +75,11 @@ def text_encoder_roots(sd_model: Any, family: str) -> list[tuple[str, torch.nn.M
 
     SD1: cond_stage_model[.wrapped].transformer (HF CLIPTextModel);
     SD2: cond_stage_model[.wrapped].model (OpenCLIP);
-    SDXL: conditioner.embedders[i][.wrapped] with .transformer (HF, te1) or .model (OpenCLIP, te2).
+    SDXL: conditioner.embedders[i][.wrapped] with .transformer (HF, te1) or .model (OpenCLIP, te2);
+    SD3: cond_stage_model (SD3Cond) .clip_l / .clip_g / .t5xxl, each with .transformer (HF-style names).
     """
+    if family == "sd3":
+        return sd3_text_encoder_roots(sd_model)
     if family == "sdxl":
         roots = []
         for emb in getattr(getattr(sd_model, "conditioner", None), "embedders", []):
@@ -92,6 +95,16 @@ def text_encoder_roots(sd_model: Any, family: str) -> list[tuple[str, torch.nn.M
         if isinstance(root, torch.nn.Module):
             return [("te", root)]
     return []
+
+
+def sd3_text_encoder_roots(sd_model: Any) -> list[tuple[str, torch.nn.Module]]:
+    cond = _unwrap(getattr(sd_model, "cond_stage_model", None))
+    roots = []
+    for prefix, attr in (("te1", "clip_l"), ("te2", "clip_g"), ("te3", "t5xxl")):  # t5xxl is None when disabled
+        root = getattr(getattr(cond, attr, None), "transformer", None)
+        if isinstance(root, torch.nn.Module):
+            roots.append((prefix, root))
+    return roots
 
 
 def unet_root(sd_model: Any) -> torch.nn.Module | None:
@@ -126,6 +139,8 @@ class WebUIHost:
                 if len(refs) == len(objs) and all(r() is o for r, o in zip(refs, objs)) and mm.family == family:
                     return mm
             mm = ModelMap.build(family, unet, tes)
+            if family == "sd3" and not len(mm):
+                return None  # not the WebUI's SD3 layout: nothing we know how to patch
             try:
                 self._cached = (tuple(weakref.ref(o) for o in objs), mm)
             except TypeError:  # an object without weakref support: do not cache
@@ -287,7 +302,7 @@ class LoraPage(ui_extra_networks.ExtraNetworksPage):
             "sort_keys": {"default": index if index is not None else 0, **self.get_sort_keys(filename),
                           "lwfamily": fam,
                           "lwcompat": "no" if entry.family and current and entry.family != current else "yes"},
-            "sd_version": {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}.get(entry.family or "", "Unknown"),
+            "sd_version": {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", "sd3": "SD3"}.get(entry.family or "", "Unknown"),
         }
         self.read_user_metadata(item)
         token_name = service.prompt_name(ws.library, entry,

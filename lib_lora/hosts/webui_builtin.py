@@ -1,21 +1,27 @@
 """Hand SD3 generations we cannot patch to the WebUI's built-in Lora extension.
 
-LoRA Workshop takes the ``<lora:>`` token from the built-in (``Workshop.claim``).  For an SD3
-model whose LoRAs we cannot map, the built-in can still apply them: its handler object is kept
-when we replace it, and that generation's tokens go to it exactly as the WebUI would have
-passed them.  The two never both apply:
+LoRA Workshop takes the ``<lora:>`` token from the built-in (``Workshop.claim``) and patches the
+WebUI's SD3 itself (ModelMap, family "sd3").  Where it cannot (a requested file it cannot find,
+read or match to a single SD3 layer, or an SD3 model whose layout it does not know) the built-in
+may still manage: its handler object is kept when we replace it, and that generation's tokens go
+to it exactly as the WebUI would have passed them.  The two never both apply:
 
 - before the built-in gets a generation, our merges are put back;
 - once a generation is ours again, the built-in's networks are unloaded and its layers put back
   at once.  It would otherwise restore them lazily, at each layer's next forward, i.e. after
   our merge, and take our merged weights for the original.
 
-Without the built-in, SD3 LoRAs are skipped with one message and the image is still made.
+Without the built-in, we patch what we can and say what we skipped; for an SD3 model we cannot
+map at all, one message, and the image is still made.
 """
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable
+from typing import Any
+
+from .. import service
+from ..fileio import LoraFileError
+from ..patcher import bind
 
 BUILTIN_CLASS = "ExtraNetworkLora"  # extensions-builtin/Lora/extra_networks_lora.py
 NEEDS_BUILTIN = ("SD3 LoRAs need the WebUI's built-in Lora extension (Extensions tab: enable \"Lora\"), "
@@ -25,11 +31,9 @@ NEEDS_BUILTIN = ("SD3 LoRAs need the WebUI's built-in Lora extension (Extensions
 class BuiltinHandoff:
     """The built-in's ``<lora:>`` handler, and whether it has networks loaded because of us."""
 
-    def __init__(self, workshop: Any, native: Callable[[Any, list[Any]], bool] | None = None):
+    def __init__(self, workshop: Any):
         self.workshop = workshop
         self.handler: Any = None
-        # native(model, params_list): whether LoRA Workshop itself can patch these LoRAs into this SD3 model
-        self.native = native or (lambda model, params_list: False)
         self._patched: weakref.ref | None = None  # the model the built-in last loaded networks for
         self._had_generation = False
 
@@ -41,6 +45,25 @@ class BuiltinHandoff:
     def available(self) -> Any:
         from .webui import builtin_lora_active
         return self.handler if self.handler is not None and builtin_lora_active() else None
+
+    def native(self, model: Any, params_list: list[Any]) -> bool:
+        """Whether we patch this SD3 generation ourselves: we know the model's layout and every
+        requested file matches it (or there is no built-in that could do better)."""
+        ws = self.workshop
+        mm = ws.host.model_map(model)
+        if mm is None:
+            return False
+        if self.available() is None:
+            return True
+        requests, _ = service.requests_from_items([params.items for params in params_list], ws.default_weight())
+        for req in requests:
+            try:
+                net = ws.library.load(ws.library.resolve(req.name))
+            except (LookupError, LoraFileError, OSError):
+                return False
+            if net.family not in (None, mm.family) or not bind(net, mm).pairs:
+                return False
+        return True
 
     def route(self, p: Any, params_list: list[Any]) -> bool:
         """True when this activation is not ours: the built-in got it, or SD3 LoRAs had to be skipped."""
