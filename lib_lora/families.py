@@ -1,4 +1,4 @@
-"""Which base-model family (SD1, SD2, SDXL) a LoRA file was made for."""
+"""Which base-model family (SD1, SD2, SDXL, SD3) a LoRA file was made for."""
 from __future__ import annotations
 
 from .modelmap import FAMILY_NAMES
@@ -10,6 +10,8 @@ _CONTEXT_DIMS = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 def family_from_metadata(meta: dict[str, str]) -> str | None:
     base = meta.get("ss_base_model_version", "").lower()
     arch = meta.get("modelspec.architecture", "").lower()
+    if base.startswith("sd3") or arch.startswith("stable-diffusion-3"):
+        return "sd3"
     if base.startswith("sdxl") or arch.startswith("stable-diffusion-xl"):
         return "sdxl"
     if arch.startswith("stable-diffusion-v2") or base.startswith("sd_v2") or base.startswith("sd_2") \
@@ -22,6 +24,8 @@ def family_from_metadata(meta: dict[str, str]) -> str | None:
 
 def family_from_keys(module_keys: set[str], shapes: dict[str, tuple[int, ...]]) -> str | None:
     """Guess from key spelling and layer widths; ``shapes`` maps 'module.role' to shape."""
+    if any(k.startswith(("lora_unet_joint_blocks_", "lora_transformer_", "lora_te3_")) for k in module_keys):
+        return "sd3"  # MMDiT paths (kohya), SD3Transformer2DModel paths (diffusers), T5 (only SD3 has one)
     if any(k.startswith("lora_te2_") for k in module_keys):
         return "sdxl"
     if any(k.startswith(("lora_unet_input_blocks_", "lora_unet_output_blocks_", "lora_unet_middle_block_"))

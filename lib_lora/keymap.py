@@ -26,7 +26,8 @@ _PLAIN_ROLES = ("alpha", "dora_scale", "lora_down.weight", "lora_up.weight", "lo
                 "a1.weight", "a2.weight", "b1.weight", "b2.weight", "bm.weight", "weight", "bias")
 
 _DIFFUSERS_ROOTS = (
-    ("unet.", "unet"), ("text_encoder_2.", "te2"), ("text_encoder.", "te"),
+    ("unet.", "unet"), ("text_encoder_2.", "te2"), ("text_encoder_3.", "te3"), ("text_encoder.", "te"),
+    ("transformer.", "transformer"),  # SD3Transformer2DModel
     ("model.diffusion_model.", "unet_ldm"), ("diffusion_model.", "unet_ldm"),
     ("lora_unet.", "unet"), ("lora_te.", "te"),
 )
@@ -34,7 +35,7 @@ _DIFFUSERS_ROOTS = (
 _PROC_UNET = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
 _PROC_TE = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 
-_KOHYA_PREFIX = re.compile(r"^(lora|lycoris|oft)_(unet|te|te1|te2)_")
+_KOHYA_PREFIX = re.compile(r"^(lora|lycoris|oft)_(unet|te|te1|te2|te3|transformer)_")
 # sd-scripts' networks.oft (``oft_unet_``) clamps its blocks its own way: their role says so
 _SD_SCRIPTS_OFT_ROLES = {"oft_blocks": "kohya_oft_blocks"}
 # transformers 5 dropped CLIPTextModel's ``text_model`` level: its PEFT keys read ``encoder.layers...``
@@ -69,6 +70,8 @@ def split_key(key: str, dual_te: bool) -> tuple[str, str] | None:
     path, role = _split_role(rest)
     if role is None:
         return None
+    if comp == "transformer":  # SD3: module names as they are (``to_out.0`` already has its index)
+        return "lora_transformer_" + path.replace(".", "_"), role
     if comp in ("unet", "unet_ldm"):
         path = path.replace(".processor.", ".")
         path = _processor_rename(path, _PROC_UNET)
@@ -76,7 +79,7 @@ def split_key(key: str, dual_te: bool) -> tuple[str, str] | None:
     path = _processor_rename(path, _PROC_TE)
     if path.startswith(_HF_TEXT_MODEL_CHILDREN):
         path = "text_model." + path
-    te = {"te": "te1" if dual_te else "te", "te2": "te2"}[comp]
+    te = {"te": "te1" if dual_te else "te", "te2": "te2", "te3": "te3"}[comp]
     return f"lora_{te}_" + path.replace(".", "_"), role
 
 

@@ -6,7 +6,10 @@ indexes every patchable weight under each name a file may use for it:
 - kohya SD1/SD2: ``lora_unet_`` + the *diffusers* module path (``down_blocks_0_...``);
 - kohya SDXL:    ``lora_unet_`` + the *SGM/LDM* path (``input_blocks_4_1_...``);
 - text encoders: ``lora_te_`` (single encoder) or ``lora_te1_``/``lora_te2_`` + the
-  HF CLIP path; OpenCLIP's fused ``in_proj`` is exposed as three row slices.
+  HF CLIP path; OpenCLIP's fused ``in_proj`` is exposed as three row slices;
+- SD3: ``lora_unet_`` + the MMDiT path (kohya), ``lora_transformer_`` + the diffusers path
+  (row thirds of the fused ``qkv``, see sd3_names.py), ``lora_te1_/te2_/te3_`` for
+  CLIP-L / CLIP-G / T5-XXL.
 
 Saving uses ``Target.key`` (the kohya spelling for the family), loading accepts all
 aliases, so the same map serves training and inference.
@@ -18,8 +21,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-FAMILIES = ("sd1", "sd2", "sdxl")
-FAMILY_NAMES = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
+from .sd3_names import is_mmdit, mmdit_diffusers_names
+
+FAMILIES = ("sd1", "sd2", "sdxl", "sd3")
+FAMILY_NAMES = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", "sd3": "SD3"}
 
 _PATCHABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.GroupNorm, nn.LayerNorm, nn.Embedding)
 
@@ -29,7 +34,7 @@ class Target:
     """One weight (or a row-slice of one) that adapters may change."""
     key: str                      # canonical kohya key, used when saving
     module: nn.Module
-    component: str                # "unet", "te", "te1", "te2"
+    component: str                # "unet" (also SD3's MMDiT), "te", "te1", "te2", "te3"
     weight_name: str = "weight"
     bias_name: str | None = "bias"
     rows: slice | None = None     # q/k/v slice of a fused in_proj
@@ -63,7 +68,8 @@ class ModelMap:
     @classmethod
     def build(cls, family: str, unet: nn.Module | None,
               text_encoders: list[tuple[str, nn.Module]]) -> "ModelMap":
-        """``text_encoders``: (prefix, root) with prefix "te" (SD1/SD2) or "te1"/"te2" (SDXL).
+        """``text_encoders``: (prefix, root) with prefix "te" (SD1/SD2), "te1"/"te2" (SDXL) or
+        "te1"/"te2"/"te3" (SD3: CLIP-L, CLIP-G, T5-XXL, whose roots yield HF-style names).
 
         The root of an HF encoder yields ``text_model.encoder...`` names; the root of an
         OpenCLIP encoder yields ``transformer.resblocks...`` names.
@@ -74,7 +80,9 @@ class ModelMap:
                 mm._add_open_clip(prefix, root)
             else:
                 mm._add_hf_clip(prefix, root)
-        if unet is not None:
+        if unet is not None and family == "sd3":
+            mm._add_mmdit(unet)
+        elif unet is not None:
             mm._add_unet(unet)
         return mm
 
@@ -130,6 +138,20 @@ class ModelMap:
                 self._add(Target(ldm_key, mod, "unet"), *([diff_key] if diff_key else []))
             else:
                 self._add(Target(diff_key, mod, "unet"), ldm_key)
+
+
+    def _add_mmdit(self, mmdit: nn.Module) -> None:
+        diffusers = mmdit_diffusers_names(mmdit) if is_mmdit(mmdit) else {}
+        for name, mod in mmdit.named_modules():
+            if not isinstance(mod, _PATCHABLE):
+                continue
+            diff = diffusers.get(name)
+            self._add(Target(f"lora_unet_{_u(name)}", mod, "unet"),
+                      *([f"lora_transformer_{_u(diff)}"] if isinstance(diff, str) else []))
+            if isinstance(diff, tuple) and isinstance(mod, nn.Linear) and mod.out_features % 3 == 0:
+                d = mod.out_features // 3
+                for i, part in enumerate(diff):
+                    self._add(Target(f"lora_transformer_{_u(part)}", mod, "unet", rows=slice(i * d, (i + 1) * d)))
 
 
 def _single_te_alias(prefix: str, name: str) -> tuple[str, ...]:

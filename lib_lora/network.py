@@ -42,14 +42,14 @@ class Network:
 
     def count(self, component: str) -> int:
         if component == "unet":
-            return sum(k.startswith("lora_unet_") for k in self.adapters)
+            return sum(k.startswith(("lora_unet_", "lora_transformer_")) for k in self.adapters)
         return sum(k.startswith("lora_te") for k in self.adapters)
 
 
 def parse_state_dict(name: str, sd: dict[str, Tensor], metadata: dict[str, str],
                      path: Path | None = None) -> Network:
     """Group tensors by module and build one adapter per module."""
-    dual = any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for k in sd)
+    dual = any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.", "text_encoder_3.", "transformer.")) for k in sd)
     groups: dict[str, dict[str, Tensor]] = defaultdict(dict)
     unknown: list[str] = []
     for key, tensor in sd.items():
@@ -101,7 +101,7 @@ def _is_integer_scalar(t: Tensor) -> bool:
 
 
 _PEFT_COMPONENTS = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
-                    "lora_te2_": "text_encoder_2"}
+                    "lora_te2_": "text_encoder_2", "lora_te3_": "text_encoder_3", "lora_transformer_": "transformer"}
 
 
 def _finite(t: Tensor) -> bool:

@@ -133,7 +133,7 @@ def make_lora(path: Path, mm: ModelMap, seed=0, metadata=None, only=None) -> Pat
     sd = {}
     for t in mm.targets:
         w = t.weight()
-        if w.dim() != 2 or "embedding" in t.key or (only and not any(s in t.key for s in only)):
+        if w is None or w.dim() != 2 or "embedding" in t.key or (only and not any(s in t.key for s in only)):
             continue
         sd[f"{t.key}.lora_down.weight"] = torch.randn(RANK, w.shape[1], generator=g) * 0.1
         sd[f"{t.key}.lora_up.weight"] = torch.randn(w.shape[0], RANK, generator=g) * 0.1
@@ -355,13 +355,33 @@ class BuiltinLora:
 
     def __init__(self, webui: WebUI):
         self.activations: list = []
+        self.loads: list = []        # names given to networks.load_networks
+        self.deactivations = 0
         path = webui.tmp / "extensions-builtin" / "Lora"
         path.mkdir(parents=True, exist_ok=True)
+        self.extension = extensions.Extension("Lora", str(path), is_builtin=True)
         self.networks = types.ModuleType("networks")
         self.networks.loaded_networks = []
-        self.networks.load_networks = lambda *a, **k: None
+
+        def load_networks(names, *args, **kwargs):
+            self.loads.append(list(names))
+            self.networks.loaded_networks[:] = [types.SimpleNamespace(name=n) for n in names]
+
+        def network_apply_weights(module):
+            # its per-layer step, run at each layer's forward: back up once, then original + one per network
+            wanted = tuple(n.name for n in self.networks.loaded_networks)
+            if getattr(module, "network_current_names", ()) == wanted:
+                return
+            if getattr(module, "network_weights_backup", None) is None:
+                module.network_weights_backup = module.weight.detach().clone()
+            with torch.no_grad():
+                module.weight.copy_(module.network_weights_backup + len(wanted))
+            module.network_current_names = wanted
+
+        self.networks.load_networks = load_networks
+        self.networks.network_apply_weights = network_apply_weights
         webui.mp.setitem(sys.modules, "networks", self.networks)
-        extensions.extensions.append(extensions.Extension("Lora", str(path), is_builtin=True))
+        extensions.extensions.append(self.extension)
         outer = self
 
         class ExtraNetworkLora(extra_networks.ExtraNetwork):
@@ -370,9 +390,10 @@ class BuiltinLora:
 
             def activate(self, p, params_list):
                 outer.activations.append(params_list)
+                load_networks([params.items[0] for params in params_list])
 
             def deactivate(self, p):
-                pass
+                outer.deactivations += 1
 
         class ExtraNetworksPageLora(ui_extra_networks.ExtraNetworksPage):
             def __init__(self):
@@ -395,6 +416,12 @@ class BuiltinLora:
             app.add_api_route("/sdapi/v1/refresh-loras", lambda: None, methods=["POST"])
 
         self.before_ui, self.app_started = before_ui, app_started
+
+    def forward(self, model: nn.Module) -> None:
+        """A denoising step: each linear layer's forward hook patches or restores it."""
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                self.networks.network_apply_weights(m)
 
     def load(self):
         script_callbacks.add_callback(script_callbacks.callback_map["callbacks_before_ui"], self.before_ui,

@@ -29,6 +29,7 @@ from ..infotext import KEY as HASHES_KEY, format_hashes
 from ..library import Library
 from ..modelmap import ModelMap
 from ..runtime import ActivationResult, Runtime
+from .webui_builtin import BuiltinHandoff
 
 SECTION = ("lora_workshop", "LoRA Workshop")
 OPT_CACHE_MB = "lora_workshop_cache_mb"
@@ -56,9 +57,9 @@ def _log(message: str) -> None:
 
 
 def model_family(sd_model: Any) -> str | None:
-    """The WebUI's own flags (sd_models.set_model_type); None for families we cannot patch (SD3)."""
+    """The WebUI's own flags (sd_models.set_model_type)."""
     if getattr(sd_model, "is_sd3", False):
-        return None
+        return "sd3"
     if getattr(sd_model, "is_sdxl", False):
         return "sdxl"
     if getattr(sd_model, "is_sd2", False):
@@ -76,8 +77,11 @@ def text_encoder_roots(sd_model: Any, family: str) -> list[tuple[str, torch.nn.M
 
     SD1: cond_stage_model[.wrapped].transformer (HF CLIPTextModel);
     SD2: cond_stage_model[.wrapped].model (OpenCLIP);
-    SDXL: conditioner.embedders[i][.wrapped] with .transformer (HF, te1) or .model (OpenCLIP, te2).
+    SDXL: conditioner.embedders[i][.wrapped] with .transformer (HF, te1) or .model (OpenCLIP, te2);
+    SD3: cond_stage_model (SD3Cond) .clip_l / .clip_g / .t5xxl, each with .transformer (HF-style names).
     """
+    if family == "sd3":
+        return sd3_text_encoder_roots(sd_model)
     if family == "sdxl":
         roots = []
         for emb in getattr(getattr(sd_model, "conditioner", None), "embedders", []):
@@ -93,6 +97,16 @@ def text_encoder_roots(sd_model: Any, family: str) -> list[tuple[str, torch.nn.M
         if isinstance(root, torch.nn.Module):
             return [("te", root)]
     return []
+
+
+def sd3_text_encoder_roots(sd_model: Any) -> list[tuple[str, torch.nn.Module]]:
+    cond = _unwrap(getattr(sd_model, "cond_stage_model", None))
+    roots = []
+    for prefix, attr in (("te1", "clip_l"), ("te2", "clip_g"), ("te3", "t5xxl")):  # t5xxl is None when disabled
+        root = getattr(getattr(cond, attr, None), "transformer", None)
+        if isinstance(root, torch.nn.Module):
+            roots.append((prefix, root))
+    return roots
 
 
 def unet_root(sd_model: Any) -> torch.nn.Module | None:
@@ -127,6 +141,8 @@ class WebUIHost:
                 if len(refs) == len(objs) and all(r() is o for r, o in zip(refs, objs)) and mm.family == family:
                     return mm
             mm = ModelMap.build(family, unet, tes)
+            if family == "sd3" and not len(mm):
+                return None  # not the WebUI's SD3 layout: nothing we know how to patch
             try:
                 self._cached = (tuple(weakref.ref(o) for o in objs), mm)
             except TypeError:  # an object without weakref support: do not cache
@@ -229,9 +245,12 @@ class LoraNetwork(extra_networks.ExtraNetwork):
         self.workshop = workshop
 
     def activate(self, p, params_list):
+        if self.workshop.hand_to_builtin(p, params_list):
+            return
         self.workshop.activate(p, [params.items for params in params_list])
 
     def deactivate(self, p):
+        self.workshop.builtin_deactivate(p)
         self.workshop.deactivate(p)
 
 
@@ -293,7 +312,7 @@ class LoraPage(ui_extra_networks.ExtraNetworksPage):
             "sort_keys": {"default": index if index is not None else 0, **self.get_sort_keys(filename),
                           "lwfamily": fam,
                           "lwcompat": "no" if entry.family and current and entry.family != current else "yes"},
-            "sd_version": {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}.get(entry.family or "", "Unknown"),
+            "sd_version": {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", "sd3": "SD3"}.get(entry.family or "", "Unknown"),
         }
         self.read_user_metadata(item)
         token_name = service.prompt_name(ws.library, entry,
@@ -376,6 +395,7 @@ class Workshop:
         self.runtime = Runtime(self.library)
         self.network = LoraNetwork(self)
         self.page = LoraPage(self)
+        self.builtin = BuiltinHandoff(self)
         self._warned: set[str] = set()
         self._ui_claim_pending = False
 
@@ -452,6 +472,7 @@ class Workshop:
         """
         reg = extra_networks.extra_network_registry
         if reg.get(NETWORK_NAME) is not self.network:
+            self.builtin.remember(reg.get(NETWORK_NAME))
             reg[NETWORK_NAME] = self.network
         for alias in NETWORK_ALIASES:
             extra_networks.extra_network_aliases[alias] = self.network
@@ -473,6 +494,7 @@ class Workshop:
 
     def register(self) -> None:
         """on_before_ui: register like any extension, then take over from the built-in."""
+        self.builtin.remember(extra_networks.extra_network_registry.get(NETWORK_NAME))
         extra_networks.register_extra_network(self.network)
         for alias in NETWORK_ALIASES:
             extra_networks.register_extra_network_alias(self.network, alias)
@@ -562,6 +584,13 @@ class Workshop:
             self._warn_once("builtin-busy", "the built-in Lora extension also has networks loaded "
                             f"({', '.join(str(getattr(n, 'name', n)) for n in mod.loaded_networks)}); "
                             "they are applied on top of LoRA Workshop's")
+
+    def hand_to_builtin(self, p: Any, params_list: list[Any]) -> bool:
+        """True when the built-in Lora handled (or had to refuse) this activation: see webui_builtin."""
+        return self.builtin.route(p, params_list)
+
+    def builtin_deactivate(self, p: Any) -> None:
+        self.builtin.deactivate(p)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

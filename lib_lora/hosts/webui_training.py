@@ -82,7 +82,7 @@ def refusal(sd_model: Any) -> str | None:
     if sd_model is None:
         return "no model is loaded: load an SD1, SD2 or SDXL checkpoint first"
     family = glue.model_family(sd_model)
-    if family is None:
+    if family not in ("sd1", "sd2", "sdxl"):  # SD3 LoRAs can be applied, not trained
         return "the loaded model type cannot be trained on (SD1, SD2 and SDXL checkpoints can)"
     cmd = shared.cmd_opts
     if getattr(cmd, "lowvram", False) or getattr(cmd, "medvram", False) \
