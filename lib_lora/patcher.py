@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from . import families
 from .adapters import Adapter, AdapterError
+from .blockweights import BlockWeights, target_block
 from .modelmap import ModelMap, Target
 from .network import Network
 
@@ -33,6 +34,11 @@ class Activation:
     te: float = 1.0
     unet: float = 1.0
     dyn: int | None = None
+    blocks: BlockWeights | None = None  # LBW block weights: a further factor per layer
+
+    def multiplier(self, target: Target, block: str | None) -> float:
+        mult = self.te if target.is_text_encoder else self.unet
+        return mult * self.blocks.weight(block) if self.blocks is not None else mult
 
 
 @dataclass
@@ -80,6 +86,7 @@ class Patcher:
         self.backup_device = torch.device(backup_device)
         self.slots: dict[tuple[int, str], _Slot] = {}
         self._bindings: dict[int, tuple[Network, Binding]] = {}
+        self._blocks: dict[Target, str | None] = {}
 
     # -- public --------------------------------------------------------------------------
     def binding(self, network: Network) -> Binding:
@@ -90,6 +97,12 @@ class Patcher:
             if len(self._bindings) > 64:
                 self._bindings.pop(next(iter(self._bindings)))
         return hit[1]
+
+    def block(self, target: Target) -> str | None:
+        """The LBW block of ``target`` (cached: the map's targets live as long as the patcher)."""
+        if target not in self._blocks:
+            self._blocks[target] = target_block([target.key, *target.aliases])
+        return self._blocks[target]
 
     def check_family(self, network: Network) -> str | None:
         """A user-facing reason to refuse ``network`` on this model, or None."""
@@ -122,7 +135,7 @@ class Patcher:
                     f"loaded model (e.g. {b.unmatched[0]})")
             report.applied[net.name] = 0
             for target, adapter in b.pairs:
-                mult = act.te if target.is_text_encoder else act.unet
+                mult = act.multiplier(target, self.block(target) if act.blocks is not None else None)
                 if mult == 0:
                     continue
                 for pname in (target.weight_name, target.bias_name if adapter.has_bias else None):

@@ -64,13 +64,14 @@ class Runtime:
             acts: list[Activation] = []
             entries: list[tuple[LoraRequest, Entry]] = []
             for req in requests:
+                res.messages.extend(req.warnings)
                 try:
                     entry = self.library.resolve(req.name)
                     net = self.library.load(entry)
                 except (LoraNotFound, AmbiguousName, LoraFileError, OSError) as e:
                     res.messages.append(str(e))
                     continue
-                acts.append(Activation(net, req.te, req.unet, req.dyn))
+                acts.append(Activation(net, req.te, req.unet, req.dyn, req.blocks))
                 entries.append((req, entry))
             report = self.patcher.apply(acts)
             res.report = report

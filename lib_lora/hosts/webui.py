@@ -24,7 +24,7 @@ import torch
 
 from modules import extra_networks, paths, shared, ui_extra_networks, ui_extra_networks_user_metadata
 
-from .. import families, service
+from .. import blockweights, families, service
 from ..infotext import KEY as HASHES_KEY, format_hashes
 from ..library import Library
 from ..modelmap import ModelMap
@@ -35,7 +35,10 @@ OPT_CACHE_MB = "lora_workshop_cache_mb"
 OPT_DEFAULT_WEIGHT = "lora_workshop_default_weight"
 OPT_RESTORE_AFTER = "lora_workshop_restore_after"
 OPT_SHOW_WARNINGS = "lora_workshop_show_warnings"
-DEFAULTS: dict[str, Any] = {OPT_CACHE_MB: 2048, OPT_DEFAULT_WEIGHT: 1.0, OPT_RESTORE_AFTER: False, OPT_SHOW_WARNINGS: True}
+OPT_LBW_PRESETS = "lora_workshop_lbw_presets"
+DEFAULTS: dict[str, Any] = {OPT_CACHE_MB: 2048, OPT_DEFAULT_WEIGHT: 1.0, OPT_RESTORE_AFTER: False, OPT_SHOW_WARNINGS: True,
+                            OPT_LBW_PRESETS: ""}
+LBW_FOLDER = "sd-webui-lora-block-weight"
 
 NETWORK_NAME = "lora"
 NETWORK_ALIASES = ("lyco",)
@@ -142,6 +145,20 @@ class WebUIHost:
         if lyco and Path(lyco).is_dir() and Path(lyco).resolve() != Path(main).resolve():
             dirs.append(Path(lyco))
         return dirs
+
+    def lbw_presets_files(self) -> list[Path]:
+        """Where LoRA Block Weight keeps its presets, most likely first (the setting overrides all).
+
+        LBW reads ``scripts/lbwpresets.txt`` of its own folder (moving one from the WebUI's
+        ``scripts/`` there on start); any extension folder holding that file is accepted.
+        """
+        custom = str(self.option(OPT_LBW_PRESETS) or "").strip()
+        if custom:
+            return [Path(custom)]
+        ext = Path(paths.extensions_dir)
+        first = ext / LBW_FOLDER / "scripts" / blockweights.PRESETS_FILE
+        others = sorted(p for p in ext.glob(f"*/scripts/{blockweights.PRESETS_FILE}") if p != first)
+        return [first, *others, Path(paths.script_path) / "scripts" / blockweights.PRESETS_FILE]
 
     # user feedback -------------------------------------------------------------------------
     def notify(self, message: str, p: Any = None, show: bool = True) -> None:
@@ -350,6 +367,7 @@ class Workshop:
             pass
         self.library = Library(dirs, cache_bytes=self._cache_bytes())
         self.runtime = Runtime(self.library)
+        self.lbw_presets = blockweights.PresetSource(self.host.lbw_presets_files)
         self.network = LoraNetwork(self)
         self.page = LoraPage(self)
         self._warned: set[str] = set()
@@ -394,6 +412,9 @@ class Workshop:
         add(OPT_SHOW_WARNINGS, shared.OptionInfo(
             DEFAULTS[OPT_SHOW_WARNINGS], "Show LoRA warnings in the generation info", section=SECTION,
         ).info("they are always printed to the console"))
+        add(OPT_LBW_PRESETS, shared.OptionInfo(
+            DEFAULTS[OPT_LBW_PRESETS], "Block-weight presets file (lbwpresets.txt) for lbw=NAME", section=SECTION,
+        ).info(f"empty: the one of LoRA Block Weight (extensions/{LBW_FOLDER}/scripts/), if installed"))
 
     # registry / page ----------------------------------------------------------------------------
     def claim(self) -> None:
@@ -457,7 +478,8 @@ class Workshop:
     def activate(self, p: Any, items_lists: list[list[Any]]) -> ActivationResult:
         """ExtraNetwork.activate: make exactly these LoRAs active (none = restore the model)."""
         items_lists = self._with_builtin_extra(p, [list(items) for items in items_lists])
-        requests, messages = service.requests_from_items(items_lists, self.default_weight())
+        requests, messages = service.requests_from_items(items_lists, self.default_weight(),
+                                                         presets=self.lbw_presets.lazy())
         patcher = self.runtime.patcher
         if not requests and not messages and (patcher is None or not patcher.active):
             return ActivationResult()  # the common no-LoRA generation: nothing to build or restore
