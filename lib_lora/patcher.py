@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from . import families
 from .adapters import Adapter, AdapterError
 from .blockweights import BlockWeights, target_block
+from .bypass import Bypass, Gate, make_term
 from .modelmap import ModelMap, Target
 from .network import Network
 
@@ -35,6 +36,12 @@ class Activation:
     unet: float = 1.0
     dyn: int | None = None
     blocks: BlockWeights | None = None  # LBW block weights: a further factor per layer
+    start: int | None = None            # UNet part on from this many sampling steps done...
+    stop: int | None = None             # ...until this many (text encoders run before sampling)
+
+    @property
+    def scheduled(self) -> bool:
+        return self.start is not None or self.stop is not None
 
     def multiplier(self, target: Target, block: str | None) -> float:
         mult = self.te if target.is_text_encoder else self.unet
@@ -87,6 +94,9 @@ class Patcher:
         self.slots: dict[tuple[int, str], _Slot] = {}
         self._bindings: dict[int, tuple[Network, Binding]] = {}
         self._blocks: dict[Target, str | None] = {}
+        self.bypass = Bypass()
+        self.gates: list[Gate] = []
+        self.step = 0
 
     # -- public --------------------------------------------------------------------------
     def binding(self, network: Network) -> Binding:
@@ -117,8 +127,15 @@ class Patcher:
         self._drop_stale()
         wanted: dict[tuple[int, str], list] = {}
         owners: dict[tuple[int, str], tuple[nn.Module, str]] = {}
+        scheduled: list[tuple[Target, Adapter, float, int | None, str, Gate]] = []
+        gates: list[Gate] = []
         for act in activations:
             net = act.network
+            gate = None
+            if act.scheduled:
+                gate = Gate(act.start, act.stop)
+                gate.set_step(self.step)
+                gates.append(gate)
             reason = self.check_family(net)
             if reason:
                 report.messages.append(reason)
@@ -137,6 +154,9 @@ class Patcher:
             for target, adapter in b.pairs:
                 mult = act.multiplier(target, self.block(target) if act.blocks is not None else None)
                 if mult == 0:
+                    continue
+                if gate is not None and not target.is_text_encoder:
+                    scheduled.append((target, adapter, float(mult), act.dyn, net.name, gate))
                     continue
                 for pname in (target.weight_name, target.bias_name if adapter.has_bias else None):
                     if pname is None or getattr(target.module, pname, None) is None:
@@ -196,6 +216,8 @@ class Patcher:
                 self._write(slot, merged)
                 slot.contributions = sig
                 report.changed_slots += 1
+            hooked = self._sync_bypass(scheduled, bad)
+            self.gates = gates
         except BaseException:
             # never leave a half-patched model behind: put back everything we changed
             for slot in touched:
@@ -208,12 +230,59 @@ class Patcher:
             for target, adapter, _, _, netname in contribs:
                 if k[1] == target.weight_name and netname in report.applied:
                     report.applied[netname] += 1
+        for netname, n in hooked.items():
+            if netname in report.applied:
+                report.applied[netname] += n
         return report
+
+    def set_step(self, step: int) -> None:
+        """Sampling progressed: open/close the gates of scheduled networks (no weight is touched)."""
+        self.step = step
+        for gate in self.gates:
+            gate.set_step(step)
+
+    def drop_schedules(self) -> None:
+        """Take the scheduled networks' hooks away; merged networks stay as they are."""
+        self.bypass.remove()
+        self.bypass.terms.clear()
+        self.gates = []
+        self.step = 0
+
+    def _sync_bypass(self, scheduled: list, bad: dict[str, list[str]]) -> dict[str, int]:
+        """Hook the scheduled layers, reusing terms whose inputs did not change; layers hooked per network."""
+        hooked: dict[str, int] = {}
+        old = self.bypass.terms
+        self.bypass.remove()
+        self.bypass.terms = {}
+        for target, adapter, mult, dyn, netname, gate in scheduled:
+            key = (id(target), id(adapter), mult, dyn)
+            term = old.get(key) if not adapter.needs_weight else None  # weight-dependent: always fresh
+            if term is None:
+                try:
+                    term = make_term(target, adapter, mult, dyn, *self._originals(target))
+                except AdapterError as e:
+                    bad.setdefault(netname, []).append(str(e))
+                    continue
+            term.gate = gate
+            self.bypass.terms[key] = term
+            self.bypass.attach(target.module, term)
+            hooked[netname] = hooked.get(netname, 0) + 1
+        return hooked
+
+    def _originals(self, target: Target) -> tuple[Tensor, Tensor | None]:
+        """The layer's weight and bias before any merge, on the layer's device."""
+        out = []
+        for pname in (target.weight_name, target.bias_name):
+            t = getattr(target.module, pname, None) if pname else None
+            slot = self.slots.get((id(target.module), pname)) if t is not None else None
+            out.append(None if t is None else (slot.original if slot is not None else t.detach()).to(t.device))
+        return out[0], out[1]
 
     @torch.no_grad()
     def restore(self) -> int:
         """Put every patched weight back; returns how many were restored."""
         self._drop_stale()
+        self.drop_schedules()
         n = 0
         for slot in self.slots.values():
             self._write(slot, slot.original)
@@ -223,12 +292,13 @@ class Patcher:
 
     def forget(self) -> None:
         """The model was replaced or reloaded: drop originals without writing them back."""
+        self.drop_schedules()
         self.slots.clear()
         self._bindings.clear()
 
     @property
     def active(self) -> bool:
-        return bool(self.slots)
+        return bool(self.slots) or bool(self.bypass)
 
     # -- internals -----------------------------------------------------------------------
     def _write(self, slot: _Slot, value: Tensor) -> None:

@@ -36,8 +36,9 @@ OPT_DEFAULT_WEIGHT = "lora_workshop_default_weight"
 OPT_RESTORE_AFTER = "lora_workshop_restore_after"
 OPT_SHOW_WARNINGS = "lora_workshop_show_warnings"
 OPT_LBW_PRESETS = "lora_workshop_lbw_presets"
+OPT_SCHEDULE_HIRES = "lora_workshop_schedule_hires"
 DEFAULTS: dict[str, Any] = {OPT_CACHE_MB: 2048, OPT_DEFAULT_WEIGHT: 1.0, OPT_RESTORE_AFTER: False, OPT_SHOW_WARNINGS: True,
-                            OPT_LBW_PRESETS: ""}
+                            OPT_LBW_PRESETS: "", OPT_SCHEDULE_HIRES: False}
 LBW_FOLDER = "sd-webui-lora-block-weight"
 
 NETWORK_NAME = "lora"
@@ -415,6 +416,10 @@ class Workshop:
         add(OPT_LBW_PRESETS, shared.OptionInfo(
             DEFAULTS[OPT_LBW_PRESETS], "Block-weight presets file (lbwpresets.txt) for lbw=NAME", section=SECTION,
         ).info(f"empty: the one of LoRA Block Weight (extensions/{LBW_FOLDER}/scripts/), if installed"))
+        add(OPT_SCHEDULE_HIRES, shared.OptionInfo(
+            DEFAULTS[OPT_SCHEDULE_HIRES], "start=/stop= also apply to the hires pass, counting its own steps",
+            section=SECTION,
+        ).info("off: the hires pass runs such LoRAs at their weight throughout, as LoRA Block Weight does"))
 
     # registry / page ----------------------------------------------------------------------------
     def claim(self) -> None:
@@ -480,6 +485,9 @@ class Workshop:
         items_lists = self._with_builtin_extra(p, [list(items) for items in items_lists])
         requests, messages = service.requests_from_items(items_lists, self.default_weight(),
                                                          presets=self.lbw_presets.lazy())
+        if getattr(p, "is_hr_pass", False) and not self.host.option(OPT_SCHEDULE_HIRES):
+            # LBW's step ranges are used up by the first pass; its hires pass has the LoRA at full weight
+            requests = [r.without_schedule() if r.scheduled else r for r in requests]
         patcher = self.runtime.patcher
         if not requests and not messages and (patcher is None or not patcher.active):
             return ActivationResult()  # the common no-LoRA generation: nothing to build or restore
@@ -487,7 +495,7 @@ class Workshop:
         try:
             with _no_autocast():
                 self._sync_model()
-                res = self.runtime.activate(requests)
+                res = self.runtime.activate(requests, steps=True)
         except Exception as e:  # the patcher has put the weights back; the image is made without LoRAs
             res = ActivationResult(messages=[f"LoRA Workshop: applying LoRAs failed, generating without them "
                                              f"({type(e).__name__}: {e})"])
@@ -501,6 +509,17 @@ class Workshop:
     def deactivate(self, p: Any) -> None:
         if self.host.option(OPT_RESTORE_AFTER):
             self.restore()
+        else:
+            self.runtime.drop_schedules()  # a schedule belongs to one generation; merged LoRAs stay
+
+    def denoiser_step(self, params: Any) -> None:
+        """on_cfg_denoiser, before every UNet evaluation: move scheduled LoRAs to this step.
+
+        ``shared.state.sampling_step`` is updated after each step (and reads 0 for the first two),
+        and LBW switches when ``sampling_step > start - 2``: it treats ``sampling_step + 1`` as the
+        steps done.  Passing the same count makes start=/stop= switch where LBW's do.
+        """
+        self.runtime.set_step(int(params.sampling_step) + 1)
 
     def restore(self) -> int:
         return self.runtime.restore()
