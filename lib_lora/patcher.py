@@ -129,6 +129,7 @@ class Patcher:
         owners: dict[tuple[int, str], tuple[nn.Module, str]] = {}
         scheduled: list[tuple[Target, Adapter, float, int | None, str, Gate]] = []
         gates: list[Gate] = []
+        self.step = 0  # an activation precedes a sampling pass
         for act in activations:
             net = act.network
             gate = None

@@ -135,3 +135,15 @@ def test_hosts_without_step_reports_apply_scheduled_loras_throughout(running, sd
                             "— applied at every step"]
     assert not sd1_map.get(UNET_KEY).module._forward_hooks and not rt.set_step(5)
     rt.restore()
+
+
+def test_warns_when_lbw_runs_without_the_builtin(running, monkeypatch, capsys):
+    from modules import extensions
+
+    webui, _ = running
+    webui.generate("x <lora:tiny:1>")
+    assert "LoRA Block Weight is enabled" not in capsys.readouterr().out
+    monkeypatch.setattr(extensions, "extensions", [*extensions.extensions,
+                                                   extensions.Extension("sd-webui-lora-block-weight", "/x")])
+    webui.generate("x <lora:tiny:1>")
+    assert "LoRA Block Weight is enabled while the built-in Lora extension is not" in capsys.readouterr().out

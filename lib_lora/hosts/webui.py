@@ -206,6 +206,15 @@ def builtin_lora_active() -> bool:
         return builtin_networks_module() is not None
 
 
+def lbw_active() -> bool:
+    """Whether the LoRA Block Weight extension is enabled (under any folder name containing its own)."""
+    try:
+        from modules import extensions
+        return any("lora-block-weight" in ext.canonical_name for ext in extensions.active())
+    except Exception:  # an unusual WebUI: we cannot tell, and the warning is only advice
+        return False
+
+
 def builtin_networks_module() -> Any:
     """The built-in's ``networks`` module if loaded (it is imported by that bare name)."""
     mod = sys.modules.get("networks")
@@ -492,6 +501,11 @@ class Workshop:
         if not requests and not messages and (patcher is None or not patcher.active):
             return ActivationResult()  # the common no-LoRA generation: nothing to build or restore
         self._check_builtin_idle()
+        if requests and lbw_active() and not builtin_lora_active():
+            # LBW finds no built-in `networks` module then and sets p.disable_extra_networks per batch
+            self._warn_once("lbw-alone", "LoRA Block Weight is enabled while the built-in Lora extension is not: it "
+                            "switches extra networks off for each batch. LoRA Workshop reads lbw=/start=/stop= "
+                            "itself, so disable LoRA Block Weight (or enable the built-in Lora)")
         try:
             with _no_autocast():
                 self._sync_model()
