@@ -1,6 +1,7 @@
 """Apply/switch/restore cost of LoRA merging on a full-size SD1.5 layout, against diffusers.
 
     .venv/bin/python benchmarks/apply.py [--ranks 16 128] [--repeat 3]
+    .venv/bin/python benchmarks/apply.py --scheduled-only --ranks 16 [--device cuda]
 
 Both sides get the same kohya-format files (every layer kohya's LoRA trains: the
 transformer blocks' linears and 1x1 convs, CLIP attention and MLP). Ours merges into
@@ -90,9 +91,29 @@ def sampling_steps(p, acts, unet, x, t, ctx, repeat: int) -> tuple[float, float]
     return statistics.median(merged), statistics.median(plain)
 
 
+def scheduled_steps(p, net, unet, x, t, ctx, repeat: int) -> tuple[float, float, float]:
+    """Step time with ``net`` scheduled (start/stop: forward hooks, gate open) and merged.
+
+    Measured in adjacent pairs, so load from other processes hits both sides of a pair alike;
+    returns (median hooked s, median merged s, median of the per-pair ratios)."""
+    hooked, merged = [], []
+    for _ in range(repeat):
+        p.apply([Activation(net, stop=10 ** 6)])
+        hooked.append(steady_step(unet, x, t, ctx, n=3))
+        p.restore()
+        p.apply([Activation(net)])
+        merged.append(steady_step(unet, x, t, ctx, n=3))
+        p.restore()
+    ratios = [h / m for h, m in zip(hooked, merged)]
+    return statistics.median(hooked), statistics.median(merged), statistics.median(ratios)
+
+
 def unet_step_ldm(unet, x, t, ctx):
-    with torch.no_grad():
+    # on CUDA under fp16 autocast, as the WebUI samples
+    with torch.no_grad(), torch.autocast("cuda", torch.float16, enabled=x.is_cuda):
         unet(x, t, context=ctx)
+    if x.is_cuda:
+        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -101,15 +122,18 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--latent", type=int, default=32, help="latent side for the sampling step (64 = 512px)")
     ap.add_argument("--sampling-only", action="store_true", help="only the merged-vs-plain sampling step")
+    ap.add_argument("--scheduled-only", action="store_true",
+                    help="only the sampling step with the LoRA scheduled (start/stop hooks) vs merged")
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     torch.manual_seed(0)
 
-    parts = build("sd1", device="cpu")
+    parts = build("sd1", device=args.device)
     mm = parts.model_map()
-    pipe = diffusers_pipe()
-    x = torch.randn(2, 4, args.latent, args.latent)
-    t = torch.tensor([500, 500])
-    ctx = torch.randn(2, 77, SD1_UNET["context_dim"])
+    pipe = None if args.sampling_only or args.scheduled_only else diffusers_pipe()
+    x = torch.randn(2, 4, args.latent, args.latent, device=args.device)
+    t = torch.tensor([500, 500], device=args.device)
+    ctx = torch.randn(2, 77, SD1_UNET["context_dim"], device=args.device)
     print(f"SD1.5 layout: UNet {sum(p.numel() for p in parts.unet.parameters()) / 1e6:.0f}M params, "
           f"latent {args.latent}x{args.latent}, batch 2, threads {torch.get_num_threads()}")
 
@@ -123,6 +147,11 @@ def main() -> None:
             m, pl = sampling_steps(p, A, parts.unet, x, t, ctx, args.repeat)
             print(f"rank {rank}: sampling step merged {m:.3f}s, plain {pl:.3f}s, ratio {m / pl:.3f}")
             continue
+        if args.scheduled_only:
+            h, m, r = scheduled_steps(p, na, parts.unet, x, t, ctx, args.repeat)
+            print(f"rank {rank}: sampling step scheduled (hooks) {h:.3f}s, merged {m:.3f}s, "
+                  f"median paired ratio {r:.3f}")
+            continue
         ours = {
             "first apply": timed(lambda: p.apply(A), args.repeat, setup=p.restore),
             "switch": timed(lambda: p.apply(B), args.repeat, setup=lambda: p.apply(A)),
@@ -130,6 +159,7 @@ def main() -> None:
             "restore": timed(p.restore, args.repeat, setup=lambda: p.apply(A)),
         }
         step_merged, step_plain = sampling_steps(p, A, parts.unet, x, t, ctx, args.repeat)
+        step_hooked, step_merged2, _ = scheduled_steps(p, na, parts.unet, x, t, ctx, args.repeat)
         p.apply(A)
         backup_mb = sum(s.original.numel() * s.original.element_size() for s in p.slots.values()) / 2**20
         n_slots = len(p.slots)
@@ -159,13 +189,15 @@ def main() -> None:
         for k in ("first apply", "switch", "weight change", "restore"):
             rows.append((rank, n_layers, k, ours[k], ref[k]))
         rows.append((rank, n_layers, "sampling step (merged vs none)", step_merged, step_plain))
+        rows.append((rank, n_layers, "step, start/stop hooks vs merged", step_hooked, step_merged2))
         print(f"rank {rank}: {n_layers} layers, originals kept: {backup_mb:.0f} MiB in {n_slots} tensors")
 
     print(f"\n{'rank':>5} {'layers':>6}  {'operation':<32} {'ours s':>9} {'reference s':>12} {'ratio':>7}")
     for rank, n, k, o, r in rows:
         print(f"{rank:>5} {n:>6}  {k:<32} {o:9.3f} {r:12.3f} {o / r if r else float('nan'):7.2f}")
     print("\nreference: diffusers load_lora_weights+fuse_lora / unfuse_lora+unload_lora_weights; "
-          "sampling row compares our merged UNet with the same UNet without LoRA.")
+          "sampling rows compare our merged UNet with the same UNet without LoRA, and the LoRA "
+          "scheduled (start=/stop=, forward hooks) with it merged.")
 
 
 if __name__ == "__main__":

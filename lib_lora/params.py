@@ -1,9 +1,13 @@
-"""WebUI prompt syntax: the ``<lora:name:te:unet:dyn>`` token, parsed the way the WebUI does,
-and escaping text that must reach the WebUI's prompt parser literally."""
+"""WebUI prompt syntax: the ``<lora:name:te:unet:dyn>`` token, parsed the way the WebUI does (plus
+the LoRA Block Weight extension's arguments), and escaping text that must reach the WebUI's prompt
+parser literally."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Mapping
+
+from .blockweights import BlockWeights, parse_block_weights
 
 _TOKEN = re.compile(r"<(\w+):([^>]+)>")
 NETWORK_TYPES = ("lora", "lyco")
@@ -15,17 +19,40 @@ class LoraRequest:
     te: float = 1.0
     unet: float = 1.0
     dyn: int | None = None
+    blocks: BlockWeights | None = None   # lbw=: per-block multipliers
+    start: int | None = None             # UNet joins once this many sampling steps are done
+    stop: int | None = None              # ... and leaves once this many are done
+    warnings: tuple[str, ...] = ()       # arguments that were ignored, for the user
+
+    @property
+    def scheduled(self) -> bool:
+        return self.start is not None or self.stop is not None
+
+    def without_schedule(self) -> "LoraRequest":
+        return replace(self, start=None, stop=None)
 
 
 class ParamError(ValueError):
     pass
 
 
-def parse_args(positional: list[str], named: dict[str, str], default: float = 1.0) -> LoraRequest:
-    """Positional: name, te, unet, dyn. ``unet`` defaults to ``te``; named values win."""
+KNOWN_NAMED = ("te", "unet", "dyn", "lbw", "w", "x", "start", "stop", "step")
+# LBW arguments we read but do not implement
+UNSUPPORTED_NAMED = {"lbwe": "LBW per-element weights (lbwe=) are not supported"}
+
+
+def parse_args(positional: list[str], named: dict[str, str], default: float = 1.0,
+               presets: Mapping[str, str] | None = None) -> LoraRequest:
+    """Positional: name, te, unet, dyn. ``unet`` defaults to ``te``; named values win.
+
+    Beyond the built-in's arguments, LBW's ``lbw=`` (also ``w=``, or a preset/vector in the unet
+    position), ``x=``, ``start=``, ``stop=`` and ``step=A-B`` are read.  Arguments that are unknown or
+    unusable never drop the LoRA (the built-in ignores unknown ones too): they become warnings.
+    """
     if not positional or not positional[0].strip():
         raise ParamError("lora token without a name")
     name = positional[0].strip()
+    warnings: list[str] = []
 
     def num(value: str, what: str, cast=float):
         try:
@@ -33,39 +60,98 @@ def parse_args(positional: list[str], named: dict[str, str], default: float = 1.
         except ValueError:
             raise ParamError(f"<lora:{name}>: {what}={value!r} is not a number") from None
 
-    te = num(positional[1], "te") if len(positional) > 1 and positional[1] != "" else default
-    unet = num(positional[2], "unet") if len(positional) > 2 and positional[2] != "" else te
-    dyn = num(positional[3], "dyn", int) if len(positional) > 3 and positional[3] != "" else None
+    def given(i: int) -> bool:
+        return len(positional) > i and positional[i] != ""
+
+    spec = named.get("lbw", named.get("w"))
+    x_text = named.get("x")
+    unet_pos = given(2)
+    if given(2) and spec is None and not _is_number(positional[2]):
+        # <lora:name:1:MIDD> (LBW's older form): the third item is block weights, the fourth x
+        spec, unet_pos = positional[2], False
+        if given(3) and x_text is None:
+            x_text = positional[3]
+            positional = positional[:3]
+    te = num(positional[1], "te") if given(1) else default
+    unet = num(positional[2], "unet") if unet_pos else te
+    dyn = num(positional[3], "dyn", int) if given(3) else None
     if "te" in named:
         te = num(named["te"], "te")
-        if "unet" not in named and len(positional) <= 2:
+        if "unet" not in named and not unet_pos:
             unet = te
     if "unet" in named:
         unet = num(named["unet"], "unet")
     if "dyn" in named:
         dyn = num(named["dyn"], "dyn", int)
-    return LoraRequest(name, te, unet, dyn)
+
+    blocks = None
+    if spec is not None:
+        try:
+            x = float(x_text) if x_text is not None else 1.0
+            blocks = parse_block_weights(spec, presets, x)
+        except ValueError as e:  # BlockWeightError or a bad x=
+            warnings.append(f"{name}: lbw={spec}: {e} — applied without block weights")
+    start, stop = _schedule(name, named, warnings)
+    for key, value in named.items():
+        if key in UNSUPPORTED_NAMED:
+            warnings.append(f"{name}: {UNSUPPORTED_NAMED[key]} — ignored")
+        elif key not in KNOWN_NAMED:
+            warnings.append(f"{name}: unknown argument {key}={value} ignored")
+    return LoraRequest(name, te, unet, dyn, blocks, start, stop, tuple(warnings))
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _schedule(name: str, named: dict[str, str], warnings: list[str]) -> tuple[int | None, int | None]:
+    """start=/stop= in sampling steps; ``step=A-B`` (LBW) means start=A stop=B and wins over both."""
+    texts = {"start": named.get("start"), "stop": named.get("stop")}
+    step = named.get("step")
+    if step is not None:
+        a, sep, b = step.partition("-")
+        if sep:
+            texts = {"start": a, "stop": b}
+        else:
+            warnings.append(f"{name}: step={step} is not a range like step=5-10 — ignored")
+    out: dict[str, int | None] = {}
+    for key, text in texts.items():
+        if text is None:
+            out[key] = None
+            continue
+        try:
+            out[key] = int(text)
+        except ValueError:
+            warnings.append(f"{name}: {key}={text} is not a whole number of steps — ignored")
+            out[key] = None
+    return out["start"], out["stop"]
 
 
 def split_items(items: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Like the WebUI's ExtraNetworkParams: an item with exactly one '=' is named."""
     positional, named = [], {}
     for item in items:
-        k, sep, v = item.partition("=")
-        if sep and k.strip() in ("te", "unet", "dyn"):
+        if item.count("=") == 1:
+            k, _, v = item.partition("=")
             named[k.strip()] = v.strip()
         else:
             positional.append(item)
     return positional, named
 
 
-def parse_prompt(prompt: str, default: float = 1.0) -> tuple[str, list[LoraRequest]]:
+def parse_prompt(prompt: str, default: float = 1.0,
+                 presets: Mapping[str, str] | None = None) -> tuple[str, list[LoraRequest]]:
     """Strip lora/lyco tokens from a prompt (for the CLI); the WebUI does this itself."""
     found: list[LoraRequest] = []
 
     def take(m: re.Match) -> str:
         if m.group(1) not in NETWORK_TYPES:
             return m.group(0)
-        found.append(parse_args(*split_items(m.group(2).split(":")), default=default))
+        found.append(parse_args(*split_items(m.group(2).split(":")), default=default, presets=presets))
         return ""
 
     return _TOKEN.sub(take, prompt), found

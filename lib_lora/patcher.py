@@ -22,6 +22,8 @@ from torch import Tensor, nn
 
 from . import families
 from .adapters import Adapter, AdapterError, dora
+from .blockweights import BlockWeights, target_block
+from .bypass import Bypass, Gate, make_term
 from .modelmap import ModelMap, Target
 from .network import Network
 
@@ -33,6 +35,17 @@ class Activation:
     te: float = 1.0
     unet: float = 1.0
     dyn: int | None = None
+    blocks: BlockWeights | None = None  # LBW block weights: a further factor per layer
+    start: int | None = None            # UNet part on from this many sampling steps done...
+    stop: int | None = None             # ...until this many (text encoders run before sampling)
+
+    @property
+    def scheduled(self) -> bool:
+        return self.start is not None or self.stop is not None
+
+    def multiplier(self, target: Target, block: str | None) -> float:
+        mult = self.te if target.is_text_encoder else self.unet
+        return mult * self.blocks.weight(block) if self.blocks is not None else mult
 
 
 @dataclass
@@ -81,6 +94,10 @@ class Patcher:
         self.slots: dict[tuple[int, str], _Slot] = {}
         self._bindings: dict[int, tuple[Network, Binding]] = {}
         self.dora_mode: str = dora.DEFAULT  # how DoRA magnitudes merge (adapters/dora.py); layers re-merge on change
+        self._blocks: dict[Target, str | None] = {}
+        self.bypass = Bypass()
+        self.gates: list[Gate] = []
+        self.step = 0
 
     # -- public --------------------------------------------------------------------------
     def binding(self, network: Network) -> Binding:
@@ -91,6 +108,12 @@ class Patcher:
             if len(self._bindings) > 64:
                 self._bindings.pop(next(iter(self._bindings)))
         return hit[1]
+
+    def block(self, target: Target) -> str | None:
+        """The LBW block of ``target`` (cached: the map's targets live as long as the patcher)."""
+        if target not in self._blocks:
+            self._blocks[target] = target_block([target.key, *target.aliases])
+        return self._blocks[target]
 
     def check_family(self, network: Network) -> str | None:
         """A user-facing reason to refuse ``network`` on this model, or None."""
@@ -105,8 +128,16 @@ class Patcher:
         self._drop_stale()
         wanted: dict[tuple[int, str], list] = {}
         owners: dict[tuple[int, str], tuple[nn.Module, str]] = {}
+        scheduled: list[tuple[Target, Adapter, float, int | None, str, Gate]] = []
+        gates: list[Gate] = []
+        self.step = 0  # an activation precedes a sampling pass
         for act in activations:
             net = act.network
+            gate = None
+            if act.scheduled:
+                gate = Gate(act.start, act.stop)
+                gate.set_step(self.step)
+                gates.append(gate)
             reason = self.check_family(net)
             if reason:
                 report.messages.append(reason)
@@ -123,8 +154,11 @@ class Patcher:
                     f"loaded model (e.g. {b.unmatched[0]})")
             report.applied[net.name] = 0
             for target, adapter in b.pairs:
-                mult = act.te if target.is_text_encoder else act.unet
+                mult = act.multiplier(target, self.block(target) if act.blocks is not None else None)
                 if mult == 0:
+                    continue
+                if gate is not None and not target.is_text_encoder:
+                    scheduled.append((target, adapter, float(mult), act.dyn, net.name, gate))
                     continue
                 for pname in (target.weight_name, target.bias_name if adapter.has_bias else None):
                     if pname is None or getattr(target.module, pname, None) is None:
@@ -186,6 +220,8 @@ class Patcher:
                 self._write(slot, merged)
                 slot.contributions = sig
                 report.changed_slots += 1
+            hooked = self._sync_bypass(scheduled, bad)
+            self.gates = gates
         except BaseException:
             # never leave a half-patched model behind: put back everything we changed
             for slot in touched:
@@ -198,12 +234,59 @@ class Patcher:
             for target, adapter, _, _, netname in contribs:
                 if k[1] == target.weight_name and netname in report.applied:
                     report.applied[netname] += 1
+        for netname, n in hooked.items():
+            if netname in report.applied:
+                report.applied[netname] += n
         return report
+
+    def set_step(self, step: int) -> None:
+        """Sampling progressed: open/close the gates of scheduled networks (no weight is touched)."""
+        self.step = step
+        for gate in self.gates:
+            gate.set_step(step)
+
+    def drop_schedules(self) -> None:
+        """Take the scheduled networks' hooks away; merged networks stay as they are."""
+        self.bypass.remove()
+        self.bypass.terms.clear()
+        self.gates = []
+        self.step = 0
+
+    def _sync_bypass(self, scheduled: list, bad: dict[str, list[str]]) -> dict[str, int]:
+        """Hook the scheduled layers, reusing terms whose inputs did not change; layers hooked per network."""
+        hooked: dict[str, int] = {}
+        old = self.bypass.terms
+        self.bypass.remove()
+        self.bypass.terms = {}
+        for target, adapter, mult, dyn, netname, gate in scheduled:
+            key = (id(target), id(adapter), mult, dyn)
+            term = old.get(key) if not adapter.needs_weight else None  # weight-dependent: always fresh
+            if term is None:
+                try:
+                    term = make_term(target, adapter, mult, dyn, *self._originals(target))
+                except AdapterError as e:
+                    bad.setdefault(netname, []).append(str(e))
+                    continue
+            term.gate = gate
+            self.bypass.terms[key] = term
+            self.bypass.attach(target.module, term)
+            hooked[netname] = hooked.get(netname, 0) + 1
+        return hooked
+
+    def _originals(self, target: Target) -> tuple[Tensor, Tensor | None]:
+        """The layer's weight and bias before any merge, on the layer's device."""
+        out = []
+        for pname in (target.weight_name, target.bias_name):
+            t = getattr(target.module, pname, None) if pname else None
+            slot = self.slots.get((id(target.module), pname)) if t is not None else None
+            out.append(None if t is None else (slot.original if slot is not None else t.detach()).to(t.device))
+        return out[0], out[1]
 
     @torch.no_grad()
     def restore(self) -> int:
         """Put every patched weight back; returns how many were restored."""
         self._drop_stale()
+        self.drop_schedules()
         n = 0
         for slot in self.slots.values():
             self._write(slot, slot.original)
@@ -213,12 +296,13 @@ class Patcher:
 
     def forget(self) -> None:
         """The model was replaced or reloaded: drop originals without writing them back."""
+        self.drop_schedules()
         self.slots.clear()
         self._bindings.clear()
 
     @property
     def active(self) -> bool:
-        return bool(self.slots)
+        return bool(self.slots) or bool(self.bypass)
 
     # -- internals -----------------------------------------------------------------------
     def _write(self, slot: _Slot, value: Tensor) -> None:

@@ -55,8 +55,12 @@ class Runtime:
     def model_map(self) -> ModelMap | None:
         return self.patcher.mm if self.patcher else None
 
-    def activate(self, requests: list[LoraRequest]) -> ActivationResult:
-        """Make exactly ``requests`` active (an empty list restores the model)."""
+    def activate(self, requests: list[LoraRequest], steps: bool = False) -> ActivationResult:
+        """Make exactly ``requests`` active (an empty list restores the model).
+
+        ``steps``: the host calls ``set_step`` during sampling, so start=/stop= can be honoured;
+        without it they are dropped with a message and the LoRA applies at every step.
+        """
         res = ActivationResult()
         with self.lock:
             if self.patcher is None:
@@ -67,13 +71,18 @@ class Runtime:
             acts: list[Activation] = []
             entries: list[tuple[LoraRequest, Entry]] = []
             for req in requests:
+                res.messages.extend(req.warnings)
+                if req.scheduled and not steps:
+                    res.messages.append(f"{req.name}: start=/stop= need a host that reports sampling steps "
+                                        "(the WebUI does) — applied at every step")
+                    req = req.without_schedule()
                 try:
                     entry = self.library.resolve(req.name)
                     net = self.library.load(entry)
                 except (LoraNotFound, AmbiguousName, LoraFileError, OSError) as e:
                     res.messages.append(str(e))
                     continue
-                acts.append(Activation(net, req.te, req.unet, req.dyn))
+                acts.append(Activation(net, req.te, req.unet, req.dyn, req.blocks, req.start, req.stop))
                 entries.append((req, entry))
             report = self.patcher.apply(acts)
             res.report = report
@@ -83,6 +92,19 @@ class Runtime:
                     res.applied.append(req.name)
                     res.hashes.append((req.name, entry.shorthash()))
             return res
+
+    def set_step(self, step: int) -> bool:
+        """Sampling steps done so far; True when some active LoRA follows a schedule."""
+        patcher = self.patcher  # no lock: called at every step, and it only sets gate factors
+        if patcher is None or not patcher.gates:
+            return False
+        patcher.set_step(step)
+        return True
+
+    def drop_schedules(self) -> None:
+        with self.lock:
+            if self.patcher is not None:
+                self.patcher.drop_schedules()
 
     def restore(self) -> int:
         with self.lock:

@@ -79,9 +79,9 @@ def test_webui_mode_differs_from_lycoris_where_the_definitions_do(te_model):
 
 def test_webui_mode_refuses_what_the_builtin_cannot_broadcast():
     from lib_lora.adapters import AdapterError, make_adapter
-    a = make_adapter("x", {"lora_down.weight": torch.randn(2, 16), "lora_up.weight": torch.randn(12, 2),
-                           "dora_scale": torch.rand(5, 1)})
-    with pytest.raises(AdapterError):
+    with pytest.raises(AdapterError):  # refused when the file is read, at the latest when it is merged
+        a = make_adapter("x", {"lora_down.weight": torch.randn(2, 16), "lora_up.weight": torch.randn(12, 2),
+                               "dora_scale": torch.rand(5, 1)})
         a.deltas(torch.randn(12, 16), None, 1.0, dora=dora.strategy("webui"))
     with pytest.raises(ValueError, match="unknown DoRA mode"):
         dora.strategy("kohya")

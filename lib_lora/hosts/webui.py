@@ -24,7 +24,7 @@ import torch
 
 from modules import extra_networks, paths, shared, ui_extra_networks, ui_extra_networks_user_metadata
 
-from .. import families, fileio, service
+from .. import blockweights, families, fileio, service
 from ..infotext import KEY as HASHES_KEY, format_hashes
 from ..library import Library
 from ..modelmap import ModelMap
@@ -39,9 +39,12 @@ OPT_SHOW_WARNINGS = "lora_workshop_show_warnings"
 OPT_DATASET_ROOTS = "lora_workshop_api_dataset_roots"
 OPT_BUILTIN_DORA = "lora_workshop_builtin_dora"
 OPT_OUTSIDE_LINKS = "lora_workshop_follow_outside_links"
+OPT_LBW_PRESETS = "lora_workshop_lbw_presets"
+OPT_SCHEDULE_HIRES = "lora_workshop_schedule_hires"
 DEFAULTS: dict[str, Any] = {OPT_CACHE_MB: 2048, OPT_DEFAULT_WEIGHT: 1.0, OPT_RESTORE_AFTER: False,
                             OPT_SHOW_WARNINGS: True, OPT_DATASET_ROOTS: "", OPT_BUILTIN_DORA: False,
-                            OPT_OUTSIDE_LINKS: False}
+                            OPT_OUTSIDE_LINKS: False, OPT_LBW_PRESETS: "", OPT_SCHEDULE_HIRES: False}
+LBW_FOLDER = "sd-webui-lora-block-weight"
 
 NETWORK_NAME = "lora"
 NETWORK_ALIASES = ("lyco",)
@@ -164,6 +167,20 @@ class WebUIHost:
             dirs.append(Path(lyco))
         return dirs
 
+    def lbw_presets_files(self) -> list[Path]:
+        """Where LoRA Block Weight keeps its presets, most likely first (the setting overrides all).
+
+        LBW reads ``scripts/lbwpresets.txt`` of its own folder (moving one from the WebUI's
+        ``scripts/`` there on start); any extension folder holding that file is accepted.
+        """
+        custom = str(self.option(OPT_LBW_PRESETS) or "").strip()
+        if custom:
+            return [Path(custom)]
+        ext = Path(paths.extensions_dir)
+        first = ext / LBW_FOLDER / "scripts" / blockweights.PRESETS_FILE
+        others = sorted(p for p in ext.glob(f"*/scripts/{blockweights.PRESETS_FILE}") if p != first)
+        return [first, *others, Path(paths.script_path) / "scripts" / blockweights.PRESETS_FILE]
+
     # user feedback -------------------------------------------------------------------------
     def notify(self, message: str, p: Any = None, show: bool = True) -> None:
         _log(message)
@@ -216,6 +233,15 @@ def builtin_lora_active() -> bool:
         return any(ext.is_builtin and ext.canonical_name == "lora" for ext in extensions.active())
     except Exception:  # very old or unusual WebUI: fall back to its module being imported
         return builtin_networks_module() is not None
+
+
+def lbw_active() -> bool:
+    """Whether the LoRA Block Weight extension is enabled (under any folder name containing its own)."""
+    try:
+        from modules import extensions
+        return any("lora-block-weight" in ext.canonical_name for ext in extensions.active())
+    except Exception:  # an unusual WebUI: we cannot tell, and the warning is only advice
+        return False
 
 
 def builtin_networks_module() -> Any:
@@ -393,6 +419,7 @@ class Workshop:
         self.library = Library(dirs, cache_bytes=self._cache_bytes(),
                                follow_outside_links=bool(self.host.option(OPT_OUTSIDE_LINKS)))
         self.runtime = Runtime(self.library)
+        self.lbw_presets = blockweights.PresetSource(self.host.lbw_presets_files)
         self.network = LoraNetwork(self)
         self.page = LoraPage(self)
         self.builtin = BuiltinHandoff(self)
@@ -460,6 +487,13 @@ class Workshop:
             onchange=self.apply_links_setting, section=SECTION,
         ).info("for folders linked in on purpose; whatever such a link points to is then listed, hashed and "
                "served over the API"))
+        add(OPT_LBW_PRESETS, shared.OptionInfo(
+            DEFAULTS[OPT_LBW_PRESETS], "Block-weight presets file (lbwpresets.txt) for lbw=NAME", section=SECTION,
+        ).info(f"empty: the one of LoRA Block Weight (extensions/{LBW_FOLDER}/scripts/), if installed"))
+        add(OPT_SCHEDULE_HIRES, shared.OptionInfo(
+            DEFAULTS[OPT_SCHEDULE_HIRES], "start=/stop= also apply to the hires pass, counting its own steps",
+            section=SECTION,
+        ).info("off: the hires pass runs such LoRAs at their weight throughout, as LoRA Block Weight does"))
 
     # registry / page ----------------------------------------------------------------------------
     def claim(self) -> None:
@@ -525,16 +559,25 @@ class Workshop:
     def activate(self, p: Any, items_lists: list[list[Any]]) -> ActivationResult:
         """ExtraNetwork.activate: make exactly these LoRAs active (none = restore the model)."""
         items_lists = self._with_builtin_extra(p, [list(items) for items in items_lists])
-        requests, messages = service.requests_from_items(items_lists, self.default_weight())
+        requests, messages = service.requests_from_items(items_lists, self.default_weight(),
+                                                         presets=self.lbw_presets.lazy())
+        if getattr(p, "is_hr_pass", False) and not self.host.option(OPT_SCHEDULE_HIRES):
+            # LBW's step ranges are used up by the first pass; its hires pass has the LoRA at full weight
+            requests = [r.without_schedule() if r.scheduled else r for r in requests]
         patcher = self.runtime.patcher
         if not requests and not messages and (patcher is None or not patcher.active):
             return ActivationResult()  # the common no-LoRA generation: nothing to build or restore
         self._check_builtin_idle()
         self.runtime.dora_mode = "webui" if self.host.option(OPT_BUILTIN_DORA) else "lycoris"
+        if requests and lbw_active() and not builtin_lora_active():
+            # LBW finds no built-in `networks` module then and sets p.disable_extra_networks per batch
+            self._warn_once("lbw-alone", "LoRA Block Weight is enabled while the built-in Lora extension is not: it "
+                            "switches extra networks off for each batch. LoRA Workshop reads lbw=/start=/stop= "
+                            "itself, so disable LoRA Block Weight (or enable the built-in Lora)")
         try:
             with _no_autocast():
                 self._sync_model()
-                res = self.runtime.activate(requests)
+                res = self.runtime.activate(requests, steps=True)
         except Exception as e:  # the patcher has put the weights back; the image is made without LoRAs
             res = ActivationResult(messages=[f"LoRA Workshop: applying LoRAs failed, generating without them "
                                              f"({type(e).__name__}: {e})"])
@@ -548,6 +591,17 @@ class Workshop:
     def deactivate(self, p: Any) -> None:
         if self.host.option(OPT_RESTORE_AFTER):
             self.restore()
+        else:
+            self.runtime.drop_schedules()  # a schedule belongs to one generation; merged LoRAs stay
+
+    def denoiser_step(self, params: Any) -> None:
+        """on_cfg_denoiser, before every UNet evaluation: move scheduled LoRAs to this step.
+
+        ``shared.state.sampling_step`` is updated after each step (and reads 0 for the first two),
+        and LBW switches when ``sampling_step > start - 2``: it treats ``sampling_step + 1`` as the
+        steps done.  Passing the same count makes start=/stop= switch where LBW's do.
+        """
+        self.runtime.set_step(int(params.sampling_step) + 1)
 
     def restore(self) -> int:
         return self.runtime.restore()

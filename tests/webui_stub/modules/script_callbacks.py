@@ -12,6 +12,18 @@ import os
 from modules import errors, extensions
 
 
+class CFGDenoiserParams:
+    def __init__(self, x, image_cond, sigma, sampling_step, total_sampling_steps, text_cond, text_uncond, denoiser=None):
+        self.x = x
+        self.image_cond = image_cond
+        self.sigma = sigma
+        self.sampling_step = sampling_step              # shared.state.sampling_step when the denoiser runs
+        self.total_sampling_steps = total_sampling_steps
+        self.text_cond = text_cond
+        self.text_uncond = text_uncond
+        self.denoiser = denoiser
+
+
 @dataclasses.dataclass
 class ScriptCallback:
     script: str
@@ -30,6 +42,7 @@ callback_map = dict(
     callbacks_script_unloaded=[],
     callbacks_before_ui=[],
     callbacks_on_reload=[],
+    callbacks_cfg_denoiser=[],
 )
 
 
@@ -86,6 +99,11 @@ def ui_tabs_callback():
     return res
 
 
+def cfg_denoiser_callback(params: CFGDenoiserParams):
+    """Called by CFGDenoiser.forward (every denoiser evaluation) before the UNet runs."""
+    _run('cfg_denoiser', params)
+
+
 def before_component_callback(component, **kwargs):
     _run('before_component', component, **kwargs)
 
@@ -132,6 +150,10 @@ def on_infotext_pasted(callback, *, name=None):
 
 def on_script_unloaded(callback, *, name=None):
     add_callback(callback_map['callbacks_script_unloaded'], callback, name=name, category='script_unloaded')
+
+
+def on_cfg_denoiser(callback, *, name=None):
+    add_callback(callback_map['callbacks_cfg_denoiser'], callback, name=name, category='cfg_denoiser')
 
 
 def on_before_ui(callback, *, name=None):

@@ -1,0 +1,149 @@
+"""LoRA Block Weight prompts inside the stand-in WebUI: unknown arguments, lbw= with LBW's presets file,
+and start/stop schedules driven by the WebUI's cfg_denoiser callback."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_webui_glue import (TE_KEY, UNET_KEY, lora_delta, make_lora, model, sd1, sd1_map,  # noqa: F401
+                             webui)  # first: it puts the stand-in WebUI on sys.path
+
+from modules import extra_networks, paths, script_callbacks, shared  # noqa: E402
+
+from lib_lora.hosts import webui as host  # noqa: E402
+
+IN01_KEY = UNET_KEY                      # down_blocks_0_attentions_0 = input_blocks_1_1
+OUT11_KEY = "lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_attn2_to_k"
+
+
+@pytest.fixture
+def running(webui, model, sd1_map, tmp_path, monkeypatch):
+    monkeypatch.setattr(paths, "extensions_dir", str(tmp_path / "extensions"))
+    path = make_lora(webui.lora_dir / "tiny.safetensors", sd1_map)
+    shared.sd_model = model
+    webui.load_script()
+    webui.start_ui()
+    return webui, path
+
+
+def test_unknown_arguments_warn_and_the_lora_still_applies(running, sd1_map, capsys):
+    webui, path = running
+    w0 = sd1_map.get(TE_KEY).module.weight.detach().clone()
+    p = webui.generate("x <lora:tiny:0.5:foo=3:lbwe=ATTNON>")
+    torch.testing.assert_close(sd1_map.get(TE_KEY).module.weight, w0 + 0.5 * lora_delta(path, TE_KEY), rtol=0, atol=1e-6)
+    assert "tiny: unknown argument foo=3 ignored" in p.comments
+    assert "tiny: LBW per-element weights (lbwe=) are not supported — ignored" in p.comments
+    assert "unknown argument foo=3" in capsys.readouterr().out
+    assert p.extra_generation_params["Lora hashes"].startswith("tiny: ")
+
+
+def test_lbw_presets_come_from_lbws_file(running, sd1_map, tmp_path):
+    webui, path = running
+    te, in01, out11 = (sd1_map.get(k).module for k in (TE_KEY, IN01_KEY, OUT11_KEY))
+    w0 = [m.weight.detach().clone() for m in (te, in01, out11)]
+
+    def deltas():
+        return [(m.weight - w).abs().max().item() for m, w in zip((te, in01, out11), w0)]
+
+    webui.generate("x <lora:tiny:1:lbw=OUTS>")   # default OUTS: BASE and OUT07-OUT11
+    assert deltas()[0] > 0 and deltas()[1] == 0 and deltas()[2] > 0
+
+    presets = tmp_path / "extensions" / host.LBW_FOLDER / "scripts" / "lbwpresets.txt"
+    presets.parent.mkdir(parents=True)
+    presets.write_text("ONLYIN01:0,0.5,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0\n", encoding="utf-8")
+    webui.generate("x <lora:tiny:0.8:lbw=ONLYIN01>")
+    torch.testing.assert_close(in01.weight, w0[1] + 0.4 * lora_delta(path, IN01_KEY), rtol=0, atol=1e-6)
+    assert deltas()[0] == 0 and deltas()[2] == 0
+
+    custom = tmp_path / "mine.txt"
+    custom.write_text("ONLYIN01:0,1,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0\n", encoding="utf-8")
+    shared.opts.data[host.OPT_LBW_PRESETS] = str(custom)
+    webui.generate("x <lora:tiny:0.8:lbw=ONLYIN01>")
+    torch.testing.assert_close(in01.weight, w0[1] + 0.8 * lora_delta(path, IN01_KEY), rtol=0, atol=1e-6)
+
+    p = webui.generate("x <lora:tiny:0.8:lbw=MISSING>")
+    assert any("'MISSING' is not a block-weight preset" in c for c in p.comments)
+    torch.testing.assert_close(te.weight, w0[0] + 0.8 * lora_delta(path, TE_KEY), rtol=0, atol=1e-6)
+
+
+def denoise(sampling_step: int) -> None:
+    """What CFGDenoiser.forward does before each UNet evaluation."""
+    script_callbacks.cfg_denoiser_callback(script_callbacks.CFGDenoiserParams(
+        None, None, None, sampling_step, 20, None, None))
+
+
+def test_start_stop_follow_the_denoiser_like_lbw(running, sd1_map):
+    webui, path = running
+    to_k, q_proj = sd1_map.get(UNET_KEY).module, sd1_map.get(TE_KEY).module
+    w0, te0 = to_k.weight.detach().clone(), q_proj.weight.detach().clone()
+    x = torch.randn(3, to_k.in_features)
+    plain = to_k(x)
+    with_lora = x @ (w0 + 0.5 * lora_delta(path, UNET_KEY)).T
+
+    def lora_on() -> bool:
+        out = to_k(x)
+        if torch.equal(out, plain):
+            return False
+        torch.testing.assert_close(out, with_lora, rtol=1e-5, atol=1e-6)
+        return True
+
+    p = webui.generate("x <lora:tiny:0.5:stop=3>")
+    assert torch.equal(to_k.weight, w0), "the scheduled UNet part is not merged"
+    torch.testing.assert_close(q_proj.weight, te0 + 0.5 * lora_delta(path, TE_KEY), rtol=0, atol=1e-6)
+    seen = []
+    for s in (0, 0, 1, 2, 3):          # shared.state.sampling_step during steps 1..5 (k-diffusion)
+        denoise(s)
+        seen.append(lora_on())
+    assert seen == [True, True, True, False, False]   # LBW: off once sampling_step > stop - 2
+
+    # hires pass: LBW's ranges are spent, the LoRA is merged at its weight (the default)
+    webui.generate("x <lora:tiny:0.5:stop=3>", hr=True, p=p)
+    torch.testing.assert_close(to_k.weight, w0 + 0.5 * lora_delta(path, UNET_KEY), rtol=0, atol=1e-6)
+    assert not to_k._forward_hooks
+
+    p = webui.generate("x <lora:tiny:0.5:start=2>")
+    seen = []
+    for s in (0, 0, 1, 2):
+        denoise(s)
+        seen.append(lora_on())
+    assert seen == [False, False, True, True]
+    extra_networks.deactivate(p, p.extra_network_data)
+    assert not to_k._forward_hooks and torch.equal(to_k.weight, w0)
+
+    shared.opts.data[host.OPT_SCHEDULE_HIRES] = True
+    p = webui.generate("x <lora:tiny:0.5:step=2-3>", hr=True)
+    seen = []
+    for s in (0, 0, 1, 2):
+        denoise(s)
+        seen.append(lora_on())
+    assert seen == [False, False, True, False]
+    webui.workshop.restore()
+    assert not to_k._forward_hooks
+
+
+def test_hosts_without_step_reports_apply_scheduled_loras_throughout(running, sd1_map):
+    from lib_lora.library import Library
+    from lib_lora.params import parse_prompt
+    from lib_lora.runtime import Runtime
+
+    webui, path = running
+    rt = Runtime(Library([webui.lora_dir]))
+    rt.set_model(sd1_map)
+    _, reqs = parse_prompt("<lora:tiny:1:stop=2>")
+    res = rt.activate(reqs)
+    assert res.messages == ["tiny: start=/stop= need a host that reports sampling steps (the WebUI does) "
+                            "— applied at every step"]
+    assert not sd1_map.get(UNET_KEY).module._forward_hooks and not rt.set_step(5)
+    rt.restore()
+
+
+def test_warns_when_lbw_runs_without_the_builtin(running, monkeypatch, capsys):
+    from modules import extensions
+
+    webui, _ = running
+    webui.generate("x <lora:tiny:1>")
+    assert "LoRA Block Weight is enabled" not in capsys.readouterr().out
+    monkeypatch.setattr(extensions, "extensions", [*extensions.extensions,
+                                                   extensions.Extension("sd-webui-lora-block-weight", "/x")])
+    webui.generate("x <lora:tiny:1>")
+    assert "LoRA Block Weight is enabled while the built-in Lora extension is not" in capsys.readouterr().out
