@@ -16,6 +16,7 @@ text encoders' embeddings and final norm) keep weight 1, as in LBW.  A value may
 """
 from __future__ import annotations
 
+import math
 import random
 import re
 from dataclasses import dataclass
@@ -87,9 +88,12 @@ def _value(text: str, x: float, rng: random.Random) -> float:
             return x
         return x + float(m.group(2)) if m.group(1) == "+" else x - float(m.group(2))
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise BlockWeightError(f"{text!r} is not a number (nor R, U, X)") from None
+    if not math.isfinite(value):
+        raise BlockWeightError(f"{text!r} is not a finite number")
+    return value
 
 
 def parse_block_weights(spec: str, presets: Mapping[str, str] | None = None, x: float = 1.0,

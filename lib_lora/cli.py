@@ -177,12 +177,13 @@ def cmd_render(args: argparse.Namespace) -> int:
     from .runtime import Runtime
 
     ckpt = load_checkpoint(args.base)
-    prompt, requests = parse_prompt(args.prompt)
+    bad_tokens: list[str] = []
+    prompt, requests = parse_prompt(args.prompt, errors=bad_tokens)
     rt = Runtime(Library(args.lora_dir or [Path(".")]))
     from .modelmap import ModelMap
     rt.set_model(ModelMap.build(ckpt.family, ckpt.unet, ckpt.text_encoders))
     res = rt.activate(requests)
-    for m in res.messages:
+    for m in bad_tokens + res.messages:
         print(f"warning: {m}", file=sys.stderr)
     try:
         images = sample(ckpt, [prompt] * args.n, negative=args.negative, steps=args.steps, cfg=args.cfg,

@@ -3,6 +3,7 @@ the LoRA Block Weight extension's arguments), and escaping text that must reach 
 parser literally."""
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, replace
 from typing import Mapping
@@ -11,6 +12,7 @@ from .blockweights import BlockWeights, parse_block_weights
 
 _TOKEN = re.compile(r"<(\w+):([^>]+)>")
 NETWORK_TYPES = ("lora", "lyco")
+_FLOAT32_MAX = 3.4028234663852886e38  # deltas are summed in float32
 
 
 @dataclass(frozen=True)
@@ -56,9 +58,12 @@ def parse_args(positional: list[str], named: dict[str, str], default: float = 1.
 
     def num(value: str, what: str, cast=float):
         try:
-            return cast(value)
-        except ValueError:
+            out = cast(value)
+        except (ValueError, OverflowError):
             raise ParamError(f"<lora:{name}>: {what}={value!r} is not a number") from None
+        if not math.isfinite(out) or abs(out) > _FLOAT32_MAX:  # nan, inf, 1e400: never merged into a model
+            raise ParamError(f"<lora:{name}>: {what}={value!r} is not a finite number — skipped")
+        return out
 
     def given(i: int) -> bool:
         return len(positional) > i and positional[i] != ""
@@ -88,6 +93,8 @@ def parse_args(positional: list[str], named: dict[str, str], default: float = 1.
     if spec is not None:
         try:
             x = float(x_text) if x_text is not None else 1.0
+            if not math.isfinite(x):
+                raise ValueError(f"x={x_text} is not a finite number")
             blocks = parse_block_weights(spec, presets, x)
         except ValueError as e:  # BlockWeightError or a bad x=
             warnings.append(f"{name}: lbw={spec}: {e} — applied without block weights")
@@ -143,15 +150,24 @@ def split_items(items: list[str]) -> tuple[list[str], dict[str, str]]:
     return positional, named
 
 
-def parse_prompt(prompt: str, default: float = 1.0,
-                 presets: Mapping[str, str] | None = None) -> tuple[str, list[LoraRequest]]:
-    """Strip lora/lyco tokens from a prompt (for the CLI); the WebUI does this itself."""
+def parse_prompt(prompt: str, default: float = 1.0, presets: Mapping[str, str] | None = None,
+                 errors: list[str] | None = None) -> tuple[str, list[LoraRequest]]:
+    """Strip lora/lyco tokens from a prompt (for the CLI); the WebUI does this itself.
+
+    A token whose arguments are unusable raises ParamError, or, with ``errors``, is dropped
+    and its message appended there.
+    """
     found: list[LoraRequest] = []
 
     def take(m: re.Match) -> str:
         if m.group(1) not in NETWORK_TYPES:
             return m.group(0)
-        found.append(parse_args(*split_items(m.group(2).split(":")), default=default, presets=presets))
+        try:
+            found.append(parse_args(*split_items(m.group(2).split(":")), default=default, presets=presets))
+        except ParamError as e:
+            if errors is None:
+                raise
+            errors.append(str(e))
         return ""
 
     return _TOKEN.sub(take, prompt), found

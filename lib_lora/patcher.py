@@ -61,6 +61,7 @@ class ApplyReport:
     applied: dict[str, int] = field(default_factory=dict)  # network name -> layers patched
     skipped: list[str] = field(default_factory=list)    # network names not applied at all
     changed_slots: int = 0
+    overflowing: dict[str, int] = field(default_factory=dict)  # network -> layers it would make non-finite
 
 
 @dataclass(eq=False)
@@ -74,6 +75,43 @@ class _Slot:
 
     def tensor(self) -> Tensor:
         return getattr(self.module, self.param)
+
+
+_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch 2.1 has only the cuda one
+
+
+def _fits(t: Tensor, dtype: torch.dtype) -> bool:
+    """Every value of the float32 ``t`` is finite and stays finite when cast to ``dtype`` (peft's safe merge)."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)  # NaN propagates into both
+    limit = torch.finfo(dtype).max if dtype.is_floating_point else float("inf")
+    return bool(torch.isfinite(lo) and torch.isfinite(hi) and hi <= limit and lo >= -limit)
+
+
+def _overflowing(contribs: list, base: Tensor, param: Tensor, pname: str, dora_fn) -> list[str]:
+    """The networks whose contribution first makes the merge of one weight non-finite (only called on failure)."""
+    merged = base.to(param.device, torch.float32, copy=True)
+    original = merged.clone()
+    culprits: list[str] = []
+    for target, adapter, mult, dyn, netname in contribs:
+        before = merged.clone()
+        try:
+            if pname == target.weight_name:
+                rows = slice(None) if target.rows is None else target.rows
+                adapter.add_weight_delta_(merged[rows], original[rows], mult, dyn, dora_fn)
+            else:
+                bias = merged if target.rows is None else merged[target.rows]
+                db = adapter.bias_delta_at(bias, mult)
+                if db is not None:
+                    bias += db
+        except (AdapterError, RuntimeError, ValueError, ArithmeticError, IndexError):
+            merged = before  # reported by the merge itself
+            continue
+        if not _fits(merged, param.dtype):
+            culprits.append(netname)
+            merged = before
+    return culprits or [c[-1] for c in contribs]
 
 
 def bind(network: Network, mm: ModelMap) -> Binding:
@@ -124,6 +162,21 @@ class Patcher:
 
     @torch.no_grad()
     def apply(self, activations: list[Activation]) -> ApplyReport:
+        """Make exactly ``activations`` merged (or hooked); a network whose merge would put a
+        non-finite value into a weight is left out, with a message, and the others applied."""
+        report = self._apply(activations)
+        left_out: list[str] = []
+        while report.overflowing:
+            names = set(report.overflowing)
+            left_out += [f"{n}: merging it would make the model's weights overflow or become NaN "
+                         f"(at these weights, in {report.overflowing[n]} layers) — skipped" for n in sorted(names)]
+            activations = [a for a in activations if a.network.name not in names]
+            report = self._apply(activations)
+            report.skipped += sorted(names)
+        report.messages[:0] = left_out
+        return report
+
+    def _apply(self, activations: list[Activation]) -> ApplyReport:
         report = ApplyReport()
         self._drop_stale()
         wanted: dict[tuple[int, str], list] = {}
@@ -168,6 +221,7 @@ class Patcher:
                     wanted.setdefault(k, []).append((target, adapter, float(mult), act.dyn, net.name))
         touched: list[_Slot] = []
         bad: dict[str, list[str]] = {}
+        failed: set[tuple[tuple[int, str], int]] = set()  # (slot key, adapter) whose merge raised
         dora_fn = dora.strategy(self.dora_mode)
         try:
             for k, slot in list(self.slots.items()):
@@ -208,6 +262,21 @@ class Patcher:
                                 bias += db
                     except AdapterError as e:
                         bad.setdefault(netname, []).append(str(e))
+                        failed.add((k, id(adapter)))
+                    except _OOM:
+                        raise
+                    except (RuntimeError, ValueError, ArithmeticError, IndexError) as e:
+                        # a file whose tensors pass every check and still break the maths: its own error
+                        bad.setdefault(netname, []).append(f"{type(e).__name__}: {str(e).splitlines()[0]}")
+                        failed.add((k, id(adapter)))
+                if not _fits(merged, param.dtype):
+                    for culprit in _overflowing(contribs, base, param, pname, dora_fn):
+                        report.overflowing[culprit] = report.overflowing.get(culprit, 0) + 1
+                    if slot is not None:  # its storage may hold the failed merge: back to the original
+                        self._write(slot, slot.original)
+                        del self.slots[k]
+                        report.changed_slots += 1
+                    continue
                 if slot is None:
                     # Where the backup lives with the weight, the current storage *becomes* the backup
                     # (the merged tensor is swapped in by _write), saving a full copy of every layer.
@@ -232,11 +301,15 @@ class Patcher:
             report.messages.append(f"{netname}: {len(errs)} layers did not match ({errs[0]})")
         for k, contribs in wanted.items():
             for target, adapter, _, _, netname in contribs:
-                if k[1] == target.weight_name and netname in report.applied:
+                if k[1] == target.weight_name and netname in report.applied and (k, id(adapter)) not in failed:
                     report.applied[netname] += 1
         for netname, n in hooked.items():
             if netname in report.applied:
                 report.applied[netname] += n
+        for netname in bad:
+            if report.applied.get(netname) == 0:  # every layer failed: not applied at all
+                del report.applied[netname]
+                report.skipped.append(netname)
         return report
 
     def set_step(self, step: int) -> None:
