@@ -21,6 +21,13 @@ from torch import Tensor
 from ..fileio import DTYPE_NAMES, atomic_path
 
 _PLACEHOLDER = "0" * 64
+_SIZES: dict[torch.dtype, int] = {}
+
+
+def _itemsize(dt: torch.dtype) -> int:
+    if dt not in _SIZES:
+        _SIZES[dt] = torch.empty((), dtype=dt).element_size()
+    return _SIZES[dt]
 
 
 class StreamWriter:
@@ -40,7 +47,7 @@ class StreamWriter:
             if dt not in DTYPE_NAMES:
                 raise ValueError(f"safetensors has no dtype {dt}")
         # widest elements first keeps every offset aligned to its element size
-        specs.sort(key=lambda s: -torch.empty((), dtype=s[1]).element_size())
+        specs.sort(key=lambda s: -_itemsize(s[1]))
         self.order = [n for n, _, _ in specs]
         self._specs = {n: (dt, s) for n, dt, s in specs}
         self.metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
@@ -57,7 +64,7 @@ class StreamWriter:
         offset = 0
         for n in self.order:
             dt, shape = self._specs[n]
-            size = torch.empty((), dtype=dt).element_size()
+            size = _itemsize(dt)
             for d in shape:
                 size *= d
             entries[n] = {"dtype": DTYPE_NAMES[dt], "shape": list(shape), "data_offsets": [offset, offset + size]}
