@@ -289,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .hosts.checkpoint import ArchitectureError
+    from .adapters import AdapterError
     from .tools.common import ToolError
     from .training.dataset import DatasetError
 
@@ -299,6 +300,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --{_CLI_NAMES.get(e.option, e.option).replace('_', '-')}: {e.detail}", file=sys.stderr)
         return 2
     except (LoraFileError, FileExistsError, FileNotFoundError, IsADirectoryError, PermissionError,
-            DatasetError, ArchitectureError, ToolError) as e:
+            DatasetError, ArchitectureError, ToolError, AdapterError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -17,7 +17,7 @@ from ..fileio import TensorFile
 from . import deltas, svd
 from .common import cast
 from .deltas import Contribution
-from .layout import Layer, Layout
+from .layout import Layer
 from .progress import Progress
 
 
