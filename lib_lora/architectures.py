@@ -22,7 +22,7 @@ SD2_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320
                 num_res_blocks=2, channel_mult=[1, 2, 4, 4], num_head_channels=64, use_spatial_transformer=True,
                 use_linear_in_transformer=True, transformer_depth=1, context_dim=1024, legacy=False)
 # sd_xl_base.yaml's network_config (sgm UNetModel), built as lib_lora.sdxl_unet.SDXLUNetModel
-SDXL_UNET = dict(in_channels=4, out_channels=4, model_channels=320, attention_resolutions=[4, 2], num_res_blocks=2,
+SDXL_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, attention_resolutions=[4, 2], num_res_blocks=2,
                  channel_mult=[1, 2, 4], num_head_channels=64, use_spatial_transformer=True,
                  use_linear_in_transformer=True, transformer_depth=[1, 2, 10], context_dim=2048,
                  num_classes="sequential", adm_in_channels=2816, legacy=False)

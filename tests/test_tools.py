@@ -546,3 +546,20 @@ def test_cli_tools_help_and_run(sd1, tmp_path, capsys):
     assert "exists" in capsys.readouterr().err
     assert main(["bake", str(f32), f"{pa}:0.5", "--out", str(tmp_path / "b.safetensors")]) == 0
     assert "AutoV2" in capsys.readouterr().out
+
+
+def test_published_layouts_name_kohya_layers():
+    """The real SD1.5 / SDXL layouts the tools use without --base: kohya keys, shapes, roles, diffusers names."""
+    from lib_lora.tools.layout import for_family
+
+    xl = for_family("sdxl")
+    q = xl.get("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q")
+    assert q.shape == (640, 640) and q.role == "attn" and q.diffusers == "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    assert xl.get("lora_unet_down_blocks_2_attentions_1_transformer_blocks_9_ff_net_2") is not None  # depth 10
+    assert xl.get("lora_te2_text_model_encoder_layers_31_self_attn_v_proj").shape == (1280, 1280)
+    assert xl.get("lora_te2_text_model_encoder_layers_31_self_attn_v_proj").diffusers == \
+        "text_model.encoder.layers.31.self_attn.v_proj"
+    sd1 = for_family("sd1")
+    conv = sd1.get("lora_unet_down_blocks_0_resnets_0_conv1")
+    assert conv.shape == (320, 320, 3, 3) and conv.role == "resnet" and conv.is_conv3
+    assert sd1.get("lora_te_text_model_encoder_layers_0_mlp_fc1").role == "te"
