@@ -283,11 +283,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .toyworld.demo import add_parser as add_demo_parser
     add_demo_parser(sub)
+    from .tools.cli import add_parsers as add_tool_parsers
+    add_tool_parsers(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     from .hosts.checkpoint import ArchitectureError
+    from .adapters import AdapterError
+    from .tools.common import ToolError
     from .training.dataset import DatasetError
 
     args = build_parser().parse_args(argv)
@@ -297,6 +301,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --{_CLI_NAMES.get(e.option, e.option).replace('_', '-')}: {e.detail}", file=sys.stderr)
         return 2
     except (LoraFileError, FileExistsError, FileNotFoundError, IsADirectoryError, PermissionError,
-            DatasetError, ArchitectureError) as e:
+            DatasetError, ArchitectureError, ToolError, AdapterError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

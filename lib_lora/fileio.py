@@ -252,3 +252,79 @@ def save_safetensors(tensors: dict[str, Tensor], path: str | os.PathLike,
         contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         save_file(contiguous, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
     return path
+
+
+DTYPE_NAMES = {dt: name for name, (dt, _) in _DTYPES.items() if dt is not None}
+
+
+class TensorFile:
+    """One tensor at a time from a validated safetensors file (seek + read of the checked
+    offsets), so a multi-GB checkpoint never sits in memory whole.  A pickle (.ckpt/.pt) has no
+    such layout: it is loaded tensors-only, as ``load_pickle`` does, and served from memory."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise LoraFileError(f"{self.path}: no such file")
+        ext = self.path.suffix.lower()
+        self._f = None
+        self._sd: dict[str, Tensor] | None = None
+        if ext in SAFETENSORS_EXT:
+            self.header: Header | None = read_header(self.path)
+            self.metadata = dict(self.header.metadata)
+            self._f = open(self.path, "rb")
+            self._size = os.fstat(self._f.fileno()).st_size
+        elif ext in PICKLE_EXT:
+            self.header, self.metadata = None, {}
+            self._sd = load_pickle(self.path)
+        else:
+            raise LoraFileError(f"{self.path.name}: unsupported file type {ext!r}")
+
+    def keys(self) -> list[str]:
+        return list(self.header.tensors) if self.header is not None else list(self._sd)
+
+    def __contains__(self, key: str) -> bool:
+        return key in (self.header.tensors if self.header is not None else self._sd)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.header.shapes[key] if self.header is not None else tuple(self._sd[key].shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        if self.header is None:
+            return self._sd[key].dtype
+        return _DTYPES[self.header.tensors[key]["dtype"]][0]
+
+    def nbytes(self, key: str) -> int:
+        if self.header is None:
+            t = self._sd[key]
+            return t.numel() * t.element_size()
+        start, end = self.header.tensors[key]["data_offsets"]
+        return int(end) - int(start)
+
+    def get(self, key: str) -> Tensor:
+        """The tensor (CPU, its stored dtype), read from disk now."""
+        if self.header is None:
+            return self._sd[key]
+        info = self.header.tensors[key]
+        start, end = (int(x) for x in info["data_offsets"])
+        if os.fstat(self._f.fileno()).st_size != self._size:
+            raise LoraFileError(f"{self.path.name}: file changed while reading")
+        buf = bytearray(end - start)
+        self._f.seek(self.header.data_start + start)
+        if self._f.readinto(buf) != len(buf):
+            raise LoraFileError(f"{self.path.name}: file changed while reading (short read of {key!r})")
+        dtype = _DTYPES[info["dtype"]][0]
+        t = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
+        return t.reshape(info["shape"])
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+        self._sd = None
+
+    def __enter__(self) -> "TensorFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
