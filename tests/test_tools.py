@@ -228,11 +228,28 @@ def test_merge_specs_parse_like_the_prompt():
     assert (s.request.te, s.request.unet, s.request.dyn) == (1, 0.3, 8)
     s = parse_spec("a.safetensors:unet=0.2")
     assert (s.request.te, s.request.unet) == (1, 0.2)
-    with pytest.raises(common.ToolError, match="lbw= block weights need|unknown weight"):
-        from lib_lora.tools.merge import layer_weight
-        if not (ROOT / "lib_lora" / "blockweights.py").exists():
-            layer_weight(parse_spec("a.safetensors:lbw=1,0,1"))
+    from lib_lora.tools.merge import layer_weight
+    with pytest.raises(common.ToolError, match="unknown weight"):
         layer_weight(parse_spec("a.safetensors:zzz=1"))
+    with pytest.raises(common.ToolError, match="lbw="):
+        layer_weight(parse_spec("a.safetensors:lbw=1,0,1"))
+
+
+def test_merge_with_block_weights_scales_each_block(sd1, tmp_path):
+    _, lay, _, _ = sd1
+    a = kohya_lora(lay.mm, rank=4, alpha=2.0, seed=9, only=("attn1", "self_attn_q"))
+    pa = save_safetensors(a, tmp_path / "a.safetensors", {"ss_base_model_version": "sd_v1"})
+    # LBW's 17-value form: BASE (text encoder), IN01..IN08, M00, OUT03..OUT11
+    vec = "0.5,1,0,1,0,1,0,0.25,1,0,1,0,1,0,1,0,1"
+    out, _ = load_file(merge([f"{pa}:0.8:lbw={vec}"], tmp_path / "m.safetensors", layout=lay, dtype=F32,
+                             log=lambda s: None).path)
+    blocks = dict(zip(["BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00", "OUT03", "OUT04", "OUT05",
+                       "OUT06", "OUT07", "OUT08", "OUT09", "OUT10", "OUT11"], map(float, vec.split(","))))
+    from lib_lora.blockweights import target_block
+    for k in module_keys(a):
+        w = blocks.get(target_block([k]) or "", 1.0)
+        got = kohya_delta(out, k) if f"{k}.lora_down.weight" in out else torch.zeros_like(kohya_delta(a, k))
+        torch.testing.assert_close(got, 0.8 * w * kohya_delta(a, k), atol=1e-6, rtol=1e-5, msg=k)
 
 
 # --------------------------------------------------------------------------- convert

@@ -1,7 +1,7 @@
 """``merge``: several LoRAs with weights into one LoRA, exactly (ranks side by side) or by SVD.
 
 Each input is ``FILE[:te[:unet[:dyn]]]`` or ``FILE:te=0.5:unet=1``, the numbers of the prompt's
-``<lora:name:...>`` token.  Per-block weights plug in through :func:`layer_weight`.
+``<lora:name:...>`` token.  Per-block weights (``lbw=``) are LoRA Block Weight's, as in prompts.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .. import blockweights
 from ..fileio import TensorFile, save_safetensors
 from ..network import Network, load_network
 from ..params import LoraRequest, ParamError, parse_args
@@ -70,25 +71,19 @@ def _is_weight(item: str) -> bool:
 
 
 def layer_weight(spec: Spec) -> LayerWeight:
-    """The multiplier of each layer for ``spec``.
-
-    Hook for per-block weights (LBW, ``lib_lora/blockweights.py``): an ``lbw=`` item is handed
-    to ``blockweights.layer_weight(request, value)``, which must return a
-    ``(module key, is text encoder) -> multiplier`` function like the one below.
-    """
+    """The multiplier of each layer for ``spec``: te/unet, times LBW's block weight with ``lbw=``."""
     extra = dict(spec.extra)
     unknown = sorted(set(extra) - {"lbw"})
     if unknown:
         raise ToolError(f"{spec.path.name}: unknown weight item {unknown[0]}= (te, unet, dyn, lbw)")
-    if "lbw" in extra:
-        try:
-            from .. import blockweights  # type: ignore[attr-defined]
-        except ImportError:
-            raise ToolError(f"{spec.path.name}: lbw= block weights need lib_lora/blockweights.py, "
-                            "which this installation lacks") from None
-        return blockweights.layer_weight(spec.request, extra["lbw"])
     te, unet = spec.request.te, spec.request.unet
-    return lambda key, is_te: te if is_te else unet
+    if "lbw" not in extra:
+        return lambda key, is_te: te if is_te else unet
+    try:
+        blocks = blockweights.parse_block_weights(extra["lbw"])
+    except ValueError as e:
+        raise ToolError(f"{spec.path.name}: lbw={extra['lbw']}: {e}") from None
+    return lambda key, is_te: (te if is_te else unet) * blocks.weight(blockweights.target_block([key]))
 
 
 @dataclass
