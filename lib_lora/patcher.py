@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from . import families
 from .adapters import Adapter, AdapterError, dora
+from .adapters.base import fit_shape
 from .blockweights import BlockWeights, target_block
 from .bypass import Bypass, Gate, make_term
 from .modelmap import ModelMap, Target
@@ -289,7 +290,7 @@ class Patcher:
                 self._write(slot, merged)
                 slot.contributions = sig
                 report.changed_slots += 1
-            hooked = self._sync_bypass(scheduled, bad)
+            hooked = self._sync_bypass(scheduled, bad, report.overflowing)
             self.gates = gates
         except BaseException:
             # never leave a half-patched model behind: put back everything we changed
@@ -325,7 +326,8 @@ class Patcher:
         self.gates = []
         self.step = 0
 
-    def _sync_bypass(self, scheduled: list, bad: dict[str, list[str]]) -> dict[str, int]:
+    def _sync_bypass(self, scheduled: list, bad: dict[str, list[str]],
+                     overflowing: dict[str, int]) -> dict[str, int]:
         """Hook the scheduled layers, reusing terms whose inputs did not change; layers hooked per network."""
         hooked: dict[str, int] = {}
         old = self.bypass.terms
@@ -335,10 +337,18 @@ class Patcher:
             key = (id(target), id(adapter), mult, dyn)
             term = old.get(key) if not adapter.needs_weight else None  # weight-dependent: always fresh
             if term is None:
+                weight, bias = self._originals(target)
                 try:
-                    term = make_term(target, adapter, mult, dyn, *self._originals(target))
+                    term = make_term(target, adapter, mult, dyn, weight, bias)
+                    # hooked, it never writes the weight, but the layer's output must stay what a finite
+                    # merged weight would give: the same check as merging
+                    dw = adapter.weight_delta_at(weight, mult, dyn)
                 except AdapterError as e:
                     bad.setdefault(netname, []).append(str(e))
+                    continue
+                if dw is not None and not _fits(fit_shape(dw, weight.shape, adapter.name) + weight.float(),
+                                                weight.dtype):
+                    overflowing[netname] = overflowing.get(netname, 0) + 1
                     continue
             term.gate = gate
             self.bypass.terms[key] = term

@@ -122,3 +122,14 @@ def test_cli_render_reports_bad_loras_without_a_traceback(tmp_path, capsys):
     assert code == 0 and (tmp_path / "r.png").exists()
     assert "Traceback" not in err
     assert "rank0" in err and "other" in err and "missing" in err
+
+
+def test_scheduled_network_that_would_overflow_is_left_out():
+    tiny, mm, a, b = setup(torch.float16)
+    before = snapshot(*modules(tiny))
+    p = Patcher(mm)
+    rep = p.apply([Activation(b, 1.0, 1e6, stop=5)])  # hooked, not merged: the same check applies
+    assert rep.skipped == ["b"] and not p.bypass.terms
+    assert any("overflow" in m for m in rep.messages)
+    p.restore()
+    assert same(snapshot(*modules(tiny)), before)
