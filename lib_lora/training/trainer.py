@@ -30,79 +30,59 @@ from .metadata import build_metadata
 from .model import Conditioning, TrainableModel
 from .network import NetworkConfig, TrainingNetwork
 from . import outputs
-from .options import OptionError, check_optimizer, integer, number
+from . import options
+from .options import AUTO_ON_OFF, check_optimizer  # noqa: F401  (AUTO_ON_OFF: re-exported)
 from .state import load_state, read_state_header, save_state
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "float": torch.float32}
 
 
-# how the tab and the CLI spell a ``bool | None`` option such as ``lean_frozen_layers``
-AUTO_ON_OFF: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
+_d = options.default
 
 
 @dataclass
 class TrainConfig:
+    """The run's settings; defaults, bounds and choices are declared in options.py."""
     dataset: DatasetConfig
     network: NetworkConfig = field(default_factory=NetworkConfig)
-    output_dir: str | Path = "."
-    output_name: str = "lora"
-    save_precision: str = "fp16"
-    save_every_n_steps: int = 0
-    save_every_n_epochs: int = 0
-    save_last_k: int = 0                # keep only the newest K intermediate files (0: keep all)
-    save_state: bool = False            # write resumable state beside each saved LoRA
-    overwrite: bool = False
-    max_train_steps: int = 1000
-    max_train_epochs: int | None = None  # when set, overrides max_train_steps
-    batch_size: int = 1
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 1e-4         # UNet (and text encoder unless text_encoder_lr is set)
-    text_encoder_lr: float | None = None
-    optimizer: str = "AdamW"            # options.OPTIMIZER_NAMES
-    optimizer_args: dict = field(default_factory=dict)
-    weight_decay: float = 0.01
-    lr_scheduler: str = "constant"      # constant, constant_with_warmup, cosine, linear
-    lr_warmup_steps: int = 0
-    max_grad_norm: float = 1.0
-    seed: int = 42
-    min_snr_gamma: float | None = None
-    noise_offset: float = 0.0
-    mixed_precision: str = "no"         # no, fp16, bf16 (GPU only)
-    gradient_checkpointing: bool = False  # recompute UNet blocks in backward: less memory, ~30% slower
+    output_dir: str | Path = _d("output_dir")
+    output_name: str = _d("output_name")
+    save_precision: str = _d("save_precision")
+    save_every_n_steps: int = _d("save_every_n_steps")
+    save_every_n_epochs: int = _d("save_every_n_epochs")
+    save_last_k: int = _d("save_last_k")            # keep only the newest K intermediate files (0: keep all)
+    save_state: bool = _d("save_state")             # write resumable state beside each saved LoRA
+    overwrite: bool = _d("overwrite")
+    max_train_steps: int = _d("max_train_steps")
+    max_train_epochs: int | None = _d("max_train_epochs")  # when set, overrides max_train_steps
+    batch_size: int = _d("batch_size")
+    gradient_accumulation_steps: int = _d("gradient_accumulation_steps")
+    learning_rate: float = _d("learning_rate")      # UNet (and text encoder unless text_encoder_lr is set)
+    text_encoder_lr: float | None = _d("text_encoder_lr")
+    optimizer: str = _d("optimizer")
+    optimizer_args: dict = field(default_factory=lambda: _d("optimizer_args"))
+    weight_decay: float = _d("weight_decay")
+    lr_scheduler: str = _d("lr_scheduler")
+    lr_warmup_steps: int = _d("lr_warmup_steps")
+    max_grad_norm: float = _d("max_grad_norm")
+    seed: int = _d("seed")
+    min_snr_gamma: float | None = _d("min_snr_gamma")
+    noise_offset: float = _d("noise_offset")
+    mixed_precision: str = _d("mixed_precision")    # no, fp16, bf16 (GPU only)
+    gradient_checkpointing: bool = _d("gradient_checkpointing")  # recompute UNet blocks in backward
     # frozen layers keep less for backward (frozen_layers.py).  None: on CPU
     # only, where they are leaner and faster; a GPU step at SD sizes is bound by Python overhead,
     # which they add to (H200, SD1.5 fp16 at 512px, batch 4: 0.73x the memory for 1.55x the time)
-    lean_frozen_layers: bool | None = None
-    cache_latents: bool = True
-    cache_latents_to_disk: bool = False
-    cache_text_encoder_outputs: bool = True  # only when the text encoder is frozen and captions are fixed
-    sample_every_n_steps: int = 0
-    sample_prompts: list[str] = field(default_factory=list)
-    training_comment: str = ""
-    world_size: int = 1
+    lean_frozen_layers: bool | None = _d("lean_frozen_layers")
+    cache_latents: bool = _d("cache_latents")
+    cache_latents_to_disk: bool = _d("cache_latents_to_disk")
+    cache_text_encoder_outputs: bool = _d("cache_text_encoder_outputs")  # frozen text encoder, fixed captions
+    sample_every_n_steps: int = _d("sample_every_n_steps")
+    sample_prompts: list[str] = field(default_factory=lambda: _d("sample_prompts"))
+    training_comment: str = _d("training_comment")
 
     def __post_init__(self) -> None:
-        if self.save_precision not in SAVE_DTYPES:
-            raise OptionError("save_precision", f"must be one of {', '.join(sorted(SAVE_DTYPES))}")
-        if self.lr_scheduler not in ("constant", "constant_with_warmup", "cosine", "linear"):
-            raise OptionError("lr_scheduler", f"unknown scheduler {self.lr_scheduler!r}")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise OptionError("mixed_precision", "must be no, fp16 or bf16")
-        for name in ("batch_size", "gradient_accumulation_steps", "max_train_steps"):
-            integer(name, getattr(self, name), 1)
-        if self.max_train_epochs is not None:
-            integer("max_train_epochs", self.max_train_epochs, 1)
-        for name in ("save_every_n_steps", "save_every_n_epochs", "save_last_k", "lr_warmup_steps",
-                     "sample_every_n_steps"):
-            integer(name, getattr(self, name), 0)
-        number("learning_rate", self.learning_rate, above=True)
-        if self.text_encoder_lr is not None:
-            number("text_encoder_lr", self.text_encoder_lr)
-        for name in ("weight_decay", "max_grad_norm", "noise_offset"):
-            number(name, getattr(self, name))
-        if self.min_snr_gamma is not None:
-            number("min_snr_gamma", self.min_snr_gamma, above=True)
-        check_optimizer(self.optimizer)
+        options.check(self, "")
 
 
 @dataclass
@@ -191,7 +171,6 @@ class Trainer:
         self.dist = _distributed_state()
         self.world = self.dist.num_processes if self.dist else 1
         self.rank = self.dist.process_index if self.dist else 0
-        cfg.world_size = self.world
 
     @property
     def global_batch(self) -> int:
@@ -488,7 +467,7 @@ class Trainer:
             output_name=cfg.output_name, cfg=cfg, dataset=self.dataset, model_name=m.model_name,
             model_hash=m.model_hash, legacy_hash=m.legacy_hash, steps=step, epoch=pos.epoch,
             num_batches_per_epoch=per_epoch, max_steps=self.total_steps(), optimizer_desc=type(opt).__module__ + "." + type(opt).__name__,
-            resolution=self.cfg.dataset.reso, finished=final, comment=cfg.training_comment)
+            resolution=self.cfg.dataset.reso, finished=final, comment=cfg.training_comment, world_size=self.world)
         # kohya hashes the file as written with only the ss_* keys in its header
         from safetensors.torch import save as st_save
         h = hashes_from_bytes(st_save({k: v.contiguous() for k, v in tensors.items()},
