@@ -164,24 +164,28 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from .attention import sdpa_attention
     from .hosts.checkpoint import load_checkpoint
+    from .training.plan import make_plan
     from .training.trainer import Callbacks, Trainer
 
     cfg = _train_config(args)
+
+    def log(s: str) -> None:
+        print(s, file=sys.stderr)
+
+    plan = make_plan(cfg, args.resume, log=log)  # the dataset and the output names, before the model is read
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     ckpt = load_checkpoint(args.base, device=device,
-                           dtype=torch.float16 if device != "cpu" and args.mixed_precision == "fp16" else torch.float32)
+                           dtype=torch.float16 if device != "cpu" and cfg.mixed_precision == "fp16" else torch.float32)
     model = ckpt.trainable()
     model.context = lambda: sdpa_attention(ckpt.unet)
-    trainer = Trainer(model, cfg, Callbacks(on_progress=_Bar(True), log=lambda s: None))
-    trainer.cb.on_progress = _Bar(trainer.is_main)
-    if trainer.is_main:
-        trainer.cb.log = lambda s: print(s, file=sys.stderr)
-    summary = trainer.prepare(args.resume)
-    if trainer.is_main:
+    trainer = Trainer(model, plan, Callbacks(on_progress=_Bar(plan.is_main),
+                                             log=log if plan.is_main else (lambda s: None)))
+    if plan.is_main:
+        summary = plan.summary
         print(f"dataset: {summary['train_images']} images, {summary['steps_per_epoch']} steps/epoch, "
-              f"{trainer.total_steps()} steps, processes {trainer.world}", file=sys.stderr)
-    res = trainer.run(resume_from=args.resume)
-    if trainer.is_main:
+              f"{plan.total_steps} steps, processes {plan.world}", file=sys.stderr)
+    res = trainer.run()
+    if plan.is_main:
         print(f"wrote {res.output}" if res.output else "stopped without saving")
     return 0
 

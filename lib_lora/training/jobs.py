@@ -31,13 +31,14 @@ from pathlib import Path
 import torch
 
 from ..library import TRAINING_STATE_SUFFIX as STATE_SUFFIX  # noqa: F401  (re-exported)
-from .dataset import DatasetError, Problem, validate
+from .dataset import Problem, validate
 from .model import TrainableModel
 from .outputs import check_output_name  # noqa: F401  (re-exported)
 # requests live in request.py; the names are kept here for the hosts and the API
 from .request import (PRESET_LABELS, PRESETS, JobConflict, JobError, JobNotFound, JobRequest,  # noqa: F401
                       RequestError, TrainingRefused, build_request, one_line, preset_for_family,
                       resolve_state_file, state_header)
+from .plan import Plan, make_plan
 from .trainer import Callbacks, Progress, Trainer
 
 STATES = ("queued", "validating", "running", "saving", "finished", "stopped", "failed")
@@ -158,16 +159,17 @@ def downsample(values: list[float], max_points: int = 200, first_step: int = 1) 
 
 
 class Job:
-    def __init__(self, request: JobRequest, trainer: Trainer, summary: dict):
+    def __init__(self, request: JobRequest, plan: Plan):
         self.id = uuid.uuid4().hex[:12]
         self.request = request
         self.name = request.name
         self.config = request.config
-        self.trainer = trainer
-        self.summary = summary
+        self.plan = plan
+        self.trainer: Trainer | None = None  # made once the lock is held and the model is built
+        self.summary = plan.summary
         self.state = "queued"
         self.step = 0
-        self.total = trainer.total_steps()
+        self.total = plan.total_steps
         self.epoch = 0
         self.loss: float | None = None
         self.avg_loss: float | None = None
@@ -199,7 +201,8 @@ class Job:
                 self.stop_requested = "save" if save else "stop"
             if self.stop_requested == "save" and self.state == "running":
                 self.state = "saving"  # after the current step, the file is written
-            self.trainer.request_stop(save=self.stop_requested == "save")
+            if self.trainer is not None:
+                self.trainer.request_stop(save=self.stop_requested == "save")
             self.log(f"stop requested{' (saving first)' if self.stop_requested == 'save' else ''}")
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -349,12 +352,12 @@ class JobRunner:
         req = data if isinstance(data, JobRequest) else self.request(data, remote)
         with self._lock:
             self._check_can_start()
-            trainer = Trainer(None, req.config)  # the model is attached once the lock is held
-            try:
-                summary = trainer.prepare(req.resume_from)  # dataset (DatasetError names the file), output names
+            try:  # the dataset (DatasetError names the file) and every output name, before the lock
+                plan = make_plan(req.config, req.resume_from, log=self.host.log)
             except FileExistsError as e:
                 raise JobConflict(str(e)) from None
-            job = Job(req, trainer, summary)
+            summary = plan.summary
+            job = Job(req, plan)
             self._jobs[job.id] = job
             while len(self._jobs) > self.keep:
                 oldest = next(iter(self._jobs))
@@ -440,7 +443,8 @@ class JobRunner:
             job.log(f"failed: {one_line(e)}")
             host.log(f"training {job.name} failed:\n{traceback.format_exc()}")
         finally:
-            job.trainer.model = None  # finished jobs are kept for their status: never keep a model alive
+            if job.trainer is not None:
+                job.trainer.release()  # finished jobs are kept for their status: never keep a model alive
             job._set(finished_at=time.time())
             try:
                 host.after(job)
@@ -456,10 +460,12 @@ class JobRunner:
             return
         job._set(state="validating", started_at=time.time())  # the lock is ours: check and wrap the model
         model = host.build_model(job)
-        job.trainer.model = model
-        if job.request.auto_precision:
-            job.config.mixed_precision = precision_for(model)
-        job.trainer.cb = self._callbacks(job)
+        plan = job.plan.with_config(mixed_precision=precision_for(model)) if job.request.auto_precision else job.plan
+        trainer = Trainer(model, plan, self._callbacks(job))
+        with job._lock:
+            job.plan, job.config, job.trainer = plan, plan.config, trainer
+            if job.stop_requested:  # asked while the model was being built
+                trainer.request_stop(save=job.stop_requested == "save")
         before = model_fingerprint(model)
         host.begin(job)
         job.begun = True
@@ -467,7 +473,7 @@ class JobRunner:
         job.log(f"training {job.name} on {model.model_name or model.family} ({model.family}, "
                 f"{model.device}, mixed precision {job.config.mixed_precision})")
         try:
-            result = job.trainer.run(resume_from=job.request.resume_from)
+            result = trainer.run()
         finally:
             untouched = model_fingerprint(model) == before
             job._set(model_untouched=untouched)

@@ -32,7 +32,8 @@ def option_metadata(cfg: Any) -> dict[str, Any]:
 def build_metadata(*, family: str, prediction: str, session_id: str, started_at: float, output_name: str,
                    cfg: Any, dataset: Any, model_name: str, model_hash: str, legacy_hash: str,
                    steps: int, epoch: int, num_batches_per_epoch: int, max_steps: int, optimizer_desc: str,
-                   resolution: tuple[int, int], finished: bool, comment: str = "", world_size: int = 1) -> dict[str, str]:
+                   resolution: tuple[int, int], finished: bool, comment: str = "",
+                   world_size: int = 1) -> dict[str, str]:
     """Everything as strings (safetensors metadata is str -> str), kohya's key names and formats."""
     n = cfg.network
     reg_dirs = dataset.dataset_dirs(reg=True) if dataset.config.reg_dir else {}

@@ -20,7 +20,7 @@ from .dataset import DatasetConfig, DatasetError
 from .network import NetworkConfig
 from .options import OptionError
 from .outputs import check_output_name
-from .trainer import TrainConfig
+from .config import TrainConfig
 
 # -- presets ---------------------------------------------------------------------------------------
 # Starting points after kohya-ss/sd-scripts' documentation for LoRA on SD1.5 and SDXL.  Keys are
@@ -119,7 +119,7 @@ def _coerce(where: str, tp: Any, value: Any) -> Any:
         if value is None:
             if type(None) in args:
                 return None
-            raise RequestError.bad(where, f"a value is required")
+            raise RequestError.bad(where, "a value is required")
         errors = []
         for a in args:
             if a is type(None):
