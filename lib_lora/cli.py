@@ -115,6 +115,8 @@ def _add_train_options(sp: argparse.ArgumentParser) -> None:
         choices = o.cli_choices if o.cli_choices is not None else o.choices
         if choices:
             kw["choices"] = list(choices)
+        else:
+            kw["metavar"] = o.flag[2:].upper().replace("-", "_")  # the flag's name, not the field's
         sp.add_argument(o.flag, **kw)
 
 
