@@ -43,6 +43,11 @@ def test_each_dataclass_field_is_one_option_of_the_same_type_and_default(set_nam
         assert _field_default(f) == declared[name].default, name
 
 
+def test_the_trainer_knows_every_save_precision_the_schema_accepts():
+    from lib_lora.training.trainer import SAVE_DTYPES
+    assert set(SAVE_DTYPES) == set(options.option("save_precision").choices)
+
+
 def test_the_tab_shows_the_labelled_options_in_the_schema_order():
     assert [title for title, _, _ in ui.SECTIONS] == [g for g, _ in options.GROUPS]
     labelled = [o.key for o in options.OPTIONS if o.label]
