@@ -55,7 +55,7 @@ def train(ck, data: Path, out: Path, name: str, rank: int, conv_rank: int, steps
     from lib_lora.attention import sdpa_attention
     from lib_lora.training.dataset import DatasetConfig
     from lib_lora.training.network import NetworkConfig
-    from lib_lora.training.trainer import Callbacks, TrainConfig, Trainer
+    from lib_lora.training.trainer import Callbacks, TrainConfig, Trainer, make_plan
 
     cfg = TrainConfig(DatasetConfig(data, resolution=64, enable_buckets=False),
                       NetworkConfig(rank=rank, alpha=rank, conv_rank=conv_rank, conv_alpha=conv_rank,
@@ -65,8 +65,8 @@ def train(ck, data: Path, out: Path, name: str, rank: int, conv_rank: int, steps
     model = ck.trainable()
     model.context = lambda: sdpa_attention(ck.unet)
     clock: dict[int, float] = {}
-    res = Trainer(model, cfg, Callbacks(on_progress=lambda p: clock.__setitem__(p.step, p.elapsed),
-                                        log=lambda m: None)).run()
+    res = Trainer(model, make_plan(cfg, log=lambda m: None),
+                  Callbacks(on_progress=lambda p: clock.__setitem__(p.step, p.elapsed), log=lambda m: None)).run()
     return res.output, clock
 
 

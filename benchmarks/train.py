@@ -137,7 +137,7 @@ def run_ours(args, q):
     from lib_lora.training.dataset import DatasetConfig
     from lib_lora.training.model import Conditioning, TrainableModel
     from lib_lora.training.network import NetworkConfig
-    from lib_lora.training.trainer import Callbacks, TrainConfig, Trainer
+    from lib_lora.training.trainer import Callbacks, TrainConfig, Trainer, make_plan
 
     side, dev, dtype = args["latent"] * 8, args["device"], _weights(args)
     root = Path(tempfile.mkdtemp())
@@ -161,7 +161,7 @@ def run_ours(args, q):
                       mixed_precision="no" if args["precision"] == "fp32" else args["precision"])
     stamps = []
     base, floor = _current_rss_mb(), _cuda_mark(args)
-    Trainer(model, cfg, Callbacks(on_progress=lambda p: stamps.append((time.perf_counter(), _faults())),
+    Trainer(model, make_plan(cfg, log=lambda s: None), Callbacks(on_progress=lambda p: stamps.append((time.perf_counter(), _faults())),
                                   log=lambda s: None)).run()
     stamps = stamps[2:]  # after the epoch that fills the caches
     steps = [b[0] - a[0] for a, b in zip(stamps, stamps[1:])]

@@ -85,43 +85,61 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-# option fields whose command-line flag has another name (kohya's)
-_CLI_NAMES = {"rank": "network_dim", "alpha": "network_alpha", "conv_rank": "conv_dim", "dropout": "network_dropout",
-              "output_name": "out", "overwrite": "force", "train_dir": "dataset"}
+def _flag(option: str) -> str:
+    """How the ``train`` command spells an option named in an OptionError or RequestError."""
+    from .training.options import by_name
+    o = by_name(option)
+    if option == "output_name" or o is None or not o.flag:
+        return "--out" if option == "output_name" else f"--{option.replace('_', '-')}"
+    return o.flag if o.flag.startswith("--") else f"--{o.flag}"
 
 
-def _train_config(args: argparse.Namespace):
-    from .training.dataset import DatasetConfig
-    from .training.jobs import check_output_name
-    from .training.network import NetworkConfig
-    from .training.trainer import AUTO_ON_OFF, TrainConfig
+def _add_train_options(sp: argparse.ArgumentParser) -> None:
+    """The ``train`` subcommand's option flags, from the option schema (training/options.py)."""
+    from .training.options import AUTO_ON_OFF, OPTIONS
+
+    for o in OPTIONS:
+        if not o.flag:
+            continue
+        if not o.flag.startswith("--"):
+            sp.add_argument(o.flag, metavar=o.flag, help=o.help or None)
+            continue
+        kw: dict = {"dest": o.name, "help": o.help or None, "default": o.default}
+        if o.flag_action:
+            sp.add_argument(o.flag, action=o.flag_action, **kw)
+            continue
+        if o.type == bool | None:
+            kw["default"] = next(k for k, v in AUTO_ON_OFF.items() if v is o.default)
+        else:
+            kw["type"] = {int: int, float: float, int | None: int, float | None: float}.get(o.type, str)
+        choices = o.cli_choices if o.cli_choices is not None else o.choices
+        if choices:
+            kw["choices"] = list(choices)
+        else:
+            kw["metavar"] = o.flag[2:].upper().replace("-", "_")  # the flag's name, not the field's
+        sp.add_argument(o.flag, **kw)
+
+
+def _train_request(args: argparse.Namespace):
+    """The command line as a request, validated by the same ``build_request`` as the tab and the API."""
+    from .training.options import AUTO_ON_OFF, OPTIONS
+    from .training.request import build_request
 
     out = Path(args.out)
     if out.suffix.lower() != ".safetensors":
         raise OptionError("out", f"{args.out!r}: LoRAs are written as .safetensors; name the file NAME.safetensors")
-    check_output_name(out.stem, "out")
-    ds = DatasetConfig(args.dataset, reg_dir=args.reg_dir, resolution=args.resolution,
-                       enable_buckets=not args.no_buckets, min_bucket_reso=args.min_bucket_reso,
-                       max_bucket_reso=args.max_bucket_reso, bucket_no_upscale=args.bucket_no_upscale,
-                       caption_extension=args.caption_extension, shuffle_caption=args.shuffle_caption,
-                       keep_tokens=args.keep_tokens, caption_dropout_rate=args.caption_dropout_rate,
-                       caption_tag_dropout_rate=args.caption_tag_dropout_rate, flip_aug=args.flip_aug)
-    net = NetworkConfig(rank=args.network_dim, alpha=args.network_alpha, conv_rank=args.conv_dim,
-                        conv_alpha=args.conv_alpha, dropout=args.network_dropout,
-                        train_unet=not args.text_encoder_only, train_text_encoder=not args.unet_only)
-    return TrainConfig(ds, net, output_dir=out.parent, output_name=out.stem, save_precision=args.save_precision,
-                       save_every_n_steps=args.save_every_n_steps, save_every_n_epochs=args.save_every_n_epochs,
-                       save_last_k=args.save_last_k, save_state=args.save_state, overwrite=args.force,
-                       max_train_steps=args.max_train_steps, max_train_epochs=args.max_train_epochs,
-                       batch_size=args.batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
-                       learning_rate=args.learning_rate, text_encoder_lr=args.text_encoder_lr,
-                       optimizer=args.optimizer, lr_scheduler=args.lr_scheduler, lr_warmup_steps=args.lr_warmup_steps,
-                       max_grad_norm=args.max_grad_norm, seed=args.seed, min_snr_gamma=args.min_snr_gamma,
-                       noise_offset=args.noise_offset, mixed_precision=args.mixed_precision,
-                       gradient_checkpointing=args.gradient_checkpointing,
-                       lean_frozen_layers=AUTO_ON_OFF[args.lean_frozen_layers],
-                       cache_latents_to_disk=args.cache_latents_to_disk,
-                       cache_latents=not args.no_cache_latents, training_comment=args.training_comment)
+    data: dict = {"dataset": {}, "network": {}, "output_name": out.stem}
+    for o in OPTIONS:
+        if o.flag:
+            value = getattr(args, o.name if o.flag.startswith("--") else o.flag)
+            if o.type == bool | None:
+                value = AUTO_ON_OFF[value]
+            (data[o.section] if o.section else data)[o.name] = value
+    return build_request(data, out.parent, presets=False)
+
+
+def _train_config(args: argparse.Namespace):
+    return _train_request(args).config
 
 
 class _Bar:
@@ -148,24 +166,28 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from .attention import sdpa_attention
     from .hosts.checkpoint import load_checkpoint
+    from .training.plan import make_plan
     from .training.trainer import Callbacks, Trainer
 
     cfg = _train_config(args)
+
+    def log(s: str) -> None:
+        print(s, file=sys.stderr)
+
+    plan = make_plan(cfg, args.resume, log=log)  # the dataset and the output names, before the model is read
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     ckpt = load_checkpoint(args.base, device=device,
-                           dtype=torch.float16 if device != "cpu" and args.mixed_precision == "fp16" else torch.float32)
+                           dtype=torch.float16 if device != "cpu" and cfg.mixed_precision == "fp16" else torch.float32)
     model = ckpt.trainable()
     model.context = lambda: sdpa_attention(ckpt.unet)
-    trainer = Trainer(model, cfg, Callbacks(on_progress=_Bar(True), log=lambda s: None))
-    trainer.cb.on_progress = _Bar(trainer.is_main)
-    if trainer.is_main:
-        trainer.cb.log = lambda s: print(s, file=sys.stderr)
-    summary = trainer.prepare(args.resume)
-    if trainer.is_main:
+    trainer = Trainer(model, plan, Callbacks(on_progress=_Bar(plan.is_main),
+                                             log=log if plan.is_main else (lambda s: None)))
+    if plan.is_main:
+        summary = plan.summary
         print(f"dataset: {summary['train_images']} images, {summary['steps_per_epoch']} steps/epoch, "
-              f"{trainer.total_steps()} steps, processes {trainer.world}", file=sys.stderr)
-    res = trainer.run(resume_from=args.resume)
-    if trainer.is_main:
+              f"{plan.total_steps} steps, processes {plan.world}", file=sys.stderr)
+    res = trainer.run()
+    if plan.is_main:
         print(f"wrote {res.output}" if res.output else "stopped without saving")
     return 0
 
@@ -214,56 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_sample)
 
     sp = sub.add_parser("train", help="train a LoRA on a single-file SD1/SD2/SDXL checkpoint (kohya-style folders)")
-    sp.add_argument("dataset", help="folder with <repeats>_<trigger> sub-folders")
     sp.add_argument("--base", required=True, help="single-file .safetensors checkpoint (a .yaml beside it is read)")
     sp.add_argument("--out", required=True, help="output .safetensors path")
-    sp.add_argument("--reg-dir")
-    sp.add_argument("--resolution", default="512")
-    sp.add_argument("--no-buckets", action="store_true")
-    sp.add_argument("--min-bucket-reso", type=int, default=256)
-    sp.add_argument("--max-bucket-reso", type=int, default=1024)
-    sp.add_argument("--bucket-no-upscale", action="store_true")
-    sp.add_argument("--caption-extension", default=".txt")
-    sp.add_argument("--shuffle-caption", action="store_true")
-    sp.add_argument("--keep-tokens", type=int, default=0)
-    sp.add_argument("--caption-dropout-rate", type=float, default=0.0)
-    sp.add_argument("--caption-tag-dropout-rate", type=float, default=0.0)
-    sp.add_argument("--flip-aug", action="store_true")
-    sp.add_argument("--network-dim", type=int, default=16)
-    sp.add_argument("--network-alpha", type=float, default=8.0)
-    sp.add_argument("--conv-dim", type=int, default=0, help="LoCon rank for resnet convs (0: off)")
-    sp.add_argument("--conv-alpha", type=float, default=1.0)
-    sp.add_argument("--network-dropout", type=float, default=0.0)
-    sp.add_argument("--unet-only", action="store_true")
-    sp.add_argument("--text-encoder-only", action="store_true")
-    sp.add_argument("--max-train-steps", type=int, default=1000)
-    sp.add_argument("--max-train-epochs", type=int)
-    sp.add_argument("--batch-size", type=int, default=1)
-    sp.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    sp.add_argument("--learning-rate", type=float, default=1e-4)
-    sp.add_argument("--text-encoder-lr", type=float)
-    sp.add_argument("--optimizer", default="AdamW", help="AdamW, AdamW8bit, Lion, Prodigy")
-    sp.add_argument("--lr-scheduler", default="constant", choices=["constant", "constant_with_warmup", "cosine", "linear"])
-    sp.add_argument("--lr-warmup-steps", type=int, default=0)
-    sp.add_argument("--max-grad-norm", type=float, default=1.0)
-    sp.add_argument("--seed", type=int, default=42)
-    sp.add_argument("--min-snr-gamma", type=float)
-    sp.add_argument("--noise-offset", type=float, default=0.0)
-    sp.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
-    sp.add_argument("--no-cache-latents", action="store_true")
-    sp.add_argument("--cache-latents-to-disk", action="store_true", help="keep latents next to the images for reuse")
-    sp.add_argument("--gradient-checkpointing", action="store_true")
-    sp.add_argument("--lean-frozen-layers", default="auto", choices=["auto", "on", "off"],
-                    help="frozen layers keep less for backward: less memory; auto = on CPU only (they slow a GPU step)")
-    sp.add_argument("--save-precision", default="fp16", choices=["fp16", "bf16", "fp32"])
-    sp.add_argument("--save-every-n-steps", type=int, default=0)
-    sp.add_argument("--save-every-n-epochs", type=int, default=0)
-    sp.add_argument("--save-last-k", type=int, default=0)
-    sp.add_argument("--save-state", action="store_true", help="also write resumable training state")
+    _add_train_options(sp)
     sp.add_argument("--resume", help="a .state.safetensors file written by --save-state")
-    sp.add_argument("--training-comment", default="")
     sp.add_argument("--device")
-    sp.add_argument("--force", action="store_true", help="overwrite an existing output file")
     sp.set_defaults(func=cmd_train)
 
     sp = sub.add_parser("render", help="txt2img on a single-file checkpoint, with <lora:...> tokens")
@@ -293,12 +270,13 @@ def main(argv: list[str] | None = None) -> int:
     from .adapters import AdapterError
     from .tools.common import ToolError
     from .training.dataset import DatasetError
+    from .training.request import RequestError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except OptionError as e:
-        print(f"error: --{_CLI_NAMES.get(e.option, e.option).replace('_', '-')}: {e.detail}", file=sys.stderr)
+    except (OptionError, RequestError) as e:
+        print(f"error: {_flag(e.option)}: {e.detail}" if e.option else f"error: {e}", file=sys.stderr)
         return 2
     except (LoraFileError, FileExistsError, FileNotFoundError, IsADirectoryError, PermissionError,
             DatasetError, ArchitectureError, ToolError, AdapterError) as e:

@@ -18,7 +18,7 @@ from lib_lora.modelmap import ModelMap
 from lib_lora.network import load_network, parse_state_dict
 from lib_lora.patcher import Activation, Patcher
 from lib_lora.training.network import NetworkConfig
-from lib_lora.training.trainer import Callbacks, Trainer
+from lib_lora.training.trainer import Callbacks, Trainer, make_plan
 from loras import kohya_lora, same, snapshot
 from test_cli_train import args, setup  # noqa: F401 (a fixture)
 from test_frozen_layers import _lora_grads
@@ -87,12 +87,12 @@ def test_training_a_half_model_on_the_gpu_learns_and_restores_it(tmp_path, famil
     network = dict(rank=8, alpha=8, conv_rank=4, conv_alpha=4)
     # a first short run: the libraries' own per-thread workspaces (cuBLAS keeps 32 MiB for the
     # autograd thread) stay allocated for the process, and are not the run's to give back
-    Trainer(model, config(tmp_path / "warm", max_train_steps=2, mixed_precision=precision, lean_frozen_layers=lean,
-                          network=NetworkConfig(**network)), Callbacks(log=lambda s: None)).run()
+    Trainer(model, make_plan(config(tmp_path / "warm", max_train_steps=2, mixed_precision=precision,
+                                    lean_frozen_layers=lean, network=NetworkConfig(**network))),
+            Callbacks(log=lambda s: None)).run()
     cfg = config(tmp_path, max_train_steps=60, learning_rate=5e-3, mixed_precision=precision, lean_frozen_layers=lean,
                  network=NetworkConfig(**network))
-    tr = Trainer(model, cfg, Callbacks(log=lambda s: None))
-    tr.prepare()
+    tr = Trainer(model, make_plan(cfg), Callbacks(log=lambda s: None))
     ds = tr.dataset
     with torch.no_grad():
         lat = model.encode_images(torch.stack([ds.load_image(i) for i in ds.items]).to(DEVICE)).float()

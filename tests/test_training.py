@@ -14,7 +14,7 @@ from lib_lora.network import load_network
 from lib_lora.patcher import Activation, Patcher
 from lib_lora.training.dataset import DatasetConfig
 from lib_lora.training.network import NetworkConfig
-from lib_lora.training.trainer import Callbacks, TrainConfig, Trainer
+from lib_lora.training.trainer import Callbacks, TrainConfig, Trainer, make_plan
 from loras import same, snapshot
 from tiny_models import build_sd1, build_sd2, build_sdxl
 from train_support import make_dataset, trainable, tiny_vae
@@ -68,8 +68,9 @@ def test_loss_drops_and_file_round_trips(tmp_path, vae):
     # LoCon (resnet convs too) at a high rate: a random tiny UNet has everything to learn
     cfg = config(tmp_path, max_train_steps=60, learning_rate=5e-3,
                  network=NetworkConfig(rank=8, alpha=8, conv_rank=4, conv_alpha=4))
-    tr = Trainer(model, cfg, Callbacks(log=lambda s: None))
-    summary = tr.prepare()
+    plan = make_plan(cfg)
+    summary = plan.summary
+    tr = Trainer(model, plan, Callbacks(log=lambda s: None))
     assert summary["steps_per_epoch"] == 8
     ds = tr.dataset
     pixels = torch.stack([ds.load_image(i) for i in ds.items])
@@ -96,7 +97,7 @@ def test_loss_drops_and_file_round_trips(tmp_path, vae):
 def test_saved_file_matches_diffusers_and_metadata(tmp_path, vae):
     from tiny_models import diffusers_fused_weights, ldm_name_to_diffusers_map
     tiny = build_sd1(seed=1)
-    tr = Trainer(trainable(tiny, vae), config(tmp_path, max_train_steps=3), Callbacks(log=lambda s: None))
+    tr = Trainer(trainable(tiny, vae), make_plan(config(tmp_path, max_train_steps=3)), Callbacks(log=lambda s: None))
     out = tr.run().output
     sd, meta = load_safetensors(out)
     assert all(k.startswith(("lora_unet_", "lora_te_")) for k in sd)
@@ -130,19 +131,20 @@ def test_saved_file_matches_diffusers_and_metadata(tmp_path, vae):
 def test_resume_equals_uninterrupted(tmp_path, vae):
     tiny = build_sd1(seed=2)
     quiet = Callbacks(log=lambda s: None)
-    one = Trainer(trainable(tiny, vae), config(tmp_path / "a", max_train_steps=6), quiet).run()
-    first = Trainer(trainable(tiny, vae), config(tmp_path / "b", max_train_steps=6, save_every_n_steps=3,
-                                                 save_state=True), quiet)
+    one = Trainer(trainable(tiny, vae), make_plan(config(tmp_path / "a", max_train_steps=6)), quiet).run()
+
     def stop_after_3(prog):
         if prog.step == 3:
             first.request_stop()
-    first.cb.on_progress = stop_after_3
+    first = Trainer(trainable(tiny, vae), make_plan(config(tmp_path / "b", max_train_steps=6, save_every_n_steps=3,
+                                                           save_state=True)),
+                    Callbacks(on_progress=stop_after_3, log=lambda s: None))
     r1 = first.run()
     assert r1.stopped and r1.output is None
     state = Trainer.state_path(first.output_path(3))
     assert state.exists()
-    second = Trainer(trainable(tiny, vae), config(tmp_path / "b", max_train_steps=6), quiet)
-    r2 = second.run(resume_from=state)
+    second = Trainer(trainable(tiny, vae), make_plan(config(tmp_path / "b", max_train_steps=6), state), quiet)
+    r2 = second.run()
     a, b = load_safetensors(one.output)[0], load_safetensors(r2.output)[0]
     assert a.keys() == b.keys()
     for k in a:
@@ -156,7 +158,9 @@ def test_model_restored_after_stop_or_crash(tmp_path, vae, how):
     model = trainable(tiny, vae)
     before = snapshot(tiny.unet, tiny.text_encoders[0][1])
     state0 = module_state(tiny)
-    tr = Trainer(model, config(tmp_path, max_train_steps=10), Callbacks(log=lambda s: None))
+    stop = (lambda p: tr.request_stop(save=how == "stop_and_save") if p.step == 2 else None) if how != "crash" else None
+    tr = Trainer(model, make_plan(config(tmp_path, max_train_steps=10)),
+                 Callbacks(on_progress=stop, log=lambda s: None))
     if how == "crash":
         real = model.predict
         n = {"calls": 0}
@@ -170,7 +174,6 @@ def test_model_restored_after_stop_or_crash(tmp_path, vae, how):
         with pytest.raises(RuntimeError, match="simulated"):
             tr.run()
     else:
-        tr.cb.on_progress = lambda p: tr.request_stop(save=how == "stop_and_save") if p.step == 2 else None
         res = tr.run()
         assert res.stopped and res.steps == 2
         assert (res.output is not None) == (how == "stop_and_save")
@@ -185,7 +188,8 @@ def test_model_restored_after_stop_or_crash(tmp_path, vae, how):
 def test_sdxl_trains_both_encoders_in_sgm_names(tmp_path, vae):
     tiny = build_sdxl(seed=0)
     before = snapshot(tiny.unet, *[m for _, m in tiny.text_encoders])
-    res = Trainer(trainable(tiny, vae), config(tmp_path, max_train_steps=2), Callbacks(log=lambda s: None)).run()
+    res = Trainer(trainable(tiny, vae), make_plan(config(tmp_path, max_train_steps=2)),
+                  Callbacks(log=lambda s: None)).run()
     sd, meta = load_safetensors(res.output)
     prefixes = {k.split("_text_model")[0] for k in sd if k.startswith("lora_te")}
     assert prefixes == {"lora_te1", "lora_te2"}
@@ -202,7 +206,7 @@ def test_existing_output_is_not_overwritten(tmp_path, vae):
     cfg_out.mkdir(parents=True)
     (cfg_out / "t.safetensors").write_bytes(b"precious")
     with pytest.raises(FileExistsError):
-        Trainer(trainable(build_sd1(), vae), cfg).prepare()
+        make_plan(cfg)
     assert (cfg_out / "t.safetensors").read_bytes() == b"precious"
 
 
@@ -210,9 +214,9 @@ def test_gradient_checkpointing_and_disk_latents_change_nothing_but_cost(tmp_pat
     """Same file with activations recomputed and latents read back from disk."""
     tiny = build_sd1(seed=4)
     quiet = Callbacks(log=lambda s: None)
-    plain = Trainer(trainable(tiny, vae), config(tmp_path / "a", max_train_steps=8), quiet).run().output
+    plain = Trainer(trainable(tiny, vae), make_plan(config(tmp_path / "a", max_train_steps=8)), quiet).run().output
     cfg = config(tmp_path / "b", max_train_steps=8, gradient_checkpointing=True, cache_latents_to_disk=True)
-    first = Trainer(trainable(tiny, vae), cfg, quiet).run().output
+    first = Trainer(trainable(tiny, vae), make_plan(cfg), quiet).run().output
     cached = sorted(p.name for p in (tmp_path / "b" / "data" / "2_zkx").glob("*.lwlatent"))
     assert cached == [f"img_{i}.64x64.lwlatent" for i in range(4)]
     encode_calls = {"n": 0}
@@ -221,7 +225,7 @@ def test_gradient_checkpointing_and_disk_latents_change_nothing_but_cost(tmp_pat
     model.encode_images = lambda px: (encode_calls.__setitem__("n", encode_calls["n"] + 1), real(px))[1]
     cfg2 = config(tmp_path / "b", max_train_steps=8, gradient_checkpointing=True, cache_latents_to_disk=True,
                   output_name="again")
-    again = Trainer(model, cfg2, quiet).run().output
+    again = Trainer(model, make_plan(cfg2), quiet).run().output
     assert encode_calls["n"] == 0  # every latent came from disk
     a, b, c = (load_safetensors(p)[0] for p in (plain, first, again))
     for k in a:
@@ -234,11 +238,13 @@ def test_trains_on_the_torch_api_of_webui_1_10(tmp_path, vae, monkeypatch):
     queries (2.4).  Without them, a run with LoCon (rebuilt activations) still trains, and the
     same as with them."""
     cfg = dict(max_train_steps=2, network=NetworkConfig(rank=4, alpha=4, conv_rank=4, conv_alpha=4))
-    with_new = Trainer(trainable(build_sd1(), vae), config(tmp_path / "a", **cfg), Callbacks(log=lambda s: None)).run()
+    with_new = Trainer(trainable(build_sd1(), vae), make_plan(config(tmp_path / "a", **cfg)),
+                       Callbacks(log=lambda s: None)).run()
     monkeypatch.delattr(torch.amp, "GradScaler")
     monkeypatch.setattr("lib_lora.autocast.BY_DEVICE_TYPE", False)
     cfg["network"] = NetworkConfig(rank=4, alpha=4, conv_rank=4, conv_alpha=4)   # config() pops it
-    old = Trainer(trainable(build_sd1(), vae), config(tmp_path / "b", **cfg), Callbacks(log=lambda s: None)).run()
+    old = Trainer(trainable(build_sd1(), vae), make_plan(config(tmp_path / "b", **cfg)),
+                  Callbacks(log=lambda s: None)).run()
     a, _ = load_safetensors(with_new.output)
     b, _ = load_safetensors(old.output)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -252,7 +258,7 @@ def test_a_half_model_without_autocast_is_refused_untouched(tmp_path, vae, dtype
         m.to(dtype)
     before = snapshot(tiny.unet, tiny.text_encoders[0][1])
     state0 = module_state(tiny)
-    tr = Trainer(trainable(tiny, vae), config(tmp_path, max_train_steps=2, mixed_precision="fp16"),
+    tr = Trainer(trainable(tiny, vae), make_plan(config(tmp_path, max_train_steps=2, mixed_precision="fp16")),
                  Callbacks(log=lambda s: None))
     with pytest.raises(ValueError, match=f"weights are {str(dtype)[6:]}: .*mixed precision fp16 or bf16 on a CUDA"):
         tr.run()

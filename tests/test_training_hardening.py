@@ -2,6 +2,7 @@
 bad values with one line naming the option (issue: hardening, training side)."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -19,7 +20,7 @@ from lib_lora.training.network import NetworkConfig
 from lib_lora.training.options import OptionError
 from lib_lora.training.outputs import check_output_name
 from lib_lora.training.state import STATE_FORMAT
-from lib_lora.training.trainer import Callbacks, TrainConfig, Trainer
+from lib_lora.training.trainer import Callbacks, TrainConfig, Trainer, make_plan
 from tiny_models import build_sd1
 from train_support import make_dataset, trainable, tiny_vae
 
@@ -59,7 +60,7 @@ def test_intermediate_names_are_checked_before_the_first_step(tmp_path, data, ex
     before = user_file(out / existing)
     cfg = config(data, out, save_every_n_steps=2, save_state=True)
     with pytest.raises(FileExistsError, match=existing.replace(".", r"\.")):
-        Trainer(None, cfg, QUIET).prepare()
+        make_plan(cfg)
     assert (out / existing).read_bytes() == before
     assert not (out / "t.safetensors").exists()
 
@@ -68,18 +69,17 @@ def test_overwrite_replaces_intermediate_files_when_asked(tmp_path, data, vae):
     out = tmp_path / "out"
     before = user_file(out / "t-000002.safetensors")
     cfg = config(data, out, save_every_n_steps=2, overwrite=True)
-    Trainer(trainable(build_sd1(seed=0), vae), cfg, QUIET).run()
+    Trainer(trainable(build_sd1(seed=0), vae), make_plan(cfg), QUIET).run()
     assert (out / "t-000002.safetensors").read_bytes() != before
 
 
 def _stopped_run(data: Path, out: Path, vae) -> Path:
     """A run stopped at step 2 with state saved there; returns the state file."""
-    tr = Trainer(trainable(build_sd1(seed=0), vae), config(data, out, save_every_n_steps=2, save_state=True), QUIET)
-
     def stop(p):
         if p.step == 2:
             tr.request_stop()
-    tr.cb.on_progress = stop
+    tr = Trainer(trainable(build_sd1(seed=0), vae), make_plan(config(data, out, save_every_n_steps=2, save_state=True)),
+                 Callbacks(on_progress=stop, log=lambda s: None))
     tr.run()
     state = out / "t-000002.state.safetensors"
     assert state.exists()
@@ -93,7 +93,7 @@ def test_resume_never_overwrites_an_unrelated_lora(tmp_path, data, vae):
     req = jobs.build_request({"resume_from": state.name, "output_name": "other"}, out)
     assert not req.config.overwrite  # a resume is no licence to overwrite
     with pytest.raises(FileExistsError, match="other.safetensors"):
-        Trainer(None, req.config, QUIET).prepare(req.resume_from)
+        make_plan(req.config, req.resume_from)
     assert (out / "other.safetensors").read_bytes() == before
 
 
@@ -101,10 +101,18 @@ def test_resume_continues_its_own_files(tmp_path, data, vae):
     out = tmp_path / "out"
     state = _stopped_run(data, out, vae)
     req = jobs.build_request({"resume_from": state.name}, out)
-    tr = Trainer(trainable(build_sd1(seed=0), vae), req.config, QUIET)
-    tr.prepare(req.resume_from)  # its own step-2 files exist: they are the run's
-    res = tr.run(resume_from=req.resume_from)
+    plan = make_plan(req.config, req.resume_from)  # its own step-2 files exist: they are the run's
+    res = Trainer(trainable(build_sd1(seed=0), vae), plan, QUIET).run()
     assert res.steps == 4 and (out / "t.safetensors").exists()
+
+
+def test_a_run_leaves_its_config_and_plan_alone(tmp_path, data, vae):
+    cfg = config(data, tmp_path / "out", max_train_steps=2, save_every_n_steps=1)
+    before = dataclasses.asdict(cfg)
+    plan = make_plan(cfg)
+    res = Trainer(trainable(build_sd1(seed=0), vae), plan, QUIET).run()
+    assert res.steps == 2 and len(res.saved) == 2
+    assert dataclasses.asdict(cfg) == before and plan.config is cfg and plan.total_steps == 2
 
 
 def test_stale_temp_files_of_our_outputs_are_swept(tmp_path, data):
@@ -117,7 +125,7 @@ def test_stale_temp_files_of_our_outputs_are_swept(tmp_path, data):
     old = time.time() - 3600
     os.utime(stale, (old, old))
     os.utime(foreign, (old, old))
-    Trainer(None, config(data, out), QUIET).prepare()
+    make_plan(config(data, out), log=lambda s: None)
     assert not stale.exists()
     assert fresh.exists()   # might be a save in progress
     assert foreign.exists()  # not a file this run writes

@@ -100,7 +100,7 @@ def _train(ck, data_root: Path, out: Path, name: str, s: DemoSettings, seed: int
     from ..attention import sdpa_attention
     from ..training.dataset import DatasetConfig
     from ..training.network import NetworkConfig
-    from ..training.trainer import Callbacks, TrainConfig, Trainer
+    from ..training.trainer import Callbacks, TrainConfig, Trainer, make_plan
 
     cfg = TrainConfig(DatasetConfig(data_root, resolution=64, enable_buckets=False),
                       NetworkConfig(rank=s.rank, alpha=s.rank, conv_rank=s.conv_rank, conv_alpha=s.conv_rank,
@@ -111,7 +111,8 @@ def _train(ck, data_root: Path, out: Path, name: str, s: DemoSettings, seed: int
     model = ck.trainable()
     model.context = lambda: sdpa_attention(ck.unet)
     t0 = time.time()
-    res = Trainer(model, cfg, Callbacks(on_progress=_Bar(f"train {name:13s}"), log=lambda m: None)).run()
+    res = Trainer(model, make_plan(cfg, log=lambda m: None),
+                  Callbacks(on_progress=_Bar(f"train {name:13s}"), log=lambda m: None)).run()
     return res.output, list(res.losses), time.time() - t0
 
 

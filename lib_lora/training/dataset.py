@@ -45,6 +45,7 @@ import torch
 from PIL import Image
 
 from .buckets import Assignment, Bucketer, BucketTooSmall, Size, cover_size, crop_offset, parse_resolution
+from .options import default as _d
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_EXTENSIONS = (".txt", ".caption")
@@ -79,25 +80,26 @@ class Problem:
 
 @dataclass
 class DatasetConfig:
+    """Defaults are declared in options.py; ``check()`` refuses settings that cannot work."""
     train_dir: str | Path
-    reg_dir: str | Path | None = None
-    resolution: int | str | tuple[int, int] = 512  # 512, "512,768" or (w, h); sides multiples of 64
-    enable_buckets: bool = True
-    min_bucket_reso: int = 256
-    max_bucket_reso: int = 1024
-    bucket_reso_steps: int = 64
-    bucket_no_upscale: bool = False
-    caption_extension: str = ".txt"
-    shuffle_caption: bool = False
-    keep_tokens: int = 0
-    keep_tokens_separator: str = ""
-    caption_separator: str = ","
-    caption_dropout_rate: float = 0.0
-    caption_dropout_every_n_epochs: int = 0
-    caption_tag_dropout_rate: float = 0.0
-    flip_aug: bool = False
-    random_crop: bool = False
-    max_pixels: int = 64_000_000
+    reg_dir: str | Path | None = _d("dataset.reg_dir")
+    resolution: int | str | tuple[int, int] = _d("dataset.resolution")  # 512, "512,768" or (w, h); multiples of 64
+    enable_buckets: bool = _d("dataset.enable_buckets")
+    min_bucket_reso: int = _d("dataset.min_bucket_reso")
+    max_bucket_reso: int = _d("dataset.max_bucket_reso")
+    bucket_reso_steps: int = _d("dataset.bucket_reso_steps")
+    bucket_no_upscale: bool = _d("dataset.bucket_no_upscale")
+    caption_extension: str = _d("dataset.caption_extension")
+    shuffle_caption: bool = _d("dataset.shuffle_caption")
+    keep_tokens: int = _d("dataset.keep_tokens")
+    keep_tokens_separator: str = _d("dataset.keep_tokens_separator")
+    caption_separator: str = _d("dataset.caption_separator")
+    caption_dropout_rate: float = _d("dataset.caption_dropout_rate")
+    caption_dropout_every_n_epochs: int = _d("dataset.caption_dropout_every_n_epochs")
+    caption_tag_dropout_rate: float = _d("dataset.caption_tag_dropout_rate")
+    flip_aug: bool = _d("dataset.flip_aug")
+    random_crop: bool = _d("dataset.random_crop")
+    max_pixels: int = _d("dataset.max_pixels")
 
     def __post_init__(self) -> None:
         self.train_dir = Path(self.train_dir)

@@ -20,96 +20,29 @@ refreshes its LoRA list and the model is checked to be exactly as before.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import math
 import threading
 import time
 import traceback
-import types
-import typing
 import uuid
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from ..library import TRAINING_STATE_SUFFIX as STATE_SUFFIX
-from .dataset import DatasetConfig, DatasetError, Problem, validate
+from ..library import TRAINING_STATE_SUFFIX as STATE_SUFFIX  # noqa: F401  (re-exported)
+from .dataset import Problem, validate
 from .model import TrainableModel
-from .network import NetworkConfig
-from .options import OptionError
-from .outputs import check_output_name
-from .trainer import Callbacks, Progress, TrainConfig, Trainer
+from .outputs import check_output_name  # noqa: F401  (re-exported)
+from .plan import Plan, make_plan
+# requests live in request.py; the names are kept here for the hosts and the API
+from .request import (PRESET_LABELS, PRESETS, JobConflict, JobError, JobNotFound, JobRequest,  # noqa: F401
+                      RequestError, TrainingRefused, build_request, one_line, preset_for_family,
+                      resolve_state_file, state_header)
+from .trainer import Callbacks, Progress, Trainer
 
 STATES = ("queued", "validating", "running", "saving", "finished", "stopped", "failed")
 ACTIVE = ("queued", "validating", "running", "saving")
-
-# -- presets ---------------------------------------------------------------------------------------
-# Starting points after kohya-ss/sd-scripts' documentation for LoRA on SD1.5 and SDXL.  Keys are
-# request keys (see ``build_config``); anything given explicitly in a request wins.
-PRESETS: dict[str, dict[str, Any]] = {
-    "sd15": {
-        "dataset": {"resolution": 512, "enable_buckets": True, "min_bucket_reso": 256, "max_bucket_reso": 1024,
-                    "bucket_reso_steps": 64},
-        "network": {"rank": 32, "alpha": 16, "train_unet": True, "train_text_encoder": True},
-        "learning_rate": 1e-4, "text_encoder_lr": 5e-5, "optimizer": "AdamW", "lr_scheduler": "cosine",
-        "lr_warmup_steps": 0, "batch_size": 1, "max_train_epochs": 10, "save_every_n_epochs": 0,
-        "save_precision": "fp16", "mixed_precision": "auto", "min_snr_gamma": 5.0, "noise_offset": 0.0,
-        "cache_latents": True, "cache_text_encoder_outputs": True, "seed": 42,
-    },
-    "sdxl": {
-        "dataset": {"resolution": 1024, "enable_buckets": True, "min_bucket_reso": 512, "max_bucket_reso": 2048,
-                    "bucket_reso_steps": 64},
-        "network": {"rank": 32, "alpha": 16, "train_unet": True, "train_text_encoder": False},
-        "learning_rate": 1e-4, "text_encoder_lr": None, "optimizer": "AdamW", "lr_scheduler": "cosine",
-        "lr_warmup_steps": 0, "batch_size": 1, "max_train_epochs": 10, "save_every_n_epochs": 0,
-        "save_precision": "fp16", "mixed_precision": "auto", "min_snr_gamma": 5.0, "noise_offset": 0.0,
-        "cache_latents": True, "cache_text_encoder_outputs": True, "seed": 42,
-    },
-}
-PRESET_LABELS = {"sd15": "SD1.5 (512, rank 32/16, TE on)", "sdxl": "SDXL (1024, rank 32/16, UNet only)"}
-
-
-def preset_for_family(family: str | None) -> str:
-    return "sdxl" if family == "sdxl" else "sd15"
-
-
-# -- errors ------------------------------------------------------------------------------------------
-
-
-class JobError(Exception):
-    """Base class; ``status`` is the HTTP status an API should answer with."""
-    status = 400
-
-
-class RequestError(JobError):
-    """The request itself is wrong (unknown option, bad value, bad path or name)."""
-    status = 400
-
-
-class JobConflict(JobError):
-    """Cannot start now: a job is running, the output exists, or the host refuses its model."""
-    status = 409
-
-
-class TrainingRefused(JobConflict):
-    """The host cannot train on what is loaded (no model, --lowvram, fp8, a refiner ...)."""
-
-
-class JobNotFound(JobError, LookupError):
-    status = 404
-
-
-def one_line(e: BaseException) -> str:
-    """``Type: first line of the message``, for statuses (tracebacks go to the console)."""
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    if isinstance(e, (JobError, DatasetError)):
-        return msg or type(e).__name__
-    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
-
 
 # -- the host --------------------------------------------------------------------------------------------
 
@@ -166,240 +99,6 @@ class TrainingHost:
 
     def log(self, message: str) -> None:
         print(f"[LoRA Workshop] {message}", flush=True)
-
-
-# -- requests -> TrainConfig ---------------------------------------------------------------------------
-
-_TOP_EXCLUDED = {"dataset", "network", "output_dir", "world_size"}
-_EXTRA_TOP = {"preset", "resume_from"}
-
-
-def _hints(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _coerce(where: str, tp: Any, value: Any) -> Any:
-    """Make JSON/gradio values fit a dataclass field (gradio numbers are floats, paths are str)."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None:
-            if type(None) in args:
-                return None
-            raise RequestError(f"{where}: a value is required")
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(where, a, value)
-            except RequestError as e:
-                errors.append(str(e))
-        raise RequestError(errors[0] if errors else f"{where}: invalid value {value!r}")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if value in (0, 1):
-            return bool(value)
-        raise RequestError(f"{where}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise RequestError(f"{where}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-            return int(value.strip())
-        raise RequestError(f"{where}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, bool):
-            raise RequestError(f"{where}: expected a number, got {value!r}")
-        try:
-            out = float(value)
-        except (TypeError, ValueError):
-            raise RequestError(f"{where}: expected a number, got {value!r}") from None
-        if not math.isfinite(out):
-            raise RequestError(f"{where}: expected a finite number, got {value!r}")
-        return out
-    if tp is str:
-        if not isinstance(value, str):
-            raise RequestError(f"{where}: expected a string, got {value!r}")
-        return value
-    if tp is Path:
-        if not isinstance(value, (str, Path)) or not str(value).strip():
-            raise RequestError(f"{where}: expected a folder path, got {value!r}")
-        return Path(str(value).strip())
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise RequestError(f"{where}: expected a list of {len(args)} values, got {value!r}")
-        return tuple(_coerce(where, a, v) for a, v in zip(args, value))
-    if origin is list:
-        if isinstance(value, str):  # one per line (a textbox)
-            value = [line for line in value.splitlines() if line.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise RequestError(f"{where}: expected a list, got {value!r}")
-        return [_coerce(where, args[0], v) for v in value] if args else list(value)
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise RequestError(f"{where}: expected an object, got {value!r}")
-        return dict(value)
-    return value
-
-
-def _fields(cls, data: dict, where: str, skip: set[str] = frozenset()) -> dict:
-    if not isinstance(data, dict):
-        raise RequestError(f"{where}: expected an object, got {type(data).__name__}")
-    hints = _hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)} - set(skip)
-    out = {}
-    for key, value in data.items():
-        if key not in names:
-            raise RequestError(f"unknown option '{where}.{key}'" if where else f"unknown option '{key}'")
-        out[key] = _coerce(f"{where}.{key}" if where else key, hints[key], value)
-    return out
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k in ("dataset", "network"):
-            out[k] = {**out[k], **v}
-        else:
-            out[k] = v
-    return out
-
-
-def _dataset_dir(value: Any, where: str, roots: list[Path] | None) -> Path:
-    if not isinstance(value, (str, Path)):
-        raise RequestError(f"{where}: expected a folder path, got {value!r}")
-    path = Path(str(value)).expanduser()
-    if roots is not None and not _inside(path, roots):
-        # checked before existence, so a refusal says nothing about folders outside the roots
-        raise RequestError(f"{where}: {value} is outside the dataset folders this server may read "
-                           f"(add its parent folder to the setting that lists them)")
-    if not path.is_dir():
-        raise RequestError(f"{where}: dataset folder not found: {value}")
-    return path
-
-
-def resolve_state_file(value: Any, output_dir: Path) -> Path:
-    """A ``*.state.safetensors`` file inside the LoRA folder, by name relative to it."""
-    if not isinstance(value, str) or not value.strip():
-        raise RequestError("resume_from: expected the name of a .state.safetensors file in the LoRA folder")
-    name = value.strip().replace("\\", "/")
-    root = Path(output_dir).resolve()
-    path = (root / name).resolve()
-    if not name.endswith(STATE_SUFFIX) or root not in path.parents:
-        raise RequestError(f"resume_from {value!r}: must name a {STATE_SUFFIX} file inside the LoRA folder")
-    if not path.is_file():
-        raise RequestError(f"resume_from: state file not found: {name}")
-    return path
-
-
-def state_header(path: Path) -> dict:
-    """step, session and TrainConfig (as a dict) of a training state file, read from its header only."""
-    from ..fileio import LoraFileError
-    from .state import read_state_header
-    try:
-        return read_state_header(path)
-    except (LoraFileError, OSError) as e:
-        raise RequestError(f"resume_from: cannot use {Path(path).name}: {e}") from None
-
-
-def _inside(path: Path, roots: list[Path]) -> bool:
-    real = path.resolve()
-    return any(real == r or r in real.parents for r in (Path(x).resolve() for x in roots))
-
-
-@dataclass
-class JobRequest:
-    config: TrainConfig
-    name: str
-    resume_from: Path | None = None
-    auto_precision: bool = False
-    preset: str = "sd15"
-
-
-def build_request(data: dict, output_dir: Path, family: str | None = None,
-                  dataset_roots: list[Path] | None = None) -> JobRequest:
-    """A JSON request -> validated JobRequest.  Keys:
-
-    ``output_name`` (required unless resuming), ``preset`` ("auto" | "sd15" | "sdxl"),
-    ``dataset`` {DatasetConfig fields; ``train_dir`` required}, ``network`` {NetworkConfig fields},
-    any other TrainConfig field at the top level (``mixed_precision`` also takes "auto"),
-    ``resume_from`` (a state file name in the LoRA folder: its stored settings are used, the
-    request's keys override them).  ``output_dir`` cannot be chosen: it is the LoRA folder.
-    ``dataset_roots``, when given, are the only folders the dataset paths may lie in.
-    """
-    if not isinstance(data, dict):
-        raise RequestError("the request body must be a JSON object")
-    unknown = set(data) - ({f.name for f in dataclasses.fields(TrainConfig)} - _TOP_EXCLUDED) - _EXTRA_TOP \
-        - {"dataset", "network"}
-    if unknown:
-        bad = sorted(unknown)[0]
-        hint = " (output always goes to the LoRA folder; set output_name)" if bad == "output_dir" else ""
-        raise RequestError(f"unknown option '{bad}'{hint}")
-    for part in ("dataset", "network"):
-        if part in data and not isinstance(data[part], dict):
-            raise RequestError(f"{part}: expected an object, got {type(data[part]).__name__}")
-    resume = None
-    if data.get("resume_from") not in (None, ""):
-        resume = resolve_state_file(data["resume_from"], output_dir)
-        stored = state_header(resume)["config"]
-        base = {k: v for k, v in stored.items() if k not in _TOP_EXCLUDED}
-        for part in ("dataset", "network"):
-            if not isinstance(stored.get(part) or {}, dict):
-                raise RequestError(f"resume_from: {resume.name} holds a damaged {part} configuration")
-            base[part] = dict(stored.get(part) or {})
-        preset = "resume"
-    else:
-        preset = data.get("preset") or "auto"
-        if not isinstance(preset, str):
-            raise RequestError(f"preset: expected one of auto, {', '.join(PRESETS)}, got {preset!r}")
-        if preset == "auto":
-            preset = preset_for_family(family)
-        if preset not in PRESETS:
-            raise RequestError(f"preset {preset!r}: choose one of auto, {', '.join(PRESETS)}")
-        base = json.loads(json.dumps(PRESETS[preset]))
-    merged = _merge(base, {k: v for k, v in data.items() if k not in _EXTRA_TOP})
-    if data.get("max_train_steps") is not None and "max_train_epochs" not in data:
-        # a length in steps replaces the preset's (or the resumed run's) length in epochs, which
-        # would otherwise win (kohya's rule when both are set)
-        merged["max_train_epochs"] = None
-
-    ds_data = dict(merged.get("dataset") or {})
-    if not ds_data.get("train_dir"):
-        raise RequestError("dataset.train_dir is required: the folder holding '<repeats>_<trigger>' sub-folders")
-    ds_data["train_dir"] = str(_dataset_dir(ds_data["train_dir"], "dataset.train_dir", dataset_roots))
-    if ds_data.get("reg_dir") not in (None, ""):
-        ds_data["reg_dir"] = str(_dataset_dir(ds_data["reg_dir"], "dataset.reg_dir", dataset_roots))
-    else:
-        ds_data["reg_dir"] = None
-    if isinstance(ds_data.get("resolution"), list):
-        ds_data["resolution"] = tuple(ds_data["resolution"])
-    ds_kwargs = _fields(DatasetConfig, ds_data, "dataset")
-    net_kwargs = _fields(NetworkConfig, dict(merged.get("network") or {}), "network")
-
-    top = {k: v for k, v in merged.items() if k not in ("dataset", "network")}
-    try:
-        name = check_output_name(top.get("output_name"))
-    except OptionError as e:
-        raise RequestError(str(e)) from None
-    top["output_name"] = name
-    auto = top.get("mixed_precision", "auto") in ("auto", None, "")
-    if auto:
-        top["mixed_precision"] = "no"  # resolved from the model's dtype once it is built
-    top_kwargs = _fields(TrainConfig, top, "", skip=_TOP_EXCLUDED)
-    try:
-        dataset = DatasetConfig(**ds_kwargs)
-        network = NetworkConfig(**net_kwargs)
-        cfg = TrainConfig(dataset=dataset, network=network, output_dir=Path(output_dir), **top_kwargs)
-    except (TypeError, ValueError) as e:
-        raise RequestError(one_line(e) if not isinstance(e, DatasetError) else str(e)) from None
-    if not (network.train_unet or network.train_text_encoder):
-        raise RequestError("network: train_unet and train_text_encoder are both off: nothing to train")
-    return JobRequest(cfg, name, resume, auto, preset)
 
 
 def precision_for(model: TrainableModel) -> str:
@@ -460,16 +159,17 @@ def downsample(values: list[float], max_points: int = 200, first_step: int = 1) 
 
 
 class Job:
-    def __init__(self, request: JobRequest, trainer: Trainer, summary: dict):
+    def __init__(self, request: JobRequest, plan: Plan):
         self.id = uuid.uuid4().hex[:12]
         self.request = request
         self.name = request.name
         self.config = request.config
-        self.trainer = trainer
-        self.summary = summary
+        self.plan = plan
+        self.trainer: Trainer | None = None  # made once the lock is held and the model is built
+        self.summary = plan.summary
         self.state = "queued"
         self.step = 0
-        self.total = trainer.total_steps()
+        self.total = plan.total_steps
         self.epoch = 0
         self.loss: float | None = None
         self.avg_loss: float | None = None
@@ -501,7 +201,8 @@ class Job:
                 self.stop_requested = "save" if save else "stop"
             if self.stop_requested == "save" and self.state == "running":
                 self.state = "saving"  # after the current step, the file is written
-            self.trainer.request_stop(save=self.stop_requested == "save")
+            if self.trainer is not None:
+                self.trainer.request_stop(save=self.stop_requested == "save")
             self.log(f"stop requested{' (saving first)' if self.stop_requested == 'save' else ''}")
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -651,12 +352,12 @@ class JobRunner:
         req = data if isinstance(data, JobRequest) else self.request(data, remote)
         with self._lock:
             self._check_can_start()
-            trainer = Trainer(None, req.config)  # the model is attached once the lock is held
-            try:
-                summary = trainer.prepare(req.resume_from)  # dataset (DatasetError names the file), output names
+            try:  # the dataset (DatasetError names the file) and every output name, before the lock
+                plan = make_plan(req.config, req.resume_from, log=self.host.log)
             except FileExistsError as e:
                 raise JobConflict(str(e)) from None
-            job = Job(req, trainer, summary)
+            summary = plan.summary
+            job = Job(req, plan)
             self._jobs[job.id] = job
             while len(self._jobs) > self.keep:
                 oldest = next(iter(self._jobs))
@@ -742,7 +443,8 @@ class JobRunner:
             job.log(f"failed: {one_line(e)}")
             host.log(f"training {job.name} failed:\n{traceback.format_exc()}")
         finally:
-            job.trainer.model = None  # finished jobs are kept for their status: never keep a model alive
+            if job.trainer is not None:
+                job.trainer.release()  # finished jobs are kept for their status: never keep a model alive
             job._set(finished_at=time.time())
             try:
                 host.after(job)
@@ -758,10 +460,12 @@ class JobRunner:
             return
         job._set(state="validating", started_at=time.time())  # the lock is ours: check and wrap the model
         model = host.build_model(job)
-        job.trainer.model = model
-        if job.request.auto_precision:
-            job.config.mixed_precision = precision_for(model)
-        job.trainer.cb = self._callbacks(job)
+        plan = job.plan.with_config(mixed_precision=precision_for(model)) if job.request.auto_precision else job.plan
+        trainer = Trainer(model, plan, self._callbacks(job))
+        with job._lock:
+            job.plan, job.config, job.trainer = plan, plan.config, trainer
+            if job.stop_requested:  # asked while the model was being built
+                trainer.request_stop(save=job.stop_requested == "save")
         before = model_fingerprint(model)
         host.begin(job)
         job.begun = True
@@ -769,7 +473,7 @@ class JobRunner:
         job.log(f"training {job.name} on {model.model_name or model.family} ({model.family}, "
                 f"{model.device}, mixed precision {job.config.mixed_precision})")
         try:
-            result = job.trainer.run(resume_from=job.request.resume_from)
+            result = trainer.run()
         finally:
             untouched = model_fingerprint(model) == before
             job._set(model_untouched=untouched)

@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from .. import __version__
+from .options import OPTIONS
 
 _ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base"}
 _BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
@@ -19,19 +20,27 @@ def architecture(family: str, prediction: str) -> str:
     return f"{arch}/lora"
 
 
+def option_metadata(cfg: Any) -> dict[str, Any]:
+    """The ss_* keys that hold one option's value as it is (options.py names them)."""
+    out = {}
+    for o in OPTIONS:
+        if o.ss:
+            out[o.ss] = getattr(getattr(cfg, o.section) if o.section else cfg, o.name)
+    return out
+
+
 def build_metadata(*, family: str, prediction: str, session_id: str, started_at: float, output_name: str,
                    cfg: Any, dataset: Any, model_name: str, model_hash: str, legacy_hash: str,
                    steps: int, epoch: int, num_batches_per_epoch: int, max_steps: int, optimizer_desc: str,
-                   resolution: tuple[int, int], finished: bool, comment: str = "") -> dict[str, str]:
+                   resolution: tuple[int, int], finished: bool, comment: str = "",
+                   world_size: int = 1) -> dict[str, str]:
     """Everything as strings (safetensors metadata is str -> str), kohya's key names and formats."""
     n = cfg.network
-    ds = cfg.dataset
     reg_dirs = dataset.dataset_dirs(reg=True) if dataset.config.reg_dir else {}
     meta: dict[str, Any] = {
+        **option_metadata(cfg),
         "ss_session_id": session_id,
         "ss_training_started_at": started_at,
-        "ss_output_name": output_name,
-        "ss_learning_rate": cfg.learning_rate,
         "ss_unet_lr": cfg.learning_rate if n.train_unet else None,
         "ss_text_encoder_lr": (cfg.text_encoder_lr if cfg.text_encoder_lr is not None else cfg.learning_rate)
         if n.train_text_encoder else None,
@@ -42,45 +51,22 @@ def build_metadata(*, family: str, prediction: str, session_id: str, started_at:
         "ss_epoch": epoch,
         "ss_steps": steps,
         "ss_max_train_steps": max_steps,
-        "ss_gradient_checkpointing": cfg.gradient_checkpointing,
-        "ss_gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-        "ss_lr_warmup_steps": cfg.lr_warmup_steps,
-        "ss_lr_scheduler": cfg.lr_scheduler,
         "ss_network_module": "networks.lora",
-        "ss_network_dim": n.rank,
-        "ss_network_alpha": n.alpha,
         "ss_network_dropout": n.dropout or None,
         "ss_network_args": json.dumps({"conv_dim": str(n.conv_rank), "conv_alpha": str(n.conv_alpha)})
         if n.conv_rank > 0 else None,
-        "ss_mixed_precision": cfg.mixed_precision,
         "ss_full_fp16": False,
         "ss_v2": family == "sd2",
         "ss_v_parameterization": prediction == "v",
         "ss_base_model_version": _BASE_VERSION[family],
         "ss_clip_skip": None,
         "ss_max_token_length": None,
-        "ss_cache_latents": cfg.cache_latents,
-        "ss_seed": cfg.seed,
         "ss_noise_offset": cfg.noise_offset or None,
-        "ss_min_snr_gamma": cfg.min_snr_gamma,
         "ss_optimizer": optimizer_desc,
-        "ss_max_grad_norm": cfg.max_grad_norm,
-        "ss_caption_dropout_rate": ds.caption_dropout_rate,
-        "ss_caption_dropout_every_n_epochs": ds.caption_dropout_every_n_epochs,
-        "ss_caption_tag_dropout_rate": ds.caption_tag_dropout_rate,
         "ss_prior_loss_weight": 1.0,
-        "ss_batch_size_per_device": cfg.batch_size,
-        "ss_total_batch_size": cfg.batch_size * cfg.gradient_accumulation_steps * cfg.world_size,
+        "ss_total_batch_size": cfg.batch_size * cfg.gradient_accumulation_steps * world_size,
         "ss_resolution": f"({resolution[0]}, {resolution[1]})",
-        "ss_enable_bucket": ds.enable_buckets,
-        "ss_min_bucket_reso": ds.min_bucket_reso,
-        "ss_max_bucket_reso": ds.max_bucket_reso,
-        "ss_bucket_no_upscale": ds.bucket_no_upscale,
-        "ss_keep_tokens": ds.keep_tokens,
-        "ss_shuffle_caption": ds.shuffle_caption,
-        "ss_flip_aug": ds.flip_aug,
         "ss_color_aug": False,
-        "ss_random_crop": ds.random_crop,
         "ss_dataset_dirs": json.dumps(dataset.dataset_dirs()),
         "ss_reg_dataset_dirs": json.dumps(reg_dirs),
         "ss_tag_frequency": json.dumps(dataset.tag_frequency()),

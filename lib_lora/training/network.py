@@ -20,27 +20,26 @@ from torch.nn.utils import parametrize
 from ..adapters.lora import LoRAModule
 from ..modelmap import ModelMap, Target
 from ..network import Network, parse_state_dict
-from .options import integer, number
+from . import options
+
+_d = options.default
 
 _DIFFUSERS_UNET = re.compile(r"^lora_unet_(down_blocks|mid_block|up_blocks)_")
 
 
 @dataclass
 class NetworkConfig:
-    rank: int = 16
-    alpha: float = 8.0
-    conv_rank: int = 0          # LoCon for resnets/samplers when > 0
-    conv_alpha: float = 1.0
-    dropout: float = 0.0
-    train_unet: bool = True
-    train_text_encoder: bool = True
+    """Defaults and bounds are declared in options.py."""
+    rank: int = _d("network.rank")
+    alpha: float = _d("network.alpha")
+    conv_rank: int = _d("network.conv_rank")    # LoCon for resnets/samplers when > 0
+    conv_alpha: float = _d("network.conv_alpha")
+    dropout: float = _d("network.dropout")
+    train_unet: bool = _d("network.train_unet")
+    train_text_encoder: bool = _d("network.train_text_encoder")
 
     def __post_init__(self) -> None:
-        integer("rank", self.rank, 1)
-        integer("conv_rank", self.conv_rank, 0)
-        number("alpha", self.alpha)
-        number("conv_alpha", self.conv_alpha)
-        number("dropout", self.dropout, maximum=0.999)
+        options.check(self, "network")
 
 
 def unet_block_kind(target: Target) -> str | None:

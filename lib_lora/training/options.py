@@ -1,55 +1,247 @@
-"""Checks shared by every training option set, so the CLI, the tab and the API refuse the same values.
+"""The training options, declared once: the command line, the tab, the API and the metadata read them here.
 
-A refused value raises ``OptionError`` naming the option by its field name; each surface
-spells that name its own way (``--network-dim`` on the command line, ``network.rank`` in
-the API) but the rule and the reason are the same.
+Each ``Option`` is one field of ``TrainConfig`` (key ``name``), ``DatasetConfig`` (``dataset.name``)
+or ``NetworkConfig`` (``network.name``): its type, default, allowed values and bounds, the tab's
+label and section, the command-line flag, kohya-ss/sd-scripts' spelling (``train_network.py``)
+and the ``ss_*`` metadata key that holds exactly its value.  The dataclasses take their defaults
+from here and check their values with ``check``; ``cli.py`` builds the ``train`` parser, ``ui.py``
+the form and ``request.py`` its coercion from the same list, so adding an option touches this
+file (and the dataclass field that carries it).
+
+A refused value raises ``OptionError`` naming the option by its field name; each surface spells
+that name its own way (``--network-dim`` on the command line, ``network.rank`` in the API) but
+the rule and the reason are the same.
 """
 from __future__ import annotations
 
-import importlib.util
-import math
+import copy
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from .checks import OPTIMIZER_NAMES, OPTIMIZERS, OptionError, check_optimizer, integer, number
 
-class OptionError(ValueError):
-    """One option's value is not usable; ``option`` is the field name."""
+__all__ = ["Option", "OPTIONS", "GROUPS", "OptionError", "OPTIMIZERS", "OPTIMIZER_NAMES", "check_optimizer",
+           "integer", "number", "option", "by_name", "section", "default", "check", "AUTO_ON_OFF",
+           "SCHEDULERS", "REQUIRED"]
 
-    def __init__(self, option: str, message: str):
-        super().__init__(f"{option}: {message}")
-        self.option = option
-        self.detail = message
+REQUIRED = object()  # the default of an option that has none (the dataset folder)
 
+# how the tab and the CLI spell a ``bool | None`` option such as ``lean_frozen_layers``
+AUTO_ON_OFF: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
+SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
 
-# name (lower case) -> (pip name, module, class); AdamW is torch's own
-OPTIMIZERS: dict[str, tuple[str, str, str] | None] = {
-    "adamw": None,
-    "adamw8bit": ("bitsandbytes", "bitsandbytes.optim", "AdamW8bit"),
-    "lion": ("lion-pytorch", "lion_pytorch", "Lion"),
-    "prodigy": ("prodigyopt", "prodigyopt", "Prodigy"),
-}
-OPTIMIZER_NAMES = ["AdamW", "AdamW8bit", "Lion", "Prodigy"]
+# the tab's sections, in order, and whether each starts open
+GROUPS: list[tuple[str, bool]] = [("Dataset", True), ("Network", False), ("Optimizer and schedule", False),
+                                  ("Saving", False), ("Sample images", False), ("Advanced", False)]
 
 
-def check_optimizer(name: Any) -> tuple[str, str, str] | None:
-    """The package entry for ``name``; OptionError if unknown or its package is not installed."""
-    if not isinstance(name, str) or name.lower() not in OPTIMIZERS:
-        raise OptionError("optimizer", f"unknown optimizer {name!r}: choose {', '.join(OPTIMIZER_NAMES)}")
-    entry = OPTIMIZERS[name.lower()]
-    if entry is not None and importlib.util.find_spec(entry[1].split(".")[0]) is None:
-        raise OptionError("optimizer", f"{name} needs the '{entry[0]}' package; install it yourself "
-                                       f"(pip install {entry[0]}) or choose AdamW")
-    return entry
+@dataclass(frozen=True)
+class Option:
+    key: str                    # request key: "learning_rate", "dataset.train_dir", "network.rank"
+    type: Any                   # the dataclass field's type
+    default: Any
+    label: str = ""             # the tab's label; "" = not on the tab
+    group: str = ""             # the tab's section (GROUPS)
+    kind: str = ""              # the tab's widget; derived from ``type`` when empty (see ``form_kind``)
+    choices: tuple = ()         # the values the config accepts
+    form_choices: tuple | None = None   # what the tab offers (default: ``choices``)
+    minimum: float | None = None        # numbers: the lowest value (or the bound, with ``above``)
+    above: bool = False
+    maximum: float | None = None
+    help: str = ""              # the command line's help
+    flag: str | None = None     # the ``train`` subcommand's flag ("--network-dim", or "dataset": positional)
+    flag_action: str = ""       # "store_true", or "store_false" for a flag that turns the option off
+    cli_choices: tuple | None = None    # argparse's choices (default: ``choices``; () = checked later)
+    kohya: str | None = None    # sd-scripts' name for it (train_network.py argument or dataset config key)
+    kohya_note: str = ""        # how kohya's differs: "inverted", "network_args", "optimizer_args", "file"
+    ss: str | None = None       # the ss_* metadata key that holds exactly this value
+
+    @property
+    def section(self) -> str:
+        return self.key.rpartition(".")[0]
+
+    @property
+    def name(self) -> str:
+        return self.key.rpartition(".")[2]
+
+    def default_value(self) -> Any:
+        return copy.deepcopy(self.default) if isinstance(self.default, (list, dict)) else self.default
+
+    @property
+    def form_kind(self) -> str:
+        if self.kind:
+            return self.kind
+        return {bool: "bool", int: "int", float: "float", int | None: "opt_int", float | None: "opt_float",
+                bool | None: "auto_bool", list[str]: "textarea"}.get(self.type, "choice" if self.choices else "text")
 
 
-def integer(option: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise OptionError(option, f"must be a whole number of at least {minimum} (got {value!r})")
+def _o(key: str, type_: Any, default: Any, label: str = "", group: str = "", **kw: Any) -> Option:
+    return Option(key, type_, default, label, group, **kw)
 
 
-def number(option: str, value: Any, minimum: float = 0.0, above: bool = False, maximum: float | None = None) -> None:
-    """A finite number >= ``minimum`` (> with ``above``), and <= ``maximum`` when given."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and \
-        (value > minimum if above else value >= minimum) and (maximum is None or value <= maximum)
-    if not ok:
-        bound = f"{'above' if above else 'at least'} {minimum:g}" + (f" and at most {maximum:g}" if maximum is not None else "")
-        raise OptionError(option, f"must be a finite number {bound} (got {value!r})")
+_D, _N = "Dataset", "Network"
+_OPT, _SAVE, _SAMPLE, _ADV = "Optimizer and schedule", "Saving", "Sample images", "Advanced"
+
+# In the tab's order; options without a label are not on the tab.
+OPTIONS: list[Option] = [
+    _o("output_name", str, "lora", kohya="output_name", ss="ss_output_name"),
+    _o("output_dir", str | Path, ".", kohya="output_dir"),
+    # -- Dataset
+    _o("dataset.train_dir", str | Path, REQUIRED, "Dataset folder", _D, flag="dataset", kohya="train_data_dir",
+       help="folder with <repeats>_<trigger> sub-folders"),
+    _o("dataset.reg_dir", str | Path | None, None, "Regularisation folder (optional)", _D, kind="text",
+       flag="--reg-dir", kohya="reg_data_dir"),
+    _o("dataset.resolution", int | str | tuple[int, int], 512, "Resolution", _D, kind="int", flag="--resolution",
+       kohya="resolution", help="512, or W,H"),
+    _o("dataset.enable_buckets", bool, True, "Aspect ratio buckets", _D, flag="--no-buckets",
+       flag_action="store_false", kohya="enable_bucket", ss="ss_enable_bucket"),
+    _o("dataset.min_bucket_reso", int, 256, "Smallest bucket side", _D, flag="--min-bucket-reso",
+       kohya="min_bucket_reso", ss="ss_min_bucket_reso"),
+    _o("dataset.max_bucket_reso", int, 1024, "Largest bucket side", _D, flag="--max-bucket-reso",
+       kohya="max_bucket_reso", ss="ss_max_bucket_reso"),
+    _o("dataset.caption_extension", str, ".txt", "Caption extension", _D, flag="--caption-extension",
+       kohya="caption_extension"),
+    _o("dataset.shuffle_caption", bool, False, "Shuffle caption tags", _D, flag="--shuffle-caption",
+       flag_action="store_true", kohya="shuffle_caption", ss="ss_shuffle_caption"),
+    _o("dataset.keep_tokens", int, 0, "Keep first N tags in place", _D, flag="--keep-tokens", kohya="keep_tokens",
+       ss="ss_keep_tokens"),
+    _o("dataset.caption_dropout_rate", float, 0.0, "Caption dropout rate", _D, flag="--caption-dropout-rate",
+       kohya="caption_dropout_rate", ss="ss_caption_dropout_rate"),
+    _o("dataset.flip_aug", bool, False, "Random horizontal flip", _D, flag="--flip-aug", flag_action="store_true",
+       kohya="flip_aug", ss="ss_flip_aug"),
+    _o("dataset.random_crop", bool, False, "Random crop", _D, kohya="random_crop", ss="ss_random_crop"),
+    # -- Network
+    _o("network.rank", int, 16, "Rank (dim)", _N, minimum=1, flag="--network-dim", kohya="network_dim",
+       ss="ss_network_dim"),
+    _o("network.alpha", float, 8.0, "Alpha", _N, minimum=0, flag="--network-alpha", kohya="network_alpha",
+       ss="ss_network_alpha"),
+    _o("network.conv_rank", int, 0, "Conv rank (LoCon; 0 = off)", _N, minimum=0, flag="--conv-dim",
+       kohya="conv_dim", kohya_note="network_args", help="LoCon rank for resnet convs (0: off)"),
+    _o("network.conv_alpha", float, 1.0, "Conv alpha", _N, minimum=0, flag="--conv-alpha", kohya="conv_alpha",
+       kohya_note="network_args"),
+    _o("network.dropout", float, 0.0, "Dropout", _N, minimum=0, maximum=0.999, flag="--network-dropout",
+       kohya="network_dropout"),
+    _o("network.train_unet", bool, True, "Train the UNet", _N, flag="--text-encoder-only",
+       flag_action="store_false", kohya="network_train_text_encoder_only", kohya_note="inverted"),
+    _o("network.train_text_encoder", bool, True, "Train the text encoder(s)", _N, flag="--unet-only",
+       flag_action="store_false", kohya="network_train_unet_only", kohya_note="inverted"),
+    # -- Optimizer and schedule
+    _o("optimizer", str, "AdamW", "Optimizer", _OPT, choices=tuple(OPTIMIZER_NAMES), cli_choices=(),
+       flag="--optimizer", kohya="optimizer_type", help=", ".join(OPTIMIZER_NAMES)),
+    _o("learning_rate", float, 1e-4, "Learning rate (UNet)", _OPT, minimum=0, above=True, flag="--learning-rate",
+       kohya="learning_rate", ss="ss_learning_rate"),
+    _o("text_encoder_lr", float | None, None, "Text encoder learning rate (0 = same)", _OPT, minimum=0,
+       flag="--text-encoder-lr", kohya="text_encoder_lr"),
+    _o("lr_scheduler", str, "constant", "Scheduler", _OPT, choices=SCHEDULERS, flag="--lr-scheduler",
+       kohya="lr_scheduler", ss="ss_lr_scheduler"),
+    _o("lr_warmup_steps", int, 0, "Warm-up steps", _OPT, minimum=0, flag="--lr-warmup-steps",
+       kohya="lr_warmup_steps", ss="ss_lr_warmup_steps"),
+    _o("max_train_epochs", int | None, None, "Epochs (0 = use max steps)", _OPT, minimum=1,
+       flag="--max-train-epochs", kohya="max_train_epochs"),
+    _o("max_train_steps", int, 1000, "Max steps", _OPT, minimum=1, flag="--max-train-steps",
+       kohya="max_train_steps"),
+    _o("batch_size", int, 1, "Batch size", _OPT, minimum=1, flag="--batch-size", kohya="train_batch_size",
+       ss="ss_batch_size_per_device"),
+    _o("gradient_accumulation_steps", int, 1, "Gradient accumulation", _OPT, minimum=1,
+       flag="--gradient-accumulation-steps", kohya="gradient_accumulation_steps",
+       ss="ss_gradient_accumulation_steps"),
+    _o("weight_decay", float, 0.01, "Weight decay", _OPT, minimum=0, kohya="weight_decay",
+       kohya_note="optimizer_args"),
+    _o("max_grad_norm", float, 1.0, "Max gradient norm (0 = off)", _OPT, minimum=0, flag="--max-grad-norm",
+       kohya="max_grad_norm", ss="ss_max_grad_norm"),
+    # -- Saving
+    _o("save_precision", str, "fp16", "Save as", _SAVE, choices=("fp16", "bf16", "fp32", "float"),
+       form_choices=("fp16", "bf16", "fp32"), cli_choices=("fp16", "bf16", "fp32"), flag="--save-precision",
+       kohya="save_precision"),
+    _o("save_every_n_epochs", int, 0, "Save every N epochs (0 = off)", _SAVE, minimum=0,
+       flag="--save-every-n-epochs", kohya="save_every_n_epochs"),
+    _o("save_every_n_steps", int, 0, "Save every N steps (0 = off)", _SAVE, minimum=0,
+       flag="--save-every-n-steps", kohya="save_every_n_steps"),
+    _o("save_last_k", int, 0, "Keep last K intermediate files (0 = all)", _SAVE, minimum=0, flag="--save-last-k"),
+    _o("save_state", bool, False, "Save resumable state with each file", _SAVE, flag="--save-state",
+       flag_action="store_true", kohya="save_state", help="also write resumable training state"),
+    _o("overwrite", bool, False, "Overwrite an existing file of that name", _SAVE, flag="--force",
+       flag_action="store_true", help="overwrite an existing output file"),
+    _o("training_comment", str, "", "Comment (stored in the file)", _SAVE, flag="--training-comment",
+       kohya="training_comment"),
+    # -- Sample images
+    _o("sample_every_n_steps", int, 0, "Every N steps (0 = off)", _SAMPLE, minimum=0, kohya="sample_every_n_steps"),
+    _o("sample_prompts", list[str], [],
+       "Prompts, one per line (kohya options: --n negative --w --h --s steps --l cfg --d seed)", _SAMPLE,
+       kohya="sample_prompts", kohya_note="file"),
+    # -- Advanced
+    _o("mixed_precision", str, "no", "Mixed precision", _ADV, choices=("no", "fp16", "bf16"),
+       form_choices=("auto", "no", "fp16", "bf16"), flag="--mixed-precision", kohya="mixed_precision",
+       ss="ss_mixed_precision"),
+    _o("seed", int, 42, "Seed", _ADV, flag="--seed", kohya="seed", ss="ss_seed"),
+    _o("min_snr_gamma", float | None, None, "Min-SNR gamma (0 = off)", _ADV, minimum=0, above=True,
+       flag="--min-snr-gamma", kohya="min_snr_gamma", ss="ss_min_snr_gamma"),
+    _o("noise_offset", float, 0.0, "Noise offset", _ADV, minimum=0, flag="--noise-offset", kohya="noise_offset"),
+    _o("cache_latents", bool, True, "Cache latents", _ADV, flag="--no-cache-latents", flag_action="store_false",
+       kohya="cache_latents", ss="ss_cache_latents"),
+    _o("cache_text_encoder_outputs", bool, True, "Cache text encoder outputs (frozen TE, fixed captions)", _ADV,
+       kohya="cache_text_encoder_outputs"),
+    _o("gradient_checkpointing", bool, False, "Gradient checkpointing (less memory, about 30% slower)", _ADV,
+       flag="--gradient-checkpointing", flag_action="store_true", kohya="gradient_checkpointing",
+       ss="ss_gradient_checkpointing"),
+    _o("lean_frozen_layers", bool | None, None,
+       "Lean frozen layers (less memory; auto: on CPU only, as they slow a GPU step)", _ADV,
+       flag="--lean-frozen-layers", cli_choices=tuple(AUTO_ON_OFF),
+       help="frozen layers keep less for backward: less memory; auto = on CPU only (they slow a GPU step)"),
+    _o("dataset.bucket_reso_steps", int, 64, "Bucket step", _ADV, kohya="bucket_reso_steps"),
+    _o("dataset.bucket_no_upscale", bool, False, "Never upscale into a bucket", _ADV, flag="--bucket-no-upscale",
+       flag_action="store_true", kohya="bucket_no_upscale", ss="ss_bucket_no_upscale"),
+    # -- not on the tab
+    _o("dataset.caption_tag_dropout_rate", float, 0.0, flag="--caption-tag-dropout-rate",
+       kohya="caption_tag_dropout_rate", ss="ss_caption_tag_dropout_rate"),
+    _o("dataset.caption_dropout_every_n_epochs", int, 0, kohya="caption_dropout_every_n_epochs",
+       ss="ss_caption_dropout_every_n_epochs"),
+    _o("dataset.keep_tokens_separator", str, "", kohya="keep_tokens_separator"),
+    _o("dataset.caption_separator", str, ",", kohya="caption_separator"),
+    _o("dataset.max_pixels", int, 64_000_000),
+    _o("optimizer_args", dict, {}, kohya="optimizer_args"),
+    _o("cache_latents_to_disk", bool, False, flag="--cache-latents-to-disk", flag_action="store_true",
+       kohya="cache_latents_to_disk", help="keep latents next to the images for reuse"),
+]
+
+_BY_KEY = {o.key: o for o in OPTIONS}
+_BY_NAME = {o.name: o for o in OPTIONS}
+assert len(_BY_KEY) == len(_BY_NAME) == len(OPTIONS), "option names must be unique across the three sets"
+
+
+def option(key: str) -> Option:
+    """The option with request key ``key`` ("network.rank")."""
+    return _BY_KEY[key]
+
+
+def by_name(name: str) -> Option | None:
+    """The option whose field is called ``name`` (OptionError's ``option``); None if there is none."""
+    return _BY_NAME.get(name)
+
+
+def section(name: str) -> list[Option]:
+    """The options of one set: "" (TrainConfig), "dataset" or "network"."""
+    return [o for o in OPTIONS if o.section == name]
+
+
+def default(key: str) -> Any:
+    """A dataclass field's default (a fresh copy for lists and dicts)."""
+    return _BY_KEY[key].default_value()
+
+
+def check(obj: Any, set_name: str) -> None:
+    """OptionError for the first field of ``obj`` (one option set) outside its choices or bounds."""
+    for o in section(set_name):
+        value = getattr(obj, o.name)
+        if value is None and o.default is None:
+            continue
+        if o.key == "optimizer":
+            check_optimizer(value)  # also: is its package installed
+        elif o.choices and value not in o.choices:
+            raise OptionError(o.name, f"must be one of {', '.join(o.choices)} (got {value!r})")
+        elif o.minimum is not None:
+            if o.type in (int, int | None):
+                integer(o.name, value, int(o.minimum))
+            else:
+                number(o.name, value, o.minimum, above=o.above, maximum=o.maximum)

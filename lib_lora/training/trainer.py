@@ -14,7 +14,7 @@ import math
 import time
 import uuid
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -25,84 +25,23 @@ from ..fileio import LoraFileError, load_safetensors, save_safetensors
 from ..hashes import hashes_from_bytes
 from .checkpointing import gradient_checkpointing
 from .frozen_layers import frozen_layers
-from .dataset import Batch, Dataset, DatasetConfig, Position, derive_rng, scan
+from .config import TrainConfig
+from .dataset import Batch, Dataset, DatasetConfig, Position, derive_rng
 from .metadata import build_metadata
 from .model import Conditioning, TrainableModel
 from .network import NetworkConfig, TrainingNetwork
 from . import outputs
-from .options import OptionError, check_optimizer, integer, number
-from .state import load_state, read_state_header, save_state
+from .options import AUTO_ON_OFF, check_optimizer
+from .plan import Plan, make_plan
+from .state import load_state, save_state
+
+# the names callers imported from here before config.py and plan.py existed
+__all__ = ["Trainer", "TrainConfig", "DatasetConfig", "NetworkConfig", "Callbacks", "Progress", "TrainResult",
+           "Plan", "make_plan", "AUTO_ON_OFF", "SAVE_DTYPES", "make_optimizer", "lr_lambda", "snr_weights"]
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "float": torch.float32}
 
 
-# how the tab and the CLI spell a ``bool | None`` option such as ``lean_frozen_layers``
-AUTO_ON_OFF: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
-
-
-@dataclass
-class TrainConfig:
-    dataset: DatasetConfig
-    network: NetworkConfig = field(default_factory=NetworkConfig)
-    output_dir: str | Path = "."
-    output_name: str = "lora"
-    save_precision: str = "fp16"
-    save_every_n_steps: int = 0
-    save_every_n_epochs: int = 0
-    save_last_k: int = 0                # keep only the newest K intermediate files (0: keep all)
-    save_state: bool = False            # write resumable state beside each saved LoRA
-    overwrite: bool = False
-    max_train_steps: int = 1000
-    max_train_epochs: int | None = None  # when set, overrides max_train_steps
-    batch_size: int = 1
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 1e-4         # UNet (and text encoder unless text_encoder_lr is set)
-    text_encoder_lr: float | None = None
-    optimizer: str = "AdamW"            # options.OPTIMIZER_NAMES
-    optimizer_args: dict = field(default_factory=dict)
-    weight_decay: float = 0.01
-    lr_scheduler: str = "constant"      # constant, constant_with_warmup, cosine, linear
-    lr_warmup_steps: int = 0
-    max_grad_norm: float = 1.0
-    seed: int = 42
-    min_snr_gamma: float | None = None
-    noise_offset: float = 0.0
-    mixed_precision: str = "no"         # no, fp16, bf16 (GPU only)
-    gradient_checkpointing: bool = False  # recompute UNet blocks in backward: less memory, ~30% slower
-    # frozen layers keep less for backward (frozen_layers.py).  None: on CPU
-    # only, where they are leaner and faster; a GPU step at SD sizes is bound by Python overhead,
-    # which they add to (H200, SD1.5 fp16 at 512px, batch 4: 0.73x the memory for 1.55x the time)
-    lean_frozen_layers: bool | None = None
-    cache_latents: bool = True
-    cache_latents_to_disk: bool = False
-    cache_text_encoder_outputs: bool = True  # only when the text encoder is frozen and captions are fixed
-    sample_every_n_steps: int = 0
-    sample_prompts: list[str] = field(default_factory=list)
-    training_comment: str = ""
-    world_size: int = 1
-
-    def __post_init__(self) -> None:
-        if self.save_precision not in SAVE_DTYPES:
-            raise OptionError("save_precision", f"must be one of {', '.join(sorted(SAVE_DTYPES))}")
-        if self.lr_scheduler not in ("constant", "constant_with_warmup", "cosine", "linear"):
-            raise OptionError("lr_scheduler", f"unknown scheduler {self.lr_scheduler!r}")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise OptionError("mixed_precision", "must be no, fp16 or bf16")
-        for name in ("batch_size", "gradient_accumulation_steps", "max_train_steps"):
-            integer(name, getattr(self, name), 1)
-        if self.max_train_epochs is not None:
-            integer("max_train_epochs", self.max_train_epochs, 1)
-        for name in ("save_every_n_steps", "save_every_n_epochs", "save_last_k", "lr_warmup_steps",
-                     "sample_every_n_steps"):
-            integer(name, getattr(self, name), 0)
-        number("learning_rate", self.learning_rate, above=True)
-        if self.text_encoder_lr is not None:
-            number("text_encoder_lr", self.text_encoder_lr)
-        for name in ("weight_decay", "max_grad_norm", "noise_offset"):
-            number(name, getattr(self, name))
-        if self.min_snr_gamma is not None:
-            number("min_snr_gamma", self.min_snr_gamma, above=True)
-        check_optimizer(self.optimizer)
 
 
 @dataclass
@@ -178,64 +117,46 @@ def snr_weights(acp: Tensor, gamma: float, prediction: str) -> Tensor:
 
 
 class Trainer:
-    def __init__(self, model: TrainableModel, cfg: TrainConfig, callbacks: Callbacks | None = None):
-        self.model, self.cfg = model, cfg
+    """The loop over one ready model and one plan (plan.py); the caller's config is never written."""
+
+    def __init__(self, model: TrainableModel, plan: Plan, callbacks: Callbacks | None = None):
+        self.model, self.plan, self.cfg = model, plan, plan.config
+        self.dataset: Dataset = plan.dataset
         self.cb = callbacks or Callbacks()
-        self.dataset: Dataset | None = None
         self._stop: str | None = None
         self._latent_cache: dict[tuple, tuple[Tensor, tuple[int, int]]] = {}
         self._text_cache: dict[tuple, Conditioning] = {}
         self.session_id = uuid.uuid4().hex[:16]
         # Under `accelerate launch`, each process trains its slice of every global batch and the
         # gradients are summed through accelerate; one process alone is the same code with world 1.
-        self.dist = _distributed_state()
-        self.world = self.dist.num_processes if self.dist else 1
-        self.rank = self.dist.process_index if self.dist else 0
-        cfg.world_size = self.world
+        self.dist, self.world, self.rank = plan.dist, plan.world, plan.rank
 
     @property
     def global_batch(self) -> int:
-        return self.cfg.batch_size * self.world
+        return self.plan.global_batch
 
     @property
     def is_main(self) -> bool:
-        return self.rank == 0
+        return self.plan.is_main
 
     # -- control ---------------------------------------------------------------------
     def request_stop(self, save: bool = False) -> None:
         """Stop after the current step; with ``save`` the network is written first."""
         self._stop = "save" if save else "stop"
 
-    def prepare(self, resume_from: str | Path | None = None) -> dict:
-        """Scan and validate the dataset (raises DatasetError with the file named) and every output name.
-
-        Any file the run would write that exists already is refused (FileExistsError) unless
-        overwriting was asked for or, when resuming, the file belongs to the resumed run.
-        """
-        self.dataset = scan(self.cfg.dataset, strict=True)
-        owner = str(read_state_header(Path(resume_from))["session"]) if resume_from is not None else None
-        paths = outputs.planned(self.cfg, self.total_steps(),
-                                max(1, self.dataset.steps_per_epoch(self.global_batch)))
-        outputs.check_free(paths, self.cfg.overwrite, owner)
-        if self.is_main:
-            for p in outputs.sweep_temp(paths):
-                self.cb.log(f"removed {p.name}, left by an interrupted save")
-        return self.dataset.summary(self.global_batch)
+    def release(self) -> None:
+        """Drop the model (a finished job is kept for its status and must not keep it alive)."""
+        self.model = None
 
     def output_path(self, step: int | None = None) -> Path:
         return outputs.output_path(self.cfg.output_dir, self.cfg.output_name, step)
 
     def total_steps(self) -> int:
-        assert self.dataset is not None
-        if self.cfg.max_train_epochs:
-            per_epoch = math.ceil(self.dataset.steps_per_epoch(self.global_batch) / self.cfg.gradient_accumulation_steps)
-            return per_epoch * self.cfg.max_train_epochs
-        return self.cfg.max_train_steps
+        return self.plan.total_steps
 
     # -- the run -----------------------------------------------------------------------
-    def run(self, resume_from: str | Path | None = None) -> TrainResult:
-        if self.dataset is None:
-            self.prepare(resume_from)
+    def run(self) -> TrainResult:
+        """Train (resuming from ``plan.resume_from`` when set) and save; the model is left as found."""
         cfg, m = self.cfg, self.model
         if _dtype(m.unet) in (torch.float16, torch.bfloat16) and not (
                 m.device.type == "cuda" and cfg.mixed_precision != "no"):
@@ -260,7 +181,7 @@ class Trainer:
             with (m.context() if m.context else nullcontext()), \
                     frozen_layers(*(modules if self._lean() else [])), \
                     gradient_checkpointing(m.unet, cfg.gradient_checkpointing):
-                return self._loop(net, resume_from)
+                return self._loop(net, self.plan.resume_from)
         finally:
             net.detach()
             for p, rg in flags:
@@ -488,7 +409,7 @@ class Trainer:
             output_name=cfg.output_name, cfg=cfg, dataset=self.dataset, model_name=m.model_name,
             model_hash=m.model_hash, legacy_hash=m.legacy_hash, steps=step, epoch=pos.epoch,
             num_batches_per_epoch=per_epoch, max_steps=self.total_steps(), optimizer_desc=type(opt).__module__ + "." + type(opt).__name__,
-            resolution=self.cfg.dataset.reso, finished=final, comment=cfg.training_comment)
+            resolution=self.cfg.dataset.reso, finished=final, comment=cfg.training_comment, world_size=self.world)
         # kohya hashes the file as written with only the ss_* keys in its header
         from safetensors.torch import save as st_save
         h = hashes_from_bytes(st_save({k: v.contiguous() for k, v in tensors.items()},
@@ -548,16 +469,6 @@ class Trainer:
             net.train()
         if self.cb.on_samples:
             self.cb.on_samples(step, images)
-
-
-def _distributed_state():
-    """accelerate's process state when launched with several processes, else None."""
-    import os
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
-    from accelerate import PartialState
-    # without CUDA, accelerate only picks gloo on CPU when told so
-    return PartialState(cpu=not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true")
 
 
 def _derive(seed: int, *parts) -> int:

@@ -9,7 +9,6 @@ is visible.
 """
 from __future__ import annotations
 
-import dataclasses
 import html
 import math
 from pathlib import Path
@@ -17,104 +16,41 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .dataset import DatasetConfig, DatasetError
+from . import options
+from .dataset import DatasetError
 from .jobs import PRESET_LABELS, PRESETS, STATE_SUFFIX, JobError, JobRunner, format_seconds, preset_for_family
-from .network import NetworkConfig
-from .options import OPTIMIZER_NAMES
-from .trainer import AUTO_ON_OFF, TrainConfig
+from .options import AUTO_ON_OFF
 
 TAB_TITLE = "LoRA Workshop"
 TAB_ID = "lora_workshop"          # the WebUI wraps it as #tab_lora_workshop
 POLL_ID = "lora_workshop_poll"    # the Refresh button the script clicks
 
-SCHEDULERS = ["constant", "constant_with_warmup", "cosine", "linear"]
-PRECISIONS = ["auto", "no", "fp16", "bf16"]
-SAVE_PRECISIONS = ["fp16", "bf16", "fp32"]
+# (request key, label, kind, extra) per tab section, from the option schema (options.py); kinds: text,
+# textarea, int, float, opt_int/opt_float (0 = not set), bool, choice, auto_bool (auto/on/off =
+# None/True/False).  Keys with a dot go into the "dataset"/"network" objects of the request.
+_PLACEHOLDERS = {"dataset.train_dir": "holds '<repeats>_<trigger>' sub-folders, e.g. 10_mychar"}
 
-# (request key, label, kind, extra); kinds: text, textarea, int, float, opt_int/opt_float (0 = not set),
-# bool, choice, auto_bool (auto/on/off = None/True/False).  Keys with a dot go into the
-# "dataset"/"network" objects of the request.
+
+def _field(o: options.Option) -> tuple[str, str, str, dict]:
+    extra: dict[str, Any] = {}
+    if o.form_kind == "choice":
+        extra["choices"] = list(o.form_choices if o.form_choices is not None else o.choices)
+    if o.key in _PLACEHOLDERS:
+        extra["placeholder"] = _PLACEHOLDERS[o.key]
+    return (o.key, o.label, o.form_kind, extra)
+
+
 SECTIONS: list[tuple[str, bool, list[tuple[str, str, str, dict]]]] = [
-    ("Dataset", True, [
-        ("dataset.train_dir", "Dataset folder", "text",
-         {"placeholder": "holds '<repeats>_<trigger>' sub-folders, e.g. 10_mychar", "scale": 3}),
-        ("dataset.reg_dir", "Regularisation folder (optional)", "text", {"scale": 3}),
-        ("dataset.resolution", "Resolution", "int", {}),
-        ("dataset.enable_buckets", "Aspect ratio buckets", "bool", {}),
-        ("dataset.min_bucket_reso", "Smallest bucket side", "int", {}),
-        ("dataset.max_bucket_reso", "Largest bucket side", "int", {}),
-        ("dataset.caption_extension", "Caption extension", "text", {}),
-        ("dataset.shuffle_caption", "Shuffle caption tags", "bool", {}),
-        ("dataset.keep_tokens", "Keep first N tags in place", "int", {}),
-        ("dataset.caption_dropout_rate", "Caption dropout rate", "float", {}),
-        ("dataset.flip_aug", "Random horizontal flip", "bool", {}),
-        ("dataset.random_crop", "Random crop", "bool", {}),
-    ]),
-    ("Network", False, [
-        ("network.rank", "Rank (dim)", "int", {}),
-        ("network.alpha", "Alpha", "float", {}),
-        ("network.conv_rank", "Conv rank (LoCon; 0 = off)", "int", {}),
-        ("network.conv_alpha", "Conv alpha", "float", {}),
-        ("network.dropout", "Dropout", "float", {}),
-        ("network.train_unet", "Train the UNet", "bool", {}),
-        ("network.train_text_encoder", "Train the text encoder(s)", "bool", {}),
-    ]),
-    ("Optimizer and schedule", False, [
-        ("optimizer", "Optimizer", "choice", {"choices": OPTIMIZER_NAMES}),
-        ("learning_rate", "Learning rate (UNet)", "float", {}),
-        ("text_encoder_lr", "Text encoder learning rate (0 = same)", "opt_float", {}),
-        ("lr_scheduler", "Scheduler", "choice", {"choices": SCHEDULERS}),
-        ("lr_warmup_steps", "Warm-up steps", "int", {}),
-        ("max_train_epochs", "Epochs (0 = use max steps)", "opt_int", {}),
-        ("max_train_steps", "Max steps", "int", {}),
-        ("batch_size", "Batch size", "int", {}),
-        ("gradient_accumulation_steps", "Gradient accumulation", "int", {}),
-        ("weight_decay", "Weight decay", "float", {}),
-        ("max_grad_norm", "Max gradient norm (0 = off)", "float", {}),
-    ]),
-    ("Saving", False, [
-        ("save_precision", "Save as", "choice", {"choices": SAVE_PRECISIONS}),
-        ("save_every_n_epochs", "Save every N epochs (0 = off)", "int", {}),
-        ("save_every_n_steps", "Save every N steps (0 = off)", "int", {}),
-        ("save_last_k", "Keep last K intermediate files (0 = all)", "int", {}),
-        ("save_state", "Save resumable state with each file", "bool", {}),
-        ("overwrite", "Overwrite an existing file of that name", "bool", {}),
-        ("training_comment", "Comment (stored in the file)", "text", {}),
-    ]),
-    ("Sample images", False, [
-        ("sample_every_n_steps", "Every N steps (0 = off)", "int", {}),
-        ("sample_prompts", "Prompts, one per line (kohya options: --n negative --w --h --s steps --l cfg --d seed)",
-         "textarea", {}),
-    ]),
-    ("Advanced", False, [
-        ("mixed_precision", "Mixed precision", "choice", {"choices": PRECISIONS}),
-        ("seed", "Seed", "int", {}),
-        ("min_snr_gamma", "Min-SNR gamma (0 = off)", "opt_float", {}),
-        ("noise_offset", "Noise offset", "float", {}),
-        ("cache_latents", "Cache latents", "bool", {}),
-        ("cache_text_encoder_outputs", "Cache text encoder outputs (frozen TE, fixed captions)", "bool", {}),
-        ("gradient_checkpointing", "Gradient checkpointing (less memory, about 30% slower)", "bool", {}),
-        ("lean_frozen_layers", "Lean frozen layers (less memory; auto: on CPU only, as they slow a GPU step)",
-         "auto_bool", {}),
-        ("dataset.bucket_reso_steps", "Bucket step", "int", {}),
-        ("dataset.bucket_no_upscale", "Never upscale into a bucket", "bool", {}),
-    ]),
-]
+    (title, is_open, [_field(o) for o in options.OPTIONS if o.label and o.group == title])
+    for title, is_open in options.GROUPS]
 FIELDS = [f for _, _, fields in SECTIONS for f in fields]
 KEYS = ["output_name"] + [f[0] for f in FIELDS]
 _KINDS = {"output_name": "text", **{f[0]: f[2] for f in FIELDS}}
 
 
-def _dataclass_default(key: str) -> Any:
-    section, _, name = key.rpartition(".")
-    cls = {"dataset": DatasetConfig, "network": NetworkConfig, "": TrainConfig}[section]
-    for f in dataclasses.fields(cls):
-        if f.name == name:
-            if f.default is not dataclasses.MISSING:
-                return f.default
-            if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-                return f.default_factory()  # type: ignore[misc]
-    return None
+def _default(key: str) -> Any:
+    value = options.default(key)
+    return None if value is options.REQUIRED else value
 
 
 def preset_values(preset: str) -> dict[str, Any]:
@@ -124,7 +60,7 @@ def preset_values(preset: str) -> dict[str, Any]:
     for key in KEYS[1:]:
         section, _, name = key.rpartition(".")
         src = data.get(section, {}) if section else data
-        value = src[name] if name in src else _dataclass_default(key)
+        value = src[name] if name in src else _default(key)
         out[key] = to_form(key, value)
     return out
 

@@ -1,0 +1,50 @@
+"""The value checks behind the option schema (options.py): one rule and one reason for every surface."""
+from __future__ import annotations
+
+import importlib.util
+import math
+from typing import Any
+
+
+class OptionError(ValueError):
+    """One option's value is not usable; ``option`` is the field name."""
+
+    def __init__(self, option: str, message: str):
+        super().__init__(f"{option}: {message}")
+        self.option = option
+        self.detail = message
+
+
+# name (lower case) -> (pip name, module, class); AdamW is torch's own
+OPTIMIZERS: dict[str, tuple[str, str, str] | None] = {
+    "adamw": None,
+    "adamw8bit": ("bitsandbytes", "bitsandbytes.optim", "AdamW8bit"),
+    "lion": ("lion-pytorch", "lion_pytorch", "Lion"),
+    "prodigy": ("prodigyopt", "prodigyopt", "Prodigy"),
+}
+OPTIMIZER_NAMES = ["AdamW", "AdamW8bit", "Lion", "Prodigy"]
+
+
+def check_optimizer(name: Any) -> tuple[str, str, str] | None:
+    """The package entry for ``name``; OptionError if unknown or its package is not installed."""
+    if not isinstance(name, str) or name.lower() not in OPTIMIZERS:
+        raise OptionError("optimizer", f"unknown optimizer {name!r}: choose {', '.join(OPTIMIZER_NAMES)}")
+    entry = OPTIMIZERS[name.lower()]
+    if entry is not None and importlib.util.find_spec(entry[1].split(".")[0]) is None:
+        raise OptionError("optimizer", f"{name} needs the '{entry[0]}' package; install it yourself "
+                                       f"(pip install {entry[0]}) or choose AdamW")
+    return entry
+
+
+def integer(option: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise OptionError(option, f"must be a whole number of at least {minimum} (got {value!r})")
+
+
+def number(option: str, value: Any, minimum: float = 0.0, above: bool = False, maximum: float | None = None) -> None:
+    """A finite number >= ``minimum`` (> with ``above``), and <= ``maximum`` when given."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and \
+        (value > minimum if above else value >= minimum) and (maximum is None or value <= maximum)
+    if not ok:
+        bound = f"{'above' if above else 'at least'} {minimum:g}" + (f" and at most {maximum:g}" if maximum is not None else "")
+        raise OptionError(option, f"must be a finite number {bound} (got {value!r})")

@@ -1,0 +1,341 @@
+"""A training request (the tab's form, the API's JSON, the command line) -> a validated ``JobRequest``.
+
+The keys, their types and their bounds come from the option schema (options.py); this module adds
+what only a request has: presets, the paths a request may name (datasets inside the host's
+roots, state files inside the LoRA folder), "auto" mixed precision and resuming from a state file.
+"""
+from __future__ import annotations
+
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..library import TRAINING_STATE_SUFFIX as STATE_SUFFIX
+from . import options
+from .dataset import DatasetConfig, DatasetError
+from .network import NetworkConfig
+from .options import OptionError
+from .outputs import check_output_name
+from .config import TrainConfig
+
+# -- presets ---------------------------------------------------------------------------------------
+# Starting points after kohya-ss/sd-scripts' documentation for LoRA on SD1.5 and SDXL.  Keys are
+# request keys (options.py; tests check each against the schema); anything given explicitly in a
+# request wins.
+PRESETS: dict[str, dict[str, Any]] = {
+    "sd15": {
+        "dataset": {"resolution": 512, "enable_buckets": True, "min_bucket_reso": 256, "max_bucket_reso": 1024,
+                    "bucket_reso_steps": 64},
+        "network": {"rank": 32, "alpha": 16, "train_unet": True, "train_text_encoder": True},
+        "learning_rate": 1e-4, "text_encoder_lr": 5e-5, "optimizer": "AdamW", "lr_scheduler": "cosine",
+        "lr_warmup_steps": 0, "batch_size": 1, "max_train_epochs": 10, "save_every_n_epochs": 0,
+        "save_precision": "fp16", "mixed_precision": "auto", "min_snr_gamma": 5.0, "noise_offset": 0.0,
+        "cache_latents": True, "cache_text_encoder_outputs": True, "seed": 42,
+    },
+    "sdxl": {
+        "dataset": {"resolution": 1024, "enable_buckets": True, "min_bucket_reso": 512, "max_bucket_reso": 2048,
+                    "bucket_reso_steps": 64},
+        "network": {"rank": 32, "alpha": 16, "train_unet": True, "train_text_encoder": False},
+        "learning_rate": 1e-4, "text_encoder_lr": None, "optimizer": "AdamW", "lr_scheduler": "cosine",
+        "lr_warmup_steps": 0, "batch_size": 1, "max_train_epochs": 10, "save_every_n_epochs": 0,
+        "save_precision": "fp16", "mixed_precision": "auto", "min_snr_gamma": 5.0, "noise_offset": 0.0,
+        "cache_latents": True, "cache_text_encoder_outputs": True, "seed": 42,
+    },
+}
+PRESET_LABELS = {"sd15": "SD1.5 (512, rank 32/16, TE on)", "sdxl": "SDXL (1024, rank 32/16, UNet only)"}
+
+
+def preset_for_family(family: str | None) -> str:
+    return "sdxl" if family == "sdxl" else "sd15"
+
+
+# -- errors ------------------------------------------------------------------------------------------
+
+
+class JobError(Exception):
+    """Base class; ``status`` is the HTTP status an API should answer with."""
+    status = 400
+
+
+class RequestError(JobError):
+    """The request itself is wrong (unknown option, bad value, bad path or name).
+
+    When one option is at fault, ``option`` is its field name and ``detail`` the reason, so each
+    surface can name it its own way (the command line as its flag)."""
+    status = 400
+
+    def __init__(self, message: str, option: str | None = None, detail: str | None = None):
+        super().__init__(message)
+        self.option = option
+        self.detail = detail if detail is not None else message
+
+    @classmethod
+    def bad(cls, where: str, detail: str) -> "RequestError":
+        """``where``: the request key ("network.rank"); the message reads ``where: detail``."""
+        return cls(f"{where}: {detail}", where.rpartition(".")[2], detail)
+
+    @classmethod
+    def of(cls, e: OptionError) -> "RequestError":
+        return cls(str(e), e.option, e.detail)
+
+
+class JobConflict(JobError):
+    """Cannot start now: a job is running, the output exists, or the host refuses its model."""
+    status = 409
+
+
+class TrainingRefused(JobConflict):
+    """The host cannot train on what is loaded (no model, --lowvram, fp8, a refiner ...)."""
+
+
+class JobNotFound(JobError, LookupError):
+    status = 404
+
+
+def one_line(e: BaseException) -> str:
+    """``Type: first line of the message``, for statuses (tracebacks go to the console)."""
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if isinstance(e, (JobError, DatasetError)):
+        return msg or type(e).__name__
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+# -- requests -> TrainConfig ---------------------------------------------------------------------------
+
+# not request keys: the LoRA folder is the host's; world_size is a key of older state files
+_TOP_EXCLUDED = {"dataset", "network", "output_dir", "world_size"}
+_EXTRA_TOP = {"preset", "resume_from"}
+
+
+def _coerce(where: str, tp: Any, value: Any) -> Any:
+    """Make JSON/gradio values fit a dataclass field (gradio numbers are floats, paths are str)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            if type(None) in args:
+                return None
+            raise RequestError.bad(where, "a value is required")
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(where, a, value)
+            except RequestError as e:
+                errors.append(e)
+        raise errors[0] if errors else RequestError.bad(where, f"invalid value {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if value in (0, 1):
+            return bool(value)
+        raise RequestError.bad(where, f"expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise RequestError.bad(where, f"expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value.strip())
+        raise RequestError.bad(where, f"expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise RequestError.bad(where, f"expected a number, got {value!r}")
+        try:
+            out = float(value)
+        except (TypeError, ValueError):
+            raise RequestError.bad(where, f"expected a number, got {value!r}") from None
+        if not math.isfinite(out):
+            raise RequestError.bad(where, f"expected a finite number, got {value!r}")
+        return out
+    if tp is str:
+        if not isinstance(value, str):
+            raise RequestError.bad(where, f"expected a string, got {value!r}")
+        return value
+    if tp is Path:
+        if not isinstance(value, (str, Path)) or not str(value).strip():
+            raise RequestError.bad(where, f"expected a folder path, got {value!r}")
+        return Path(str(value).strip())
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise RequestError.bad(where, f"expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(where, a, v) for a, v in zip(args, value))
+    if origin is list:
+        if isinstance(value, str):  # one per line (a textbox)
+            value = [line for line in value.splitlines() if line.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise RequestError.bad(where, f"expected a list, got {value!r}")
+        return [_coerce(where, args[0], v) for v in value] if args else list(value)
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise RequestError.bad(where, f"expected an object, got {value!r}")
+        return dict(value)
+    return value
+
+
+def _fields(set_name: str, data: dict, skip: set[str] = frozenset()) -> dict:
+    """One option set's keys of a request, coerced to the schema's types; unknown keys are refused."""
+    if not isinstance(data, dict):
+        raise RequestError.bad(set_name, f"expected an object, got {type(data).__name__}")
+    known = {o.name: o for o in options.section(set_name) if o.name not in skip}
+    out = {}
+    for key, value in data.items():
+        where = f"{set_name}.{key}" if set_name else key
+        if key not in known:
+            raise RequestError(f"unknown option '{where}'")
+        out[key] = _coerce(where, known[key].type, value)
+    return out
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k in ("dataset", "network"):
+            out[k] = {**out[k], **v}
+        else:
+            out[k] = v
+    return out
+
+
+def _dataset_dir(value: Any, where: str, roots: list[Path] | None) -> Path:
+    if not isinstance(value, (str, Path)):
+        raise RequestError.bad(where, f"expected a folder path, got {value!r}")
+    path = Path(str(value)).expanduser()
+    if roots is not None and not _inside(path, roots):
+        # checked before existence, so a refusal says nothing about folders outside the roots
+        raise RequestError.bad(where, f"{value} is outside the dataset folders this server may read "
+                                      f"(add its parent folder to the setting that lists them)")
+    if not path.is_dir():
+        raise RequestError.bad(where, f"dataset folder not found: {value}")
+    return path
+
+
+def resolve_state_file(value: Any, output_dir: Path) -> Path:
+    """A ``*.state.safetensors`` file inside the LoRA folder, by name relative to it."""
+    if not isinstance(value, str) or not value.strip():
+        raise RequestError("resume_from: expected the name of a .state.safetensors file in the LoRA folder")
+    name = value.strip().replace("\\", "/")
+    root = Path(output_dir).resolve()
+    path = (root / name).resolve()
+    if not name.endswith(STATE_SUFFIX) or root not in path.parents:
+        raise RequestError(f"resume_from {value!r}: must name a {STATE_SUFFIX} file inside the LoRA folder")
+    if not path.is_file():
+        raise RequestError(f"resume_from: state file not found: {name}")
+    return path
+
+
+def state_header(path: Path) -> dict:
+    """step, session and TrainConfig (as a dict) of a training state file, read from its header only."""
+    from ..fileio import LoraFileError
+    from .state import read_state_header
+    try:
+        return read_state_header(path)
+    except (LoraFileError, OSError) as e:
+        raise RequestError(f"resume_from: cannot use {Path(path).name}: {e}") from None
+
+
+def _inside(path: Path, roots: list[Path]) -> bool:
+    real = path.resolve()
+    return any(real == r or r in real.parents for r in (Path(x).resolve() for x in roots))
+
+
+@dataclass
+class JobRequest:
+    config: TrainConfig
+    name: str
+    resume_from: Path | None = None
+    auto_precision: bool = False
+    preset: str = "sd15"
+
+
+def build_request(data: dict, output_dir: Path, family: str | None = None,
+                  dataset_roots: list[Path] | None = None, presets: bool = True) -> JobRequest:
+    """A JSON request -> validated JobRequest.  Keys:
+
+    ``output_name`` (required unless resuming), ``preset`` ("auto" | "sd15" | "sdxl"),
+    ``dataset`` {DatasetConfig fields; ``train_dir`` required}, ``network`` {NetworkConfig fields},
+    any other TrainConfig field at the top level (``mixed_precision`` also takes "auto"),
+    ``resume_from`` (a state file name in the LoRA folder: its stored settings are used, the
+    request's keys override them).  ``output_dir`` cannot be chosen: it is the LoRA folder.
+    ``dataset_roots``, when given, are the only folders the dataset paths may lie in.
+    ``presets=False``: no preset applies, the schema's defaults do (the command line's way).
+    """
+    if not isinstance(data, dict):
+        raise RequestError("the request body must be a JSON object")
+    unknown = set(data) - {o.name for o in options.section("") if o.name not in _TOP_EXCLUDED} - _EXTRA_TOP \
+        - {"dataset", "network"}
+    if unknown:
+        bad = sorted(unknown)[0]
+        hint = " (output always goes to the LoRA folder; set output_name)" if bad == "output_dir" else ""
+        raise RequestError(f"unknown option '{bad}'{hint}")
+    for part in ("dataset", "network"):
+        if part in data and not isinstance(data[part], dict):
+            raise RequestError(f"{part}: expected an object, got {type(data[part]).__name__}")
+    resume = None
+    if data.get("resume_from") not in (None, ""):
+        resume = resolve_state_file(data["resume_from"], output_dir)
+        stored = state_header(resume)["config"]
+        base = {k: v for k, v in stored.items() if k not in _TOP_EXCLUDED}
+        for part in ("dataset", "network"):
+            if not isinstance(stored.get(part) or {}, dict):
+                raise RequestError(f"resume_from: {resume.name} holds a damaged {part} configuration")
+            base[part] = dict(stored.get(part) or {})
+        preset = "resume"
+    elif not presets:
+        base, preset = {}, "none"
+    else:
+        preset = data.get("preset") or "auto"
+        if not isinstance(preset, str):
+            raise RequestError(f"preset: expected one of auto, {', '.join(PRESETS)}, got {preset!r}")
+        if preset == "auto":
+            preset = preset_for_family(family)
+        if preset not in PRESETS:
+            raise RequestError(f"preset {preset!r}: choose one of auto, {', '.join(PRESETS)}")
+        base = json.loads(json.dumps(PRESETS[preset]))
+    merged = _merge(base, {k: v for k, v in data.items() if k not in _EXTRA_TOP})
+    if data.get("max_train_steps") is not None and "max_train_epochs" not in data:
+        # a length in steps replaces the preset's (or the resumed run's) length in epochs, which
+        # would otherwise win (kohya's rule when both are set)
+        merged["max_train_epochs"] = None
+
+    ds_data = dict(merged.get("dataset") or {})
+    if not ds_data.get("train_dir"):
+        raise RequestError("dataset.train_dir is required: the folder holding '<repeats>_<trigger>' sub-folders")
+    ds_data["train_dir"] = str(_dataset_dir(ds_data["train_dir"], "dataset.train_dir", dataset_roots))
+    if ds_data.get("reg_dir") not in (None, ""):
+        ds_data["reg_dir"] = str(_dataset_dir(ds_data["reg_dir"], "dataset.reg_dir", dataset_roots))
+    else:
+        ds_data["reg_dir"] = None
+    if isinstance(ds_data.get("resolution"), list):
+        ds_data["resolution"] = tuple(ds_data["resolution"])
+    ds_kwargs = _fields("dataset", ds_data)
+    net_kwargs = _fields("network", dict(merged.get("network") or {}))
+
+    top = {k: v for k, v in merged.items() if k not in ("dataset", "network")}
+    try:
+        name = check_output_name(top.get("output_name"))
+    except OptionError as e:
+        raise RequestError.of(e) from None
+    top["output_name"] = name
+    auto = top.get("mixed_precision", "auto") in ("auto", None, "")
+    if auto:
+        top["mixed_precision"] = "no"  # resolved from the model's dtype once it is built
+    top_kwargs = _fields("", top, skip=_TOP_EXCLUDED)
+    try:
+        dataset = DatasetConfig(**ds_kwargs)
+        network = NetworkConfig(**net_kwargs)
+        cfg = TrainConfig(dataset=dataset, network=network, output_dir=Path(output_dir), **top_kwargs)
+    except OptionError as e:
+        raise RequestError.of(e) from None
+    except (TypeError, ValueError) as e:
+        raise RequestError(one_line(e) if not isinstance(e, DatasetError) else str(e)) from None
+    if not (network.train_unet or network.train_text_encoder):
+        raise RequestError("network: train_unet and train_text_encoder are both off: nothing to train")
+    return JobRequest(cfg, name, resume, auto, preset)
