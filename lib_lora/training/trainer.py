@@ -415,7 +415,7 @@ class Trainer:
         h = hashes_from_bytes(st_save({k: v.contiguous() for k, v in tensors.items()},
                                       {k: v for k, v in meta.items() if k.startswith("ss_")}))
         meta["sshs_model_hash"], meta["sshs_legacy_hash"] = h["sshs_model_hash"], h["sshs_legacy_hash"]
-        # prepare() checked every name; a file that appeared since is replaced only if it is ours
+        # make_plan() checked every name; a file that appeared since is replaced only if it is ours
         out = save_safetensors(tensors, path, meta, overwrite=outputs.may_replace(path, cfg.overwrite, self.session_id))
         if cfg.save_state:
             spath = self.state_path(path)
