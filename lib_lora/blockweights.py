@@ -165,7 +165,7 @@ class PresetSource:
         return self._presets
 
     def lazy(self) -> Mapping[str, str]:
-        """A mapping that looks for the file only if a prompt actually names a preset."""
+        """A mapping that reads (or re-stats) the file only when an ``lbw=`` value is looked up in it."""
         return _Lazy(self.current)
 
 

@@ -18,12 +18,14 @@ Hooks hold no reference the model keeps: ``Bypass.remove`` deletes them and leav
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .adapters import Adapter, AdapterError
+from .adapters.base import DoraFn
 from .autocast import autocasting
 from .modelmap import Target
 
@@ -145,8 +147,11 @@ def _plus(out: Tensor, y: Tensor) -> Tensor:
 
 
 def make_term(target: Target, adapter: Adapter, multiplier: float, dyn: int | None,
-              original_weight: Tensor, bias: Tensor | None) -> _Term:
-    """The bypass form of ``adapter`` on ``target`` at ``multiplier`` (AdapterError if it cannot be)."""
+              original_weight: Tensor, bias: Tensor | None, dora: Optional[DoraFn] = None) -> _Term:
+    """The bypass form of ``adapter`` on ``target`` at ``multiplier`` (AdapterError if it cannot be).
+
+    ``dora`` is the DoRA strategy merged layers use, so a step range never changes the maths.
+    """
     module = target.module
     if target.rows is not None or target.weight_name != "weight":
         raise AdapterError(f"{adapter.name}: a fused (sliced) layer cannot follow a step schedule")
@@ -154,7 +159,7 @@ def make_term(target: Target, adapter: Adapter, multiplier: float, dyn: int | No
         return LowRank(module, adapter, multiplier, dyn)
     if not DeltaOutput.fits(module):
         raise AdapterError(f"{adapter.name}: {type(module).__name__} layers cannot follow a step schedule")
-    dw, db = adapter.deltas(original_weight, bias if adapter.has_bias else None, multiplier, dyn)
+    dw, db = adapter.deltas(original_weight, bias if adapter.has_bias else None, multiplier, dyn, dora)
     if dw is None and db is None:
         raise AdapterError(f"{adapter.name}: adapter has no delta")
     return DeltaOutput(module, dw, db)

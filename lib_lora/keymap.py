@@ -77,7 +77,7 @@ def split_key(key: str, dual_te: bool) -> tuple[str, str] | None:
         path = _processor_rename(path, _PROC_UNET)
         return "lora_unet_" + path.replace(".", "_"), role
     path = _processor_rename(path, _PROC_TE)
-    if path.startswith(_HF_TEXT_MODEL_CHILDREN):
+    if comp != "te3" and path.startswith(_HF_TEXT_MODEL_CHILDREN):  # CLIP only: T5's encoder has no text_model
         path = "text_model." + path
     te = {"te": "te1" if dual_te else "te", "te2": "te2", "te3": "te3"}[comp]
     return f"lora_{te}_" + path.replace(".", "_"), role

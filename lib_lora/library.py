@@ -44,6 +44,8 @@ class Entry:
     size: int
     metadata: dict[str, str] = field(default_factory=dict)
     header_error: str | None = None
+    # real paths of the library's folders when files outside them are not served (empty: no limit)
+    confined_to: tuple[str, ...] = ()
     _hash: str | None = None
     _sha256: str | None = None
 
@@ -86,10 +88,19 @@ class Entry:
     def sidecar(self) -> Path:
         return self.path.with_suffix(".json")
 
+    def _beside(self, p: Path) -> bool:
+        """``p`` (a file next to this one) exists and is not a link out of the library's folders."""
+        if not p.is_file():
+            return False
+        if not self.confined_to:
+            return True
+        real = os.path.realpath(p)
+        return any(real.startswith(r.rstrip(os.sep) + os.sep) for r in self.confined_to)
+
     def user_metadata(self) -> dict:
         """The built-in Lora's per-file notes (activation text, preferred weight, ...)."""
         p = self.sidecar()
-        if not p.is_file():
+        if not self._beside(p):
             return {}
         try:
             data = safe_json.loads(p.read_text(encoding="utf-8"))
@@ -100,7 +111,7 @@ class Entry:
     def preview(self) -> Path | None:
         for ext in PREVIEW_EXT:
             for cand in (self.path.with_suffix(ext), self.path.with_suffix(".preview" + ext)):
-                if cand.is_file():
+                if self._beside(cand):
                     return cand
         return None
 
@@ -188,7 +199,8 @@ class Library:
                     found.append(prev)
                     continue
                 rel = p.relative_to(root).with_suffix("").as_posix()
-                e = Entry(p, root, p.stem, rel, st.st_mtime, st.st_size)
+                e = Entry(p, root, p.stem, rel, st.st_mtime, st.st_size,
+                          confined_to=() if self.follow_outside_links else tuple(reals))
                 if p.suffix.lower() in SAFETENSORS_EXT:
                     try:
                         e.metadata = read_header(p).metadata

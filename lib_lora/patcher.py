@@ -24,7 +24,7 @@ from . import families
 from .adapters import Adapter, AdapterError, dora
 from .adapters.base import fit_shape
 from .blockweights import BlockWeights, target_block
-from .bypass import Bypass, Gate, make_term
+from .bypass import Bypass, DeltaOutput, Gate, make_term
 from .modelmap import ModelMap, Target
 from .network import Network
 
@@ -79,6 +79,14 @@ class _Slot:
 
 
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch 2.1 has only the cuda one
+# what a file whose tensors pass every check can still raise in its maths: that file's own error
+_MATH_ERRORS = (RuntimeError, ValueError, ArithmeticError, IndexError)
+
+
+def _error_text(e: BaseException) -> str:
+    if isinstance(e, AdapterError):
+        return str(e)
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
 
 
 def _fits(t: Tensor, dtype: torch.dtype) -> bool:
@@ -106,7 +114,7 @@ def _overflowing(contribs: list, base: Tensor, param: Tensor, pname: str, dora_f
                 db = adapter.bias_delta_at(bias, mult)
                 if db is not None:
                     bias += db
-        except (AdapterError, RuntimeError, ValueError, ArithmeticError, IndexError):
+        except (AdapterError,) + _MATH_ERRORS:
             merged = before  # reported by the merge itself
             continue
         if not _fits(merged, param.dtype):
@@ -261,14 +269,10 @@ class Patcher:
                             db = adapter.bias_delta_at(bias, mult)
                             if db is not None:
                                 bias += db
-                    except AdapterError as e:
-                        bad.setdefault(netname, []).append(str(e))
-                        failed.add((k, id(adapter)))
                     except _OOM:
                         raise
-                    except (RuntimeError, ValueError, ArithmeticError, IndexError) as e:
-                        # a file whose tensors pass every check and still break the maths: its own error
-                        bad.setdefault(netname, []).append(f"{type(e).__name__}: {str(e).splitlines()[0]}")
+                    except (AdapterError,) + _MATH_ERRORS as e:
+                        bad.setdefault(netname, []).append(_error_text(e))
                         failed.add((k, id(adapter)))
                 if not _fits(merged, param.dtype):
                     for culprit in _overflowing(contribs, base, param, pname, dora_fn):
@@ -290,7 +294,7 @@ class Patcher:
                 self._write(slot, merged)
                 slot.contributions = sig
                 report.changed_slots += 1
-            hooked = self._sync_bypass(scheduled, bad, report.overflowing)
+            hooked = self._sync_bypass(scheduled, bad, report.overflowing, dora_fn)
             self.gates = gates
         except BaseException:
             # never leave a half-patched model behind: put back everything we changed
@@ -326,8 +330,8 @@ class Patcher:
         self.gates = []
         self.step = 0
 
-    def _sync_bypass(self, scheduled: list, bad: dict[str, list[str]],
-                     overflowing: dict[str, int]) -> dict[str, int]:
+    def _sync_bypass(self, scheduled: list, bad: dict[str, list[str]], overflowing: dict[str, int],
+                     dora_fn) -> dict[str, int]:
         """Hook the scheduled layers, reusing terms whose inputs did not change; layers hooked per network."""
         hooked: dict[str, int] = {}
         old = self.bypass.terms
@@ -339,12 +343,15 @@ class Patcher:
             if term is None:
                 weight, bias = self._originals(target)
                 try:
-                    term = make_term(target, adapter, mult, dyn, weight, bias)
+                    term = make_term(target, adapter, mult, dyn, weight, bias, dora_fn)
                     # hooked, it never writes the weight, but the layer's output must stay what a finite
                     # merged weight would give: the same check as merging
-                    dw = adapter.weight_delta_at(weight, mult, dyn)
-                except AdapterError as e:
-                    bad.setdefault(netname, []).append(str(e))
+                    dw = term.dw.float() if isinstance(term, DeltaOutput) else \
+                        adapter.weight_delta_at(weight, mult, dyn, dora_fn)
+                except _OOM:
+                    raise
+                except (AdapterError,) + _MATH_ERRORS as e:
+                    bad.setdefault(netname, []).append(_error_text(e))
                     continue
                 if dw is not None and not _fits(fit_shape(dw, weight.shape, adapter.name) + weight.float(),
                                                 weight.dtype):

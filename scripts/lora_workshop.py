@@ -35,7 +35,8 @@ def on_app_started(demo, app):
 
 
 class LoraWorkshopScript(scripts.Script):
-    """Invisible, always-on: re-claims the <lora:> handler right before each generation's activation."""
+    """Invisible, always-on: right before each generation's activation, re-claims the <lora:> handler
+    and drops step schedules an aborted generation may have left."""
 
     create_group = False
 
@@ -46,7 +47,7 @@ class LoraWorkshopScript(scripts.Script):
         return scripts.AlwaysVisible
 
     def process(self, p, *args):
-        workshop.claim()
+        workshop.before_generation()
 
 
 script_callbacks.on_before_ui(on_before_ui)

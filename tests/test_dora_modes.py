@@ -85,3 +85,20 @@ def test_webui_mode_refuses_what_the_builtin_cannot_broadcast():
         a.deltas(torch.randn(12, 16), None, 1.0, dora=dora.strategy("webui"))
     with pytest.raises(ValueError, match="unknown DoRA mode"):
         dora.strategy("kohya")
+
+
+def test_conv_shaped_magnitude_on_a_linear_layer_never_broadcasts():
+    """[out, 1, 1, 1] (a 1x1-conv file) on a Linear weight: the same change as [out, 1], never a
+    [out, 1, out, in] tensor; the built-in's broadcasting cannot place it, so that mode refuses it."""
+    from lib_lora.adapters import AdapterError, make_adapter
+    g = torch.Generator().manual_seed(3)
+    down, up, w = torch.randn(2, 16, generator=g), torch.randn(12, 2, generator=g), torch.randn(12, 16, generator=g)
+    mag = torch.rand(12, 1, generator=g) + 0.5
+    flat = make_adapter("x", {"lora_down.weight": down, "lora_up.weight": up, "dora_scale": mag})
+    conv = make_adapter("x", {"lora_down.weight": down, "lora_up.weight": up, "dora_scale": mag.reshape(12, 1, 1, 1)})
+    want, _ = flat.deltas(w, None, 0.7)
+    got, _ = conv.deltas(w, None, 0.7)
+    assert got.shape == w.shape
+    torch.testing.assert_close(got, want)
+    with pytest.raises(AdapterError, match="broadcast"):
+        conv.deltas(w, None, 0.7, dora=dora.strategy("webui"))

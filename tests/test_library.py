@@ -186,6 +186,20 @@ def test_links_out_of_the_lora_folder_are_not_indexed_unless_allowed(tmp_path):
     assert "pipe" not in {e.name for e in _scan([root]).entries}  # reading it would block forever
 
 
+def test_notes_and_previews_linked_out_of_the_folder_are_not_read(tmp_path):
+    root, outside = tmp_path / "Lora", tmp_path / "elsewhere"
+    lora(root / "own.safetensors")
+    outside.mkdir()
+    (outside / "secret.json").write_text('{"activation text": "leaked"}', encoding="utf-8")
+    (outside / "secret.png").write_bytes(b"\x89PNG")
+    os.symlink(outside / "secret.json", root / "own.json")
+    os.symlink(outside / "secret.png", root / "own.png")
+    entry = _scan([root]).resolve("own")
+    assert entry.user_metadata() == {} and entry.preview() is None
+    trusting = _scan([root], follow_outside_links=True).resolve("own")
+    assert trusting.user_metadata() == {"activation text": "leaked"} and trusting.preview() is not None
+
+
 def test_out_of_range_metadata_keeps_api_and_inspect_valid_json(tmp_path, capsys):
     import json
 

@@ -215,3 +215,14 @@ def test_standin_names_and_shapes_match_the_webui_classes(sd3):
     assert {n: s for n, s in ours.items() if n not in sized} == {n: real[n][1] for n in ours if n not in sized}
     assert real["lora_unet_joint_blocks_0_x_block_attn_qkv"][0] == "QkvLinear"
     assert sys.version_info >= (3, 8)
+
+
+def test_diffusers_t5_keys_reach_the_t5_layers(sd3):
+    """diffusers names SD3's T5 ``text_encoder_3.encoder.block…``: no ``text_model.`` level as CLIP has."""
+    from lib_lora.keymap import split_key
+    _, mm = sd3
+    module, role = split_key("text_encoder_3.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight", True)
+    assert (module, role) == ("lora_te3_encoder_block_0_layer_0_SelfAttention_q", "lora_down.weight")
+    assert mm.get(module) is not None
+    clip, _ = split_key("text_encoder_2.encoder.layers.0.self_attn.q_proj.lora_A.weight", True)
+    assert clip == "lora_te2_text_model_encoder_layers_0_self_attn_q_proj"  # transformers 5's CLIP keys

@@ -176,16 +176,19 @@ def dora_delta(weight: Tensor, delta: Tensor, dora_scale: Tensor, multiplier: fl
     or per input channel (shape [1, in, ...]); the stored shape says which.
     """
     merged = weight + delta
-    if dora_scale.dim() == 1:  # PEFT's lora_magnitude_vector: per output channel
-        dora_scale = dora_scale.reshape(-1, *[1] * (weight.dim() - 1))
-    if dora_scale.shape[0] == weight.shape[0] and dora_scale.numel() == weight.shape[0]:
+    shape, ones = tuple(dora_scale.shape), [1] * (weight.dim() - 1)
+    # [out], [out, 1, ...] or [1, in, 1, ...], of any rank: brought to the weight's rank before any
+    # arithmetic, so a conv-shaped magnitude on a linear layer cannot broadcast into a huge tensor
+    if shape[0] == weight.shape[0] and all(d == 1 for d in shape[1:]):
+        dora_scale = dora_scale.reshape(weight.shape[0], *ones)
         norm = merged.reshape(merged.shape[0], -1).norm(dim=1).reshape(dora_scale.shape)
-    elif weight.dim() > 1 and dora_scale.numel() == weight.shape[1]:
+    elif weight.dim() > 1 and len(shape) > 1 and shape[0] == 1 and shape[1] == weight.shape[1] \
+            and all(d == 1 for d in shape[2:]):
         norm = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1)
         norm = norm.reshape(1, merged.shape[1], *[1] * (weight.dim() - 2))
         dora_scale = dora_scale.reshape(norm.shape)
     else:
-        raise AdapterError(f"{name}: dora_scale shape {tuple(dora_scale.shape)} does not fit weight {tuple(weight.shape)}")
+        raise AdapterError(f"{name}: dora_scale shape {shape} does not fit weight {tuple(weight.shape)}")
     scale = dora_scale / (norm + torch.finfo(torch.float32).eps)
     scale = multiplier * (scale - 1) + 1
     return merged * scale - weight

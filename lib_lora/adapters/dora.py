@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Dict
 
+import torch
 from torch import Tensor
 
 # LyCORIS's definition lives with the adapter contract, the default every adapter falls back to.
@@ -29,14 +30,14 @@ def webui_dora(weight: Tensor, delta: Tensor, dora_scale: Tensor, multiplier: fl
     merged = weight + delta
     norm = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1)
     norm = norm.reshape(1, merged.shape[1], *[1] * (weight.dim() - 2))
-    try:
-        decomposed = merged * (dora_scale / norm)
+    try:  # checked before any arithmetic: a magnitude of another rank would broadcast into a huge tensor
+        fits = torch.broadcast_shapes(merged.shape, dora_scale.shape, norm.shape) == weight.shape
     except RuntimeError:  # the built-in skips such a layer after the same broadcasting error
+        fits = False
+    if not fits:
         raise AdapterError(f"{name}: dora_scale shape {tuple(dora_scale.shape)} does not broadcast against "
-                           f"weight {tuple(weight.shape)} the way the built-in Lora applies it") from None
-    if decomposed.shape != weight.shape:
-        raise AdapterError(f"{name}: dora_scale shape {tuple(dora_scale.shape)} does not fit weight "
-                           f"{tuple(weight.shape)}")
+                           f"weight {tuple(weight.shape)} the way the built-in Lora applies it")
+    decomposed = merged * (dora_scale / norm)
     return (decomposed - weight) * multiplier
 
 

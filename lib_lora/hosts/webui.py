@@ -588,6 +588,12 @@ class Workshop:
             self.host.notify(msg, p, show=show)
         return res
 
+    def before_generation(self) -> None:
+        """scripts.process, before the first activation of a generation: our handler is the one, and no
+        start=/stop= hooks of an earlier generation remain (the WebUI skips deactivate when one fails)."""
+        self.claim()
+        self.runtime.drop_schedules()
+
     def deactivate(self, p: Any) -> None:
         if self.host.option(OPT_RESTORE_AFTER):
             self.restore()

@@ -59,8 +59,8 @@ class BuiltinHandoff:
         for req in requests:
             try:
                 net = ws.library.load(ws.library.resolve(req.name))
-            except (LookupError, LoraFileError, OSError):
-                return False
+            except (LookupError, LoraFileError, OSError, ValueError, RuntimeError):
+                return False  # a file we cannot use: the built-in may still apply it
             if net.family not in (None, mm.family) or not bind(net, mm).pairs:
                 return False
         return True

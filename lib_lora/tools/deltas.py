@@ -1,8 +1,8 @@
 """Exact per-layer deltas of any adapter, matched against a model layout.
 
-Weight-independent algorithms (LoRA, LoHa, LoKr, Full, GLoRA without the weight term) need only
-the layer's shape; DoRA, OFT/BOFT and IA3 change the weight in proportion to itself, so their
-delta needs the base weight, read from a checkpoint (``--base``).
+Weight-independent algorithms (LoRA, LoHa, LoKr, Full) need only the layer's shape; DoRA, OFT/BOFT,
+GLoRA and IA3 change the weight in proportion to itself, so their delta needs the base weight, read
+from a checkpoint (``--base``).
 """
 from __future__ import annotations
 
