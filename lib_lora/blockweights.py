@@ -206,8 +206,8 @@ def block_of(key: str) -> str | None:
     down_blocks.L.{resnets,attentions}.J = input_blocks.3L+1+J, its downsampler = 3L+3;
     up_blocks.L.{resnets,attentions}.J = output_blocks.3L+J, its upsampler = 3L+2.
     """
-    if key.startswith("lora_te"):
-        return "BASE" if "_encoder_layers_" in key else None
+    if key.startswith("lora_te"):  # the encoder layers of CLIP (and of SD3's T5, whose layers are blocks)
+        return "BASE" if "_encoder_layers_" in key or key.startswith("lora_te3_encoder_block_") else None
     key_ = key + "_"
     m = _LDM.match(key_)
     if m:

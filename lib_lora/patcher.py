@@ -215,6 +215,9 @@ class Patcher:
                     f"{net.name}: {len(b.unmatched)} of {len(net.adapters)} layers have no counterpart in the "
                     f"loaded model (e.g. {b.unmatched[0]})")
             report.applied[net.name] = 0
+            if act.blocks is not None and self.mm.family == "sd3":
+                report.messages.append(f"{net.name}: LoRA Block Weight defines no blocks for SD3's MMDiT — lbw= "
+                                       "scales only its text encoders (BASE)")
             for target, adapter in b.pairs:
                 mult = act.multiplier(target, self.block(target) if act.blocks is not None else None)
                 if mult == 0:

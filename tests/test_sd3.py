@@ -132,6 +132,16 @@ def test_kohya_file_fused_qkv_and_all_three_text_encoders(sd3, tmp_path):
         torch.testing.assert_close(mm.get(k).weight() - originals[k], ref, rtol=1e-5, atol=1e-5, msg=k)
     p.restore()
 
+    # LBW has no SD3 blocks: the MMDiT keeps its weight, BASE scales the text encoders, and the user is told
+    from lib_lora.blockweights import parse_block_weights
+    rep = p.apply([Activation(net, 1.0, 1.0, blocks=parse_block_weights("0.5," + ",".join(["0"] * 16)))])
+    assert any("no blocks for SD3" in m for m in rep.messages)
+    for k in keys:
+        mult = 1.0 if k.startswith("lora_unet_") else 0.5
+        ref = sd[f"{k}.lora_up.weight"] @ sd[f"{k}.lora_down.weight"] * (alpha / RANK) * mult
+        torch.testing.assert_close(mm.get(k).weight() - originals[k], ref, rtol=1e-5, atol=1e-5, msg=k)
+    p.restore()
+
 
 def test_kohya_and_diffusers_q_on_one_fused_weight_add_up(sd3, tmp_path):
     """Two files on the same qkv Linear: the whole-weight delta and a row-third delta both land."""
