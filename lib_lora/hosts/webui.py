@@ -142,15 +142,14 @@ class WebUIHost:
             if self._cached is not None:
                 refs, mm = self._cached
                 if len(refs) == len(objs) and all(r() is o for r, o in zip(refs, objs)) and mm.family == family:
-                    return mm
+                    return None if family == "sd3" and not len(mm) else mm
             mm = ModelMap.build(family, unet, tes)
-            if family == "sd3" and not len(mm):
-                return None  # not the WebUI's SD3 layout: nothing we know how to patch
-            try:
+            try:  # an empty map is cached too: the same model is not walked again at every generation
                 self._cached = (tuple(weakref.ref(o) for o in objs), mm)
             except TypeError:  # an object without weakref support: do not cache
                 self._cached = None
-            return mm
+            # an SD3 that is not the WebUI's layout: nothing we know how to patch
+            return None if family == "sd3" and not len(mm) else mm
 
     def forget_model(self) -> None:
         with self._lock:
