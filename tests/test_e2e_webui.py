@@ -40,6 +40,7 @@ from pathlib import Path
 
 import pytest
 
+from e2e_variants import DORA, KINDS
 from webui_server import LORA_NAME, Server, StartError, data_dir, running, tiny_checkpoint, webui_python
 
 WEBUI_DIR = os.environ.get("WEBUI_DIR")
@@ -205,6 +206,16 @@ def test_sdapi_loras_keeps_the_builtin_shape(server):
     assert set(item) == {"name", "alias", "path", "metadata"}
 
 
+def pixels(image_b64: str) -> bytes:
+    """The decoded RGB pixels: the PNG itself also carries the infotext, i.e. the prompt with its <lora:> tokens."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(base64.b64decode(image_b64))).convert("RGB").tobytes()
+
+
 def test_txt2img_applies_lora_writes_hashes_and_restores(server):
     from lib_lora.hashes import addnet_hash_safetensors
 
@@ -214,7 +225,7 @@ def test_txt2img_applies_lora_writes_hashes_and_restores(server):
     assert with_lora["info"]["extra_generation_params"]["Lora hashes"] == \
         f"{LORA_NAME}: {addnet_hash_safetensors(server.lora)[:12]}"
     assert "Lora hashes" not in plain["info"]["extra_generation_params"]
-    assert with_lora["image"] != plain["image"], "the LoRA changed nothing"
+    assert pixels(with_lora["image"]) != pixels(plain["image"]), "the LoRA changed nothing"
     assert again["image"] == plain["image"], "weights were not restored exactly"
 
 
@@ -269,7 +280,7 @@ def test_training_job_on_the_loaded_model(server, tmp_path):
     names = [x["name"] for x in server.request("GET", "/lora-workshop/v1/loras")[1]]
     assert "e2e_trained" in names
     assert server.txt2img("a photo")["image"] == before["image"], "training changed the loaded model"
-    assert server.txt2img("a photo <lora:e2e_trained:1>")["image"] != before["image"]
+    assert pixels(server.txt2img("a photo <lora:e2e_trained:1>")["image"]) != pixels(before["image"])
 
 
 def test_reload_ui_keeps_one_tab_one_page_and_loras_working(server):
@@ -291,3 +302,70 @@ def test_reload_ui_keeps_one_tab_one_page_and_loras_working(server):
     assert 'data-sort-lwfamily="SD1"' in page.outputs(load, page.call(load))[page.elem("txt2img_lora_cards_html")]
     assert server.txt2img(f"a photo <lora:{LORA_NAME}:1>")["image"] == with_lora["image"]
     assert server.txt2img("a photo")["image"] == plain["image"]
+
+
+# -- one file of each kind, in the real WebUI ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def variants(server):
+    """Every kind of e2e_variants.KINDS in the server's LoRA folder, listed; and the no-LoRA base image."""
+    pytest.importorskip("lycoris")
+    from e2e_variants import write_variants
+
+    if os.environ.get("WEBUI_E2E_CKPT"):
+        pytest.skip("the variant files are made for the tiny checkpoint")
+    paths = write_variants(server.lora.parent)
+    status, counts = server.request("POST", "/lora-workshop/v1/refresh")
+    assert status == 200, counts
+    listed = {x["name"]: x["path"] for x in server.request("GET", "/lora-workshop/v1/loras")[1]}
+    assert {n: listed.get(n) for n in paths} == {n: p.name for n, p in paths.items()}
+    return {"paths": paths, "base": server.txt2img("a photo")["image"]}
+
+
+def _txt2img_logged(server: Server, prompt: str) -> tuple[dict, str]:
+    """txt2img, and what the server printed meanwhile (our messages go there even when the info has none)."""
+    start = server.log.stat().st_size
+    res = server.txt2img(prompt)
+    with open(server.log, "rb") as f:
+        f.seek(start)
+        return res, f.read().decode(errors="replace")
+
+
+def _assert_applied_cleanly(server: Server, name: str, res: dict, log: str) -> None:
+    status, detail = server.request("GET", f"/lora-workshop/v1/loras/{name}")
+    assert status == 200, detail
+    info = res["info"]
+    assert info["extra_generation_params"].get("Lora hashes") == f"{name}: {detail['hashes']['shorthash']}", info
+    assert f'Lora hashes: "{name}: ' in info["infotexts"][0]
+    # every activation message (unmatched layers, unknown keys, a failed apply) is printed as "[LoRA Workshop] ..."
+    ours = [line for line in log.splitlines() if "[LoRA Workshop]" in line or "Traceback" in line]
+    assert not ours, "\n".join(ours)
+    for text in (*info["infotexts"], json.dumps(info["extra_generation_params"])):
+        assert "counterpart" not in text and "did not match" not in text and "skipped" not in text, text
+
+
+@pytest.mark.parametrize("name", list(KINDS))
+def test_each_kind_of_file_applies_and_restores(server, variants, name):
+    with_lora, log = _txt2img_logged(server, f"a photo <lora:{name}:1>")
+    again = server.txt2img("a photo")
+    _assert_applied_cleanly(server, name, with_lora, log)
+    assert pixels(with_lora["image"]) != pixels(variants["base"]), f"{name} changed nothing"
+    assert again["image"] == variants["base"], f"{name}: weights were not restored exactly"
+
+
+def test_dora_follows_the_builtin_dora_setting(server, variants):
+    """lora_workshop_builtin_dora switches to the built-in's DoRA formula: another image, restored after."""
+    key = "lora_workshop_builtin_dora"
+    assert server.request("GET", "/sdapi/v1/options")[1][key] is False
+    lycoris_mode = server.txt2img(f"a photo <lora:{DORA}:1>")["image"]
+    assert server.request("POST", "/sdapi/v1/options", {key: True})[0] == 200
+    try:
+        assert server.request("GET", "/sdapi/v1/options")[1][key] is True
+        webui_mode, log = _txt2img_logged(server, f"a photo <lora:{DORA}:1>")
+    finally:
+        assert server.request("POST", "/sdapi/v1/options", {key: False})[0] == 200
+    _assert_applied_cleanly(server, DORA, webui_mode, log)
+    assert pixels(webui_mode["image"]) not in (pixels(lycoris_mode), pixels(variants["base"]))
+    assert server.txt2img(f"a photo <lora:{DORA}:1>")["image"] == lycoris_mode
+    assert server.txt2img("a photo")["image"] == variants["base"]

@@ -73,28 +73,13 @@ def tiny_checkpoint(folder: Path, lora_dir: Path, lora_name: str = LORA_NAME,
     """tiny.safetensors + tiny.yaml, and a LoRA for its cross-attention and text-encoder q_proj layers
     (``more_loras``: further names, each with other random weights); returns (checkpoint, first LoRA)."""
     import torch
-    from ldm.modules.diffusionmodules.model import Decoder, Encoder
-    from ldm.modules.diffusionmodules.openaimodel import UNetModel
     from safetensors.torch import save_file
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     sys.path.insert(0, str(ROOT))
     from lib_lora.fileio import save_safetensors
     from lib_lora.modelmap import ModelMap
 
-    torch.manual_seed(0)
-    unet = UNetModel(**UNET)
-    # AutoencoderKL's own layers, built without it (it imports pytorch_lightning)
-    vae = torch.nn.Module()
-    vae.encoder, vae.decoder = Encoder(**VAE), Decoder(**VAE)
-    vae.quant_conv = torch.nn.Conv2d(2 * VAE["z_channels"], 2 * 4, 1)
-    vae.post_quant_conv = torch.nn.Conv2d(4, VAE["z_channels"], 1)
-    te = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                      num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu"))
-    with torch.no_grad():
-        # a fresh final LayerNorm makes every embedding zero-mean, and the WebUI's "Original" emphasis
-        # rescales by the mean: 0/0 (NaN) where the sum rounds to exactly 0, as on one thread
-        te.text_model.final_layer_norm.bias.normal_(0, 0.5)
+    unet, vae, te = tiny_modules()
     sd = {}
     for prefix, module in (("model.diffusion_model.", unet), ("first_stage_model.", vae),
                            ("cond_stage_model.transformer.", te)):
@@ -117,6 +102,34 @@ def tiny_checkpoint(folder: Path, lora_dir: Path, lora_name: str = LORA_NAME,
         written = save_safetensors(lora, lora_dir / f"{name}.safetensors", metadata={"ss_base_model_version": "sd_v1"})
         path = path or written
     return ckpt, path
+
+
+def tiny_modules():
+    """The tiny checkpoint's UNet, VAE layers and text encoder (fp32, the same weights each call)."""
+    import torch
+    from ldm.modules.diffusionmodules.model import Decoder, Encoder
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    unet = UNetModel(**UNET)
+    for m in unet.modules():
+        # ldm zero-inits each block's last layer and the output conv: the UNet would predict 0 whatever its
+        # prompt or LoRA, and no image could show a LoRA's effect
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)) and not m.weight.any():
+            m.reset_parameters()
+    # AutoencoderKL's own layers, built without it (it imports pytorch_lightning)
+    vae = torch.nn.Module()
+    vae.encoder, vae.decoder = Encoder(**VAE), Decoder(**VAE)
+    vae.quant_conv = torch.nn.Conv2d(2 * VAE["z_channels"], 2 * 4, 1)
+    vae.post_quant_conv = torch.nn.Conv2d(4, VAE["z_channels"], 1)
+    te = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                      num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu"))
+    with torch.no_grad():
+        # a fresh final LayerNorm makes every embedding zero-mean, and the WebUI's "Original" emphasis
+        # rescales by the mean: 0/0 (NaN) where the sum rounds to exactly 0, as on one thread
+        te.text_model.final_layer_norm.bias.normal_(0, 0.5)
+    return unet, vae, te
 
 
 def free_port() -> int:
@@ -203,8 +216,11 @@ def running(webui: Path, data: Path, ckpt: Path, lora: Path | None = None, *, ti
         while True:
             if proc.poll() is not None:
                 raise StartError(f"the WebUI exited with {proc.returncode}:\n{srv.log_tail()}")
+            # no request before the WebUI has added its API middleware (its "Startup time:" line comes after):
+            # starlette refuses middleware once a first request has built the app, and the WebUI exits
             try:
-                if srv.request("GET", ready, timeout=5)[0] == 200:
+                if "Startup time:" in log.read_text(errors="replace") and \
+                        srv.request("GET", ready, timeout=5)[0] == 200:
                     break
             except OSError:
                 pass
