@@ -24,6 +24,13 @@ def _rank_options(sp: argparse.ArgumentParser, rank_default, rank_help: str) -> 
     sp.add_argument("--device", default=None, help="where SVDs run (default: cuda when available, else cpu)")
 
 
+def _delta_options(sp: argparse.ArgumentParser, family: dict) -> None:
+    """What resize and merge share about the deltas they decompose: dropped layers, the base, the family."""
+    sp.add_argument("--min-norm", type=float, default=0.0, help="drop layers whose delta's Frobenius norm is below this")
+    sp.add_argument("--base", help="checkpoint whose weights DoRA/OFT/IA3 deltas depend on")
+    sp.add_argument("--family", **family)
+
+
 def _common(sp: argparse.ArgumentParser, dtype_default: str) -> None:
     sp.add_argument("--dtype", choices=["fp16", "bf16", "fp32"] + (["keep"] if dtype_default == "keep" else []),
                     default=dtype_default, help="dtype of the written tensors")
@@ -81,9 +88,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("file")
     sp.add_argument("--out", required=True, help="output .safetensors")
     _rank_options(sp, 32, "the new rank (with --dynamic-method: the largest allowed)")
-    sp.add_argument("--min-norm", type=float, default=0.0, help="drop layers whose delta's Frobenius norm is below this")
-    sp.add_argument("--base", help="checkpoint whose weights DoRA/OFT/IA3 deltas depend on")
-    sp.add_argument("--family", **fam)
+    _delta_options(sp, fam)
     sp.add_argument("--quiet", action="store_true", help="only the overall energy kept, not each layer")
     _common(sp, "fp16")
     sp.set_defaults(func=cmd_resize)
@@ -94,9 +99,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("loras", nargs="+", metavar="LORA")
     sp.add_argument("--out", required=True, help="output .safetensors")
     _rank_options(sp, None, "SVD to this rank (default: exact merge)")
-    sp.add_argument("--min-norm", type=float, default=0.0, help="drop layers whose delta's Frobenius norm is below this")
-    sp.add_argument("--base", help="checkpoint whose weights DoRA/OFT/IA3 deltas depend on")
-    sp.add_argument("--family", **fam)
+    _delta_options(sp, fam)
     sp.add_argument("--verbose", action="store_true", help="print the energy kept per layer")
     _common(sp, "fp16")
     sp.set_defaults(func=cmd_merge)

@@ -33,12 +33,10 @@ import torch
 from ..library import TRAINING_STATE_SUFFIX as STATE_SUFFIX  # noqa: F401  (re-exported)
 from .dataset import Problem, validate
 from .model import TrainableModel
-from .outputs import check_output_name  # noqa: F401  (re-exported)
 from .plan import Plan, make_plan
 # requests live in request.py; the names are kept here for the hosts and the API
 from .request import (PRESET_LABELS, PRESETS, JobConflict, JobError, JobNotFound, JobRequest,  # noqa: F401
-                      RequestError, TrainingRefused, build_request, one_line, preset_for_family,
-                      resolve_state_file, state_header)
+                      RequestError, TrainingRefused, build_request, one_line, preset_for_family)
 from .trainer import Callbacks, Progress, Trainer
 
 STATES = ("queued", "validating", "running", "saving", "finished", "stopped", "failed")
