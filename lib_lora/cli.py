@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--base", required=True, help="single-file .safetensors checkpoint (a .yaml beside it is read)")
     sp.add_argument("--out", required=True, help="output .safetensors path")
     _add_train_options(sp)
-    sp.add_argument("--resume", help="a .state.safetensors file written by --save-state")
+    sp.add_argument("--resume", help="a NAME-state.safetensors file written by --save-state")
     sp.add_argument("--device")
     sp.set_defaults(func=cmd_train)
 

@@ -21,8 +21,17 @@ from .network import Network, load_network
 
 EXTENSIONS = SAFETENSORS_EXT + (".pt", ".ckpt")
 PREVIEW_EXT = (".png", ".jpg", ".jpeg", ".webp", ".gif")
-TRAINING_STATE_SUFFIX = ".state.safetensors"
+# A training state file is named after its save as kohya names its state folders ("NAME-state",
+# "NAME-step00001234-state"); releases before that wrote "NAME.state.safetensors".
+TRAINING_STATE_SUFFIX = "-state.safetensors"
+LEGACY_TRAINING_STATE_SUFFIX = ".state.safetensors"
+TRAINING_STATE_FORMAT = "lora-workshop-train-state/1"  # the ``format`` key of a state file's header
 _HEX = re.compile(r"^[0-9a-fA-F]{8,64}$")
+
+
+def is_state_file_name(name: str) -> bool:
+    """Named like a training state file (new or old naming); only its header says whether it is one."""
+    return name.endswith((TRAINING_STATE_SUFFIX, LEGACY_TRAINING_STATE_SUFFIX))
 
 
 class LoraNotFound(LookupError):
@@ -182,7 +191,7 @@ class Library:
             visited.add(os.path.realpath(root))
             for p in self._walk(str(root), 0, visited, reals):
                 fn = p.name
-                if p.suffix.lower() not in EXTENSIONS or fn.endswith(TRAINING_STATE_SUFFIX):
+                if p.suffix.lower() not in EXTENSIONS or fn.endswith(LEGACY_TRAINING_STATE_SUFFIX):
                     continue  # resumable training state saved beside a LoRA is not a LoRA
                 real = os.path.realpath(p)
                 if real in seen or not self._inside(real, reals):
@@ -206,6 +215,8 @@ class Library:
                         e.metadata = read_header(p).metadata
                     except (LoraFileError, OSError) as err:
                         e.header_error = str(err)
+                    if e.metadata.get("format") == TRAINING_STATE_FORMAT:
+                        continue  # a state file ("NAME-state.safetensors"); a LoRA may end in -state too
                 found.append(e)
         with self._lock:
             self.entries = found

@@ -251,7 +251,7 @@ def test_train_via_api_until_finished(webui, sd_model, data):
     assert st["state"] == "finished", st
     assert (st["step"], st["total"], st["error"], st["model_untouched"]) == (4, 4, None, True)
     assert len(st["loss_history"]) == 4 and all(torch.isfinite(torch.tensor(v)) for _, v in st["loss_history"])
-    assert st["output"] == "zkx.safetensors" and st["state_file"] == "zkx.state.safetensors"
+    assert st["output"] == "zkx.safetensors" and st["state_file"] == "zkx-state.safetensors"
     assert (webui.lora_dir / "zkx.safetensors").is_file()
     assert "/" not in st["output"] and not any("path" in s for s in st["samples"])  # no absolute paths leak
 
@@ -339,20 +339,20 @@ def test_stop_stop_and_save_and_resume(webui, sd_model, data, monkeypatch):
     gate.release.set()
     st = webui.wait(job_id)
     assert (st["state"], st["step"], st["output"], st["state_file"]) == \
-        ("stopped", 2, "zkx.safetensors", "zkx.state.safetensors")
+        ("stopped", 2, "zkx.safetensors", "zkx-state.safetensors")
     assert read_header(webui.lora_dir / "zkx.safetensors").metadata["ss_steps"] == "2"
 
     # resume from the state file: its stored settings, continuing at step 2
-    r = client.post("/lora-workshop/v1/train", json={"resume_from": "zkx.state.safetensors"})
+    r = client.post("/lora-workshop/v1/train", json={"resume_from": "zkx-state.safetensors"})
     assert r.status_code == 200, r.text
     st = webui.wait(r.json()["id"])
-    assert (st["state"], st["step"], st["total"], st["resumed_from"]) == ("finished", 5, 5, "zkx.state.safetensors")
+    assert (st["state"], st["step"], st["total"], st["resumed_from"]) == ("finished", 5, 5, "zkx-state.safetensors")
     assert any("resumed at step 2" in line for line in st["log"])
     assert st["loss_history"][0][0] == 3  # steps 3..5 were trained by this job
     assert read_header(webui.lora_dir / "zkx.safetensors").metadata["ss_steps"] == "5"
     assert same(before, snapshot(sd_model)) and unet_hooks(sd_model) == 0
 
-    r = client.post("/lora-workshop/v1/train", json={"resume_from": "../zkx.state.safetensors"})
+    r = client.post("/lora-workshop/v1/train", json={"resume_from": "../zkx-state.safetensors"})
     assert r.status_code == 400 and "inside the LoRA folder" in r.json()["detail"]
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..library import TRAINING_STATE_SUFFIX as STATE_SUFFIX
+from ..library import TRAINING_STATE_SUFFIX as STATE_SUFFIX, is_state_file_name
 from . import options
 from .dataset import DatasetConfig, DatasetError
 from .network import NetworkConfig
@@ -218,13 +218,14 @@ def _dataset_dir(value: Any, where: str, roots: list[Path] | None) -> Path:
 
 
 def resolve_state_file(value: Any, output_dir: Path) -> Path:
-    """A ``*.state.safetensors`` file inside the LoRA folder, by name relative to it."""
+    """A training state file (``*-state.safetensors``, or an older ``*.state.safetensors``) inside the LoRA
+    folder, by name relative to it."""
     if not isinstance(value, str) or not value.strip():
-        raise RequestError("resume_from: expected the name of a .state.safetensors file in the LoRA folder")
+        raise RequestError(f"resume_from: expected the name of a {STATE_SUFFIX} file in the LoRA folder")
     name = value.strip().replace("\\", "/")
     root = Path(output_dir).resolve()
     path = (root / name).resolve()
-    if not name.endswith(STATE_SUFFIX) or root not in path.parents:
+    if not is_state_file_name(name) or root not in path.parents:
         raise RequestError(f"resume_from {value!r}: must name a {STATE_SUFFIX} file inside the LoRA folder")
     if not path.is_file():
         raise RequestError(f"resume_from: state file not found: {name}")

@@ -12,8 +12,7 @@ import torch
 from torch import Tensor
 
 from ..fileio import LoraFileError, load_safetensors, read_header, save_safetensors
-
-STATE_FORMAT = "lora-workshop-train-state/1"
+from ..library import TRAINING_STATE_FORMAT as STATE_FORMAT
 
 
 def _split(obj: Any, prefix: str, tensors: dict[str, Tensor]) -> Any:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import importlib
 import math
+import random
 import time
-import uuid
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -126,7 +126,7 @@ class Trainer:
         self._stop: str | None = None
         self._latent_cache: dict[tuple, tuple[Tensor, tuple[int, int]]] = {}
         self._text_cache: dict[tuple, Conditioning] = {}
-        self.session_id = uuid.uuid4().hex[:16]
+        self.session_id = str(random.SystemRandom().randint(0, 2**32))  # an integer, as kohya's ss_session_id
         # Under `accelerate launch`, each process trains its slice of every global batch and the
         # gradients are summed through accelerate; one process alone is the same code with world 1.
         self.dist, self.world, self.rank = plan.dist, plan.world, plan.rank
@@ -148,8 +148,8 @@ class Trainer:
         """Drop the model (a finished job is kept for its status and must not keep it alive)."""
         self.model = None
 
-    def output_path(self, step: int | None = None) -> Path:
-        return outputs.output_path(self.cfg.output_dir, self.cfg.output_name, step)
+    def output_path(self, step: int | None = None, epoch: int | None = None) -> Path:
+        return outputs.output_path(self.cfg.output_dir, self.cfg.output_name, step, epoch)
 
     def total_steps(self) -> int:
         return self.plan.total_steps
@@ -272,8 +272,8 @@ class Trainer:
                 recent = losses[-50:]
                 self.cb.on_progress(Progress(step, total, pos.epoch, loss_val, sum(recent) / len(recent),
                                              sched.get_last_lr()[0], elapsed, rate * (total - step)))
-            if step < total and self._due(step, per_epoch):
-                saved.append(self._save(net, step, pos, losses, started, opt, sched, final=False))
+            for path, epoch in (outputs.saves_due(cfg, step, per_epoch) if step < total else []):
+                saved.append(self._save(net, path, epoch, step, pos, losses, started, opt, sched, final=False))
                 if self.is_main:
                     self._prune(saved)
             if cfg.sample_every_n_steps and cfg.sample_prompts and step % cfg.sample_every_n_steps == 0 \
@@ -282,7 +282,8 @@ class Trainer:
         stopped = step < total
         out = None
         if not stopped or self._stop == "save":
-            out = self._save(net, step, pos, losses, started, opt, sched, final=True)
+            epochs = outputs.final_epoch(step, per_epoch, cfg.gradient_accumulation_steps)
+            out = self._save(net, self.output_path(), epochs, step, pos, losses, started, opt, sched, final=True)
             saved.append(out)
         return TrainResult(out, step, losses, stopped, saved)
 
@@ -387,27 +388,21 @@ class Trainer:
         return Conditioning(torch.cat(contexts), y)
 
     # -- saving --------------------------------------------------------------------------
-    def _due(self, step: int, per_epoch: int) -> bool:
-        c = self.cfg
-        return outputs.save_due(step, per_epoch, c.save_every_n_steps, c.save_every_n_epochs,
-                                c.gradient_accumulation_steps)
-
-    def _save(self, net, step, pos, losses, started, opt, sched, final: bool) -> Path:
-        path = self.output_path(None if final else step)
+    def _save(self, net, path, epoch, step, pos, losses, started, opt, sched, final: bool) -> Path:
         if self.is_main:
-            self._write(net, path, step, pos, losses, started, opt, sched, final)
+            self._write(net, path, epoch, step, pos, losses, started, opt, sched, final)
         if self.dist:
             self.dist.wait_for_everyone()
         return path
 
-    def _write(self, net, path, step, pos, losses, started, opt, sched, final: bool) -> None:
+    def _write(self, net, path, epoch, step, pos, losses, started, opt, sched, final: bool) -> None:
         cfg, m = self.cfg, self.model
         tensors = net.kohya_state_dict(SAVE_DTYPES[cfg.save_precision])
         per_epoch = max(1, self.dataset.steps_per_epoch(self.global_batch))
         meta = build_metadata(
             family=m.family, prediction=m.prediction, session_id=self.session_id, started_at=started,
             output_name=cfg.output_name, cfg=cfg, dataset=self.dataset, model_name=m.model_name,
-            model_hash=m.model_hash, legacy_hash=m.legacy_hash, steps=step, epoch=pos.epoch,
+            model_hash=m.model_hash, legacy_hash=m.legacy_hash, steps=step, epoch=epoch,
             num_batches_per_epoch=per_epoch, max_steps=self.total_steps(), optimizer_desc=type(opt).__module__ + "." + type(opt).__name__,
             resolution=self.cfg.dataset.reso, finished=final, comment=cfg.training_comment, world_size=self.world)
         # kohya hashes the file as written with only the ss_* keys in its header

@@ -16,9 +16,10 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
+from ..library import is_state_file_name
 from . import options
 from .dataset import DatasetError
-from .jobs import PRESET_LABELS, PRESETS, STATE_SUFFIX, JobError, JobRunner, format_seconds, preset_for_family
+from .jobs import PRESET_LABELS, PRESETS, JobError, JobRunner, format_seconds, preset_for_family
 from .options import AUTO_ON_OFF
 
 TAB_TITLE = "LoRA Workshop"
@@ -109,7 +110,7 @@ def list_state_files(folder: Path) -> list[str]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    files = [p for p in folder.rglob(f"*{STATE_SUFFIX}") if p.is_file()]
+    files = [p for p in folder.rglob("*.safetensors") if is_state_file_name(p.name) and p.is_file()]
     files.sort(key=lambda p: p.stat().st_mtime, reverse=True)
     return [p.relative_to(folder).as_posix() for p in files]
 
