@@ -232,6 +232,22 @@ def resolve_state_file(value: Any, output_dir: Path) -> Path:
     return path
 
 
+def _weights_file(value: Any, output_dir: Path, confined: bool) -> Path:
+    """kohya's ``network_weights``: the LoRA file training starts from.  A relative name is taken in
+    the LoRA folder; a remote request may only name a file there."""
+    if not isinstance(value, (str, Path)) or not str(value).strip():
+        raise RequestError.bad("network_weights", f"expected a .safetensors file, got {value!r}")
+    root = Path(output_dir).resolve()
+    path = (root / Path(str(value).strip()).expanduser()).resolve()
+    if confined and root not in path.parents:
+        raise RequestError.bad("network_weights", f"{value}: must name a file inside the LoRA folder")
+    if path.suffix.lower() != ".safetensors":
+        raise RequestError.bad("network_weights", f"{value}: expected a .safetensors LoRA file")
+    if not path.is_file():
+        raise RequestError.bad("network_weights", f"file not found: {value}")
+    return path
+
+
 def state_header(path: Path) -> dict:
     """step, session and TrainConfig (as a dict) of a training state file, read from its header only."""
     from ..fileio import LoraFileError
@@ -283,7 +299,8 @@ def build_request(data: dict, output_dir: Path, family: str | None = None,
     if data.get("resume_from") not in (None, ""):
         resume = resolve_state_file(data["resume_from"], output_dir)
         stored = state_header(resume)["config"]
-        base = {k: v for k, v in stored.items() if k not in _TOP_EXCLUDED}
+        # the state holds the network: the file the run started from is not needed again
+        base = {k: v for k, v in stored.items() if k not in _TOP_EXCLUDED and k != "network_weights"}
         for part in ("dataset", "network"):
             if not isinstance(stored.get(part) or {}, dict):
                 raise RequestError(f"resume_from: {resume.name} holds a damaged {part} configuration")
@@ -325,6 +342,10 @@ def build_request(data: dict, output_dir: Path, family: str | None = None,
     except OptionError as e:
         raise RequestError.of(e) from None
     top["output_name"] = name
+    if top.get("network_weights") not in (None, ""):
+        top["network_weights"] = str(_weights_file(top["network_weights"], output_dir, dataset_roots is not None))
+    else:
+        top.pop("network_weights", None)
     auto = top.get("mixed_precision", "auto") in ("auto", None, "")
     if auto:
         top["mixed_precision"] = "no"  # resolved from the model's dtype once it is built

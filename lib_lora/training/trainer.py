@@ -9,6 +9,7 @@ restored, weights never written.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 import random
@@ -120,6 +121,8 @@ class Trainer:
     """The loop over one ready model and one plan (plan.py); the caller's config is never written."""
 
     def __init__(self, model: TrainableModel, plan: Plan, callbacks: Callbacks | None = None):
+        if plan.config.v_parameterization is not None:  # the user's word on what the model predicts
+            model = dataclasses.replace(model, prediction="v" if plan.config.v_parameterization else "epsilon")
         self.model, self.plan, self.cfg = model, plan, plan.config
         self.dataset: Dataset = plan.dataset
         self.cb = callbacks or Callbacks()
@@ -171,6 +174,10 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)  # LoRA init without disturbing the host's global RNG
             net = TrainingNetwork(m.model_map, cfg.network)
+        if cfg.network_weights:
+            fresh = net.load_weights(load_safetensors(cfg.network_weights)[0], Path(cfg.network_weights).name)
+            self.cb.log(f"starting from {Path(cfg.network_weights).name}"
+                        + (f"; {len(fresh)} layers it lacks start fresh" if fresh else ""))
         try:
             for p, _ in flags:
                 p.requires_grad_(False)
@@ -199,8 +206,8 @@ class Trainer:
 
     def _loop(self, net: TrainingNetwork, resume_from) -> TrainResult:
         cfg, m, ds = self.cfg, self.model, self.dataset
-        te_lr = cfg.text_encoder_lr if cfg.text_encoder_lr is not None else cfg.learning_rate
-        opt, opt_desc = make_optimizer(cfg.optimizer, net.param_groups(cfg.learning_rate, te_lr), cfg)
+        groups = net.param_groups(cfg.unet_learning_rate, cfg.text_encoder_learning_rate)
+        opt, opt_desc = make_optimizer(cfg.optimizer, groups, cfg)
         total = self.total_steps()
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.lr_scheduler, cfg.lr_warmup_steps, total))
         step, pos, losses, started = 0, Position(), [], time.time()
@@ -247,6 +254,9 @@ class Trainer:
                         pred = m.predict(noisy.to(_dtype(m.unet)), t, cond)
                 target = noise if m.prediction == "epsilon" else acp.sqrt() * noise - (1 - acp).sqrt() * latents
                 loss = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none").mean((1, 2, 3))
+                if cfg.prior_loss_weight != 1.0:  # kohya's weight on the regularisation images' loss
+                    loss = loss * torch.tensor([cfg.prior_loss_weight if it.is_reg else 1.0
+                                                for it in batch.items[lo:hi]], device=loss.device)
                 if cfg.min_snr_gamma:
                     loss = loss * snr_weights(acp.flatten(), cfg.min_snr_gamma, m.prediction)
                 loss = loss.sum() / (n * cfg.gradient_accumulation_steps)  # this slice's share of the mean
