@@ -283,6 +283,37 @@ def test_train_via_api_until_finished(webui, sd_model, data):
     assert webui.runner.get(job_id).trainer.model is None  # a kept status never pins the model in memory
 
 
+def _builtin_lora_editor():
+    """The stand-in of the built-in Lora extension's card editor (extensions-builtin is not a package)."""
+    import importlib.util
+    path = STUB / "extensions-builtin" / "Lora" / "ui_edit_user_metadata.py"
+    spec = importlib.util.spec_from_file_location("stub_builtin_lora_ui_edit_user_metadata", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.LoraUserMetadataEditor
+
+
+def test_cards_show_the_resolution_and_buckets_of_a_trained_file(webui, data):
+    """WebUI 1.10.1's Lora card takes its resolution row from ss_bucket_info's "buckets"; ours shows
+    ss_resolution and the buckets.  Both rows appear for a file trained here."""
+    client = webui.start()
+    body = request(data, name="bk", max_train_steps=2, dataset={
+        "train_dir": str(data), "resolution": 64, "enable_buckets": True, "min_bucket_reso": 64,
+        "max_bucket_reso": 128})
+    st = webui.wait(client.post("/lora-workshop/v1/train", json=body).json()["id"])
+    assert st["state"] == "finished", st
+    page = webui.script.workshop.page
+    page.refresh()
+    page.items["bk"] = page.create_item("bk")
+    assert page.items["bk"]["metadata"]["ss_bucket_info"]["buckets"] == {"0": {"resolution": [64, 64], "count": 4}}
+
+    builtin = dict(_builtin_lora_editor()(None, "txt2img", page).get_metadata_table("bk"))
+    assert builtin["Resolution:"] == "64x64" and builtin["Dataset size:"] == 4
+    assert builtin["Kohya module:"] == "networks.lora" and "Clip skip:" not in builtin  # "None" is not shown
+    ours = dict(page.create_user_metadata_editor(None, "txt2img").get_metadata_table("bk"))
+    assert (ours["Resolution:"], ours["Buckets:"]) == ("(64, 64)", "64x64 (4)")
+
+
 def test_second_job_409_progress_in_shared_state_and_queue_lock_held(webui, sd_model, data, monkeypatch):
     client = webui.start()
     gate = Gate(monkeypatch, at=2)

@@ -283,7 +283,7 @@ class Trainer:
                 self.cb.on_progress(Progress(step, total, pos.epoch, loss_val, sum(recent) / len(recent),
                                              sched.get_last_lr()[0], elapsed, rate * (total - step)))
             for path, epoch in (outputs.saves_due(cfg, step, per_epoch) if step < total else []):
-                saved.append(self._save(net, path, epoch, step, pos, losses, started, opt, sched, final=False))
+                saved.append(self._save(net, path, epoch, step, pos, losses, started, opt, sched))
                 if self.is_main:
                     self._prune(saved)
             if cfg.sample_every_n_steps and cfg.sample_prompts and step % cfg.sample_every_n_steps == 0 \
@@ -293,7 +293,7 @@ class Trainer:
         out = None
         if not stopped or self._stop == "save":
             epochs = outputs.final_epoch(step, per_epoch, cfg.gradient_accumulation_steps)
-            out = self._save(net, self.output_path(), epochs, step, pos, losses, started, opt, sched, final=True)
+            out = self._save(net, self.output_path(), epochs, step, pos, losses, started, opt, sched)
             saved.append(out)
         return TrainResult(out, step, losses, stopped, saved)
 
@@ -398,14 +398,14 @@ class Trainer:
         return Conditioning(torch.cat(contexts), y)
 
     # -- saving --------------------------------------------------------------------------
-    def _save(self, net, path, epoch, step, pos, losses, started, opt, sched, final: bool) -> Path:
+    def _save(self, net, path, epoch, step, pos, losses, started, opt, sched) -> Path:
         if self.is_main:
-            self._write(net, path, epoch, step, pos, losses, started, opt, sched, final)
+            self._write(net, path, epoch, step, pos, losses, started, opt, sched)
         if self.dist:
             self.dist.wait_for_everyone()
         return path
 
-    def _write(self, net, path, epoch, step, pos, losses, started, opt, sched, final: bool) -> None:
+    def _write(self, net, path, epoch, step, pos, losses, started, opt, sched) -> None:
         cfg, m = self.cfg, self.model
         tensors = net.kohya_state_dict(SAVE_DTYPES[cfg.save_precision])
         per_epoch = max(1, self.dataset.steps_per_epoch(self.global_batch))
@@ -413,8 +413,9 @@ class Trainer:
             family=m.family, prediction=m.prediction, session_id=self.session_id, started_at=started,
             output_name=cfg.output_name, cfg=cfg, dataset=self.dataset, model_name=m.model_name,
             model_hash=m.model_hash, legacy_hash=m.legacy_hash, steps=step, epoch=epoch,
-            num_batches_per_epoch=per_epoch, max_steps=self.total_steps(), optimizer_desc=type(opt).__module__ + "." + type(opt).__name__,
-            resolution=self.cfg.dataset.reso, finished=final, comment=cfg.training_comment, world_size=self.world)
+            num_batches_per_epoch=per_epoch, max_steps=self.total_steps(),
+            optimizer_desc=type(opt).__module__ + "." + type(opt).__name__,
+            resolution=self.cfg.dataset.reso, comment=cfg.training_comment, world_size=self.world)
         # kohya hashes the file as written with only the ss_* keys in its header
         from safetensors.torch import save as st_save
         h = hashes_from_bytes(st_save({k: v.contiguous() for k, v in tensors.items()},
