@@ -224,3 +224,23 @@ def test_help_is_grouped_as_the_tab_with_every_default(capsys):
         main(["train", "--help"])
     text = capsys.readouterr().out
     assert "--network_dim NETWORK_DIM" in text and "LoRA rank (dim) (default: 16)" in text
+
+
+def test_the_readmes_kohya_command_line_parses_as_written(setup, tmp_path):
+    """The README's sd-scripts command line, with its paths pointed at test files, becomes this config."""
+    import shlex
+    from lib_lora.cli import _train_config, build_parser
+    ckpt, data = setup
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = text.split("A `train_network.py` command line works unchanged", 1)[1].split("```")[1]
+    words = shlex.split(block.replace("\\\n", " "))
+    assert words[:3] == ["python", "-m", "lib_lora"]
+    paths = {"model.safetensors": str(ckpt), "img": str(data), "output": str(tmp_path)}
+    words = [paths.get(w, w) for w in words[3:]]
+    cfg = _train_config(build_parser().parse_args(words))
+    assert (cfg.output_name, cfg.network.rank, cfg.network.alpha, cfg.network.conv_rank, cfg.network.conv_alpha) == \
+        ("my_lora", 16, 8.0, 8, 4.0)
+    assert (cfg.batch_size, cfg.max_train_epochs, cfg.weight_decay, cfg.unet_lr, cfg.text_encoder_lr) == \
+        (2, 10, 0.1, 1e-4, 5e-5)
+    assert (cfg.dataset.resolution, cfg.dataset.enable_buckets, cfg.save_every_n_epochs, cfg.clip_skip) == \
+        ("512,512", True, 2, 1)
