@@ -164,8 +164,8 @@ class _Bar:
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
-    from .attention import sdpa_attention
-    from .hosts.checkpoint import load_checkpoint
+    from .hosts.cli.attention import sdpa_attention
+    from .hosts.cli.checkpoint import load_checkpoint
     from .training.plan import make_plan
     from .training.trainer import Callbacks, Trainer
 
@@ -193,7 +193,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from .hosts.checkpoint import load_checkpoint, sample
+    from .hosts.cli.checkpoint import load_checkpoint, sample
     from .library import Library
     from .params import parse_prompt
     from .runtime import Runtime
@@ -266,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .hosts.checkpoint import ArchitectureError
+    from .hosts.cli.checkpoint import ArchitectureError
     from .adapters import AdapterError
     from .tools.common import ToolError
     from .training.dataset import DatasetError

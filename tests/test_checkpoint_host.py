@@ -11,8 +11,8 @@ import yaml
 import tiny_models as tm
 from lib_lora.fileio import read_header, save_safetensors
 from lib_lora.hashes import addnet_hash_legacy, sha256_file
-from lib_lora.hosts import checkpoint as C
-from lib_lora.hosts.checkpoint import ArchitectureError, Checkpoint, load_checkpoint, sample, save_checkpoint
+from lib_lora.hosts.cli import checkpoint as C
+from lib_lora.hosts.cli.checkpoint import ArchitectureError, Checkpoint, load_checkpoint, sample, save_checkpoint
 
 BUILD = {"sd1": tm.build_sd1, "sd2": tm.build_sd2, "sdxl": tm.build_sdxl}
 PREDICTION = {"sd1": "epsilon", "sd2": "v", "sdxl": "epsilon"}  # sd2 exercises the v path end to end

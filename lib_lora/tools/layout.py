@@ -113,10 +113,10 @@ def for_family(family: str) -> Layout:
 def from_checkpoint(tf) -> Layout:
     """The layout of a single-file checkpoint (a ``fileio.TensorFile``), with each layer's file key.
 
-    Architecture comes from the tensor shapes, as ``hosts.checkpoint`` infers it; the modules
+    Architecture comes from the tensor shapes, as ``hosts.cli`` infers it; the modules
     are built on the meta device only to name and classify the layers.
     """
-    from ..hosts import checkpoint as C
+    from ..hosts.cli import checkpoint as C
 
     sd = {k: torch.empty(tf.shape(k), dtype=tf.dtype(k), device="meta") for k in tf.keys()}
     try:

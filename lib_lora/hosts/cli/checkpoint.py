@@ -3,7 +3,7 @@
 The parts are held as the module classes the WebUI itself runs, so LoRA names, ModelMap and
 the patcher behave exactly as inside the WebUI:
 
-- UNet: ldm ``UNetModel`` (SD1/SD2) or :class:`lib_lora.sdxl_unet.SDXLUNetModel` (SDXL);
+- UNet: ldm ``UNetModel`` (SD1/SD2) or :class:`lib_lora.hosts.cli.sdxl_unet.SDXLUNetModel` (SDXL);
 - text: HF ``CLIPTextModel`` (SD1, SDXL te1) and open_clip ``CLIP`` without ``.visual``
   (SD2, SDXL te2), i.e. ``FrozenCLIPEmbedder.transformer`` / ``FrozenOpenCLIPEmbedder.model``;
 - VAE: diffusers ``AutoencoderKL`` (ldm's autoencoder module needs pytorch_lightning), with
@@ -53,9 +53,9 @@ from typing import Any, Callable, Literal
 import torch
 from torch import Tensor, nn
 
-from .. import hashes
-from ..fileio import load_file, save_safetensors, write_text_atomic
-from ..training.model import Conditioning, SizeCond, TrainableModel
+from ... import hashes
+from ...fileio import load_file, save_safetensors, write_text_atomic
+from ...training.model import Conditioning, SizeCond, TrainableModel
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -451,7 +451,7 @@ def build_unet(ucfg: dict[str, Any]) -> nn.Module:
     if unknown:
         raise ArchitectureError(f"unsupported UNet options {unknown}")
     if kw.get("num_classes") == "sequential":
-        from ..sdxl_unet import SDXLUNetModel
+        from .sdxl_unet import SDXLUNetModel
         return SDXLUNetModel(**kw)
     if isinstance(kw.get("transformer_depth"), list) or "adm_in_channels" in kw or "transformer_depth_middle" in kw:
         raise ArchitectureError("per-level transformer depths / adm_in_channels need num_classes='sequential' (SDXL)")

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .instance_forward import instance_forward
+from ...instance_forward import instance_forward
 
 
 def _sdpa_forward(self, x, context=None, mask=None, **_):
