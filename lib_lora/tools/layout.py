@@ -116,27 +116,29 @@ def from_checkpoint(tf) -> Layout:
     Architecture comes from the tensor shapes, as ``hosts.cli`` infers it; the modules
     are built on the meta device only to name and classify the layers.
     """
-    from ..hosts.cli import checkpoint as C
+    from ..hosts.cli.checkpoint import build_text_encoder, build_unet
+    from ..hosts.cli.config import (TEXT_LAYOUT, UNET_PREFIX, ArchitectureError, infer_family, infer_text_encoders,
+                                    infer_unet, strip_prefix)
 
     sd = {k: torch.empty(tf.shape(k), dtype=tf.dtype(k), device="meta") for k in tf.keys()}
     try:
-        family = C._family(sd.keys())
-        ucfg = C._infer_unet(C._sub(sd, C.UNET_PREFIX), family)
-        tcfgs = C._infer_text_encoders(sd, family)
-    except C.ArchitectureError as e:
+        family = infer_family(sd.keys())
+        ucfg = infer_unet(strip_prefix(sd, UNET_PREFIX), family)
+        tcfgs = infer_text_encoders(sd, family)
+    except ArchitectureError as e:
         raise ToolError(f"{tf.path.name}: {e}") from None
     with torch.device("meta"):
-        unet = C.build_unet(ucfg)
-        tes = [(t["prefix"], C.build_text_encoder(t)) for t in tcfgs]
+        unet = build_unet(ucfg)
+        tes = [(t["prefix"], build_text_encoder(t)) for t in tcfgs]
     layout = Layout.from_modules(family, unet, tes)
-    prefixes = {p: fp for p, fp, _ in C.TEXT_LAYOUT[family]}
+    prefixes = {p: fp for p, fp, _ in TEXT_LAYOUT[family]}
     names: dict[int, str] = {}
     for _, root in tes:
         names.update({id(m): n for n, m in root.named_modules()})
     names.update({id(m): n for n, m in unet.named_modules()})
     for layer in layout.layers:
         t = layer.target
-        base = (C.UNET_PREFIX if t.component == "unet" else prefixes[t.component]) + names[id(t.module)]
+        base = (UNET_PREFIX if t.component == "unet" else prefixes[t.component]) + names[id(t.module)]
         layer.file_key = _file_key(tf, f"{base}.{t.weight_name}")
         if t.bias_name and getattr(t.module, t.bias_name, None) is not None:
             layer.bias_key = _file_key(tf, f"{base}.{t.bias_name}")

@@ -39,13 +39,11 @@ uses the real models' values (SD1 UNet 8 heads, SD2/SDXL UNet 64-channel heads, 
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import io
 import json
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -56,213 +54,16 @@ from torch import Tensor, nn
 from ... import hashes
 from ...fileio import load_file, save_safetensors, write_text_atomic
 from ...training.model import Conditioning, SizeCond, TrainableModel
+from .config import (SCALE_FACTOR, SCHEDULE, SGM_ONLY_UNET_OPTIONS, SIZE_EMBED_DIM, TEXT_LAYOUT, UNET_PREFIX, VAE_PREFIX,
+                     ArchitectureError, default_resolution, infer_config, infer_family, infer_text_encoders,
+                     merge_config, strip_prefix, text_encoder_state)
 
-UNET_PREFIX = "model.diffusion_model."
-VAE_PREFIX = "first_stage_model."
-# (kohya prefix, file prefix, kind) per family, in conditioner order
-TEXT_LAYOUT: dict[str, list[tuple[str, str, str]]] = {
-    "sd1": [("te", "cond_stage_model.transformer.", "hf_clip")],
-    "sd2": [("te", "cond_stage_model.model.", "open_clip")],
-    "sdxl": [("te1", "conditioner.embedders.0.transformer.", "hf_clip"),
-             ("te2", "conditioner.embedders.1.model.", "open_clip")],
-}
-SCALE_FACTOR = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025}
-SCHEDULE = {"linear_start": 0.00085, "linear_end": 0.012, "timesteps": 1000}
-SIZE_EMBED_DIM = 256           # sgm ConcatTimestepEmbedderND outdim for SDXL
 BOS, EOS = 49406, 49407        # <|startoftext|>, <|endoftext|> in the CLIP BPE vocabulary
 CONTEXT_LENGTH = 77
-
-# HF CLIP keys some merged SD1 files carry without the ``text_model.`` level (the WebUI renames them too)
-_SD1_TE_RENAMES = (("embeddings.", "text_model.embeddings."), ("encoder.", "text_model.encoder."),
-                   ("final_layer_norm.", "text_model.final_layer_norm."))
-
-
-class ArchitectureError(ValueError):
-    """A checkpoint whose architecture cannot be determined or does not match its config."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Config: inference from shapes
-
-
-def _family(keys: set[str] | list[str]) -> str:
-    def has(prefix: str) -> bool:
-        return any(k.startswith(prefix) for k in keys)
-
-    if not has(UNET_PREFIX):
-        raise ArchitectureError("cannot infer architecture: no UNet weights (model.diffusion_model.*); "
-                                "is this a full Stable Diffusion checkpoint?")
-    if has("conditioner.embedders.0.transformer.") and has("conditioner.embedders.1.model."):
-        return "sdxl"
-    if has("conditioner.embedders.0.model."):
-        raise ArchitectureError("cannot infer architecture: SDXL refiner / single-OpenCLIP sgm checkpoints "
-                                "are not supported")
-    if has("cond_stage_model.model."):
-        return "sd2"
-    if has("cond_stage_model.transformer."):
-        return "sd1"
-    raise ArchitectureError("cannot infer architecture: no known text-encoder keys (expected "
-                            "cond_stage_model.transformer.* (SD1), cond_stage_model.model.* (SD2) or "
-                            "conditioner.embedders.{0,1}.* (SDXL))")
-
-
-def _sub(sd: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-
-
-def _indices(keys: Any, pattern: str) -> list[int]:
-    """Sorted distinct N in keys matching ``pattern`` (a regex with one ``(\\d+)`` group, anchored at the start)."""
-    rx = re.compile(pattern)
-    return sorted({int(m.group(1)) for k in keys if (m := rx.match(k))})
-
-
-def _heads(width: int) -> int:
-    # Real CLIP-L / OpenCLIP-H / bigG use 64-wide heads; toy models (tests) use 2 heads.
-    return width // 64 if width >= 128 and width % 64 == 0 else 2
-
-
-def _shape(sd: dict[str, Tensor], key: str, what: str) -> tuple[int, ...]:
-    if key not in sd:
-        raise ArchitectureError(f"cannot infer architecture: {what} weight {key!r} is missing")
-    return tuple(sd[key].shape)
-
-
-def _infer_unet(u: dict[str, Tensor], family: str) -> dict[str, Any]:
-    mc, in_ch = _shape(u, "input_blocks.0.0.weight", "UNet")[:2]
-    out_ch = _shape(u, "out.2.weight", "UNet")[0]
-    levels: list[dict[str, Any]] = [{"res": 0, "width": None, "depth": 0}]
-    context_dim = linear = None
-    for i in _indices(u, r"input_blocks\.(\d+)\.")[1:]:
-        if f"input_blocks.{i}.0.op.weight" in u:  # a downsampler closes the level
-            levels.append({"res": 0, "width": None, "depth": 0})
-            continue
-        lv = levels[-1]
-        lv["res"] += 1
-        lv["width"] = _shape(u, f"input_blocks.{i}.0.out_layers.3.weight", "UNet")[0]
-        depth = len(_indices(u, rf"input_blocks\.{i}\.1\.transformer_blocks\.(\d+)\."))
-        lv["depth"] = max(lv["depth"], depth)
-        if depth and context_dim is None:
-            context_dim = _shape(u, f"input_blocks.{i}.1.transformer_blocks.0.attn2.to_k.weight", "UNet")[1]
-            linear = len(_shape(u, f"input_blocks.{i}.1.proj_in.weight", "UNet")) == 2
-    if context_dim is None or any(lv["width"] is None for lv in levels):
-        raise ArchitectureError("cannot infer architecture: UNet has no cross-attention or an empty level")
-    if any(lv["width"] % mc for lv in levels):
-        raise ArchitectureError(f"cannot infer architecture: level widths {[lv['width'] for lv in levels]} "
-                                f"are not multiples of model_channels {mc}")
-    res = [lv["res"] for lv in levels]
-    depths = [lv["depth"] for lv in levels]
-    middle = len(_indices(u, r"middle_block\.1\.transformer_blocks\.(\d+)\."))
-    attn = [2 ** i for i, d in enumerate(depths) if d][::-1]
-    cfg: dict[str, Any] = dict(image_size=32, in_channels=in_ch, out_channels=out_ch, model_channels=mc,
-                               attention_resolutions=attn, num_res_blocks=res[0] if len(set(res)) == 1 else res,
-                               channel_mult=[lv["width"] // mc for lv in levels], use_spatial_transformer=True,
-                               context_dim=context_dim, use_checkpoint=False, legacy=False)
-    if family == "sd1":  # v1-inference.yaml: num_heads 8
-        cfg["num_heads"] = 8 if mc >= 128 else 2
-    else:                # v2 / sd_xl_base: num_head_channels 64
-        cfg["num_head_channels"] = 64 if mc >= 128 else mc // 2
-    if linear:
-        cfg["use_linear_in_transformer"] = True
-    attn_depths = {d for d in depths if d}
-    if attn_depths == {middle}:
-        cfg["transformer_depth"] = middle
-    else:  # SDXL: [0, 2, 10] (sgm per-level depths)
-        cfg["transformer_depth"] = depths
-        cfg["transformer_depth_middle"] = middle
-    if "label_emb.0.0.weight" in u:
-        cfg["num_classes"] = "sequential"
-        cfg["adm_in_channels"] = _shape(u, "label_emb.0.0.weight", "UNet")[1]
-    elif any(k.startswith("label_emb.") for k in u):
-        raise ArchitectureError("cannot infer architecture: class-conditional UNet (label_emb) is not supported")
-    return cfg
-
-
-def _infer_hf_clip(t: dict[str, Tensor], prefix: str) -> dict[str, Any]:
-    vocab, width = _shape(t, "text_model.embeddings.token_embedding.weight", "text encoder")
-    layers = len(_indices(t, r"text_model\.encoder\.layers\.(\d+)\."))
-    if not layers:
-        raise ArchitectureError("cannot infer architecture: HF CLIP text encoder has no layers")
-    return dict(prefix=prefix, kind="hf_clip", width=width, layers=layers, heads=_heads(width), vocab_size=vocab,
-                context_length=_shape(t, "text_model.embeddings.position_embedding.weight", "text encoder")[0],
-                intermediate=_shape(t, "text_model.encoder.layers.0.mlp.fc1.weight", "text encoder")[0],
-                act="quick_gelu")  # CLIP-L (SD1, SDXL te1) uses quick_gelu
-
-
-def _infer_open_clip(t: dict[str, Tensor], prefix: str) -> dict[str, Any]:
-    vocab, width = _shape(t, "token_embedding.weight", "text encoder")
-    layers = len(_indices(t, r"transformer\.resblocks\.(\d+)\."))
-    if not layers:
-        raise ArchitectureError("cannot infer architecture: OpenCLIP text encoder has no resblocks")
-    hidden = _shape(t, "transformer.resblocks.0.mlp.c_fc.weight", "text encoder")[0]
-    # SD2 never uses text_projection; files without it still load (see _load_open_clip)
-    embed = t["text_projection"].shape[1] if "text_projection" in t else width
-    return dict(prefix=prefix, kind="open_clip", width=width, layers=layers, heads=_heads(width), vocab_size=vocab,
-                context_length=_shape(t, "positional_embedding", "text encoder")[0], mlp_ratio=hidden / width,
-                embed_dim=embed)
-
-
-def _infer_vae(v: dict[str, Tensor]) -> dict[str, Any]:
-    if not v:
-        raise ArchitectureError("cannot infer architecture: no VAE weights (first_stage_model.*)")
-    ch, in_ch = _shape(v, "encoder.conv_in.weight", "VAE")[:2]
-    levels = _indices(v, r"encoder\.down\.(\d+)\.")
-    z = _shape(v, "decoder.conv_in.weight", "VAE")[1]
-    dd = dict(double_z=_shape(v, "encoder.conv_out.weight", "VAE")[0] == 2 * z, z_channels=z, resolution=256,
-              in_channels=in_ch, out_ch=_shape(v, "decoder.conv_out.weight", "VAE")[0], ch=ch,
-              ch_mult=[_shape(v, f"encoder.down.{i}.block.0.conv2.weight", "VAE")[0] // ch for i in levels],
-              num_res_blocks=len(_indices(v, r"encoder\.down\.0\.block\.(\d+)\.")), attn_resolutions=[],
-              dropout=0.0)
-    return {"embed_dim": _shape(v, "post_quant_conv.weight", "VAE")[1], "ddconfig": dd}
-
-
-def _default_resolution(family: str, prediction: str) -> int:
-    return {"sd1": 512, "sd2": 768 if prediction == "v" else 512, "sdxl": 1024}[family]
-
-
-def _infer_text_encoders(sd: dict[str, Tensor], family: str) -> list[dict[str, Any]]:
-    return [(_infer_hf_clip if kind == "hf_clip" else _infer_open_clip)(_te_state(sd, family, fp), prefix)
-            for prefix, fp, kind in TEXT_LAYOUT[family]]
-
-
-def infer_config(sd: dict[str, Tensor]) -> dict[str, Any]:
-    """Architecture config from tensor shapes alone (standard SD1/SD2/SDXL layouts, any width).
-
-    ``prediction`` is "epsilon" here (SDXL: "v" when the file has a ``v_pred`` marker key); SD2's
-    v-prediction is decided by :func:`load_checkpoint` the way the WebUI does, by running the UNet.
-    """
-    family = _family(sd.keys())
-    tes = _infer_text_encoders(sd, family)
-    unet = _infer_unet(_sub(sd, UNET_PREFIX), family)
-    prediction = "v" if family == "sdxl" and "v_pred" in sd else "epsilon"
-    cfg: dict[str, Any] = {"family": family, "unet": unet, "text_encoders": tes,
-                           "vae": _infer_vae(_sub(sd, VAE_PREFIX)),
-                           "prediction": prediction, "scale_factor": SCALE_FACTOR[family], "schedule": dict(SCHEDULE),
-                           "resolution": _default_resolution(family, prediction)}
-    if family == "sdxl":
-        pooled = tes[1]["embed_dim"]
-        extra = unet.get("adm_in_channels", 0) - pooled
-        if extra <= 0 or extra % 6:
-            raise ArchitectureError(f"cannot infer architecture: SDXL adm_in_channels {unet.get('adm_in_channels')} "
-                                    f"is not pooled width {pooled} + 6 size embeddings")
-        cfg["size_embed_dim"] = extra // 6
-    return cfg
-
-
-def _te_state(sd: dict[str, Tensor], family: str, file_prefix: str) -> dict[str, Tensor]:
-    t = _sub(sd, file_prefix)
-    if file_prefix.endswith("transformer.") and not any(k.startswith("text_model.") for k in t):
-        for old, new in _SD1_TE_RENAMES:
-            t = {(new + k[len(old):] if k.startswith(old) else k): v for k, v in t.items()}
-    t.pop("text_model.embeddings.position_ids", None)  # a buffer, not a weight (often stored as float)
-    if not t:
-        raise ArchitectureError(f"cannot infer architecture: no {family} text-encoder weights under {file_prefix}*")
-    return t
 
 
 # ---------------------------------------------------------------------------------------------
 # Config: ldm/sgm yaml (the WebUI's sidecar) in both directions
-
-_SGM_DROP = ("spatial_transformer_attn_type", "use_fp16", "use_fairscale_checkpoint", "offload_to_cpu")
 
 
 def _plain(x: Any) -> Any:
@@ -290,13 +91,13 @@ def config_from_yaml(doc: dict[str, Any], sd: dict[str, Tensor], where: str = "y
                "ddconfig": {k: v for k, v in first["ddconfig"].items() if k != "attn_type"}}
     except (KeyError, TypeError) as e:
         raise ArchitectureError(f"{where}: not an ldm/sgm model config (missing {e})") from None
-    family = _family(sd.keys())
+    family = infer_family(sd.keys())
     # the yaml is authoritative for UNet and VAE, so only the text encoders are read off shapes
-    cfg: dict[str, Any] = {"family": family, "text_encoders": _infer_text_encoders(sd, family),
+    cfg: dict[str, Any] = {"family": family, "text_encoders": infer_text_encoders(sd, family),
                            "schedule": dict(SCHEDULE)}
     if sgm != (family == "sdxl"):
         raise ArchitectureError(f"{where}: {'sgm' if sgm else 'ldm'} config does not fit this {family} checkpoint")
-    for k in _SGM_DROP:
+    for k in SGM_ONLY_UNET_OPTIONS:
         unet.pop(k, None)
     unet["use_checkpoint"] = False  # ldm's own checkpointing skips hooked LoRA params; the trainer decides
     if sgm:
@@ -315,9 +116,9 @@ def config_from_yaml(doc: dict[str, Any], sd: dict[str, Tensor], where: str = "y
     cfg["unet"] = _plain(unet)
     cfg["vae"] = _plain(vae)
     cfg["scale_factor"] = float(params.get("scale_factor", SCALE_FACTOR[family]))
-    cfg["resolution"] = _default_resolution(family, cfg["prediction"])
+    cfg["resolution"] = default_resolution(family, cfg["prediction"])
     ours = doc.get("lora_workshop") or {}
-    cfg = _merge(cfg, _plain({k: v for k, v in ours.items() if k != "version"}))
+    cfg = merge_config(cfg, _plain({k: v for k, v in ours.items() if k != "version"}))
     return cfg
 
 
@@ -387,19 +188,6 @@ def webui_yaml(config: dict[str, Any]) -> dict[str, Any]:
                       "params": params}, "lora_workshop": ours}
 
 
-def _merge(base: Any, override: Any) -> Any:
-    """``override`` wins key by key; lists of dicts of equal length merge item by item."""
-    if isinstance(base, dict) and isinstance(override, dict):
-        out = dict(base)
-        for k, v in override.items():
-            out[k] = _merge(base[k], v) if k in base else copy.deepcopy(v)
-        return out
-    if (isinstance(base, list) and isinstance(override, list) and len(base) == len(override)
-            and all(isinstance(x, dict) for x in base + override)):
-        return [_merge(b, o) for b, o in zip(base, override)]
-    return copy.deepcopy(override)
-
-
 _REQUIRED = ("family", "unet", "text_encoders", "vae")
 
 
@@ -412,7 +200,7 @@ def resolve_config(sd: dict[str, Tensor], path: Path | None,
             raise ArchitectureError(f"unknown family {family!r} (sd1, sd2, sdxl)")
         base: dict[str, Any] = {"prediction": "epsilon", "scale_factor": SCALE_FACTOR[family],
                                 "schedule": dict(SCHEDULE),
-                                "resolution": _default_resolution(family, config.get("prediction", "epsilon"))}
+                                "resolution": default_resolution(family, config.get("prediction", "epsilon"))}
         if family == "sdxl":
             base["size_embed_dim"] = SIZE_EMBED_DIM
     else:
@@ -428,7 +216,7 @@ def resolve_config(sd: dict[str, Tensor], path: Path | None,
             base, source = infer_config(sd), "inferred"
         if config:
             source += "+explicit"
-    cfg = _merge(base, config or {})
+    cfg = merge_config(base, config or {})
     if cfg.get("family") not in TEXT_LAYOUT:
         raise ArchitectureError(f"unknown family {cfg.get('family')!r} (sd1, sd2, sdxl)")
     if cfg["prediction"] not in ("epsilon", "v"):
@@ -445,7 +233,7 @@ def build_unet(ucfg: dict[str, Any]) -> nn.Module:
 
     from ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-    kw = {k: v for k, v in ucfg.items() if k not in _SGM_DROP}
+    kw = {k: v for k, v in ucfg.items() if k not in SGM_ONLY_UNET_OPTIONS}
     allowed = set(inspect.signature(UNetModel.__init__).parameters) | {"adm_in_channels", "transformer_depth_middle"}
     unknown = sorted(set(kw) - allowed)
     if unknown:
@@ -717,7 +505,7 @@ class Checkpoint:
             else:
                 tcfg["heads"] = te.transformer.resblocks[0].attn.num_heads
         cfg["prediction"] = prediction
-        cfg["resolution"] = resolution or _default_resolution(family, prediction)
+        cfg["resolution"] = resolution or default_resolution(family, prediction)
         if scale_factor is not None:
             cfg["scale_factor"] = scale_factor
         if size_embed_dim is not None:
@@ -736,7 +524,7 @@ class Checkpoint:
 
     @property
     def resolution(self) -> int:
-        return int(self.config.get("resolution", _default_resolution(self.family, self.prediction)))
+        return int(self.config.get("resolution", default_resolution(self.family, self.prediction)))
 
     @property
     def vae_scale(self) -> int:
@@ -913,18 +701,18 @@ def load_checkpoint(path: str | os.PathLike, config: dict[str, Any] | None = Non
         vae = build_vae(cfg["vae"], cfg["scale_factor"])
     if [p for p, _ in tes] != [p for p, _, _ in TEXT_LAYOUT[family]]:
         raise ArchitectureError(f"{where}: text encoders {[p for p, _ in tes]} do not fit {family}")
-    _materialize(unet, _sub(sd, UNET_PREFIX), dtype, f"{where}: UNet", source)
+    _materialize(unet, strip_prefix(sd, UNET_PREFIX), dtype, f"{where}: UNet", source)
     unet.dtype = dtype  # ldm's forward casts x to unet.dtype (set from use_fp16 otherwise)
     for (prefix, te), (_, file_prefix, kind) in zip(tes, TEXT_LAYOUT[family]):
         if kind != ("hf_clip" if hasattr(te, "text_model") else "open_clip"):
             raise ArchitectureError(f"{where}: {prefix} must be {kind}")
-        t = _te_state(sd, family, file_prefix)
+        t = text_encoder_state(sd, family, file_prefix)
         optional: dict[str, Callable[[], Tensor]] = {"logit_scale": lambda: torch.tensor(math.log(1 / 0.07))}
         if family == "sd2":  # unused by SD2 conditioning; some files drop it
             optional["text_projection"] = lambda te=te: torch.eye(te.transformer.width, te.text_projection.shape[1])
         t = {k: v for k, v in t.items() if not k.startswith("visual.") and k != "attn_mask"}  # mask is rebuilt
         _materialize(te, t, dtype, f"{where}: {prefix}", source, optional if kind == "open_clip" else None)
-    vae_sd = _sub(sd, VAE_PREFIX)
+    vae_sd = strip_prefix(sd, VAE_PREFIX)
     if not vae_sd:
         raise ArchitectureError(f"{where}: no VAE weights (first_stage_model.*)")
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
@@ -937,7 +725,7 @@ def load_checkpoint(path: str | os.PathLike, config: dict[str, Any] | None = Non
     given = config or {}
     if family == "sd2" and source.startswith("inferred") and "prediction" not in given:
         cfg["prediction"] = "v" if _detect_v_prediction(unet, cfg["unet"]["context_dim"]) else "epsilon"
-        cfg["resolution"] = given.get("resolution", _default_resolution(family, cfg["prediction"]))
+        cfg["resolution"] = given.get("resolution", default_resolution(family, cfg["prediction"]))
     return ck
 
 
