@@ -13,6 +13,7 @@ from lib_lora.fileio import read_header, save_safetensors
 from lib_lora.hashes import addnet_hash_legacy, sha256_file
 from lib_lora.hosts.cli import checkpoint as C
 from lib_lora.hosts.cli.checkpoint import ArchitectureError, Checkpoint, load_checkpoint, sample, save_checkpoint
+from lib_lora.hosts.cli.vae import ldm_vae_layout
 
 BUILD = {"sd1": tm.build_sd1, "sd2": tm.build_sd2, "sdxl": tm.build_sdxl}
 PREDICTION = {"sd1": "epsilon", "sd2": "v", "sdxl": "epsilon"}  # sd2 exercises the v path end to end
@@ -182,7 +183,7 @@ def test_real_layouts_are_inferred():
              "sdxl": (sdxl_unet, [dict(clip_l, prefix="te1"),
                                   dict(open_clip, prefix="te2", width=1280, layers=32, heads=20, embed_dim=1280)])}
     assert CLIP_L["num_attention_heads"] == 12 and OPEN_CLIP_H["heads"] == 16
-    layout = C._ldm_vae_layout(json.dumps(vae, sort_keys=True))
+    layout = ldm_vae_layout(vae)
     for family, (unet_cfg, tes) in cases.items():
         with torch.device("meta"):
             sd = {C.UNET_PREFIX + k: v for k, v in C.build_unet(unet_cfg).state_dict().items()}

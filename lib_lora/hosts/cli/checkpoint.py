@@ -38,10 +38,7 @@ uses the real models' values (SD1 UNet 8 heads, SD2/SDXL UNet 64-channel heads, 
 """
 from __future__ import annotations
 
-import contextlib
 import functools
-import io
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -54,10 +51,11 @@ from torch import Tensor, nn
 from ... import hashes
 from ...fileio import load_file, save_safetensors, write_text_atomic
 from ...training.model import Conditioning, SizeCond, TrainableModel
-from .config import (SCALE_FACTOR, SCHEDULE, SGM_ONLY_UNET_OPTIONS, SIZE_EMBED_DIM, TEXT_LAYOUT, UNET_PREFIX,
-                     VAE_PREFIX, ArchitectureError, default_resolution, infer_config, merge_config, strip_prefix,
-                     text_encoder_state)
+from .builders import build_text_encoder, build_unet, build_vae, materialize
+from .config import (SCALE_FACTOR, SCHEDULE, SIZE_EMBED_DIM, TEXT_LAYOUT, UNET_PREFIX, VAE_PREFIX, ArchitectureError,
+                     default_resolution, infer_config, merge_config, strip_prefix, text_encoder_state)
 from .ldm_yaml import dump_webui_yaml, read_yaml_config
+from .vae import diffusers_to_ldm, ldm_to_diffusers, ldm_vae_config
 
 BOS, EOS = 49406, 49407        # <|startoftext|>, <|endoftext|> in the CLIP BPE vocabulary
 CONTEXT_LENGTH = 77
@@ -92,128 +90,6 @@ def resolve_config(sd: dict[str, Tensor], path: Path | None,
     if cfg["prediction"] not in ("epsilon", "v"):
         raise ArchitectureError(f"unknown prediction type {cfg['prediction']!r} (epsilon, v)")
     return cfg, source
-
-
-# ---------------------------------------------------------------------------------------------
-# Building modules (on the meta device: weights come from the file, so random init is wasted time)
-
-
-def build_unet(ucfg: dict[str, Any]) -> nn.Module:
-    import inspect
-
-    from ldm.modules.diffusionmodules.openaimodel import UNetModel
-
-    kw = {k: v for k, v in ucfg.items() if k not in SGM_ONLY_UNET_OPTIONS}
-    allowed = set(inspect.signature(UNetModel.__init__).parameters) | {"adm_in_channels", "transformer_depth_middle"}
-    unknown = sorted(set(kw) - allowed)
-    if unknown:
-        raise ArchitectureError(f"unsupported UNet options {unknown}")
-    if kw.get("num_classes") == "sequential":
-        from .sdxl_unet import SDXLUNetModel
-        return SDXLUNetModel(**kw)
-    if isinstance(kw.get("transformer_depth"), list) or "adm_in_channels" in kw or "transformer_depth_middle" in kw:
-        raise ArchitectureError("per-level transformer depths / adm_in_channels need num_classes='sequential' (SDXL)")
-    return UNetModel(**kw)
-
-
-def build_text_encoder(tcfg: dict[str, Any]) -> nn.Module:
-    if tcfg["kind"] == "hf_clip":
-        import transformers
-
-        # bos/eos/pad 0/2/1 as openai/clip-vit-large-patch14's config: eos_token_id == 2 selects the
-        # legacy argmax-of-ids pooling (what ldm's FrozenCLIPEmbedder and open_clip do).
-        cfg = transformers.CLIPTextConfig(
-            vocab_size=tcfg["vocab_size"], hidden_size=tcfg["width"], intermediate_size=tcfg["intermediate"],
-            num_hidden_layers=tcfg["layers"], num_attention_heads=tcfg["heads"],
-            max_position_embeddings=tcfg["context_length"], hidden_act=tcfg.get("act", "quick_gelu"),
-            projection_dim=tcfg["width"], bos_token_id=0, eos_token_id=2, pad_token_id=1)
-        return transformers.CLIPTextModel(cfg).eval()
-    if tcfg["kind"] == "open_clip":
-        from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
-
-        # FrozenOpenCLIPEmbedder keeps open_clip's CLIP and deletes .visual; build a toy vision tower to delete.
-        vision = CLIPVisionCfg(layers=1, width=32, head_width=16, image_size=8, patch_size=4)
-        text = CLIPTextCfg(context_length=tcfg["context_length"], vocab_size=tcfg["vocab_size"], width=tcfg["width"],
-                           heads=tcfg["heads"], layers=tcfg["layers"], mlp_ratio=tcfg.get("mlp_ratio", 4.0))
-        model = CLIP(tcfg["embed_dim"], vision, text)
-        del model.visual
-        return model.eval()
-    raise ArchitectureError(f"unknown text encoder kind {tcfg['kind']!r}")
-
-
-def _vae_block_types(vcfg: dict[str, Any]) -> dict[str, Any]:
-    n = len(vcfg["ddconfig"]["ch_mult"])
-    return {"down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n}
-
-
-def build_vae(vcfg: dict[str, Any], scale_factor: float) -> nn.Module:
-    from diffusers import AutoencoderKL
-
-    dd = vcfg["ddconfig"]
-    if not dd.get("double_z", True) or vcfg["embed_dim"] != dd["z_channels"] or dd.get("attn_resolutions"):
-        raise ArchitectureError(f"VAE ddconfig {dd} / embed_dim {vcfg['embed_dim']} "
-                                "has no diffusers AutoencoderKL equivalent")
-    return AutoencoderKL(in_channels=dd["in_channels"], out_channels=dd["out_ch"],
-                         block_out_channels=tuple(dd["ch"] * m for m in dd["ch_mult"]),
-                         layers_per_block=dd["num_res_blocks"], latent_channels=dd["z_channels"],
-                         sample_size=dd.get("resolution", 256), scaling_factor=scale_factor,
-                         **_vae_block_types(vcfg)).eval()
-
-
-@functools.lru_cache(maxsize=8)
-def _ldm_vae_layout(key: str) -> dict[str, torch.Size]:
-    """ldm VAE parameter names -> shapes, from ldm's own Encoder/Decoder built on the meta device."""
-    from ldm.modules.diffusionmodules.model import Decoder, Encoder
-
-    vcfg = json.loads(key)
-    dd = dict(vcfg["ddconfig"], attn_type="vanilla")  # xformers variants have the same parameter names
-    with torch.device("meta"), contextlib.redirect_stdout(io.StringIO()):  # ldm prints shapes while building
-        enc, dec = Encoder(**dd), Decoder(**dd)
-    z, e = dd["z_channels"], vcfg["embed_dim"]
-    out = {f"encoder.{k}": v.shape for k, v in enc.state_dict().items()}
-    out |= {f"decoder.{k}": v.shape for k, v in dec.state_dict().items()}
-    out |= {"quant_conv.weight": torch.Size([2 * e, 2 * z, 1, 1]), "quant_conv.bias": torch.Size([2 * e]),
-            "post_quant_conv.weight": torch.Size([z, e, 1, 1]), "post_quant_conv.bias": torch.Size([z])}
-    return out
-
-
-def _vae_name_map(vcfg: dict[str, Any]) -> dict[str, str]:
-    """diffusers VAE name -> ldm name, found by running diffusers' converter on 1-element marker tensors."""
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-
-    names = list(_ldm_vae_layout(json.dumps(vcfg, sort_keys=True)))
-    # 1-D markers: the converter's conv->linear slicing only touches 3-D/4-D tensors
-    markers = {VAE_PREFIX + n: torch.tensor([i]) for i, n in enumerate(names)}
-    converted = convert_ldm_vae_checkpoint(markers, _vae_block_types(vcfg))
-    return {d: names[int(t[0])] for d, t in converted.items()}
-
-
-def _materialize(module: nn.Module, sd: dict[str, Tensor], dtype: torch.dtype, what: str,
-                 source: str, optional: dict[str, Callable[[], Tensor]] | None = None) -> nn.Module:
-    """Load ``sd`` into a meta-built ``module`` by assignment (no copy, no init); re-create
-    non-persistent buffers; fail clearly on any mismatch."""
-    sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
-    expected = module.state_dict().keys()
-    for k, make in (optional or {}).items():
-        if k in expected and k not in sd:
-            sd[k] = make().to(dtype)
-    try:
-        module.load_state_dict(sd, strict=True, assign=True)
-    except RuntimeError as e:
-        raise ArchitectureError(f"{what} weights do not match the {source} config: {e}") from e
-    for name, buf in list(module.named_buffers()):
-        if not buf.is_meta:
-            continue
-        owner_name, _, leaf = name.rpartition(".")
-        owner = module.get_submodule(owner_name) if owner_name else module
-        if leaf == "position_ids":       # HF CLIP
-            value = torch.arange(buf.shape[-1]).expand(buf.shape)
-        elif leaf == "attn_mask":        # open_clip causal mask
-            value = torch.full(buf.shape, float("-inf")).triu_(1).to(dtype)
-        else:
-            raise ArchitectureError(f"{what}: buffer {name!r} is not in the checkpoint and cannot be rebuilt")
-        owner._buffers[leaf] = value
-    return module
 
 
 def _detect_v_prediction(unet: nn.Module, context_dim: int) -> bool:
@@ -357,7 +233,7 @@ class Checkpoint:
                      prediction: str = "epsilon", scale_factor: float | None = None,
                      size_embed_dim: int | None = None, resolution: int | None = None) -> "Checkpoint":
         """Wrap modules already in memory (tests, conversions); the config is read off the modules."""
-        ck = cls(family, unet, list(text_encoders), vae, {"family": family, "vae": _vae_config(vae)})
+        ck = cls(family, unet, list(text_encoders), vae, {"family": family, "vae": ldm_vae_config(vae)})
         cfg = infer_config(ck.state_dict())
         if cfg["family"] != family:
             raise ArchitectureError(f"modules look like {cfg['family']}, not {family}")
@@ -440,15 +316,7 @@ class Checkpoint:
             if prefix != p2:
                 raise ArchitectureError(f"text encoder {prefix!r} where {self.family} has {p2!r}")
             sd |= {file_prefix + k: v for k, v in te.state_dict().items() if not k.endswith("position_ids")}
-        vcfg = self.config["vae"]
-        layout = _ldm_vae_layout(json.dumps(vcfg, sort_keys=True))
-        vae_sd = self.vae.state_dict()
-        names = _vae_name_map(vcfg)
-        if set(names) != set(vae_sd):
-            raise ArchitectureError("VAE cannot be written in ldm layout: diffusers names "
-                                    f"{sorted(set(vae_sd) ^ set(names))[:5]} have no ldm counterpart")
-        for dk, ldm in names.items():
-            sd[VAE_PREFIX + ldm] = vae_sd[dk].reshape(layout[ldm])  # attention: Linear [C,C] -> conv [C,C,1,1]
+        sd |= {VAE_PREFIX + k: v for k, v in diffusers_to_ldm(self.vae.state_dict(), self.config["vae"]).items()}
         return sd
 
     # -- conditioning -------------------------------------------------------------------------
@@ -539,19 +407,6 @@ def _dev(m: nn.Module) -> torch.device:
     return next(m.parameters()).device
 
 
-def _vae_config(vae: nn.Module) -> dict[str, Any]:
-    c = vae.config
-    if (c.get("norm_num_groups", 32) != 32 or not c.get("mid_block_add_attention", True)
-            or not c.get("use_quant_conv", True) or not c.get("use_post_quant_conv", True)
-            or c.get("act_fn", "silu") != "silu"):
-        raise ArchitectureError("this AutoencoderKL variant has no ldm single-file layout")
-    ch = c["block_out_channels"][0]
-    dd = dict(double_z=True, z_channels=c["latent_channels"], resolution=256, in_channels=c["in_channels"],
-              out_ch=c["out_channels"], ch=ch, ch_mult=[b // ch for b in c["block_out_channels"]],
-              num_res_blocks=c["layers_per_block"], attn_resolutions=[], dropout=0.0)
-    return {"embed_dim": c["latent_channels"], "ddconfig": dd}
-
-
 # ---------------------------------------------------------------------------------------------
 # Load / save
 
@@ -571,7 +426,7 @@ def load_checkpoint(path: str | os.PathLike, config: dict[str, Any] | None = Non
         vae = build_vae(cfg["vae"], cfg["scale_factor"])
     if [p for p, _ in tes] != [p for p, _, _ in TEXT_LAYOUT[family]]:
         raise ArchitectureError(f"{where}: text encoders {[p for p, _ in tes]} do not fit {family}")
-    _materialize(unet, strip_prefix(sd, UNET_PREFIX), dtype, f"{where}: UNet", source)
+    materialize(unet, strip_prefix(sd, UNET_PREFIX), dtype, f"{where}: UNet", source)
     unet.dtype = dtype  # ldm's forward casts x to unet.dtype (set from use_fp16 otherwise)
     for (prefix, te), (_, file_prefix, kind) in zip(tes, TEXT_LAYOUT[family]):
         if kind != ("hf_clip" if hasattr(te, "text_model") else "open_clip"):
@@ -581,13 +436,11 @@ def load_checkpoint(path: str | os.PathLike, config: dict[str, Any] | None = Non
         if family == "sd2":  # unused by SD2 conditioning; some files drop it
             optional["text_projection"] = lambda te=te: torch.eye(te.transformer.width, te.text_projection.shape[1])
         t = {k: v for k, v in t.items() if not k.startswith("visual.") and k != "attn_mask"}  # mask is rebuilt
-        _materialize(te, t, dtype, f"{where}: {prefix}", source, optional if kind == "open_clip" else None)
+        materialize(te, t, dtype, f"{where}: {prefix}", source, optional if kind == "open_clip" else None)
     vae_sd = strip_prefix(sd, VAE_PREFIX)
     if not vae_sd:
         raise ArchitectureError(f"{where}: no VAE weights (first_stage_model.*)")
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-    converted = convert_ldm_vae_checkpoint({VAE_PREFIX + k: v for k, v in vae_sd.items()}, _vae_block_types(cfg["vae"]))
-    _materialize(vae, converted, vae_dtype or dtype, f"{where}: VAE", source)
+    materialize(vae, ldm_to_diffusers(vae_sd, cfg["vae"]), vae_dtype or dtype, f"{where}: VAE", source)
     ck = Checkpoint(family, unet, tes, vae, cfg, path, source)
     for m in ck.modules():  # inference by default; the trainer sets (and restores) what it trains
         m.requires_grad_(False).eval()
