@@ -13,6 +13,7 @@ from lib_lora.fileio import read_header, save_safetensors
 from lib_lora.hashes import addnet_hash_legacy, sha256_file
 from lib_lora.hosts.cli import checkpoint as C
 from lib_lora.hosts.cli.checkpoint import ArchitectureError, Checkpoint, load_checkpoint, sample, save_checkpoint
+from lib_lora.hosts.cli.tokenizer import BOS, EOS, clip_chunk_tokenize, clip_tokenize
 from lib_lora.hosts.cli.vae import ldm_vae_layout
 
 BUILD = {"sd1": tm.build_sd1, "sd2": tm.build_sd2, "sdxl": tm.build_sdxl}
@@ -221,10 +222,10 @@ def test_tokenizer_matches_hf_clip_and_open_clip(tmp_path):
                                     pad_token="<|endoftext|>")
     expected = hf(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
 
-    ids = C.clip_tokenize(PROMPTS, pad_id=C.EOS)
+    ids = clip_tokenize(PROMPTS, pad_id=EOS)
     assert torch.equal(ids, expected)
-    assert ids[0, 0] == C.BOS and ids[-1, -1] == C.EOS and (ids[3, 1:] == C.EOS).all()  # "" -> BOS, EOS * 76
-    assert torch.equal(C.clip_tokenize(PROMPTS, pad_id=0), open_clip.tokenize(PROMPTS))
+    assert ids[0, 0] == BOS and ids[-1, -1] == EOS and (ids[3, 1:] == EOS).all()  # "" -> BOS, EOS * 76
+    assert torch.equal(clip_tokenize(PROMPTS, pad_id=0), open_clip.tokenize(PROMPTS))
 
 
 def test_long_prompts_are_cut_into_chunks_like_the_webui():
@@ -233,20 +234,20 @@ def test_long_prompts_are_cut_into_chunks_like_the_webui():
     cat, dog, comma = enc["cat</w>"], enc["dog</w>"], enc[",</w>"]
 
     def chunk(ids: list[int], pad: int) -> list[int]:
-        return [C.BOS, *ids, C.EOS] + [pad] * (75 - len(ids))
+        return [BOS, *ids, EOS] + [pad] * (75 - len(ids))
 
     # one chunk: exactly the single-chunk tokenizer
-    assert torch.equal(C.clip_chunk_tokenize(PROMPTS, C.EOS)[:, 0], C.clip_tokenize(PROMPTS, C.EOS))
+    assert torch.equal(clip_chunk_tokenize(PROMPTS, EOS)[:, 0], clip_tokenize(PROMPTS, EOS))
     # 100 tokens: 75 + 25; the short prompt gets an empty second chunk (what "" encodes to)
-    ids = C.clip_chunk_tokenize(["cat " * 100, "dog"], 0)
+    ids = clip_chunk_tokenize(["cat " * 100, "dog"], 0)
     assert ids.shape == (2, 2, 77)
     assert ids[0].tolist() == [chunk([cat] * 75, 0), chunk([cat] * 25, 0)]
     assert ids[1].tolist() == [chunk([dog], 0), chunk([], 0)]
     # a boundary 5 tokens after a comma moves the words after the comma to the next chunk
-    ids = C.clip_chunk_tokenize(["cat " * 70 + ", " + "dog " * 10], C.EOS)
-    assert ids[0].tolist() == [chunk([cat] * 70 + [comma], C.EOS), chunk([dog] * 10, C.EOS)]
-    ids = C.clip_chunk_tokenize(["cat " * 70 + ", " + "dog " * 10], C.EOS, comma_backtrack=0)
-    assert ids[0].tolist() == [chunk([cat] * 70 + [comma] + [dog] * 4, C.EOS), chunk([dog] * 6, C.EOS)]
+    ids = clip_chunk_tokenize(["cat " * 70 + ", " + "dog " * 10], EOS)
+    assert ids[0].tolist() == [chunk([cat] * 70 + [comma], EOS), chunk([dog] * 10, EOS)]
+    ids = clip_chunk_tokenize(["cat " * 70 + ", " + "dog " * 10], EOS, comma_backtrack=0)
+    assert ids[0].tolist() == [chunk([cat] * 70 + [comma] + [dog] * 4, EOS), chunk([dog] * 6, EOS)]
 
 
 @pytest.mark.parametrize("family", BUILD)
@@ -267,7 +268,7 @@ def _reference_conditioning(tiny, prompts, sizes):
     import open_clip
 
     oc_tokens = open_clip.tokenize(prompts)
-    hf_tokens = torch.where(oc_tokens == 0, C.EOS, oc_tokens)  # FrozenCLIPEmbedder pads with EOS
+    hf_tokens = torch.where(oc_tokens == 0, EOS, oc_tokens)  # FrozenCLIPEmbedder pads with EOS
     if tiny.family == "sd1":
         return tiny.text_encoders[0][1](input_ids=hf_tokens).last_hidden_state, None
     if tiny.family == "sd2":

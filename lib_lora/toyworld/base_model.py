@@ -178,8 +178,9 @@ def _acc(hits: list[dict[str, bool]]) -> dict[str, float]:
 
 
 def train_unet(s: dict[str, Any], vae: nn.Module, seconds: float) -> tuple[nn.Module, nn.Module, float, dict]:
-    from ..hosts.cli.checkpoint import EOS, alphas_cumprod, clip_tokenize
     from ..hosts.cli.attention import sdpa_attention
+    from ..hosts.cli.checkpoint import alphas_cumprod
+    from ..hosts.cli.tokenizer import EOS, clip_tokenize
 
     torch.manual_seed(s["seed"] + 10)
     samples = generate(s["unet_images"], s["seed"] + 11, BASE_WORLD)

@@ -38,7 +38,6 @@ uses the real models' values (SD1 UNet 8 heads, SD2/SDXL UNet 64-channel heads, 
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
 from dataclasses import dataclass, field
@@ -52,14 +51,11 @@ from ... import hashes
 from ...fileio import load_file, save_safetensors, write_text_atomic
 from ...training.model import Conditioning, SizeCond, TrainableModel
 from .builders import build_text_encoder, build_unet, build_vae, materialize
+from .conditioning import encode_text, tokenize
 from .config import (SCALE_FACTOR, SCHEDULE, SIZE_EMBED_DIM, TEXT_LAYOUT, UNET_PREFIX, VAE_PREFIX, ArchitectureError,
                      default_resolution, infer_config, merge_config, strip_prefix, text_encoder_state)
 from .ldm_yaml import dump_webui_yaml, read_yaml_config
 from .vae import diffusers_to_ldm, ldm_to_diffusers, ldm_vae_config
-
-BOS, EOS = 49406, 49407        # <|startoftext|>, <|endoftext|> in the CLIP BPE vocabulary
-CONTEXT_LENGTH = 77
-
 
 _REQUIRED = ("family", "unet", "text_encoders", "vae")
 
@@ -101,108 +97,6 @@ def _detect_v_prediction(unet: nn.Module, context_dim: int) -> bool:
         ctx = torch.full((1, 2, context_dim), 0.5, dtype=p.dtype, device=p.device)
         out = unet(x, torch.tensor([999], device=p.device), context=ctx)
     return (out.float() - x.float()).mean().item() < -1
-
-
-# ---------------------------------------------------------------------------------------------
-# Tokenization (the real CLIP BPE ships inside open_clip)
-
-
-@functools.lru_cache(maxsize=1)
-def _bpe() -> Any:
-    from open_clip.tokenizer import SimpleTokenizer
-    return SimpleTokenizer()
-
-
-def clip_tokenize(prompts: list[str], pad_id: int, context_length: int = CONTEXT_LENGTH) -> Tensor:
-    """[BOS] + tokens[:context_length-2] + [EOS], padded with ``pad_id`` to ``context_length``.
-
-    pad_id=EOS (49407) is HF ``CLIPTokenizer`` for openai/clip-vit-large-patch14 (pad_token
-    <|endoftext|>), i.e. ldm/sgm ``FrozenCLIPEmbedder`` (SD1, SDXL te1); pad_id=0 is
-    ``open_clip.tokenize`` (SD2, SDXL te2).  Both truncate to one 77-token chunk, as kohya does by
-    default (the WebUI's prompt chunking / emphasis syntax are not reproduced).
-    """
-    bpe = _bpe()
-    out = torch.full((len(prompts), context_length), pad_id, dtype=torch.long)
-    for i, text in enumerate(prompts):
-        ids = [BOS] + bpe.encode(text)[: context_length - 2] + [EOS]
-        out[i, : len(ids)] = torch.tensor(ids)
-    return out
-
-
-def clip_chunk_tokenize(prompts: list[str], pad_id: int, context_length: int = CONTEXT_LENGTH,
-                        comma_backtrack: int = 20) -> Tensor:
-    """Token ids [B, chunks, context_length]: prompts of any length, cut into chunks as the WebUI does.
-
-    Each chunk holds ``context_length - 2`` tokens between BOS and EOS and is encoded on its own;
-    the contexts are then concatenated, so a 100-token caption conditions on 154 positions, not
-    on a truncated 77.  A chunk boundary falling at most ``comma_backtrack`` tokens after a comma
-    moves the words after that comma to the next chunk (the WebUI's "prompt word wrap length
-    limit", default 20).  Prompts with fewer chunks than the longest get empty chunks (BOS then
-    padding), which is also what an empty prompt encodes to.  Emphasis syntax is not parsed.
-    """
-    bpe = _bpe()
-    comma = bpe.encoder.get(",</w>")
-    size = context_length - 2
-    per_prompt = []
-    for text in prompts:
-        chunks: list[list[int]] = []
-        current: list[int] = []
-        last_comma = -1
-        for tok in bpe.encode(text):
-            if len(current) == size:
-                if tok != comma and comma_backtrack and last_comma >= 0 and size - last_comma <= comma_backtrack:
-                    chunks.append(current[:last_comma + 1])
-                    current = current[last_comma + 1:]
-                else:
-                    chunks.append(current)
-                    current = []
-                last_comma = -1
-            if tok == comma:
-                last_comma = len(current)
-            current.append(tok)
-        if current or not chunks:
-            chunks.append(current)
-        per_prompt.append(chunks)
-    n = max(len(c) for c in per_prompt)
-    out = torch.full((len(prompts), n, context_length), pad_id, dtype=torch.long)
-    out[:, :, 0] = BOS
-    for i, chunks in enumerate(per_prompt):
-        for j in range(n):
-            ids = chunks[j] if j < len(chunks) else []
-            out[i, j, 1:len(ids) + 2] = torch.tensor(ids + [EOS])
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Text encoders, as the WebUI's embedders run them
-
-
-def _open_clip_run(model: nn.Module, tokens: Tensor, layers: int) -> list[Tensor]:
-    """Hidden states after each of the first ``layers`` resblocks (index 0 = embeddings)."""
-    x = model.token_embedding(tokens) + model.positional_embedding.to(model.token_embedding.weight.dtype)
-    mask = model.attn_mask.to(x.dtype) if model.attn_mask is not None else None
-    batch_first = getattr(model.transformer, "batch_first", False)
-    hidden = [x]
-    for r in list(model.transformer.resblocks)[:layers]:
-        # open_clip 3.x is batch-first; the WebUI's older open_clip is sequence-first
-        h = r(x if batch_first else x.permute(1, 0, 2), attn_mask=mask)
-        x = h if batch_first else h.permute(1, 0, 2)
-        hidden.append(x)
-    return hidden
-
-
-def _project(model: nn.Module, pooled: Tensor) -> Tensor:
-    proj = model.text_projection
-    return proj(pooled) if isinstance(proj, nn.Module) else pooled @ proj
-
-
-def _size_embedding(size_conds: list[SizeCond], dim: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """sgm's three ConcatTimestepEmbedderND: timestep_embedding(dim) of each of the 6 scalars
-    (original h, w, crop top, left, target h, w), concatenated in that order."""
-    from ldm.modules.diffusionmodules.util import timestep_embedding
-
-    ids = torch.tensor([[*o, *c, *t] for o, c, t in size_conds], dtype=torch.float32, device=device)
-    return timestep_embedding(ids.flatten(), dim).reshape(len(size_conds), -1).to(dtype)
 
 
 def alphas_cumprod(linear_start: float = 0.00085, linear_end: float = 0.012, timesteps: int = 1000) -> Tensor:
@@ -322,49 +216,14 @@ class Checkpoint:
     # -- conditioning -------------------------------------------------------------------------
     def tokenize(self, prompts: list[str]) -> list[Tensor]:
         """Token ids [B, chunks, context] per text encoder (HF CLIP pads with EOS, OpenCLIP with 0)."""
-        out = []
-        for tcfg in self.config["text_encoders"]:
-            pad = EOS if tcfg["kind"] == "hf_clip" else 0
-            out.append(clip_chunk_tokenize(prompts, pad, tcfg["context_length"]))
-        return out
+        return tokenize(self.config["text_encoders"], prompts)
 
     def encode_text(self, prompts: list[str], size_conds: list[SizeCond] | None = None) -> Conditioning:
-        """Cross-attention context (and SDXL's y) as the WebUI computes it with CLIP skip 1.
-
-        No ``no_grad`` here: gradients reach text encoders (or LoRA modules hooked onto them) whenever
-        anything there requires grad; callers that only infer wrap this in ``torch.no_grad``.
-        """
-        chunked = self.tokenize(list(prompts))
-        b, n = chunked[0].shape[:2]
-        tokens = [t.flatten(0, 1) for t in chunked]   # every chunk of every prompt in one batch
-
-        def joined(h: Tensor) -> Tensor:              # [B*n, L, C] -> [B, n*L, C], chunks side by side
-            return h.reshape(b, n * h.shape[1], h.shape[2])
-
-        if self.family == "sd1":  # FrozenCLIPEmbedder(layer="last"): last_hidden_state (after final LN)
-            te = self.text_encoders[0][1]
-            return Conditioning(joined(te(input_ids=tokens[0].to(_dev(te))).last_hidden_state))
-        if self.family == "sd2":  # FrozenOpenCLIPEmbedder(layer="penultimate"): skip last block, then ln_final
-            te = self.text_encoders[0][1]
-            hidden = _open_clip_run(te, tokens[0].to(_dev(te)), len(te.transformer.resblocks) - 1)
-            return Conditioning(joined(te.ln_final(hidden[-1])))
-        # SDXL: te1 hidden_states[-2] (no final LN), te2 penultimate (no ln_final, legacy=False) and the
-        # pooled ln_final(last)[eos] @ text_projection of the first chunk (as the WebUI takes it);
-        # y = pooled ++ size embeddings (sgm GeneralConditioner)
-        te1, te2 = self.text_encoders[0][1], self.text_encoders[1][1]
-        h1 = joined(te1(input_ids=tokens[0].to(_dev(te1)), output_hidden_states=True).hidden_states[-2])
-        t2 = chunked[1][:, 0].to(_dev(te2))
-        hidden = _open_clip_run(te2, tokens[1].to(_dev(te2)), len(te2.transformer.resblocks))
-        last = te2.ln_final(hidden[-1].reshape(b, n, *hidden[-1].shape[1:])[:, 0])
-        pooled = _project(te2, last[torch.arange(b, device=last.device), t2.argmax(dim=-1)])
-        if size_conds is None:
-            r = self.resolution
-            size_conds = [((r, r), (0, 0), (r, r))] * b
-        if len(size_conds) != b:
-            raise ValueError(f"{len(size_conds)} size conditions for {b} prompts")
-        ted = int(self.config.get("size_embed_dim", SIZE_EMBED_DIM))
-        y = torch.cat([pooled, _size_embedding(size_conds, ted, pooled.device, pooled.dtype)], dim=-1)
-        return Conditioning(torch.cat([h1, joined(hidden[-2]).to(h1.device, h1.dtype)], dim=-1), y.to(h1.device))
+        """Cross-attention context (and SDXL's y) as the WebUI computes it with CLIP skip 1 (see
+        :func:`.conditioning.encode_text`; gradients flow wherever something requires grad)."""
+        return encode_text(self.family, self.text_encoders, self.config["text_encoders"], prompts, size_conds,
+                           resolution=self.resolution,
+                           size_embed_dim=int(self.config.get("size_embed_dim", SIZE_EMBED_DIM)))
 
     # -- VAE ----------------------------------------------------------------------------------
     def encode_images(self, pixels: Tensor, sample: bool = True, generator: torch.Generator | None = None) -> Tensor:
@@ -401,10 +260,6 @@ class Checkpoint:
             device=self.device, model_name=self.name, model_hash=h["sha256"], legacy_hash=h["legacy"],
             resolution=self.resolution, decode_latents=self.decode_latents,
             render=lambda prompts, **kw: sample(self, prompts, **kw))
-
-
-def _dev(m: nn.Module) -> torch.device:
-    return next(m.parameters()).device
 
 
 # ---------------------------------------------------------------------------------------------
