@@ -193,7 +193,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from .hosts.cli.checkpoint import load_checkpoint, sample
+    from .hosts.cli.checkpoint import load_checkpoint
+    from .hosts.cli.sampling import sample
     from .library import Library
     from .params import parse_prompt
     from .runtime import Runtime
@@ -266,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .hosts.cli.checkpoint import ArchitectureError
+    from .hosts.cli.config import ArchitectureError
     from .adapters import AdapterError
     from .tools.common import ToolError
     from .training.dataset import DatasetError

@@ -11,8 +11,10 @@ import yaml
 import tiny_models as tm
 from lib_lora.fileio import read_header, save_safetensors
 from lib_lora.hashes import addnet_hash_legacy, sha256_file
-from lib_lora.hosts.cli import checkpoint as C
-from lib_lora.hosts.cli.checkpoint import ArchitectureError, Checkpoint, load_checkpoint, sample, save_checkpoint
+from lib_lora.hosts.cli.builders import build_text_encoder, build_unet
+from lib_lora.hosts.cli.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from lib_lora.hosts.cli.config import TEXT_LAYOUT, UNET_PREFIX, VAE_PREFIX, ArchitectureError, infer_config
+from lib_lora.hosts.cli.sampling import alphas_cumprod, sample, sample_latents
 from lib_lora.hosts.cli.tokenizer import BOS, EOS, clip_chunk_tokenize, clip_tokenize
 from lib_lora.hosts.cli.vae import ldm_vae_layout
 
@@ -187,17 +189,17 @@ def test_real_layouts_are_inferred():
     layout = ldm_vae_layout(vae)
     for family, (unet_cfg, tes) in cases.items():
         with torch.device("meta"):
-            sd = {C.UNET_PREFIX + k: v for k, v in C.build_unet(unet_cfg).state_dict().items()}
-            for t, (_, file_prefix, _) in zip(tes, C.TEXT_LAYOUT[family]):
-                sd |= {file_prefix + k: v for k, v in C.build_text_encoder(t).state_dict().items()}
-        sd |= {C.VAE_PREFIX + k: torch.empty(s, device="meta") for k, s in layout.items()}
-        cfg = C.infer_config(sd)
+            sd = {UNET_PREFIX + k: v for k, v in build_unet(unet_cfg).state_dict().items()}
+            for t, (_, file_prefix, _) in zip(tes, TEXT_LAYOUT[family]):
+                sd |= {file_prefix + k: v for k, v in build_text_encoder(t).state_dict().items()}
+        sd |= {VAE_PREFIX + k: torch.empty(s, device="meta") for k, s in layout.items()}
+        cfg = infer_config(sd)
         assert cfg["family"] == family
         assert cfg["unet"] == dict(unet_cfg, use_checkpoint=False, image_size=32), family
         assert cfg["text_encoders"] == tes and cfg["vae"] == vae
         assert cfg["scale_factor"] == (0.13025 if family == "sdxl" else 0.18215)
         assert cfg.get("size_embed_dim") == (256 if family == "sdxl" else None)
-    assert sum(v.numel() for k, v in sd.items() if k.startswith(C.UNET_PREFIX)) == 2_567_463_684  # SDXL UNet
+    assert sum(v.numel() for k, v in sd.items() if k.startswith(UNET_PREFIX)) == 2_567_463_684  # SDXL UNet
 
 
 # --------------------------------------------------------------------------- tokenizer and conditioning
@@ -340,7 +342,7 @@ def test_samplers_match_diffusers(sampler, prediction):
     """Our DDIM / Euler loops against diffusers' schedulers configured as SD / the WebUI use them."""
     from diffusers import DDIMScheduler, EulerDiscreteScheduler
 
-    acp = C.alphas_cumprod()
+    acp = alphas_cumprod()
     betas = 1 - acp / torch.cat([torch.ones(1), acp[:-1]])
 
     def model(x, t):  # any smooth function of (x, t) will do; t arrives as a float tensor
@@ -348,7 +350,7 @@ def test_samplers_match_diffusers(sampler, prediction):
 
     noise = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0))
     steps = 10  # linspace(999, 0, 10) hits integer timesteps, where linear and log-sigma interpolation agree
-    ours = C.sample_latents(model, noise, acp, steps, prediction, sampler)
+    ours = sample_latents(model, noise, acp, steps, prediction, sampler)
     kw = dict(trained_betas=betas.numpy(), prediction_type={"v": "v_prediction"}.get(prediction, prediction))
     if sampler == "ddim":
         sch = DDIMScheduler(clip_sample=False, set_alpha_to_one=False, steps_offset=1, **kw)

@@ -116,7 +116,7 @@ def from_checkpoint(tf) -> Layout:
     Architecture comes from the tensor shapes, as ``hosts.cli`` infers it; the modules
     are built on the meta device only to name and classify the layers.
     """
-    from ..hosts.cli.checkpoint import build_text_encoder, build_unet
+    from ..hosts.cli.builders import build_text_encoder, build_unet
     from ..hosts.cli.config import (TEXT_LAYOUT, UNET_PREFIX, ArchitectureError, infer_family, infer_text_encoders,
                                     infer_unet, strip_prefix)
 

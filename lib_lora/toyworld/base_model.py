@@ -179,7 +179,7 @@ def _acc(hits: list[dict[str, bool]]) -> dict[str, float]:
 
 def train_unet(s: dict[str, Any], vae: nn.Module, seconds: float) -> tuple[nn.Module, nn.Module, float, dict]:
     from ..hosts.cli.attention import sdpa_attention
-    from ..hosts.cli.checkpoint import alphas_cumprod
+    from ..hosts.cli.sampling import alphas_cumprod
     from ..hosts.cli.tokenizer import EOS, clip_tokenize
 
     torch.manual_seed(s["seed"] + 10)
@@ -261,8 +261,8 @@ def evaluate(checkpoint, n: int = 60, seed: int = 1000, steps: int = 20, cfg: fl
     """Generate one image per BASE_WORLD prompt (``generate(n, seed)``'s captions, image i with noise
     seed ``seed + i``) and score it; the fraction whose shape / colour / background the scorer reads
     as prompted."""
-    from ..hosts.cli.checkpoint import sample
     from ..hosts.cli.attention import sdpa_attention
+    from ..hosts.cli.sampling import sample
     from .scorer import score
 
     prompts = generate(n, seed, BASE_WORLD)

@@ -62,7 +62,7 @@ class LoraRenderer:
         return images  # type: ignore[return-value]
 
     def _sample(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
-        from ..hosts.cli.checkpoint import sample
+        from ..hosts.cli.sampling import sample
 
         kw = dict(steps=self.steps, cfg=self.cfg, width=64, height=64)
         if seeds == list(range(seeds[0], seeds[0] + len(seeds))):   # sample() gives image i seed + i
