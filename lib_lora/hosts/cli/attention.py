@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 
-import torch
 from torch import nn
 from torch.nn import functional as F
 

@@ -1,40 +1,17 @@
-"""The CLI's host: a single-file Stable Diffusion checkpoint opened without the WebUI.
+"""The CLI's host: a single-file SD1/SD2/SDXL checkpoint opened without the WebUI, and saved back.
 
 The parts are held as the module classes the WebUI itself runs, so LoRA names, ModelMap and
 the patcher behave exactly as inside the WebUI:
 
-- UNet: ldm ``UNetModel`` (SD1/SD2) or :class:`lib_lora.hosts.cli.sdxl_unet.SDXLUNetModel` (SDXL);
+- UNet: ldm ``UNetModel`` (SD1/SD2) or :class:`.sdxl_unet.SDXLUNetModel` (SDXL);
 - text: HF ``CLIPTextModel`` (SD1, SDXL te1) and open_clip ``CLIP`` without ``.visual``
   (SD2, SDXL te2), i.e. ``FrozenCLIPEmbedder.transformer`` / ``FrozenOpenCLIPEmbedder.model``;
 - VAE: diffusers ``AutoencoderKL`` (ldm's autoencoder module needs pytorch_lightning), with
-  weights converted by diffusers' own ``convert_ldm_vae_checkpoint``.
+  weights renamed by :mod:`.vae`.
 
-File layout (what the WebUI, kohya and ComfyUI read)::
-
-    model.diffusion_model.*                                  UNet
-    cond_stage_model.transformer.text_model.*                SD1 CLIP-L
-    cond_stage_model.model.*                                 SD2 OpenCLIP
-    conditioner.embedders.0.transformer.text_model.*         SDXL CLIP-L
-    conditioner.embedders.1.model.*                          SDXL OpenCLIP bigG
-    first_stage_model.*                                      VAE (ldm names)
-
-Architecture config (``Checkpoint.config``)::
-
-    {"family": "sd1" | "sd2" | "sdxl",
-     "unet": {ldm/sgm UNetModel kwargs},
-     "text_encoders": [{"prefix": "te"|"te1"|"te2", "kind": "hf_clip"|"open_clip", "width", "layers",
-                        "heads", "vocab_size", "context_length", + "intermediate", "act" (hf_clip)
-                        or "mlp_ratio", "embed_dim" (open_clip)}],
-     "vae": {"embed_dim": 4, "ddconfig": {ldm ddconfig}},
-     "prediction": "epsilon" | "v", "scale_factor": 0.18215 | 0.13025,
-     "schedule": {"linear_start", "linear_end", "timesteps"}, "resolution": 512,
-     "size_embed_dim": 256}                                   # SDXL size/crop embedding width
-
-It comes from the ``config`` argument, else a sidecar ``<stem>.yaml`` (ldm/sgm format, as the
-WebUI reads it), else tensor shapes; an explicit config may be partial and then overrides the
-yaml/inferred values key by key.  Attention head counts are not stored in weights: inference
-uses the real models' values (SD1 UNet 8 heads, SD2/SDXL UNet 64-channel heads, text encoders
-64-wide heads) and, for toy widths under 128, 2 heads; a yaml or explicit config overrides that.
+The architecture config (its schema is in :mod:`.config`) comes from the ``config`` argument,
+else a sidecar ``<stem>.yaml`` (:mod:`.ldm_yaml`), else tensor shapes; an explicit config may
+be partial and then overrides the yaml/inferred values key by key.
 """
 from __future__ import annotations
 
@@ -58,47 +35,6 @@ from .ldm_yaml import dump_webui_yaml, read_yaml_config
 from .sampling import alphas_cumprod, sample
 from .vae import diffusers_to_ldm, ldm_to_diffusers, ldm_vae_config
 
-_REQUIRED = ("family", "unet", "text_encoders", "vae")
-
-
-def resolve_config(sd: dict[str, Tensor], path: Path | None,
-                   config: dict[str, Any] | None) -> tuple[dict[str, Any], str]:
-    """(config, source) with source "explicit", "yaml" or "inferred" (the base an explicit partial config updates)."""
-    if config and all(k in config for k in _REQUIRED):
-        family, source = config["family"], "explicit"
-        if family not in TEXT_LAYOUT:
-            raise ArchitectureError(f"unknown family {family!r} (sd1, sd2, sdxl)")
-        base: dict[str, Any] = {"prediction": "epsilon", "scale_factor": SCALE_FACTOR[family],
-                                "schedule": dict(SCHEDULE),
-                                "resolution": default_resolution(family, config.get("prediction", "epsilon"))}
-        if family == "sdxl":
-            base["size_embed_dim"] = SIZE_EMBED_DIM
-    else:
-        yaml_path = path.with_suffix(".yaml") if path is not None else None
-        if yaml_path is not None and yaml_path.is_file():
-            base, source = read_yaml_config(yaml_path, sd), "yaml"
-        else:
-            base, source = infer_config(sd), "inferred"
-        if config:
-            source += "+explicit"
-    cfg = merge_config(base, config or {})
-    if cfg.get("family") not in TEXT_LAYOUT:
-        raise ArchitectureError(f"unknown family {cfg.get('family')!r} (sd1, sd2, sdxl)")
-    if cfg["prediction"] not in ("epsilon", "v"):
-        raise ArchitectureError(f"unknown prediction type {cfg['prediction']!r} (epsilon, v)")
-    return cfg, source
-
-
-def _detect_v_prediction(unet: nn.Module, context_dim: int) -> bool:
-    """The WebUI's test for SD2 files without a yaml (``is_using_v_parameterization_for_sd2``):
-    at t=999 an epsilon model returns about the input, a v model about its negative."""
-    p = next(unet.parameters())
-    with torch.no_grad():
-        x = torch.full((1, unet.in_channels, 8, 8), 0.5, dtype=p.dtype, device=p.device)
-        ctx = torch.full((1, 2, context_dim), 0.5, dtype=p.dtype, device=p.device)
-        out = unet(x, torch.tensor([999], device=p.device), context=ctx)
-    return (out.float() - x.float()).mean().item() < -1
-
 
 # ---------------------------------------------------------------------------------------------
 # The checkpoint
@@ -106,6 +42,9 @@ def _detect_v_prediction(unet: nn.Module, context_dim: int) -> bool:
 
 @dataclass(eq=False)
 class Checkpoint:
+    """A checkpoint's UNet, text encoders and VAE with their config: from :func:`load_checkpoint`,
+    or :meth:`from_modules` for modules already in memory."""
+
     family: str
     unet: nn.Module
     text_encoders: list[tuple[str, nn.Module]]
@@ -258,6 +197,48 @@ class Checkpoint:
 
 # ---------------------------------------------------------------------------------------------
 # Load / save
+
+
+_REQUIRED = ("family", "unet", "text_encoders", "vae")
+
+
+def resolve_config(sd: dict[str, Tensor], path: Path | None,
+                   config: dict[str, Any] | None) -> tuple[dict[str, Any], str]:
+    """(config, source) with source "explicit", "yaml" or "inferred" (the base an explicit partial config updates)."""
+    if config and all(k in config for k in _REQUIRED):
+        family, source = config["family"], "explicit"
+        if family not in TEXT_LAYOUT:
+            raise ArchitectureError(f"unknown family {family!r} (sd1, sd2, sdxl)")
+        base: dict[str, Any] = {"prediction": "epsilon", "scale_factor": SCALE_FACTOR[family],
+                                "schedule": dict(SCHEDULE),
+                                "resolution": default_resolution(family, config.get("prediction", "epsilon"))}
+        if family == "sdxl":
+            base["size_embed_dim"] = SIZE_EMBED_DIM
+    else:
+        yaml_path = path.with_suffix(".yaml") if path is not None else None
+        if yaml_path is not None and yaml_path.is_file():
+            base, source = read_yaml_config(yaml_path, sd), "yaml"
+        else:
+            base, source = infer_config(sd), "inferred"
+        if config:
+            source += "+explicit"
+    cfg = merge_config(base, config or {})
+    if cfg.get("family") not in TEXT_LAYOUT:
+        raise ArchitectureError(f"unknown family {cfg.get('family')!r} (sd1, sd2, sdxl)")
+    if cfg["prediction"] not in ("epsilon", "v"):
+        raise ArchitectureError(f"unknown prediction type {cfg['prediction']!r} (epsilon, v)")
+    return cfg, source
+
+
+def _detect_v_prediction(unet: nn.Module, context_dim: int) -> bool:
+    """The WebUI's test for SD2 files without a yaml (``is_using_v_parameterization_for_sd2``):
+    at t=999 an epsilon model returns about the input, a v model about its negative."""
+    p = next(unet.parameters())
+    with torch.no_grad():
+        x = torch.full((1, unet.in_channels, 8, 8), 0.5, dtype=p.dtype, device=p.device)
+        ctx = torch.full((1, 2, context_dim), 0.5, dtype=p.dtype, device=p.device)
+        out = unet(x, torch.tensor([999], device=p.device), context=ctx)
+    return (out.float() - x.float()).mean().item() < -1
 
 
 def load_checkpoint(path: str | os.PathLike, config: dict[str, Any] | None = None, device: torch.device | str = "cpu",
