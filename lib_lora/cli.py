@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_inspect)
     sp = sub.add_parser("sample", help="write a small kohya-format LoRA for a tiny SD model")
     sp.add_argument("out")
-    sp.add_argument("--family", choices=("sd1", "sd2", "sdxl"), default="sd1")  # the tiny models that exist
+    sp.add_argument("--family", choices=families.UNET_FAMILIES, default="sd1")  # the layouts architectures.py builds
     sp.add_argument("--rank", type=int, default=4)
     sp.add_argument("--force", action="store_true", help="overwrite an existing file")
     sp.set_defaults(func=cmd_sample)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..families import UNET_FAMILIES
 from ..modelmap import ModelMap, Target, open_clip_to_hf_name, ldm_unet_diffusers_names
 from .common import ToolError
 
@@ -104,8 +105,8 @@ def for_family(family: str) -> Layout:
     """The published SD1.5 / SD2 / SDXL layout (shapes only)."""
     from ..architectures import build
 
-    if family not in ("sd1", "sd2", "sdxl"):
-        raise ToolError(f"unknown family {family!r} (sd1, sd2, sdxl)")
+    if family not in UNET_FAMILIES:
+        raise ToolError(f"unknown family {family!r} ({', '.join(UNET_FAMILIES)})")
     parts = build(family, "meta")
     return Layout.from_modules(family, parts.unet, parts.text_encoders)
 

@@ -24,7 +24,7 @@ from typing import Any, Callable, Literal
 import torch
 from torch import Tensor, nn
 
-from ... import hashes
+from ... import families, hashes
 from ...fileio import load_file, save_safetensors, write_text_atomic
 from ...training.model import Conditioning, SizeCond, TrainableModel
 from .builders import build_text_encoder, build_unet, build_vae, materialize
@@ -282,9 +282,6 @@ def load_checkpoint(path: str | os.PathLike, config: dict[str, Any] | None = Non
     return ck
 
 
-_ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-768-v", "sdxl": "stable-diffusion-xl-v1-base"}
-
-
 def save_checkpoint(checkpoint: Checkpoint, path: str | os.PathLike, dtype: torch.dtype | None = torch.float16,
                     yaml: bool = True, overwrite: bool = False) -> Path:
     """Write the single-file layout atomically (+ ``<stem>.yaml`` for the WebUI when ``yaml``).
@@ -300,7 +297,7 @@ def save_checkpoint(checkpoint: Checkpoint, path: str | os.PathLike, dtype: torc
     sd = {k: (v.detach().to(dtype) if dtype is not None and v.is_floating_point() else v.detach())
           for k, v in checkpoint.state_dict().items()}
     family = checkpoint.family
-    arch = "stable-diffusion-v2-512" if family == "sd2" and checkpoint.prediction != "v" else _ARCH[family]
+    arch = families.modelspec_architecture(family, checkpoint.prediction)
     repo = "generative-models" if family == "sdxl" else "stablediffusion"
     meta = {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": arch,
             "modelspec.implementation": f"https://github.com/Stability-AI/{repo}",
