@@ -1,5 +1,5 @@
 """The base-model families (SD1, SD2, SDXL, SD3): their names, how files spell them, and which one
-a LoRA file was made for.  Every other module takes family names and spellings from here."""
+a LoRA file was made for."""
 from __future__ import annotations
 
 FAMILIES = ("sd1", "sd2", "sdxl", "sd3")
