@@ -133,7 +133,7 @@ def run_ours(args, q):
     import torch
     from PIL import Image
     torch.set_num_threads(args["threads"])
-    from lib_lora.attention import sdpa_attention
+    from lib_lora.hosts.cli.attention import sdpa_attention
     from lib_lora.training.dataset import DatasetConfig
     from lib_lora.training.model import Conditioning, TrainableModel
     from lib_lora.training.network import NetworkConfig
@@ -218,7 +218,7 @@ def run_bare(args, q):
     sys.path.insert(0, str(ROOT))
     import torch
     torch.set_num_threads(args["threads"])
-    from lib_lora.attention import sdpa_attention
+    from lib_lora.hosts.cli.attention import sdpa_attention
 
     unet = _sd1(args).unet
     unet.dtype = _weights(args)

@@ -164,8 +164,8 @@ class _Bar:
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
-    from .attention import sdpa_attention
-    from .hosts.checkpoint import load_checkpoint
+    from .hosts.cli.attention import sdpa_attention
+    from .hosts.cli.checkpoint import load_checkpoint
     from .training.plan import make_plan
     from .training.trainer import Callbacks, Trainer
 
@@ -193,7 +193,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from .hosts.checkpoint import load_checkpoint, sample
+    from .hosts.cli.checkpoint import load_checkpoint
+    from .hosts.cli.sampling import sample
     from .library import Library
     from .params import parse_prompt
     from .runtime import Runtime
@@ -230,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_inspect)
     sp = sub.add_parser("sample", help="write a small kohya-format LoRA for a tiny SD model")
     sp.add_argument("out")
-    sp.add_argument("--family", choices=("sd1", "sd2", "sdxl"), default="sd1")  # the tiny models that exist
+    sp.add_argument("--family", choices=families.UNET_FAMILIES, default="sd1")  # the layouts architectures.py builds
     sp.add_argument("--rank", type=int, default=4)
     sp.add_argument("--force", action="store_true", help="overwrite an existing file")
     sp.set_defaults(func=cmd_sample)
@@ -266,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .hosts.checkpoint import ArchitectureError
+    from .hosts.cli.config import ArchitectureError
     from .adapters import AdapterError
     from .tools.common import ToolError
     from .training.dataset import DatasetError

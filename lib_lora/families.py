@@ -1,8 +1,14 @@
-"""Which base-model family (SD1, SD2, SDXL, SD3) a LoRA file was made for."""
+"""The base-model families (SD1, SD2, SDXL, SD3): their names, how files spell them, and which one
+a LoRA file was made for."""
 from __future__ import annotations
 
-from .modelmap import FAMILY_NAMES
-
+FAMILIES = ("sd1", "sd2", "sdxl", "sd3")
+# LDM/SGM UNet families: trainable, buildable from a published layout, bakeable (SD3 LoRAs only apply)
+UNET_FAMILIES = ("sd1", "sd2", "sdxl")
+# what the user reads; also the names of the WebUI's ``SdVersion`` (card filtering by model version)
+_DISPLAY = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", "sd3": "SD3"}
+# kohya's ``ss_base_model_version`` as sd-scripts writes it
+SS_BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 # cross-attention context width of each family's UNet (attn2.to_k input features)
 _CONTEXT_DIMS = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 
@@ -47,5 +53,13 @@ def detect_family(meta: dict[str, str], module_keys: set[str], shapes: dict[str,
     return family_from_keys(module_keys, shapes) or family_from_metadata(meta)
 
 
-def display(family: str | None) -> str:
-    return FAMILY_NAMES.get(family or "", "unknown")
+def display(family: str | None, unknown: str = "unknown") -> str:
+    """"SD1", "SDXL"…, or ``unknown`` for None or a name we do not know."""
+    return _DISPLAY.get(family or "", unknown)
+
+
+def modelspec_architecture(family: str, prediction: str = "epsilon") -> str:
+    """The base model's ``modelspec.architecture`` (SD2 depends on its prediction type)."""
+    if family == "sd2":
+        return "stable-diffusion-v2-768-v" if prediction == "v" else "stable-diffusion-v2-512"
+    return {"sd1": "stable-diffusion-v1", "sdxl": "stable-diffusion-xl-v1-base"}[family]

@@ -15,7 +15,8 @@ import torch
 import tiny_models as tm
 from lib_lora.fileio import TensorFile, load_file, read_header, save_safetensors
 from lib_lora.hashes import addnet_hash_safetensors, sha256_file
-from lib_lora.hosts.checkpoint import Checkpoint, load_checkpoint, sample, save_checkpoint
+from lib_lora.hosts.cli.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from lib_lora.hosts.cli.sampling import sample
 from lib_lora.modelmap import ModelMap
 from lib_lora.network import load_network
 from lib_lora.patcher import Activation, Patcher

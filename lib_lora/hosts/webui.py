@@ -337,7 +337,7 @@ class LoraPage(ui_extra_networks.ExtraNetworksPage):
             "sort_keys": {"default": index if index is not None else 0, **self.get_sort_keys(filename),
                           "lwfamily": fam,
                           "lwcompat": "no" if entry.family and current and entry.family != current else "yes"},
-            "sd_version": {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", "sd3": "SD3"}.get(entry.family or "", "Unknown"),
+            "sd_version": families.display(entry.family, unknown="Unknown"),
         }
         self.read_user_metadata(item)
         token_name = service.prompt_name(ws.library, entry,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..families import UNET_FAMILIES
 from .common import SAVE_DTYPES
 
 _FMT = argparse.ArgumentDefaultsHelpFormatter
@@ -79,7 +80,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    fam = dict(choices=["sd1", "sd2", "sdxl"], default=None,
+    fam = dict(choices=list(UNET_FAMILIES), default=None,
                help="model family, when the file does not say (its keys and metadata decide otherwise)")
 
     sp = sub.add_parser("resize", formatter_class=_FMT, help="lower a LoRA's rank by SVD (any algorithm in, LoRA out)",

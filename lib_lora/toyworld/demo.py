@@ -81,7 +81,7 @@ class _Bar:
 
 
 def _base(out_dir: Path, base: Path | None, quick: bool, log: Callable[[str], None]):
-    from ..hosts.checkpoint import load_checkpoint
+    from ..hosts.cli.checkpoint import load_checkpoint
     from .base_model import DEFAULT_PATH, run as run_recipe
 
     path = Path(base) if base is not None else DEFAULT_PATH
@@ -97,7 +97,7 @@ def _base(out_dir: Path, base: Path | None, quick: bool, log: Callable[[str], No
 
 
 def _train(ck, data_root: Path, out: Path, name: str, s: DemoSettings, seed: int) -> tuple[Path, list[float], float]:
-    from ..attention import sdpa_attention
+    from ..hosts.cli.attention import sdpa_attention
     from ..training.dataset import DatasetConfig
     from ..training.network import NetworkConfig
     from ..training.trainer import Callbacks, TrainConfig, Trainer, make_plan
