@@ -9,7 +9,6 @@ computed by hand from the LoRA's factors.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import threading
@@ -38,7 +37,7 @@ from lib_lora.hosts import webui_training as wt  # noqa: E402
 from lib_lora.hosts.checkpoint import Checkpoint, save_checkpoint  # noqa: E402
 from lib_lora.modelmap import ModelMap  # noqa: E402
 from lib_lora.tools import ui as tools_ui  # noqa: E402
-from lib_lora.tools.jobs import ToolJobError, ToolRunner  # noqa: E402
+from lib_lora.tools.jobs import ToolRunner  # noqa: E402
 from lib_lora.tools.options import TOOLS, OptionError, coerce  # noqa: E402
 from loras import kohya_lora  # noqa: E402
 from train_support import tiny_vae  # noqa: E402
