@@ -669,3 +669,26 @@ def test_published_layouts_name_kohya_layers():
     conv = sd1.get("lora_unet_down_blocks_0_resnets_0_conv1")
     assert conv.shape == (320, 320, 3, 3) and conv.role == "resnet" and conv.is_conv3
     assert sd1.get("lora_te_text_model_encoder_layers_0_mlp_fc1").role == "te"
+
+
+def test_cli_and_api_are_made_from_one_declaration_per_tool(capsys):
+    """The sub-commands' arguments are the declared options, refused by the same rule as over the API."""
+    import argparse
+
+    from lib_lora.cli import build_parser, main
+    from lib_lora.tools.options import TOOLS, OptionError, coerce
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, t in TOOLS.items():
+        dests = {a.dest for a in sub.choices[name]._actions if a.dest != "help"}
+        assert dests == {o.name for o in t.on("cli")}, name
+        defaults = {a.dest: a.default for a in sub.choices[name]._actions if a.dest != "help"}
+        for o in t.on("cli"):
+            if not o.positional and o.type is not bool:
+                assert defaults[o.name] == (None if o.required else o.default), (name, o.name)
+    with pytest.raises(SystemExit):
+        main(["extract", "a", "b", "--out", "c", "--clamp-quantile", "1.5"])
+    cli_error = capsys.readouterr().err.strip().splitlines()[-1]
+    with pytest.raises(OptionError) as api_error:
+        coerce(TOOLS["extract"], {"base": "a", "tuned": "b", "out": "c", "clamp_quantile": 1.5})
+    assert cli_error.endswith("argument --clamp-quantile: " + api_error.value.detail)
