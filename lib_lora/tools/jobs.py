@@ -292,7 +292,10 @@ class ToolRunner:
             self._run(job)
 
     def _run(self, job: ToolJob) -> None:
+        """Run ``job``; its final state is set last, once the lock is released and the lists are refreshed,
+        so whoever sees "finished" also sees the new file listed."""
         t = tool(job.tool)
+        done = False
         try:
             if job.stop_requested:
                 raise JobStopped("stopped before it started")
@@ -301,21 +304,21 @@ class ToolRunner:
                 job.state, job.started, job.stage = "running", time.time(), t.name
                 with progress.observe(lambda bar: self._on_bar(job, bar, locked)):
                     t.run(job.values, log=job.log)
-                job.state, job.stage = "finished", "finished"
+                done, job.stage, job.eta = True, "finished", None
         except Exception as e:  # the job's error, for its status; the worker goes on with the next job
             job.fail(e)
             self.host.log(f"{t.name} {job.output.name}: {job.error}")
         finally:
-            if job.state in ACTIVE:  # not an Exception (the thread is being torn down)
+            job.ended, job.eta = time.time(), None
+            if job.state in ACTIVE and not done:  # not an Exception: the thread is being torn down
                 job.state, job.error = "failed", job.error or "interrupted"
-            job.ended = time.time()
-            job.eta = None
-        if job.state == "finished":
+        if done:
             try:
                 self.host.after(job)
             except Exception as e:  # the file is written; only the listing is stale
                 job.log(f"could not refresh the lists: {e}")
                 self.host.log(f"refresh after {t.name}: {e}")
+            job.state = "finished"
         job._ended.set()
 
     @contextlib.contextmanager
