@@ -344,9 +344,9 @@ def test_svd_tools_hold_the_queue_lock_drive_the_progress_bar_and_stop(webui, fi
     release.set()
     st = webui.wait(job_id)
     assert st["state"] == "stopped" and st["error_type"] == "JobStopped"
+    assert webui.wait(conv)["state"] == "finished"   # (its temp file would be in the folder while it runs)
     assert not (webui.lora_dir / "slow.safetensors").exists()
     assert not [p for p in webui.lora_dir.iterdir() if p.name.endswith(".tmp")]
-    assert webui.wait(conv)["state"] == "finished"
     assert shared.state.job == ""
 
     # the WebUI's Interrupt stops a tool that holds the lock, like a generation
