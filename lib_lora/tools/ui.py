@@ -144,7 +144,7 @@ def create_section(runner: ToolRunner) -> None:
     host = runner.host
     names = list(TOOLS)
     inputs: list[tuple[str, str, Any]] = []        # (tool, value key, component), in the handlers' order
-    pickers: list[tuple[str, Any]] = []            # (kind, dropdown) the refresh button updates
+    pickers: list[tuple[str, Any, bool]] = []      # (kind, dropdown, offers "none") the refresh button updates
     groups = []
 
     def lists() -> dict[str, list[str]]:
