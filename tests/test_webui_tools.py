@@ -34,7 +34,7 @@ from lib_lora.fileio import TensorFile, load_file, save_safetensors  # noqa: E40
 from lib_lora.hosts import webui as host  # noqa: E402
 from lib_lora.hosts import webui_tools as wtools  # noqa: E402
 from lib_lora.hosts import webui_training as wt  # noqa: E402
-from lib_lora.hosts.checkpoint import Checkpoint, save_checkpoint  # noqa: E402
+from lib_lora.hosts.cli.checkpoint import Checkpoint, save_checkpoint  # noqa: E402
 from lib_lora.modelmap import ModelMap  # noqa: E402
 from lib_lora.tools import ui as tools_ui  # noqa: E402
 from lib_lora.tools.jobs import ToolRunner  # noqa: E402
