@@ -710,7 +710,7 @@ def api_auth_dependencies(app: Any) -> list:
 
 def add_api_routes(app: Any, workshop: Workshop) -> list[str]:
     from ..api import add_routes
-    from . import webui_training
+    from . import webui_tools, webui_training
     added = add_routes(app, lambda: workshop.library, dependencies=api_auth_dependencies(app),
                        builtin_compatible=not builtin_lora_active())
-    return added + webui_training.add_api_routes(app, workshop)
+    return added + webui_training.add_api_routes(app, workshop) + webui_tools.add_api_routes(app, workshop)

@@ -415,7 +415,8 @@ def get_runner(workshop: "glue.Workshop | None" = None) -> JobRunner:
 def ui_tabs() -> list:
     """script_callbacks.on_ui_tabs: the "LoRA Workshop" tab."""
     from ..training import ui
-    return ui.create_tab(get_runner())
+    from . import webui_tools
+    return ui.create_tab(get_runner(), sections=[webui_tools.tab_section])
 
 
 def add_api_routes(app: Any, workshop: "glue.Workshop") -> list[str]:

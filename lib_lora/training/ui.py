@@ -12,7 +12,7 @@ from __future__ import annotations
 import html
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -258,8 +258,11 @@ def preset_key(label: str | None) -> str:
 # -- the tab -------------------------------------------------------------------------------------------
 
 
-def create_tab(runner: JobRunner) -> list:
-    """Build the tab (gradio 3.41 API); returns what script_callbacks.on_ui_tabs expects."""
+def create_tab(runner: JobRunner, sections: Sequence[Callable[[], None]] = ()) -> list:
+    """Build the tab (gradio 3.41 API); returns what script_callbacks.on_ui_tabs expects.
+
+    ``sections`` build further parts of the tab below the training form (the tools).
+    """
     import gradio as gr
 
     host = runner.host
@@ -317,6 +320,8 @@ def create_tab(runner: JobRunner) -> list:
                 log = gr.Textbox(label="Log", lines=8, max_lines=8, interactive=False, elem_id="lora_workshop_log")
                 refresh_btn = gr.Button("Refresh", elem_id=POLL_ID)
                 validation = gr.HTML(elem_id="lora_workshop_validation")
+        for section in sections:
+            section()
         seen = gr.State(None)
 
         keys = list(components)
