@@ -34,15 +34,17 @@ def family_from_keys(module_keys: set[str], shapes: dict[str, tuple[int, ...]]) 
         return "sd3"  # MMDiT paths (kohya), SD3Transformer2DModel paths (diffusers), T5 (only SD3 has one)
     if any(k.startswith("lora_te2_") for k in module_keys):
         return "sdxl"
-    if any(k.startswith(("lora_unet_input_blocks_", "lora_unet_output_blocks_", "lora_unet_middle_block_"))
-           for k in module_keys):
-        return "sdxl"  # kohya spells only SDXL UNets the SGM way
+    # the cross-attention width is the UNet's own; it goes before the spelling, since the built-in
+    # also applies SD1/SD2 files spelled the LDM way
     for key, shape in shapes.items():
         if "attn2_to_k" in key and len(shape) >= 2:
             role = key.split(".", 1)[1] if "." in key else ""
             width = shape[1] if role in ("lora_down.weight", "hada_w1_b", "diff") else None
             if width in _CONTEXT_DIMS:
                 return _CONTEXT_DIMS[width]
+    if any(k.startswith(("lora_unet_input_blocks_", "lora_unet_output_blocks_", "lora_unet_middle_block_"))
+           for k in module_keys):
+        return "sdxl"  # kohya spells only SDXL UNets the SGM way
     # te1 alone is weaker evidence: diffusers' convert_state_dict_to_kohya writes it for SD1 files too
     if any(k.startswith("lora_te1_") for k in module_keys):
         return "sdxl"
