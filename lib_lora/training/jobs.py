@@ -30,13 +30,13 @@ from pathlib import Path
 
 import torch
 
-from ..library import TRAINING_STATE_SUFFIX as STATE_SUFFIX  # noqa: F401  (re-exported)
 from .dataset import Problem, validate
 from .model import TrainableModel
 from .plan import Plan, make_plan
 # requests live in request.py; the names are kept here for the hosts and the API
 from .request import (PRESET_LABELS, PRESETS, JobConflict, JobError, JobNotFound, JobRequest,  # noqa: F401
                       RequestError, TrainingRefused, build_request, one_line, preset_for_family)
+from .state import state_path
 from .trainer import Callbacks, Progress, Trainer
 
 STATES = ("queued", "validating", "running", "saving", "finished", "stopped", "failed")
@@ -259,7 +259,7 @@ class Job:
             first = self.step - len(self.losses) + 1
             state_file = None
             if self.config.save_state and self.saved:
-                candidate = Trainer.state_path(self.saved[-1])
+                candidate = state_path(self.saved[-1])
                 state_file = rel(candidate) if candidate.exists() else None
             return {
                 "id": self.id,

@@ -14,13 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..library import TRAINING_STATE_SUFFIX as STATE_SUFFIX
+from ..fileio import TRAINING_STATE_SUFFIX as STATE_SUFFIX, LoraFileError
 from . import options
 from .dataset import DatasetConfig, DatasetError
 from .network import NetworkConfig
 from .options import OptionError
 from .outputs import check_output_name
 from .config import TrainConfig
+from .state import read_state_header
 
 # -- presets ---------------------------------------------------------------------------------------
 # Starting points after kohya-ss/sd-scripts' documentation for LoRA on SD1.5 and SDXL.  Keys are
@@ -231,12 +232,10 @@ def resolve_state_file(value: Any, output_dir: Path) -> Path:
     return path
 
 
-def state_header(path: Path) -> dict:
-    """step, session and TrainConfig (as a dict) of a training state file, read from its header only."""
-    from ..fileio import LoraFileError
-    from .state import read_state_header
+def stored_config(path: Path) -> dict:
+    """The TrainConfig (as a dict) a training state file was saved with, read from its header only."""
     try:
-        return read_state_header(path)
+        return read_state_header(path).config
     except (LoraFileError, OSError) as e:
         raise RequestError(f"resume_from: cannot use {Path(path).name}: {e}") from None
 
@@ -281,7 +280,7 @@ def build_request(data: dict, output_dir: Path, family: str | None = None,
     resume = None
     if data.get("resume_from") not in (None, ""):
         resume = resolve_state_file(data["resume_from"], output_dir)
-        stored = state_header(resume)["config"]
+        stored = stored_config(resume)
         base = {k: v for k, v in stored.items() if k not in _TOP_EXCLUDED}
         for part in ("dataset", "network"):
             if not isinstance(stored.get(part) or {}, dict):

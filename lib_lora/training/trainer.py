@@ -14,7 +14,7 @@ import math
 import time
 import uuid
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -33,7 +33,7 @@ from .network import NetworkConfig, TrainingNetwork
 from . import outputs
 from .options import AUTO_ON_OFF, check_optimizer
 from .plan import Plan, make_plan
-from .state import load_state, save_state
+from .state import TrainingState, config_record, load_state, save_state, state_path
 
 # the names callers imported from here before config.py and plan.py existed
 __all__ = ["Trainer", "TrainConfig", "DatasetConfig", "NetworkConfig", "Callbacks", "Progress", "TrainResult",
@@ -418,20 +418,16 @@ class Trainer:
         # make_plan() checked every name; a file that appeared since is replaced only if it is ours
         out = save_safetensors(tensors, path, meta, overwrite=outputs.may_replace(path, cfg.overwrite, self.session_id))
         if cfg.save_state:
-            spath = self.state_path(path)
-            save_state(spath, {
-                "step": step, "position": pos.to_dict(), "losses": losses, "started": started,
-                "session": self.session_id, "fingerprint": self.dataset.fingerprint(),
-                "config": _jsonable(asdict(cfg)), "network": net.kohya_state_dict(torch.float32),
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
+            spath = state_path(path)
+            save_state(spath, TrainingState(
+                step=step, position=pos, losses=losses, started=started, session=self.session_id,
+                fingerprint=self.dataset.fingerprint(), config=config_record(cfg),
+                network=net.kohya_state_dict(torch.float32), optimizer=opt.state_dict(),
+                scheduler=sched.state_dict()),
                 overwrite=outputs.may_replace(spath, cfg.overwrite, self.session_id))
         self.cb.log(f"saved {out}")
         if self.cb.on_saved:
             self.cb.on_saved(out)
-
-    @staticmethod
-    def state_path(lora_path: Path) -> Path:
-        return outputs.state_path(lora_path)
 
     def _prune(self, saved: list[Path]) -> None:
         k = self.cfg.save_last_k
@@ -439,24 +435,20 @@ class Trainer:
             return
         while len(saved) > k:
             old = saved.pop(0)
-            for p in (old, self.state_path(old)):
+            for p in (old, state_path(old)):
                 if p.exists():
                     p.unlink()
 
     def _resume(self, path, net, opt, sched):
         st = load_state(Path(path))
-        if st["fingerprint"] != self.dataset.fingerprint():
+        if st.fingerprint != self.dataset.fingerprint():
             raise ValueError("the dataset changed since this state was saved; resuming would not continue the same run")
-        sd = st["network"]
-        for key in net.targets:
-            lora = net.lora(key)
-            lora.down.weight.data.copy_(sd[f"{key}.lora_down.weight"].reshape(lora.down.weight.shape))
-            lora.up.weight.data.copy_(sd[f"{key}.lora_up.weight"].reshape(lora.up.weight.shape))
-        opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
-        self.session_id = st["session"]
-        self.cb.log(f"resumed at step {st['step']} from {path}")
-        return st["step"], Position.from_dict(st["position"]), list(st["losses"]), st["started"]
+        net.load_kohya_state_dict(st.network)
+        opt.load_state_dict(st.optimizer)
+        sched.load_state_dict(st.scheduler)
+        self.session_id = st.session
+        self.cb.log(f"resumed at step {st.step} from {path}")
+        return st.step, st.position, list(st.losses), st.started
 
     def _samples(self, net, step: int) -> None:
         if self.model.render is None:
@@ -478,12 +470,3 @@ def _derive(seed: int, *parts) -> int:
 def _dtype(module: torch.nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
 
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
