@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     from .adapters import AdapterError
     from .tools.common import ToolError
     from .training.dataset import DatasetError
-    from .training.request import RequestError
+    from .training.errors import RequestError
 
     args = build_parser().parse_args(argv)
     try:

@@ -39,7 +39,8 @@ import torch
 from modules import paths, shared
 
 from ..params import literal_caption
-from ..training.jobs import Job, JobRunner, TrainingHost, TrainingRefused
+from ..training.host import TrainingHost, TrainingRefused
+from ..training.jobs import Job, JobRunner
 from ..training.model import Conditioning, TrainableModel
 from . import webui as glue
 

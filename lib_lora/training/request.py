@@ -17,6 +17,7 @@ from typing import Any
 from ..fileio import TRAINING_STATE_SUFFIX as STATE_SUFFIX, LoraFileError
 from . import options
 from .dataset import DatasetConfig, DatasetError
+from .errors import RequestError, one_line
 from .network import NetworkConfig
 from .options import OptionError
 from .outputs import check_output_name
@@ -52,57 +53,6 @@ PRESET_LABELS = {"sd15": "SD1.5 (512, rank 32/16, TE on)", "sdxl": "SDXL (1024, 
 
 def preset_for_family(family: str | None) -> str:
     return "sdxl" if family == "sdxl" else "sd15"
-
-
-# -- errors ------------------------------------------------------------------------------------------
-
-
-class JobError(Exception):
-    """Base class; ``status`` is the HTTP status an API should answer with."""
-    status = 400
-
-
-class RequestError(JobError):
-    """The request itself is wrong (unknown option, bad value, bad path or name).
-
-    When one option is at fault, ``option`` is its field name and ``detail`` the reason, so each
-    surface can name it its own way (the command line as its flag)."""
-    status = 400
-
-    def __init__(self, message: str, option: str | None = None, detail: str | None = None):
-        super().__init__(message)
-        self.option = option
-        self.detail = detail if detail is not None else message
-
-    @classmethod
-    def bad(cls, where: str, detail: str) -> "RequestError":
-        """``where``: the request key ("network.rank"); the message reads ``where: detail``."""
-        return cls(f"{where}: {detail}", where.rpartition(".")[2], detail)
-
-    @classmethod
-    def of(cls, e: OptionError) -> "RequestError":
-        return cls(str(e), e.option, e.detail)
-
-
-class JobConflict(JobError):
-    """Cannot start now: a job is running, the output exists, or the host refuses its model."""
-    status = 409
-
-
-class TrainingRefused(JobConflict):
-    """The host cannot train on what is loaded (no model, --lowvram, fp8, a refiner ...)."""
-
-
-class JobNotFound(JobError, LookupError):
-    status = 404
-
-
-def one_line(e: BaseException) -> str:
-    """``Type: first line of the message``, for statuses (tracebacks go to the console)."""
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    if isinstance(e, (JobError, DatasetError)):
-        return msg or type(e).__name__
-    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
 
 # -- requests -> TrainConfig ---------------------------------------------------------------------------

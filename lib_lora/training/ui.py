@@ -17,8 +17,10 @@ from PIL import Image, ImageDraw, ImageFont
 
 from . import options
 from .dataset import DatasetError
-from .jobs import PRESET_LABELS, PRESETS, JobError, JobRunner, format_seconds, preset_for_family
+from .errors import JobError
+from .jobs import JobRunner, format_seconds
 from .options import AUTO_ON_OFF
+from .request import PRESET_LABELS, PRESETS, preset_for_family
 from .state import list_state_files
 
 TAB_TITLE = "LoRA Workshop"
