@@ -126,7 +126,7 @@ def add_training_routes(app: FastAPI, runner: Callable[[], Any], *, dependencies
     """
     from fastapi.responses import FileResponse
 
-    from .training.dataset import DatasetError
+    from .training.problems import DatasetError
     from .training.errors import JobError
 
     route = _Registrar(app, dependencies)

@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     from .hosts.checkpoint import ArchitectureError
     from .adapters import AdapterError
     from .tools.common import ToolError
-    from .training.dataset import DatasetError
+    from .training.problems import DatasetError
     from .training.errors import RequestError
 
     args = build_parser().parse_args(argv)

@@ -639,7 +639,8 @@ def test_tab_helpers_without_gradio(data):
     assert img.size == (640, 240) and img.getextrema() != ((250, 250),) * 3
     assert ui.loss_plot([]).size == (640, 240)
     assert jobs.downsample([1.0] * 1000, 200)[-1] == [1000, 1.0] and len(jobs.downsample([1.0] * 1000, 200)) == 200
-    from lib_lora.training.dataset import DatasetConfig, validate
+    from lib_lora.training.dataset import DatasetConfig
+    from lib_lora.training.scan import validate
     summary, problems = validate(DatasetConfig(data, resolution=64, enable_buckets=False))
     html_out = ui.summary_html(summary, problems)
     assert "1_zkx" in html_out and "Training images" in html_out

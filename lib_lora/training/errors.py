@@ -4,7 +4,7 @@ The host's own refusal (``TrainingRefused``) is declared with the host seam, in 
 """
 from __future__ import annotations
 
-from .dataset import DatasetError
+from .problems import DatasetError
 from .options import OptionError
 
 

@@ -28,13 +28,14 @@ from pathlib import Path
 
 import torch
 
-from .dataset import Problem, validate
 from .errors import JobConflict, JobNotFound, one_line
 from .fingerprint import model_fingerprint
 from .host import TrainingHost
 from .model import TrainableModel
 from .plan import Plan, make_plan
+from .problems import Problem
 from .request import JobRequest, build_request
+from .scan import validate
 from .state import state_path
 from .trainer import Callbacks, Progress, Trainer, TrainResult
 

@@ -17,7 +17,8 @@ import torch
 
 from . import outputs
 from .config import TrainConfig
-from .dataset import Dataset, scan
+from .dataset import Dataset
+from .scan import scan
 from .state import read_state_header
 
 

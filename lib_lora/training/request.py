@@ -16,11 +16,12 @@ from typing import Any
 
 from ..fileio import TRAINING_STATE_SUFFIX as STATE_SUFFIX, LoraFileError
 from . import options
-from .dataset import DatasetConfig, DatasetError
+from .dataset import DatasetConfig
 from .errors import RequestError, one_line
 from .network import NetworkConfig
 from .options import OptionError
 from .outputs import check_output_name
+from .problems import DatasetError
 from .config import TrainConfig
 from .state import read_state_header
 

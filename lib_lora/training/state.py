@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..fileio import TRAINING_STATE_SUFFIX, LoraFileError, load_safetensors, read_header, save_safetensors
-from .dataset import Position
+from .epochs import Position
 
 STATE_FORMAT = "lora-workshop-train-state/1"
 

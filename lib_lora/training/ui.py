@@ -16,10 +16,10 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 
 from . import options
-from .dataset import DatasetError
 from .errors import JobError
 from .jobs import JobRunner, format_seconds
 from .options import AUTO_ON_OFF
+from .problems import DatasetError
 from .request import PRESET_LABELS, PRESETS, preset_for_family
 from .state import list_state_files
 
