@@ -12,10 +12,12 @@ from lib_lora.library import Library
 from lib_lora.modelmap import ModelMap
 from lib_lora.network import load_network
 from lib_lora.patcher import Activation, Patcher
+from lib_lora.training.config import TrainConfig
 from lib_lora.training.dataset import DatasetConfig
 from lib_lora.training.network import NetworkConfig
+from lib_lora.training.plan import make_plan
 from lib_lora.training.state import state_path
-from lib_lora.training.trainer import Callbacks, TrainConfig, Trainer, make_plan
+from lib_lora.training.trainer import Callbacks, Trainer
 from loras import same, snapshot
 from tiny_models import build_sd1, build_sd2, build_sdxl
 from train_support import make_dataset, trainable, tiny_vae

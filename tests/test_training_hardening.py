@@ -15,15 +15,17 @@ import torch
 from lib_lora import cli
 from lib_lora.fileio import save_safetensors
 from lib_lora.training import jobs
+from lib_lora.training.config import TrainConfig
+from lib_lora.training.dataset import DatasetConfig
 from lib_lora.training.errors import RequestError
 from lib_lora.training.host import TrainingHost
-from lib_lora.training.dataset import DatasetConfig
 from lib_lora.training.network import NetworkConfig
 from lib_lora.training.options import OptionError
 from lib_lora.training.outputs import check_output_name
+from lib_lora.training.plan import make_plan
 from lib_lora.training.request import build_request
 from lib_lora.training.state import STATE_FORMAT
-from lib_lora.training.trainer import Callbacks, TrainConfig, Trainer, make_plan
+from lib_lora.training.trainer import Callbacks, Trainer
 from tiny_models import build_sd1
 from train_support import make_dataset, trainable, tiny_vae
 

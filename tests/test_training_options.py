@@ -9,11 +9,11 @@ import pytest
 
 from lib_lora import cli
 from lib_lora.training import options, ui
+from lib_lora.training.config import TrainConfig
 from lib_lora.training.dataset import DatasetConfig
 from lib_lora.training.metadata import option_metadata
 from lib_lora.training.network import NetworkConfig
 from lib_lora.training.request import PRESETS
-from lib_lora.training.trainer import TrainConfig
 from train_support import make_dataset
 
 SETS = {"": TrainConfig, "dataset": DatasetConfig, "network": NetworkConfig}

@@ -26,20 +26,17 @@ from ..hashes import hashes_from_bytes
 from .checkpointing import gradient_checkpointing
 from .frozen_layers import frozen_layers
 from .config import TrainConfig
-from .dataset import Dataset, DatasetConfig
+from .dataset import Dataset
 from .epochs import Batch, Position, derive_seed
 from .latents import LatentCache, TextCache
 from .metadata import build_metadata
 from .model import TrainableModel
-from .network import NetworkConfig, TrainingNetwork
+from .network import TrainingNetwork
 from . import outputs
-from .options import AUTO_ON_OFF, check_optimizer
-from .plan import Plan, make_plan
+from .options import check_optimizer
+from .plan import Plan
 from .state import TrainingState, config_record, load_state, save_state, state_path
 
-# the names callers imported from here before config.py and plan.py existed
-__all__ = ["Trainer", "TrainConfig", "DatasetConfig", "NetworkConfig", "Callbacks", "Progress", "TrainResult",
-           "Plan", "make_plan", "AUTO_ON_OFF", "SAVE_DTYPES", "make_optimizer", "lr_lambda", "snr_weights"]
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "float": torch.float32}
 
@@ -73,10 +70,6 @@ class TrainResult:
     losses: list[float]
     stopped: bool
     saved: list[Path]
-
-
-class TrainingStopped(Exception):
-    pass
 
 
 def _grad_scaler(enabled: bool):
