@@ -55,7 +55,9 @@ def train(ck, data: Path, out: Path, name: str, rank: int, conv_rank: int, steps
     from lib_lora.hosts.cli.attention import sdpa_attention
     from lib_lora.training.dataset import DatasetConfig
     from lib_lora.training.network import NetworkConfig
-    from lib_lora.training.trainer import Callbacks, TrainConfig, Trainer, make_plan
+    from lib_lora.training.config import TrainConfig
+    from lib_lora.training.plan import make_plan
+    from lib_lora.training.trainer import Callbacks, Trainer
 
     cfg = TrainConfig(DatasetConfig(data, resolution=64, enable_buckets=False),
                       NetworkConfig(rank=rank, alpha=rank, conv_rank=conv_rank, conv_alpha=conv_rank,

@@ -137,7 +137,9 @@ def run_ours(args, q):
     from lib_lora.training.dataset import DatasetConfig
     from lib_lora.training.model import Conditioning, TrainableModel
     from lib_lora.training.network import NetworkConfig
-    from lib_lora.training.trainer import Callbacks, TrainConfig, Trainer, make_plan
+    from lib_lora.training.config import TrainConfig
+    from lib_lora.training.plan import make_plan
+    from lib_lora.training.trainer import Callbacks, Trainer
 
     side, dev, dtype = args["latent"] * 8, args["device"], _weights(args)
     root = Path(tempfile.mkdtemp())

@@ -114,7 +114,7 @@ def add_routes(app: FastAPI, library: Callable[[], Library], *, dependencies: li
 def add_training_routes(app: FastAPI, runner: Callable[[], Any], *, dependencies: list | None = None) -> list[str]:
     """Training jobs over HTTP; ``runner`` returns the ``training.jobs.JobRunner`` (called per request).
 
-    - ``POST {PREFIX}/train`` body: a training request (see ``jobs.build_request``) -> ``{"id", "name",
+    - ``POST {PREFIX}/train`` body: a training request (see ``request.build_request``) -> ``{"id", "name",
       "state", "total"}`` at once; 400 bad request / dataset error (named), 409 a job is running,
       the output exists or the loaded model cannot be trained on.
     - ``POST {PREFIX}/train/validate`` same body -> ``{"summary", "problems"}`` (nothing starts).
@@ -126,8 +126,8 @@ def add_training_routes(app: FastAPI, runner: Callable[[], Any], *, dependencies
     """
     from fastapi.responses import FileResponse
 
-    from .training.dataset import DatasetError
-    from .training.jobs import JobError
+    from .training.problems import DatasetError
+    from .training.errors import JobError
 
     route = _Registrar(app, dependencies)
     added = route.added

@@ -270,8 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     from .hosts.cli.config import ArchitectureError
     from .adapters import AdapterError
     from .tools.common import ToolError
-    from .training.dataset import DatasetError
-    from .training.request import RequestError
+    from .training.problems import DatasetError
+    from .training.errors import RequestError
 
     args = build_parser().parse_args(argv)
     try:

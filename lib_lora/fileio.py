@@ -21,6 +21,9 @@ from torch import Tensor
 
 SAFETENSORS_EXT = (".safetensors",)
 PICKLE_EXT = (".pt", ".ckpt", ".bin", ".pth")
+# a training run's resume state beside its LoRA (training/state.py); defined here, below the library
+# that must skip it when scanning, so the runtime never imports the training code
+TRAINING_STATE_SUFFIX = ".state.safetensors"
 MAX_HEADER = 100 * 1024 * 1024
 
 _DTYPES = {

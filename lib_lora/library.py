@@ -15,13 +15,12 @@ from pathlib import Path
 from typing import Iterator
 
 from . import families, safe_json
-from .fileio import PICKLE_EXT, SAFETENSORS_EXT, LoraFileError, read_header
+from .fileio import PICKLE_EXT, SAFETENSORS_EXT, TRAINING_STATE_SUFFIX, LoraFileError, read_header
 from .hashes import addnet_hash_safetensors, sha256_file
 from .network import Network, load_network
 
 EXTENSIONS = SAFETENSORS_EXT + (".pt", ".ckpt")
 PREVIEW_EXT = (".png", ".jpg", ".jpeg", ".webp", ".gif")
-TRAINING_STATE_SUFFIX = ".state.safetensors"
 _HEX = re.compile(r"^[0-9a-fA-F]{8,64}$")
 
 

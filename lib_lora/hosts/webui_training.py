@@ -40,7 +40,8 @@ from modules import paths, shared
 
 from .. import families
 from ..params import literal_caption
-from ..training.jobs import Job, JobRunner, TrainingHost, TrainingRefused
+from ..training.host import TrainingHost, TrainingRefused
+from ..training.jobs import Job, JobRunner
 from ..training.model import Conditioning, TrainableModel
 from . import webui as glue
 

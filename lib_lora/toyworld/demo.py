@@ -100,7 +100,9 @@ def _train(ck, data_root: Path, out: Path, name: str, s: DemoSettings, seed: int
     from ..hosts.cli.attention import sdpa_attention
     from ..training.dataset import DatasetConfig
     from ..training.network import NetworkConfig
-    from ..training.trainer import Callbacks, TrainConfig, Trainer, make_plan
+    from ..training.config import TrainConfig
+    from ..training.plan import make_plan
+    from ..training.trainer import Callbacks, Trainer
 
     cfg = TrainConfig(DatasetConfig(data_root, resolution=64, enable_buckets=False),
                       NetworkConfig(rank=s.rank, alpha=s.rank, conv_rank=s.conv_rank, conv_alpha=s.conv_rank,

@@ -19,7 +19,6 @@ from torch.nn.utils import parametrize
 
 from ..adapters.lora import LoRAModule
 from ..modelmap import ModelMap, Target
-from ..network import Network, parse_state_dict
 from . import options
 
 _d = options.default
@@ -149,10 +148,6 @@ class TrainingNetwork(nn.Module):
             module._parameters = {k: params[k] for k in order if k in params} | params
         self._parametrized.clear()
 
-    def set_multiplier(self, m: float) -> None:
-        for lora in self.loras.values():
-            lora.multiplier = m
-
     def kohya_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
         out = {}
         for key in self.targets:
@@ -160,9 +155,11 @@ class TrainingNetwork(nn.Module):
                 out[f"{key}.{role}"] = t
         return out
 
-    def to_runtime(self, name: str = "training") -> Network:
-        """The same weights as a runtime Network (what <lora:name:w> would apply)."""
-        return parse_state_dict(name, self.kohya_state_dict(), {})
+    def load_kohya_state_dict(self, sd: dict[str, Tensor]) -> None:
+        """Put back the weights ``kohya_state_dict`` gave (resuming a run); every target must be in ``sd``."""
+        for key in self.targets:
+            self.lora(key).load_kohya_tensors({role: sd[f"{key}.{role}"]
+                                               for role in ("lora_down.weight", "lora_up.weight")})
 
 
 def _weight_read_by_parent(module: nn.Module) -> bool:

@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from ..fileio import LoraFileError, read_header
-from ..library import TRAINING_STATE_SUFFIX
 from .options import OptionError
-from .state import read_state_header
+from .state import is_state_file, read_state_header, state_path
 
 # temp files an interrupted atomic write can leave (fileio.atomic_path's naming) older than this are ours to sweep
 STALE_TEMP_SECONDS = 60.0
@@ -61,10 +60,6 @@ def output_path(output_dir: str | Path, name: str, step: int | None = None) -> P
     return Path(output_dir) / f"{stem}.safetensors"
 
 
-def state_path(lora_path: Path) -> Path:
-    return lora_path.with_name(lora_path.stem + TRAINING_STATE_SUFFIX)
-
-
 def save_due(step: int, per_epoch: int, every_n_steps: int, every_n_epochs: int, accumulation: int) -> bool:
     """Whether an intermediate save falls on optimiser step ``step``."""
     by_steps = every_n_steps > 0 and step % every_n_steps == 0
@@ -85,8 +80,8 @@ def planned(cfg, total: int, per_epoch: int) -> list[Path]:
 def session_of(path: Path) -> str | None:
     """The training session that wrote ``path`` (a LoRA or a state file), or None if unknown."""
     try:
-        if path.name.endswith(TRAINING_STATE_SUFFIX):
-            return str(read_state_header(path).get("session"))
+        if is_state_file(path):
+            return read_state_header(path).session
         return read_header(path).metadata.get("ss_session_id")
     except (LoraFileError, OSError):
         return None

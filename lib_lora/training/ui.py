@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import html
 import math
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
 from . import options
-from .dataset import DatasetError
-from .jobs import PRESET_LABELS, PRESETS, STATE_SUFFIX, JobError, JobRunner, format_seconds, preset_for_family
+from .errors import JobError
+from .jobs import JobRunner, format_seconds
 from .options import AUTO_ON_OFF
+from .problems import DatasetError
+from .request import PRESET_LABELS, PRESETS, preset_for_family
+from .state import list_state_files
 
 TAB_TITLE = "LoRA Workshop"
 TAB_ID = "lora_workshop"          # the WebUI wraps it as #tab_lora_workshop
@@ -102,16 +104,6 @@ def form_to_request(values: dict[str, Any], preset: str | None = None) -> dict[s
         section, _, name = key.rpartition(".")
         (req[section] if section else req)[name] = value
     return req
-
-
-def list_state_files(folder: Path) -> list[str]:
-    """Training state files in the LoRA folder (relative names), newest first."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    files = [p for p in folder.rglob(f"*{STATE_SUFFIX}") if p.is_file()]
-    files.sort(key=lambda p: p.stat().st_mtime, reverse=True)
-    return [p.relative_to(folder).as_posix() for p in files]
 
 
 # -- views -----------------------------------------------------------------------------------------
