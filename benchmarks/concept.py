@@ -52,10 +52,12 @@ def train(ck, data: Path, out: Path, name: str, rank: int, conv_rank: int, steps
           batch: int, seed: int, text_encoder: bool = False, min_snr_gamma: float | None = None
           ) -> tuple[Path, dict[int, float]]:
     """Our Trainer (the WebUI tab's and the CLI's code path); returns the file and step -> seconds."""
-    from lib_lora.attention import sdpa_attention
+    from lib_lora.hosts.cli.attention import sdpa_attention
     from lib_lora.training.dataset import DatasetConfig
     from lib_lora.training.network import NetworkConfig
-    from lib_lora.training.trainer import Callbacks, TrainConfig, Trainer, make_plan
+    from lib_lora.training.config import TrainConfig
+    from lib_lora.training.plan import make_plan
+    from lib_lora.training.trainer import Callbacks, Trainer
 
     cfg = TrainConfig(DatasetConfig(data, resolution=64, enable_buckets=False),
                       NetworkConfig(rank=rank, alpha=rank, conv_rank=conv_rank, conv_alpha=conv_rank,
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{k}: {v}")
         return 0
 
-    from lib_lora.hosts.checkpoint import load_checkpoint
+    from lib_lora.hosts.cli.checkpoint import load_checkpoint
     from lib_lora.toyworld.base_model import DEFAULT_PATH
 
     work = a.out or Path(tempfile.mkdtemp(prefix="concept-bench-"))

@@ -58,7 +58,7 @@ def make_checkpoints(base: Path, tuned: Path, layers: int | None) -> None:
     te = parts.text_encoders[0][1].state_dict()
     shapes |= {"cond_stage_model.transformer." + k: tuple(v.shape) for k, v in te.items() if "position_ids" not in k}
     lay = layouts.Layout.from_modules("sd1", parts.unet, parts.text_encoders)
-    from lib_lora.hosts.checkpoint import UNET_PREFIX
+    from lib_lora.hosts.cli.config import UNET_PREFIX
     changed = set()
     for layer in targets(lay, convs=False)[:layers]:  # the file keys the extract will read
         name = {id(m): n for n, m in (parts.unet.named_modules() if layer.component == "unet"

@@ -133,11 +133,13 @@ def run_ours(args, q):
     import torch
     from PIL import Image
     torch.set_num_threads(args["threads"])
-    from lib_lora.attention import sdpa_attention
+    from lib_lora.hosts.cli.attention import sdpa_attention
     from lib_lora.training.dataset import DatasetConfig
     from lib_lora.training.model import Conditioning, TrainableModel
     from lib_lora.training.network import NetworkConfig
-    from lib_lora.training.trainer import Callbacks, TrainConfig, Trainer, make_plan
+    from lib_lora.training.config import TrainConfig
+    from lib_lora.training.plan import make_plan
+    from lib_lora.training.trainer import Callbacks, Trainer
 
     side, dev, dtype = args["latent"] * 8, args["device"], _weights(args)
     root = Path(tempfile.mkdtemp())
@@ -218,7 +220,7 @@ def run_bare(args, q):
     sys.path.insert(0, str(ROOT))
     import torch
     torch.set_num_threads(args["threads"])
-    from lib_lora.attention import sdpa_attention
+    from lib_lora.hosts.cli.attention import sdpa_attention
 
     unet = _sd1(args).unet
     unet.dtype = _weights(args)

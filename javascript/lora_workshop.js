@@ -15,8 +15,8 @@
     }
 })();
 
-// LoRA Workshop training tab: refresh the job's status every 2 s while the tab is on screen
-// (clicks the tab's own Refresh button, whose handler bypasses the queue).
+// LoRA Workshop tab: refresh the training job's and the tools' status every 2 s while they are on screen
+// (clicks each section's own Refresh button, whose handler bypasses the queue).
 (function() {
     function root() {
         return typeof gradioApp === "function" ? gradioApp() : document;
@@ -25,8 +25,10 @@
         if (document.hidden) return;
         var app = root();
         var tab = app.querySelector("#tab_lora_workshop");
-        var button = app.querySelector("#lora_workshop_poll");
-        if (!tab || !button || tab.offsetParent === null) return;  // another tab is shown
-        button.click();
+        if (!tab || tab.offsetParent === null) return;  // another tab is shown
+        ["#lora_workshop_poll", "#lora_workshop_tools_poll"].forEach(function(id) {
+            var button = app.querySelector(id);
+            if (button && button.offsetParent !== null) button.click();  // not in a closed accordion
+        });
     }, 2000);
 })();

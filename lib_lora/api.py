@@ -1,4 +1,4 @@
-"""HTTP routes for the LoRA library (FastAPI), independent of the WebUI.
+"""HTTP routes for the LoRA library, training and tool jobs (FastAPI), independent of the WebUI.
 
 Names in URLs are only ever looked up in the Library's scanned index (``Library.resolve``),
 never joined onto a folder, so ``../`` or absolute paths cannot reach other files: they
@@ -114,7 +114,7 @@ def add_routes(app: FastAPI, library: Callable[[], Library], *, dependencies: li
 def add_training_routes(app: FastAPI, runner: Callable[[], Any], *, dependencies: list | None = None) -> list[str]:
     """Training jobs over HTTP; ``runner`` returns the ``training.jobs.JobRunner`` (called per request).
 
-    - ``POST {PREFIX}/train`` body: a training request (see ``jobs.build_request``) -> ``{"id", "name",
+    - ``POST {PREFIX}/train`` body: a training request (see ``request.build_request``) -> ``{"id", "name",
       "state", "total"}`` at once; 400 bad request / dataset error (named), 409 a job is running,
       the output exists or the loaded model cannot be trained on.
     - ``POST {PREFIX}/train/validate`` same body -> ``{"summary", "problems"}`` (nothing starts).
@@ -126,8 +126,8 @@ def add_training_routes(app: FastAPI, runner: Callable[[], Any], *, dependencies
     """
     from fastapi.responses import FileResponse
 
-    from .training.dataset import DatasetError
-    from .training.jobs import JobError
+    from .training.problems import DatasetError
+    from .training.errors import JobError
 
     route = _Registrar(app, dependencies)
     added = route.added
@@ -200,3 +200,63 @@ def add_training_routes(app: FastAPI, runner: Callable[[], Any], *, dependencies
     route(PREFIX + "/train/{job_id}/stop", "POST", stop)
     route(PREFIX + "/train/{job_id}/samples/{n}", "GET", sample)
     return added
+
+
+# -- tools ---------------------------------------------------------------------------------------------
+
+
+def add_tool_routes(app: FastAPI, runner: Callable[[], Any], *, dependencies: list | None = None) -> list[str]:
+    """The offline tools as jobs; ``runner`` returns the ``tools.jobs.ToolRunner`` (called per request).
+
+    - ``GET {PREFIX}/tools`` -> each tool's options as the API takes them (name, type, default, choices, kind).
+    - ``POST {PREFIX}/tools/{resize|merge|bake|extract|convert}`` body: the tool's options by name (the
+      command line's, with LoRAs and checkpoints given by name and ``out`` a file name) -> ``{"id", "state"}``
+      at once; 400 a bad value, 404 an unknown tool / LoRA / checkpoint, 409 an output that exists
+      (without ``force``), is an input or a link, or an ambiguous name. Each ``detail`` starts with the
+      error's name (``OptionError: ...``).
+    - ``GET {PREFIX}/tools/jobs`` -> ``{"jobs": [status, ...]}``, newest first.
+    - ``GET {PREFIX}/tools/jobs/{id}`` -> the job's status (``ToolJob.status``): state, done/total, eta,
+      output (relative to its folder), error (one line, named: ``FamilyMismatchError: ...``).
+    - ``POST {PREFIX}/tools/jobs/{id}/stop`` -> the status; the job stops at its next step.
+    """
+    from .tools.jobs import ToolJobError
+    from .tools.options import REQUIRED, TOOLS
+
+    route = _Registrar(app, dependencies)
+
+    def get_job(job_id: str):
+        try:
+            return runner().get(job_id)
+        except ToolJobError as e:
+            raise HTTPException(status_code=e.status, detail=str(e)) from None
+
+    def describe() -> dict[str, Any]:
+        return {t.name: {"help": t.help, "options": [
+            {"name": o.name, "type": "list" if o.many else o.type.__name__, "kind": o.kind or None,
+             "required": o.default is REQUIRED, "default": None if o.default is REQUIRED else o.default,
+             "choices": list(o.choices) or None, "help": o.help} for o in t.on("api")]} for t in TOOLS.values()}
+
+    def start(tool: str, body: dict = Body(...)) -> dict[str, Any]:
+        try:
+            job = runner().start(tool, body)
+        except ToolJobError as e:
+            raise HTTPException(status_code=e.status, detail=str(e)) from None
+        return {"id": job.id, "state": job.state}
+
+    def list_jobs() -> dict[str, Any]:
+        return {"jobs": [j.status() for j in runner().jobs()]}
+
+    def job_status(job_id: str) -> dict[str, Any]:
+        return get_job(job_id).status()
+
+    def stop(job_id: str) -> dict[str, Any]:
+        job = get_job(job_id)
+        job.request_stop()
+        return job.status()
+
+    route(f"{PREFIX}/tools", "GET", describe)
+    route(f"{PREFIX}/tools/jobs", "GET", list_jobs)
+    route(PREFIX + "/tools/jobs/{job_id}", "GET", job_status)
+    route(PREFIX + "/tools/jobs/{job_id}/stop", "POST", stop)
+    route(PREFIX + "/tools/{tool}", "POST", start)
+    return route.added

@@ -21,7 +21,7 @@ SD1_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320
 SD2_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, attention_resolutions=[4, 2, 1],
                 num_res_blocks=2, channel_mult=[1, 2, 4, 4], num_head_channels=64, use_spatial_transformer=True,
                 use_linear_in_transformer=True, transformer_depth=1, context_dim=1024, legacy=False)
-# sd_xl_base.yaml's network_config (sgm UNetModel), built as lib_lora.sdxl_unet.SDXLUNetModel
+# sd_xl_base.yaml's network_config (sgm UNetModel), built as lib_lora.hosts.cli.sdxl_unet.SDXLUNetModel
 SDXL_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, attention_resolutions=[4, 2], num_res_blocks=2,
                  channel_mult=[1, 2, 4], num_head_channels=64, use_spatial_transformer=True,
                  use_linear_in_transformer=True, transformer_depth=[1, 2, 10], context_dim=2048,
@@ -59,7 +59,7 @@ def build(family: str, device: str | torch.device = "meta", dtype: torch.dtype =
             from open_clip.transformer import TextTransformer
             from transformers import CLIPTextConfig, CLIPTextModel
 
-            from .sdxl_unet import SDXLUNetModel
+            from .hosts.cli.sdxl_unet import SDXLUNetModel
             unet = SDXLUNetModel(**SDXL_UNET)
             te1 = CLIPTextModel(CLIPTextConfig(**CLIP_L))
             te2 = TextTransformer(**OPEN_CLIP_BIGG)

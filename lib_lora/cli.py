@@ -137,8 +137,8 @@ class _Bar:
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
-    from .attention import sdpa_attention
-    from .hosts.checkpoint import load_checkpoint
+    from .hosts.cli.attention import sdpa_attention
+    from .hosts.cli.checkpoint import load_checkpoint
     from .training.plan import make_plan
     from .training.trainer import Callbacks, Trainer
 
@@ -166,7 +166,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from .hosts.checkpoint import load_checkpoint, sample
+    from .hosts.cli.checkpoint import load_checkpoint
+    from .hosts.cli.sampling import sample
     from .library import Library
     from .params import parse_prompt
     from .runtime import Runtime
@@ -203,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_inspect)
     sp = sub.add_parser("sample", help="write a small kohya-format LoRA for a tiny SD model")
     sp.add_argument("out")
-    sp.add_argument("--family", choices=("sd1", "sd2", "sdxl"), default="sd1")  # the tiny models that exist
+    sp.add_argument("--family", choices=families.UNET_FAMILIES, default="sd1")  # the layouts architectures.py builds
     sp.add_argument("--rank", type=int, default=4)
     sp.add_argument("--force", action="store_true", help="overwrite an existing file")
     sp.set_defaults(func=cmd_sample)
@@ -245,11 +246,11 @@ def _subparser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> arg
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .hosts.checkpoint import ArchitectureError
+    from .hosts.cli.config import ArchitectureError
     from .adapters import AdapterError
     from .tools.common import ToolError
-    from .training.dataset import DatasetError
-    from .training.request import RequestError
+    from .training.problems import DatasetError
+    from .training.errors import RequestError
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)

@@ -15,23 +15,14 @@ from pathlib import Path
 from typing import Iterator
 
 from . import families, safe_json
-from .fileio import PICKLE_EXT, SAFETENSORS_EXT, LoraFileError, read_header
+from .fileio import (LEGACY_TRAINING_STATE_SUFFIX, PICKLE_EXT, SAFETENSORS_EXT, TRAINING_STATE_FORMAT, LoraFileError,
+                     read_header)
 from .hashes import addnet_hash_safetensors, sha256_file
 from .network import Network, load_network
 
 EXTENSIONS = SAFETENSORS_EXT + (".pt", ".ckpt")
 PREVIEW_EXT = (".png", ".jpg", ".jpeg", ".webp", ".gif")
-# A training state file is named after its save as kohya names its state folders ("NAME-state",
-# "NAME-step00001234-state"); releases before that wrote "NAME.state.safetensors".
-TRAINING_STATE_SUFFIX = "-state.safetensors"
-LEGACY_TRAINING_STATE_SUFFIX = ".state.safetensors"
-TRAINING_STATE_FORMAT = "lora-workshop-train-state/1"  # the ``format`` key of a state file's header
 _HEX = re.compile(r"^[0-9a-fA-F]{8,64}$")
-
-
-def is_state_file_name(name: str) -> bool:
-    """Named like a training state file (new or old naming); only its header says whether it is one."""
-    return name.endswith((TRAINING_STATE_SUFFIX, LEGACY_TRAINING_STATE_SUFFIX))
 
 
 class LoraNotFound(LookupError):

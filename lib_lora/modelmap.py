@@ -21,10 +21,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .families import FAMILIES
 from .sd3_names import is_mmdit, mmdit_diffusers_names
 
-FAMILIES = ("sd1", "sd2", "sdxl", "sd3")
-FAMILY_NAMES = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", "sd3": "SD3"}
 
 _PATCHABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.GroupNorm, nn.LayerNorm, nn.Embedding)
 

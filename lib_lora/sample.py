@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from . import families
 from .architectures import build
 from .fileio import save_safetensors
 
@@ -30,9 +31,10 @@ def sample_state_dict(family: str = "sd1", rank: int = 4, seed: int = 0) -> dict
 def write_sample_lora(out: Path, family: str = "sd1", rank: int = 4, overwrite: bool = False) -> Path:
     meta = {
         "ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(rank / 2),
-        "ss_output_name": out.stem, "ss_base_model_version": {"sd1": "sd_v1", "sd2": "sd_v2"}[family],
+        "ss_output_name": out.stem, "ss_base_model_version": families.SS_BASE_MODEL_VERSION[family],
         "ss_v2": str(family == "sd2"),
-        "modelspec.architecture": {"sd1": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2-768-v/lora"}[family],
+        # SD2 samples are for the published 768-v layout
+        "modelspec.architecture": families.modelspec_architecture(family, "v") + "/lora",
         "modelspec.title": out.stem, "ss_training_comment": "random sample written by `python -m lib_lora sample`",
     }
     return save_safetensors(sample_state_dict(family, rank), out, meta, overwrite=overwrite)

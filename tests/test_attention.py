@@ -1,6 +1,6 @@
 import torch
 
-from lib_lora.attention import sdpa_attention
+from lib_lora.hosts.cli.attention import sdpa_attention
 from tiny_models import build_sd1, build_sdxl
 
 

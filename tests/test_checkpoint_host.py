@@ -11,8 +11,12 @@ import yaml
 import tiny_models as tm
 from lib_lora.fileio import read_header, save_safetensors
 from lib_lora.hashes import addnet_hash_legacy, sha256_file
-from lib_lora.hosts import checkpoint as C
-from lib_lora.hosts.checkpoint import ArchitectureError, Checkpoint, load_checkpoint, sample, save_checkpoint
+from lib_lora.hosts.cli.builders import build_text_encoder, build_unet
+from lib_lora.hosts.cli.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from lib_lora.hosts.cli.config import TEXT_LAYOUT, UNET_PREFIX, VAE_PREFIX, ArchitectureError, infer_config
+from lib_lora.hosts.cli.sampling import alphas_cumprod, sample, sample_latents
+from lib_lora.hosts.cli.tokenizer import BOS, EOS, clip_chunk_tokenize, clip_tokenize
+from lib_lora.hosts.cli.vae import ldm_vae_layout
 
 BUILD = {"sd1": tm.build_sd1, "sd2": tm.build_sd2, "sdxl": tm.build_sdxl}
 PREDICTION = {"sd1": "epsilon", "sd2": "v", "sdxl": "epsilon"}  # sd2 exercises the v path end to end
@@ -182,20 +186,20 @@ def test_real_layouts_are_inferred():
              "sdxl": (sdxl_unet, [dict(clip_l, prefix="te1"),
                                   dict(open_clip, prefix="te2", width=1280, layers=32, heads=20, embed_dim=1280)])}
     assert CLIP_L["num_attention_heads"] == 12 and OPEN_CLIP_H["heads"] == 16
-    layout = C._ldm_vae_layout(json.dumps(vae, sort_keys=True))
+    layout = ldm_vae_layout(vae)
     for family, (unet_cfg, tes) in cases.items():
         with torch.device("meta"):
-            sd = {C.UNET_PREFIX + k: v for k, v in C.build_unet(unet_cfg).state_dict().items()}
-            for t, (_, file_prefix, _) in zip(tes, C.TEXT_LAYOUT[family]):
-                sd |= {file_prefix + k: v for k, v in C.build_text_encoder(t).state_dict().items()}
-        sd |= {C.VAE_PREFIX + k: torch.empty(s, device="meta") for k, s in layout.items()}
-        cfg = C.infer_config(sd)
+            sd = {UNET_PREFIX + k: v for k, v in build_unet(unet_cfg).state_dict().items()}
+            for t, (_, file_prefix, _) in zip(tes, TEXT_LAYOUT[family]):
+                sd |= {file_prefix + k: v for k, v in build_text_encoder(t).state_dict().items()}
+        sd |= {VAE_PREFIX + k: torch.empty(s, device="meta") for k, s in layout.items()}
+        cfg = infer_config(sd)
         assert cfg["family"] == family
         assert cfg["unet"] == dict(unet_cfg, use_checkpoint=False, image_size=32), family
         assert cfg["text_encoders"] == tes and cfg["vae"] == vae
         assert cfg["scale_factor"] == (0.13025 if family == "sdxl" else 0.18215)
         assert cfg.get("size_embed_dim") == (256 if family == "sdxl" else None)
-    assert sum(v.numel() for k, v in sd.items() if k.startswith(C.UNET_PREFIX)) == 2_567_463_684  # SDXL UNet
+    assert sum(v.numel() for k, v in sd.items() if k.startswith(UNET_PREFIX)) == 2_567_463_684  # SDXL UNet
 
 
 # --------------------------------------------------------------------------- tokenizer and conditioning
@@ -220,10 +224,10 @@ def test_tokenizer_matches_hf_clip_and_open_clip(tmp_path):
                                     pad_token="<|endoftext|>")
     expected = hf(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
 
-    ids = C.clip_tokenize(PROMPTS, pad_id=C.EOS)
+    ids = clip_tokenize(PROMPTS, pad_id=EOS)
     assert torch.equal(ids, expected)
-    assert ids[0, 0] == C.BOS and ids[-1, -1] == C.EOS and (ids[3, 1:] == C.EOS).all()  # "" -> BOS, EOS * 76
-    assert torch.equal(C.clip_tokenize(PROMPTS, pad_id=0), open_clip.tokenize(PROMPTS))
+    assert ids[0, 0] == BOS and ids[-1, -1] == EOS and (ids[3, 1:] == EOS).all()  # "" -> BOS, EOS * 76
+    assert torch.equal(clip_tokenize(PROMPTS, pad_id=0), open_clip.tokenize(PROMPTS))
 
 
 def test_long_prompts_are_cut_into_chunks_like_the_webui():
@@ -232,20 +236,20 @@ def test_long_prompts_are_cut_into_chunks_like_the_webui():
     cat, dog, comma = enc["cat</w>"], enc["dog</w>"], enc[",</w>"]
 
     def chunk(ids: list[int], pad: int) -> list[int]:
-        return [C.BOS, *ids, C.EOS] + [pad] * (75 - len(ids))
+        return [BOS, *ids, EOS] + [pad] * (75 - len(ids))
 
     # one chunk: exactly the single-chunk tokenizer
-    assert torch.equal(C.clip_chunk_tokenize(PROMPTS, C.EOS)[:, 0], C.clip_tokenize(PROMPTS, C.EOS))
+    assert torch.equal(clip_chunk_tokenize(PROMPTS, EOS)[:, 0], clip_tokenize(PROMPTS, EOS))
     # 100 tokens: 75 + 25; the short prompt gets an empty second chunk (what "" encodes to)
-    ids = C.clip_chunk_tokenize(["cat " * 100, "dog"], 0)
+    ids = clip_chunk_tokenize(["cat " * 100, "dog"], 0)
     assert ids.shape == (2, 2, 77)
     assert ids[0].tolist() == [chunk([cat] * 75, 0), chunk([cat] * 25, 0)]
     assert ids[1].tolist() == [chunk([dog], 0), chunk([], 0)]
     # a boundary 5 tokens after a comma moves the words after the comma to the next chunk
-    ids = C.clip_chunk_tokenize(["cat " * 70 + ", " + "dog " * 10], C.EOS)
-    assert ids[0].tolist() == [chunk([cat] * 70 + [comma], C.EOS), chunk([dog] * 10, C.EOS)]
-    ids = C.clip_chunk_tokenize(["cat " * 70 + ", " + "dog " * 10], C.EOS, comma_backtrack=0)
-    assert ids[0].tolist() == [chunk([cat] * 70 + [comma] + [dog] * 4, C.EOS), chunk([dog] * 6, C.EOS)]
+    ids = clip_chunk_tokenize(["cat " * 70 + ", " + "dog " * 10], EOS)
+    assert ids[0].tolist() == [chunk([cat] * 70 + [comma], EOS), chunk([dog] * 10, EOS)]
+    ids = clip_chunk_tokenize(["cat " * 70 + ", " + "dog " * 10], EOS, comma_backtrack=0)
+    assert ids[0].tolist() == [chunk([cat] * 70 + [comma] + [dog] * 4, EOS), chunk([dog] * 6, EOS)]
 
 
 @pytest.mark.parametrize("family", BUILD)
@@ -266,7 +270,7 @@ def _reference_conditioning(tiny, prompts, sizes):
     import open_clip
 
     oc_tokens = open_clip.tokenize(prompts)
-    hf_tokens = torch.where(oc_tokens == 0, C.EOS, oc_tokens)  # FrozenCLIPEmbedder pads with EOS
+    hf_tokens = torch.where(oc_tokens == 0, EOS, oc_tokens)  # FrozenCLIPEmbedder pads with EOS
     if tiny.family == "sd1":
         return tiny.text_encoders[0][1](input_ids=hf_tokens).last_hidden_state, None
     if tiny.family == "sd2":
@@ -338,7 +342,7 @@ def test_samplers_match_diffusers(sampler, prediction):
     """Our DDIM / Euler loops against diffusers' schedulers configured as SD / the WebUI use them."""
     from diffusers import DDIMScheduler, EulerDiscreteScheduler
 
-    acp = C.alphas_cumprod()
+    acp = alphas_cumprod()
     betas = 1 - acp / torch.cat([torch.ones(1), acp[:-1]])
 
     def model(x, t):  # any smooth function of (x, t) will do; t arrives as a float tensor
@@ -346,7 +350,7 @@ def test_samplers_match_diffusers(sampler, prediction):
 
     noise = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0))
     steps = 10  # linspace(999, 0, 10) hits integer timesteps, where linear and log-sigma interpolation agree
-    ours = C.sample_latents(model, noise, acp, steps, prediction, sampler)
+    ours = sample_latents(model, noise, acp, steps, prediction, sampler)
     kw = dict(trained_betas=betas.numpy(), prediction_type={"v": "v_prediction"}.get(prediction, prediction))
     if sampler == "ddim":
         sch = DDIMScheduler(clip_sample=False, set_alpha_to_one=False, steps_offset=1, **kw)

@@ -13,7 +13,7 @@ import torch
 
 from lib_lora.cli import main
 from lib_lora.fileio import load_safetensors
-from lib_lora.hosts.checkpoint import Checkpoint, save_checkpoint
+from lib_lora.hosts.cli.checkpoint import Checkpoint, save_checkpoint
 from tiny_models import build_sd1
 from train_support import make_dataset, tiny_vae
 

@@ -18,7 +18,8 @@ from lib_lora.modelmap import ModelMap
 from lib_lora.network import load_network, parse_state_dict
 from lib_lora.patcher import Activation, Patcher
 from lib_lora.training.network import NetworkConfig
-from lib_lora.training.trainer import Callbacks, Trainer, make_plan
+from lib_lora.training.plan import make_plan
+from lib_lora.training.trainer import Callbacks, Trainer
 from loras import kohya_lora, same, snapshot
 from test_cli_train import args, setup  # noqa: F401 (a fixture)
 from test_frozen_layers import _lora_grads

@@ -7,6 +7,7 @@ installed, ``repositories/`` cloned — i.e. it has been started once):
     [WEBUI_PYTHON=/path/to/stable-diffusion-webui/venv/bin/python] \\
     [WEBUI_E2E_CKPT=/path/to/any-sd1.safetensors WEBUI_E2E_LORA=/path/to/an-sd1-lora.safetensors] \\
     [WEBUI_E2E_TIMEOUT=900] [WEBUI_E2E_DISABLE_BUILTIN_LORA=1] \\
+    [WEBUI_E2E_LBW_DIR=/path/to/sd-webui-lora-block-weight] \\
     .venv/bin/python -m pytest tests/test_e2e_webui.py -v
 
 What it does: makes a throw-away ``--data-dir`` with ``extensions/lora-workshop`` symlinked
@@ -25,7 +26,8 @@ HF_HOME and the WebUI runs with HF_HUB_OFFLINE=1.  WEBUI_E2E_DISABLE_BUILTIN_LOR
 WebUI's built-in Lora extension (``"disabled_extensions": ["Lora"]`` in the data dir's
 config.json, the WebUI's own mechanism).  With WEBUI_E2E_CKPT you must also give a matching
 WEBUI_E2E_LORA.  The server log is kept in the temp folder and its tail is printed when
-something fails.
+something fails.  WEBUI_E2E_LBW_DIR (a LoRA Block Weight checkout) starts a second WebUI with the
+built-in Lora and LBW but not us, and compares lbw= images with its (tests/e2e_lbw.py).
 """
 from __future__ import annotations
 
@@ -369,3 +371,79 @@ def test_dora_follows_the_builtin_dora_setting(server, variants):
     assert pixels(webui_mode["image"]) not in (pixels(lycoris_mode), pixels(variants["base"]))
     assert server.txt2img(f"a photo <lora:{DORA}:1>")["image"] == lycoris_mode
     assert server.txt2img("a photo")["image"] == variants["base"]
+
+
+# -- lbw= against LoRA Block Weight itself --------------------------------------------------------
+
+LBW_DIR = os.environ.get("WEBUI_E2E_LBW_DIR")  # a checkout of hako-mikan/sd-webui-lora-block-weight
+# LBW scales lora_up by the block weight before the product and the built-in merges a step-ranged
+# LoRA into the weight; we fold the block weight into the product's scalar and add a step-ranged
+# LoRA's output by a hook. Either rounds a weight or an output one float32 step differently, and now
+# and then an 8-bit value near a rounding boundary lands one level apart: at most this many of the
+# 64*64*3 values may differ, by one level. Every image below differs from every other in far more.
+LBW_MAX_DIFFERING = 12
+
+
+@pytest.fixture(scope="module")
+def lbw_reference(server, tmp_path_factory):
+    """A second WebUI on the same checkpoint with the built-in Lora and LBW, without us; both
+    servers hold the LoRAs of e2e_lbw.py, and we read LBW's presets file while it runs."""
+    if not LBW_DIR:
+        pytest.skip("set WEBUI_E2E_LBW_DIR to a sd-webui-lora-block-weight checkout to compare lbw= with LBW")
+    if os.environ.get("WEBUI_E2E_CKPT"):
+        pytest.skip("the block-weight LoRAs are made for the tiny checkpoint")
+    from e2e_lbw import write_lbw_loras
+
+    lbw = Path(LBW_DIR)
+    assert (lbw / "scripts" / "lora_block_weight.py").is_file(), f"{lbw} is not LoRA Block Weight"
+    data = tmp_path_factory.mktemp("webui-lbw-reference")
+    _, lora_dir = data_dir(data, extension=False, others={"sd-webui-lora-block-weight": lbw})
+    write_lbw_loras(lora_dir)
+    write_lbw_loras(server.lora.parent)
+    assert server.request("POST", "/lora-workshop/v1/refresh")[0] == 200
+    try:
+        with running(Path(WEBUI_DIR), data, server.ckpt,
+                     timeout=float(os.environ.get("WEBUI_E2E_TIMEOUT", "900"))) as ref:
+            presets = lbw / "scripts" / "lbwpresets.txt"  # LBW writes it on start if it has none
+            key = "lora_workshop_lbw_presets"
+            assert server.request("POST", "/sdapi/v1/options", {key: str(presets)})[0] == 200
+            try:
+                yield ref
+            finally:
+                assert server.request("POST", "/sdapi/v1/options", {key: ""})[0] == 200
+    except StartError as e:
+        pytest.fail(str(e))
+
+
+def test_lbw_gives_the_pixels_of_builtin_plus_lbw(server, lbw_reference):
+    """Presets, 17/26-value vectors, fractions, negative and X values, two LoRAs with other
+    vectors, start=/stop=: each image is the reference's, up to LBW_MAX_DIFFERING one-level values."""
+    import numpy as np
+    from e2e_lbw import PROMPTS, blocks_touched
+
+    # the layers changed span the blocks the tiny UNet has, and some outside every block
+    assert blocks_touched() == ["BASE", *(f"IN{i:02d}" for i in range(8)), "M00",
+                                *(f"OUT{i:02d}" for i in range(8)), "outside"]
+
+    def rgb(image_b64: str):
+        return np.frombuffer(pixels(image_b64), dtype=np.uint8).astype(np.int16)
+
+    ours, report, bad = {}, [], []
+    for label, prompt, overrides in PROMPTS:
+        mine, ref = server.txt2img(prompt, **overrides), lbw_reference.txt2img(prompt, **overrides)
+        a, b = rgb(mine["image"]), rgb(ref["image"])
+        diff = np.abs(a - b)
+        report.append(f"{label}: {int((diff > 0).sum())} of {diff.size} values differ, by at most {int(diff.max())}")
+        if diff.max() > 1 or (diff > 0).sum() > LBW_MAX_DIFFERING:
+            bad.append(report[-1])
+        assert mine["info"]["extra_generation_params"].get("Lora hashes") == \
+            ref["info"]["extra_generation_params"].get("Lora hashes"), label
+        ours[label] = a
+    print("\n".join(report))
+    assert not bad, "\n".join(report) + "\n" + server.log_tail(2000) + "\n" + lbw_reference.log_tail(2000)
+    # the tolerance is far below what a block weight changes: no two of the images come close
+    images = [*ours.items(), *((f"no LoRA, {steps} steps", rgb(server.txt2img("a photo", steps=steps)["image"]))
+                               for steps in (2, 6))]
+    for i, (la, a) in enumerate(images):
+        for lb, b in images[i + 1:]:
+            assert (a != b).sum() > 50 * LBW_MAX_DIFFERING, f"{la} and {lb} are nearly the same image"

@@ -83,6 +83,16 @@ def test_family_detection():
     assert families.detect_family({}, {k}, {f"{k}.lora_down.weight": (4, 32)}) is None
 
 
+def test_ldm_spelled_sd1_and_sd2_files_are_not_taken_for_sdxl():
+    """The built-in Lora applies an SD1 file spelled the LDM way (its names become ``diffusion_model_*``);
+    its 768-wide cross-attention says SD1 whatever the spelling. Without such a layer the spelling decides."""
+    ldm = "lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k"
+    for width, family in ((768, "sd1"), (1024, "sd2"), (2048, "sdxl")):
+        assert families.detect_family({}, {ldm}, {f"{ldm}.lora_down.weight": (4, width)}) == family
+    proj = "lora_unet_input_blocks_1_1_proj_in"
+    assert families.detect_family({}, {proj}, {f"{proj}.lora_down.weight": (4, 320, 1, 1)}) == "sdxl"
+
+
 def test_captions_are_escaped_for_the_webui_prompt_parser():
     from lib_lora.params import literal_caption
     # checked against the WebUI's own parse_prompt_attention in tests/test_e2e_webui.py

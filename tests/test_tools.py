@@ -15,7 +15,8 @@ import torch
 import tiny_models as tm
 from lib_lora.fileio import TensorFile, load_file, read_header, save_safetensors
 from lib_lora.hashes import addnet_hash_safetensors, sha256_file
-from lib_lora.hosts.checkpoint import Checkpoint, load_checkpoint, sample, save_checkpoint
+from lib_lora.hosts.cli.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from lib_lora.hosts.cli.sampling import sample
 from lib_lora.modelmap import ModelMap
 from lib_lora.network import load_network
 from lib_lora.patcher import Activation, Patcher
@@ -392,6 +393,94 @@ def test_baked_checkpoint_renders_like_the_runtime_merge(sd1, tmp_path, precisio
         assert x.tobytes() != z.tobytes()  # the LoRAs do change the image
 
 
+# --------------------------------------------------------------------------- SD2 (OpenCLIP) and SDXL
+
+
+@pytest.fixture(scope="module", params=["sd2", "sdxl"])
+def fam_ck(request, tmp_path_factory):
+    """(family, fp32 checkpoint file, its layout with file keys) for tiny SD2 and SDXL models."""
+    from lib_lora.tools import layout as layouts
+    fam = request.param
+    tiny = {"sd2": tm.build_sd2, "sdxl": tm.build_sdxl}[fam](seed=21)
+    ck = Checkpoint.from_modules(fam, tiny.unet, tiny.text_encoders, tiny_vae())
+    path = save_checkpoint(ck, tmp_path_factory.mktemp(fam) / f"{fam}.safetensors", dtype=F32, yaml=False)
+    with TensorFile(path) as tf:
+        return fam, path, layouts.from_checkpoint(tf)
+
+
+def tuned_by_layer(base: Path, out: Path, deltas: dict) -> Path:
+    """``base`` with each layer's delta added to its rows of the file's tensor (fused q/k/v in part)."""
+    by_key: dict[str, list] = {}
+    for layer, d in deltas.items():
+        by_key.setdefault(layer.file_key, []).append((layer, d))
+    with TensorFile(base) as tf, StreamWriter(out, [(k, tf.dtype(k), tf.shape(k)) for k in tf.keys()]) as w:
+        for k in w.order:
+            t = tf.get(k)
+            if k in by_key:
+                t = t.float().clone()
+                for layer, d in by_key[k]:
+                    view = t if layer.target.rows is None else t[layer.target.rows]
+                    view += d.reshape(view.shape)
+            w.write(k, t)
+    return out
+
+
+def test_extract_recovers_a_known_delta_on_sd2_and_sdxl_layers(fam_ck, tmp_path):
+    fam, base, clay = fam_ck
+    te = [l for l in clay.layers if l.role == "te" and len(l.shape) == 2]
+    fused = [l for l in te if l.target.rows is not None][:3]       # OpenCLIP's in_proj: q, k and v rows
+    chosen = fused + te[4::7] + [l for l in clay.layers if l.role == "attn" and len(l.shape) >= 2][::5]
+    assert len(fused) == 3 and {l.target.rows.start // l.shape[0] for l in fused} == {0, 1, 2}
+    comps = {l.component for l in chosen}
+    assert comps == ({"te", "unet"} if fam == "sd2" else {"te1", "te2", "unet"})
+    g = torch.Generator().manual_seed(22)
+    known = {}
+    for l in chosen:
+        cols = int(torch.tensor(l.shape[1:]).prod())
+        known[l] = (torch.randn(l.shape[0], 2, generator=g) @ torch.randn(2, cols, generator=g)) * 0.05
+    tuned = tuned_by_layer(base, tmp_path / "tuned.safetensors", known)
+    r = extract(base, tuned, tmp_path / "x.safetensors", rank=4, clamp=1.0, dtype=F32, log=lambda s: None)
+    out, meta = load_file(r.path)
+    assert module_keys(out) == sorted(l.key for l in known) and r.text_encoder
+    for l, d in known.items():
+        torch.testing.assert_close(kohya_delta(out, l.key), d, atol=1e-5, rtol=1e-4, msg=l.key)
+    assert meta["ss_base_model_version"] == {"sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}[fam]
+    # the file as the runtime reads it: the base with it merged is the tuned checkpoint
+    ref, want = load_checkpoint(base), load_checkpoint(tuned).state_dict()
+    p = Patcher(ModelMap.build(fam, ref.unet, ref.text_encoders))
+    assert not p.apply([Activation(load_network(r.path))]).messages
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(v, want[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_bake_equals_the_runtime_merge_on_sd2_and_sdxl(fam_ck, tmp_path):
+    fam, base, clay = fam_ck
+    a = kohya_lora(clay.mm, rank=4, alpha=2.0, seed=23, convs=True, only=KOHYA_TARGETS, scale=0.3)
+    keys = [k for k in module_keys(a) if k.endswith(("self_attn_k_proj", "attn2_to_v"))][::2]
+    assert any("_te" in k for k in keys)
+    loha = loha_sd(clay, keys, rank=2, seed=24)
+    pa = save_safetensors(a, tmp_path / "a.safetensors")
+    pb = save_safetensors(loha, tmp_path / "b.safetensors")
+    out = tmp_path / "baked.safetensors"
+    bake(base, [f"{pa}:0.8", f"{pb}:te=0.5:unet=-1"], out, log=lambda s: None)
+    h_in, h_out = read_header(base), read_header(out)
+    assert h_in.shapes == h_out.shapes
+    assert h_out.metadata["modelspec.architecture"].startswith({"sd2": "stable-diffusion-v2",
+                                                                "sdxl": "stable-diffusion-xl"}[fam])
+    ref = load_checkpoint(base)
+    original = {k: v.clone() for k, v in ref.state_dict().items()}
+    p = Patcher(ModelMap.build(fam, ref.unet, ref.text_encoders))
+    assert not p.apply([Activation(load_network(pa), 0.8, 0.8), Activation(load_network(pb), 0.5, -1)]).messages
+    baked = load_checkpoint(out).state_dict()
+    changed = set()
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(baked[k], v, atol=1e-6, rtol=1e-6, msg=k)
+        if not torch.equal(v, original[k]):
+            changed.add(k)
+    fused = "in_proj_weight"  # SD2's and SDXL's OpenCLIP keep q/k/v in one tensor
+    assert any(k.endswith(fused) for k in changed) and any("diffusion_model" in k for k in changed)
+
+
 # --------------------------------------------------------------------------- refusals
 
 
@@ -580,3 +669,26 @@ def test_published_layouts_name_kohya_layers():
     conv = sd1.get("lora_unet_down_blocks_0_resnets_0_conv1")
     assert conv.shape == (320, 320, 3, 3) and conv.role == "resnet" and conv.is_conv3
     assert sd1.get("lora_te_text_model_encoder_layers_0_mlp_fc1").role == "te"
+
+
+def test_cli_and_api_are_made_from_one_declaration_per_tool(capsys):
+    """The sub-commands' arguments are the declared options, refused by the same rule as over the API."""
+    import argparse
+
+    from lib_lora.cli import build_parser, main
+    from lib_lora.tools.options import TOOLS, OptionError, coerce
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, t in TOOLS.items():
+        dests = {a.dest for a in sub.choices[name]._actions if a.dest != "help"}
+        assert dests == {o.name for o in t.on("cli")}, name
+        defaults = {a.dest: a.default for a in sub.choices[name]._actions if a.dest != "help"}
+        for o in t.on("cli"):
+            if not o.positional and o.type is not bool:
+                assert defaults[o.name] == (None if o.required else o.default), (name, o.name)
+    with pytest.raises(SystemExit):
+        main(["extract", "a", "b", "--out", "c", "--clamp-quantile", "1.5"])
+    cli_error = capsys.readouterr().err.strip().splitlines()[-1]
+    with pytest.raises(OptionError) as api_error:
+        coerce(TOOLS["extract"], {"base": "a", "tuned": "b", "out": "c", "clamp_quantile": 1.5})
+    assert cli_error.endswith("argument --clamp-quantile: " + api_error.value.detail)

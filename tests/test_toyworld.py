@@ -22,7 +22,8 @@ from lib_lora.toyworld import (
     BACKGROUNDS, BASE_WORLD, CONCEPTS, FULL_WORLD, MILD, PALETTE, SHAPES, SIDE, STRONG, Scene, accuracy, caption,
     degrade, generate, render, sample_scene, score, write_kohya_dataset,
 )
-from lib_lora.training.dataset import DatasetConfig, scan
+from lib_lora.training.dataset import DatasetConfig
+from lib_lora.training.scan import scan
 
 
 def png(image: Image.Image) -> bytes:

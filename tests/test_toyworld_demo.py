@@ -49,7 +49,7 @@ def test_demo_quick_runs_end_to_end(tmp_path):
 @pytest.mark.skipif(not base_model.DEFAULT_PATH.is_file(), reason="toy base model not built "
                     "(python -m lib_lora.toyworld.base_model)")
 def test_committed_base_model_draws_the_base_world():
-    from lib_lora.hosts.checkpoint import load_checkpoint
+    from lib_lora.hosts.cli.checkpoint import load_checkpoint
 
     path = base_model.DEFAULT_PATH
     assert path.stat().st_size <= 30 * 2 ** 20
@@ -71,7 +71,7 @@ def test_short_training_run_learns_the_concept_and_keeps_the_base(tmp_path):
     """A CI-sized run of the demo's concept LoRA: the scorer sees the new shape, the base world survives."""
     from dataclasses import replace
 
-    from lib_lora.hosts.checkpoint import load_checkpoint
+    from lib_lora.hosts.cli.checkpoint import load_checkpoint
     from lib_lora.toyworld import measure
     from lib_lora.toyworld.world import CONCEPTS, write_kohya_dataset
 

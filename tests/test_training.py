@@ -12,9 +12,12 @@ from lib_lora.library import Library
 from lib_lora.modelmap import ModelMap
 from lib_lora.network import load_network
 from lib_lora.patcher import Activation, Patcher
+from lib_lora.training.config import TrainConfig
 from lib_lora.training.dataset import DatasetConfig
 from lib_lora.training.network import NetworkConfig
-from lib_lora.training.trainer import Callbacks, TrainConfig, Trainer, make_plan
+from lib_lora.training.plan import make_plan
+from lib_lora.training.state import state_path
+from lib_lora.training.trainer import Callbacks, Trainer
 from loras import same, snapshot
 from tiny_models import build_sd1, build_sd2, build_sdxl
 from train_support import make_dataset, trainable, tiny_vae
@@ -141,7 +144,7 @@ def test_resume_equals_uninterrupted(tmp_path, vae):
                     Callbacks(on_progress=stop_after_3, log=lambda s: None))
     r1 = first.run()
     assert r1.stopped and r1.output is None
-    state = Trainer.state_path(first.output_path(3))
+    state = state_path(first.output_path(3))
     assert state.exists()
     second = Trainer(trainable(tiny, vae), make_plan(config(tmp_path / "b", max_train_steps=6), state), quiet)
     r2 = second.run()

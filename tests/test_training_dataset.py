@@ -5,15 +5,18 @@ import json
 import random
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from PIL import Image
 
 from lib_lora.training.buckets import Bucketer, BucketTooSmall, make_buckets, parse_resolution
-from lib_lora.training.dataset import (
-    DatasetConfig, DatasetError, Position, balance_reg, process_caption, scan, validate,
-)
+from lib_lora.training.captions import process_caption
+from lib_lora.training.dataset import DatasetConfig
+from lib_lora.training.epochs import Position
+from lib_lora.training.problems import DatasetError
+from lib_lora.training.scan import balance_reg, scan, validate
 
 
 def img(path: Path, size=(64, 96), color=(200, 30, 30), fmt=None, **save) -> Path:
@@ -325,6 +328,13 @@ def test_batches_grouped_repeated_and_deterministic(train):
     assert order(0, 1) == [tuple(i.path.name for i in b.items) for b in scan(small(train)).batches(0, 4, 1)]
 
 
+def _load(ds, batch) -> SimpleNamespace:
+    """A batch through the trainer's item path: each slot's sample (caption, flip, crop) and its pixels."""
+    samples = [ds.sample(batch, slot) for slot in range(len(batch.items))]
+    return SimpleNamespace(captions=[s.caption for s in samples], pixels=torch.stack([ds.pixels(s) for s in samples]),
+                           crop_top_left=[s.crop_top_left for s in samples])
+
+
 def test_resume_exactly(train):
     ds = scan(small(train, shuffle_caption=True, flip_aug=True, caption_tag_dropout_rate=0.3))
     full = list(ds.iterate(3, seed=7, epochs=3))
@@ -334,7 +344,7 @@ def test_resume_exactly(train):
     resumed = list(fresh.iterate(3, seed=7, start=Position.from_dict(saved), epochs=3))
     rest = full[full.index(stop) + 1:]
     assert [(b.epoch, b.index, b.items) for b in resumed] == [(b.epoch, b.index, b.items) for b in rest]
-    a, b = ds.load_batch(rest[0]), fresh.load_batch(resumed[0])
+    a, b = _load(ds, rest[0]), _load(fresh, resumed[0])
     assert a.captions == b.captions and torch.equal(a.pixels, b.pixels) and a.crop_top_left == b.crop_top_left
     assert a.pixels.shape == (len(rest[0].items), 3, rest[0].bucket[1], rest[0].bucket[0])
     assert fresh.fingerprint() == ds.fingerprint()

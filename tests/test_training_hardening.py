@@ -16,13 +16,18 @@ from lib_lora import cli
 from lib_lora.fileio import read_header, save_safetensors
 from lib_lora.library import Library
 from lib_lora.training import jobs
+from lib_lora.training.config import TrainConfig
 from lib_lora.training.dataset import DatasetConfig
+from lib_lora.training.errors import RequestError
+from lib_lora.training.host import TrainingHost
 from lib_lora.training.network import NetworkConfig
 from lib_lora.training import outputs
 from lib_lora.training.options import OptionError
 from lib_lora.training.outputs import check_output_name
+from lib_lora.training.plan import make_plan
+from lib_lora.training.request import build_request
 from lib_lora.training.state import STATE_FORMAT, read_state_header
-from lib_lora.training.trainer import Callbacks, TrainConfig, Trainer, make_plan
+from lib_lora.training.trainer import Callbacks, Trainer
 from tiny_models import build_sd1
 from train_support import make_dataset, trainable, tiny_vae
 
@@ -83,7 +88,7 @@ def test_saves_and_states_use_kohyas_names(tmp_path, data, vae):
     epochs_steps = [(read_header(out / n).metadata["ss_epoch"], read_header(out / n).metadata["ss_steps"])
                     for n in loras]
     assert epochs_steps == [("1", "2"), ("1", "4"), ("2", "4"), ("3", "6")]
-    assert [read_state_header(out / n)["step"] for n in states] == [2, 4, 4, 6]
+    assert [read_state_header(out / n).step for n in states] == [2, 4, 4, 6]
     assert sorted(e.name for e in Library([out]).entries) == sorted(n[:-len(".safetensors")] for n in loras)
 
 
@@ -112,7 +117,7 @@ def test_resume_never_overwrites_an_unrelated_lora(tmp_path, data, vae):
     out = tmp_path / "out"
     state = _stopped_run(data, out, vae)
     before = user_file(out / "other.safetensors")
-    req = jobs.build_request({"resume_from": state.name, "output_name": "other"}, out)
+    req = build_request({"resume_from": state.name, "output_name": "other"}, out)
     assert not req.config.overwrite  # a resume is no licence to overwrite
     with pytest.raises(FileExistsError, match="other.safetensors"):
         make_plan(req.config, req.resume_from)
@@ -122,7 +127,7 @@ def test_resume_never_overwrites_an_unrelated_lora(tmp_path, data, vae):
 def test_resume_continues_its_own_files(tmp_path, data, vae):
     out = tmp_path / "out"
     state = _stopped_run(data, out, vae)
-    req = jobs.build_request({"resume_from": state.name}, out)
+    req = build_request({"resume_from": state.name}, out)
     plan = make_plan(req.config, req.resume_from)  # its own step-2 files exist: they are the run's
     res = Trainer(trainable(build_sd1(seed=0), vae), plan, QUIET).run()
     assert res.steps == 4 and (out / "t.safetensors").exists()
@@ -172,8 +177,8 @@ def _state_file(path: Path, meta: dict[str, str]) -> Path:
 ])
 def test_crafted_state_files_are_request_errors(tmp_path, data, meta):
     _state_file(tmp_path / "x.state.safetensors", meta)
-    with pytest.raises(jobs.RequestError, match="resume_from"):
-        jobs.build_request({"resume_from": "x.state.safetensors"}, tmp_path)
+    with pytest.raises(RequestError, match="resume_from"):
+        build_request({"resume_from": "x.state.safetensors"}, tmp_path)
 
 
 @pytest.mark.parametrize("body", [
@@ -185,8 +190,8 @@ def test_crafted_state_files_are_request_errors(tmp_path, data, meta):
 ])
 def test_malformed_request_parts_name_the_field(tmp_path, data, body):
     req = {"output_name": "x", "dataset": {"train_dir": str(data)}, **body}
-    with pytest.raises(jobs.RequestError) as e:
-        jobs.build_request(req, tmp_path)
+    with pytest.raises(RequestError) as e:
+        build_request(req, tmp_path)
     assert e.value.status == 400
     assert next(iter(body)) in str(e.value)
 
@@ -196,18 +201,18 @@ def test_api_datasets_must_lie_in_the_dataset_roots(tmp_path, data):
     make_dataset(allowed / "set", n=1, repeats=1)
     (allowed / "link").symlink_to(data, target_is_directory=True)
     roots = [allowed]
-    ok = jobs.build_request({"output_name": "x", "dataset": {"train_dir": str(allowed / "set")}}, tmp_path,
+    ok = build_request({"output_name": "x", "dataset": {"train_dir": str(allowed / "set")}}, tmp_path,
                             dataset_roots=roots)
     assert Path(ok.config.dataset.train_dir) == allowed / "set"
     for outside in (data, Path("/etc"), tmp_path / "missing", allowed / "link", allowed / ".." / "x"):
-        with pytest.raises(jobs.RequestError, match="outside the dataset folders") as e:
-            jobs.build_request({"output_name": "x", "dataset": {"train_dir": str(outside)}}, tmp_path,
+        with pytest.raises(RequestError, match="outside the dataset folders") as e:
+            build_request({"output_name": "x", "dataset": {"train_dir": str(outside)}}, tmp_path,
                                dataset_roots=roots)
         assert "not found" not in str(e.value)  # refused before looking: nothing said about outside folders
 
 
 def test_only_remote_requests_are_confined(tmp_path, data):
-    class Host(jobs.TrainingHost):
+    class Host(TrainingHost):
         def output_dir(self):
             return tmp_path
 
@@ -218,7 +223,7 @@ def test_only_remote_requests_are_confined(tmp_path, data):
     body = {"output_name": "x", "dataset": {"train_dir": str(data), "resolution": 64, "enable_buckets": False}}
     summary, problems = runner.validate(body)  # the tab: the user's own folders
     assert summary["train_images"] == 2 and not problems
-    with pytest.raises(jobs.RequestError, match="outside"):
+    with pytest.raises(RequestError, match="outside"):
         runner.validate(body, remote=True)
 
 
@@ -272,9 +277,9 @@ def test_every_surface_refuses_the_same_values(tmp_path, data):
         config(data, tmp_path, learning_rate=float("nan"))
     with pytest.raises(OptionError, match="rank"):
         NetworkConfig(rank=0)
-    with pytest.raises(jobs.RequestError, match="rank"):
-        jobs.build_request({"output_name": "x", "dataset": {"train_dir": str(data)}, "network": {"rank": 0}},
+    with pytest.raises(RequestError, match="rank"):
+        build_request({"output_name": "x", "dataset": {"train_dir": str(data)}, "network": {"rank": 0}},
                            tmp_path)
-    with pytest.raises(jobs.RequestError, match="optimizer"):
-        jobs.build_request({"output_name": "x", "dataset": {"train_dir": str(data)}, "optimizer": "Bogus"},
+    with pytest.raises(RequestError, match="optimizer"):
+        build_request({"output_name": "x", "dataset": {"train_dir": str(data)}, "optimizer": "Bogus"},
                            tmp_path)

@@ -8,11 +8,14 @@ import pytest
 import torch
 
 from lib_lora.fileio import LoraFileError, load_safetensors, save_safetensors
-from lib_lora.training import jobs
 from lib_lora.training.dataset import DatasetConfig
+from lib_lora.training.errors import RequestError
 from lib_lora.training.network import NetworkConfig
 from lib_lora.training.options import OptionError
-from lib_lora.training.trainer import Callbacks, TrainConfig, Trainer, make_plan
+from lib_lora.training.config import TrainConfig
+from lib_lora.training.plan import make_plan
+from lib_lora.training.request import build_request
+from lib_lora.training.trainer import Callbacks, Trainer
 from tiny_models import build_sd1, build_sd2
 from train_support import make_dataset, tiny_vae, trainable
 
@@ -84,12 +87,12 @@ def test_network_weights_must_be_a_lora(tmp_path, data, vae):
 def test_requests_name_network_weights_inside_the_lora_folder(tmp_path, data, start_file):
     body = {"output_name": "x", "dataset": {"train_dir": str(data)}}
     folder = start_file.parent
-    req = jobs.build_request({**body, "network_weights": start_file.name}, folder)
+    req = build_request({**body, "network_weights": start_file.name}, folder)
     assert req.config.network_weights == str(start_file)
-    with pytest.raises(jobs.RequestError, match="inside the LoRA folder"):
-        jobs.build_request({**body, "network_weights": str(start_file)}, tmp_path, dataset_roots=[data.parent])
-    with pytest.raises(jobs.RequestError, match="file not found"):
-        jobs.build_request({**body, "network_weights": "missing.safetensors"}, folder)
+    with pytest.raises(RequestError, match="inside the LoRA folder"):
+        build_request({**body, "network_weights": str(start_file)}, tmp_path, dataset_roots=[data.parent])
+    with pytest.raises(RequestError, match="file not found"):
+        build_request({**body, "network_weights": "missing.safetensors"}, folder)
 
 
 def test_prior_loss_weight_scales_the_regularisation_images_loss(tmp_path, data, vae):

@@ -16,7 +16,9 @@ import pytest
 from lib_lora.fileio import read_header
 from lib_lora.training.dataset import DatasetConfig
 from lib_lora.training.network import NetworkConfig
-from lib_lora.training.trainer import Callbacks, TrainConfig, Trainer, make_plan
+from lib_lora.training.config import TrainConfig
+from lib_lora.training.plan import make_plan
+from lib_lora.training.trainer import Callbacks, Trainer
 from tiny_models import build_sd1, build_sd2
 from train_support import make_dataset, tiny_vae, trainable
 

@@ -8,11 +8,12 @@ import typing
 import pytest
 
 from lib_lora import cli
-from lib_lora.training import jobs, options, ui
+from lib_lora.training import options, ui
+from lib_lora.training.config import TrainConfig
 from lib_lora.training.dataset import DatasetConfig
 from lib_lora.training.metadata import option_metadata
 from lib_lora.training.network import NetworkConfig
-from lib_lora.training.trainer import TrainConfig
+from lib_lora.training.request import PRESETS
 from train_support import make_dataset
 
 SETS = {"": TrainConfig, "dataset": DatasetConfig, "network": NetworkConfig}
@@ -57,7 +58,7 @@ def test_the_tab_shows_the_labelled_options_in_the_schema_order():
 
 
 def test_presets_name_only_schema_options_with_valid_values():
-    for preset in jobs.PRESETS.values():
+    for preset in PRESETS.values():
         for key, value in preset.items():
             if key in ("dataset", "network"):
                 for sub in value:

@@ -33,6 +33,9 @@ from lib_lora.fileio import read_header  # noqa: E402
 from lib_lora.hosts import webui as host  # noqa: E402
 from lib_lora.hosts import webui_training as wt  # noqa: E402
 from lib_lora.training import jobs, ui  # noqa: E402
+from lib_lora.training.errors import RequestError  # noqa: E402
+from lib_lora.training.host import TrainingHost  # noqa: E402
+from lib_lora.training.request import build_request  # noqa: E402
 from loras import same, snapshot  # noqa: E402
 from tiny_models import build_sd1  # noqa: E402
 from train_support import make_dataset, tiny_vae  # noqa: E402
@@ -595,7 +598,7 @@ def test_sample_prompt_options():
 # -- the runner without the WebUI -------------------------------------------------------------------------
 
 
-class FailingHost(jobs.TrainingHost):
+class FailingHost(TrainingHost):
     def __init__(self, out: Path):
         self.out, self.after_calls, self.lock_obj = out, 0, threading.Lock()
 
@@ -633,7 +636,7 @@ def test_presets_and_form_round_trip(data, tmp_path):
         values["dataset.train_dir"] = str(data)
         req = ui.form_to_request(values, preset)
         json.dumps(req)
-        cfg = jobs.build_request(req, tmp_path).config
+        cfg = build_request(req, tmp_path).config
         assert (cfg.network.rank, cfg.network.alpha, cfg.optimizer, cfg.lr_scheduler) == (32, 16, "AdamW", "cosine")
         assert cfg.output_dir == tmp_path and cfg.output_name == "mine" and cfg.max_train_epochs == 10
         assert (cfg.gradient_checkpointing, cfg.lean_frozen_layers) == (False, None)   # None: on CPU only
@@ -645,20 +648,20 @@ def test_presets_and_form_round_trip(data, tmp_path):
     for choice, lean in (("on", True), ("off", False)):
         values = dict(ui.preset_values("sd15"), output_name="mine", lean_frozen_layers=choice,
                       gradient_checkpointing=True, **{"dataset.train_dir": str(data)})
-        cfg = jobs.build_request(ui.form_to_request(values), tmp_path).config
+        cfg = build_request(ui.form_to_request(values), tmp_path).config
         assert (cfg.lean_frozen_layers, cfg.gradient_checkpointing) == (lean, True)
         assert ui.to_form("lean_frozen_layers", lean) == choice
-    assert jobs.build_request({"output_name": "x", "dataset": {"train_dir": str(data)}}, tmp_path,
+    assert build_request({"output_name": "x", "dataset": {"train_dir": str(data)}}, tmp_path,
                               family="sdxl").preset == "sdxl"
     # a length given in steps is the length: the preset's 10 epochs do not override it
-    cfg = jobs.build_request({"output_name": "x", "dataset": {"train_dir": str(data)}, "max_train_steps": 3},
+    cfg = build_request({"output_name": "x", "dataset": {"train_dir": str(data)}, "max_train_steps": 3},
                              tmp_path).config
     assert (cfg.max_train_steps, cfg.max_train_epochs) == (3, None)
-    cfg = jobs.build_request({"output_name": "x", "dataset": {"train_dir": str(data)}, "max_train_steps": 3,
+    cfg = build_request({"output_name": "x", "dataset": {"train_dir": str(data)}, "max_train_steps": 3,
                               "max_train_epochs": 2}, tmp_path).config
     assert (cfg.max_train_steps, cfg.max_train_epochs) == (3, 2)
-    with pytest.raises(jobs.RequestError, match="nothing to train"):
-        jobs.build_request({"output_name": "x", "dataset": {"train_dir": str(data)},
+    with pytest.raises(RequestError, match="nothing to train"):
+        build_request({"output_name": "x", "dataset": {"train_dir": str(data)},
                             "network": {"train_unet": False, "train_text_encoder": False}}, tmp_path)
 
 
@@ -667,7 +670,8 @@ def test_tab_helpers_without_gradio(data):
     assert img.size == (640, 240) and img.getextrema() != ((250, 250),) * 3
     assert ui.loss_plot([]).size == (640, 240)
     assert jobs.downsample([1.0] * 1000, 200)[-1] == [1000, 1.0] and len(jobs.downsample([1.0] * 1000, 200)) == 200
-    from lib_lora.training.dataset import DatasetConfig, validate
+    from lib_lora.training.dataset import DatasetConfig
+    from lib_lora.training.scan import validate
     summary, problems = validate(DatasetConfig(data, resolution=64, enable_buckets=False))
     html_out = ui.summary_html(summary, problems)
     assert "1_zkx" in html_out and "Training images" in html_out

@@ -24,7 +24,7 @@ from torch import nn
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ldm.modules.diffusionmodules.util import timestep_embedding
 
-from lib_lora.sdxl_unet import SDXLUNetModel  # the same class the CLI host loads SDXL checkpoints into
+from lib_lora.hosts.cli.sdxl_unet import SDXLUNetModel  # the same class the CLI host loads SDXL checkpoints into
 
 # SD-family sizes (real values in comments). GroupNorm(32, ch) forces channel multiples of 32.
 MODEL_CHANNELS = 32        # real 320

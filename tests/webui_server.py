@@ -139,8 +139,8 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, base: str, proc: subprocess.Popen, log: Path, lora: Path):
-        self.base, self.proc, self.log, self.lora = base, proc, log, lora
+    def __init__(self, base: str, proc: subprocess.Popen, log: Path, lora: Path | None, ckpt: Path):
+        self.base, self.proc, self.log, self.lora, self.ckpt = base, proc, log, lora, ckpt
 
     def request(self, method: str, path: str, body=None, auth=AUTH, timeout=600):
         req = urllib.request.Request(self.base + path, method=method,
@@ -163,10 +163,11 @@ class Server:
     def log_tail(self, n=4000) -> str:
         return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
 
-    def txt2img(self, prompt: str) -> dict:
+    def txt2img(self, prompt: str, **overrides) -> dict:
+        """One 64 px image, seed 1234, 2 Euler steps; ``overrides`` replace fields of the request."""
         status, res = self.request("POST", "/sdapi/v1/txt2img", {
             "prompt": prompt, "negative_prompt": "", "seed": 1234, "steps": 2, "width": 64, "height": 64,
-            "cfg_scale": 3, "sampler_name": "Euler", "batch_size": 1, "n_iter": 1})
+            "cfg_scale": 3, "sampler_name": "Euler", "batch_size": 1, "n_iter": 1, **overrides})
         assert status == 200, f"txt2img failed: {res}\n{self.log_tail()}"
         return {"image": res["images"][0], "info": json.loads(res["info"])}
 
@@ -177,14 +178,18 @@ def webui_python(webui: Path) -> str:
         sys.executable)
 
 
-def data_dir(data: Path, *, extension: bool = True, builtin_off: bool = False) -> tuple[Path, Path]:
-    """Lay out a ``--data-dir``; returns (checkpoint folder, LoRA folder)."""
+def data_dir(data: Path, *, extension: bool = True, builtin_off: bool = False,
+             others: dict[str, Path] | None = None) -> tuple[Path, Path]:
+    """Lay out a ``--data-dir`` (``others``: more extension folders, linked in under these names);
+    returns (checkpoint folder, LoRA folder)."""
     ckpt_dir, lora_dir = data / "models" / "Stable-diffusion", data / "models" / "Lora"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     lora_dir.mkdir(parents=True, exist_ok=True)
     (data / "extensions").mkdir(exist_ok=True)
     if extension:
         os.symlink(ROOT, data / "extensions" / "lora-workshop", target_is_directory=True)
+    for name, folder in (others or {}).items():
+        os.symlink(Path(folder).resolve(), data / "extensions" / name, target_is_directory=True)
     if builtin_off:
         # there is no command-line switch for one extension; the WebUI reads this list from its settings file
         (data / "config.json").write_text(json.dumps({"disabled_extensions": ["Lora"]}))
@@ -210,7 +215,7 @@ def running(webui: Path, data: Path, ckpt: Path, lora: Path | None = None, *, ti
         env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=webui, stdout=out, stderr=subprocess.STDOUT, env=env)
-    srv = Server(f"http://127.0.0.1:{port}", proc, log, lora)
+    srv = Server(f"http://127.0.0.1:{port}", proc, log, lora, ckpt)
     deadline = time.time() + timeout
     try:
         while True:

@@ -146,3 +146,9 @@ class LoRAModule(torch.nn.Module):
         return {"lora_down.weight": self.down.weight.detach().to(dtype).contiguous(),
                 "lora_up.weight": self.up.weight.detach().to(dtype).contiguous(),
                 "alpha": torch.tensor(self.alpha, dtype=dtype)}
+
+    def load_kohya_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """Copy back what ``kohya_tensors`` gave (down and up; alpha is the module's own)."""
+        with torch.no_grad():
+            self.down.weight.copy_(tensors["lora_down.weight"].reshape(self.down.weight.shape))
+            self.up.weight.copy_(tensors["lora_up.weight"].reshape(self.up.weight.shape))

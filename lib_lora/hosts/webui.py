@@ -337,7 +337,7 @@ class LoraPage(ui_extra_networks.ExtraNetworksPage):
             "sort_keys": {"default": index if index is not None else 0, **self.get_sort_keys(filename),
                           "lwfamily": fam,
                           "lwcompat": "no" if entry.family and current and entry.family != current else "yes"},
-            "sd_version": {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", "sd3": "SD3"}.get(entry.family or "", "Unknown"),
+            "sd_version": families.display(entry.family, unknown="Unknown"),
         }
         self.read_user_metadata(item)
         token_name = service.prompt_name(ws.library, entry,
@@ -710,7 +710,7 @@ def api_auth_dependencies(app: Any) -> list:
 
 def add_api_routes(app: Any, workshop: Workshop) -> list[str]:
     from ..api import add_routes
-    from . import webui_training
+    from . import webui_tools, webui_training
     added = add_routes(app, lambda: workshop.library, dependencies=api_auth_dependencies(app),
                        builtin_compatible=not builtin_lora_active())
-    return added + webui_training.add_api_routes(app, workshop)
+    return added + webui_training.add_api_routes(app, workshop) + webui_tools.add_api_routes(app, workshop)

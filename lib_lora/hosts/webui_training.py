@@ -38,8 +38,10 @@ import torch
 
 from modules import paths, shared
 
+from .. import families
 from ..params import literal_caption
-from ..training.jobs import Job, JobRunner, TrainingHost, TrainingRefused
+from ..training.host import TrainingHost, TrainingRefused
+from ..training.jobs import Job, JobRunner
 from ..training.model import Conditioning, TrainableModel
 from . import webui as glue
 
@@ -82,7 +84,7 @@ def refusal(sd_model: Any) -> str | None:
     if sd_model is None:
         return "no model is loaded: load an SD1, SD2 or SDXL checkpoint first"
     family = glue.model_family(sd_model)
-    if family not in ("sd1", "sd2", "sdxl"):  # SD3 LoRAs can be applied, not trained
+    if family not in families.UNET_FAMILIES:  # SD3 LoRAs can be applied, not trained
         return "the loaded model type cannot be trained on (SD1, SD2 and SDXL checkpoints can)"
     cmd = shared.cmd_opts
     if getattr(cmd, "lowvram", False) or getattr(cmd, "medvram", False) \
@@ -285,7 +287,7 @@ class WebUITrainingHost(TrainingHost):
             return f"Cannot train: {why}"
         info = getattr(sd_model, "sd_checkpoint_info", None)
         title = getattr(info, "title", None) or "the loaded model"
-        family = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}.get(glue.model_family(sd_model) or "", "?")
+        family = families.display(glue.model_family(sd_model), unknown="?")
         return f"Cannot train on {title}: {why}" if why else f"Trains on the loaded {family} model: {title}"
 
     def dataset_roots(self) -> list[Path]:
@@ -414,7 +416,8 @@ def get_runner(workshop: "glue.Workshop | None" = None) -> JobRunner:
 def ui_tabs() -> list:
     """script_callbacks.on_ui_tabs: the "LoRA Workshop" tab."""
     from ..training import ui
-    return ui.create_tab(get_runner())
+    from . import webui_tools
+    return ui.create_tab(get_runner(), sections=[webui_tools.tab_section])
 
 
 def add_api_routes(app: Any, workshop: "glue.Workshop") -> list[str]:

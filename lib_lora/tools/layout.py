@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..families import UNET_FAMILIES
 from ..modelmap import ModelMap, Target, open_clip_to_hf_name, ldm_unet_diffusers_names
 from .common import ToolError
 
@@ -104,8 +105,8 @@ def for_family(family: str) -> Layout:
     """The published SD1.5 / SD2 / SDXL layout (shapes only)."""
     from ..architectures import build
 
-    if family not in ("sd1", "sd2", "sdxl"):
-        raise ToolError(f"unknown family {family!r} (sd1, sd2, sdxl)")
+    if family not in UNET_FAMILIES:
+        raise ToolError(f"unknown family {family!r} ({', '.join(UNET_FAMILIES)})")
     parts = build(family, "meta")
     return Layout.from_modules(family, parts.unet, parts.text_encoders)
 
@@ -113,30 +114,32 @@ def for_family(family: str) -> Layout:
 def from_checkpoint(tf) -> Layout:
     """The layout of a single-file checkpoint (a ``fileio.TensorFile``), with each layer's file key.
 
-    Architecture comes from the tensor shapes, as ``hosts.checkpoint`` infers it; the modules
+    Architecture comes from the tensor shapes, as ``hosts.cli`` infers it; the modules
     are built on the meta device only to name and classify the layers.
     """
-    from ..hosts import checkpoint as C
+    from ..hosts.cli.builders import build_text_encoder, build_unet
+    from ..hosts.cli.config import (TEXT_LAYOUT, UNET_PREFIX, ArchitectureError, infer_family, infer_text_encoders,
+                                    infer_unet, strip_prefix)
 
     sd = {k: torch.empty(tf.shape(k), dtype=tf.dtype(k), device="meta") for k in tf.keys()}
     try:
-        family = C._family(sd.keys())
-        ucfg = C._infer_unet(C._sub(sd, C.UNET_PREFIX), family)
-        tcfgs = C._infer_text_encoders(sd, family)
-    except C.ArchitectureError as e:
+        family = infer_family(sd.keys())
+        ucfg = infer_unet(strip_prefix(sd, UNET_PREFIX), family)
+        tcfgs = infer_text_encoders(sd, family)
+    except ArchitectureError as e:
         raise ToolError(f"{tf.path.name}: {e}") from None
     with torch.device("meta"):
-        unet = C.build_unet(ucfg)
-        tes = [(t["prefix"], C.build_text_encoder(t)) for t in tcfgs]
+        unet = build_unet(ucfg)
+        tes = [(t["prefix"], build_text_encoder(t)) for t in tcfgs]
     layout = Layout.from_modules(family, unet, tes)
-    prefixes = {p: fp for p, fp, _ in C.TEXT_LAYOUT[family]}
+    prefixes = {p: fp for p, fp, _ in TEXT_LAYOUT[family]}
     names: dict[int, str] = {}
     for _, root in tes:
         names.update({id(m): n for n, m in root.named_modules()})
     names.update({id(m): n for n, m in unet.named_modules()})
     for layer in layout.layers:
         t = layer.target
-        base = (C.UNET_PREFIX if t.component == "unet" else prefixes[t.component]) + names[id(t.module)]
+        base = (UNET_PREFIX if t.component == "unet" else prefixes[t.component]) + names[id(t.module)]
         layer.file_key = _file_key(tf, f"{base}.{t.weight_name}")
         if t.bias_name and getattr(t.module, t.bias_name, None) is not None:
             layer.bias_key = _file_key(tf, f"{base}.{t.bias_name}")

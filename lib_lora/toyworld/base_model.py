@@ -178,8 +178,9 @@ def _acc(hits: list[dict[str, bool]]) -> dict[str, float]:
 
 
 def train_unet(s: dict[str, Any], vae: nn.Module, seconds: float) -> tuple[nn.Module, nn.Module, float, dict]:
-    from ..hosts.checkpoint import EOS, alphas_cumprod, clip_tokenize
-    from ..attention import sdpa_attention
+    from ..hosts.cli.attention import sdpa_attention
+    from ..hosts.cli.sampling import alphas_cumprod
+    from ..hosts.cli.tokenizer import EOS, clip_tokenize
 
     torch.manual_seed(s["seed"] + 10)
     samples = generate(s["unet_images"], s["seed"] + 11, BASE_WORLD)
@@ -260,8 +261,8 @@ def evaluate(checkpoint, n: int = 60, seed: int = 1000, steps: int = 20, cfg: fl
     """Generate one image per BASE_WORLD prompt (``generate(n, seed)``'s captions, image i with noise
     seed ``seed + i``) and score it; the fraction whose shape / colour / background the scorer reads
     as prompted."""
-    from ..hosts.checkpoint import sample
-    from ..attention import sdpa_attention
+    from ..hosts.cli.attention import sdpa_attention
+    from ..hosts.cli.sampling import sample
     from .scorer import score
 
     prompts = generate(n, seed, BASE_WORLD)
@@ -277,7 +278,7 @@ def evaluate(checkpoint, n: int = 60, seed: int = 1000, steps: int = 20, cfg: fl
 
 
 def build_checkpoint(unet, te, vae, scale: float):
-    from ..hosts.checkpoint import Checkpoint
+    from ..hosts.cli.checkpoint import Checkpoint
 
     return Checkpoint.from_modules("sd1", unet.eval(), [("te", te.eval())], vae.eval(), prediction="epsilon",
                                    scale_factor=scale, resolution=64)
@@ -296,7 +297,7 @@ def contact_sheet(images, cols: int = 10):
 def run(out: Path, minutes: float = 75.0, settings: dict[str, Any] | None = None, name: str = "toy-sd1",
         overwrite: bool = True, vae_from: Path | None = None) -> dict[str, Any]:
     """The whole recipe; returns the record written to ``out/<name>.json``."""
-    from ..hosts.checkpoint import load_checkpoint, save_checkpoint
+    from ..hosts.cli.checkpoint import load_checkpoint, save_checkpoint
 
     s = dict(SETTINGS, **(settings or {}))
     torch.set_num_threads(min(torch.get_num_threads(), 2))

@@ -81,7 +81,7 @@ class _Bar:
 
 
 def _base(out_dir: Path, base: Path | None, quick: bool, log: Callable[[str], None]):
-    from ..hosts.checkpoint import load_checkpoint
+    from ..hosts.cli.checkpoint import load_checkpoint
     from .base_model import DEFAULT_PATH, run as run_recipe
 
     path = Path(base) if base is not None else DEFAULT_PATH
@@ -97,10 +97,12 @@ def _base(out_dir: Path, base: Path | None, quick: bool, log: Callable[[str], No
 
 
 def _train(ck, data_root: Path, out: Path, name: str, s: DemoSettings, seed: int) -> tuple[Path, list[float], float]:
-    from ..attention import sdpa_attention
+    from ..hosts.cli.attention import sdpa_attention
     from ..training.dataset import DatasetConfig
     from ..training.network import NetworkConfig
-    from ..training.trainer import Callbacks, TrainConfig, Trainer, make_plan
+    from ..training.config import TrainConfig
+    from ..training.plan import make_plan
+    from ..training.trainer import Callbacks, Trainer
 
     cfg = TrainConfig(DatasetConfig(data_root, resolution=64, enable_buckets=False),
                       NetworkConfig(rank=s.rank, alpha=s.rank, conv_rank=s.conv_rank, conv_alpha=s.conv_rank,

@@ -38,7 +38,7 @@ class LoraRenderer:
 
     def __call__(self, prompts: list[str], seed: int | list[int]) -> list[Image.Image]:
         """Image i uses noise ``seed + i`` (an int) or ``seed[i]`` (a list)."""
-        from ..attention import sdpa_attention
+        from ..hosts.cli.attention import sdpa_attention
         from ..params import parse_prompt
 
         seeds = [seed + i for i in range(len(prompts))] if isinstance(seed, int) else list(seed)
@@ -62,7 +62,7 @@ class LoraRenderer:
         return images  # type: ignore[return-value]
 
     def _sample(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
-        from ..hosts.checkpoint import sample
+        from ..hosts.cli.sampling import sample
 
         kw = dict(steps=self.steps, cfg=self.cfg, width=64, height=64)
         if seeds == list(range(seeds[0], seeds[0] + len(seeds))):   # sample() gives image i seed + i

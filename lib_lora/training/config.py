@@ -47,9 +47,9 @@ class TrainConfig:
     clip_skip: int | None = _d("clip_skip")         # only 1 (the last layer) is accepted
     mixed_precision: str = _d("mixed_precision")    # no, fp16, bf16 (GPU only)
     gradient_checkpointing: bool = _d("gradient_checkpointing")  # recompute UNet blocks in backward
-    # frozen layers keep less for backward (frozen_layers.py).  None: on CPU
-    # only, where they are leaner and faster; a GPU step at SD sizes is bound by Python overhead,
-    # which they add to (H200, SD1.5 fp16 at 512px, batch 4: 0.73x the memory for 1.55x the time)
+    # frozen layers keep less for backward (frozen_layers.py).  None: on CPU only, where they are
+    # leaner and faster; a GPU step at SD sizes is bound by Python overhead, which they add to
+    # (the README gives the measured trade)
     lean_frozen_layers: bool | None = _d("lean_frozen_layers")
     cache_latents: bool = _d("cache_latents")
     cache_latents_to_disk: bool = _d("cache_latents_to_disk")

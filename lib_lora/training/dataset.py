@@ -1,81 +1,28 @@
-"""Training images and captions laid out the kohya-ss/sd-scripts way.
+"""A scanned training dataset: its settings, its images, and the samples a batch is made of.
 
-Layout::
-
-    train_dir/
-        20_robot/            <repeats>_<trigger words>
-            a.png  a.txt     caption for a.png (or a.caption)
-            b.jpg            no caption file: trained as "robot"
-        10_sks dog/ ...
-    reg_dir/                 optional regularisation images, same layout
-        1_dog/ ...
-
-``scan()`` only reads image *headers* (sizes), so validating thousands of photos
-is quick; pixels are decoded by ``load_image()`` when a batch needs them.
-
-Randomness (epoch order, caption shuffle/dropout, flips, random crops) never uses
-global state: each epoch and each sample derive their own ``random.Random`` from
-(seed, epoch, batch index, slot), so resuming at a saved ``Position`` reproduces
-exactly what an uninterrupted run would have done.
-
-Regularisation balancing (kohya's rule): the reg set is sized to the number of
-train samples per epoch, T = sum(images x repeats) over train folders.  Reg images
-are taken in order (folders by name, files by name), each with its folder's
-repeats, until the running total reaches T; images after that are unused this
-run.  If every reg image was taken and the total is still below T, repeats are
-added one at a time, round-robin from the first reg image, until it reaches T.
-So an epoch holds ~2T samples, half of them regularisation.
+``scan.py`` builds a ``Dataset`` from kohya-style folders; the trainer asks it for the epoch
+order (``iterate``, epochs.py) and, for each slot of a batch, a ``Sample`` (caption, flip and
+crop drawn) and that sample's pixels.  One item path serves the trainer and the tests alike.
 """
 from __future__ import annotations
 
-import codecs
 import hashlib
 import json
 import math
 import random
-import re
-import warnings
 from collections import Counter
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Literal, NoReturn
 
-import numpy as np
 import torch
-from PIL import Image
 
-from .buckets import Assignment, Bucketer, BucketTooSmall, Size, cover_size, crop_offset, parse_resolution
+from .buckets import Bucketer, Size, cover_size, crop_offset, parse_resolution
+from .captions import CAPTION_EXTENSIONS, process_caption
+from .epochs import Batch, Position, check_batch_size, epoch_plan
+from .images import load_pixels
 from .options import default as _d
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-CAPTION_EXTENSIONS = (".txt", ".caption")
-_FOLDER = re.compile(r"^(\d+)_(.*)$", re.S)
-_ORIENTATION_TAG = 0x0112
-# EXIF orientation -> the transpose that displays the image upright (phone photos).
-_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-            8: Image.Transpose.ROTATE_90}
-
-
-class DatasetError(ValueError):
-    """A dataset or config problem; the message names the file or folder at fault."""
-
-    def __init__(self, message: str, path: str | Path | None = None, kind: str = "error") -> None:
-        super().__init__(message)
-        self.path = str(path) if path is not None else None
-        self.kind = kind
-
-
-@dataclass(frozen=True)
-class Problem:
-    severity: Literal["error", "warning"]
-    kind: str  # config, missing_dir, empty, no_prefix, zero_repeats, unreadable, too_large, too_small,
-    #            encoding, empty_caption, no_caption_text, stray_images, no_reg, unused_reg
-    message: str
-    path: str | None = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from .problems import DatasetError, Problem
 
 
 @dataclass
@@ -184,90 +131,27 @@ class FolderInfo:
 
 
 @dataclass(frozen=True)
-class Position:
-    """Where training stands: ``index`` batches of ``epoch`` (0-based) are done."""
-    epoch: int = 0
-    index: int = 0
-
-    def to_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Position":
-        return cls(int(d["epoch"]), int(d["index"]))
-
-
-def derive_rng(seed: int, *parts: object) -> random.Random:
-    """An independent, reproducible RNG for (seed, parts...); stable across processes (no hash())."""
-    digest = hashlib.blake2b(repr((int(seed),) + parts).encode(), digest_size=8).digest()
-    return random.Random(int.from_bytes(digest, "big"))
-
-
-@dataclass(frozen=True)
-class Batch:
-    epoch: int
-    index: int
+class Sample:
+    """One slot of a batch with its random choices made: the caption as trained, the flip and the crop."""
+    item: ImageItem
     bucket: Size
-    items: tuple[ImageItem, ...]
-    seed: int
+    caption: str
+    flip: bool
+    resized: Size             # the size the image is scaled to before cropping
+    window: tuple[int, int]   # (left, top) of the bucket-sized crop in the resized image, before flipping
 
     @property
-    def next_position(self) -> Position:
-        """Save this after the optimiser step for this batch; resuming there continues with the next batch."""
-        return Position(self.epoch, self.index + 1)
+    def crop_top_left(self) -> tuple[int, int]:
+        """(top, left) of the crop as seen in the (flipped) image: SDXL's crop conditioning."""
+        left, top = self.window
+        if self.flip:
+            left = self.resized[0] - left - self.bucket[0]
+        return top, left
 
-    def rng(self, slot: int, purpose: str) -> random.Random:
-        """Per-sample RNG, independent of other samples, so a resumed run draws the same numbers."""
-        return derive_rng(self.seed, "sample", self.epoch, self.index, slot, purpose)
-
-
-@dataclass
-class BatchData:
-    pixels: torch.Tensor                  # [B, 3, H, W] float in [-1, 1]
-    captions: list[str]
-    original_sizes_hw: list[tuple[int, int]]  # SDXL size conditioning
-    crop_top_left: list[tuple[int, int]]      # (top, left) in the resized image, after flipping
-    target_size_hw: tuple[int, int]
-    items: tuple[ImageItem, ...] = ()
-
-
-def process_caption(caption: str, config: DatasetConfig, rng: random.Random, epoch: int) -> str:
-    """Caption dropout, shuffle with kept tokens, and tag dropout, with kohya semantics.
-
-    * whole-caption dropout: probability ``caption_dropout_rate``, and every
-      ``caption_dropout_every_n_epochs``-th epoch (counted from 1, as kohya does,
-      so with n=2 the 0-based epochs 1, 3, 5... train uncaptioned);
-    * ``keep_tokens_separator`` in the caption splits it into a fixed head, a
-      shuffled middle and (if it appears twice) a fixed tail; otherwise the first
-      ``keep_tokens`` separator-split tags stay in front;
-    * tag dropout drops each non-kept tag with probability ``caption_tag_dropout_rate``.
-    """
-    if config.caption_dropout_rate > 0 and rng.random() < config.caption_dropout_rate:
-        return ""
-    n = config.caption_dropout_every_n_epochs
-    if n > 0 and (epoch + 1) % n == 0:
-        return ""
-    if not (config.shuffle_caption or config.caption_tag_dropout_rate > 0):
-        return caption
-
-    sep = config.caption_separator
-
-    def tags(text: str) -> list[str]:
-        return [t.strip() for t in text.split(sep) if t.strip()]
-
-    kts = config.keep_tokens_separator
-    if kts and kts in caption:
-        head, rest = caption.split(kts, 1)
-        middle, _, tail = rest.partition(kts)
-        fixed, flex, suffix = tags(head), tags(middle), tags(tail)
-    else:
-        all_tags = tags(caption)
-        fixed, flex, suffix = all_tags[:config.keep_tokens], all_tags[config.keep_tokens:], []
-    if config.shuffle_caption:
-        rng.shuffle(flex)
-    if config.caption_tag_dropout_rate > 0:
-        flex = [t for t in flex if rng.random() >= config.caption_tag_dropout_rate]
-    return ", ".join(fixed + flex + suffix)
+    @property
+    def size_cond(self) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+        """SDXL's size conditioning: (original (h, w), crop (top, left), target (h, w))."""
+        return (self.item.size[1], self.item.size[0]), self.crop_top_left, (self.bucket[1], self.bucket[0])
 
 
 class Dataset:
@@ -299,7 +183,7 @@ class Dataset:
 
     def steps_per_epoch(self, batch_size: int = 1) -> int:
         """Batches never mix buckets, so each bucket rounds up on its own (as in kohya)."""
-        _check_batch_size(batch_size)
+        check_batch_size(batch_size)
         return sum(math.ceil(n / batch_size) for n in self._bucket_samples().values())
 
     def tag_frequency(self) -> dict[str, dict[str, int]]:
@@ -357,22 +241,12 @@ class Dataset:
     def _epoch_plan(self, epoch: int, batch_size: int, seed: int) -> list[tuple[Size, list[int]]]:
         key = (epoch, batch_size, seed)
         if self._plan_key != key:  # cache one epoch: batches() and resumes ask for the same plan repeatedly
-            rng = derive_rng(seed, "epoch", epoch)
-            by_bucket: dict[Size, list[int]] = {}
-            for idx, it in enumerate(self.items):
-                by_bucket.setdefault(it.bucket, []).extend([idx] * it.repeats)
-            plan: list[tuple[Size, list[int]]] = []
-            for bucket in sorted(by_bucket):  # sorted so the plan never depends on dict/scan order
-                entries = by_bucket[bucket]
-                rng.shuffle(entries)
-                plan += [(bucket, entries[i:i + batch_size]) for i in range(0, len(entries), batch_size)]
-            rng.shuffle(plan)  # interleave buckets across the epoch
-            self._plan_key, self._plan = key, plan
+            self._plan_key, self._plan = key, epoch_plan(self.items, epoch, batch_size, seed)
         return self._plan
 
     def batches(self, epoch: int, batch_size: int, seed: int, start: int = 0) -> Iterator[Batch]:
         """One epoch's batches, each from a single bucket, every item ``repeats`` times; from batch ``start``."""
-        _check_batch_size(batch_size)
+        check_batch_size(batch_size)
         if epoch < 0:
             raise ValueError(f"epoch {epoch} must not be negative")
         plan = self._epoch_plan(epoch, batch_size, seed)
@@ -392,78 +266,31 @@ class Dataset:
             epoch += 1
 
     # --- samples ----------------------------------------------------------------------------------
-    def process_caption(self, item: ImageItem, rng: random.Random, epoch: int) -> str:
-        return process_caption(item.caption, self.config, rng, epoch)
+    def sample(self, batch: Batch, slot: int) -> Sample:
+        """Slot ``slot`` of ``batch``, every random choice drawn from the slot's own RNGs.
 
-    def decide_flip(self, rng: random.Random) -> bool:
-        return self.config.flip_aug and rng.random() < 0.5
+        The RNGs depend on the slot in the *global* batch, not on which process trains it."""
+        item = batch.items[slot]
+        caption = process_caption(item.caption, self.config, batch.rng(slot, "caption"), batch.epoch)
+        rng = batch.rng(slot, "image")
+        flip = self.config.flip_aug and rng.random() < 0.5
+        return self._place(item, batch.bucket, flip, rng, caption)
+
+    def pixels(self, sample: Sample) -> torch.Tensor:
+        """The sample's image: float32 CHW in [-1, 1], the VAE's input range."""
+        return load_pixels(sample.item.path, sample.item.orientation, sample.resized, sample.window, sample.bucket,
+                           sample.flip)
 
     def load_image(self, item: ImageItem, bucket: Size | None = None, flip: bool = False,
                    rng: random.Random | None = None) -> torch.Tensor:
-        """Decode, resize to cover ``bucket``, crop (random only with random_crop and an rng), flip.
+        """One image outside any batch: resized to cover ``bucket``, cropped (random only with
+        random_crop and an rng), flipped."""
+        return self.pixels(self._place(item, bucket or item.bucket, flip, rng, item.caption))
 
-        Returns float32 CHW in [-1, 1], the VAE's input range.
-        """
-        return self._load(item, bucket or item.bucket, flip, rng)[0]
-
-    def _load(self, item: ImageItem, bucket: Size, flip: bool,
-              rng: random.Random | None) -> tuple[torch.Tensor, tuple[int, int]]:
+    def _place(self, item: ImageItem, bucket: Size, flip: bool, rng: random.Random | None, caption: str) -> Sample:
         resized = item.resized if bucket == item.bucket else cover_size(item.size, bucket)
-        swapped = item.orientation in (5, 6, 7, 8)
-        try:
-            with Image.open(item.path) as im:
-                # JPEG can decode at 1/2..1/8 scale directly (never below the requested size): far
-                # faster for big photos.  The file is stored un-rotated, so ask in stored orientation.
-                im.draft("RGB", resized[::-1] if swapped else resized)
-                img = _to_rgb(im)
-        except MemoryError:
-            raise
-        except Exception as e:  # truncated/corrupt data only shows up when decoding
-            raise DatasetError(f"{item.path}: cannot decode image ({e})", item.path, "unreadable") from e
-        if item.orientation in _UPRIGHT:
-            img = img.transpose(_UPRIGHT[item.orientation])
-        if img.size != resized:
-            img = img.resize(resized, Image.Resampling.LANCZOS)
-        left, top = crop_offset(resized, bucket, rng if self.config.random_crop else None)
-        img = img.crop((left, top, left + bucket[0], top + bucket[1]))
-        if flip:
-            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            left = resized[0] - left - bucket[0]  # the crop window as seen in the flipped image
-        arr = np.asarray(img, dtype=np.uint8)
-        pixels = torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
-        return pixels, (top, left)
-
-    def load_batch(self, batch: Batch) -> BatchData:
-        """Captions and pixels for a batch, every random choice drawn from the batch's per-sample RNGs."""
-        captions, pixels, crops = [], [], []
-        for slot, item in enumerate(batch.items):
-            captions.append(self.process_caption(item, batch.rng(slot, "caption"), batch.epoch))
-            img_rng = batch.rng(slot, "image")
-            t, crop = self._load(item, batch.bucket, self.decide_flip(img_rng), img_rng)
-            pixels.append(t)
-            crops.append(crop)
-        return BatchData(torch.stack(pixels), captions, [(i.size[1], i.size[0]) for i in batch.items], crops,
-                         (batch.bucket[1], batch.bucket[0]), batch.items)
-
-
-# --- scanning -------------------------------------------------------------------------------------
-class _Report:
-    def __init__(self, strict: bool) -> None:
-        self.strict = strict
-        self.problems: list[Problem] = []
-
-    def error(self, kind: str, message: str, path: str | Path | None = None) -> None:
-        if self.strict:
-            raise DatasetError(message, path, kind)
-        self.problems.append(Problem("error", kind, message, str(path) if path is not None else None))
-
-    def warning(self, kind: str, message: str, path: str | Path | None = None) -> None:
-        self.problems.append(Problem("warning", kind, message, str(path) if path is not None else None))
-
-
-def _check_batch_size(batch_size: int) -> None:
-    if batch_size < 1:
-        raise ValueError(f"batch_size {batch_size} must be at least 1")
+        window = crop_offset(resized, bucket, rng if self.config.random_crop else None)
+        return Sample(item, bucket, caption, flip, resized, window)
 
 
 def _safe_reso(config: DatasetConfig) -> list[int] | None:
@@ -471,187 +298,3 @@ def _safe_reso(config: DatasetConfig) -> list[int] | None:
         return list(config.reso)
     except ValueError:  # summary of a config whose resolution is the problem
         return None
-
-
-def _is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
-
-
-def _to_rgb(im: Image.Image) -> Image.Image:
-    """RGB, with transparency composited onto white (plain convert() would expose whatever hides under alpha=0)."""
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return im.convert("RGB")
-
-
-def read_image_header(path: Path, max_pixels: int) -> tuple[Size, int]:
-    """(upright size, EXIF orientation) from the header alone; DatasetError names the file on failure."""
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-            orientation = 1
-            if "exif" in im.info:  # only EXIF already parsed with the header; asking otherwise may decode
-                try:
-                    orientation = int(im.getexif().get(_ORIENTATION_TAG, 1) or 1)
-                except Exception:  # a broken EXIF block is no reason to refuse the picture
-                    orientation = 1
-    except Image.DecompressionBombError:
-        raise DatasetError(f"{path}: image is too large (over PIL's decompression-bomb limit of "
-                           f"{Image.MAX_IMAGE_PIXELS * 2:,} pixels); downscale it", path, "too_large") from None
-    except Exception as e:  # PIL raises many types for bad files (OSError, SyntaxError, struct.error...)
-        raise DatasetError(f"{path}: cannot read image ({type(e).__name__}: {e})", path, "unreadable") from None
-    if w * h > max_pixels:
-        raise DatasetError(f"{path}: image is {w}x{h} ({w * h / 1e6:.1f} megapixels), over the max_pixels limit of "
-                           f"{max_pixels / 1e6:g} megapixels; downscale it or raise max_pixels", path, "too_large")
-    if w <= 0 or h <= 0:
-        raise DatasetError(f"{path}: image has no pixels ({w}x{h})", path, "unreadable")
-    return ((h, w) if orientation in (5, 6, 7, 8) else (w, h)), orientation
-
-
-def read_caption(path: Path) -> str:
-    """First non-blank line of a UTF-8 caption file (kohya also uses one line); '' if blank."""
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise DatasetError(f"{path}: cannot read caption ({e.strerror or e})", path, "unreadable") from None
-    skip = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0  # Windows Notepad adds a BOM
-    try:
-        text = raw[skip:].decode("utf-8")
-    except UnicodeDecodeError as e:
-        pos = e.start + skip
-        raise DatasetError(f"{path}: caption is not valid UTF-8 (byte 0x{raw[pos]:02x} at byte position {pos}); "
-                           "re-save it as UTF-8", path, "encoding") from None
-    return next((line.strip() for line in text.splitlines() if line.strip()), "")
-
-
-def _find_caption(image: Path, config: DatasetConfig) -> Path | None:
-    for ext in config.caption_extensions:
-        p = image.with_suffix(ext)
-        if p.is_file():
-            return p
-    return None
-
-
-def _scan_root(root: Path, is_reg: bool, config: DatasetConfig, bucketer: Bucketer,
-               report: _Report) -> tuple[list[FolderInfo], list[ImageItem]]:
-    label = "regularisation folder" if is_reg else "training folder"
-    if not root.is_dir():
-        report.error("missing_dir", f"{label} '{root}' does not exist or is not a folder", root)
-        return [], []
-    folders: list[FolderInfo] = []
-    items: list[ImageItem] = []
-    entries = sorted(root.iterdir(), key=lambda p: p.name)
-    stray = [p for p in entries if _is_image(p)]
-    if stray:
-        report.warning("stray_images", f"{len(stray)} image(s) directly in '{root}' (e.g. '{stray[0].name}') are not "
-                       "used: images go in '<repeats>_<trigger words>' sub-folders such as '10_robot'", root)
-    for sub in entries:
-        if not sub.is_dir() or sub.name.startswith("."):  # hidden folders (.cache, .ipynb_checkpoints) aren't data
-            continue
-        images = sorted((p for p in sub.iterdir() if _is_image(p)), key=lambda p: p.name)
-        m = _FOLDER.match(sub.name)
-        if not m:
-            if images:  # folders without images (logs, samples...) are not data either: skip them silently
-                report.error("no_prefix", f"folder '{sub.name}' has no '<repeats>_' prefix, e.g. '10_{sub.name}'", sub)
-            continue
-        repeats, trigger = int(m.group(1)), m.group(2).strip()
-        if repeats < 1:
-            report.error("zero_repeats", f"folder '{sub.name}' has {repeats} repeats; use at least 1, "
-                         f"e.g. '1_{trigger}'", sub)
-            continue
-        info = FolderInfo(sub.name, str(sub), repeats, trigger, is_reg)
-        folders.append(info)
-        for img in images:
-            item = _scan_image(img, info, config, bucketer, report)
-            if item is not None:
-                items.append(item)
-                info.images += 1
-    return folders, items
-
-
-def _scan_image(img: Path, info: FolderInfo, config: DatasetConfig, bucketer: Bucketer,
-                report: _Report) -> ImageItem | None:
-    try:
-        size, orientation = read_image_header(img, config.max_pixels)
-        cap_path = _find_caption(img, config)
-        caption = read_caption(cap_path) if cap_path else ""
-        try:
-            assigned: Assignment = bucketer.assign(*size)
-        except BucketTooSmall as e:
-            raise DatasetError(f"{img}: {e}", img, "too_small") from None
-    except DatasetError as e:
-        report.error(e.kind, str(e), e.path)
-        return None
-    source = "file"
-    if cap_path is None:
-        source = "folder"
-        info.missing_captions += 1
-    elif not caption:
-        source = "empty"
-        info.empty_captions += 1
-        report.warning("empty_caption", f"{cap_path}: caption file is empty; using the folder's trigger words "
-                       f"'{info.trigger}'", cap_path)
-    if source != "file":
-        caption = info.trigger
-        if not caption:
-            report.warning("no_caption_text", f"{img}: no caption and folder '{info.name}' has no trigger words, "
-                           "so it trains with an empty caption", img)
-    return ImageItem(img, caption, info.repeats, info.is_reg, info.name, size, assigned.bucket, assigned.resized,
-                     source, orientation)
-
-
-def balance_reg(train_samples: int, reg: list[ImageItem]) -> tuple[list[ImageItem], list[ImageItem]]:
-    """kohya's rule (see module docstring): (used reg items with new repeats, unused reg items)."""
-    if train_samples <= 0 or not reg:
-        return [], list(reg)
-    repeats: list[int] = []
-    total = 0
-    for it in reg:  # first pass: whole images with their folder's repeats, until the total is reached
-        if total >= train_samples:
-            break
-        repeats.append(it.repeats)
-        total += it.repeats
-    i = 0
-    while total < train_samples:  # still short: one extra repeat each, round-robin
-        repeats[i % len(repeats)] += 1
-        total += 1
-        i += 1
-    used = [replace(it, repeats=r) for it, r in zip(reg, repeats)]
-    return used, reg[len(used):]
-
-
-def scan(config: DatasetConfig, strict: bool = True) -> Dataset:
-    """Read the folders and image headers.  strict: raise DatasetError on the first error;
-    otherwise skip bad files and record every problem in ``Dataset.problems``.
-    Config errors always raise."""
-    config.check()
-    bucketer = config.bucketer()
-    report = _Report(strict)
-    with warnings.catch_warnings():
-        # Large-but-allowed images would print PIL's bomb warning; max_pixels is our explicit check.
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        folders, train = _scan_root(Path(config.train_dir), False, config, bucketer, report)
-        reg_folders, reg = [], []
-        if config.reg_dir is not None:
-            reg_folders, reg = _scan_root(Path(config.reg_dir), True, config, bucketer, report)
-    if not train:
-        report.error("empty", f"no training images found in '{config.train_dir}': expected sub-folders named "
-                     f"'<repeats>_<trigger words>' (e.g. '10_robot') holding {'/'.join(IMAGE_EXTENSIONS)} files",
-                     config.train_dir)
-    if config.reg_dir is not None and not reg:
-        report.warning("no_reg", f"no regularisation images found in '{config.reg_dir}'", config.reg_dir)
-    used_reg, unused_reg = balance_reg(sum(i.repeats for i in train), reg)
-    if unused_reg:
-        report.warning("unused_reg", f"{len(unused_reg)} regularisation image(s) are not used: kohya's balancing needs "
-                       "only as many reg samples as train images x repeats", config.reg_dir)
-    return Dataset(config, train + used_reg, folders + reg_folders, report.problems, unused_reg)
-
-
-def validate(config: DatasetConfig, batch_size: int = 1) -> tuple[dict, list[Problem]]:
-    """Collect every problem instead of stopping at the first: (summary, problems)."""
-    try:
-        ds = scan(config, strict=False)
-    except DatasetError as e:  # config errors: nothing could be scanned
-        ds = Dataset(config, [], [], [Problem("error", e.kind, str(e), e.path)])
-    return ds.summary(batch_size), ds.problems

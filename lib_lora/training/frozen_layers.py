@@ -13,9 +13,8 @@ is recomputed and gradients are exactly autograd's.
 Second, on CPU a 3x3 convolution with few output positions and many channels (SD's 8x8 and
 16x16 levels at batch 1) is bound by reading its weight, and oneDNN re-lays the weight out on
 every call.  There the forward and the input gradient are done as one matrix product against
-the unfold-ed input instead (``_use_gemm``: measured 0.3-0.6x the time of ``F.conv2d`` and its
-backward for 1280-2560 channels at 4x4-8x8; see benchmarks/train.py).  The choice depends only
-on shapes, so a run and its resume pick the same kernels.
+the unfold-ed input instead (``_use_gemm``; benchmarks/train.py measures it, the README gives the
+figures).  The choice depends only on shapes, so a run and its resume pick the same kernels.
 
 Third, two cheap element-wise pairs are recomputed in backward instead of kept (selective
 checkpointing): GroupNorm -> SiLU at the head of an LDM/SGM resnet ``nn.Sequential`` keeps only
@@ -124,9 +123,8 @@ def _autograd_keeps_linear_input() -> bool:
 
 class _FrozenLinear(torch.autograd.Function):
     # With few rows the product is bound by reading the weight, and MKL reads it faster as the
-    # left operand: W @ x.T ran 1.1-1.4x faster than x @ W.T for 16-64 rows and 1280-10240
-    # features, forward and backward alike (benchmarks/train.py).  The transposed result is
-    # only rows-wide, so making it contiguous again is cheap.
+    # left operand (benchmarks/train.py measures it, forward and backward).  The transposed result
+    # is only rows-wide, so making it contiguous again is cheap.
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None):
         ctx.save_for_backward(weight)

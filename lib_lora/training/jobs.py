@@ -1,10 +1,9 @@
 """Training jobs: one at a time, in a background thread, under the host's model lock.
 
-Host-agnostic: a host (the WebUI, tests) subclasses ``TrainingHost`` to say which lock
-serialises work on the model, how to wrap its loaded model as a ``TrainableModel``, where
-LoRAs go, and how progress is shown.  ``JobRunner`` turns a JSON-style request into a
-``TrainConfig``, validates it *before* anything starts (so an API can answer 400 with the
-dataset problem named), then trains in a thread:
+Host-agnostic: a host (the WebUI, tests) implements ``TrainingHost`` (host.py).  ``JobRunner``
+turns a JSON-style request into a ``TrainConfig`` (request.py), validates it *before* anything
+starts (so an API can answer 400 with the dataset problem named), then trains in a thread.  A
+``Job`` is the record of one run; only its own methods change it:
 
     (the request and the dataset are checked before ``start`` returns: errors are raised, no job)
     queued     -> waiting for the host's lock (a generation in progress finishes first)
@@ -19,7 +18,6 @@ refreshes its LoRA list and the model is checked to be exactly as before.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import threading
 import time
@@ -30,73 +28,18 @@ from pathlib import Path
 
 import torch
 
-from ..library import TRAINING_STATE_SUFFIX as STATE_SUFFIX  # noqa: F401  (re-exported)
-from .dataset import Problem, validate
+from .errors import JobConflict, JobNotFound, one_line
+from .fingerprint import model_fingerprint
+from .host import TrainingHost
 from .model import TrainableModel
 from .plan import Plan, make_plan
-# requests live in request.py; the names are kept here for the hosts and the API
-from .request import (PRESET_LABELS, PRESETS, JobConflict, JobError, JobNotFound, JobRequest,  # noqa: F401
-                      RequestError, TrainingRefused, build_request, one_line, preset_for_family)
-from .trainer import Callbacks, Progress, Trainer
+from .problems import Problem
+from .request import JobRequest, build_request
+from .scan import validate
+from .state import state_path
+from .trainer import Callbacks, Progress, Trainer, TrainResult
 
-STATES = ("queued", "validating", "running", "saving", "finished", "stopped", "failed")
 ACTIVE = ("queued", "validating", "running", "saving")
-
-# -- the host --------------------------------------------------------------------------------------------
-
-
-class TrainingHost:
-    """What the runner needs from the program it runs in.  Every hook has a harmless default."""
-
-    name = "host"
-
-    def lock(self) -> contextlib.AbstractContextManager:
-        """Held for the whole training; a lock that serialises all work on the model."""
-        return contextlib.nullcontext()
-
-    def family(self) -> str | None:
-        """The loaded model's family (for presets); None if nothing usable is loaded."""
-        return None
-
-    def check(self) -> None:
-        """Raise ``TrainingRefused`` when the loaded model cannot be trained on (called before queuing)."""
-
-    def build_model(self, job: "Job") -> TrainableModel:
-        """The loaded model as a TrainableModel; called with the lock held. May raise TrainingRefused."""
-        raise TrainingRefused("this host has no model to train on")
-
-    def output_dir(self) -> Path:
-        """Where LoRA files are written (and where state files are looked up for resuming)."""
-        raise NotImplementedError
-
-    def dataset_roots(self) -> list[Path] | None:
-        """The folders remote (API) requests may read datasets from; None: anywhere."""
-        return None
-
-    def samples_dir(self, job: "Job") -> Path:
-        return self.output_dir() / "samples" / job.name
-
-    def begin(self, job: "Job") -> None:
-        """The lock is held and training starts."""
-
-    def progress(self, job: "Job") -> None:
-        """After every step (and after sample images)."""
-
-    def samples(self, job: "Job", images: list) -> None:
-        """New sample images were saved."""
-
-    def interrupted(self) -> bool:
-        """The host's own "interrupt" was pressed: the job stops and saves."""
-        return False
-
-    def end(self, job: "Job") -> None:
-        """Training ended (any way); the lock is still held."""
-
-    def after(self, job: "Job") -> None:
-        """The lock is released: refresh the LoRA list so the new file shows up."""
-
-    def log(self, message: str) -> None:
-        print(f"[LoRA Workshop] {message}", flush=True)
 
 
 def precision_for(model: TrainableModel) -> str:
@@ -105,39 +48,6 @@ def precision_for(model: TrainableModel) -> str:
         return "no"
     dtype = next(model.unet.parameters()).dtype
     return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "no")
-
-
-# -- model check -------------------------------------------------------------------------------------
-
-
-def _checksum(t: torch.Tensor) -> tuple[int, int]:
-    """Two sums over the tensor's bit pattern (plain and position-weighted): any write shows."""
-    t = t.detach()
-    n = t.numel()
-    if n == 0:
-        return (0, 0)
-    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
-    bits = t.contiguous().reshape(-1).view(ints).to(torch.int64)
-    weights = torch.arange(n, device=bits.device, dtype=torch.int64) % 65521 + 1
-    return int(bits.sum()), int((bits * weights).sum())
-
-
-def model_fingerprint(model: TrainableModel) -> list:
-    """Identity, storage, version counter and a checksum of every parameter and buffer, plus hook counts."""
-    out = []
-    roots = [("unet", model.unet)] + [(p, m) for p, m in model.text_encoders]
-    with torch.no_grad():
-        for label, root in roots:
-            for name, t in list(root.named_parameters()) + list(root.named_buffers()):
-                out.append((label, name, id(t), t.data_ptr(), t._version, t.dtype, tuple(t.shape),
-                            bool(getattr(t, "requires_grad", False)), _checksum(t)))
-            hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in root.modules())
-            modes = tuple(m.training for m in root.modules())
-            out.append((label, "<hooks/modes>", hooks, hash(modes)))
-    return out
-
-
-# -- jobs ---------------------------------------------------------------------------------------------
 
 
 def downsample(values: list[float], max_points: int = 200, first_step: int = 1) -> list[list[float]]:
@@ -157,6 +67,11 @@ def downsample(values: list[float], max_points: int = 200, first_step: int = 1) 
 
 
 class Job:
+    """One training run's record: what was asked, where it stands, and what it wrote.
+
+    Every change goes through a method below, under the job's lock, because the status is read
+    from other threads (the tab, the API) while the worker writes it."""
+
     def __init__(self, request: JobRequest, plan: Plan):
         self.id = uuid.uuid4().hex[:12]
         self.request = request
@@ -187,8 +102,6 @@ class Job:
         self.stop_requested: str | None = None   # None, "stop" or "save"
         self._lock = threading.RLock()
         self._done = threading.Event()
-        self.thread: threading.Thread | None = None
-        self.begun = False  # host.begin() was called (so host.end() is due)
 
     # -- control -----------------------------------------------------------------------------
     def request_stop(self, save: bool = False) -> None:
@@ -221,10 +134,78 @@ class Job:
         with self._lock:
             return [Path(s["path"]) for s in self.samples]
 
-    def _set(self, **kw) -> None:
+    # -- transitions (the runner's worker thread) ---------------------------------------------
+    def stop_before_start(self) -> bool:
+        """A stop asked while queued: the job ends as stopped without touching the model."""
         with self._lock:
-            for k, v in kw.items():
-                setattr(self, k, v)
+            if not self.stop_requested:
+                return False
+            self.state = "stopped"
+        self.log("stopped before it started")
+        return True
+
+    def validating(self) -> None:
+        """The host's lock is held: the model is being checked and wrapped."""
+        with self._lock:
+            self.state, self.started_at = "validating", time.time()
+
+    def attach(self, plan: Plan, trainer: Trainer) -> None:
+        """The trainer is built (``plan`` may have its precision resolved); a stop asked meanwhile reaches it."""
+        with self._lock:
+            self.plan, self.config, self.trainer = plan, plan.config, trainer
+            if self.stop_requested:
+                trainer.request_stop(save=self.stop_requested == "save")
+
+    def running(self) -> None:
+        with self._lock:
+            self.state = "running"
+
+    def progressed(self, p: Progress) -> None:
+        with self._lock:
+            self.step, self.total, self.epoch = p.step, p.total, p.epoch
+            self.loss, self.avg_loss, self.lr = p.loss, p.avg_loss, p.lr
+            self.elapsed, self.eta = p.elapsed, p.eta
+            self.losses.append(p.loss)
+            if self.stop_requested == "save" or p.step >= p.total:
+                self.state = "saving"
+
+    def saved_file(self, path: Path) -> None:
+        with self._lock:
+            self.saved.append(Path(path))
+
+    def sampled(self, step: int, prompt: str, path: Path) -> None:
+        with self._lock:
+            self.samples.append({"step": step, "prompt": prompt, "path": path})
+
+    def checked_model(self, untouched: bool) -> None:
+        with self._lock:
+            self.model_untouched = untouched
+
+    def finished(self, result: TrainResult) -> None:
+        with self._lock:
+            self.output = result.output
+            self.step = result.steps
+            self.state = "stopped" if result.stopped else "finished"
+        if result.stopped:
+            self.log(f"stopped at step {result.steps}" + (f"; saved {result.output.name}" if result.output else
+                                                          " (nothing saved)"))
+        else:
+            self.log(f"finished: {result.output.name}")
+
+    def failed(self, e: BaseException) -> None:
+        with self._lock:
+            self.state, self.error = "failed", one_line(e)
+        self.log(f"failed: {one_line(e)}")
+
+    def close(self) -> None:
+        """The worker is done, whatever the end: the model is let go and waiters wake."""
+        with self._lock:
+            if self.trainer is not None:
+                self.trainer.release()  # finished jobs are kept for their status: never keep a model alive
+            self.finished_at = time.time()
+
+    def done(self) -> None:
+        self._done.set()
 
     # -- reporting -------------------------------------------------------------------------------
     def textinfo(self) -> str:
@@ -259,7 +240,7 @@ class Job:
             first = self.step - len(self.losses) + 1
             state_file = None
             if self.config.save_state and self.saved:
-                candidate = Trainer.state_path(self.saved[-1])
+                candidate = state_path(self.saved[-1])
                 state_file = rel(candidate) if candidate.exists() else None
             return {
                 "id": self.id,
@@ -362,12 +343,10 @@ class JobRunner:
                 if self._jobs[oldest].active:
                     break
                 del self._jobs[oldest]
-            job.state = "queued"
             job.log(f"queued: {req.name} ({job.total} steps, {summary['train_images']} images"
                     f"{', resuming ' + req.resume_from.name if req.resume_from else ''})")
-            job.thread = threading.Thread(target=self._work, args=(job,), name=f"lora-workshop-train-{job.id}",
-                                          daemon=True)
-            job.thread.start()
+            threading.Thread(target=self._work, args=(job,), name=f"lora-workshop-train-{job.id}",
+                             daemon=True).start()
             return job
 
     def _check_can_start(self) -> None:
@@ -386,21 +365,11 @@ class JobRunner:
         host = self.host
 
         def on_progress(p: Progress) -> None:
-            with job._lock:
-                job.step, job.total, job.epoch = p.step, p.total, p.epoch
-                job.loss, job.avg_loss, job.lr = p.loss, p.avg_loss, p.lr
-                job.elapsed, job.eta = p.elapsed, p.eta
-                job.losses.append(p.loss)
-                if job.stop_requested == "save" or p.step >= p.total:
-                    job.state = "saving"
+            job.progressed(p)
             if host.interrupted() and job.stop_requested is None:
                 job.log("interrupted by the host: stopping and saving")
                 job.request_stop(save=True)
             host.progress(job)
-
-        def on_saved(path: Path) -> None:
-            with job._lock:
-                job.saved.append(Path(path))
 
         def on_samples(step: int, images: list) -> None:
             if not images:
@@ -411,9 +380,7 @@ class JobRunner:
             for i, img in enumerate(images):
                 path = folder / f"{job.name}-{step:06d}-{i:02d}.png"
                 img.save(path)
-                with job._lock:
-                    job.samples.append({"step": step, "prompt": prompts[i] if i < len(prompts) else "",
-                                        "path": path})
+                job.sampled(step, prompts[i] if i < len(prompts) else "", path)
             job.log(f"step {step}: {len(images)} sample image(s) in {folder}")
             host.samples(job, images)
             host.progress(job)
@@ -422,68 +389,50 @@ class JobRunner:
             job.log(line)
             host.log(line)
 
-        return Callbacks(on_progress=on_progress, on_saved=on_saved, on_samples=on_samples, log=log)
+        return Callbacks(on_progress=on_progress, on_saved=job.saved_file, on_samples=on_samples, log=log)
 
     def _work(self, job: Job) -> None:
         host = self.host
         try:
             with host.lock():
-                try:
-                    self._train(job)
-                finally:
-                    if job.begun:
-                        try:
-                            host.end(job)
-                        except Exception as e:  # noqa: BLE001
-                            host.log(f"ending the job's progress display failed: {one_line(e)}")
+                self._train(job)
         except BaseException as e:  # noqa: BLE001 - reported in the status, never raised from a thread
-            job._set(state="failed", error=one_line(e))
-            job.log(f"failed: {one_line(e)}")
+            job.failed(e)
             host.log(f"training {job.name} failed:\n{traceback.format_exc()}")
         finally:
-            if job.trainer is not None:
-                job.trainer.release()  # finished jobs are kept for their status: never keep a model alive
-            job._set(finished_at=time.time())
+            job.close()
             try:
                 host.after(job)
             except Exception as e:  # noqa: BLE001
                 job.log(f"refreshing the LoRA list failed: {one_line(e)}")
-            job._done.set()
+            job.done()
 
     def _train(self, job: Job) -> None:
         host = self.host
-        if job.stop_requested:
-            job._set(state="stopped")
-            job.log("stopped before it started")
+        if job.stop_before_start():
             return
-        job._set(state="validating", started_at=time.time())  # the lock is ours: check and wrap the model
+        job.validating()  # the lock is ours: check and wrap the model
         model = host.build_model(job)
         plan = job.plan.with_config(mixed_precision=precision_for(model)) if job.request.auto_precision else job.plan
         trainer = Trainer(model, plan, self._callbacks(job))
-        with job._lock:
-            job.plan, job.config, job.trainer = plan, plan.config, trainer
-            if job.stop_requested:  # asked while the model was being built
-                trainer.request_stop(save=job.stop_requested == "save")
+        job.attach(plan, trainer)
         before = model_fingerprint(model)
         host.begin(job)
-        job.begun = True
-        job._set(state="running")
-        job.log(f"training {job.name} on {model.model_name or model.family} ({model.family}, "
-                f"{model.device}, mixed precision {job.config.mixed_precision})")
         try:
-            result = trainer.run()
+            job.running()
+            job.log(f"training {job.name} on {model.model_name or model.family} ({model.family}, "
+                    f"{model.device}, mixed precision {job.config.mixed_precision})")
+            try:
+                result = trainer.run()
+            finally:
+                untouched = model_fingerprint(model) == before
+                job.checked_model(untouched)
+                if not untouched:
+                    job.log("ERROR: the model's weights or modules changed during training; reload the checkpoint")
+                    host.log(f"the model changed while training {job.name}; reload the checkpoint")
+            job.finished(result)
         finally:
-            untouched = model_fingerprint(model) == before
-            job._set(model_untouched=untouched)
-            if not untouched:
-                job.log("ERROR: the model's weights or modules changed during training; reload the checkpoint")
-                host.log(f"the model changed while training {job.name}; reload the checkpoint")
-        with job._lock:
-            job.output = result.output
-            job.step = result.steps
-            job.state = "stopped" if result.stopped else "finished"
-        if result.stopped:
-            job.log(f"stopped at step {result.steps}" + (f"; saved {result.output.name}" if result.output else
-                                                         " (nothing saved)"))
-        else:
-            job.log(f"finished: {result.output.name}")
+            try:
+                host.end(job)
+            except Exception as e:  # noqa: BLE001
+                host.log(f"ending the job's progress display failed: {one_line(e)}")

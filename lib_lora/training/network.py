@@ -21,7 +21,6 @@ from torch.nn.utils import parametrize
 from ..adapters.lora import LoRAModule
 from ..fileio import LoraFileError
 from ..modelmap import ModelMap, Target
-from ..network import Network, parse_state_dict
 from . import options
 
 _d = options.default
@@ -152,16 +151,18 @@ class TrainingNetwork(nn.Module):
             module._parameters = {k: params[k] for k in order if k in params} | params
         self._parametrized.clear()
 
-    def set_multiplier(self, m: float) -> None:
-        for lora in self.loras.values():
-            lora.multiplier = m
-
     def kohya_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
         out = {}
         for key in self.targets:
             for role, t in self.lora(key).kohya_tensors(dtype).items():
                 out[f"{key}.{role}"] = t
         return out
+
+    def load_kohya_state_dict(self, sd: dict[str, Tensor]) -> None:
+        """Put back the weights ``kohya_state_dict`` gave (resuming a run); every target must be in ``sd``."""
+        for key in self.targets:
+            self.lora(key).load_kohya_tensors({role: sd[f"{key}.{role}"]
+                                               for role in ("lora_down.weight", "lora_up.weight")})
 
     def load_weights(self, sd: dict[str, Tensor], source: str) -> list[str]:
         """Start from a kohya LoRA/LoCon file (kohya's ``network_weights``); the layers it lacks are returned.
@@ -195,14 +196,8 @@ class TrainingNetwork(nn.Module):
             if not math.isclose(alpha, lora.alpha, rel_tol=1e-6):
                 raise LoraFileError(f"{source}: {key} has alpha {alpha:g}; these settings give it {lora.alpha:g} "
                                     "(network_alpha / conv_alpha)")
-            with torch.no_grad():
-                lora.down.weight.copy_(down.reshape(lora.down.weight.shape))
-                lora.up.weight.copy_(up.reshape(lora.up.weight.shape))
+            lora.load_kohya_tensors(parts)
         return sorted(set(self.targets) - set(by_module))
-
-    def to_runtime(self, name: str = "training") -> Network:
-        """The same weights as a runtime Network (what <lora:name:w> would apply)."""
-        return parse_state_dict(name, self.kohya_state_dict(), {})
 
 
 def _weight_read_by_parent(module: nn.Module) -> bool:

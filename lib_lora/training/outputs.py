@@ -2,10 +2,10 @@
 
 A run writes its final LoRA and intermediate saves under kohya's names
 (``NAME-step00001234.safetensors`` every N steps, ``NAME-000004.safetensors`` every N epochs)
-and, with ``save_state``, a state file beside each, named as kohya names its state folders
-(``NAME-step00001234-state``, ``NAME-000004-state``, ``NAME-state``) plus ``.safetensors``.
-All of these names are known before the first step, so they are all checked then: an existing file is replaced only
-when the user asked to overwrite, or when it belongs to the run being resumed (same
+and, with ``save_state``, a state file beside each (``state.state_path``: kohya's state folder
+names ``NAME-step00001234-state``, ``NAME-000004-state``, ``NAME-state``, plus ``.safetensors``).
+All of these names are known before the first step (``planned``), so they are all checked then: an
+existing file is replaced only when the user asked to overwrite, or when it belongs to the run being resumed (same
 ``ss_session_id`` / state session).  Nothing a user made is ever overwritten silently.
 """
 from __future__ import annotations
@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from ..fileio import LoraFileError, read_header
-from ..library import TRAINING_STATE_SUFFIX, is_state_file_name
 from .options import OptionError
-from .state import read_state_header
+from .state import is_state_file, read_state_header, state_path
 
 # temp files an interrupted atomic write can leave (fileio.atomic_path's naming) older than this are ours to sweep
 STALE_TEMP_SECONDS = 60.0
@@ -70,11 +69,6 @@ def output_path(output_dir: str | Path, name: str, step: int | None = None, epoc
     return Path(output_dir) / f"{stem}.safetensors"
 
 
-def state_path(lora_path: Path) -> Path:
-    """The state file beside a save: kohya's state folder name for it, as one .safetensors file."""
-    return lora_path.with_name(lora_path.stem + TRAINING_STATE_SUFFIX)
-
-
 def updates_per_epoch(per_epoch: int, accumulation: int) -> int:
     """Optimiser steps in one epoch of ``per_epoch`` batches."""
     return max(1, math.ceil(per_epoch / accumulation))
@@ -111,8 +105,8 @@ def planned(cfg, total: int, per_epoch: int) -> list[Path]:
 def session_of(path: Path) -> str | None:
     """The training session that wrote ``path`` (a LoRA or a state file), or None if unknown."""
     try:
-        if is_state_file_name(path.name):
-            return str(read_state_header(path).get("session"))
+        if is_state_file(path):
+            return read_state_header(path).session
         return read_header(path).metadata.get("ss_session_id")
     except (LoraFileError, OSError):
         return None

@@ -17,7 +17,8 @@ import torch
 
 from . import outputs
 from .config import TrainConfig
-from .dataset import Dataset, scan
+from .dataset import Dataset
+from .scan import scan
 from .state import read_state_header
 
 
@@ -64,7 +65,7 @@ def make_plan(config: TrainConfig, resume_from: str | Path | None = None,
     gb = config.batch_size * world
     dataset = scan(config.dataset, strict=True)
     resume = Path(resume_from) if resume_from is not None else None
-    owner = str(read_state_header(resume)["session"]) if resume is not None else None
+    owner = read_state_header(resume).session if resume is not None else None
     total = total_steps(config, dataset, gb)
     paths = outputs.planned(config, total, max(1, dataset.steps_per_epoch(gb)))
     outputs.check_free(paths, config.overwrite, owner)

@@ -14,13 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..library import TRAINING_STATE_SUFFIX as STATE_SUFFIX, is_state_file_name
+from ..fileio import TRAINING_STATE_SUFFIX as STATE_SUFFIX, LoraFileError
 from . import options
-from .dataset import DatasetConfig, DatasetError
+from .dataset import DatasetConfig
+from .errors import RequestError, one_line
 from .network import NetworkConfig
 from .options import OptionError
 from .outputs import check_output_name
+from .problems import DatasetError
 from .config import TrainConfig
+from .state import is_state_file, read_state_header
 
 # -- presets ---------------------------------------------------------------------------------------
 # Starting points after kohya-ss/sd-scripts' documentation for LoRA on SD1.5 and SDXL.  Keys are
@@ -51,57 +54,6 @@ PRESET_LABELS = {"sd15": "SD1.5 (512, rank 32/16, TE on)", "sdxl": "SDXL (1024, 
 
 def preset_for_family(family: str | None) -> str:
     return "sdxl" if family == "sdxl" else "sd15"
-
-
-# -- errors ------------------------------------------------------------------------------------------
-
-
-class JobError(Exception):
-    """Base class; ``status`` is the HTTP status an API should answer with."""
-    status = 400
-
-
-class RequestError(JobError):
-    """The request itself is wrong (unknown option, bad value, bad path or name).
-
-    When one option is at fault, ``option`` is its field name and ``detail`` the reason, so each
-    surface can name it its own way (the command line as its flag)."""
-    status = 400
-
-    def __init__(self, message: str, option: str | None = None, detail: str | None = None):
-        super().__init__(message)
-        self.option = option
-        self.detail = detail if detail is not None else message
-
-    @classmethod
-    def bad(cls, where: str, detail: str) -> "RequestError":
-        """``where``: the request key ("network.rank"); the message reads ``where: detail``."""
-        return cls(f"{where}: {detail}", where.rpartition(".")[2], detail)
-
-    @classmethod
-    def of(cls, e: OptionError) -> "RequestError":
-        return cls(str(e), e.option, e.detail)
-
-
-class JobConflict(JobError):
-    """Cannot start now: a job is running, the output exists, or the host refuses its model."""
-    status = 409
-
-
-class TrainingRefused(JobConflict):
-    """The host cannot train on what is loaded (no model, --lowvram, fp8, a refiner ...)."""
-
-
-class JobNotFound(JobError, LookupError):
-    status = 404
-
-
-def one_line(e: BaseException) -> str:
-    """``Type: first line of the message``, for statuses (tracebacks go to the console)."""
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    if isinstance(e, (JobError, DatasetError)):
-        return msg or type(e).__name__
-    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
 
 # -- requests -> TrainConfig ---------------------------------------------------------------------------
@@ -225,7 +177,7 @@ def resolve_state_file(value: Any, output_dir: Path) -> Path:
     name = value.strip().replace("\\", "/")
     root = Path(output_dir).resolve()
     path = (root / name).resolve()
-    if not is_state_file_name(name) or root not in path.parents:
+    if not is_state_file(name) or root not in path.parents:
         raise RequestError(f"resume_from {value!r}: must name a {STATE_SUFFIX} file inside the LoRA folder")
     if not path.is_file():
         raise RequestError(f"resume_from: state file not found: {name}")
@@ -248,12 +200,10 @@ def _weights_file(value: Any, output_dir: Path, confined: bool) -> Path:
     return path
 
 
-def state_header(path: Path) -> dict:
-    """step, session and TrainConfig (as a dict) of a training state file, read from its header only."""
-    from ..fileio import LoraFileError
-    from .state import read_state_header
+def stored_config(path: Path) -> dict:
+    """The TrainConfig (as a dict) a training state file was saved with, read from its header only."""
     try:
-        return read_state_header(path)
+        return read_state_header(path).config
     except (LoraFileError, OSError) as e:
         raise RequestError(f"resume_from: cannot use {Path(path).name}: {e}") from None
 
@@ -298,7 +248,7 @@ def build_request(data: dict, output_dir: Path, family: str | None = None,
     resume = None
     if data.get("resume_from") not in (None, ""):
         resume = resolve_state_file(data["resume_from"], output_dir)
-        stored = state_header(resume)["config"]
+        stored = stored_config(resume)
         # the state holds the network: the file the run started from is not needed again
         base = {k: v for k, v in stored.items() if k not in _TOP_EXCLUDED and k != "network_weights"}
         for part in ("dataset", "network"):

@@ -15,30 +15,29 @@ import math
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-from ..fileio import LoraFileError, load_safetensors, save_safetensors
+from ..fileio import load_safetensors, save_safetensors
 from ..hashes import hashes_from_bytes
 from .checkpointing import gradient_checkpointing
 from .frozen_layers import frozen_layers
 from .config import TrainConfig
-from .dataset import Batch, Dataset, DatasetConfig, Position, derive_rng
+from .dataset import Dataset
+from .epochs import Batch, Position, derive_seed
+from .latents import LatentCache, TextCache
 from .metadata import build_metadata
-from .model import Conditioning, TrainableModel
-from .network import NetworkConfig, TrainingNetwork
+from .model import TrainableModel
+from .network import TrainingNetwork
 from . import outputs
-from .options import AUTO_ON_OFF, check_optimizer
-from .plan import Plan, make_plan
-from .state import load_state, save_state
+from .options import check_optimizer
+from .plan import Plan
+from .state import TrainingState, config_record, load_state, save_state, state_path
 
-# the names callers imported from here before config.py and plan.py existed
-__all__ = ["Trainer", "TrainConfig", "DatasetConfig", "NetworkConfig", "Callbacks", "Progress", "TrainResult",
-           "Plan", "make_plan", "AUTO_ON_OFF", "SAVE_DTYPES", "make_optimizer", "lr_lambda", "snr_weights"]
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "float": torch.float32}
 
@@ -72,10 +71,6 @@ class TrainResult:
     losses: list[float]
     stopped: bool
     saved: list[Path]
-
-
-class TrainingStopped(Exception):
-    pass
 
 
 def _grad_scaler(enabled: bool):
@@ -127,8 +122,6 @@ class Trainer:
         self.dataset: Dataset = plan.dataset
         self.cb = callbacks or Callbacks()
         self._stop: str | None = None
-        self._latent_cache: dict[tuple, tuple[Tensor, tuple[int, int]]] = {}
-        self._text_cache: dict[tuple, Conditioning] = {}
         self.session_id = str(random.SystemRandom().randint(0, 2**32))  # an integer, as kohya's ss_session_id
         # Under `accelerate launch`, each process trains its slice of every global batch and the
         # gradients are summed through accelerate; one process alone is the same code with world 1.
@@ -178,6 +171,7 @@ class Trainer:
             fresh = net.load_weights(load_safetensors(cfg.network_weights)[0], Path(cfg.network_weights).name)
             self.cb.log(f"starting from {Path(cfg.network_weights).name}"
                         + (f"; {len(fresh)} layers it lacks start fresh" if fresh else ""))
+        latents, texts = LatentCache(m, self.dataset, cfg, write_disk=self.is_main), TextCache(m, cfg)
         try:
             for p, _ in flags:
                 p.requires_grad_(False)
@@ -188,15 +182,15 @@ class Trainer:
             with (m.context() if m.context else nullcontext()), \
                     frozen_layers(*(modules if self._lean() else [])), \
                     gradient_checkpointing(m.unet, cfg.gradient_checkpointing):
-                return self._loop(net, self.plan.resume_from)
+                return self._loop(net, self.plan.resume_from, latents, texts)
         finally:
             net.detach()
             for p, rg in flags:
                 p.requires_grad_(rg)
             for mod, training in modes:
                 mod.train(training)
-            self._latent_cache.clear()
-            self._text_cache.clear()
+            latents.clear()
+            texts.clear()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
@@ -204,7 +198,7 @@ class Trainer:
         lean = self.cfg.lean_frozen_layers
         return self.model.device.type == "cpu" if lean is None else lean
 
-    def _loop(self, net: TrainingNetwork, resume_from) -> TrainResult:
+    def _loop(self, net: TrainingNetwork, resume_from, latents: LatentCache, texts: TextCache) -> TrainResult:
         cfg, m, ds = self.cfg, self.model, self.dataset
         groups = net.param_groups(cfg.unet_learning_rate, cfg.text_encoder_learning_rate)
         opt, opt_desc = make_optimizer(cfg.optimizer, groups, cfg)
@@ -235,28 +229,30 @@ class Trainer:
                 lo, hi = min(self.rank * B, n), min(self.rank * B + B, n)
                 if lo == hi:
                     continue  # a short last batch of the epoch left this process nothing
-                latents, sizes, captions = self._inputs(batch, lo, hi)
-                cond = self._cond(captions, sizes, cache=not text_trains)
+                samples = [ds.sample(batch, slot) for slot in range(lo, hi)]
+                x0 = latents.encode(samples)
+                cond = texts.encode([s.caption for s in samples], [s.size_cond for s in samples],
+                                    frozen=not text_trains)
                 # noise and timesteps are drawn for the whole global batch, then sliced: the same
                 # numbers whatever the number of processes
-                g = torch.Generator(m.device).manual_seed(_derive(cfg.seed, "noise", step, micro))
-                shape = (n, *latents.shape[1:])
+                g = torch.Generator(m.device).manual_seed(derive_seed(cfg.seed, "noise", step, micro))
+                shape = (n, *x0.shape[1:])
                 noise = torch.randn(shape, generator=g, device=m.device)
                 if cfg.noise_offset:
                     noise += cfg.noise_offset * torch.randn((*shape[:2], 1, 1), generator=g, device=m.device)
                 t = torch.randint(0, acp_all.shape[0], (n,), generator=g, device=m.device)
                 noise, t = noise[lo:hi], t[lo:hi]
                 acp = acp_all[t].view(-1, 1, 1, 1)
-                noisy = acp.sqrt() * latents + (1 - acp).sqrt() * noise
+                noisy = acp.sqrt() * x0 + (1 - acp).sqrt() * noise
                 with torch.random.fork_rng(devices=[m.device] if use_cuda else []):
-                    torch.manual_seed(_derive(cfg.seed, "dropout", step, micro, self.rank))
+                    torch.manual_seed(derive_seed(cfg.seed, "dropout", step, micro, self.rank))
                     with autocast:
                         pred = m.predict(noisy.to(_dtype(m.unet)), t, cond)
-                target = noise if m.prediction == "epsilon" else acp.sqrt() * noise - (1 - acp).sqrt() * latents
+                target = noise if m.prediction == "epsilon" else acp.sqrt() * noise - (1 - acp).sqrt() * x0
                 loss = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none").mean((1, 2, 3))
                 if cfg.prior_loss_weight != 1.0:  # kohya's weight on the regularisation images' loss
-                    loss = loss * torch.tensor([cfg.prior_loss_weight if it.is_reg else 1.0
-                                                for it in batch.items[lo:hi]], device=loss.device)
+                    loss = loss * torch.tensor([cfg.prior_loss_weight if s.item.is_reg else 1.0
+                                                for s in samples], device=loss.device)
                 if cfg.min_snr_gamma:
                     loss = loss * snr_weights(acp.flatten(), cfg.min_snr_gamma, m.prediction)
                 loss = loss.sum() / (n * cfg.gradient_accumulation_steps)  # this slice's share of the mean
@@ -307,96 +303,6 @@ class Trainer:
             p.grad = reduce(p.grad, reduction="sum")
         return float(reduce(torch.tensor([loss_val], device=self.model.device), reduction="sum").item())
 
-    # -- inputs ------------------------------------------------------------------------
-    def _inputs(self, batch: Batch, lo: int, hi: int) -> tuple[Tensor, list, list[str]]:
-        """Latents (cached when allowed), SDXL size conditioning and captions for items lo:hi of a batch.
-
-        Random choices use the item's slot in the *global* batch, so they do not depend on how
-        the batch is split between processes."""
-        ds, m, cfg = self.dataset, self.model, self.cfg
-        caching = cfg.cache_latents and not ds.config.random_crop
-        lats, sizes, captions = [], [], []
-        for slot in range(lo, hi):
-            item = batch.items[slot]
-            captions.append(ds.process_caption(item, batch.rng(slot, "caption"), batch.epoch))
-            rng = batch.rng(slot, "image")
-            flip = ds.decide_flip(rng)
-            key = (str(item.path), batch.bucket, flip)
-            hit = self._latent_cache.get(key) if caching else None
-            if hit is None and caching and cfg.cache_latents_to_disk:
-                hit = self._read_disk_latent(item, batch.bucket, flip)
-            if hit is None:
-                pixels, crop = ds._load(item, batch.bucket, flip, rng)
-                with torch.no_grad(), torch.random.fork_rng(devices=[m.device] if m.device.type == "cuda" else []):
-                    torch.manual_seed(_derive(cfg.seed, "latent", str(item.path), batch.bucket, flip))
-                    lat = m.encode_images(pixels.unsqueeze(0).to(m.device))[0].float()
-                hit = (lat, crop)
-                if caching and cfg.cache_latents_to_disk and self.is_main:
-                    self._write_disk_latent(item, batch.bucket, flip, hit)
-            if caching:
-                self._latent_cache[key] = hit
-            lats.append(hit[0])
-            sizes.append(((item.size[1], item.size[0]), hit[1], (batch.bucket[1], batch.bucket[0])))
-        return torch.stack(lats).to(m.device), sizes, captions
-
-    # Disk cache next to each image (kohya keeps .npz files there); valid while the image, the
-    # model and the seed that drew the posterior sample are unchanged.
-    def _disk_latent_path(self, item, bucket, flip) -> Path:
-        return item.path.with_name(f"{item.path.stem}.{bucket[0]}x{bucket[1]}{'.flip' if flip else ''}.lwlatent")
-
-    def _disk_latent_key(self, item) -> dict[str, str]:
-        st = item.path.stat()
-        return {"format": "lora-workshop-latent/1", "image": f"{st.st_mtime_ns}:{st.st_size}",
-                "model": self.model.model_hash or self.model.model_name, "seed": str(self.cfg.seed)}
-
-    def _read_disk_latent(self, item, bucket, flip):
-        path = self._disk_latent_path(item, bucket, flip)
-        if not path.is_file():
-            return None
-        try:
-            tensors, meta = load_safetensors(path)
-        except LoraFileError:
-            return None  # a torn or foreign file is simply recomputed
-        if any(meta.get(k) != v for k, v in self._disk_latent_key(item).items()):
-            return None
-        top, left = (int(v) for v in meta["crop"].split(","))
-        return tensors["latent"].float().to(self.model.device), (top, left)
-
-    def _write_disk_latent(self, item, bucket, flip, hit) -> None:
-        meta = dict(self._disk_latent_key(item), crop=f"{hit[1][0]},{hit[1][1]}")
-        save_safetensors({"latent": hit[0].cpu()}, self._disk_latent_path(item, bucket, flip), meta, overwrite=True)
-
-    def _cond(self, captions: list[str], sizes: list, cache: bool) -> Conditioning:
-        ds_cfg = self.cfg.dataset
-        fixed = not (ds_cfg.shuffle_caption or ds_cfg.caption_dropout_rate or ds_cfg.caption_tag_dropout_rate
-                     or ds_cfg.caption_dropout_every_n_epochs)
-        if not (cache and self.cfg.cache_text_encoder_outputs and fixed):
-            with (torch.no_grad() if cache else nullcontext()):
-                return self.model.encode_text(captions, sizes)
-        parts = []
-        for cap, size in zip(captions, sizes):
-            key = (cap, size if self.model.family == "sdxl" else None)
-            if key not in self._text_cache:
-                with torch.no_grad():
-                    self._text_cache[key] = self.model.encode_text([cap], [size])
-            parts.append(self._text_cache[key])
-        y = torch.cat([p.y for p in parts]) if parts[0].y is not None else None
-        contexts = [p.context for p in parts]
-        longest = max(c.shape[1] for c in contexts)
-        if any(c.shape[1] != longest for c in contexts):
-            # a caption longer than one 75-token chunk: pad the others with empty chunks, as the
-            # WebUI (and the checkpoint host) do for a batch of prompts encoded together
-            key = ("", sizes[0] if self.model.family == "sdxl" else None)
-            if key not in self._text_cache:
-                with torch.no_grad():
-                    self._text_cache[key] = self.model.encode_text([""], [sizes[0]])
-            empty = self._text_cache[key].context
-            if any((longest - c.shape[1]) % empty.shape[1] for c in contexts):
-                raise ValueError(f"text contexts of {sorted({c.shape[1] for c in contexts})} positions cannot be "
-                                 f"batched: not whole {empty.shape[1]}-position chunks")
-            contexts = [torch.cat([c, *[empty] * ((longest - c.shape[1]) // empty.shape[1])], 1) for c in contexts]
-        return Conditioning(torch.cat(contexts), y)
-
     # -- saving --------------------------------------------------------------------------
     def _save(self, net, path, epoch, step, pos, losses, started, opt, sched) -> Path:
         if self.is_main:
@@ -424,20 +330,16 @@ class Trainer:
         # make_plan() checked every name; a file that appeared since is replaced only if it is ours
         out = save_safetensors(tensors, path, meta, overwrite=outputs.may_replace(path, cfg.overwrite, self.session_id))
         if cfg.save_state:
-            spath = self.state_path(path)
-            save_state(spath, {
-                "step": step, "position": pos.to_dict(), "losses": losses, "started": started,
-                "session": self.session_id, "fingerprint": self.dataset.fingerprint(),
-                "config": _jsonable(asdict(cfg)), "network": net.kohya_state_dict(torch.float32),
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
+            spath = state_path(path)
+            save_state(spath, TrainingState(
+                step=step, position=pos, losses=losses, started=started, session=self.session_id,
+                fingerprint=self.dataset.fingerprint(), config=config_record(cfg),
+                network=net.kohya_state_dict(torch.float32), optimizer=opt.state_dict(),
+                scheduler=sched.state_dict()),
                 overwrite=outputs.may_replace(spath, cfg.overwrite, self.session_id))
         self.cb.log(f"saved {out}")
         if self.cb.on_saved:
             self.cb.on_saved(out)
-
-    @staticmethod
-    def state_path(lora_path: Path) -> Path:
-        return outputs.state_path(lora_path)
 
     def _prune(self, saved: list[Path]) -> None:
         k = self.cfg.save_last_k
@@ -445,24 +347,20 @@ class Trainer:
             return
         while len(saved) > k:
             old = saved.pop(0)
-            for p in (old, self.state_path(old)):
+            for p in (old, state_path(old)):
                 if p.exists():
                     p.unlink()
 
     def _resume(self, path, net, opt, sched):
         st = load_state(Path(path))
-        if st["fingerprint"] != self.dataset.fingerprint():
+        if st.fingerprint != self.dataset.fingerprint():
             raise ValueError("the dataset changed since this state was saved; resuming would not continue the same run")
-        sd = st["network"]
-        for key in net.targets:
-            lora = net.lora(key)
-            lora.down.weight.data.copy_(sd[f"{key}.lora_down.weight"].reshape(lora.down.weight.shape))
-            lora.up.weight.data.copy_(sd[f"{key}.lora_up.weight"].reshape(lora.up.weight.shape))
-        opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
-        self.session_id = st["session"]
-        self.cb.log(f"resumed at step {st['step']} from {path}")
-        return st["step"], Position.from_dict(st["position"]), list(st["losses"]), st["started"]
+        net.load_kohya_state_dict(st.network)
+        opt.load_state_dict(st.optimizer)
+        sched.load_state_dict(st.scheduler)
+        self.session_id = st.session
+        self.cb.log(f"resumed at step {st.step} from {path}")
+        return st.step, st.position, list(st.losses), st.started
 
     def _samples(self, net, step: int) -> None:
         if self.model.render is None:
@@ -477,19 +375,6 @@ class Trainer:
             self.cb.on_samples(step, images)
 
 
-def _derive(seed: int, *parts) -> int:
-    return derive_rng(seed, *parts).getrandbits(63)
-
 
 def _dtype(module: torch.nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj

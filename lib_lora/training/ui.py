@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import html
 import math
-from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
-from ..library import is_state_file_name
 from . import options
-from .dataset import DatasetError
-from .jobs import PRESET_LABELS, PRESETS, JobError, JobRunner, format_seconds, preset_for_family
+from .errors import JobError
+from .jobs import JobRunner, format_seconds
 from .options import AUTO_ON_OFF
+from .problems import DatasetError
+from .request import PRESET_LABELS, PRESETS, preset_for_family
+from .state import list_state_files
 
 TAB_TITLE = "LoRA Workshop"
 TAB_ID = "lora_workshop"          # the WebUI wraps it as #tab_lora_workshop
@@ -103,16 +104,6 @@ def form_to_request(values: dict[str, Any], preset: str | None = None) -> dict[s
         section, _, name = key.rpartition(".")
         (req[section] if section else req)[name] = value
     return req
-
-
-def list_state_files(folder: Path) -> list[str]:
-    """Training state files in the LoRA folder (relative names), newest first."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    files = [p for p in folder.rglob("*.safetensors") if is_state_file_name(p.name) and p.is_file()]
-    files.sort(key=lambda p: p.stat().st_mtime, reverse=True)
-    return [p.relative_to(folder).as_posix() for p in files]
 
 
 # -- views -----------------------------------------------------------------------------------------
@@ -259,8 +250,11 @@ def preset_key(label: str | None) -> str:
 # -- the tab -------------------------------------------------------------------------------------------
 
 
-def create_tab(runner: JobRunner) -> list:
-    """Build the tab (gradio 3.41 API); returns what script_callbacks.on_ui_tabs expects."""
+def create_tab(runner: JobRunner, sections: Sequence[Callable[[], None]] = ()) -> list:
+    """Build the tab (gradio 3.41 API); returns what script_callbacks.on_ui_tabs expects.
+
+    ``sections`` build further parts of the tab below the training form (the tools).
+    """
     import gradio as gr
 
     host = runner.host
@@ -318,6 +312,8 @@ def create_tab(runner: JobRunner) -> list:
                 log = gr.Textbox(label="Log", lines=8, max_lines=8, interactive=False, elem_id="lora_workshop_log")
                 refresh_btn = gr.Button("Refresh", elem_id=POLL_ID)
                 validation = gr.HTML(elem_id="lora_workshop_validation")
+        for section in sections:
+            section()
         seen = gr.State(None)
 
         keys = list(components)

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 
-import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .instance_forward import instance_forward
+from ...instance_forward import instance_forward
 
 
 def _sdpa_forward(self, x, context=None, mask=None, **_):

@@ -1,0 +1,93 @@
+"""Prompts -> UNet conditioning, with the text encoders run as the WebUI's embedders run them (CLIP skip 1)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ...training.model import Conditioning, SizeCond
+from .tokenizer import EOS, clip_chunk_tokenize
+
+
+def _dev(m: nn.Module) -> torch.device:
+    return next(m.parameters()).device
+
+
+def _open_clip_run(model: nn.Module, tokens: Tensor, layers: int) -> list[Tensor]:
+    """Hidden states after each of the first ``layers`` resblocks (index 0 = embeddings)."""
+    x = model.token_embedding(tokens) + model.positional_embedding.to(model.token_embedding.weight.dtype)
+    mask = model.attn_mask.to(x.dtype) if model.attn_mask is not None else None
+    batch_first = getattr(model.transformer, "batch_first", False)
+    hidden = [x]
+    for r in list(model.transformer.resblocks)[:layers]:
+        # open_clip 3.x is batch-first; the WebUI's older open_clip is sequence-first
+        h = r(x if batch_first else x.permute(1, 0, 2), attn_mask=mask)
+        x = h if batch_first else h.permute(1, 0, 2)
+        hidden.append(x)
+    return hidden
+
+
+def _project(model: nn.Module, pooled: Tensor) -> Tensor:
+    proj = model.text_projection
+    return proj(pooled) if isinstance(proj, nn.Module) else pooled @ proj
+
+
+def _size_embedding(size_conds: list[SizeCond], dim: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """sgm's three ConcatTimestepEmbedderND: timestep_embedding(dim) of each of the 6 scalars
+    (original h, w, crop top, left, target h, w), concatenated in that order."""
+    from ldm.modules.diffusionmodules.util import timestep_embedding
+
+    ids = torch.tensor([[*o, *c, *t] for o, c, t in size_conds], dtype=torch.float32, device=device)
+    return timestep_embedding(ids.flatten(), dim).reshape(len(size_conds), -1).to(dtype)
+
+
+def tokenize(tcfgs: list[dict[str, Any]], prompts: list[str]) -> list[Tensor]:
+    """Token ids [B, chunks, context] per text encoder (HF CLIP pads with EOS, OpenCLIP with 0)."""
+    out = []
+    for tcfg in tcfgs:
+        pad = EOS if tcfg["kind"] == "hf_clip" else 0
+        out.append(clip_chunk_tokenize(prompts, pad, tcfg["context_length"]))
+    return out
+
+
+def encode_text(family: str, text_encoders: list[tuple[str, nn.Module]], tcfgs: list[dict[str, Any]],
+                prompts: list[str], size_conds: list[SizeCond] | None, *, resolution: int,
+                size_embed_dim: int) -> Conditioning:
+    """Cross-attention context (and SDXL's y) as the WebUI computes it with CLIP skip 1.
+
+    ``tcfgs`` are the text encoders' configs; ``resolution`` gives SDXL's size conditioning when
+    ``size_conds`` is None, and ``size_embed_dim`` the width of each of its six embeddings.
+    No ``no_grad`` here: gradients reach text encoders (or LoRA modules hooked onto them) whenever
+    anything there requires grad; callers that only infer wrap this in ``torch.no_grad``.
+    """
+    chunked = tokenize(tcfgs, list(prompts))
+    b, n = chunked[0].shape[:2]
+    tokens = [t.flatten(0, 1) for t in chunked]   # every chunk of every prompt in one batch
+
+    def joined(h: Tensor) -> Tensor:              # [B*n, L, C] -> [B, n*L, C], chunks side by side
+        return h.reshape(b, n * h.shape[1], h.shape[2])
+
+    if family == "sd1":  # FrozenCLIPEmbedder(layer="last"): last_hidden_state (after final LN)
+        te = text_encoders[0][1]
+        return Conditioning(joined(te(input_ids=tokens[0].to(_dev(te))).last_hidden_state))
+    if family == "sd2":  # FrozenOpenCLIPEmbedder(layer="penultimate"): skip last block, then ln_final
+        te = text_encoders[0][1]
+        hidden = _open_clip_run(te, tokens[0].to(_dev(te)), len(te.transformer.resblocks) - 1)
+        return Conditioning(joined(te.ln_final(hidden[-1])))
+    # SDXL: te1 hidden_states[-2] (no final LN), te2 penultimate (no ln_final, legacy=False) and the
+    # pooled ln_final(last)[eos] @ text_projection of the first chunk (as the WebUI takes it);
+    # y = pooled ++ size embeddings (sgm GeneralConditioner)
+    te1, te2 = text_encoders[0][1], text_encoders[1][1]
+    h1 = joined(te1(input_ids=tokens[0].to(_dev(te1)), output_hidden_states=True).hidden_states[-2])
+    t2 = chunked[1][:, 0].to(_dev(te2))
+    hidden = _open_clip_run(te2, tokens[1].to(_dev(te2)), len(te2.transformer.resblocks))
+    last = te2.ln_final(hidden[-1].reshape(b, n, *hidden[-1].shape[1:])[:, 0])
+    pooled = _project(te2, last[torch.arange(b, device=last.device), t2.argmax(dim=-1)])
+    if size_conds is None:
+        r = resolution
+        size_conds = [((r, r), (0, 0), (r, r))] * b
+    if len(size_conds) != b:
+        raise ValueError(f"{len(size_conds)} size conditions for {b} prompts")
+    y = torch.cat([pooled, _size_embedding(size_conds, size_embed_dim, pooled.device, pooled.dtype)], dim=-1)
+    return Conditioning(torch.cat([h1, joined(hidden[-2]).to(h1.device, h1.dtype)], dim=-1), y.to(h1.device))

@@ -1,0 +1,77 @@
+"""CLIP token ids as the WebUI's embedders get them, from the real CLIP BPE (it ships inside open_clip)."""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import Tensor
+
+BOS, EOS = 49406, 49407        # <|startoftext|>, <|endoftext|> in the CLIP BPE vocabulary
+CONTEXT_LENGTH = 77
+
+
+@functools.lru_cache(maxsize=1)
+def _bpe() -> Any:
+    from open_clip.tokenizer import SimpleTokenizer
+    return SimpleTokenizer()
+
+
+def clip_tokenize(prompts: list[str], pad_id: int, context_length: int = CONTEXT_LENGTH) -> Tensor:
+    """[BOS] + tokens[:context_length-2] + [EOS], padded with ``pad_id`` to ``context_length``.
+
+    pad_id=EOS (49407) is HF ``CLIPTokenizer`` for openai/clip-vit-large-patch14 (pad_token
+    <|endoftext|>), i.e. ldm/sgm ``FrozenCLIPEmbedder`` (SD1, SDXL te1); pad_id=0 is
+    ``open_clip.tokenize`` (SD2, SDXL te2).  Both truncate to one 77-token chunk, as kohya does by
+    default (the WebUI's prompt chunking / emphasis syntax are not reproduced).
+    """
+    bpe = _bpe()
+    out = torch.full((len(prompts), context_length), pad_id, dtype=torch.long)
+    for i, text in enumerate(prompts):
+        ids = [BOS] + bpe.encode(text)[: context_length - 2] + [EOS]
+        out[i, : len(ids)] = torch.tensor(ids)
+    return out
+
+
+def clip_chunk_tokenize(prompts: list[str], pad_id: int, context_length: int = CONTEXT_LENGTH,
+                        comma_backtrack: int = 20) -> Tensor:
+    """Token ids [B, chunks, context_length]: prompts of any length, cut into chunks as the WebUI does.
+
+    Each chunk holds ``context_length - 2`` tokens between BOS and EOS and is encoded on its own;
+    the contexts are then concatenated, so a 100-token caption conditions on 154 positions, not
+    on a truncated 77.  A chunk boundary falling at most ``comma_backtrack`` tokens after a comma
+    moves the words after that comma to the next chunk (the WebUI's "prompt word wrap length
+    limit", default 20).  Prompts with fewer chunks than the longest get empty chunks (BOS then
+    padding), which is also what an empty prompt encodes to.  Emphasis syntax is not parsed.
+    """
+    bpe = _bpe()
+    comma = bpe.encoder.get(",</w>")
+    size = context_length - 2
+    per_prompt = []
+    for text in prompts:
+        chunks: list[list[int]] = []
+        current: list[int] = []
+        last_comma = -1
+        for tok in bpe.encode(text):
+            if len(current) == size:
+                if tok != comma and comma_backtrack and last_comma >= 0 and size - last_comma <= comma_backtrack:
+                    chunks.append(current[:last_comma + 1])
+                    current = current[last_comma + 1:]
+                else:
+                    chunks.append(current)
+                    current = []
+                last_comma = -1
+            if tok == comma:
+                last_comma = len(current)
+            current.append(tok)
+        if current or not chunks:
+            chunks.append(current)
+        per_prompt.append(chunks)
+    n = max(len(c) for c in per_prompt)
+    out = torch.full((len(prompts), n, context_length), pad_id, dtype=torch.long)
+    out[:, :, 0] = BOS
+    for i, chunks in enumerate(per_prompt):
+        for j in range(n):
+            ids = chunks[j] if j < len(chunks) else []
+            out[i, j, 1:len(ids) + 2] = torch.tensor(ids + [EOS])
+    return out

@@ -1,0 +1,75 @@
+"""What a program that runs training jobs gives the ``JobRunner`` (jobs.py): the training host seam.
+
+A host (the WebUI, tests) subclasses ``TrainingHost`` to say which lock serialises work on the
+model, how to wrap its loaded model as a ``TrainableModel`` (model.py), where LoRAs go, and how
+progress is shown; it raises ``TrainingRefused`` when what is loaded cannot be trained on.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import JobConflict
+from .model import TrainableModel
+
+if TYPE_CHECKING:  # for the hints only: jobs.py imports this module
+    from .jobs import Job
+
+
+class TrainingRefused(JobConflict):
+    """The host cannot train on what is loaded (no model, --lowvram, fp8, a refiner ...)."""
+
+
+class TrainingHost:
+    """What the runner needs from the program it runs in.  Every hook has a harmless default."""
+
+    name = "host"
+
+    def lock(self) -> contextlib.AbstractContextManager:
+        """Held for the whole training; a lock that serialises all work on the model."""
+        return contextlib.nullcontext()
+
+    def family(self) -> str | None:
+        """The loaded model's family (for presets); None if nothing usable is loaded."""
+        return None
+
+    def check(self) -> None:
+        """Raise ``TrainingRefused`` when the loaded model cannot be trained on (called before queuing)."""
+
+    def build_model(self, job: Job) -> TrainableModel:
+        """The loaded model as a TrainableModel; called with the lock held. May raise TrainingRefused."""
+        raise TrainingRefused("this host has no model to train on")
+
+    def output_dir(self) -> Path:
+        """Where LoRA files are written (and where state files are looked up for resuming)."""
+        raise NotImplementedError
+
+    def dataset_roots(self) -> list[Path] | None:
+        """The folders remote (API) requests may read datasets from; None: anywhere."""
+        return None
+
+    def samples_dir(self, job: Job) -> Path:
+        return self.output_dir() / "samples" / job.name
+
+    def begin(self, job: Job) -> None:
+        """The lock is held and training starts."""
+
+    def progress(self, job: Job) -> None:
+        """After every step (and after sample images)."""
+
+    def samples(self, job: Job, images: list) -> None:
+        """New sample images were saved."""
+
+    def interrupted(self) -> bool:
+        """The host's own "interrupt" was pressed: the job stops and saves."""
+        return False
+
+    def end(self, job: Job) -> None:
+        """Training ended (any way); the lock is still held."""
+
+    def after(self, job: Job) -> None:
+        """The lock is released: refresh the LoRA list so the new file shows up."""
+
+    def log(self, message: str) -> None:
+        print(f"[LoRA Workshop] {message}", flush=True)

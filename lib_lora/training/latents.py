@@ -1,0 +1,128 @@
+"""What the model is fed, encoded once where a run allows it: image latents and text-encoder outputs.
+
+Latents are kept per (image, bucket, flip) when the crop never changes (``cache_latents`` without
+``random_crop``), and optionally on disk next to each image (as kohya keeps .npz files there),
+valid while the image, the model and the seed that drew the posterior sample are unchanged.
+Text-encoder outputs are kept per caption when the text encoders are frozen and the captions
+never vary (no shuffling or dropout).
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..fileio import LoraFileError, load_safetensors, save_safetensors
+from .config import TrainConfig
+from .dataset import Dataset, ImageItem, Sample
+from .epochs import derive_seed
+from .model import Conditioning, TrainableModel
+
+LATENT_FORMAT = "lora-workshop-latent/1"
+
+
+class LatentCache:
+    """The VAE's latents of samples; ``write_disk``: this process writes the disk files (the main one)."""
+
+    def __init__(self, model: TrainableModel, dataset: Dataset, cfg: TrainConfig, write_disk: bool = True):
+        self.model, self.dataset, self.seed = model, dataset, cfg.seed
+        self.caching = cfg.cache_latents and not dataset.config.random_crop
+        self.on_disk = self.caching and cfg.cache_latents_to_disk
+        self.write_disk = write_disk
+        self._memory: dict[tuple, Tensor] = {}
+
+    def clear(self) -> None:
+        self._memory.clear()
+
+    def encode(self, samples: list[Sample]) -> Tensor:
+        """[N, C, h, w] on the model's device."""
+        return torch.stack([self._latent(s) for s in samples]).to(self.model.device)
+
+    def _latent(self, s: Sample) -> Tensor:
+        key = (str(s.item.path), s.bucket, s.flip)
+        hit = self._memory.get(key) if self.caching else None
+        if hit is None and self.on_disk:
+            hit = self._read(s)
+        if hit is None:
+            m = self.model
+            pixels = self.dataset.pixels(s)
+            with torch.no_grad(), torch.random.fork_rng(devices=[m.device] if m.device.type == "cuda" else []):
+                # the posterior sample is seeded per image: the same latent whichever process or step encodes it
+                torch.manual_seed(derive_seed(self.seed, "latent", str(s.item.path), s.bucket, s.flip))
+                hit = m.encode_images(pixels.unsqueeze(0).to(m.device))[0].float()
+            if self.on_disk and self.write_disk:
+                self._write(s, hit)
+        if self.caching:
+            self._memory[key] = hit
+        return hit
+
+    # -- on disk, beside each image ---------------------------------------------------------------
+    @staticmethod
+    def _path(s: Sample) -> Path:
+        p = s.item.path
+        return p.with_name(f"{p.stem}.{s.bucket[0]}x{s.bucket[1]}{'.flip' if s.flip else ''}.lwlatent")
+
+    def _key(self, item: ImageItem) -> dict[str, str]:
+        st = item.path.stat()
+        return {"format": LATENT_FORMAT, "image": f"{st.st_mtime_ns}:{st.st_size}",
+                "model": self.model.model_hash or self.model.model_name, "seed": str(self.seed)}
+
+    def _read(self, s: Sample) -> Tensor | None:
+        path = self._path(s)
+        if not path.is_file():
+            return None
+        try:
+            tensors, meta = load_safetensors(path)
+        except LoraFileError:
+            return None  # a torn or foreign file is simply recomputed
+        if any(meta.get(k) != v for k, v in self._key(s.item).items()):
+            return None
+        return tensors["latent"].float().to(self.model.device)
+
+    def _write(self, s: Sample, latent: Tensor) -> None:
+        top, left = s.crop_top_left
+        meta = dict(self._key(s.item), crop=f"{top},{left}")
+        save_safetensors({"latent": latent.cpu()}, self._path(s), meta, overwrite=True)
+
+
+class TextCache:
+    """The text encoders' outputs for captions, kept per caption when nothing makes them vary."""
+
+    def __init__(self, model: TrainableModel, cfg: TrainConfig):
+        self.model = model
+        d = cfg.dataset
+        fixed = not (d.shuffle_caption or d.caption_dropout_rate or d.caption_tag_dropout_rate
+                     or d.caption_dropout_every_n_epochs)
+        self.caching = cfg.cache_text_encoder_outputs and fixed
+        self._memory: dict[tuple, Conditioning] = {}
+
+    def clear(self) -> None:
+        self._memory.clear()
+
+    def encode(self, captions: list[str], sizes: list, frozen: bool) -> Conditioning:
+        """``frozen``: the text encoders are not trained (no gradients, and caching is allowed)."""
+        if not (frozen and self.caching):
+            with (torch.no_grad() if frozen else nullcontext()):
+                return self.model.encode_text(captions, sizes)
+        parts = [self._one(cap, size) for cap, size in zip(captions, sizes)]
+        y = torch.cat([p.y for p in parts]) if parts[0].y is not None else None
+        contexts = [p.context for p in parts]
+        longest = max(c.shape[1] for c in contexts)
+        if any(c.shape[1] != longest for c in contexts):
+            # a caption longer than one 75-token chunk: pad the others with empty chunks, as the
+            # WebUI (and the checkpoint host) do for a batch of prompts encoded together
+            empty = self._one("", sizes[0]).context
+            if any((longest - c.shape[1]) % empty.shape[1] for c in contexts):
+                raise ValueError(f"text contexts of {sorted({c.shape[1] for c in contexts})} positions cannot be "
+                                 f"batched: not whole {empty.shape[1]}-position chunks")
+            contexts = [torch.cat([c, *[empty] * ((longest - c.shape[1]) // empty.shape[1])], 1) for c in contexts]
+        return Conditioning(torch.cat(contexts), y)
+
+    def _one(self, caption: str, size) -> Conditioning:
+        key = (caption, size if self.model.family == "sdxl" else None)
+        if key not in self._memory:
+            with torch.no_grad():
+                self._memory[key] = self.model.encode_text([caption], [size])
+        return self._memory[key]
