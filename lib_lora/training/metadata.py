@@ -18,11 +18,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
+from .. import __version__, families
 from .options import OPTIONS
 
-_ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base"}
-_BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 SAI_MODEL_SPEC = "1.0.1"
 VERSION_KEY = "lora_workshop.version"  # our release; ss_sd_scripts_commit_hash holds a commit-like hash
 
@@ -42,17 +40,14 @@ _NOT_HERE: dict[str, Any] = {
 
 
 def architecture(family: str, prediction: str) -> str:
-    arch = _ARCH[family]
-    if family == "sd2" and prediction == "v":
-        arch = "stable-diffusion-v2-768-v"
-    return f"{arch}/lora"
+    """modelspec.architecture of a LoRA: its base model's, with sd-scripts' "/lora" suffix."""
+    return f"{families.modelspec_architecture(family, prediction)}/lora"
 
 
 def base_model_version(family: str, prediction: str) -> str:
     """sd-scripts' ss_base_model_version: sd_v1 / sd_v2, with "_v" for v-prediction; SDXL's own name."""
-    if family == "sdxl":
-        return _BASE_VERSION[family]
-    return _BASE_VERSION[family] + ("_v" if prediction == "v" else "")
+    base = families.SS_BASE_MODEL_VERSION[family]
+    return base if family == "sdxl" else base + ("_v" if prediction == "v" else "")
 
 
 @functools.lru_cache(maxsize=1)
