@@ -87,55 +87,28 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def _flag(option: str) -> str:
     """How the ``train`` command spells an option named in an OptionError or RequestError."""
+    from .training.cli_args import kohya_flag
     from .training.options import by_name
+    special = {"output_name": "--out", "out": "--out", "dataset": "DATASET", "train_dir": "DATASET"}
+    if option in special:
+        return special[option]
     o = by_name(option)
-    if option == "output_name" or o is None or not o.flag:
-        return "--out" if option == "output_name" else f"--{option.replace('_', '-')}"
-    return o.flag if o.flag.startswith("--") else f"--{o.flag}"
-
-
-def _add_train_options(sp: argparse.ArgumentParser) -> None:
-    """The ``train`` subcommand's option flags, from the option schema (training/options.py)."""
-    from .training.options import AUTO_ON_OFF, OPTIONS
-
-    for o in OPTIONS:
-        if not o.flag:
-            continue
-        if not o.flag.startswith("--"):
-            sp.add_argument(o.flag, metavar=o.flag, help=o.help or None)
-            continue
-        kw: dict = {"dest": o.name, "help": o.help or None, "default": o.default}
-        if o.flag_action:
-            sp.add_argument(o.flag, action=o.flag_action, **kw)
-            continue
-        if o.type == bool | None:
-            kw["default"] = next(k for k, v in AUTO_ON_OFF.items() if v is o.default)
-        else:
-            kw["type"] = {int: int, float: float, int | None: int, float | None: float}.get(o.type, str)
-        choices = o.cli_choices if o.cli_choices is not None else o.choices
-        if choices:
-            kw["choices"] = list(choices)
-        else:
-            kw["metavar"] = o.flag[2:].upper().replace("-", "_")  # the flag's name, not the field's
-        sp.add_argument(o.flag, **kw)
+    if o is not None and o.flag and o.flag.startswith("--"):
+        return o.flag
+    if o is not None and kohya_flag(o):
+        return f"--{o.kohya}"
+    if o is not None and o.kohya_note == "optimizer_args":
+        return "--optimizer_args"
+    return f"--{option}"  # network_args, optimizer_args: kohya's spelling
 
 
 def _train_request(args: argparse.Namespace):
     """The command line as a request, validated by the same ``build_request`` as the tab and the API."""
-    from .training.options import AUTO_ON_OFF, OPTIONS
+    from .training.cli_args import train_data
     from .training.request import build_request
 
-    out = Path(args.out)
-    if out.suffix.lower() != ".safetensors":
-        raise OptionError("out", f"{args.out!r}: LoRAs are written as .safetensors; name the file NAME.safetensors")
-    data: dict = {"dataset": {}, "network": {}, "output_name": out.stem}
-    for o in OPTIONS:
-        if o.flag:
-            value = getattr(args, o.name if o.flag.startswith("--") else o.flag)
-            if o.type == bool | None:
-                value = AUTO_ON_OFF[value]
-            (data[o.section] if o.section else data)[o.name] = value
-    return build_request(data, out.parent, presets=False)
+    data, folder = train_data(args)
+    return build_request(data, folder, presets=False)
 
 
 def _train_config(args: argparse.Namespace):
@@ -236,12 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--force", action="store_true", help="overwrite an existing file")
     sp.set_defaults(func=cmd_sample)
 
-    sp = sub.add_parser("train", help="train a LoRA on a single-file SD1/SD2/SDXL checkpoint (kohya-style folders)")
-    sp.add_argument("--base", required=True, help="single-file .safetensors checkpoint (a .yaml beside it is read)")
-    sp.add_argument("--out", required=True, help="output .safetensors path")
-    _add_train_options(sp)
-    sp.add_argument("--resume", help="a .state.safetensors file written by --save-state")
-    sp.add_argument("--device")
+    from .training.cli_args import add_train_arguments
+    sp = sub.add_parser("train", allow_abbrev=False,
+                        help="train a LoRA on a single-file SD1/SD2/SDXL checkpoint (kohya-style folders)",
+                        description="Train a LoRA.  Every option also takes its sd-scripts spelling "
+                                    "(--train_batch_size, --network_args conv_dim=8 ...), with _ or -.")
+    add_train_arguments(sp)
     sp.set_defaults(func=cmd_train)
 
     sp = sub.add_parser("render", help="txt2img on a single-file checkpoint, with <lora:...> tokens")
@@ -266,6 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _subparser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the subcommand ``args`` ran (the top level when there is none)."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices.get(getattr(args, "command", None), parser)
+
+
 def main(argv: list[str] | None = None) -> int:
     from .hosts.cli.config import ArchitectureError
     from .adapters import AdapterError
@@ -273,7 +252,13 @@ def main(argv: list[str] | None = None) -> int:
     from .training.problems import DatasetError
     from .training.errors import RequestError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # an unknown option is the subcommand's error: show its usage, not the top level's
+        hint = " (an sd-scripts option this trainer does not have is refused, never ignored)" \
+            if getattr(args, "func", None) is cmd_train and any(x.startswith("--") for x in extra) else ""
+        _subparser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}{hint}")
     try:
         return args.func(args)
     except (OptionError, RequestError) as e:

@@ -21,9 +21,14 @@ from torch import Tensor
 
 SAFETENSORS_EXT = (".safetensors",)
 PICKLE_EXT = (".pt", ".ckpt", ".bin", ".pth")
-# a training run's resume state beside its LoRA (training/state.py); defined here, below the library
-# that must skip it when scanning, so the runtime never imports the training code
-TRAINING_STATE_SUFFIX = ".state.safetensors"
+# A training run's resume state beside its LoRA (training/state.py owns the schema and naming); defined
+# here, below the library that must skip it when scanning, so the runtime never imports the training code.
+# It is named after its save as kohya names its state folders ("NAME-state", "NAME-step00001234-state");
+# releases before that wrote "NAME.state.safetensors".  A LoRA may end in "-state" too: only the header's
+# ``format`` key tells that a file is a state.
+TRAINING_STATE_SUFFIX = "-state.safetensors"
+LEGACY_TRAINING_STATE_SUFFIX = ".state.safetensors"
+TRAINING_STATE_FORMAT = "lora-workshop-train-state/1"
 MAX_HEADER = 100 * 1024 * 1024
 
 _DTYPES = {

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Iterator
 
 from . import families, safe_json
-from .fileio import PICKLE_EXT, SAFETENSORS_EXT, TRAINING_STATE_SUFFIX, LoraFileError, read_header
+from .fileio import (LEGACY_TRAINING_STATE_SUFFIX, PICKLE_EXT, SAFETENSORS_EXT, TRAINING_STATE_FORMAT, LoraFileError,
+                     read_header)
 from .hashes import addnet_hash_safetensors, sha256_file
 from .network import Network, load_network
 
@@ -181,7 +182,7 @@ class Library:
             visited.add(os.path.realpath(root))
             for p in self._walk(str(root), 0, visited, reals):
                 fn = p.name
-                if p.suffix.lower() not in EXTENSIONS or fn.endswith(TRAINING_STATE_SUFFIX):
+                if p.suffix.lower() not in EXTENSIONS or fn.endswith(LEGACY_TRAINING_STATE_SUFFIX):
                     continue  # resumable training state saved beside a LoRA is not a LoRA
                 real = os.path.realpath(p)
                 if real in seen or not self._inside(real, reals):
@@ -205,6 +206,8 @@ class Library:
                         e.metadata = read_header(p).metadata
                     except (LoraFileError, OSError) as err:
                         e.header_error = str(err)
+                    if e.metadata.get("format") == TRAINING_STATE_FORMAT:
+                        continue  # a state file ("NAME-state.safetensors"); a LoRA may end in -state too
                 found.append(e)
         with self._lock:
             self.entries = found

@@ -93,6 +93,21 @@ def tag_frequency(meta: Mapping[str, Any], top: int | None = None) -> list[tuple
     return ordered[:top] if top is not None else ordered
 
 
+def bucket_counts(meta: Mapping[str, Any]) -> list[tuple[str, int]]:
+    """("WxH", images x repeats) per training size, from kohya's ``ss_bucket_info``
+    ({"buckets": {i: {"resolution": [w, h], "count": n}}, ...}), most used first; [] when absent."""
+    data = _json_value(meta.get("ss_bucket_info"))
+    buckets = data.get("buckets") if isinstance(data, dict) else None
+    counts: dict[str, int] = {}
+    for b in buckets.values() if isinstance(buckets, dict) else ():
+        try:
+            w, h = (int(x) for x in b["resolution"])
+            counts[f"{w}x{h}"] = counts.get(f"{w}x{h}", 0) + int(b["count"])
+        except (KeyError, TypeError, ValueError, OverflowError):
+            continue  # one malformed bucket does not hide the others
+    return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
 def metadata_summary(meta: Mapping[str, Any]) -> list[tuple[str, str]]:
     """The training facts worth showing first, as (label, text); raw values, not HTML-escaped."""
     rows: list[tuple[str, str]] = []
@@ -101,6 +116,11 @@ def metadata_summary(meta: Mapping[str, Any]) -> list[tuple[str, str]]:
         if v is None or str(v) in ("", "None"):
             continue
         rows.append((label, v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)))
+        if key == "ss_resolution":
+            buckets = bucket_counts(meta)
+            if buckets:
+                more = ", ..." if len(buckets) > 8 else ""
+                rows.append(("Buckets", ", ".join(f"{size} ({n})" for size, n in buckets[:8]) + more))
     started = meta.get("ss_training_started_at")
     try:
         when = datetime.datetime.fromtimestamp(float(started), datetime.timezone.utc)
@@ -270,7 +290,7 @@ def paste_rename(prompt: str, hashes_value: str, library: Library) -> str:
 
 __all__ = [
     "requests_from_items", "format_weight", "decoded_metadata", "tag_frequency",
-    "metadata_summary", "algorithm_info", "relpath", "entry_json", "builtin_json",
+    "metadata_summary", "bucket_counts", "algorithm_info", "relpath", "entry_json", "builtin_json",
     "prompt_name", "display_names",
     "card_prompts", "card_search_terms", "paste_rename",
 ]

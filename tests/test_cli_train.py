@@ -1,6 +1,7 @@
 """`python -m lib_lora train` on a single-file checkpoint, alone and under `accelerate launch` (2 CPU processes)."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -110,3 +111,136 @@ def test_memory_options_reach_the_config(setup, tmp_path):
                         (("--lean-frozen-layers", "on"), (True, False))):
         cfg = _train_config(build_parser().parse_args(args(ckpt, data, tmp_path / "o.safetensors", *extra)))
         assert (cfg.lean_frozen_layers, cfg.gradient_checkpointing) == want
+
+
+# -- kohya's spellings (issue 14) ----------------------------------------------------------------------
+
+
+def test_a_kohya_command_line_trains_unchanged(setup, tmp_path):
+    """train_network.py's options as its users write them (the README's example, at toy size)."""
+    ckpt, data = setup
+    out = tmp_path / "out"
+    kohya = ["--pretrained_model_name_or_path", str(ckpt), "--train_data_dir", str(data), "--output_dir", str(out),
+             "--output_name", "k", "--network_module", "networks.lora", "--network_dim", "4", "--network_alpha", "2",
+             "--network_args", "conv_dim=2", "conv_alpha=1", "algo=locon", "--resolution", "64,64",
+             "--enable_bucket", "--min_bucket_reso", "64", "--max_bucket_reso", "128", "--train_batch_size", "2",
+             "--max_train_steps", "2", "--optimizer_type", "AdamW", "--optimizer_args", "weight_decay=0.05",
+             "--learning_rate", "1e-3", "--unet_lr", "1e-3", "--text_encoder_lr", "5e-4", "--lr_scheduler", "constant",
+             "--mixed_precision", "no", "--save_precision", "float", "--save_model_as", "safetensors",
+             "--save_every_n_steps", "1", "--seed", "3", "--cache_latents", "--prior_loss_weight", "1.0",
+             "--clip_skip", "1", "--caption_extension", ".txt"]
+    assert main(["train", *kohya]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["k-step00000001.safetensors", "k.safetensors"]
+    sd, meta = load_safetensors(out / "k.safetensors")
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"], meta["ss_batch_size_per_device"]) == ("4", "2.0", "2")
+    assert json.loads(meta["ss_network_args"])["conv_dim"] == "2" and meta["ss_clip_skip"] == "1"
+    assert (meta["ss_unet_lr"], meta["ss_text_encoder_lr"]) == ("0.001", "0.0005")
+    assert meta["ss_optimizer"] == "torch.optim.adamw.AdamW(weight_decay=0.05)"
+    assert any("conv_in" not in k and "resnets" in k for k in sd)  # LoCon layers from conv_dim
+    # and on from that file: kohya's --network_weights
+    again = kohya[:kohya.index("--output_name") + 1] + ["k2"] + kohya[kohya.index("--output_name") + 2:]
+    assert main(["train", *again, "--network_weights", str(out / "k.safetensors")]) == 0
+    assert (out / "k2.safetensors").is_file()
+
+
+def _train_parser():
+    from lib_lora.cli import build_parser
+    import argparse
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices["train"]
+
+
+def test_every_spelling_of_an_option_sets_it(setup, tmp_path):
+    """Each argument's option strings (ours and kohya's, with - and _) reach the same config."""
+    from lib_lora.cli import _train_config, build_parser
+    from lib_lora.training.cli_args import spellings
+    from lib_lora.training.options import OPTIONS
+    ckpt, data = setup
+    base = ["train", str(data), "--base", str(ckpt), "--out", str(tmp_path / "x.safetensors")]
+    parser = build_parser()
+    values = {"resolution": "64", "optimizer": "adamw", "lr_scheduler": "cosine", "save_precision": "bf16",
+              "mixed_precision": "bf16", "lean_frozen_layers": "off", "clip_skip": "1", "module": "networks.lora",
+              "save_model_as": "safetensors", "caption_extension": ".caption", "keep_tokens_separator": "|||",
+              "caption_separator": ";", "bucket_reso_steps": "128", "min_bucket_reso": "128",
+              "max_bucket_reso": "2048"}
+    untested = {"network_weights", "reg_dir", "output_name", "output_dir"}  # paths: the tests above use them
+    seen = set()
+    for action in _train_parser()._actions:
+        o = next((o for o in OPTIONS if o.name == action.dest), None)
+        if o is None or not action.option_strings or o.name in untested:
+            continue
+        value = [] if action.nargs == 0 else [values.get(o.name, "0.25" if action.type is float else "3")]
+        configs = []
+        for flag in action.option_strings:
+            assert set(spellings(flag)) <= set(action.option_strings), flag
+            cfg = _train_config(parser.parse_args(base + [flag, *value]))
+            configs.append(getattr(getattr(cfg, o.section) if o.section else cfg, o.name))
+        assert len(set(map(repr, configs))) == 1, (action.option_strings, configs)
+        seen.add(o.key)
+    kohya_flags = {o.key for o in OPTIONS if o.kohya and o.kohya_note in ("", "inverted")}
+    assert kohya_flags - seen == {"output_name", "output_dir", "dataset.train_dir", "network_weights",
+                                  "dataset.reg_dir"}
+
+
+def test_unknown_options_show_the_train_usage(setup, tmp_path, capsys):
+    ckpt, data = setup
+    with pytest.raises(SystemExit) as e:
+        main(args(ckpt, data, tmp_path / "x.safetensors", "--xformers"))
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert err.startswith("usage: python -m lib_lora train ") and "unrecognized arguments: --xformers" in err
+    assert "never ignored" in err
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--network_args", "algo=loha"], "error: --network_args: algo=loha: this trainer trains lora and locon"),
+    (["--network_args", "rank_dropout=0.1"], "error: --network_args: rank_dropout is not a network argument"),
+    (["--network_args", "conv_dim"], "error: --network_args: expected key=value"),
+    (["--optimizer_args", "betas=(0.9"], "error: --optimizer_args: betas=(0.9: not a Python literal"),
+    (["--clip_skip", "2"], "error: --clip-skip: must be 1"),
+    (["--output_name", "y"], "error: --out: give --out, or kohya's --output_dir and --output_name, not both"),
+    (["--network_module", "lycoris.kohya"], "invalid choice: 'lycoris.kohya'"),
+])
+def test_kohya_values_this_trainer_cannot_honour_are_refused(setup, tmp_path, capsys, extra, message):
+    ckpt, data = setup
+    try:
+        code = main(args(ckpt, data, tmp_path / "x.safetensors", *extra))
+    except SystemExit as e:  # argparse's own refusals
+        code = e.code
+    assert code == 2 and message in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.safetensors"))
+
+
+def test_help_is_grouped_as_the_tab_with_every_default(capsys):
+    from lib_lora.training.options import GROUPS
+    parser = _train_parser()
+    titles = [g.title for g in parser._action_groups if g._group_actions]
+    # the tab's sections in its order; "Sample images" has no command-line options yet
+    assert titles == ["options", "Input and output"] + [g for g, _ in GROUPS if g != "Sample images"]
+    for action in parser._actions:
+        if action.dest != "help":
+            assert action.help and any(w in action.help for w in ("default", "required")), action.option_strings
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "--network_dim NETWORK_DIM" in text and "LoRA rank (dim) (default: 16)" in text
+
+
+def test_the_readmes_kohya_command_line_parses_as_written(setup, tmp_path):
+    """The README's sd-scripts command line, with its paths pointed at test files, becomes this config."""
+    import shlex
+    from lib_lora.cli import _train_config, build_parser
+    ckpt, data = setup
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = text.split("A `train_network.py` command line works unchanged", 1)[1].split("```")[1]
+    words = shlex.split(block.replace("\\\n", " "))
+    assert words[:3] == ["python", "-m", "lib_lora"]
+    paths = {"model.safetensors": str(ckpt), "img": str(data), "output": str(tmp_path)}
+    words = [paths.get(w, w) for w in words[3:]]
+    cfg = _train_config(build_parser().parse_args(words))
+    assert (cfg.output_name, cfg.network.rank, cfg.network.alpha, cfg.network.conv_rank, cfg.network.conv_alpha) == \
+        ("my_lora", 16, 8.0, 8, 4.0)
+    assert (cfg.batch_size, cfg.max_train_epochs, cfg.weight_decay, cfg.unet_lr, cfg.text_encoder_lr) == \
+        (2, 10, 0.1, 1e-4, 5e-5)
+    assert (cfg.dataset.resolution, cfg.dataset.enable_buckets, cfg.save_every_n_epochs, cfg.clip_skip) == \
+        ("512,512", True, 2, 1)

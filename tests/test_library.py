@@ -113,6 +113,17 @@ def test_training_state_files_are_not_loras(tmp_path):
     assert [e.name for e in Library([tmp_path]).entries] == ["x"]
 
 
+def test_state_files_in_kohyas_naming_are_hidden_by_their_header(tmp_path):
+    """x-state.safetensors written by training is not a LoRA; a LoRA that happens to end in -state is."""
+    from lib_lora.training.epochs import Position
+    from lib_lora.training.state import TrainingState, save_state
+    save_state(tmp_path / "x-state.safetensors", TrainingState(
+        step=1, position=Position(), losses=[], started=0.0, session="1", fingerprint="", config={},
+        network={}, optimizer={}, scheduler={}))
+    lora(tmp_path / "washington-state.safetensors")
+    assert [e.name for e in Library([tmp_path]).entries] == ["washington-state"]
+
+
 # -- hardening (issue 15): per-file errors, symlink loops, links out of the folder, odd numbers ------
 
 

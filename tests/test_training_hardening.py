@@ -13,18 +13,20 @@ import pytest
 import torch
 
 from lib_lora import cli
-from lib_lora.fileio import save_safetensors
+from lib_lora.fileio import read_header, save_safetensors
+from lib_lora.library import Library
 from lib_lora.training import jobs
 from lib_lora.training.config import TrainConfig
 from lib_lora.training.dataset import DatasetConfig
 from lib_lora.training.errors import RequestError
 from lib_lora.training.host import TrainingHost
 from lib_lora.training.network import NetworkConfig
+from lib_lora.training import outputs
 from lib_lora.training.options import OptionError
 from lib_lora.training.outputs import check_output_name
 from lib_lora.training.plan import make_plan
 from lib_lora.training.request import build_request
-from lib_lora.training.state import STATE_FORMAT
+from lib_lora.training.state import STATE_FORMAT, read_state_header
 from lib_lora.training.trainer import Callbacks, Trainer
 from tiny_models import build_sd1
 from train_support import make_dataset, trainable, tiny_vae
@@ -59,7 +61,7 @@ def user_file(path: Path) -> bytes:
 # -- intermediate saves and resume -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("existing", ["t-000002.safetensors", "t-000002.state.safetensors"])
+@pytest.mark.parametrize("existing", ["t-step00000002.safetensors", "t-step00000002-state.safetensors"])
 def test_intermediate_names_are_checked_before_the_first_step(tmp_path, data, existing):
     out = tmp_path / "out"
     before = user_file(out / existing)
@@ -70,12 +72,32 @@ def test_intermediate_names_are_checked_before_the_first_step(tmp_path, data, ex
     assert not (out / "t.safetensors").exists()
 
 
+def test_saves_and_states_use_kohyas_names(tmp_path, data, vae):
+    """2 images x 1 repeat at batch 1: 2 steps an epoch, so 6 steps are 3 epochs.  Epoch saves are
+    NAME-000001, step saves NAME-step00000004, states take kohya's state-folder names plus
+    .safetensors; ss_epoch is kohya's (a step save: the epoch it falls in counted from 0)."""
+    out = tmp_path / "out"
+    cfg = config(data, out, max_train_steps=6, save_every_n_steps=4, save_every_n_epochs=1, save_state=True)
+    res = Trainer(trainable(build_sd1(seed=0), vae), make_plan(cfg), QUIET).run()
+    loras = ["t-000001.safetensors", "t-step00000004.safetensors", "t-000002.safetensors", "t.safetensors"]
+    assert [p.name for p in res.saved] == loras
+    states = ["t-000001-state.safetensors", "t-step00000004-state.safetensors", "t-000002-state.safetensors",
+              "t-state.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(loras + states)
+    assert sorted(outputs.planned(cfg, 6, 2)) == sorted(out / n for n in loras + states)
+    epochs_steps = [(read_header(out / n).metadata["ss_epoch"], read_header(out / n).metadata["ss_steps"])
+                    for n in loras]
+    assert epochs_steps == [("1", "2"), ("1", "4"), ("2", "4"), ("3", "6")]
+    assert [read_state_header(out / n).step for n in states] == [2, 4, 4, 6]
+    assert sorted(e.name for e in Library([out]).entries) == sorted(n[:-len(".safetensors")] for n in loras)
+
+
 def test_overwrite_replaces_intermediate_files_when_asked(tmp_path, data, vae):
     out = tmp_path / "out"
-    before = user_file(out / "t-000002.safetensors")
+    before = user_file(out / "t-step00000002.safetensors")
     cfg = config(data, out, save_every_n_steps=2, overwrite=True)
     Trainer(trainable(build_sd1(seed=0), vae), make_plan(cfg), QUIET).run()
-    assert (out / "t-000002.safetensors").read_bytes() != before
+    assert (out / "t-step00000002.safetensors").read_bytes() != before
 
 
 def _stopped_run(data: Path, out: Path, vae) -> Path:
@@ -86,7 +108,7 @@ def _stopped_run(data: Path, out: Path, vae) -> Path:
     tr = Trainer(trainable(build_sd1(seed=0), vae), make_plan(config(data, out, save_every_n_steps=2, save_state=True)),
                  Callbacks(on_progress=stop, log=lambda s: None))
     tr.run()
-    state = out / "t-000002.state.safetensors"
+    state = out / "t-step00000002-state.safetensors"
     assert state.exists()
     return state
 
@@ -239,7 +261,7 @@ def test_cli_train_refuses_output_paths_it_would_not_write(tmp_path, data, capsy
 
 
 @pytest.mark.parametrize("name", ["con", "CON.txt", "lpt1", "aux ", "．．", "a／b", "a＼b", "...", ".", "x.",
-                                  "a\x7fb", "name.state"])
+                                  "a\x7fb", "name.state", "name-state", "NAME-STATE.safetensors"])
 def test_output_names_refused(name):
     with pytest.raises(OptionError, match="output_name"):
         check_output_name(name)

@@ -79,6 +79,8 @@ def _other_value(o: options.Option) -> list[str]:
     if choices:
         return [o.flag, next(c for c in choices if c not in (o.default, "auto"))]
     if o.type in (int, int | None):
+        if o.maximum is not None:  # clip_skip: only its maximum is accepted
+            return [o.flag, str(int(o.maximum))]
         return [o.flag, str((o.default or 0) + 3)]
     if o.type in (float, float | None):
         return [o.flag, "0.25"]
@@ -90,8 +92,8 @@ def test_every_flag_reaches_the_config_it_names(data, tmp_path):
     parser = cli.build_parser()
     defaults = cli._train_config(parser.parse_args(base))
     for o in options.OPTIONS:
-        if not (o.flag and o.flag.startswith("--")) or o.key == "dataset.reg_dir":
-            continue
+        if not (o.flag and o.flag.startswith("--")) or o.key in ("dataset.reg_dir", "network_weights"):
+            continue  # paths that must exist (test_cli_train covers them)
         cfg = cli._train_config(parser.parse_args(base + _other_value(o)))
         holder, was = (getattr(cfg, o.section), getattr(defaults, o.section)) if o.section else (cfg, defaults)
         assert getattr(holder, o.name) != getattr(was, o.name), o.key

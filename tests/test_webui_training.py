@@ -254,7 +254,7 @@ def test_train_via_api_until_finished(webui, sd_model, data):
     assert st["state"] == "finished", st
     assert (st["step"], st["total"], st["error"], st["model_untouched"]) == (4, 4, None, True)
     assert len(st["loss_history"]) == 4 and all(torch.isfinite(torch.tensor(v)) for _, v in st["loss_history"])
-    assert st["output"] == "zkx.safetensors" and st["state_file"] == "zkx.state.safetensors"
+    assert st["output"] == "zkx.safetensors" and st["state_file"] == "zkx-state.safetensors"
     assert (webui.lora_dir / "zkx.safetensors").is_file()
     assert "/" not in st["output"] and not any("path" in s for s in st["samples"])  # no absolute paths leak
 
@@ -284,6 +284,37 @@ def test_train_via_api_until_finished(webui, sd_model, data):
     assert shared.total_tqdm._tqdm is None  # the samples' console bar was closed, as after any txt2img
     assert client.get("/lora-workshop/v1/train").json()["jobs"][0]["state"] == "finished"
     assert webui.runner.get(job_id).trainer.model is None  # a kept status never pins the model in memory
+
+
+def _builtin_lora_editor():
+    """The stand-in of the built-in Lora extension's card editor (extensions-builtin is not a package)."""
+    import importlib.util
+    path = STUB / "extensions-builtin" / "Lora" / "ui_edit_user_metadata.py"
+    spec = importlib.util.spec_from_file_location("stub_builtin_lora_ui_edit_user_metadata", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.LoraUserMetadataEditor
+
+
+def test_cards_show_the_resolution_and_buckets_of_a_trained_file(webui, data):
+    """WebUI 1.10.1's Lora card takes its resolution row from ss_bucket_info's "buckets"; ours shows
+    ss_resolution and the buckets.  Both rows appear for a file trained here."""
+    client = webui.start()
+    body = request(data, name="bk", max_train_steps=2, dataset={
+        "train_dir": str(data), "resolution": 64, "enable_buckets": True, "min_bucket_reso": 64,
+        "max_bucket_reso": 128})
+    st = webui.wait(client.post("/lora-workshop/v1/train", json=body).json()["id"])
+    assert st["state"] == "finished", st
+    page = webui.script.workshop.page
+    page.refresh()
+    page.items["bk"] = page.create_item("bk")
+    assert page.items["bk"]["metadata"]["ss_bucket_info"]["buckets"] == {"0": {"resolution": [64, 64], "count": 4}}
+
+    builtin = dict(_builtin_lora_editor()(None, "txt2img", page).get_metadata_table("bk"))
+    assert builtin["Resolution:"] == "64x64" and builtin["Dataset size:"] == 4
+    assert builtin["Kohya module:"] == "networks.lora" and "Clip skip:" not in builtin  # "None" is not shown
+    ours = dict(page.create_user_metadata_editor(None, "txt2img").get_metadata_table("bk"))
+    assert (ours["Resolution:"], ours["Buckets:"]) == ("(64, 64)", "64x64 (4)")
 
 
 def test_second_job_409_progress_in_shared_state_and_queue_lock_held(webui, sd_model, data, monkeypatch):
@@ -342,20 +373,20 @@ def test_stop_stop_and_save_and_resume(webui, sd_model, data, monkeypatch):
     gate.release.set()
     st = webui.wait(job_id)
     assert (st["state"], st["step"], st["output"], st["state_file"]) == \
-        ("stopped", 2, "zkx.safetensors", "zkx.state.safetensors")
+        ("stopped", 2, "zkx.safetensors", "zkx-state.safetensors")
     assert read_header(webui.lora_dir / "zkx.safetensors").metadata["ss_steps"] == "2"
 
     # resume from the state file: its stored settings, continuing at step 2
-    r = client.post("/lora-workshop/v1/train", json={"resume_from": "zkx.state.safetensors"})
+    r = client.post("/lora-workshop/v1/train", json={"resume_from": "zkx-state.safetensors"})
     assert r.status_code == 200, r.text
     st = webui.wait(r.json()["id"])
-    assert (st["state"], st["step"], st["total"], st["resumed_from"]) == ("finished", 5, 5, "zkx.state.safetensors")
+    assert (st["state"], st["step"], st["total"], st["resumed_from"]) == ("finished", 5, 5, "zkx-state.safetensors")
     assert any("resumed at step 2" in line for line in st["log"])
     assert st["loss_history"][0][0] == 3  # steps 3..5 were trained by this job
     assert read_header(webui.lora_dir / "zkx.safetensors").metadata["ss_steps"] == "5"
     assert same(before, snapshot(sd_model)) and unet_hooks(sd_model) == 0
 
-    r = client.post("/lora-workshop/v1/train", json={"resume_from": "../zkx.state.safetensors"})
+    r = client.post("/lora-workshop/v1/train", json={"resume_from": "../zkx-state.safetensors"})
     assert r.status_code == 400 and "inside the LoRA folder" in r.json()["detail"]
 
 

@@ -18,7 +18,9 @@ class TrainConfig:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     output_dir: str | Path = _d("output_dir")
     output_name: str = _d("output_name")
+    network_weights: str | Path | None = _d("network_weights")  # start from this LoRA file (kohya's option)
     save_precision: str = _d("save_precision")
+    save_model_as: str = _d("save_model_as")
     save_every_n_steps: int = _d("save_every_n_steps")
     save_every_n_epochs: int = _d("save_every_n_epochs")
     save_last_k: int = _d("save_last_k")            # keep only the newest K intermediate files (0: keep all)
@@ -28,8 +30,10 @@ class TrainConfig:
     max_train_epochs: int | None = _d("max_train_epochs")  # when set, overrides max_train_steps
     batch_size: int = _d("batch_size")
     gradient_accumulation_steps: int = _d("gradient_accumulation_steps")
-    learning_rate: float = _d("learning_rate")      # UNet (and text encoder unless text_encoder_lr is set)
+    learning_rate: float = _d("learning_rate")      # both parts, unless unet_lr / text_encoder_lr is set
+    unet_lr: float | None = _d("unet_lr")
     text_encoder_lr: float | None = _d("text_encoder_lr")
+    prior_loss_weight: float = _d("prior_loss_weight")  # on the loss of regularisation images
     optimizer: str = _d("optimizer")
     optimizer_args: dict = field(default_factory=lambda: _d("optimizer_args"))
     weight_decay: float = _d("weight_decay")
@@ -39,6 +43,8 @@ class TrainConfig:
     seed: int = _d("seed")
     min_snr_gamma: float | None = _d("min_snr_gamma")
     noise_offset: float = _d("noise_offset")
+    v_parameterization: bool | None = _d("v_parameterization")  # None: the model's own prediction type
+    clip_skip: int | None = _d("clip_skip")         # only 1 (the last layer) is accepted
     mixed_precision: str = _d("mixed_precision")    # no, fp16, bf16 (GPU only)
     gradient_checkpointing: bool = _d("gradient_checkpointing")  # recompute UNet blocks in backward
     # frozen layers keep less for backward (frozen_layers.py).  None: on CPU only, where they are
@@ -51,6 +57,14 @@ class TrainConfig:
     sample_every_n_steps: int = _d("sample_every_n_steps")
     sample_prompts: list[str] = field(default_factory=lambda: _d("sample_prompts"))
     training_comment: str = _d("training_comment")
+
+    @property
+    def unet_learning_rate(self) -> float:
+        return self.unet_lr if self.unet_lr is not None else self.learning_rate
+
+    @property
+    def text_encoder_learning_rate(self) -> float:
+        return self.text_encoder_lr if self.text_encoder_lr is not None else self.learning_rate
 
     def __post_init__(self) -> None:
         options.check(self, "")

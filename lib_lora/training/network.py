@@ -9,6 +9,7 @@ it, leaving the model's Parameters untouched.
 """
 from __future__ import annotations
 
+import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ..adapters.lora import LoRAModule
+from ..fileio import LoraFileError
 from ..modelmap import ModelMap, Target
 from . import options
 
@@ -29,6 +31,7 @@ _DIFFUSERS_UNET = re.compile(r"^lora_unet_(down_blocks|mid_block|up_blocks)_")
 @dataclass
 class NetworkConfig:
     """Defaults and bounds are declared in options.py."""
+    module: str = _d("network.module")          # kohya's network_module: only networks.lora
     rank: int = _d("network.rank")
     alpha: float = _d("network.alpha")
     conv_rank: int = _d("network.conv_rank")    # LoCon for resnets/samplers when > 0
@@ -160,6 +163,41 @@ class TrainingNetwork(nn.Module):
         for key in self.targets:
             self.lora(key).load_kohya_tensors({role: sd[f"{key}.{role}"]
                                                for role in ("lora_down.weight", "lora_up.weight")})
+
+    def load_weights(self, sd: dict[str, Tensor], source: str) -> list[str]:
+        """Start from a kohya LoRA/LoCon file (kohya's ``network_weights``); the layers it lacks are returned.
+
+        Every module in the file must be one this network trains, with the same rank and alpha,
+        so that the first step starts from exactly the file's LoRA; anything else is refused
+        (``LoraFileError`` naming ``source``) rather than dropped or rescaled.
+        """
+        roles = ("lora_down.weight", "lora_up.weight", "alpha")
+        by_module: dict[str, dict[str, Tensor]] = defaultdict(dict)
+        for k, v in sd.items():
+            module, _, role = k.partition(".")
+            if role not in roles:
+                raise LoraFileError(f"{source}: {k!r} is not a LoRA/LoCon weight (kohya's lora_down/lora_up/alpha); "
+                                    "only LoRA and LoCon files can be trained on")
+            by_module[module][role] = v
+        unknown = sorted(set(by_module) - set(self.targets))
+        if unknown:
+            raise LoraFileError(f"{source}: {len(unknown)} of its layers are not trained with these settings "
+                                f"(e.g. {unknown[0]}); match the file's conv_dim and train_unet/train_text_encoder")
+        for key, parts in by_module.items():
+            lora = self.lora(key)
+            if set(parts) - {"alpha"} != {"lora_down.weight", "lora_up.weight"}:
+                raise LoraFileError(f"{source}: {key} lacks its lora_down or lora_up weight")
+            down, up = parts["lora_down.weight"], parts["lora_up.weight"]
+            if down.shape[0] != lora.rank or down.numel() != lora.down.weight.numel() \
+                    or up.numel() != lora.up.weight.numel():
+                raise LoraFileError(f"{source}: {key} has rank {down.shape[0]}; these settings give it rank "
+                                    f"{lora.rank} (network_dim / conv_dim)")
+            alpha = float(parts["alpha"]) if "alpha" in parts else float(lora.rank)  # no alpha: scale 1
+            if not math.isclose(alpha, lora.alpha, rel_tol=1e-6):
+                raise LoraFileError(f"{source}: {key} has alpha {alpha:g}; these settings give it {lora.alpha:g} "
+                                    "(network_alpha / conv_alpha)")
+            lora.load_kohya_tensors(parts)
+        return sorted(set(self.targets) - set(by_module))
 
 
 def _weight_read_by_parent(module: nn.Module) -> bool:

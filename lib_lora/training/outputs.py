@@ -1,9 +1,11 @@
 """The files a training run writes, and whether it may write them.
 
-A run writes its final LoRA, intermediate saves (``NAME-000200.safetensors``) and, with
-``save_state``, a ``.state.safetensors`` beside each.  All of these names are known
-before the first step, so they are all checked then: an existing file is replaced only
-when the user asked to overwrite, or when it belongs to the run being resumed (same
+A run writes its final LoRA and intermediate saves under kohya's names
+(``NAME-step00001234.safetensors`` every N steps, ``NAME-000004.safetensors`` every N epochs)
+and, with ``save_state``, a state file beside each (``state.state_path``: kohya's state folder
+names ``NAME-step00001234-state``, ``NAME-000004-state``, ``NAME-state``, plus ``.safetensors``).
+All of these names are known before the first step (``planned``), so they are all checked then: an
+existing file is replaced only when the user asked to overwrite, or when it belongs to the run being resumed (same
 ``ss_session_id`` / state session).  Nothing a user made is ever overwritten silently.
 """
 from __future__ import annotations
@@ -48,31 +50,54 @@ def check_output_name(name: Any, option: str = "output_name") -> str:
                                   "LoRA folder)")
     if folded.split(".")[0].strip().lower() in _WINDOWS_RESERVED:
         raise OptionError(option, f"{name!r} is a device name on Windows; choose another name")
-    if name.endswith(".state"):
-        raise OptionError(option, f"{name!r} must not end in '.state' (reserved for training state files)")
+    if name.lower().endswith((".state", "-state")):
+        raise OptionError(option, f"{name!r} must not end in '.state' or '-state' (reserved for training state "
+                                  "files)")
     if len(name) > 200:
         raise OptionError(option, "is too long (200 characters at most)")
     return name
 
 
-def output_path(output_dir: str | Path, name: str, step: int | None = None) -> Path:
-    stem = name if step is None else f"{name}-{step:06d}"
+def output_path(output_dir: str | Path, name: str, step: int | None = None, epoch: int | None = None) -> Path:
+    """The LoRA file of a save: the final one, or kohya's name for a save at ``step`` or after ``epoch``."""
+    if epoch is not None:
+        stem = f"{name}-{epoch:06d}"
+    elif step is not None:
+        stem = f"{name}-step{step:08d}"
+    else:
+        stem = name
     return Path(output_dir) / f"{stem}.safetensors"
 
 
-def save_due(step: int, per_epoch: int, every_n_steps: int, every_n_epochs: int, accumulation: int) -> bool:
-    """Whether an intermediate save falls on optimiser step ``step``."""
-    by_steps = every_n_steps > 0 and step % every_n_steps == 0
-    steps_per_epoch = max(1, math.ceil(per_epoch / accumulation))
-    by_epochs = every_n_epochs > 0 and step % (steps_per_epoch * every_n_epochs) == 0
-    return by_steps or by_epochs
+def updates_per_epoch(per_epoch: int, accumulation: int) -> int:
+    """Optimiser steps in one epoch of ``per_epoch`` batches."""
+    return max(1, math.ceil(per_epoch / accumulation))
+
+
+def saves_due(cfg, step: int, per_epoch: int) -> list[tuple[Path, int]]:
+    """(file, epoch number for ss_epoch) of each intermediate save at optimiser step ``step``.
+
+    A step that is due both ways writes both files, as kohya does.  The epoch number is
+    kohya's: a step save records the epoch it falls in counted from 0, an epoch save the
+    epochs it completes.
+    """
+    spe = updates_per_epoch(per_epoch, cfg.gradient_accumulation_steps)
+    out = []
+    if cfg.save_every_n_steps > 0 and step % cfg.save_every_n_steps == 0:
+        out.append((output_path(cfg.output_dir, cfg.output_name, step=step), (step - 1) // spe))
+    if cfg.save_every_n_epochs > 0 and step % (spe * cfg.save_every_n_epochs) == 0:
+        out.append((output_path(cfg.output_dir, cfg.output_name, epoch=step // spe), step // spe))
+    return out
+
+
+def final_epoch(step: int, per_epoch: int, accumulation: int) -> int:
+    """ss_epoch of the final file: the epochs the run reached (its number of epochs when it finished)."""
+    return math.ceil(step / updates_per_epoch(per_epoch, accumulation))
 
 
 def planned(cfg, total: int, per_epoch: int) -> list[Path]:
     """Every path a run of ``total`` steps may write (``cfg`` is a TrainConfig)."""
-    loras = [output_path(cfg.output_dir, cfg.output_name, s) for s in range(1, total)
-             if save_due(s, per_epoch, cfg.save_every_n_steps, cfg.save_every_n_epochs,
-                         cfg.gradient_accumulation_steps)]
+    loras = [path for s in range(1, total) for path, _ in saves_due(cfg, s, per_epoch)]
     loras.append(output_path(cfg.output_dir, cfg.output_name))
     return loras + [state_path(p) for p in loras] if cfg.save_state else loras
 

@@ -23,7 +23,7 @@ from .options import OptionError
 from .outputs import check_output_name
 from .problems import DatasetError
 from .config import TrainConfig
-from .state import read_state_header
+from .state import is_state_file, read_state_header
 
 # -- presets ---------------------------------------------------------------------------------------
 # Starting points after kohya-ss/sd-scripts' documentation for LoRA on SD1.5 and SDXL.  Keys are
@@ -170,16 +170,33 @@ def _dataset_dir(value: Any, where: str, roots: list[Path] | None) -> Path:
 
 
 def resolve_state_file(value: Any, output_dir: Path) -> Path:
-    """A ``*.state.safetensors`` file inside the LoRA folder, by name relative to it."""
+    """A training state file (``*-state.safetensors``, or an older ``*.state.safetensors``) inside the LoRA
+    folder, by name relative to it."""
     if not isinstance(value, str) or not value.strip():
-        raise RequestError("resume_from: expected the name of a .state.safetensors file in the LoRA folder")
+        raise RequestError(f"resume_from: expected the name of a {STATE_SUFFIX} file in the LoRA folder")
     name = value.strip().replace("\\", "/")
     root = Path(output_dir).resolve()
     path = (root / name).resolve()
-    if not name.endswith(STATE_SUFFIX) or root not in path.parents:
+    if not is_state_file(name) or root not in path.parents:
         raise RequestError(f"resume_from {value!r}: must name a {STATE_SUFFIX} file inside the LoRA folder")
     if not path.is_file():
         raise RequestError(f"resume_from: state file not found: {name}")
+    return path
+
+
+def _weights_file(value: Any, output_dir: Path, confined: bool) -> Path:
+    """kohya's ``network_weights``: the LoRA file training starts from.  A relative name is taken in
+    the LoRA folder; a remote request may only name a file there."""
+    if not isinstance(value, (str, Path)) or not str(value).strip():
+        raise RequestError.bad("network_weights", f"expected a .safetensors file, got {value!r}")
+    root = Path(output_dir).resolve()
+    path = (root / Path(str(value).strip()).expanduser()).resolve()
+    if confined and root not in path.parents:
+        raise RequestError.bad("network_weights", f"{value}: must name a file inside the LoRA folder")
+    if path.suffix.lower() != ".safetensors":
+        raise RequestError.bad("network_weights", f"{value}: expected a .safetensors LoRA file")
+    if not path.is_file():
+        raise RequestError.bad("network_weights", f"file not found: {value}")
     return path
 
 
@@ -232,7 +249,8 @@ def build_request(data: dict, output_dir: Path, family: str | None = None,
     if data.get("resume_from") not in (None, ""):
         resume = resolve_state_file(data["resume_from"], output_dir)
         stored = stored_config(resume)
-        base = {k: v for k, v in stored.items() if k not in _TOP_EXCLUDED}
+        # the state holds the network: the file the run started from is not needed again
+        base = {k: v for k, v in stored.items() if k not in _TOP_EXCLUDED and k != "network_weights"}
         for part in ("dataset", "network"):
             if not isinstance(stored.get(part) or {}, dict):
                 raise RequestError(f"resume_from: {resume.name} holds a damaged {part} configuration")
@@ -274,6 +292,10 @@ def build_request(data: dict, output_dir: Path, family: str | None = None,
     except OptionError as e:
         raise RequestError.of(e) from None
     top["output_name"] = name
+    if top.get("network_weights") not in (None, ""):
+        top["network_weights"] = str(_weights_file(top["network_weights"], output_dir, dataset_roots is not None))
+    else:
+        top.pop("network_weights", None)
     auto = top.get("mixed_precision", "auto") in ("auto", None, "")
     if auto:
         top["mixed_precision"] = "no"  # resolved from the model's dtype once it is built

@@ -1,6 +1,7 @@
 """A training run's resume state: the one module that knows its schema.
 
-One ``NAME[-STEP].state.safetensors`` beside each LoRA a run saves (``state_path``): the tensors
+One ``NAME[-step00001234|-000004]-state.safetensors`` beside each LoRA a run saves (``state_path``,
+kohya's state folder names; older releases wrote ``NAME.state.safetensors``, still resumable): the tensors
 (network, optimiser) in the safetensors body, everything else as JSON in its header.  ``save_state``
 writes a ``TrainingState``, ``load_state`` reads it back for an exact resume, and
 ``read_state_header`` reads what a request and the output checks need without loading tensors.
@@ -17,10 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..fileio import TRAINING_STATE_SUFFIX, LoraFileError, load_safetensors, read_header, save_safetensors
+from ..fileio import (LEGACY_TRAINING_STATE_SUFFIX, TRAINING_STATE_FORMAT as STATE_FORMAT, TRAINING_STATE_SUFFIX,
+                      LoraFileError, load_safetensors, read_header, save_safetensors)
 from .epochs import Position
-
-STATE_FORMAT = "lora-workshop-train-state/1"
 
 
 @dataclass
@@ -47,20 +47,22 @@ class StateHeader:
 
 
 def state_path(lora_path: Path) -> Path:
-    """The state file saved beside ``lora_path`` (``NAME.safetensors`` -> ``NAME.state.safetensors``)."""
+    """The state file saved beside ``lora_path``: kohya's state folder name for that save, as one file
+    (``NAME-step00001234.safetensors`` -> ``NAME-step00001234-state.safetensors``)."""
     return lora_path.with_name(lora_path.stem + TRAINING_STATE_SUFFIX)
 
 
-def is_state_file(path: Path) -> bool:
-    return Path(path).name.endswith(TRAINING_STATE_SUFFIX)
+def is_state_file(path: str | Path) -> bool:
+    """Named like a state file, new (``-state``) or older (``.state``); only its header says it is one."""
+    return Path(path).name.endswith((TRAINING_STATE_SUFFIX, LEGACY_TRAINING_STATE_SUFFIX))
 
 
 def list_state_files(folder: Path) -> list[str]:
-    """Training state files in the LoRA folder (relative names), newest first."""
+    """Training state files in the LoRA folder (relative names, either naming), newest first."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    files = [p for p in folder.rglob(f"*{TRAINING_STATE_SUFFIX}") if p.is_file()]
+    files = [p for p in folder.rglob("*.safetensors") if is_state_file(p) and p.is_file()]
     files.sort(key=lambda p: p.stat().st_mtime, reverse=True)
     return [p.relative_to(folder).as_posix() for p in files]
 

@@ -9,10 +9,11 @@ restored, weights never written.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
+import random
 import time
-import uuid
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..fileio import save_safetensors
+from ..fileio import load_safetensors, save_safetensors
 from ..hashes import hashes_from_bytes
 from .checkpointing import gradient_checkpointing
 from .frozen_layers import frozen_layers
@@ -115,11 +116,13 @@ class Trainer:
     """The loop over one ready model and one plan (plan.py); the caller's config is never written."""
 
     def __init__(self, model: TrainableModel, plan: Plan, callbacks: Callbacks | None = None):
+        if plan.config.v_parameterization is not None:  # the user's word on what the model predicts
+            model = dataclasses.replace(model, prediction="v" if plan.config.v_parameterization else "epsilon")
         self.model, self.plan, self.cfg = model, plan, plan.config
         self.dataset: Dataset = plan.dataset
         self.cb = callbacks or Callbacks()
         self._stop: str | None = None
-        self.session_id = uuid.uuid4().hex[:16]
+        self.session_id = str(random.SystemRandom().randint(0, 2**32))  # an integer, as kohya's ss_session_id
         # Under `accelerate launch`, each process trains its slice of every global batch and the
         # gradients are summed through accelerate; one process alone is the same code with world 1.
         self.dist, self.world, self.rank = plan.dist, plan.world, plan.rank
@@ -141,8 +144,8 @@ class Trainer:
         """Drop the model (a finished job is kept for its status and must not keep it alive)."""
         self.model = None
 
-    def output_path(self, step: int | None = None) -> Path:
-        return outputs.output_path(self.cfg.output_dir, self.cfg.output_name, step)
+    def output_path(self, step: int | None = None, epoch: int | None = None) -> Path:
+        return outputs.output_path(self.cfg.output_dir, self.cfg.output_name, step, epoch)
 
     def total_steps(self) -> int:
         return self.plan.total_steps
@@ -164,6 +167,10 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)  # LoRA init without disturbing the host's global RNG
             net = TrainingNetwork(m.model_map, cfg.network)
+        if cfg.network_weights:
+            fresh = net.load_weights(load_safetensors(cfg.network_weights)[0], Path(cfg.network_weights).name)
+            self.cb.log(f"starting from {Path(cfg.network_weights).name}"
+                        + (f"; {len(fresh)} layers it lacks start fresh" if fresh else ""))
         latents, texts = LatentCache(m, self.dataset, cfg, write_disk=self.is_main), TextCache(m, cfg)
         try:
             for p, _ in flags:
@@ -193,8 +200,8 @@ class Trainer:
 
     def _loop(self, net: TrainingNetwork, resume_from, latents: LatentCache, texts: TextCache) -> TrainResult:
         cfg, m, ds = self.cfg, self.model, self.dataset
-        te_lr = cfg.text_encoder_lr if cfg.text_encoder_lr is not None else cfg.learning_rate
-        opt, opt_desc = make_optimizer(cfg.optimizer, net.param_groups(cfg.learning_rate, te_lr), cfg)
+        groups = net.param_groups(cfg.unet_learning_rate, cfg.text_encoder_learning_rate)
+        opt, opt_desc = make_optimizer(cfg.optimizer, groups, cfg)
         total = self.total_steps()
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.lr_scheduler, cfg.lr_warmup_steps, total))
         step, pos, losses, started = 0, Position(), [], time.time()
@@ -243,6 +250,9 @@ class Trainer:
                         pred = m.predict(noisy.to(_dtype(m.unet)), t, cond)
                 target = noise if m.prediction == "epsilon" else acp.sqrt() * noise - (1 - acp).sqrt() * x0
                 loss = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none").mean((1, 2, 3))
+                if cfg.prior_loss_weight != 1.0:  # kohya's weight on the regularisation images' loss
+                    loss = loss * torch.tensor([cfg.prior_loss_weight if s.item.is_reg else 1.0
+                                                for s in samples], device=loss.device)
                 if cfg.min_snr_gamma:
                     loss = loss * snr_weights(acp.flatten(), cfg.min_snr_gamma, m.prediction)
                 loss = loss.sum() / (n * cfg.gradient_accumulation_steps)  # this slice's share of the mean
@@ -268,8 +278,8 @@ class Trainer:
                 recent = losses[-50:]
                 self.cb.on_progress(Progress(step, total, pos.epoch, loss_val, sum(recent) / len(recent),
                                              sched.get_last_lr()[0], elapsed, rate * (total - step)))
-            if step < total and self._due(step, per_epoch):
-                saved.append(self._save(net, step, pos, losses, started, opt, sched, final=False))
+            for path, epoch in (outputs.saves_due(cfg, step, per_epoch) if step < total else []):
+                saved.append(self._save(net, path, epoch, step, pos, losses, started, opt, sched))
                 if self.is_main:
                     self._prune(saved)
             if cfg.sample_every_n_steps and cfg.sample_prompts and step % cfg.sample_every_n_steps == 0 \
@@ -278,7 +288,8 @@ class Trainer:
         stopped = step < total
         out = None
         if not stopped or self._stop == "save":
-            out = self._save(net, step, pos, losses, started, opt, sched, final=True)
+            epochs = outputs.final_epoch(step, per_epoch, cfg.gradient_accumulation_steps)
+            out = self._save(net, self.output_path(), epochs, step, pos, losses, started, opt, sched)
             saved.append(out)
         return TrainResult(out, step, losses, stopped, saved)
 
@@ -293,29 +304,24 @@ class Trainer:
         return float(reduce(torch.tensor([loss_val], device=self.model.device), reduction="sum").item())
 
     # -- saving --------------------------------------------------------------------------
-    def _due(self, step: int, per_epoch: int) -> bool:
-        c = self.cfg
-        return outputs.save_due(step, per_epoch, c.save_every_n_steps, c.save_every_n_epochs,
-                                c.gradient_accumulation_steps)
-
-    def _save(self, net, step, pos, losses, started, opt, sched, final: bool) -> Path:
-        path = self.output_path(None if final else step)
+    def _save(self, net, path, epoch, step, pos, losses, started, opt, sched) -> Path:
         if self.is_main:
-            self._write(net, path, step, pos, losses, started, opt, sched, final)
+            self._write(net, path, epoch, step, pos, losses, started, opt, sched)
         if self.dist:
             self.dist.wait_for_everyone()
         return path
 
-    def _write(self, net, path, step, pos, losses, started, opt, sched, final: bool) -> None:
+    def _write(self, net, path, epoch, step, pos, losses, started, opt, sched) -> None:
         cfg, m = self.cfg, self.model
         tensors = net.kohya_state_dict(SAVE_DTYPES[cfg.save_precision])
         per_epoch = max(1, self.dataset.steps_per_epoch(self.global_batch))
         meta = build_metadata(
             family=m.family, prediction=m.prediction, session_id=self.session_id, started_at=started,
             output_name=cfg.output_name, cfg=cfg, dataset=self.dataset, model_name=m.model_name,
-            model_hash=m.model_hash, legacy_hash=m.legacy_hash, steps=step, epoch=pos.epoch,
-            num_batches_per_epoch=per_epoch, max_steps=self.total_steps(), optimizer_desc=type(opt).__module__ + "." + type(opt).__name__,
-            resolution=self.cfg.dataset.reso, finished=final, comment=cfg.training_comment, world_size=self.world)
+            model_hash=m.model_hash, legacy_hash=m.legacy_hash, steps=step, epoch=epoch,
+            num_batches_per_epoch=per_epoch, max_steps=self.total_steps(),
+            optimizer_desc=type(opt).__module__ + "." + type(opt).__name__,
+            resolution=self.cfg.dataset.reso, comment=cfg.training_comment, world_size=self.world)
         # kohya hashes the file as written with only the ss_* keys in its header
         from safetensors.torch import save as st_save
         h = hashes_from_bytes(st_save({k: v.contiguous() for k, v in tensors.items()},
@@ -372,4 +378,3 @@ class Trainer:
 
 def _dtype(module: torch.nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
-
