@@ -414,6 +414,29 @@ def test_tools_section_is_built_in_the_tab_and_runs_a_resize(webui):
     assert "lw-error" in again and "exists" in again
 
 
+
+def test_saved_ui_defaults_leave_each_tool_at_its_declared_defaults(webui):
+    """The WebUI records the tab's values by tab and label (ui-config.json) and gives a recorded value to
+    every later component with that label: tools share labels ("Rank", "Output name"), yet each keeps its
+    own default, at the first start and the next (with a file that recorded other values)."""
+    from modules import ui_loadsave
+
+    def defaults_after(settings: dict) -> None:
+        (tab, _, elem_id), = script_callbacks.ui_tabs_callback()
+        ui_loadsave.UiLoadsave(settings=settings).add_block(tab, elem_id)
+        find = gradio_standin.find
+        assert find(tab, "lora_workshop_tools_tool").value == "resize"  # the form shown is resize's
+        for t in TOOLS.values():
+            for o in t.on("tab"):
+                want = tools_ui.start_value(o)
+                kind = tools_ui.widget(o)
+                want = [] if kind == "loras" else ("" if want is None else want) if kind == "text" else want
+                assert find(tab, f"lora_workshop_tools_{t.name}_{o.name}").value == want, (t.name, o.name)
+
+    defaults_after({})
+    defaults_after({"lora_workshop/Tool/value": "merge", "lora_workshop/Save as/value": "fp32",
+                    "lora_workshop/Dynamic rank/value": "sv_fro"})
+
 # -- the declarations without a host --------------------------------------------------------------------------
 
 
