@@ -36,6 +36,7 @@ SIGNATURES: dict[str, set[str]] = {
                           "rows", "height", "preview", "object_fit", "allow_preview", "show_share_button",
                           "show_download_button"},
     "State": {"value"},
+    "File": _FORM | {"value", "file_count", "file_types", "type", "height"},
 }
 LISTENER = {"api_name", "status_tracker", "scroll_to_output", "show_progress", "queue", "batch", "max_batch_size",
             "preprocess", "postprocess", "cancels", "every", "_js"}
@@ -100,6 +101,9 @@ class Block:
     def change(self, fn, inputs=None, outputs=None, **kw):
         self._listen("change", fn, inputs, outputs, **kw)
 
+    def upload(self, fn, inputs=None, outputs=None, **kw):  # File's (Uploadable)
+        self._listen("upload", fn, inputs, outputs, **kw)
+
 
 def _block(name: str) -> type:
     return type(name, (Block,), {})
@@ -107,8 +111,8 @@ def _block(name: str) -> type:
 
 Blocks, Row, Column, Accordion, Group = (_block(n) for n in ("Blocks", "Row", "Column", "Accordion", "Group"))
 Markdown, HTML, Button, Textbox, Number = (_block(n) for n in ("Markdown", "HTML", "Button", "Textbox", "Number"))
-Checkbox, Dropdown, Radio, Image, Gallery, State = (_block(n) for n in
-                                                     ("Checkbox", "Dropdown", "Radio", "Image", "Gallery", "State"))
+Checkbox, Dropdown, Radio, Image, Gallery, State, File = (_block(n) for n in ("Checkbox", "Dropdown", "Radio", "Image",
+                                                                           "Gallery", "State", "File"))
 
 
 def update(**kwargs: Any) -> dict:
