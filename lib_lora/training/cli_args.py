@@ -5,6 +5,10 @@ and so is its name in kohya's sd-scripts (``--train_batch_size``, ``--optimizer_
 ``train_network.py`` command line works as it is.  kohya's ``--network_args "conv_dim=8" …`` and
 ``--optimizer_args "weight_decay=0.1" …`` are read into the options they name.  ``--help`` lists
 the options in the tab's sections, each with its help line and its default.
+
+kohya's config files apply in kohya's order: ``--config_file``'s values under the command line's
+(``with_config_file``), and ``--dataset_config``'s over both (``train_data``); ``--output_config``
+writes the command line to the ``--config_file`` path (``write_output_config``).
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import toml_io
-from .kohya_config import ALGOS, ConfigFileError, config_path, config_toml, load_config, network_args, \
+from .kohya_config import ALGOS, config_path, config_toml, load_config, network_args, \
     optimizer_args
 from .kohya_dataset import read_dataset_config
 from .options import AUTO_ON_OFF, GROUPS, OPTIONS, REQUIRED, Option, OptionError, option

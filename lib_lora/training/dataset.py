@@ -62,6 +62,9 @@ class DatasetConfig:
 
     @property
     def reso(self) -> Size:
+        """The training size: with ``datasets``, the first dataset's (what the run is named by)."""
+        if self.datasets:
+            return self.subsets()[0].settings.reso
         return parse_resolution(self.resolution)
 
     @property
@@ -86,7 +89,7 @@ class DatasetConfig:
         def bad(msg: str) -> NoReturn:
             raise DatasetError(msg, kind="config")
 
-        if self.datasets:
+        if self.datasets:  # these settings are only what the subsets fall back to: each subset's are checked
             if self.train_dir is not None or self.reg_dir is not None:
                 bad("give train_dir (and reg_dir) or datasets, not both")
             for s in self.subsets():
@@ -94,7 +97,8 @@ class DatasetConfig:
                     s.settings.check()
                 except DatasetError as e:
                     bad(f"{s.where}: {e}")
-        elif self.train_dir is None:
+            return
+        if self.train_dir is None:
             bad("train_dir is required: the folder holding '<repeats>_<trigger>' sub-folders")
         try:
             w, h = self.reso

@@ -46,8 +46,8 @@ def _pairs(option: str, items: list[str]) -> list[tuple[str, str]]:
     return out
 
 
-def network_args(items: list[str]) -> dict[str, str]:
-    """kohya's ``network_args`` as the network options they set ({"conv_rank": "8", ...})."""
+def network_args(items: list[str]) -> dict[str, Any]:
+    """kohya's ``network_args`` as the network options they set ({"conv_rank": 8, ...})."""
     by_kohya = {o.kohya: o for o in OPTIONS if o.kohya_note == "network_args"}
     out = {}
     for key, value in _pairs("network_args", items):
@@ -56,7 +56,11 @@ def network_args(items: list[str]) -> dict[str, str]:
                 raise OptionError("network_args", f"algo={value}: this trainer trains {' and '.join(ALGOS)} "
                                                   "(LoRA, and LoCon with conv_dim) only")
         elif key in by_kohya:
-            out[by_kohya[key].name] = value
+            o = by_kohya[key]
+            try:
+                out[o.name] = o.type(value) if o.type in (int, float) else value
+            except ValueError:
+                raise OptionError("network_args", f"{key}={value}: expected a number") from None
         else:
             raise OptionError("network_args", f"{key} is not a network argument here: use "
                                               f"{', '.join(by_kohya)} or algo")
@@ -165,6 +169,11 @@ def read_config(data: dict, source: str = "config file") -> tuple[dict, dict]:
                 req["sample_prompts"] = _prompt_lines(value, source)
                 continue
             o = KEYS[key]
+            if isinstance(value, list) and o.type in (float, float | None):
+                # kohya's text_encoder_lr takes one value per text encoder (argparse nargs="*")
+                if len(set(value)) > 1:
+                    raise ConfigFileError(f"{source}: {key} = {value}: one value serves every text encoder here")
+                value = value[0] if value else None
             if o.kohya_note == "inverted" and key == o.kohya:
                 if not isinstance(value, bool):
                     raise ConfigFileError(f"{source}: {key}: expected true or false, got {value!r}")

@@ -340,6 +340,9 @@ def build_request(data: dict, output_dir: Path, family: str | None = None,
             raise RequestError(f"dataset.{given[0]}: give it or dataset_toml, not both (the dataset config "
                                "names the image folders)")
         general, top_file = kohya_dataset.read_dataset_config(dataset_file, "dataset_toml")
+        if any(k in from_config.get("dataset", {}) for k in ("train_dir", "reg_dir")):
+            notes.append("config_toml: train_data_dir and reg_data_dir give way to the dataset config "
+                         "(kohya ignores them too)")
         merged["dataset"] = {k: v for k, v in (merged.get("dataset") or {}).items()
                              if k not in ("train_dir", "reg_dir")}
         merged["dataset"].update(general)

@@ -151,8 +151,8 @@ def import_files(config_text: str, dataset_text: str) -> tuple[dict[str, Any], l
             if key in extras:
                 notes.append(f"config.toml: {key} is not used by the tab (it trains the loaded model; paste the "
                              "dataset config into the dataset.toml box)")
-        hidden = [o.kohya or o.name for o in options.OPTIONS if not o.label and o.key not in ("output_name", "output_dir")
-                  and (data.get(o.section, {}) if o.section else data).get(o.name, o.default) != o.default]
+        hidden = [o.kohya or o.name for o in options.OPTIONS
+                  if not o.label and o.key not in ("output_name", "output_dir") and (data.get(o.section, {}) if o.section else data).get(o.name, o.default) != o.default]
         if hidden:
             notes.append(f"config.toml: {', '.join(hidden)} apply from the file (the form has no field for them)")
     if (dataset_text or "").strip():
