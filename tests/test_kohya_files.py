@@ -8,6 +8,7 @@ a config file; the dataset config wins over the command line), not off our own o
 """
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import textwrap
@@ -487,3 +488,18 @@ def test_a_short_run_from_both_files(tmp_path):
     sd, meta = load_safetensors(tmp_path / "out" / "k.safetensors")
     assert meta["ss_steps"] == "2" and meta["ss_batch_size_per_device"] == "2" and meta["ss_network_dim"] == "2"
     assert all(torch.isfinite(v).all() for v in sd.values())
+    # ss_datasets, as train_network.py (v0.10.1) writes it for a dataset config: these keys, per dataset
+    # and per subset (transcribed from its source)
+    (info,) = json.loads(meta["ss_datasets"])
+    assert set(info) == {"is_dreambooth", "batch_size_per_device", "num_train_images", "num_reg_images",
+                         "resolution", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "tag_frequency",
+                         "bucket_info", "resize_interpolation", "subsets"}
+    assert set(info["subsets"][0]) == {"img_count", "num_repeats", "color_aug", "flip_aug", "random_crop",
+                                       "shuffle_caption", "keep_tokens", "keep_tokens_separator",
+                                       "secondary_separator", "enable_wildcard", "caption_prefix", "caption_suffix",
+                                       "resize_interpolation", "image_dir", "class_tokens", "is_reg"}
+    assert (info["num_train_images"], info["resolution"], info["min_bucket_reso"], info["bucket_info"]) == \
+        (2 * 1 + 1 * 2, [64, 64], None, None)
+    a, b = info["subsets"]
+    assert (a["image_dir"], a["keep_tokens"], a["flip_aug"], b["num_repeats"], b["flip_aug"]) == ("a", 2, False, 2, True)
+    assert info["tag_frequency"] == {"a": {t: 2 for t in "abcdef"}, "b": {"owl": 1}}

@@ -221,10 +221,13 @@ class Dataset:
         check_batch_size(batch_size)
         return sum(math.ceil(n / batch_size) for n in self._bucket_samples().values())
 
-    def tag_frequency(self) -> dict[str, dict[str, int]]:
-        """kohya's ``ss_tag_frequency``: folder -> lower-cased tag -> number of images (repeats ignored)."""
+    def tag_frequency(self, subsets: set[int] | None = None) -> dict[str, dict[str, int]]:
+        """kohya's ``ss_tag_frequency``: folder -> lower-cased tag -> number of images (repeats ignored);
+        of the given subsets' images only, when given."""
         freq: dict[str, dict[str, int]] = {}
         for it in self.items + self.unused_reg:
+            if subsets is not None and it.subset not in subsets:
+                continue
             per = freq.setdefault(it.folder, {})
             for tag in it.caption.split(self.settings(it).caption_separator):
                 tag = tag.strip().lower()
