@@ -22,7 +22,7 @@ from lib_lora.training import toml_io
 from lib_lora.training.cli_args import train_data, with_config_file
 from lib_lora.training.epochs import Batch
 from lib_lora.training.errors import RequestError
-from lib_lora.training.kohya_config import ConfigFileError, export_files, read_config
+from lib_lora.training.kohya_config import ConfigFileError, config_data, export_files, read_config
 from lib_lora.training.kohya_dataset import HONOURED, DatasetConfigError, read_dataset_config
 from lib_lora.training.request import build_request
 from lib_lora.training.scan import scan
@@ -128,6 +128,19 @@ def test_output_config_round_trip(in_tmp, capsys):
     assert flat["network_dim"] == 8 and flat["network_args"] == ["conv_dim=4", "conv_alpha=2.0"]
     assert flat["resolution"] == "512,768" and flat["enable_bucket"] is False  # kohya's --resolution is text
     assert flat["network_train_unet_only"] is True and flat["pretrained_model_name_or_path"] == "m.safetensors"
+
+
+def test_written_values_mean_the_same_to_kohya():
+    flat = {k: v for table in config_data({}).values() for k, v in table.items()}
+    # sd-scripts takes the step modulo these and has None for "off": our 0 is left out
+    assert not {"save_every_n_steps", "save_every_n_epochs", "sample_every_n_steps"} & set(flat)
+    # sd-scripts refuses to cache text-encoder outputs while training the encoder (sdxl_train_network.py);
+    # here the cache is then simply not used, so the file says what happens
+    assert flat["cache_text_encoder_outputs"] is False and flat["cache_latents"] is True
+    frozen = config_data({"network": {"train_text_encoder": False}})
+    assert {k: v for table in frozen.values() for k, v in table.items()}["cache_text_encoder_outputs"] is True
+    cropped = config_data({"dataset": {"random_crop": True}})
+    assert {k: v for table in cropped.values() for k, v in table.items()}["cache_latents"] is False
 
 
 def test_unknown_keys_are_refused_by_name(in_tmp, capsys):

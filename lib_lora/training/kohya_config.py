@@ -221,9 +221,34 @@ def _table(o: Option) -> str:
     return (o.group or "Advanced").lower().replace(" ", "_")
 
 
+# kohya's "off" for these is None (it takes steps modulo the value), ours is 0: 0 is left out
+_ZERO_IS_UNSET = ("save_every_n_epochs", "save_every_n_steps", "sample_every_n_steps")
+
+
+def _value_of(data: dict, key: str) -> Any:
+    section, _, name = key.rpartition(".")
+    src = data.get(section, {}) if section else data
+    return src[name] if name in src else option(key).default_value()
+
+
+def _as_kohya_reads(data: dict) -> dict:
+    """Our "cache where it is allowed" as kohya's "cache" (which kohya refuses where it is not
+    allowed): the same training either way."""
+    out = {**data, "dataset": dict(data.get("dataset", {})), "network": dict(data.get("network", {}))}
+    ds = lambda k: _value_of(data, f"dataset.{k}")  # noqa: E731
+    out["cache_latents"] = bool(_value_of(data, "cache_latents")) and not ds("random_crop")
+    varies = ds("shuffle_caption") or ds("caption_dropout_rate") or ds("caption_tag_dropout_rate") \
+        or ds("caption_dropout_every_n_epochs")
+    out["cache_text_encoder_outputs"] = bool(_value_of(data, "cache_text_encoder_outputs")) and not varies \
+        and not _value_of(data, "network.train_text_encoder")
+    return out
+
+
 def config_data(data: dict, extras: dict | None = None) -> dict[str, dict[str, Any]]:
     """Request data (any key left out takes its default) as kohya's config: one table per section
-    of the tab, every option's value (kohya's defaults differ from ours, so all are written)."""
+    of the tab, every option's value (kohya's defaults differ from ours, so all are written, but for
+    values that mean "not set": None, an empty text, and kohya's None-is-off intervals at 0)."""
+    data = _as_kohya_reads(data)
     out: dict[str, dict[str, Any]] = {"input_and_output": {}}
     for key, value in (extras or {}).items():
         if value is not None:
@@ -232,7 +257,8 @@ def config_data(data: dict, extras: dict | None = None) -> dict[str, dict[str, A
         src = data.get(o.section, {}) if o.section else data
         value = src[o.name] if o.name in src else o.default_value()
         key = _file_key(o)
-        if key is None or value is None or value is REQUIRED:
+        if key is None or value is None or value is REQUIRED or (value == "" and o.default == "") or \
+                (o.key in _ZERO_IS_UNSET and value == 0):
             continue
         if o.kohya_note == "inverted":
             value = not value
