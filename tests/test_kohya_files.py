@@ -516,3 +516,18 @@ def test_a_short_run_from_both_files(tmp_path):
     a, b = info["subsets"]
     assert (a["image_dir"], a["keep_tokens"], a["flip_aug"], b["num_repeats"], b["flip_aug"]) == ("a", 2, False, 2, True)
     assert info["tag_frequency"] == {"a": {t: 2 for t in "abcdef"}, "b": {"owl": 1}}
+
+
+def test_a_state_files_record_of_a_dataset_config_reads_back(tmp_path):
+    """Resuming rebuilds the request from the config a state file keeps (state.config_record)."""
+    from lib_lora.training.request import _TOP_EXCLUDED
+    from lib_lora.training.state import config_record
+
+    images(tmp_path / "a", 1)
+    text = f"[[datasets]]\nresolution = [64, 128]\n  [[datasets.subsets]]\n  image_dir = '{tmp_path / 'a'}'\n" \
+           "  keep_tokens = 1\n  num_repeats = 3\n"
+    req = build_request({"output_name": "r", "dataset_toml": text}, tmp_path, presets=False)
+    record = config_record(req.config)
+    data = {k: v for k, v in record.items() if k not in _TOP_EXCLUDED}
+    data.update(dataset=record["dataset"], network=record["network"])
+    assert build_request(data, tmp_path, presets=False).config == req.config
