@@ -531,3 +531,14 @@ def test_a_state_files_record_of_a_dataset_config_reads_back(tmp_path):
     data = {k: v for k, v in record.items() if k not in _TOP_EXCLUDED}
     data.update(dataset=record["dataset"], network=record["network"])
     assert build_request(data, tmp_path, presets=False).config == req.config
+
+
+def test_python_3_10_reads_toml_with_the_toml_package(monkeypatch):
+    """The WebUI 1.10's Python has no tomllib: the toml package install.py adds reads the same."""
+    import tomllib
+    pytest.importorskip("toml")
+    text = (DATA / "sd_scripts_config_README_dataset_example.toml").read_text(encoding="utf-8")
+    monkeypatch.setitem(__import__("sys").modules, "tomllib", None)
+    assert toml_io.loads(text) == tomllib.loads(text)
+    with pytest.raises(toml_io.TomlError, match="d.toml: not valid TOML"):
+        toml_io.loads("a = ", "d.toml")
