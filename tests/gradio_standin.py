@@ -37,6 +37,7 @@ SIGNATURES: dict[str, set[str]] = {
                           "rows", "height", "preview", "object_fit", "allow_preview", "show_share_button",
                           "show_download_button"},
     "State": {"value"},
+    "File": _FORM | {"value", "file_count", "file_types", "type", "height"},
 }
 # the parameter a first positional argument is (None: keyword-only)
 POSITIONAL = {"Blocks": "theme", "Row": None, "Column": None, "Group": None, "Accordion": "label",
@@ -104,6 +105,9 @@ class Block:
     def change(self, fn, inputs=None, outputs=None, **kw):
         self._listen("change", fn, inputs, outputs, **kw)
 
+    def upload(self, fn, inputs=None, outputs=None, **kw):  # File's (Uploadable)
+        self._listen("upload", fn, inputs, outputs, **kw)
+
 
 def _block(name: str) -> type:
     return type(name, (Block,), {})
@@ -111,8 +115,8 @@ def _block(name: str) -> type:
 
 Blocks, Row, Column, Accordion, Group = (_block(n) for n in ("Blocks", "Row", "Column", "Accordion", "Group"))
 Markdown, HTML, Button, Textbox, Number = (_block(n) for n in ("Markdown", "HTML", "Button", "Textbox", "Number"))
-Checkbox, Dropdown, Radio, Image, Gallery, State = (_block(n) for n in
-                                                     ("Checkbox", "Dropdown", "Radio", "Image", "Gallery", "State"))
+Checkbox, Dropdown, Radio, Image, Gallery, State, File = (_block(n) for n in ("Checkbox", "Dropdown", "Radio", "Image",
+                                                                           "Gallery", "State", "File"))
 
 
 def update(**kwargs: Any) -> dict:
