@@ -88,13 +88,15 @@ def test_start_stop_follow_the_denoiser_like_lbw(running, sd1_map):
         return True
 
     p = webui.generate("x <lora:tiny:0.5:stop=3>")
-    assert torch.equal(to_k.weight, w0), "the scheduled UNet part is not merged"
+    # a rank-4 branch costs a quarter of this 32-wide layer: merged while its gate is open, not hooked
+    torch.testing.assert_close(to_k.weight, w0 + 0.5 * lora_delta(path, UNET_KEY), rtol=0, atol=1e-6)
     torch.testing.assert_close(q_proj.weight, te0 + 0.5 * lora_delta(path, TE_KEY), rtol=0, atol=1e-6)
     seen = []
     for s in (0, 0, 1, 2, 3):          # shared.state.sampling_step during steps 1..5 (k-diffusion)
         denoise(s)
         seen.append(lora_on())
     assert seen == [True, True, True, False, False]   # LBW: off once sampling_step > stop - 2
+    assert torch.equal(to_k.weight, w0) and not to_k._forward_hooks, "a closed gate restores the layer bitwise"
 
     # hires pass: LBW's ranges are spent, the LoRA is merged at its weight (the default)
     webui.generate("x <lora:tiny:0.5:stop=3>", hr=True, p=p)
@@ -119,6 +121,28 @@ def test_start_stop_follow_the_denoiser_like_lbw(running, sd1_map):
     assert seen == [False, False, True, False]
     webui.workshop.restore()
     assert not to_k._forward_hooks
+
+
+def test_an_aborted_generation_leaves_no_scheduled_lora_behind(running, sd1_map):
+    """The WebUI skips deactivate when a generation raises; the next one's process() drops what the
+    aborted one left (its gated merges and hooks), before anything is activated."""
+    webui, path = running
+    to_k = sd1_map.get(UNET_KEY).module
+    w0 = to_k.weight.detach().clone()
+    webui.generate("x <lora:tiny:0.5:start=1>")  # rank 4 on a 32-wide layer: merged while open
+    denoise(0)
+    denoise(0)
+    torch.testing.assert_close(to_k.weight, w0 + 0.5 * lora_delta(path, UNET_KEY), rtol=0, atol=1e-6)
+    webui.workshop.before_generation()   # what the next generation's process() does first
+    assert torch.equal(to_k.weight, w0)
+    webui.workshop.runtime.patcher.hook_max_cost = float("inf")  # hooks
+    webui.generate("x <lora:tiny:0.5:start=1>")
+    denoise(0)
+    denoise(0)
+    assert to_k._forward_hooks and torch.equal(to_k.weight, w0)
+    p = webui.generate("x")              # the next generation, without a LoRA: nothing of it remains
+    assert not to_k._forward_hooks and torch.equal(to_k.weight, w0)
+    assert not webui.workshop.runtime.patcher.active and "Lora hashes" not in p.extra_generation_params
 
 
 def test_hosts_without_step_reports_apply_scheduled_loras_throughout(running, sd1_map):
