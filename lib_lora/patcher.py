@@ -25,6 +25,7 @@ from . import families
 from .adapters import Adapter, dora
 from .blockweights import BlockWeights, target_block
 from .bypass import HOOK_MAX_COST, Bypass, Gate, hook_cost
+from .elementweights import ElementWeights, lbw_layer_name
 from .merging import fits_dtype, original_for, overflowing, sum_into
 from .modelmap import ModelMap, Target
 from .network import Network
@@ -40,14 +41,25 @@ class Activation:
     blocks: BlockWeights | None = None  # LBW block weights: a further factor per layer
     start: int | None = None            # UNet part on from this many sampling steps done...
     stop: int | None = None             # ...until this many (text encoders run before sampling)
+    elements: ElementWeights | None = None  # LBW element weights: replace the block weight where they match
 
     @property
     def scheduled(self) -> bool:
         return self.start is not None or self.stop is not None
 
-    def multiplier(self, target: Target, block: str | None) -> float:
+    @property
+    def per_layer(self) -> bool:
+        return self.blocks is not None or self.elements is not None
+
+    def multiplier(self, target: Target, block: str | None, layer: str | None = None) -> float:
+        """``block``: the target's LBW block, ``layer``: its LBW name (``elementweights.lbw_layer_name``)."""
         mult = self.te if target.is_text_encoder else self.unet
-        return mult * self.blocks.weight(block) if self.blocks is not None else mult
+        if not self.per_layer:
+            return mult
+        w = self.blocks.weight(block) if self.blocks is not None else 1.0
+        if self.elements is not None:
+            w = self.elements.weight(layer, block, w)
+        return mult * w
 
 
 @dataclass
@@ -98,6 +110,7 @@ class Patcher:
         self._bindings: dict[int, tuple[Network, Binding]] = {}
         self.dora_mode: str = dora.DEFAULT  # how DoRA magnitudes merge (adapters/dora.py); layers re-merge on change
         self._blocks: dict[Target, str | None] = {}
+        self._lbw_names: dict[Target, str | None] = {}
         self.bypass = Bypass()
         self.gates: list[Gate] = []
         self.step = 0
@@ -124,6 +137,12 @@ class Patcher:
         if target not in self._blocks:
             self._blocks[target] = target_block([target.key, *target.aliases])
         return self._blocks[target]
+
+    def lbw_name(self, target: Target) -> str | None:
+        """The name LBW's element weights match ``target`` by (cached like ``block``)."""
+        if target not in self._lbw_names:
+            self._lbw_names[target] = lbw_layer_name([target.key, *target.aliases], self.mm.family)
+        return self._lbw_names[target]
 
     def check_family(self, network: Network) -> str | None:
         """A user-facing reason to refuse ``network`` on this model, or None."""
@@ -181,8 +200,15 @@ class Patcher:
             if act.blocks is not None and self.mm.family == "sd3":
                 report.messages.append(f"{net.name}: LoRA Block Weight defines no blocks for SD3's MMDiT — lbw= "
                                        "scales only its text encoders (BASE)")
+            if act.elements is not None and self.mm.family == "sd3":
+                report.messages.append(f"{net.name}: LoRA Block Weight defines no layer names for SD3 — "
+                                       f"lbwe={act.elements.name} ignored")
             for target, adapter in b.pairs:
-                mult = act.multiplier(target, self.block(target) if act.blocks is not None else None)
+                if act.per_layer:
+                    mult = act.multiplier(target, self.block(target),
+                                          self.lbw_name(target) if act.elements is not None else None)
+                else:
+                    mult = act.multiplier(target, None)
                 if mult == 0:
                     continue
                 merge_gate = None  # merged only while this gate is open

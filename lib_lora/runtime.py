@@ -82,7 +82,7 @@ class Runtime:
                 except (LoraNotFound, AmbiguousName, LoraFileError, OSError) as e:
                     res.messages.append(str(e))
                     continue
-                acts.append(Activation(net, req.te, req.unet, req.dyn, req.blocks, req.start, req.stop))
+                acts.append(Activation(net, req.te, req.unet, req.dyn, req.blocks, req.start, req.stop, req.elements))
                 entries.append((req, entry))
             report = self.patcher.apply(acts)
             res.report = report

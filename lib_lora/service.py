@@ -21,16 +21,17 @@ from .params import LoraRequest, ParamError, parse_args, split_items
 
 
 def requests_from_items(items_lists: Iterable[Sequence[Any]], default: float = 1.0,
-                        presets: Mapping[str, str] | None = None) -> tuple[list[LoraRequest], list[str]]:
+                        presets: Mapping[str, str] | None = None,
+                        element_presets: Mapping[str, str] | None = None) -> tuple[list[LoraRequest], list[str]]:
     """``<lora:...>`` argument lists (as the WebUI splits them) -> requests, plus messages for bad ones
-    (``presets``: LBW block-weight presets by name)."""
+    (``presets``/``element_presets``: LBW block-weight and element presets by name)."""
     requests: list[LoraRequest] = []
     messages: list[str] = []
     for items in items_lists:
         # items may hold non-strings: the built-in appends its "Add network to prompt" weight as a float
         positional, named = split_items([str(x) for x in items])
         try:
-            req = parse_args(positional, named, default=default, presets=presets)
+            req = parse_args(positional, named, default=default, presets=presets, element_presets=element_presets)
         except ParamError as e:
             messages.append(str(e))
             continue

@@ -32,7 +32,8 @@ def test_unknown_arguments_warn_and_the_lora_still_applies(running, sd1_map, cap
     p = webui.generate("x <lora:tiny:0.5:foo=3:lbwe=ATTNON>")
     torch.testing.assert_close(sd1_map.get(TE_KEY).module.weight, w0 + 0.5 * lora_delta(path, TE_KEY), rtol=0, atol=1e-6)
     assert "tiny: unknown argument foo=3 ignored" in p.comments
-    assert "tiny: LBW per-element weights (lbwe=) are not supported — ignored" in p.comments
+    assert ("tiny: lbwe=ATTNON: 'ATTNON' is not an element-weight preset — applied without element weights"
+            in p.comments)
     assert "unknown argument foo=3" in capsys.readouterr().out
     assert p.extra_generation_params["Lora hashes"].startswith("tiny: ")
 
@@ -64,6 +65,30 @@ def test_lbw_presets_come_from_lbws_file(running, sd1_map, tmp_path):
     p = webui.generate("x <lora:tiny:0.8:lbw=MISSING>")
     assert any("'MISSING' is not a block-weight preset" in c for c in p.comments)
     torch.testing.assert_close(te.weight, w0[0] + 0.8 * lora_delta(path, TE_KEY), rtol=0, atol=1e-6)
+
+
+def test_lbwe_presets_come_from_lbws_file(running, sd1_map, tmp_path):
+    webui, path = running
+    te, in01, out11 = (sd1_map.get(k).module for k in (TE_KEY, IN01_KEY, OUT11_KEY))
+    w0 = [m.weight.detach().clone() for m in (te, in01, out11)]
+    presets = tmp_path / "extensions" / host.LBW_FOLDER / "scripts" / "elempresets.txt"
+    presets.parent.mkdir(parents=True)
+    # IN01's to_k at 0.25, every other attention layer of the UNet off, the text encoder untouched
+    presets.write_text("KONLY:NOT BASE:attn:0\nIN01:to_k:0.25\n\nOTHER:::0\n", encoding="utf-8")
+    p = webui.generate("x <lora:tiny:0.8:lbwe=KONLY>")
+    assert not [c for c in p.comments if "tiny" in c]
+    torch.testing.assert_close(te.weight, w0[0] + 0.8 * lora_delta(path, TE_KEY), rtol=0, atol=1e-6)
+    torch.testing.assert_close(in01.weight, w0[1] + 0.2 * lora_delta(path, IN01_KEY), rtol=0, atol=1e-6)
+    assert torch.equal(out11.weight, w0[2])
+    webui.generate("x <lora:tiny:0.8:lbw=OUTS:lbwe=ATTNDEEPON>")  # not in the file: LBW's default stays
+    torch.testing.assert_close(out11.weight, w0[2] + 0.8 * lora_delta(path, OUT11_KEY), rtol=0, atol=1e-6)
+    assert torch.equal(in01.weight, w0[1])  # OUTS leaves IN01 out
+
+    custom = tmp_path / "mine.txt"
+    custom.write_text("KONLY:::0.5", encoding="utf-8")
+    shared.opts.data[host.OPT_LBW_ELEMENT_PRESETS] = str(custom)
+    webui.generate("x <lora:tiny:0.8:lbwe=KONLY>")
+    torch.testing.assert_close(in01.weight, w0[1] + 0.4 * lora_delta(path, IN01_KEY), rtol=0, atol=1e-6)
 
 
 def denoise(sampling_step: int) -> None:

@@ -24,7 +24,7 @@ import torch
 
 from modules import extra_networks, paths, shared, ui_extra_networks, ui_extra_networks_user_metadata
 
-from .. import blockweights, families, fileio, service
+from .. import blockweights, elementweights, families, fileio, service
 from ..infotext import KEY as HASHES_KEY, format_hashes
 from ..library import Library
 from ..modelmap import ModelMap
@@ -41,9 +41,11 @@ OPT_BUILTIN_DORA = "lora_workshop_builtin_dora"
 OPT_OUTSIDE_LINKS = "lora_workshop_follow_outside_links"
 OPT_LBW_PRESETS = "lora_workshop_lbw_presets"
 OPT_SCHEDULE_HIRES = "lora_workshop_schedule_hires"
+OPT_LBW_ELEMENT_PRESETS = "lora_workshop_lbw_element_presets"
 DEFAULTS: dict[str, Any] = {OPT_CACHE_MB: 2048, OPT_DEFAULT_WEIGHT: 1.0, OPT_RESTORE_AFTER: False,
                             OPT_SHOW_WARNINGS: True, OPT_DATASET_ROOTS: "", OPT_BUILTIN_DORA: False,
-                            OPT_OUTSIDE_LINKS: False, OPT_LBW_PRESETS: "", OPT_SCHEDULE_HIRES: False}
+                            OPT_OUTSIDE_LINKS: False, OPT_LBW_PRESETS: "", OPT_SCHEDULE_HIRES: False,
+                            OPT_LBW_ELEMENT_PRESETS: ""}
 LBW_FOLDER = "sd-webui-lora-block-weight"
 
 NETWORK_NAME = "lora"
@@ -166,19 +168,21 @@ class WebUIHost:
             dirs.append(Path(lyco))
         return dirs
 
-    def lbw_presets_files(self) -> list[Path]:
+    def lbw_presets_files(self, filename: str = blockweights.PRESETS_FILE,
+                          option: str = OPT_LBW_PRESETS) -> list[Path]:
         """Where LoRA Block Weight keeps its presets, most likely first (the setting overrides all).
 
-        LBW reads ``scripts/lbwpresets.txt`` of its own folder (moving one from the WebUI's
-        ``scripts/`` there on start); any extension folder holding that file is accepted.
+        LBW reads ``scripts/lbwpresets.txt`` (and ``scripts/elempresets.txt``, its element presets) of
+        its own folder, moving one from the WebUI's ``scripts/`` there on start; any extension folder
+        holding that file is accepted.
         """
-        custom = str(self.option(OPT_LBW_PRESETS) or "").strip()
+        custom = str(self.option(option) or "").strip()
         if custom:
             return [Path(custom)]
         ext = Path(paths.extensions_dir)
-        first = ext / LBW_FOLDER / "scripts" / blockweights.PRESETS_FILE
-        others = sorted(p for p in ext.glob(f"*/scripts/{blockweights.PRESETS_FILE}") if p != first)
-        return [first, *others, Path(paths.script_path) / "scripts" / blockweights.PRESETS_FILE]
+        first = ext / LBW_FOLDER / "scripts" / filename
+        others = sorted(p for p in ext.glob(f"*/scripts/{filename}") if p != first)
+        return [first, *others, Path(paths.script_path) / "scripts" / filename]
 
     # user feedback -------------------------------------------------------------------------
     def notify(self, message: str, p: Any = None, show: bool = True) -> None:
@@ -419,6 +423,9 @@ class Workshop:
                                follow_outside_links=bool(self.host.option(OPT_OUTSIDE_LINKS)))
         self.runtime = Runtime(self.library)
         self.lbw_presets = blockweights.PresetSource(self.host.lbw_presets_files)
+        self.lbw_element_presets = blockweights.PresetSource(
+            lambda: self.host.lbw_presets_files(elementweights.ELEMENT_PRESETS_FILE, OPT_LBW_ELEMENT_PRESETS),
+            elementweights.load_element_presets, elementweights.DEFAULT_ELEMENT_PRESETS)
         self.network = LoraNetwork(self)
         self.page = LoraPage(self)
         self.builtin = BuiltinHandoff(self)
@@ -488,6 +495,10 @@ class Workshop:
                "served over the API"))
         add(OPT_LBW_PRESETS, shared.OptionInfo(
             DEFAULTS[OPT_LBW_PRESETS], "Block-weight presets file (lbwpresets.txt) for lbw=NAME", section=SECTION,
+        ).info(f"empty: the one of LoRA Block Weight (extensions/{LBW_FOLDER}/scripts/), if installed"))
+        add(OPT_LBW_ELEMENT_PRESETS, shared.OptionInfo(
+            DEFAULTS[OPT_LBW_ELEMENT_PRESETS], "Element-weight presets file (elempresets.txt) for lbwe=NAME",
+            section=SECTION,
         ).info(f"empty: the one of LoRA Block Weight (extensions/{LBW_FOLDER}/scripts/), if installed"))
         add(OPT_SCHEDULE_HIRES, shared.OptionInfo(
             DEFAULTS[OPT_SCHEDULE_HIRES], "start=/stop= also apply to the hires pass, counting its own steps",
@@ -559,7 +570,8 @@ class Workshop:
         """ExtraNetwork.activate: make exactly these LoRAs active (none = restore the model)."""
         items_lists = self._with_builtin_extra(p, [list(items) for items in items_lists])
         requests, messages = service.requests_from_items(items_lists, self.default_weight(),
-                                                         presets=self.lbw_presets.lazy())
+                                                         presets=self.lbw_presets.lazy(),
+                                                         element_presets=self.lbw_element_presets.lazy())
         if getattr(p, "is_hr_pass", False) and not self.host.option(OPT_SCHEDULE_HIRES):
             # LBW's step ranges are used up by the first pass; its hires pass has the LoRA at full weight
             requests = [r.without_schedule() if r.scheduled else r for r in requests]
