@@ -24,7 +24,8 @@ import torch
 
 from modules import extra_networks, paths, shared, ui_extra_networks, ui_extra_networks_user_metadata
 
-from .. import blockweights, elementweights, families, fileio, service
+from .. import blockweights, elementweights, fileio, service
+from ..fit import FitCache
 from ..infotext import KEY as HASHES_KEY, format_hashes
 from ..library import Library
 from ..modelmap import ModelMap
@@ -296,6 +297,7 @@ class LoraPage(ui_extra_networks.ExtraNetworksPage):
     def list_items(self):
         # a snapshot (refresh may swap the list); training state files sit beside LoRAs but are not ones
         entries = list(self.workshop.library.entries)
+        self.workshop.fits.prune({e.path for e in entries})
         names = service.display_names(entries)
         for index, entry in enumerate(entries):
             yield self._item(entry, names[entry.relname], index)
@@ -326,8 +328,7 @@ class LoraPage(ui_extra_networks.ExtraNetworksPage):
         filename = str(entry.path)
         base = os.path.splitext(filename)[0]
         metadata = service.decoded_metadata(entry.metadata)
-        fam = families.display(entry.family)
-        current = ws.current_family()
+        fam = service.card_family(entry, ws.runtime.model_map, ws.fits)
         item = {
             "name": name,
             "filename": filename,
@@ -339,9 +340,8 @@ class LoraPage(ui_extra_networks.ExtraNetworksPage):
             "metadata": metadata,
             # sort keys become data-sort-* attributes on the card: style.css draws the badge from them
             "sort_keys": {"default": index if index is not None else 0, **self.get_sort_keys(filename),
-                          "lwfamily": fam,
-                          "lwcompat": "no" if entry.family and current and entry.family != current else "yes"},
-            "sd_version": {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", "sd3": "SD3"}.get(entry.family or "", "Unknown"),
+                          **fam.sort_keys()},
+            "sd_version": {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", "sd3": "SD3"}.get(fam.family or "", "Unknown"),
         }
         self.read_user_metadata(item)
         token_name = service.prompt_name(ws.library, entry,
@@ -422,6 +422,7 @@ class Workshop:
         self.library = Library(dirs, cache_bytes=self._cache_bytes(),
                                follow_outside_links=bool(self.host.option(OPT_OUTSIDE_LINKS)))
         self.runtime = Runtime(self.library)
+        self.fits = FitCache()  # what cards of files that name no family say about the loaded model
         self.lbw_presets = blockweights.PresetSource(self.host.lbw_presets_files)
         self.lbw_element_presets = blockweights.PresetSource(
             lambda: self.host.lbw_presets_files(elementweights.ELEMENT_PRESETS_FILE, OPT_LBW_ELEMENT_PRESETS),
