@@ -24,7 +24,7 @@ import torch
 
 from modules import extra_networks, paths, shared, ui_extra_networks, ui_extra_networks_user_metadata
 
-from .. import blockweights, elementweights, fileio, service
+from .. import blockweights, elementweights, families, fileio, service
 from ..fit import FitCache
 from ..infotext import KEY as HASHES_KEY, format_hashes
 from ..library import Library
