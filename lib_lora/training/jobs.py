@@ -12,9 +12,11 @@ starts (so an API can answer 400 with the dataset problem named), then trains in
     saving     -> the last step is done (or "stop & save" was asked); the file is being written
     finished | stopped | failed
 
-The lock is held for the whole run, so any generation requested meanwhile waits until the
-job ends (the WebUI shows it as queued).  After the job, whatever its end, the host
-refreshes its LoRA list and the model is checked to be exactly as before.
+The lock is held for the whole run, except where the host lets waiting work (a generation) have
+it between two steps (interleave.py): the job is then ``paused`` (still "running"), its weights
+apply as ``NAME@live``, and the time lost is counted.  "Keep this state" saves the weights at the
+next step boundary without stopping.  After the job, whatever its end, the host refreshes its
+LoRA list and the model is checked to be exactly as before.
 """
 from __future__ import annotations
 
@@ -28,9 +30,11 @@ from pathlib import Path
 
 import torch
 
+from ..live import live_name
 from .errors import JobConflict, JobNotFound, one_line
 from .fingerprint import model_fingerprint
 from .host import TrainingHost
+from .interleave import Interleaver, KeepRequest
 from .model import TrainableModel
 from .plan import Plan, make_plan
 from .problems import Problem
@@ -100,6 +104,10 @@ class Job:
         self.finished_at: float | None = None
         self.logs: deque[str] = deque(maxlen=300)
         self.stop_requested: str | None = None   # None, "stop" or "save"
+        self.paused = False                       # the lock is lent to a generation between two steps
+        self.pauses = 0
+        self.time_paused = 0.0                    # seconds training stood still for generations
+        self._keeps: list[KeepRequest] = []
         self._lock = threading.RLock()
         self._done = threading.Event()
 
@@ -115,6 +123,24 @@ class Job:
             if self.trainer is not None:
                 self.trainer.request_stop(save=self.stop_requested == "save")
             self.log(f"stop requested{' (saving first)' if self.stop_requested == 'save' else ''}")
+
+    def request_keep(self) -> KeepRequest:
+        """Save the weights at the next step boundary as a normal file; the job goes on."""
+        with self._lock:
+            if self.state in ("queued", "validating"):
+                raise JobConflict(f"{self.name} has not started training yet: nothing to keep")
+            if self.state not in ("running",) or self.stop_requested:
+                raise JobConflict(f"{self.name} is {self.stop_requested and 'stopping' or self.state}: "
+                                  "its weights are saved as it ends, if at all")
+            r = KeepRequest()
+            self._keeps.append(r)
+        self.log("keep this state: requested")
+        return r
+
+    def take_keep_requests(self) -> list[KeepRequest]:
+        with self._lock:
+            out, self._keeps = self._keeps, []
+            return out
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._done.wait(timeout)
@@ -169,6 +195,17 @@ class Job:
             if self.stop_requested == "save" or p.step >= p.total:
                 self.state = "saving"
 
+    def paused_for_generation(self) -> None:
+        with self._lock:
+            self.paused = True
+            self.pauses += 1
+
+    def resumed(self, seconds: float) -> None:
+        with self._lock:
+            self.paused = False
+            self.time_paused += seconds
+        self.log(f"step {self.step}: paused {seconds:.1f} s for generations; training goes on")
+
     def saved_file(self, path: Path) -> None:
         with self._lock:
             self.saved.append(Path(path))
@@ -203,6 +240,11 @@ class Job:
             if self.trainer is not None:
                 self.trainer.release()  # finished jobs are kept for their status: never keep a model alive
             self.finished_at = time.time()
+            self.paused = False
+            keeps, self._keeps = self._keeps, []
+        for r in keeps:
+            r.failed(f"{self.name} ended before its next step; nothing was kept"
+                     + (f" (its file: {self.output.name})" if self.output else ""))
 
     def done(self) -> None:
         self._done.set()
@@ -221,6 +263,10 @@ class Job:
                 parts.append(f"ETA {format_seconds(self.eta)}")
             if self.state not in ("running",):
                 parts.append(self.state)
+            if self.paused:
+                parts.append("paused for generation")
+            if self.time_paused >= 0.05:
+                parts.append(f"{format_seconds(self.time_paused)} lost to generations")
             return ", ".join(parts)
 
     def status(self, relative_to: Path | None = None, max_points: int = 200) -> dict:
@@ -265,6 +311,10 @@ class Job:
                 "error": self.error,
                 "model_untouched": self.model_untouched,
                 "stop_requested": self.stop_requested,
+                "paused": self.paused,          # lent to a generation between two steps ("paused for generation")
+                "pauses": self.pauses,
+                "time_paused": round(self.time_paused, 3),
+                "live_name": live_name(self.name) if self.state in ACTIVE else None,
                 "created_at": self.created_at,
                 "started_at": self.started_at,
                 "finished_at": self.finished_at,
@@ -360,8 +410,13 @@ class JobRunner:
         job.request_stop(save)
         return job
 
+    def keep(self, job_id: str, timeout: float | None = None) -> Path:
+        """Save the job's weights at its next step boundary (``NAME-step00001234.safetensors``) and return
+        the file; raises JobConflict when the job cannot (not training, ended first, the file is not ours)."""
+        return self.get(job_id).request_keep().wait(timeout)
+
     # -- the worker ------------------------------------------------------------------------------------
-    def _callbacks(self, job: Job) -> Callbacks:
+    def _callbacks(self, job: Job, interleaver: Interleaver) -> Callbacks:
         host = self.host
 
         def on_progress(p: Progress) -> None:
@@ -389,7 +444,12 @@ class JobRunner:
             job.log(line)
             host.log(line)
 
-        return Callbacks(on_progress=on_progress, on_saved=job.saved_file, on_samples=on_samples, log=log)
+        def on_saved(path: Path) -> None:
+            job.saved_file(path)
+            host.file_saved(job, path)
+
+        return Callbacks(on_progress=on_progress, on_saved=on_saved, on_samples=on_samples, log=log,
+                         between_steps=interleaver.between_steps)
 
     def _work(self, job: Job) -> None:
         host = self.host
@@ -414,7 +474,8 @@ class JobRunner:
         job.validating()  # the lock is ours: check and wrap the model
         model = host.build_model(job)
         plan = job.plan.with_config(mixed_precision=precision_for(model)) if job.request.auto_precision else job.plan
-        trainer = Trainer(model, plan, self._callbacks(job))
+        interleaver = Interleaver(job, host)
+        trainer = Trainer(model, plan, self._callbacks(job, interleaver))
         job.attach(plan, trainer)
         before = model_fingerprint(model)
         host.begin(job)
@@ -423,7 +484,8 @@ class JobRunner:
             job.log(f"training {job.name} on {model.model_name or model.family} ({model.family}, "
                     f"{model.device}, mixed precision {job.config.mixed_precision})")
             try:
-                result = trainer.run()
+                with interleaver:
+                    result = trainer.run()
             finally:
                 untouched = model_fingerprint(model) == before
                 job.checked_model(untouched)
