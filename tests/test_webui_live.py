@@ -301,3 +301,23 @@ def test_training_only_keeps_the_lock_and_live_names_say_why(webui, data, monkey
     assert st["pauses"] == 0 and st["state"] == "finished"
     assert gen.res.applied == [] and "no training job with output name 'zkx' is running" in gen.res.messages[0]
     assert "Lora hashes" not in gen.p.extra_generation_params
+
+
+def test_the_tabs_keep_button_saves_at_the_next_step(webui, data, monkeypatch):
+    import gradio_standin
+    monkeypatch.setitem(sys.modules, "gradio", gradio_standin)
+    client = webui.start()
+    (tab, _, _), = wt.ui_tabs()
+    keep = next(e for e in gradio_standin.find(tab, "lora_workshop_keep").events if e.name == "click")
+    assert "No training job is running" in keep.fn()
+    gate = Gate(monkeypatch, at=1)
+    job_id = client.post("/lora-workshop/v1/train", json=request(data)).json()["id"]
+    gate.wait()
+    out = {}
+    t = threading.Thread(target=lambda: out.update(message=keep.fn()))
+    t.start()
+    time.sleep(0.1)
+    gate.release.set()
+    t.join(TIMEOUT)
+    assert "Kept step 1 as zkx-step00000001.safetensors; training goes on." in out["message"]
+    assert webui.wait(job_id)["state"] == "finished" and (webui.lora_dir / "zkx-step00000001.safetensors").is_file()
