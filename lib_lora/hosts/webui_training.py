@@ -44,7 +44,8 @@ from modules import paths, shared
 from .. import families
 from ..params import literal_caption
 from ..training.host import TrainingHost, TrainingRefused
-from ..training.jobs import Job, JobRunner
+from ..training.job import Job
+from ..training.jobs import JobRunner
 from ..training.model import Conditioning, TrainableModel
 from . import webui as glue
 from . import webui_interleave as interleave

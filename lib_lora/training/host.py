@@ -18,7 +18,7 @@ from .errors import JobConflict
 from .model import TrainableModel
 
 if TYPE_CHECKING:  # for the hints only: jobs.py imports this module
-    from .jobs import Job
+    from .job import Job
 
 
 class TrainingRefused(JobConflict):

@@ -25,8 +25,8 @@ from ..network import parse_state_dict
 from .errors import JobConflict
 from .host import TrainingHost
 
-if TYPE_CHECKING:  # hints only: jobs.py imports this module
-    from .jobs import Job
+if TYPE_CHECKING:  # hints only: job.py imports this module
+    from .job import Job
     from .trainer import StepBoundary
 
 
