@@ -10,6 +10,8 @@ itself at the same step.
 """
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import pytest
 import torch
@@ -132,7 +134,12 @@ def bitwise_equal(a: dict, b: dict) -> bool:
 
 
 def generate_live(host: CliHost, job) -> dict:
-    """A txt2img with the live LoRA at te/unet weights and block weights, beside a LoRA file."""
+    """A txt2img with the live LoRA at te/unet weights and block weights; it reseeds and draws from the
+    global RNGs as a WebUI generation does (training must not depend on them)."""
+    torch.manual_seed(1000 + job.step)
+    torch.rand(5)
+    random.seed(job.step)
+    np.random.seed(job.step)
     prompt, requests = parse_prompt("zkx, red square <lora:zkx@live:0.7:1.3:lbw=1,1,1,1,1,1,1,0,1,1,1,1,1,1,1,1,1>")
     res = host.runtime.activate(requests)
     image = render(host.c, prompt)
