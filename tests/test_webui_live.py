@@ -321,3 +321,26 @@ def test_the_tabs_keep_button_saves_at_the_next_step(webui, data, monkeypatch):
     t.join(TIMEOUT)
     assert "Kept step 1 as zkx-step00000001.safetensors; training goes on." in out["message"]
     assert webui.wait(job_id)["state"] == "finished" and (webui.lora_dir / "zkx-step00000001.safetensors").is_file()
+
+
+def test_a_generation_that_leaves_the_model_untrainable_stops_the_job_with_its_file(webui, data, monkeypatch):
+    client = webui.start()
+    generation_first()
+    gate = Gate(monkeypatch, at=2)
+    job_id = client.post("/lora-workshop/v1/train", json=request(data)).json()["id"]
+    gate.wait()
+    sd_unet = types.ModuleType("modules.sd_unet")
+    sd_unet.current_unet = None
+
+    def switch_unet(g: Generation) -> None:  # e.g. "SD Unet" set to a TensorRT engine for this generation
+        sd_unet.current_unet = object()
+
+    monkeypatch.setitem(sys.modules, "modules.sd_unet", sd_unet)
+    gen = Generation(webui, [], switch_unet)
+    gen.start()
+    waiting_for_the_lock()
+    gate.release.set()
+    gen.join(TIMEOUT)
+    st = webui.wait(job_id)
+    assert (st["state"], st["step"], st["output"]) == ("stopped", 2, "zkx.safetensors"), st
+    assert any("after a generation: an alternative UNet (e.g. TensorRT) is active" in line for line in st["log"])

@@ -429,8 +429,9 @@ class WebUITrainingHost(TrainingHost):
             raise TrainingRefused("the loaded model was replaced while training was paused for a generation; "
                                   "training stopped (the model it trained on is gone)")
         why = refusal(sd_model)
-        if why:
-            raise TrainingRefused(f"after a generation: {why}; training stopped")
+        if why:  # e.g. an alternative UNet a generation switched on: what was trained so far is still good
+            job.log(f"after a generation: {why}; stopping and saving")
+            job.request_stop(save=True)
 
     def file_saved(self, job: Job, path: Path) -> None:
         self.workshop.library.refresh()  # a step save or a kept state appears in the cards and the API at once

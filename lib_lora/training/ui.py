@@ -190,7 +190,7 @@ def status_html(status: dict | None, model_line: str = "") -> str:
         parts.append("<p>" + _esc(", ".join(facts)) + "</p>")
     if status.get("live_name") and status.get("state") == "running":
         parts.append(f"<p>In a prompt, <code>&lt;lora:{_esc(status['live_name'])}:1&gt;</code> applies the weights "
-                     "trained so far.</p>")
+                     "trained so far (with the setting \"While a LoRA trains: Generation first\").</p>")
     if status.get("output"):
         parts.append(f"<p>Saved: <code>{_esc(status['output'])}</code></p>")
     if status.get("state_file"):
