@@ -14,7 +14,9 @@ training job on the SD1.5 layout (random weights, as benchmarks/train.py builds 
 
 Jobs run through the ``JobRunner`` (the WebUI's path) with the variants interleaved round by round in
 one process; a step is the time between two progress callbacks, the first steps (the latent cache
-filling) left out.  Times are medians.
+filling) left out.  Times are medians.  Since a busy machine varies by more than 2% from step to
+step, the work ``check`` adds is also timed on its own: a step boundary (``StepBoundary`` made, the
+job's ``between_steps`` called, nothing waiting) repeated many times, as a fraction of the ``off`` step.
 """
 from __future__ import annotations
 
@@ -120,6 +122,7 @@ def main() -> None:
             times[m].append(statistics.median(steps))
             print(f"round {r + 1} {m}: {times[m][-1] * 1000:.2f} ms/step", flush=True)
     off = statistics.median(times["off"])
+    boundary = boundary_seconds(Host("check"))
     where = f"{dev} {args['precision']}" + ("" if dev == "cuda" else f", {args['threads']} threads")
     print(f"\nSD1.5 layout width {args['width']}, latent {args['latent']}, batch {args['batch']}, rank {args['rank']}, "
           f"{where}; median of {args['rounds']} rounds")
@@ -127,6 +130,33 @@ def main() -> None:
         per_round = ", ".join(f"{a / b:.3f}" for a, b in zip(times[m], times["off"]))
         print(f"{m:<8} {statistics.median(times[m]) * 1000:9.2f} ms/step  {statistics.median(times[m]) / off:.3f}x off"
               f"  (per round {per_round})" + ("  target <= 1.02" if m == "check" else ""))
+    print(f"one step boundary with nothing waiting: {boundary * 1e6:.1f} us = {1 + boundary / off:.5f}x the off step")
+
+
+def boundary_seconds(host, n: int = 20000) -> float:
+    """Seconds of one "generation first" step boundary while nothing waits (median of 5 batches of ``n``)."""
+    from lib_lora.training.interleave import Interleaver
+    from lib_lora.training.job import Job
+    from lib_lora.training.trainer import StepBoundary
+
+    class _Plan:  # the fields a Job reads
+        config = type("C", (), {"output_name": "x"})()
+        summary: dict = {}
+        total_steps = 1
+
+    class _Request:
+        name, config, preset, resume_from = "x", _Plan.config, None, None
+
+    job = Job(_Request(), _Plan())
+    job.state = "running"
+    interleaver = Interleaver(job, host)
+    per = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for step in range(n):
+            interleaver.between_steps(StepBoundary(None, None, None, step, None, [], 0.0, None, None))
+        per.append((time.perf_counter() - t0) / n)
+    return statistics.median(per)
 
 
 if __name__ == "__main__":
