@@ -17,6 +17,7 @@ from . import service
 from .library import AmbiguousName, Library, LoraNotFound
 
 PREFIX = "/lora-workshop/v1"
+KEEP_TIMEOUT = 600.0  # seconds a "keep this state" request waits for the job's next step boundary
 
 
 def basic_auth(api_auth: str) -> Callable[..., bool]:
@@ -123,6 +124,10 @@ def add_training_routes(app: FastAPI, runner: Callable[[], Any], *, dependencies
     - ``GET {PREFIX}/train`` -> ``{"active": id | null, "jobs": [{id, name, state, step, total}]}``.
     - ``GET {PREFIX}/train/{id}`` -> the job's status (``Job.status``) with ``samples[i].url``.
     - ``POST {PREFIX}/train/{id}/stop`` body ``{"save": bool}`` (optional) -> the status.
+    - ``POST {PREFIX}/train/{id}/keep`` -> ``{"file", "step"}`` once the weights of the next step boundary
+      are saved as ``NAME-step00001234.safetensors`` (the job goes on); 409 when the job is not training,
+      ends first or the file exists and is not the job's; 504 if no step boundary came within 10 minutes
+      (the file is still written there).
     - ``GET {PREFIX}/train/{id}/samples/{n}`` -> sample image ``n`` (only files the job wrote).
     File paths in answers are relative to the LoRA folder; nothing outside it is ever written.
     """
@@ -192,6 +197,20 @@ def add_training_routes(app: FastAPI, runner: Callable[[], Any], *, dependencies
         job.request_stop(save=save)
         return status(job)
 
+    def keep(job_id: str) -> dict[str, Any]:
+        job = get_job(job_id)
+        try:
+            request = job.request_keep()
+            path = request.wait(KEEP_TIMEOUT)
+        except JobError as e:
+            raise fail(e) from None
+        except TimeoutError as e:
+            raise HTTPException(status_code=504, detail=str(e)) from None
+        folder = runner().host.output_dir().resolve()
+        resolved = path.resolve()
+        return {"file": resolved.relative_to(folder).as_posix() if folder in resolved.parents else path.name,
+                "step": request.step}
+
     def sample(job_id: str, n: int):
         job = get_job(job_id)
         paths = job.sample_paths()
@@ -209,6 +228,7 @@ def add_training_routes(app: FastAPI, runner: Callable[[], Any], *, dependencies
     route(f"{PREFIX}/train", "GET", list_jobs)
     route(PREFIX + "/train/{job_id}", "GET", job_status)
     route(PREFIX + "/train/{job_id}/stop", "POST", stop)
+    route(PREFIX + "/train/{job_id}/keep", "POST", keep)
     route(PREFIX + "/train/{job_id}/samples/{n}", "GET", sample)
     return added
 

@@ -132,6 +132,12 @@ class Patcher:
                 self._bindings.pop(next(iter(self._bindings)))
         return hit[1]
 
+    def unbind(self, network: Network) -> None:
+        """Drop ``network``'s cached binding (a network used once need not stay alive here)."""
+        hit = self._bindings.get(id(network))
+        if hit is not None and hit[0] is network:
+            del self._bindings[id(network)]
+
     def block(self, target: Target) -> str | None:
         """The LBW block of ``target`` (cached: the map's targets live as long as the patcher)."""
         if target not in self._blocks:

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from typing import Callable
 
 from .adapters import dora
 from .fileio import LoraFileError
-from .library import AmbiguousName, Entry, Library, LoraNotFound
+from .library import AmbiguousName, Library, LoraNotFound
+from .live import LiveRegistry, LiveSnapshot, LiveUnavailable
 from .modelmap import ModelMap
+from .network import Network
 from .params import LoraRequest
 from .patcher import Activation, ApplyReport, Patcher
 
@@ -24,6 +27,7 @@ class ActivationResult:
     hashes: list[tuple[str, str]] = field(default_factory=list)  # (name as written, short hash)
     applied: list[str] = field(default_factory=list)
     report: ApplyReport | None = None
+    live: list[tuple[str, LiveSnapshot]] = field(default_factory=list)  # (name as written, what it meant), applied
 
 
 class Runtime:
@@ -32,6 +36,8 @@ class Runtime:
         self.patcher: Patcher | None = None
         self.lock = threading.RLock()
         self.dora_mode: str = dora.DEFAULT  # a host setting; handed to the patcher at each activation
+        self.live = LiveRegistry()          # running training jobs' weights, as NAME@live (live.py)
+        self._live_bound: list[Network] = []  # snapshots the patcher has bound: dropped at restore
 
     def set_model(self, mm: ModelMap | None) -> None:
         """Point at a new model map (the same map again is a no-op).
@@ -69,7 +75,7 @@ class Runtime:
                 return res
             self.patcher.dora_mode = self.dora_mode
             acts: list[Activation] = []
-            entries: list[tuple[LoraRequest, Entry]] = []
+            loaded: list[tuple[LoraRequest, str, Callable[[], str], LiveSnapshot | None]] = []
             for req in requests:
                 res.messages.extend(req.warnings)
                 if req.scheduled and not steps:
@@ -77,21 +83,38 @@ class Runtime:
                                         "(the WebUI does) — applied at every step")
                     req = req.without_schedule()
                 try:
-                    entry = self.library.resolve(req.name)
-                    net = self.library.load(entry)
-                except (LoraNotFound, AmbiguousName, LoraFileError, OSError) as e:
+                    net, shorthash, snap = self._load(req.name)
+                except (LoraNotFound, AmbiguousName, LoraFileError, OSError, LiveUnavailable) as e:
                     res.messages.append(str(e))
                     continue
                 acts.append(Activation(net, req.te, req.unet, req.dyn, req.blocks, req.start, req.stop, req.elements))
-                entries.append((req, entry))
+                loaded.append((req, net.name, shorthash, snap))
             report = self.patcher.apply(acts)
             res.report = report
             res.messages.extend(report.messages)
-            for req, entry in entries:
-                if entry.relname in report.applied:
+            for req, netname, shorthash, snap in loaded:
+                if netname in report.applied:
                     res.applied.append(req.name)
-                    res.hashes.append((req.name, entry.shorthash()))
+                    res.hashes.append((req.name, shorthash()))
+                    if snap is not None:
+                        res.live.append((req.name, snap))
             return res
+
+    def _load(self, name: str) -> tuple[Network, Callable[[], str], LiveSnapshot | None]:
+        """The network ``name`` means, its short hash (computed when asked) and, for ``NAME@live``, the snapshot."""
+        snap = self.live.lookup(name)
+        if snap is not None:
+            if not any(n is snap.network for n in self._live_bound):
+                self._live_bound.append(snap.network)
+            return snap.network, lambda: snap.shorthash, snap
+        try:
+            entry = self.library.resolve(name)
+        except LoraNotFound:
+            message = self.live.not_found(name)
+            if message is None:
+                raise
+            raise LoraNotFound(message) from None
+        return self.library.load(entry), entry.shorthash, None
 
     def set_step(self, step: int) -> bool:
         """Sampling steps done so far; True when some active LoRA follows a schedule."""
@@ -109,4 +132,10 @@ class Runtime:
 
     def restore(self) -> int:
         with self.lock:
-            return self.patcher.restore() if self.patcher else 0
+            n = self.patcher.restore() if self.patcher else 0
+            # a live snapshot is used for one pause of its job: do not keep it alive in the binding cache
+            for net in self._live_bound:
+                if self.patcher is not None:
+                    self.patcher.unbind(net)
+            self._live_bound.clear()
+            return n

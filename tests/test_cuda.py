@@ -180,3 +180,69 @@ def test_cli_trains_in_fp16_on_the_gpu(setup, tmp_path):  # noqa: F811
     assert meta["ss_mixed_precision"] == "fp16" and meta["ss_steps"] == "4"
     assert all(torch.isfinite(v).all() for v in sd.values())
     assert any(k.endswith("lora_up.weight") and v.abs().sum() > 0 for k, v in sd.items())
+
+
+def test_generations_between_steps_of_a_half_model_on_the_gpu(tmp_path):
+    """A JobRunner job on an fp16 model on the GPU lends it to generations merging its live LoRA (the
+    patcher keeps the originals on the CPU and writes them back into the GPU tensors): the job ends
+    with the model untouched and the file of a run without the generations."""
+    from lib_lora.library import Library
+    from lib_lora.params import parse_prompt
+    from lib_lora.runtime import Runtime
+    from lib_lora.training.host import TrainingHost
+    from lib_lora.training.jobs import JobRunner
+    from train_support import make_dataset
+
+    weights = torch.float16 if DEVICE == "cuda" else torch.float32
+    tiny = _on_device(build_sd1(seed=0), weights)
+    vae = tiny_vae().to(DEVICE, weights)
+    data = make_dataset(tmp_path / "data", n=4, repeats=1)
+    before = snapshot(tiny.unet, *[te for _, te in tiny.text_encoders])
+
+    class Host(TrainingHost):
+        def __init__(self, out, at):
+            self.out, self.at, self.job, self.applied = out, set(at), None, []
+            self.runtime = Runtime(Library([out]))
+            self.runtime.set_model(ModelMap.build("sd1", tiny.unet, tiny.text_encoders))
+
+        def family(self):
+            return "sd1"
+
+        def output_dir(self):
+            return self.out
+
+        def build_model(self, job):
+            self.job = job
+            return trainable(tiny, vae, device=DEVICE)
+
+        def live_registry(self):
+            return self.runtime.live
+
+        def yield_interval(self):
+            return 0.0 if self.at else None
+
+        def generation_waiting(self):
+            return self.job.step in self.at and self.job.step not in [s for s, _ in self.applied]
+
+        def yield_lock(self, job):
+            res = self.runtime.activate(parse_prompt("<lora:zkx@live:1>")[1])
+            merged = not same(before, snapshot(tiny.unet, *[te for _, te in tiny.text_encoders]))
+            self.runtime.restore()
+            self.applied.append((job.step, (res.applied, merged)))
+
+    body = {"output_name": "zkx", "dataset": {"train_dir": str(data), "resolution": 64, "enable_buckets": False},
+            "network": {"rank": 4, "alpha": 4, "train_text_encoder": True}, "max_train_epochs": None,
+            "max_train_steps": 4, "learning_rate": 1e-2, "min_snr_gamma": None, "save_precision": "fp16",
+            "mixed_precision": "fp16" if DEVICE == "cuda" else "no"}
+    ends = []
+    for out, at in ((tmp_path / "mixed", (1, 2, 3)), (tmp_path / "plain", ())):
+        host = Host(out, at)
+        job = JobRunner(host).start(body)
+        assert job.wait(300) and job.state == "finished", (job.error, list(job.logs))
+        assert job.model_untouched is True
+        ends.append((load_safetensors(job.output)[0], job.losses, host.applied))
+    (mixed, mixed_losses, applied), (plain, plain_losses, _) = ends
+    assert [a for _, a in applied] == [(["zkx@live"], True)] * 3
+    assert mixed.keys() == plain.keys() and all(torch.equal(mixed[k], plain[k]) for k in mixed)
+    assert mixed_losses == plain_losses
+    assert same(before, snapshot(tiny.unet, *[te for _, te in tiny.text_encoders]))

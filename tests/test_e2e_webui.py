@@ -248,6 +248,86 @@ def test_training_job_on_the_loaded_model(server, tmp_path):
     assert pixels(server.txt2img("a photo <lora:e2e_trained:1>")["image"]) != pixels(before["image"])
 
 
+def _job_status(server: Server, job_id: str) -> dict:
+    status, st = server.request("GET", f"/lora-workshop/v1/train/{job_id}")
+    assert status == 200, st
+    return st
+
+
+def _wait_job(server: Server, job_id: str, until=lambda st: st["state"] in ("finished", "stopped", "failed"),
+              timeout: float = 600) -> dict:
+    deadline = time.time() + timeout
+    while True:
+        st = _job_status(server, job_id)
+        if until(st) or time.time() > deadline:
+            return st
+        time.sleep(0.2)
+
+
+def test_generate_while_training_with_the_live_lora(server):
+    """txt2img runs between two training steps, with and without <lora:NAME@live>; the job goes on
+    and its file is the one a run holding the lock throughout writes."""
+    from lib_lora.fileio import load_file
+
+    data = server.log.parent / "datasets" / "e2e-live" / "2_livetrig"
+    data.mkdir(parents=True)
+    for i in range(2):
+        from PIL import Image
+        Image.new("RGB", (64, 64), (40, 200, 30 * i)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text("livetrig, green square", encoding="utf-8")
+    body = {"dataset": {"train_dir": str(data.parent), "resolution": 64, "min_bucket_reso": 64, "max_bucket_reso": 128},
+            "network": {"rank": 4, "alpha": 4}, "max_train_epochs": None, "max_train_steps": 400,
+            "learning_rate": 5e-3, "lr_scheduler": "constant", "save_precision": "fp32"}
+    assert server.request("POST", "/sdapi/v1/options", {"lora_workshop_train_priority": "Generation first",
+                                                        "lora_workshop_train_yield_seconds": 0})[0] == 200
+    plain_before = server.txt2img("a photo")
+    status, job = server.request("POST", "/lora-workshop/v1/train", {**body, "output_name": "e2e_live"})
+    assert status == 200, job
+    st = _wait_job(server, job["id"], until=lambda st: st["step"] >= 2 or st["state"] not in ("queued", "validating",
+                                                                                             "running"))
+    assert st["state"] == "running", f"{st}\n{server.log_tail()}"
+    try:
+        plain = server.txt2img("a photo")
+        st = _job_status(server, job["id"])
+        assert st["state"] == "running" and st["pauses"] >= 1, st   # answered between two steps, not at the end
+        assert plain["image"] == plain_before["image"], "the model was not as loaded for the generation"
+        step_before = st["step"]
+        live = server.txt2img("a photo <lora:e2e_live@live:1>")
+        info = live["info"]["extra_generation_params"]
+        match = re.fullmatch(rf"e2e_live@live: job {job['id']} step (\d+) hash ([0-9a-f]{{12}})",
+                             info["LoRA Workshop live"])
+        assert match, info
+        assert step_before <= int(match.group(1)) <= step_before + 2, (step_before, info)  # within a couple of steps
+        assert info["Lora hashes"] == f"e2e_live@live: {match.group(2)}"
+        assert pixels(live["image"]) != pixels(plain["image"]), "the live LoRA changed nothing"
+        status, kept = server.request("POST", f"/lora-workshop/v1/train/{job['id']}/keep")
+        assert status == 200 and kept["file"].startswith("e2e_live-step"), kept
+    finally:
+        server.request("POST", f"/lora-workshop/v1/train/{job['id']}/stop", {"save": True})
+    st = _wait_job(server, job["id"])
+    assert st["state"] == "stopped" and st["output"] == "e2e_live.safetensors" and st["model_untouched"] is True, st
+    assert st["time_paused"] > 0 and any("paused" in line for line in st["log"])
+    assert server.txt2img("a photo")["image"] == plain_before["image"]
+
+    # the same run, the lock held throughout, to the step the first one stopped at
+    assert server.request("POST", "/sdapi/v1/options", {"lora_workshop_train_priority": "Training only"})[0] == 200
+    try:
+        status, ref = server.request("POST", "/lora-workshop/v1/train",
+                                     {**body, "output_name": "e2e_live_ref", "max_train_steps": st["step"]})
+        assert status == 200, ref
+        ref_st = _wait_job(server, ref["id"])
+    finally:
+        server.request("POST", "/sdapi/v1/options", {"lora_workshop_train_priority": "Generation first",
+                                                     "lora_workshop_train_yield_seconds": 1})
+    assert ref_st["state"] == "finished" and ref_st["pauses"] == 0, ref_st
+    folder = server.lora.parent
+    a, b = load_file(folder / "e2e_live.safetensors")[0], load_file(folder / "e2e_live_ref.safetensors")[0]
+    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and a[k].equal(b[k]) for k in a), \
+        "the file trained with generations in between differs from the uninterrupted run's"
+    kept_step = int(kept["file"].split("-step")[1].split(".")[0])
+    assert kept_step <= st["step"] and (folder / kept["file"]).is_file()
+
+
 def test_reload_ui_keeps_one_tab_one_page_and_loras_working(server):
     """Settings > Reload UI: scripts re-run and a new app is built; nothing doubles, <lora:> still applies."""
     plain, with_lora = server.txt2img("a photo"), server.txt2img(f"a photo <lora:{LORA_NAME}:1>")

@@ -279,6 +279,8 @@ def test_cards_show_the_resolution_and_buckets_of_a_trained_file(webui, data):
 
 
 def test_second_job_409_progress_in_shared_state_and_queue_lock_held(webui, sd_model, data, monkeypatch):
+    # "training only": the lock is the job's until it ends (test_webui_live.py covers "generation first")
+    shared.opts.add_option(host.OPT_TRAIN_PRIORITY, OptionInfo("Training only"))
     client = webui.start()
     gate = Gate(monkeypatch, at=2)
     job_id = client.post("/lora-workshop/v1/train", json=request(data)).json()["id"]

@@ -24,7 +24,7 @@ import torch
 
 from modules import extra_networks, paths, shared, ui_extra_networks, ui_extra_networks_user_metadata
 
-from .. import blockweights, elementweights, families, fileio, service
+from .. import blockweights, elementweights, families, fileio, live, service
 from ..fit import FitCache
 from ..infotext import KEY as HASHES_KEY, format_hashes
 from ..library import Library
@@ -43,10 +43,13 @@ OPT_OUTSIDE_LINKS = "lora_workshop_follow_outside_links"
 OPT_LBW_PRESETS = "lora_workshop_lbw_presets"
 OPT_SCHEDULE_HIRES = "lora_workshop_schedule_hires"
 OPT_LBW_ELEMENT_PRESETS = "lora_workshop_lbw_element_presets"
+OPT_TRAIN_PRIORITY = "lora_workshop_train_priority"          # hosts/webui_interleave.py
+OPT_TRAIN_YIELD_SECONDS = "lora_workshop_train_yield_seconds"
 DEFAULTS: dict[str, Any] = {OPT_CACHE_MB: 2048, OPT_DEFAULT_WEIGHT: 1.0, OPT_RESTORE_AFTER: False,
                             OPT_SHOW_WARNINGS: True, OPT_DATASET_ROOTS: "", OPT_BUILTIN_DORA: False,
                             OPT_OUTSIDE_LINKS: False, OPT_LBW_PRESETS: "", OPT_SCHEDULE_HIRES: False,
-                            OPT_LBW_ELEMENT_PRESETS: ""}
+                            OPT_LBW_ELEMENT_PRESETS: "",
+                            OPT_TRAIN_PRIORITY: "Generation first", OPT_TRAIN_YIELD_SECONDS: 1.0}
 LBW_FOLDER = "sd-webui-lora-block-weight"
 
 NETWORK_NAME = "lora"
@@ -462,9 +465,9 @@ class Workshop:
     def register_settings(self) -> None:
         """on_ui_settings: our own section; names are prefixed so they never clash with lora_*."""
         try:
-            from gradio import Slider as slider
+            from gradio import Radio as radio, Slider as slider
         except ImportError:  # no gradio (tests, api-only tooling): the WebUI picks a field by type
-            slider = None
+            radio = slider = None
         add = shared.opts.add_option
         add(OPT_CACHE_MB, shared.OptionInfo(
             DEFAULTS[OPT_CACHE_MB], "Memory for parsed LoRA files (MB)", slider,
@@ -505,6 +508,15 @@ class Workshop:
             DEFAULTS[OPT_SCHEDULE_HIRES], "start=/stop= also apply to the hires pass, counting its own steps",
             section=SECTION,
         ).info("off: the hires pass runs such LoRAs at their weight throughout, as LoRA Block Weight does"))
+        add(OPT_TRAIN_PRIORITY, shared.OptionInfo(
+            DEFAULTS[OPT_TRAIN_PRIORITY], "While a LoRA trains", radio,
+            {"choices": ["Generation first", "Training only"]} if radio else None, section=SECTION,
+        ).info("generation first: a txt2img/img2img (or other queued work) runs between two training steps, "
+               "and <lora:NAME@live> applies the weights trained so far; training only: it waits until the job ends"))
+        add(OPT_TRAIN_YIELD_SECONDS, shared.OptionInfo(
+            DEFAULTS[OPT_TRAIN_YIELD_SECONDS], "Training time between chances for a waiting generation (s)", slider,
+            {"minimum": 0.0, "maximum": 60.0, "step": 0.5} if slider else None, section=SECTION,
+        ).info("0: at every step boundary; a generation waits at most this long plus one step"))
 
     # registry / page ----------------------------------------------------------------------------
     def claim(self) -> None:
@@ -595,6 +607,7 @@ class Workshop:
                                              f"({type(e).__name__}: {e})"])
         res.messages[:0] = messages
         self._write_hashes(p, res)
+        self._write_live(p, res)
         show = bool(self.host.option(OPT_SHOW_WARNINGS))
         for msg in dict.fromkeys(res.messages):
             self.host.notify(msg, p, show=show)
@@ -634,6 +647,15 @@ class Workshop:
             p.lora_hashes[name.translate(_remove_symbols)] = shorthash
         if p.lora_hashes:
             p.extra_generation_params[HASHES_KEY] = format_hashes(list(p.lora_hashes.items()))
+
+    def _write_live(self, p: Any, res: ActivationResult) -> None:
+        """Which job, step and weights each ``NAME@live`` meant, accumulated over the hires pass."""
+        if not getattr(p, "is_hr_pass", False) or not isinstance(getattr(p, "lora_workshop_live", None), dict):
+            p.lora_workshop_live = {}
+        for name, snap in res.live:
+            p.lora_workshop_live[name] = snap
+        if p.lora_workshop_live:
+            p.extra_generation_params[live.INFOTEXT_KEY] = live.format_infotext(list(p.lora_workshop_live.items()))
 
     def _with_builtin_extra(self, p: Any, items_lists: list[list[Any]]) -> list[list[Any]]:
         """Honour the built-in's "Add network to prompt" setting (sd_lora) now that we handle the token."""

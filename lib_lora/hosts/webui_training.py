@@ -18,10 +18,13 @@ paths for everything around them:
   networks are disabled for those renders and they use a private conditioning cache, so nothing
   computed with the training LoRA is reused by later generations.
 
-The job holds ``call_queue.queue_lock`` for the whole run: a generation requested meanwhile
-(UI or /sdapi/v1/txt2img) waits until training ends.  Progress goes to ``shared.state`` the way
-the WebUI's embedding training reports it (job_count = steps, job_no = step, textinfo), so
-/sdapi/v1/progress and the progress bar show it; the WebUI's Interrupt (``shared.state
+The job holds ``call_queue.queue_lock``; with the setting "generation first" it lends the lock
+between two steps to generations waiting for it (UI or /sdapi/v1/txt2img), in which
+``<lora:NAME@live>`` applies the weights trained so far, and refuses checkpoint/VAE/precision
+changes and other training meanwhile (hosts/webui_interleave.py); with "training only" they wait
+until training ends.  Progress goes to ``shared.state`` the way the WebUI's embedding training
+reports it (job_count = steps, job_no = step, textinfo), so /sdapi/v1/progress and the progress
+bar show it (a generation's own progress while one runs); the WebUI's Interrupt (``shared.state
 .interrupted``) stops the job after the current step and saves what was trained.
 """
 from __future__ import annotations
@@ -41,9 +44,11 @@ from modules import paths, shared
 from .. import families
 from ..params import literal_caption
 from ..training.host import TrainingHost, TrainingRefused
-from ..training.jobs import Job, JobRunner
+from ..training.job import Job
+from ..training.jobs import JobRunner
 from ..training.model import Conditioning, TrainableModel
 from . import webui as glue
+from . import webui_interleave as interleave
 
 JOB_NAME = "lora-workshop-train"
 _FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
@@ -271,6 +276,8 @@ class WebUITrainingHost(TrainingHost):
 
     def __init__(self, workshop: "glue.Workshop"):
         self.workshop = workshop
+        self._trained: tuple[Any, torch.nn.Module] | None = None  # (sd_model, its UNet) of the running job
+        self._guard: interleave.ModelGuard | None = None
 
     def lock(self):
         return self.workshop.host.queue_lock()
@@ -308,6 +315,7 @@ class WebUITrainingHost(TrainingHost):
             job.log(f"restored the model's original weights ({restored} layers had LoRAs merged)")
         self._no_token_merging(sd_model)
         mm = self.workshop.host.model_map(sd_model)
+        self._trained = (sd_model, glue.unet_root(sd_model))
         return trainable_model(sd_model, render=self._renderer(job, sd_model), model_map=mm)
 
     @staticmethod
@@ -365,6 +373,8 @@ class WebUITrainingHost(TrainingHost):
         st = shared.state
         st.begin(job=JOB_NAME)
         self.progress(job)
+        self._guard = interleave.ModelGuard(job.name, job.log)
+        self._guard.install()
 
     def progress(self, job: Job) -> None:
         st = shared.state
@@ -389,8 +399,42 @@ class WebUITrainingHost(TrainingHost):
         return bool(getattr(shared.state, "interrupted", False))
 
     def end(self, job: Job) -> None:
+        if self._guard is not None:
+            self._guard.remove()
+            self._guard = None
+        self._trained = None
         shared.state.textinfo = job.textinfo()
         shared.state.end()
+
+    # generations between steps (hosts/webui_interleave.py) ----------------------------------------------------
+    def live_registry(self):
+        return self.workshop.runtime.live
+
+    def yield_interval(self) -> float | None:
+        return interleave.yield_interval(self.workshop.host)
+
+    def generation_waiting(self) -> bool:
+        return interleave.waiting(self.lock())
+
+    def yield_lock(self, job: Job) -> None:
+        progress = interleave.Progress()
+        shared.state.textinfo = job.textinfo()
+        interleave.lend(self.lock())
+        # the lock is ours again: the model as training left it, and the job's progress on show
+        self.workshop.restore()
+        sd_model, unet = self._trained or (None, None)
+        self._no_token_merging(sd_model)
+        progress.put_back()
+        if loaded_model() is not sd_model or glue.unet_root(sd_model) is not unet:
+            raise TrainingRefused("the loaded model was replaced while training was paused for a generation; "
+                                  "training stopped (the model it trained on is gone)")
+        why = refusal(sd_model)
+        if why:  # e.g. an alternative UNet a generation switched on: what was trained so far is still good
+            job.log(f"after a generation: {why}; stopping and saving")
+            job.request_stop(save=True)
+
+    def file_saved(self, job: Job, path: Path) -> None:
+        self.workshop.library.refresh()  # a step save or a kept state appears in the cards and the API at once
 
     def after(self, job: Job) -> None:
         self.workshop.library.refresh()

@@ -23,13 +23,17 @@ def _checksum(t: torch.Tensor) -> tuple[int, int]:
 
 
 def model_fingerprint(model: TrainableModel) -> list:
-    """Identity, storage, version counter and a checksum of every parameter and buffer, plus hook counts."""
+    """Identity, device, version counter and a checksum of every parameter and buffer, plus hook counts.
+
+    Not the storage address: restoring a LoRA that a generation merged between two training steps
+    writes the original values back, but on a GPU into the merged tensor's storage (the patcher
+    keeps originals on the CPU), so the address may change while the weights are bitwise the same."""
     out = []
     roots = [("unet", model.unet)] + [(p, m) for p, m in model.text_encoders]
     with torch.no_grad():
         for label, root in roots:
             for name, t in list(root.named_parameters()) + list(root.named_buffers()):
-                out.append((label, name, id(t), t.data_ptr(), t._version, t.dtype, tuple(t.shape),
+                out.append((label, name, id(t), str(t.device), t._version, t.dtype, tuple(t.shape),
                             bool(getattr(t, "requires_grad", False)), _checksum(t)))
             hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in root.modules())
             modes = tuple(m.training for m in root.modules())

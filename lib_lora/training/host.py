@@ -2,7 +2,10 @@
 
 A host (the WebUI, tests) subclasses ``TrainingHost`` to say which lock serialises work on the
 model, how to wrap its loaded model as a ``TrainableModel`` (model.py), where LoRAs go, and how
-progress is shown; it raises ``TrainingRefused`` when what is loaded cannot be trained on.
+progress is shown; it raises ``TrainingRefused`` when what is loaded cannot be trained on.  A host
+that lets its other work (generations) run between training steps says how often
+(``yield_interval``), whether any is waiting, and hands its lock over (``yield_lock``); see
+interleave.py.
 """
 from __future__ import annotations
 
@@ -10,11 +13,12 @@ import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..live import LiveRegistry
 from .errors import JobConflict
 from .model import TrainableModel
 
 if TYPE_CHECKING:  # for the hints only: jobs.py imports this module
-    from .jobs import Job
+    from .job import Job
 
 
 class TrainingRefused(JobConflict):
@@ -67,6 +71,31 @@ class TrainingHost:
 
     def end(self, job: Job) -> None:
         """Training ended (any way); the lock is still held."""
+
+    def file_saved(self, job: Job, path: Path) -> None:
+        """A LoRA file was written (a step save, a kept state, the final file)."""
+
+    # generations between steps (interleave.py) -------------------------------------------------------
+    def live_registry(self) -> LiveRegistry | None:
+        """Where the job offers its weights as ``NAME@live`` to generations; None: nowhere."""
+        return None
+
+    def yield_interval(self) -> float | None:
+        """Seconds of training between two chances for waiting work to run; None: never (training only)."""
+        return None
+
+    def generation_waiting(self) -> bool:
+        """Some work waits for the lock (asked at step boundaries, so it must be cheap)."""
+        return False
+
+    def yield_lock(self, job: Job) -> None:
+        """Called holding the lock, with the model as loaded: let the waiting work have the lock, take it
+        back, and leave the model as it was loaded (e.g. restore LoRAs a generation merged)."""
+        lock = self.lock()
+        release, acquire = getattr(lock, "release", None), getattr(lock, "acquire", None)
+        if callable(release) and callable(acquire):
+            release()
+            acquire()
 
     def after(self, job: Job) -> None:
         """The lock is released: refresh the LoRA list so the new file shows up."""

@@ -2,28 +2,19 @@
 
 Host-agnostic: a host (the WebUI, tests) implements ``TrainingHost`` (host.py).  ``JobRunner``
 turns a JSON-style request into a ``TrainConfig`` (request.py), validates it *before* anything
-starts (so an API can answer 400 with the dataset problem named), then trains in a thread.  A
-``Job`` is the record of one run; only its own methods change it:
+starts (so an API can answer 400 with the dataset problem named), then trains in a thread; each
+run's record is a ``Job`` (job.py, with its states).
 
-    (the request and the dataset are checked before ``start`` returns: errors are raised, no job)
-    queued     -> waiting for the host's lock (a generation in progress finishes first)
-    validating -> the lock is held: the loaded model is checked and wrapped, its fingerprint taken
-    running    -> training; progress mirrored to the host after every step
-    saving     -> the last step is done (or "stop & save" was asked); the file is being written
-    finished | stopped | failed
-
-The lock is held for the whole run, so any generation requested meanwhile waits until the
-job ends (the WebUI shows it as queued).  After the job, whatever its end, the host
-refreshes its LoRA list and the model is checked to be exactly as before.
+The lock is held for the whole run, except where the host lets waiting work (a generation) have
+it between two steps (interleave.py): the job is then ``paused`` (still "running"), its weights
+apply as ``NAME@live``, and the time lost is counted.  "Keep this state" saves the weights at the
+next step boundary without stopping.  After the job, whatever its end, the host refreshes its
+LoRA list and the model is checked to be exactly as before.
 """
 from __future__ import annotations
 
-import math
 import threading
-import time
 import traceback
-import uuid
-from collections import deque
 from pathlib import Path
 
 import torch
@@ -31,15 +22,16 @@ import torch
 from .errors import JobConflict, JobNotFound, one_line
 from .fingerprint import model_fingerprint
 from .host import TrainingHost
+from .interleave import Interleaver
+from .job import ACTIVE, Job, downsample, format_seconds
 from .model import TrainableModel
-from .plan import Plan, make_plan
+from .plan import make_plan
 from .problems import Problem
 from .request import JobRequest, build_request
 from .scan import validate
-from .state import state_path
-from .trainer import Callbacks, Progress, Trainer, TrainResult
+from .trainer import Callbacks, Progress, Trainer
 
-ACTIVE = ("queued", "validating", "running", "saving")
+__all__ = ["ACTIVE", "Job", "JobRunner", "downsample", "format_seconds", "precision_for"]  # the record's names too
 
 
 def precision_for(model: TrainableModel) -> str:
@@ -48,241 +40,6 @@ def precision_for(model: TrainableModel) -> str:
         return "no"
     dtype = next(model.unet.parameters()).dtype
     return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "no")
-
-
-def downsample(values: list[float], max_points: int = 200, first_step: int = 1) -> list[list[float]]:
-    """[[step, mean loss], ...] with at most ``max_points`` points (bucket means)."""
-    n = len(values)
-    if n == 0:
-        return []
-    if n <= max_points:
-        return [[first_step + i, float(v)] for i, v in enumerate(values)]
-    size = n / max_points
-    out = []
-    for b in range(max_points):
-        lo, hi = int(b * size), max(int((b + 1) * size), int(b * size) + 1)
-        chunk = values[lo:hi]
-        out.append([first_step + hi - 1, float(sum(chunk) / len(chunk))])
-    return out
-
-
-class Job:
-    """One training run's record: what was asked, where it stands, and what it wrote.
-
-    Every change goes through a method below, under the job's lock, because the status is read
-    from other threads (the tab, the API) while the worker writes it."""
-
-    def __init__(self, request: JobRequest, plan: Plan):
-        self.id = uuid.uuid4().hex[:12]
-        self.request = request
-        self.name = request.name
-        self.config = request.config
-        self.plan = plan
-        self.trainer: Trainer | None = None  # made once the lock is held and the model is built
-        self.summary = plan.summary
-        self.state = "queued"
-        self.step = 0
-        self.total = plan.total_steps
-        self.epoch = 0
-        self.loss: float | None = None
-        self.avg_loss: float | None = None
-        self.lr: float | None = None
-        self.elapsed = 0.0
-        self.eta: float | None = None
-        self.losses: list[float] = []
-        self.samples: list[dict] = []
-        self.saved: list[Path] = []
-        self.output: Path | None = None
-        self.error: str | None = None
-        self.model_untouched: bool | None = None
-        self.created_at = time.time()
-        self.started_at: float | None = None
-        self.finished_at: float | None = None
-        self.logs: deque[str] = deque(maxlen=300)
-        self.stop_requested: str | None = None   # None, "stop" or "save"
-        self._lock = threading.RLock()
-        self._done = threading.Event()
-
-    # -- control -----------------------------------------------------------------------------
-    def request_stop(self, save: bool = False) -> None:
-        with self._lock:
-            if self.state not in ACTIVE:
-                return
-            if self.stop_requested != "save":  # "stop & save" is never downgraded to "stop"
-                self.stop_requested = "save" if save else "stop"
-            if self.stop_requested == "save" and self.state == "running":
-                self.state = "saving"  # after the current step, the file is written
-            if self.trainer is not None:
-                self.trainer.request_stop(save=self.stop_requested == "save")
-            self.log(f"stop requested{' (saving first)' if self.stop_requested == 'save' else ''}")
-
-    def wait(self, timeout: float | None = None) -> bool:
-        return self._done.wait(timeout)
-
-    @property
-    def active(self) -> bool:
-        return self.state in ACTIVE
-
-    def log(self, line: str) -> None:
-        with self._lock:
-            stamp = time.strftime("%H:%M:%S")
-            for part in str(line).splitlines() or [""]:
-                self.logs.append(f"{stamp} {part}")
-
-    def sample_paths(self) -> list[Path]:
-        """Files of the sample images so far, in order (index n is sample n of the status)."""
-        with self._lock:
-            return [Path(s["path"]) for s in self.samples]
-
-    # -- transitions (the runner's worker thread) ---------------------------------------------
-    def stop_before_start(self) -> bool:
-        """A stop asked while queued: the job ends as stopped without touching the model."""
-        with self._lock:
-            if not self.stop_requested:
-                return False
-            self.state = "stopped"
-        self.log("stopped before it started")
-        return True
-
-    def validating(self) -> None:
-        """The host's lock is held: the model is being checked and wrapped."""
-        with self._lock:
-            self.state, self.started_at = "validating", time.time()
-
-    def attach(self, plan: Plan, trainer: Trainer) -> None:
-        """The trainer is built (``plan`` may have its precision resolved); a stop asked meanwhile reaches it."""
-        with self._lock:
-            self.plan, self.config, self.trainer = plan, plan.config, trainer
-            if self.stop_requested:
-                trainer.request_stop(save=self.stop_requested == "save")
-
-    def running(self) -> None:
-        with self._lock:
-            self.state = "running"
-
-    def progressed(self, p: Progress) -> None:
-        with self._lock:
-            self.step, self.total, self.epoch = p.step, p.total, p.epoch
-            self.loss, self.avg_loss, self.lr = p.loss, p.avg_loss, p.lr
-            self.elapsed, self.eta = p.elapsed, p.eta
-            self.losses.append(p.loss)
-            if self.stop_requested == "save" or p.step >= p.total:
-                self.state = "saving"
-
-    def saved_file(self, path: Path) -> None:
-        with self._lock:
-            self.saved.append(Path(path))
-
-    def sampled(self, step: int, prompt: str, path: Path) -> None:
-        with self._lock:
-            self.samples.append({"step": step, "prompt": prompt, "path": path})
-
-    def checked_model(self, untouched: bool) -> None:
-        with self._lock:
-            self.model_untouched = untouched
-
-    def finished(self, result: TrainResult) -> None:
-        with self._lock:
-            self.output = result.output
-            self.step = result.steps
-            self.state = "stopped" if result.stopped else "finished"
-        if result.stopped:
-            self.log(f"stopped at step {result.steps}" + (f"; saved {result.output.name}" if result.output else
-                                                          " (nothing saved)"))
-        else:
-            self.log(f"finished: {result.output.name}")
-
-    def failed(self, e: BaseException) -> None:
-        with self._lock:
-            self.state, self.error = "failed", one_line(e)
-        self.log(f"failed: {one_line(e)}")
-
-    def close(self) -> None:
-        """The worker is done, whatever the end: the model is let go and waiters wake."""
-        with self._lock:
-            if self.trainer is not None:
-                self.trainer.release()  # finished jobs are kept for their status: never keep a model alive
-            self.finished_at = time.time()
-
-    def done(self) -> None:
-        self._done.set()
-
-    # -- reporting -------------------------------------------------------------------------------
-    def textinfo(self) -> str:
-        """One line: step, loss, lr, ETA (the host's progress text)."""
-        with self._lock:
-            parts = [f"LoRA Workshop: training {self.name}", f"step {self.step}/{self.total}",
-                     f"epoch {self.epoch}"]
-            if self.loss is not None:
-                parts.append(f"loss {self.loss:.4f} (avg {self.avg_loss:.4f})")
-            if self.lr is not None:
-                parts.append(f"lr {self.lr:.2e}")
-            if self.eta is not None and self.state == "running":
-                parts.append(f"ETA {format_seconds(self.eta)}")
-            if self.state not in ("running",):
-                parts.append(self.state)
-            return ", ".join(parts)
-
-    def status(self, relative_to: Path | None = None, max_points: int = 200) -> dict:
-        """JSON-ready status. With ``relative_to`` file paths are given relative to it (no absolute paths)."""
-
-        def rel(p: Path | None) -> str | None:
-            if p is None:
-                return None
-            if relative_to is None:
-                return str(p)
-            try:
-                return Path(p).resolve().relative_to(Path(relative_to).resolve()).as_posix()
-            except ValueError:
-                return Path(p).name
-
-        with self._lock:
-            first = self.step - len(self.losses) + 1
-            state_file = None
-            if self.config.save_state and self.saved:
-                candidate = state_path(self.saved[-1])
-                state_file = rel(candidate) if candidate.exists() else None
-            return {
-                "id": self.id,
-                "name": self.name,
-                "state": self.state,
-                "step": self.step,
-                "total": self.total,
-                "epoch": self.epoch,
-                "loss": self.loss,
-                "avg_loss": self.avg_loss,
-                "lr": self.lr,
-                "elapsed": round(self.elapsed, 3),
-                "eta": None if self.eta is None else round(self.eta, 3),
-                "loss_history": downsample(self.losses, max_points, first_step=max(first, 1)),
-                "samples": [{"index": i, "step": s["step"], "prompt": s["prompt"],
-                             **({"path": str(s["path"])} if relative_to is None else {})}
-                            for i, s in enumerate(self.samples)],
-                "output": rel(self.output),
-                "saved": [rel(p) for p in self.saved],
-                "state_file": state_file,
-                "resumed_from": rel(self.request.resume_from),
-                "error": self.error,
-                "model_untouched": self.model_untouched,
-                "stop_requested": self.stop_requested,
-                "created_at": self.created_at,
-                "started_at": self.started_at,
-                "finished_at": self.finished_at,
-                "preset": self.request.preset,
-                "mixed_precision": self.config.mixed_precision,
-                "dataset": {k: self.summary.get(k) for k in ("train_images", "train_images_x_repeats", "reg_images_used",
-                                                             "steps_per_epoch", "samples_per_epoch")},
-                "log": list(self.logs),
-            }
-
-
-def format_seconds(s: float | None) -> str:
-    if s is None or not math.isfinite(s):
-        return "?"
-    s = int(round(s))
-    h, rem = divmod(s, 3600)
-    m, sec = divmod(rem, 60)
-    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
 
 
 class JobRunner:
@@ -361,7 +118,7 @@ class JobRunner:
         return job
 
     # -- the worker ------------------------------------------------------------------------------------
-    def _callbacks(self, job: Job) -> Callbacks:
+    def _callbacks(self, job: Job, interleaver: Interleaver) -> Callbacks:
         host = self.host
 
         def on_progress(p: Progress) -> None:
@@ -389,7 +146,12 @@ class JobRunner:
             job.log(line)
             host.log(line)
 
-        return Callbacks(on_progress=on_progress, on_saved=job.saved_file, on_samples=on_samples, log=log)
+        def on_saved(path: Path) -> None:
+            job.saved_file(path)
+            host.file_saved(job, path)
+
+        return Callbacks(on_progress=on_progress, on_saved=on_saved, on_samples=on_samples, log=log,
+                         between_steps=interleaver.between_steps)
 
     def _work(self, job: Job) -> None:
         host = self.host
@@ -414,7 +176,8 @@ class JobRunner:
         job.validating()  # the lock is ours: check and wrap the model
         model = host.build_model(job)
         plan = job.plan.with_config(mixed_precision=precision_for(model)) if job.request.auto_precision else job.plan
-        trainer = Trainer(model, plan, self._callbacks(job))
+        interleaver = Interleaver(job, host)
+        trainer = Trainer(model, plan, self._callbacks(job, interleaver))
         job.attach(plan, trainer)
         before = model_fingerprint(model)
         host.begin(job)
@@ -423,7 +186,8 @@ class JobRunner:
             job.log(f"training {job.name} on {model.model_name or model.family} ({model.family}, "
                     f"{model.device}, mixed precision {job.config.mixed_precision})")
             try:
-                result = trainer.run()
+                with interleaver:
+                    result = trainer.run()
             finally:
                 untouched = model_fingerprint(model) == before
                 job.checked_model(untouched)

@@ -5,7 +5,9 @@ randomness is derived from (seed, step, ...) rather than carried state, so a run
 resumed from a saved state continues exactly as the uninterrupted run would have.
 Whatever happens (finished, stopped, or an exception mid-step), ``run`` leaves the
 host's modules as it found them: hooks removed, requires_grad and train/eval flags
-restored, weights never written.
+restored, weights never written (mode.py).  Between two steps ``Callbacks.between_steps``
+may hand the model back as loaded for a while (``StepBoundary``): nothing of the run lives
+in the model, so it continues exactly as it would have.
 """
 from __future__ import annotations
 
@@ -14,23 +16,22 @@ import importlib
 import math
 import random
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
 
 from ..fileio import load_safetensors, save_safetensors
 from ..hashes import hashes_from_bytes
-from .checkpointing import gradient_checkpointing
-from .frozen_layers import frozen_layers
 from .config import TrainConfig
 from .dataset import Dataset
 from .epochs import Batch, Position, derive_seed
 from .latents import LatentCache, TextCache
 from .metadata import build_metadata
+from .mode import TrainingMode
 from .model import TrainableModel
 from .network import TrainingNetwork
 from . import outputs
@@ -62,6 +63,48 @@ class Callbacks:
     on_saved: Callable[[Path], None] | None = None
     on_samples: Callable[[int, list], None] | None = None
     log: Callable[[str], None] = print
+    # after every optimiser step but the last, unless stopping: the run waits for it (see StepBoundary)
+    between_steps: Callable[["StepBoundary"], None] | None = None
+
+
+class StepBoundary:
+    """A run between two optimiser steps: what ``Callbacks.between_steps`` may do there.
+
+    Nothing of the run changes while the callback runs, so ``contents`` is exactly what a save at
+    this step writes, and ``suspended`` hands the host its model as loaded (for a generation)
+    and takes it back; training then continues as if nothing had happened, because all of its
+    randomness is derived from (seed, step, ...) and none of its state lives in the model.
+    """
+
+    def __init__(self, trainer: "Trainer", mode: TrainingMode, net: TrainingNetwork, step: int, pos: Position,
+                 losses: list[float], started: float, opt, sched):
+        self.trainer, self.step = trainer, step
+        self._mode, self._net, self._pos, self._losses = mode, net, pos, losses
+        self._started, self._opt, self._sched = started, opt, sched
+
+    @contextmanager
+    def suspended(self) -> Iterator[None]:
+        """The host's model exactly as loaded (no hook, flag or mode of ours) for the block; its time
+        is left out of the run's elapsed time and ETA."""
+        t0 = time.time()
+        try:
+            with self._mode.suspended():
+                yield
+        finally:
+            self.trainer.paused_seconds += time.time() - t0
+
+    def contents(self) -> tuple[dict[str, Tensor], dict[str, str]]:
+        """The tensors (on their device) and metadata a save at this step writes."""
+        t = self.trainer
+        return t._contents(self._net, self.step, t._step_epoch(self.step), self._started, self._opt)
+
+    def keep(self) -> Path:
+        """Save this step as kohya names a step save (``NAME-step00001234``, with its state file when the run
+        saves states); the run goes on, and this file is never pruned."""
+        t = self.trainer
+        path = t.output_path(step=self.step)
+        return t._save(self._net, path, t._step_epoch(self.step), self.step, self._pos, self._losses, self._started,
+                       self._opt, self._sched)
 
 
 @dataclass
@@ -122,6 +165,7 @@ class Trainer:
         self.dataset: Dataset = plan.dataset
         self.cb = callbacks or Callbacks()
         self._stop: str | None = None
+        self.paused_seconds = 0.0  # spent suspended at step boundaries (StepBoundary.suspended)
         self.session_id = str(random.SystemRandom().randint(0, 2**32))  # an integer, as kohya's ss_session_id
         # Under `accelerate launch`, each process trains its slice of every global batch and the
         # gradients are summed through accelerate; one process alone is the same code with world 1.
@@ -161,9 +205,6 @@ class Trainer:
             raise ValueError(f"the model's weights are {str(_dtype(m.unet)).removeprefix('torch.')}: train it with "
                              "mixed precision fp16 or bf16 on a CUDA device (on CPU, load the model in fp32, e.g. "
                              "the WebUI's --no-half)")
-        modules = [m.unet] + [te for _, te in m.text_encoders]
-        flags = [(p, p.requires_grad) for mod in modules for p in mod.parameters()]
-        modes = [(mod, mod.training) for mod in modules for mod in mod.modules()]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)  # LoRA init without disturbing the host's global RNG
             net = TrainingNetwork(m.model_map, cfg.network)
@@ -172,23 +213,12 @@ class Trainer:
             self.cb.log(f"starting from {Path(cfg.network_weights).name}"
                         + (f"; {len(fresh)} layers it lacks start fresh" if fresh else ""))
         latents, texts = LatentCache(m, self.dataset, cfg, write_disk=self.is_main), TextCache(m, cfg)
+        mode = TrainingMode(m, net, self._lean(), cfg.gradient_checkpointing)
         try:
-            for p, _ in flags:
-                p.requires_grad_(False)
-            for mod in modules:
-                mod.eval()  # SD has no dropout/batchnorm to train; eval keeps the host's behaviour
-            net.to(m.device).train()
-            net.attach()
-            with (m.context() if m.context else nullcontext()), \
-                    frozen_layers(*(modules if self._lean() else [])), \
-                    gradient_checkpointing(m.unet, cfg.gradient_checkpointing):
-                return self._loop(net, self.plan.resume_from, latents, texts)
+            mode.enter()
+            return self._loop(net, self.plan.resume_from, latents, texts, mode)
         finally:
-            net.detach()
-            for p, rg in flags:
-                p.requires_grad_(rg)
-            for mod, training in modes:
-                mod.train(training)
+            mode.leave()
             latents.clear()
             texts.clear()
             if torch.cuda.is_available():
@@ -198,7 +228,8 @@ class Trainer:
         lean = self.cfg.lean_frozen_layers
         return self.model.device.type == "cpu" if lean is None else lean
 
-    def _loop(self, net: TrainingNetwork, resume_from, latents: LatentCache, texts: TextCache) -> TrainResult:
+    def _loop(self, net: TrainingNetwork, resume_from, latents: LatentCache, texts: TextCache,
+              mode: TrainingMode) -> TrainResult:
         cfg, m, ds = self.cfg, self.model, self.dataset
         groups = net.param_groups(cfg.unet_learning_rate, cfg.text_encoder_learning_rate)
         opt, opt_desc = make_optimizer(cfg.optimizer, groups, cfg)
@@ -272,7 +303,7 @@ class Trainer:
             step += 1
             losses.append(loss_val)
             pos = batch.next_position
-            elapsed = time.time() - t0
+            elapsed = time.time() - t0 - self.paused_seconds  # training time: a pause is not a slow step
             rate = elapsed / max(step - step0, 1)
             if self.cb.on_progress:
                 recent = losses[-50:]
@@ -285,6 +316,8 @@ class Trainer:
             if cfg.sample_every_n_steps and cfg.sample_prompts and step % cfg.sample_every_n_steps == 0 \
                     and self.is_main:
                 self._samples(net, step)
+            if self.cb.between_steps is not None and step < total and not self._stop:
+                self.cb.between_steps(StepBoundary(self, mode, net, step, pos, losses, started, opt, sched))
         stopped = step < total
         out = None
         if not stopped or self._stop == "save":
@@ -311,7 +344,30 @@ class Trainer:
             self.dist.wait_for_everyone()
         return path
 
+    def _step_epoch(self, step: int) -> int:
+        """ss_epoch of a save at optimiser step ``step`` (kohya's: the epoch it falls in, from 0)."""
+        per_epoch = max(1, self.dataset.steps_per_epoch(self.global_batch))
+        return (step - 1) // outputs.updates_per_epoch(per_epoch, self.cfg.gradient_accumulation_steps)
+
     def _write(self, net, path, epoch, step, pos, losses, started, opt, sched) -> None:
+        cfg = self.cfg
+        tensors, meta = self._contents(net, step, epoch, started, opt)
+        # make_plan() checked every name; a file that appeared since is replaced only if it is ours
+        out = save_safetensors(tensors, path, meta, overwrite=outputs.may_replace(path, cfg.overwrite, self.session_id))
+        if cfg.save_state:
+            spath = state_path(path)
+            save_state(spath, TrainingState(
+                step=step, position=pos, losses=losses, started=started, session=self.session_id,
+                fingerprint=self.dataset.fingerprint(), config=config_record(cfg),
+                network=net.kohya_state_dict(torch.float32), optimizer=opt.state_dict(),
+                scheduler=sched.state_dict()),
+                overwrite=outputs.may_replace(spath, cfg.overwrite, self.session_id))
+        self.cb.log(f"saved {out}")
+        if self.cb.on_saved:
+            self.cb.on_saved(out)
+
+    def _contents(self, net, step, epoch, started, opt) -> tuple[dict[str, Tensor], dict[str, str]]:
+        """The tensors and metadata a save at ``step`` writes (with its ``sshs_*`` hashes)."""
         cfg, m = self.cfg, self.model
         tensors = net.kohya_state_dict(SAVE_DTYPES[cfg.save_precision])
         per_epoch = max(1, self.dataset.steps_per_epoch(self.global_batch))
@@ -327,19 +383,7 @@ class Trainer:
         h = hashes_from_bytes(st_save({k: v.contiguous() for k, v in tensors.items()},
                                       {k: v for k, v in meta.items() if k.startswith("ss_")}))
         meta["sshs_model_hash"], meta["sshs_legacy_hash"] = h["sshs_model_hash"], h["sshs_legacy_hash"]
-        # make_plan() checked every name; a file that appeared since is replaced only if it is ours
-        out = save_safetensors(tensors, path, meta, overwrite=outputs.may_replace(path, cfg.overwrite, self.session_id))
-        if cfg.save_state:
-            spath = state_path(path)
-            save_state(spath, TrainingState(
-                step=step, position=pos, losses=losses, started=started, session=self.session_id,
-                fingerprint=self.dataset.fingerprint(), config=config_record(cfg),
-                network=net.kohya_state_dict(torch.float32), optimizer=opt.state_dict(),
-                scheduler=sched.state_dict()),
-                overwrite=outputs.may_replace(spath, cfg.overwrite, self.session_id))
-        self.cb.log(f"saved {out}")
-        if self.cb.on_saved:
-            self.cb.on_saved(out)
+        return tensors, meta
 
     def _prune(self, saved: list[Path]) -> None:
         k = self.cfg.save_last_k

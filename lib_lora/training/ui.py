@@ -27,6 +27,7 @@ from .state import list_state_files
 TAB_TITLE = "LoRA Workshop"
 TAB_ID = "lora_workshop"          # the WebUI wraps it as #tab_lora_workshop
 POLL_ID = "lora_workshop_poll"    # the Refresh button the script clicks
+KEEP_TIMEOUT = 120.0              # seconds "Keep this state" waits for the next step boundary
 
 # (request key, label, kind, extra) per tab section, from the option schema (options.py); kinds: text,
 # textarea, int, float, opt_int/opt_float (0 = not set), bool, choice, auto_bool (auto/on/off =
@@ -242,8 +243,15 @@ def status_html(status: dict | None, model_line: str = "") -> str:
         facts.append(f"ETA {format_seconds(status['eta'])}")
     if status.get("elapsed"):
         facts.append(f"elapsed {format_seconds(status['elapsed'])}")
+    if status.get("paused"):
+        facts.append("paused for generation")
+    if status.get("time_paused"):
+        facts.append(f"{format_seconds(status['time_paused'])} lost to {status.get('pauses')} generation pause(s)")
     if facts:
         parts.append("<p>" + _esc(", ".join(facts)) + "</p>")
+    if status.get("live_name") and status.get("state") == "running":
+        parts.append(f"<p>In a prompt, <code>&lt;lora:{_esc(status['live_name'])}:1&gt;</code> applies the weights "
+                     "trained so far (with the setting \"While a LoRA trains: Generation first\").</p>")
     if status.get("output"):
         parts.append(f"<p>Saved: <code>{_esc(status['output'])}</code></p>")
     if status.get("state_file"):
@@ -373,6 +381,7 @@ def create_tab(runner: JobRunner, sections: Sequence[Callable[[], None]] = ()) -
                     start_btn = gr.Button("Start", variant="primary", elem_id="lora_workshop_start")
                     stop_btn = gr.Button("Stop", elem_id="lora_workshop_stop")
                     save_btn = gr.Button("Stop & save", variant="stop", elem_id="lora_workshop_stop_save")
+                    keep_btn = gr.Button("Keep this state", elem_id="lora_workshop_keep")
                 with gr.Row():
                     resume_from = gr.Dropdown(label="Resume from state", choices=list_state_files(host.output_dir()),
                                               elem_id="lora_workshop_resume_from")
@@ -447,6 +456,19 @@ def create_tab(runner: JobRunner, sections: Sequence[Callable[[], None]] = ()) -
             job.request_stop(save=save)
             return message_html(f"Stopping {job.name}{' after saving' if save else ''}...")
 
+        def on_keep():
+            job = runner.active()
+            if job is None:
+                return message_html("No training job is running.", error=True)
+            try:
+                request = job.request_keep()
+                path = request.wait(KEEP_TIMEOUT)
+            except JobError as e:
+                return message_html(str(e), error=True)
+            except TimeoutError:
+                return message_html(f"{job.name} has not reached its next step yet; the state will be kept there.")
+            return message_html(f"Kept step {request.step} as {path.name}; training goes on.")
+
         def on_resume(name):
             if not name:
                 return message_html("Choose a state file first.", error=True)
@@ -477,6 +499,7 @@ def create_tab(runner: JobRunner, sections: Sequence[Callable[[], None]] = ()) -
         start_btn.click(fn=on_start, inputs=[preset] + inputs, outputs=[message])
         stop_btn.click(fn=lambda: on_stop(False), inputs=[], outputs=[message])
         save_btn.click(fn=lambda: on_stop(True), inputs=[], outputs=[message])
+        keep_btn.click(fn=on_keep, inputs=[], outputs=[message])
         states_btn.click(fn=lambda: gr.update(choices=list_state_files(host.output_dir())), inputs=[],
                          outputs=[resume_from])
         resume_btn.click(fn=on_resume, inputs=[resume_from], outputs=[message])

@@ -76,7 +76,13 @@ class Options:
         option = self.data_labels[key]
         setattr(self, key, value)
         if run_callbacks and option.onchange is not None:
-            option.onchange()
+            try:
+                option.onchange()
+            except Exception as e:  # as the WebUI: the error is shown and the old value comes back
+                from modules import errors
+                errors.display(e, f"changing setting {key} to {value}")
+                setattr(self, key, oldval)
+                return False
         return True
 
     def get_default(self, key):

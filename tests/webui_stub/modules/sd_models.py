@@ -48,3 +48,32 @@ def list_models() -> None:
             for f in sorted(files):
                 if f.endswith((".ckpt", ".safetensors")):
                     CheckpointInfo(os.path.join(root, f)).register()
+
+
+# -- loading (what a checkpoint or precision change calls; the stub records instead of loading) ---------
+
+loads: list = []  # test hook: the checkpoint files reload_model_weights would have loaded
+
+
+def select_checkpoint():
+    """The checkpoint the setting names, else the first one listed."""
+    info = checkpoint_aliases.get(shared.opts.sd_model_checkpoint)
+    if info is not None:
+        return info
+    if not checkpoints_list:
+        raise FileNotFoundError("No checkpoints found")
+    return next(iter(checkpoints_list.values()))
+
+
+def reload_model_weights(sd_model=None, info=None, forced_reload=False):
+    """Runs before every generation in the WebUI and loads nothing unless another checkpoint is wanted."""
+    sd_model = sd_model or shared.sd_model
+    info = info or select_checkpoint()
+    if sd_model is not None and getattr(sd_model, "sd_model_checkpoint", None) == info.filename and not forced_reload:
+        return sd_model
+    loads.append(info.filename)
+    return sd_model
+
+
+def unload_model_weights(sd_model=None, info=None):
+    loads.append(None)
