@@ -23,7 +23,7 @@ STUB = Path(__file__).resolve().parent / "webui_stub"
 if str(STUB) not in sys.path:
     sys.path.insert(0, str(STUB))
 
-from modules import call_queue, processing, script_callbacks, shared  # noqa: E402
+from modules import call_queue, processing, script_callbacks, sd_models, shared  # noqa: E402
 from modules.options import OptionInfo  # noqa: E402
 
 from lib_lora.fileio import read_header  # noqa: E402
@@ -85,6 +85,7 @@ class TinySD1(nn.Module):
             filename="/webui/models/Stable-diffusion/tiny.safetensors", name="tiny.safetensors",
             model_name="tiny", title="tiny.safetensors [abcdef0123]", short_title="tiny [abcdef0123]",
             sha256="ab" * 32, shorthash="abcdef0123", hash="12345678")
+        self.sd_model_checkpoint = self.sd_checkpoint_info.filename  # what reload_model_weights compares
 
     def encode_first_stage(self, x):
         return self.first_stage_model.encode(x).latent_dist   # ldm: a DiagonalGaussianDistribution
@@ -126,7 +127,13 @@ class WebUI:
         self.client: TestClient | None = None
 
     def start(self, auth: str | None = None) -> TestClient:
+        registered = dict(sd_models.checkpoint_aliases)  # a test's own checkpoints; listing clears them
         self.client = self.base.start(auth, components=("txt2img_prompt",))
+        # the loaded checkpoint is in the WebUI's list under the title the setting names
+        info = sd_models.CheckpointInfo(shared.sd_model.sd_checkpoint_info.filename)
+        info.title = info.ids[1] = shared.opts.sd_model_checkpoint
+        info.register()
+        sd_models.checkpoint_aliases.update(registered)
         return self.client
 
     @property
@@ -266,7 +273,7 @@ def test_cards_show_the_resolution_and_buckets_of_a_trained_file(webui, data):
         "max_bucket_reso": 128})
     st = webui.wait(client.post("/lora-workshop/v1/train", json=body).json()["id"])
     assert st["state"] == "finished", st
-    page = webui.script.workshop.page
+    page = webui.base.script.workshop.page
     page.refresh()
     page.items["bk"] = page.create_item("bk")
     assert page.items["bk"]["metadata"]["ss_bucket_info"]["buckets"] == {"0": {"resolution": [64, 64], "count": 4}}
