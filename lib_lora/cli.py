@@ -134,26 +134,46 @@ class _Bar:
         sys.stderr.flush()
 
 
+def _sample_warnings(cfg) -> list[str]:
+    """Sample settings that would do nothing, said instead of silently ignored."""
+    scheduled = cfg.sample_every_n_steps or cfg.sample_every_n_epochs or cfg.sample_at_first
+    if cfg.sample_prompts and not scheduled:
+        return ["--sample_prompts is given without --sample_every_n_steps, --sample_every_n_epochs or "
+                "--sample_at_first: no samples will be rendered"]
+    if scheduled and not cfg.sample_prompts:
+        return ["sampling is scheduled but --sample_prompts names no prompts: no samples will be rendered"]
+    return []
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from .hosts.cli.attention import sdpa_attention
     from .hosts.cli.checkpoint import load_checkpoint
+    from .hosts.cli.samples import TrainingSamples, sampler_for
+    from .training import sample_prompts
     from .training.plan import make_plan
     from .training.trainer import Callbacks, Trainer
 
     cfg = _train_config(args)
+    for line in cfg.sample_prompts:  # a sampler this host cannot render is refused before anything is read
+        sampler_for(sample_prompts.parse(line, 64, 64, 0).sampler or cfg.sample_sampler)
 
     def log(s: str) -> None:
         print(s, file=sys.stderr)
 
     plan = make_plan(cfg, args.resume, log=log)  # the dataset and the output names, before the model is read
+    if plan.is_main:
+        for warning in _sample_warnings(cfg):
+            log(f"warning: {warning}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     ckpt = load_checkpoint(args.base, device=device,
                            dtype=torch.float16 if device != "cpu" and cfg.mixed_precision == "fp16" else torch.float32)
     model = ckpt.trainable()
     model.context = lambda: sdpa_attention(ckpt.unet)
-    trainer = Trainer(model, plan, Callbacks(on_progress=_Bar(plan.is_main),
+    samples = TrainingSamples(ckpt, plan.config, plan.dataset.steps_per_epoch(plan.global_batch), log)
+    model.render = samples.render
+    trainer = Trainer(model, plan, Callbacks(on_progress=_Bar(plan.is_main), on_samples=samples.save,
                                              log=log if plan.is_main else (lambda s: None)))
     if plan.is_main:
         summary = plan.summary

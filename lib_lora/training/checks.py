@@ -23,6 +23,9 @@ OPTIMIZERS: dict[str, tuple[str, str, str] | None] = {
     "prodigy": ("prodigyopt", "prodigyopt", "Prodigy"),
 }
 OPTIMIZER_NAMES = ["AdamW", "AdamW8bit", "Lion", "Prodigy"]
+# sd-scripts' --sample_sampler choices
+KOHYA_SAMPLERS = ("ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++",
+                  "dpmsingle", "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a")
 
 
 def check_optimizer(name: Any) -> tuple[str, str, str] | None:

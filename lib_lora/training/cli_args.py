@@ -13,14 +13,15 @@ import ast
 from pathlib import Path
 from typing import Any
 
+from . import sample_prompts
 from .options import AUTO_ON_OFF, GROUPS, OPTIONS, REQUIRED, Option, OptionError
 
 IO_GROUP = "Input and output"
 _HELP_GROUPS = [IO_GROUP] + [g for g, _ in GROUPS]
 # kohya's --network_args key -> what it sets; "algo" names the LyCORIS kind networks.lora trains
 _ALGOS = ("lora", "locon")
-# options the command line takes from kohya's own key=value lists, or not at all yet
-_NOT_FLAGS = ("network_args", "optimizer_args", "file", "samples")
+# options the command line takes from kohya's own key=value lists or files
+_NOT_FLAGS = ("network_args", "optimizer_args", "file")
 
 
 def spellings(name: str) -> list[str]:
@@ -87,6 +88,9 @@ def add_train_arguments(sp: argparse.ArgumentParser) -> None:
                                help=_help(o, f"{o.help} (required, or --{o.kohya})"))
             group.add_argument(*spellings(o.kohya), dest="train_data_dir", metavar="DIR",
                                help="the dataset folder, as kohya names it (required, or DATASET)")
+            continue
+        if o.kohya_note == "file":  # kohya's flag names a file that holds the option's value
+            group.add_argument(*spellings(o.kohya), dest=f"{o.name}_file", metavar="FILE", help=_help(o))
             continue
         names = spellings(o.flag) if o.flag else []
         kohya = spellings(o.kohya) if kohya_flag(o) else []
@@ -187,6 +191,8 @@ def train_data(args: argparse.Namespace) -> tuple[dict, Path]:
         raise OptionError("dataset", "is required: the folder with <repeats>_<trigger> sub-folders "
                                      "(or kohya's --train_data_dir)")
     data["dataset"]["train_dir"] = train_dir
+    if getattr(args, "sample_prompts_file", None):
+        data["sample_prompts"] = sample_prompts.read_file(args.sample_prompts_file)
     data["network"].update(network_args(args.kohya_network_args))
     data.update(optimizer_args(args.kohya_optimizer_args))
     if args.out is not None:

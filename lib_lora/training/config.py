@@ -55,6 +55,9 @@ class TrainConfig:
     cache_latents_to_disk: bool = _d("cache_latents_to_disk")
     cache_text_encoder_outputs: bool = _d("cache_text_encoder_outputs")  # frozen text encoder, fixed captions
     sample_every_n_steps: int = _d("sample_every_n_steps")
+    sample_every_n_epochs: int = _d("sample_every_n_epochs")  # when set, replaces sample_every_n_steps
+    sample_at_first: bool = _d("sample_at_first")
+    sample_sampler: str = _d("sample_sampler")      # kohya's sampler names; a prompt's --ss overrides it
     sample_prompts: list[str] = field(default_factory=lambda: _d("sample_prompts"))
     training_comment: str = _d("training_comment")
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checks import OPTIMIZER_NAMES, OPTIMIZERS, OptionError, check_optimizer, integer, number
+from .checks import KOHYA_SAMPLERS, OPTIMIZER_NAMES, OPTIMIZERS, OptionError, check_optimizer, integer, number
 
 __all__ = ["Option", "OPTIONS", "GROUPS", "OptionError", "OPTIMIZERS", "OPTIMIZER_NAMES", "check_optimizer",
            "integer", "number", "option", "by_name", "section", "default", "check", "AUTO_ON_OFF",
@@ -190,12 +190,21 @@ OPTIONS: list[Option] = [
        flag_action="store_true", help="overwrite existing output files"),
     _o("training_comment", str, "", "Comment (stored in the file)", _SAVE, flag="--training-comment",
        kohya="training_comment", help="a comment stored in the file's metadata"),
-    # -- Sample images (the tab's; "samples": the command line has no flags for them yet)
-    _o("sample_every_n_steps", int, 0, "Every N steps (0 = off)", _SAMPLE, minimum=0, kohya="sample_every_n_steps",
-       kohya_note="samples"),
+    # -- Sample images (sample_prompts.py reads the prompts and names the images)
+    _o("sample_every_n_steps", int, 0, "Every N steps (0 = off)", _SAMPLE, minimum=0, flag="--sample-every-n-steps",
+       kohya="sample_every_n_steps", help="render the sample prompts every N steps (0: off)"),
+    _o("sample_every_n_epochs", int, 0, "Every N epochs (0 = off; replaces steps)", _SAMPLE, minimum=0,
+       flag="--sample-every-n-epochs", kohya="sample_every_n_epochs",
+       help="render the sample prompts every N epochs, instead of every N steps (0: off)"),
+    _o("sample_at_first", bool, False, "Also before the first step", _SAMPLE, flag="--sample-at-first",
+       flag_action="store_true", kohya="sample_at_first", help="also render the sample prompts before training"),
+    _o("sample_sampler", str, "ddim", "Sampler (kohya's names)", _SAMPLE, choices=KOHYA_SAMPLERS,
+       flag="--sample-sampler", kohya="sample_sampler",
+       help="the samples' sampler, unless a prompt's --ss names another (the command line renders ddim and euler)"),
     _o("sample_prompts", list[str], [],
-       "Prompts, one per line (kohya options: --n negative --w --h --s steps --l cfg --d seed)", _SAMPLE,
-       kohya="sample_prompts", kohya_note="file"),
+       "Prompts, one per line (kohya options: --n negative --w --h --s steps --l cfg --d seed --ss sampler)",
+       _SAMPLE, kohya="sample_prompts", kohya_note="file",
+       help="kohya's prompt file: one prompt per line with --n --w --h --s --l --d --ss (or .json/.toml)"),
     # -- Advanced
     _o("mixed_precision", str, "no", "Mixed precision", _ADV, choices=("no", "fp16", "bf16"),
        form_choices=("auto", "no", "fp16", "bf16"), flag="--mixed-precision", kohya="mixed_precision",

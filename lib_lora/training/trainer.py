@@ -33,7 +33,7 @@ from .latents import LatentCache, TextCache
 from .metadata import build_metadata
 from .model import TrainableModel
 from .network import TrainingNetwork
-from . import outputs
+from . import outputs, sample_prompts
 from .options import check_optimizer
 from .plan import Plan
 from .state import TrainingState, config_record, load_state, save_state, state_path
@@ -219,6 +219,8 @@ class Trainer:
         acp_all = m.alphas_cumprod.to(m.device, torch.float32)
         batch: Batch | None = None
         B = cfg.batch_size
+        if step == 0 and self.is_main and sample_prompts.due(cfg, 0, per_epoch)[0]:
+            self._samples(net, 0)  # kohya's sample_at_first
         while step < total:
             if self._stop:
                 break
@@ -282,8 +284,7 @@ class Trainer:
                 saved.append(self._save(net, path, epoch, step, pos, losses, started, opt, sched))
                 if self.is_main:
                     self._prune(saved)
-            if cfg.sample_every_n_steps and cfg.sample_prompts and step % cfg.sample_every_n_steps == 0 \
-                    and self.is_main:
+            if self.is_main and sample_prompts.due(cfg, step, per_epoch)[0]:
                 self._samples(net, step)
         stopped = step < total
         out = None
