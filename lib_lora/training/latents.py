@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -35,6 +36,19 @@ class LatentCache:
 
     def clear(self) -> None:
         self._memory.clear()
+
+    def fill(self, samples: list[Sample], progress: Callable[[int, int], None],
+             stop: Callable[[], bool] = lambda: False) -> int:
+        """Encode (or read from disk) every one of ``samples`` not held yet; the number done."""
+        if not self.caching:
+            return 0
+        todo = [s for s in samples if (str(s.item.path), s.bucket, s.flip) not in self._memory]
+        for i, s in enumerate(todo):
+            if stop():
+                return i
+            self._latent(s)
+            progress(i + 1, len(todo))
+        return len(todo)
 
     def encode(self, samples: list[Sample]) -> Tensor:
         """[N, C, h, w] on the model's device."""
@@ -101,6 +115,20 @@ class TextCache:
     def clear(self) -> None:
         self._memory.clear()
 
+    def fill(self, samples: list[Sample], progress: Callable[[int, int], None],
+             stop: Callable[[], bool] = lambda: False) -> int:
+        """Encode the caption of every one of ``samples`` (frozen text encoders only); the number done."""
+        if not self.caching:
+            return 0
+        todo = {self._key(s.caption, s.size_cond): s for s in samples}
+        todo = [s for key, s in todo.items() if key not in self._memory]
+        for i, s in enumerate(todo):
+            if stop():
+                return i
+            self._one(s.caption, s.size_cond)
+            progress(i + 1, len(todo))
+        return len(todo)
+
     def encode(self, captions: list[str], sizes: list, frozen: bool) -> Conditioning:
         """``frozen``: the text encoders are not trained (no gradients, and caching is allowed)."""
         if not (frozen and self.caching):
@@ -120,8 +148,11 @@ class TextCache:
             contexts = [torch.cat([c, *[empty] * ((longest - c.shape[1]) // empty.shape[1])], 1) for c in contexts]
         return Conditioning(torch.cat(contexts), y)
 
+    def _key(self, caption: str, size) -> tuple:
+        return caption, size if self.model.family == "sdxl" else None
+
     def _one(self, caption: str, size) -> Conditioning:
-        key = (caption, size if self.model.family == "sdxl" else None)
+        key = self._key(caption, size)
         if key not in self._memory:
             with torch.no_grad():
                 self._memory[key] = self.model.encode_text([caption], [size])

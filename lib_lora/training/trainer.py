@@ -61,6 +61,7 @@ class Callbacks:
     on_progress: Callable[[Progress], None] | None = None
     on_saved: Callable[[Path], None] | None = None
     on_samples: Callable[[int, list], None] | None = None
+    on_caching: Callable[[str, int, int], None] | None = None  # ("caching latents", done, total) before step 1
     log: Callable[[str], None] = print
 
 
@@ -214,6 +215,7 @@ class Trainer:
         text_trains = cfg.network.train_text_encoder
         batches = ds.iterate(self.global_batch, cfg.seed, pos)
         per_epoch = max(1, ds.steps_per_epoch(self.global_batch))
+        self._fill_caches(latents, texts, frozen_text=not text_trains)
         saved: list[Path] = []
         t0, step0 = time.time(), step
         acp_all = m.alphas_cumprod.to(m.device, torch.float32)
@@ -293,6 +295,23 @@ class Trainer:
             out = self._save(net, self.output_path(), epochs, step, pos, losses, started, opt, sched)
             saved.append(out)
         return TrainResult(out, step, losses, stopped, saved)
+
+    def _fill_caches(self, latents: LatentCache, texts: TextCache, frozen_text: bool) -> None:
+        """Cache every latent and caption before the first step (as kohya does), reporting progress."""
+        if not (latents.caching or (frozen_text and texts.caching)):
+            return
+        samples = self.dataset.fixed_samples()
+        if self.model.family == "sdxl" and self.dataset.config.random_crop:
+            frozen_text = False  # the crop is part of SDXL's text conditioning: captions are cached as they come
+        for what, cache, on in (("latents", latents, True), ("text encoder outputs", texts, frozen_text)):
+            if not on:
+                continue
+            t = time.time()
+            report = (lambda done, total, what=what: self.cb.on_caching(f"caching {what}", done, total)) \
+                if self.cb.on_caching else (lambda done, total: None)
+            n = cache.fill(samples, report, stop=lambda: self._stop is not None)
+            if n:
+                self.cb.log(f"cached {n} {what} in {time.time() - t:.1f} s")
 
     def _all_reduce_grads(self, net: TrainingNetwork, loss_val: float) -> float:
         """Sum every process's gradient share (and loss) through accelerate."""
