@@ -39,6 +39,17 @@ def check_optimizer(name: Any) -> tuple[str, str, str] | None:
     return entry
 
 
+def check_logging(log_with: Any, logging_dir: Any) -> None:
+    """kohya's ``log_with``/``logging_dir``: TensorBoard only, into a folder, with its package installed."""
+    if log_with not in (None, "tensorboard"):
+        raise OptionError("log_with", f"{log_with!r}: only tensorboard is supported here (wandb is not)")
+    if log_with and not logging_dir:
+        raise OptionError("logging_dir", "is required with log_with tensorboard: the folder the event files go to")
+    if (log_with or logging_dir) and importlib.util.find_spec("tensorboard") is None:
+        raise OptionError("log_with", "TensorBoard logging needs the 'tensorboard' package; install it yourself "
+                                      "(pip install tensorboard)")
+
+
 def integer(option: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise OptionError(option, f"must be a whole number of at least {minimum} (got {value!r})")

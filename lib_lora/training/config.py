@@ -60,6 +60,9 @@ class TrainConfig:
     sample_sampler: str = _d("sample_sampler")      # kohya's sampler names; a prompt's --ss overrides it
     sample_prompts: list[str] = field(default_factory=lambda: _d("sample_prompts"))
     training_comment: str = _d("training_comment")
+    log_with: str | None = _d("log_with")           # "tensorboard" (tensorboard.py), or None
+    logging_dir: str | Path | None = _d("logging_dir")
+    log_prefix: str = _d("log_prefix")
 
     @property
     def unet_learning_rate(self) -> float:

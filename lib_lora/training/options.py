@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checks import KOHYA_SAMPLERS, OPTIMIZER_NAMES, OPTIMIZERS, OptionError, check_optimizer, integer, number
+from .checks import (KOHYA_SAMPLERS, OPTIMIZER_NAMES, OPTIMIZERS, OptionError, check_logging, check_optimizer,
+                     integer, number)
 
 __all__ = ["Option", "OPTIONS", "GROUPS", "OptionError", "OPTIMIZERS", "OPTIMIZER_NAMES", "check_optimizer",
            "integer", "number", "option", "by_name", "section", "default", "check", "AUTO_ON_OFF",
@@ -250,6 +251,12 @@ OPTIONS: list[Option] = [
     _o("optimizer_args", dict, {}, kohya="optimizer_args", kohya_note="optimizer_args"),
     _o("cache_latents_to_disk", bool, False, group=_ADV, flag="--cache-latents-to-disk", flag_action="store_true",
        kohya="cache_latents_to_disk", help="keep latents next to the images for reuse"),
+    _o("log_with", str | None, None, group=_ADV, choices=("tensorboard",), cli_choices=(), kohya="log_with",
+       help="tensorboard: log the loss, the learning rates and the samples (needs the tensorboard package)"),
+    _o("logging_dir", str | Path | None, None, group=_ADV, kohya="logging_dir",
+       help="the folder TensorBoard logs go to (LOGGING_DIR/<prefix><time>/network_train); alone, it means "
+            "log_with tensorboard"),
+    _o("log_prefix", str, "", group=_ADV, kohya="log_prefix", help="put before the time in the log folder's name"),
 ]
 
 # kohya options accepted with the value that matches what this trainer does, refused otherwise
@@ -287,6 +294,9 @@ def check(obj: Any, set_name: str) -> None:
     """OptionError for the first field of ``obj`` (one option set) outside its choices or bounds."""
     for o in section(set_name):
         value = getattr(obj, o.name)
+        if o.key == "log_with":
+            check_logging(value, obj.logging_dir)  # also: is its package installed
+            continue
         if value is None and o.default is None:
             continue
         if o.key == "optimizer":

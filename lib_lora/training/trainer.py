@@ -15,7 +15,7 @@ import math
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -33,7 +33,7 @@ from .latents import LatentCache, TextCache
 from .metadata import build_metadata
 from .model import TrainableModel
 from .network import TrainingNetwork
-from . import outputs, sample_prompts
+from . import outputs, sample_prompts, tensorboard
 from .options import check_optimizer
 from .plan import Plan
 from .state import TrainingState, config_record, load_state, save_state, state_path
@@ -54,6 +54,7 @@ class Progress:
     lr: float
     elapsed: float
     eta: float
+    lrs: dict[str, float] = field(default_factory=dict)  # per parameter group: "unet", "text_encoder"
 
 
 @dataclass
@@ -173,6 +174,12 @@ class Trainer:
             self.cb.log(f"starting from {Path(cfg.network_weights).name}"
                         + (f"; {len(fresh)} layers it lacks start fresh" if fresh else ""))
         latents, texts = LatentCache(m, self.dataset, cfg, write_disk=self.is_main), TextCache(m, cfg)
+        callbacks, tb = self.cb, None
+        if self.is_main and tensorboard.wanted(cfg):
+            per_epoch = max(1, self.dataset.steps_per_epoch(self.global_batch))
+            tb = tensorboard.TensorBoardLog(cfg, outputs.updates_per_epoch(per_epoch, cfg.gradient_accumulation_steps))
+            self.cb = tb.wrap(callbacks)
+            self.cb.log(f"TensorBoard: logging to {tb.folder}")
         try:
             for p, _ in flags:
                 p.requires_grad_(False)
@@ -192,6 +199,9 @@ class Trainer:
                 mod.train(training)
             latents.clear()
             texts.clear()
+            self.cb = callbacks
+            if tb is not None:
+                tb.close()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
@@ -281,7 +291,8 @@ class Trainer:
             if self.cb.on_progress:
                 recent = losses[-50:]
                 self.cb.on_progress(Progress(step, total, pos.epoch, loss_val, sum(recent) / len(recent),
-                                             sched.get_last_lr()[0], elapsed, rate * (total - step)))
+                                             sched.get_last_lr()[0], elapsed, rate * (total - step),
+                                             {g.get("name", str(i)): g["lr"] for i, g in enumerate(opt.param_groups)}))
             for path, epoch in (outputs.saves_due(cfg, step, per_epoch) if step < total else []):
                 saved.append(self._save(net, path, epoch, step, pos, losses, started, opt, sched))
                 if self.is_main:
