@@ -139,6 +139,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .hosts.cli.attention import sdpa_attention
     from .hosts.cli.console import Console, Timer
     from .hosts.cli.samples import TrainingSamples, sampler_for
+    from .hosts.cli.signals import StopOnSignal
     from .training import sample_prompts
     from .training.plan import make_plan
     from .training.trainer import Callbacks, Trainer
@@ -164,8 +165,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = plan.summary
     console.log(f"dataset: {summary['train_images']} images, {summary['steps_per_epoch']} steps/epoch, "
                 f"{plan.total_steps} steps, processes {plan.world}")
-    res = trainer.run()
+    with StopOnSignal(trainer, console.log) as stop:
+        res = trainer.run()
     console.end()
+    if stop.received is not None and res.stopped:
+        import signal
+
+        from .training.state import state_path
+        state = state_path(res.output) if res.output else None
+        what = (f"saved {res.output}" + (f"; resume with --resume {state}" if state.is_file() else "")) \
+            if res.output else "nothing saved"
+        if plan.is_main:
+            print(f"interrupted by {signal.Signals(stop.received).name} at step {res.steps} of {plan.total_steps}: "
+                  f"{what}", file=sys.stderr)
+        return stop.exit_code
     if plan.is_main:
         print(f"wrote {res.output}" if res.output else "stopped without saving")
     return 0

@@ -1,13 +1,23 @@
 """The command line never surprises silently (issue 14): progress while the checkpoint loads and the caches
-fill, ``render``'s progress and the WebUI's infotext in its PNG."""
+fill, ``render``'s progress and the WebUI's infotext in its PNG, Ctrl-C and SIGTERM saving what was trained."""
 from __future__ import annotations
 
 import hashlib
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from lib_lora.cli import main
 from lib_lora.fileio import read_header
+from lib_lora.training.state import read_state_header, state_path
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _train(ckpt, data, out, *extra):
@@ -53,3 +63,57 @@ def test_render_shows_progress_and_writes_the_webuis_infotext(tiny_checkpoint, t
         assert text == ("zkx, red square <lora:zkx_lora:0.8>\nNegative prompt: blurry, grey\n"
                         f"Steps: 3, Sampler: DDIM, CFG scale: 7.0, Seed: {5 + i}, Size: 64x64, "
                         f'Model hash: {model_hash}, Model: toy, Lora hashes: "zkx_lora: {lora_hash}"'), text
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_saves_the_lora_and_its_state_then_exits_non_zero(tiny_checkpoint, tmp_path, sig, code):
+    """As the tab's "Stop & save": the weights and the training state at the step reached, then exit 128 + N."""
+    ckpt, data = tiny_checkpoint
+    out = tmp_path / "sig.safetensors"
+    args = ["train", str(data), "--base", str(ckpt), "--out", str(out), "--resolution", "64", "--no-buckets",
+            "--network-dim", "4", "--network-alpha", "4", "--save-precision", "fp32", "--seed", "3"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "lib_lora", *args, "--max-train-steps", "100000"], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen = b""
+    while b"] 2/100000" not in seen:  # two steps done: the progress bar says so
+        chunk = proc.stderr.read1(4096)
+        if not chunk:
+            break
+        seen += chunk
+    proc.send_signal(sig)
+    rest, err = proc.communicate(timeout=300)
+    err = (seen + err).decode()
+    assert proc.returncode == code, err[-2000:]
+    name = signal.Signals(sig).name
+    m = re.search(rf"interrupted by {name} at step (\d+) of 100000: saved (\S+); resume with --resume (\S+)", err)
+    assert m, err[-2000:]
+    step = int(m.group(1))
+    assert step >= 2 and m.group(2) == str(out) and m.group(3) == str(state_path(out))
+    assert f"{name}: stopping after this step" in err
+    assert read_header(out).metadata["ss_steps"] == str(step)
+    assert read_state_header(state_path(out)).step == step
+    # and the run goes on from there
+    assert main([*args, "--resume", str(state_path(out)), "--max-train-steps", str(step + 1)]) == 0
+    assert read_header(out).metadata["ss_steps"] == str(step + 1)
+
+
+def test_a_stop_before_the_first_step_saves_nothing(tmp_path):
+    from lib_lora.training.config import TrainConfig
+    from lib_lora.training.dataset import DatasetConfig
+    from lib_lora.training.network import NetworkConfig
+    from lib_lora.training.plan import make_plan
+    from lib_lora.training.trainer import Callbacks, Trainer
+    from tiny_models import build_sd1
+    from train_support import make_dataset, trainable, tiny_vae
+
+    cfg = TrainConfig(DatasetConfig(make_dataset(tmp_path / "data"), resolution=64, enable_buckets=False),
+                      NetworkConfig(rank=4, alpha=4), output_dir=tmp_path / "out", output_name="early",
+                      max_train_steps=4)
+    lines: list[str] = []
+    tr = Trainer(trainable(build_sd1(seed=0), tiny_vae()), make_plan(cfg), Callbacks(log=lines.append))
+    tr.request_stop(save=True, state=True)  # e.g. SIGTERM while the checkpoint was loading
+    res = tr.run()
+    assert (res.steps, res.output, res.stopped) == (0, None, True)
+    assert "stopped before the first step: nothing to save" in lines
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())

@@ -124,6 +124,7 @@ class Trainer:
         self.dataset: Dataset = plan.dataset
         self.cb = callbacks or Callbacks()
         self._stop: str | None = None
+        self._state_on_stop = False  # the final save of a stopped run also writes its training state
         self.session_id = str(random.SystemRandom().randint(0, 2**32))  # an integer, as kohya's ss_session_id
         # Under `accelerate launch`, each process trains its slice of every global batch and the
         # gradients are summed through accelerate; one process alone is the same code with world 1.
@@ -138,9 +139,24 @@ class Trainer:
         return self.plan.is_main
 
     # -- control ---------------------------------------------------------------------
-    def request_stop(self, save: bool = False) -> None:
-        """Stop after the current step; with ``save`` the network is written first."""
-        self._stop = "save" if save else "stop"
+    def request_stop(self, save: bool = False, state: bool = False) -> None:
+        """Stop after the current step; with ``save`` the network is written first, with ``state`` also
+        the training state beside it (even without ``save_state``), so the run can be resumed."""
+        self._stop = "save" if save or state else "stop"
+        self._state_on_stop = self._state_on_stop or state
+
+    def _stopping(self) -> bool:
+        """Whether to stop before the next step; under accelerate every process stops at the same step
+        and the same way (one asked is enough), or the next gradient sum would wait forever."""
+        if self.dist:
+            from accelerate.utils import gather
+            mine = {None: 0, "stop": 1, "save": 2}[self._stop] + 4 * self._state_on_stop
+            codes = [int(c) for c in gather(torch.tensor([mine], device=self.model.device)).tolist()]
+            kind = max(c % 4 for c in codes)
+            if kind:
+                self._stop = "save" if kind == 2 else "stop"
+                self._state_on_stop = any(c >= 4 for c in codes)
+        return bool(self._stop)
 
     def release(self) -> None:
         """Drop the model (a finished job is kept for its status and must not keep it alive)."""
@@ -234,7 +250,7 @@ class Trainer:
         if step == 0 and self.is_main and sample_prompts.due(cfg, 0, per_epoch)[0]:
             self._samples(net, 0)  # kohya's sample_at_first
         while step < total:
-            if self._stop:
+            if self._stopping():
                 break
             loss_val = 0.0
             for micro in range(cfg.gradient_accumulation_steps):
@@ -301,7 +317,9 @@ class Trainer:
                 self._samples(net, step)
         stopped = step < total
         out = None
-        if not stopped or self._stop == "save":
+        if stopped and step == step0:
+            self.cb.log("stopped before the first step: nothing to save")
+        elif not stopped or self._stop == "save":
             epochs = outputs.final_epoch(step, per_epoch, cfg.gradient_accumulation_steps)
             out = self._save(net, self.output_path(), epochs, step, pos, losses, started, opt, sched)
             saved.append(out)
@@ -360,14 +378,20 @@ class Trainer:
         meta["sshs_model_hash"], meta["sshs_legacy_hash"] = h["sshs_model_hash"], h["sshs_legacy_hash"]
         # make_plan() checked every name; a file that appeared since is replaced only if it is ours
         out = save_safetensors(tensors, path, meta, overwrite=outputs.may_replace(path, cfg.overwrite, self.session_id))
-        if cfg.save_state:
-            spath = state_path(path)
+        spath = state_path(path)
+        forced = self._stop is not None and self._state_on_stop and path == self.output_path() and not cfg.save_state
+        if forced and not outputs.may_replace(spath, cfg.overwrite, self.session_id):
+            # not among the names make_plan checked: a file of that name that is not this run's stays
+            self.cb.log(f"not saving the training state: {spath} already exists")
+            forced = False
+        if cfg.save_state or forced:
             save_state(spath, TrainingState(
                 step=step, position=pos, losses=losses, started=started, session=self.session_id,
                 fingerprint=self.dataset.fingerprint(), config=config_record(cfg),
                 network=net.kohya_state_dict(torch.float32), optimizer=opt.state_dict(),
                 scheduler=sched.state_dict()),
                 overwrite=outputs.may_replace(spath, cfg.overwrite, self.session_id))
+            self.cb.log(f"saved {spath}")
         self.cb.log(f"saved {out}")
         if self.cb.on_saved:
             self.cb.on_saved(out)
