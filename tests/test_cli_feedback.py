@@ -117,3 +117,22 @@ def test_a_stop_before_the_first_step_saves_nothing(tmp_path):
     assert (res.steps, res.output, res.stopped) == (0, None, True)
     assert "stopped before the first step: nothing to save" in lines
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_the_tabs_options_have_flags_and_act(tiny_checkpoint, tmp_path, capsys):
+    """Random crop, weight decay, the text-encoder output cache and the bucket step, once tab-only."""
+    from lib_lora.cli import _train_config, build_parser
+    from lib_lora.training.trainer import make_optimizer
+    import torch
+    ckpt, data = tiny_checkpoint
+    base = ["train", str(data), "--base", str(ckpt), "--out", str(tmp_path / "x.safetensors")]
+    cfg = _train_config(build_parser().parse_args(base + [
+        "--random-crop", "--weight-decay", "0.2", "--no-cache-text-encoder-outputs", "--bucket-reso-steps", "32"]))
+    assert (cfg.dataset.random_crop, cfg.weight_decay, cfg.cache_text_encoder_outputs,
+            cfg.dataset.bucket_reso_steps) == (True, 0.2, False, 32)
+    opt, _ = make_optimizer(cfg.optimizer, [{"params": [torch.nn.Parameter(torch.zeros(1))]}], cfg)
+    assert opt.param_groups[0]["weight_decay"] == 0.2
+    # with a random crop no latent is cached, and without the text cache a frozen encoder runs every step
+    assert _train(ckpt, data, tmp_path / "y.safetensors", "--max-train-steps", "1", "--unet-only",
+                  "--random-crop", "--no-cache-text-encoder-outputs") == 0
+    assert "caching" not in capsys.readouterr().err
