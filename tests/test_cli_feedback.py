@@ -136,3 +136,26 @@ def test_the_tabs_options_have_flags_and_act(tiny_checkpoint, tmp_path, capsys):
     assert _train(ckpt, data, tmp_path / "y.safetensors", "--max-train-steps", "1", "--unet-only",
                   "--random-crop", "--no-cache-text-encoder-outputs") == 0
     assert "caching" not in capsys.readouterr().err
+
+
+def test_images_smaller_than_the_training_size_are_said_to_be_upscaled(tiny_checkpoint, tmp_path, capsys):
+    import numpy as np
+    from lib_lora.training.dataset import DatasetConfig
+    from lib_lora.training.scan import scan
+    folder = tmp_path / "data" / "1_zkx"
+    folder.mkdir(parents=True)
+    for name, side in (("big.png", 128), ("small.png", 48)):
+        Image.fromarray(np.zeros((side, side, 3), np.uint8)).save(folder / name)
+    code = main(["train", str(tmp_path / "data"), "--base", str(tmp_path / "missing.safetensors"), "--out",
+                 str(tmp_path / "x.safetensors"), "--resolution", "64", "--no-buckets"])
+    err = capsys.readouterr().err
+    assert code == 2  # the checkpoint is read after the dataset's warnings are out
+    assert "warning: 1 image(s) are smaller than their training size and will be upscaled, e.g. 'small.png' " \
+           "48x48 to 64x64" in err and "turn buckets on with bucket_no_upscale" in err
+    # kohya's bucket_no_upscale: buckets never enlarge, each image trains at its own size
+    ds = scan(DatasetConfig(tmp_path / "data", resolution=64, bucket_no_upscale=True, bucket_reso_steps=16))
+    assert not [p for p in ds.problems if p.kind == "upscaled"]
+    assert sorted(i.bucket for i in ds.items) == [(48, 48), (64, 64)]
+    up = scan(DatasetConfig(tmp_path / "data", resolution=64, min_bucket_reso=64, max_bucket_reso=128))
+    assert [p.path for p in up.problems if p.kind == "upscaled"] == [str(folder / "small.png")]
+    assert "or set bucket_no_upscale" in up.summary()["warnings"][0]
