@@ -110,3 +110,21 @@ def test_a_remote_request_logs_only_inside_the_lora_folder(tmp_path):
     if HAS_TENSORBOARD:
         cfg = build_request(dict(req, logging_dir="logs"), tmp_path / "loras", dataset_roots=[tmp_path]).config
         assert cfg.logging_dir == str((tmp_path / "loras" / "logs").resolve())
+
+
+@needs_tensorboard
+def test_the_readmes_sample_and_tensorboard_command_line_parses_as_written(tiny_checkpoint, tmp_path):
+    import shlex
+    from pathlib import Path
+    ckpt, data = tiny_checkpoint
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    block = text.split("Samples and TensorBoard as in sd-scripts", 1)[1].split("```")[1]
+    words = shlex.split(block.replace("\\\n", " "))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("zkx --n blurry\n", encoding="utf-8")
+    paths = {"model.safetensors": str(ckpt), "img": str(data), "output": str(tmp_path), "prompts.txt": str(prompts),
+             "logs": str(tmp_path / "logs")}
+    cfg = _train_config(build_parser().parse_args([paths.get(w, w) for w in words[3:]]))
+    assert (cfg.sample_prompts, cfg.sample_every_n_epochs, cfg.sample_sampler, cfg.sample_at_first) == \
+        (["zkx --n blurry"], 1, "euler", True)
+    assert (cfg.log_with, str(cfg.logging_dir), cfg.log_prefix) == ("tensorboard", str(tmp_path / "logs"), "my_lora-")
