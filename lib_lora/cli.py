@@ -302,3 +302,6 @@ def main(argv: list[str] | None = None) -> int:
             DatasetError, ArchitectureError, ToolError, AdapterError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside training's own handler (while a checkpoint loads...)
+        print("\ninterrupted", file=sys.stderr)
+        return 130

@@ -159,3 +159,13 @@ def test_images_smaller_than_the_training_size_are_said_to_be_upscaled(tiny_chec
     up = scan(DatasetConfig(tmp_path / "data", resolution=64, min_bucket_reso=64, max_bucket_reso=128))
     assert [p.path for p in up.problems if p.kind == "upscaled"] == [str(folder / "small.png")]
     assert "or set bucket_no_upscale" in up.summary()["warnings"][0]
+
+
+def test_ctrl_c_outside_training_exits_130_without_a_traceback(monkeypatch, capsys):
+    from lib_lora import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "cmd_inspect", interrupted)
+    assert cli.main(["inspect", "x.safetensors"]) == 130
+    assert capsys.readouterr().err == "\ninterrupted\n"
