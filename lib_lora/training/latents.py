@@ -4,10 +4,11 @@ Latents are kept per (image, bucket, flip) when the crop never changes (``cache_
 ``random_crop``), and optionally on disk next to each image (as kohya keeps .npz files there),
 valid while the image, the model and the seed that drew the posterior sample are unchanged.
 Text-encoder outputs are kept per caption when the text encoders are frozen and the captions
-never vary (no shuffling or dropout).
+never vary (no shuffling or dropout).  ``fill_caches`` fills both before the first step.
 """
 from __future__ import annotations
 
+import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
@@ -157,3 +158,23 @@ class TextCache:
             with torch.no_grad():
                 self._memory[key] = self.model.encode_text([caption], [size])
         return self._memory[key]
+
+
+def fill_caches(dataset: Dataset, latents: LatentCache, texts: TextCache, frozen_text: bool,
+                report: Callable[[str, int, int], None] | None, log: Callable[[str], None],
+                stop: Callable[[], bool]) -> None:
+    """Cache every latent and (text encoders frozen) caption before the first step, as kohya does;
+    ``report("caching latents", done, total)`` as it goes, ``stop()`` cuts it short."""
+    if not (latents.caching or (frozen_text and texts.caching)):
+        return
+    samples = dataset.fixed_samples()
+    if latents.model.family == "sdxl" and dataset.config.random_crop:
+        frozen_text = False  # the crop is part of SDXL's text conditioning: captions are cached as they come
+    for what, cache, on in (("latents", latents, True), ("text encoder outputs", texts, frozen_text)):
+        if not on:
+            continue
+        t = time.time()
+        n = cache.fill(samples, (lambda done, total, what=what: report(f"caching {what}", done, total)) if report
+                       else (lambda done, total: None), stop)
+        if n:
+            log(f"cached {n} {what} in {time.time() - t:.1f} s")

@@ -29,7 +29,7 @@ from .frozen_layers import frozen_layers
 from .config import TrainConfig
 from .dataset import Dataset
 from .epochs import Batch, Position, derive_seed
-from .latents import LatentCache, TextCache
+from .latents import LatentCache, TextCache, fill_caches
 from .metadata import build_metadata
 from .model import TrainableModel
 from .network import TrainingNetwork
@@ -241,7 +241,7 @@ class Trainer:
         text_trains = cfg.network.train_text_encoder
         batches = ds.iterate(self.global_batch, cfg.seed, pos)
         per_epoch = max(1, ds.steps_per_epoch(self.global_batch))
-        self._fill_caches(latents, texts, frozen_text=not text_trains)
+        fill_caches(ds, latents, texts, not text_trains, self.cb.on_caching, self.cb.log, lambda: self._stop is not None)
         saved: list[Path] = []
         t0, step0 = time.time(), step
         acp_all = m.alphas_cumprod.to(m.device, torch.float32)
@@ -324,23 +324,6 @@ class Trainer:
             out = self._save(net, self.output_path(), epochs, step, pos, losses, started, opt, sched)
             saved.append(out)
         return TrainResult(out, step, losses, stopped, saved)
-
-    def _fill_caches(self, latents: LatentCache, texts: TextCache, frozen_text: bool) -> None:
-        """Cache every latent and caption before the first step (as kohya does), reporting progress."""
-        if not (latents.caching or (frozen_text and texts.caching)):
-            return
-        samples = self.dataset.fixed_samples()
-        if self.model.family == "sdxl" and self.dataset.config.random_crop:
-            frozen_text = False  # the crop is part of SDXL's text conditioning: captions are cached as they come
-        for what, cache, on in (("latents", latents, True), ("text encoder outputs", texts, frozen_text)):
-            if not on:
-                continue
-            t = time.time()
-            report = (lambda done, total, what=what: self.cb.on_caching(f"caching {what}", done, total)) \
-                if self.cb.on_caching else (lambda done, total: None)
-            n = cache.fill(samples, report, stop=lambda: self._stop is not None)
-            if n:
-                self.cb.log(f"cached {n} {what} in {time.time() - t:.1f} s")
 
     def _all_reduce_grads(self, net: TrainingNetwork, loss_val: float) -> float:
         """Sum every process's gradient share (and loss) through accelerate."""
