@@ -13,6 +13,8 @@ import sys
 
 # pip distribution name -> what it is for
 REQUIREMENTS = {"safetensors": "reading and writing LoRA files"}
+if sys.version_info < (3, 11):  # 3.11 reads TOML with its own tomllib
+    REQUIREMENTS["toml"] = "reading kohya's config.toml and dataset.toml"
 
 
 def _is_installed(package: str) -> bool:

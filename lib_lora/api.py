@@ -118,6 +118,8 @@ def add_training_routes(app: FastAPI, runner: Callable[[], Any], *, dependencies
       "state", "total"}`` at once; 400 bad request / dataset error (named), 409 a job is running,
       the output exists or the loaded model cannot be trained on.
     - ``POST {PREFIX}/train/validate`` same body -> ``{"summary", "problems"}`` (nothing starts).
+    - ``POST {PREFIX}/train/export`` same body -> ``{"config_toml", "dataset_toml", "notes"}``: the request
+      as kohya's two files (a body may itself hold ``config_toml``/``dataset_toml``: they are imported).
     - ``GET {PREFIX}/train`` -> ``{"active": id | null, "jobs": [{id, name, state, step, total}]}``.
     - ``GET {PREFIX}/train/{id}`` -> the job's status (``Job.status``) with ``samples[i].url``.
     - ``POST {PREFIX}/train/{id}/stop`` body ``{"save": bool}`` (optional) -> the status.
@@ -128,6 +130,7 @@ def add_training_routes(app: FastAPI, runner: Callable[[], Any], *, dependencies
 
     from .training.problems import DatasetError
     from .training.errors import JobError
+    from .training.kohya_config import export_files
 
     route = _Registrar(app, dependencies)
     added = route.added
@@ -164,6 +167,13 @@ def add_training_routes(app: FastAPI, runner: Callable[[], Any], *, dependencies
             raise fail(e) from None
         return {"summary": summary, "problems": [p.to_dict() for p in problems]}
 
+    def export(body: dict = Body(...)) -> dict[str, Any]:
+        try:
+            req = runner().request(body, remote=True)
+            return {**export_files(req.config), "notes": req.notes}
+        except (JobError, DatasetError) as e:
+            raise fail(e) from None
+
     def list_jobs() -> dict[str, Any]:
         r = runner()
         active = r.active()
@@ -195,6 +205,7 @@ def add_training_routes(app: FastAPI, runner: Callable[[], Any], *, dependencies
 
     route(f"{PREFIX}/train", "POST", train)
     route(f"{PREFIX}/train/validate", "POST", validate)
+    route(f"{PREFIX}/train/export", "POST", export)
     route(f"{PREFIX}/train", "GET", list_jobs)
     route(PREFIX + "/train/{job_id}", "GET", job_status)
     route(PREFIX + "/train/{job_id}/stop", "POST", stop)

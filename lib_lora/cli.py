@@ -184,6 +184,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_output_config(args: argparse.Namespace) -> int:
+    """kohya's --output_config: write the command line to --config_file, and train nothing."""
+    from .training.cli_args import write_output_config
+    print(f"wrote {write_output_config(args)}")
+    return 0
+
+
 def cmd_render(args: argparse.Namespace) -> int:
     from .hosts.cli.console import Console
     from .hosts.cli.samples import DISPLAY
@@ -287,7 +294,18 @@ def main(argv: list[str] | None = None) -> int:
     from .training.errors import RequestError
 
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args, extra = parser.parse_known_args(argv)
+    if getattr(args, "func", None) is cmd_train and (args.config_file or args.output_config):
+        from .training.cli_args import with_config_file
+        try:
+            if args.output_config:
+                args.func = cmd_output_config
+            else:  # kohya's --config_file: its values, then the command line over them
+                args, extra = with_config_file(_subparser(parser, args), argv, args)
+        except RequestError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     if extra:
         # an unknown option is the subcommand's error: show its usage, not the top level's
         hint = " (an sd-scripts option this trainer does not have is refused, never ignored)" \

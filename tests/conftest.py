@@ -1,12 +1,14 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
+STUB = ROOT / "tests" / "webui_stub"
 for p in (ROOT, ROOT / "tests"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-import pytest
 import torch
 
 # Tiny models gain nothing from threads, and CI has two cores shared with pytest itself.
@@ -17,6 +19,95 @@ def pytest_addoption(parser) -> None:
     from fuzz.runner import DEFAULT_CASES
 
     parser.addoption("--cases", type=int, default=DEFAULT_CASES, help="number of generated files for tests/fuzz")
+
+
+# -- the stand-in WebUI (tests/webui_stub), shared by the tests of the WebUI glue --------------------------
+
+
+class StandinWebUI:
+    """The stand-in WebUI about to load LoRA Workshop: its folders under ``tmp`` (models/Lora,
+    models/Stable-diffusion), fresh settings, ``shared.state``, queue lock and callbacks, no model
+    loaded, no --api-auth; every change goes through ``mp`` and is undone after the test.
+    ``start`` loads the extension the way the WebUI does and serves its app (with --api)."""
+
+    def __init__(self, tmp: Path, monkeypatch):
+        from modules import (call_queue, extensions, extra_networks, fifo_lock, paths, paths_internal,
+                             script_callbacks, sd_models, shared, shared_state, ui_extra_networks)
+        from modules.options import OptionInfo, Options
+
+        from lib_lora.hosts import webui as host
+        from lib_lora.hosts import webui_tools, webui_training
+
+        mp = self.mp = monkeypatch
+        self.tmp = tmp
+        self.lora_dir = tmp / "models" / "Lora"
+        self.ckpt_dir = tmp / "models" / "Stable-diffusion"
+        for d in (self.lora_dir, self.ckpt_dir):
+            d.mkdir(parents=True)
+        for mod in (paths_internal, paths):
+            mp.setattr(mod, "models_path", str(tmp / "models"))
+        mp.setattr(paths, "data_path", str(tmp))
+        mp.setattr(paths_internal, "extensions_builtin_dir", str(tmp / "extensions-builtin"))
+        mp.setattr(shared.cmd_opts, "lora_dir", str(self.lora_dir))
+        mp.setattr(shared.cmd_opts, "lyco_dir_backcompat", str(tmp / "models" / "LyCORIS"))
+        mp.setattr(shared.cmd_opts, "ckpt_dir", None, raising=False)
+        mp.setattr(shared.cmd_opts, "api_auth", None)
+        mp.setattr(shared, "opts", Options({}, set()))
+        shared.opts.add_option("samples_format", OptionInfo("png"))
+        shared.opts.add_option("extra_networks_default_multiplier", OptionInfo(1.0))
+        mp.setattr(shared, "state", shared_state.State())
+        mp.setattr(shared, "sd_model", None)
+        mp.setattr(call_queue, "queue_lock", fifo_lock.FIFOLock())
+        mp.setattr(extensions, "extensions", [extensions.Extension("lora-workshop", str(ROOT))])
+        mp.setattr(sd_models, "model_path", str(self.ckpt_dir))
+        mp.setattr(sd_models, "checkpoints_list", {})
+        mp.setattr(sd_models, "checkpoint_aliases", {})
+        mp.setattr(host, "_workshop", None)
+        for mod in (webui_training, webui_tools):
+            mp.setattr(mod, "_runner", None)
+        mp.delitem(sys.modules, "networks", raising=False)
+        extra_networks.initialize()
+        ui_extra_networks.initialize()
+        script_callbacks.clear_callbacks()
+        self.script = None
+
+    def start(self, auth: str | None = None, components: tuple[str, ...] = ()):
+        """List the checkpoints, load scripts/lora_workshop.py, add the --api routes, run the UI callbacks
+        (``before_component`` for the elem_ids in ``components``) and ``app_started``; a TestClient of the app.
+        ``auth``: --api-auth ("user:password")."""
+        from fastapi import FastAPI
+        from fastapi.testclient import TestClient
+        from modules import call_queue, paths, script_callbacks, script_loading, scripts, sd_models, shared
+        from modules.api.api import Api
+
+        if auth:
+            self.mp.setattr(shared.cmd_opts, "api_auth", auth)
+        sd_models.list_models()  # the WebUI lists its checkpoints before extensions load
+        self.app = FastAPI()
+        syspath = sys.path
+        sys.path = [str(ROOT)] + sys.path
+        scripts.current_basedir = str(ROOT)
+        try:
+            self.script = script_loading.load_module(str(ROOT / "scripts" / "lora_workshop.py"))
+        finally:
+            sys.path = syspath
+            scripts.current_basedir = paths.script_path
+        self.api = Api(self.app, call_queue.queue_lock)   # --api: /sdapi/v1/progress, /interrupt
+        script_callbacks.before_ui_callback()
+        for elem_id in components:
+            script_callbacks.before_component_callback(object(), elem_id=elem_id)
+        script_callbacks.app_started_callback(None, self.app)
+        self.client = TestClient(self.app)
+        return self.client
+
+
+@pytest.fixture
+def standin_webui(tmp_path, monkeypatch) -> StandinWebUI:
+    """A ``StandinWebUI`` in ``tmp_path`` (tests/webui_stub as the WebUI's ``modules``)."""
+    pytest.importorskip("fastapi")
+    if str(STUB) not in sys.path:
+        sys.path.insert(0, str(STUB))
+    return StandinWebUI(tmp_path, monkeypatch)
 
 
 @pytest.fixture(scope="session")

@@ -2,8 +2,9 @@
 
 The WebUI's gradio (3.41.2) cannot be installed beside this project's test environment (it pins
 numpy<2), so tests install this module as ``gradio`` to build the tab.  Each component accepts
-only the keyword arguments gradio 3.41.2's own signature has (a gradio-4-only argument fails
-here as it would fail in the WebUI), places itself in the layout block that is open, and each
+only the keyword arguments gradio 3.41.2's own signature has and the positional one it takes first
+(checked against the WebUI's gradio; gradio 3.41 merely warns "unused kwarg" and ignores any other, so a
+gradio-4-only argument silently does nothing in the WebUI: here it fails), places itself in the layout block that is open, and each
 event listener records (fn, inputs, outputs), so a test can call a handler the way gradio would.
 """
 from __future__ import annotations
@@ -20,10 +21,10 @@ SIGNATURES: dict[str, set[str]] = {
     "Column": _COMMON | {"scale", "min_width", "variant"},
     "Accordion": _COMMON | {"label", "open"},
     "Group": _COMMON,
-    "Markdown": _COMMON | {"value", "rtl", "sanitize_html", "line_breaks", "latex_delimiters", "header_links"},
+    "Markdown": _COMMON | {"value", "rtl", "latex_delimiters"},
     "HTML": _COMMON | {"value", "label", "every", "show_label"},
     "Button": _COMMON | {"value", "variant", "size", "icon", "link", "interactive", "scale", "min_width"},
-    "Textbox": _FORM | {"value", "lines", "max_lines", "placeholder", "autofocus", "autoscroll", "type",
+    "Textbox": _FORM | {"value", "lines", "max_lines", "placeholder", "autofocus", "type",
                         "text_align", "rtl", "show_copy_button"},
     "Number": _FORM | {"value", "precision", "minimum", "maximum", "step"},
     "Checkbox": _FORM | {"value"},
@@ -36,7 +37,11 @@ SIGNATURES: dict[str, set[str]] = {
                           "rows", "height", "preview", "object_fit", "allow_preview", "show_share_button",
                           "show_download_button"},
     "State": {"value"},
+    "File": _FORM | {"value", "file_count", "file_types", "type", "height"},
 }
+# the parameter a first positional argument is (None: keyword-only)
+POSITIONAL = {"Blocks": "theme", "Row": None, "Column": None, "Group": None, "Accordion": "label",
+              "Dropdown": "choices", "Radio": "choices"}
 LISTENER = {"api_name", "status_tracker", "scroll_to_output", "show_progress", "queue", "batch", "max_batch_size",
             "preprocess", "postprocess", "cancels", "every", "_js"}
 SHOW_PROGRESS = ("full", "minimal", "hidden")
@@ -56,11 +61,11 @@ class Block:
     def __init__(self, *args: Any, **kwargs: Any):
         kind = type(self).__name__
         unknown = set(kwargs) - SIGNATURES[kind]
-        if unknown or len(args) > 1:
-            raise TypeError(f"gradio 3.41 {kind}() takes no {sorted(unknown) or 'second positional argument'}")
+        first = POSITIONAL.get(kind, "value")
+        if unknown or len(args) > (1 if first else 0):
+            raise TypeError(f"gradio 3.41 {kind}() takes no {sorted(unknown) or 'positional argument here'}")
         if args:
-            kwargs = {("label" if kind == "Accordion" else "choices" if kind in ("Dropdown", "Radio") else "value"):
-                      args[0], **kwargs}
+            kwargs = {first: args[0], **kwargs}
         self.kwargs = kwargs
         self.children: list[Block] = []
         self.events: list[Event] = []
@@ -100,6 +105,9 @@ class Block:
     def change(self, fn, inputs=None, outputs=None, **kw):
         self._listen("change", fn, inputs, outputs, **kw)
 
+    def upload(self, fn, inputs=None, outputs=None, **kw):  # File's (Uploadable)
+        self._listen("upload", fn, inputs, outputs, **kw)
+
 
 def _block(name: str) -> type:
     return type(name, (Block,), {})
@@ -107,8 +115,8 @@ def _block(name: str) -> type:
 
 Blocks, Row, Column, Accordion, Group = (_block(n) for n in ("Blocks", "Row", "Column", "Accordion", "Group"))
 Markdown, HTML, Button, Textbox, Number = (_block(n) for n in ("Markdown", "HTML", "Button", "Textbox", "Number"))
-Checkbox, Dropdown, Radio, Image, Gallery, State = (_block(n) for n in
-                                                     ("Checkbox", "Dropdown", "Radio", "Image", "Gallery", "State"))
+Checkbox, Dropdown, Radio, Image, Gallery, State, File = (_block(n) for n in ("Checkbox", "Dropdown", "Radio", "Image",
+                                                                           "Gallery", "State", "File"))
 
 
 def update(**kwargs: Any) -> dict:

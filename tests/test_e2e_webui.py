@@ -27,7 +27,9 @@ WebUI's built-in Lora extension (``"disabled_extensions": ["Lora"]`` in the data
 config.json, the WebUI's own mechanism).  With WEBUI_E2E_CKPT you must also give a matching
 WEBUI_E2E_LORA.  The server log is kept in the temp folder and its tail is printed when
 something fails.  WEBUI_E2E_LBW_DIR (a LoRA Block Weight checkout) starts a second WebUI with the
-built-in Lora and LBW but not us, and compares lbw= images with its (tests/e2e_lbw.py).
+built-in Lora and LBW but not us, and compares lbw= images with its (tests/e2e_lbw.py).  The tools'
+tests (tests/e2e_tools.py) run on the same server: the Tools section as gradio builds it, jobs through
+the API and the Run button, their outputs listed and used.
 """
 from __future__ import annotations
 
@@ -43,7 +45,8 @@ from pathlib import Path
 import pytest
 
 from e2e_variants import DORA, KINDS
-from webui_server import LORA_NAME, Server, StartError, data_dir, running, tiny_checkpoint, webui_python
+from webui_server import (LORA_NAME, GradioUI, Server, StartError, data_dir, pixels, running, tiny_checkpoint,
+                          webui_python)
 
 WEBUI_DIR = os.environ.get("WEBUI_DIR")
 BUILTIN_OFF = os.environ.get("WEBUI_E2E_DISABLE_BUILTIN_LORA") == "1"  # run without the WebUI's own Lora extension
@@ -98,37 +101,6 @@ def test_routes_need_api_auth_and_list_the_lora(server):
     assert server.request("POST", "/lora-workshop/v1/refresh")[0] == 200
 
 
-class GradioUI:
-    """The UI's event handlers, called the way the browser does (``/run/predict`` with an fn_index)."""
-
-    def __init__(self, server: Server):
-        self.server = server
-        status, self.config = server.request("GET", "/config", auth=None)
-        assert status == 200
-        self.by_id = {c["id"]: c for c in self.config["components"]}
-
-    def elem(self, elem_id: str) -> int:
-        [cid] = [i for i, c in self.by_id.items() if c.get("props", {}).get("elem_id") == elem_id]
-        return cid
-
-    def fn_index(self, trigger: str, *, target: str | None = None, output: str | None = None) -> int:
-        """The one event of ``trigger`` on the component ``target`` (or, for "load", that fills ``output``)."""
-        found = [i for i, d in enumerate(self.config["dependencies"]) if d["trigger"] == trigger
-                 and (target is None or self.elem(target) in d["targets"])
-                 and (output is None or self.elem(output) in d["outputs"])]
-        assert len(found) == 1, (trigger, target, output, found)
-        return found[0]
-
-    def call(self, fn_index: int, *data) -> list:
-        status, res = self.server.request("POST", "/run/predict", {"fn_index": fn_index, "data": list(data),
-                                                                   "session_hash": "e2e"}, auth=None)
-        assert status == 200, f"{res}\n{self.server.log_tail()}"
-        return res["data"]
-
-    def outputs(self, fn_index: int, data: list) -> dict[int, object]:
-        return dict(zip(self.config["dependencies"][fn_index]["outputs"], data))
-
-
 def test_ui_loads_with_one_workshop_tab_and_one_lora_page(server):
     _assert_ui_complete(server)
 
@@ -164,6 +136,7 @@ def _assert_ui_complete(server: Server) -> None:
     for tabname in ("txt2img", "img2img"):
         pages = ids(f"{tabname}_lora")
         assert len(pages) == 1 and pages[0]["props"].get("label") == "Lora", pages
+    assert len(ids("lora_workshop_tools")) == 1   # the tab's Tools section
     # the built-in's own setting shows whether WEBUI_E2E_DISABLE_BUILTIN_LORA took effect
     assert bool(ids("setting_sd_lora")) == (not BUILTIN_OFF)
 
@@ -206,16 +179,6 @@ def test_sdapi_loras_keeps_the_builtin_shape(server):
     assert status == 200
     item = next(x for x in items if x["name"] == LORA_NAME)
     assert set(item) == {"name", "alias", "path", "metadata"}
-
-
-def pixels(image_b64: str) -> bytes:
-    """The decoded RGB pixels: the PNG itself also carries the infotext, i.e. the prompt with its <lora:> tokens."""
-    import base64
-    import io
-
-    from PIL import Image
-
-    return Image.open(io.BytesIO(base64.b64decode(image_b64))).convert("RGB").tobytes()
 
 
 def test_txt2img_applies_lora_writes_hashes_and_restores(server):
@@ -371,6 +334,14 @@ def test_dora_follows_the_builtin_dora_setting(server, variants):
     assert pixels(webui_mode["image"]) not in (pixels(lycoris_mode), pixels(variants["base"]))
     assert server.txt2img(f"a photo <lora:{DORA}:1>")["image"] == lycoris_mode
     assert server.txt2img("a photo")["image"] == variants["base"]
+
+
+# -- the tools (tests/e2e_tools.py), on this module's server -----------------------------------------
+
+from e2e_tools import (  # noqa: E402,F401  (collected in this order)
+    test_gradio_standin_takes_what_the_webuis_gradio_takes, test_tools_section_is_built_by_the_webuis_gradio,
+    test_resize_job_output_is_a_lora_the_webui_applies, test_bake_writes_a_checkpoint_the_webui_lists,
+    test_tool_refusals_over_http, test_run_button_starts_a_job_through_gradio)
 
 
 # -- lbw= against LoRA Block Weight itself --------------------------------------------------------

@@ -18,22 +18,17 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
 STUB = Path(__file__).resolve().parent / "webui_stub"
 if str(STUB) not in sys.path:
     sys.path.insert(0, str(STUB))
 
-from modules import (call_queue, extensions, extra_networks, fifo_lock, paths, paths_internal,  # noqa: E402
-                     script_callbacks, script_loading, scripts, sd_models, shared, shared_state, ui_extra_networks)
-from modules.api.api import Api  # noqa: E402
-from modules.options import OptionInfo, Options  # noqa: E402
+from modules import call_queue, script_callbacks, sd_models, shared  # noqa: E402
 
 import gradio_standin  # noqa: E402
 import tiny_models as tm  # noqa: E402
 from lib_lora.fileio import TensorFile, load_file, save_safetensors  # noqa: E402
 from lib_lora.hosts import webui as host  # noqa: E402
 from lib_lora.hosts import webui_tools as wtools  # noqa: E402
-from lib_lora.hosts import webui_training as wt  # noqa: E402
 from lib_lora.hosts.cli.checkpoint import Checkpoint, save_checkpoint  # noqa: E402
 from lib_lora.modelmap import ModelMap  # noqa: E402
 from lib_lora.tools import ui as tools_ui  # noqa: E402
@@ -42,8 +37,7 @@ from lib_lora.tools.options import TOOLS, OptionError, coerce  # noqa: E402
 from loras import kohya_lora  # noqa: E402
 from train_support import tiny_vae  # noqa: E402
 
-fastapi = pytest.importorskip("fastapi")
-from fastapi.testclient import TestClient  # noqa: E402
+pytest.importorskip("fastapi")
 
 TIMEOUT = 60
 AUTH = ("alice", "s3cret")
@@ -69,56 +63,16 @@ def files(tmp_path_factory):
 
 
 class WebUI:
-    """The stand-in WebUI with the extension loaded: folders, settings, the queue lock, shared.state, the API."""
+    """The stand-in WebUI (conftest's) with the tiny checkpoint and LoRAs in its folders, the gradio stand-in,
+    --api-auth, and the extension loaded."""
 
-    def __init__(self, tmp: Path, monkeypatch, files: dict):
-        mp = self.mp = monkeypatch
-        self.lora_dir = tmp / "models" / "Lora"
-        self.ckpt_dir = tmp / "models" / "Stable-diffusion"
-        for d in (self.lora_dir, self.ckpt_dir):
-            d.mkdir(parents=True)
+    def __init__(self, base, files: dict):
+        self.lora_dir, self.ckpt_dir = base.lora_dir, base.ckpt_dir
         shutil.copy(files["ckpt"], self.ckpt_dir / "tiny.safetensors")
         for name in ("a", "b", "xl"):
             shutil.copy(files[name], self.lora_dir / f"{name}.safetensors")
-        for mod in (paths_internal, paths):
-            mp.setattr(mod, "models_path", str(tmp / "models"))
-        mp.setattr(paths, "data_path", str(tmp))
-        mp.setattr(paths_internal, "extensions_builtin_dir", str(tmp / "extensions-builtin"))
-        mp.setattr(shared.cmd_opts, "lora_dir", str(self.lora_dir))
-        mp.setattr(shared.cmd_opts, "lyco_dir_backcompat", str(tmp / "models" / "LyCORIS"))
-        mp.setattr(shared.cmd_opts, "ckpt_dir", None, raising=False)
-        mp.setattr(shared.cmd_opts, "api_auth", f"{AUTH[0]}:{AUTH[1]}")
-        mp.setattr(shared, "opts", Options({}, set()))
-        shared.opts.add_option("samples_format", OptionInfo("png"))
-        shared.opts.add_option("extra_networks_default_multiplier", OptionInfo(1.0))
-        mp.setattr(shared, "state", shared_state.State())
-        mp.setattr(shared, "sd_model", None)
-        mp.setattr(call_queue, "queue_lock", fifo_lock.FIFOLock())
-        mp.setattr(extensions, "extensions", [extensions.Extension("lora-workshop", str(ROOT))])
-        mp.setattr(sd_models, "model_path", str(self.ckpt_dir))
-        mp.setattr(sd_models, "checkpoints_list", {})
-        mp.setattr(sd_models, "checkpoint_aliases", {})
-        sd_models.list_models()
-        for mod in (host, wt, wtools):
-            mp.setattr(mod, "_workshop" if mod is host else "_runner", None)
-        mp.setitem(sys.modules, "gradio", gradio_standin)
-        mp.delitem(sys.modules, "networks", raising=False)
-        extra_networks.initialize()
-        ui_extra_networks.initialize()
-        script_callbacks.clear_callbacks()
-        app = fastapi.FastAPI()
-        syspath = sys.path
-        sys.path = [str(ROOT)] + sys.path
-        scripts.current_basedir = str(ROOT)
-        try:
-            script_loading.load_module(str(ROOT / "scripts" / "lora_workshop.py"))
-        finally:
-            sys.path = syspath
-            scripts.current_basedir = paths.script_path
-        Api(app, call_queue.queue_lock)
-        script_callbacks.before_ui_callback()
-        script_callbacks.app_started_callback(None, app)
-        self.client = TestClient(app)
+        base.mp.setitem(sys.modules, "gradio", gradio_standin)
+        self.client = base.start(auth=f"{AUTH[0]}:{AUTH[1]}")
 
     @property
     def runner(self) -> ToolRunner:
@@ -151,8 +105,8 @@ class WebUI:
 
 
 @pytest.fixture
-def webui(tmp_path, monkeypatch, files):
-    w = WebUI(tmp_path, monkeypatch, files)
+def webui(standin_webui, files):
+    w = WebUI(standin_webui, files)
     yield w
     w.close()
 
@@ -413,6 +367,29 @@ def test_tools_section_is_built_in_the_tab_and_runs_a_resize(webui):
     again = run.fn("resize", *[values[c.elem_id] for c in run.inputs[1:]])
     assert "lw-error" in again and "exists" in again
 
+
+
+def test_saved_ui_defaults_leave_each_tool_at_its_declared_defaults(webui):
+    """The WebUI records the tab's values by tab and label (ui-config.json) and gives a recorded value to
+    every later component with that label: tools share labels ("Rank", "Output name"), yet each keeps its
+    own default, at the first start and the next (with a file that recorded other values)."""
+    from modules import ui_loadsave
+
+    def defaults_after(settings: dict) -> None:
+        (tab, _, elem_id), = script_callbacks.ui_tabs_callback()
+        ui_loadsave.UiLoadsave(settings=settings).add_block(tab, elem_id)
+        find = gradio_standin.find
+        assert find(tab, "lora_workshop_tools_tool").value == "resize"  # the form shown is resize's
+        for t in TOOLS.values():
+            for o in t.on("tab"):
+                want = tools_ui.start_value(o)
+                kind = tools_ui.widget(o)
+                want = [] if kind == "loras" else ("" if want is None else want) if kind == "text" else want
+                assert find(tab, f"lora_workshop_tools_{t.name}_{o.name}").value == want, (t.name, o.name)
+
+    defaults_after({})
+    defaults_after({"lora_workshop/Tool/value": "merge", "lora_workshop/Save as/value": "fp32",
+                    "lora_workshop/Dynamic rank/value": "sv_fro"})
 
 # -- the declarations without a host --------------------------------------------------------------------------
 

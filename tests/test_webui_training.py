@@ -19,15 +19,12 @@ import pytest
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parent.parent
 STUB = Path(__file__).resolve().parent / "webui_stub"
 if str(STUB) not in sys.path:
     sys.path.insert(0, str(STUB))
 
-from modules import (call_queue, extensions, extra_networks, fifo_lock, paths, paths_internal, processing,  # noqa: E402
-                     script_callbacks, script_loading, scripts, shared, shared_state, ui_extra_networks)
-from modules.api.api import Api  # noqa: E402
-from modules.options import OptionInfo, Options  # noqa: E402
+from modules import call_queue, processing, script_callbacks, shared  # noqa: E402
+from modules.options import OptionInfo  # noqa: E402
 
 from lib_lora.fileio import read_header  # noqa: E402
 from lib_lora.hosts import webui as host  # noqa: E402
@@ -40,7 +37,7 @@ from loras import same, snapshot  # noqa: E402
 from tiny_models import build_sd1  # noqa: E402
 from train_support import make_dataset, tiny_vae  # noqa: E402
 
-fastapi = pytest.importorskip("fastapi")
+pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
 TIMEOUT = 60
@@ -114,58 +111,22 @@ def unet_hooks(m: TinySD1) -> int:
 
 
 class WebUI:
-    def __init__(self, tmp: Path, monkeypatch, model):
-        self.tmp = tmp
-        self.lora_dir = tmp / "models" / "Lora"
-        self.lora_dir.mkdir(parents=True)
-        mp = monkeypatch
-        mp.setattr(paths_internal, "models_path", str(tmp / "models"))
-        mp.setattr(paths, "models_path", str(tmp / "models"))
-        mp.setattr(paths, "data_path", str(tmp))
-        mp.setattr(paths_internal, "extensions_builtin_dir", str(tmp / "extensions-builtin"))
-        mp.setattr(shared.cmd_opts, "lora_dir", str(self.lora_dir))
-        mp.setattr(shared.cmd_opts, "lyco_dir_backcompat", str(tmp / "models" / "LyCORIS"))
-        mp.setattr(shared.cmd_opts, "api_auth", None)
+    """The stand-in WebUI (conftest's) with ``model`` loaded as the tiny SD1 checkpoint; ``start`` loads the extension."""
+
+    def __init__(self, base, model):
+        self.base, self.lora_dir = base, base.lora_dir
+        mp = base.mp
         for flag in ("lowvram", "medvram", "medvram_sdxl"):
             mp.setattr(shared.cmd_opts, flag, False)
-        mp.setattr(shared, "opts", Options({}, set()))
-        shared.opts.add_option("samples_format", OptionInfo("png"))
-        shared.opts.add_option("extra_networks_default_multiplier", OptionInfo(1.0))
         shared.opts.add_option("fp8_storage", OptionInfo("Disable"))
         shared.opts.add_option("sd_model_checkpoint", OptionInfo("tiny.safetensors [abcdef0123]"))
-        mp.setattr(shared, "state", shared_state.State())
         mp.setattr(shared, "sd_model", model)
-        mp.setattr(call_queue, "queue_lock", fifo_lock.FIFOLock())
         mp.setattr(processing, "process_callbacks", [])
         mp.setattr(processing, "calls", [])
-        mp.setattr(extensions, "extensions", [extensions.Extension("lora-workshop", str(ROOT))])
-        mp.setattr(host, "_workshop", None)
-        mp.setattr(wt, "_runner", None)
-        mp.delitem(sys.modules, "networks", raising=False)
-        extra_networks.initialize()
-        ui_extra_networks.initialize()
-        script_callbacks.clear_callbacks()
-        self.mp = mp
-        self.app = fastapi.FastAPI()
-        self.api = None
         self.client: TestClient | None = None
 
     def start(self, auth: str | None = None) -> TestClient:
-        if auth:
-            self.mp.setattr(shared.cmd_opts, "api_auth", auth)
-        syspath = sys.path
-        sys.path = [str(ROOT)] + sys.path
-        scripts.current_basedir = str(ROOT)
-        try:
-            self.script = script_loading.load_module(str(ROOT / "scripts" / "lora_workshop.py"))
-        finally:
-            sys.path = syspath
-            scripts.current_basedir = paths.script_path
-        self.api = Api(self.app, call_queue.queue_lock)   # --api: /sdapi/v1/progress, /interrupt
-        script_callbacks.before_ui_callback()
-        script_callbacks.before_component_callback(object(), elem_id="txt2img_prompt")
-        script_callbacks.app_started_callback(None, self.app)
-        self.client = TestClient(self.app)
+        self.client = self.base.start(auth, components=("txt2img_prompt",))
         return self.client
 
     @property
@@ -194,8 +155,8 @@ class WebUI:
 
 
 @pytest.fixture
-def webui(tmp_path, tmp_path_factory, monkeypatch, sd_model):
-    w = WebUI(tmp_path, monkeypatch, sd_model)
+def webui(standin_webui, tmp_path_factory, sd_model):
+    w = WebUI(standin_webui, sd_model)
     # the datasets of these tests live in pytest's temp folders, outside the WebUI's data folder
     shared.opts.add_option(host.OPT_DATASET_ROOTS, OptionInfo(str(tmp_path_factory.getbasetemp())))
     yield w

@@ -3,7 +3,8 @@
 ``data_dir`` lays out a throw-away ``--data-dir`` (this repository linked in as an extension,
 optionally the built-in Lora disabled through the WebUI's own settings file), ``tiny_checkpoint``
 writes a tiny SD1 built from the real ``ldm`` classes, and ``running`` starts ``launch.py``
-offline on CPU and yields a ``Server`` to talk to over HTTP.
+offline on CPU and yields a ``Server`` to talk to over HTTP; ``GradioUI`` calls the page's event
+handlers the way the browser does.
 """
 from __future__ import annotations
 
@@ -170,6 +171,47 @@ class Server:
             "cfg_scale": 3, "sampler_name": "Euler", "batch_size": 1, "n_iter": 1, **overrides})
         assert status == 200, f"txt2img failed: {res}\n{self.log_tail()}"
         return {"image": res["images"][0], "info": json.loads(res["info"])}
+
+
+class GradioUI:
+    """The UI's event handlers, called the way the browser does (``/run/predict`` with an fn_index)."""
+
+    def __init__(self, server: Server):
+        self.server = server
+        status, self.config = server.request("GET", "/config", auth=None)
+        assert status == 200
+        self.by_id = {c["id"]: c for c in self.config["components"]}
+
+    def elem(self, elem_id: str) -> int:
+        [cid] = [i for i, c in self.by_id.items() if c.get("props", {}).get("elem_id") == elem_id]
+        return cid
+
+    def fn_index(self, trigger: str, *, target: str | None = None, output: str | None = None) -> int:
+        """The one event of ``trigger`` on the component ``target`` (or, for "load", that fills ``output``)."""
+        found = [i for i, d in enumerate(self.config["dependencies"]) if d["trigger"] == trigger
+                 and (target is None or self.elem(target) in d["targets"])
+                 and (output is None or self.elem(output) in d["outputs"])]
+        assert len(found) == 1, (trigger, target, output, found)
+        return found[0]
+
+    def call(self, fn_index: int, *data) -> list:
+        status, res = self.server.request("POST", "/run/predict", {"fn_index": fn_index, "data": list(data),
+                                                                   "session_hash": "e2e"}, auth=None)
+        assert status == 200, f"{res}\n{self.server.log_tail()}"
+        return res["data"]
+
+    def outputs(self, fn_index: int, data: list) -> dict[int, object]:
+        return dict(zip(self.config["dependencies"][fn_index]["outputs"], data))
+
+
+def pixels(image_b64: str) -> bytes:
+    """The decoded RGB pixels: the PNG itself also carries the infotext, i.e. the prompt with its <lora:> tokens."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(base64.b64decode(image_b64))).convert("RGB").tobytes()
 
 
 def webui_python(webui: Path) -> str:

@@ -17,11 +17,10 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .. import hashes
+from .. import families, hashes
 from ..adapters import dora
 from ..fileio import TensorFile
 from ..network import load_network
-from ..training.metadata import _ARCH
 from . import deltas, layout as layouts
 from .common import STALE_KEYS, ToolError, check_output
 from .deltas import Contribution
@@ -82,7 +81,7 @@ def bake(base: str | os.PathLike, specs: list[Spec | str], out: str | os.PathLik
         meta = {k: v for k, v in tf.metadata.items() if k not in STALE_KEYS}
         fam = layout.family
         meta.setdefault("modelspec.sai_model_spec", "1.0.0")
-        meta.setdefault("modelspec.architecture", _ARCH[fam])
+        meta.setdefault("modelspec.architecture", families.modelspec_architecture(fam))
         meta["modelspec.title"] = out.stem
         meta["modelspec.merged_from"] = ", ".join([Path(base).stem] + [s.path.stem for s in specs])
         meta["ss_baked_loras"] = json.dumps([{"file": s.path.name, "sha256": hashes.sha256_file(s.path),

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ..fileio import TensorFile, save_safetensors
-from ..training.metadata import _BASE_VERSION, architecture
+from ..training.metadata import architecture, base_model_version
 from . import layout as layouts, svd
 from .common import CheckpointMismatchError, ToolError, check_output, network_meta
 from .layout import Layer
@@ -133,7 +133,7 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
             + (f", conv rank {conv_rank}" if conv_rank else "") + (f", {method}={param:g}" if method else "")
             + f", clamp quantile {clamp:g} ({100 * res.kept:.2f}% energy kept)")
     fam = layout.family
-    meta = {"ss_base_model_version": _BASE_VERSION[fam], "ss_v2": str(fam == "sd2"),
+    meta = {"ss_base_model_version": base_model_version(fam, "epsilon"), "ss_v2": str(fam == "sd2"),
             "ss_sd_model_name": Path(base).stem, "ss_output_name": out.stem, "modelspec.sai_model_spec": "1.0.0",
             "modelspec.architecture": architecture(fam, "epsilon"), "modelspec.title": out.stem}
     meta = network_meta(meta, lin or conv, conv, method is not None, note)

@@ -176,6 +176,13 @@ def create_section(runner: ToolRunner) -> None:
             c = gr.Textbox(label=label, value=value or "", elem_id=eid)
         inputs.append((t, o.name, c))
 
+    def unsaved(components: list) -> None:
+        # The WebUI saves and restores a tab's values keyed by tab and label (ui-config.json): the tools
+        # share labels ("Rank", "Save as"), so the first tool's value would become every later one's
+        # default, and a restored tool choice would not match the form shown.
+        for c in components:
+            c.do_not_save_to_config = True
+
     with gr.Accordion("Tools: resize, merge, bake, extract, convert", open=False,
                       elem_id="lora_workshop_tools"):
         with gr.Row():
@@ -202,6 +209,7 @@ def create_section(runner: ToolRunner) -> None:
                 poll_btn = gr.Button("Refresh", elem_id=POLL_ID)
 
         components = [c for _, _, c in inputs]
+        unsaved([selector, *components])
 
         def on_tool(name: str):
             return [gr.update(visible=name == t) for t in names]

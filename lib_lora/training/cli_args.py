@@ -5,23 +5,28 @@ and so is its name in kohya's sd-scripts (``--train_batch_size``, ``--optimizer_
 ``train_network.py`` command line works as it is.  kohya's ``--network_args "conv_dim=8" …`` and
 ``--optimizer_args "weight_decay=0.1" …`` are read into the options they name.  ``--help`` lists
 the options in the tab's sections, each with its help line and its default.
+
+kohya's config files apply in kohya's order: ``--config_file``'s values under the command line's
+(``with_config_file``), and ``--dataset_config``'s over both (``train_data``); ``--output_config``
+writes the command line to the ``--config_file`` path (``write_output_config``).
 """
 from __future__ import annotations
 
 import argparse
-import ast
+import sys
 from pathlib import Path
 from typing import Any
 
-from . import sample_prompts
-from .options import AUTO_ON_OFF, GROUPS, OPTIONS, REQUIRED, Option, OptionError
+from . import sample_prompts, toml_io
+from .kohya_config import ALGOS, config_path, config_toml, load_config, network_args, \
+    optimizer_args
+from .kohya_dataset import read_dataset_config
+from .options import AUTO_ON_OFF, GROUPS, OPTIONS, REQUIRED, Option, OptionError, option
 
 IO_GROUP = "Input and output"
 _HELP_GROUPS = [IO_GROUP] + [g for g, _ in GROUPS]
-# kohya's --network_args key -> what it sets; "algo" names the LyCORIS kind networks.lora trains
-_ALGOS = ("lora", "locon")
 # options the command line takes from kohya's own key=value lists or files
-_NOT_FLAGS = ("network_args", "optimizer_args", "file")
+_NOT_FLAGS = ("network_args", "optimizer_args", "file", "dataset_config")
 
 
 def spellings(name: str) -> list[str]:
@@ -76,11 +81,20 @@ def add_train_arguments(sp: argparse.ArgumentParser) -> None:
     """The ``train`` subcommand's arguments: the schema's options in the tab's sections."""
     groups = {title: sp.add_argument_group(title) for title in _HELP_GROUPS}
     io = groups[IO_GROUP]
+    # not required by argparse: --config_file may give it (checked in train_data)
     io.add_argument("--base", "--pretrained_model_name_or_path", "--pretrained-model-name-or-path", dest="base",
-                    required=True, help="single-file .safetensors checkpoint (a .yaml beside it is read) (required)")
+                    help="single-file .safetensors checkpoint (a .yaml beside it is read) (required)")
     io.add_argument("--out", help="output NAME.safetensors path (required, or --output_dir and --output_name)")
     io.add_argument("--resume", help="a NAME-state.safetensors file written by --save-state (default: unset)")
     io.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    io.add_argument(*spellings("config_file"), dest="config_file", metavar="TOML",
+                    help="kohya's config.toml: its values, with the command line's winning (default: unset)")
+    io.add_argument(*spellings("output_config"), dest="output_config", action="store_true",
+                    help="write this command line to --config_file instead of training (default: off)")
+    io.add_argument(*spellings("dataset_config"), dest="dataset_config", metavar="TOML",
+                    help="kohya's dataset.toml ([general], [[datasets]], [[datasets.subsets]]); it replaces "
+                         "DATASET and --reg_data_dir, and its settings win over the command line's, as in kohya "
+                         "(default: unset)")
     for o in OPTIONS:
         group = groups.get(o.group) or groups["Advanced"]
         if o.flag == "dataset":  # the positional folder, or kohya's --train_data_dir
@@ -118,56 +132,11 @@ def add_train_arguments(sp: argparse.ArgumentParser) -> None:
     net_keys = ", ".join([o.kohya for o in OPTIONS if o.kohya_note == "network_args"] + ["algo"])
     groups["Network"].add_argument(*spellings("network_args"), dest="kohya_network_args", nargs="+",
                                    metavar="KEY=VALUE", default=[],
-                                   help=f"kohya's network arguments: {net_keys} (algo: {' or '.join(_ALGOS)}) "
+                                   help=f"kohya's network arguments: {net_keys} (algo: {' or '.join(ALGOS)}) "
                                         "(default: unset)")
     groups["Optimizer and schedule"].add_argument(
         *spellings("optimizer_args"), dest="kohya_optimizer_args", nargs="+", metavar="KEY=VALUE", default=[],
         help="keyword arguments of the optimiser, e.g. weight_decay=0.1 betas=0.9,0.99 (default: unset)")
-
-
-def _pairs(option: str, items: list[str]) -> list[tuple[str, str]]:
-    out = []
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise OptionError(option, f"expected key=value, got {item!r}")
-        out.append((key.strip(), value.strip()))
-    return out
-
-
-def network_args(items: list[str]) -> dict[str, str]:
-    """kohya's ``--network_args`` as the network options they set ({"conv_rank": "8", ...})."""
-    by_kohya = {o.kohya: o for o in OPTIONS if o.kohya_note == "network_args"}
-    out = {}
-    for key, value in _pairs("network_args", items):
-        if key == "algo":
-            if value.lower() not in _ALGOS:
-                raise OptionError("network_args", f"algo={value}: this trainer trains {' and '.join(_ALGOS)} "
-                                                  "(LoRA, and LoCon with conv_dim) only")
-        elif key in by_kohya:
-            out[by_kohya[key].name] = value
-        else:
-            raise OptionError("network_args", f"{key} is not a network argument here: use "
-                                              f"{', '.join(by_kohya)} or algo")
-    return out
-
-
-def optimizer_args(items: list[str]) -> dict[str, Any]:
-    """kohya's ``--optimizer_args``: ``weight_decay`` sets its option, the rest go to the optimiser."""
-    top: dict[str, Any] = {}
-    extra: dict[str, Any] = {}
-    for key, value in _pairs("optimizer_args", items):
-        try:
-            parsed = ast.literal_eval(value)  # as kohya reads them: numbers, tuples, booleans
-        except (ValueError, SyntaxError):
-            raise OptionError("optimizer_args", f"{key}={value}: not a Python literal") from None
-        if key == "weight_decay":
-            top["weight_decay"] = parsed
-        else:
-            extra[key] = parsed
-    if extra:
-        top["optimizer_args"] = extra
-    return top
 
 
 def _one(option: str, ours: Any, theirs: Any, what: str) -> Any:
@@ -176,8 +145,8 @@ def _one(option: str, ours: Any, theirs: Any, what: str) -> Any:
     return ours if ours is not None else theirs
 
 
-def train_data(args: argparse.Namespace) -> tuple[dict, Path]:
-    """The command line as request data (options.py keys) and the folder the LoRA goes to."""
+def _option_data(args: argparse.Namespace) -> dict:
+    """The options on the namespace as request data (without the folders and the output)."""
     data: dict = {"dataset": {}, "network": {}}
     for o in OPTIONS:
         if o.key in ("output_name", "output_dir") or not hasattr(args, o.name) or o.flag == "dataset":
@@ -186,15 +155,55 @@ def train_data(args: argparse.Namespace) -> tuple[dict, Path]:
         if o.type == bool | None and isinstance(value, str):
             value = AUTO_ON_OFF[value]
         (data[o.section] if o.section else data)[o.name] = value
-    train_dir = _one("dataset", args.dataset, args.train_data_dir, "DATASET or --train_data_dir")
-    if train_dir is None:
-        raise OptionError("dataset", "is required: the folder with <repeats>_<trigger> sub-folders "
-                                     "(or kohya's --train_data_dir)")
-    data["dataset"]["train_dir"] = train_dir
     if getattr(args, "sample_prompts_file", None):
         data["sample_prompts"] = sample_prompts.read_file(args.sample_prompts_file)
     data["network"].update(network_args(args.kohya_network_args))
     data.update(optimizer_args(args.kohya_optimizer_args))
+    return data
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _dataset_config(args: argparse.Namespace, data: dict) -> None:
+    """--dataset_config into ``data``: its [general] settings win over the command line's, which stay
+    the fallback for what it leaves out (kohya's order), and it replaces the training folders."""
+    path = Path(args.dataset_config).expanduser()
+    general, top = read_dataset_config(toml_io.load(path), str(path))
+    ignored = [f for f, v in (("DATASET", args.dataset), ("--train_data_dir", args.train_data_dir),
+                              ("--reg_data_dir", data["dataset"].get("reg_dir"))) if v is not None]
+    if ignored:
+        _warn(f"{', '.join(ignored)} ignored: --dataset_config gives the images (as kohya ignores them)")
+    for key, value in [*general.items(), *top.items()]:
+        o = option(f"dataset.{key}" if key != "batch_size" else key)
+        ours = (data["dataset"] if o.section else data).get(key, o.default_value())
+        if key != "datasets" and ours != o.default_value() and ours != value:
+            _warn(f"{_spelling(o)} {ours} is overridden by {path.name}'s {key} = {value!r} "
+                  "(the dataset config wins, as in kohya)")
+    data["dataset"].pop("reg_dir", None)
+    data["dataset"].update(general)
+    data.update(top)
+
+
+def _spelling(o: Option) -> str:
+    return o.flag if o.flag and o.flag.startswith("--") else f"--{o.kohya or o.name}"
+
+
+def train_data(args: argparse.Namespace) -> tuple[dict, Path]:
+    """The command line as request data (options.py keys) and the folder the LoRA goes to."""
+    if not args.base:
+        raise OptionError("base", "is required: the checkpoint to train on (kohya's "
+                                  "--pretrained_model_name_or_path, also read from --config_file)")
+    data = _option_data(args)
+    if args.dataset_config:
+        _dataset_config(args, data)
+    else:
+        train_dir = _one("dataset", args.dataset, args.train_data_dir, "DATASET or --train_data_dir")
+        if train_dir is None:
+            raise OptionError("dataset", "is required: the folder with <repeats>_<trigger> sub-folders "
+                                         "(or kohya's --train_data_dir, or --dataset_config)")
+        data["dataset"]["train_dir"] = train_dir
     if args.out is not None:
         if args.output_name is not None or args.output_dir is not None:
             raise OptionError("out", "give --out, or kohya's --output_dir and --output_name, not both")
@@ -208,3 +217,77 @@ def train_data(args: argparse.Namespace) -> tuple[dict, Path]:
     else:
         raise OptionError("out", "is required: --out NAME.safetensors, or kohya's --output_dir and --output_name")
     return data, folder
+
+
+# -- kohya's --config_file and --output_config -----------------------------------------------------
+
+_CLI_DESTS = {"pretrained_model_name_or_path": "base", "resume": "resume", "device": "device",
+              "dataset_config": "dataset_config"}
+
+
+def with_config_file(sp: argparse.ArgumentParser, argv: list[str],
+                     args: argparse.Namespace) -> tuple[argparse.Namespace, list[str]]:
+    """kohya's --config_file: the file's values start the namespace, then the command line (``argv``
+    after the subcommand) is parsed over them, so what it gives wins.  A --network_args or
+    --optimizer_args list on the command line replaces the file's whole list, as in kohya."""
+    req, extras, path = load_config(args.config_file)
+    ns = argparse.Namespace()
+    for key, value in extras.items():
+        if key in _CLI_DESTS:
+            setattr(ns, _CLI_DESTS[key], value)
+    lists = {k: extras[k] for k in ("network_args", "optimizer_args") if k in extras}
+    from_lists = set(network_args(lists.get("network_args", []))) | \
+        set(optimizer_args(lists.get("optimizer_args", [])))
+    ns.kohya_network_args = lists.get("network_args", [])
+    ns.kohya_optimizer_args = lists.get("optimizer_args", [])
+    for o in OPTIONS:
+        src = req.get(o.section, {}) if o.section else req
+        if o.name not in src or o.name in from_lists:
+            continue
+        value = src[o.name]
+        if o.key == "dataset.train_dir":
+            ns.train_data_dir = value
+        else:
+            setattr(ns, o.name, next(k for k, v in AUTO_ON_OFF.items() if v is value)
+                    if o.type == bool | None and not isinstance(value, str) else value)
+    given = dict(vars(ns))
+    rest = argv[argv.index(args.command) + 1:]
+    out, extra = sp.parse_known_args(rest, namespace=ns)
+    # what the command line says another way than the file wins too: --out over the file's
+    # output_dir/output_name, DATASET over its train_data_dir
+    if out.out is not None:
+        for key in ("output_name", "output_dir"):
+            if key in given and getattr(out, key) == given[key]:
+                setattr(out, key, None)
+    if out.dataset is not None and "train_data_dir" in given and out.train_data_dir == given["train_data_dir"]:
+        out.train_data_dir = None
+    out.config_file, out.command = str(path), args.command
+    return out, extra
+
+
+def write_output_config(args: argparse.Namespace) -> Path:
+    """kohya's --output_config: the command line's settings written to the --config_file path (".toml"
+    added when missing); an existing file is refused, never replaced."""
+    if not args.config_file:
+        raise OptionError("output_config", "needs --config_file: the file to write")
+    path = config_path(args.config_file)
+    if path.exists():
+        raise FileExistsError(f"{path} exists: --output_config never replaces a file (remove it, or name "
+                              "another --config_file)")
+    data = _option_data(args)
+    train_dir = _one("dataset", args.dataset, args.train_data_dir, "DATASET or --train_data_dir")
+    if train_dir is not None:
+        data["dataset"]["train_dir"] = train_dir
+    if args.out is not None:
+        out = Path(args.out)
+        data["output_dir"], data["output_name"] = str(out.parent), out.stem
+    else:
+        data["output_dir"] = args.output_dir
+        if args.output_name is not None:
+            data["output_name"] = args.output_name
+    extras = {key: getattr(args, dest) for key, dest in _CLI_DESTS.items()}
+    text = config_toml(data, extras)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "x", encoding="utf-8") as f:  # "x": never replaces a file that appeared meanwhile
+        f.write(text)
+    return path

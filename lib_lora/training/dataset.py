@@ -11,7 +11,7 @@ import json
 import math
 import random
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal, NoReturn
 
@@ -23,12 +23,17 @@ from .epochs import Batch, Position, check_batch_size, epoch_plan
 from .images import load_pixels
 from .options import default as _d
 from .problems import DatasetError, Problem
+from .subsets import Subset, resolve
 
 
 @dataclass
 class DatasetConfig:
-    """Defaults are declared in options.py; ``check()`` refuses settings that cannot work."""
-    train_dir: str | Path
+    """Defaults are declared in options.py; ``check()`` refuses settings that cannot work.
+
+    The images are ``train_dir``'s (and ``reg_dir``'s) ``<repeats>_<trigger>`` folders, or the
+    subsets of ``datasets`` (kohya's dataset config, see subsets.py), whose settings fall back
+    to these fields."""
+    train_dir: str | Path | None
     reg_dir: str | Path | None = _d("dataset.reg_dir")
     resolution: int | str | tuple[int, int] = _d("dataset.resolution")  # 512, "512,768" or (w, h); multiples of 64
     enable_buckets: bool = _d("dataset.enable_buckets")
@@ -47,21 +52,33 @@ class DatasetConfig:
     flip_aug: bool = _d("dataset.flip_aug")
     random_crop: bool = _d("dataset.random_crop")
     max_pixels: int = _d("dataset.max_pixels")
+    datasets: list[dict] = field(default_factory=lambda: _d("dataset.datasets"))
 
     def __post_init__(self) -> None:
-        self.train_dir = Path(self.train_dir)
+        self.train_dir = Path(self.train_dir) if self.train_dir not in (None, "") else None
         self.reg_dir = Path(self.reg_dir) if self.reg_dir not in (None, "") else None
         ext = self.caption_extension.strip()
         self.caption_extension = ext if ext.startswith(".") or not ext else "." + ext
 
     @property
     def reso(self) -> Size:
+        """The training size: with ``datasets``, the first dataset's (what the run is named by)."""
+        if self.datasets:
+            return self.subsets()[0].settings.reso
         return parse_resolution(self.resolution)
 
     @property
     def caption_extensions(self) -> tuple[str, ...]:
         """The configured extension first, then the other usual ones."""
         return (self.caption_extension,) + tuple(e for e in CAPTION_EXTENSIONS if e != self.caption_extension)
+
+    def subsets(self) -> list[Subset]:
+        """The subsets of ``datasets``, each with the settings it trains with ([] without datasets)."""
+        return resolve(self) if self.datasets else []
+
+    def all_settings(self) -> list["DatasetConfig"]:
+        """The settings every image trains with: each subset's, or these."""
+        return [s.settings for s in self.subsets()] or [self]
 
     def bucketer(self) -> Bucketer:
         return Bucketer(self.reso, self.min_bucket_reso, self.max_bucket_reso, self.bucket_reso_steps,
@@ -72,6 +89,17 @@ class DatasetConfig:
         def bad(msg: str) -> NoReturn:
             raise DatasetError(msg, kind="config")
 
+        if self.datasets:  # these settings are only what the subsets fall back to: each subset's are checked
+            if self.train_dir is not None or self.reg_dir is not None:
+                bad("give train_dir (and reg_dir) or datasets, not both")
+            for s in self.subsets():
+                try:
+                    s.settings.check()
+                except DatasetError as e:
+                    bad(f"{s.where}: {e}")
+            return
+        if self.train_dir is None:
+            bad("train_dir is required: the folder holding '<repeats>_<trigger>' sub-folders")
         try:
             w, h = self.reso
         except ValueError as e:
@@ -113,6 +141,7 @@ class ImageItem:
     resized: Size      # size scaled to before cropping to the bucket
     caption_source: Literal["file", "empty", "folder"] = "file"
     orientation: int = 1  # EXIF orientation, undone when loading
+    subset: int = -1      # its Subset.index with a ``datasets`` config: the settings it trains with
 
 
 @dataclass
@@ -125,6 +154,7 @@ class FolderInfo:
     images: int = 0
     missing_captions: int = 0
     empty_captions: int = 0
+    subset: int = -1    # the Subset.index this folder is, with a ``datasets`` config
 
     def to_dict(self) -> dict:
         return {**asdict(self), "images_x_repeats": self.images * self.repeats}
@@ -164,11 +194,16 @@ class Dataset:
         self.folders = folders
         self.problems = problems
         self.unused_reg = unused_reg or []  # reg images beyond what balancing needed; still in tag stats
+        self._settings = {s.index: s.settings for s in config.subsets()}
         self._plan_key: tuple | None = None
         self._plan: list[tuple[Size, list[int]]] = []
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def settings(self, item: ImageItem) -> DatasetConfig:
+        """The settings ``item`` trains with: its subset's, or the config's."""
+        return self._settings.get(item.subset, self.config)
 
     @property
     def samples_per_epoch(self) -> int:
@@ -186,21 +221,32 @@ class Dataset:
         check_batch_size(batch_size)
         return sum(math.ceil(n / batch_size) for n in self._bucket_samples().values())
 
-    def tag_frequency(self) -> dict[str, dict[str, int]]:
-        """kohya's ``ss_tag_frequency``: folder -> lower-cased tag -> number of images (repeats ignored)."""
+    def tag_frequency(self, subsets: set[int] | None = None) -> dict[str, dict[str, int]]:
+        """kohya's ``ss_tag_frequency``: folder -> lower-cased tag -> number of images (repeats ignored);
+        of the given subsets' images only, when given."""
         freq: dict[str, dict[str, int]] = {}
         for it in self.items + self.unused_reg:
+            if subsets is not None and it.subset not in subsets:
+                continue
             per = freq.setdefault(it.folder, {})
-            for tag in it.caption.split(self.config.caption_separator):
+            for tag in it.caption.split(self.settings(it).caption_separator):
                 tag = tag.strip().lower()
                 if tag:
                     per[tag] = per.get(tag, 0) + 1
         return freq
 
     def dataset_dirs(self, reg: bool = False) -> dict[str, dict[str, int]]:
-        """kohya's ``ss_dataset_dirs`` (or ``ss_reg_dataset_dirs`` with reg=True): folder -> repeats and count."""
-        return {f.name: {"n_repeats": f.repeats, "img_count": f.images}
-                for f in self.folders if f.is_reg == reg and f.images > 0}
+        """kohya's ``ss_dataset_dirs`` (or ``ss_reg_dataset_dirs`` with reg=True): folder -> repeats and count.
+
+        A folder name met again (the same image_dir in two datasets) gets " (2)", " (3)"..., as kohya does."""
+        out: dict[str, dict[str, int]] = {}
+        for f in self.folders:
+            if f.is_reg == reg and f.images > 0:
+                name, n = f.name, 2
+                while name in out:
+                    name, n = f"{f.name} ({n})", n + 1
+                out[name] = {"n_repeats": f.repeats, "img_count": f.images}
+        return out
 
     def fingerprint(self) -> str:
         """Changes whenever the epoch plan would; store it with a Position and refuse to resume on mismatch."""
@@ -215,9 +261,10 @@ class Dataset:
         errors = [p for p in self.problems if p.severity == "error"]
         return {
             "ok": not errors and bool(train),
-            "train_dir": str(self.config.train_dir),
+            "train_dir": str(self.config.train_dir) if self.config.train_dir else None,
             "reg_dir": str(self.config.reg_dir) if self.config.reg_dir else None,
             "resolution": _safe_reso(self.config),
+            "datasets": len(self.config.datasets),
             "folders": [f.to_dict() for f in self.folders],
             "train_images": len(train),
             "train_images_x_repeats": sum(i.repeats for i in train),
@@ -271,9 +318,10 @@ class Dataset:
 
         The RNGs depend on the slot in the *global* batch, not on which process trains it."""
         item = batch.items[slot]
-        caption = process_caption(item.caption, self.config, batch.rng(slot, "caption"), batch.epoch)
+        settings = self.settings(item)
+        caption = process_caption(item.caption, settings, batch.rng(slot, "caption"), batch.epoch)
         rng = batch.rng(slot, "image")
-        flip = self.config.flip_aug and rng.random() < 0.5
+        flip = settings.flip_aug and rng.random() < 0.5
         return self._place(item, batch.bucket, flip, rng, caption)
 
     def pixels(self, sample: Sample) -> torch.Tensor:
@@ -295,7 +343,7 @@ class Dataset:
 
     def _place(self, item: ImageItem, bucket: Size, flip: bool, rng: random.Random | None, caption: str) -> Sample:
         resized = item.resized if bucket == item.bucket else cover_size(item.size, bucket)
-        window = crop_offset(resized, bucket, rng if self.config.random_crop else None)
+        window = crop_offset(resized, bucket, rng if self.settings(item).random_crop else None)
         return Sample(item, bucket, caption, flip, resized, window)
 
 

@@ -30,7 +30,7 @@ class LatentCache:
 
     def __init__(self, model: TrainableModel, dataset: Dataset, cfg: TrainConfig, write_disk: bool = True):
         self.model, self.dataset, self.seed = model, dataset, cfg.seed
-        self.caching = cfg.cache_latents and not dataset.config.random_crop
+        self.caching = cfg.cache_latents and not any(s.random_crop for s in dataset.config.all_settings())
         self.on_disk = self.caching and cfg.cache_latents_to_disk
         self.write_disk = write_disk
         self._memory: dict[tuple, Tensor] = {}
@@ -107,9 +107,8 @@ class TextCache:
 
     def __init__(self, model: TrainableModel, cfg: TrainConfig):
         self.model = model
-        d = cfg.dataset
-        fixed = not (d.shuffle_caption or d.caption_dropout_rate or d.caption_tag_dropout_rate
-                     or d.caption_dropout_every_n_epochs)
+        fixed = not any(d.shuffle_caption or d.caption_dropout_rate or d.caption_tag_dropout_rate
+                        or d.caption_dropout_every_n_epochs for d in cfg.dataset.all_settings())
         self.caching = cfg.cache_text_encoder_outputs and fixed
         self._memory: dict[tuple, Conditioning] = {}
 

@@ -85,17 +85,54 @@ def bucket_info(dataset: Any) -> dict[str, Any] | None:
     "mean_img_ar_error": mean |bucket ratio - image ratio| over the images}; None without buckets.
 
     The index is the bucket's place among all bucket sizes, sorted, as sd-scripts numbers them."""
-    cfg = dataset.config
+    return _bucket_info(dataset.items, dataset.config)
+
+
+def _bucket_info(items: list, cfg: Any) -> dict[str, Any] | None:
     if not cfg.enable_buckets:
         return None
     counts: dict[tuple[int, int], int] = {}
-    for item in dataset.items:
+    for item in items:
         counts[item.bucket] = counts.get(item.bucket, 0) + item.repeats
     sizes = sorted(set(cfg.bucketer().resolutions) | set(counts))
-    errors = [abs(i.bucket[0] / i.bucket[1] - i.size[0] / i.size[1]) for i in dataset.items]
+    errors = [abs(i.bucket[0] / i.bucket[1] - i.size[0] / i.size[1]) for i in items]
     return {"buckets": {i: {"resolution": list(size), "count": counts[size]}
                         for i, size in enumerate(sizes) if counts.get(size)},
             "mean_img_ar_error": sum(errors) / len(errors) if errors else 0}
+
+
+def datasets_info(dataset: Any, batch_size: int) -> list[dict[str, Any]]:
+    """sd-scripts' ss_datasets, written when a dataset config is trained: per dataset its size,
+    bucketing, tag frequency and bucket info, and per subset its folder (by name) and settings."""
+    subsets = dataset.config.subsets()
+    folders = {f.subset: f for f in dataset.folders}
+    out = []
+    for d in sorted({s.dataset for s in subsets}):
+        subs = [s for s in subsets if s.dataset == d]
+        st, own = subs[0].settings, {s.index for s in subs}
+
+        def images(reg: bool) -> int:
+            return sum(folders[s.index].images * s.num_repeats for s in subs if s.index in folders and s.is_reg == reg)
+
+        out.append({
+            "is_dreambooth": True, "batch_size_per_device": batch_size,
+            "num_train_images": images(False), "num_reg_images": images(True), "resolution": list(st.reso),
+            "enable_bucket": st.enable_buckets,
+            "min_bucket_reso": st.min_bucket_reso if st.enable_buckets else None,
+            "max_bucket_reso": st.max_bucket_reso if st.enable_buckets else None,
+            "tag_frequency": dataset.tag_frequency(own),
+            "bucket_info": _bucket_info([i for i in dataset.items if i.subset in own], st),
+            "resize_interpolation": None,
+            "subsets": [{"img_count": folders[s.index].images if s.index in folders else 0,
+                         "num_repeats": s.num_repeats, "color_aug": False, "flip_aug": s.settings.flip_aug,
+                         "random_crop": s.settings.random_crop, "shuffle_caption": s.settings.shuffle_caption,
+                         "keep_tokens": s.settings.keep_tokens,
+                         "keep_tokens_separator": s.settings.keep_tokens_separator, "secondary_separator": None,
+                         "enable_wildcard": False, "caption_prefix": None, "caption_suffix": None,
+                         "resize_interpolation": None, "image_dir": s.image_dir.name,
+                         "class_tokens": s.class_tokens or None, "is_reg": s.is_reg} for s in subs],
+        })
+    return out
 
 
 def optimizer_text(class_path: str, cfg: Any) -> str:
@@ -166,6 +203,8 @@ def build_metadata(*, family: str, prediction: str, session_id: str, started_at:
         "modelspec.implementation_version": f"lora-workshop/{source_revision()}",
         VERSION_KEY: __version__,
     }
+    if d.datasets:  # what sd-scripts adds for a dataset config
+        meta["ss_datasets"] = json.dumps(datasets_info(dataset, cfg.batch_size))
     if n.conv_rank > 0:  # what kohya's --network_args "conv_dim=…" "conv_alpha=…" record, with its dropout
         meta["ss_network_args"] = json.dumps({"conv_dim": str(n.conv_rank), "conv_alpha": f"{n.conv_alpha:g}",
                                               "dropout": n.dropout or None})

@@ -93,7 +93,7 @@ OPTIONS: list[Option] = [
     _o("network_weights", str | Path | None, None, group=_IO, flag="--network-weights", kohya="network_weights",
        help="start from this LoRA/LoCon file's weights (same rank, alpha and layers)"),
     # -- Dataset
-    _o("dataset.train_dir", str | Path, REQUIRED, "Dataset folder", _D, flag="dataset", kohya="train_data_dir",
+    _o("dataset.train_dir", str | Path | None, REQUIRED, "Dataset folder", _D, flag="dataset", kohya="train_data_dir",
        help="folder with <repeats>_<trigger> sub-folders"),
     _o("dataset.reg_dir", str | Path | None, None, "Regularisation folder (optional)", _D, kind="text",
        flag="--reg-dir", kohya="reg_data_dir", help="regularisation images, in <repeats>_<class> sub-folders"),
@@ -249,6 +249,10 @@ OPTIONS: list[Option] = [
        help="marks the end of the kept tags instead of --keep-tokens, e.g. |||"),
     _o("dataset.caption_separator", str, ",", group=_D, kohya="caption_separator", help="separates a caption's tags"),
     _o("dataset.max_pixels", int, 64_000_000),
+    # kohya's dataset config ([[datasets]] of [[datasets.subsets]], subsets.py): the command line's
+    # --dataset_config file, the API's dataset_toml, or this list in its JSON form
+    _o("dataset.datasets", list[dict], [], kohya="datasets", kohya_note="dataset_config",
+       help="kohya's [[datasets]], each with its [[datasets.subsets]] (image folders)"),
     _o("optimizer_args", dict, {}, kohya="optimizer_args", kohya_note="optimizer_args"),
     _o("cache_latents_to_disk", bool, False, group=_ADV, flag="--cache-latents-to-disk", flag_action="store_true",
        kohya="cache_latents_to_disk", help="keep latents next to the images for reuse"),

@@ -10,12 +10,13 @@ import json
 import math
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..fileio import TRAINING_STATE_SUFFIX as STATE_SUFFIX, LoraFileError
 from . import options
+from . import kohya_config, kohya_dataset, toml_io
 from .dataset import DatasetConfig
 from .errors import RequestError, one_line
 from .network import NetworkConfig
@@ -24,6 +25,7 @@ from .outputs import check_output_name
 from .problems import DatasetError
 from .config import TrainConfig
 from .state import is_state_file, read_state_header
+from .subsets import DATASET_FIELDS, OWN_KEYS, SUBSET_FIELDS
 
 # -- presets ---------------------------------------------------------------------------------------
 # Starting points after kohya-ss/sd-scripts' documentation for LoRA on SD1.5 and SDXL.  Keys are
@@ -60,7 +62,7 @@ def preset_for_family(family: str | None) -> str:
 
 # not request keys: the LoRA folder is the host's; world_size is a key of older state files
 _TOP_EXCLUDED = {"dataset", "network", "output_dir", "world_size"}
-_EXTRA_TOP = {"preset", "resume_from"}
+_EXTRA_TOP = {"preset", "resume_from", "config_toml", "dataset_toml"}
 
 
 def _coerce(where: str, tp: Any, value: Any) -> Any:
@@ -224,6 +226,55 @@ def _inside(path: Path, roots: list[Path]) -> bool:
     return any(real == r or r in real.parents for r in (Path(x).resolve() for x in roots))
 
 
+def _datasets(value: Any, roots: list[Path] | None) -> list[dict]:
+    """``dataset.datasets`` (kohya's dataset config, subsets.py) with its values coerced and every
+    image_dir checked as a dataset folder is; the structure itself is checked by DatasetConfig."""
+    if not isinstance(value, list):
+        raise RequestError.bad("dataset.datasets", f"expected a list, got {type(value).__name__}")
+
+    def entry(where: str, obj: Any) -> Any:
+        if not isinstance(obj, dict):
+            return obj  # DatasetConfig names it
+        out = {}
+        for key, v in obj.items():
+            w = f"{where}.{key}"
+            if key == "subsets" and isinstance(v, list):
+                out[key] = [entry(f"{where}.subsets[{i}]", sub) for i, sub in enumerate(v)]
+            elif key == "image_dir":
+                out[key] = str(_dataset_dir(v, w, roots))
+            elif key in OWN_KEYS:
+                out[key] = _coerce(w, OWN_KEYS[key], v)
+            elif key in DATASET_FIELDS + SUBSET_FIELDS:
+                v = tuple(v) if key == "resolution" and isinstance(v, list) else v
+                out[key] = _coerce(w, options.option(f"dataset.{key}").type, v)
+            else:
+                out[key] = v
+        return out
+
+    return [entry(f"dataset.datasets[{d}]", part) for d, part in enumerate(value)]
+
+
+def _config_toml(text: Any, roots: list[Path] | None, notes: list[str]) -> tuple[dict, dict | None]:
+    """``config_toml`` -> (its request data, the dataset config its dataset_config names, or None)."""
+    if not isinstance(text, str):
+        raise RequestError(f"config_toml: expected the text of a config.toml, got {type(text).__name__}")
+    data, extras = kohya_config.read_config(toml_io.loads(text, "config_toml"), "config_toml")
+    for key in ("pretrained_model_name_or_path", "resume", "device"):
+        if key in extras:
+            notes.append(f"config_toml: {key} is not used here (the loaded model is trained; resume_from "
+                         "resumes)")
+    if data.pop("output_dir", None) is not None:
+        notes.append("config_toml: output_dir is not used here: LoRAs go to the LoRA folder")
+    dataset = None
+    if "dataset_config" in extras:
+        path = Path(extras["dataset_config"]).expanduser()
+        if roots is not None and not _inside(path, roots):
+            raise RequestError(f"config_toml: dataset_config {path} is outside the dataset folders this server "
+                               "may read")
+        dataset = toml_io.load(path)
+    return data, dataset
+
+
 @dataclass
 class JobRequest:
     config: TrainConfig
@@ -231,6 +282,7 @@ class JobRequest:
     resume_from: Path | None = None
     auto_precision: bool = False
     preset: str = "sd15"
+    notes: list[str] = field(default_factory=list)  # what a config_toml gave that is not used here
 
 
 def build_request(data: dict, output_dir: Path, family: str | None = None,
@@ -244,6 +296,10 @@ def build_request(data: dict, output_dir: Path, family: str | None = None,
     request's keys override them).  ``output_dir`` cannot be chosen: it is the LoRA folder.
     ``dataset_roots``, when given, are the only folders the dataset paths may lie in.
     ``presets=False``: no preset applies, the schema's defaults do (the command line's way).
+
+    kohya's files, as text: ``config_toml`` (a config.toml; with it no preset applies unless one is
+    named, and the request's own keys win over it) and ``dataset_toml`` (a dataset.toml; it replaces
+    ``dataset.train_dir``/``reg_dir`` and its settings win over ``dataset``'s, kohya's order).
     """
     if not isinstance(data, dict):
         raise RequestError("the request body must be a JSON object")
@@ -256,6 +312,16 @@ def build_request(data: dict, output_dir: Path, family: str | None = None,
     for part in ("dataset", "network"):
         if part in data and not isinstance(data[part], dict):
             raise RequestError(f"{part}: expected an object, got {type(data[part]).__name__}")
+    notes: list[str] = []
+    from_config, dataset_file = {}, None
+    if data.get("config_toml") not in (None, ""):
+        from_config, dataset_file = _config_toml(data["config_toml"], dataset_roots, notes)
+    if data.get("dataset_toml") not in (None, ""):
+        if not isinstance(data["dataset_toml"], str):
+            raise RequestError("dataset_toml: expected the text of a dataset.toml")
+        if dataset_file is not None:
+            notes.append("config_toml: its dataset_config gives way to dataset_toml")
+        dataset_file = toml_io.loads(data["dataset_toml"], "dataset_toml")
     resume = None
     if data.get("resume_from") not in (None, ""):
         resume = resolve_state_file(data["resume_from"], output_dir)
@@ -267,7 +333,7 @@ def build_request(data: dict, output_dir: Path, family: str | None = None,
                 raise RequestError(f"resume_from: {resume.name} holds a damaged {part} configuration")
             base[part] = dict(stored.get(part) or {})
         preset = "resume"
-    elif not presets:
+    elif not presets or (data.get("config_toml") not in (None, "") and not data.get("preset")):
         base, preset = {}, "none"
     else:
         preset = data.get("preset") or "auto"
@@ -278,16 +344,36 @@ def build_request(data: dict, output_dir: Path, family: str | None = None,
         if preset not in PRESETS:
             raise RequestError(f"preset {preset!r}: choose one of auto, {', '.join(PRESETS)}")
         base = json.loads(json.dumps(PRESETS[preset]))
-    merged = _merge(base, {k: v for k, v in data.items() if k not in _EXTRA_TOP})
+    merged = _merge(_merge(base, from_config), {k: v for k, v in data.items() if k not in _EXTRA_TOP})
+    if dataset_file is not None:
+        given = [k for k in ("train_dir", "reg_dir") if (data.get("dataset") or {}).get(k) not in (None, "")]
+        if given:
+            raise RequestError(f"dataset.{given[0]}: give it or dataset_toml, not both (the dataset config "
+                               "names the image folders)")
+        general, top_file = kohya_dataset.read_dataset_config(dataset_file, "dataset_toml")
+        if any(k in from_config.get("dataset", {}) for k in ("train_dir", "reg_dir")):
+            notes.append("config_toml: train_data_dir and reg_data_dir give way to the dataset config "
+                         "(kohya ignores them too)")
+        merged["dataset"] = {k: v for k, v in (merged.get("dataset") or {}).items()
+                             if k not in ("train_dir", "reg_dir")}
+        merged["dataset"].update(general)
+        merged.update(top_file)
     if data.get("max_train_steps") is not None and "max_train_epochs" not in data:
         # a length in steps replaces the preset's (or the resumed run's) length in epochs, which
         # would otherwise win (kohya's rule when both are set)
         merged["max_train_epochs"] = None
 
     ds_data = dict(merged.get("dataset") or {})
-    if not ds_data.get("train_dir"):
-        raise RequestError("dataset.train_dir is required: the folder holding '<repeats>_<trigger>' sub-folders")
-    ds_data["train_dir"] = str(_dataset_dir(ds_data["train_dir"], "dataset.train_dir", dataset_roots))
+    if ds_data.get("datasets"):
+        ds_data["datasets"] = _datasets(ds_data["datasets"], dataset_roots)
+        if ds_data.get("train_dir") not in (None, ""):
+            raise RequestError("dataset.train_dir: give it or dataset.datasets, not both")
+        ds_data["train_dir"] = None
+    elif not ds_data.get("train_dir"):
+        raise RequestError("dataset.train_dir is required: the folder holding '<repeats>_<trigger>' sub-folders "
+                           "(or a dataset_toml)")
+    else:
+        ds_data["train_dir"] = str(_dataset_dir(ds_data["train_dir"], "dataset.train_dir", dataset_roots))
     if ds_data.get("reg_dir") not in (None, ""):
         ds_data["reg_dir"] = str(_dataset_dir(ds_data["reg_dir"], "dataset.reg_dir", dataset_roots))
     else:
@@ -315,6 +401,7 @@ def build_request(data: dict, output_dir: Path, family: str | None = None,
     top_kwargs = _fields("", top, skip=_TOP_EXCLUDED)
     try:
         dataset = DatasetConfig(**ds_kwargs)
+        dataset.subsets()  # the datasets' structure: a misplaced or unknown key is named now
         network = NetworkConfig(**net_kwargs)
         cfg = TrainConfig(dataset=dataset, network=network, output_dir=Path(output_dir), **top_kwargs)
     except OptionError as e:
@@ -323,4 +410,4 @@ def build_request(data: dict, output_dir: Path, family: str | None = None,
         raise RequestError(one_line(e) if not isinstance(e, DatasetError) else str(e)) from None
     if not (network.train_unet or network.train_text_encoder):
         raise RequestError("network: train_unet and train_text_encoder are both off: nothing to train")
-    return JobRequest(cfg, name, resume, auto, preset)
+    return JobRequest(cfg, name, resume, auto, preset, notes)

@@ -19,6 +19,10 @@ repeats, until the running total reaches T; images after that are unused this
 run.  If every reg image was taken and the total is still below T, repeats are
 added one at a time, round-robin from the first reg image, until it reaches T.
 So an epoch holds ~2T samples, half of them regularisation.
+
+With kohya's dataset config (``DatasetConfig.datasets``, subsets.py) each subset's image_dir
+holds its images directly, with the subset's repeats, trigger words and settings; each dataset
+is bucketed and balanced on its own, as kohya does.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ from PIL import Image
 from .buckets import Assignment, Bucketer, BucketTooSmall
 from .captions import read_caption
 from .dataset import Dataset, DatasetConfig, FolderInfo, ImageItem
+from .subsets import Subset
 from .images import IMAGE_EXTENSIONS, is_image, read_image_header
 from .problems import DatasetError, Problem
 
@@ -127,7 +132,55 @@ def _scan_image(img: Path, info: FolderInfo, config: DatasetConfig, bucketer: Bu
             report.warning("no_caption_text", f"{img}: no caption and folder '{info.name}' has no trigger words, "
                            "so it trains with an empty caption", img)
     return ImageItem(img, caption, info.repeats, info.is_reg, info.name, size, assigned.bucket, assigned.resized,
-                     source, orientation)
+                     source, orientation, info.subset)
+
+
+def _scan_subset(sub: Subset, bucketer: Bucketer, report: _Report) -> tuple[FolderInfo | None, list[ImageItem]]:
+    root = sub.image_dir
+    if not root.is_dir():
+        report.error("missing_dir", f"{sub.where}: image_dir '{root}' does not exist or is not a folder", root)
+        return None, []
+    entries = sorted(root.iterdir(), key=lambda p: p.name)
+    images = [p for p in entries if is_image(p)]
+    if not images:
+        nested = [p for p in entries if p.is_dir() and _FOLDER.match(p.name)]
+        hint = ""
+        if nested:  # a kohya training folder given where its image folder is meant
+            m = _FOLDER.match(nested[0].name)
+            hint = (f": kohya's image_dir is the folder holding the images, not their parent (e.g. image_dir = "
+                    f"'{nested[0]}' with num_repeats = {m.group(1)} and class_tokens = '{m.group(2).strip()}')")
+        report.error("empty", f"{sub.where}: no images in '{root}'{hint}", root)
+    info = FolderInfo(root.name, str(root), sub.num_repeats, sub.class_tokens, sub.is_reg, subset=sub.index)
+    items = []
+    for img in images:
+        item = _scan_image(img, info, sub.settings, bucketer, report)
+        if item is not None:
+            items.append(item)
+            info.images += 1
+    return info, items
+
+
+def _scan_datasets(config: DatasetConfig, report: _Report) -> list[tuple[list[FolderInfo], list[ImageItem],
+                                                                          list[ImageItem]]]:
+    """(folders, train items, reg items) of each ``datasets`` entry."""
+    groups: list[tuple[list[FolderInfo], list[ImageItem], list[ImageItem]]] = []
+    seen: set[tuple[int, Path]] = set()
+    for sub in config.subsets():
+        if sub.dataset == len(groups):
+            groups.append(([], [], []))
+            bucketer = sub.settings.bucketer()  # resolution and buckets are the same for a dataset's subsets
+        key = (sub.dataset, sub.image_dir.resolve())
+        if key in seen:  # kohya's rule: a dataset takes a folder once
+            report.warning("duplicate_subset", f"{sub.where}: image_dir '{sub.image_dir}' is already a subset of "
+                           f"datasets[{sub.dataset}]; this one is skipped, as kohya skips it", sub.image_dir)
+            continue
+        seen.add(key)
+        info, items = _scan_subset(sub, bucketer, report)
+        folders, train, reg = groups[sub.dataset]
+        if info is not None:
+            folders.append(info)
+        (reg if sub.is_reg else train).extend(items)
+    return groups
 
 
 def balance_reg(train_samples: int, reg: list[ImageItem]) -> tuple[list[ImageItem], list[ImageItem]]:
@@ -173,22 +226,38 @@ def scan(config: DatasetConfig, strict: bool = True) -> Dataset:
     with warnings.catch_warnings():
         # Large-but-allowed images would print PIL's bomb warning; max_pixels is our explicit check.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        folders, train = _scan_root(Path(config.train_dir), False, config, bucketer, report)
-        reg_folders, reg = [], []
-        if config.reg_dir is not None:
-            reg_folders, reg = _scan_root(Path(config.reg_dir), True, config, bucketer, report)
-    if not train:
-        report.error("empty", f"no training images found in '{config.train_dir}': expected sub-folders named "
-                     f"'<repeats>_<trigger words>' (e.g. '10_robot') holding {'/'.join(IMAGE_EXTENSIONS)} files",
-                     config.train_dir)
-    if config.reg_dir is not None and not reg:
-        report.warning("no_reg", f"no regularisation images found in '{config.reg_dir}'", config.reg_dir)
-    used_reg, unused_reg = balance_reg(sum(i.repeats for i in train), reg)
-    _warn_upscaled(train + used_reg, config, report)
-    if unused_reg:
-        report.warning("unused_reg", f"{len(unused_reg)} regularisation image(s) are not used: kohya's balancing needs "
-                       "only as many reg samples as train images x repeats", config.reg_dir)
-    return Dataset(config, train + used_reg, folders + reg_folders, report.problems, unused_reg)
+        if config.datasets:
+            groups = _scan_datasets(config, report)
+        else:
+            folders, train = _scan_root(Path(config.train_dir), False, config, bucketer, report)
+            reg_folders, reg = [], []
+            if config.reg_dir is not None:
+                reg_folders, reg = _scan_root(Path(config.reg_dir), True, config, bucketer, report)
+            groups = [(folders + reg_folders, train, reg)]
+    if not config.datasets:
+        _, train, reg = groups[0]
+        if not train:
+            report.error("empty", f"no training images found in '{config.train_dir}': expected sub-folders named "
+                         f"'<repeats>_<trigger words>' (e.g. '10_robot') holding {'/'.join(IMAGE_EXTENSIONS)} files",
+                         config.train_dir)
+        if config.reg_dir is not None and not reg:
+            report.warning("no_reg", f"no regularisation images found in '{config.reg_dir}'", config.reg_dir)
+    items, all_folders, all_unused = [], [], []
+    trained = {s.dataset for s in config.subsets() if not s.is_reg}
+    for d, (folders, train, reg) in enumerate(groups):
+        where = f"datasets[{d}]: " if config.datasets else ""
+        if config.datasets and d not in trained:  # (an empty or missing image_dir is reported as such)
+            report.error("empty", f"{where}no training images: every subset is is_reg")
+        used_reg, unused_reg = balance_reg(sum(i.repeats for i in train), reg)  # per dataset, as kohya balances
+        if unused_reg:
+            report.warning("unused_reg", f"{where}{len(unused_reg)} regularisation image(s) are not used: kohya's "
+                           "balancing needs only as many reg samples as train images x repeats",
+                           config.reg_dir or unused_reg[0].path.parent)
+        items += train + used_reg
+        all_folders += folders
+        all_unused += unused_reg
+    _warn_upscaled(items, config, report)
+    return Dataset(config, items, all_folders, report.problems, all_unused)
 
 
 def validate(config: DatasetConfig, batch_size: int = 1) -> tuple[dict, list[Problem]]:

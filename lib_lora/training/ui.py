@@ -15,7 +15,8 @@ from typing import Any, Callable, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
-from . import options
+from . import kohya_config, kohya_dataset, options, toml_io
+from .buckets import parse_resolution
 from .errors import JobError
 from .jobs import JobRunner, format_seconds
 from .options import AUTO_ON_OFF
@@ -80,11 +81,19 @@ def to_form(key: str, value: Any) -> Any:
     return value
 
 
-def form_to_request(values: dict[str, Any], preset: str | None = None) -> dict[str, Any]:
-    """Form values (by request key) -> a request for ``JobRunner.start`` / the HTTP API."""
+def form_to_request(values: dict[str, Any], preset: str | None = None, config_toml: str = "",
+                    dataset_toml: str = "") -> dict[str, Any]:
+    """Form values (by request key) -> a request for ``JobRunner.start`` / the HTTP API.
+
+    kohya's files travel with it: the form's values win over ``config_toml``'s (which gives what
+    the form has no field for), and ``dataset_toml`` names the images instead of the form's folders."""
     req: dict[str, Any] = {"dataset": {}, "network": {}}
     if preset:
         req["preset"] = preset
+    if (config_toml or "").strip():
+        req["config_toml"] = config_toml
+    if (dataset_toml or "").strip():
+        req["dataset_toml"] = dataset_toml
     for key, value in values.items():
         kind = _KINDS.get(key)
         if kind is None:
@@ -104,6 +113,58 @@ def form_to_request(values: dict[str, Any], preset: str | None = None) -> dict[s
         section, _, name = key.rpartition(".")
         (req[section] if section else req)[name] = value
     return req
+
+
+# -- kohya's files ---------------------------------------------------------------------------------
+
+
+def _form_values(data: dict, keys: list[str], notes: list[str], source: str) -> dict[str, Any]:
+    out = {}
+    for key in keys:
+        section, _, name = key.rpartition(".")
+        src = data.get(section, {}) if section else data
+        value = src[name] if name in src else _default(key)
+        if key == "dataset.resolution" and not isinstance(value, int):
+            try:
+                w, h = parse_resolution(value)
+            except ValueError:
+                raise JobError(f"{source}: resolution {value!r} is not a size") from None
+            if w != h:
+                notes.append(f"{source}: resolution {w},{h} is not square and the form takes one size: "
+                             "set it in a dataset.toml's [general] instead")
+                continue
+            value = w
+        out[key] = to_form(key, value)
+    return out
+
+
+def import_files(config_text: str, dataset_text: str) -> tuple[dict[str, Any], list[str]]:
+    """The form's values from kohya's files (what a file leaves out takes its default, as kohya
+    reads it), and notes on what the form does not show.  A dataset.toml clears the form's
+    folders: it names the images itself."""
+    notes: list[str] = []
+    values: dict[str, Any] = {}
+    if (config_text or "").strip():
+        data, extras = kohya_config.read_config(toml_io.loads(config_text, "config.toml"), "config.toml")
+        values.update(_form_values(data, KEYS, notes, "config.toml"))
+        for key in ("pretrained_model_name_or_path", "resume", "device", "dataset_config"):
+            if key in extras:
+                notes.append(f"config.toml: {key} is not used by the tab (it trains the loaded model; paste the "
+                             "dataset config into the dataset.toml box)")
+        hidden = [o.kohya or o.name for o in options.OPTIONS
+                  if not o.label and o.key not in ("output_name", "output_dir") and (data.get(o.section, {}) if o.section else data).get(o.name, o.default) != o.default]
+        if hidden:
+            notes.append(f"config.toml: {', '.join(hidden)} apply from the file (the form has no field for them)")
+    if (dataset_text or "").strip():
+        general, top = kohya_dataset.read_dataset_config(toml_io.loads(dataset_text, "dataset.toml"),
+                                                         "dataset.toml")
+        keys = [k for k in KEYS if k.startswith("dataset.") and k[len("dataset."):] in general or k in top]
+        values.update(_form_values({"dataset": general, **top}, keys, notes, "dataset.toml"))
+        values["dataset.train_dir"] = values["dataset.reg_dir"] = ""
+        n = sum(len(d["subsets"]) for d in general["datasets"])
+        notes.append(f"dataset.toml: {len(general['datasets'])} dataset(s) of {n} image folder(s) replace the "
+                     "dataset folder; its settings win over the form's")
+    return values, notes
 
 
 # -- views -----------------------------------------------------------------------------------------
@@ -294,6 +355,18 @@ def create_tab(runner: JobRunner, sections: Sequence[Callable[[], None]] = ()) -
                             with gr.Row():
                                 for key, label, kind, extra in fields[i:i + per_row]:
                                     components[key] = make(key, label, kind, extra)
+                with gr.Accordion("kohya's config.toml and dataset.toml", open=False):
+                    toml_file = gr.File(label="Open a .toml file (config or dataset)", file_types=[".toml"],
+                                        type="binary", elem_id="lora_workshop_toml_file")
+                    with gr.Row():
+                        config_box = gr.Textbox(label="config.toml (sent with Start: the form wins over it)", lines=8,
+                                                elem_id="lora_workshop_config_toml")
+                        dataset_box = gr.Textbox(label="dataset.toml (sent with Start: it names the images)",
+                                                 lines=8, elem_id="lora_workshop_dataset_toml")
+                    with gr.Row():
+                        import_btn = gr.Button("Fill the form from these files", elem_id="lora_workshop_import")
+                        export_btn = gr.Button("Write the form as these files", elem_id="lora_workshop_export")
+                    files_message = gr.HTML(elem_id="lora_workshop_files_message")
             with gr.Column(scale=2):
                 with gr.Row():
                     validate_btn = gr.Button("Validate", elem_id="lora_workshop_validate")
@@ -317,10 +390,37 @@ def create_tab(runner: JobRunner, sections: Sequence[Callable[[], None]] = ()) -
         seen = gr.State(None)
 
         keys = list(components)
-        inputs = [components[k] for k in keys]
+        inputs = [config_box, dataset_box] + [components[k] for k in keys]
 
-        def request(preset_label, *values):
-            return form_to_request(dict(zip(keys, values)), preset_key(preset_label))
+        def request(preset_label, config_text, dataset_text, *values):
+            return form_to_request(dict(zip(keys, values)), preset_key(preset_label), config_text, dataset_text)
+
+        def on_upload(data):
+            text = data.decode("utf-8-sig") if isinstance(data, bytes) else ""
+            try:  # a dataset config is the one with [[datasets]]
+                is_dataset = "datasets" in toml_io.loads(text, "the file")
+            except JobError as e:
+                return gr.update(), gr.update(), message_html(str(e), error=True)
+            if is_dataset:
+                return gr.update(), text, message_html("Dataset config loaded: fill the form from it, or Start.")
+            return text, gr.update(), message_html("Config loaded: fill the form from it.")
+
+        def on_import(config_text, dataset_text):
+            try:
+                values, notes = import_files(config_text, dataset_text)
+            except JobError as e:
+                return [message_html(str(e), error=True)] + [gr.update() for _ in keys]
+            text = "; ".join(notes) or "The form now holds the files' settings."
+            return [message_html(text)] + [gr.update(value=values[k]) if k in values else gr.update() for k in keys]
+
+        def on_export(preset_label, config_text, dataset_text, *values):
+            try:
+                req = runner.request(request(preset_label, config_text, dataset_text, *values))
+                files = kohya_config.export_files(req.config)
+            except (JobError, DatasetError, ValueError) as e:
+                return gr.update(), gr.update(), message_html(str(e), error=True)
+            return files["config_toml"], files["dataset_toml"], message_html(
+                "; ".join(req.notes) or "Written: save each box as a .toml file for kohya's scripts.")
 
         def on_preset(label):
             vals = preset_values(preset_key(label))
@@ -369,7 +469,10 @@ def create_tab(runner: JobRunner, sections: Sequence[Callable[[], None]] = ()) -
             paths = [str(p) for p in job.sample_paths()]
             return head, loss_plot(st["loss_history"]), paths, "\n".join(st["log"]), key
 
-        preset.change(fn=on_preset, inputs=[preset], outputs=inputs)
+        preset.change(fn=on_preset, inputs=[preset], outputs=inputs[2:])
+        toml_file.upload(fn=on_upload, inputs=[toml_file], outputs=[config_box, dataset_box, files_message])
+        import_btn.click(fn=on_import, inputs=[config_box, dataset_box], outputs=[files_message] + inputs[2:])
+        export_btn.click(fn=on_export, inputs=[preset] + inputs, outputs=[config_box, dataset_box, files_message])
         validate_btn.click(fn=on_validate, inputs=[preset] + inputs, outputs=[validation])
         start_btn.click(fn=on_start, inputs=[preset] + inputs, outputs=[message])
         stop_btn.click(fn=lambda: on_stop(False), inputs=[], outputs=[message])
