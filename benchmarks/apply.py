@@ -1,7 +1,7 @@
 """Apply/switch/restore cost of LoRA merging on a full-size SD1.5 layout, against diffusers.
 
     .venv/bin/python benchmarks/apply.py [--ranks 16 128] [--repeat 3]
-    .venv/bin/python benchmarks/apply.py --scheduled-only --ranks 16 [--device cuda]
+    .venv/bin/python benchmarks/apply.py --scheduled-only --ranks 16 [--clock cpu] [--hook-max-cost inf] [--device cuda]
 
 Both sides get the same kohya-format files (every layer kohya's LoRA trains: the
 transformer blocks' linears and 1x1 convs, CLIP attention and MLP). Ours merges into
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 import statistics
 import sys
 import time
@@ -45,6 +46,9 @@ def kohya_file(mm, rank: int, seed: int) -> dict[str, torch.Tensor]:
     return sd
 
 
+CLOCK = time.perf_counter  # --clock cpu: this process's CPU time, which load from other processes leaves alone
+
+
 def timed(fn, repeat: int, setup=None) -> float:
     """Median seconds of ``fn`` (``setup`` runs untimed before each call)."""
     times = []
@@ -52,9 +56,9 @@ def timed(fn, repeat: int, setup=None) -> float:
         if setup is not None:
             setup()
         gc.collect()
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(CLOCK() - t0)
     return statistics.median(times)
 
 
@@ -91,21 +95,44 @@ def sampling_steps(p, acts, unet, x, t, ctx, repeat: int) -> tuple[float, float]
     return statistics.median(merged), statistics.median(plain)
 
 
-def scheduled_steps(p, net, unet, x, t, ctx, repeat: int) -> tuple[float, float, float]:
-    """Step time with ``net`` scheduled (start/stop: forward hooks, gate open) and merged.
+def scheduled_steps(p, net, unet, x, t, ctx, repeat: int,
+                    costs: list[float]) -> tuple[float, dict[float, tuple[float, float]]]:
+    """Step time with ``net`` merged, and scheduled (start/stop, gate open) with the patcher's
+    ``hook_max_cost`` at each of ``costs`` (inf: every layer a hook fits is hooked, 0: every layer
+    merged while the gate is open).
 
-    Measured in adjacent pairs, so load from other processes hits both sides of a pair alike;
-    returns (median hooked s, median merged s, median of the per-pair ratios)."""
-    hooked, merged = [], []
+    Measured in adjacent groups, so load from other processes hits every side of a group alike;
+    returns (median merged s, {cost: (median scheduled s, median of the per-group ratios)})."""
+    keep = p.hook_max_cost
+    merged, sched = [], {c: [] for c in costs}
     for _ in range(repeat):
-        p.apply([Activation(net, stop=10 ** 6)])
-        hooked.append(steady_step(unet, x, t, ctx, n=3))
-        p.restore()
         p.apply([Activation(net)])
         merged.append(steady_step(unet, x, t, ctx, n=3))
         p.restore()
-    ratios = [h / m for h, m in zip(hooked, merged)]
-    return statistics.median(hooked), statistics.median(merged), statistics.median(ratios)
+        for c in costs:
+            p.hook_max_cost = c
+            p.apply([Activation(net, stop=10 ** 6)])
+            sched[c].append(steady_step(unet, x, t, ctx, n=3))
+            p.restore()
+    p.hook_max_cost = keep
+    return statistics.median(merged), {
+        c: (statistics.median(v), statistics.median(s / m for s, m in zip(v, merged))) for c, v in sched.items()}
+
+
+def gate_flips(p, net, repeat: int) -> tuple[float, int, int]:
+    """Median seconds of one open + close of a scheduled ``net``'s gate (the layers merged while it is
+    open re-merge twice), and how many of its UNet layers are hooked / merged while open."""
+    times = []
+    for _ in range(repeat):
+        p.apply([Activation(net, start=1, stop=2)])
+        t0 = CLOCK()
+        p.set_step(1)
+        p.set_step(2)
+        times.append(CLOCK() - t0)
+        hooked = len(p.bypass.terms)
+        gated = sum(1 for lst in p._contribs.values() if any(g is not None for _, g in lst))
+        p.restore()
+    return statistics.median(times), hooked, gated
 
 
 def unet_step_ldm(unet, x, t, ctx):
@@ -123,9 +150,18 @@ def main() -> None:
     ap.add_argument("--latent", type=int, default=32, help="latent side for the sampling step (64 = 512px)")
     ap.add_argument("--sampling-only", action="store_true", help="only the merged-vs-plain sampling step")
     ap.add_argument("--scheduled-only", action="store_true",
-                    help="only the sampling step with the LoRA scheduled (start/stop hooks) vs merged")
+                    help="only the sampling step with the LoRA scheduled (start/stop) vs merged, and a gate flip")
+    ap.add_argument("--hook-max-cost", type=float, default=None,
+                    help="the patcher's hook_max_cost for scheduled LoRAs (default: the patcher's; "
+                         "inf: hook every layer a hook fits, 0: merge every layer while its gate is open)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="cpu: time by this process's CPU time (with one thread on a shared CPU, the "
+                         "wall clock also counts other processes' load)")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
+    if args.clock == "cpu":
+        global CLOCK
+        CLOCK = time.process_time
     torch.manual_seed(0)
 
     parts = build("sd1", device=args.device)
@@ -142,15 +178,22 @@ def main() -> None:
         a, b = kohya_file(mm, rank, 1), kohya_file(mm, rank, 2)
         na, nb = parse_state_dict("a", a, {}), parse_state_dict("b", b, {})
         p = Patcher(mm)
+        if args.hook_max_cost is not None:
+            p.hook_max_cost = args.hook_max_cost
         A, B, B_half = [Activation(na)], [Activation(nb)], [Activation(nb, 0.5, 0.5)]
         if args.sampling_only:
             m, pl = sampling_steps(p, A, parts.unet, x, t, ctx, args.repeat)
             print(f"rank {rank}: sampling step merged {m:.3f}s, plain {pl:.3f}s, ratio {m / pl:.3f}")
             continue
         if args.scheduled_only:
-            h, m, r = scheduled_steps(p, na, parts.unet, x, t, ctx, args.repeat)
-            print(f"rank {rank}: sampling step scheduled (hooks) {h:.3f}s, merged {m:.3f}s, "
-                  f"median paired ratio {r:.3f}")
+            costs = [p.hook_max_cost] + ([math.inf] if p.hook_max_cost != math.inf else [])
+            m, sched = scheduled_steps(p, na, parts.unet, x, t, ctx, args.repeat, costs)
+            flip, n_hooked, n_gated = gate_flips(p, na, args.repeat)
+            print(f"rank {rank}: sampling step merged {m:.3f}s; " + "; ".join(
+                f"scheduled with hook_max_cost {c:g}{' (every layer hooked)' if c == math.inf else ''} "
+                f"{s:.3f}s, median paired ratio {r:.3f}" for c, (s, r) in sched.items()))
+            print(f"  at hook_max_cost {p.hook_max_cost:g}: UNet layers hooked {n_hooked}, merged while open "
+                  f"{n_gated}; a gate's open + close {flip:.3f}s")
             continue
         ours = {
             "first apply": timed(lambda: p.apply(A), args.repeat, setup=p.restore),
@@ -159,7 +202,8 @@ def main() -> None:
             "restore": timed(p.restore, args.repeat, setup=lambda: p.apply(A)),
         }
         step_merged, step_plain = sampling_steps(p, A, parts.unet, x, t, ctx, args.repeat)
-        step_hooked, step_merged2, _ = scheduled_steps(p, na, parts.unet, x, t, ctx, args.repeat)
+        step_merged2, sched = scheduled_steps(p, na, parts.unet, x, t, ctx, args.repeat, [p.hook_max_cost])
+        step_hooked = sched[p.hook_max_cost][0]
         p.apply(A)
         backup_mb = sum(s.original.numel() * s.original.element_size() for s in p.slots.values()) / 2**20
         n_slots = len(p.slots)
@@ -189,7 +233,7 @@ def main() -> None:
         for k in ("first apply", "switch", "weight change", "restore"):
             rows.append((rank, n_layers, k, ours[k], ref[k]))
         rows.append((rank, n_layers, "sampling step (merged vs none)", step_merged, step_plain))
-        rows.append((rank, n_layers, "step, start/stop hooks vs merged", step_hooked, step_merged2))
+        rows.append((rank, n_layers, "step, start/stop vs merged", step_hooked, step_merged2))
         print(f"rank {rank}: {n_layers} layers, originals kept: {backup_mb:.0f} MiB in {n_slots} tensors")
 
     print(f"\n{'rank':>5} {'layers':>6}  {'operation':<32} {'ours s':>9} {'reference s':>12} {'ratio':>7}")
@@ -197,7 +241,7 @@ def main() -> None:
         print(f"{rank:>5} {n:>6}  {k:<32} {o:9.3f} {r:12.3f} {o / r if r else float('nan'):7.2f}")
     print("\nreference: diffusers load_lora_weights+fuse_lora / unfuse_lora+unload_lora_weights; "
           "sampling rows compare our merged UNet with the same UNet without LoRA, and the LoRA "
-          "scheduled (start=/stop=, forward hooks) with it merged.")
+          "scheduled (start=/stop=: hooked or merged while open, per layer) with it merged.")
 
 
 if __name__ == "__main__":

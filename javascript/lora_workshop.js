@@ -3,6 +3,11 @@
     function label(card) {
         var family = card.dataset.sortLwfamily;
         if (!family || card.title) return;
+        var fit = card.dataset.sortLwfit;  // only for files that name no model family
+        if (fit) {
+            card.title = "No model family in its metadata or keys; " + fit;
+            return;
+        }
         card.title = card.dataset.sortLwcompat === "no" ?
             family + " LoRA: made for another model family than the loaded checkpoint" :
             family + " LoRA";

@@ -13,6 +13,7 @@ shorter vectors name only some of them and every slot they leave out gets weight
 Layers outside every block (time embedding, ``out``/``conv_out``, SDXL's label embedding, the
 text encoders' embeddings and final norm) keep weight 1, as in LBW.  A value may be ``R``
 (random 0..1), ``U`` (random -0.5..1.5) or ``X``/``X+d``/``X-d`` (the ``x=`` argument, default 1).
+Per-element weights (``lbwe=``) are in ``elementweights.py``.
 """
 from __future__ import annotations
 
@@ -144,12 +145,19 @@ def load_presets(paths: list[Path]) -> dict[str, str]:
 
 
 class PresetSource:
-    """Presets from the first existing file among ``candidates()``, re-read only when it changes."""
+    """Presets from the first existing file among ``candidates()``, re-read only when it changes.
 
-    def __init__(self, candidates: Callable[[], list[Path]]):
+    ``load`` reads a list of files as ``load_presets`` does; ``defaults`` stand when none exists
+    (``elementweights`` passes its own pair for elempresets.txt)."""
+
+    def __init__(self, candidates: Callable[[], list[Path]],
+                 load: Callable[[list[Path]], dict[str, str]] = load_presets,
+                 defaults: Mapping[str, str] = DEFAULT_PRESETS):
         self._candidates = candidates
+        self._load = load
+        self._defaults = dict(defaults)
         self._key: tuple | None = None
-        self._presets: dict[str, str] = dict(DEFAULT_PRESETS)
+        self._presets: dict[str, str] = dict(defaults)
 
     def current(self) -> dict[str, str]:
         for path in self._candidates():
@@ -159,9 +167,9 @@ class PresetSource:
                 continue
             key = (str(path), st.st_mtime_ns, st.st_size)
             if key != self._key:
-                self._presets, self._key = load_presets([Path(path)]), key
+                self._presets, self._key = self._load([Path(path)]), key
             return self._presets
-        self._key, self._presets = None, dict(DEFAULT_PRESETS)
+        self._key, self._presets = None, dict(self._defaults)
         return self._presets
 
     def lazy(self) -> Mapping[str, str]:

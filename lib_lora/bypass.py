@@ -1,8 +1,19 @@
-"""LoRAs whose weight changes during sampling (start=/stop=), added to layer outputs instead of merged.
+"""LoRAs whose weight changes during sampling (start=/stop=): hooked onto layer outputs, or merged
+only while their gate is open.
 
-Re-merging every scheduled layer at each step would cost a full weight rewrite per step; a
-forward hook that adds the adapter's output costs only the adapter's own work, and nothing
-when its gate is closed.  Two kinds of term:
+A gate flips at most twice per sampling pass, so a layer can take either route exactly:
+
+- merged at the flip (the patcher re-merges the layer from its kept original when the gate opens
+  and again when it closes): two merges per pass, and each step then costs what a merged step does;
+- hooked: a forward hook adds the adapter's output at every step while the gate is open, and
+  nothing is ever written.
+
+``hook_cost`` weighs the two per layer: the hook's multiply-adds per output element relative to the
+layer's own.  A low-rank branch at rank 16 on a 1280-wide layer is a few percent of the layer, so
+hooking it costs less than two merges; at rank 128 on a 320-wide one it is most of the layer again,
+at every step.  The patcher hooks a layer only when that ratio is at most its ``hook_max_cost``.
+
+Two kinds of hook term:
 
 - ``LowRank``: plain LoRA/LoCon on a Linear or Conv2d, ``out += s * up(down(x))`` at rank width
   (the down projection takes the layer's kernel, stride and padding, like kohya's LoCon);
@@ -17,25 +28,35 @@ Hooks hold no reference the model keeps: ``Bypass.remove`` deletes them and leav
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .adapters import Adapter, AdapterError
-from .adapters.base import DoraFn
+from .adapters.base import DoraFn, fit_shape
 from .autocast import autocasting
+from .merging import MATH_ERRORS, OOM, error_text, fits_dtype
 from .modelmap import Target
+
+
+# the default ``Patcher.hook_max_cost``: a hook may add up to this share of a layer's own work per step
+HOOK_MAX_COST = 1 / 16
 
 
 @dataclass(eq=False)
 class Gate:
-    """On for steps in [start, stop); ``step`` counts sampling steps already done."""
+    """On for steps in [start, stop); ``step`` counts sampling steps already done.
+
+    ``merges``: some layer of its network is merged while the gate is open (not hooked), so a
+    flip must re-merge those layers."""
     start: int | None = None
     stop: int | None = None
     factor: float = 1.0
+    merges: bool = False
 
     def set_step(self, step: int) -> None:
         on = (self.start is None or step >= self.start) and (self.stop is None or step < self.stop)
@@ -146,6 +167,26 @@ def _plus(out: Tensor, y: Tensor) -> Tensor:
     return out.add_(y)  # the layer's fresh output, not yet seen by anyone: no second copy
 
 
+def hook_cost(target: Target, adapter: Adapter, dyn: int | None) -> float:
+    """The hook's multiply-adds per output element over the layer's own; ``inf`` where no hook fits.
+
+    A ``LowRank`` term runs down (``rank * in * kernel``) and up (``out * rank``) against the
+    layer's ``out * in * kernel``; a ``DeltaOutput`` term runs the layer's operation a second time.
+    """
+    module = target.module
+    if target.rows is not None or target.weight_name != "weight":
+        return math.inf
+    if LowRank.fits(module, adapter):
+        w = module.weight
+        out_f, in_f = w.shape[0], w.shape[1]
+        kernel = math.prod(w.shape[2:])
+        rank = adapter.tensors["lora_down.weight"].shape[0]
+        if dyn is not None and 0 < dyn < rank:
+            rank = dyn
+        return rank * (in_f * kernel + out_f) / (out_f * in_f * kernel)
+    return 1.0 if DeltaOutput.fits(module) else math.inf
+
+
 def make_term(target: Target, adapter: Adapter, multiplier: float, dyn: int | None,
               original_weight: Tensor, bias: Tensor | None, dora: Optional[DoraFn] = None) -> _Term:
     """The bypass form of ``adapter`` on ``target`` at ``multiplier`` (AdapterError if it cannot be).
@@ -202,3 +243,39 @@ class Bypass:
         for hook in self._hooks.values():
             hook.handle.remove()
         self._hooks.clear()
+
+    def sync(self, scheduled: list, originals: Callable[[Target], tuple[Tensor, Tensor | None]],
+             bad: dict[str, list[str]], overflowing: dict[str, int], dora_fn) -> dict[str, int]:
+        """Hook exactly the ``scheduled`` (target, adapter, multiplier, dyn, network, gate), reusing terms
+        whose inputs did not change; ``originals(target)`` gives the layer's weight and bias before any
+        merge.  Layers that cannot be hooked go to ``bad``, those whose merged value would not be finite
+        to ``overflowing``; returns the layers hooked per network."""
+        hooked: dict[str, int] = {}
+        old = self.terms
+        self.remove()
+        self.terms = {}
+        for target, adapter, mult, dyn, netname, gate in scheduled:
+            key = (id(target), id(adapter), mult, dyn)
+            term = old.get(key) if not adapter.needs_weight else None  # weight-dependent: always fresh
+            if term is None:
+                weight, bias = originals(target)
+                try:
+                    term = make_term(target, adapter, mult, dyn, weight, bias, dora_fn)
+                    # hooked, it never writes the weight, but the layer's output must stay what a finite
+                    # merged weight would give: the same check as merging
+                    dw = term.dw.float() if isinstance(term, DeltaOutput) else \
+                        adapter.weight_delta_at(weight, mult, dyn, dora_fn)
+                except OOM:
+                    raise
+                except (AdapterError,) + MATH_ERRORS as e:
+                    bad.setdefault(netname, []).append(error_text(e))
+                    continue
+                if dw is not None and not fits_dtype(fit_shape(dw, weight.shape, adapter.name) + weight.float(),
+                                                     weight.dtype):
+                    overflowing[netname] = overflowing.get(netname, 0) + 1
+                    continue
+            term.gate = gate
+            self.terms[key] = term
+            self.attach(target.module, term)
+            hooked[netname] = hooked.get(netname, 0) + 1
+        return hooked

@@ -17,6 +17,7 @@ from typing import Iterator
 from . import families, safe_json
 from .fileio import (LEGACY_TRAINING_STATE_SUFFIX, PICKLE_EXT, SAFETENSORS_EXT, TRAINING_STATE_FORMAT, LoraFileError,
                      read_header)
+from .fit import Layout, read_layout
 from .hashes import addnet_hash_safetensors, sha256_file
 from .network import Network, load_network
 
@@ -44,6 +45,7 @@ class Entry:
     size: int
     metadata: dict[str, str] = field(default_factory=dict)
     header_error: str | None = None
+    layout: Layout | None = None    # modules and sizes from the header, kept when the metadata names no family
     # real paths of the library's folders when files outside them are not served (empty: no limit)
     confined_to: tuple[str, ...] = ()
     _hash: str | None = None
@@ -55,7 +57,8 @@ class Entry:
 
     @property
     def family(self) -> str | None:
-        return families.family_from_metadata(self.metadata)
+        """From the metadata, else from the key spelling and widths in the header."""
+        return families.family_from_metadata(self.metadata) or (self.layout.family if self.layout else None)
 
     def addnet_hash(self) -> str:
         """kohya's tensor-data hash (what the WebUI's infotext uses), computed once."""
@@ -203,11 +206,15 @@ class Library:
                           confined_to=() if self.follow_outside_links else tuple(reals))
                 if p.suffix.lower() in SAFETENSORS_EXT:
                     try:
-                        e.metadata = read_header(p).metadata
+                        header = read_header(p)
                     except (LoraFileError, OSError) as err:
                         e.header_error = str(err)
-                    if e.metadata.get("format") == TRAINING_STATE_FORMAT:
-                        continue  # a state file ("NAME-state.safetensors"); a LoRA may end in -state too
+                    else:
+                        e.metadata = header.metadata
+                        if e.metadata.get("format") == TRAINING_STATE_FORMAT:
+                            continue  # a state file ("NAME-state.safetensors"); a LoRA may end in -state too
+                        if families.family_from_metadata(e.metadata) is None:
+                            e.layout = read_layout(header.shapes)
                 found.append(e)
         with self._lock:
             self.entries = found

@@ -49,7 +49,7 @@ class Network:
 def parse_state_dict(name: str, sd: dict[str, Tensor], metadata: dict[str, str],
                      path: Path | None = None) -> Network:
     """Group tensors by module and build one adapter per module."""
-    dual = any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.", "text_encoder_3.", "transformer.")) for k in sd)
+    dual = dual_text_encoders(sd)
     groups: dict[str, dict[str, Tensor]] = defaultdict(dict)
     unknown: list[str] = []
     for key, tensor in sd.items():
@@ -94,6 +94,11 @@ def parse_state_dict(name: str, sd: dict[str, Tensor], metadata: dict[str, str],
     family = families.detect_family(metadata, set(adapters), shapes)
     nbytes = sum(t.numel() * t.element_size() for t in sd.values())
     return Network(name, path, metadata, adapters, family, unknown, errors, nbytes=nbytes)
+
+
+def dual_text_encoders(keys) -> bool:
+    """Whether a file's keys name several text encoders, so that an unnumbered one is the first."""
+    return any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.", "text_encoder_3.", "transformer.")) for k in keys)
 
 
 def _is_integer_scalar(t: Tensor) -> bool:

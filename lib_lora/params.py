@@ -8,7 +8,8 @@ import re
 from dataclasses import dataclass, replace
 from typing import Mapping
 
-from .blockweights import BlockWeights, parse_block_weights
+from .blockweights import BlockWeightError, BlockWeights, parse_block_weights
+from .elementweights import ElementWeights, parse_element_weights
 
 _TOKEN = re.compile(r"<(\w+):([^>]+)>")
 NETWORK_TYPES = ("lora", "lyco")
@@ -22,6 +23,7 @@ class LoraRequest:
     unet: float = 1.0
     dyn: int | None = None
     blocks: BlockWeights | None = None   # lbw=: per-block multipliers
+    elements: ElementWeights | None = None  # lbwe=: per-element weights, over the block ones
     start: int | None = None             # UNet joins once this many sampling steps are done
     stop: int | None = None              # ... and leaves once this many are done
     warnings: tuple[str, ...] = ()       # arguments that were ignored, for the user
@@ -38,18 +40,19 @@ class ParamError(ValueError):
     pass
 
 
-KNOWN_NAMED = ("te", "unet", "dyn", "lbw", "w", "x", "start", "stop", "step")
-# LBW arguments we read but do not implement
-UNSUPPORTED_NAMED = {"lbwe": "LBW per-element weights (lbwe=) are not supported"}
+KNOWN_NAMED = ("te", "unet", "dyn", "lbw", "w", "x", "lbwe", "start", "stop", "step")
 
 
 def parse_args(positional: list[str], named: dict[str, str], default: float = 1.0,
-               presets: Mapping[str, str] | None = None) -> LoraRequest:
+               presets: Mapping[str, str] | None = None,
+               element_presets: Mapping[str, str] | None = None) -> LoraRequest:
     """Positional: name, te, unet, dyn. ``unet`` defaults to ``te``; named values win.
 
     Beyond the built-in's arguments, LBW's ``lbw=`` (also ``w=``, or a preset/vector in the unet
-    position), ``x=``, ``start=``, ``stop=`` and ``step=A-B`` are read.  Arguments that are unknown or
-    unusable never drop the LoRA (the built-in ignores unknown ones too): they become warnings.
+    position), ``x=``, ``lbwe=`` (also a word in the dyn position), ``start=``, ``stop=`` and
+    ``step=A-B`` are read.  Arguments that are unknown or unusable never drop the LoRA (the built-in
+    ignores unknown ones too): they become warnings.  ``presets``/``element_presets``: LBW's
+    block-weight and element presets by name (its defaults when None).
     """
     if not positional or not positional[0].strip():
         raise ParamError("lora token without a name")
@@ -70,6 +73,11 @@ def parse_args(positional: list[str], named: dict[str, str], default: float = 1.
 
     spec = named.get("lbw", named.get("w"))
     x_text = named.get("x")
+    elem_name = named.get("lbwe")
+    if given(3) and not _is_number(positional[3]):
+        # LBW reads a word in the fourth place as lbwe= (the built-in cannot read it as dyn)
+        elem_name = positional[3] if elem_name is None else elem_name
+        positional = positional[:3]
     unet_pos = given(2)
     if given(2) and spec is None and not _is_number(positional[2]):
         # <lora:name:1:MIDD> (LBW's older form): the third item is block weights, the fourth x
@@ -98,13 +106,17 @@ def parse_args(positional: list[str], named: dict[str, str], default: float = 1.
             blocks = parse_block_weights(spec, presets, x)
         except ValueError as e:  # BlockWeightError or a bad x=
             warnings.append(f"{name}: lbw={spec}: {e} — applied without block weights")
+    elements = None
+    if elem_name is not None:
+        try:
+            elements = parse_element_weights(elem_name, element_presets)
+        except BlockWeightError as e:
+            warnings.append(f"{name}: lbwe={elem_name}: {e} — applied without element weights")
     start, stop = _schedule(name, named, warnings)
     for key, value in named.items():
-        if key in UNSUPPORTED_NAMED:
-            warnings.append(f"{name}: {UNSUPPORTED_NAMED[key]} — ignored")
-        elif key not in KNOWN_NAMED:
+        if key not in KNOWN_NAMED:
             warnings.append(f"{name}: unknown argument {key}={value} ignored")
-    return LoraRequest(name, te, unet, dyn, blocks, start, stop, tuple(warnings))
+    return LoraRequest(name, te, unet, dyn, blocks, elements, start, stop, tuple(warnings))
 
 
 def _is_number(text: str) -> bool:
@@ -151,7 +163,8 @@ def split_items(items: list[str]) -> tuple[list[str], dict[str, str]]:
 
 
 def parse_prompt(prompt: str, default: float = 1.0, presets: Mapping[str, str] | None = None,
-                 errors: list[str] | None = None) -> tuple[str, list[LoraRequest]]:
+                 errors: list[str] | None = None,
+                 element_presets: Mapping[str, str] | None = None) -> tuple[str, list[LoraRequest]]:
     """Strip lora/lyco tokens from a prompt (for the CLI); the WebUI does this itself.
 
     A token whose arguments are unusable raises ParamError, or, with ``errors``, is dropped
@@ -163,7 +176,8 @@ def parse_prompt(prompt: str, default: float = 1.0, presets: Mapping[str, str] |
         if m.group(1) not in NETWORK_TYPES:
             return m.group(0)
         try:
-            found.append(parse_args(*split_items(m.group(2).split(":")), default=default, presets=presets))
+            found.append(parse_args(*split_items(m.group(2).split(":")), default=default, presets=presets,
+                                    element_presets=element_presets))
         except ParamError as e:
             if errors is None:
                 raise

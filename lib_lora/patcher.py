@@ -15,16 +15,18 @@ dtype keeps the Parameter and its counter, so the original is still written back
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from . import families
-from .adapters import Adapter, AdapterError, dora
-from .adapters.base import fit_shape
+from .adapters import Adapter, dora
 from .blockweights import BlockWeights, target_block
-from .bypass import Bypass, DeltaOutput, Gate, make_term
+from .bypass import HOOK_MAX_COST, Bypass, Gate, hook_cost
+from .elementweights import ElementWeights, lbw_layer_name
+from .merging import fits_dtype, original_for, overflowing, sum_into
 from .modelmap import ModelMap, Target
 from .network import Network
 
@@ -39,14 +41,25 @@ class Activation:
     blocks: BlockWeights | None = None  # LBW block weights: a further factor per layer
     start: int | None = None            # UNet part on from this many sampling steps done...
     stop: int | None = None             # ...until this many (text encoders run before sampling)
+    elements: ElementWeights | None = None  # LBW element weights: replace the block weight where they match
 
     @property
     def scheduled(self) -> bool:
         return self.start is not None or self.stop is not None
 
-    def multiplier(self, target: Target, block: str | None) -> float:
+    @property
+    def per_layer(self) -> bool:
+        return self.blocks is not None or self.elements is not None
+
+    def multiplier(self, target: Target, block: str | None, layer: str | None = None) -> float:
+        """``block``: the target's LBW block, ``layer``: its LBW name (``elementweights.lbw_layer_name``)."""
         mult = self.te if target.is_text_encoder else self.unet
-        return mult * self.blocks.weight(block) if self.blocks is not None else mult
+        if not self.per_layer:
+            return mult
+        w = self.blocks.weight(block) if self.blocks is not None else 1.0
+        if self.elements is not None:
+            w = self.elements.weight(layer, block, w)
+        return mult * w
 
 
 @dataclass
@@ -78,51 +91,6 @@ class _Slot:
         return getattr(self.module, self.param)
 
 
-_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch 2.1 has only the cuda one
-# what a file whose tensors pass every check can still raise in its maths: that file's own error
-_MATH_ERRORS = (RuntimeError, ValueError, ArithmeticError, IndexError)
-
-
-def _error_text(e: BaseException) -> str:
-    if isinstance(e, AdapterError):
-        return str(e)
-    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
-
-
-def _fits(t: Tensor, dtype: torch.dtype) -> bool:
-    """Every value of the float32 ``t`` is finite and stays finite when cast to ``dtype`` (peft's safe merge)."""
-    if t.numel() == 0:
-        return True
-    lo, hi = torch.aminmax(t)  # NaN propagates into both
-    limit = torch.finfo(dtype).max if dtype.is_floating_point else float("inf")
-    return bool(torch.isfinite(lo) and torch.isfinite(hi) and hi <= limit and lo >= -limit)
-
-
-def _overflowing(contribs: list, base: Tensor, param: Tensor, pname: str, dora_fn) -> list[str]:
-    """The networks whose contribution first makes the merge of one weight non-finite (only called on failure)."""
-    merged = base.to(param.device, torch.float32, copy=True)
-    original = merged.clone()
-    culprits: list[str] = []
-    for target, adapter, mult, dyn, netname in contribs:
-        before = merged.clone()
-        try:
-            if pname == target.weight_name:
-                rows = slice(None) if target.rows is None else target.rows
-                adapter.add_weight_delta_(merged[rows], original[rows], mult, dyn, dora_fn)
-            else:
-                bias = merged if target.rows is None else merged[target.rows]
-                db = adapter.bias_delta_at(bias, mult)
-                if db is not None:
-                    bias += db
-        except (AdapterError,) + _MATH_ERRORS:
-            merged = before  # reported by the merge itself
-            continue
-        if not _fits(merged, param.dtype):
-            culprits.append(netname)
-            merged = before
-    return culprits or [c[-1] for c in contribs]
-
-
 def bind(network: Network, mm: ModelMap) -> Binding:
     pairs, unmatched = [], []
     for key, adapter in network.adapters.items():
@@ -142,9 +110,17 @@ class Patcher:
         self._bindings: dict[int, tuple[Network, Binding]] = {}
         self.dora_mode: str = dora.DEFAULT  # how DoRA magnitudes merge (adapters/dora.py); layers re-merge on change
         self._blocks: dict[Target, str | None] = {}
+        self._lbw_names: dict[Target, str | None] = {}
         self.bypass = Bypass()
         self.gates: list[Gate] = []
         self.step = 0
+        # start=/stop= layers whose hook costs more than this share of the layer (bypass.hook_cost)
+        # are merged while their gate is open instead
+        self.hook_max_cost: float = HOOK_MAX_COST
+        # per weight: (target, adapter, multiplier, dyn, network) wanted, with the gate it follows (None: always)
+        self._contribs: dict[tuple[int, str], list[tuple[tuple, Gate | None]]] = {}
+        self._owners: dict[tuple[int, str], tuple[nn.Module, str]] = {}
+        self._checked: dict[tuple[int, str], tuple] = {}  # gated weights whose full merge passed _check_closed
 
     # -- public --------------------------------------------------------------------------
     def binding(self, network: Network) -> Binding:
@@ -161,6 +137,12 @@ class Patcher:
         if target not in self._blocks:
             self._blocks[target] = target_block([target.key, *target.aliases])
         return self._blocks[target]
+
+    def lbw_name(self, target: Target) -> str | None:
+        """The name LBW's element weights match ``target`` by (cached like ``block``)."""
+        if target not in self._lbw_names:
+            self._lbw_names[target] = lbw_layer_name([target.key, *target.aliases], self.mm.family)
+        return self._lbw_names[target]
 
     def check_family(self, network: Network) -> str | None:
         """A user-facing reason to refuse ``network`` on this model, or None."""
@@ -188,7 +170,7 @@ class Patcher:
     def _apply(self, activations: list[Activation]) -> ApplyReport:
         report = ApplyReport()
         self._drop_stale()
-        wanted: dict[tuple[int, str], list] = {}
+        contribs: dict[tuple[int, str], list[tuple[tuple, Gate | None]]] = {}
         owners: dict[tuple[int, str], tuple[nn.Module, str]] = {}
         scheduled: list[tuple[Target, Adapter, float, int | None, str, Gate]] = []
         gates: list[Gate] = []
@@ -218,86 +200,43 @@ class Patcher:
             if act.blocks is not None and self.mm.family == "sd3":
                 report.messages.append(f"{net.name}: LoRA Block Weight defines no blocks for SD3's MMDiT — lbw= "
                                        "scales only its text encoders (BASE)")
+            if act.elements is not None and self.mm.family == "sd3":
+                report.messages.append(f"{net.name}: LoRA Block Weight defines no layer names for SD3 — "
+                                       f"lbwe={act.elements.name} ignored")
             for target, adapter in b.pairs:
-                mult = act.multiplier(target, self.block(target) if act.blocks is not None else None)
+                if act.per_layer:
+                    mult = act.multiplier(target, self.block(target),
+                                          self.lbw_name(target) if act.elements is not None else None)
+                else:
+                    mult = act.multiplier(target, None)
                 if mult == 0:
                     continue
+                merge_gate = None  # merged only while this gate is open
                 if gate is not None and not target.is_text_encoder:
-                    scheduled.append((target, adapter, float(mult), act.dyn, net.name, gate))
-                    continue
+                    cost = hook_cost(target, adapter, act.dyn)  # inf: no hook fits this layer
+                    if cost != math.inf and cost <= self.hook_max_cost:
+                        scheduled.append((target, adapter, float(mult), act.dyn, net.name, gate))
+                        continue
+                    merge_gate = gate
+                    gate.merges = True
                 for pname in (target.weight_name, target.bias_name if adapter.has_bias else None):
                     if pname is None or getattr(target.module, pname, None) is None:
                         continue
                     k = (id(target.module), pname)
                     owners[k] = (target.module, pname)
-                    wanted.setdefault(k, []).append((target, adapter, float(mult), act.dyn, net.name))
+                    contribs.setdefault(k, []).append(((target, adapter, float(mult), act.dyn, net.name), merge_gate))
         touched: list[_Slot] = []
         bad: dict[str, list[str]] = {}
         failed: set[tuple[tuple[int, str], int]] = set()  # (slot key, adapter) whose merge raised
         dora_fn = dora.strategy(self.dora_mode)
         try:
-            for k, slot in list(self.slots.items()):
-                if k not in wanted:
-                    self._write(slot, slot.original)
-                    del self.slots[k]
-                    report.changed_slots += 1
-            for k, contribs in wanted.items():
-                module, pname = owners[k]
-                sig = tuple((id(a), id(t), m, d, self.dora_mode if a.dora_scale is not None else None)
-                            for t, a, m, d, _ in contribs)
-                slot = self.slots.get(k)
-                if slot is not None and slot.contributions == sig:
-                    continue
-                param = getattr(module, pname)
-                base = slot.original if slot is not None else param.detach()
-                if slot is not None and param.dtype == torch.float32 and \
-                        param.data.data_ptr() != slot.original.data_ptr():
-                    touched.append(slot)
-                    merged = param.data  # our previous merge: re-merge in place, no new allocation
-                    merged.copy_(base)
-                else:
-                    merged = base.to(param.device, torch.float32, copy=True)
-                # deltas that scale the weight itself must see the original, not earlier adapters' sum
-                original = merged.clone() if any(a.needs_weight for _, a, *_ in contribs) else None
-                for target, adapter, mult, dyn, netname in contribs:
-                    try:
-                        if pname == target.weight_name:
-                            orig = original if original is not None else merged  # unread unless needs_weight
-                            if target.rows is None:
-                                adapter.add_weight_delta_(merged, orig, mult, dyn, dora_fn)
-                            else:
-                                adapter.add_weight_delta_(merged[target.rows], orig[target.rows], mult, dyn, dora_fn)
-                        else:
-                            bias = merged if target.rows is None else merged[target.rows]
-                            db = adapter.bias_delta_at(bias, mult)
-                            if db is not None:
-                                bias += db
-                    except _OOM:
-                        raise
-                    except (AdapterError,) + _MATH_ERRORS as e:
-                        bad.setdefault(netname, []).append(_error_text(e))
-                        failed.add((k, id(adapter)))
-                if not _fits(merged, param.dtype):
-                    for culprit in _overflowing(contribs, base, param, pname, dora_fn):
-                        report.overflowing[culprit] = report.overflowing.get(culprit, 0) + 1
-                    if slot is not None:  # its storage may hold the failed merge: back to the original
-                        self._write(slot, slot.original)
-                        del self.slots[k]
-                        report.changed_slots += 1
-                    continue
-                if slot is None:
-                    # Where the backup lives with the weight, the current storage *becomes* the backup
-                    # (the merged tensor is swapped in by _write), saving a full copy of every layer.
-                    keep = param.data if param.device == self.backup_device else \
-                        param.detach().to(self.backup_device, copy=True)
-                    slot = _Slot(module, pname, keep)
-                    self.slots[k] = slot
-                if not touched or touched[-1] is not slot:
-                    touched.append(slot)
-                self._write(slot, merged)
-                slot.contributions = sig
-                report.changed_slots += 1
-            hooked = self._sync_bypass(scheduled, bad, report.overflowing, dora_fn)
+            self._owners, self._contribs = owners, contribs
+            self._check_closed(report, bad, failed, dora_fn)
+            self._merge(report, bad, failed, touched, dora_fn)
+            # a gated contribution that cannot merge is not retried when its gate flips
+            self._contribs = {k: [(c, g) for c, g in lst if g is None or (k, id(c[1])) not in failed]
+                              for k, lst in contribs.items()}
+            hooked = self.bypass.sync(scheduled, self._originals, bad, report.overflowing, dora_fn)
             self.gates = gates
         except BaseException:
             # never leave a half-patched model behind: put back everything we changed
@@ -307,8 +246,8 @@ class Patcher:
             raise
         for netname, errs in bad.items():
             report.messages.append(f"{netname}: {len(errs)} layers did not match ({errs[0]})")
-        for k, contribs in wanted.items():
-            for target, adapter, _, _, netname in contribs:
+        for k, lst in contribs.items():
+            for (target, adapter, _, _, netname), _ in lst:
                 if k[1] == target.weight_name and netname in report.applied and (k, id(adapter)) not in failed:
                     report.applied[netname] += 1
         for netname, n in hooked.items():
@@ -320,51 +259,132 @@ class Patcher:
                 report.skipped.append(netname)
         return report
 
+    def _signature(self, contribs: list[tuple]) -> tuple:
+        return tuple((id(a), id(t), m, d, self.dora_mode if a.dora_scale is not None else None)
+                     for t, a, m, d, _ in contribs)
+
+    def _effective(self) -> dict[tuple[int, str], list[tuple]]:
+        """The contributions to merge now: static ones and those whose gate is open, in prompt order."""
+        out = {}
+        for k, lst in self._contribs.items():
+            now = [c for c, g in lst if g is None or g.factor]
+            if now:
+                out[k] = now
+        return out
+
+    def _check_closed(self, report: ApplyReport, bad: dict[str, list[str]], failed: set, dora_fn) -> None:
+        """Weights with a gated contribution not merged now: check they merge, and stay finite, with every
+        contribution in (the most a flip can add), so that no flip during sampling can fail."""
+        checked = {}
+        for k, lst in self._contribs.items():
+            if all(g is None or g.factor for _, g in lst):
+                continue  # all merged now: the merge itself checks them
+            contribs = [c for c, _ in lst]
+            sig = self._signature(contribs)
+            if self._checked.get(k) == sig:
+                checked[k] = sig
+                continue
+            module, pname = self._owners[k]
+            param = getattr(module, pname)
+            slot = self.slots.get(k)
+            base = slot.original if slot is not None else param.detach()
+            merged = base.to(param.device, torch.float32, copy=True)
+            original = original_for(merged, contribs)
+            n_failed = len(failed)
+            # the static contributions' own errors are the merge's to report
+            sum_into(merged, original, [c for c, g in lst if g is None], pname, dora_fn, {}, set(), k)
+            sum_into(merged, original, [c for c, g in lst if g is not None], pname, dora_fn, bad, failed, k)
+            if not fits_dtype(merged, param.dtype):
+                for culprit in overflowing(contribs, base, param, pname, dora_fn):
+                    report.overflowing[culprit] = report.overflowing.get(culprit, 0) + 1
+            elif len(failed) == n_failed:
+                checked[k] = sig
+        self._checked = checked
+
+    def _merge(self, report: ApplyReport, bad: dict[str, list[str]], failed: set, touched: list,
+               dora_fn) -> None:
+        """Bring every slot to its effective contributions, re-merging only those that changed."""
+        wanted = self._effective()
+        for k, slot in list(self.slots.items()):
+            if k not in wanted:
+                self._write(slot, slot.original)
+                del self.slots[k]
+                report.changed_slots += 1
+        for k, contribs in wanted.items():
+            module, pname = self._owners[k]
+            sig = self._signature(contribs)
+            slot = self.slots.get(k)
+            if slot is not None and slot.contributions == sig:
+                continue
+            param = getattr(module, pname)
+            base = slot.original if slot is not None else param.detach()
+            if slot is not None and param.dtype == torch.float32 and \
+                    param.data.data_ptr() != slot.original.data_ptr():
+                touched.append(slot)
+                merged = param.data  # our previous merge: re-merge in place, no new allocation
+                merged.copy_(base)
+            else:
+                merged = base.to(param.device, torch.float32, copy=True)
+            sum_into(merged, original_for(merged, contribs), contribs, pname, dora_fn, bad, failed, k)
+            if not fits_dtype(merged, param.dtype):
+                for culprit in overflowing(contribs, base, param, pname, dora_fn):
+                    report.overflowing[culprit] = report.overflowing.get(culprit, 0) + 1
+                if slot is not None:  # its storage may hold the failed merge: back to the original
+                    self._write(slot, slot.original)
+                    del self.slots[k]
+                    report.changed_slots += 1
+                continue
+            if slot is None:
+                # Where the backup lives with the weight, the current storage *becomes* the backup
+                # (the merged tensor is swapped in by _write), saving a full copy of every layer.
+                keep = param.data if param.device == self.backup_device else \
+                    param.detach().to(self.backup_device, copy=True)
+                slot = _Slot(module, pname, keep)
+                self.slots[k] = slot
+            if not touched or touched[-1] is not slot:
+                touched.append(slot)
+            self._write(slot, merged)
+            slot.contributions = sig
+            report.changed_slots += 1
+
     def set_step(self, step: int) -> None:
-        """Sampling progressed: open/close the gates of scheduled networks (no weight is touched)."""
+        """Sampling progressed: open/close the gates of scheduled networks.  Hooked layers only see
+        the gate; layers merged while it is open are re-merged from their originals when it flips."""
         self.step = step
+        flipped = False
         for gate in self.gates:
+            before = gate.factor
             gate.set_step(step)
+            flipped = flipped or (gate.merges and gate.factor != before)
+        if flipped:
+            self._remerge()
 
     def drop_schedules(self) -> None:
-        """Take the scheduled networks' hooks away; merged networks stay as they are."""
+        """Take the scheduled networks away (hooks removed, gated merges undone); merged networks stay."""
+        merges = any(g.merges for g in self.gates)
+        self._drop_hooks()
+        if merges:
+            kept = {k: [(c, g) for c, g in lst if g is None] for k, lst in self._contribs.items()}
+            self._contribs = {k: lst for k, lst in kept.items() if lst}
+            self._remerge()
+
+    def _drop_hooks(self) -> None:
         self.bypass.remove()
         self.bypass.terms.clear()
         self.gates = []
         self.step = 0
 
-    def _sync_bypass(self, scheduled: list, bad: dict[str, list[str]], overflowing: dict[str, int],
-                     dora_fn) -> dict[str, int]:
-        """Hook the scheduled layers, reusing terms whose inputs did not change; layers hooked per network."""
-        hooked: dict[str, int] = {}
-        old = self.bypass.terms
-        self.bypass.remove()
-        self.bypass.terms = {}
-        for target, adapter, mult, dyn, netname, gate in scheduled:
-            key = (id(target), id(adapter), mult, dyn)
-            term = old.get(key) if not adapter.needs_weight else None  # weight-dependent: always fresh
-            if term is None:
-                weight, bias = self._originals(target)
-                try:
-                    term = make_term(target, adapter, mult, dyn, weight, bias, dora_fn)
-                    # hooked, it never writes the weight, but the layer's output must stay what a finite
-                    # merged weight would give: the same check as merging
-                    dw = term.dw.float() if isinstance(term, DeltaOutput) else \
-                        adapter.weight_delta_at(weight, mult, dyn, dora_fn)
-                except _OOM:
-                    raise
-                except (AdapterError,) + _MATH_ERRORS as e:
-                    bad.setdefault(netname, []).append(_error_text(e))
-                    continue
-                if dw is not None and not _fits(fit_shape(dw, weight.shape, adapter.name) + weight.float(),
-                                                weight.dtype):
-                    overflowing[netname] = overflowing.get(netname, 0) + 1
-                    continue
-            term.gate = gate
-            self.bypass.terms[key] = term
-            self.bypass.attach(target.module, term)
-            hooked[netname] = hooked.get(netname, 0) + 1
-        return hooked
+    @torch.no_grad()
+    def _remerge(self) -> None:
+        self._drop_stale()
+        touched: list[_Slot] = []
+        try:
+            self._merge(ApplyReport(), {}, set(), touched, dora.strategy(self.dora_mode))
+        except BaseException:
+            for slot in touched:
+                self._write(slot, slot.original)
+            self.restore()
+            raise
 
     def _originals(self, target: Target) -> tuple[Tensor, Tensor | None]:
         """The layer's weight and bias before any merge, on the layer's device."""
@@ -379,7 +399,8 @@ class Patcher:
     def restore(self) -> int:
         """Put every patched weight back; returns how many were restored."""
         self._drop_stale()
-        self.drop_schedules()
+        self._contribs, self._owners, self._checked = {}, {}, {}
+        self._drop_hooks()
         n = 0
         for slot in self.slots.values():
             self._write(slot, slot.original)
@@ -389,13 +410,14 @@ class Patcher:
 
     def forget(self) -> None:
         """The model was replaced or reloaded: drop originals without writing them back."""
-        self.drop_schedules()
+        self._contribs, self._owners, self._checked = {}, {}, {}
+        self._drop_hooks()
         self.slots.clear()
         self._bindings.clear()
 
     @property
     def active(self) -> bool:
-        return bool(self.slots) or bool(self.bypass)
+        return bool(self.slots) or bool(self.bypass) or bool(self.gates)
 
     # -- internals -----------------------------------------------------------------------
     def _write(self, slot: _Slot, value: Tensor) -> None:

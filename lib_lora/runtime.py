@@ -82,7 +82,7 @@ class Runtime:
                 except (LoraNotFound, AmbiguousName, LoraFileError, OSError) as e:
                     res.messages.append(str(e))
                     continue
-                acts.append(Activation(net, req.te, req.unet, req.dyn, req.blocks, req.start, req.stop))
+                acts.append(Activation(net, req.te, req.unet, req.dyn, req.blocks, req.start, req.stop, req.elements))
                 entries.append((req, entry))
             report = self.patcher.apply(acts)
             res.report = report
@@ -95,10 +95,11 @@ class Runtime:
 
     def set_step(self, step: int) -> bool:
         """Sampling steps done so far; True when some active LoRA follows a schedule."""
-        patcher = self.patcher  # no lock: called at every step, and it only sets gate factors
-        if patcher is None or not patcher.gates:
+        patcher = self.patcher
+        if patcher is None or not patcher.gates:  # the common case, every step: no lock
             return False
-        patcher.set_step(step)
+        with self.lock:  # a flip may re-merge layers
+            patcher.set_step(step)
         return True
 
     def drop_schedules(self) -> None:

@@ -10,27 +10,31 @@ import json
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from . import families, safe_json
+from .fit import Fit, FitCache
 from .infotext import parse_hashes, rename_in_prompt
 from .library import Entry, Library
+from .modelmap import ModelMap
 from .params import LoraRequest, ParamError, parse_args, split_items
 
 # -- prompt tokens ---------------------------------------------------------------------------
 
 
 def requests_from_items(items_lists: Iterable[Sequence[Any]], default: float = 1.0,
-                        presets: Mapping[str, str] | None = None) -> tuple[list[LoraRequest], list[str]]:
+                        presets: Mapping[str, str] | None = None,
+                        element_presets: Mapping[str, str] | None = None) -> tuple[list[LoraRequest], list[str]]:
     """``<lora:...>`` argument lists (as the WebUI splits them) -> requests, plus messages for bad ones
-    (``presets``: LBW block-weight presets by name)."""
+    (``presets``/``element_presets``: LBW block-weight and element presets by name)."""
     requests: list[LoraRequest] = []
     messages: list[str] = []
     for items in items_lists:
         # items may hold non-strings: the built-in appends its "Add network to prompt" weight as a float
         positional, named = split_items([str(x) for x in items])
         try:
-            req = parse_args(positional, named, default=default, presets=presets)
+            req = parse_args(positional, named, default=default, presets=presets, element_presets=element_presets)
         except ParamError as e:
             messages.append(str(e))
             continue
@@ -243,6 +247,40 @@ def card_prompts(name: str, user_meta: Mapping[str, Any], default_weight: float)
         prompt += " " + activation
     negative = str(user_meta.get("negative text") or "").strip()
     return prompt, (f"({negative}:1)" if negative else "")
+
+
+FITS, NO_FIT = "fits loaded model", "does not fit"
+
+
+@dataclass(frozen=True)
+class CardFamily:
+    """What a card says about a file's model family."""
+    family: str | None   # sd1/sd2/sdxl/sd3 from metadata, else from the keys; None: neither says
+    badge: str           # "SDXL", "unknown", or FITS / NO_FIT for files that name no family
+    compatible: bool     # False: made for another family, or does not fit the loaded model
+    fit: Fit | None = None  # the shape check, for files that name no family while a model is loaded
+
+    def sort_keys(self) -> dict[str, str]:
+        """The card's data-sort-* attributes: the badge (style.css) and its tooltip (javascript/)."""
+        keys = {"lwfamily": self.badge, "lwcompat": "yes" if self.compatible else "no"}
+        if self.fit is not None:
+            keys["lwfit"] = (f"{self.fit.total} layers, all in the loaded model" if self.fit.fits else
+                             f"{self.fit.matched - self.fit.mismatched} of {self.fit.total} layers fit: "
+                             f"{self.fit.example}")
+        return keys
+
+
+def card_family(entry: Entry, mm: ModelMap | None, fits: FitCache) -> CardFamily:
+    """The family from metadata; else from the header's keys and widths; else, with a model loaded,
+    whether the file's layers fit it (a file that names no family applies where it fits)."""
+    current = mm.family if mm is not None else None
+    family = entry.family
+    if family is not None:
+        return CardFamily(family, families.display(family), current is None or family == current)
+    verdict = fits.fit(entry, mm) if mm is not None else None
+    if verdict is None:
+        return CardFamily(None, families.display(None), True)
+    return CardFamily(None, FITS if verdict.fits else NO_FIT, verdict.fits, verdict)
 
 
 def card_search_terms(entry: Entry) -> list[str]:

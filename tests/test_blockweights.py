@@ -36,8 +36,8 @@ def slots(**weights) -> tuple[float, ...]:
 def test_unknown_named_arguments_keep_the_lora():
     r = req("a", "0.8", "foo=1", "lbwe=ATTNON")
     assert (r.name, r.te, r.unet, r.blocks) == ("a", 0.8, 0.8, None)
-    assert r.warnings == ("a: unknown argument foo=1 ignored",
-                          "a: LBW per-element weights (lbwe=) are not supported — ignored")
+    assert r.warnings == ("a: lbwe=ATTNON: 'ATTNON' is not an element-weight preset — applied without element weights",
+                          "a: unknown argument foo=1 ignored")
     # the built-in reads only items with exactly one '=' as named; the others stay positional
     assert split_items(["a", "te = 0.5", "x=y=z"]) == (["a", "x=y=z"], {"te": "0.5"})
 

@@ -629,7 +629,7 @@ def test_settings_registered_in_own_section(webui):
     ours = {k: v for k, v in shared.opts.data_labels.items() if k.startswith("lora_workshop_")}
     assert set(ours) == {host.OPT_CACHE_MB, host.OPT_DEFAULT_WEIGHT, host.OPT_RESTORE_AFTER, host.OPT_SHOW_WARNINGS,
                          host.OPT_BUILTIN_DORA, host.OPT_DATASET_ROOTS, host.OPT_OUTSIDE_LINKS,
-                         host.OPT_LBW_PRESETS, host.OPT_SCHEDULE_HIRES}
+                         host.OPT_LBW_PRESETS, host.OPT_SCHEDULE_HIRES, host.OPT_LBW_ELEMENT_PRESETS}
     assert all(v.section == ("lora_workshop", "LoRA Workshop") for v in ours.values())
     builtin_names = {"sd_lora", "lora_preferred_name", "lora_add_hashes_to_infotext", "lora_bundled_ti_to_infotext",
                      "lora_show_all", "lora_hide_unknown_for_versions", "lora_in_memory_limit",

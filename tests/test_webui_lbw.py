@@ -32,7 +32,8 @@ def test_unknown_arguments_warn_and_the_lora_still_applies(running, sd1_map, cap
     p = webui.generate("x <lora:tiny:0.5:foo=3:lbwe=ATTNON>")
     torch.testing.assert_close(sd1_map.get(TE_KEY).module.weight, w0 + 0.5 * lora_delta(path, TE_KEY), rtol=0, atol=1e-6)
     assert "tiny: unknown argument foo=3 ignored" in p.comments
-    assert "tiny: LBW per-element weights (lbwe=) are not supported — ignored" in p.comments
+    assert ("tiny: lbwe=ATTNON: 'ATTNON' is not an element-weight preset — applied without element weights"
+            in p.comments)
     assert "unknown argument foo=3" in capsys.readouterr().out
     assert p.extra_generation_params["Lora hashes"].startswith("tiny: ")
 
@@ -66,6 +67,30 @@ def test_lbw_presets_come_from_lbws_file(running, sd1_map, tmp_path):
     torch.testing.assert_close(te.weight, w0[0] + 0.8 * lora_delta(path, TE_KEY), rtol=0, atol=1e-6)
 
 
+def test_lbwe_presets_come_from_lbws_file(running, sd1_map, tmp_path):
+    webui, path = running
+    te, in01, out11 = (sd1_map.get(k).module for k in (TE_KEY, IN01_KEY, OUT11_KEY))
+    w0 = [m.weight.detach().clone() for m in (te, in01, out11)]
+    presets = tmp_path / "extensions" / host.LBW_FOLDER / "scripts" / "elempresets.txt"
+    presets.parent.mkdir(parents=True)
+    # IN01's to_k at 0.25, every other attention layer of the UNet off, the text encoder untouched
+    presets.write_text("KONLY:NOT BASE:attn:0\nIN01:to_k:0.25\n\nOTHER:::0\n", encoding="utf-8")
+    p = webui.generate("x <lora:tiny:0.8:lbwe=KONLY>")
+    assert not [c for c in p.comments if "tiny" in c]
+    torch.testing.assert_close(te.weight, w0[0] + 0.8 * lora_delta(path, TE_KEY), rtol=0, atol=1e-6)
+    torch.testing.assert_close(in01.weight, w0[1] + 0.2 * lora_delta(path, IN01_KEY), rtol=0, atol=1e-6)
+    assert torch.equal(out11.weight, w0[2])
+    webui.generate("x <lora:tiny:0.8:lbw=OUTS:lbwe=ATTNDEEPON>")  # not in the file: LBW's default stays
+    torch.testing.assert_close(out11.weight, w0[2] + 0.8 * lora_delta(path, OUT11_KEY), rtol=0, atol=1e-6)
+    assert torch.equal(in01.weight, w0[1])  # OUTS leaves IN01 out
+
+    custom = tmp_path / "mine.txt"
+    custom.write_text("KONLY:::0.5", encoding="utf-8")
+    shared.opts.data[host.OPT_LBW_ELEMENT_PRESETS] = str(custom)
+    webui.generate("x <lora:tiny:0.8:lbwe=KONLY>")
+    torch.testing.assert_close(in01.weight, w0[1] + 0.4 * lora_delta(path, IN01_KEY), rtol=0, atol=1e-6)
+
+
 def denoise(sampling_step: int) -> None:
     """What CFGDenoiser.forward does before each UNet evaluation."""
     script_callbacks.cfg_denoiser_callback(script_callbacks.CFGDenoiserParams(
@@ -88,13 +113,15 @@ def test_start_stop_follow_the_denoiser_like_lbw(running, sd1_map):
         return True
 
     p = webui.generate("x <lora:tiny:0.5:stop=3>")
-    assert torch.equal(to_k.weight, w0), "the scheduled UNet part is not merged"
+    # a rank-4 branch costs a quarter of this 32-wide layer: merged while its gate is open, not hooked
+    torch.testing.assert_close(to_k.weight, w0 + 0.5 * lora_delta(path, UNET_KEY), rtol=0, atol=1e-6)
     torch.testing.assert_close(q_proj.weight, te0 + 0.5 * lora_delta(path, TE_KEY), rtol=0, atol=1e-6)
     seen = []
     for s in (0, 0, 1, 2, 3):          # shared.state.sampling_step during steps 1..5 (k-diffusion)
         denoise(s)
         seen.append(lora_on())
     assert seen == [True, True, True, False, False]   # LBW: off once sampling_step > stop - 2
+    assert torch.equal(to_k.weight, w0) and not to_k._forward_hooks, "a closed gate restores the layer bitwise"
 
     # hires pass: LBW's ranges are spent, the LoRA is merged at its weight (the default)
     webui.generate("x <lora:tiny:0.5:stop=3>", hr=True, p=p)
@@ -119,6 +146,28 @@ def test_start_stop_follow_the_denoiser_like_lbw(running, sd1_map):
     assert seen == [False, False, True, False]
     webui.workshop.restore()
     assert not to_k._forward_hooks
+
+
+def test_an_aborted_generation_leaves_no_scheduled_lora_behind(running, sd1_map):
+    """The WebUI skips deactivate when a generation raises; the next one's process() drops what the
+    aborted one left (its gated merges and hooks), before anything is activated."""
+    webui, path = running
+    to_k = sd1_map.get(UNET_KEY).module
+    w0 = to_k.weight.detach().clone()
+    webui.generate("x <lora:tiny:0.5:start=1>")  # rank 4 on a 32-wide layer: merged while open
+    denoise(0)
+    denoise(0)
+    torch.testing.assert_close(to_k.weight, w0 + 0.5 * lora_delta(path, UNET_KEY), rtol=0, atol=1e-6)
+    webui.workshop.before_generation()   # what the next generation's process() does first
+    assert torch.equal(to_k.weight, w0)
+    webui.workshop.runtime.patcher.hook_max_cost = float("inf")  # hooks
+    webui.generate("x <lora:tiny:0.5:start=1>")
+    denoise(0)
+    denoise(0)
+    assert to_k._forward_hooks and torch.equal(to_k.weight, w0)
+    p = webui.generate("x")              # the next generation, without a LoRA: nothing of it remains
+    assert not to_k._forward_hooks and torch.equal(to_k.weight, w0)
+    assert not webui.workshop.runtime.patcher.active and "Lora hashes" not in p.extra_generation_params
 
 
 def test_hosts_without_step_reports_apply_scheduled_loras_throughout(running, sd1_map):

@@ -24,7 +24,8 @@ import torch
 
 from modules import extra_networks, paths, shared, ui_extra_networks, ui_extra_networks_user_metadata
 
-from .. import blockweights, families, fileio, service
+from .. import blockweights, elementweights, families, fileio, service
+from ..fit import FitCache
 from ..infotext import KEY as HASHES_KEY, format_hashes
 from ..library import Library
 from ..modelmap import ModelMap
@@ -41,9 +42,11 @@ OPT_BUILTIN_DORA = "lora_workshop_builtin_dora"
 OPT_OUTSIDE_LINKS = "lora_workshop_follow_outside_links"
 OPT_LBW_PRESETS = "lora_workshop_lbw_presets"
 OPT_SCHEDULE_HIRES = "lora_workshop_schedule_hires"
+OPT_LBW_ELEMENT_PRESETS = "lora_workshop_lbw_element_presets"
 DEFAULTS: dict[str, Any] = {OPT_CACHE_MB: 2048, OPT_DEFAULT_WEIGHT: 1.0, OPT_RESTORE_AFTER: False,
                             OPT_SHOW_WARNINGS: True, OPT_DATASET_ROOTS: "", OPT_BUILTIN_DORA: False,
-                            OPT_OUTSIDE_LINKS: False, OPT_LBW_PRESETS: "", OPT_SCHEDULE_HIRES: False}
+                            OPT_OUTSIDE_LINKS: False, OPT_LBW_PRESETS: "", OPT_SCHEDULE_HIRES: False,
+                            OPT_LBW_ELEMENT_PRESETS: ""}
 LBW_FOLDER = "sd-webui-lora-block-weight"
 
 NETWORK_NAME = "lora"
@@ -166,19 +169,21 @@ class WebUIHost:
             dirs.append(Path(lyco))
         return dirs
 
-    def lbw_presets_files(self) -> list[Path]:
+    def lbw_presets_files(self, filename: str = blockweights.PRESETS_FILE,
+                          option: str = OPT_LBW_PRESETS) -> list[Path]:
         """Where LoRA Block Weight keeps its presets, most likely first (the setting overrides all).
 
-        LBW reads ``scripts/lbwpresets.txt`` of its own folder (moving one from the WebUI's
-        ``scripts/`` there on start); any extension folder holding that file is accepted.
+        LBW reads ``scripts/lbwpresets.txt`` (and ``scripts/elempresets.txt``, its element presets) of
+        its own folder, moving one from the WebUI's ``scripts/`` there on start; any extension folder
+        holding that file is accepted.
         """
-        custom = str(self.option(OPT_LBW_PRESETS) or "").strip()
+        custom = str(self.option(option) or "").strip()
         if custom:
             return [Path(custom)]
         ext = Path(paths.extensions_dir)
-        first = ext / LBW_FOLDER / "scripts" / blockweights.PRESETS_FILE
-        others = sorted(p for p in ext.glob(f"*/scripts/{blockweights.PRESETS_FILE}") if p != first)
-        return [first, *others, Path(paths.script_path) / "scripts" / blockweights.PRESETS_FILE]
+        first = ext / LBW_FOLDER / "scripts" / filename
+        others = sorted(p for p in ext.glob(f"*/scripts/{filename}") if p != first)
+        return [first, *others, Path(paths.script_path) / "scripts" / filename]
 
     # user feedback -------------------------------------------------------------------------
     def notify(self, message: str, p: Any = None, show: bool = True) -> None:
@@ -292,6 +297,7 @@ class LoraPage(ui_extra_networks.ExtraNetworksPage):
     def list_items(self):
         # a snapshot (refresh may swap the list); training state files sit beside LoRAs but are not ones
         entries = list(self.workshop.library.entries)
+        self.workshop.fits.prune({e.path for e in entries})
         names = service.display_names(entries)
         for index, entry in enumerate(entries):
             yield self._item(entry, names[entry.relname], index)
@@ -322,8 +328,7 @@ class LoraPage(ui_extra_networks.ExtraNetworksPage):
         filename = str(entry.path)
         base = os.path.splitext(filename)[0]
         metadata = service.decoded_metadata(entry.metadata)
-        fam = families.display(entry.family)
-        current = ws.current_family()
+        fam = service.card_family(entry, ws.runtime.model_map, ws.fits)
         item = {
             "name": name,
             "filename": filename,
@@ -335,9 +340,8 @@ class LoraPage(ui_extra_networks.ExtraNetworksPage):
             "metadata": metadata,
             # sort keys become data-sort-* attributes on the card: style.css draws the badge from them
             "sort_keys": {"default": index if index is not None else 0, **self.get_sort_keys(filename),
-                          "lwfamily": fam,
-                          "lwcompat": "no" if entry.family and current and entry.family != current else "yes"},
-            "sd_version": families.display(entry.family, unknown="Unknown"),
+                          **fam.sort_keys()},
+            "sd_version": families.display(fam.family, unknown="Unknown"),
         }
         self.read_user_metadata(item)
         token_name = service.prompt_name(ws.library, entry,
@@ -418,7 +422,11 @@ class Workshop:
         self.library = Library(dirs, cache_bytes=self._cache_bytes(),
                                follow_outside_links=bool(self.host.option(OPT_OUTSIDE_LINKS)))
         self.runtime = Runtime(self.library)
+        self.fits = FitCache()  # what cards of files that name no family say about the loaded model
         self.lbw_presets = blockweights.PresetSource(self.host.lbw_presets_files)
+        self.lbw_element_presets = blockweights.PresetSource(
+            lambda: self.host.lbw_presets_files(elementweights.ELEMENT_PRESETS_FILE, OPT_LBW_ELEMENT_PRESETS),
+            elementweights.load_element_presets, elementweights.DEFAULT_ELEMENT_PRESETS)
         self.network = LoraNetwork(self)
         self.page = LoraPage(self)
         self.builtin = BuiltinHandoff(self)
@@ -488,6 +496,10 @@ class Workshop:
                "served over the API"))
         add(OPT_LBW_PRESETS, shared.OptionInfo(
             DEFAULTS[OPT_LBW_PRESETS], "Block-weight presets file (lbwpresets.txt) for lbw=NAME", section=SECTION,
+        ).info(f"empty: the one of LoRA Block Weight (extensions/{LBW_FOLDER}/scripts/), if installed"))
+        add(OPT_LBW_ELEMENT_PRESETS, shared.OptionInfo(
+            DEFAULTS[OPT_LBW_ELEMENT_PRESETS], "Element-weight presets file (elempresets.txt) for lbwe=NAME",
+            section=SECTION,
         ).info(f"empty: the one of LoRA Block Weight (extensions/{LBW_FOLDER}/scripts/), if installed"))
         add(OPT_SCHEDULE_HIRES, shared.OptionInfo(
             DEFAULTS[OPT_SCHEDULE_HIRES], "start=/stop= also apply to the hires pass, counting its own steps",
@@ -559,7 +571,8 @@ class Workshop:
         """ExtraNetwork.activate: make exactly these LoRAs active (none = restore the model)."""
         items_lists = self._with_builtin_extra(p, [list(items) for items in items_lists])
         requests, messages = service.requests_from_items(items_lists, self.default_weight(),
-                                                         presets=self.lbw_presets.lazy())
+                                                         presets=self.lbw_presets.lazy(),
+                                                         element_presets=self.lbw_element_presets.lazy())
         if getattr(p, "is_hr_pass", False) and not self.host.option(OPT_SCHEDULE_HIRES):
             # LBW's step ranges are used up by the first pass; its hires pass has the LoRA at full weight
             requests = [r.without_schedule() if r.scheduled else r for r in requests]

@@ -1,0 +1,86 @@
+"""The float32 sum of the contributions to one weight, and the check before it is written.
+
+Shared by the patcher (merging, and layers merged while a step range is open) and the bypass
+(hooks pass the same check): a merged value must be finite and fit the layer's dtype, as peft's
+safe merge demands, and a file whose maths fails on a layer is that file's own error.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .adapters import AdapterError
+
+OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch 2.1 has only the cuda one
+# what a file whose tensors pass every check can still raise in its maths: that file's own error
+MATH_ERRORS = (RuntimeError, ValueError, ArithmeticError, IndexError)
+
+
+def error_text(e: BaseException) -> str:
+    if isinstance(e, AdapterError):
+        return str(e)
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+
+
+def fits_dtype(t: Tensor, dtype: torch.dtype) -> bool:
+    """Every value of the float32 ``t`` is finite and stays finite when cast to ``dtype`` (peft's safe merge)."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)  # NaN propagates into both
+    limit = torch.finfo(dtype).max if dtype.is_floating_point else float("inf")
+    return bool(torch.isfinite(lo) and torch.isfinite(hi) and hi <= limit and lo >= -limit)
+
+
+def overflowing(contribs: list, base: Tensor, param: Tensor, pname: str, dora_fn) -> list[str]:
+    """The networks whose contribution first makes the merge of one weight non-finite (only called on failure)."""
+    merged = base.to(param.device, torch.float32, copy=True)
+    original = merged.clone()
+    culprits: list[str] = []
+    for target, adapter, mult, dyn, netname in contribs:
+        before = merged.clone()
+        try:
+            if pname == target.weight_name:
+                rows = slice(None) if target.rows is None else target.rows
+                adapter.add_weight_delta_(merged[rows], original[rows], mult, dyn, dora_fn)
+            else:
+                bias = merged if target.rows is None else merged[target.rows]
+                db = adapter.bias_delta_at(bias, mult)
+                if db is not None:
+                    bias += db
+        except (AdapterError,) + MATH_ERRORS:
+            merged = before  # reported by the merge itself
+            continue
+        if not fits_dtype(merged, param.dtype):
+            culprits.append(netname)
+            merged = before
+    return culprits or [c[-1] for c in contribs]
+
+
+def original_for(merged: Tensor, contribs: list) -> Tensor | None:
+    """A copy of the unmerged value where some delta scales the weight itself (it must see the
+    original, not earlier adapters' sum)."""
+    return merged.clone() if any(a.needs_weight for _, a, *_ in contribs) else None
+
+
+def sum_into(merged: Tensor, original: Tensor | None, contribs: list, pname: str, dora_fn,
+              bad: dict[str, list[str]], failed: set, k: tuple[int, str]) -> None:
+    """Add every contribution's delta for ``pname`` to the float32 ``merged``; one that raises is
+    recorded in ``bad``/``failed`` and the rest still add."""
+    for target, adapter, mult, dyn, netname in contribs:
+        try:
+            if pname == target.weight_name:
+                orig = original if original is not None else merged  # unread unless needs_weight
+                if target.rows is None:
+                    adapter.add_weight_delta_(merged, orig, mult, dyn, dora_fn)
+                else:
+                    adapter.add_weight_delta_(merged[target.rows], orig[target.rows], mult, dyn, dora_fn)
+            else:
+                bias = merged if target.rows is None else merged[target.rows]
+                db = adapter.bias_delta_at(bias, mult)
+                if db is not None:
+                    bias += db
+        except OOM:
+            raise
+        except (AdapterError,) + MATH_ERRORS as e:
+            bad.setdefault(netname, []).append(error_text(e))
+            failed.add((k, id(adapter)))
