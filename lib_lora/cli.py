@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 from . import families
@@ -115,51 +114,71 @@ def _train_config(args: argparse.Namespace):
     return _train_request(args).config
 
 
-class _Bar:
-    """A one-line terminal progress bar (stderr), quiet on non-main processes."""
+def _load(path: str, console, **kw):
+    """The checkpoint, with a progress line while it loads."""
+    from .hosts.cli.checkpoint import load_checkpoint
+    from .hosts.cli.console import Timer
+    with Timer(console, f"loading {Path(path).name}") as t:
+        return load_checkpoint(path, progress=t.stage, **kw)
 
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
 
-    def __call__(self, p) -> None:
-        if not self.enabled:
-            return
-        width = 30
-        done = int(width * p.step / max(p.total, 1))
-        eta = time.strftime("%M:%S", time.gmtime(p.eta)) if p.eta < 3600 else f"{p.eta / 3600:.1f}h"
-        sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {p.step}/{p.total} loss {p.avg_loss:.4f} "
-                         f"lr {p.lr:.2e} eta {eta}  ")
-        if p.step == p.total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
+def _sample_warnings(cfg) -> list[str]:
+    """Sample settings that would do nothing, said instead of silently ignored."""
+    scheduled = cfg.sample_every_n_steps or cfg.sample_every_n_epochs or cfg.sample_at_first
+    if cfg.sample_prompts and not scheduled:
+        return ["--sample_prompts is given without --sample_every_n_steps, --sample_every_n_epochs or "
+                "--sample_at_first: no samples will be rendered"]
+    if scheduled and not cfg.sample_prompts:
+        return ["sampling is scheduled but --sample_prompts names no prompts: no samples will be rendered"]
+    return []
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from .hosts.cli.attention import sdpa_attention
-    from .hosts.cli.checkpoint import load_checkpoint
+    from .hosts.cli.console import Console, Timer
+    from .hosts.cli.samples import TrainingSamples, sampler_for
+    from .hosts.cli.signals import StopOnSignal
+    from .training import sample_prompts
     from .training.plan import make_plan
     from .training.trainer import Callbacks, Trainer
 
     cfg = _train_config(args)
-
-    def log(s: str) -> None:
-        print(s, file=sys.stderr)
-
-    plan = make_plan(cfg, args.resume, log=log)  # the dataset and the output names, before the model is read
+    for line in cfg.sample_prompts:  # a sampler this host cannot render is refused before anything is read
+        sampler_for(sample_prompts.parse(line, 64, 64, 0).sampler or cfg.sample_sampler)
+    console = Console()
+    plan = make_plan(cfg, args.resume, log=console.log)  # the dataset and the output names, before the model is read
+    console.enabled = plan.is_main
+    for warning in _sample_warnings(cfg):
+        console.log(f"warning: {warning}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    ckpt = load_checkpoint(args.base, device=device,
-                           dtype=torch.float16 if device != "cpu" and cfg.mixed_precision == "fp16" else torch.float32)
-    model = ckpt.trainable()
+    ckpt = _load(args.base, console, device=device,
+                 dtype=torch.float16 if device != "cpu" and cfg.mixed_precision == "fp16" else torch.float32)
+    with Timer(console, f"hashing {Path(args.base).name}"):  # for the metadata; seconds for a large file
+        model = ckpt.trainable()
     model.context = lambda: sdpa_attention(ckpt.unet)
-    trainer = Trainer(model, plan, Callbacks(on_progress=_Bar(plan.is_main),
-                                             log=log if plan.is_main else (lambda s: None)))
-    if plan.is_main:
-        summary = plan.summary
-        print(f"dataset: {summary['train_images']} images, {summary['steps_per_epoch']} steps/epoch, "
-              f"{plan.total_steps} steps, processes {plan.world}", file=sys.stderr)
-    res = trainer.run()
+    samples = TrainingSamples(ckpt, plan.config, plan.dataset.steps_per_epoch(plan.global_batch), console.log)
+    model.render = samples.render
+    trainer = Trainer(model, plan, Callbacks(on_progress=console.steps, on_samples=samples.save,
+                                             on_caching=console.stage, log=console.log))
+    summary = plan.summary
+    console.log(f"dataset: {summary['train_images']} images, {summary['steps_per_epoch']} steps/epoch, "
+                f"{plan.total_steps} steps, processes {plan.world}")
+    with StopOnSignal(trainer, console.log) as stop:
+        res = trainer.run()
+    console.end()
+    if stop.received is not None and res.stopped:
+        import signal
+
+        from .training.state import state_path
+        state = state_path(res.output) if res.output else None
+        what = (f"saved {res.output}" + (f"; resume with --resume {state}" if state.is_file() else "")) \
+            if res.output else "nothing saved"
+        if plan.is_main:
+            print(f"interrupted by {signal.Signals(stop.received).name} at step {res.steps} of {plan.total_steps}: "
+                  f"{what}", file=sys.stderr)
+        return stop.exit_code
     if plan.is_main:
         print(f"wrote {res.output}" if res.output else "stopped without saving")
     return 0
@@ -173,13 +192,16 @@ def cmd_output_config(args: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from .hosts.cli.checkpoint import load_checkpoint
+    from .hosts.cli.console import Console
+    from .hosts.cli.samples import DISPLAY
     from .hosts.cli.sampling import sample
+    from .infotext import KEY as LORA_HASHES, format_hashes, format_parameters, save_png
     from .library import Library
     from .params import parse_prompt
     from .runtime import Runtime
 
-    ckpt = load_checkpoint(args.base)
+    console = Console()
+    ckpt = _load(args.base, console)
     bad_tokens: list[str] = []
     prompt, requests = parse_prompt(args.prompt, errors=bad_tokens)
     rt = Runtime(Library(args.lora_dir or [Path(".")]))
@@ -187,17 +209,29 @@ def cmd_render(args: argparse.Namespace) -> int:
     rt.set_model(ModelMap.build(ckpt.family, ckpt.unet, ckpt.text_encoders))
     res = rt.activate(requests)
     for m in bad_tokens + res.messages:
-        print(f"warning: {m}", file=sys.stderr)
+        console.log(f"warning: {m}")
+    width, height = args.width or ckpt.resolution, args.height or ckpt.resolution
     try:
+        def progress(done: int, total: int) -> None:
+            console.line(f"rendering {args.n} image{'s' if args.n > 1 else ''}: step {done}/{total}", done=done == total)
+
         images = sample(ckpt, [prompt] * args.n, negative=args.negative, steps=args.steps, cfg=args.cfg,
-                        seed=args.seed, width=args.width, height=args.height, sampler=args.sampler)
+                        seed=args.seed, width=width, height=height, sampler=args.sampler, progress=progress)
     finally:
         rt.restore()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(images):
         path = out if len(images) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
-        img.save(path)
+        # the WebUI's infotext, with the prompt as written (<lora:...> tokens included)
+        text = format_parameters(args.prompt, args.negative, {
+            "Steps": args.steps, "Sampler": DISPLAY[args.sampler], "CFG scale": args.cfg, "Seed": args.seed + i,
+            "Size": f"{width}x{height}", "Model hash": ckpt.hashes()["sha256"][:10] or None, "Model": ckpt.name,
+            LORA_HASHES: format_hashes(res.hashes) or None})
+        if path.suffix.lower() == ".png":
+            save_png(img, path, text)
+        else:  # another format keeps the image only
+            img.save(path)
         print(f"wrote {path}")
     return 0
 
@@ -286,3 +320,6 @@ def main(argv: list[str] | None = None) -> int:
             DatasetError, ArchitectureError, ToolError, AdapterError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside training's own handler (while a checkpoint loads...)
+        print("\ninterrupted", file=sys.stderr)
+        return 130

@@ -1,6 +1,8 @@
-"""``Lora hashes: "name: 0123456789ab, other: ..."`` written and read like the built-in Lora."""
+"""The WebUI's infotext: ``Lora hashes: "name: 0123456789ab, other: ..."`` written and read like the built-in
+Lora, and the whole generation-parameters text the command line writes into its PNGs."""
 from __future__ import annotations
 
+import json
 import re
 
 KEY = "Lora hashes"
@@ -39,3 +41,29 @@ def rename_in_prompt(prompt: str, hashes: dict[str, str], lookup) -> str:
         return f"<{kind}:{local}:" if local else m.group(0)
 
     return re.sub(r"<(lora|lyco):([^:>]+):", repl, prompt)
+
+
+def _quote(value: object) -> str:
+    """A value as the WebUI writes it in the last line: JSON-quoted when it holds ',', ':' or a newline."""
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+
+def format_parameters(prompt: str, negative: str, fields: dict[str, object]) -> str:
+    """The WebUI's generation parameters ("infotext"): the prompt, ``Negative prompt: …`` when there is
+    one, then ``Key: value`` pairs joined by ", " (None values left out), e.g. ``Steps: 20, Sampler: DDIM,
+    CFG scale: 7.0, Seed: 1, Size: 512x512, Model hash: 0123456789, Lora hashes: "a: 0123456789ab"``."""
+    lines = [prompt]
+    if negative:
+        lines.append(f"Negative prompt: {negative}")
+    lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields.items() if v is not None))
+    return "\n".join(lines)
+
+
+def save_png(image, path, parameters: str) -> None:
+    """Write a PIL image as PNG with ``parameters`` in a "parameters" text chunk, where the WebUI keeps it
+    (its PNG Info tab and "Send to txt2img" read it back)."""
+    from PIL.PngImagePlugin import PngInfo
+    info = PngInfo()
+    info.add_text("parameters", parameters)
+    image.save(path, format="PNG", pnginfo=info)

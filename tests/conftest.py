@@ -108,3 +108,17 @@ def standin_webui(tmp_path, monkeypatch) -> StandinWebUI:
     if str(STUB) not in sys.path:
         sys.path.insert(0, str(STUB))
     return StandinWebUI(tmp_path, monkeypatch)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """(checkpoint file, dataset folder): a tiny SD1 single-file checkpoint and a 4-image kohya dataset
+    (``2_zkx``), what ``python -m lib_lora train`` reads."""
+    from lib_lora.hosts.cli.checkpoint import Checkpoint, save_checkpoint
+    from tiny_models import build_sd1
+    from train_support import make_dataset, tiny_vae
+
+    root = tmp_path_factory.mktemp("tiny_checkpoint")
+    tiny = build_sd1(seed=0)
+    ck = Checkpoint.from_modules("sd1", tiny.unet, tiny.text_encoders, tiny_vae())
+    return save_checkpoint(ck, root / "toy.safetensors", dtype=torch.float32), make_dataset(root / "data")

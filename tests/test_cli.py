@@ -29,3 +29,21 @@ def test_sample_then_inspect(tmp_path, capsys):
     assert main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
     assert "family      SD1" in text and "lora x176" in text
+
+
+def test_sample_sdxl(tmp_path, capsys):
+    """SDXL's real layout: 70 transformer blocks of 8 attention projections, CLIP-L's 12 layers and
+    OpenCLIP-bigG's 32 of 4 each, cross-attention reading the 2048-wide joint context."""
+    out = tmp_path / "xl.safetensors"
+    assert main(["sample", str(out), "--family", "sdxl"]) == 0
+    h = read_header(out)
+    assert h.shapes["lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_down.weight"] == (4, 2048)
+    assert h.shapes["lora_unet_middle_block_1_transformer_blocks_9_attn1_to_q.lora_up.weight"] == (1280, 4)
+    assert h.shapes["lora_te2_text_model_encoder_layers_31_self_attn_q_proj.lora_down.weight"] == (4, 1280)
+    assert h.shapes["lora_te1_text_model_encoder_layers_11_self_attn_out_proj.lora_up.weight"] == (768, 4)
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["family"] == "sdxl" and info["algorithms"] == {"lora": 736}
+    assert (info["text_encoder_modules"], info["unet_modules"]) == (12 * 4 + 32 * 4, 70 * 8)
+    assert info["metadata"]["ss_base_model_version"] == "sdxl_base_v1-0"

@@ -162,8 +162,11 @@ def test_every_spelling_of_an_option_sets_it(setup, tmp_path):
               "mixed_precision": "bf16", "lean_frozen_layers": "off", "clip_skip": "1", "module": "networks.lora",
               "save_model_as": "safetensors", "caption_extension": ".caption", "keep_tokens_separator": "|||",
               "caption_separator": ";", "bucket_reso_steps": "128", "min_bucket_reso": "128",
-              "max_bucket_reso": "2048"}
+              "max_bucket_reso": "2048", "sample_sampler": "euler"}
     untested = {"network_weights", "reg_dir", "output_name", "output_dir"}  # paths: the tests above use them
+    # these need the tensorboard package and each other: test_training_tensorboard.py spells them
+    logging = {"log_with", "logging_dir"}
+    untested |= logging
     seen = set()
     for action in _train_parser()._actions:
         o = next((o for o in OPTIONS if o.name == action.dest), None)
@@ -179,7 +182,7 @@ def test_every_spelling_of_an_option_sets_it(setup, tmp_path):
         seen.add(o.key)
     kohya_flags = {o.key for o in OPTIONS if o.kohya and o.kohya_note in ("", "inverted")}
     assert kohya_flags - seen == {"output_name", "output_dir", "dataset.train_dir", "network_weights",
-                                  "dataset.reg_dir"}
+                                  "dataset.reg_dir"} | logging
 
 
 def test_unknown_options_show_the_train_usage(setup, tmp_path, capsys):
@@ -215,8 +218,8 @@ def test_help_is_grouped_as_the_tab_with_every_default(capsys):
     from lib_lora.training.options import GROUPS
     parser = _train_parser()
     titles = [g.title for g in parser._action_groups if g._group_actions]
-    # the tab's sections in its order; "Sample images" has no command-line options yet
-    assert titles == ["options", "Input and output"] + [g for g, _ in GROUPS if g != "Sample images"]
+    # the tab's sections in its order
+    assert titles == ["options", "Input and output"] + [g for g, _ in GROUPS]
     for action in parser._actions:
         if action.dest != "help":
             assert action.help and any(w in action.help for w in ("default", "required")), action.option_strings

@@ -43,6 +43,7 @@ from modules import paths, shared
 
 from .. import families
 from ..params import literal_caption
+from ..training import sample_prompts
 from ..training.host import TrainingHost, TrainingRefused
 from ..training.job import Job
 from ..training.jobs import JobRunner
@@ -227,7 +228,7 @@ def trainable_model(sd_model: Any, render: Callable[..., list] | None = None, mo
 
 # -- sample prompts -------------------------------------------------------------------------------------
 
-# kohya's sample prompt options: --n negative, --w/--h size, --s steps, --l cfg scale, --d seed, --ss sampler
+# kohya's sampler names -> the WebUI's (training/sample_prompts.py parses the prompt lines)
 _KOHYA_SAMPLERS = {"ddim": "DDIM", "pndm": "PLMS", "lms": "LMS", "euler": "Euler", "euler_a": "Euler a",
                    "heun": "Heun", "dpm_2": "DPM2", "dpm_2_a": "DPM2 a", "dpmsolver++": "DPM++ 2M",
                    "k_lms": "LMS", "k_euler": "Euler", "k_euler_a": "Euler a",
@@ -235,37 +236,14 @@ _KOHYA_SAMPLERS = {"ddim": "DDIM", "pndm": "PLMS", "lms": "LMS", "euler": "Euler
 
 
 def parse_sample_prompt(line: str, width: int, height: int, seed: int, steps: int = 20,
-                        cfg_scale: float = 7.0) -> dict:
-    """One sample prompt line with kohya's inline options (``a cat --n blurry --w 768 --s 28``)."""
-    out = {"prompt": line, "negative_prompt": "", "width": width, "height": height, "seed": seed, "steps": steps,
-           "cfg_scale": cfg_scale, "sampler_name": None}
-    head, sep, rest = line.partition(" --")
-    if not sep:
-        out["prompt"] = line.strip()
-        return out
-    out["prompt"] = head.strip()
-    for part in ("--" + rest).split(" --"):
-        part = part.strip().lstrip("-")
-        key, _, value = part.partition(" ")
-        value = value.strip()
-        try:
-            if key == "n":
-                out["negative_prompt"] = value
-            elif key == "w":
-                out["width"] = int(value)
-            elif key == "h":
-                out["height"] = int(value)
-            elif key == "s":
-                out["steps"] = int(value)
-            elif key == "l":
-                out["cfg_scale"] = float(value)
-            elif key == "d":
-                out["seed"] = int(value)
-            elif key == "ss":
-                out["sampler_name"] = _KOHYA_SAMPLERS.get(value.lower(), value)
-        except ValueError:
-            continue  # a malformed option is ignored, like kohya does
-    return out
+                        cfg_scale: float = 7.0, sampler: str | None = None) -> dict:
+    """One sample prompt line with kohya's inline options (``a cat --n blurry --w 768 --s 28``) as txt2img's
+    arguments; ``sampler`` (kohya's name) unless the line's ``--ss`` names one; None: the WebUI's default."""
+    p = sample_prompts.parse(line, width, height, seed, steps, cfg_scale)
+    name = p.sampler or sampler
+    return {"prompt": p.prompt, "negative_prompt": p.negative, "width": p.width, "height": p.height, "seed": p.seed,
+            "steps": p.steps, "cfg_scale": p.scale,
+            "sampler_name": _KOHYA_SAMPLERS.get(name.lower(), name) if name else None}
 
 
 # -- the host -------------------------------------------------------------------------------------------
@@ -336,7 +314,7 @@ class WebUITrainingHost(TrainingHost):
                 return []
             images = []
             for line in prompts:
-                o = parse_sample_prompt(line, w, h, seed)
+                o = parse_sample_prompt(line, w, h, seed, sampler=job.config.sample_sampler)
                 p = processing.StableDiffusionProcessingTxt2Img(
                     sd_model=sd_model, prompt=o["prompt"], negative_prompt=o["negative_prompt"], seed=o["seed"],
                     steps=o["steps"], cfg_scale=o["cfg_scale"], width=o["width"], height=o["height"],

@@ -23,6 +23,9 @@ OPTIMIZERS: dict[str, tuple[str, str, str] | None] = {
     "prodigy": ("prodigyopt", "prodigyopt", "Prodigy"),
 }
 OPTIMIZER_NAMES = ["AdamW", "AdamW8bit", "Lion", "Prodigy"]
+# sd-scripts' --sample_sampler choices
+KOHYA_SAMPLERS = ("ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++",
+                  "dpmsingle", "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a")
 
 
 def check_optimizer(name: Any) -> tuple[str, str, str] | None:
@@ -34,6 +37,17 @@ def check_optimizer(name: Any) -> tuple[str, str, str] | None:
         raise OptionError("optimizer", f"{name} needs the '{entry[0]}' package; install it yourself "
                                        f"(pip install {entry[0]}) or choose AdamW")
     return entry
+
+
+def check_logging(log_with: Any, logging_dir: Any) -> None:
+    """kohya's ``log_with``/``logging_dir``: TensorBoard only, into a folder, with its package installed."""
+    if log_with not in (None, "tensorboard"):
+        raise OptionError("log_with", f"{log_with!r}: only tensorboard is supported here (wandb is not)")
+    if log_with and not logging_dir:
+        raise OptionError("logging_dir", "is required with log_with tensorboard: the folder the event files go to")
+    if (log_with or logging_dir) and importlib.util.find_spec("tensorboard") is None:
+        raise OptionError("log_with", "TensorBoard logging needs the 'tensorboard' package; install it yourself "
+                                      "(pip install tensorboard)")
 
 
 def integer(option: str, value: Any, minimum: int) -> None:

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import toml_io
+from . import sample_prompts, toml_io
 from .kohya_config import ALGOS, config_path, config_toml, load_config, network_args, \
     optimizer_args
 from .kohya_dataset import read_dataset_config
@@ -25,8 +25,8 @@ from .options import AUTO_ON_OFF, GROUPS, OPTIONS, REQUIRED, Option, OptionError
 
 IO_GROUP = "Input and output"
 _HELP_GROUPS = [IO_GROUP] + [g for g, _ in GROUPS]
-# options the command line takes from kohya's own key=value lists, or not at all yet
-_NOT_FLAGS = ("network_args", "optimizer_args", "file", "samples", "dataset_config")
+# options the command line takes from kohya's own key=value lists or files
+_NOT_FLAGS = ("network_args", "optimizer_args", "file", "dataset_config")
 
 
 def spellings(name: str) -> list[str]:
@@ -103,6 +103,9 @@ def add_train_arguments(sp: argparse.ArgumentParser) -> None:
             group.add_argument(*spellings(o.kohya), dest="train_data_dir", metavar="DIR",
                                help="the dataset folder, as kohya names it (required, or DATASET)")
             continue
+        if o.kohya_note == "file":  # kohya's flag names a file that holds the option's value
+            group.add_argument(*spellings(o.kohya), dest=f"{o.name}_file", metavar="FILE", help=_help(o))
+            continue
         names = spellings(o.flag) if o.flag else []
         kohya = spellings(o.kohya) if kohya_flag(o) else []
         if not names and not kohya:
@@ -152,6 +155,8 @@ def _option_data(args: argparse.Namespace) -> dict:
         if o.type == bool | None and isinstance(value, str):
             value = AUTO_ON_OFF[value]
         (data[o.section] if o.section else data)[o.name] = value
+    if getattr(args, "sample_prompts_file", None):
+        data["sample_prompts"] = sample_prompts.read_file(args.sample_prompts_file)
     data["network"].update(network_args(args.kohya_network_args))
     data.update(optimizer_args(args.kohya_optimizer_args))
     return data

@@ -55,8 +55,14 @@ class TrainConfig:
     cache_latents_to_disk: bool = _d("cache_latents_to_disk")
     cache_text_encoder_outputs: bool = _d("cache_text_encoder_outputs")  # frozen text encoder, fixed captions
     sample_every_n_steps: int = _d("sample_every_n_steps")
+    sample_every_n_epochs: int = _d("sample_every_n_epochs")  # when set, replaces sample_every_n_steps
+    sample_at_first: bool = _d("sample_at_first")
+    sample_sampler: str = _d("sample_sampler")      # kohya's sampler names; a prompt's --ss overrides it
     sample_prompts: list[str] = field(default_factory=lambda: _d("sample_prompts"))
     training_comment: str = _d("training_comment")
+    log_with: str | None = _d("log_with")           # "tensorboard" (tensorboard.py), or None
+    logging_dir: str | Path | None = _d("logging_dir")
+    log_prefix: str = _d("log_prefix")
 
     @property
     def unet_learning_rate(self) -> float:

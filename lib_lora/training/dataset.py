@@ -335,6 +335,12 @@ class Dataset:
         random_crop and an rng), flipped."""
         return self.pixels(self._place(item, bucket or item.bucket, flip, rng, item.caption))
 
+    def fixed_samples(self) -> list[Sample]:
+        """Each image as an epoch draws it when only the flip varies (centred in its bucket, its caption
+        unchanged), and flipped too with flip_aug: what the caches (latents.py) fill before the first step."""
+        flips = (False, True) if self.config.flip_aug else (False,)
+        return [self._place(item, item.bucket, flip, None, item.caption) for item in self.items for flip in flips]
+
     def _place(self, item: ImageItem, bucket: Size, flip: bool, rng: random.Random | None, caption: str) -> Sample:
         resized = item.resized if bucket == item.bucket else cover_size(item.size, bucket)
         window = crop_offset(resized, bucket, rng if self.settings(item).random_crop else None)

@@ -18,7 +18,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from . import toml_io
+from . import sample_prompts, toml_io
 from .errors import RequestError
 from .kohya_dataset import dataset_config_data
 from .options import AUTO_ON_OFF, OPTIONS, REQUIRED, Option, OptionError, option
@@ -121,18 +121,10 @@ def _flatten(data: dict, source: str) -> dict[str, Any]:
 
 
 def _prompt_lines(value: Any, source: str) -> list[str]:
-    """kohya's sample_prompts is a file of prompts, one a line ('#' lines are comments)."""
+    """kohya's sample_prompts: a prompt file (sample_prompts.read_file: .txt, .json or .toml), or our list."""
     if isinstance(value, list):
         return [str(v) for v in value]
-    path = Path(str(value)).expanduser()
-    if path.suffix.lower() != ".txt":
-        raise ConfigFileError(f"{source}: sample_prompts = {value!r}: a .txt file of prompts is read here "
-                              "(kohya's .toml and .json prompt files are not)")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise ConfigFileError(f"{source}: sample_prompts: cannot read {path} ({e.strerror or e})") from None
-    return [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
+    return sample_prompts.read_file(Path(str(value)).expanduser())  # its OptionError names the file
 
 
 def read_config(data: dict, source: str = "config file") -> tuple[dict, dict]:
@@ -222,7 +214,7 @@ def _table(o: Option) -> str:
 
 
 # kohya's "off" for these is None (it takes steps modulo the value), ours is 0: 0 is left out
-_ZERO_IS_UNSET = ("save_every_n_epochs", "save_every_n_steps", "sample_every_n_steps")
+_ZERO_IS_UNSET = ("save_every_n_epochs", "save_every_n_steps", "sample_every_n_steps", "sample_every_n_epochs")
 
 
 def _value_of(data: dict, key: str) -> Any:

@@ -4,12 +4,14 @@ Latents are kept per (image, bucket, flip) when the crop never changes (``cache_
 ``random_crop``), and optionally on disk next to each image (as kohya keeps .npz files there),
 valid while the image, the model and the seed that drew the posterior sample are unchanged.
 Text-encoder outputs are kept per caption when the text encoders are frozen and the captions
-never vary (no shuffling or dropout).
+never vary (no shuffling or dropout).  ``fill_caches`` fills both before the first step.
 """
 from __future__ import annotations
 
+import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -35,6 +37,19 @@ class LatentCache:
 
     def clear(self) -> None:
         self._memory.clear()
+
+    def fill(self, samples: list[Sample], progress: Callable[[int, int], None],
+             stop: Callable[[], bool] = lambda: False) -> int:
+        """Encode (or read from disk) every one of ``samples`` not held yet; the number done."""
+        if not self.caching:
+            return 0
+        todo = [s for s in samples if (str(s.item.path), s.bucket, s.flip) not in self._memory]
+        for i, s in enumerate(todo):
+            if stop():
+                return i
+            self._latent(s)
+            progress(i + 1, len(todo))
+        return len(todo)
 
     def encode(self, samples: list[Sample]) -> Tensor:
         """[N, C, h, w] on the model's device."""
@@ -100,6 +115,20 @@ class TextCache:
     def clear(self) -> None:
         self._memory.clear()
 
+    def fill(self, samples: list[Sample], progress: Callable[[int, int], None],
+             stop: Callable[[], bool] = lambda: False) -> int:
+        """Encode the caption of every one of ``samples`` (frozen text encoders only); the number done."""
+        if not self.caching:
+            return 0
+        todo = {self._key(s.caption, s.size_cond): s for s in samples}
+        todo = [s for key, s in todo.items() if key not in self._memory]
+        for i, s in enumerate(todo):
+            if stop():
+                return i
+            self._one(s.caption, s.size_cond)
+            progress(i + 1, len(todo))
+        return len(todo)
+
     def encode(self, captions: list[str], sizes: list, frozen: bool) -> Conditioning:
         """``frozen``: the text encoders are not trained (no gradients, and caching is allowed)."""
         if not (frozen and self.caching):
@@ -119,9 +148,32 @@ class TextCache:
             contexts = [torch.cat([c, *[empty] * ((longest - c.shape[1]) // empty.shape[1])], 1) for c in contexts]
         return Conditioning(torch.cat(contexts), y)
 
+    def _key(self, caption: str, size) -> tuple:
+        return caption, size if self.model.family == "sdxl" else None
+
     def _one(self, caption: str, size) -> Conditioning:
-        key = (caption, size if self.model.family == "sdxl" else None)
+        key = self._key(caption, size)
         if key not in self._memory:
             with torch.no_grad():
                 self._memory[key] = self.model.encode_text([caption], [size])
         return self._memory[key]
+
+
+def fill_caches(dataset: Dataset, latents: LatentCache, texts: TextCache, frozen_text: bool,
+                report: Callable[[str, int, int], None] | None, log: Callable[[str], None],
+                stop: Callable[[], bool]) -> None:
+    """Cache every latent and (text encoders frozen) caption before the first step, as kohya does;
+    ``report("caching latents", done, total)`` as it goes, ``stop()`` cuts it short."""
+    if not (latents.caching or (frozen_text and texts.caching)):
+        return
+    samples = dataset.fixed_samples()
+    if latents.model.family == "sdxl" and dataset.config.random_crop:
+        frozen_text = False  # the crop is part of SDXL's text conditioning: captions are cached as they come
+    for what, cache, on in (("latents", latents, True), ("text encoder outputs", texts, frozen_text)):
+        if not on:
+            continue
+        t = time.time()
+        n = cache.fill(samples, (lambda done, total, what=what: report(f"caching {what}", done, total)) if report
+                       else (lambda done, total: None), stop)
+        if n:
+            log(f"cached {n} {what} in {time.time() - t:.1f} s")

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checks import OPTIMIZER_NAMES, OPTIMIZERS, OptionError, check_optimizer, integer, number
+from .checks import (KOHYA_SAMPLERS, OPTIMIZER_NAMES, OPTIMIZERS, OptionError, check_logging, check_optimizer,
+                     integer, number)
 
 __all__ = ["Option", "OPTIONS", "GROUPS", "OptionError", "OPTIMIZERS", "OPTIMIZER_NAMES", "check_optimizer",
            "integer", "number", "option", "by_name", "section", "default", "check", "AUTO_ON_OFF",
@@ -119,8 +120,8 @@ OPTIONS: list[Option] = [
        help="chance of training an image with an empty caption"),
     _o("dataset.flip_aug", bool, False, "Random horizontal flip", _D, flag="--flip-aug", flag_action="store_true",
        kohya="flip_aug", ss="ss_flip_aug", help="flip images horizontally at random"),
-    _o("dataset.random_crop", bool, False, "Random crop", _D, kohya="random_crop", ss="ss_random_crop",
-       help="crop at random instead of the centre (latents are then not cached)"),
+    _o("dataset.random_crop", bool, False, "Random crop", _D, flag="--random-crop", flag_action="store_true",
+       kohya="random_crop", ss="ss_random_crop", help="crop at random instead of the centre (latents are then not cached)"),
     # -- Network
     _o("network.module", str, "networks.lora", group=_N, choices=("networks.lora",), kohya="network_module",
        ss="ss_network_module", help="the network kind: networks.lora (LoRA; LoCon with conv_dim) is the one here"),
@@ -165,8 +166,8 @@ OPTIONS: list[Option] = [
     _o("gradient_accumulation_steps", int, 1, "Gradient accumulation", _OPT, minimum=1,
        flag="--gradient-accumulation-steps", kohya="gradient_accumulation_steps",
        ss="ss_gradient_accumulation_steps", help="batches per optimiser step"),
-    _o("weight_decay", float, 0.01, "Weight decay", _OPT, minimum=0, kohya="weight_decay",
-       kohya_note="optimizer_args", help="the optimiser's weight decay"),
+    _o("weight_decay", float, 0.01, "Weight decay", _OPT, minimum=0, flag="--weight-decay", kohya="weight_decay",
+       kohya_note="optimizer_args", help="the optimiser's weight decay (kohya: --optimizer_args weight_decay=...)"),
     _o("max_grad_norm", float, 1.0, "Max gradient norm (0 = off)", _OPT, minimum=0, flag="--max-grad-norm",
        kohya="max_grad_norm", ss="ss_max_grad_norm", help="clip the gradient to this norm (0: off)"),
     # -- Saving
@@ -190,12 +191,21 @@ OPTIONS: list[Option] = [
        flag_action="store_true", help="overwrite existing output files"),
     _o("training_comment", str, "", "Comment (stored in the file)", _SAVE, flag="--training-comment",
        kohya="training_comment", help="a comment stored in the file's metadata"),
-    # -- Sample images (the tab's; "samples": the command line has no flags for them yet)
-    _o("sample_every_n_steps", int, 0, "Every N steps (0 = off)", _SAMPLE, minimum=0, kohya="sample_every_n_steps",
-       kohya_note="samples"),
+    # -- Sample images (sample_prompts.py reads the prompts and names the images)
+    _o("sample_every_n_steps", int, 0, "Every N steps (0 = off)", _SAMPLE, minimum=0, flag="--sample-every-n-steps",
+       kohya="sample_every_n_steps", help="render the sample prompts every N steps (0: off)"),
+    _o("sample_every_n_epochs", int, 0, "Every N epochs (0 = off; replaces steps)", _SAMPLE, minimum=0,
+       flag="--sample-every-n-epochs", kohya="sample_every_n_epochs",
+       help="render the sample prompts every N epochs, instead of every N steps (0: off)"),
+    _o("sample_at_first", bool, False, "Also before the first step", _SAMPLE, flag="--sample-at-first",
+       flag_action="store_true", kohya="sample_at_first", help="also render the sample prompts before training"),
+    _o("sample_sampler", str, "ddim", "Sampler (kohya's names)", _SAMPLE, choices=KOHYA_SAMPLERS,
+       flag="--sample-sampler", kohya="sample_sampler",
+       help="the samples' sampler, unless a prompt's --ss names another (the command line renders ddim and euler)"),
     _o("sample_prompts", list[str], [],
-       "Prompts, one per line (kohya options: --n negative --w --h --s steps --l cfg --d seed)", _SAMPLE,
-       kohya="sample_prompts", kohya_note="file"),
+       "Prompts, one per line (kohya options: --n negative --w --h --s steps --l cfg --d seed --ss sampler)",
+       _SAMPLE, kohya="sample_prompts", kohya_note="file",
+       help="kohya's prompt file: one prompt per line with --n --w --h --s --l --d --ss (or .json/.toml)"),
     # -- Advanced
     _o("mixed_precision", str, "no", "Mixed precision", _ADV, choices=("no", "fp16", "bf16"),
        form_choices=("auto", "no", "fp16", "bf16"), flag="--mixed-precision", kohya="mixed_precision",
@@ -215,8 +225,9 @@ OPTIONS: list[Option] = [
        kohya="cache_latents", ss="ss_cache_latents",
        help="encode the images at every step instead of caching their latents (cached by default)"),
     _o("cache_text_encoder_outputs", bool, True, "Cache text encoder outputs (frozen TE, fixed captions)", _ADV,
-       kohya="cache_text_encoder_outputs",
-       help="cache text encoder outputs when the encoder is frozen and captions fixed (on by default)"),
+       flag="--no-cache-text-encoder-outputs", flag_action="store_false", kohya="cache_text_encoder_outputs",
+       help="encode the captions at every step instead of caching the frozen text encoders' outputs (cached by "
+            "default when the captions never vary)"),
     _o("gradient_checkpointing", bool, False, "Gradient checkpointing (less memory, about 30% slower)", _ADV,
        flag="--gradient-checkpointing", flag_action="store_true", kohya="gradient_checkpointing",
        ss="ss_gradient_checkpointing", help="recompute UNet blocks in backward: less memory, slower"),
@@ -224,8 +235,8 @@ OPTIONS: list[Option] = [
        "Lean frozen layers (less memory; auto: on CPU only, as they slow a GPU step)", _ADV,
        flag="--lean-frozen-layers", cli_choices=tuple(AUTO_ON_OFF),
        help="frozen layers keep less for backward: less memory; auto = on CPU only (they slow a GPU step)"),
-    _o("dataset.bucket_reso_steps", int, 64, "Bucket step", _ADV, kohya="bucket_reso_steps",
-       help="bucket sides are multiples of this"),
+    _o("dataset.bucket_reso_steps", int, 64, "Bucket step", _ADV, flag="--bucket-reso-steps",
+       kohya="bucket_reso_steps", help="bucket sides are multiples of this"),
     _o("dataset.bucket_no_upscale", bool, False, "Never upscale into a bucket", _ADV, flag="--bucket-no-upscale",
        flag_action="store_true", kohya="bucket_no_upscale", ss="ss_bucket_no_upscale",
        help="never enlarge an image to fit a bucket"),
@@ -245,6 +256,12 @@ OPTIONS: list[Option] = [
     _o("optimizer_args", dict, {}, kohya="optimizer_args", kohya_note="optimizer_args"),
     _o("cache_latents_to_disk", bool, False, group=_ADV, flag="--cache-latents-to-disk", flag_action="store_true",
        kohya="cache_latents_to_disk", help="keep latents next to the images for reuse"),
+    _o("log_with", str | None, None, group=_ADV, choices=("tensorboard",), cli_choices=(), kohya="log_with",
+       help="tensorboard: log the loss, the learning rates and the samples (needs the tensorboard package)"),
+    _o("logging_dir", str | Path | None, None, group=_ADV, kohya="logging_dir",
+       help="the folder TensorBoard logs go to (LOGGING_DIR/<prefix><time>/network_train); alone, it means "
+            "log_with tensorboard"),
+    _o("log_prefix", str, "", group=_ADV, kohya="log_prefix", help="put before the time in the log folder's name"),
 ]
 
 # kohya options accepted with the value that matches what this trainer does, refused otherwise
@@ -282,6 +299,9 @@ def check(obj: Any, set_name: str) -> None:
     """OptionError for the first field of ``obj`` (one option set) outside its choices or bounds."""
     for o in section(set_name):
         value = getattr(obj, o.name)
+        if o.key == "log_with":
+            check_logging(value, obj.logging_dir)  # also: is its package installed
+            continue
         if value is None and o.default is None:
             continue
         if o.key == "optimizer":

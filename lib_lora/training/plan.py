@@ -70,6 +70,9 @@ def make_plan(config: TrainConfig, resume_from: str | Path | None = None,
     paths = outputs.planned(config, total, max(1, dataset.steps_per_epoch(gb)))
     outputs.check_free(paths, config.overwrite, owner)
     if rank == 0:
+        for problem in dataset.problems:  # the dataset's warnings (stray images, upscaling...), never silent
+            if problem.severity == "warning":
+                log(f"warning: {problem.message}")
         for p in outputs.sweep_temp(paths):
             log(f"removed {p.name}, left by an interrupted save")
     return Plan(config, dataset, resume, dataset.summary(gb), total, dist, world, rank)

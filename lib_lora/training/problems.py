@@ -19,7 +19,7 @@ class DatasetError(ValueError):
 class Problem:
     severity: Literal["error", "warning"]
     kind: str  # config, missing_dir, empty, no_prefix, zero_repeats, unreadable, too_large, too_small,
-    #            encoding, empty_caption, no_caption_text, stray_images, no_reg, unused_reg
+    #            encoding, empty_caption, no_caption_text, stray_images, no_reg, unused_reg, upscaled
     message: str
     path: str | None = None
 

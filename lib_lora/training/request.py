@@ -202,6 +202,17 @@ def _weights_file(value: Any, output_dir: Path, confined: bool) -> Path:
     return path
 
 
+def _folder_inside(option: str, value: Any, output_dir: Path) -> Path:
+    """A folder a remote request names for writing: relative to the LoRA folder, and inside it."""
+    if not isinstance(value, (str, Path)) or not str(value).strip():
+        raise RequestError.bad(option, f"expected a folder path, got {value!r}")
+    root = Path(output_dir).resolve()
+    path = (root / str(value).strip()).resolve()
+    if path != root and root not in path.parents:
+        raise RequestError.bad(option, f"{value}: must name a folder inside the LoRA folder")
+    return path
+
+
 def stored_config(path: Path) -> dict:
     """The TrainConfig (as a dict) a training state file was saved with, read from its header only."""
     try:
@@ -382,6 +393,8 @@ def build_request(data: dict, output_dir: Path, family: str | None = None,
         top["network_weights"] = str(_weights_file(top["network_weights"], output_dir, dataset_roots is not None))
     else:
         top.pop("network_weights", None)
+    if top.get("logging_dir") not in (None, "") and dataset_roots is not None:
+        top["logging_dir"] = str(_folder_inside("logging_dir", top["logging_dir"], output_dir))
     auto = top.get("mixed_precision", "auto") in ("auto", None, "")
     if auto:
         top["mixed_precision"] = "no"  # resolved from the model's dtype once it is built

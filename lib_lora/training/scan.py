@@ -203,6 +203,19 @@ def balance_reg(train_samples: int, reg: list[ImageItem]) -> tuple[list[ImageIte
     return used, reg[len(used):]
 
 
+def _warn_upscaled(items: list[ImageItem], config: DatasetConfig, report: _Report) -> None:
+    """Images smaller than what they are trained at are enlarged: said, never done silently."""
+    up = [i for i in items if i.resized[0] > i.size[0] or i.resized[1] > i.size[1]]
+    if not up:
+        return
+    (w, h), (rw, rh) = up[0].size, up[0].resized
+    fix = ("or set bucket_no_upscale to train each at its own size (rounded down to bucket_reso_steps)"
+           if config.enable_buckets else "or turn buckets on with bucket_no_upscale to train each at its own size")
+    report.warning("upscaled", f"{len(up)} image(s) are smaller than their training size and will be upscaled, "
+                   f"e.g. '{up[0].path.name}' {w}x{h} to {rw}x{rh}: use larger images, a lower resolution, {fix}",
+                   up[0].path)
+
+
 def scan(config: DatasetConfig, strict: bool = True) -> Dataset:
     """Read the folders and image headers.  strict: raise DatasetError on the first error;
     otherwise skip bad files and record every problem in ``Dataset.problems``.
@@ -243,6 +256,7 @@ def scan(config: DatasetConfig, strict: bool = True) -> Dataset:
         items += train + used_reg
         all_folders += folders
         all_unused += unused_reg
+    _warn_upscaled(items, config, report)
     return Dataset(config, items, all_folders, report.problems, all_unused)
 
 

@@ -17,7 +17,7 @@ import math
 import random
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -29,12 +29,12 @@ from ..hashes import hashes_from_bytes
 from .config import TrainConfig
 from .dataset import Dataset
 from .epochs import Batch, Position, derive_seed
-from .latents import LatentCache, TextCache
+from .latents import LatentCache, TextCache, fill_caches
 from .metadata import build_metadata
 from .mode import TrainingMode
 from .model import TrainableModel
 from .network import TrainingNetwork
-from . import outputs
+from . import outputs, sample_prompts, tensorboard
 from .options import check_optimizer
 from .plan import Plan
 from .state import TrainingState, config_record, load_state, save_state, state_path
@@ -55,6 +55,7 @@ class Progress:
     lr: float
     elapsed: float
     eta: float
+    lrs: dict[str, float] = field(default_factory=dict)  # per parameter group: "unet", "text_encoder"
 
 
 @dataclass
@@ -62,6 +63,7 @@ class Callbacks:
     on_progress: Callable[[Progress], None] | None = None
     on_saved: Callable[[Path], None] | None = None
     on_samples: Callable[[int, list], None] | None = None
+    on_caching: Callable[[str, int, int], None] | None = None  # ("caching latents", done, total) before step 1
     log: Callable[[str], None] = print
     # after every optimiser step but the last, unless stopping: the run waits for it (see StepBoundary)
     between_steps: Callable[["StepBoundary"], None] | None = None
@@ -166,6 +168,7 @@ class Trainer:
         self.cb = callbacks or Callbacks()
         self._stop: str | None = None
         self.paused_seconds = 0.0  # spent suspended at step boundaries (StepBoundary.suspended)
+        self._state_on_stop = False  # the final save of a stopped run also writes its training state
         self.session_id = str(random.SystemRandom().randint(0, 2**32))  # an integer, as kohya's ss_session_id
         # Under `accelerate launch`, each process trains its slice of every global batch and the
         # gradients are summed through accelerate; one process alone is the same code with world 1.
@@ -180,9 +183,24 @@ class Trainer:
         return self.plan.is_main
 
     # -- control ---------------------------------------------------------------------
-    def request_stop(self, save: bool = False) -> None:
-        """Stop after the current step; with ``save`` the network is written first."""
-        self._stop = "save" if save else "stop"
+    def request_stop(self, save: bool = False, state: bool = False) -> None:
+        """Stop after the current step; with ``save`` the network is written first, with ``state`` also
+        the training state beside it (even without ``save_state``), so the run can be resumed."""
+        self._stop = "save" if save or state else "stop"
+        self._state_on_stop = self._state_on_stop or state
+
+    def _stopping(self) -> bool:
+        """Whether to stop before the next step; under accelerate every process stops at the same step
+        and the same way (one asked is enough), or the next gradient sum would wait forever."""
+        if self.dist:
+            from accelerate.utils import gather
+            mine = {None: 0, "stop": 1, "save": 2}[self._stop] + 4 * self._state_on_stop
+            codes = [int(c) for c in gather(torch.tensor([mine], device=self.model.device)).tolist()]
+            kind = max(c % 4 for c in codes)
+            if kind:
+                self._stop = "save" if kind == 2 else "stop"
+                self._state_on_stop = any(c >= 4 for c in codes)
+        return bool(self._stop)
 
     def release(self) -> None:
         """Drop the model (a finished job is kept for its status and must not keep it alive)."""
@@ -214,6 +232,12 @@ class Trainer:
                         + (f"; {len(fresh)} layers it lacks start fresh" if fresh else ""))
         latents, texts = LatentCache(m, self.dataset, cfg, write_disk=self.is_main), TextCache(m, cfg)
         mode = TrainingMode(m, net, self._lean(), cfg.gradient_checkpointing)
+        callbacks, tb = self.cb, None
+        if self.is_main and tensorboard.wanted(cfg):
+            per_epoch = max(1, self.dataset.steps_per_epoch(self.global_batch))
+            tb = tensorboard.TensorBoardLog(cfg, outputs.updates_per_epoch(per_epoch, cfg.gradient_accumulation_steps))
+            self.cb = tb.wrap(callbacks)
+            self.cb.log(f"TensorBoard: logging to {tb.folder}")
         try:
             mode.enter()
             return self._loop(net, self.plan.resume_from, latents, texts, mode)
@@ -221,6 +245,9 @@ class Trainer:
             mode.leave()
             latents.clear()
             texts.clear()
+            self.cb = callbacks
+            if tb is not None:
+                tb.close()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
@@ -245,13 +272,16 @@ class Trainer:
         text_trains = cfg.network.train_text_encoder
         batches = ds.iterate(self.global_batch, cfg.seed, pos)
         per_epoch = max(1, ds.steps_per_epoch(self.global_batch))
+        fill_caches(ds, latents, texts, not text_trains, self.cb.on_caching, self.cb.log, lambda: self._stop is not None)
         saved: list[Path] = []
         t0, step0 = time.time(), step
         acp_all = m.alphas_cumprod.to(m.device, torch.float32)
         batch: Batch | None = None
         B = cfg.batch_size
+        if step == 0 and self.is_main and sample_prompts.due(cfg, 0, per_epoch)[0]:
+            self._samples(net, 0)  # kohya's sample_at_first
         while step < total:
-            if self._stop:
+            if self._stopping():
                 break
             loss_val = 0.0
             for micro in range(cfg.gradient_accumulation_steps):
@@ -308,19 +338,21 @@ class Trainer:
             if self.cb.on_progress:
                 recent = losses[-50:]
                 self.cb.on_progress(Progress(step, total, pos.epoch, loss_val, sum(recent) / len(recent),
-                                             sched.get_last_lr()[0], elapsed, rate * (total - step)))
+                                             sched.get_last_lr()[0], elapsed, rate * (total - step),
+                                             {g.get("name", str(i)): g["lr"] for i, g in enumerate(opt.param_groups)}))
             for path, epoch in (outputs.saves_due(cfg, step, per_epoch) if step < total else []):
                 saved.append(self._save(net, path, epoch, step, pos, losses, started, opt, sched))
                 if self.is_main:
                     self._prune(saved)
-            if cfg.sample_every_n_steps and cfg.sample_prompts and step % cfg.sample_every_n_steps == 0 \
-                    and self.is_main:
+            if self.is_main and sample_prompts.due(cfg, step, per_epoch)[0]:
                 self._samples(net, step)
             if self.cb.between_steps is not None and step < total and not self._stop:
                 self.cb.between_steps(StepBoundary(self, mode, net, step, pos, losses, started, opt, sched))
         stopped = step < total
         out = None
-        if not stopped or self._stop == "save":
+        if stopped and step == step0:
+            self.cb.log("stopped before the first step: nothing to save")
+        elif not stopped or self._stop == "save":
             epochs = outputs.final_epoch(step, per_epoch, cfg.gradient_accumulation_steps)
             out = self._save(net, self.output_path(), epochs, step, pos, losses, started, opt, sched)
             saved.append(out)
@@ -354,14 +386,20 @@ class Trainer:
         tensors, meta = self._contents(net, step, epoch, started, opt)
         # make_plan() checked every name; a file that appeared since is replaced only if it is ours
         out = save_safetensors(tensors, path, meta, overwrite=outputs.may_replace(path, cfg.overwrite, self.session_id))
-        if cfg.save_state:
-            spath = state_path(path)
+        spath = state_path(path)
+        forced = self._stop is not None and self._state_on_stop and path == self.output_path() and not cfg.save_state
+        if forced and not outputs.may_replace(spath, cfg.overwrite, self.session_id):
+            # not among the names make_plan checked: a file of that name that is not this run's stays
+            self.cb.log(f"not saving the training state: {spath} already exists")
+            forced = False
+        if cfg.save_state or forced:
             save_state(spath, TrainingState(
                 step=step, position=pos, losses=losses, started=started, session=self.session_id,
                 fingerprint=self.dataset.fingerprint(), config=config_record(cfg),
                 network=net.kohya_state_dict(torch.float32), optimizer=opt.state_dict(),
                 scheduler=sched.state_dict()),
                 overwrite=outputs.may_replace(spath, cfg.overwrite, self.session_id))
+            self.cb.log(f"saved {spath}")
         self.cb.log(f"saved {out}")
         if self.cb.on_saved:
             self.cb.on_saved(out)

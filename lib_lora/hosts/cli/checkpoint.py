@@ -242,10 +242,14 @@ def _detect_v_prediction(unet: nn.Module, context_dim: int) -> bool:
 
 
 def load_checkpoint(path: str | os.PathLike, config: dict[str, Any] | None = None, device: torch.device | str = "cpu",
-                    dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype | None = None) -> Checkpoint:
+                    dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype | None = None,
+                    progress: Callable[[str], None] | None = None) -> Checkpoint:
     """Open a single-file SD1/SD2/SDXL checkpoint through ``fileio.load_file`` (validated safetensors
-    header; a legacy ``.ckpt`` is read tensors-only).  Modules come back frozen and in eval mode."""
+    header; a legacy ``.ckpt`` is read tensors-only).  Modules come back frozen and in eval mode.
+    ``progress`` is told each stage as it starts ("reading", "UNet", "text encoder", "VAE", ...)."""
+    stage = progress or (lambda what: None)
     path = Path(path)
+    stage("reading")
     sd, _ = load_file(path)
     cfg, source = resolve_config(sd, path, config)
     family = cfg["family"]
@@ -256,17 +260,20 @@ def load_checkpoint(path: str | os.PathLike, config: dict[str, Any] | None = Non
         vae = build_vae(cfg["vae"], cfg["scale_factor"])
     if [p for p, _ in tes] != [p for p, _, _ in TEXT_LAYOUT[family]]:
         raise ArchitectureError(f"{where}: text encoders {[p for p, _ in tes]} do not fit {family}")
+    stage("UNet")
     materialize(unet, strip_prefix(sd, UNET_PREFIX), dtype, f"{where}: UNet", source)
     unet.dtype = dtype  # ldm's forward casts x to unet.dtype (set from use_fp16 otherwise)
-    for (prefix, te), (_, file_prefix, kind) in zip(tes, TEXT_LAYOUT[family]):
+    for i, ((prefix, te), (_, file_prefix, kind)) in enumerate(zip(tes, TEXT_LAYOUT[family])):
         if kind != ("hf_clip" if hasattr(te, "text_model") else "open_clip"):
             raise ArchitectureError(f"{where}: {prefix} must be {kind}")
+        stage(f"text encoder {i + 1} of {len(tes)}" if len(tes) > 1 else "text encoder")
         t = text_encoder_state(sd, family, file_prefix)
         optional: dict[str, Callable[[], Tensor]] = {"logit_scale": lambda: torch.tensor(math.log(1 / 0.07))}
         if family == "sd2":  # unused by SD2 conditioning; some files drop it
             optional["text_projection"] = lambda te=te: torch.eye(te.transformer.width, te.text_projection.shape[1])
         t = {k: v for k, v in t.items() if not k.startswith("visual.") and k != "attn_mask"}  # mask is rebuilt
         materialize(te, t, dtype, f"{where}: {prefix}", source, optional if kind == "open_clip" else None)
+    stage("VAE")
     vae_sd = strip_prefix(sd, VAE_PREFIX)
     if not vae_sd:
         raise ArchitectureError(f"{where}: no VAE weights (first_stage_model.*)")
@@ -274,6 +281,8 @@ def load_checkpoint(path: str | os.PathLike, config: dict[str, Any] | None = Non
     ck = Checkpoint(family, unet, tes, vae, cfg, path, source)
     for m in ck.modules():  # inference by default; the trainer sets (and restores) what it trains
         m.requires_grad_(False).eval()
+    if torch.device(device) != torch.device("cpu"):
+        stage(f"moving to {device}")
     ck.to(torch.device(device))
     given = config or {}
     if family == "sd2" and source.startswith("inferred") and "prediction" not in given:

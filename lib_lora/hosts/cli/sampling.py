@@ -42,13 +42,15 @@ def alphas_cumprod(linear_start: float = 0.00085, linear_end: float = 0.012, tim
 
 
 def sample_latents(model: Callable[[Tensor, Tensor], Tensor], noise: Tensor, alphas_cumprod: Tensor, steps: int,
-                   prediction: str = "epsilon", sampler: str = "ddim") -> Tensor:
+                   prediction: str = "epsilon", sampler: str = "ddim",
+                   progress: Callable[[int, int], None] | None = None) -> Tensor:
     """Denoise unit-variance ``noise`` with ``model(x, t) -> eps | v`` (t: float timesteps [B]).
 
     ddim: eta 0 on ldm's "uniform" timesteps (1000//steps apart, +1), final alpha = alphas_cumprod[0]
     (= diffusers DDIMScheduler with steps_offset=1, set_alpha_to_one=False).
     euler: k-diffusion's Euler on the discrete model's sigmas (t = linspace(999, 0, steps), log-sigma
     interpolation, then 0) as the WebUI's "Euler" runs it; v-models via CompVisVDenoiser's scalings.
+    ``progress(done, steps)`` is called after each step.
     """
     if prediction not in ("epsilon", "v"):
         raise ValueError(f"unknown prediction type {prediction!r}")
@@ -74,6 +76,8 @@ def sample_latents(model: Callable[[Tensor, Tensor], Tensor], noise: Tensor, alp
             else:
                 eps, x0 = out, (x - (1 - a).sqrt() * out) / a.sqrt()
             x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+            if progress:
+                progress(i + 1, steps)
         return x
     if sampler == "euler":
         log_sigmas = ((1 - acp) / acp).sqrt().log()
@@ -90,14 +94,17 @@ def sample_latents(model: Callable[[Tensor, Tensor], Tensor], noise: Tensor, alp
             else:
                 denoised = x - out * s
             x = x + (x - denoised) / s * (sigmas[i + 1] - s)
+            if progress:
+                progress(i + 1, steps)
         return x
     raise ValueError(f"unknown sampler {sampler!r} (ddim, euler)")
 
 
 def sample(checkpoint: Txt2ImgModel, prompts: str | list[str], negative: str | list[str] = "", steps: int = 20,
            cfg: float = 7.0, seed: int = 0, width: int | None = None, height: int | None = None,
-           sampler: str = "ddim") -> list[Image.Image]:
+           sampler: str = "ddim", progress: Callable[[int, int], None] | None = None) -> list[Image.Image]:
     """txt2img with classifier-free guidance; image i uses noise from ``seed + i`` (as the WebUI).
+    ``progress(done, steps)`` is called after each sampling step.
 
     Runs the modules as they are, so LoRAs merged by the patcher or hooked onto them take part.
     """
@@ -138,7 +145,7 @@ def sample(checkpoint: Txt2ImgModel, prompts: str | list[str], negative: str | l
                 uncond, c = run(x, t, unc.context, unc.y), run(x, t, cond.context, cond.y)
             return uncond + cfg * (c - uncond)
 
-        latents = sample_latents(model, noise, ck.alphas_cumprod(), steps, ck.prediction, sampler)
+        latents = sample_latents(model, noise, ck.alphas_cumprod(), steps, ck.prediction, sampler, progress)
         pixels = ck.decode_latents(latents).float()
     arr = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a) for a in arr]
