@@ -297,3 +297,36 @@ def test_lora_under_autocast_reads_the_half_input_as_it_is(monkeypatch):
     assert out.dtype == torch.bfloat16 and torch.equal(out, out_cast)
     assert all(torch.equal(a, b) for a, b in zip(grads, grads_cast))
     assert not copies and len(copies_cast) == 1
+
+
+def test_adamw_runs_fused_where_torch_has_it_unless_the_user_chose():
+    from torch.utils import _foreach_utils
+
+    from lib_lora.training.trainer import make_optimizer
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    cfg = TrainConfig(DatasetConfig("unused"), NetworkConfig())
+    opt, _ = make_optimizer("AdamW", [{"params": [p]}], cfg)
+    fused = "cpu" in getattr(_foreach_utils, "_get_fused_kernels_supported_devices", lambda: [])()
+    assert opt.param_groups[0]["fused"] is (True if fused else None)
+    cfg = TrainConfig(DatasetConfig("unused"), NetworkConfig(), optimizer_args={"foreach": True})
+    opt, _ = make_optimizer("AdamW", [{"params": [p]}], cfg)
+    assert not opt.param_groups[0]["fused"] and opt.param_groups[0]["foreach"] is True
+
+
+def test_a_resumed_run_uses_this_torchs_adamw_kernel(tmp_path, vae, monkeypatch):
+    """A state saved by a run with the fused AdamW resumes where torch has none for the device."""
+    import lib_lora.training.trainer as trainer_module
+
+    tiny = build_sd1(seed=2)
+    cfg = dict(max_train_steps=4, save_every_n_steps=2, save_state=True)
+    first = Trainer(trainable(tiny, vae), make_plan(config(tmp_path, **cfg)), Callbacks(log=lambda s: None))
+    first.run()
+    monkeypatch.setattr(trainer_module, "adamw_kernel", lambda groups: {})
+    kernels = []
+    step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step",
+                        lambda self, *a, **k: kernels.append(self.param_groups[0]["fused"]) or step(self, *a, **k))
+    res = Trainer(trainable(tiny, vae), make_plan(config(tmp_path, output_name="again", max_train_steps=4),
+                                                  state_path(first.output_path(2))), Callbacks(log=lambda s: None)).run()
+    assert res.steps == 4 and kernels == [None, None]
