@@ -330,3 +330,16 @@ def test_a_resumed_run_uses_this_torchs_adamw_kernel(tmp_path, vae, monkeypatch)
     res = Trainer(trainable(tiny, vae), make_plan(config(tmp_path, output_name="again", max_train_steps=4),
                                                   state_path(first.output_path(2))), Callbacks(log=lambda s: None)).run()
     assert res.steps == 4 and kernels == [None, None]
+
+
+def test_the_dropout_seed_is_manual_seeds_and_the_global_rng_is_left_alone():
+    """The step seeds torch's global CPU generator as ``torch.manual_seed`` would, and puts it back."""
+    from lib_lora.training.trainer import _global_rng_seeded
+
+    torch.manual_seed(7)
+    expected = torch.rand(5)
+    state = torch.get_rng_state()
+    with _global_rng_seeded(torch.device("cpu"), 7):
+        assert torch.equal(torch.rand(5), expected)
+    assert torch.equal(torch.get_rng_state(), state)
+
