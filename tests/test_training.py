@@ -240,7 +240,8 @@ def test_trains_on_the_torch_api_of_webui_1_10(tmp_path, vae, monkeypatch):
     """WebUI 1.10 installs torch 2.1: no torch.amp.GradScaler (2.3) and no device-type autocast
     queries (2.4).  Without them, a run with LoCon (rebuilt activations) still trains, and the
     same as with them."""
-    cfg = dict(max_train_steps=2, network=NetworkConfig(rank=4, alpha=4, conv_rank=4, conv_alpha=4))
+    cfg = dict(max_train_steps=2, network=NetworkConfig(rank=4, alpha=4, conv_rank=4, conv_alpha=4),
+               lean_frozen_layers=True)    # tiny models are not lean by default
     with_new = Trainer(trainable(build_sd1(), vae), make_plan(config(tmp_path / "a", **cfg)),
                        Callbacks(log=lambda s: None)).run()
     monkeypatch.delattr(torch.amp, "GradScaler")

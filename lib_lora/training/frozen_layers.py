@@ -278,6 +278,21 @@ def _norm_act_head(m: nn.Module) -> bool:
             and type(m[1]) is nn.SiLU)
 
 
+# a conv or linear weight of this many elements marks a model of SD's widths (the narrowest SD1.5
+# 3x3 conv has 0.9 M); the tests' tiny models and benchmarks/train.py's per-op-bound proxy stay below
+SD_SIZED_WEIGHT = 2**20
+
+
+def lean_by_default(device: torch.device, unet: nn.Module) -> bool:
+    """``lean_frozen_layers`` when the user leaves it unset: on CPU, for a model of SD's widths.
+
+    On a GPU a step at SD sizes is bound by per-op overhead, which the wrappers add to; so is a CPU
+    step at toy widths, where what they save is small.
+    """
+    return device.type == "cpu" and any(
+        isinstance(m, (nn.Conv2d, nn.Linear)) and m.weight.numel() >= SD_SIZED_WEIGHT for m in unet.modules())
+
+
 @contextmanager
 def frozen_layers(*roots: nn.Module) -> Iterator[int]:
     """Lean forwards for the frozen layers under ``roots`` (see the module docstring); yields how many."""

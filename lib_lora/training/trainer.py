@@ -25,7 +25,7 @@ from torch import Tensor
 from ..fileio import load_safetensors, save_safetensors
 from ..hashes import hashes_from_bytes
 from .checkpointing import gradient_checkpointing
-from .frozen_layers import frozen_layers
+from .frozen_layers import frozen_layers, lean_by_default
 from .config import TrainConfig
 from .dataset import Dataset
 from .epochs import Batch, Position, derive_seed
@@ -207,7 +207,7 @@ class Trainer:
 
     def _lean(self) -> bool:
         lean = self.cfg.lean_frozen_layers
-        return self.model.device.type == "cpu" if lean is None else lean
+        return lean_by_default(self.model.device, self.model.unet) if lean is None else lean
 
     def _loop(self, net: TrainingNetwork, resume_from, latents: LatentCache, texts: TextCache) -> TrainResult:
         cfg, m, ds = self.cfg, self.model, self.dataset
