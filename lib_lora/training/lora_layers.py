@@ -43,6 +43,11 @@ def _to(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
+def _mm_scaled(a: Tensor, b: Tensor, s: float) -> Tensor:
+    """``s * (a @ b)`` with the scale inside the product (BLAS's alpha; beta 0 reads no input)."""
+    return torch.mm(a, b) if s == 1 else torch.addmm(a.new_empty(()), a, b, beta=0, alpha=s)
+
+
 class _LoraLinear(torch.autograd.Function):
     """``x W^T + b + s (x D^T) U^T`` over the last dimension; ``dt``: cast everything to it first (or None)."""
 
@@ -69,13 +74,9 @@ class _LoraLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gx = torch.mm(g, w).addmm_(gh, d, alpha=s).view(ctx.x_shape)
         if ctx.needs_input_grad[3]:
-            gd = torch.mm(gh.t(), x2)
-            if s != 1:
-                gd.mul_(s)
+            gd = _mm_scaled(gh.t(), x2, s)
         if ctx.needs_input_grad[4]:
-            gu = torch.mm(g.t(), h)
-            if s != 1:
-                gu.mul_(s)
+            gu = _mm_scaled(g.t(), h, s)
         # autograd casts each gradient to its input's dtype (a half product's to the fp32 LoRA)
         return gx, None, None, gd, gu, None, None
 
@@ -107,14 +108,10 @@ class _LoraPointwise(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gx = torch.mm(w.t(), g).addmm_(d.t(), gh, alpha=s).view(ctx.x_shape)
         if ctx.needs_input_grad[3]:
-            gd = torch.mm(gh, x2.t())
-            if s != 1:
-                gd.mul_(s)
+            gd = _mm_scaled(gh, x2.t(), s)
             gd = gd.view(*gd.shape, 1, 1)
         if ctx.needs_input_grad[4]:
-            gu = torch.mm(g, h.t())
-            if s != 1:
-                gu.mul_(s)
+            gu = _mm_scaled(g, h.t(), s)
             gu = gu.view(*gu.shape, 1, 1)
         return gx, None, None, gd, gu, None, None
 
