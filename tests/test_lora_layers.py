@@ -65,7 +65,10 @@ def test_one_forward_equals_autograd(layer, shape, x_grad):
 
 
 @pytest.mark.parametrize("layer,shape", [(nn.Linear(24, 40), (2, 7, 24)), (nn.Conv2d(24, 40, 1), (1, 24, 5, 6))])
-def test_under_autocast_the_product_is_half_and_the_lora_gradients_fp32(layer, shape):
+@pytest.mark.parametrize("torch_2_1", [False, True])   # the autocast queries of the WebUI's torch
+def test_under_autocast_the_product_is_half_and_the_lora_gradients_fp32(layer, shape, torch_2_1, monkeypatch):
+    if torch_2_1:
+        monkeypatch.setattr("lib_lora.autocast.BY_DEVICE_TYPE", False)
     lora = _layer_and_lora(layer)
     x = torch.randn(shape, requires_grad=True)       # fp32 input (a LayerNorm's output under autocast)
     fwd = types.MethodType(lora_forward(layer, lora), layer)

@@ -12,12 +12,13 @@ and deleting it restores the layer exactly) that computes
 in one ``autograd.Function`` whose backward writes the input's gradient once and the LoRA's
 gradients directly.  It keeps what the separate modules kept (the input, read by D's
 gradient, and the rank-wide ``x D^T``), and never the input a second time for the frozen
-weight.  Convolutions (SD1.5's 1x1 ``proj_in``/``proj_out``, LoCon's resnet convs) do the
-same with ``convolution_backward``.
+weight.  A 1x1 convolution of one image (SD1.5's ``proj_in``/``proj_out``) is the same
+product over the channels.
 
-Where the layer's class does more than torch's math (a subclass, or the WebUI's built-in Lora
-patching ``Linear``/``Conv2d.forward`` at class level), or the LoRA has dropout while training,
-the layer's own forward runs and the LoRA is added after it, as a hook would.
+Other convolutions (LoCon's 3x3), a batch through a 1x1 convolution, a LoRA with dropout
+while training, and a layer whose class does more than torch's math (a subclass, or the
+WebUI's built-in Lora patching ``Linear``/``Conv2d.forward`` at class level) run the layer's
+own forward with the LoRA added after it, as a hook would, minus the hook.
 """
 from __future__ import annotations
 
@@ -28,15 +29,19 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..adapters.lora import LoRAModule
-from ..autocast import BY_DEVICE_TYPE, autocast_state
+from .. import autocast
 from .frozen_layers import runs_torch_forward
 
 
 def _amp_query(device_type: str) -> Callable[[], torch.dtype | None]:
     """A cheap per-call question: the autocast dtype for tensors on ``device_type``, or None when autocast is off."""
-    if BY_DEVICE_TYPE:
+    if autocast.BY_DEVICE_TYPE:
         return lambda: torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-    return lambda: autocast_state(device_type)[1] if autocast_state(device_type)[2] else None
+
+    def query() -> torch.dtype | None:     # torch 2.1: one function per device kind
+        _, dtype, on = autocast.autocast_state(device_type)
+        return dtype if on else None
+    return query
 
 
 def _to(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
