@@ -17,7 +17,7 @@ from lib_lora.fileio import load_safetensors
 from lib_lora.modelmap import ModelMap
 from lib_lora.network import load_network, parse_state_dict
 from lib_lora.patcher import Activation, Patcher
-from lib_lora.training.network import NetworkConfig
+from lib_lora.training.network import NetworkConfig, TrainingNetwork
 from lib_lora.training.plan import make_plan
 from lib_lora.training.trainer import Callbacks, Trainer
 from loras import kohya_lora, same, snapshot
@@ -141,6 +141,30 @@ def test_frozen_layer_backward_on_gpu_kernels(build, no_tf32):
         return ((a - b).norm() / b.norm()).item()
 
     assert error(lean[1]) < 1.25 * error(plain[1]) + 1e-3, (error(lean[1]), error(plain[1]))
+
+
+@pytest.mark.parametrize("build", [build_sd1, build_sdxl], ids=["sd1", "sdxl"])
+@pytest.mark.parametrize("batch", [1, 2])   # one image: SD1's 1x1 proj_in/proj_out as matrix products too
+def test_one_forward_per_lora_layer_on_gpu_kernels(build, batch, no_tf32, monkeypatch):
+    """The LoRA'd layers' own forward (lora_layers.py) on cuBLAS: fp32 gradients as a hook and the
+    LoRA's modules give them; under fp16 autocast on fp16 weights, as close to fp32 as theirs."""
+    def grads(one_forward: bool, dtype: torch.dtype, amp):
+        monkeypatch.setattr(TrainingNetwork, "one_forward", one_forward)
+        return _lora_grads(_on_device(build(), dtype), lean=False, batch=batch, amp=amp, device=DEVICE)
+
+    ref, got = grads(False, torch.float32, False), grads(True, torch.float32, False)
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(got[1], ref[1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    if DEVICE != "cuda":
+        return
+    hooks, ours = grads(False, torch.float16, torch.float16), grads(True, torch.float16, torch.float16)
+
+    def error(g) -> float:
+        a, b = torch.cat([x.float().flatten() for x in g]), torch.cat([x.flatten() for x in ref[1]])
+        return ((a - b).norm() / b.norm()).item()
+
+    assert error(ours[1]) < 1.25 * error(hooks[1]) + 1e-3, (error(ours[1]), error(hooks[1]))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

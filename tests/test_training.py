@@ -240,7 +240,8 @@ def test_trains_on_the_torch_api_of_webui_1_10(tmp_path, vae, monkeypatch):
     """WebUI 1.10 installs torch 2.1: no torch.amp.GradScaler (2.3) and no device-type autocast
     queries (2.4).  Without them, a run with LoCon (rebuilt activations) still trains, and the
     same as with them."""
-    cfg = dict(max_train_steps=2, network=NetworkConfig(rank=4, alpha=4, conv_rank=4, conv_alpha=4))
+    cfg = dict(max_train_steps=2, network=NetworkConfig(rank=4, alpha=4, conv_rank=4, conv_alpha=4),
+               lean_frozen_layers=True)    # tiny models are not lean by default
     with_new = Trainer(trainable(build_sd1(), vae), make_plan(config(tmp_path / "a", **cfg)),
                        Callbacks(log=lambda s: None)).run()
     monkeypatch.delattr(torch.amp, "GradScaler")
@@ -297,3 +298,49 @@ def test_lora_under_autocast_reads_the_half_input_as_it_is(monkeypatch):
     assert out.dtype == torch.bfloat16 and torch.equal(out, out_cast)
     assert all(torch.equal(a, b) for a, b in zip(grads, grads_cast))
     assert not copies and len(copies_cast) == 1
+
+
+def test_adamw_runs_fused_where_torch_has_it_unless_the_user_chose():
+    from torch.utils import _foreach_utils
+
+    from lib_lora.training.trainer import make_optimizer
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    cfg = TrainConfig(DatasetConfig("unused"), NetworkConfig())
+    opt, _ = make_optimizer("AdamW", [{"params": [p]}], cfg)
+    fused = "cpu" in getattr(_foreach_utils, "_get_fused_kernels_supported_devices", lambda: [])()
+    assert opt.param_groups[0]["fused"] is (True if fused else None)
+    cfg = TrainConfig(DatasetConfig("unused"), NetworkConfig(), optimizer_args={"foreach": True})
+    opt, _ = make_optimizer("AdamW", [{"params": [p]}], cfg)
+    assert not opt.param_groups[0]["fused"] and opt.param_groups[0]["foreach"] is True
+
+
+def test_a_resumed_run_uses_this_torchs_adamw_kernel(tmp_path, vae, monkeypatch):
+    """A state saved by a run with the fused AdamW resumes where torch has none for the device."""
+    import lib_lora.training.trainer as trainer_module
+
+    tiny = build_sd1(seed=2)
+    cfg = dict(max_train_steps=4, save_every_n_steps=2, save_state=True)
+    first = Trainer(trainable(tiny, vae), make_plan(config(tmp_path, **cfg)), Callbacks(log=lambda s: None))
+    first.run()
+    monkeypatch.setattr(trainer_module, "adamw_kernel", lambda groups: {})
+    kernels = []
+    step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step",
+                        lambda self, *a, **k: kernels.append(self.param_groups[0]["fused"]) or step(self, *a, **k))
+    res = Trainer(trainable(tiny, vae), make_plan(config(tmp_path, output_name="again", max_train_steps=4),
+                                                  state_path(first.output_path(2))), Callbacks(log=lambda s: None)).run()
+    assert res.steps == 4 and kernels == [None, None]
+
+
+def test_the_dropout_seed_is_manual_seeds_and_the_global_rng_is_left_alone():
+    """The step seeds torch's global CPU generator as ``torch.manual_seed`` would, and puts it back."""
+    from lib_lora.training.trainer import _global_rng_seeded
+
+    torch.manual_seed(7)
+    expected = torch.rand(5)
+    state = torch.get_rng_state()
+    with _global_rng_seeded(torch.device("cpu"), 7):
+        assert torch.equal(torch.rand(5), expected)
+    assert torch.equal(torch.get_rng_state(), state)
+

@@ -105,7 +105,9 @@ def data(tmp_path_factory):
 
 
 def unet_hooks(m: TinySD1) -> int:
-    return sum(len(x._forward_hooks) + len(x._forward_pre_hooks) for x in m.model.diffusion_model.modules())
+    """What is attached to the UNet's modules: forward hooks and instance forwards (our LoRA'd layers')."""
+    return sum(len(x._forward_hooks) + len(x._forward_pre_hooks) + ("forward" in vars(x))
+               for x in m.model.diffusion_model.modules())
 
 
 # -- the stand-in WebUI -------------------------------------------------------------------------------

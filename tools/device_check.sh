@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA GPU, in one run (CI has none).  From the repository root:
-#   OUT=/tmp/gpu bash tools/device_check.sh
+#   OUT=/tmp/gpu bash tools/device_check.sh                       # everything, about 15 minutes
+#   OUT=/tmp/gpu PARTS="bench_fp16 bench_sdxl" bash tools/device_check.sh   # the step benchmarks alone
 # Logs go to $OUT.  Packages missing from the machine's python can come as wheels in .whl/
 # (diffusers, stable-diffusion-sdkit, transformers 4.x, open_clip, ...: see tools/setup.sh).
 # Each part has its own time limit, so a hang in one still leaves the others' logs.
@@ -19,8 +20,11 @@ fi
   "$PY" -c "import sys, torch, transformers, diffusers; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'diffusers', diffusers.__version__)"
 } 2>&1 | tee "$OUT/gpu.txt"
 
+PARTS=${PARTS:-test_cuda bench_fp16 bench_sdxl suite_cpu}
+
 part() {  # part NAME SECONDS COMMAND...
     local name=$1 limit=$2; shift 2
+    case " $PARTS " in *" $name "*) ;; *) return 0 ;; esac
     local t0=$SECONDS
     timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
     echo "== $name: exit $? in $((SECONDS - t0)) s" | tee -a "$OUT/summary.txt"
@@ -29,8 +33,13 @@ part() {  # part NAME SECONDS COMMAND...
 
 # the CUDA tests: training a half model, frozen-layer backward on GPU kernels, merging, the CLI in fp16
 part test_cuda 300 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py
-# ours (lean frozen layers off on CUDA) and ours-lean vs the diffusers + peft recipe vs a bare
-# forward+backward, as a WebUI holds SD1.5 (fp16)
-part bench_fp16 240 "$PY" benchmarks/train.py --device cuda --precision fp16 --latent 64 --batch 4 --steps 12 --rounds 2
+# SD1.5 as a WebUI holds it (fp16 weights, fp16 autocast, loss scaling) at 512 px, batch 4, rank 16:
+# ours, ours-lean and ours with each step lever off vs the diffusers + peft recipe vs a bare
+# forward+backward; per variant: wall s/step, the GPU's busy (kernel) time per step, wall/kernel,
+# peak CUDA memory over the model; ratios ours/reference (time, memory), ours/bare, ours wall/kernel
+part bench_fp16 330 "$PY" benchmarks/train.py --device cuda --precision fp16 --latent 64 --batch 4 --steps 8 --rounds 2
+# SDXL (SGM UNet, fp16) at 1024 px, batch 1: ours vs reference vs bare, the same columns and ratios
+part bench_sdxl 240 "$PY" benchmarks/train.py --device cuda --precision fp16 --family sdxl --latent 128 --batch 1 \
+    --steps 6 --rounds 1 --variants ours,reference,bare
 # the CPU suite on this machine's python and torch (the one-GPU machine cannot run the two-process NCCL test)
 part suite_cpu 240 env CUDA_VISIBLE_DEVICES= "$PY" -m pytest -q -p no:cacheprovider -n 8 -k "not two_processes" tests

@@ -1,7 +1,8 @@
 """A loaded model's fingerprint: taken before and after a training job to prove the model untouched.
 
-Training only hooks LoRA modules beside the host's layers; any write to a weight or buffer, a
-swapped tensor, a changed flag or a hook left behind shows as a different fingerprint.
+Training only puts LoRA modules beside the host's layers; any write to a weight or buffer, a
+swapped tensor, a changed flag, or a hook or instance forward left behind shows as a different
+fingerprint.
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ def _checksum(t: torch.Tensor) -> tuple[int, int]:
 
 
 def model_fingerprint(model: TrainableModel) -> list:
-    """Identity, device, version counter and a checksum of every parameter and buffer, plus hook counts.
+    """Identity, device, version counter and a checksum of every parameter and buffer, plus hooks and
+    instance forwards.
 
     Not the storage address: restoring a LoRA that a generation merged between two training steps
     writes the original values back, but on a GPU into the merged tensor's storage (the patcher
@@ -36,6 +38,7 @@ def model_fingerprint(model: TrainableModel) -> list:
                 out.append((label, name, id(t), str(t.device), t._version, t.dtype, tuple(t.shape),
                             bool(getattr(t, "requires_grad", False)), _checksum(t)))
             hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in root.modules())
+            forwards = tuple(i for i, m in enumerate(root.modules()) if "forward" in vars(m))  # instance forwards
             modes = tuple(m.training for m in root.modules())
-            out.append((label, "<hooks/modes>", hooks, hash(modes)))
+            out.append((label, "<hooks/modes>", hooks, forwards, hash(modes)))
     return out

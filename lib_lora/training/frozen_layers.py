@@ -192,7 +192,7 @@ def _layer_norm_forward(self: nn.LayerNorm, x: Tensor) -> Tensor:
     return _FrozenLayerNorm.apply(x, self.weight, self.bias, tuple(self.normalized_shape), self.eps)
 
 
-def _plain(m: nn.Module, cls: type) -> bool:
+def runs_torch_forward(m: nn.Module, cls: type) -> bool:
     # Exact classes running torch's own forward only: a subclass, or a class-level patch such as
     # the WebUI built-in Lora's, may do more in forward than the math this replaces.
     return (type(m) is cls and getattr(cls.forward, "__module__", "").startswith("torch.")
@@ -278,18 +278,33 @@ def _norm_act_head(m: nn.Module) -> bool:
             and type(m[1]) is nn.SiLU)
 
 
+# a conv or linear weight of this many elements marks a model of SD's widths (the narrowest SD1.5
+# 3x3 conv has 0.9 M); the tests' tiny models and benchmarks/train.py's per-op-bound proxy stay below
+SD_SIZED_WEIGHT = 2**20
+
+
+def lean_by_default(device: torch.device, unet: nn.Module) -> bool:
+    """``lean_frozen_layers`` when the user leaves it unset: on CPU, for a model of SD's widths.
+
+    On a GPU a step at SD sizes is bound by per-op overhead, which the wrappers add to; so is a CPU
+    step at toy widths, where what they save is small.
+    """
+    return device.type == "cpu" and any(
+        isinstance(m, (nn.Conv2d, nn.Linear)) and m.weight.numel() >= SD_SIZED_WEIGHT for m in unet.modules())
+
+
 @contextmanager
 def frozen_layers(*roots: nn.Module) -> Iterator[int]:
     """Lean forwards for the frozen layers under ``roots`` (see the module docstring); yields how many."""
     mods = [m for r in roots for m in r.modules()]
-    convs = [m for m in mods if _plain(m, nn.Conv2d)]
+    convs = [m for m in mods if runs_torch_forward(m, nn.Conv2d)]
     # elsewhere than on CPU (the weight-left products) a frozen linear only needs us where autograd
     # would keep its input: otherwise the wrapper is per-op overhead and nothing else
-    linears = [m for m in mods if _plain(m, nn.Linear)
+    linears = [m for m in mods if runs_torch_forward(m, nn.Linear)
                and (m.weight.device.type == "cpu" or _autograd_keeps_linear_input())]
     heads = [m for m in mods if _norm_act_head(m)]
     gegl = [m for m in mods if type(m).__name__ == "GEGLU" and type(m).__module__ in _GEGLU_MODULES]
-    norms = [m for m in mods if _plain(m, nn.LayerNorm) and bool((m.weight != 0).all())]
+    norms = [m for m in mods if runs_torch_forward(m, nn.LayerNorm) and bool((m.weight != 0).all())]
     rebuild = _Rebuild()
     with ExitStack() as stack:
         n = sum(stack.enter_context(instance_forward(ms, fwd)) for ms, fwd in (

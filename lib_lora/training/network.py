@@ -2,8 +2,9 @@
 
 Targets follow kohya's defaults: every linear / 1x1 conv inside the UNet's transformer
 blocks, CLIP attention and MLP projections, and (LoCon, ``conv_rank > 0``) the resnet
-blocks and down/up-samplers.  Layers are never modified: a forward hook adds the LoRA
-path, and only where a layer's weight is consumed inside a fused op (OpenCLIP's
+blocks and down/up-samplers.  Layers are never modified: each gets an instance forward that
+runs it with its LoRA (lora_layers.py; a forward hook where the layer already has an instance
+forward of its own), and only where a layer's weight is consumed inside a fused op (OpenCLIP's
 MultiheadAttention) is the weight parametrized as W + delta.  ``detach()`` removes all of
 it, leaving the model's Parameters untouched.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+import types
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -22,6 +24,7 @@ from ..adapters.lora import LoRAModule
 from ..fileio import LoraFileError
 from ..modelmap import ModelMap, Target
 from . import options
+from .lora_layers import lora_forward
 
 _d = options.default
 
@@ -97,6 +100,10 @@ class _AddDeltas(nn.Module):
 
 
 class TrainingNetwork(nn.Module):
+    # each LoRA'd layer gets one forward (lora_layers.py) rather than a forward hook; the
+    # benchmark turns this off to measure what it saves
+    one_forward = True
+
     def __init__(self, mm: ModelMap, cfg: NetworkConfig):
         super().__init__()
         self.mm, self.cfg = mm, cfg
@@ -110,6 +117,7 @@ class TrainingNetwork(nn.Module):
             raise ValueError("nothing to train: no target layers selected (check train_unet / train_text_encoder)")
         self.loras = nn.ModuleDict(mods)
         self._hooks: list = []
+        self._forwards: list[nn.Module] = []
         self._parametrized: list[tuple[nn.Module, str, list[str]]] = []
 
     def lora(self, key: str) -> LoRAModule:
@@ -123,7 +131,7 @@ class TrainingNetwork(nn.Module):
                             {"params": te, "lr": te_lr, "name": "text_encoder"}) if g["params"]]
 
     def attach(self) -> None:
-        """Hook every target; where the weight is read inside a fused op, parametrize it instead."""
+        """Give every target its LoRA'd forward; where the weight is read inside a fused op, parametrize it instead."""
         fused: dict[tuple[int, str], tuple[nn.Module, list]] = defaultdict(lambda: (None, []))
         for key, t in self.targets.items():
             lora = self.lora(key)
@@ -132,7 +140,10 @@ class TrainingNetwork(nn.Module):
                 mod, parts = fused[(id(t.module), t.weight_name)]
                 parts.append((t.rows, lora))
                 fused[(id(t.module), t.weight_name)] = (t.module, parts)
-            else:
+            elif self.one_forward and "forward" not in vars(t.module):
+                t.module.forward = types.MethodType(lora_forward(t.module, lora), t.module)
+                self._forwards.append(t.module)
+            else:  # a layer that already has an instance forward of someone else's keeps it
                 self._hooks.append(t.module.register_forward_hook(_bypass(lora)))
         for (_, pname), (module, parts) in fused.items():
             order = list(module._parameters)
@@ -140,6 +151,9 @@ class TrainingNetwork(nn.Module):
             self._parametrized.append((module, pname, order))
 
     def detach(self) -> None:
+        for m in self._forwards:
+            del m.forward   # the class's forward again, exactly
+        self._forwards.clear()
         for h in self._hooks:
             h.remove()
         self._hooks.clear()

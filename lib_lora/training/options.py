@@ -232,9 +232,10 @@ OPTIONS: list[Option] = [
        flag="--gradient-checkpointing", flag_action="store_true", kohya="gradient_checkpointing",
        ss="ss_gradient_checkpointing", help="recompute UNet blocks in backward: less memory, slower"),
     _o("lean_frozen_layers", bool | None, None,
-       "Lean frozen layers (less memory; auto: on CPU only, as they slow a GPU step)", _ADV,
+       "Lean frozen layers (less memory; auto: on CPU for SD-sized models, as they slow a GPU step)", _ADV,
        flag="--lean-frozen-layers", cli_choices=tuple(AUTO_ON_OFF),
-       help="frozen layers keep less for backward: less memory; auto = on CPU only (they slow a GPU step)"),
+       help="frozen layers keep less for backward: less memory; auto = on CPU for SD-sized models only "
+            "(they slow a GPU step)"),
     _o("dataset.bucket_reso_steps", int, 64, "Bucket step", _ADV, flag="--bucket-reso-steps",
        kohya="bucket_reso_steps", help="bucket sides are multiples of this"),
     _o("dataset.bucket_no_upscale", bool, False, "Never upscale into a bucket", _ADV, flag="--bucket-no-upscale",
