@@ -498,3 +498,9 @@ def test_lbw_gives_the_pixels_of_builtin_plus_lbw(server, lbw_reference):
     for i, (la, a) in enumerate(images):
         for lb, b in images[i + 1:]:
             assert (a != b).sum() > 50 * LBW_MAX_DIFFERING, f"{la} and {lb} are nearly the same image"
+
+
+# -- SD3 (tests/e2e_sd3.py): a tiny SD3 checkpoint on a WebUI of its own, with WEBUI_E2E_SD3=1 ---------
+
+from e2e_sd3 import (  # noqa: E402,F401
+    sd3_server, test_sd3_checkpoint_loads_as_sd3, test_sd3_lora_applies_writes_hashes_and_restores)
