@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from webui_server import Server, StartError, data_dir, pixels, running, webui_py
 SD3_ON = os.environ.get("WEBUI_E2E_SD3") == "1"
 KOHYA, DIFFUSERS = "e2e_sd3_kohya", "e2e_sd3_diffusers"
 DEPTH = 2
+NEEDS_DISK, NEEDS_RAM = 4 * 2**30, 8 * 2**30  # the 1.8 GB file with room; the builder's and the WebUI's fp32 copies
 
 # Runs in the WebUI's venv: argv = webui dir, checkpoint path, hub cache dir, MMDiT depth.
 _BUILD = r'''
@@ -160,7 +162,20 @@ def sd3_server(tmp_path_factory):
     if not (webui / "modules" / "models" / "sd3" / "mmdit.py").is_file():
         pytest.skip(f"{webui} has no SD3 support (modules/models/sd3)")
     data = tmp_path_factory.mktemp("webui-sd3")
+    free_disk = shutil.disk_usage(data).free
+    if free_disk < NEEDS_DISK:
+        pytest.skip(f"a tiny SD3 checkpoint needs {NEEDS_DISK / 2**30:.0f} GiB free at {data}, "
+                    f"{free_disk / 2**30:.1f} GiB are")
+    free_ram = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else None
+    if free_ram is not None and free_ram < NEEDS_RAM:
+        pytest.skip(f"the WebUI holds a tiny SD3 model in fp32 (CLIP-G alone is 2.8 GB): needs "
+                    f"{NEEDS_RAM / 2**30:.0f} GiB of free memory, {free_ram / 2**30:.1f} GiB are")
     ckpt_dir, lora_dir = data_dir(data, builtin_off=os.environ.get("WEBUI_E2E_DISABLE_BUILTIN_LORA") == "1")
+    # live previews would load the SD3 preview decoder, which the WebUI downloads (vaeapprox-sd3.pt); T5 stays
+    # off as by default (it would be built at 4096 wide and downloaded, the checkpoint holding none)
+    config = data / "config.json"
+    settings = json.loads(config.read_text()) if config.exists() else {}
+    config.write_text(json.dumps({**settings, "live_previews_enable": False, "sd3_enable_t5": False}))
     ckpt = ckpt_dir / "tiny_sd3.safetensors"
     hf_home = data / "hf"
     try:
@@ -205,9 +220,14 @@ def test_sd3_lora_applies_writes_hashes_and_restores(sd3_server, name):
     params = with_lora["info"]["extra_generation_params"]
     assert params.get("Lora hashes") == f"{name}: {addnet_hash_safetensors(sd3_server.sd3_loras[name])[:12]}", params
     assert "Lora hashes" not in plain["info"]["extra_generation_params"]
-    # every activation message (unmatched layers, a hand-over to the built-in, a failed apply) says [LoRA Workshop]
+    # every activation message (unmatched layers, a hand-over to the built-in, a failed apply) says
+    # [LoRA Workshop]; the built-in, had it been handed the generation, would list "Networks with errors"
     ours = [line for line in log.splitlines() if "[LoRA Workshop]" in line or "Traceback" in line
-            or "warning" in line.lower()]
+            or "Networks with errors" in line]
     assert not ours, "\n".join(ours)
-    assert pixels(with_lora["image"]) != pixels(plain["image"]), f"{name} changed nothing"
+    for text in (*with_lora["info"]["infotexts"], json.dumps(params)):
+        assert "counterpart" not in text and "did not match" not in text and "skipped" not in text, text
+    changed = sum(a != b for a, b in zip(pixels(with_lora["image"]), pixels(plain["image"])))
+    print(f"{name}: {changed} of {len(pixels(plain['image']))} values changed")
+    assert changed, f"{name} changed nothing"
     assert again["image"] == plain["image"], f"{name}: weights were not restored exactly"

@@ -29,7 +29,8 @@ WEBUI_E2E_LORA.  The server log is kept in the temp folder and its tail is print
 something fails.  WEBUI_E2E_LBW_DIR (a LoRA Block Weight checkout) starts a second WebUI with the
 built-in Lora and LBW but not us, and compares lbw= images with its (tests/e2e_lbw.py).  The tools'
 tests (tests/e2e_tools.py) run on the same server: the Tools section as gradio builds it, jobs through
-the API and the Run button, their outputs listed and used.
+the API and the Run button, their outputs listed and used.  WEBUI_E2E_SD3=1 adds tests/e2e_sd3.py: a tiny SD3
+checkpoint (about 1.8 GB, written and deleted) on a WebUI of its own, with kohya- and diffusers-spelled SD3 LoRAs.
 """
 from __future__ import annotations
 
