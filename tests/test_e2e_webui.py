@@ -29,7 +29,8 @@ WEBUI_E2E_LORA.  The server log is kept in the temp folder and its tail is print
 something fails.  WEBUI_E2E_LBW_DIR (a LoRA Block Weight checkout) starts a second WebUI with the
 built-in Lora and LBW but not us, and compares lbw= images with its (tests/e2e_lbw.py).  The tools'
 tests (tests/e2e_tools.py) run on the same server: the Tools section as gradio builds it, jobs through
-the API and the Run button, their outputs listed and used.
+the API and the Run button, their outputs listed and used.  WEBUI_E2E_SD3=1 adds tests/e2e_sd3.py: a tiny SD3
+checkpoint (about 1.8 GB, written and deleted) on a WebUI of its own, with kohya- and diffusers-spelled SD3 LoRAs.
 """
 from __future__ import annotations
 
@@ -498,3 +499,9 @@ def test_lbw_gives_the_pixels_of_builtin_plus_lbw(server, lbw_reference):
     for i, (la, a) in enumerate(images):
         for lb, b in images[i + 1:]:
             assert (a != b).sum() > 50 * LBW_MAX_DIFFERING, f"{la} and {lb} are nearly the same image"
+
+
+# -- SD3 (tests/e2e_sd3.py): a tiny SD3 checkpoint on a WebUI of its own, with WEBUI_E2E_SD3=1 ---------
+
+from e2e_sd3 import (  # noqa: E402,F401
+    sd3_server, test_sd3_checkpoint_loads_as_sd3, test_sd3_lora_applies_writes_hashes_and_restores)

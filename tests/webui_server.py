@@ -240,18 +240,22 @@ def data_dir(data: Path, *, extension: bool = True, builtin_off: bool = False,
 
 @contextlib.contextmanager
 def running(webui: Path, data: Path, ckpt: Path, lora: Path | None = None, *, timeout: float = 900,
-            ready: str = "/sdapi/v1/sd-models", extra_args: tuple[str, ...] = ()) -> Iterator[Server]:
-    """``launch.py --api`` on CPU with ``data`` as its data dir, until ``ready`` answers 200; stopped on exit."""
+            ready: str = "/sdapi/v1/sd-models", extra_args: tuple[str, ...] = (),
+            hf_home: Path | None = None) -> Iterator[Server]:
+    """``launch.py --api`` on CPU with ``data`` as its data dir, until ``ready`` answers 200; stopped on exit.
+    ``hf_home``: an HF_HOME whose hub cache already holds other snapshots the model needs; the WebUI then
+    runs offline on it (CLIP ViT-L/14's tokenizer and config added there when missing)."""
     port = free_port()
     log = data / "webui.log"
     cmd = [webui_python(webui), "launch.py", "--skip-prepare-environment", "--skip-install", "--no-download-sd-model",
            "--skip-torch-cuda-test", "--use-cpu", "all", "--no-half", "--api", "--api-auth", ":".join(AUTH),
            "--data-dir", str(data), "--ckpt", str(ckpt), "--port", str(port), "--skip-version-check", *extra_args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "COMMANDLINE_ARGS": ""}
-    if hf_clip_l.cached_snapshot(hf_clip_l.hub_cache()) is None:
+    if hf_home is not None or hf_clip_l.cached_snapshot(hf_clip_l.hub_cache()) is None:
         # SD1's text encoder loads CLIP ViT-L/14's tokenizer and config by hub name: serve them offline
-        hf_home = data / "hf"
-        hf_clip_l.write_snapshot(hf_home / "hub")
+        hf_home = hf_home or data / "hf"
+        if hf_clip_l.cached_snapshot(hf_home / "hub") is None:
+            hf_clip_l.write_snapshot(hf_home / "hub")
         for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE"):
             env.pop(var, None)
         env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
