@@ -177,8 +177,8 @@ def _hooks() -> None:
 
 
 def _unfused_adamw() -> None:
-    from lib_lora.training import trainer
-    trainer.adamw_kernel = lambda groups: {}
+    from lib_lora.training import optim
+    optim.adamw_kernel = lambda groups: {}
 
 
 # what each ``ours-no-LEVER`` variant turns off in its process: (what that leaves, how)
@@ -233,7 +233,7 @@ def run_ours(args, q):
                       mixed_precision="no" if args["precision"] == "fp32" else args["precision"])
     # torch.optim's first step imports its compiler support, a large one-time RSS growth: done here, before
     # the memory window opens, as the reference builds its optimiser before its window
-    from lib_lora.training.trainer import adamw_kernel
+    from lib_lora.training.optim import adamw_kernel
     warm = torch.nn.Parameter(torch.zeros(1, device=dev))
     warm.grad = torch.zeros_like(warm)
     torch.optim.AdamW([warm], **adamw_kernel([{"params": [warm]}])).step()

@@ -122,7 +122,7 @@ def test_a_stop_before_the_first_step_saves_nothing(tmp_path):
 def test_the_tabs_options_have_flags_and_act(tiny_checkpoint, tmp_path, capsys):
     """Random crop, weight decay, the text-encoder output cache and the bucket step, once tab-only."""
     from lib_lora.cli import _train_config, build_parser
-    from lib_lora.training.trainer import make_optimizer
+    from lib_lora.training.optim import make_optimizer
     import torch
     ckpt, data = tiny_checkpoint
     base = ["train", str(data), "--base", str(ckpt), "--out", str(tmp_path / "x.safetensors")]

@@ -303,7 +303,7 @@ def test_lora_under_autocast_reads_the_half_input_as_it_is(monkeypatch):
 def test_adamw_runs_fused_where_torch_has_it_unless_the_user_chose():
     from torch.utils import _foreach_utils
 
-    from lib_lora.training.trainer import make_optimizer
+    from lib_lora.training.optim import make_optimizer
 
     p = torch.nn.Parameter(torch.zeros(3))
     cfg = TrainConfig(DatasetConfig("unused"), NetworkConfig())
@@ -317,13 +317,13 @@ def test_adamw_runs_fused_where_torch_has_it_unless_the_user_chose():
 
 def test_a_resumed_run_uses_this_torchs_adamw_kernel(tmp_path, vae, monkeypatch):
     """A state saved by a run with the fused AdamW resumes where torch has none for the device."""
-    import lib_lora.training.trainer as trainer_module
+    import lib_lora.training.optim as optim_module
 
     tiny = build_sd1(seed=2)
     cfg = dict(max_train_steps=4, save_every_n_steps=2, save_state=True)
     first = Trainer(trainable(tiny, vae), make_plan(config(tmp_path, **cfg)), Callbacks(log=lambda s: None))
     first.run()
-    monkeypatch.setattr(trainer_module, "adamw_kernel", lambda groups: {})
+    monkeypatch.setattr(optim_module, "adamw_kernel", lambda groups: {})
     kernels = []
     step = torch.optim.AdamW.step
     monkeypatch.setattr(torch.optim.AdamW, "step",
