@@ -27,7 +27,7 @@ from lib_lora.hosts import webui as host  # noqa: E402
 from lib_lora.hosts import webui_interleave as interleave  # noqa: E402
 from lib_lora.hosts import webui_training as wt  # noqa: E402
 from lib_lora.live import INFOTEXT_KEY  # noqa: E402
-from lib_lora.training import ui  # noqa: E402
+from lib_lora.training import ui, ui_views  # noqa: E402
 from loras import same, snapshot  # noqa: E402
 
 
@@ -136,7 +136,7 @@ def test_a_generation_runs_between_two_steps_with_the_live_lora(webui, sd_model,
     assert same(snapshot(sd_model), before)  # restored though "restore after every generation" is off
     status = client.get(f"/lora-workshop/v1/train/{job_id}").json()
     assert status["paused"] is False and status["pauses"] == 1 and status["time_paused"] > 0
-    assert "lost to 1 generation pause" in ui.status_html(status)
+    assert "lost to 1 generation pause" in ui_views.status_html(status)
     gate2.release.set()
     st = webui.wait(job_id)
     assert (st["state"], st["step"], st["output"]) == ("finished", 4, "zkx.safetensors"), st

@@ -29,7 +29,7 @@ from modules.options import OptionInfo  # noqa: E402
 from lib_lora.fileio import read_header  # noqa: E402
 from lib_lora.hosts import webui as host  # noqa: E402
 from lib_lora.hosts import webui_training as wt  # noqa: E402
-from lib_lora.training import jobs, ui  # noqa: E402
+from lib_lora.training import jobs, ui, ui_views  # noqa: E402
 from lib_lora.training.errors import RequestError  # noqa: E402
 from lib_lora.training.host import TrainingHost  # noqa: E402
 from lib_lora.training.request import build_request  # noqa: E402
@@ -638,17 +638,17 @@ def test_presets_and_form_round_trip(data, tmp_path):
 
 
 def test_tab_helpers_without_gradio(data):
-    img = ui.loss_plot([[i, 1.0 / i] for i in range(1, 300)])
+    img = ui_views.loss_plot([[i, 1.0 / i] for i in range(1, 300)])
     assert img.size == (640, 240) and img.getextrema() != ((250, 250),) * 3
-    assert ui.loss_plot([]).size == (640, 240)
+    assert ui_views.loss_plot([]).size == (640, 240)
     assert jobs.downsample([1.0] * 1000, 200)[-1] == [1000, 1.0] and len(jobs.downsample([1.0] * 1000, 200)) == 200
     from lib_lora.training.dataset import DatasetConfig
     from lib_lora.training.scan import validate
     summary, problems = validate(DatasetConfig(data, resolution=64, enable_buckets=False))
-    html_out = ui.summary_html(summary, problems)
+    html_out = ui_views.summary_html(summary, problems)
     assert "1_zkx" in html_out and "Training images" in html_out
-    assert "<script" not in ui.summary_html({**summary, "folders": [{"name": "<script>"}]}, [])
-    status = ui.status_html({"name": "n", "state": "running", "step": 5, "total": 10, "epoch": 1, "loss": 0.1,
+    assert "<script" not in ui_views.summary_html({**summary, "folders": [{"name": "<script>"}]}, [])
+    status = ui_views.status_html({"name": "n", "state": "running", "step": 5, "total": 10, "epoch": 1, "loss": 0.1,
                              "avg_loss": 0.12, "lr": 1e-4, "eta": 65, "elapsed": 5, "output": None})
     assert "step 5/10" in status and "ETA 1:05" in status and "width:50.0%" in status
 
