@@ -27,7 +27,7 @@ from modules import call_queue, processing, script_callbacks, sd_models, shared 
 from modules.options import OptionInfo  # noqa: E402
 
 from lib_lora.fileio import read_header  # noqa: E402
-from lib_lora.hosts import webui as host  # noqa: E402
+from lib_lora.hosts import webui_settings as settings  # noqa: E402
 from lib_lora.hosts import webui_training as wt  # noqa: E402
 from lib_lora.training import jobs, ui  # noqa: E402
 from lib_lora.training.errors import RequestError  # noqa: E402
@@ -165,7 +165,7 @@ class WebUI:
 def webui(standin_webui, tmp_path_factory, sd_model):
     w = WebUI(standin_webui, sd_model)
     # the datasets of these tests live in pytest's temp folders, outside the WebUI's data folder
-    shared.opts.add_option(host.OPT_DATASET_ROOTS, OptionInfo(str(tmp_path_factory.getbasetemp())))
+    shared.opts.add_option(settings.OPT_DATASET_ROOTS, OptionInfo(str(tmp_path_factory.getbasetemp())))
     yield w
     w.cleanup()
 
@@ -287,7 +287,7 @@ def test_cards_show_the_resolution_and_buckets_of_a_trained_file(webui, data):
 
 def test_second_job_409_progress_in_shared_state_and_queue_lock_held(webui, sd_model, data, monkeypatch):
     # "training only": the lock is the job's until it ends (test_webui_live.py covers "generation first")
-    shared.opts.add_option(host.OPT_TRAIN_PRIORITY, OptionInfo("Training only"))
+    shared.opts.add_option(settings.OPT_TRAIN_PRIORITY, OptionInfo("Training only"))
     client = webui.start()
     gate = Gate(monkeypatch, at=2)
     job_id = client.post("/lora-workshop/v1/train", json=request(data)).json()["id"]

@@ -48,8 +48,11 @@ from ..training.host import TrainingHost, TrainingRefused
 from ..training.job import Job
 from ..training.jobs import JobRunner
 from ..training.model import Conditioning, TrainableModel
-from . import webui as glue
 from . import webui_interleave as interleave
+from .webui import Workshop, get_workshop
+from .webui_builtin import builtin_networks_module
+from .webui_host import log
+from .webui_model import model_family, text_encoder_roots, unet_root
 
 JOB_NAME = "lora-workshop-train"
 _FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
@@ -73,7 +76,7 @@ def is_sdxl_refiner(sd_model: Any) -> bool:
     embedders = getattr(getattr(sd_model, "conditioner", None), "embedders", None) or []
     if any(getattr(e, "input_key", None) == "aesthetic_score" for e in embedders):
         return True
-    roots = glue.text_encoder_roots(sd_model, "sdxl")
+    roots = text_encoder_roots(sd_model, "sdxl")
     return bool(embedders) and not any(prefix == "te1" for prefix, _ in roots)
 
 
@@ -81,7 +84,7 @@ def uses_fp8(sd_model: Any, family: str) -> bool:
     setting = getattr(shared.opts, "fp8_storage", "Disable")
     if setting is True or setting == "Enable" or (setting == "Enable for SDXL" and family == "sdxl"):
         return True
-    unet = glue.unet_root(sd_model)
+    unet = unet_root(sd_model)
     return isinstance(unet, torch.nn.Module) and any(p.dtype in _FP8 for p in unet.parameters())
 
 
@@ -89,7 +92,7 @@ def refusal(sd_model: Any) -> str | None:
     """Why training on ``sd_model`` is refused, or None."""
     if sd_model is None:
         return "no model is loaded: load an SD1, SD2 or SDXL checkpoint first"
-    family = glue.model_family(sd_model)
+    family = model_family(sd_model)
     if family not in families.UNET_FAMILIES:  # SD3 LoRAs can be applied, not trained
         return "the loaded model type cannot be trained on (SD1, SD2 and SDXL checkpoints can)"
     cmd = shared.cmd_opts
@@ -102,18 +105,18 @@ def refusal(sd_model: Any) -> str | None:
     if uses_fp8(sd_model, family):
         return ("the model's weights are stored in FP8 (Settings > Optimizations > FP8 weight): training needs "
                 "fp16/bf16/fp32 weights; disable FP8 and reload the checkpoint")
-    unet = glue.unet_root(sd_model)
+    unet = unet_root(sd_model)
     if not isinstance(unet, torch.nn.Module):
         return "the loaded model has no UNet where the WebUI keeps it (sd_model.model.diffusion_model)"
     if getattr(unet, "in_channels", 4) != 4:
         return (f"the loaded model's UNet takes {unet.in_channels} input channels (inpainting / instruct-pix2pix); "
                 "train on a regular checkpoint")
-    if not glue.text_encoder_roots(sd_model, family):
+    if not text_encoder_roots(sd_model, family):
         return "the loaded model's text encoder was not found where the WebUI keeps it"
     sd_unet = sys.modules.get("modules.sd_unet")
     if getattr(sd_unet, "current_unet", None) is not None:
         return "an alternative UNet (e.g. TensorRT) is active: set SD Unet to None/Automatic-off in Settings first"
-    builtin = glue.builtin_networks_module()
+    builtin = builtin_networks_module()
     if builtin is not None and getattr(builtin, "loaded_networks", None):
         return ("the built-in Lora extension has networks applied to the model; generate once without LoRAs "
                 "(or disable it) before training")
@@ -160,9 +163,9 @@ def _no_embedding_names() -> Iterator[None]:
 
 def trainable_model(sd_model: Any, render: Callable[..., list] | None = None, model_map=None) -> TrainableModel:
     """Wrap the WebUI's loaded model (call ``refusal`` first)."""
-    family = glue.model_family(sd_model)
-    unet = glue.unet_root(sd_model)
-    tes = glue.text_encoder_roots(sd_model, family)
+    family = model_family(sd_model)
+    unet = unet_root(sd_model)
+    tes = text_encoder_roots(sd_model, family)
     device = _param(unet).device
     unet_dtype = _param(unet).dtype
     v_pred = getattr(sd_model, "parameterization", "eps") == "v"
@@ -252,7 +255,7 @@ def parse_sample_prompt(line: str, width: int, height: int, seed: int, steps: in
 class WebUITrainingHost(TrainingHost):
     name = "webui"
 
-    def __init__(self, workshop: "glue.Workshop"):
+    def __init__(self, workshop: Workshop):
         self.workshop = workshop
         self._trained: tuple[Any, torch.nn.Module] | None = None  # (sd_model, its UNet) of the running job
         self._guard: interleave.ModelGuard | None = None
@@ -262,7 +265,7 @@ class WebUITrainingHost(TrainingHost):
 
     def family(self) -> str | None:
         sd_model = loaded_model()
-        return glue.model_family(sd_model) if sd_model is not None else None
+        return model_family(sd_model) if sd_model is not None else None
 
     def describe(self) -> str:
         """One line for the tab: what would be trained on, or why not."""
@@ -272,7 +275,7 @@ class WebUITrainingHost(TrainingHost):
             return f"Cannot train: {why}"
         info = getattr(sd_model, "sd_checkpoint_info", None)
         title = getattr(info, "title", None) or "the loaded model"
-        family = families.display(glue.model_family(sd_model), unknown="?")
+        family = families.display(model_family(sd_model), unknown="?")
         return f"Cannot train on {title}: {why}" if why else f"Trains on the loaded {family} model: {title}"
 
     def dataset_roots(self) -> list[Path]:
@@ -293,7 +296,7 @@ class WebUITrainingHost(TrainingHost):
             job.log(f"restored the model's original weights ({restored} layers had LoRAs merged)")
         self._no_token_merging(sd_model)
         mm = self.workshop.host.model_map(sd_model)
-        self._trained = (sd_model, glue.unet_root(sd_model))
+        self._trained = (sd_model, unet_root(sd_model))
         return trainable_model(sd_model, render=self._renderer(job, sd_model), model_map=mm)
 
     @staticmethod
@@ -403,7 +406,7 @@ class WebUITrainingHost(TrainingHost):
         sd_model, unet = self._trained or (None, None)
         self._no_token_merging(sd_model)
         progress.put_back()
-        if loaded_model() is not sd_model or glue.unet_root(sd_model) is not unet:
+        if loaded_model() is not sd_model or unet_root(sd_model) is not unet:
             raise TrainingRefused("the loaded model was replaced while training was paused for a generation; "
                                   "training stopped (the model it trained on is gone)")
         why = refusal(sd_model)
@@ -418,17 +421,17 @@ class WebUITrainingHost(TrainingHost):
         self.workshop.library.refresh()
 
     def log(self, message: str) -> None:
-        glue._log(message)
+        log(message)
 
 
 _runner: JobRunner | None = None
 _runner_lock = threading.Lock()
 
 
-def get_runner(workshop: "glue.Workshop | None" = None) -> JobRunner:
+def get_runner(workshop: Workshop | None = None) -> JobRunner:
     """The process' job runner (kept across "Reload UI", like the Workshop)."""
     global _runner
-    ws = workshop or glue.get_workshop()
+    ws = workshop or get_workshop()
     with _runner_lock:
         if _runner is None or _runner.host.workshop is not ws:
             _runner = JobRunner(WebUITrainingHost(ws))
@@ -440,11 +443,6 @@ def ui_tabs() -> list:
     from ..training import ui
     from . import webui_tools
     return ui.create_tab(get_runner(), sections=[webui_tools.tab_section])
-
-
-def add_api_routes(app: Any, workshop: "glue.Workshop") -> list[str]:
-    from ..api import add_training_routes
-    return add_training_routes(app, lambda: get_runner(workshop), dependencies=glue.api_auth_dependencies(app))
 
 
 __all__ = ["refusal", "trainable_model", "parse_sample_prompt", "WebUITrainingHost", "get_runner", "ui_tabs",
