@@ -27,8 +27,6 @@ def log(message: str) -> None:
 
 
 class WebUIHost:
-    name = "webui"
-
     def __init__(self) -> None:
         self._cached: tuple[tuple[weakref.ref, ...], ModelMap] | None = None
         self._lock = threading.Lock()
