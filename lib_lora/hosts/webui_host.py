@@ -27,6 +27,8 @@ def log(message: str) -> None:
 
 
 class WebUIHost:
+    """What the runtime and the cards need from the WebUI; one per ``Workshop``."""
+
     def __init__(self) -> None:
         self._cached: tuple[tuple[weakref.ref, ...], ModelMap] | None = None
         self._lock = threading.Lock()

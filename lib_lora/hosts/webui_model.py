@@ -1,13 +1,14 @@
 """What the WebUI's loaded model looks like to us: its family and where it keeps the UNet and text encoders.
 
 A leaf (torch only): the runtime's model map (``webui_host.WebUIHost.model_map``) and training
-(``webui_training``) both find the modules here.
+(``webui_trainable``) both find the modules here.
 """
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+
 
 def model_family(sd_model: Any) -> str | None:
     """The WebUI's own flags (sd_models.set_model_type)."""
