@@ -1,4 +1,5 @@
-"""LoRA Workshop — WebUI entry point: wires the WebUI's callbacks to lib_lora.hosts.webui.
+"""LoRA Workshop — WebUI entry point: wires the WebUI's callbacks to lib_lora.hosts.webui (and its
+routes and tab, which sit above it: webui_routes, webui_training).
 
 Kept thin on purpose; the behaviour lives in lib_lora (testable without the WebUI).
 The WebUI executes this file on start and on every "Reload UI".
@@ -12,7 +13,7 @@ if _root not in sys.path:  # the WebUI adds the extension folder only while load
 
 from modules import script_callbacks, scripts  # noqa: E402
 
-from lib_lora.hosts import webui, webui_training  # noqa: E402
+from lib_lora.hosts import webui, webui_routes, webui_training  # noqa: E402
 
 workshop = webui.get_workshop()
 
@@ -29,7 +30,7 @@ def on_before_component(component, **kwargs):
 
 def on_app_started(demo, app):
     workshop.claim()
-    added = webui.add_api_routes(app, workshop)
+    added = webui_routes.add_api_routes(app, workshop)
     if added:
         print(f"[LoRA Workshop] API: {', '.join(added)}")
 

@@ -29,6 +29,8 @@ from lib_lora import fileio  # noqa: E402
 from lib_lora.fileio import save_safetensors  # noqa: E402
 from lib_lora.hashes import addnet_hash_safetensors  # noqa: E402
 from lib_lora.hosts import webui as host  # noqa: E402
+from lib_lora.hosts import webui_settings as settings  # noqa: E402
+from lib_lora.hosts.webui_host import WebUIHost  # noqa: E402
 from lib_lora.modelmap import ModelMap  # noqa: E402
 
 fastapi = pytest.importorskip("fastapi")
@@ -277,13 +279,13 @@ def test_default_weight_setting_and_restore_after_generation(webui, model, sd1_m
     q_proj = sd1_map.get(TE_KEY).module
     w0 = q_proj.weight.detach().clone()
 
-    shared.opts.set(host.OPT_DEFAULT_WEIGHT, 0.25)
+    shared.opts.set(settings.OPT_DEFAULT_WEIGHT, 0.25)
     p = webui.generate("<lora:tiny>")
     torch.testing.assert_close(q_proj.weight, w0 + 0.25 * lora_delta(path, TE_KEY), rtol=0, atol=1e-6)
     extra_networks.deactivate(p, p.extra_network_data)
     assert not torch.equal(q_proj.weight, w0), "default: stays merged after the generation, like the built-in"
 
-    shared.opts.set(host.OPT_RESTORE_AFTER, True)
+    shared.opts.set(settings.OPT_RESTORE_AFTER, True)
     p = webui.generate("<lora:tiny:1>")
     extra_networks.deactivate(p, p.extra_network_data)
     assert torch.equal(q_proj.weight, w0)
@@ -322,7 +324,7 @@ def test_missing_lora_message_in_comments_and_console(webui, model, capsys):
     assert "Lora not found: x" in p.comments
     assert "Lora not found: x" in capsys.readouterr().out
 
-    shared.opts.data[host.OPT_SHOW_WARNINGS] = False
+    shared.opts.data[settings.OPT_SHOW_WARNINGS] = False
     p = webui.generate("x <lora:y:1>")
     assert not p.comments
     assert "Lora not found: y" in capsys.readouterr().out
@@ -627,16 +629,16 @@ def test_settings_registered_in_own_section(webui):
     webui.load_script()
     script_callbacks.ui_settings_callback()
     ours = {k: v for k, v in shared.opts.data_labels.items() if k.startswith("lora_workshop_")}
-    assert set(ours) == {host.OPT_CACHE_MB, host.OPT_DEFAULT_WEIGHT, host.OPT_RESTORE_AFTER, host.OPT_SHOW_WARNINGS,
-                         host.OPT_BUILTIN_DORA, host.OPT_DATASET_ROOTS, host.OPT_OUTSIDE_LINKS,
-                         host.OPT_LBW_PRESETS, host.OPT_SCHEDULE_HIRES, host.OPT_LBW_ELEMENT_PRESETS,
-                         host.OPT_TRAIN_PRIORITY, host.OPT_TRAIN_YIELD_SECONDS}
+    assert set(ours) == {settings.OPT_CACHE_MB, settings.OPT_DEFAULT_WEIGHT, settings.OPT_RESTORE_AFTER,
+                         settings.OPT_SHOW_WARNINGS, settings.OPT_BUILTIN_DORA, settings.OPT_DATASET_ROOTS, settings.OPT_OUTSIDE_LINKS,
+                         settings.OPT_LBW_PRESETS, settings.OPT_SCHEDULE_HIRES, settings.OPT_LBW_ELEMENT_PRESETS,
+                         settings.OPT_TRAIN_PRIORITY, settings.OPT_TRAIN_YIELD_SECONDS}
     assert all(v.section == ("lora_workshop", "LoRA Workshop") for v in ours.values())
     builtin_names = {"sd_lora", "lora_preferred_name", "lora_add_hashes_to_infotext", "lora_bundled_ti_to_infotext",
                      "lora_show_all", "lora_hide_unknown_for_versions", "lora_in_memory_limit",
                      "lora_not_found_warning_console", "lora_not_found_gradio_warning", "lora_functional"}
     assert not set(ours) & builtin_names
-    shared.opts.set(host.OPT_CACHE_MB, 3)
+    shared.opts.set(settings.OPT_CACHE_MB, 3)
     assert webui.workshop.library.cache_bytes == 3 << 20
 
 
@@ -694,7 +696,7 @@ def test_builtin_compatible_dora_setting_reaches_the_merge(webui, model, sd1_map
     webui.start_ui()
     w = sd1_map.get(UNET_KEY).module.weight
     for on, ref in ((False, lycoris), (True, builtin), (False, lycoris)):
-        shared.opts.set(host.OPT_BUILTIN_DORA, on)
+        shared.opts.set(settings.OPT_BUILTIN_DORA, on)
         assert not webui.generate("<lora:dora:0.5>").comments
         torch.testing.assert_close(w.detach() - w0, ref, rtol=1e-4, atol=1e-6)
     assert (builtin - lycoris).abs().max() > 1e-3
@@ -713,7 +715,7 @@ def test_outside_links_setting_and_unreadable_file_on_its_card(webui, sd1_map, t
     webui.start_ui()
     lib = webui.workshop.library
     assert [e.relname for e in lib.entries] == ["broken"]  # the link out is not followed by default
-    shared.opts.set(host.OPT_OUTSIDE_LINKS, True)
+    shared.opts.set(settings.OPT_OUTSIDE_LINKS, True)
     assert [e.relname for e in lib.entries] == ["broken", "mine/linked"]
     page = webui.workshop.page
     page.create_html("txt2img")
@@ -745,7 +747,7 @@ def test_model_switch_restores_previous_model(webui, model, sd1_map):
 
 
 def test_host_finds_text_encoders_where_the_webui_keeps_them():
-    h = host.WebUIHost()
+    h = WebUIHost()
     sd2 = FakeSdModel(None, WithCustomWords(FrozenOpenCLIPEmbedder(TinyOpenClip())), is_sd2=True)
     mm = h.model_map(sd2)
     assert mm.family == "sd2" and mm.get("lora_te_text_model_encoder_layers_0_mlp_fc1") is not None
@@ -761,8 +763,6 @@ def test_host_finds_text_encoders_where_the_webui_keeps_them():
     assert mm.get("lora_te1_text_model_encoder_layers_0_self_attn_q_proj") is not None
     assert mm.get("lora_te2_text_model_encoder_layers_0_mlp_fc2") is not None
     assert h.model_map(FakeSdModel(None, is_sd3=True)) is None
-    from lib_lora.hosts.base import Host
-    assert isinstance(h, Host)
 
 
 # -- the Extra Networks page ----------------------------------------------------------------------

@@ -10,7 +10,7 @@ from test_webui_glue import (TE_KEY, UNET_KEY, lora_delta, make_lora, model, sd1
 
 from modules import extra_networks, paths, script_callbacks, shared  # noqa: E402
 
-from lib_lora.hosts import webui as host  # noqa: E402
+from lib_lora.hosts import webui_settings as settings  # noqa: E402
 
 IN01_KEY = UNET_KEY                      # down_blocks_0_attentions_0 = input_blocks_1_1
 OUT11_KEY = "lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_attn2_to_k"
@@ -49,7 +49,7 @@ def test_lbw_presets_come_from_lbws_file(running, sd1_map, tmp_path):
     webui.generate("x <lora:tiny:1:lbw=OUTS>")   # default OUTS: BASE and OUT07-OUT11
     assert deltas()[0] > 0 and deltas()[1] == 0 and deltas()[2] > 0
 
-    presets = tmp_path / "extensions" / host.LBW_FOLDER / "scripts" / "lbwpresets.txt"
+    presets = tmp_path / "extensions" / settings.LBW_FOLDER / "scripts" / "lbwpresets.txt"
     presets.parent.mkdir(parents=True)
     presets.write_text("ONLYIN01:0,0.5,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0\n", encoding="utf-8")
     webui.generate("x <lora:tiny:0.8:lbw=ONLYIN01>")
@@ -58,7 +58,7 @@ def test_lbw_presets_come_from_lbws_file(running, sd1_map, tmp_path):
 
     custom = tmp_path / "mine.txt"
     custom.write_text("ONLYIN01:0,1,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0\n", encoding="utf-8")
-    shared.opts.data[host.OPT_LBW_PRESETS] = str(custom)
+    shared.opts.data[settings.OPT_LBW_PRESETS] = str(custom)
     webui.generate("x <lora:tiny:0.8:lbw=ONLYIN01>")
     torch.testing.assert_close(in01.weight, w0[1] + 0.8 * lora_delta(path, IN01_KEY), rtol=0, atol=1e-6)
 
@@ -71,7 +71,7 @@ def test_lbwe_presets_come_from_lbws_file(running, sd1_map, tmp_path):
     webui, path = running
     te, in01, out11 = (sd1_map.get(k).module for k in (TE_KEY, IN01_KEY, OUT11_KEY))
     w0 = [m.weight.detach().clone() for m in (te, in01, out11)]
-    presets = tmp_path / "extensions" / host.LBW_FOLDER / "scripts" / "elempresets.txt"
+    presets = tmp_path / "extensions" / settings.LBW_FOLDER / "scripts" / "elempresets.txt"
     presets.parent.mkdir(parents=True)
     # IN01's to_k at 0.25, every other attention layer of the UNet off, the text encoder untouched
     presets.write_text("KONLY:NOT BASE:attn:0\nIN01:to_k:0.25\n\nOTHER:::0\n", encoding="utf-8")
@@ -86,7 +86,7 @@ def test_lbwe_presets_come_from_lbws_file(running, sd1_map, tmp_path):
 
     custom = tmp_path / "mine.txt"
     custom.write_text("KONLY:::0.5", encoding="utf-8")
-    shared.opts.data[host.OPT_LBW_ELEMENT_PRESETS] = str(custom)
+    shared.opts.data[settings.OPT_LBW_ELEMENT_PRESETS] = str(custom)
     webui.generate("x <lora:tiny:0.8:lbwe=KONLY>")
     torch.testing.assert_close(in01.weight, w0[1] + 0.4 * lora_delta(path, IN01_KEY), rtol=0, atol=1e-6)
 
@@ -137,7 +137,7 @@ def test_start_stop_follow_the_denoiser_like_lbw(running, sd1_map):
     extra_networks.deactivate(p, p.extra_network_data)
     assert not to_k._forward_hooks and torch.equal(to_k.weight, w0)
 
-    shared.opts.data[host.OPT_SCHEDULE_HIRES] = True
+    shared.opts.data[settings.OPT_SCHEDULE_HIRES] = True
     p = webui.generate("x <lora:tiny:0.5:step=2-3>", hr=True)
     seen = []
     for s in (0, 0, 1, 2):

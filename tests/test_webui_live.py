@@ -23,7 +23,7 @@ from modules import call_queue, processing, sd_models, sd_vae, shared  # noqa: E
 from modules.options import OptionInfo  # noqa: E402
 
 from lib_lora.fileio import load_file, read_header  # noqa: E402
-from lib_lora.hosts import webui as host  # noqa: E402
+from lib_lora.hosts import webui_settings as settings  # noqa: E402
 from lib_lora.hosts import webui_interleave as interleave  # noqa: E402
 from lib_lora.hosts import webui_training as wt  # noqa: E402
 from lib_lora.live import INFOTEXT_KEY  # noqa: E402
@@ -32,8 +32,8 @@ from loras import same, snapshot  # noqa: E402
 
 
 def generation_first(seconds: float = 0.0) -> None:
-    shared.opts.add_option(host.OPT_TRAIN_PRIORITY, OptionInfo("Generation first"))
-    shared.opts.add_option(host.OPT_TRAIN_YIELD_SECONDS, OptionInfo(seconds))
+    shared.opts.add_option(settings.OPT_TRAIN_PRIORITY, OptionInfo("Generation first"))
+    shared.opts.add_option(settings.OPT_TRAIN_YIELD_SECONDS, OptionInfo(seconds))
 
 
 def waiting_for_the_lock(n: int = 1) -> None:
@@ -83,7 +83,7 @@ def bitwise_equal(a: dict, b: dict) -> bool:
 
 def uninterrupted(webui, data, name: str, **kw) -> dict[str, torch.Tensor]:
     """The same job with the lock held throughout ("training only"): the reference file."""
-    shared.opts.add_option(host.OPT_TRAIN_PRIORITY, OptionInfo("Training only"))
+    shared.opts.add_option(settings.OPT_TRAIN_PRIORITY, OptionInfo("Training only"))
     job_id = webui.client.post("/lora-workshop/v1/train", json=request(data, name, **kw)).json()["id"]
     st = webui.wait(job_id)
     assert st["state"] == "finished" and st["pauses"] == 0, st
@@ -283,7 +283,7 @@ def test_model_changes_and_other_training_are_refused_during_a_job(webui, data, 
 
 def test_training_only_keeps_the_lock_and_live_names_say_why(webui, data, monkeypatch):
     client = webui.start()
-    shared.opts.add_option(host.OPT_TRAIN_PRIORITY, OptionInfo("Training only"))
+    shared.opts.add_option(settings.OPT_TRAIN_PRIORITY, OptionInfo("Training only"))
     gate = Gate(monkeypatch, at=1)
     job_id = client.post("/lora-workshop/v1/train", json=request(data)).json()["id"]
     gate.wait()

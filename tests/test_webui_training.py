@@ -27,8 +27,9 @@ from modules import call_queue, processing, script_callbacks, sd_models, shared 
 from modules.options import OptionInfo  # noqa: E402
 
 from lib_lora.fileio import read_header  # noqa: E402
-from lib_lora.hosts import webui as host  # noqa: E402
+from lib_lora.hosts import webui_settings as settings  # noqa: E402
 from lib_lora.hosts import webui_training as wt  # noqa: E402
+from lib_lora.hosts import webui_trainable as trainable  # noqa: E402
 from lib_lora.training import jobs, ui, ui_views  # noqa: E402
 from lib_lora.training.errors import RequestError  # noqa: E402
 from lib_lora.training.host import TrainingHost  # noqa: E402
@@ -167,7 +168,7 @@ class WebUI:
 def webui(standin_webui, tmp_path_factory, sd_model):
     w = WebUI(standin_webui, sd_model)
     # the datasets of these tests live in pytest's temp folders, outside the WebUI's data folder
-    shared.opts.add_option(host.OPT_DATASET_ROOTS, OptionInfo(str(tmp_path_factory.getbasetemp())))
+    shared.opts.add_option(settings.OPT_DATASET_ROOTS, OptionInfo(str(tmp_path_factory.getbasetemp())))
     yield w
     w.cleanup()
 
@@ -289,7 +290,7 @@ def test_cards_show_the_resolution_and_buckets_of_a_trained_file(webui, data):
 
 def test_second_job_409_progress_in_shared_state_and_queue_lock_held(webui, sd_model, data, monkeypatch):
     # "training only": the lock is the job's until it ends (test_webui_live.py covers "generation first")
-    shared.opts.add_option(host.OPT_TRAIN_PRIORITY, OptionInfo("Training only"))
+    shared.opts.add_option(settings.OPT_TRAIN_PRIORITY, OptionInfo("Training only"))
     client = webui.start()
     gate = Gate(monkeypatch, at=2)
     job_id = client.post("/lora-workshop/v1/train", json=request(data)).json()["id"]
@@ -445,17 +446,17 @@ def test_refusals(webui, sd_model, monkeypatch):
     code, detail = post()
     assert code == 409 and "FP8" in detail
     shared.opts.set("fp8_storage", "Enable for SDXL")
-    assert wt.refusal(sd_model) is None   # an SD1 model is not stored in fp8 by that setting
+    assert trainable.refusal(sd_model) is None   # an SD1 model is not stored in fp8 by that setting
 
     def fake(**kw):
         return types.SimpleNamespace(**{"is_sd1": False, "is_sd2": False, "is_sdxl": False, "is_sd3": False, **kw})
 
-    assert "cannot be trained on" in wt.refusal(fake(is_sd3=True))
+    assert "cannot be trained on" in trainable.refusal(fake(is_sd3=True))
     embedder = types.SimpleNamespace(input_key="aesthetic_score")
     refiner = fake(is_sdxl=True, conditioner=types.SimpleNamespace(embedders=[embedder]))
-    assert "SDXL refiner" in wt.refusal(refiner)
+    assert "SDXL refiner" in trainable.refusal(refiner)
     inpaint = fake(is_sd1=True, model=types.SimpleNamespace(diffusion_model=nn.Conv2d(9, 4, 1)))
-    assert "9 input channels" in wt.refusal(inpaint)
+    assert "9 input channels" in trainable.refusal(inpaint)
     assert "Cannot train" not in webui.runner.host.describe()
 
 
@@ -504,7 +505,7 @@ def test_sdxl_text_goes_through_the_conditioner_with_sizes_and_grads():
                                model=types.SimpleNamespace(diffusion_model=unet), conditioner=FakeConditioner(),
                                first_stage_model=nn.Linear(1, 1), alphas_cumprod=torch.linspace(0.99, 0.01, 10),
                                alphas_cumprod_original=torch.linspace(0.9, 0.1, 10), parameterization="v")
-    m = wt.trainable_model(sd, model_map=object())
+    m = trainable.trainable_model(sd, model_map=object())
     assert (m.family, m.prediction, m.resolution, [p for p, _ in m.text_encoders]) == ("sdxl", "v", 1024, ["te1", "te2"])
     assert torch.equal(m.alphas_cumprod, torch.linspace(0.9, 0.1, 10))  # the schedule it was trained with
     sizes = [((832, 1216), (0, 32), (768, 1152)), ((1024, 1024), (8, 0), (1024, 1024))]
@@ -540,13 +541,13 @@ def test_sd1_captions_reach_the_encoder_literally(sd_model, monkeypatch):
 
     monkeypatch.setattr(type(sd_model.cond_stage_model), "forward", spy)
     with torch.no_grad():
-        wt.trainable_model(sd_model).encode_text(["a [sketch] of (red:1.2) x", "plain"])
+        trainable.trainable_model(sd_model).encode_text(["a [sketch] of (red:1.2) x", "plain"])
     assert seen == [([r"a \[sketch\] of \(red:1.2\) x", "plain"], {})]
     assert db.ids_lookup is lookup                      # the WebUI's embeddings are back for generation
 
 
 def test_latents_are_deterministic_and_leave_the_global_rng_alone(sd_model):
-    m = wt.trainable_model(sd_model)
+    m = trainable.trainable_model(sd_model)
     pixels = torch.rand(1, 3, 64, 64) * 2 - 1
     torch.manual_seed(123)
     expected_next = torch.rand(1)

@@ -13,19 +13,48 @@ to it exactly as the WebUI would have passed them.  The two never both apply:
 
 Without the built-in, we patch what we can and say what we skipped; for an SD3 model we cannot
 map at all, one message, and the image is still made.
+
+Also here: whether the built-in is enabled (and LoRA Block Weight, which leans on it), and the
+built-in's ``networks`` module, which training checks too.
 """
 from __future__ import annotations
 
+import sys
 import weakref
 from typing import Any
 
 from .. import service
 from ..fileio import LoraFileError
 from ..patcher import bind
+from .webui_settings import OPT_SHOW_WARNINGS
 
 BUILTIN_CLASS = "ExtraNetworkLora"  # extensions-builtin/Lora/extra_networks_lora.py
 NEEDS_BUILTIN = ("SD3 LoRAs need the WebUI's built-in Lora extension (Extensions tab: enable \"Lora\"), "
                  "LoRA Workshop cannot apply these to SD3 — skipped: {names}")
+
+
+def builtin_lora_active() -> bool:
+    """Whether the WebUI's own Lora extension (extensions-builtin/Lora) is loaded."""
+    try:
+        from modules import extensions
+        return any(ext.is_builtin and ext.canonical_name == "lora" for ext in extensions.active())
+    except Exception:  # very old or unusual WebUI: fall back to its module being imported
+        return builtin_networks_module() is not None
+
+
+def lbw_active() -> bool:
+    """Whether the LoRA Block Weight extension is enabled (under any folder name containing its own)."""
+    try:
+        from modules import extensions
+        return any("lora-block-weight" in ext.canonical_name for ext in extensions.active())
+    except Exception:  # an unusual WebUI: we cannot tell, and the warning is only advice
+        return False
+
+
+def builtin_networks_module() -> Any:
+    """The built-in's ``networks`` module if loaded (it is imported by that bare name)."""
+    mod = sys.modules.get("networks")
+    return mod if mod is not None and hasattr(mod, "loaded_networks") and hasattr(mod, "load_networks") else None
 
 
 class BuiltinHandoff:
@@ -43,7 +72,6 @@ class BuiltinHandoff:
             self.handler = handler
 
     def available(self) -> Any:
-        from .webui import builtin_lora_active
         return self.handler if self.handler is not None and builtin_lora_active() else None
 
     def native(self, model: Any, params_list: list[Any]) -> bool:
@@ -79,7 +107,6 @@ class BuiltinHandoff:
             self._had_generation = False
             names = [str(params.items[0]) for params in params_list if getattr(params, "items", None)]
             if names:
-                from .webui import OPT_SHOW_WARNINGS
                 ws.host.notify(NEEDS_BUILTIN.format(names=", ".join(names)), p,
                                show=bool(ws.host.option(OPT_SHOW_WARNINGS)))
             return True
@@ -98,7 +125,6 @@ class BuiltinHandoff:
         """Unload what the built-in loaded for us and put its layers back now, not at their next forward."""
         if self._patched is None:
             return
-        from .webui import builtin_networks_module
         model, self._patched = self._patched(), None
         mod = builtin_networks_module()
         if mod is None:

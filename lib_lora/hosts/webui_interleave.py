@@ -28,22 +28,22 @@ from typing import Any, Callable
 
 from modules import shared
 
-from . import webui as glue
+from . import webui_settings as settings
+from .webui_host import WebUIHost
 
-PRIORITIES = ("Generation first", "Training only")
 _FIELDS = ("job", "job_count", "job_no", "job_timestamp", "time_start", "textinfo", "sampling_step",
            "sampling_steps", "current_image", "id_live_preview")
 
 
-def yield_interval(host: "glue.WebUIHost") -> float | None:
+def yield_interval(host: WebUIHost) -> float | None:
     """Seconds of training between chances for waiting generations; None: training only."""
-    if host.option(glue.OPT_TRAIN_PRIORITY) == "Training only":
+    if host.option(settings.OPT_TRAIN_PRIORITY) == settings.TRAIN_PRIORITIES[1]:
         return None
     try:
-        seconds = float(host.option(glue.OPT_TRAIN_YIELD_SECONDS))
+        seconds = float(host.option(settings.OPT_TRAIN_YIELD_SECONDS))
     except (TypeError, ValueError):
-        seconds = glue.DEFAULTS[glue.OPT_TRAIN_YIELD_SECONDS]
-    return max(0.0, seconds) if seconds == seconds else glue.DEFAULTS[glue.OPT_TRAIN_YIELD_SECONDS]
+        seconds = settings.DEFAULTS[settings.OPT_TRAIN_YIELD_SECONDS]
+    return max(0.0, seconds) if seconds == seconds else settings.DEFAULTS[settings.OPT_TRAIN_YIELD_SECONDS]
 
 
 def waiting(lock: Any) -> bool:

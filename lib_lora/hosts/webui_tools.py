@@ -23,7 +23,8 @@ from typing import Any
 from modules import paths, shared
 
 from ..tools.jobs import CheckpointNotFound, ToolHost, ToolJob, ToolRunner
-from . import webui as glue
+from .webui import Workshop, get_workshop
+from .webui_host import log
 
 JOB_NAME = "lora-workshop-tools"
 
@@ -35,7 +36,7 @@ def _sd_models() -> Any:
 class WebUIToolHost(ToolHost):
     name = "webui"
 
-    def __init__(self, workshop: "glue.Workshop"):
+    def __init__(self, workshop: Workshop):
         self.workshop = workshop
 
     # files ------------------------------------------------------------------------------------------
@@ -102,17 +103,17 @@ class WebUIToolHost(ToolHost):
         self.workshop.library.refresh()
 
     def log(self, message: str) -> None:
-        glue._log(message)
+        log(message)
 
 
 _runner: ToolRunner | None = None
 _runner_lock = threading.Lock()
 
 
-def get_runner(workshop: "glue.Workshop | None" = None) -> ToolRunner:
+def get_runner(workshop: Workshop | None = None) -> ToolRunner:
     """The process' tool runner (kept across "Reload UI", like the Workshop)."""
     global _runner
-    ws = workshop or glue.get_workshop()
+    ws = workshop or get_workshop()
     with _runner_lock:
         if _runner is None or _runner.host.workshop is not ws:
             _runner = ToolRunner(WebUIToolHost(ws))
@@ -125,9 +126,4 @@ def tab_section() -> None:
     ui.create_section(get_runner())
 
 
-def add_api_routes(app: Any, workshop: "glue.Workshop") -> list[str]:
-    from ..api import add_tool_routes
-    return add_tool_routes(app, lambda: get_runner(workshop), dependencies=glue.api_auth_dependencies(app))
-
-
-__all__ = ["WebUIToolHost", "get_runner", "tab_section", "add_api_routes", "JOB_NAME"]
+__all__ = ["WebUIToolHost", "get_runner", "tab_section", "JOB_NAME"]

@@ -1,22 +1,11 @@
-"""Training on the checkpoint the AUTOMATIC1111 WebUI has loaded (written against v1.10.1).
+"""Training on the checkpoint the AUTOMATIC1111 WebUI has loaded (written against v1.10.1): the
+``TrainingHost`` the job runner drives, and the tab.
 
-Nothing is copied or reloaded: the trainer gets the WebUI's own modules (``sd_model.model
-.diffusion_model`` and the text encoders where ``hosts.webui`` finds them) and the WebUI's own
-paths for everything around them:
-
-- captions -> conditioning: SD1/SD2 call ``sd_model.cond_stage_model(captions)`` (the hijacked
-  embedder the WebUI prompts through: emphasis, embeddings, clip skip, >75 tokens) like the
-  WebUI's embedding training does; SDXL calls ``sd_model.conditioner(batch)`` with per-image
-  ``original_size_as_tuple`` / ``crop_coords_top_left`` / ``target_size_as_tuple`` and takes
-  ``crossattn`` and ``vector``.  sgm runs embedders without gradients unless ``is_trainable``,
-  so that flag (and ``ucg_rate`` = 0) is set for the duration of the call only.
-- images -> latents: ``encode_first_stage`` + ``get_first_stage_encoding`` under no_grad, with
-  the VAE's sampling noise seeded from the image itself (same latents on a resumed run, and the
-  global RNG untouched).
-- sample images: ``processing.StableDiffusionProcessingTxt2Img`` + ``process_images`` while the
-  LoRA being trained is attached as hooks, so the WebUI's own sampler renders with it.  Extra
-  networks are disabled for those renders and they use a private conditioning cache, so nothing
-  computed with the training LoRA is reused by later generations.
+The model is the WebUI's own (``webui_trainable``: ``refusal``, ``trainable_model``).  Sample
+images: ``processing.StableDiffusionProcessingTxt2Img`` + ``process_images`` while the LoRA being
+trained is attached as hooks, so the WebUI's own sampler renders with it.  Extra networks are
+disabled for those renders and they use a private conditioning cache, so nothing computed with
+the training LoRA is reused by later generations.
 
 The job holds ``call_queue.queue_lock``; with the setting "generation first" it lends the lock
 between two steps to generations waiting for it (UI or /sdapi/v1/txt2img), in which
@@ -32,198 +21,26 @@ from __future__ import annotations
 import sys
 import threading
 import time
-import zlib
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
 from modules import paths, shared
 
 from .. import families
-from ..params import literal_caption
 from ..training import sample_prompts
 from ..training.host import TrainingHost, TrainingRefused
 from ..training.job import Job
 from ..training.jobs import JobRunner
-from ..training.model import Conditioning, TrainableModel
-from . import webui as glue
+from ..training.model import TrainableModel
 from . import webui_interleave as interleave
+from .webui import Workshop, get_workshop
+from .webui_host import log
+from .webui_model import model_family, unet_root
+from .webui_trainable import checkpoint_change_pending, loaded_model, refusal, trainable_model
 
 JOB_NAME = "lora-workshop-train"
-_FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
-             if hasattr(torch, n))
-
-
-# -- what is loaded ---------------------------------------------------------------------------------
-
-
-def loaded_model() -> Any:
-    """The loaded model without triggering a load: ``shared.sd_model`` loads one on first access."""
-    sd_models = sys.modules.get("modules.sd_models")
-    data = getattr(sd_models, "model_data", None)
-    if data is not None and hasattr(data, "sd_model"):
-        return data.sd_model
-    return getattr(shared, "sd_model", None)
-
-
-def is_sdxl_refiner(sd_model: Any) -> bool:
-    """The SDXL refiner: OpenCLIP-G only (no CLIP-L) and an aesthetic-score embedder."""
-    embedders = getattr(getattr(sd_model, "conditioner", None), "embedders", None) or []
-    if any(getattr(e, "input_key", None) == "aesthetic_score" for e in embedders):
-        return True
-    roots = glue.text_encoder_roots(sd_model, "sdxl")
-    return bool(embedders) and not any(prefix == "te1" for prefix, _ in roots)
-
-
-def uses_fp8(sd_model: Any, family: str) -> bool:
-    setting = getattr(shared.opts, "fp8_storage", "Disable")
-    if setting is True or setting == "Enable" or (setting == "Enable for SDXL" and family == "sdxl"):
-        return True
-    unet = glue.unet_root(sd_model)
-    return isinstance(unet, torch.nn.Module) and any(p.dtype in _FP8 for p in unet.parameters())
-
-
-def refusal(sd_model: Any) -> str | None:
-    """Why training on ``sd_model`` is refused, or None."""
-    if sd_model is None:
-        return "no model is loaded: load an SD1, SD2 or SDXL checkpoint first"
-    family = glue.model_family(sd_model)
-    if family not in families.UNET_FAMILIES:  # SD3 LoRAs can be applied, not trained
-        return "the loaded model type cannot be trained on (SD1, SD2 and SDXL checkpoints can)"
-    cmd = shared.cmd_opts
-    if getattr(cmd, "lowvram", False) or getattr(cmd, "medvram", False) \
-            or (getattr(cmd, "medvram_sdxl", False) and family == "sdxl") or getattr(sd_model, "lowvram", False):
-        return ("training needs the whole model on the GPU: restart the WebUI without --lowvram / --medvram"
-                + (" / --medvram-sdxl" if family == "sdxl" else ""))
-    if family == "sdxl" and is_sdxl_refiner(sd_model):
-        return "the SDXL refiner is loaded: LoRAs are trained on an SDXL base model; select one as the checkpoint"
-    if uses_fp8(sd_model, family):
-        return ("the model's weights are stored in FP8 (Settings > Optimizations > FP8 weight): training needs "
-                "fp16/bf16/fp32 weights; disable FP8 and reload the checkpoint")
-    unet = glue.unet_root(sd_model)
-    if not isinstance(unet, torch.nn.Module):
-        return "the loaded model has no UNet where the WebUI keeps it (sd_model.model.diffusion_model)"
-    if getattr(unet, "in_channels", 4) != 4:
-        return (f"the loaded model's UNet takes {unet.in_channels} input channels (inpainting / instruct-pix2pix); "
-                "train on a regular checkpoint")
-    if not glue.text_encoder_roots(sd_model, family):
-        return "the loaded model's text encoder was not found where the WebUI keeps it"
-    sd_unet = sys.modules.get("modules.sd_unet")
-    if getattr(sd_unet, "current_unet", None) is not None:
-        return "an alternative UNet (e.g. TensorRT) is active: set SD Unet to None/Automatic-off in Settings first"
-    builtin = glue.builtin_networks_module()
-    if builtin is not None and getattr(builtin, "loaded_networks", None):
-        return ("the built-in Lora extension has networks applied to the model; generate once without LoRAs "
-                "(or disable it) before training")
-    return None
-
-
-def checkpoint_change_pending(sd_model: Any) -> bool:
-    """The checkpoint setting names another model (its reload waits for our lock): do not render."""
-    info = getattr(sd_model, "sd_checkpoint_info", None)
-    wanted = getattr(shared.opts, "sd_model_checkpoint", None)
-    if info is None or not wanted:
-        return False
-    names = {getattr(info, a, None) for a in ("title", "name", "model_name", "short_title")}
-    if getattr(info, "shorthash", None):
-        names.add(f"{getattr(info, 'name', '')} [{info.shorthash}]")
-    return wanted not in names
-
-
-# -- the model as the trainer sees it ------------------------------------------------------------------
-
-
-def _param(module: torch.nn.Module) -> torch.Tensor:
-    return next(module.parameters())
-
-
-def _pixel_seed(pixels: torch.Tensor) -> int:
-    return zlib.crc32(pixels.detach().float().cpu().numpy().tobytes())
-
-
-@contextmanager
-def _no_embedding_names() -> Iterator[None]:
-    """Captions as kohya reads them: a word that happens to name a textual-inversion embedding
-    stays that word (the WebUI's tokenizer would swap in the embedding's vectors, which no other
-    tool does with this LoRA's trigger words).  Training holds the queue lock, so nothing else
-    tokenizes meanwhile."""
-    from modules import sd_hijack
-    db = sd_hijack.model_hijack.embedding_db
-    lookup, db.ids_lookup = db.ids_lookup, {}
-    try:
-        yield
-    finally:
-        db.ids_lookup = lookup
-
-
-def trainable_model(sd_model: Any, render: Callable[..., list] | None = None, model_map=None) -> TrainableModel:
-    """Wrap the WebUI's loaded model (call ``refusal`` first)."""
-    family = glue.model_family(sd_model)
-    unet = glue.unet_root(sd_model)
-    tes = glue.text_encoder_roots(sd_model, family)
-    device = _param(unet).device
-    unet_dtype = _param(unet).dtype
-    v_pred = getattr(sd_model, "parameterization", "eps") == "v"
-
-    if family == "sdxl":
-        resolution = 1024
-
-        def encode_text(captions: list[str], sizes=None) -> Conditioning:
-            n = len(captions)
-            sizes = sizes or [((resolution, resolution), (0, 0), (resolution, resolution))] * n
-
-            def col(i: int) -> torch.Tensor:
-                return torch.tensor([list(s[i]) for s in sizes], dtype=torch.float32, device=device)
-
-            batch = {"txt": [literal_caption(c) for c in captions], "original_size_as_tuple": col(0),
-                     "crop_coords_top_left": col(1),
-                     "target_size_as_tuple": col(2)}
-            embedders = list(sd_model.conditioner.embedders)
-            saved = [(e, getattr(e, "is_trainable", False), getattr(e, "ucg_rate", 0.0)) for e in embedders]
-            try:
-                for e in embedders:
-                    e.is_trainable = True   # sgm wraps non-trainable embedders in no_grad; the trainer decides
-                    e.ucg_rate = 0.0        # no random caption dropout inside the conditioner
-                with _no_embedding_names():
-                    out = sd_model.conditioner(batch)
-            finally:
-                for e, trainable, ucg in saved:
-                    e.is_trainable, e.ucg_rate = trainable, ucg
-            return Conditioning(out["crossattn"].to(unet_dtype), out["vector"].to(unet_dtype))
-    else:
-        resolution = 768 if (family == "sd2" and v_pred) else 512
-
-        def encode_text(captions: list[str], sizes=None) -> Conditioning:
-            with _no_embedding_names():
-                context = sd_model.cond_stage_model([literal_caption(c) for c in captions])
-            return Conditioning(context.to(unet_dtype))
-
-    vae = sd_model.first_stage_model
-
-    def encode_images(pixels: torch.Tensor) -> torch.Tensor:
-        vae_param = _param(vae)
-        x = pixels.to(device=vae_param.device, dtype=vae_param.dtype)
-        devices = [vae_param.device] if vae_param.device.type == "cuda" else []
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
-            torch.manual_seed(_pixel_seed(pixels))
-            z = sd_model.get_first_stage_encoding(sd_model.encode_first_stage(x))
-        return z.float().to(device)
-
-    acp = getattr(sd_model, "alphas_cumprod_original", None)
-    if acp is None:
-        acp = sd_model.alphas_cumprod
-    acp = torch.as_tensor(acp).detach().to("cpu", torch.float32).clone()
-
-    info = getattr(sd_model, "sd_checkpoint_info", None)
-    filename = getattr(info, "filename", None)
-    model_name = Path(filename).name if filename else (getattr(info, "title", None) or "")
-    return TrainableModel(
-        family=family, unet=unet, text_encoders=tes, encode_text=encode_text, encode_images=encode_images,
-        alphas_cumprod=acp, prediction="v" if v_pred else "epsilon", device=device, model_name=model_name,
-        model_hash=getattr(info, "sha256", None) or "", legacy_hash=getattr(info, "hash", None) or "",
-        resolution=resolution, model_map=model_map, render=render)
 
 
 # -- sample prompts -------------------------------------------------------------------------------------
@@ -252,7 +69,7 @@ def parse_sample_prompt(line: str, width: int, height: int, seed: int, steps: in
 class WebUITrainingHost(TrainingHost):
     name = "webui"
 
-    def __init__(self, workshop: "glue.Workshop"):
+    def __init__(self, workshop: Workshop):
         self.workshop = workshop
         self._trained: tuple[Any, torch.nn.Module] | None = None  # (sd_model, its UNet) of the running job
         self._guard: interleave.ModelGuard | None = None
@@ -262,7 +79,7 @@ class WebUITrainingHost(TrainingHost):
 
     def family(self) -> str | None:
         sd_model = loaded_model()
-        return glue.model_family(sd_model) if sd_model is not None else None
+        return model_family(sd_model) if sd_model is not None else None
 
     def describe(self) -> str:
         """One line for the tab: what would be trained on, or why not."""
@@ -272,7 +89,7 @@ class WebUITrainingHost(TrainingHost):
             return f"Cannot train: {why}"
         info = getattr(sd_model, "sd_checkpoint_info", None)
         title = getattr(info, "title", None) or "the loaded model"
-        family = families.display(glue.model_family(sd_model), unknown="?")
+        family = families.display(model_family(sd_model), unknown="?")
         return f"Cannot train on {title}: {why}" if why else f"Trains on the loaded {family} model: {title}"
 
     def dataset_roots(self) -> list[Path]:
@@ -293,7 +110,7 @@ class WebUITrainingHost(TrainingHost):
             job.log(f"restored the model's original weights ({restored} layers had LoRAs merged)")
         self._no_token_merging(sd_model)
         mm = self.workshop.host.model_map(sd_model)
-        self._trained = (sd_model, glue.unet_root(sd_model))
+        self._trained = (sd_model, unet_root(sd_model))
         return trainable_model(sd_model, render=self._renderer(job, sd_model), model_map=mm)
 
     @staticmethod
@@ -403,7 +220,7 @@ class WebUITrainingHost(TrainingHost):
         sd_model, unet = self._trained or (None, None)
         self._no_token_merging(sd_model)
         progress.put_back()
-        if loaded_model() is not sd_model or glue.unet_root(sd_model) is not unet:
+        if loaded_model() is not sd_model or unet_root(sd_model) is not unet:
             raise TrainingRefused("the loaded model was replaced while training was paused for a generation; "
                                   "training stopped (the model it trained on is gone)")
         why = refusal(sd_model)
@@ -418,17 +235,17 @@ class WebUITrainingHost(TrainingHost):
         self.workshop.library.refresh()
 
     def log(self, message: str) -> None:
-        glue._log(message)
+        log(message)
 
 
 _runner: JobRunner | None = None
 _runner_lock = threading.Lock()
 
 
-def get_runner(workshop: "glue.Workshop | None" = None) -> JobRunner:
+def get_runner(workshop: Workshop | None = None) -> JobRunner:
     """The process' job runner (kept across "Reload UI", like the Workshop)."""
     global _runner
-    ws = workshop or glue.get_workshop()
+    ws = workshop or get_workshop()
     with _runner_lock:
         if _runner is None or _runner.host.workshop is not ws:
             _runner = JobRunner(WebUITrainingHost(ws))
@@ -442,10 +259,4 @@ def ui_tabs() -> list:
     return ui.create_tab(get_runner(), sections=[webui_tools.tab_section])
 
 
-def add_api_routes(app: Any, workshop: "glue.Workshop") -> list[str]:
-    from ..api import add_training_routes
-    return add_training_routes(app, lambda: get_runner(workshop), dependencies=glue.api_auth_dependencies(app))
-
-
-__all__ = ["refusal", "trainable_model", "parse_sample_prompt", "WebUITrainingHost", "get_runner", "ui_tabs",
-           "loaded_model"]
+__all__ = ["parse_sample_prompt", "WebUITrainingHost", "get_runner", "ui_tabs", "JOB_NAME"]
