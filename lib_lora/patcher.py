@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from . import families
+from . import autocast, families
 from .adapters import Adapter, dora
 from .blockweights import BlockWeights, target_block
 from .bypass import HOOK_MAX_COST, Bypass, Gate, hook_cost
@@ -160,7 +160,14 @@ class Patcher:
     @torch.no_grad()
     def apply(self, activations: list[Activation]) -> ApplyReport:
         """Make exactly ``activations`` merged (or hooked); a network whose merge would put a
-        non-finite value into a weight is left out, with a message, and the others applied."""
+        non-finite value into a weight is left out, with a message, and the others applied.
+
+        Autocast is switched off here: a host may activate inside it (the WebUI does), and it would
+        run the delta maths in half precision, changing the merged bits."""
+        with autocast.disabled():
+            return self._apply_finite(activations)
+
+    def _apply_finite(self, activations: list[Activation]) -> ApplyReport:
         report = self._apply(activations)
         left_out: list[str] = []
         while report.overflowing:
@@ -382,6 +389,10 @@ class Patcher:
 
     @torch.no_grad()
     def _remerge(self) -> None:
+        with autocast.disabled():  # as in apply: a flip happens inside the host's sampling autocast
+            self._remerge_now()
+
+    def _remerge_now(self) -> None:
         self._drop_stale()
         touched: list[_Slot] = []
         try:

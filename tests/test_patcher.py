@@ -267,3 +267,27 @@ def test_webui_wrapped_token_embedding_is_found():
     te.text_model.embeddings.token_embedding = Wrapper(emb)
     mm = ModelMap.build("sd1", None, [("te", te)])
     assert mm.get("lora_te_text_model_embeddings_token_embedding").module is emb
+
+
+def test_merge_inside_autocast_gives_the_same_bits(sd1):
+    """Hosts activate inside autocast (the WebUI does); the patcher turns it off, so the delta maths
+    stay float32: a bfloat16 autocast would round the up @ down product."""
+    sd = kohya_lora(model_map(sd1), rank=4, alpha=3.0, seed=21, convs=True)
+    # DoRA magnitudes take the delta path through a matmul (plain LoRA merges with an in-place addmm_)
+    g = torch.Generator().manual_seed(22)
+    dora_sd = dict(sd, **{k.replace("lora_up.weight", "dora_scale"): torch.rand(v.shape[0], 1, generator=g) + 0.5
+                          for k, v in sd.items() if k.endswith("lora_up.weight")})
+    before = snapshot(*modules(sd1))
+    results = []
+    for use_autocast in (False, True):
+        tiny = copy.deepcopy(sd1)
+        p = Patcher(model_map(tiny))
+        p.hook_max_cost = -1.0  # the start= LoRA is merged when its gate opens, re-merged by set_step
+        nets = [Activation(parse_state_dict("a", sd, {}), 0.7, 0.7),
+                Activation(parse_state_dict("b", dora_sd, {}), 0.3, 0.6, start=1)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_autocast):
+            assert not p.apply(nets).messages
+            p.set_step(1)
+        results.append(snapshot(*modules(tiny)))
+    assert not same(results[0], before)
+    assert same(results[0], results[1])
