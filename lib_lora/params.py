@@ -6,7 +6,8 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, replace
-from typing import Mapping
+from collections.abc import Iterable, Sequence
+from typing import Any, Mapping
 
 from .blockweights import BlockWeightError, BlockWeights, parse_block_weights
 from .elementweights import ElementWeights, parse_element_weights
@@ -160,6 +161,25 @@ def split_items(items: list[str]) -> tuple[list[str], dict[str, str]]:
         else:
             positional.append(item)
     return positional, named
+
+
+def requests_from_items(items_lists: Iterable[Sequence[Any]], default: float = 1.0,
+                        presets: Mapping[str, str] | None = None,
+                        element_presets: Mapping[str, str] | None = None) -> tuple[list[LoraRequest], list[str]]:
+    """``<lora:...>`` argument lists (as the WebUI splits them) -> requests, plus messages for bad ones
+    (``presets``/``element_presets``: LBW block-weight and element presets by name)."""
+    requests: list[LoraRequest] = []
+    messages: list[str] = []
+    for items in items_lists:
+        # items may hold non-strings: the built-in appends its "Add network to prompt" weight as a float
+        positional, named = split_items([str(x) for x in items])
+        try:
+            req = parse_args(positional, named, default=default, presets=presets, element_presets=element_presets)
+        except ParamError as e:
+            messages.append(str(e))
+            continue
+        requests.append(req)  # its warnings reach the user through Runtime.activate
+    return requests, messages
 
 
 def parse_prompt(prompt: str, default: float = 1.0, presets: Mapping[str, str] | None = None,

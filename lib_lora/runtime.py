@@ -58,6 +58,12 @@ class Runtime:
             self.patcher = Patcher(mm) if mm is not None else None
 
     @property
+    def active(self) -> bool:
+        """Some LoRA is merged or hooked into the model (so an empty activation has work to do)."""
+        patcher = self.patcher
+        return patcher is not None and patcher.active
+
+    @property
     def model_map(self) -> ModelMap | None:
         return self.patcher.mm if self.patcher else None
 

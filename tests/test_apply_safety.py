@@ -12,9 +12,8 @@ from lib_lora import cli
 from lib_lora.fileio import save_safetensors
 from lib_lora.modelmap import ModelMap
 from lib_lora.network import parse_state_dict
-from lib_lora.params import parse_prompt
+from lib_lora.params import parse_prompt, requests_from_items
 from lib_lora.patcher import Activation, Patcher
-from lib_lora.service import requests_from_items
 from loras import kohya_lora, same, snapshot
 from tiny_models import build_sd1
 

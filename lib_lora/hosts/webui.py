@@ -24,10 +24,12 @@ import torch
 
 from modules import extra_networks, paths, shared, ui_extra_networks, ui_extra_networks_user_metadata
 
-from .. import blockweights, elementweights, families, fileio, live, service
+from .. import blockweights, cards, elementweights, families, fileio, live
+from .. import metadata as lora_metadata
+from .. import params as lora_params
 from ..fit import FitCache
-from ..infotext import KEY as HASHES_KEY, format_hashes
-from ..library import Library
+from ..infotext import KEY as HASHES_KEY, format_hashes, paste_rename
+from ..library import Library, prompt_name
 from ..modelmap import ModelMap
 from ..runtime import ActivationResult, Runtime
 from .webui_builtin import BuiltinHandoff
@@ -257,16 +259,6 @@ def builtin_networks_module() -> Any:
     return mod if mod is not None and hasattr(mod, "loaded_networks") and hasattr(mod, "load_networks") else None
 
 
-@contextlib.contextmanager
-def _no_autocast():
-    """The WebUI activates extra networks inside devices.autocast(); merge maths must stay float32."""
-    with contextlib.ExitStack() as stack:
-        if torch.cuda.is_available():
-            stack.enter_context(torch.autocast("cuda", enabled=False))
-        stack.enter_context(torch.autocast("cpu", enabled=False))
-        yield
-
-
 # -- WebUI classes -------------------------------------------------------------------------------
 
 
@@ -301,7 +293,7 @@ class LoraPage(ui_extra_networks.ExtraNetworksPage):
         # a snapshot (refresh may swap the list); training state files sit beside LoRAs but are not ones
         entries = list(self.workshop.library.entries)
         self.workshop.fits.prune({e.path for e in entries})
-        names = service.display_names(entries)
+        names = cards.display_names(entries)
         for index, entry in enumerate(entries):
             yield self._item(entry, names[entry.relname], index)
 
@@ -330,15 +322,15 @@ class LoraPage(ui_extra_networks.ExtraNetworksPage):
         ws = self.workshop
         filename = str(entry.path)
         base = os.path.splitext(filename)[0]
-        metadata = service.decoded_metadata(entry.metadata)
-        fam = service.card_family(entry, ws.runtime.model_map, ws.fits)
+        metadata = lora_metadata.decoded_metadata(entry.metadata)
+        fam = cards.card_family(entry, ws.runtime.model_map, ws.fits)
         item = {
             "name": name,
             "filename": filename,
             "shorthash": (entry.known_hash() or "")[:12],
             "preview": self.find_preview(base) or self.find_embedded_preview(base, name, metadata),
             "description": self._description(entry, base),
-            "search_terms": service.card_search_terms(entry),
+            "search_terms": cards.card_search_terms(entry),
             "local_preview": f"{base}.{shared.opts.samples_format}",
             "metadata": metadata,
             # sort keys become data-sort-* attributes on the card: style.css draws the badge from them
@@ -347,9 +339,9 @@ class LoraPage(ui_extra_networks.ExtraNetworksPage):
             "sd_version": families.display(fam.family, unknown="Unknown"),
         }
         self.read_user_metadata(item)
-        token_name = service.prompt_name(ws.library, entry,
+        token_name = prompt_name(ws.library, entry,
                                          prefer_filename=ws.host.option("lora_preferred_name", "") == "Filename")
-        prompt, negative = service.card_prompts(token_name, item["user_metadata"], ws.default_weight())
+        prompt, negative = cards.card_prompts(token_name, item["user_metadata"], ws.default_weight())
         item["prompt"] = ui_extra_networks.quote_js(prompt)
         item["negative_prompt"] = ui_extra_networks.quote_js(negative)
         return item
@@ -373,8 +365,8 @@ class LoraMetadataEditor(ui_extra_networks_user_metadata.UserMetadataEditor):
         metadata = item.get("metadata") or {}
         table.append(("Family:", html.escape(item.get("sd_version", "Unknown"))))
         # metadata comes from the file: escape it, the WebUI puts table cells into HTML as they are
-        table += [(html.escape(label) + ":", html.escape(text)) for label, text in service.metadata_summary(metadata)]
-        tags = service.tag_frequency(metadata, top=24)
+        table += [(html.escape(label) + ":", html.escape(text)) for label, text in lora_metadata.metadata_summary(metadata)]
+        tags = lora_metadata.tag_frequency(metadata, top=24)
         if tags:
             table.append(("Top tags:", html.escape(", ".join(f"{t} ({n})" for t, n in tags))))
         return table
@@ -582,14 +574,13 @@ class Workshop:
     def activate(self, p: Any, items_lists: list[list[Any]]) -> ActivationResult:
         """ExtraNetwork.activate: make exactly these LoRAs active (none = restore the model)."""
         items_lists = self._with_builtin_extra(p, [list(items) for items in items_lists])
-        requests, messages = service.requests_from_items(items_lists, self.default_weight(),
+        requests, messages = lora_params.requests_from_items(items_lists, self.default_weight(),
                                                          presets=self.lbw_presets.lazy(),
                                                          element_presets=self.lbw_element_presets.lazy())
         if getattr(p, "is_hr_pass", False) and not self.host.option(OPT_SCHEDULE_HIRES):
             # LBW's step ranges are used up by the first pass; its hires pass has the LoRA at full weight
             requests = [r.without_schedule() if r.scheduled else r for r in requests]
-        patcher = self.runtime.patcher
-        if not requests and not messages and (patcher is None or not patcher.active):
+        if not requests and not messages and not self.runtime.active:
             return ActivationResult()  # the common no-LoRA generation: nothing to build or restore
         self._check_builtin_idle()
         self.runtime.dora_mode = "webui" if self.host.option(OPT_BUILTIN_DORA) else "lycoris"
@@ -599,9 +590,8 @@ class Workshop:
                             "switches extra networks off for each batch. LoRA Workshop reads lbw=/start=/stop= "
                             "itself, so disable LoRA Block Weight (or enable the built-in Lora)")
         try:
-            with _no_autocast():
-                self._sync_model()
-                res = self.runtime.activate(requests, steps=True)
+            self._sync_model()
+            res = self.runtime.activate(requests, steps=True)
         except Exception as e:  # the patcher has put the weights back; the image is made without LoRAs
             res = ActivationResult(messages=[f"LoRA Workshop: applying LoRAs failed, generating without them "
                                              f"({type(e).__name__}: {e})"])
@@ -704,7 +694,7 @@ class Workshop:
             return
         for key in ("Prompt", "Negative prompt", "Hires prompt", "Hires negative prompt"):
             if isinstance(params.get(key), str):
-                params[key] = service.paste_rename(params[key], str(value), self.library)
+                params[key] = paste_rename(params[key], str(value), self.library)
 
 
 _workshop: Workshop | None = None

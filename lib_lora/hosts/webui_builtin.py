@@ -19,7 +19,7 @@ from __future__ import annotations
 import weakref
 from typing import Any
 
-from .. import service
+from .. import params
 from ..fileio import LoraFileError
 from ..patcher import bind
 
@@ -55,7 +55,7 @@ class BuiltinHandoff:
             return False
         if self.available() is None:
             return True
-        requests, _ = service.requests_from_items([params.items for params in params_list], ws.default_weight())
+        requests, _ = params.requests_from_items([params.items for params in params_list], ws.default_weight())
         for req in requests:
             try:
                 net = ws.library.load(ws.library.resolve(req.name))
