@@ -7,10 +7,13 @@ import math
 import re
 from dataclasses import dataclass, replace
 from collections.abc import Iterable, Sequence
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from .blockweights import BlockWeightError, BlockWeights, parse_block_weights
 from .elementweights import ElementWeights, parse_element_weights
+
+if TYPE_CHECKING:
+    from .modelmap import Target
 
 _TOKEN = re.compile(r"<(\w+):([^>]+)>")
 NETWORK_TYPES = ("lora", "lyco")
@@ -19,6 +22,7 @@ _FLOAT32_MAX = 3.4028234663852886e38  # deltas are summed in float32
 
 @dataclass(frozen=True)
 class LoraRequest:
+    """One ``<lora:...>`` token: which file, and at what weights (what the patcher applies)."""
     name: str
     te: float = 1.0
     unet: float = 1.0
@@ -35,6 +39,20 @@ class LoraRequest:
 
     def without_schedule(self) -> "LoraRequest":
         return replace(self, start=None, stop=None)
+
+    @property
+    def per_layer(self) -> bool:
+        return self.blocks is not None or self.elements is not None
+
+    def multiplier(self, target: "Target", block: str | None, layer: str | None = None) -> float:
+        """``block``: the target's LBW block, ``layer``: its LBW name (``elementweights.lbw_layer_name``)."""
+        mult = self.te if target.is_text_encoder else self.unet
+        if not self.per_layer:
+            return mult
+        w = self.blocks.weight(block) if self.blocks is not None else 1.0
+        if self.elements is not None:
+            w = self.elements.weight(layer, block, w)
+        return mult * w
 
 
 class ParamError(ValueError):

@@ -23,43 +23,20 @@ from torch import Tensor, nn
 
 from . import autocast, families
 from .adapters import Adapter, dora
-from .blockweights import BlockWeights, target_block
+from .blockweights import target_block
 from .bypass import HOOK_MAX_COST, Bypass, Gate, hook_cost
-from .elementweights import ElementWeights, lbw_layer_name
+from .elementweights import lbw_layer_name
 from .merging import fits_dtype, original_for, overflowing, sum_into
 from .modelmap import ModelMap, Target
 from .network import Network
+from .params import LoraRequest
 
 
 @dataclass(frozen=True)
 class Activation:
-    """One network wanted for the next generation, with its multipliers."""
+    """A network wanted for the next generation, and the request (weights, blocks, steps) it was loaded for."""
     network: Network
-    te: float = 1.0
-    unet: float = 1.0
-    dyn: int | None = None
-    blocks: BlockWeights | None = None  # LBW block weights: a further factor per layer
-    start: int | None = None            # UNet part on from this many sampling steps done...
-    stop: int | None = None             # ...until this many (text encoders run before sampling)
-    elements: ElementWeights | None = None  # LBW element weights: replace the block weight where they match
-
-    @property
-    def scheduled(self) -> bool:
-        return self.start is not None or self.stop is not None
-
-    @property
-    def per_layer(self) -> bool:
-        return self.blocks is not None or self.elements is not None
-
-    def multiplier(self, target: Target, block: str | None, layer: str | None = None) -> float:
-        """``block``: the target's LBW block, ``layer``: its LBW name (``elementweights.lbw_layer_name``)."""
-        mult = self.te if target.is_text_encoder else self.unet
-        if not self.per_layer:
-            return mult
-        w = self.blocks.weight(block) if self.blocks is not None else 1.0
-        if self.elements is not None:
-            w = self.elements.weight(layer, block, w)
-        return mult * w
+    request: LoraRequest
 
 
 @dataclass
@@ -188,8 +165,8 @@ class Patcher:
         scheduled: list[tuple[Target, Adapter, float, int | None, str, Gate]] = []
         gates: list[Gate] = []
         self.step = 0  # an activation precedes a sampling pass
-        for act in activations:
-            net = act.network
+        for activation in activations:
+            net, act = activation.network, activation.request
             gate = None
             if act.scheduled:
                 gate = Gate(act.start, act.stop)

@@ -93,7 +93,7 @@ class Runtime:
                 except (LoraNotFound, AmbiguousName, LoraFileError, OSError, LiveUnavailable) as e:
                     res.messages.append(str(e))
                     continue
-                acts.append(Activation(net, req.te, req.unet, req.dyn, req.blocks, req.start, req.stop, req.elements))
+                acts.append(Activation(net, req))
                 loaded.append((req, net.name, shorthash, snap))
             report = self.patcher.apply(acts)
             res.report = report

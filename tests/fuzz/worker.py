@@ -29,8 +29,8 @@ from lib_lora.fileio import LoraFileError  # noqa: E402
 from lib_lora.library import Library  # noqa: E402
 from lib_lora.modelmap import ModelMap  # noqa: E402
 from lib_lora.network import load_network  # noqa: E402
-from lib_lora.patcher import Activation, Patcher  # noqa: E402
-from loras import same, snapshot  # noqa: E402
+from lib_lora.patcher import Patcher  # noqa: E402
+from loras import activation, same, snapshot  # noqa: E402
 from tiny_models import build_sd1  # noqa: E402
 
 OK = ("loaded", "LoraFileError")  # the two acceptable outcomes
@@ -109,7 +109,7 @@ class Case:
         res["stage"] = "apply"
         patcher = Patcher(self.mm)
         try:
-            report = patcher.apply([Activation(net, 1.0, 1.0)])
+            report = patcher.apply([activation(net, 1.0, 1.0)])
             res["applied"] = sum(report.applied.values())
             if report.messages:
                 res["notes"].append("messages")
