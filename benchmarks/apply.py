@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lib_lora.architectures import CLIP_L, SD1_UNET, build  # noqa: E402
 from lib_lora.network import parse_state_dict  # noqa: E402
+from lib_lora.params import LoraRequest  # noqa: E402
 from lib_lora.patcher import Activation, Patcher  # noqa: E402
 
 KOHYA_LORA_TARGETS = ("attn1_to", "attn2_to", "ff_net", "proj_in", "proj_out", "self_attn", "mlp_fc")
@@ -106,12 +107,12 @@ def scheduled_steps(p, net, unet, x, t, ctx, repeat: int,
     keep = p.hook_max_cost
     merged, sched = [], {c: [] for c in costs}
     for _ in range(repeat):
-        p.apply([Activation(net)])
+        p.apply([Activation(net, LoraRequest(net.name))])
         merged.append(steady_step(unet, x, t, ctx, n=3))
         p.restore()
         for c in costs:
             p.hook_max_cost = c
-            p.apply([Activation(net, stop=10 ** 6)])
+            p.apply([Activation(net, LoraRequest(net.name, stop=10 ** 6))])
             sched[c].append(steady_step(unet, x, t, ctx, n=3))
             p.restore()
     p.hook_max_cost = keep
@@ -124,7 +125,7 @@ def gate_flips(p, net, repeat: int) -> tuple[float, int, int]:
     open re-merge twice), and how many of its UNet layers are hooked / merged while open."""
     times = []
     for _ in range(repeat):
-        p.apply([Activation(net, start=1, stop=2)])
+        p.apply([Activation(net, LoraRequest(net.name, start=1, stop=2))])
         t0 = CLOCK()
         p.set_step(1)
         p.set_step(2)
@@ -180,7 +181,8 @@ def main() -> None:
         p = Patcher(mm)
         if args.hook_max_cost is not None:
             p.hook_max_cost = args.hook_max_cost
-        A, B, B_half = [Activation(na)], [Activation(nb)], [Activation(nb, 0.5, 0.5)]
+        A, B = [Activation(na, LoraRequest(na.name))], [Activation(nb, LoraRequest(nb.name))]
+        B_half = [Activation(nb, LoraRequest(nb.name, 0.5, 0.5))]
         if args.sampling_only:
             m, pl = sampling_steps(p, A, parts.unet, x, t, ctx, args.repeat)
             print(f"rank {rank}: sampling step merged {m:.3f}s, plain {pl:.3f}s, ratio {m / pl:.3f}")

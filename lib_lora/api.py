@@ -13,7 +13,7 @@ from typing import Any, Optional
 from fastapi import Body, Depends, FastAPI, HTTPException
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
-from . import service
+from .payloads import builtin_json, entry_json
 from .library import AmbiguousName, Library, LoraNotFound
 
 PREFIX = "/lora-workshop/v1"
@@ -74,7 +74,7 @@ def add_routes(app: FastAPI, library: Callable[[], Library], *, dependencies: li
     added = route.added
 
     def list_loras() -> list[dict[str, Any]]:
-        return [service.entry_json(e) for e in library().entries]
+        return [entry_json(e) for e in library().entries]
 
     def refresh() -> dict[str, int]:
         lib = library()
@@ -89,7 +89,7 @@ def add_routes(app: FastAPI, library: Callable[[], Library], *, dependencies: li
         except AmbiguousName as e:
             raise HTTPException(status_code=409, detail=str(e)) from None
         try:
-            return service.entry_json(entry, detail=True)
+            return entry_json(entry, detail=True)
         except OSError as e:  # deleted or unreadable since the last scan
             raise HTTPException(status_code=404, detail=f"Lora not readable: {name} ({e.strerror or e})") from None
 
@@ -99,7 +99,7 @@ def add_routes(app: FastAPI, library: Callable[[], Library], *, dependencies: li
 
     if builtin_compatible:
         def sdapi_loras() -> list[dict[str, Any]]:
-            return [service.builtin_json(e) for e in library().entries]
+            return [builtin_json(e) for e in library().entries]
 
         def sdapi_refresh() -> None:
             library().refresh()  # the built-in answers null

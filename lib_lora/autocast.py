@@ -1,6 +1,9 @@
 """Autocast queries on the torch 2.1 that WebUI 1.10 installs as well as on current torch."""
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 BY_DEVICE_TYPE = hasattr(torch, "get_autocast_dtype")   # torch >= 2.4
@@ -25,3 +28,16 @@ def autocast_state(dev: str) -> tuple[str, torch.dtype, bool]:
 
 def autocasting(dev: str) -> bool:
     return autocast_state(dev)[2]
+
+
+_DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu")
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Autocast off for every device type where it is on now (hosts run extra networks inside it)."""
+    with contextlib.ExitStack() as stack:
+        for dev in _DEVICE_TYPES:
+            if autocasting(dev):
+                stack.enter_context(torch.autocast(dev, enabled=False))
+        yield

@@ -246,7 +246,7 @@ class Bypass:
 
     def sync(self, scheduled: list, originals: Callable[[Target], tuple[Tensor, Tensor | None]],
              bad: dict[str, list[str]], overflowing: dict[str, int], dora_fn) -> dict[str, int]:
-        """Hook exactly the ``scheduled`` (target, adapter, multiplier, dyn, network, gate), reusing terms
+        """Hook exactly the ``scheduled`` (contribution, gate) pairs, reusing terms
         whose inputs did not change; ``originals(target)`` gives the layer's weight and bias before any
         merge.  Layers that cannot be hooked go to ``bad``, those whose merged value would not be finite
         to ``overflowing``; returns the layers hooked per network."""
@@ -254,7 +254,7 @@ class Bypass:
         old = self.terms
         self.remove()
         self.terms = {}
-        for target, adapter, mult, dyn, netname, gate in scheduled:
+        for (target, adapter, mult, dyn, netname), gate in scheduled:
             key = (id(target), id(adapter), mult, dyn)
             term = old.get(key) if not adapter.needs_weight else None  # weight-dependent: always fresh
             if term is None:

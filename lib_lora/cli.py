@@ -10,7 +10,7 @@ from . import families
 from .fileio import LoraFileError
 from .hashes import file_hashes
 from .network import load_network
-from .service import tag_frequency
+from .metadata import tag_frequency
 from .training.options import OptionError
 
 _SUMMARY_KEYS = ("ss_output_name", "ss_sd_model_name", "ss_base_model_version", "ss_network_module",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 
+from .library import Library, prompt_name
+
 KEY = "Lora hashes"
 
 
@@ -67,3 +69,31 @@ def save_png(image, path, parameters: str) -> None:
     info = PngInfo()
     info.add_text("parameters", parameters)
     image.save(path, format="PNG", pnginfo=info)
+
+
+def paste_rename(prompt: str, hashes_value: str, library: Library) -> str:
+    """Point ``<lora:NAME:`` tokens of a pasted prompt at local files, by the infotext's hashes.
+
+    A name that already resolves to a file with the right hash is kept; otherwise the file
+    with that hash is looked up (hashing the library once if needed).
+    """
+    hashes = parse_hashes(hashes_value)
+    if not hashes:
+        return prompt
+
+    def lookup_for(name: str):
+        def lookup(shorthash: str) -> str | None:
+            try:
+                current = library.resolve(name)
+                if current.addnet_hash().startswith(shorthash.lower()):
+                    return None  # already right: leave the token as written
+            except (LookupError, OSError):
+                pass
+            found = library.by_hash(shorthash)
+            return prompt_name(library, found) if found is not None else None
+        return lookup
+
+    out = prompt
+    for name in hashes:
+        out = rename_in_prompt(out, {name: hashes[name]}, lookup_for(name))
+    return out

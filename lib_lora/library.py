@@ -56,6 +56,11 @@ class Entry:
         return self.metadata.get("ss_output_name") or self.name
 
     @property
+    def relpath(self) -> str:
+        """Path below its LoRA folder, with extension, '/'-separated (never absolute)."""
+        return self.path.relative_to(self.root).as_posix()
+
+    @property
     def family(self) -> str | None:
         """From the metadata, else from the key spelling and widths in the header."""
         return families.family_from_metadata(self.metadata) or (self.layout.family if self.layout else None)
@@ -300,3 +305,22 @@ class Library:
         while len(self._cache) > 1 and total > self.cache_bytes:
             _, n = self._cache.popitem(last=False)
             total -= n.nbytes
+
+
+def _resolves_to(library: Library, name: str, entry: Entry) -> bool:
+    try:
+        return library.resolve(name) is entry
+    except LookupError:
+        return False
+
+
+_TOKEN_UNSAFE = re.compile(r"[:<>]")
+
+
+def prompt_name(library: Library, entry: Entry, prefer_filename: bool = False) -> str:
+    """The shortest name that a ``<lora:NAME:...>`` token resolves back to exactly this file."""
+    candidates = [entry.name, entry.alias] if prefer_filename else [entry.alias, entry.name]
+    for c in [*candidates, entry.relname]:
+        if c and not _TOKEN_UNSAFE.search(c) and _resolves_to(library, c, entry):
+            return c
+    return entry.relname

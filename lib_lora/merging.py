@@ -6,14 +6,28 @@ safe merge demands, and a file whose maths fails on a layer is that file's own e
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, NamedTuple
+
 import torch
 from torch import Tensor
 
-from .adapters import AdapterError
+from .adapters import Adapter, AdapterError
+
+if TYPE_CHECKING:
+    from .modelmap import Target
 
 OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch 2.1 has only the cuda one
 # what a file whose tensors pass every check can still raise in its maths: that file's own error
 MATH_ERRORS = (RuntimeError, ValueError, ArithmeticError, IndexError)
+
+
+class Contribution(NamedTuple):
+    """One adapter's share of one layer at its multiplier; ``network`` names its file in messages."""
+    target: "Target"
+    adapter: Adapter
+    multiplier: float
+    dyn: int | None
+    network: str
 
 
 def error_text(e: BaseException) -> str:
@@ -31,7 +45,7 @@ def fits_dtype(t: Tensor, dtype: torch.dtype) -> bool:
     return bool(torch.isfinite(lo) and torch.isfinite(hi) and hi <= limit and lo >= -limit)
 
 
-def overflowing(contribs: list, base: Tensor, param: Tensor, pname: str, dora_fn) -> list[str]:
+def overflowing(contribs: list[Contribution], base: Tensor, param: Tensor, pname: str, dora_fn) -> list[str]:
     """The networks whose contribution first makes the merge of one weight non-finite (only called on failure)."""
     merged = base.to(param.device, torch.float32, copy=True)
     original = merged.clone()
@@ -53,16 +67,16 @@ def overflowing(contribs: list, base: Tensor, param: Tensor, pname: str, dora_fn
         if not fits_dtype(merged, param.dtype):
             culprits.append(netname)
             merged = before
-    return culprits or [c[-1] for c in contribs]
+    return culprits or [c.network for c in contribs]
 
 
-def original_for(merged: Tensor, contribs: list) -> Tensor | None:
+def original_for(merged: Tensor, contribs: list[Contribution]) -> Tensor | None:
     """A copy of the unmerged value where some delta scales the weight itself (it must see the
     original, not earlier adapters' sum)."""
-    return merged.clone() if any(a.needs_weight for _, a, *_ in contribs) else None
+    return merged.clone() if any(c.adapter.needs_weight for c in contribs) else None
 
 
-def sum_into(merged: Tensor, original: Tensor | None, contribs: list, pname: str, dora_fn,
+def sum_into(merged: Tensor, original: Tensor | None, contribs: list[Contribution], pname: str, dora_fn,
               bad: dict[str, list[str]], failed: set, k: tuple[int, str]) -> None:
     """Add every contribution's delta for ``pname`` to the float32 ``merged``; one that raises is
     recorded in ``bad``/``failed`` and the rest still add."""

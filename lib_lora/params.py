@@ -6,10 +6,14 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, replace
-from typing import Mapping
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Mapping
 
 from .blockweights import BlockWeightError, BlockWeights, parse_block_weights
 from .elementweights import ElementWeights, parse_element_weights
+
+if TYPE_CHECKING:
+    from .modelmap import Target
 
 _TOKEN = re.compile(r"<(\w+):([^>]+)>")
 NETWORK_TYPES = ("lora", "lyco")
@@ -18,6 +22,7 @@ _FLOAT32_MAX = 3.4028234663852886e38  # deltas are summed in float32
 
 @dataclass(frozen=True)
 class LoraRequest:
+    """One ``<lora:...>`` token: which file, and at what weights (what the patcher applies)."""
     name: str
     te: float = 1.0
     unet: float = 1.0
@@ -34,6 +39,20 @@ class LoraRequest:
 
     def without_schedule(self) -> "LoraRequest":
         return replace(self, start=None, stop=None)
+
+    @property
+    def per_layer(self) -> bool:
+        return self.blocks is not None or self.elements is not None
+
+    def multiplier(self, target: "Target", block: str | None, layer: str | None = None) -> float:
+        """``block``: the target's LBW block, ``layer``: its LBW name (``elementweights.lbw_layer_name``)."""
+        mult = self.te if target.is_text_encoder else self.unet
+        if not self.per_layer:
+            return mult
+        w = self.blocks.weight(block) if self.blocks is not None else 1.0
+        if self.elements is not None:
+            w = self.elements.weight(layer, block, w)
+        return mult * w
 
 
 class ParamError(ValueError):
@@ -160,6 +179,25 @@ def split_items(items: list[str]) -> tuple[list[str], dict[str, str]]:
         else:
             positional.append(item)
     return positional, named
+
+
+def requests_from_items(items_lists: Iterable[Sequence[Any]], default: float = 1.0,
+                        presets: Mapping[str, str] | None = None,
+                        element_presets: Mapping[str, str] | None = None) -> tuple[list[LoraRequest], list[str]]:
+    """``<lora:...>`` argument lists (as the WebUI splits them) -> requests, plus messages for bad ones
+    (``presets``/``element_presets``: LBW block-weight and element presets by name)."""
+    requests: list[LoraRequest] = []
+    messages: list[str] = []
+    for items in items_lists:
+        # items may hold non-strings: the built-in appends its "Add network to prompt" weight as a float
+        positional, named = split_items([str(x) for x in items])
+        try:
+            req = parse_args(positional, named, default=default, presets=presets, element_presets=element_presets)
+        except ParamError as e:
+            messages.append(str(e))
+            continue
+        requests.append(req)  # its warnings reach the user through Runtime.activate
+    return requests, messages
 
 
 def parse_prompt(prompt: str, default: float = 1.0, presets: Mapping[str, str] | None = None,

@@ -21,45 +21,22 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from . import families
+from . import autocast, families
 from .adapters import Adapter, dora
-from .blockweights import BlockWeights, target_block
+from .blockweights import target_block
 from .bypass import HOOK_MAX_COST, Bypass, Gate, hook_cost
-from .elementweights import ElementWeights, lbw_layer_name
-from .merging import fits_dtype, original_for, overflowing, sum_into
+from .elementweights import lbw_layer_name
+from .merging import Contribution, fits_dtype, original_for, overflowing, sum_into
 from .modelmap import ModelMap, Target
 from .network import Network
+from .params import LoraRequest
 
 
 @dataclass(frozen=True)
 class Activation:
-    """One network wanted for the next generation, with its multipliers."""
+    """A network wanted for the next generation, and the request (weights, blocks, steps) it was loaded for."""
     network: Network
-    te: float = 1.0
-    unet: float = 1.0
-    dyn: int | None = None
-    blocks: BlockWeights | None = None  # LBW block weights: a further factor per layer
-    start: int | None = None            # UNet part on from this many sampling steps done...
-    stop: int | None = None             # ...until this many (text encoders run before sampling)
-    elements: ElementWeights | None = None  # LBW element weights: replace the block weight where they match
-
-    @property
-    def scheduled(self) -> bool:
-        return self.start is not None or self.stop is not None
-
-    @property
-    def per_layer(self) -> bool:
-        return self.blocks is not None or self.elements is not None
-
-    def multiplier(self, target: Target, block: str | None, layer: str | None = None) -> float:
-        """``block``: the target's LBW block, ``layer``: its LBW name (``elementweights.lbw_layer_name``)."""
-        mult = self.te if target.is_text_encoder else self.unet
-        if not self.per_layer:
-            return mult
-        w = self.blocks.weight(block) if self.blocks is not None else 1.0
-        if self.elements is not None:
-            w = self.elements.weight(layer, block, w)
-        return mult * w
+    request: LoraRequest
 
 
 @dataclass
@@ -91,6 +68,23 @@ class _Slot:
         return getattr(self.module, self.param)
 
 
+@dataclass
+class _Plan:
+    """What one activation wants: per weight (module id, parameter name) its contributions, each with
+    the gate it is merged under (None: always), and the scheduled layers to hook instead."""
+    contribs: dict[tuple[int, str], list[tuple[Contribution, Gate | None]]] = field(default_factory=dict)
+    owners: dict[tuple[int, str], tuple[nn.Module, str]] = field(default_factory=dict)
+    hooks: list[tuple[Contribution, Gate]] = field(default_factory=list)
+    gates: list[Gate] = field(default_factory=list)
+
+
+@dataclass
+class _Errors:
+    """Layers whose maths raised: the messages per network, and (weight, adapter id) pairs."""
+    bad: dict[str, list[str]] = field(default_factory=dict)
+    failed: set[tuple[tuple[int, str], int]] = field(default_factory=set)
+
+
 def bind(network: Network, mm: ModelMap) -> Binding:
     pairs, unmatched = [], []
     for key, adapter in network.adapters.items():
@@ -117,8 +111,8 @@ class Patcher:
         # start=/stop= layers whose hook costs more than this share of the layer (bypass.hook_cost)
         # are merged while their gate is open instead
         self.hook_max_cost: float = HOOK_MAX_COST
-        # per weight: (target, adapter, multiplier, dyn, network) wanted, with the gate it follows (None: always)
-        self._contribs: dict[tuple[int, str], list[tuple[tuple, Gate | None]]] = {}
+        # per weight: the contributions wanted, with the gate each follows (None: always)
+        self._contribs: dict[tuple[int, str], list[tuple[Contribution, Gate | None]]] = {}
         self._owners: dict[tuple[int, str], tuple[nn.Module, str]] = {}
         self._checked: dict[tuple[int, str], tuple] = {}  # gated weights whose full merge passed _check_closed
 
@@ -160,7 +154,14 @@ class Patcher:
     @torch.no_grad()
     def apply(self, activations: list[Activation]) -> ApplyReport:
         """Make exactly ``activations`` merged (or hooked); a network whose merge would put a
-        non-finite value into a weight is left out, with a message, and the others applied."""
+        non-finite value into a weight is left out, with a message, and the others applied.
+
+        Autocast is switched off here: a host may activate inside it (the WebUI does), and it would
+        run the delta maths in half precision, changing the merged bits."""
+        with autocast.disabled():
+            return self._apply_finite(activations)
+
+    def _apply_finite(self, activations: list[Activation]) -> ApplyReport:
         report = self._apply(activations)
         left_out: list[str] = []
         while report.overflowing:
@@ -174,102 +175,124 @@ class Patcher:
         return report
 
     def _apply(self, activations: list[Activation]) -> ApplyReport:
+        """One attempt: plan every network's layers, merge and hook them, count what applied."""
         report = ApplyReport()
         self._drop_stale()
-        contribs: dict[tuple[int, str], list[tuple[tuple, Gate | None]]] = {}
-        owners: dict[tuple[int, str], tuple[nn.Module, str]] = {}
-        scheduled: list[tuple[Target, Adapter, float, int | None, str, Gate]] = []
-        gates: list[Gate] = []
         self.step = 0  # an activation precedes a sampling pass
-        for act in activations:
-            net = act.network
-            gate = None
-            if act.scheduled:
-                gate = Gate(act.start, act.stop)
-                gate.set_step(self.step)
-                gates.append(gate)
-            reason = self.check_family(net)
-            if reason:
-                report.messages.append(reason)
-                report.skipped.append(net.name)
+        plan = _Plan()
+        for activation in activations:
+            self._plan_network(activation, plan, report)
+        errors = _Errors()
+        hooked = self._commit(plan, report, errors)
+        self._tally(plan, report, errors, hooked)
+        return report
+
+    def _admit(self, net: Network, req: LoraRequest, report: ApplyReport) -> Binding | None:
+        """The network's binding to this model, or None (with the reason in ``report``) when it is skipped."""
+        reason = self.check_family(net)
+        if reason:
+            report.messages.append(reason)
+            report.skipped.append(net.name)
+            return None
+        b = self.binding(net)
+        if not b.pairs:
+            report.messages.append(f"{net.name}: none of its {len(net.adapters)} layers match the loaded model — skipped")
+            report.skipped.append(net.name)
+            return None
+        if b.unmatched:
+            report.messages.append(
+                f"{net.name}: {len(b.unmatched)} of {len(net.adapters)} layers have no counterpart in the "
+                f"loaded model (e.g. {b.unmatched[0]})")
+        report.applied[net.name] = 0
+        if req.blocks is not None and self.mm.family == "sd3":
+            report.messages.append(f"{net.name}: LoRA Block Weight defines no blocks for SD3's MMDiT — lbw= "
+                                   "scales only its text encoders (BASE)")
+        if req.elements is not None and self.mm.family == "sd3":
+            report.messages.append(f"{net.name}: LoRA Block Weight defines no layer names for SD3 — "
+                                   f"lbwe={req.elements.name} ignored")
+        return b
+
+    def _plan_network(self, activation: Activation, plan: "_Plan", report: ApplyReport) -> None:
+        """Add one network's layers to ``plan``: merged, merged while its gate is open, or hooked."""
+        net, req = activation.network, activation.request
+        gate = None
+        if req.scheduled:
+            gate = Gate(req.start, req.stop)
+            gate.set_step(self.step)
+            plan.gates.append(gate)
+        b = self._admit(net, req, report)
+        if b is None:
+            return
+        for target, adapter in b.pairs:
+            if req.per_layer:
+                mult = req.multiplier(target, self.block(target),
+                                      self.lbw_name(target) if req.elements is not None else None)
+            else:
+                mult = req.multiplier(target, None)
+            if mult == 0:
                 continue
-            b = self.binding(net)
-            if not b.pairs:
-                report.messages.append(f"{net.name}: none of its {len(net.adapters)} layers match the loaded model — skipped")
-                report.skipped.append(net.name)
-                continue
-            if b.unmatched:
-                report.messages.append(
-                    f"{net.name}: {len(b.unmatched)} of {len(net.adapters)} layers have no counterpart in the "
-                    f"loaded model (e.g. {b.unmatched[0]})")
-            report.applied[net.name] = 0
-            if act.blocks is not None and self.mm.family == "sd3":
-                report.messages.append(f"{net.name}: LoRA Block Weight defines no blocks for SD3's MMDiT — lbw= "
-                                       "scales only its text encoders (BASE)")
-            if act.elements is not None and self.mm.family == "sd3":
-                report.messages.append(f"{net.name}: LoRA Block Weight defines no layer names for SD3 — "
-                                       f"lbwe={act.elements.name} ignored")
-            for target, adapter in b.pairs:
-                if act.per_layer:
-                    mult = act.multiplier(target, self.block(target),
-                                          self.lbw_name(target) if act.elements is not None else None)
-                else:
-                    mult = act.multiplier(target, None)
-                if mult == 0:
+            contribution = Contribution(target, adapter, float(mult), req.dyn, net.name)
+            merge_gate = None  # merged only while this gate is open
+            if gate is not None and not target.is_text_encoder:
+                cost = hook_cost(target, adapter, req.dyn)  # inf: no hook fits this layer
+                if cost != math.inf and cost <= self.hook_max_cost:
+                    plan.hooks.append((contribution, gate))
                     continue
-                merge_gate = None  # merged only while this gate is open
-                if gate is not None and not target.is_text_encoder:
-                    cost = hook_cost(target, adapter, act.dyn)  # inf: no hook fits this layer
-                    if cost != math.inf and cost <= self.hook_max_cost:
-                        scheduled.append((target, adapter, float(mult), act.dyn, net.name, gate))
-                        continue
-                    merge_gate = gate
-                    gate.merges = True
-                for pname in (target.weight_name, target.bias_name if adapter.has_bias else None):
-                    if pname is None or getattr(target.module, pname, None) is None:
-                        continue
-                    k = (id(target.module), pname)
-                    owners[k] = (target.module, pname)
-                    contribs.setdefault(k, []).append(((target, adapter, float(mult), act.dyn, net.name), merge_gate))
+                merge_gate = gate
+                gate.merges = True
+            for pname in (target.weight_name, target.bias_name if adapter.has_bias else None):
+                if pname is None or getattr(target.module, pname, None) is None:
+                    continue
+                k = (id(target.module), pname)
+                plan.owners[k] = (target.module, pname)
+                plan.contribs.setdefault(k, []).append((contribution, merge_gate))
+
+    def _commit(self, plan: "_Plan", report: ApplyReport, errors: "_Errors") -> dict[str, int]:
+        """Merge and hook what ``plan`` wants; on any exception put every weight back and re-raise.
+        Returns the layers hooked per network."""
         touched: list[_Slot] = []
-        bad: dict[str, list[str]] = {}
-        failed: set[tuple[tuple[int, str], int]] = set()  # (slot key, adapter) whose merge raised
         dora_fn = dora.strategy(self.dora_mode)
         try:
-            self._owners, self._contribs = owners, contribs
-            self._check_closed(report, bad, failed, dora_fn)
-            self._merge(report, bad, failed, touched, dora_fn)
+            self._owners, self._contribs = plan.owners, plan.contribs
+            self._check_closed(report, errors.bad, errors.failed, dora_fn)
+            self._merge(report, errors.bad, errors.failed, touched, dora_fn)
             # a gated contribution that cannot merge is not retried when its gate flips
-            self._contribs = {k: [(c, g) for c, g in lst if g is None or (k, id(c[1])) not in failed]
-                              for k, lst in contribs.items()}
-            hooked = self.bypass.sync(scheduled, self._originals, bad, report.overflowing, dora_fn)
-            self.gates = gates
+            self._contribs = {k: [(c, g) for c, g in lst if g is None or (k, id(c.adapter)) not in errors.failed]
+                              for k, lst in plan.contribs.items()}
+            hooked = self.bypass.sync(plan.hooks, self._originals, errors.bad, report.overflowing, dora_fn)
+            self.gates = plan.gates
         except BaseException:
             # never leave a half-patched model behind: put back everything we changed
             for slot in touched:
                 self._write(slot, slot.original)
             self.restore()
             raise
-        for netname, errs in bad.items():
+        return hooked
+
+    @staticmethod
+    def _tally(plan: "_Plan", report: ApplyReport, errors: "_Errors", hooked: dict[str, int]) -> None:
+        """Layers applied per network, and the failures as messages; a network none of whose layers
+        applied is skipped."""
+        for netname, errs in errors.bad.items():
             report.messages.append(f"{netname}: {len(errs)} layers did not match ({errs[0]})")
-        for k, lst in contribs.items():
-            for (target, adapter, _, _, netname), _ in lst:
-                if k[1] == target.weight_name and netname in report.applied and (k, id(adapter)) not in failed:
-                    report.applied[netname] += 1
+        for k, lst in plan.contribs.items():
+            for c, _ in lst:
+                if k[1] == c.target.weight_name and c.network in report.applied and \
+                        (k, id(c.adapter)) not in errors.failed:
+                    report.applied[c.network] += 1
         for netname, n in hooked.items():
             if netname in report.applied:
                 report.applied[netname] += n
-        for netname in bad:
+        for netname in errors.bad:
             if report.applied.get(netname) == 0:  # every layer failed: not applied at all
                 del report.applied[netname]
                 report.skipped.append(netname)
-        return report
 
-    def _signature(self, contribs: list[tuple]) -> tuple:
+    def _signature(self, contribs: list[Contribution]) -> tuple:
         return tuple((id(a), id(t), m, d, self.dora_mode if a.dora_scale is not None else None)
                      for t, a, m, d, _ in contribs)
 
-    def _effective(self) -> dict[tuple[int, str], list[tuple]]:
+    def _effective(self) -> dict[tuple[int, str], list[Contribution]]:
         """The contributions to merge now: static ones and those whose gate is open, in prompt order."""
         out = {}
         for k, lst in self._contribs.items():
@@ -382,6 +405,10 @@ class Patcher:
 
     @torch.no_grad()
     def _remerge(self) -> None:
+        with autocast.disabled():  # as in apply: a flip happens inside the host's sampling autocast
+            self._remerge_now()
+
+    def _remerge_now(self) -> None:
         self._drop_stale()
         touched: list[_Slot] = []
         try:

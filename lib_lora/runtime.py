@@ -58,6 +58,12 @@ class Runtime:
             self.patcher = Patcher(mm) if mm is not None else None
 
     @property
+    def active(self) -> bool:
+        """Some LoRA is merged or hooked into the model (so an empty activation has work to do)."""
+        patcher = self.patcher
+        return patcher is not None and patcher.active
+
+    @property
     def model_map(self) -> ModelMap | None:
         return self.patcher.mm if self.patcher else None
 
@@ -87,7 +93,7 @@ class Runtime:
                 except (LoraNotFound, AmbiguousName, LoraFileError, OSError, LiveUnavailable) as e:
                     res.messages.append(str(e))
                     continue
-                acts.append(Activation(net, req.te, req.unet, req.dyn, req.blocks, req.start, req.stop, req.elements))
+                acts.append(Activation(net, req))
                 loaded.append((req, net.name, shorthash, snap))
             report = self.patcher.apply(acts)
             res.report = report

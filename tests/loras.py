@@ -4,6 +4,9 @@ from __future__ import annotations
 import torch
 
 from lib_lora.modelmap import ModelMap
+from lib_lora.network import Network
+from lib_lora.params import LoraRequest
+from lib_lora.patcher import Activation
 
 
 def kohya_lora(mm: ModelMap, rank: int = 4, alpha: float | None = 2.0, seed: int = 0, convs: bool = False,
@@ -43,3 +46,9 @@ def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     """Bitwise equality of two snapshots (NaN- and fp8-safe)."""
     bits = lambda t: t.contiguous().reshape(-1).view(torch.uint8)  # noqa: E731
     return len(a) == len(b) and all(x.dtype == y.dtype and torch.equal(bits(x), bits(y)) for x, y in zip(a, b))
+
+
+def activation(network: Network, *weights, **kwargs) -> Activation:
+    """What the runtime hands the patcher for ``network`` at these ``LoraRequest`` weights
+    (positional: te, unet, dyn; keywords: blocks, elements, start, stop)."""
+    return Activation(network, LoraRequest(network.name, *weights, **kwargs))

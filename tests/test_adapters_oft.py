@@ -25,8 +25,8 @@ from lib_lora.adapters.diag_oft import DiagOFT  # noqa: E402
 from lib_lora.adapters.glora import GLoRA  # noqa: E402
 from lib_lora.modelmap import ModelMap  # noqa: E402
 from lib_lora.network import parse_state_dict  # noqa: E402
-from lib_lora.patcher import Activation, Patcher  # noqa: E402
-from loras import same, snapshot  # noqa: E402
+from lib_lora.patcher import Patcher  # noqa: E402
+from loras import activation, same, snapshot  # noqa: E402
 from test_adapters_lycoris import (MULTIPLIERS, assert_close, forward_delta, make_layer, merged_delta,  # noqa: E402
                                    originals, randomise, saved)
 
@@ -193,7 +193,7 @@ def test_sd_scripts_oft_file_through_the_patcher() -> None:
     assert net.algorithms() == {"oft": 4} and net.count("unet") == 4
     before = snapshot(tiny.unet)
     p = Patcher(mm)
-    rep = p.apply([Activation(net, 0.7, 0.7)])
+    rep = p.apply([activation(net, 0.7, 0.7)])
     assert not rep.messages and rep.applied == {"sd-scripts-oft": 4}
     for key, w0 in originals_by_key.items():
         short = key[len("lora_unet_"):]
@@ -252,9 +252,9 @@ def test_oft_and_lora_on_one_layer_compose_against_the_original() -> None:
     ref_oft, ref_lora = merged_delta(oft_module, w0, None, 0.8)[0], merged_delta(lora_module, w0, None, 0.5)[0]
     before = snapshot(te)
     p = Patcher(mm)
-    assert not p.apply([Activation(oft, 0.8), Activation(lora, 0.5)]).messages
+    assert not p.apply([activation(oft, 0.8), activation(lora, 0.5)]).messages
     assert_close(layer.weight.detach() - w0, ref_oft + ref_lora)
-    assert not p.apply([Activation(lora, 0.5)]).messages  # dropping the OFT re-merges from the original
+    assert not p.apply([activation(lora, 0.5)]).messages  # dropping the OFT re-merges from the original
     assert_close(layer.weight.detach() - w0, ref_lora)
     p.restore()
     assert same(before, snapshot(te))

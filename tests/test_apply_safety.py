@@ -12,10 +12,9 @@ from lib_lora import cli
 from lib_lora.fileio import save_safetensors
 from lib_lora.modelmap import ModelMap
 from lib_lora.network import parse_state_dict
-from lib_lora.params import parse_prompt
-from lib_lora.patcher import Activation, Patcher
-from lib_lora.service import requests_from_items
-from loras import kohya_lora, same, snapshot
+from lib_lora.params import parse_prompt, requests_from_items
+from lib_lora.patcher import Patcher
+from loras import activation, kohya_lora, same, snapshot
 from tiny_models import build_sd1
 
 TOY = Path(__file__).resolve().parent.parent / "lib_lora" / "toyworld" / "assets" / "toy-sd1.safetensors"
@@ -70,9 +69,9 @@ def test_cli_prompt_parsing_keeps_good_tokens():
 def test_overflowing_network_is_left_out_and_the_others_apply():
     tiny, mm, a, b = setup()
     before = snapshot(*modules(tiny))
-    want = with_only(tiny, [Activation(a, 1.0, 1.0)])
+    want = with_only(tiny, [activation(a, 1.0, 1.0)])
     p = Patcher(mm)
-    rep = p.apply([Activation(a, 1.0, 1.0), Activation(b, 3e38, 3e38)])  # a float32 weight, an infinite product
+    rep = p.apply([activation(a, 1.0, 1.0), activation(b, 3e38, 3e38)])  # a float32 weight, an infinite product
     assert finite(tiny)
     assert "b" in rep.skipped and "b" not in rep.applied and rep.applied["a"] > 0
     assert any(m.startswith("b:") and "overflow" in m for m in rep.messages)
@@ -84,10 +83,10 @@ def test_overflowing_network_is_left_out_and_the_others_apply():
 def test_overflow_after_an_earlier_merge_keeps_the_earlier_one():
     """The second apply re-merges in place; a refused network must leave no half-written weight."""
     tiny, mm, a, b = setup()
-    want = with_only(tiny, [Activation(a, 1.0, 1.0)])
+    want = with_only(tiny, [activation(a, 1.0, 1.0)])
     p = Patcher(mm)
-    p.apply([Activation(a, 1.0, 1.0), Activation(b, 0.5, 0.5)])
-    rep = p.apply([Activation(a, 1.0, 1.0), Activation(b, 3e38, 3e38)])
+    p.apply([activation(a, 1.0, 1.0), activation(b, 0.5, 0.5)])
+    rep = p.apply([activation(a, 1.0, 1.0), activation(b, 3e38, 3e38)])
     assert "b" in rep.skipped and finite(tiny)
     assert same(snapshot(*modules(tiny)), want)
 
@@ -95,17 +94,17 @@ def test_overflow_after_an_earlier_merge_keeps_the_earlier_one():
 def test_half_model_refuses_a_weight_its_dtype_cannot_hold():
     tiny, mm, a, _ = setup(torch.float16)
     before = snapshot(*modules(tiny))
-    rep = Patcher(mm).apply([Activation(a, 1e6, 1e6)])  # fine in float32, inf once cast to float16
+    rep = Patcher(mm).apply([activation(a, 1e6, 1e6)])  # fine in float32, inf once cast to float16
     assert rep.skipped == ["a"] and finite(tiny)
     assert same(snapshot(*modules(tiny)), before)
 
 
 def test_a_file_that_breaks_the_maths_is_only_its_own_error(monkeypatch):
     tiny, mm, a, b = setup()
-    want = with_only(tiny, [Activation(a, 1.0, 1.0)])
+    want = with_only(tiny, [activation(a, 1.0, 1.0)])
     for adapter in b.adapters.values():
         monkeypatch.setattr(adapter, "add_weight_delta_", lambda *args, **kw: torch.ones(3, 5) @ torch.ones(4, 2))
-    rep = Patcher(mm).apply([Activation(b, 1.0, 1.0), Activation(a, 1.0, 1.0)])
+    rep = Patcher(mm).apply([activation(b, 1.0, 1.0), activation(a, 1.0, 1.0)])
     assert rep.applied["a"] > 0 and "b" not in rep.applied
     assert any(m.startswith("b:") and "RuntimeError" in m for m in rep.messages)
     assert same(snapshot(*modules(tiny)), want)
@@ -128,7 +127,7 @@ def test_scheduled_network_that_would_overflow_is_left_out():
     tiny, mm, a, b = setup(torch.float16)
     before = snapshot(*modules(tiny))
     p = Patcher(mm)
-    rep = p.apply([Activation(b, 1.0, 1e6, stop=5)])  # hooked, not merged: the same check applies
+    rep = p.apply([activation(b, 1.0, 1e6, stop=5)])  # hooked, not merged: the same check applies
     assert rep.skipped == ["b"] and not p.bypass.terms
     assert any("overflow" in m for m in rep.messages)
     p.restore()

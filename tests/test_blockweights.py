@@ -14,8 +14,8 @@ from lib_lora import blockweights as bw
 from lib_lora.modelmap import ModelMap
 from lib_lora.network import parse_state_dict
 from lib_lora.params import LoraRequest, parse_args, parse_prompt, split_items
-from lib_lora.patcher import Activation, Patcher
-from loras import kohya_lora
+from lib_lora.patcher import Patcher
+from loras import activation, kohya_lora
 from tiny_models import build_sd1, build_sdxl
 
 MIDD = "1,0,0,0,1,1,1,1,1,1,1,1,0,0,0,0,0"
@@ -210,8 +210,8 @@ def test_block_weights_scale_each_layer_like_lbw():
     a = req("a", "0.8", "0.6", "lbw=MIDD")
     b = req("b", "1", "0.5", "lbw=" + ",".join(map(str, b_vec)))
     p = Patcher(mm)
-    p.apply([Activation(parse_state_dict("a", a_sd, {}), a.te, a.unet, blocks=a.blocks),
-             Activation(parse_state_dict("b", b_sd, {}), b.te, b.unet, blocks=b.blocks)])
+    p.apply([activation(parse_state_dict("a", a_sd, {}), a.te, a.unet, blocks=a.blocks),
+             activation(parse_state_dict("b", b_sd, {}), b.te, b.unet, blocks=b.blocks)])
     for key in MERGE_KEYS:
         block = SD1_BLOCKS[key]
         te = key.startswith("lora_te")

@@ -14,7 +14,7 @@ from lib_lora.bypass import HOOK_MAX_COST, Gate, hook_cost
 from lib_lora.modelmap import ModelMap, Target
 from lib_lora.network import parse_state_dict
 from lib_lora.patcher import Activation, Patcher
-from loras import kohya_lora, same, snapshot
+from loras import activation, kohya_lora, same, snapshot
 from tiny_models import CLIP_WIDTH, build_sd1
 
 MIDD = parse_block_weights("MIDD")
@@ -61,12 +61,12 @@ def test_scheduled_output_equals_merged_and_closed_gate_is_no_lora(tiny):
     p = Patcher(mm)
     p.hook_max_cost = math.inf  # every layer a hook fits is hooked: the hook path under test
 
-    p.apply([Activation(lora, 1, 0.8, blocks=MIDD), Activation(lyco, 1, 0.7), Activation(also, 1, 0.5)])
+    p.apply([activation(lora, 1, 0.8, blocks=MIDD), activation(lyco, 1, 0.7), activation(also, 1, 0.5)])
     merged_out = unet_out(tiny)
     p.restore()
 
-    rep = p.apply([Activation(lora, 1, 0.8, blocks=MIDD, stop=5), Activation(lyco, 1, 0.7, start=0, stop=5),
-                   Activation(also, 1, 0.5)])
+    rep = p.apply([activation(lora, 1, 0.8, blocks=MIDD, stop=5), activation(lyco, 1, 0.7, start=0, stop=5),
+                   activation(also, 1, 0.5)])
     assert not rep.messages and rep.applied["lyco"] == 4
     assert {type(t).__name__ for t in p.bypass.terms.values()} == {"LowRank", "DeltaOutput"}
     torch.testing.assert_close(unet_out(tiny), merged_out, rtol=1e-4, atol=1e-5)
@@ -75,11 +75,11 @@ def test_scheduled_output_equals_merged_and_closed_gate_is_no_lora(tiny):
     p.set_step(5)
     gated_out = unet_out(tiny)
     p.restore()
-    also_only.apply([Activation(also, 1, 0.5)])
+    also_only.apply([activation(also, 1, 0.5)])
     assert torch.equal(gated_out, unet_out(tiny))
     also_only.restore()
 
-    p.apply([Activation(lora, 1, 0.8, blocks=MIDD, start=2)])
+    p.apply([activation(lora, 1, 0.8, blocks=MIDD, start=2)])
     p.set_step(1)
     assert torch.equal(unet_out(tiny), base_out)
     steady = [t._version for t in tiny.unet.state_dict().values()]
@@ -103,7 +103,7 @@ def test_text_encoder_part_of_a_scheduled_lora_is_merged(tiny):
     te_before, unet_before = snapshot(*te), snapshot(tiny.unet)
     p = Patcher(mm)
     p.hook_max_cost = math.inf  # the UNet part hooked, so its weights stay as they were
-    p.apply([Activation(net, 0.6, 1.0, stop=3)])
+    p.apply([activation(net, 0.6, 1.0, stop=3)])
     assert not same(te_before, snapshot(*te))       # te runs before sampling: merged at its weight
     assert same(unet_before, snapshot(tiny.unet))
     assert sum(len(m._forward_hooks) for m in tiny.unet.modules()) == sum("attn2_to_k" in k for k in net.adapters)
@@ -152,7 +152,7 @@ def gated_setup(tiny):
     def acts(ranges: dict) -> list[Activation]:
         """The three networks in prompt order; ``ranges`` gives a scheduled one its (start, stop), a
         missing name leaves that network out."""
-        return [Activation(nets[n], **mults[n], **dict(zip(("start", "stop"), ranges[n] or (None, None))))
+        return [activation(nets[n], **mults[n], **dict(zip(("start", "stop"), ranges[n] or (None, None))))
                 for n in ORDER if n in ranges]
     return mm, acts
 
@@ -262,7 +262,7 @@ def test_scheduled_network_that_would_overflow_while_closed_is_left_out():
     before = snapshot(tiny.unet)
     p = Patcher(mm)
     p.hook_max_cost = 0
-    rep = p.apply([Activation(a, 0, 0.5, start=3), Activation(b, 0, 1e6, start=2)])
+    rep = p.apply([activation(a, 0, 0.5, start=3), activation(b, 0, 1e6, start=2)])
     assert rep.skipped == ["b"] and any(m.startswith("b: merging it would") for m in rep.messages)
     assert same(before, snapshot(tiny.unet))  # both gates closed: nothing merged yet
     p.set_step(3)
@@ -288,7 +288,7 @@ def test_a_fused_qkv_third_follows_its_range_by_merging(tmp_path):
     w0 = w.detach().clone()
     p = Patcher(mm)
     p.hook_max_cost = math.inf
-    rep = p.apply([Activation(net, 1.0, 0.5, stop=2)])
+    rep = p.apply([activation(net, 1.0, 0.5, stop=2)])
     assert not rep.messages and rep.applied == {"k": 1} and not p.bypass.terms
     delta = torch.zeros_like(w0)
     delta[128:256] = 0.5 * sd["transformer.transformer_blocks.0.attn.to_k.lora_B.weight"] @ \

@@ -16,11 +16,11 @@ from lib_lora.cli import main
 from lib_lora.fileio import load_safetensors
 from lib_lora.modelmap import ModelMap
 from lib_lora.network import load_network, parse_state_dict
-from lib_lora.patcher import Activation, Patcher
+from lib_lora.patcher import Patcher
 from lib_lora.training.network import NetworkConfig, TrainingNetwork
 from lib_lora.training.plan import make_plan
 from lib_lora.training.trainer import Callbacks, Trainer
-from loras import kohya_lora, same, snapshot
+from loras import activation, kohya_lora, same, snapshot
 from test_cli_train import args, setup  # noqa: F401 (a fixture)
 from test_frozen_layers import _lora_grads
 from test_training import config, module_state
@@ -111,7 +111,7 @@ def test_training_a_half_model_on_the_gpu_learns_and_restores_it(tmp_path, famil
 
     # merged into the half model on the GPU, the file makes it draw the training images
     p = Patcher(ModelMap.build(family, tiny.unet, tiny.text_encoders))
-    assert not p.apply([Activation(load_network(res.output))]).messages
+    assert not p.apply([activation(load_network(res.output))]).messages
     with torch.no_grad():
         trained_loss = _yard_loss(model, lat, model.encode_text([i.caption for i in ds.items]))
     p.restore()
@@ -185,7 +185,7 @@ def test_merging_into_a_half_model_on_the_gpu(dtype):
     mm = ModelMap.build("sd1", tiny.unet, tiny.text_encoders)
     before = snapshot(tiny.unet, tiny.text_encoders[0][1])
     p = Patcher(mm)
-    assert not p.apply([Activation(parse_state_dict("a", sd, {}))]).messages
+    assert not p.apply([activation(parse_state_dict("a", sd, {}))]).messages
     for key, w in expect.items():
         got = mm.get(key).module.weight
         assert got.device.type == DEVICE and got.dtype == dtype

@@ -12,8 +12,8 @@ import torch
 from lib_lora.fileio import load_file
 from lib_lora.modelmap import ModelMap
 from lib_lora.network import load_network, parse_state_dict
-from lib_lora.patcher import Activation, Patcher
-from loras import kohya_lora
+from lib_lora.patcher import Patcher
+from loras import activation, kohya_lora
 from tiny_models import (build_diffusers_pipeline, build_sd1, build_sdxl, diffusers_fused_weights,
                          ldm_name_to_diffusers_map, to_diffusers_text_encoder)
 
@@ -62,7 +62,7 @@ def test_kohya_file_matches_diffusers_fuse(family, tmp_path):
     from lib_lora.fileio import save_safetensors
     path = save_safetensors(sd, tmp_path / "k.safetensors")
     p = Patcher(mm)
-    rep = p.apply([Activation(load_network(path), 0.8, 0.8)])
+    rep = p.apply([activation(load_network(path), 0.8, 0.8)])
     assert not rep.messages
     changed = assert_same_weights(ours_in_diffusers_names(tiny, mm), ref, base)
     assert changed >= len({k.split(".")[0] for k in sd})  # every targeted layer moved, identically
@@ -98,7 +98,7 @@ def test_diffusers_peft_file_matches_diffusers_fuse(family, tmp_path):
     net = load_network(path)
     assert not net.unknown_keys and net.family in (None, family)
     p = Patcher(mm)
-    rep = p.apply([Activation(net)])
+    rep = p.apply([activation(net)])
     assert not rep.messages, rep.messages
     assert assert_same_weights(ours_in_diffusers_names(tiny, mm), ref, base) > 0
     p.restore()

@@ -16,8 +16,8 @@ from lycoris.modules.locon import LoConModule  # noqa: E402
 from lib_lora.adapters import dora  # noqa: E402
 from lib_lora.modelmap import ModelMap  # noqa: E402
 from lib_lora.network import parse_state_dict  # noqa: E402
-from lib_lora.patcher import Activation, Patcher  # noqa: E402
-from loras import same, snapshot  # noqa: E402
+from lib_lora.patcher import Patcher  # noqa: E402
+from loras import activation, same, snapshot  # noqa: E402
 from test_adapters_lycoris import assert_close, forward_delta, randomise, saved  # noqa: E402
 from tiny_models import build_hf_clip  # noqa: E402
 
@@ -57,7 +57,7 @@ def test_dora_modes_through_the_patcher(te_model, wd_on_out):
     for m in (1.0, 0.6):
         for mode in ("lycoris", "webui", "lycoris"):  # switching re-merges the DoRA layer each time
             p.dora_mode = mode
-            assert not p.apply([Activation(net, m)]).messages
+            assert not p.apply([activation(net, m)]).messages
             ref = lycoris_ref[m] if mode == "lycoris" else builtin_webui_dora(w0, sd, m)
             assert_close(layer.weight.detach() - w0, ref)
     p.restore()

@@ -15,9 +15,9 @@ from lib_lora import blockweights as bw
 from lib_lora import elementweights as ew
 from lib_lora.modelmap import ModelMap
 from lib_lora.network import parse_state_dict
-from lib_lora.params import parse_args, split_items
-from lib_lora.patcher import Activation, Patcher
-from loras import kohya_lora
+from lib_lora.params import LoraRequest, parse_args, split_items
+from lib_lora.patcher import Patcher
+from loras import activation, kohya_lora
 from tiny_models import build_sd1, build_sd2, build_sdxl
 
 # LBW's README example, as its Elemental text box / elempresets.txt holds it
@@ -144,13 +144,13 @@ def test_sd1_multipliers_by_hand(column, preset):
     mm = ModelMap.build("sd1", tiny.unet, tiny.text_encoders)
     presets = {**ew.read_element_presets(PRESETS_TEXT), "NOTS": NOT_PRESET}
     r = req("a", "0.8", "0.6", "lbw=MIDD", f"lbwe={preset}", presets=presets)
-    act = Activation(None, r.te, r.unet, blocks=r.blocks, elements=r.elements)
+    act = LoraRequest("a", r.te, r.unet, blocks=r.blocks, elements=r.elements)
     p = Patcher(mm)
     for key, weights in SD1_CASES.items():
         t = mm.get(key)
         mult = 0.8 if t.is_text_encoder else 0.6
         assert act.multiplier(t, p.block(t), p.lbw_name(t)) == pytest.approx(mult * weights[column]), key
-        no_lbwe = Activation(None, r.te, r.unet, blocks=r.blocks)
+        no_lbwe = LoraRequest("a", r.te, r.unet, blocks=r.blocks)
         assert no_lbwe.multiplier(t, p.block(t)) == pytest.approx(mult * weights[0]), key
 
 
@@ -159,7 +159,7 @@ def test_sdxl_multipliers_by_hand():
     mm = ModelMap.build("sdxl", tiny.unet, tiny.text_encoders)
     # without lbw= every block weight is 1; c_fc exists only in the OpenCLIP encoder's names
     presets = {"E": "BASE:c_fc:0,IN04-IN08:attn2:2,IN07:NOT attn:-1,::0.5\n0_transformer:mlp:3"}
-    act = Activation(None, 1.0, 0.5, elements=req("a", "lbwe=E", presets=presets).elements)
+    act = LoraRequest("a", 1.0, 0.5, elements=req("a", "lbwe=E", presets=presets).elements)
     p = Patcher(mm)
     cases = {
         "lora_te1_text_model_encoder_layers_0_mlp_fc1": 1.0 * 3,            # te1: the last directive
@@ -173,7 +173,7 @@ def test_sdxl_multipliers_by_hand():
         assert t is not None, key
         assert act.multiplier(t, p.block(t), p.lbw_name(t)) == pytest.approx(want), key
     presets = {"E": "BASE:c_fc:0,IN04-IN08:attn2:2,IN07:NOT attn:-1"}
-    act = Activation(None, 1.0, 0.5, elements=req("a", "lbwe=E", presets=presets).elements)
+    act = LoraRequest("a", 1.0, 0.5, elements=req("a", "lbwe=E", presets=presets).elements)
     cases = {
         "lora_te1_text_model_encoder_layers_0_mlp_fc1": 1.0,
         "lora_te2_text_model_encoder_layers_0_mlp_fc1": 0.0,
@@ -205,7 +205,7 @@ def test_element_weights_merge_like_lbw():
     w0 = {k: mm.get(k).module.weight.detach().double().clone() for k in keys}
     r = req("a", "0.8", "0.6", "lbw=MIDD", "lbwe=ATTNDEEPOFF", presets=ew.read_element_presets(PRESETS_TEXT))
     p = Patcher(mm)
-    rep = p.apply([Activation(parse_state_dict("a", sd, {}), r.te, r.unet, blocks=r.blocks, elements=r.elements)])
+    rep = p.apply([activation(parse_state_dict("a", sd, {}), r.te, r.unet, blocks=r.blocks, elements=r.elements)])
     assert not rep.messages
     for key in keys:
         mult = (0.8 if key.startswith("lora_te") else 0.6) * SD1_CASES[key][1]

@@ -14,8 +14,8 @@ from lib_lora import families
 from lib_lora.fileio import load_file, save_safetensors
 from lib_lora.modelmap import ModelMap
 from lib_lora.network import load_network, parse_state_dict
-from lib_lora.patcher import Activation, Patcher, bind
-from loras import kohya_lora
+from lib_lora.patcher import Patcher, bind
+from loras import activation, kohya_lora
 from test_diffusers_equivalence import KOHYA_TARGETS, assert_same_weights, ours_in_diffusers_names
 from tiny_models import build_diffusers_pipeline, build_sd1, build_sdxl, diffusers_fused_weights, \
     to_diffusers_text_encoder
@@ -60,7 +60,7 @@ def test_diffusers_kohya_conversion_with_integer_alphas(tmp_path):
     base = ours_in_diffusers_names(tiny, mm)
     ref = diffusers_fused_weights(tiny, kohya, scale=0.7)
     p = Patcher(mm)
-    rep = p.apply([Activation(net, 0.7, 0.7)])
+    rep = p.apply([activation(net, 0.7, 0.7)])
     assert not rep.messages, rep.messages
     assert assert_same_weights(ours_in_diffusers_names(tiny, mm), ref, base) >= len(net.adapters)
     p.restore()
@@ -105,7 +105,7 @@ def test_sd1_conversion_uses_te1_and_still_applies(tmp_path):
     base = ours_in_diffusers_names(tiny, mm)
     ref = diffusers_fused_weights(tiny, kohya, scale=1.0)
     p = Patcher(mm)
-    assert not p.apply([Activation(net)]).messages
+    assert not p.apply([activation(net)]).messages
     assert assert_same_weights(ours_in_diffusers_names(tiny, mm), ref, base) >= len(net.adapters)
     p.restore()
 
@@ -151,7 +151,7 @@ def test_transformers5_text_encoder_keys(family):
         b = bind(net, mm)
         assert not net.unknown_keys and not b.unmatched and len(b.pairs) == len(sd) // 2
         p = Patcher(mm)
-        assert not p.apply([Activation(net)]).messages
+        assert not p.apply([activation(net)]).messages
         merged[name] = ours_in_diffusers_names(tiny, mm)
         p.restore()
     changed = 0

@@ -20,7 +20,8 @@ from lib_lora import families
 from lib_lora.fileio import save_safetensors
 from lib_lora.modelmap import ModelMap
 from lib_lora.network import load_network
-from lib_lora.patcher import Activation, Patcher
+from lib_lora.patcher import Patcher
+from loras import activation
 from sd3_standin import SD3Inferencer, text_encoder_roots
 
 RANK = 4
@@ -88,7 +89,7 @@ def test_diffusers_file_matches_diffusers_fuse(sd3, tmp_path):
     assert net.family == "sd3"
     p = Patcher(mm)
     originals = {t.key: t.weight().detach().clone() for t in mm.targets if t.weight() is not None}
-    rep = p.apply([Activation(net, 0.7, 0.7)])
+    rep = p.apply([activation(net, 0.7, 0.7)])
     assert len(rep.messages) == 1 and rep.messages[0].startswith(
         f"diffusers_sd3: 2 of {len(net.adapters)} layers have no counterpart in the loaded model")
     assert "norm_out_linear" in rep.messages[0] or "blocks_1_norm1_context_linear" in rep.messages[0]
@@ -124,7 +125,7 @@ def test_kohya_file_fused_qkv_and_all_three_text_encoders(sd3, tmp_path):
     assert net.family == "sd3" and set(net.adapters) == set(keys)
     originals = {k: mm.get(k).weight().detach().clone() for k in keys}
     p = Patcher(mm)
-    rep = p.apply([Activation(net, 0.5, 1.5)])
+    rep = p.apply([activation(net, 0.5, 1.5)])
     assert not rep.messages and rep.applied == {"kohya_sd3": 5}
     for k in keys:
         mult = 1.5 if k.startswith("lora_unet_") else 0.5
@@ -134,7 +135,7 @@ def test_kohya_file_fused_qkv_and_all_three_text_encoders(sd3, tmp_path):
 
     # LBW has no SD3 blocks: the MMDiT keeps its weight, BASE scales the text encoders, and the user is told
     from lib_lora.blockweights import parse_block_weights
-    rep = p.apply([Activation(net, 1.0, 1.0, blocks=parse_block_weights("0.5," + ",".join(["0"] * 16)))])
+    rep = p.apply([activation(net, 1.0, 1.0, blocks=parse_block_weights("0.5," + ",".join(["0"] * 16)))])
     assert any("no blocks for SD3" in m for m in rep.messages)
     for k in keys:
         mult = 1.0 if k.startswith("lora_unet_") else 0.5
@@ -156,7 +157,7 @@ def test_kohya_and_diffusers_q_on_one_fused_weight_add_up(sd3, tmp_path):
     w = mm.get("lora_unet_joint_blocks_0_x_block_attn_qkv").module.weight
     w0 = w.detach().clone()
     p = Patcher(mm)
-    p.apply([Activation(a), Activation(b, 1.0, 0.5)])
+    p.apply([activation(a), activation(b, 1.0, 0.5)])
     ref = whole["lora_unet_joint_blocks_0_x_block_attn_qkv.lora_up.weight"] @ \
         whole["lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight"]
     ref[128:256] += 0.5 * third["transformer.transformer_blocks.0.attn.to_k.lora_B.weight"] @ \

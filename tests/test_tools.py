@@ -19,7 +19,7 @@ from lib_lora.hosts.cli.checkpoint import Checkpoint, load_checkpoint, save_chec
 from lib_lora.hosts.cli.sampling import sample
 from lib_lora.modelmap import ModelMap
 from lib_lora.network import load_network
-from lib_lora.patcher import Activation, Patcher
+from lib_lora.patcher import Patcher
 from lib_lora.tools import common
 from lib_lora.tools.bake import bake
 from lib_lora.tools.convert import convert
@@ -28,7 +28,7 @@ from lib_lora.tools.layout import Layout
 from lib_lora.tools.merge import merge, parse_spec
 from lib_lora.tools.resize import resize
 from lib_lora.tools.stream import StreamWriter
-from loras import kohya_lora
+from loras import activation, kohya_lora
 
 ROOT = Path(__file__).resolve().parent.parent
 PX = 16
@@ -177,7 +177,7 @@ def test_resize_of_weight_dependent_algorithms_needs_base(sd1, tmp_path):
     mm = ModelMap.build("sd1", ck.unet, ck.text_encoders)
     before = {k: mm.get(k).weight().detach().clone() for k in module_keys(sd)}
     p = Patcher(mm)
-    p.apply([Activation(load_network(src))])
+    p.apply([activation(load_network(src))])
     got = load_file(r.path)[0]
     for k in module_keys(sd):
         want = (mm.get(k).weight() - before[k]).reshape(before[k].shape[0], -1)
@@ -374,7 +374,7 @@ def test_baked_checkpoint_renders_like_the_runtime_merge(sd1, tmp_path, precisio
     ref = load_checkpoint(base)
     mm = ModelMap.build("sd1", ref.unet, ref.text_encoders)
     p = Patcher(mm)
-    assert not p.apply([Activation(load_network(pa), 0.8, 0.8), Activation(load_network(pb), 0.5, -1)]).messages
+    assert not p.apply([activation(load_network(pa), 0.8, 0.8), activation(load_network(pb), 0.5, -1)]).messages
     baked = load_checkpoint(out)
     ref_sd, baked_sd = ref.state_dict(), baked.state_dict()
     changed = 0
@@ -448,7 +448,7 @@ def test_extract_recovers_a_known_delta_on_sd2_and_sdxl_layers(fam_ck, tmp_path)
     # the file as the runtime reads it: the base with it merged is the tuned checkpoint
     ref, want = load_checkpoint(base), load_checkpoint(tuned).state_dict()
     p = Patcher(ModelMap.build(fam, ref.unet, ref.text_encoders))
-    assert not p.apply([Activation(load_network(r.path))]).messages
+    assert not p.apply([activation(load_network(r.path))]).messages
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(v, want[k], atol=1e-5, rtol=1e-4, msg=k)
 
@@ -470,7 +470,7 @@ def test_bake_equals_the_runtime_merge_on_sd2_and_sdxl(fam_ck, tmp_path):
     ref = load_checkpoint(base)
     original = {k: v.clone() for k, v in ref.state_dict().items()}
     p = Patcher(ModelMap.build(fam, ref.unet, ref.text_encoders))
-    assert not p.apply([Activation(load_network(pa), 0.8, 0.8), Activation(load_network(pb), 0.5, -1)]).messages
+    assert not p.apply([activation(load_network(pa), 0.8, 0.8), activation(load_network(pb), 0.5, -1)]).messages
     baked = load_checkpoint(out).state_dict()
     changed = set()
     for k, v in ref.state_dict().items():

@@ -11,14 +11,14 @@ from lib_lora.fileio import load_safetensors
 from lib_lora.library import Library
 from lib_lora.modelmap import ModelMap
 from lib_lora.network import load_network
-from lib_lora.patcher import Activation, Patcher
+from lib_lora.patcher import Patcher
 from lib_lora.training.config import TrainConfig
 from lib_lora.training.dataset import DatasetConfig
 from lib_lora.training.network import NetworkConfig
 from lib_lora.training.plan import make_plan
 from lib_lora.training.state import state_path
 from lib_lora.training.trainer import Callbacks, Trainer
-from loras import same, snapshot
+from loras import activation, same, snapshot
 from tiny_models import build_sd1, build_sd2, build_sdxl
 from train_support import make_dataset, trainable, tiny_vae
 
@@ -88,7 +88,7 @@ def test_loss_drops_and_file_round_trips(tmp_path, vae):
     # our runtime merges the file: the model now behaves as during training, and learned the data
     mm = ModelMap.build("sd1", tiny.unet, tiny.text_encoders)
     p = Patcher(mm)
-    rep = p.apply([Activation(load_network(res.output))])
+    rep = p.apply([activation(load_network(res.output))])
     assert not rep.messages
     with torch.no_grad():
         yard_te = (yard[0], model.encode_text([i.caption for i in ds.items]))
@@ -109,7 +109,7 @@ def test_saved_file_matches_diffusers_and_metadata(tmp_path, vae):
     ref = diffusers_fused_weights(tiny, sd, scale=1.0)
     mm = ModelMap.build("sd1", tiny.unet, tiny.text_encoders)
     p = Patcher(mm)
-    p.apply([Activation(load_network(out))])
+    p.apply([activation(load_network(out))])
     names = ldm_name_to_diffusers_map(tiny)
     for k, v in tiny.unet.state_dict().items():
         torch.testing.assert_close(v, ref[f"unet.{names[k]}"], rtol=1e-5, atol=1e-6)

@@ -13,7 +13,8 @@ from lib_lora import fit as fit_module  # noqa: E402
 from lib_lora import library as library_module  # noqa: E402
 from lib_lora.fileio import save_safetensors  # noqa: E402
 from lib_lora.network import load_network  # noqa: E402
-from lib_lora.patcher import Activation, Patcher  # noqa: E402
+from lib_lora.patcher import Patcher  # noqa: E402
+from loras import activation  # noqa: E402
 
 Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
 K = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k"
@@ -64,9 +65,9 @@ def test_cards_of_files_without_family_say_whether_they_fit(webui, model, sd1_ma
 
     # the verdicts agree with what applying the files does
     p = Patcher(sd1_map)
-    rep = p.apply([Activation(load_network(d / "fits.safetensors"))])
+    rep = p.apply([activation(load_network(d / "fits.safetensors"))])
     assert not rep.messages and rep.applied == {"fits": n}
-    rep = p.apply([Activation(load_network(d / "misfit.safetensors"))])
+    rep = p.apply([activation(load_network(d / "misfit.safetensors"))])
     assert rep.applied == {"misfit": 1} and len(rep.messages) == 2
     p.restore()
 

@@ -79,6 +79,7 @@ class Adapter:
         return None
 
     def bias_delta(self, bias: Tensor | None) -> Tensor | None:
+        """float32 bias delta for multiplier 1, on ``bias``'s device (the CPU when the layer has none)."""
         return None
 
     # -- shared behaviour ------------------------------------------------------------
@@ -109,9 +110,9 @@ class Adapter:
     def known_suffixes(self) -> set[str]:
         return set(self.required) | set(self.optional) | {"alpha", "dora_scale"}
 
-    def t(self, key: str) -> Tensor:
-        """A stored tensor as float32 on the device of the weight being merged."""
-        return self.tensors[key].to(getattr(self, "_device", "cpu"), torch.float32)
+    def t(self, key: str, device: torch.device | str) -> Tensor:
+        """A stored tensor as float32 on ``device`` (the weight's: the caller says which, no state is kept)."""
+        return self.tensors[key].to(device, torch.float32)
 
     def weight_delta_at(self, weight: Tensor, multiplier: float, dyn: int | None = None,
                         dora: Optional[DoraFn] = None) -> Tensor | None:
@@ -119,19 +120,16 @@ class Adapter:
 
         ``dora`` is the DoRA strategy for files with a magnitude vector (default: LyCORIS's).
         """
-        self._device = weight.device
         w32 = weight.float()
         dw = self.weight_delta(w32, dyn)
         if dw is None:
             return None
         dw = fit_shape(dw, w32.shape, self.name)
         if self.dora_scale is not None:
-            return (dora or dora_delta)(w32, dw, self.t("dora_scale"), multiplier, self.name)
+            return (dora or dora_delta)(w32, dw, self.t("dora_scale", w32.device), multiplier, self.name)
         return dw * multiplier
 
     def bias_delta_at(self, bias: Tensor | None, multiplier: float) -> Tensor | None:
-        if bias is not None:
-            self._device = bias.device
         db = self.bias_delta(bias)
         if db is None:
             return None

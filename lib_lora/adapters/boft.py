@@ -37,7 +37,7 @@ class BOFT(OFTBase):
             raise AdapterError(f"{self.name}: {m} butterfly stages need a multiple of {2 ** (m - 1)} blocks, got {n}")
 
     def rotated_delta(self, weight: Tensor, multiplier: float) -> Tensor:
-        blocks = self.t("oft_blocks")
+        blocks = self.t("oft_blocks", weight.device)
         m, n, b, _ = blocks.shape
         out, rest = weight.shape[0], weight.shape[1:]
         if n * b != out:
@@ -52,7 +52,7 @@ class BOFT(OFTBase):
             x = torch.einsum("bij,bj...->bi...", stage, x)
             x = x.reshape(-1, k, 2, *rest).transpose(1, 2).reshape(out, *rest)
         if "rescale" in self.tensors:
-            s = self.t("rescale")
+            s = self.t("rescale", weight.device)
             if s.numel() != out:
                 raise AdapterError(f"{self.name}: rescale of {s.numel()} does not fit {out} output channels")
             x = x * s.reshape(-1, *[1] * len(rest))

@@ -60,7 +60,7 @@ class DiagOFT(OFTBase):
 
     def rotated_delta(self, weight: Tensor, multiplier: float) -> Tensor:
         role = self.role
-        blocks = self.t(role)
+        blocks = self.t(role, weight.device)
         n, b, _ = blocks.shape
         out = weight.shape[0]
         if n * b != out:
@@ -73,5 +73,5 @@ class DiagOFT(OFTBase):
         step = step * multiplier
         rows = weight.reshape(n, b, *weight.shape[1:])
         delta = torch.einsum("knm,kn...->km...", step, rows).reshape(weight.shape)
-        rescale = self.t("rescale") if "rescale" in self.tensors else None
+        rescale = self.t("rescale", weight.device) if "rescale" in self.tensors else None
         return rescaled(delta, weight, rescale, self.name)

@@ -12,11 +12,11 @@ class Full(Adapter):
     optional = ("diff_b",)
 
     def weight_delta(self, weight: Tensor, dyn: int | None = None) -> Tensor:
-        return self.t("diff")  # alpha is not part of LyCORIS's full algo; fit_shape checks the shape
+        return self.t("diff", weight.device)  # alpha is not part of LyCORIS's full algo; fit_shape checks the shape
 
     @property
     def has_bias(self) -> bool:
         return "diff_b" in self.tensors
 
     def bias_delta(self, bias: Tensor | None) -> Tensor | None:
-        return self.t("diff_b") if "diff_b" in self.tensors else None
+        return self.t("diff_b", bias.device if bias is not None else "cpu") if "diff_b" in self.tensors else None

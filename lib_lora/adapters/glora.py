@@ -45,13 +45,14 @@ class GLoRA(Adapter):
         return int(self.tensors["a2.weight"].shape[0])
 
     def weight_delta(self, weight: Tensor, dyn: int | None = None) -> Tensor:
-        a = self.t("a1.weight").flatten(1) @ self.t("a2.weight").flatten(1)  # [in, in]
+        dev = weight.device
+        a = self.t("a1.weight", dev).flatten(1) @ self.t("a2.weight", dev).flatten(1)  # [in, in]
         if a.shape[0] != weight.shape[1]:
             raise AdapterError(f"{self.name}: GLoRA input side of {a.shape[0]} does not fit weight {tuple(weight.shape)}")
         wa = torch.einsum("oi...,ij->oj...", weight, a)
-        b1, b2 = self.t("b1.weight"), self.t("b2.weight")
+        b1, b2 = self.t("b1.weight", dev), self.t("b2.weight", dev)
         if "bm.weight" in self.tensors:
-            wb = torch.einsum("mn...,im,nj->ij...", self.t("bm.weight"), b1.flatten(1), b2.flatten(1))
+            wb = torch.einsum("mn...,im,nj->ij...", self.t("bm.weight", dev), b1.flatten(1), b2.flatten(1))
         else:
             wb = b1.flatten(1) @ b2.flatten(1)
         if wb.numel() != weight.numel():

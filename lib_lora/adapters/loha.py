@@ -1,6 +1,7 @@
 """LoHa: W += (w1_a @ w1_b) * (w2_a @ w2_b) * alpha / rank, optionally with Tucker cores for convs."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from .base import Adapter, AdapterError, amax
@@ -51,14 +52,14 @@ class LoHa(Adapter):
             bound *= b.shape[0] * amax(a) * amax(b) * (t.shape[0] * amax(t) if t is not None else 1.0)
         return bound
 
-    def _half(self, i: int) -> Tensor:
-        a, b = self.t(f"hada_w{i}_a"), self.t(f"hada_w{i}_b")
+    def _half(self, i: int, device: torch.device) -> Tensor:
+        a, b = self.t(f"hada_w{i}_a", device), self.t(f"hada_w{i}_b", device)
         if f"hada_t{i}" in self.tensors:
             # LyCORIS: einsum("i j ..., j r, i p -> p r ...", t, w_b, w_a): w_a is [r, out], so transpose
-            return rebuild_tucker(self.t(f"hada_t{i}"), a.T, b)
+            return rebuild_tucker(self.t(f"hada_t{i}", device), a.T, b)
         return a.flatten(1) @ b.flatten(1)
 
     def weight_delta(self, weight: Tensor, dyn: int | None = None) -> Tensor:
         # alpha/rank once: the scale LyCORIS's forward applies (its get_diff_weight applies it twice).
         scale = self.alpha / self.rank() if self.alpha is not None else 1.0
-        return unflatten_conv(self._half(1) * self._half(2) * scale, weight)
+        return unflatten_conv(self._half(1, weight.device) * self._half(2, weight.device) * scale, weight)

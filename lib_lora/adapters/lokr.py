@@ -70,15 +70,16 @@ class LoKr(Adapter):
         return bound
 
     def weight_delta(self, weight: Tensor, dyn: int | None = None) -> Tensor:
-        w1 = self.t("lokr_w1") if not self._factored(1) else self.t("lokr_w1_a") @ self.t("lokr_w1_b")
+        dev = weight.device
+        w1 = self.t("lokr_w1", dev) if not self._factored(1) else self.t("lokr_w1_a", dev) @ self.t("lokr_w1_b", dev)
         if not self._factored(2):
-            w2 = self.t("lokr_w2")
+            w2 = self.t("lokr_w2", dev)
         elif "lokr_t2" in self.tensors:
             # LyCORIS: einsum("i j ..., i p, j r -> p r ...", t, w2_a, w2_b) with w2_a [r, out]
-            w2 = rebuild_tucker(self.t("lokr_t2"), self.t("lokr_w2_a").T, self.t("lokr_w2_b"))
+            w2 = rebuild_tucker(self.t("lokr_t2", dev), self.t("lokr_w2_a", dev).T, self.t("lokr_w2_b", dev))
         else:
-            b = self.t("lokr_w2_b")
-            w2 = (self.t("lokr_w2_a") @ b.flatten(1)).reshape(-1, *b.shape[1:])
+            b = self.t("lokr_w2_b", dev)
+            w2 = (self.t("lokr_w2_a", dev) @ b.flatten(1)).reshape(-1, *b.shape[1:])
         # LyCORIS forces alpha = rank when both sides are full, i.e. scale 1 whatever alpha says.
         rank = self.rank()
         scale = self.alpha / rank if self.alpha is not None and rank is not None else 1.0

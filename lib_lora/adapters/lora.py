@@ -45,9 +45,9 @@ class LoRA(Adapter):
             bound *= self.rank() * amax(ts["lora_mid.weight"])
         return bound
 
-    def _factors(self, dyn: int | None) -> tuple[Tensor, Tensor, Tensor | None, float]:
-        down, up = self.t("lora_down.weight"), self.t("lora_up.weight")
-        mid = self.t("lora_mid.weight") if "lora_mid.weight" in self.tensors else None
+    def _factors(self, dyn: int | None, device: torch.device | str) -> tuple[Tensor, Tensor, Tensor | None, float]:
+        down, up = self.t("lora_down.weight", device), self.t("lora_up.weight", device)
+        mid = self.t("lora_mid.weight", device) if "lora_mid.weight" in self.tensors else None
         rank = down.shape[0]
         # dyn keeps the leading ranks of a DyLoRA at the scale the whole network was trained with.
         scale = self.alpha / rank if self.alpha is not None else 1.0
@@ -61,15 +61,14 @@ class LoRA(Adapter):
         # Fast path (peft-style merge): one fused addmm into the destination, no delta tensor.
         if self.dora_scale is not None or "lora_mid.weight" in self.tensors or not dst.is_contiguous():
             return super().add_weight_delta_(dst, weight, multiplier, dyn, dora)
-        self._device = dst.device
-        down, up, _, scale = self._factors(dyn)
+        down, up, _, scale = self._factors(dyn, dst.device)
         if not shape_fits((up.shape[0], *down.shape[1:]), tuple(dst.shape)):
             raise AdapterError(f"{self.name}: shape {(up.shape[0], *down.shape[1:])} does not fit layer "
                                f"weight {tuple(dst.shape)}")
         dst.view(dst.shape[0], -1).addmm_(up.flatten(1), down.flatten(1), alpha=multiplier * scale)
 
     def weight_delta(self, weight: Tensor, dyn: int | None = None) -> Tensor:
-        down, up, mid, scale = self._factors(dyn)
+        down, up, mid, scale = self._factors(dyn, weight.device)
         if mid is not None:
             delta = rebuild_tucker(mid, up.flatten(1), down.flatten(1))
         elif down.dim() == 4 and down.shape[2:] != (1, 1):

@@ -69,7 +69,6 @@ class OFTBase(Adapter):
 
     def weight_delta_at(self, weight: Tensor, multiplier: float, dyn: int | None = None,
                         dora: Optional[DoraFn] = None) -> Tensor:
-        self._device = weight.device
         w32 = weight.float()
         if w32.dim() < 2:
             raise AdapterError(f"{self.name}: {self.algo} needs a linear or conv weight, got {tuple(w32.shape)}")

@@ -14,18 +14,16 @@ Coexistence with the built-in Lora extension: see ``claim`` and docs/coexistence
 """
 from __future__ import annotations
 
-import contextlib
 import threading
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from modules import extra_networks, paths, shared, ui_extra_networks
 
-from .. import blockweights, elementweights, live, service
+from .. import blockweights, elementweights, live
+from .. import params as lora_params
 from ..fit import FitCache
-from ..infotext import KEY as HASHES_KEY, format_hashes
+from ..infotext import KEY as HASHES_KEY, format_hashes, paste_rename
 from ..library import Library
 from ..runtime import ActivationResult, Runtime
 from . import webui_settings as settings
@@ -36,16 +34,6 @@ from .webui_host import WebUIHost, log, use_original_torch_load
 NETWORK_NAME = "lora"
 NETWORK_ALIASES = ("lyco",)
 _remove_symbols = str.maketrans("", "", ":,")
-
-
-@contextlib.contextmanager
-def _no_autocast():
-    """The WebUI activates extra networks inside devices.autocast(); merge maths must stay float32."""
-    with contextlib.ExitStack() as stack:
-        if torch.cuda.is_available():
-            stack.enter_context(torch.autocast("cuda", enabled=False))
-        stack.enter_context(torch.autocast("cpu", enabled=False))
-        yield
 
 
 # -- WebUI classes -------------------------------------------------------------------------------
@@ -191,14 +179,13 @@ class Workshop:
     def activate(self, p: Any, items_lists: list[list[Any]]) -> ActivationResult:
         """ExtraNetwork.activate: make exactly these LoRAs active (none = restore the model)."""
         items_lists = self._with_builtin_extra(p, [list(items) for items in items_lists])
-        requests, messages = service.requests_from_items(items_lists, self.default_weight(),
+        requests, messages = lora_params.requests_from_items(items_lists, self.default_weight(),
                                                          presets=self.lbw_presets.lazy(),
                                                          element_presets=self.lbw_element_presets.lazy())
         if getattr(p, "is_hr_pass", False) and not self.host.option(settings.OPT_SCHEDULE_HIRES):
             # LBW's step ranges are used up by the first pass; its hires pass has the LoRA at full weight
             requests = [r.without_schedule() if r.scheduled else r for r in requests]
-        patcher = self.runtime.patcher
-        if not requests and not messages and (patcher is None or not patcher.active):
+        if not requests and not messages and not self.runtime.active:
             return ActivationResult()  # the common no-LoRA generation: nothing to build or restore
         self._check_builtin_idle()
         self.runtime.dora_mode = "webui" if self.host.option(settings.OPT_BUILTIN_DORA) else "lycoris"
@@ -208,9 +195,8 @@ class Workshop:
                             "switches extra networks off for each batch. LoRA Workshop reads lbw=/start=/stop= "
                             "itself, so disable LoRA Block Weight (or enable the built-in Lora)")
         try:
-            with _no_autocast():
-                self._sync_model()
-                res = self.runtime.activate(requests, steps=True)
+            self._sync_model()
+            res = self.runtime.activate(requests, steps=True)
         except Exception as e:  # the patcher has put the weights back; the image is made without LoRAs
             res = ActivationResult(messages=[f"LoRA Workshop: applying LoRAs failed, generating without them "
                                              f"({type(e).__name__}: {e})"])
@@ -313,7 +299,7 @@ class Workshop:
             return
         for key in ("Prompt", "Negative prompt", "Hires prompt", "Hires negative prompt"):
             if isinstance(params.get(key), str):
-                params[key] = service.paste_rename(params[key], str(value), self.library)
+                params[key] = paste_rename(params[key], str(value), self.library)
 
 
 _workshop: Workshop | None = None

@@ -23,7 +23,7 @@ import sys
 import weakref
 from typing import Any
 
-from .. import service
+from .. import params
 from ..fileio import LoraFileError
 from ..patcher import bind
 from .webui_settings import OPT_SHOW_WARNINGS
@@ -83,7 +83,7 @@ class BuiltinHandoff:
             return False
         if self.available() is None:
             return True
-        requests, _ = service.requests_from_items([params.items for params in params_list], ws.default_weight())
+        requests, _ = params.requests_from_items([params.items for params in params_list], ws.default_weight())
         for req in requests:
             try:
                 net = ws.library.load(ws.library.resolve(req.name))

@@ -12,7 +12,9 @@ from typing import Any
 
 from modules import shared, ui_extra_networks, ui_extra_networks_user_metadata
 
-from .. import families, service
+from .. import cards, families
+from .. import metadata as lora_metadata
+from ..library import prompt_name
 
 PAGE_TITLE = "Lora"  # same tab (and element ids) as the built-in, which it replaces
 
@@ -31,7 +33,7 @@ class LoraPage(ui_extra_networks.ExtraNetworksPage):
         # a snapshot (refresh may swap the list); training state files sit beside LoRAs but are not ones
         entries = list(self.workshop.library.entries)
         self.workshop.fits.prune({e.path for e in entries})
-        names = service.display_names(entries)
+        names = cards.display_names(entries)
         for index, entry in enumerate(entries):
             yield self._item(entry, names[entry.relname], index)
 
@@ -60,15 +62,15 @@ class LoraPage(ui_extra_networks.ExtraNetworksPage):
         ws = self.workshop
         filename = str(entry.path)
         base = os.path.splitext(filename)[0]
-        metadata = service.decoded_metadata(entry.metadata)
-        fam = service.card_family(entry, ws.runtime.model_map, ws.fits)
+        metadata = lora_metadata.decoded_metadata(entry.metadata)
+        fam = cards.card_family(entry, ws.runtime.model_map, ws.fits)
         item = {
             "name": name,
             "filename": filename,
             "shorthash": (entry.known_hash() or "")[:12],
             "preview": self.find_preview(base) or self.find_embedded_preview(base, name, metadata),
             "description": self._description(entry, base),
-            "search_terms": service.card_search_terms(entry),
+            "search_terms": cards.card_search_terms(entry),
             "local_preview": f"{base}.{shared.opts.samples_format}",
             "metadata": metadata,
             # sort keys become data-sort-* attributes on the card: style.css draws the badge from them
@@ -77,9 +79,9 @@ class LoraPage(ui_extra_networks.ExtraNetworksPage):
             "sd_version": families.display(fam.family, unknown="Unknown"),
         }
         self.read_user_metadata(item)
-        token_name = service.prompt_name(ws.library, entry,
+        token_name = prompt_name(ws.library, entry,
                                          prefer_filename=ws.host.option("lora_preferred_name", "") == "Filename")
-        prompt, negative = service.card_prompts(token_name, item["user_metadata"], ws.default_weight())
+        prompt, negative = cards.card_prompts(token_name, item["user_metadata"], ws.default_weight())
         item["prompt"] = ui_extra_networks.quote_js(prompt)
         item["negative_prompt"] = ui_extra_networks.quote_js(negative)
         return item
@@ -103,8 +105,8 @@ class LoraMetadataEditor(ui_extra_networks_user_metadata.UserMetadataEditor):
         metadata = item.get("metadata") or {}
         table.append(("Family:", html.escape(item.get("sd_version", "Unknown"))))
         # metadata comes from the file: escape it, the WebUI puts table cells into HTML as they are
-        table += [(html.escape(label) + ":", html.escape(text)) for label, text in service.metadata_summary(metadata)]
-        tags = service.tag_frequency(metadata, top=24)
+        table += [(html.escape(label) + ":", html.escape(text)) for label, text in lora_metadata.metadata_summary(metadata)]
+        tags = lora_metadata.tag_frequency(metadata, top=24)
         if tags:
             table.append(("Top tags:", html.escape(", ".join(f"{t} ({n})" for t, n in tags))))
         return table

@@ -82,7 +82,7 @@ def lora_factors(c: Contribution, layer: Layer) -> tuple[Tensor, Tensor] | None:
     a = c.adapter
     if not isinstance(a, LoRA) or a.dora_scale is not None or "lora_mid.weight" in a.tensors:
         return None
-    down, up, _, scale = a._factors(c.dyn)
+    down, up, _, scale = a._factors(c.dyn, "cpu")
     if down.dim() > 2 and len(layer.shape) > 2 and tuple(down.shape[1:]) != tuple(layer.shape[1:]):
         return None
     if up.shape[0] != layer.shape[0] or down.flatten(1).shape[1] != _cols(layer.shape):

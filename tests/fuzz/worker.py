@@ -24,13 +24,13 @@ for p in (ROOT, ROOT / "tests"):
 import torch  # noqa: E402
 
 from fuzz.cases import TARGETS, make_case, make_library  # noqa: E402
-from lib_lora import cli, service  # noqa: E402
+from lib_lora import cli, metadata, payloads  # noqa: E402
 from lib_lora.fileio import LoraFileError  # noqa: E402
 from lib_lora.library import Library  # noqa: E402
 from lib_lora.modelmap import ModelMap  # noqa: E402
 from lib_lora.network import load_network  # noqa: E402
-from lib_lora.patcher import Activation, Patcher  # noqa: E402
-from loras import same, snapshot  # noqa: E402
+from lib_lora.patcher import Patcher  # noqa: E402
+from loras import activation, same, snapshot  # noqa: E402
 from tiny_models import build_sd1  # noqa: E402
 
 OK = ("loaded", "LoraFileError")  # the two acceptable outcomes
@@ -85,11 +85,11 @@ class Case:
         res["stage"] = "library"
         lib = Library([path.parent])
         (entry,) = lib.entries
-        _strict_json(service.entry_json(entry))
-        _strict_json(service.entry_json(entry, detail=True))
-        _strict_json(service.builtin_json(entry))
-        service.metadata_summary(service.decoded_metadata(entry.metadata))
-        service.tag_frequency(service.decoded_metadata(entry.metadata), top=24)
+        _strict_json(payloads.entry_json(entry))
+        _strict_json(payloads.entry_json(entry, detail=True))
+        _strict_json(payloads.builtin_json(entry))
+        metadata.metadata_summary(metadata.decoded_metadata(entry.metadata))
+        metadata.tag_frequency(metadata.decoded_metadata(entry.metadata), top=24)
         if net is not None and entry.header_error:
             res["notes"].append("header_error on a loadable file")
         res["stage"] = "inspect"
@@ -109,7 +109,7 @@ class Case:
         res["stage"] = "apply"
         patcher = Patcher(self.mm)
         try:
-            report = patcher.apply([Activation(net, 1.0, 1.0)])
+            report = patcher.apply([activation(net, 1.0, 1.0)])
             res["applied"] = sum(report.applied.values())
             if report.messages:
                 res["notes"].append("messages")
@@ -134,7 +134,7 @@ def _library_case(seed: int, tmp: Path) -> dict:
         missing = [n for n in expect["inside"] if n.rsplit(".", 1)[0] not in names]
         leaked = [n for n in expect["outside"] if n in names]
         for e in lib.entries:
-            _strict_json(service.entry_json(e))
+            _strict_json(payloads.entry_json(e))
         res["entries"] = len(lib.entries)
         res["errors"] = sum(bool(e.header_error) for e in lib.entries)
         if missing or leaked:
