@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 from . import families, safe_json
-from .fileio import (LEGACY_TRAINING_STATE_SUFFIX, PICKLE_EXT, SAFETENSORS_EXT, TRAINING_STATE_FORMAT, LoraFileError,
+from .fileio import (LEGACY_TRAINING_STATE_SUFFIX, SAFETENSORS_EXT, TRAINING_STATE_FORMAT, LoraFileError,
                      read_header)
 from .fit import Layout, read_layout
 from .hashes import addnet_hash_safetensors, sha256_file
