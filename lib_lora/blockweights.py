@@ -131,15 +131,17 @@ def read_presets(text: str) -> dict[str, str]:
     return out
 
 
-def load_presets(paths: list[Path]) -> dict[str, str]:
-    """The default presets overlaid with those of the first readable file in ``paths``."""
-    presets = dict(DEFAULT_PRESETS)
+def load_presets(paths: list[Path], defaults: Mapping[str, str] = DEFAULT_PRESETS,
+                 read: Callable[[str], dict[str, str]] = read_presets) -> dict[str, str]:
+    """``defaults`` overlaid with the presets ``read`` finds in the first readable file in ``paths``
+    (LBW's block presets by default; elementweights passes its element presets)."""
+    presets = dict(defaults)
     for path in paths:
         try:
             text = Path(path).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError):
             continue
-        presets.update(read_presets(text))
+        presets.update(read(text))
         break
     return presets
 

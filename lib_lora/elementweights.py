@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from .blockweights import BLOCK_IDS, BlockWeightError
+from .blockweights import BLOCK_IDS, BlockWeightError, load_presets
 
 _INDEX = {b: i for i, b in enumerate(BLOCK_IDS)}
 
@@ -118,15 +118,7 @@ def read_element_presets(text: str) -> dict[str, str]:
 
 def load_element_presets(paths: list[Path]) -> dict[str, str]:
     """LBW's default element presets overlaid with those of the first readable file in ``paths``."""
-    presets = dict(DEFAULT_ELEMENT_PRESETS)
-    for path in paths:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
-            continue
-        presets.update(read_element_presets(text))
-        break
-    return presets
+    return load_presets(paths, DEFAULT_ELEMENT_PRESETS, read_element_presets)
 
 
 _DIFFUSERS_UNET = tuple(f"lora_unet_{p}" for p in ("down_blocks_", "mid_block_", "up_blocks_", "conv_in", "conv_out",
