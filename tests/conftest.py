@@ -122,3 +122,10 @@ def tiny_checkpoint(tmp_path_factory):
     tiny = build_sd1(seed=0)
     ck = Checkpoint.from_modules("sd1", tiny.unet, tiny.text_encoders, tiny_vae())
     return save_checkpoint(ck, root / "toy.safetensors", dtype=torch.float32), make_dataset(root / "data")
+
+
+@pytest.fixture(scope="module")
+def vae():
+    """The toy-width diffusers VAE the training tests encode with (seeded, so every module gets the same)."""
+    from train_support import tiny_vae
+    return tiny_vae()

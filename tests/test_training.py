@@ -20,7 +20,7 @@ from lib_lora.training.state import state_path
 from lib_lora.training.trainer import Callbacks, Trainer
 from loras import activation, same, snapshot
 from tiny_models import build_sd1, build_sd2, build_sdxl
-from train_support import make_dataset, trainable, tiny_vae
+from train_support import make_dataset, trainable
 
 
 def config(tmp_path, **kw) -> TrainConfig:
@@ -56,11 +56,6 @@ def module_state(tiny):
     param = [(n, p.requires_grad) for mod in mods for n, p in mod.named_parameters()]
     classes = [type(m).__name__ for mod in mods for m in mod.modules()]
     return hooks, param, classes
-
-
-@pytest.fixture(scope="module")
-def vae():
-    return tiny_vae()
 
 
 def test_loss_drops_and_file_round_trips(tmp_path, vae):

@@ -29,14 +29,9 @@ from lib_lora.training.request import build_request
 from lib_lora.training.state import STATE_FORMAT, read_state_header
 from lib_lora.training.trainer import Callbacks, Trainer
 from tiny_models import build_sd1
-from train_support import make_dataset, trainable, tiny_vae
+from train_support import make_dataset, trainable
 
 QUIET = Callbacks(log=lambda s: None)
-
-
-@pytest.fixture(scope="module")
-def vae():
-    return tiny_vae()
 
 
 @pytest.fixture(scope="module")

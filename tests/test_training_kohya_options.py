@@ -17,14 +17,9 @@ from lib_lora.training.plan import make_plan
 from lib_lora.training.request import build_request
 from lib_lora.training.trainer import Callbacks, Trainer
 from tiny_models import build_sd1, build_sd2
-from train_support import make_dataset, tiny_vae, trainable
+from train_support import make_dataset, trainable
 
 QUIET = Callbacks(log=lambda s: None)
-
-
-@pytest.fixture(scope="module")
-def vae():
-    return tiny_vae()
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from lib_lora.training.config import TrainConfig
 from lib_lora.training.plan import make_plan
 from lib_lora.training.trainer import Callbacks, Trainer
 from tiny_models import build_sd1, build_sd2
-from train_support import make_dataset, tiny_vae, trainable
+from train_support import make_dataset, trainable
 
 REFERENCE = json.loads((Path(__file__).parent / "data" / "sd_scripts_v0.10.1_lora_header.json").read_text())
 QUIET = Callbacks(log=lambda s: None)
@@ -50,11 +50,6 @@ def matches(fmt: str, value: str) -> bool:
         data = json.loads(value)
         return isinstance(data, dict) or (data is None and fmt == "json_object|null")
     return re.fullmatch(_NUMBER[fmt], value) is not None
-
-
-@pytest.fixture(scope="module")
-def vae():
-    return tiny_vae()
 
 
 @pytest.fixture(scope="module")
