@@ -13,7 +13,7 @@ from lib_lora.training.config import TrainConfig
 from lib_lora.training.dataset import DatasetConfig
 from lib_lora.training.metadata import option_metadata
 from lib_lora.training.network import NetworkConfig
-from lib_lora.training.request import PRESETS
+from lib_lora.training.presets import PRESETS
 from train_support import make_dataset
 
 SETS = {"": TrainConfig, "dataset": DatasetConfig, "network": NetworkConfig}
