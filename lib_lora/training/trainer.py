@@ -26,7 +26,6 @@ from torch import Tensor
 from ..fileio import load_safetensors, save_safetensors
 from ..hashes import hashes_from_bytes
 from .frozen_layers import lean_by_default
-from .config import TrainConfig
 from .dataset import Dataset
 from .epochs import Batch, Position, derive_seed
 from .latents import LatentCache, TextCache, fill_caches
