@@ -64,7 +64,7 @@ class StandinWebUI:
         mp.setattr(sd_models, "checkpoint_aliases", {})
         mp.setattr(host, "_workshop", None)
         for mod in (webui_training, webui_tools):
-            mp.setattr(mod, "_runner", None)
+            mp.setattr(mod._runners, "current", None)
         mp.delitem(sys.modules, "networks", raising=False)
         extra_networks.initialize()
         ui_extra_networks.initialize()

@@ -156,7 +156,7 @@ class WebUI:
         for gate in Gate.open_gates:
             gate.release.set()
         Gate.open_gates.clear()
-        runner = wt._runner
+        runner = wt._runners.current
         if runner is not None:
             for job in runner.jobs():
                 if job.active:
