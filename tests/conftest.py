@@ -129,3 +129,36 @@ def vae():
     """The toy-width diffusers VAE the training tests encode with (seeded, so every module gets the same)."""
     from train_support import tiny_vae
     return tiny_vae()
+
+
+# -- training inside the stand-in WebUI (tests/webui_training_support.py) ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def sd_model():
+    """A tiny SD1 laid out like the WebUI's ``shared.sd_model`` (``TinySD1``)."""
+    from webui_training_support import TinySD1
+    return TinySD1()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A kohya dataset folder of 4 images (``1_zkx``); a module that needs another defines its own ``data``."""
+    from train_support import make_dataset
+    return make_dataset(tmp_path_factory.mktemp("data"), n=4, repeats=1)
+
+
+@pytest.fixture
+def training_webui(standin_webui, tmp_path_factory, sd_model):
+    """The stand-in WebUI with ``sd_model`` loaded (``TrainingWebUI``); its jobs are stopped afterwards."""
+    from modules import shared
+    from modules.options import OptionInfo
+
+    from lib_lora.hosts import webui_settings as settings
+    from webui_training_support import TrainingWebUI
+
+    w = TrainingWebUI(standin_webui, sd_model)
+    # the datasets of these tests live in pytest's temp folders, outside the WebUI's data folder
+    shared.opts.add_option(settings.OPT_DATASET_ROOTS, OptionInfo(str(tmp_path_factory.getbasetemp())))
+    yield w
+    w.cleanup()
