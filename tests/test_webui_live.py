@@ -27,7 +27,7 @@ from lib_lora.hosts import webui_settings as settings  # noqa: E402
 from lib_lora.hosts import webui_interleave as interleave  # noqa: E402
 from lib_lora.hosts import webui_training as wt  # noqa: E402
 from lib_lora.live import INFOTEXT_KEY  # noqa: E402
-from lib_lora.training import ui, ui_views  # noqa: E402
+from lib_lora.training import ui_views  # noqa: E402
 from loras import same, snapshot  # noqa: E402
 
 
