@@ -28,13 +28,15 @@ class StandinWebUI:
     """The stand-in WebUI about to load LoRA Workshop: its folders under ``tmp`` (models/Lora,
     models/Stable-diffusion), fresh settings, ``shared.state``, queue lock and callbacks, no model
     loaded, no --api-auth; every change goes through ``mp`` and is undone after the test.
-    ``start`` loads the extension the way the WebUI does and serves its app (with --api)."""
+    ``load_script`` loads our script the way the WebUI loads an extension's; ``start`` does that and serves
+    the app (with --api)."""
 
     def __init__(self, tmp: Path, monkeypatch):
         from modules import (call_queue, extensions, extra_networks, fifo_lock, paths, paths_internal,
-                             script_callbacks, sd_models, shared, shared_state, ui_extra_networks)
+                             script_callbacks, sd_hijack, sd_models, shared, shared_state, ui_extra_networks)
         from modules.options import OptionInfo, Options
 
+        from lib_lora import fileio
         from lib_lora.hosts import webui as host
         from lib_lora.hosts import webui_tools, webui_training
 
@@ -64,26 +66,20 @@ class StandinWebUI:
         mp.setattr(sd_models, "checkpoint_aliases", {})
         mp.setattr(host, "_workshop", None)
         for mod in (webui_training, webui_tools):
-            mp.setattr(mod, "_runner", None)
+            mp.setattr(mod._runners, "current", None)
+        mp.setattr(fileio, "_torch_load", None)  # the script registers the WebUI's loader again
         mp.delitem(sys.modules, "networks", raising=False)
         extra_networks.initialize()
         ui_extra_networks.initialize()
+        ui_extra_networks.allowed_dirs.clear()
         script_callbacks.clear_callbacks()
+        sd_hijack.model_hijack.clear_comments()
         self.script = None
 
-    def start(self, auth: str | None = None, components: tuple[str, ...] = ()):
-        """List the checkpoints, load scripts/lora_workshop.py, add the --api routes, run the UI callbacks
-        (``before_component`` for the elem_ids in ``components``) and ``app_started``; a TestClient of the app.
-        ``auth``: --api-auth ("user:password")."""
-        from fastapi import FastAPI
-        from fastapi.testclient import TestClient
-        from modules import call_queue, paths, script_callbacks, script_loading, scripts, sd_models, shared
-        from modules.api.api import Api
+    def load_script(self):
+        """What the WebUI's scripts.load_scripts does for our one script file."""
+        from modules import paths, script_loading, scripts
 
-        if auth:
-            self.mp.setattr(shared.cmd_opts, "api_auth", auth)
-        sd_models.list_models()  # the WebUI lists its checkpoints before extensions load
-        self.app = FastAPI()
         syspath = sys.path
         sys.path = [str(ROOT)] + sys.path
         scripts.current_basedir = str(ROOT)
@@ -92,6 +88,22 @@ class StandinWebUI:
         finally:
             sys.path = syspath
             scripts.current_basedir = paths.script_path
+        return self.script
+
+    def start(self, auth: str | None = None, components: tuple[str, ...] = ()):
+        """List the checkpoints, load scripts/lora_workshop.py, add the --api routes, run the UI callbacks
+        (``before_component`` for the elem_ids in ``components``) and ``app_started``; a TestClient of the app.
+        ``auth``: --api-auth ("user:password")."""
+        from fastapi import FastAPI
+        from fastapi.testclient import TestClient
+        from modules import call_queue, script_callbacks, sd_models, shared
+        from modules.api.api import Api
+
+        if auth:
+            self.mp.setattr(shared.cmd_opts, "api_auth", auth)
+        sd_models.list_models()  # the WebUI lists its checkpoints before extensions load
+        self.app = FastAPI()
+        self.load_script()
         self.api = Api(self.app, call_queue.queue_lock)   # --api: /sdapi/v1/progress, /interrupt
         script_callbacks.before_ui_callback()
         for elem_id in components:
@@ -129,3 +141,36 @@ def vae():
     """The toy-width diffusers VAE the training tests encode with (seeded, so every module gets the same)."""
     from train_support import tiny_vae
     return tiny_vae()
+
+
+# -- training inside the stand-in WebUI (tests/webui_training_support.py) ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def sd_model():
+    """A tiny SD1 laid out like the WebUI's ``shared.sd_model`` (``TinySD1``)."""
+    from webui_training_support import TinySD1
+    return TinySD1()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A kohya dataset folder of 4 images (``1_zkx``); a module that needs another defines its own ``data``."""
+    from train_support import make_dataset
+    return make_dataset(tmp_path_factory.mktemp("data"), n=4, repeats=1)
+
+
+@pytest.fixture
+def training_webui(standin_webui, tmp_path_factory, sd_model):
+    """The stand-in WebUI with ``sd_model`` loaded (``TrainingWebUI``); its jobs are stopped afterwards."""
+    from modules import shared
+    from modules.options import OptionInfo
+
+    from lib_lora.hosts import webui_settings as settings
+    from webui_training_support import TrainingWebUI
+
+    w = TrainingWebUI(standin_webui, sd_model)
+    # the datasets of these tests live in pytest's temp folders, outside the WebUI's data folder
+    shared.opts.add_option(settings.OPT_DATASET_ROOTS, OptionInfo(str(tmp_path_factory.getbasetemp())))
+    yield w
+    w.cleanup()

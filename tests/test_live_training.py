@@ -30,7 +30,7 @@ from lib_lora.runtime import Runtime
 from lib_lora.training import jobs
 from lib_lora.training.host import TrainingHost
 from lib_lora.training.model import TrainableModel
-from train_support import make_dataset, tiny_vae
+from train_support import tiny_vae
 
 STEPS = 4
 
@@ -39,11 +39,6 @@ STEPS = 4
 def ck():
     tiny = tm.build_sd1(seed=5)
     return Checkpoint.from_modules("sd1", tiny.unet, tiny.text_encoders, tiny_vae(), resolution=64)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("data"), n=4, repeats=1)
 
 
 def render(c: Checkpoint, prompt: str, seed: int = 3) -> tuple[bytes, bytes]:

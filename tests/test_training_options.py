@@ -13,7 +13,7 @@ from lib_lora.training.config import TrainConfig
 from lib_lora.training.dataset import DatasetConfig
 from lib_lora.training.metadata import option_metadata
 from lib_lora.training.network import NetworkConfig
-from lib_lora.training.request import PRESETS
+from lib_lora.training.presets import PRESETS
 from train_support import make_dataset
 
 SETS = {"": TrainConfig, "dataset": DatasetConfig, "network": NetworkConfig}
@@ -45,7 +45,7 @@ def test_each_dataclass_field_is_one_option_of_the_same_type_and_default(set_nam
 
 
 def test_the_trainer_knows_every_save_precision_the_schema_accepts():
-    from lib_lora.training.trainer import SAVE_DTYPES
+    from lib_lora.training.saves import SAVE_DTYPES
     assert set(SAVE_DTYPES) == set(options.option("save_precision").choices)
 
 

@@ -21,9 +21,8 @@ STUB = Path(__file__).resolve().parent / "webui_stub"
 if str(STUB) not in sys.path:
     sys.path.insert(0, str(STUB))
 
-from modules import (call_queue, extensions, extra_networks, paths, paths_internal, processing,  # noqa: E402
+from modules import (call_queue, extensions, extra_networks, paths_internal, processing,  # noqa: E402
                      script_callbacks, script_loading, scripts, sd_hijack, shared, ui_extra_networks)
-from modules.options import OptionInfo, Options  # noqa: E402
 
 from lib_lora import fileio  # noqa: E402
 from lib_lora.fileio import save_safetensors  # noqa: E402
@@ -153,45 +152,18 @@ def lora_delta(path: Path, key: str) -> torch.Tensor:
 
 
 class WebUI:
-    """One fresh WebUI process: folders, options, registries and our script loaded into it."""
+    """One fresh WebUI process (conftest's stand-in), driven a step at a time: load the script, start the
+    UI, run a generation's extra-network part."""
 
-    def __init__(self, tmp: Path, monkeypatch):
-        self.tmp = tmp
-        self.lora_dir = tmp / "models" / "Lora"
-        self.lora_dir.mkdir(parents=True)
-        self.mp = monkeypatch
-        monkeypatch.setattr(paths_internal, "models_path", str(tmp / "models"))
-        monkeypatch.setattr(paths, "models_path", str(tmp / "models"))
-        monkeypatch.setattr(paths_internal, "extensions_builtin_dir", str(tmp / "extensions-builtin"))
-        monkeypatch.setattr(shared.cmd_opts, "lora_dir", str(self.lora_dir))
-        monkeypatch.setattr(shared.cmd_opts, "lyco_dir_backcompat", str(tmp / "models" / "LyCORIS"))
-        monkeypatch.setattr(shared.cmd_opts, "api_auth", None)
-        monkeypatch.setattr(shared, "opts", Options({}, set()))
-        shared.opts.add_option("samples_format", OptionInfo("png"))
-        shared.opts.add_option("extra_networks_default_multiplier", OptionInfo(1.0))
-        monkeypatch.setattr(shared, "sd_model", None)
-        monkeypatch.setattr(extensions, "extensions", [extensions.Extension("lora-workshop", str(ROOT))])
-        monkeypatch.setattr(host, "_workshop", None)
-        monkeypatch.setattr(fileio, "_torch_load", None)  # the script registers the WebUI's loader again
-        monkeypatch.delitem(sys.modules, "networks", raising=False)
-        extra_networks.initialize()
-        ui_extra_networks.initialize()
-        ui_extra_networks.allowed_dirs.clear()
-        script_callbacks.clear_callbacks()
-        sd_hijack.model_hijack.clear_comments()
-        self.script = None
+    def __init__(self, base):
+        self.base, self.tmp, self.lora_dir, self.mp = base, base.tmp, base.lora_dir, base.mp
+
+    @property
+    def script(self):
+        return self.base.script
 
     def load_script(self):
-        """What scripts.load_scripts does for one extension script."""
-        syspath = sys.path
-        sys.path = [str(ROOT)] + sys.path
-        scripts.current_basedir = str(ROOT)
-        try:
-            self.script = script_loading.load_module(str(ROOT / "scripts" / "lora_workshop.py"))
-        finally:
-            sys.path = syspath
-            scripts.current_basedir = paths.script_path
-        return self.script
+        return self.base.load_script()
 
     @property
     def workshop(self) -> host.Workshop:
@@ -222,8 +194,8 @@ class WebUI:
 
 
 @pytest.fixture
-def webui(tmp_path, monkeypatch):
-    return WebUI(tmp_path, monkeypatch)
+def webui(standin_webui):
+    return WebUI(standin_webui)
 
 
 @pytest.fixture

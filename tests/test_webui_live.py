@@ -1,7 +1,7 @@
 """Generate while training, in the stand-in WebUI: the queue lock lent between steps, NAME@live,
 "keep this state", progress, interrupts and refusals.
 
-The stand-in (tests/test_webui_training.py) runs the job in its thread under the stub's FIFO queue
+The stand-in (tests/webui_training_support.py) runs the job in its thread under the stub's FIFO queue
 lock, which behaves like the WebUI's.  A "generation" here is what the WebUI's txt2img does around
 our code: take the queue lock, ``shared.state.begin``, ``reload_model_weights`` (a no-op unless the
 checkpoint changes), our extra-network activation with the prompt's ``<lora:>`` items,
@@ -18,7 +18,7 @@ import types
 import pytest
 import torch
 
-from test_webui_training import TIMEOUT, Gate, data, request, sd_model, unet_hooks, webui  # noqa: F401 (fixtures)
+from webui_training_support import TIMEOUT, Gate, request, unet_hooks  # the stand-in's path first
 from modules import call_queue, processing, sd_models, sd_vae, shared  # noqa: E402
 from modules.options import OptionInfo  # noqa: E402
 
@@ -27,7 +27,7 @@ from lib_lora.hosts import webui_settings as settings  # noqa: E402
 from lib_lora.hosts import webui_interleave as interleave  # noqa: E402
 from lib_lora.hosts import webui_training as wt  # noqa: E402
 from lib_lora.live import INFOTEXT_KEY  # noqa: E402
-from lib_lora.training import ui, ui_views  # noqa: E402
+from lib_lora.training import ui_views  # noqa: E402
 from loras import same, snapshot  # noqa: E402
 
 
@@ -46,9 +46,9 @@ def waiting_for_the_lock(n: int = 1) -> None:
 class Generation(threading.Thread):
     """A txt2img as the WebUI runs it, with ``during(p)`` called while it holds the lock."""
 
-    def __init__(self, webui, items: list[list[str]], during=None):
+    def __init__(self, training_webui, items: list[list[str]], during=None):
         super().__init__(daemon=True)
-        self.webui, self.items, self.during = webui, items, during
+        self.webui, self.items, self.during = training_webui, items, during
         self.p = self.res = self.error = None
         self.seen: dict = {}
 
@@ -81,23 +81,23 @@ def bitwise_equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and same([a[k] for k in sorted(a)], [b[k] for k in sorted(b)])
 
 
-def uninterrupted(webui, data, name: str, **kw) -> dict[str, torch.Tensor]:
+def uninterrupted(training_webui, data, name: str, **kw) -> dict[str, torch.Tensor]:
     """The same job with the lock held throughout ("training only"): the reference file."""
     shared.opts.add_option(settings.OPT_TRAIN_PRIORITY, OptionInfo("Training only"))
-    job_id = webui.client.post("/lora-workshop/v1/train", json=request(data, name, **kw)).json()["id"]
-    st = webui.wait(job_id)
+    job_id = training_webui.client.post("/lora-workshop/v1/train", json=request(data, name, **kw)).json()["id"]
+    st = training_webui.wait(job_id)
     assert st["state"] == "finished" and st["pauses"] == 0, st
-    return tensors(webui.lora_dir / f"{name}.safetensors")
+    return tensors(training_webui.lora_dir / f"{name}.safetensors")
 
 
-def test_a_generation_runs_between_two_steps_with_the_live_lora(webui, sd_model, data, monkeypatch):
-    client = webui.start()
+def test_a_generation_runs_between_two_steps_with_the_live_lora(training_webui, sd_model, data, monkeypatch):
+    client = training_webui.start()
     generation_first()
     before = snapshot(sd_model)
     modes, grads = [m.training for m in sd_model.modules()], [p.requires_grad for p in sd_model.parameters()]
     gate1, gate2 = Gate(monkeypatch, at=1), Gate(monkeypatch, at=2)
     job_id = client.post("/lora-workshop/v1/train", json=request(data, save_every_n_steps=1)).json()["id"]
-    job = webui.runner.get(job_id)
+    job = training_webui.runner.get(job_id)
     gate1.wait()
 
     def during(g: Generation) -> None:
@@ -110,7 +110,7 @@ def test_a_generation_runs_between_two_steps_with_the_live_lora(webui, sd_model,
                       progress=client.get("/sdapi/v1/progress").json())
         shared.state.interrupt()  # the WebUI's Interrupt, while the generation runs: for the generation only
 
-    gen = Generation(webui, [["zkx@live", "1"]], during)
+    gen = Generation(training_webui, [["zkx@live", "1"]], during)
     gen.start()
     waiting_for_the_lock()
     assert job.step == 1 and not job.paused  # the job holds the lock until its next step boundary
@@ -125,7 +125,7 @@ def test_a_generation_runs_between_two_steps_with_the_live_lora(webui, sd_model,
     assert not same(seen["weights"], before)  # merged
     assert seen["progress"]["state"]["job"] == "scripts_txt2img"  # /sdapi/v1/progress shows the generation
     assert gen.res.applied == ["zkx@live"] and not gen.res.messages
-    h = read_header(webui.lora_dir / "zkx-step00000001.safetensors").metadata["sshs_model_hash"]
+    h = read_header(training_webui.lora_dir / "zkx-step00000001.safetensors").metadata["sshs_model_hash"]
     assert gen.p.extra_generation_params["Lora hashes"] == f"zkx@live: {h[:12]}"
     assert gen.p.extra_generation_params[INFOTEXT_KEY] == f"zkx@live: job {job_id} step 1 hash {h[:12]}"
 
@@ -138,12 +138,12 @@ def test_a_generation_runs_between_two_steps_with_the_live_lora(webui, sd_model,
     assert status["paused"] is False and status["pauses"] == 1 and status["time_paused"] > 0
     assert "lost to 1 generation pause" in ui_views.status_html(status)
     gate2.release.set()
-    st = webui.wait(job_id)
+    st = training_webui.wait(job_id)
     assert (st["state"], st["step"], st["output"]) == ("finished", 4, "zkx.safetensors"), st
     assert same(snapshot(sd_model), before) and unet_hooks(sd_model) == 0 and st["model_untouched"] is True
 
     # live at step 1 = the file saved at step 1, merged the normal way
-    ws = webui.runner.host.workshop
+    ws = training_webui.runner.host.workshop
     p = processing.StableDiffusionProcessingTxt2Img(sd_model=sd_model, prompt="x")
     res = ws.activate(p, [["zkx-step00000001", "1"]])
     assert res.applied == ["zkx-step00000001"] and same(snapshot(sd_model), seen["weights"])
@@ -151,12 +151,12 @@ def test_a_generation_runs_between_two_steps_with_the_live_lora(webui, sd_model,
     assert same(snapshot(sd_model), before)
 
     # the final file is the one a run without the generation writes
-    assert bitwise_equal(tensors(webui.lora_dir / "zkx.safetensors"),
-                         uninterrupted(webui, data, "ref", save_every_n_steps=1))
+    assert bitwise_equal(tensors(training_webui.lora_dir / "zkx.safetensors"),
+                         uninterrupted(training_webui, data, "ref", save_every_n_steps=1))
 
 
-def test_stopping_during_a_generation_waits_for_it_then_saves(webui, sd_model, data, monkeypatch):
-    client = webui.start()
+def test_stopping_during_a_generation_waits_for_it_then_saves(training_webui, sd_model, data, monkeypatch):
+    client = training_webui.start()
     generation_first()
     gate = Gate(monkeypatch, at=1)
     job_id = client.post("/lora-workshop/v1/train", json=request(data)).json()["id"]
@@ -167,7 +167,7 @@ def test_stopping_during_a_generation_waits_for_it_then_saves(webui, sd_model, d
         inside.set()
         assert finish.wait(TIMEOUT)
 
-    gen = Generation(webui, [], hold)
+    gen = Generation(training_webui, [], hold)
     gen.start()
     waiting_for_the_lock()
     gate.release.set()
@@ -175,16 +175,16 @@ def test_stopping_during_a_generation_waits_for_it_then_saves(webui, sd_model, d
     r = client.post(f"/lora-workshop/v1/train/{job_id}/stop", json={"save": True})
     assert r.status_code == 200 and r.json()["paused"] is True and r.json()["stop_requested"] == "save"
     time.sleep(0.2)
-    assert webui.runner.get(job_id).active  # waits for the generation
+    assert training_webui.runner.get(job_id).active  # waits for the generation
     finish.set()
     gen.join(TIMEOUT)
-    st = webui.wait(job_id)
+    st = training_webui.wait(job_id)
     assert (st["state"], st["step"], st["output"]) == ("stopped", 1, "zkx.safetensors")
-    assert gen.error is None and read_header(webui.lora_dir / "zkx.safetensors").metadata["ss_steps"] == "1"
+    assert gen.error is None and read_header(training_webui.lora_dir / "zkx.safetensors").metadata["ss_steps"] == "1"
 
 
-def test_keep_this_state_over_the_api_while_the_job_goes_on(webui, data, monkeypatch):
-    client = webui.start()
+def test_keep_this_state_over_the_api_while_the_job_goes_on(training_webui, data, monkeypatch):
+    client = training_webui.start()
     gate = Gate(monkeypatch, at=2)
     job_id = client.post("/lora-workshop/v1/train", json=request(data)).json()["id"]
     gate.wait()
@@ -197,17 +197,17 @@ def test_keep_this_state_over_the_api_while_the_job_goes_on(webui, data, monkeyp
     t.join(TIMEOUT)
     r = answer["r"]
     assert r.status_code == 200 and r.json()["file"].startswith("zkx-step0000000"), r.text
-    kept = webui.lora_dir / r.json()["file"]
+    kept = training_webui.lora_dir / r.json()["file"]
     assert r.json()["step"] >= 2 and read_header(kept).metadata["ss_steps"] == str(r.json()["step"])
     assert r.json()["file"][:-len(".safetensors")] in [e["name"] for e in client.get("/lora-workshop/v1/loras").json()]
-    st = webui.wait(job_id)
+    st = training_webui.wait(job_id)
     assert (st["state"], st["step"]) == ("finished", 4) and r.json()["file"] in st["saved"]
     late = client.post(f"/lora-workshop/v1/train/{job_id}/keep")
     assert late.status_code == 409 and "finished" in late.json()["detail"]
 
 
 @pytest.fixture(autouse=True)
-def checkpoints(webui, monkeypatch, sd_model):
+def checkpoints(training_webui, monkeypatch, sd_model):
     """Two checkpoints the settings can name, the loaded model the first; a stand-in module for the
     WebUI's embedding training."""
     tiny = sd_models.CheckpointInfo("/webui/models/Stable-diffusion/tiny.safetensors")
@@ -226,8 +226,8 @@ def checkpoints(webui, monkeypatch, sd_model):
     return ti
 
 
-def test_model_changes_and_other_training_are_refused_during_a_job(webui, data, monkeypatch, checkpoints):
-    client = webui.start()
+def test_model_changes_and_other_training_are_refused_during_a_job(training_webui, data, monkeypatch, checkpoints):
+    client = training_webui.start()
     generation_first()
     original_reload = sd_models.reload_model_weights
     gate = Gate(monkeypatch, at=1)
@@ -255,7 +255,7 @@ def test_model_changes_and_other_training_are_refused_during_a_job(webui, data, 
 
     setting.start()
     waiting_for_the_lock()
-    gen = Generation(webui, [], attempts)
+    gen = Generation(training_webui, [], attempts)
     gen.start()
     waiting_for_the_lock(2)
     gate.release.set()
@@ -269,44 +269,44 @@ def test_model_changes_and_other_training_are_refused_during_a_job(webui, data, 
                               "job ends (stop it in the LoRA Workshop tab, or wait)")
     assert "start another training" in refused["embedding"] and "load another checkpoint" in refused["refiner"]
     assert sd_models.loads == [] and sd_vae.loads == []
-    st = webui.wait(job_id)
+    st = training_webui.wait(job_id)
     assert st["state"] == "finished" and any("refused: load another checkpoint" in line for line in st["log"])
     r = client.post("/lora-workshop/v1/train", json=request(data, "second"))  # and after it, training is free again
     assert r.status_code == 200
 
     # once the job is over the WebUI's own functions are back
-    webui.wait(r.json()["id"])
+    training_webui.wait(r.json()["id"])
     assert sd_models.reload_model_weights is original_reload
     assert shared.opts.set("sd_model_checkpoint", "other.safetensors") is True
     assert sd_models.loads == ["/webui/models/Stable-diffusion/other.safetensors"]
 
 
-def test_training_only_keeps_the_lock_and_live_names_say_why(webui, data, monkeypatch):
-    client = webui.start()
+def test_training_only_keeps_the_lock_and_live_names_say_why(training_webui, data, monkeypatch):
+    client = training_webui.start()
     shared.opts.add_option(settings.OPT_TRAIN_PRIORITY, OptionInfo("Training only"))
     gate = Gate(monkeypatch, at=1)
     job_id = client.post("/lora-workshop/v1/train", json=request(data)).json()["id"]
     gate.wait()
     assert client.get(f"/lora-workshop/v1/train/{job_id}").json()["live_name"] == "zkx@live"
-    ws = webui.runner.host.workshop
+    ws = training_webui.runner.host.workshop
     p = processing.StableDiffusionProcessingTxt2Img(sd_model=shared.sd_model, prompt="x")
     res = ws.activate(p, [["zkx@live", "1"]])  # a generation that did not wait for the lock
     assert res.applied == [] and "weights apply only in generations that run while it pauses" in res.messages[0]
-    gen = Generation(webui, [["zkx@live", "1"]])
+    gen = Generation(training_webui, [["zkx@live", "1"]])
     gen.start()
     waiting_for_the_lock()
     gate.release.set()
     gen.join(TIMEOUT)
-    st = webui.wait(job_id)
+    st = training_webui.wait(job_id)
     assert st["pauses"] == 0 and st["state"] == "finished"
     assert gen.res.applied == [] and "no training job with output name 'zkx' is running" in gen.res.messages[0]
     assert "Lora hashes" not in gen.p.extra_generation_params
 
 
-def test_the_tabs_keep_button_saves_at_the_next_step(webui, data, monkeypatch):
+def test_the_tabs_keep_button_saves_at_the_next_step(training_webui, data, monkeypatch):
     import gradio_standin
     monkeypatch.setitem(sys.modules, "gradio", gradio_standin)
-    client = webui.start()
+    client = training_webui.start()
     (tab, _, _), = wt.ui_tabs()
     keep = next(e for e in gradio_standin.find(tab, "lora_workshop_keep").events if e.name == "click")
     assert "No training job is running" in keep.fn()
@@ -320,11 +320,11 @@ def test_the_tabs_keep_button_saves_at_the_next_step(webui, data, monkeypatch):
     gate.release.set()
     t.join(TIMEOUT)
     assert "Kept step 1 as zkx-step00000001.safetensors; training goes on." in out["message"]
-    assert webui.wait(job_id)["state"] == "finished" and (webui.lora_dir / "zkx-step00000001.safetensors").is_file()
+    assert training_webui.wait(job_id)["state"] == "finished" and (training_webui.lora_dir / "zkx-step00000001.safetensors").is_file()
 
 
-def test_a_generation_that_leaves_the_model_untrainable_stops_the_job_with_its_file(webui, data, monkeypatch):
-    client = webui.start()
+def test_a_generation_that_leaves_the_model_untrainable_stops_the_job_with_its_file(training_webui, data, monkeypatch):
+    client = training_webui.start()
     generation_first()
     gate = Gate(monkeypatch, at=2)
     job_id = client.post("/lora-workshop/v1/train", json=request(data)).json()["id"]
@@ -336,11 +336,11 @@ def test_a_generation_that_leaves_the_model_untrainable_stops_the_job_with_its_f
         sd_unet.current_unet = object()
 
     monkeypatch.setitem(sys.modules, "modules.sd_unet", sd_unet)
-    gen = Generation(webui, [], switch_unet)
+    gen = Generation(training_webui, [], switch_unet)
     gen.start()
     waiting_for_the_lock()
     gate.release.set()
     gen.join(TIMEOUT)
-    st = webui.wait(job_id)
+    st = training_webui.wait(job_id)
     assert (st["state"], st["step"], st["output"]) == ("stopped", 2, "zkx.safetensors"), st
     assert any("after a generation: an alternative UNet (e.g. TensorRT) is active" in line for line in st["log"])

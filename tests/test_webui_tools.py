@@ -97,7 +97,7 @@ class WebUI:
         raise AssertionError(f"job {job_id} did not end: {st}")
 
     def close(self) -> None:
-        runner = wtools._runner
+        runner = wtools._runners.current
         if runner is not None:
             for job in runner.jobs():
                 job.request_stop()

@@ -23,7 +23,7 @@ STUB = Path(__file__).resolve().parent / "webui_stub"
 if str(STUB) not in sys.path:
     sys.path.insert(0, str(STUB))
 
-from modules import call_queue, processing, script_callbacks, sd_models, shared  # noqa: E402
+from modules import call_queue, processing, script_callbacks, shared  # noqa: E402
 from modules.options import OptionInfo  # noqa: E402
 
 from lib_lora.fileio import read_header  # noqa: E402
@@ -35,180 +35,17 @@ from lib_lora.training.errors import RequestError  # noqa: E402
 from lib_lora.training.host import TrainingHost  # noqa: E402
 from lib_lora.training.request import build_request  # noqa: E402
 from loras import same, snapshot  # noqa: E402
-from tiny_models import build_sd1  # noqa: E402
-from train_support import make_dataset, tiny_vae  # noqa: E402
+from train_support import make_dataset  # noqa: E402
 
 pytest.importorskip("fastapi")
-from fastapi.testclient import TestClient  # noqa: E402
-
-TIMEOUT = 60
-
-
-# -- a tiny SD1 laid out like the WebUI's sd_model ---------------------------------------------------
-
-
-class FrozenCLIPEmbedder(nn.Module):      # ldm's embedder: the HF model is .transformer
-    def __init__(self, transformer):
-        super().__init__()
-        self.transformer = transformer
-
-
-class CLIPWithCustomWords(nn.Module):     # sd_hijack's wrapper: the original is .wrapped; texts in, context out
-    def __init__(self, wrapped):
-        super().__init__()
-        self.wrapped = wrapped
-
-    def forward(self, texts):
-        import open_clip
-        return self.wrapped.transformer(input_ids=open_clip.tokenize(list(texts))).last_hidden_state
-
-
-class DiffusionWrapper(nn.Module):
-    def __init__(self, unet):
-        super().__init__()
-        self.diffusion_model = unet
-
-
-class TinySD1(nn.Module):
-    """The attributes of ldm's LatentDiffusion (as the WebUI leaves them) that training uses."""
-
-    def __init__(self):
-        super().__init__()
-        tiny = build_sd1(seed=3)
-        self.model = DiffusionWrapper(tiny.unet)
-        self.cond_stage_model = CLIPWithCustomWords(FrozenCLIPEmbedder(tiny.text_encoders[0][1]))
-        self.first_stage_model = tiny_vae()
-        betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
-        self.alphas_cumprod = torch.cumprod(1 - betas, 0).float()
-        self.parameterization = "eps"
-        self.is_sd1, self.is_sd2, self.is_sdxl, self.is_sd3 = True, False, False, False
-        self.sd_checkpoint_info = types.SimpleNamespace(
-            filename="/webui/models/Stable-diffusion/tiny.safetensors", name="tiny.safetensors",
-            model_name="tiny", title="tiny.safetensors [abcdef0123]", short_title="tiny [abcdef0123]",
-            sha256="ab" * 32, shorthash="abcdef0123", hash="12345678")
-        self.sd_model_checkpoint = self.sd_checkpoint_info.filename  # what reload_model_weights compares
-
-    def encode_first_stage(self, x):
-        return self.first_stage_model.encode(x).latent_dist   # ldm: a DiagonalGaussianDistribution
-
-    def get_first_stage_encoding(self, posterior):
-        return posterior.sample() * 0.18215
-
-
-@pytest.fixture(scope="module")
-def sd_model():
-    return TinySD1()
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("data"), n=4, repeats=1)
-
-
-def unet_hooks(m: TinySD1) -> int:
-    """What is attached to the UNet's modules: forward hooks and instance forwards (our LoRA'd layers')."""
-    return sum(len(x._forward_hooks) + len(x._forward_pre_hooks) + ("forward" in vars(x))
-               for x in m.model.diffusion_model.modules())
-
-
-# -- the stand-in WebUI -------------------------------------------------------------------------------
-
-
-class WebUI:
-    """The stand-in WebUI (conftest's) with ``model`` loaded as the tiny SD1 checkpoint; ``start`` loads the extension."""
-
-    def __init__(self, base, model):
-        self.base, self.lora_dir = base, base.lora_dir
-        mp = base.mp
-        for flag in ("lowvram", "medvram", "medvram_sdxl"):
-            mp.setattr(shared.cmd_opts, flag, False)
-        shared.opts.add_option("fp8_storage", OptionInfo("Disable"))
-        shared.opts.add_option("sd_model_checkpoint", OptionInfo("tiny.safetensors [abcdef0123]"))
-        mp.setattr(shared, "sd_model", model)
-        mp.setattr(processing, "process_callbacks", [])
-        mp.setattr(processing, "calls", [])
-        self.client: TestClient | None = None
-
-    def start(self, auth: str | None = None) -> TestClient:
-        registered = dict(sd_models.checkpoint_aliases)  # a test's own checkpoints; listing clears them
-        self.client = self.base.start(auth, components=("txt2img_prompt",))
-        # the loaded checkpoint is in the WebUI's list under the title the setting names
-        info = sd_models.CheckpointInfo(shared.sd_model.sd_checkpoint_info.filename)
-        info.title = info.ids[1] = shared.opts.sd_model_checkpoint
-        info.register()
-        sd_models.checkpoint_aliases.update(registered)
-        return self.client
-
-    @property
-    def runner(self) -> jobs.JobRunner:
-        return wt.get_runner()
-
-    def wait(self, job_id: str, auth=None) -> dict:
-        deadline = time.time() + TIMEOUT
-        while time.time() < deadline:
-            st = self.client.get(f"/lora-workshop/v1/train/{job_id}", auth=auth).json()
-            if st["state"] in ("finished", "stopped", "failed"):
-                return st
-            time.sleep(0.05)
-        raise AssertionError(f"job {job_id} did not end: {st}")
-
-    def cleanup(self):
-        for gate in Gate.open_gates:
-            gate.release.set()
-        Gate.open_gates.clear()
-        runner = wt._runner
-        if runner is not None:
-            for job in runner.jobs():
-                if job.active:
-                    job.request_stop()
-                job.wait(TIMEOUT)
-
-
-@pytest.fixture
-def webui(standin_webui, tmp_path_factory, sd_model):
-    w = WebUI(standin_webui, sd_model)
-    # the datasets of these tests live in pytest's temp folders, outside the WebUI's data folder
-    shared.opts.add_option(settings.OPT_DATASET_ROOTS, OptionInfo(str(tmp_path_factory.getbasetemp())))
-    yield w
-    w.cleanup()
-
-
-class Gate:
-    """Pauses the training thread right after the host reported step ``at``."""
-    open_gates: list["Gate"] = []
-
-    def __init__(self, monkeypatch, at: int):
-        self.at, self.reached, self.release = at, threading.Event(), threading.Event()
-        Gate.open_gates.append(self)
-        original = wt.WebUITrainingHost.progress
-        gate = self
-
-        def progress(host_, job):
-            original(host_, job)
-            if job.step == gate.at and not gate.reached.is_set():
-                gate.reached.set()
-                gate.release.wait(TIMEOUT)
-
-        monkeypatch.setattr(wt.WebUITrainingHost, "progress", progress)
-
-    def wait(self):
-        assert self.reached.wait(TIMEOUT), "the job never reached the gate"
-
-
-def request(data: Path, name: str = "zkx", **kw) -> dict:
-    req = {"output_name": name, "preset": "sd15",
-           "dataset": {"train_dir": str(data), "resolution": 64, "enable_buckets": False},
-           "network": {"rank": 4, "alpha": 4}, "max_train_epochs": None, "max_train_steps": 4,
-           "learning_rate": 1e-3, "min_snr_gamma": None, "save_precision": "fp32"}
-    req.update(kw)
-    return req
+from webui_training_support import TIMEOUT, Gate, request, unet_hooks  # noqa: E402
 
 
 # -- the API, end to end ---------------------------------------------------------------------------------
 
 
-def test_train_via_api_until_finished(webui, sd_model, data):
-    client = webui.start()
+def test_train_via_api_until_finished(training_webui, sd_model, data):
+    client = training_webui.start()
     before = snapshot(sd_model)
     seen = []
     processing.process_callbacks.append(lambda p: seen.append(
@@ -220,13 +57,13 @@ def test_train_via_api_until_finished(webui, sd_model, data):
     assert r.status_code == 200, r.text
     job_id = r.json()["id"]
     assert r.json()["name"] == "zkx" and r.json()["total"] == 4
-    st = webui.wait(job_id)
+    st = training_webui.wait(job_id)
 
     assert st["state"] == "finished", st
     assert (st["step"], st["total"], st["error"], st["model_untouched"]) == (4, 4, None, True)
     assert len(st["loss_history"]) == 4 and all(torch.isfinite(torch.tensor(v)) for _, v in st["loss_history"])
     assert st["output"] == "zkx.safetensors" and st["state_file"] == "zkx-state.safetensors"
-    assert (webui.lora_dir / "zkx.safetensors").is_file()
+    assert (training_webui.lora_dir / "zkx.safetensors").is_file()
     assert "/" not in st["output"] and not any("path" in s for s in st["samples"])  # no absolute paths leak
 
     # sample images: the WebUI's own txt2img, with the LoRA attached and extra networks off
@@ -244,8 +81,8 @@ def test_train_via_api_until_finished(webui, sd_model, data):
     # the library was refreshed: the new file is a card and in the API; the state file is neither
     names = [e["name"] for e in client.get("/lora-workshop/v1/loras").json()]
     assert names == ["zkx"]
-    assert [i["name"] for i in webui.runner.host.workshop.page.list_items()] == ["zkx"]
-    meta = read_header(webui.lora_dir / "zkx.safetensors").metadata
+    assert [i["name"] for i in training_webui.runner.host.workshop.page.list_items()] == ["zkx"]
+    meta = read_header(training_webui.lora_dir / "zkx.safetensors").metadata
     assert meta["ss_sd_model_name"] == "tiny.safetensors" and meta["ss_new_sd_model_hash"] == "ab" * 32
     assert meta["ss_steps"] == "4" and meta["ss_sd_model_hash"] == "12345678"
 
@@ -254,7 +91,7 @@ def test_train_via_api_until_finished(webui, sd_model, data):
     assert shared.state.job == "" and shared.state.job_count == 0 and "finished" in shared.state.textinfo
     assert shared.total_tqdm._tqdm is None  # the samples' console bar was closed, as after any txt2img
     assert client.get("/lora-workshop/v1/train").json()["jobs"][0]["state"] == "finished"
-    assert webui.runner.get(job_id).trainer.model is None  # a kept status never pins the model in memory
+    assert training_webui.runner.get(job_id).trainer.model is None  # a kept status never pins the model in memory
 
 
 def _builtin_lora_editor():
@@ -267,16 +104,16 @@ def _builtin_lora_editor():
     return module.LoraUserMetadataEditor
 
 
-def test_cards_show_the_resolution_and_buckets_of_a_trained_file(webui, data):
+def test_cards_show_the_resolution_and_buckets_of_a_trained_file(training_webui, data):
     """WebUI 1.10.1's Lora card takes its resolution row from ss_bucket_info's "buckets"; ours shows
     ss_resolution and the buckets.  Both rows appear for a file trained here."""
-    client = webui.start()
+    client = training_webui.start()
     body = request(data, name="bk", max_train_steps=2, dataset={
         "train_dir": str(data), "resolution": 64, "enable_buckets": True, "min_bucket_reso": 64,
         "max_bucket_reso": 128})
-    st = webui.wait(client.post("/lora-workshop/v1/train", json=body).json()["id"])
+    st = training_webui.wait(client.post("/lora-workshop/v1/train", json=body).json()["id"])
     assert st["state"] == "finished", st
-    page = webui.base.script.workshop.page
+    page = training_webui.base.script.workshop.page
     page.refresh()
     page.items["bk"] = page.create_item("bk")
     assert page.items["bk"]["metadata"]["ss_bucket_info"]["buckets"] == {"0": {"resolution": [64, 64], "count": 4}}
@@ -288,10 +125,10 @@ def test_cards_show_the_resolution_and_buckets_of_a_trained_file(webui, data):
     assert (ours["Resolution:"], ours["Buckets:"]) == ("(64, 64)", "64x64 (4)")
 
 
-def test_second_job_409_progress_in_shared_state_and_queue_lock_held(webui, sd_model, data, monkeypatch):
+def test_second_job_409_progress_in_shared_state_and_queue_lock_held(training_webui, sd_model, data, monkeypatch):
     # "training only": the lock is the job's until it ends (test_webui_live.py covers "generation first")
     shared.opts.add_option(settings.OPT_TRAIN_PRIORITY, OptionInfo("Training only"))
-    client = webui.start()
+    client = training_webui.start()
     gate = Gate(monkeypatch, at=2)
     job_id = client.post("/lora-workshop/v1/train", json=request(data)).json()["id"]
     gate.wait()
@@ -303,7 +140,7 @@ def test_second_job_409_progress_in_shared_state_and_queue_lock_held(webui, sd_m
     assert (st.job, st.job_count, st.job_no) == (wt.JOB_NAME, 4, 2)
     assert "step 2/4" in st.textinfo and "loss" in st.textinfo and "ETA" in st.textinfo
     prog = client.get("/sdapi/v1/progress").json()
-    job = webui.runner.get(job_id)
+    job = training_webui.runner.get(job_id)
     assert prog["progress"] == pytest.approx(0.51) and prog["textinfo"] == st.textinfo
     assert prog["eta_relative"] == pytest.approx(job.eta, abs=2.0)  # the WebUI's ETA is the job's
 
@@ -312,7 +149,7 @@ def test_second_job_409_progress_in_shared_state_and_queue_lock_held(webui, sd_m
 
     def txt2img():
         with call_queue.queue_lock:
-            acquired["state"] = webui.runner.get(job_id).state
+            acquired["state"] = training_webui.runner.get(job_id).state
 
     t = threading.Thread(target=txt2img)
     t.start()
@@ -321,11 +158,11 @@ def test_second_job_409_progress_in_shared_state_and_queue_lock_held(webui, sd_m
     gate.release.set()
     t.join(TIMEOUT)
     assert acquired["state"] == "finished"
-    assert webui.wait(job_id)["state"] == "finished"
+    assert training_webui.wait(job_id)["state"] == "finished"
 
 
-def test_stop_stop_and_save_and_resume(webui, sd_model, data, monkeypatch):
-    client = webui.start()
+def test_stop_stop_and_save_and_resume(training_webui, sd_model, data, monkeypatch):
+    client = training_webui.start()
     before = snapshot(sd_model)
 
     gate = Gate(monkeypatch, at=1)
@@ -334,9 +171,9 @@ def test_stop_stop_and_save_and_resume(webui, sd_model, data, monkeypatch):
     r = client.post(f"/lora-workshop/v1/train/{job_id}/stop", json={"save": False})
     assert r.status_code == 200 and r.json()["stop_requested"] == "stop"
     gate.release.set()
-    st = webui.wait(job_id)
+    st = training_webui.wait(job_id)
     assert (st["state"], st["step"], st["output"]) == ("stopped", 1, None)
-    assert not list(webui.lora_dir.glob("*.safetensors"))
+    assert not list(training_webui.lora_dir.glob("*.safetensors"))
 
     gate = Gate(monkeypatch, at=2)
     job_id = client.post("/lora-workshop/v1/train", json=request(data, max_train_steps=5, save_state=True)).json()["id"]
@@ -344,47 +181,47 @@ def test_stop_stop_and_save_and_resume(webui, sd_model, data, monkeypatch):
     assert client.post(f"/lora-workshop/v1/train/{job_id}/stop", json={"save": True}).status_code == 200
     assert client.get(f"/lora-workshop/v1/train/{job_id}").json()["state"] == "saving"
     gate.release.set()
-    st = webui.wait(job_id)
+    st = training_webui.wait(job_id)
     assert (st["state"], st["step"], st["output"], st["state_file"]) == \
         ("stopped", 2, "zkx.safetensors", "zkx-state.safetensors")
-    assert read_header(webui.lora_dir / "zkx.safetensors").metadata["ss_steps"] == "2"
+    assert read_header(training_webui.lora_dir / "zkx.safetensors").metadata["ss_steps"] == "2"
 
     # resume from the state file: its stored settings, continuing at step 2
     r = client.post("/lora-workshop/v1/train", json={"resume_from": "zkx-state.safetensors"})
     assert r.status_code == 200, r.text
-    st = webui.wait(r.json()["id"])
+    st = training_webui.wait(r.json()["id"])
     assert (st["state"], st["step"], st["total"], st["resumed_from"]) == ("finished", 5, 5, "zkx-state.safetensors")
     assert any("resumed at step 2" in line for line in st["log"])
     assert st["loss_history"][0][0] == 3  # steps 3..5 were trained by this job
-    assert read_header(webui.lora_dir / "zkx.safetensors").metadata["ss_steps"] == "5"
+    assert read_header(training_webui.lora_dir / "zkx.safetensors").metadata["ss_steps"] == "5"
     assert same(before, snapshot(sd_model)) and unet_hooks(sd_model) == 0
 
     r = client.post("/lora-workshop/v1/train", json={"resume_from": "../zkx-state.safetensors"})
     assert r.status_code == 400 and "inside the LoRA folder" in r.json()["detail"]
 
 
-def test_job_queues_behind_a_generation_and_can_be_cancelled_there(webui, data):
-    client = webui.start()
+def test_job_queues_behind_a_generation_and_can_be_cancelled_there(training_webui, data):
+    client = training_webui.start()
     with call_queue.queue_lock:                                  # a generation is running
         job_id = client.post("/lora-workshop/v1/train", json=request(data)).json()["id"]
         time.sleep(0.2)
         assert client.get(f"/lora-workshop/v1/train/{job_id}").json()["state"] == "queued"
         assert client.post(f"/lora-workshop/v1/train/{job_id}/stop", json={}).status_code == 200
-    st = webui.wait(job_id)
+    st = training_webui.wait(job_id)
     assert (st["state"], st["step"], st["output"]) == ("stopped", 0, None)
     assert "stopped before it started" in st["log"][-1]
     assert shared.state.job == ""                                # shared.state was never taken over
 
 
-def test_webui_interrupt_stops_and_saves(webui, data, monkeypatch):
-    client = webui.start()
+def test_webui_interrupt_stops_and_saves(training_webui, data, monkeypatch):
+    client = training_webui.start()
     gate = Gate(monkeypatch, at=1)
     job_id = client.post("/lora-workshop/v1/train", json=request(data)).json()["id"]
     gate.wait()
     client.post("/sdapi/v1/interrupt")                         # the WebUI's Interrupt button / API
     assert shared.state.interrupted
     gate.release.set()
-    st = webui.wait(job_id)
+    st = training_webui.wait(job_id)
     assert (st["state"], st["output"]) == ("stopped", "zkx.safetensors")
     assert st["step"] in (1, 2)
     assert any("interrupted" in line for line in st["log"])
@@ -393,8 +230,8 @@ def test_webui_interrupt_stops_and_saves(webui, data, monkeypatch):
 # -- refusing ----------------------------------------------------------------------------------------------
 
 
-def test_bad_requests_are_400_with_the_problem_named(webui, data, tmp_path):
-    client = webui.start()
+def test_bad_requests_are_400_with_the_problem_named(training_webui, data, tmp_path):
+    client = training_webui.start()
     bad = make_dataset(tmp_path / "bad", n=1, repeats=1)
     (bad / "1_zkx" / "broken.png").write_bytes(b"not a png")
 
@@ -414,10 +251,10 @@ def test_bad_requests_are_400_with_the_problem_named(webui, data, tmp_path):
         400, "unknown option 'output_dir' (output always goes to the LoRA folder; set output_name)")
     assert post({**request(data), "network": {"rank": "big"}}) == (400, "network.rank: expected an integer, got 'big'")
     assert post({**request(data), "lr_scheduler": "sometimes"})[0] == 400
-    assert not list(webui.lora_dir.iterdir())
-    assert webui.runner.jobs() == []
+    assert not list(training_webui.lora_dir.iterdir())
+    assert training_webui.runner.jobs() == []
 
-    (webui.lora_dir / "zkx.safetensors").write_bytes(b"x")
+    (training_webui.lora_dir / "zkx.safetensors").write_bytes(b"x")
     code, detail = post(request(data))
     assert code == 409 and "already exists" in detail
 
@@ -428,8 +265,8 @@ def test_bad_requests_are_400_with_the_problem_named(webui, data, tmp_path):
     assert client.get("/lora-workshop/v1/train/nope").status_code == 404
 
 
-def test_refusals(webui, sd_model, monkeypatch):
-    client = webui.start()
+def test_refusals(training_webui, sd_model, monkeypatch):
+    client = training_webui.start()
 
     def post():
         r = client.post("/lora-workshop/v1/train", json={"output_name": "x"})
@@ -457,11 +294,11 @@ def test_refusals(webui, sd_model, monkeypatch):
     assert "SDXL refiner" in trainable.refusal(refiner)
     inpaint = fake(is_sd1=True, model=types.SimpleNamespace(diffusion_model=nn.Conv2d(9, 4, 1)))
     assert "9 input channels" in trainable.refusal(inpaint)
-    assert "Cannot train" not in webui.runner.host.describe()
+    assert "Cannot train" not in training_webui.runner.host.describe()
 
 
-def test_routes_use_the_api_auth(webui, data):
-    client = webui.start(auth="user:secret")
+def test_routes_use_the_api_auth(training_webui, data):
+    client = training_webui.start(auth="user:secret")
     assert client.post("/lora-workshop/v1/train", json=request(data)).status_code == 401
     assert client.get("/lora-workshop/v1/train").status_code == 401
     r = client.post("/lora-workshop/v1/train/validate", json=request(data), auth=("user", "secret"))
@@ -654,8 +491,8 @@ def test_tab_helpers_without_gradio(data):
     assert "step 5/10" in status and "ETA 1:05" in status and "width:50.0%" in status
 
 
-def test_tab_is_registered_and_built_with_gradio(webui):
-    webui.start()
+def test_tab_is_registered_and_built_with_gradio(training_webui):
+    training_webui.start()
     names = {c.name for c in script_callbacks.callback_map["callbacks_ui_tabs"]}
     assert "lora-workshop/lora_workshop.py/ui_tabs" in names
     pytest.importorskip("gradio")  # the WebUI's gradio 3.41 is not installed here (it pins numpy<2)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Generic, TypeVar
 
 from modules import extra_networks, paths, shared, ui_extra_networks
 
@@ -313,3 +313,23 @@ def get_workshop() -> Workshop:
             _workshop = Workshop()
         return _workshop
 
+
+_T = TypeVar("_T")
+
+
+class PerWorkshop(Generic[_T]):
+    """One object per process made from the current Workshop (a job runner): kept across "Reload UI"
+    like the Workshop, made again only for a new Workshop."""
+
+    def __init__(self, make: Callable[[Workshop], _T]):
+        self._make = make
+        self._lock = threading.Lock()
+        self.current: _T | None = None
+        self._workshop: Workshop | None = None
+
+    def get(self, workshop: Workshop | None = None) -> _T:
+        ws = workshop or get_workshop()
+        with self._lock:
+            if self.current is None or self._workshop is not ws:
+                self.current, self._workshop = self._make(ws), ws
+            return self.current

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from typing import Any
 from modules import paths, shared
 
 from ..tools.jobs import CheckpointNotFound, ToolHost, ToolJob, ToolRunner
-from .webui import Workshop, get_workshop
+from .webui import PerWorkshop, Workshop
 from .webui_host import log
 
 JOB_NAME = "lora-workshop-tools"
@@ -106,18 +105,12 @@ class WebUIToolHost(ToolHost):
         log(message)
 
 
-_runner: ToolRunner | None = None
-_runner_lock = threading.Lock()
+_runners: PerWorkshop[ToolRunner] = PerWorkshop(lambda ws: ToolRunner(WebUIToolHost(ws)))
 
 
 def get_runner(workshop: Workshop | None = None) -> ToolRunner:
     """The process' tool runner (kept across "Reload UI", like the Workshop)."""
-    global _runner
-    ws = workshop or get_workshop()
-    with _runner_lock:
-        if _runner is None or _runner.host.workshop is not ws:
-            _runner = ToolRunner(WebUIToolHost(ws))
-        return _runner
+    return _runners.get(workshop)
 
 
 def tab_section() -> None:

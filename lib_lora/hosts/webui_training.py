@@ -19,7 +19,6 @@ bar show it (a generation's own progress while one runs); the WebUI's Interrupt 
 from __future__ import annotations
 
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -35,7 +34,7 @@ from ..training.job import Job
 from ..training.jobs import JobRunner
 from ..training.model import TrainableModel
 from . import webui_interleave as interleave
-from .webui import Workshop, get_workshop
+from .webui import PerWorkshop, Workshop
 from .webui_host import log
 from .webui_model import model_family, unet_root
 from .webui_trainable import checkpoint_change_pending, loaded_model, refusal, trainable_model
@@ -238,18 +237,12 @@ class WebUITrainingHost(TrainingHost):
         log(message)
 
 
-_runner: JobRunner | None = None
-_runner_lock = threading.Lock()
+_runners: PerWorkshop[JobRunner] = PerWorkshop(lambda ws: JobRunner(WebUITrainingHost(ws)))
 
 
 def get_runner(workshop: Workshop | None = None) -> JobRunner:
     """The process' job runner (kept across "Reload UI", like the Workshop)."""
-    global _runner
-    ws = workshop or get_workshop()
-    with _runner_lock:
-        if _runner is None or _runner.host.workshop is not ws:
-            _runner = JobRunner(WebUITrainingHost(ws))
-        return _runner
+    return _runners.get(workshop)
 
 
 def ui_tabs() -> list:

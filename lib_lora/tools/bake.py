@@ -20,10 +20,10 @@ from torch import Tensor
 from .. import families, hashes
 from ..adapters import dora
 from ..fileio import TensorFile
+from ..merging import Contribution
 from ..network import load_network
 from . import deltas, layout as layouts
 from .common import STALE_KEYS, ToolError, check_output
-from .deltas import Contribution
 from .layout import Layer
 from .merge import Spec, layer_weight, parse_spec
 from .progress import Progress
@@ -76,7 +76,7 @@ def bake(base: str | os.PathLike, specs: list[Spec | str], out: str | os.PathLik
             with_bias = [c for c in contribs if c.adapter.has_bias]
             if with_bias:
                 if layer.bias_key is None:
-                    raise ToolError(f"{layer.key}: {with_bias[0].source} changes a bias this layer does not have")
+                    raise ToolError(f"{layer.key}: {with_bias[0].network} changes a bias this layer does not have")
                 plan.setdefault(layer.bias_key, []).append((layer, with_bias, True))
         meta = {k: v for k, v in tf.metadata.items() if k not in STALE_KEYS}
         fam = layout.family

@@ -7,7 +7,6 @@ from a checkpoint (``--base``).
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -16,20 +15,13 @@ from torch import Tensor
 from ..adapters import Adapter, dora
 from ..adapters.lora import LoRA
 from ..fileio import TensorFile
+from ..merging import Contribution
 from ..network import Network
 from .common import FamilyMismatchError, NeedsBaseError, ToolError, UnknownKeysError
 from .layout import Layer, Layout
 
 # (module key, is text encoder) -> multiplier; the LBW hook of merge/bake supplies per-block values
 LayerWeight = Callable[[str, bool], float]
-
-
-@dataclass
-class Contribution:
-    adapter: Adapter
-    multiplier: float
-    dyn: Optional[int] = None
-    source: str = ""
 
 
 def check_family(net: Network, family: str) -> None:
@@ -67,13 +59,13 @@ def group(networks: list[tuple[Network, LayerWeight, Optional[int]]], layout: La
         for layer, adapter in bind(net, layout):
             m = float(weight(layer.key, layer.target.is_text_encoder))
             if m != 0:
-                by_layer[layer].append(Contribution(adapter, m, dyn, net.name))
+                by_layer[layer].append(Contribution(layer.target, adapter, m, dyn, net.name))
     order = {id(l): i for i, l in enumerate(layout.layers)}
     return dict(sorted(by_layer.items(), key=lambda kv: order[id(kv[0])]))
 
 
 def needs_base(groups: dict[Layer, list[Contribution]]) -> list[str]:
-    return sorted({f"{c.source} ({c.adapter.algo}{'+DoRA' if c.adapter.dora_scale is not None else ''})"
+    return sorted({f"{c.network} ({c.adapter.algo}{'+DoRA' if c.adapter.dora_scale is not None else ''})"
                    for cs in groups.values() for c in cs if c.adapter.needs_weight})
 
 
@@ -102,7 +94,7 @@ def delta(c: Contribution, layer: Layer, base: Tensor | None, dev: torch.device)
     """The contribution's exact weight delta, float32, shaped like the layer."""
     a = c.adapter
     if a.needs_weight and base is None:
-        raise NeedsBaseError(f"{c.source}: {a.algo}{' with DoRA' if a.dora_scale is not None else ''} changes "
+        raise NeedsBaseError(f"{c.network}: {a.algo}{' with DoRA' if a.dora_scale is not None else ''} changes "
                              f"{a.name} in proportion to the base weight; pass --base CKPT")
     # an expanded zero has the layer's shape at no memory cost; weight-independent adapters never read it
     w = base.to(dev, torch.float32) if base is not None else torch.zeros((), device=dev).expand(layer.shape)

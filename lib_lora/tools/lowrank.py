@@ -14,9 +14,9 @@ import torch
 from torch import Tensor
 
 from ..fileio import TensorFile
+from ..merging import Contribution
 from . import deltas, svd
 from .common import cast
-from .deltas import Contribution
 from .layout import Layer
 from .progress import Progress
 
@@ -72,7 +72,7 @@ def build(groups: dict[Layer, list[Contribution]], *, rank: Optional[int], conv_
         bar.update(note=layer.key)
         for c in contribs:
             if c.adapter.has_bias:
-                res.dropped.append(f"{layer.key}: the bias change of {c.source} ({c.adapter.algo}); "
+                res.dropped.append(f"{layer.key}: the bias change of {c.network} ({c.adapter.algo}); "
                                    "a LoRA holds weights only")
         if not deltas.representable(layer):
             res.dropped.append(f"{layer.key}: a {len(layer.shape)}-D weight (norm layer); a LoRA cannot hold it")

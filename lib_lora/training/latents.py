@@ -38,18 +38,15 @@ class LatentCache:
     def clear(self) -> None:
         self._memory.clear()
 
-    def fill(self, samples: list[Sample], progress: Callable[[int, int], None],
-             stop: Callable[[], bool] = lambda: False) -> int:
-        """Encode (or read from disk) every one of ``samples`` not held yet; the number done."""
+    def missing(self, samples: list[Sample]) -> list[Sample]:
+        """Those of ``samples`` whose latent is not held yet (none when not caching)."""
         if not self.caching:
-            return 0
-        todo = [s for s in samples if (str(s.item.path), s.bucket, s.flip) not in self._memory]
-        for i, s in enumerate(todo):
-            if stop():
-                return i
-            self._latent(s)
-            progress(i + 1, len(todo))
-        return len(todo)
+            return []
+        return [s for s in samples if (str(s.item.path), s.bucket, s.flip) not in self._memory]
+
+    def hold(self, s: Sample) -> None:
+        """Encode (or read from disk) the latent of ``s`` and keep it."""
+        self._latent(s)
 
     def encode(self, samples: list[Sample]) -> Tensor:
         """[N, C, h, w] on the model's device."""
@@ -115,19 +112,16 @@ class TextCache:
     def clear(self) -> None:
         self._memory.clear()
 
-    def fill(self, samples: list[Sample], progress: Callable[[int, int], None],
-             stop: Callable[[], bool] = lambda: False) -> int:
-        """Encode the caption of every one of ``samples`` (frozen text encoders only); the number done."""
+    def missing(self, samples: list[Sample]) -> list[Sample]:
+        """One of ``samples`` per caption not held yet (none when not caching)."""
         if not self.caching:
-            return 0
+            return []
         todo = {self._key(s.caption, s.size_cond): s for s in samples}
-        todo = [s for key, s in todo.items() if key not in self._memory]
-        for i, s in enumerate(todo):
-            if stop():
-                return i
-            self._one(s.caption, s.size_cond)
-            progress(i + 1, len(todo))
-        return len(todo)
+        return [s for key, s in todo.items() if key not in self._memory]
+
+    def hold(self, s: Sample) -> None:
+        """Encode the caption of ``s`` (frozen text encoders only) and keep it."""
+        self._one(s.caption, s.size_cond)
 
     def encode(self, captions: list[str], sizes: list, frozen: bool) -> Conditioning:
         """``frozen``: the text encoders are not trained (no gradients, and caching is allowed)."""
@@ -172,8 +166,13 @@ def fill_caches(dataset: Dataset, latents: LatentCache, texts: TextCache, frozen
     for what, cache, on in (("latents", latents, True), ("text encoder outputs", texts, frozen_text)):
         if not on:
             continue
-        t = time.time()
-        n = cache.fill(samples, (lambda done, total, what=what: report(f"caching {what}", done, total)) if report
-                       else (lambda done, total: None), stop)
+        t, todo, n = time.time(), cache.missing(samples), 0
+        for s in todo:
+            if stop():
+                break
+            cache.hold(s)
+            n += 1
+            if report:
+                report(f"caching {what}", n, len(todo))
         if n:
             log(f"cached {n} {what} in {time.time() - t:.1f} s")

@@ -23,26 +23,18 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
-from ..fileio import load_safetensors, save_safetensors
-from ..hashes import hashes_from_bytes
+from ..fileio import load_safetensors
 from .frozen_layers import lean_by_default
-from .config import TrainConfig
 from .dataset import Dataset
 from .epochs import Batch, Position, derive_seed
 from .latents import LatentCache, TextCache, fill_caches
-from .metadata import build_metadata
 from .mode import TrainingMode
 from .model import TrainableModel
 from .network import TrainingNetwork
 from . import outputs, sample_prompts, tensorboard
 from .optim import lr_lambda, make_optimizer, snr_weights
 from .plan import Plan
-from .state import TrainingState, config_record, load_state, save_state, state_path
-
-
-SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "float": torch.float32}
-
-
+from .saves import prune_saves, resume_state, save_contents, write_save
 
 
 @dataclass
@@ -98,7 +90,8 @@ class StepBoundary:
     def contents(self) -> tuple[dict[str, Tensor], dict[str, str]]:
         """The tensors (on their device) and metadata a save at this step writes."""
         t = self.trainer
-        return t._contents(self._net, self.step, t._step_epoch(self.step), self._started, self._opt)
+        return save_contents(t.model, t.plan, self._net, t.session_id, self.step, t._step_epoch(self.step),
+                             self._started, self._opt)
 
     def keep(self) -> Path:
         """Save this step as kohya names a step save (``NAME-step00001234``, with its state file when the run
@@ -309,7 +302,7 @@ class Trainer:
             for path, epoch in (outputs.saves_due(cfg, step, per_epoch) if step < total else []):
                 saved.append(self._save(net, path, epoch, step, pos, losses, started, opt, sched))
                 if self.is_main:
-                    self._prune(saved)
+                    prune_saves(saved, cfg.save_last_k)
             if self.is_main and sample_prompts.due(cfg, step, per_epoch)[0]:
                 self._samples(net, step)
             if self.cb.between_steps is not None and step < total and not self._stop:
@@ -334,10 +327,14 @@ class Trainer:
             p.grad = reduce(p.grad, reduction="sum")
         return float(reduce(torch.tensor([loss_val], device=self.model.device), reduction="sum").item())
 
-    # -- saving --------------------------------------------------------------------------
+    # -- saving (saves.py) -------------------------------------------------------------
     def _save(self, net, path, epoch, step, pos, losses, started, opt, sched) -> Path:
         if self.is_main:
-            self._write(net, path, epoch, step, pos, losses, started, opt, sched)
+            asked = self._stop is not None and self._state_on_stop and path == self.output_path()
+            out = write_save(self.model, self.plan, net, path, epoch, step, pos, losses, started, opt, sched,
+                             self.session_id, asked, self.cb.log)
+            if self.cb.on_saved:
+                self.cb.on_saved(out)
         if self.dist:
             self.dist.wait_for_everyone()
         return path
@@ -347,69 +344,8 @@ class Trainer:
         per_epoch = max(1, self.dataset.steps_per_epoch(self.global_batch))
         return (step - 1) // outputs.updates_per_epoch(per_epoch, self.cfg.gradient_accumulation_steps)
 
-    def _write(self, net, path, epoch, step, pos, losses, started, opt, sched) -> None:
-        cfg = self.cfg
-        tensors, meta = self._contents(net, step, epoch, started, opt)
-        # make_plan() checked every name; a file that appeared since is replaced only if it is ours
-        out = save_safetensors(tensors, path, meta, overwrite=outputs.may_replace(path, cfg.overwrite, self.session_id))
-        spath = state_path(path)
-        forced = self._stop is not None and self._state_on_stop and path == self.output_path() and not cfg.save_state
-        if forced and not outputs.may_replace(spath, cfg.overwrite, self.session_id):
-            # not among the names make_plan checked: a file of that name that is not this run's stays
-            self.cb.log(f"not saving the training state: {spath} already exists")
-            forced = False
-        if cfg.save_state or forced:
-            save_state(spath, TrainingState(
-                step=step, position=pos, losses=losses, started=started, session=self.session_id,
-                fingerprint=self.dataset.fingerprint(), config=config_record(cfg),
-                network=net.kohya_state_dict(torch.float32), optimizer=opt.state_dict(),
-                scheduler=sched.state_dict()),
-                overwrite=outputs.may_replace(spath, cfg.overwrite, self.session_id))
-            self.cb.log(f"saved {spath}")
-        self.cb.log(f"saved {out}")
-        if self.cb.on_saved:
-            self.cb.on_saved(out)
-
-    def _contents(self, net, step, epoch, started, opt) -> tuple[dict[str, Tensor], dict[str, str]]:
-        """The tensors and metadata a save at ``step`` writes (with its ``sshs_*`` hashes)."""
-        cfg, m = self.cfg, self.model
-        tensors = net.kohya_state_dict(SAVE_DTYPES[cfg.save_precision])
-        per_epoch = max(1, self.dataset.steps_per_epoch(self.global_batch))
-        meta = build_metadata(
-            family=m.family, prediction=m.prediction, session_id=self.session_id, started_at=started,
-            output_name=cfg.output_name, cfg=cfg, dataset=self.dataset, model_name=m.model_name,
-            model_hash=m.model_hash, legacy_hash=m.legacy_hash, steps=step, epoch=epoch,
-            num_batches_per_epoch=per_epoch, max_steps=self.total_steps(),
-            optimizer_desc=type(opt).__module__ + "." + type(opt).__name__,
-            resolution=self.cfg.dataset.reso, comment=cfg.training_comment, world_size=self.world)
-        # kohya hashes the file as written with only the ss_* keys in its header
-        from safetensors.torch import save as st_save
-        h = hashes_from_bytes(st_save({k: v.contiguous() for k, v in tensors.items()},
-                                      {k: v for k, v in meta.items() if k.startswith("ss_")}))
-        meta["sshs_model_hash"], meta["sshs_legacy_hash"] = h["sshs_model_hash"], h["sshs_legacy_hash"]
-        return tensors, meta
-
-    def _prune(self, saved: list[Path]) -> None:
-        k = self.cfg.save_last_k
-        if k <= 0:
-            return
-        while len(saved) > k:
-            old = saved.pop(0)
-            for p in (old, state_path(old)):
-                if p.exists():
-                    p.unlink()
-
     def _resume(self, path, net, opt, sched):
-        st = load_state(Path(path))
-        if st.fingerprint != self.dataset.fingerprint():
-            raise ValueError("the dataset changed since this state was saved; resuming would not continue the same run")
-        net.load_kohya_state_dict(st.network)
-        # the kernel is this torch's and this device's choice, not the saved run's
-        kernels = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in opt.param_groups]
-        opt.load_state_dict(st.optimizer)
-        for g, k in zip(opt.param_groups, kernels):
-            g.update(k)
-        sched.load_state_dict(st.scheduler)
+        st = resume_state(path, self.plan, net, opt, sched)
         self.session_id = st.session
         self.cb.log(f"resumed at step {st.step} from {path}")
         return st.step, st.position, list(st.losses), st.started

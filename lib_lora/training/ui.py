@@ -17,7 +17,7 @@ from .errors import JobError
 from .jobs import JobRunner
 from .options import AUTO_ON_OFF
 from .problems import DatasetError
-from .request import PRESET_LABELS, PRESETS, preset_for_family
+from .presets import PRESET_LABELS, PRESETS, preset_for_family
 from .state import list_state_files
 from .ui_views import loss_plot, message_html, status_html, summary_html
 
