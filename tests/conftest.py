@@ -174,3 +174,37 @@ def training_webui(standin_webui, tmp_path_factory, sd_model):
     shared.opts.add_option(settings.OPT_DATASET_ROOTS, OptionInfo(str(tmp_path_factory.getbasetemp())))
     yield w
     w.cleanup()
+
+
+# -- the WebUI glue's tiny SD1 (tests/webui_glue_support.py) -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sd1():
+    """(a tiny SD1 laid out like the WebUI's ``shared.sd_model``, a copy of its state dict)."""
+    from webui_glue_support import tiny_sd1
+    model = tiny_sd1()
+    return model, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture
+def model(sd1):
+    """``sd1``'s model, put back to its saved state after the test."""
+    m, snapshot = sd1
+    yield m
+    with torch.no_grad():  # undo whatever a test left merged
+        for k, v in m.state_dict().items():
+            v.copy_(snapshot[k])
+
+
+@pytest.fixture
+def webui(standin_webui):
+    """The stand-in WebUI driven a step at a time (``webui_glue_support.WebUI``)."""
+    from webui_glue_support import WebUI
+    return WebUI(standin_webui)
+
+
+@pytest.fixture
+def sd1_map(model):
+    from lib_lora.modelmap import ModelMap
+    return ModelMap.build("sd1", model.model.diffusion_model, [("te", model.cond_stage_model.wrapped.transformer)])

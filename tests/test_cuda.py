@@ -21,7 +21,7 @@ from lib_lora.training.network import NetworkConfig, TrainingNetwork
 from lib_lora.training.plan import make_plan
 from lib_lora.training.trainer import Callbacks, Trainer
 from loras import activation, kohya_lora, same, snapshot
-from test_cli_train import args, setup  # noqa: F401 (a fixture)
+from test_cli_train import args
 from test_frozen_layers import _lora_grads
 from test_training import config, module_state
 from tiny_models import build_sd1, build_sdxl
@@ -195,9 +195,9 @@ def test_merging_into_a_half_model_on_the_gpu(dtype):
     assert same(before, snapshot(tiny.unet, tiny.text_encoders[0][1]))
 
 
-def test_cli_trains_in_fp16_on_the_gpu(setup, tmp_path):  # noqa: F811
+def test_cli_trains_in_fp16_on_the_gpu(tiny_checkpoint, tmp_path):
     """`python -m lib_lora train --mixed-precision fp16` loads the checkpoint in fp16 on the GPU."""
-    ckpt, data = setup
+    ckpt, data = tiny_checkpoint
     out = tmp_path / "gpu.safetensors"
     assert main(args(ckpt, data, out, "--max-train-steps", "4", "--mixed-precision", "fp16", "--device", DEVICE)) == 0
     sd, meta = load_safetensors(out)

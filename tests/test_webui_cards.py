@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from test_webui_glue import SD1_META, make_lora, model, sd1, sd1_map, webui  # noqa: F401  (stand-in first)
+from webui_glue_support import SD1_META, make_lora  # first: it puts the stand-in WebUI on sys.path
 
 from lib_lora import fit as fit_module  # noqa: E402
 from lib_lora import library as library_module  # noqa: E402

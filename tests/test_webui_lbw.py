@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_webui_glue import (TE_KEY, UNET_KEY, lora_delta, make_lora, model, sd1, sd1_map,  # noqa: F401
-                             webui)  # first: it puts the stand-in WebUI on sys.path
+from webui_glue_support import TE_KEY, UNET_KEY, lora_delta, make_lora  # first: it puts the stand-in WebUI on sys.path
 
 from modules import extra_networks, paths, script_callbacks, shared  # noqa: E402
 

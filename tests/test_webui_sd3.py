@@ -5,8 +5,7 @@ import torch
 from torch import nn
 
 from sd3_standin import SD3Inferencer, text_encoder_roots
-from test_webui_glue import (SD1_META, TE_KEY, BuiltinLora, FakeSdModel, lora_delta, make_lora, model,  # noqa: F401
-                             sd1, sd1_map, webui)
+from webui_glue_support import SD1_META, TE_KEY, BuiltinLora, FakeSdModel, lora_delta, make_lora  # noqa: E402
 
 from lib_lora.hashes import addnet_hash_safetensors
 from lib_lora.modelmap import ModelMap

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -25,6 +25,10 @@ from ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ldm.modules.diffusionmodules.util import timestep_embedding
 
 from lib_lora.hosts.cli.sdxl_unet import SDXLUNetModel  # the same class the CLI host loads SDXL checkpoints into
+
+if TYPE_CHECKING:
+    import diffusers
+    import transformers
 
 # SD-family sizes (real values in comments). GroupNorm(32, ch) forces channel multiples of 32.
 MODEL_CHANNELS = 32        # real 320

@@ -41,7 +41,6 @@ import argparse
 import copy
 import json
 import math
-import random
 import time
 from pathlib import Path
 from typing import Any

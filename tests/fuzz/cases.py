@@ -14,7 +14,7 @@ import json
 import random
 import struct
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
