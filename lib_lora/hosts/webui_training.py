@@ -30,6 +30,7 @@ from modules import paths, shared
 
 from .. import families
 from ..training import sample_prompts
+from ..training.checks import clip_skip_for
 from ..training.host import TrainingHost, TrainingRefused
 from ..training.job import Job
 from ..training.jobs import JobRunner
@@ -38,7 +39,8 @@ from . import webui_interleave as interleave
 from .webui import Workshop, get_workshop
 from .webui_host import log
 from .webui_model import model_family, unet_root
-from .webui_trainable import checkpoint_change_pending, loaded_model, refusal, trainable_model
+from .webui_trainable import (checkpoint_change_pending, clip_skip_note, loaded_model, refusal, text_encoding,
+                              trainable_model)
 
 JOB_NAME = "lora-workshop-train"
 
@@ -110,8 +112,13 @@ class WebUITrainingHost(TrainingHost):
             job.log(f"restored the model's original weights ({restored} layers had LoRAs merged)")
         self._no_token_merging(sd_model)
         mm = self.workshop.host.model_map(sd_model)
+        family = model_family(sd_model)
+        skip, note = clip_skip_for(family, job.config.clip_skip)
+        for line in (note, clip_skip_note(sd_model, family, skip)):
+            if line:
+                job.log(line)
         self._trained = (sd_model, unet_root(sd_model))
-        return trainable_model(sd_model, render=self._renderer(job, sd_model), model_map=mm)
+        return trainable_model(sd_model, render=self._renderer(job, sd_model, skip), model_map=mm, clip_skip=skip)
 
     @staticmethod
     def _no_token_merging(sd_model: Any) -> None:
@@ -121,8 +128,9 @@ class WebUITrainingHost(TrainingHost):
         if apply is not None:
             apply(sd_model, 0)
 
-    def _renderer(self, job: Job, sd_model: Any) -> Callable[..., list]:
+    def _renderer(self, job: Job, sd_model: Any, clip_skip: int | None) -> Callable[..., list]:
         w, h = job.config.dataset.reso
+        family = model_family(sd_model)
 
         def render(prompts: list[str], seed: int = 0) -> list:
             from modules import processing
@@ -141,7 +149,8 @@ class WebUITrainingHost(TrainingHost):
                 p.cached_c = [None, None]
                 p.cached_uc = [None, None]
                 try:
-                    processed = processing.process_images(p)
+                    with text_encoding(sd_model, family, clip_skip):  # the samples see what training sees
+                        processed = processing.process_images(p)
                 finally:
                     close = getattr(p, "close", None)
                     if callable(close):
