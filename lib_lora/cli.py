@@ -142,6 +142,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .hosts.cli.signals import StopOnSignal
     from .training import sample_prompts
     from .training.checks import clip_skip_for
+    from .training.cli_args import noted_lines
     from .training.plan import make_plan
     from .training.trainer import Callbacks, Trainer
 
@@ -153,6 +154,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     console.enabled = plan.is_main
     for warning in _sample_warnings(cfg):
         console.log(f"warning: {warning}")
+    for line in noted_lines(args):  # kohya's options that set nothing here, answered
+        console.log(f"note: {line}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     ckpt = _load(args.base, console, device=device,
                  dtype=torch.float16 if device != "cpu" and cfg.mixed_precision == "fp16" else torch.float32)

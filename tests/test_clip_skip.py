@@ -120,3 +120,28 @@ def test_a_host_that_does_not_encode_at_the_runs_clip_skip_is_refused(ckpts, tmp
     sdxl = trainable(ckpts["sdxl"][0])
     TextCache(sdxl, TrainConfig(DatasetConfig(tmp_path), clip_skip=2))  # ignored for SDXL
 
+
+def test_a_kohya_anime_command_line_trains_unchanged(tiny_checkpoint, tmp_path, capsys):
+    """--clip_skip 2 with kohya's speed switches: trained at clip skip 2, the switches answered, the
+    metadata as sd-scripts writes it (ss_clip_skip, modelspec.encoder_layer) and the samples at clip skip 2."""
+    from PIL import Image
+
+    from lib_lora.cli import main
+    from lib_lora.fileio import load_safetensors
+    ckpt, data = tiny_checkpoint
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("zkx, red square --w 64 --h 64 --s 1 --d 5\n", encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(["train", "--pretrained_model_name_or_path", str(ckpt), "--train_data_dir", str(data),
+                 "--output_dir", str(out), "--output_name", "anime", "--resolution", "64", "--min_bucket_reso", "64",
+                 "--max_bucket_reso", "128", "--network_dim", "2",
+                 "--network_alpha", "1", "--max_train_steps", "1", "--save_precision", "float", "--clip_skip", "2",
+                 "--xformers", "--max_data_loader_n_workers", "8", "--persistent_data_loader_workers",
+                 "--sample_prompts", str(prompts), "--sample_at_first", "--sample_sampler", "euler"]) == 0
+    logged = "".join(capsys.readouterr())
+    assert "note: xformers: attention already runs fused here" in logged
+    assert "note: max_data_loader_n_workers 8: no data-loader worker processes" in logged
+    _, meta = load_safetensors(out / "anime.safetensors")
+    assert (meta["ss_clip_skip"], meta["modelspec.encoder_layer"]) == ("2", "2")
+    (png,) = (out / "sample").glob("*.png")
+    assert "Clip skip: 2" in Image.open(png).info["parameters"]

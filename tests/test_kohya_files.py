@@ -144,11 +144,11 @@ def test_written_values_mean_the_same_to_kohya():
 
 
 def test_unknown_keys_are_refused_by_name(in_tmp, capsys):
-    text = KOHYA_OUTPUT.read_text(encoding="utf-8") + "xformers = true\npersistent_data_loader_workers = true\n"
+    text = KOHYA_OUTPUT.read_text(encoding="utf-8") + "color_aug = true\nfull_fp16 = true\n"
     (in_tmp / "k.toml").write_text(text, encoding="utf-8")
     assert main(["train", "--config_file", "k.toml"]) == 2
     err = capsys.readouterr().err
-    assert "xformers" in err and "persistent_data_loader_workers" in err
+    assert "color_aug" in err and "full_fp16" in err
     with pytest.raises(ConfigFileError, match="one value serves every text encoder"):
         read_config({"text_encoder_lr": [5e-5, 1e-5]})
     with pytest.raises(ConfigFileError, match="algo=loha"):
@@ -542,3 +542,49 @@ def test_python_3_10_reads_toml_with_the_toml_package(monkeypatch):
     assert toml_io.loads(text) == tomllib.loads(text)
     with pytest.raises(toml_io.TomlError, match="d.toml: not valid TOML"):
         toml_io.loads("a = ", "d.toml")
+
+
+# -- kohya's options that set nothing here ----------------------------------------------------------
+
+NOTED = [(["--xformers"], "xformers: attention already runs fused here"),
+         (["--sdpa"], "sdpa: attention already runs fused here"),
+         (["--mem_eff_attn"], "mem_eff_attn: attention already runs fused here"),
+         (["--max_data_loader_n_workers", "8"], "max_data_loader_n_workers 8: no data-loader worker processes here"),
+         (["--persistent_data_loader_workers"], "persistent_data_loader_workers: no data-loader worker processes")]
+
+
+@pytest.mark.parametrize("flags,line", NOTED)
+def test_kohyas_attention_and_loader_options_are_taken_and_answered(in_tmp, flags, line):
+    from lib_lora.training.cli_args import noted_lines
+    base = ["train", "img", "--base", "m.safetensors", "--out", "o.safetensors"]
+    for spelled in (flags, [flags[0].replace("_", "-"), *flags[1:]]):
+        args = build_parser().parse_args([*base, *spelled])
+        (got,) = noted_lines(args)
+        assert got.startswith(line)
+        assert request([*base, *spelled]).config == request(base).config  # they set nothing
+    assert noted_lines(build_parser().parse_args(base)) == []
+
+
+def test_config_files_with_them_are_read_and_answered(in_tmp):
+    from lib_lora.training.cli_args import noted_lines
+    from lib_lora.training.kohya_config import noted
+    text = KOHYA_OUTPUT.read_text(encoding="utf-8") + \
+        "xformers = true\nsdpa = false\nmax_data_loader_n_workers = 4\npersistent_data_loader_workers = true\n"
+    (in_tmp / "k.toml").write_text(text, encoding="utf-8")
+    data, extras = read_config(toml_io.loads(text))
+    assert [line.split(":")[:2] for line in noted(extras, "k.toml")] == \
+        [["k.toml", " xformers"], ["k.toml", " max_data_loader_n_workers 4"],
+         ["k.toml", " persistent_data_loader_workers"]]  # sdpa = false: nothing to say
+    parser = build_parser()
+    argv = ["train", "--config_file", "k.toml", "--max-data-loader-n-workers", "2"]
+    args, _ = with_config_file(_subparser(parser, parser.parse_args(argv)), argv, parser.parse_args(argv))
+    assert [line.split(":")[0] for line in noted_lines(args)] == \
+        ["xformers", "max_data_loader_n_workers 2", "persistent_data_loader_workers"]  # the command line wins
+    assert request(["train", "--config_file", "k.toml"]).config == request(["train", *README_KOHYA]).config
+    api = build_request({"output_name": "x", "config_toml": text, "dataset": {"train_dir": str(in_tmp / "img")}},
+                        in_tmp)
+    assert any(n.startswith("config_toml: xformers: attention already runs fused") for n in api.notes)
+    for bad, message in (("xformers = 'yes'", "expected true or false"),
+                         ("max_data_loader_n_workers = 1.5", "expected a whole number")):
+        with pytest.raises(ConfigFileError, match=message):
+            read_config(toml_io.loads(bad))

@@ -24,7 +24,7 @@ from .checks import (CLIP_SKIP_MAX, KOHYA_SAMPLERS, OPTIMIZER_NAMES, OPTIMIZERS,
 
 __all__ = ["Option", "OPTIONS", "GROUPS", "OptionError", "OPTIMIZERS", "OPTIMIZER_NAMES", "check_optimizer",
            "integer", "number", "option", "by_name", "section", "default", "check", "AUTO_ON_OFF",
-           "SCHEDULERS", "REQUIRED", "NOT_IMPLEMENTED"]
+           "SCHEDULERS", "REQUIRED", "NOT_IMPLEMENTED", "KOHYA_NOTED", "kohya_noted"]
 
 REQUIRED = object()  # the default of an option that has none (the dataset folder)
 
@@ -270,6 +270,30 @@ OPTIONS: list[Option] = [
 # kohya options accepted with the value that matches what this trainer does, refused otherwise
 # (option key -> the reason; none at present)
 NOT_IMPLEMENTED: dict[str, str] = {}
+
+# kohya options that set nothing here: taken on the command line and in config files, and answered
+# with one line on what this trainer does instead.  kohya's name -> (int for a value, None for a
+# switch; the line).
+_ATTENTION = ("attention already runs fused here: PyTorch's scaled_dot_product_attention on the command line, "
+              "the WebUI's own cross-attention optimisation (Settings > Optimizations) in the WebUI")
+_WORKERS = ("no data-loader worker processes here: latents and text-encoder outputs are cached before the first "
+            "step, and images that are not are read in the training process")
+KOHYA_NOTED: dict[str, tuple[type | None, str]] = {
+    "xformers": (None, _ATTENTION), "sdpa": (None, _ATTENTION), "mem_eff_attn": (None, _ATTENTION),
+    "max_data_loader_n_workers": (int, _WORKERS), "persistent_data_loader_workers": (None, _WORKERS),
+}
+
+
+def kohya_noted(name: str, value: Any) -> str | None:
+    """The line for kohya's ``name`` given as ``value`` (None when a switch is off)."""
+    kind, line = KOHYA_NOTED[name]
+    if kind is None:
+        if not isinstance(value, bool):
+            raise OptionError(name, f"expected true or false, got {value!r}")
+        return f"{name}: {line}" if value else None
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise OptionError(name, f"expected a whole number, got {value!r}")
+    return f"{name} {value}: {line}"
 
 _BY_KEY = {o.key: o for o in OPTIONS}
 _BY_NAME = {o.name: o for o in OPTIONS}
