@@ -573,6 +573,24 @@ def test_sample_prompt_options():
     assert wt.parse_sample_prompt("x --w wide", 64, 64, 3)["width"] == 64  # malformed options are ignored
 
 
+# WebUI 1.10.1's sampler names, transcribed from its modules/sd_samplers_kdiffusion.py (samplers_k_diffusion)
+# and modules/sd_samplers_timesteps.py (samplers_timesteps) at tag v1.10.1
+WEBUI_1_10_1_SAMPLERS = {
+    "DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 2S a", "DPM++ 3M SDE", "Euler a", "Euler",
+    "LMS", "Heun", "DPM2", "DPM2 a", "DPM fast", "DPM adaptive", "Restart", "DDIM", "DDIM CFG++", "PLMS", "UniPC"}
+
+
+def test_every_kohya_sampler_renders_with_a_webui_sampler():
+    from lib_lora.training.checks import KOHYA_SAMPLERS
+    for name in KOHYA_SAMPLERS:
+        for o in (wt.parse_sample_prompt("x", 64, 64, 0, sampler=name),
+                  wt.parse_sample_prompt(f"x --ss {name}", 64, 64, 0)):
+            assert o["sampler_name"] in WEBUI_1_10_1_SAMPLERS, name
+    # the two the WebUI has no exact match for: the multistep DPM++ 2M, and DPM2 (singlestep, no added noise)
+    assert [wt.parse_sample_prompt("x", 64, 64, 0, sampler=n)["sampler_name"] for n in ("dpmsolver", "dpmsingle")] == \
+        ["DPM++ 2M", "DPM2"]
+
+
 # -- the runner without the WebUI -------------------------------------------------------------------------
 
 

@@ -47,11 +47,14 @@ JOB_NAME = "lora-workshop-train"
 
 # -- sample prompts -------------------------------------------------------------------------------------
 
-# kohya's sampler names -> the WebUI's (training/sample_prompts.py parses the prompt lines)
+# kohya's sampler names (training.checks.KOHYA_SAMPLERS) -> the WebUI's (training/sample_prompts.py
+# parses the prompt lines).  The WebUI has no DPM-Solver of kohya's other two kinds: "dpmsolver"
+# (multistep, second order) renders with its multistep DPM++ 2M, "dpmsingle" (singlestep, second
+# order, no added noise) with its singlestep DPM2 rather than the ancestral DPM++ 2S a, which adds noise.
 _KOHYA_SAMPLERS = {"ddim": "DDIM", "pndm": "PLMS", "lms": "LMS", "euler": "Euler", "euler_a": "Euler a",
-                   "heun": "Heun", "dpm_2": "DPM2", "dpm_2_a": "DPM2 a", "dpmsolver++": "DPM++ 2M",
-                   "k_lms": "LMS", "k_euler": "Euler", "k_euler_a": "Euler a",
-                   "k_dpm_2": "DPM2", "k_dpm_2_a": "DPM2 a"}
+                   "heun": "Heun", "dpm_2": "DPM2", "dpm_2_a": "DPM2 a", "dpmsolver": "DPM++ 2M",
+                   "dpmsolver++": "DPM++ 2M", "dpmsingle": "DPM2", "k_lms": "LMS", "k_euler": "Euler",
+                   "k_euler_a": "Euler a", "k_dpm_2": "DPM2", "k_dpm_2_a": "DPM2 a"}
 
 
 def parse_sample_prompt(line: str, width: int, height: int, seed: int, steps: int = 20,
