@@ -391,8 +391,10 @@ def test_the_api_route_exports(tmp_path):
     r = client.post(f"{PREFIX}/train/export", json=body)
     assert r.status_code == 200, r.text
     assert toml_io.loads(r.json()["dataset_toml"])["datasets"][0]["subsets"][0]["num_repeats"] == 3
-    bad = client.post(f"{PREFIX}/train/export", json={"output_name": "c", "config_toml": "xformers = true"})
-    assert bad.status_code == 400 and "xformers" in bad.json()["detail"]
+    bad = client.post(f"{PREFIX}/train/export", json={"output_name": "c", "config_toml": "color_aug = true"})
+    assert bad.status_code == 400 and "color_aug" in bad.json()["detail"]
+    noted = client.post(f"{PREFIX}/train/export", json={**body, "config_toml": "xformers = true"})
+    assert noted.status_code == 200 and "config_toml: xformers: attention already runs fused" in noted.json()["notes"][0]
 
 
 def test_the_tab_fills_its_form_from_the_files_and_writes_them(tmp_path, monkeypatch):
