@@ -130,6 +130,29 @@ def test_output_config_round_trip(in_tmp, capsys):
     assert flat["network_train_unet_only"] is True and flat["pretrained_model_name_or_path"] == "m.safetensors"
 
 
+def test_output_config_keeps_the_sample_settings(in_tmp):
+    (in_tmp / "prompts.txt").write_text("zkx, robot --w 512 --h 768 --s 20 --d 1\nzkx --n blurry\n", encoding="utf-8")
+    ours = ["train", "img", "--base", "m.safetensors", "--out", "loras/r.safetensors", "--sample_prompts",
+            "prompts.txt", "--sample_every_n_epochs", "2", "--sample_every_n_steps", "50", "--sample_sampler",
+            "euler_a", "--sample_at_first", "--network_train_unet_only"]
+    assert main([*ours, "--config_file", "conf.toml", "--output_config"]) == 0
+    flat = {k: v for table in toml_io.loads((in_tmp / "conf.toml").read_text(encoding="utf-8")).values()
+            for k, v in table.items()}
+    # kohya's keys and format: the prompt file's path, as given
+    assert (flat["sample_prompts"], flat["sample_every_n_epochs"], flat["sample_every_n_steps"],
+            flat["sample_sampler"], flat["sample_at_first"]) == ("prompts.txt", 2, 50, "euler_a", True)
+    back = request(["train", "--config_file", "conf.toml"]).config
+    assert back == request(ours).config
+    assert back.sample_prompts == ["zkx, robot --w 512 --h 768 --s 20 --d 1", "zkx --n blurry"]
+    # the tab's and the API's export has no prompt file: the lines go in as a list, and read back
+    files = export_files(back)
+    assert toml_io.loads(files["config_toml"])["sample_images"]["sample_prompts"] == back.sample_prompts
+    again = build_request({"output_name": "r", "config_toml": files["config_toml"],
+                           "dataset_toml": files["dataset_toml"]}, in_tmp).config
+    assert (again.sample_prompts, again.sample_every_n_epochs, again.sample_sampler) == \
+        (back.sample_prompts, 2, "euler_a")
+
+
 def test_written_values_mean_the_same_to_kohya():
     flat = {k: v for table in config_data({}).values() for k, v in table.items()}
     # sd-scripts takes the step modulo these and has None for "off": our 0 is left out

@@ -306,7 +306,8 @@ def write_output_config(args: argparse.Namespace) -> Path:
         if args.output_name is not None:
             data["output_name"] = args.output_name
     extras = {key: getattr(args, dest) for key, dest in _CLI_DESTS.items()}
-    text = config_toml(data, extras)
+    prompts = getattr(args, "sample_prompts_file", None)  # kohya's config names the prompt file
+    text = config_toml(data, extras, prompts)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "x", encoding="utf-8") as f:  # "x": never replaces a file that appeared meanwhile
         f.write(text)

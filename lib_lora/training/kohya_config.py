@@ -248,10 +248,14 @@ def _as_kohya_reads(data: dict) -> dict:
     return out
 
 
-def config_data(data: dict, extras: dict | None = None) -> dict[str, dict[str, Any]]:
+def config_data(data: dict, extras: dict | None = None,
+                prompts_file: str | None = None) -> dict[str, dict[str, Any]]:
     """Request data (any key left out takes its default) as kohya's config: one table per section
     of the tab, every option's value (kohya's defaults differ from ours, so all are written, but for
-    values that mean "not set": None, an empty text, and kohya's None-is-off intervals at 0)."""
+    values that mean "not set": None, an empty text, and kohya's None-is-off intervals at 0).
+
+    ``sample_prompts`` is kohya's prompt file, ``prompts_file``, when there is one (the command
+    line's); else the prompt lines themselves, as a list (read back here; kohya needs a file)."""
     data = _as_kohya_reads(data)
     out: dict[str, dict[str, Any]] = {"input_and_output": {}}
     for key, value in (extras or {}).items():
@@ -272,6 +276,10 @@ def config_data(data: dict, extras: dict | None = None) -> dict[str, dict[str, A
     if conv:  # kohya's LoCon: conv_dim and conv_alpha in network_args
         alpha = net.get("conv_alpha", option("network.conv_alpha").default)
         out["network"]["network_args"] = [f"conv_dim={conv}", f"conv_alpha={alpha}"]
+    prompts = prompts_file if prompts_file else list(data.get("sample_prompts") or [])
+    if prompts:
+        out.setdefault(_table(option("sample_prompts")), {})["sample_prompts"] = \
+            str(prompts) if isinstance(prompts, (str, Path)) else prompts
     wd = data.get("weight_decay", option("weight_decay").default)
     args = {"weight_decay": wd} if wd != option("weight_decay").default else {}
     args.update(data.get("optimizer_args") or {})
@@ -280,8 +288,8 @@ def config_data(data: dict, extras: dict | None = None) -> dict[str, dict[str, A
     return {name: table for name, table in out.items() if table}
 
 
-def config_toml(data: dict, extras: dict | None = None) -> str:
-    return toml_io.dumps(config_data(data, extras))
+def config_toml(data: dict, extras: dict | None = None, prompts_file: str | None = None) -> str:
+    return toml_io.dumps(config_data(data, extras, prompts_file))
 
 
 def request_data(cfg: Any) -> dict:
