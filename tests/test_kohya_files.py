@@ -293,6 +293,20 @@ resolution = [128, 128]
     # by hand: at 64 the only bucket with sides 64..256 is 64x64; at 128 the buckets are 128x128, 64x256,
     # 192x64, 256x64 (and turned), of which 128x128's ratio is the nearest to 96x64's 1.5
     assert sorted(train) == [((64, 64), 1)] * 2 + [((128, 128), 2)] * 2
+
+    # the metadata, as train_network.py (v0.10.1) writes it for a dataset config: each dataset's
+    # resolution in ss_datasets and no ss_resolution; modelspec.resolution from --resolution (the
+    # fallback, here our default 512), not the first dataset's
+    from lib_lora.metadata import metadata_summary
+    from lib_lora.training.metadata import build_metadata
+    cfg = req.config
+    meta = build_metadata(family="sd1", prediction="epsilon", session_id="1", started_at=0.0, output_name="x",
+                          cfg=cfg, dataset=ds, model_name="m", model_hash="", legacy_hash="", steps=1, epoch=1,
+                          num_batches_per_epoch=1, max_steps=1, optimizer_desc="torch.optim.AdamW",
+                          resolution=cfg.dataset.reso)
+    assert "ss_resolution" not in meta and meta["modelspec.resolution"] == "512x512"
+    assert [d["resolution"] for d in json.loads(meta["ss_datasets"])] == [[64, 64], [128, 128]]
+    assert ("Resolution", "(64, 64), (128, 128)") in metadata_summary(meta)  # the cards show both
     # reg images balance against their own dataset: 2 samples there, so 2 of the 3 reg images, once each
     assert [i.repeats for i in ds.items if i.is_reg] == [1, 1] and len(ds.unused_reg) == 1
     assert any(p.kind == "duplicate_subset" for p in ds.problems)  # kohya's: a dataset takes a folder once
