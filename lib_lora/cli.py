@@ -141,6 +141,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .hosts.cli.samples import TrainingSamples, sampler_for
     from .hosts.cli.signals import StopOnSignal
     from .training import sample_prompts
+    from .training.checks import clip_skip_for
+    from .training.cli_args import noted_lines
     from .training.plan import make_plan
     from .training.trainer import Callbacks, Trainer
 
@@ -152,11 +154,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     console.enabled = plan.is_main
     for warning in _sample_warnings(cfg):
         console.log(f"warning: {warning}")
+    for line in noted_lines(args):  # kohya's options that set nothing here, answered
+        console.log(f"note: {line}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     ckpt = _load(args.base, console, device=device,
                  dtype=torch.float16 if device != "cpu" and cfg.mixed_precision == "fp16" else torch.float32)
+    skip, note = clip_skip_for(ckpt.family, plan.config.clip_skip)
+    if note:
+        console.log(f"warning: {note}")
     with Timer(console, f"hashing {Path(args.base).name}"):  # for the metadata; seconds for a large file
-        model = ckpt.trainable()
+        model = ckpt.trainable(clip_skip=skip)
     model.context = lambda: sdpa_attention(ckpt.unet)
     samples = TrainingSamples(ckpt, plan.config, plan.dataset.steps_per_epoch(plan.global_batch), console.log)
     model.render = samples.render

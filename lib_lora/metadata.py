@@ -74,11 +74,25 @@ def bucket_counts(meta: Mapping[str, Any]) -> list[tuple[str, int]]:
     return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
 
 
+def datasets_resolution(meta: Mapping[str, Any]) -> str | None:
+    """The resolutions in kohya's ``ss_datasets`` (written instead of ss_resolution when a dataset
+    config is trained), as ss_resolution spells one: "(512, 512), (768, 768)"; None without them."""
+    data = _json_value(meta.get("ss_datasets"))
+    sizes: list[str] = []
+    for d in data if isinstance(data, list) else ():
+        reso = d.get("resolution") if isinstance(d, dict) else None
+        if isinstance(reso, list) and len(reso) == 2 and all(isinstance(x, int) for x in reso):
+            sizes.append(f"({reso[0]}, {reso[1]})")
+    return ", ".join(dict.fromkeys(sizes)) or None
+
+
 def metadata_summary(meta: Mapping[str, Any]) -> list[tuple[str, str]]:
     """The training facts worth showing first, as (label, text); raw values, not HTML-escaped."""
     rows: list[tuple[str, str]] = []
     for key, label in _SUMMARY_KEYS:
         v = meta.get(key)
+        if key == "ss_resolution" and v is None:
+            v = datasets_resolution(meta)
         if v is None or str(v) in ("", "None"):
             continue
         rows.append((label, v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)))

@@ -57,6 +57,8 @@ class StandinWebUI:
         mp.setattr(shared, "opts", Options({}, set()))
         shared.opts.add_option("samples_format", OptionInfo("png"))
         shared.opts.add_option("extra_networks_default_multiplier", OptionInfo(1.0))
+        shared.opts.add_option("CLIP_stop_at_last_layers", OptionInfo(1))  # the WebUI's Clip skip settings
+        shared.opts.add_option("sdxl_clip_l_skip", OptionInfo(False))
         mp.setattr(shared, "state", shared_state.State())
         mp.setattr(shared, "sd_model", None)
         mp.setattr(call_queue, "queue_lock", fifo_lock.FIFOLock())

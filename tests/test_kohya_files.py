@@ -130,6 +130,29 @@ def test_output_config_round_trip(in_tmp, capsys):
     assert flat["network_train_unet_only"] is True and flat["pretrained_model_name_or_path"] == "m.safetensors"
 
 
+def test_output_config_keeps_the_sample_settings(in_tmp):
+    (in_tmp / "prompts.txt").write_text("zkx, robot --w 512 --h 768 --s 20 --d 1\nzkx --n blurry\n", encoding="utf-8")
+    ours = ["train", "img", "--base", "m.safetensors", "--out", "loras/r.safetensors", "--sample_prompts",
+            "prompts.txt", "--sample_every_n_epochs", "2", "--sample_every_n_steps", "50", "--sample_sampler",
+            "euler_a", "--sample_at_first", "--network_train_unet_only"]
+    assert main([*ours, "--config_file", "conf.toml", "--output_config"]) == 0
+    flat = {k: v for table in toml_io.loads((in_tmp / "conf.toml").read_text(encoding="utf-8")).values()
+            for k, v in table.items()}
+    # kohya's keys and format: the prompt file's path, as given
+    assert (flat["sample_prompts"], flat["sample_every_n_epochs"], flat["sample_every_n_steps"],
+            flat["sample_sampler"], flat["sample_at_first"]) == ("prompts.txt", 2, 50, "euler_a", True)
+    back = request(["train", "--config_file", "conf.toml"]).config
+    assert back == request(ours).config
+    assert back.sample_prompts == ["zkx, robot --w 512 --h 768 --s 20 --d 1", "zkx --n blurry"]
+    # the tab's and the API's export has no prompt file: the lines go in as a list, and read back
+    files = export_files(back)
+    assert toml_io.loads(files["config_toml"])["sample_images"]["sample_prompts"] == back.sample_prompts
+    again = build_request({"output_name": "r", "config_toml": files["config_toml"],
+                           "dataset_toml": files["dataset_toml"]}, in_tmp).config
+    assert (again.sample_prompts, again.sample_every_n_epochs, again.sample_sampler) == \
+        (back.sample_prompts, 2, "euler_a")
+
+
 def test_written_values_mean_the_same_to_kohya():
     flat = {k: v for table in config_data({}).values() for k, v in table.items()}
     # sd-scripts takes the step modulo these and has None for "off": our 0 is left out
@@ -144,11 +167,11 @@ def test_written_values_mean_the_same_to_kohya():
 
 
 def test_unknown_keys_are_refused_by_name(in_tmp, capsys):
-    text = KOHYA_OUTPUT.read_text(encoding="utf-8") + "xformers = true\npersistent_data_loader_workers = true\n"
+    text = KOHYA_OUTPUT.read_text(encoding="utf-8") + "color_aug = true\nfull_fp16 = true\n"
     (in_tmp / "k.toml").write_text(text, encoding="utf-8")
     assert main(["train", "--config_file", "k.toml"]) == 2
     err = capsys.readouterr().err
-    assert "xformers" in err and "persistent_data_loader_workers" in err
+    assert "color_aug" in err and "full_fp16" in err
     with pytest.raises(ConfigFileError, match="one value serves every text encoder"):
         read_config({"text_encoder_lr": [5e-5, 1e-5]})
     with pytest.raises(ConfigFileError, match="algo=loha"):
@@ -270,6 +293,20 @@ resolution = [128, 128]
     # by hand: at 64 the only bucket with sides 64..256 is 64x64; at 128 the buckets are 128x128, 64x256,
     # 192x64, 256x64 (and turned), of which 128x128's ratio is the nearest to 96x64's 1.5
     assert sorted(train) == [((64, 64), 1)] * 2 + [((128, 128), 2)] * 2
+
+    # the metadata, as train_network.py (v0.10.1) writes it for a dataset config: each dataset's
+    # resolution in ss_datasets and no ss_resolution; modelspec.resolution from --resolution (the
+    # fallback, here our default 512), not the first dataset's
+    from lib_lora.metadata import metadata_summary
+    from lib_lora.training.metadata import build_metadata
+    cfg = req.config
+    meta = build_metadata(family="sd1", prediction="epsilon", session_id="1", started_at=0.0, output_name="x",
+                          cfg=cfg, dataset=ds, model_name="m", model_hash="", legacy_hash="", steps=1, epoch=1,
+                          num_batches_per_epoch=1, max_steps=1, optimizer_desc="torch.optim.AdamW",
+                          resolution=cfg.dataset.reso)
+    assert "ss_resolution" not in meta and meta["modelspec.resolution"] == "512x512"
+    assert [d["resolution"] for d in json.loads(meta["ss_datasets"])] == [[64, 64], [128, 128]]
+    assert ("Resolution", "(64, 64), (128, 128)") in metadata_summary(meta)  # the cards show both
     # reg images balance against their own dataset: 2 samples there, so 2 of the 3 reg images, once each
     assert [i.repeats for i in ds.items if i.is_reg] == [1, 1] and len(ds.unused_reg) == 1
     assert any(p.kind == "duplicate_subset" for p in ds.problems)  # kohya's: a dataset takes a folder once
@@ -391,8 +428,10 @@ def test_the_api_route_exports(tmp_path):
     r = client.post(f"{PREFIX}/train/export", json=body)
     assert r.status_code == 200, r.text
     assert toml_io.loads(r.json()["dataset_toml"])["datasets"][0]["subsets"][0]["num_repeats"] == 3
-    bad = client.post(f"{PREFIX}/train/export", json={"output_name": "c", "config_toml": "xformers = true"})
-    assert bad.status_code == 400 and "xformers" in bad.json()["detail"]
+    bad = client.post(f"{PREFIX}/train/export", json={"output_name": "c", "config_toml": "color_aug = true"})
+    assert bad.status_code == 400 and "color_aug" in bad.json()["detail"]
+    noted = client.post(f"{PREFIX}/train/export", json={**body, "config_toml": "xformers = true"})
+    assert noted.status_code == 200 and "config_toml: xformers: attention already runs fused" in noted.json()["notes"][0]
 
 
 def test_the_tab_fills_its_form_from_the_files_and_writes_them(tmp_path, monkeypatch):
@@ -542,3 +581,49 @@ def test_python_3_10_reads_toml_with_the_toml_package(monkeypatch):
     assert toml_io.loads(text) == tomllib.loads(text)
     with pytest.raises(toml_io.TomlError, match="d.toml: not valid TOML"):
         toml_io.loads("a = ", "d.toml")
+
+
+# -- kohya's options that set nothing here ----------------------------------------------------------
+
+NOTED = [(["--xformers"], "xformers: attention already runs fused here"),
+         (["--sdpa"], "sdpa: attention already runs fused here"),
+         (["--mem_eff_attn"], "mem_eff_attn: attention already runs fused here"),
+         (["--max_data_loader_n_workers", "8"], "max_data_loader_n_workers 8: no data-loader worker processes here"),
+         (["--persistent_data_loader_workers"], "persistent_data_loader_workers: no data-loader worker processes")]
+
+
+@pytest.mark.parametrize("flags,line", NOTED)
+def test_kohyas_attention_and_loader_options_are_taken_and_answered(in_tmp, flags, line):
+    from lib_lora.training.cli_args import noted_lines
+    base = ["train", "img", "--base", "m.safetensors", "--out", "o.safetensors"]
+    for spelled in (flags, [flags[0].replace("_", "-"), *flags[1:]]):
+        args = build_parser().parse_args([*base, *spelled])
+        (got,) = noted_lines(args)
+        assert got.startswith(line)
+        assert request([*base, *spelled]).config == request(base).config  # they set nothing
+    assert noted_lines(build_parser().parse_args(base)) == []
+
+
+def test_config_files_with_them_are_read_and_answered(in_tmp):
+    from lib_lora.training.cli_args import noted_lines
+    from lib_lora.training.kohya_config import noted
+    text = KOHYA_OUTPUT.read_text(encoding="utf-8") + \
+        "xformers = true\nsdpa = false\nmax_data_loader_n_workers = 4\npersistent_data_loader_workers = true\n"
+    (in_tmp / "k.toml").write_text(text, encoding="utf-8")
+    data, extras = read_config(toml_io.loads(text))
+    assert [line.split(":")[:2] for line in noted(extras, "k.toml")] == \
+        [["k.toml", " xformers"], ["k.toml", " max_data_loader_n_workers 4"],
+         ["k.toml", " persistent_data_loader_workers"]]  # sdpa = false: nothing to say
+    parser = build_parser()
+    argv = ["train", "--config_file", "k.toml", "--max-data-loader-n-workers", "2"]
+    args, _ = with_config_file(_subparser(parser, parser.parse_args(argv)), argv, parser.parse_args(argv))
+    assert [line.split(":")[0] for line in noted_lines(args)] == \
+        ["xformers", "max_data_loader_n_workers 2", "persistent_data_loader_workers"]  # the command line wins
+    assert request(["train", "--config_file", "k.toml"]).config == request(["train", *README_KOHYA]).config
+    api = build_request({"output_name": "x", "config_toml": text, "dataset": {"train_dir": str(in_tmp / "img")}},
+                        in_tmp)
+    assert any(n.startswith("config_toml: xformers: attention already runs fused") for n in api.notes)
+    for bad, message in (("xformers = 'yes'", "expected true or false"),
+                         ("max_data_loader_n_workers = 1.5", "expected a whole number")):
+        with pytest.raises(ConfigFileError, match=message):
+            read_config(toml_io.loads(bad))

@@ -1,5 +1,5 @@
 """kohya's options the trainer now has (issue 14): network_weights, prior_loss_weight, unet_lr,
-v_parameterization, and clip_skip accepted only where it matches what is trained."""
+v_parameterization, and clip_skip."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -122,8 +122,10 @@ def test_v_parameterization_says_what_the_model_predicts(data, tmp_path, vae):
     assert v_model.prediction == "v"  # the host's model object is left as it was
 
 
-def test_clip_skip_other_than_the_last_layer_is_refused(data, tmp_path):
+def test_clip_skip_is_accepted_within_the_text_encoders_layers(data, tmp_path):
+    """Clip skip 2 and above are trained now (tests/test_clip_skip.py checks the conditioning)."""
     assert config(data, tmp_path, clip_skip=1).clip_skip == 1
-    for bad in (0, 2):
-        with pytest.raises(OptionError, match="clip skip 2 and above are not implemented"):
+    assert config(data, tmp_path, clip_skip=2).clip_skip == 2
+    for bad in (0, 13):
+        with pytest.raises(OptionError, match="clip_skip: must be a whole number at least 1 and at most 12"):
             config(data, tmp_path, clip_skip=bad)

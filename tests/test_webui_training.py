@@ -405,6 +405,24 @@ def test_sample_prompt_options():
     assert wt.parse_sample_prompt("x --w wide", 64, 64, 3)["width"] == 64  # malformed options are ignored
 
 
+# WebUI 1.10.1's sampler names, transcribed from its modules/sd_samplers_kdiffusion.py (samplers_k_diffusion)
+# and modules/sd_samplers_timesteps.py (samplers_timesteps) at tag v1.10.1
+WEBUI_1_10_1_SAMPLERS = {
+    "DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 2S a", "DPM++ 3M SDE", "Euler a", "Euler",
+    "LMS", "Heun", "DPM2", "DPM2 a", "DPM fast", "DPM adaptive", "Restart", "DDIM", "DDIM CFG++", "PLMS", "UniPC"}
+
+
+def test_every_kohya_sampler_renders_with_a_webui_sampler():
+    from lib_lora.training.checks import KOHYA_SAMPLERS
+    for name in KOHYA_SAMPLERS:
+        for o in (wt.parse_sample_prompt("x", 64, 64, 0, sampler=name),
+                  wt.parse_sample_prompt(f"x --ss {name}", 64, 64, 0)):
+            assert o["sampler_name"] in WEBUI_1_10_1_SAMPLERS, name
+    # the two the WebUI has no exact match for: the multistep DPM++ 2M, and DPM2 (singlestep, no added noise)
+    assert [wt.parse_sample_prompt("x", 64, 64, 0, sampler=n)["sampler_name"] for n in ("dpmsolver", "dpmsingle")] == \
+        ["DPM++ 2M", "DPM2"]
+
+
 # -- the runner without the WebUI -------------------------------------------------------------------------
 
 
@@ -498,3 +516,94 @@ def test_tab_is_registered_and_built_with_gradio(training_webui):
     pytest.importorskip("gradio")  # the WebUI's gradio 3.41 is not installed here (it pins numpy<2)
     tabs = script_callbacks.ui_tabs_callback()
     assert [(title, elem_id) for _, title, elem_id in tabs] == [("LoRA Workshop", "lora_workshop")]
+
+
+# -- clip skip: the run's, not the WebUI's setting, which is given back ------------------------------------------
+
+
+def _clip_reference(sd_model, texts, skip):
+    """sd-scripts' SD1 clip skip, from the HF text model itself: hidden state ``skip`` from the end, final LN."""
+    import open_clip
+    te = sd_model.cond_stage_model.wrapped.transformer
+    out = te(input_ids=open_clip.tokenize(texts), output_hidden_states=True)
+    return te.text_model.final_layer_norm(out.hidden_states[-skip]) if skip > 1 else out.last_hidden_state
+
+
+def test_sd1_encodes_at_the_runs_clip_skip_and_gives_the_users_setting_back(sd_model, monkeypatch):
+    monkeypatch.setitem(shared.opts.data, trainable.CLIP_SKIP_OPT, 3)  # the user's Clip skip setting
+    with torch.no_grad():
+        two = trainable.trainable_model(sd_model, clip_skip=2).encode_text(["a cat", "zkx"]).context
+        unset = trainable.trainable_model(sd_model).encode_text(["a cat", "zkx"]).context
+        torch.testing.assert_close(two, _clip_reference(sd_model, ["a cat", "zkx"], 2))
+        torch.testing.assert_close(unset, _clip_reference(sd_model, ["a cat", "zkx"], 1))  # unset is 1, as kohya
+        assert not torch.allclose(two, unset, atol=1e-3)
+    assert shared.opts.CLIP_stop_at_last_layers == 3
+    assert trainable.trainable_model(sd_model, clip_skip=2).clip_skip == 2
+    assert "the WebUI's Clip skip setting (3) stays for generations" in \
+        trainable.clip_skip_note(sd_model, "sd1", 2)
+    assert trainable.clip_skip_note(sd_model, "sd1", 3) is None
+
+    def fails(*a, **k):
+        assert shared.opts.CLIP_stop_at_last_layers == 2
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(sd_model.cond_stage_model.wrapped.transformer, "forward", fails)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        trainable.trainable_model(sd_model, clip_skip=2).encode_text(["a cat"])
+    assert shared.opts.CLIP_stop_at_last_layers == 3  # given back on error too
+
+
+def test_sd2_sets_the_embedders_layer_and_sdxl_holds_clip_skip_sdxl_off(monkeypatch):
+    """The WebUI's SD2 embedder ignores its Clip skip setting and stops ``layer_idx`` blocks before the
+    end (1: penultimate, sd-scripts' clip skip 1); SDXL's "Clip skip SDXL" would change CLIP-L's layer,
+    which sd-scripts never does."""
+    seen = []
+
+    class Embedder(nn.Module):
+        layer_idx = 1
+
+    class Cond(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wrapped = Embedder()
+
+        def forward(self, texts):
+            seen.append(self.wrapped.layer_idx)
+            return torch.zeros(len(texts), 77, 8)
+
+    unet = nn.Conv2d(4, 4, 1)
+    unet.in_channels = 4
+    sd2 = types.SimpleNamespace(is_sd1=False, is_sd2=True, is_sdxl=False, is_sd3=False, cond_stage_model=Cond(),
+                                model=types.SimpleNamespace(diffusion_model=unet), first_stage_model=nn.Linear(1, 1),
+                                alphas_cumprod=torch.linspace(0.99, 0.01, 10), parameterization="v")
+    monkeypatch.setattr(trainable, "text_encoder_roots", lambda m, f: [("te", nn.Linear(1, 1))])
+    for skip in (2, None, 1):
+        trainable.trainable_model(sd2, model_map=object(), clip_skip=skip).encode_text(["a"])
+    assert seen == [2, 1, 1] and sd2.cond_stage_model.wrapped.layer_idx == 1
+
+    monkeypatch.setitem(shared.opts.data, trainable.SDXL_CLIP_L_SKIP_OPT, True)
+    flags = []
+    sdxl = types.SimpleNamespace(is_sd1=False, is_sd2=False, is_sdxl=True, is_sd3=False,
+                                 model=types.SimpleNamespace(diffusion_model=unet), conditioner=FakeConditioner(),
+                                 first_stage_model=nn.Linear(1, 1), alphas_cumprod=torch.linspace(0.99, 0.01, 10))
+    forward = FakeConditioner.forward
+    monkeypatch.setattr(FakeConditioner, "forward",
+                        lambda self, batch: flags.append(shared.opts.sdxl_clip_l_skip) or forward(self, batch))
+    m = trainable.trainable_model(sdxl, model_map=object(), clip_skip=2)
+    m.encode_text(["a"])
+    assert flags == [False] and shared.opts.sdxl_clip_l_skip is True and m.clip_skip is None
+    assert "Clip skip SDXL" in trainable.clip_skip_note(sdxl, "sdxl", None)
+
+
+def test_a_run_at_clip_skip_2_samples_and_records_it(training_webui, sd_model, data):
+    client = training_webui.start()
+    during = []
+    processing.process_callbacks.append(lambda p: during.append(shared.opts.CLIP_stop_at_last_layers))
+    r = client.post("/lora-workshop/v1/train", json=request(
+        data, name="cs2", clip_skip=2, sample_every_n_steps=4, sample_prompts=["zkx --s 1"]))
+    st = training_webui.wait(r.json()["id"])
+    assert st["state"] == "finished", st
+    assert during == [2] and shared.opts.CLIP_stop_at_last_layers == 1  # samples see it; the user's is back
+    assert any("captions are encoded at clip skip 2" in line for line in st["log"])
+    meta = read_header(training_webui.lora_dir / "cs2.safetensors").metadata
+    assert (meta["ss_clip_skip"], meta["modelspec.encoder_layer"]) == ("2", "2")

@@ -50,8 +50,13 @@ class CLIPWithCustomWords(nn.Module):     # sd_hijack's wrapper: the original is
         self.wrapped = wrapped
 
     def forward(self, texts):
+        # as WebUI 1.10.1 encodes: at Clip skip N > 1, the hidden state N from the end, then the final layer norm
         import open_clip
-        return self.wrapped.transformer(input_ids=open_clip.tokenize(list(texts))).last_hidden_state
+        skip = shared.opts.CLIP_stop_at_last_layers
+        out = self.wrapped.transformer(input_ids=open_clip.tokenize(list(texts)), output_hidden_states=True)
+        if skip > 1:
+            return self.wrapped.transformer.text_model.final_layer_norm(out.hidden_states[-skip])
+        return out.last_hidden_state
 
 
 class DiffusionWrapper(nn.Module):

@@ -6,8 +6,9 @@ Nothing is copied or reloaded: the trainer gets the WebUI's own modules (``sd_mo
 paths around them:
 
 - captions -> conditioning: SD1/SD2 call ``sd_model.cond_stage_model(captions)`` (the hijacked
-  embedder the WebUI prompts through: emphasis, embeddings, clip skip, >75 tokens) like the
-  WebUI's embedding training does; SDXL calls ``sd_model.conditioner(batch)`` with per-image
+  embedder the WebUI prompts through: emphasis, embeddings, >75 tokens) like the WebUI's
+  embedding training does, at the run's clip skip (``text_encoding``), not the WebUI's Clip skip
+  setting, which stays the user's for generations; SDXL calls ``sd_model.conditioner(batch)`` with per-image
   ``original_size_as_tuple`` / ``crop_coords_top_left`` / ``target_size_as_tuple`` and takes
   ``crossattn`` and ``vector``.  sgm runs embedders without gradients unless ``is_trainable``,
   so that flag (and ``ucg_rate`` = 0) is set for the duration of the call only.
@@ -139,9 +140,81 @@ def _no_embedding_names() -> Iterator[None]:
         db.ids_lookup = lookup
 
 
-def trainable_model(sd_model: Any, render: Callable[..., list] | None = None, model_map=None) -> TrainableModel:
-    """Wrap the WebUI's loaded model (call ``refusal`` first)."""
+# the WebUI's settings its embedders read (modules/sd_hijack_clip.py, v1.10.1)
+CLIP_SKIP_OPT, SDXL_CLIP_L_SKIP_OPT = "CLIP_stop_at_last_layers", "sdxl_clip_l_skip"
+
+
+@contextmanager
+def _options(values: dict[str, Any]) -> Iterator[None]:
+    """WebUI settings held at ``values`` for the ``with`` block, then given back (even on error).
+
+    Written into ``opts.data`` (what ``opts.X`` reads) without saving or callbacks; a value the
+    user changed meanwhile is theirs and stays."""
+    data = shared.opts.data
+    saved = {k: data[k] for k in values if k in data}
+    data.update(values)
+    try:
+        yield
+    finally:
+        for k, v in values.items():
+            if data.get(k) == v:
+                if k in saved:
+                    data[k] = saved[k]
+                else:
+                    data.pop(k, None)
+
+
+@contextmanager
+def text_encoding(sd_model: Any, family: str, clip_skip: int | None) -> Iterator[None]:
+    """The WebUI's embedders set to encode as sd-scripts trains, for the ``with`` block only.
+
+    SD1: the Clip skip setting at ``clip_skip`` (unset: 1); the WebUI then takes the hidden state
+    that far from the end and applies the final layer norm, as sd-scripts does.  SD2: the WebUI
+    ignores its Clip skip setting; its embedder stops ``layer_idx`` blocks before the end
+    (penultimate = 1, which is sd-scripts' clip skip 1), so that is set.  SDXL: sd-scripts
+    ignores clip skip, so the "Clip skip SDXL" setting is held off (the first text encoder's
+    fixed penultimate layer)."""
+    if family == "sdxl":
+        with _options({SDXL_CLIP_L_SKIP_OPT: False}):
+            yield
+        return
+    if family == "sd1":
+        with _options({CLIP_SKIP_OPT: int(clip_skip or 1)}):
+            yield
+        return
+    embedder = getattr(sd_model.cond_stage_model, "wrapped", None)
+    if clip_skip is None or getattr(embedder, "layer_idx", None) == clip_skip:
+        yield
+        return
+    if not hasattr(embedder, "layer_idx"):
+        raise RuntimeError(f"clip_skip {clip_skip}: the loaded SD2 model's text encoder has no layer_idx to set")
+    before = embedder.layer_idx
+    embedder.layer_idx = int(clip_skip)
+    try:
+        yield
+    finally:
+        embedder.layer_idx = before
+
+
+def clip_skip_note(sd_model: Any, family: str, clip_skip: int | None) -> str | None:
+    """A line for the job's log when the WebUI's own setting differs from what training uses."""
+    opts = shared.opts
+    users = getattr(opts, CLIP_SKIP_OPT, 1)
+    if family == "sd1" and users != (clip_skip or 1):
+        return (f"captions are encoded at clip skip {clip_skip or 1} (the run's clip_skip; unset = 1, as in "
+                f"sd-scripts); the WebUI's Clip skip setting ({users}) stays for generations")
+    if family == "sdxl" and getattr(opts, SDXL_CLIP_L_SKIP_OPT, False) is True:
+        return ("the WebUI's \"Clip skip SDXL\" setting is on: training encodes without it (SDXL's fixed layers, "
+                "as sd-scripts does); it stays on for generations")
+    return None
+
+
+def trainable_model(sd_model: Any, render: Callable[..., list] | None = None, model_map=None,
+                    clip_skip: int | None = None) -> TrainableModel:
+    """Wrap the WebUI's loaded model (call ``refusal`` first); captions are encoded at ``clip_skip``
+    (kohya's; SDXL ignores it, see ``training.checks.clip_skip_for``)."""
     family = model_family(sd_model)
+    skip = None if family == "sdxl" else clip_skip
     unet = unet_root(sd_model)
     tes = text_encoder_roots(sd_model, family)
     device = _param(unet).device
@@ -167,7 +240,7 @@ def trainable_model(sd_model: Any, render: Callable[..., list] | None = None, mo
                 for e in embedders:
                     e.is_trainable = True   # sgm wraps non-trainable embedders in no_grad; the trainer decides
                     e.ucg_rate = 0.0        # no random caption dropout inside the conditioner
-                with _no_embedding_names():
+                with _no_embedding_names(), text_encoding(sd_model, family, None):
                     out = sd_model.conditioner(batch)
             finally:
                 for e, trainable, ucg in saved:
@@ -177,7 +250,7 @@ def trainable_model(sd_model: Any, render: Callable[..., list] | None = None, mo
         resolution = 768 if (family == "sd2" and v_pred) else 512
 
         def encode_text(captions: list[str], sizes=None) -> Conditioning:
-            with _no_embedding_names():
+            with _no_embedding_names(), text_encoding(sd_model, family, skip):
                 context = sd_model.cond_stage_model([literal_caption(c) for c in captions])
             return Conditioning(context.to(unet_dtype))
 
@@ -204,7 +277,8 @@ def trainable_model(sd_model: Any, render: Callable[..., list] | None = None, mo
         family=family, unet=unet, text_encoders=tes, encode_text=encode_text, encode_images=encode_images,
         alphas_cumprod=acp, prediction="v" if v_pred else "epsilon", device=device, model_name=model_name,
         model_hash=getattr(info, "sha256", None) or "", legacy_hash=getattr(info, "hash", None) or "",
-        resolution=resolution, model_map=model_map, render=render)
+        resolution=resolution, model_map=model_map, render=render, clip_skip=skip)
 
 
-__all__ = ["loaded_model", "refusal", "checkpoint_change_pending", "trainable_model"]
+__all__ = ["loaded_model", "refusal", "checkpoint_change_pending", "trainable_model", "text_encoding",
+           "clip_skip_note"]

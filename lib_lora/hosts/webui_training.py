@@ -29,6 +29,7 @@ from modules import paths, shared
 
 from .. import families
 from ..training import sample_prompts
+from ..training.checks import clip_skip_for
 from ..training.host import TrainingHost, TrainingRefused
 from ..training.job import Job
 from ..training.jobs import JobRunner
@@ -37,18 +38,22 @@ from . import webui_interleave as interleave
 from .webui import PerWorkshop, Workshop
 from .webui_host import log
 from .webui_model import model_family, unet_root
-from .webui_trainable import checkpoint_change_pending, loaded_model, refusal, trainable_model
+from .webui_trainable import (checkpoint_change_pending, clip_skip_note, loaded_model, refusal, text_encoding,
+                              trainable_model)
 
 JOB_NAME = "lora-workshop-train"
 
 
 # -- sample prompts -------------------------------------------------------------------------------------
 
-# kohya's sampler names -> the WebUI's (training/sample_prompts.py parses the prompt lines)
+# kohya's sampler names (training.checks.KOHYA_SAMPLERS) -> the WebUI's (training/sample_prompts.py
+# parses the prompt lines).  The WebUI has no DPM-Solver of kohya's other two kinds: "dpmsolver"
+# (multistep, second order) renders with its multistep DPM++ 2M, "dpmsingle" (singlestep, second
+# order, no added noise) with its singlestep DPM2 rather than the ancestral DPM++ 2S a, which adds noise.
 _KOHYA_SAMPLERS = {"ddim": "DDIM", "pndm": "PLMS", "lms": "LMS", "euler": "Euler", "euler_a": "Euler a",
-                   "heun": "Heun", "dpm_2": "DPM2", "dpm_2_a": "DPM2 a", "dpmsolver++": "DPM++ 2M",
-                   "k_lms": "LMS", "k_euler": "Euler", "k_euler_a": "Euler a",
-                   "k_dpm_2": "DPM2", "k_dpm_2_a": "DPM2 a"}
+                   "heun": "Heun", "dpm_2": "DPM2", "dpm_2_a": "DPM2 a", "dpmsolver": "DPM++ 2M",
+                   "dpmsolver++": "DPM++ 2M", "dpmsingle": "DPM2", "k_lms": "LMS", "k_euler": "Euler",
+                   "k_euler_a": "Euler a", "k_dpm_2": "DPM2", "k_dpm_2_a": "DPM2 a"}
 
 
 def parse_sample_prompt(line: str, width: int, height: int, seed: int, steps: int = 20,
@@ -109,8 +114,13 @@ class WebUITrainingHost(TrainingHost):
             job.log(f"restored the model's original weights ({restored} layers had LoRAs merged)")
         self._no_token_merging(sd_model)
         mm = self.workshop.host.model_map(sd_model)
+        family = model_family(sd_model)
+        skip, note = clip_skip_for(family, job.config.clip_skip)
+        for line in (note, clip_skip_note(sd_model, family, skip)):
+            if line:
+                job.log(line)
         self._trained = (sd_model, unet_root(sd_model))
-        return trainable_model(sd_model, render=self._renderer(job, sd_model), model_map=mm)
+        return trainable_model(sd_model, render=self._renderer(job, sd_model, skip), model_map=mm, clip_skip=skip)
 
     @staticmethod
     def _no_token_merging(sd_model: Any) -> None:
@@ -120,8 +130,9 @@ class WebUITrainingHost(TrainingHost):
         if apply is not None:
             apply(sd_model, 0)
 
-    def _renderer(self, job: Job, sd_model: Any) -> Callable[..., list]:
+    def _renderer(self, job: Job, sd_model: Any, clip_skip: int | None) -> Callable[..., list]:
         w, h = job.config.dataset.reso
+        family = model_family(sd_model)
 
         def render(prompts: list[str], seed: int = 0) -> list:
             from modules import processing
@@ -140,7 +151,8 @@ class WebUITrainingHost(TrainingHost):
                 p.cached_c = [None, None]
                 p.cached_uc = [None, None]
                 try:
-                    processed = processing.process_images(p)
+                    with text_encoding(sd_model, family, clip_skip):  # the samples see what training sees
+                        processed = processing.process_images(p)
                 finally:
                     close = getattr(p, "close", None)
                     if callable(close):

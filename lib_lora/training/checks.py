@@ -28,6 +28,19 @@ KOHYA_SAMPLERS = ("ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "d
                   "dpmsingle", "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a")
 
 
+CLIP_SKIP_MAX = 12  # the WebUI's Clip skip setting goes to 12, the layers of SD1's text encoder
+
+
+def clip_skip_for(family: str, clip_skip: int | None) -> tuple[int | None, str | None]:
+    """The clip skip a host encodes captions with for ``family``, and a note when that is not the
+    one asked for: SDXL's text encoders have fixed layers, and sd-scripts ignores clip_skip for
+    SDXL (with a warning) while still recording it as ss_clip_skip; so does this trainer."""
+    if family == "sdxl" and clip_skip is not None:
+        return None, (f"clip_skip {clip_skip} is ignored for SDXL, as sd-scripts ignores it: SDXL's text encoders "
+                      "use their fixed layers (ss_clip_skip still records it)")
+    return clip_skip, None
+
+
 def check_optimizer(name: Any) -> tuple[str, str, str] | None:
     """The package entry for ``name``; OptionError if unknown or its package is not installed."""
     if not isinstance(name, str) or name.lower() not in OPTIMIZERS:
@@ -50,9 +63,11 @@ def check_logging(log_with: Any, logging_dir: Any) -> None:
                                       "(pip install tensorboard)")
 
 
-def integer(option: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise OptionError(option, f"must be a whole number of at least {minimum} (got {value!r})")
+def integer(option: str, value: Any, minimum: int, maximum: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or \
+            (maximum is not None and value > maximum):
+        bound = f"at least {minimum}" + (f" and at most {maximum}" if maximum is not None else "")
+        raise OptionError(option, f"must be a whole number {bound} (got {value!r})")
 
 
 def number(option: str, value: Any, minimum: float = 0.0, above: bool = False, maximum: float | None = None) -> None:

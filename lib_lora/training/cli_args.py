@@ -21,7 +21,7 @@ from . import sample_prompts, toml_io
 from .kohya_config import ALGOS, config_path, config_toml, load_config, network_args, \
     optimizer_args
 from .kohya_dataset import read_dataset_config
-from .options import AUTO_ON_OFF, GROUPS, OPTIONS, REQUIRED, Option, OptionError, option
+from .options import AUTO_ON_OFF, GROUPS, KOHYA_NOTED, OPTIONS, REQUIRED, Option, OptionError, kohya_noted, option
 
 IO_GROUP = "Input and output"
 _HELP_GROUPS = [IO_GROUP] + [g for g, _ in GROUPS]
@@ -137,6 +137,24 @@ def add_train_arguments(sp: argparse.ArgumentParser) -> None:
     groups["Optimizer and schedule"].add_argument(
         *spellings("optimizer_args"), dest="kohya_optimizer_args", nargs="+", metavar="KEY=VALUE", default=[],
         help="keyword arguments of the optimiser, e.g. weight_decay=0.1 betas=0.9,0.99 (default: unset)")
+    for name, (kind, line) in KOHYA_NOTED.items():  # kohya's, accepted and answered (options.KOHYA_NOTED)
+        kw: dict[str, Any] = {"action": "store_true"} if kind is None else {"type": kind, "metavar": "N"}
+        shown = "off" if kind is None else "unset"
+        groups["Advanced"].add_argument(*spellings(name), dest=_noted_dest(name), default=None,
+                                        help=f"kohya's; sets nothing: {line} (default: {shown})".replace("%", "%%"),
+                                        **kw)
+
+
+def _noted_dest(name: str) -> str:
+    return f"kohya_noted_{name}"
+
+
+def noted_lines(args: argparse.Namespace) -> list[str]:
+    """What kohya's options that set nothing here (given on the command line or in --config_file) get
+    instead, one line each."""
+    lines = [kohya_noted(name, getattr(args, _noted_dest(name), None)) for name in KOHYA_NOTED
+             if getattr(args, _noted_dest(name), None) is not None]
+    return [line for line in lines if line]
 
 
 def _one(option: str, ours: Any, theirs: Any, what: str) -> Any:
@@ -235,6 +253,8 @@ def with_config_file(sp: argparse.ArgumentParser, argv: list[str],
     for key, value in extras.items():
         if key in _CLI_DESTS:
             setattr(ns, _CLI_DESTS[key], value)
+        elif key in KOHYA_NOTED:
+            setattr(ns, _noted_dest(key), value)
     lists = {k: extras[k] for k in ("network_args", "optimizer_args") if k in extras}
     from_lists = set(network_args(lists.get("network_args", []))) | \
         set(optimizer_args(lists.get("optimizer_args", [])))
@@ -286,7 +306,8 @@ def write_output_config(args: argparse.Namespace) -> Path:
         if args.output_name is not None:
             data["output_name"] = args.output_name
     extras = {key: getattr(args, dest) for key, dest in _CLI_DESTS.items()}
-    text = config_toml(data, extras)
+    prompts = getattr(args, "sample_prompts_file", None)  # kohya's config names the prompt file
+    text = config_toml(data, extras, prompts)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "x", encoding="utf-8") as f:  # "x": never replaces a file that appeared meanwhile
         f.write(text)

@@ -44,7 +44,7 @@ class TrainConfig:
     min_snr_gamma: float | None = _d("min_snr_gamma")
     noise_offset: float = _d("noise_offset")
     v_parameterization: bool | None = _d("v_parameterization")  # None: the model's own prediction type
-    clip_skip: int | None = _d("clip_skip")         # only 1 (the last layer) is accepted
+    clip_skip: int | None = _d("clip_skip")         # kohya's: SD1/SD2 layer from the end (None: the last)
     mixed_precision: str = _d("mixed_precision")    # no, fp16, bf16 (GPU only)
     gradient_checkpointing: bool = _d("gradient_checkpointing")  # recompute UNet blocks in backward
     # frozen layers keep less for backward (frozen_layers.py).  None: on CPU only, where they are

@@ -8,7 +8,8 @@ command line to the ``--config_file`` path instead of training, and refuses to r
 
 Keys are kohya's argument names (the schema's ``kohya``, options.py), or this project's option
 names for the options kohya has not (``save_last_k``, ``lean_frozen_layers``).  A key neither
-knows is refused by name: a setting is never dropped.  ``--network_args`` and ``--optimizer_args``
+knows is refused by name: a setting is never dropped.  kohya's options that set nothing here
+(``xformers``, loader workers: options.KOHYA_NOTED) are taken and answered with a line.  ``--network_args`` and ``--optimizer_args``
 are kohya's ``KEY=VALUE`` lists, read here for the command line as well.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 from . import sample_prompts, toml_io
 from .errors import RequestError
 from .kohya_dataset import dataset_config_data
-from .options import AUTO_ON_OFF, OPTIONS, REQUIRED, Option, OptionError, option
+from .options import AUTO_ON_OFF, KOHYA_NOTED, OPTIONS, REQUIRED, Option, OptionError, kohya_noted, option
 
 # kohya's --network_args key "algo" names the LyCORIS kind networks.lora trains
 ALGOS = ("lora", "locon")
@@ -132,10 +133,11 @@ def read_config(data: dict, source: str = "config file") -> tuple[dict, dict]:
 
     The request data holds ``network_args`` and ``optimizer_args`` read into the options they set;
     the second dict also keeps them as the file lists them (a command line's list replaces the
-    file's whole list).  Raises ConfigFileError naming every key that is not an option here."""
+    file's whole list), and kohya's options that set nothing here (``noted`` words them).  Raises
+    ConfigFileError naming every key that is not an option here."""
     flat = _flatten(data, source)
-    unknown = [k for k in flat if k not in KEYS and k not in CLI_KEYS + ("network_args", "optimizer_args",
-                                                                          "sample_prompts")]
+    unknown = [k for k in flat if k not in KEYS and k not in KOHYA_NOTED and
+               k not in CLI_KEYS + ("network_args", "optimizer_args", "sample_prompts")]
     if unknown:
         raise ConfigFileError(f"{source}: not an option of this trainer: {', '.join(unknown)} (an sd-scripts "
                               "option it does not have is refused, never ignored)")
@@ -145,6 +147,10 @@ def read_config(data: dict, source: str = "config file") -> tuple[dict, dict]:
         for key, value in flat.items():
             if key in _FILE_ONLY:
                 raise ConfigFileError(f"{source}: '{key}' is a command-line switch, not a setting")
+            if key in KOHYA_NOTED:  # sets nothing here: kept so that the reader says what happens instead
+                kohya_noted(key, value)  # (its type checked now)
+                extras[key] = value
+                continue
             if key in CLI_KEYS:
                 if not isinstance(value, str) or not value.strip():
                     raise ConfigFileError(f"{source}: {key}: expected a path, got {value!r}")
@@ -178,6 +184,12 @@ def read_config(data: dict, source: str = "config file") -> tuple[dict, dict]:
     except OptionError as e:
         raise ConfigFileError(f"{source}: {e}") from None
     return req, extras
+
+
+def noted(extras: dict, source: str) -> list[str]:
+    """The lines for kohya's options a config gave that set nothing here (options.KOHYA_NOTED)."""
+    lines = [kohya_noted(k, v) for k, v in extras.items() if k in KOHYA_NOTED]
+    return [f"{source}: {line}" for line in lines if line]
 
 
 def load_config(path: str | Path) -> tuple[dict, dict, Path]:
@@ -236,10 +248,14 @@ def _as_kohya_reads(data: dict) -> dict:
     return out
 
 
-def config_data(data: dict, extras: dict | None = None) -> dict[str, dict[str, Any]]:
+def config_data(data: dict, extras: dict | None = None,
+                prompts_file: str | None = None) -> dict[str, dict[str, Any]]:
     """Request data (any key left out takes its default) as kohya's config: one table per section
     of the tab, every option's value (kohya's defaults differ from ours, so all are written, but for
-    values that mean "not set": None, an empty text, and kohya's None-is-off intervals at 0)."""
+    values that mean "not set": None, an empty text, and kohya's None-is-off intervals at 0).
+
+    ``sample_prompts`` is kohya's prompt file, ``prompts_file``, when there is one (the command
+    line's); else the prompt lines themselves, as a list (read back here; kohya needs a file)."""
     data = _as_kohya_reads(data)
     out: dict[str, dict[str, Any]] = {"input_and_output": {}}
     for key, value in (extras or {}).items():
@@ -260,6 +276,10 @@ def config_data(data: dict, extras: dict | None = None) -> dict[str, dict[str, A
     if conv:  # kohya's LoCon: conv_dim and conv_alpha in network_args
         alpha = net.get("conv_alpha", option("network.conv_alpha").default)
         out["network"]["network_args"] = [f"conv_dim={conv}", f"conv_alpha={alpha}"]
+    prompts = prompts_file if prompts_file else list(data.get("sample_prompts") or [])
+    if prompts:
+        out.setdefault(_table(option("sample_prompts")), {})["sample_prompts"] = \
+            str(prompts) if isinstance(prompts, (str, Path)) else prompts
     wd = data.get("weight_decay", option("weight_decay").default)
     args = {"weight_decay": wd} if wd != option("weight_decay").default else {}
     args.update(data.get("optimizer_args") or {})
@@ -268,8 +288,8 @@ def config_data(data: dict, extras: dict | None = None) -> dict[str, dict[str, A
     return {name: table for name, table in out.items() if table}
 
 
-def config_toml(data: dict, extras: dict | None = None) -> str:
-    return toml_io.dumps(config_data(data, extras))
+def config_toml(data: dict, extras: dict | None = None, prompts_file: str | None = None) -> str:
+    return toml_io.dumps(config_data(data, extras, prompts_file))
 
 
 def request_data(cfg: Any) -> dict:

@@ -103,6 +103,10 @@ class TextCache:
     """The text encoders' outputs for captions, kept per caption when nothing makes them vary."""
 
     def __init__(self, model: TrainableModel, cfg: TrainConfig):
+        wanted = None if model.family == "sdxl" else cfg.clip_skip  # checks.clip_skip_for: SDXL ignores it
+        if (wanted or 1) != (model.clip_skip or 1):
+            raise ValueError(f"clip_skip {cfg.clip_skip} is asked for, but the host encodes captions at clip skip "
+                             f"{model.clip_skip or 1}: build the model with the run's clip_skip")
         self.model = model
         fixed = not any(d.shuffle_caption or d.caption_dropout_rate or d.caption_tag_dropout_rate
                         or d.caption_dropout_every_n_epochs for d in cfg.dataset.all_settings())

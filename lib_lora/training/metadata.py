@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__, families
+from .buckets import parse_resolution
 from .options import OPTIONS
 
 SAI_MODEL_SPEC = "1.0.1"
@@ -152,12 +153,18 @@ def build_metadata(*, family: str, prediction: str, session_id: str, started_at:
 
     ``epoch`` is the ss_epoch of this save (see outputs.saves_due / final_epoch); ``saved_at`` is
     ss_training_finished_at, which sd-scripts writes at every save.
+
+    With a dataset config, sd-scripts writes each dataset's resolution in ss_datasets and no
+    ss_resolution, and takes modelspec.resolution from --resolution (what the datasets fall back
+    to), not from a dataset: so does this, whatever ``resolution`` (the first dataset's) says.
     """
     n, d = cfg.network, cfg.dataset
     saved_at = time.time() if saved_at is None else saved_at
     reg_dirs = dataset.dataset_dirs(reg=True) if d.reg_dir else {}
     updates_per_epoch = max(1, math.ceil(num_batches_per_epoch / cfg.gradient_accumulation_steps))
     buckets = bucket_info(dataset)
+    if d.datasets:
+        resolution = parse_resolution(d.resolution)
     meta: dict[str, Any] = {
         **_NOT_HERE,
         **option_metadata(cfg),
@@ -203,8 +210,9 @@ def build_metadata(*, family: str, prediction: str, session_id: str, started_at:
         "modelspec.implementation_version": f"lora-workshop/{source_revision()}",
         VERSION_KEY: __version__,
     }
-    if d.datasets:  # what sd-scripts adds for a dataset config
+    if d.datasets:  # what sd-scripts adds for a dataset config, where each dataset has its resolution
         meta["ss_datasets"] = json.dumps(datasets_info(dataset, cfg.batch_size))
+        del meta["ss_resolution"]
     if n.conv_rank > 0:  # what kohya's --network_args "conv_dim=…" "conv_alpha=…" record, with its dropout
         meta["ss_network_args"] = json.dumps({"conv_dim": str(n.conv_rank), "conv_alpha": f"{n.conv_alpha:g}",
                                               "dropout": n.dropout or None})

@@ -44,6 +44,7 @@ class TrainableModel:
     decode_latents: Callable[[Tensor], Tensor] | None = None   # for sample images
     render: Callable[..., list] | None = None          # host's own txt2img, for progress samples
     context: Callable[[], AbstractContextManager] | None = None  # entered for the run (e.g. fused attention)
+    clip_skip: int | None = None                       # kohya's clip skip encode_text applies (None: 1)
 
     def __post_init__(self) -> None:
         if self.model_map is None:

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checks import (KOHYA_SAMPLERS, OPTIMIZER_NAMES, OPTIMIZERS, OptionError, check_logging, check_optimizer,
-                     integer, number)
+from .checks import (CLIP_SKIP_MAX, KOHYA_SAMPLERS, OPTIMIZER_NAMES, OPTIMIZERS, OptionError, check_logging,
+                     check_optimizer, integer, number)
 
 __all__ = ["Option", "OPTIONS", "GROUPS", "OptionError", "OPTIMIZERS", "OPTIMIZER_NAMES", "check_optimizer",
            "integer", "number", "option", "by_name", "section", "default", "check", "AUTO_ON_OFF",
-           "SCHEDULERS", "REQUIRED", "NOT_IMPLEMENTED"]
+           "SCHEDULERS", "REQUIRED", "NOT_IMPLEMENTED", "KOHYA_NOTED", "kohya_noted"]
 
 REQUIRED = object()  # the default of an option that has none (the dataset folder)
 
@@ -219,8 +219,10 @@ OPTIONS: list[Option] = [
        help="noise offset, e.g. 0.05 (0: off)"),
     _o("v_parameterization", bool | None, None, group=_ADV, flag="--v-parameterization", flag_action="store_true",
        kohya="v_parameterization", help="the model predicts v (default: as the model says)"),
-    _o("clip_skip", int | None, None, group=_ADV, minimum=1, maximum=1, flag="--clip-skip", kohya="clip_skip",
-       ss="ss_clip_skip", help="1, the text encoder's last layer, is the one trained here (default: unset)"),
+    _o("clip_skip", int | None, None, group=_ADV, minimum=1, maximum=CLIP_SKIP_MAX, flag="--clip-skip",
+       kohya="clip_skip", ss="ss_clip_skip",
+       help="SD1/SD2: condition on the text encoder's Nth layer from the end (2 is common for anime models; "
+            "SDXL ignores it, as sd-scripts does) (default: unset, the last layer)"),
     _o("cache_latents", bool, True, "Cache latents", _ADV, flag="--no-cache-latents", flag_action="store_false",
        kohya="cache_latents", ss="ss_cache_latents",
        help="encode the images at every step instead of caching their latents (cached by default)"),
@@ -266,10 +268,32 @@ OPTIONS: list[Option] = [
 ]
 
 # kohya options accepted with the value that matches what this trainer does, refused otherwise
-NOT_IMPLEMENTED = {
-    "clip_skip": "must be 1: the text encoder's last layer (kohya's default) is what is trained here; "
-                 "clip skip 2 and above are not implemented",
+# (option key -> the reason; none at present)
+NOT_IMPLEMENTED: dict[str, str] = {}
+
+# kohya options that set nothing here: taken on the command line and in config files, and answered
+# with one line on what this trainer does instead.  kohya's name -> (int for a value, None for a
+# switch; the line).
+_ATTENTION = ("attention already runs fused here: PyTorch's scaled_dot_product_attention on the command line, "
+              "the WebUI's own cross-attention optimisation (Settings > Optimizations) in the WebUI")
+_WORKERS = ("no data-loader worker processes here: latents and text-encoder outputs are cached before the first "
+            "step, and images that are not are read in the training process")
+KOHYA_NOTED: dict[str, tuple[type | None, str]] = {
+    "xformers": (None, _ATTENTION), "sdpa": (None, _ATTENTION), "mem_eff_attn": (None, _ATTENTION),
+    "max_data_loader_n_workers": (int, _WORKERS), "persistent_data_loader_workers": (None, _WORKERS),
 }
+
+
+def kohya_noted(name: str, value: Any) -> str | None:
+    """The line for kohya's ``name`` given as ``value`` (None when a switch is off)."""
+    kind, line = KOHYA_NOTED[name]
+    if kind is None:
+        if not isinstance(value, bool):
+            raise OptionError(name, f"expected true or false, got {value!r}")
+        return f"{name}: {line}" if value else None
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise OptionError(name, f"expected a whole number, got {value!r}")
+    return f"{name} {value}: {line}"
 
 _BY_KEY = {o.key: o for o in OPTIONS}
 _BY_NAME = {o.name: o for o in OPTIONS}
@@ -314,6 +338,6 @@ def check(obj: Any, set_name: str) -> None:
             raise OptionError(o.name, f"{NOT_IMPLEMENTED[o.key]} (got {value!r})")
         elif o.minimum is not None:
             if o.type in (int, int | None):
-                integer(o.name, value, int(o.minimum))
+                integer(o.name, value, int(o.minimum), None if o.maximum is None else int(o.maximum))
             else:
                 number(o.name, value, o.minimum, above=o.above, maximum=o.maximum)

@@ -229,6 +229,7 @@ def _config_toml(text: Any, roots: list[Path] | None, notes: list[str]) -> tuple
     if not isinstance(text, str):
         raise RequestError(f"config_toml: expected the text of a config.toml, got {type(text).__name__}")
     data, extras = kohya_config.read_config(toml_io.loads(text, "config_toml"), "config_toml")
+    notes.extend(kohya_config.noted(extras, "config_toml"))
     for key in ("pretrained_model_name_or_path", "resume", "device"):
         if key in extras:
             notes.append(f"config_toml: {key} is not used here (the loaded model is trained; resume_from "

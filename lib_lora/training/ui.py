@@ -144,6 +144,7 @@ def import_files(config_text: str, dataset_text: str) -> tuple[dict[str, Any], l
     values: dict[str, Any] = {}
     if (config_text or "").strip():
         data, extras = kohya_config.read_config(toml_io.loads(config_text, "config.toml"), "config.toml")
+        notes.extend(kohya_config.noted(extras, "config.toml"))
         values.update(_form_values(data, KEYS, notes, "config.toml"))
         for key in ("pretrained_model_name_or_path", "resume", "device", "dataset_config"):
             if key in extras:

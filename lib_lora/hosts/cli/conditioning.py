@@ -1,4 +1,5 @@
-"""Prompts -> UNet conditioning, with the text encoders run as the WebUI's embedders run them (CLIP skip 1)."""
+"""Prompts -> UNet conditioning, with the text encoders run as the WebUI's embedders run them (CLIP skip 1),
+or at kohya's ``--clip_skip`` for SD1/SD2."""
 from __future__ import annotations
 
 from typing import Any
@@ -51,13 +52,25 @@ def tokenize(tcfgs: list[dict[str, Any]], prompts: list[str]) -> list[Tensor]:
     return out
 
 
+def _skip(clip_skip: int | None, layers: int) -> int:
+    """How many of ``layers`` final layers CLIP skip ``clip_skip`` leaves out (None: 1, the last layer kept)."""
+    n = 1 if clip_skip is None else int(clip_skip)
+    if not 1 <= n <= layers:
+        raise ValueError(f"clip_skip {n}: the text encoder has {layers} layers (1 to {layers})")
+    return n
+
+
 def encode_text(family: str, text_encoders: list[tuple[str, nn.Module]], tcfgs: list[dict[str, Any]],
                 prompts: list[str], size_conds: list[SizeCond] | None, *, resolution: int,
-                size_embed_dim: int) -> Conditioning:
+                size_embed_dim: int, clip_skip: int | None = None) -> Conditioning:
     """Cross-attention context (and SDXL's y) as the WebUI computes it with CLIP skip 1.
 
     ``tcfgs`` are the text encoders' configs; ``resolution`` gives SDXL's size conditioning when
     ``size_conds`` is None, and ``size_embed_dim`` the width of each of its six embeddings.
+    ``clip_skip`` (SD1/SD2; None = 1) is sd-scripts': the hidden state ``clip_skip`` from the end,
+    then the final layer norm.  sd-scripts' SD2 text encoder is the OpenCLIP one without its last
+    block, so SD2 stops ``clip_skip`` blocks before the end.  SDXL has fixed layers (the caller
+    says that it ignores clip skip, as sd-scripts does).
     No ``no_grad`` here: gradients reach text encoders (or LoRA modules hooked onto them) whenever
     anything there requires grad; callers that only infer wrap this in ``torch.no_grad``.
     """
@@ -70,10 +83,15 @@ def encode_text(family: str, text_encoders: list[tuple[str, nn.Module]], tcfgs: 
 
     if family == "sd1":  # FrozenCLIPEmbedder(layer="last"): last_hidden_state (after final LN)
         te = text_encoders[0][1]
-        return Conditioning(joined(te(input_ids=tokens[0].to(_dev(te))).last_hidden_state))
+        skip = _skip(clip_skip, te.config.num_hidden_layers)
+        if skip == 1:
+            return Conditioning(joined(te(input_ids=tokens[0].to(_dev(te))).last_hidden_state))
+        out = te(input_ids=tokens[0].to(_dev(te)), output_hidden_states=True)
+        return Conditioning(joined(te.text_model.final_layer_norm(out.hidden_states[-skip])))
     if family == "sd2":  # FrozenOpenCLIPEmbedder(layer="penultimate"): skip last block, then ln_final
         te = text_encoders[0][1]
-        hidden = _open_clip_run(te, tokens[0].to(_dev(te)), len(te.transformer.resblocks) - 1)
+        blocks = len(te.transformer.resblocks)
+        hidden = _open_clip_run(te, tokens[0].to(_dev(te)), blocks - _skip(clip_skip, blocks - 1))
         return Conditioning(joined(te.ln_final(hidden[-1])))
     # SDXL: te1 hidden_states[-2] (no final LN), te2 penultimate (no ln_final, legacy=False) and the
     # pooled ln_final(last)[eos] @ text_projection of the first chunk (as the WebUI takes it);

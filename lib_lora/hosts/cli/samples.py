@@ -66,16 +66,17 @@ class TrainingSamples:
         images = []
         unet_dtype = next(self.ckpt.unet.parameters()).dtype
         half = self.ckpt.device.type == "cuda" and unet_dtype in (torch.float16, torch.bfloat16)
+        skip = None if self.ckpt.family == "sdxl" else self.cfg.clip_skip  # as the captions are encoded
         for p in self._parse(lines, seed):
             w, h = self._size(p)
             sampler = sampler_for(p.sampler or self.cfg.sample_sampler)
             with torch.autocast("cuda", dtype=unet_dtype) if half else nullcontext():
                 img = sample(self.ckpt, p.prompt, negative=p.negative, steps=p.steps, cfg=p.scale, seed=p.seed,
-                             width=w, height=h, sampler=sampler)[0]
+                             width=w, height=h, sampler=sampler, clip_skip=skip)[0]
             img.info["parameters"] = format_parameters(p.prompt, p.negative, {
                 "Steps": p.steps, "Sampler": DISPLAY[sampler], "CFG scale": p.scale, "Seed": p.seed,
                 "Size": f"{w}x{h}", "Model hash": self.ckpt.hashes()["sha256"][:10] or None,
-                "Model": self.ckpt.name})
+                "Model": self.ckpt.name, "Clip skip": skip if skip and skip > 1 else None})
             images.append(img)
         return images
 

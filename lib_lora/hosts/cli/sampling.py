@@ -29,7 +29,8 @@ class Txt2ImgModel(Protocol):
 
     def alphas_cumprod(self) -> Tensor: ...
 
-    def encode_text(self, prompts: list[str], size_conds: list[SizeCond] | None = None) -> Conditioning: ...
+    def encode_text(self, prompts: list[str], size_conds: list[SizeCond] | None = None,
+                    clip_skip: int | None = None) -> Conditioning: ...
 
     def decode_latents(self, latents: Tensor) -> Tensor: ...
 
@@ -102,9 +103,11 @@ def sample_latents(model: Callable[[Tensor, Tensor], Tensor], noise: Tensor, alp
 
 def sample(checkpoint: Txt2ImgModel, prompts: str | list[str], negative: str | list[str] = "", steps: int = 20,
            cfg: float = 7.0, seed: int = 0, width: int | None = None, height: int | None = None,
-           sampler: str = "ddim", progress: Callable[[int, int], None] | None = None) -> list[Image.Image]:
+           sampler: str = "ddim", progress: Callable[[int, int], None] | None = None,
+           clip_skip: int | None = None) -> list[Image.Image]:
     """txt2img with classifier-free guidance; image i uses noise from ``seed + i`` (as the WebUI).
-    ``progress(done, steps)`` is called after each sampling step.
+    ``progress(done, steps)`` is called after each sampling step; ``clip_skip`` is kohya's (a LoRA
+    trained with it renders with it).
 
     Runs the modules as they are, so LoRAs merged by the patcher or hooked onto them take part.
     """
@@ -131,7 +134,7 @@ def sample(checkpoint: Txt2ImgModel, prompts: str | list[str], negative: str | l
                          for i in range(len(prompts))]).to(p.device)
     with torch.no_grad():
         sizes = [((height, width), (0, 0), (height, width))] * len(prompts)
-        cond, unc = ck.encode_text(prompts, sizes), ck.encode_text(negatives, sizes)
+        cond, unc = ck.encode_text(prompts, sizes, clip_skip), ck.encode_text(negatives, sizes, clip_skip)
 
         def run(x: Tensor, t: Tensor, context: Tensor, y: Tensor | None) -> Tensor:
             kw = {"y": y.to(p.dtype)} if y is not None else {}
