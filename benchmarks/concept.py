@@ -1,14 +1,16 @@
 """What a LoRA learns and what it breaks, on the toy world (CPU, minutes).
 
-    .venv/bin/python benchmarks/concept.py                       # our trainer: ranks 4/16/64, LoRA and LoCon
-    .venv/bin/python benchmarks/concept.py --ranks 16 --kinds locon --steps 200
+    .venv/bin/python benchmarks/concept.py --compare-defaults    # our "toy" preset vs kohya's settings, 3 seeds
+    .venv/bin/python benchmarks/concept.py --variant snr5:min_snr_gamma=5 --seeds 0 1 2   # a lever vs the baseline
+    .venv/bin/python benchmarks/concept.py --ranks 16 --kinds locon  # our trainer at kohya's settings, by rank
     .venv/bin/python benchmarks/concept.py --write-dataset DIR   # the datasets, for another trainer
     .venv/bin/python benchmarks/concept.py --lora A.safetensors --lora B.safetensors   # any kohya-format files
 
 The concept is the toy world's "star" (trigger ``zkx``), never seen by the base model; the style for
 the composition row is the "diagonal" background (trigger ``qwv``), trained once with the demo's
-settings unless ``--style FILE`` is given.  Defaults: UNet-only LoRA (``--text-encoder`` adds
-the text encoder), 400 steps of batch 8 at lr 1e-3, 60 training images.  Files are applied through the same Runtime as
+settings unless ``--style FILE`` is given.  The baseline, ``KOHYA``, is our trainer at sd-scripts'
+settings (UNet-only LoCon rank 16 / conv 16, alpha = rank, AdamW at lr 1e-3 constant, no min-SNR), 500
+steps of batch 8 on 60 training images at 64 px; ``--variant`` trains overrides of it in the same run.  Files are applied through the same Runtime as
 ``<lora:name:w>`` in a WebUI prompt, so files written by kohya's sd-scripts, ComfyUI trainers or
 anything else that writes kohya keys are scored the same way as ours (train them on the folders
 ``--write-dataset`` writes, against ``lib_lora/toyworld/assets/toy-sd1.safetensors``).
@@ -20,6 +22,8 @@ Columns (fractions of a fixed prompt/seed set, read by ``toyworld.scorer``):
   80% step/s    first saved step (and training seconds) whose file reaches 80% acquisition at weight 1
                 (checked every --eval-every steps on --probe prompts; "-" if never); for --lora files,
                 "(N)" is the step count the file's ss_steps metadata records
+  train s       training seconds of the whole run (same process, same core for every row)
+  curve         step:acquisition at weight 1 of every saved file, on --probe prompts
   MB            file size
 """
 from __future__ import annotations
@@ -85,9 +89,11 @@ def train(ck, data: Path, out: Path, name: str, settings: dict[str, object], ste
 
     net = {k.partition(".")[2]: v for k, v in settings.items() if k.startswith("network.")}
     top = {k: v for k, v in settings.items() if "." not in k}
+    top = {"max_train_steps": steps, "batch_size": batch, **top}   # a variant may set its own steps and batch
+    if every and top["max_train_steps"] != steps:    # probe the same fractions of the run
+        every = every * top["max_train_steps"] // steps
     cfg = TrainConfig(DatasetConfig(data, resolution=64, enable_buckets=False), NetworkConfig(**net),
-                      output_dir=out, output_name=name, overwrite=True, max_train_steps=steps, batch_size=batch,
-                      seed=seed, save_every_n_steps=every, **top)
+                      output_dir=out, output_name=name, overwrite=True, seed=seed, save_every_n_steps=every, **top)
     model = ck.trainable()
     model.context = lambda: sdpa_attention(ck.unet)
     clock: dict[int, float] = {}
@@ -104,23 +110,35 @@ def score_file(render: measure.LoraRenderer, name: str, n: int, seed: int, style
     return row
 
 
-def first_reaching(render: measure.LoraRenderer, stems: list[tuple[int, str]], probe: int, seed: int,
-                   level: float = 0.8) -> tuple[int | None, float | None]:
-    """The first (step, acquisition) among intermediate files with acquisition >= level at weight 1."""
-    for step, stem in stems:
-        got = measure.acquisition(render, stem, STAR, (1,), probe, seed + 100)["1"]
-        if got >= level:
-            return step, got
-    return None, None
+def curve(render: measure.LoraRenderer, stems: list[tuple[int, str]], probe: int, seed: int) -> dict[int, float]:
+    """Step -> acquisition at weight 1 (on ``probe`` prompts) of each intermediate file and the last."""
+    return {step: measure.acquisition(render, stem, STAR, (1,), probe, seed + 100)["1"] for step, stem in stems}
+
+
+def first_reaching(points: dict[int, float], level: float = 0.8) -> int | None:
+    """The first step whose file reaches ``level`` acquisition at weight 1 (None: none does)."""
+    return next((step for step, got in sorted(points.items()) if got >= level), None)
 
 
 def _fmt(v) -> str:
     return "-" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))
 
 
+def preset_settings(name: str = "toy") -> dict[str, object]:
+    """A preset (training/request.py PRESETS) as request-key settings for ``train``: what the demo and the
+    tab's "toy" preset train with."""
+    from lib_lora.training.request import PRESETS
+
+    p = PRESETS[name]
+    skip = {"dataset", "network", "seed", "mixed_precision", "max_train_epochs", "save_every_n_epochs"}
+    return {**{f"network.{k}": v for k, v in p["network"].items()}, **{k: v for k, v in p.items() if k not in skip}}
+
+
 def _jobs(a: argparse.Namespace) -> list[tuple[str, dict[str, object]]]:
     """(label, request-key settings) per LoRA to train: the kohya-equivalent baseline and --variant
     overrides of it, or the --kinds x --ranks sweep."""
+    if a.compare_defaults:
+        return [("kohya", dict(KOHYA)), ("ours (toy)", preset_settings("toy"))]
     if a.variant:
         return [("kohya", dict(KOHYA))] * (not a.no_baseline) + [(lab, {**KOHYA, **ov}) for lab, ov in map(parse_variant, a.variant)]
     common = {**KOHYA, "learning_rate": a.lr, "network.train_text_encoder": a.text_encoder,
@@ -162,10 +180,10 @@ def run_seed(a: argparse.Namespace, ck, work: Path, seed: int) -> list[dict]:
                    "mb": round(path.stat().st_size / 1e6, 2)}
             if clock is not None:
                 steps = sorted(clock)
-                every = a.eval_every
-                inter = [(s, f"{stem}-step{s:08d}") for s in range(every, steps[-1], every) if every
-                         and (loras / f"{stem}-step{s:08d}.safetensors").is_file()] + [(steps[-1], stem)]
-                step80, _ = first_reaching(render, inter, a.probe, seed)
+                inter = sorted((int(f.stem.rpartition("-step")[2]), f.stem)
+                               for f in loras.glob(f"{stem}-step*.safetensors")) + [(steps[-1], stem)]
+                row["curve"] = curve(render, inter, a.probe, seed)
+                step80 = first_reaching(row["curve"])
                 row["steps_to_80"] = step80
                 row["seconds_to_80"] = round(clock[step80], 1) if step80 else None
                 row["seconds"] = round(clock[steps[-1]], 1)
@@ -186,7 +204,8 @@ def print_rows(rows: list[dict]) -> None:
         print(f"{r['name'][-14:]:<14} {r['seed']:>4} {r['acq']['0']:6.2f} {r['acq']['0.5']:6.2f} "
               f"{r['acq']['1']:6.2f} {r['base']:6.2f} {r['base_with']:7.2f} {_fmt(r.get('compose')):>8} "
               f"{_fmt(r.get('steps_to_80', r.get('steps'))):>9} {_fmt(r.get('seconds_to_80')):>7} "
-              f"{_fmt(r.get('seconds')):>8} {r['mb']:6.2f}")
+              f"{_fmt(r.get('seconds')):>8} {r['mb']:6.2f}"
+              + ("  curve " + " ".join(f"{k}:{v:.2f}" for k, v in r["curve"].items()) if r.get("curve") else ""))
 
 
 def print_means(rows: list[dict]) -> None:
@@ -214,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL:KEY=VALUE,...",
                     help="train the kohya-equivalent baseline and this override of it (request keys, e.g. "
                          "'snr:min_snr_gamma=5,lr_scheduler=cosine'); repeatable; replaces --kinds/--ranks")
+    ap.add_argument("--compare-defaults", action="store_true", help="our shipped toy preset against the "
+                    "kohya-equivalent settings, over --seeds (default 0 1 2): the README's table")
     ap.add_argument("--no-baseline", action="store_true", help="with --variant: skip the kohya-equivalent run")
     ap.add_argument("--ranks", type=int, nargs="+", default=[4, 16, 64])
     ap.add_argument("--kinds", nargs="+", default=["lora", "locon"], choices=["lora", "locon"],
@@ -227,11 +248,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=60)
     ap.add_argument("--n", type=int, default=30, help="prompts per measured setting")
     ap.add_argument("--probe", type=int, default=15, help="prompts per intermediate-file check")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="one full run per seed: dataset, "
+    ap.add_argument("--seeds", type=int, nargs="+", help="one full run per seed: dataset, "
                     "initialisation, noise and prompts")
     ap.add_argument("--out", type=Path, help="keep files here (default: a temporary folder)")
     ap.add_argument("--json", type=Path, help="also write the rows as JSON")
     a = ap.parse_args(argv)
+    a.seeds = a.seeds or ([0, 1, 2] if a.compare_defaults else [0])
 
     import torch
     torch.set_num_threads(min(torch.get_num_threads(), 2))
