@@ -116,6 +116,22 @@ def test_scorer_accuracy_on_held_out_images(condition, floor):
         assert r[attribute] >= floor, (attribute, r)
 
 
+@pytest.mark.parametrize("condition", [None, STRONG])
+def test_scorer_shape_confusion_no_other_shape_reads_as_a_star(condition):
+    """Per drawn shape: what the scorer reads.  Star acquisition counts images read as "star", so a
+    scorer that accepted another shape as a star would inflate it: no non-star may be read as one."""
+    rng = np.random.default_rng(5)
+    confusion: dict[tuple[str, str | None], int] = {}
+    for image, _, scene in generate(180, 31, FULL_WORLD):
+        got = score(image if condition is None else degrade(image, condition, rng)).shape
+        confusion[scene.shape, got] = confusion.get((scene.shape, got), 0) + 1
+    drawn = {s: sum(v for (t, _), v in confusion.items() if t == s) for s in SHAPES}
+    assert min(drawn.values()) >= 20, drawn                       # every shape is drawn often enough
+    assert sum(v for (t, g), v in confusion.items() if g == "star" and t != "star") == 0, confusion
+    for shape in SHAPES:
+        assert confusion.get((shape, shape), 0) >= 0.95 * drawn[shape], (shape, confusion)
+
+
 def test_degrade_is_seeded():
     image = render(Scene("square", "green", "checkered", 32, 32, 30))
     a = degrade(image, STRONG, np.random.default_rng(1))

@@ -13,12 +13,9 @@ The base is ``toyworld/assets/toy-sd1.safetensors`` (see ``base_model.py``).  Wh
 missing, a base is trained on the spot with the recipe at a tiny budget; it is then labelled
 ``FALLBACK`` everywhere, and its numbers mean little.
 
-Measured with the committed base (2 CPU cores, 298 s, 30 prompts per setting): the concept LoRA draws
-a star for 0% / 0% / 23% of "zkx" prompts at weights 0 / 0.5 / 1, and base-world shape+colour stays at
-90% with it (93% without); the style LoRA turns "qwv background" into diagonal stripes 73% of the time
-(0% without); both combined show star and stripes in 3%.  The generated stars have rounded tips that
-the scorer often reads as a cross or diamond; min-SNR weighting (gamma 5, lr 2e-3) doubled acquisition
-in a side run (40% at 400 steps) at the cost of more forgetting (base 80%).  quick=True: ~15-20 s.
+Both LoRAs are trained with the "toy" preset (training/request.py ``PRESETS``), through the same request
+path as the tab and the API.  What it measures with the committed base, and how that compares with
+kohya's settings, is in the README ("The toy world demo").  quick=True runs in well under a minute.
 """
 from __future__ import annotations
 
@@ -45,22 +42,19 @@ CONCEPT_LORA, STYLE_LORA = "zkx_star", "qwv_diagonal"
 class DemoSettings:
     images: int            # training images per dataset
     repeats: int
-    steps: int             # LoRA optimiser steps per LoRA
-    batch: int
-    lr: float
-    rank: int
-    conv_rank: int         # LoCon on resnet convs: shapes live there, attention-only LoRAs barely draw one
-    text_encoder: bool     # also train text-encoder LoRA (measured: more forgetting, no faster acquisition)
+    steps: int | None      # LoRA optimiser steps per LoRA (None: the toy preset's)
+    train: dict[str, Any]  # request keys over the "toy" preset (training/request.py PRESETS)
     eval_n: int            # prompts per measured setting
     sample_steps: int
     cfg: float
     grid_rows: int
 
 
-FULL = DemoSettings(images=60, repeats=1, steps=500, batch=8, lr=1e-3, rank=16, conv_rank=16, text_encoder=False,
-                    eval_n=30, sample_steps=20, cfg=5.0, grid_rows=4)
-QUICK = DemoSettings(images=12, repeats=1, steps=10, batch=4, lr=1e-3, rank=4, conv_rank=4, text_encoder=False,
-                     eval_n=4, sample_steps=6, cfg=5.0, grid_rows=2)
+# The toy preset as it ships: a UNet-only LoCon (shapes live in the resnet convs; attention-only LoRAs
+# barely draw one), the text encoder frozen (training it forgets more and acquires no faster).
+FULL = DemoSettings(images=60, repeats=1, steps=None, train={}, eval_n=30, sample_steps=20, cfg=5.0, grid_rows=4)
+QUICK = DemoSettings(images=12, repeats=1, steps=10, eval_n=4, sample_steps=6, cfg=5.0, grid_rows=2,
+                     train={"batch_size": 4, "network": {"rank": 4, "alpha": 4, "conv_rank": 4, "conv_alpha": 4}})
 # Tiny-budget recipe used when no trained base exists (labelled FALLBACK).
 FALLBACK_RECIPE = dict(vae_images=128, unet_images=256, vae_eval_images=16, eval_prompts=0, unet_steps=0,
                        unet_batch=32)
@@ -97,19 +91,17 @@ def _base(out_dir: Path, base: Path | None, quick: bool, log: Callable[[str], No
 
 
 def _train(ck, data_root: Path, out: Path, name: str, s: DemoSettings, seed: int) -> tuple[Path, list[float], float]:
+    """One LoRA with the "toy" preset, through the same request path as the tab and the API."""
     from ..hosts.cli.attention import sdpa_attention
-    from ..training.dataset import DatasetConfig
-    from ..training.network import NetworkConfig
-    from ..training.config import TrainConfig
     from ..training.plan import make_plan
+    from ..training.request import build_request
     from ..training.trainer import Callbacks, Trainer
 
-    cfg = TrainConfig(DatasetConfig(data_root, resolution=64, enable_buckets=False),
-                      NetworkConfig(rank=s.rank, alpha=s.rank, conv_rank=s.conv_rank, conv_alpha=s.conv_rank,
-                                    train_text_encoder=s.text_encoder),
-                      output_dir=out, output_name=name,
-                      overwrite=True, max_train_steps=s.steps, batch_size=s.batch, learning_rate=s.lr,
-                      lr_scheduler="constant", seed=seed, training_comment="lib_lora toyworld demo")
+    req: dict[str, Any] = {"preset": "toy", "dataset": {"train_dir": str(data_root)}, "output_name": name,
+                           "overwrite": True, "seed": seed, "training_comment": "lib_lora toyworld demo", **s.train}
+    if s.steps is not None:
+        req["max_train_steps"] = s.steps
+    cfg = build_request(req, out, family=ck.family).config
     model = ck.trainable()
     model.context = lambda: sdpa_attention(ck.unet)
     t0 = time.time()
@@ -225,10 +217,10 @@ def run_demo(out_dir: Path, quick: bool = False, base: Path | None = None, seed:
         render.close()
 
     _loss_plot({CONCEPT_LORA: concept_losses, STYLE_LORA: style_losses},
-               f"{tag}LoRA training loss ({s.steps} steps each)").save(out_dir / "loss.png")
+               f"{tag}LoRA training loss ({len(concept_losses)} steps each)").save(out_dir / "loss.png")
     summary = {
         "label": "FALLBACK" if base_info["fallback"] else "trained base",
-        "quick": quick, "base": base_info, "settings": s.__dict__,
+        "quick": quick, "base": base_info, "settings": {**s.__dict__, "preset": "toy"},
         "loras": {name: {"path": str(path), "seconds": round(secs, 1), "loss_first10": _mean(losses[:10]),
                          "loss_last10": _mean(losses[-10:])}
                   for name, path, secs, losses in ((CONCEPT_LORA, concept_path, concept_s, concept_losses),

@@ -42,6 +42,9 @@ class TrainConfig:
     max_grad_norm: float = _d("max_grad_norm")
     seed: int = _d("seed")
     min_snr_gamma: float | None = _d("min_snr_gamma")
+    debiased_estimation_loss: bool = _d("debiased_estimation_loss")
+    min_timestep: int | None = _d("min_timestep")   # timesteps are drawn from [min_timestep, max_timestep)
+    max_timestep: int | None = _d("max_timestep")
     noise_offset: float = _d("noise_offset")
     v_parameterization: bool | None = _d("v_parameterization")  # None: the model's own prediction type
     clip_skip: int | None = _d("clip_skip")         # kohya's: SD1/SD2 layer from the end (None: the last)
@@ -74,3 +77,6 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         options.check(self, "")
+        lo, hi = self.min_timestep or 0, self.max_timestep
+        if hi is not None and lo >= hi:
+            raise options.OptionError("min_timestep", f"must be below max_timestep ({lo} >= {hi})")

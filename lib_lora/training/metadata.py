@@ -31,7 +31,7 @@ _NOT_HERE: dict[str, Any] = {
     "ss_num_validation_images": 0, "ss_full_fp16": False, "ss_max_token_length": None, "ss_lowram": False,
     "ss_multires_noise_iterations": None, "ss_multires_noise_discount": 0.3, "ss_adaptive_noise_scale": None,
     "ss_zero_terminal_snr": False, "ss_face_crop_aug_range": None, "ss_scale_weight_norms": None,
-    "ss_ip_noise_gamma": None, "ss_debiased_estimation": False, "ss_noise_offset_random_strength": False,
+    "ss_ip_noise_gamma": None, "ss_noise_offset_random_strength": False,
     "ss_ip_noise_gamma_random_strength": False, "ss_loss_type": "l2", "ss_huber_schedule": "snr",
     "ss_huber_scale": 1.0, "ss_huber_c": 0.1, "ss_fp8_base": False, "ss_fp8_base_unet": False,
     "ss_validation_seed": None, "ss_validation_split": 0.0, "ss_max_validation_steps": None,

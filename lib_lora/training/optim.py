@@ -1,5 +1,5 @@
 """The update a training step makes: the optimiser (with this torch's fastest AdamW kernel), the
-learning-rate schedule, and min-SNR loss weights."""
+learning-rate schedule, and the per-timestep loss weights (min-SNR, debiased estimation)."""
 from __future__ import annotations
 
 import importlib
@@ -55,3 +55,10 @@ def snr_weights(acp: Tensor, gamma: float, prediction: str) -> Tensor:
     snr = acp / (1 - acp)
     clipped = torch.clamp(snr, max=gamma)
     return clipped / (snr + 1) if prediction == "v" else clipped / snr
+
+
+def debiased_weights(acp: Tensor, prediction: str) -> Tensor:
+    """Debiased-estimation loss weights (kohya's --debiased_estimation_loss): 1/sqrt(SNR) for epsilon
+    targets, 1/(SNR+1) for v, with SNR capped at 1000 (timestep 0's SNR is near infinite)."""
+    snr = torch.clamp(acp / (1 - acp), max=1000.0)
+    return 1 / (snr + 1) if prediction == "v" else snr.rsqrt()

@@ -25,8 +25,20 @@ PRESETS: dict[str, dict[str, Any]] = {
         "save_precision": "fp16", "mixed_precision": "auto", "min_snr_gamma": 5.0, "noise_offset": 0.0,
         "cache_latents": True, "cache_text_encoder_outputs": True, "seed": 42,
     },
+    # the toy world (lib_lora/toyworld, ``python -m lib_lora demo``): 64 px, a UNet-only LoCon at the
+    # settings benchmarks/concept.py compares against kohya's (README, "Training quality on the toy world")
+    "toy": {
+        "dataset": {"resolution": 64, "enable_buckets": False},
+        "network": {"rank": 16, "alpha": 16, "conv_rank": 16, "conv_alpha": 16, "train_unet": True,
+                    "train_text_encoder": False},
+        "learning_rate": 1e-3, "text_encoder_lr": None, "optimizer": "AdamW", "lr_scheduler": "constant",
+        "lr_warmup_steps": 0, "batch_size": 8, "max_train_steps": 500, "max_train_epochs": None,
+        "save_every_n_epochs": 0, "save_precision": "fp16", "mixed_precision": "auto", "min_snr_gamma": 5.0,
+        "noise_offset": 0.0, "cache_latents": True, "cache_text_encoder_outputs": True, "seed": 42,
+    },
 }
-PRESET_LABELS = {"sd15": "SD1.5 (512, rank 32/16, TE on)", "sdxl": "SDXL (1024, rank 32/16, UNet only)"}
+PRESET_LABELS = {"sd15": "SD1.5 (512, rank 32/16, TE on)", "sdxl": "SDXL (1024, rank 32/16, UNet only)",
+                 "toy": "Toy world (64 px, LoCon 16/16, UNet only; the demo's)"}
 
 
 def preset_for_family(family: str | None) -> str:

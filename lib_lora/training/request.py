@@ -260,7 +260,7 @@ def build_request(data: dict, output_dir: Path, family: str | None = None,
                   dataset_roots: list[Path] | None = None, presets: bool = True) -> JobRequest:
     """A JSON request -> validated JobRequest.  Keys:
 
-    ``output_name`` (required unless resuming), ``preset`` ("auto" | "sd15" | "sdxl"),
+    ``output_name`` (required unless resuming), ``preset`` ("auto" | "sd15" | "sdxl" | "toy"),
     ``dataset`` {DatasetConfig fields; ``train_dir`` required}, ``network`` {NetworkConfig fields},
     any other TrainConfig field at the top level (``mixed_precision`` also takes "auto"),
     ``resume_from`` (a state file name in the LoRA folder: its stored settings are used, the

@@ -32,7 +32,7 @@ from .mode import TrainingMode
 from .model import TrainableModel
 from .network import TrainingNetwork
 from . import outputs, sample_prompts, tensorboard
-from .optim import lr_lambda, make_optimizer, snr_weights
+from .optim import debiased_weights, lr_lambda, make_optimizer, snr_weights
 from .plan import Plan
 from .saves import prune_saves, resume_state, save_contents, write_save
 
@@ -261,7 +261,8 @@ class Trainer:
                 noise = torch.randn(shape, generator=g, device=m.device)
                 if cfg.noise_offset:
                     noise += cfg.noise_offset * torch.randn((*shape[:2], 1, 1), generator=g, device=m.device)
-                t = torch.randint(0, acp_all.shape[0], (n,), generator=g, device=m.device)
+                t_lo, t_hi = cfg.min_timestep or 0, min(cfg.max_timestep or acp_all.shape[0], acp_all.shape[0])
+                t = torch.randint(t_lo, t_hi, (n,), generator=g, device=m.device)
                 noise, t = noise[lo:hi], t[lo:hi]
                 acp = acp_all[t].view(-1, 1, 1, 1)
                 noisy = acp.sqrt() * x0 + (1 - acp).sqrt() * noise
@@ -275,6 +276,8 @@ class Trainer:
                                                 for s in samples], device=loss.device)
                 if cfg.min_snr_gamma:
                     loss = loss * snr_weights(acp.flatten(), cfg.min_snr_gamma, m.prediction)
+                if cfg.debiased_estimation_loss:
+                    loss = loss * debiased_weights(acp.flatten(), m.prediction)
                 loss = loss.sum() / (n * cfg.gradient_accumulation_steps)  # this slice's share of the mean
                 scaler.scale(loss).backward()
                 loss_val += loss.item()
