@@ -150,7 +150,7 @@ def test_every_spelling_of_an_option_sets_it(tiny_checkpoint, tmp_path):
               "mixed_precision": "bf16", "lean_frozen_layers": "off", "clip_skip": "1", "module": "networks.lora",
               "save_model_as": "safetensors", "caption_extension": ".caption", "keep_tokens_separator": "|||",
               "caption_separator": ";", "bucket_reso_steps": "128", "min_bucket_reso": "128",
-              "max_bucket_reso": "2048", "sample_sampler": "euler"}
+              "max_bucket_reso": "2048", "sample_sampler": "euler", "max_token_length": "150"}
     untested = {"network_weights", "reg_dir", "output_name", "output_dir"}  # paths: the tests above use them
     # these need the tensorboard package and each other: test_training_tensorboard.py spells them
     logging = {"log_with", "logging_dir"}
