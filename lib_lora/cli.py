@@ -163,7 +163,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if note:
         console.log(f"warning: {note}")
     with Timer(console, f"hashing {Path(args.base).name}"):  # for the metadata; seconds for a large file
-        model = ckpt.trainable(clip_skip=skip)
+        model = ckpt.trainable(clip_skip=skip, max_token_length=plan.config.max_token_length)
     model.context = lambda: sdpa_attention(ckpt.unet)
     samples = TrainingSamples(ckpt, plan.config, plan.dataset.steps_per_epoch(plan.global_batch), console.log)
     model.render = samples.render

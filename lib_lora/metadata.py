@@ -61,17 +61,25 @@ def tag_frequency(meta: Mapping[str, Any], top: int | None = None) -> list[tuple
 
 def bucket_counts(meta: Mapping[str, Any]) -> list[tuple[str, int]]:
     """("WxH", images x repeats) per training size, from kohya's ``ss_bucket_info``
-    ({"buckets": {i: {"resolution": [w, h], "count": n}}, ...}), most used first; [] when absent."""
+    ({"buckets": {i: {"resolution": [w, h], "count": n}}, ...}), or summed over the datasets of
+    ``ss_datasets`` (a dataset config's file has no ss_bucket_info); most used first; [] when absent."""
     data = _json_value(meta.get("ss_bucket_info"))
-    buckets = data.get("buckets") if isinstance(data, dict) else None
+    infos = [data] if "ss_bucket_info" in meta else \
+        [d.get("bucket_info") for d in _json_value(meta.get("ss_datasets")) or () if isinstance(d, dict)]
     counts: dict[str, int] = {}
+    for info in infos:
+        buckets = info.get("buckets") if isinstance(info, dict) else None
+        _count(buckets, counts)
+    return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+def _count(buckets: Any, counts: dict[str, int]) -> None:
     for b in buckets.values() if isinstance(buckets, dict) else ():
         try:
             w, h = (int(x) for x in b["resolution"])
             counts[f"{w}x{h}"] = counts.get(f"{w}x{h}", 0) + int(b["count"])
         except (KeyError, TypeError, ValueError, OverflowError):
             continue  # one malformed bucket does not hide the others
-    return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
 
 
 def datasets_resolution(meta: Mapping[str, Any]) -> str | None:

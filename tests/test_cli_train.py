@@ -13,20 +13,8 @@ import torch
 
 from lib_lora.cli import main
 from lib_lora.fileio import load_safetensors
-from lib_lora.hosts.cli.checkpoint import Checkpoint, save_checkpoint
-from tiny_models import build_sd1
-from train_support import make_dataset, tiny_vae
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    tiny = build_sd1(seed=0)
-    ck = Checkpoint.from_modules("sd1", tiny.unet, tiny.text_encoders, tiny_vae())
-    ckpt = save_checkpoint(ck, root / "toy.safetensors", dtype=torch.float32)
-    return ckpt, make_dataset(root / "data")
 
 
 def args(ckpt, data, out, *extra):
@@ -35,8 +23,8 @@ def args(ckpt, data, out, *extra):
             "--learning-rate", "1e-3", "--save-precision", "fp32", "--seed", "3", *extra]
 
 
-def test_cli_trains_a_loadable_file(setup, tmp_path, capsys):
-    ckpt, data = setup
+def test_cli_trains_a_loadable_file(tiny_checkpoint, tmp_path, capsys):
+    ckpt, data = tiny_checkpoint
     out = tmp_path / "concept.safetensors"
     assert main(args(ckpt, data, out, "--max-train-steps", "2")) == 0
     sd, meta = load_safetensors(out)
@@ -47,11 +35,11 @@ def test_cli_trains_a_loadable_file(setup, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
 
 
-def test_captions_longer_than_one_chunk_batch_with_short_ones(setup, tmp_path):
+def test_captions_longer_than_one_chunk_batch_with_short_ones(tiny_checkpoint, tmp_path):
     """A 100-token caption is two 77-token chunks; batched with one-chunk captions from the text
     cache, the short ones are padded with empty chunks (as the WebUI pads a batch of prompts)."""
     import shutil
-    ckpt, data = setup
+    ckpt, data = tiny_checkpoint
     mixed = tmp_path / "data"
     shutil.copytree(data, mixed)
     caption = next(mixed.rglob("*.txt"))
@@ -68,8 +56,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_equal_one_with_double_batch(setup, tmp_path):
-    ckpt, data = setup
+def test_two_processes_equal_one_with_double_batch(tiny_checkpoint, tmp_path):
+    ckpt, data = tiny_checkpoint
     single = tmp_path / "single.safetensors"
     assert main(args(ckpt, data, single, "--max-train-steps", "3", "--batch-size", "2")) == 0
     multi = tmp_path / "multi.safetensors"
@@ -103,9 +91,9 @@ def test_two_processes_equal_one_with_double_batch(setup, tmp_path):
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in a.items() if "lora_up" in k)
 
 
-def test_memory_options_reach_the_config(setup, tmp_path):
+def test_memory_options_reach_the_config(tiny_checkpoint, tmp_path):
     from lib_lora.cli import _train_config, build_parser
-    ckpt, data = setup
+    ckpt, data = tiny_checkpoint
     for extra, want in (((), (None, False)),
                         (("--lean-frozen-layers", "off", "--gradient-checkpointing"), (False, True)),
                         (("--lean-frozen-layers", "on"), (True, False))):
@@ -116,9 +104,9 @@ def test_memory_options_reach_the_config(setup, tmp_path):
 # -- kohya's spellings (issue 14) ----------------------------------------------------------------------
 
 
-def test_a_kohya_command_line_trains_unchanged(setup, tmp_path):
+def test_a_kohya_command_line_trains_unchanged(tiny_checkpoint, tmp_path):
     """train_network.py's options as its users write them (the README's example, at toy size)."""
-    ckpt, data = setup
+    ckpt, data = tiny_checkpoint
     out = tmp_path / "out"
     kohya = ["--pretrained_model_name_or_path", str(ckpt), "--train_data_dir", str(data), "--output_dir", str(out),
              "--output_name", "k", "--network_module", "networks.lora", "--network_dim", "4", "--network_alpha", "2",
@@ -150,19 +138,19 @@ def _train_parser():
     return sub.choices["train"]
 
 
-def test_every_spelling_of_an_option_sets_it(setup, tmp_path):
+def test_every_spelling_of_an_option_sets_it(tiny_checkpoint, tmp_path):
     """Each argument's option strings (ours and kohya's, with - and _) reach the same config."""
     from lib_lora.cli import _train_config, build_parser
     from lib_lora.training.cli_args import spellings
     from lib_lora.training.options import OPTIONS
-    ckpt, data = setup
+    ckpt, data = tiny_checkpoint
     base = ["train", str(data), "--base", str(ckpt), "--out", str(tmp_path / "x.safetensors")]
     parser = build_parser()
     values = {"resolution": "64", "optimizer": "adamw", "lr_scheduler": "cosine", "save_precision": "bf16",
               "mixed_precision": "bf16", "lean_frozen_layers": "off", "clip_skip": "1", "module": "networks.lora",
               "save_model_as": "safetensors", "caption_extension": ".caption", "keep_tokens_separator": "|||",
               "caption_separator": ";", "bucket_reso_steps": "128", "min_bucket_reso": "128",
-              "max_bucket_reso": "2048", "sample_sampler": "euler"}
+              "max_bucket_reso": "2048", "sample_sampler": "euler", "max_token_length": "150"}
     untested = {"network_weights", "reg_dir", "output_name", "output_dir"}  # paths: the tests above use them
     # these need the tensorboard package and each other: test_training_tensorboard.py spells them
     logging = {"log_with", "logging_dir"}
@@ -185,8 +173,8 @@ def test_every_spelling_of_an_option_sets_it(setup, tmp_path):
                                   "dataset.reg_dir"} | logging
 
 
-def test_unknown_options_show_the_train_usage(setup, tmp_path, capsys):
-    ckpt, data = setup
+def test_unknown_options_show_the_train_usage(tiny_checkpoint, tmp_path, capsys):
+    ckpt, data = tiny_checkpoint
     with pytest.raises(SystemExit) as e:
         main(args(ckpt, data, tmp_path / "x.safetensors", "--color_aug"))
     err = capsys.readouterr().err
@@ -204,8 +192,8 @@ def test_unknown_options_show_the_train_usage(setup, tmp_path, capsys):
     (["--output_name", "y"], "error: --out: give --out, or kohya's --output_dir and --output_name, not both"),
     (["--network_module", "lycoris.kohya"], "invalid choice: 'lycoris.kohya'"),
 ])
-def test_kohya_values_this_trainer_cannot_honour_are_refused(setup, tmp_path, capsys, extra, message):
-    ckpt, data = setup
+def test_kohya_values_this_trainer_cannot_honour_are_refused(tiny_checkpoint, tmp_path, capsys, extra, message):
+    ckpt, data = tiny_checkpoint
     try:
         code = main(args(ckpt, data, tmp_path / "x.safetensors", *extra))
     except SystemExit as e:  # argparse's own refusals
@@ -229,11 +217,11 @@ def test_help_is_grouped_as_the_tab_with_every_default(capsys):
     assert "--network_dim NETWORK_DIM" in text and "LoRA rank (dim) (default: 16)" in text
 
 
-def test_the_readmes_kohya_command_line_parses_as_written(setup, tmp_path):
+def test_the_readmes_kohya_command_line_parses_as_written(tiny_checkpoint, tmp_path):
     """The README's sd-scripts command line, with its paths pointed at test files, becomes this config."""
     import shlex
     from lib_lora.cli import _train_config, build_parser
-    ckpt, data = setup
+    ckpt, data = tiny_checkpoint
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     block = text.split("A `train_network.py` command line works unchanged", 1)[1].split("```")[1]
     words = shlex.split(block.replace("\\\n", " "))

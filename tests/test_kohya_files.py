@@ -307,6 +307,14 @@ resolution = [128, 128]
     assert "ss_resolution" not in meta and meta["modelspec.resolution"] == "512x512"
     assert [d["resolution"] for d in json.loads(meta["ss_datasets"])] == [[64, 64], [128, 128]]
     assert ("Resolution", "(64, 64), (128, 128)") in metadata_summary(meta)  # the cards show both
+    # train_network.py's single-dataset keys (its else branch) are left out, as it leaves them out; the
+    # cards' bucket row then sums the datasets' bucket_info
+    left_out = ["ss_batch_size_per_device", "ss_total_batch_size", "ss_resolution", "ss_color_aug", "ss_flip_aug",
+                "ss_random_crop", "ss_shuffle_caption", "ss_enable_bucket", "ss_bucket_no_upscale",
+                "ss_min_bucket_reso", "ss_max_bucket_reso", "ss_keep_tokens", "ss_reg_dataset_dirs", "ss_bucket_info"]
+    assert [k for k in left_out if k in meta] == [] and "ss_dataset_dirs" in meta and "ss_tag_frequency" in meta
+    # by hand: at 64, 2 images and the 2 reg images used; at 128, 2 images x 2 repeats
+    assert ("Buckets", "128x128 (4), 64x64 (4)") in metadata_summary(meta)
     # reg images balance against their own dataset: 2 samples there, so 2 of the 3 reg images, once each
     assert [i.repeats for i in ds.items if i.is_reg] == [1, 1] and len(ds.unused_reg) == 1
     assert any(p.kind == "duplicate_subset" for p in ds.problems)  # kohya's: a dataset takes a folder once
@@ -467,6 +475,8 @@ def test_the_tab_fills_its_form_from_the_files_and_writes_them(tmp_path, monkeyp
     assert values["dataset_resolution"] == 768 and values["dataset_train_dir"] == ""  # the dataset file's
     assert values["text_encoder_lr"] == 5e-5 and values["lr_scheduler"] == "cosine"
     assert "pretrained_model_name_or_path" in out[0]  # the message says what the tab does not use
+    skip = imp.fn("clip_skip = 2\n", "")
+    assert dict(zip([c.kwargs["elem_id"] for c in imp.outputs[1:]], skip[1:]))["lora_workshop_clip_skip"]["value"] == 2
     up = handler("lora_workshop_toml_file", "upload")
     assert up.fn(dataset.encode())[1] == dataset and up.fn(b"seed = 1\n")[0] == "seed = 1\n"
     # write: the form (here its defaults with a folder and a name) as the two files
@@ -538,7 +548,9 @@ def test_a_short_run_from_both_files(tmp_path):
         encoding="utf-8")
     assert main(["train", "--config_file", str(tmp_path / "c.toml"), "--dataset_config", str(tmp_path / "d.toml")]) == 0
     sd, meta = load_safetensors(tmp_path / "out" / "k.safetensors")
-    assert meta["ss_steps"] == "2" and meta["ss_batch_size_per_device"] == "2" and meta["ss_network_dim"] == "2"
+    # sd-scripts writes no ss_batch_size_per_device for a dataset config (train_network.py v0.10.1 writes it in
+    # its single-dataset branch only): the batch size is ss_datasets' batch_size_per_device, below
+    assert meta["ss_steps"] == "2" and "ss_batch_size_per_device" not in meta and meta["ss_network_dim"] == "2"
     assert all(torch.isfinite(v).all() for v in sd.values())
     # ss_datasets, as train_network.py (v0.10.1) writes it for a dataset config: these keys, per dataset
     # and per subset (transcribed from its source)
@@ -552,6 +564,7 @@ def test_a_short_run_from_both_files(tmp_path):
                                        "resize_interpolation", "image_dir", "class_tokens", "is_reg"}
     assert (info["num_train_images"], info["resolution"], info["min_bucket_reso"], info["bucket_info"]) == \
         (2 * 1 + 1 * 2, [64, 64], None, None)
+    assert info["batch_size_per_device"] == 2
     a, b = info["subsets"]
     assert (a["image_dir"], a["keep_tokens"], a["flip_aug"], b["num_repeats"], b["flip_aug"]) == ("a", 2, False, 2, True)
     assert info["tag_frequency"] == {"a": {t: 2 for t in "abcdef"}, "b": {"owl": 1}}

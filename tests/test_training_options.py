@@ -54,6 +54,9 @@ def test_the_tab_shows_the_labelled_options_in_the_schema_order():
     labelled = [o.key for o in options.OPTIONS if o.label]
     assert sorted(ui.KEYS[1:]) == sorted(labelled)
     assert dict((k, kind) for k, _, kind, _ in ui.FIELDS)["lean_frozen_layers"] == "auto_bool"
+    advanced = {k: kind for k, _, kind, _ in ui.SECTIONS[-1][2]}
+    assert advanced["clip_skip"] == "opt_int"  # kohya's clip skip, 0 = unset on the tab
+    assert "max_token_length" not in ui.KEYS and "v2" not in ui.KEYS  # command line only / read from the model
     assert dict((k, e) for k, _, _, e in ui.FIELDS)["mixed_precision"]["choices"] == ["auto", "no", "fp16", "bf16"]
 
 
@@ -77,7 +80,7 @@ def _other_value(o: options.Option) -> list[str]:
         return [o.flag, "adamw"]
     choices = o.cli_choices if o.cli_choices is not None else o.choices
     if choices:
-        return [o.flag, next(c for c in choices if c not in (o.default, "auto"))]
+        return [o.flag, str(next(c for c in choices if c not in (o.default, "auto")))]
     if o.type in (int, int | None):
         if o.maximum is not None:  # clip_skip: only its maximum is accepted
             return [o.flag, str(int(o.maximum))]

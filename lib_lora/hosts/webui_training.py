@@ -109,6 +109,11 @@ class WebUITrainingHost(TrainingHost):
         why = refusal(sd_model)
         if why:
             raise TrainingRefused(why)
+        if job.config.max_token_length is not None:
+            raise TrainingRefused(f"max_token_length {job.config.max_token_length}: in the WebUI captions are encoded "
+                                  "by the WebUI's own prompt chunking (as many 75-token chunks as a caption needs); "
+                                  "kohya's limit is applied by the command-line trainer (python -m lib_lora train) "
+                                  "only: leave it unset here")
         restored = self.workshop.restore()  # LoRAs left merged by the last generation must not be trained into
         if restored:
             job.log(f"restored the model's original weights ({restored} layers had LoRAs merged)")

@@ -41,6 +41,31 @@ def clip_skip_for(family: str, clip_skip: int | None) -> tuple[int | None, str |
     return clip_skip, None
 
 
+_FAMILY_NAMES = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
+
+
+def model_notes(family: str, prediction: str, v2: bool, v_parameterization: bool | None) -> list[str]:
+    """The lines a run logs about kohya's ``v2`` / ``v_parameterization`` for the loaded checkpoint.
+
+    sd-scripts cannot tell SD2 from SD1 and needs ``--v2``; here the family is read from the
+    weights, so ``v2`` only confirms it, and an OptionError refuses a ``v2`` that contradicts
+    them (sd-scripts also refuses v2 for SDXL).  ``v_parameterization`` is honoured as given, as
+    sd-scripts honours it, with a line when it differs from what the checkpoint predicts."""
+    name = _FAMILY_NAMES.get(family, family)
+    notes = []
+    if v2:
+        if family != "sd2":
+            raise OptionError("v2", f"says SD2, but the checkpoint is {name} (detected from its weights): "
+                                    "leave v2 out")
+        notes.append("v2: the checkpoint is SD2 (detected from its weights; --v2 only confirms it)")
+    if v_parameterization is not None and ("v" if v_parameterization else "epsilon") != prediction:
+        asked = "v" if v_parameterization else "epsilon (noise)"
+        notes.append(f"warning: v_parameterization {str(v_parameterization).lower()}: training the {name} "
+                     f"checkpoint to predict {asked}, as asked, though it predicts "
+                     f"{'v' if prediction == 'v' else 'epsilon (noise)'}")
+    return notes
+
+
 def check_optimizer(name: Any) -> tuple[str, str, str] | None:
     """The package entry for ``name``; OptionError if unknown or its package is not installed."""
     if not isinstance(name, str) or name.lower() not in OPTIMIZERS:

@@ -48,6 +48,8 @@ class TrainConfig:
     noise_offset: float = _d("noise_offset")
     v_parameterization: bool | None = _d("v_parameterization")  # None: the model's own prediction type
     clip_skip: int | None = _d("clip_skip")         # kohya's: SD1/SD2 layer from the end (None: the last)
+    v2: bool = _d("v2")                             # kohya's "this is SD2": checked against the checkpoint
+    max_token_length: int | None = _d("max_token_length")  # kohya's 75/150/225 caption limit (None: no limit)
     mixed_precision: str = _d("mixed_precision")    # no, fp16, bf16 (GPU only)
     gradient_checkpointing: bool = _d("gradient_checkpointing")  # recompute UNet blocks in backward
     # frozen layers keep less for backward (frozen_layers.py).  None: on CPU only, where they are

@@ -107,6 +107,9 @@ class TextCache:
         if (wanted or 1) != (model.clip_skip or 1):
             raise ValueError(f"clip_skip {cfg.clip_skip} is asked for, but the host encodes captions at clip skip "
                              f"{model.clip_skip or 1}: build the model with the run's clip_skip")
+        if cfg.max_token_length != model.max_token_length:
+            raise ValueError(f"max_token_length {cfg.max_token_length} is asked for, but the host encodes captions "
+                             f"with max_token_length {model.max_token_length}: build the model with the run's")
         self.model = model
         fixed = not any(d.shuffle_caption or d.caption_dropout_rate or d.caption_tag_dropout_rate
                         or d.caption_dropout_every_n_epochs for d in cfg.dataset.all_settings())

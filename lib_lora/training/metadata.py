@@ -28,7 +28,7 @@ VERSION_KEY = "lora_workshop.version"  # our release; ss_sd_scripts_commit_hash 
 # What sd-scripts writes for features this trainer does not have, at their defaults (which is
 # also what this trainer does: MSE loss, plain noise, no validation split, no colour augmentation).
 _NOT_HERE: dict[str, Any] = {
-    "ss_num_validation_images": 0, "ss_full_fp16": False, "ss_max_token_length": None, "ss_lowram": False,
+    "ss_num_validation_images": 0, "ss_full_fp16": False, "ss_lowram": False,
     "ss_multires_noise_iterations": None, "ss_multires_noise_discount": 0.3, "ss_adaptive_noise_scale": None,
     "ss_zero_terminal_snr": False, "ss_face_crop_aug_range": None, "ss_scale_weight_norms": None,
     "ss_ip_noise_gamma": None, "ss_noise_offset_random_strength": False,
@@ -38,6 +38,15 @@ _NOT_HERE: dict[str, Any] = {
     "ss_validate_every_n_epochs": None, "ss_validate_every_n_steps": None, "ss_resize_interpolation": None,
     "ss_color_aug": False,
 }
+
+
+# what train_network.py (v0.10.1) writes only without a dataset config: with one, each dataset's
+# batch size, resolution, buckets and augmentations are in ss_datasets instead
+SINGLE_DATASET_KEYS = (
+    "ss_batch_size_per_device", "ss_total_batch_size", "ss_resolution", "ss_color_aug", "ss_flip_aug",
+    "ss_random_crop", "ss_shuffle_caption", "ss_enable_bucket", "ss_bucket_no_upscale", "ss_min_bucket_reso",
+    "ss_max_bucket_reso", "ss_keep_tokens", "ss_reg_dataset_dirs", "ss_bucket_info",
+)
 
 
 def architecture(family: str, prediction: str) -> str:
@@ -210,9 +219,10 @@ def build_metadata(*, family: str, prediction: str, session_id: str, started_at:
         "modelspec.implementation_version": f"lora-workshop/{source_revision()}",
         VERSION_KEY: __version__,
     }
-    if d.datasets:  # what sd-scripts adds for a dataset config, where each dataset has its resolution
+    if d.datasets:  # sd-scripts' dataset-config branch: these facts per dataset, in ss_datasets, instead
         meta["ss_datasets"] = json.dumps(datasets_info(dataset, cfg.batch_size))
-        del meta["ss_resolution"]
+        for key in SINGLE_DATASET_KEYS:
+            meta.pop(key, None)
     if n.conv_rank > 0:  # what kohya's --network_args "conv_dim=…" "conv_alpha=…" record, with its dropout
         meta["ss_network_args"] = json.dumps({"conv_dim": str(n.conv_rank), "conv_alpha": f"{n.conv_alpha:g}",
                                               "dropout": n.dropout or None})

@@ -45,6 +45,7 @@ class TrainableModel:
     render: Callable[..., list] | None = None          # host's own txt2img, for progress samples
     context: Callable[[], AbstractContextManager] | None = None  # entered for the run (e.g. fused attention)
     clip_skip: int | None = None                       # kohya's clip skip encode_text applies (None: 1)
+    max_token_length: int | None = None                # kohya's caption limit encode_text applies (None: none)
 
     def __post_init__(self) -> None:
         if self.model_map is None:

@@ -228,10 +228,19 @@ OPTIONS: list[Option] = [
        help="noise offset, e.g. 0.05 (0: off)"),
     _o("v_parameterization", bool | None, None, group=_ADV, flag="--v-parameterization", flag_action="store_true",
        kohya="v_parameterization", help="the model predicts v (default: as the model says)"),
-    _o("clip_skip", int | None, None, group=_ADV, minimum=1, maximum=CLIP_SKIP_MAX, flag="--clip-skip",
-       kohya="clip_skip", ss="ss_clip_skip",
+    # sd-scripts needs --v2 to load SD2; here the family is read from the weights, so it only confirms
+    _o("v2", bool, False, group=_ADV, kohya="v2",
+       help="kohya's \"this is SD2\": the family is detected from the checkpoint here, so this only confirms it "
+            "(refused when the checkpoint is not SD2)"),
+    _o("clip_skip", int | None, None, "Clip skip (0 = unset: the last layer; SD1/SD2)", _ADV, minimum=1,
+       maximum=CLIP_SKIP_MAX, flag="--clip-skip", kohya="clip_skip", ss="ss_clip_skip",
        help="SD1/SD2: condition on the text encoder's Nth layer from the end (2 is common for anime models; "
             "SDXL ignores it, as sd-scripts does) (default: unset, the last layer)"),
+    # not on the tab: the WebUI host encodes captions through the WebUI's own prompt chunking
+    _o("max_token_length", int | None, None, group=_ADV, choices=(75, 150, 225), flag="--max-token-length", kohya="max_token_length", ss="ss_max_token_length",
+       help="kohya's caption length: 75 truncates to one 75-token chunk (sd-scripts' default), 150 and 225 to "
+            "two and three; every caption then gets that many chunks (default: unset, no limit: long captions "
+            "get as many chunks as they need, as WebUI prompts do; the command line only)"),
     _o("cache_latents", bool, True, "Cache latents", _ADV, flag="--no-cache-latents", flag_action="store_false",
        kohya="cache_latents", ss="ss_cache_latents",
        help="encode the images at every step instead of caching their latents (cached by default)"),
@@ -341,7 +350,7 @@ def check(obj: Any, set_name: str) -> None:
         if o.key == "optimizer":
             check_optimizer(value)  # also: is its package installed
         elif o.choices and value not in o.choices:
-            raise OptionError(o.name, f"must be one of {', '.join(o.choices)} (got {value!r})")
+            raise OptionError(o.name, f"must be one of {', '.join(map(str, o.choices))} (got {value!r})")
         elif o.key in NOT_IMPLEMENTED and value != o.default_value() and \
                 not (o.maximum is not None and value == o.maximum):
             raise OptionError(o.name, f"{NOT_IMPLEMENTED[o.key]} (got {value!r})")

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ..fileio import load_safetensors
+from .checks import model_notes
 from .frozen_layers import lean_by_default
 from .dataset import Dataset
 from .epochs import Batch, Position, derive_seed
@@ -121,11 +122,13 @@ class Trainer:
     """The loop over one ready model and one plan (plan.py); the caller's config is never written."""
 
     def __init__(self, model: TrainableModel, plan: Plan, callbacks: Callbacks | None = None):
+        self.cb = callbacks or Callbacks()
+        for line in model_notes(model.family, model.prediction, plan.config.v2, plan.config.v_parameterization):
+            self.cb.log(line)
         if plan.config.v_parameterization is not None:  # the user's word on what the model predicts
             model = dataclasses.replace(model, prediction="v" if plan.config.v_parameterization else "epsilon")
         self.model, self.plan, self.cfg = model, plan, plan.config
         self.dataset: Dataset = plan.dataset
-        self.cb = callbacks or Callbacks()
         self._stop: str | None = None
         self.paused_seconds = 0.0  # spent suspended at step boundaries (StepBoundary.suspended)
         self._state_on_stop = False  # the final save of a stopped run also writes its training state

@@ -152,14 +152,15 @@ class Checkpoint:
         return tokenize(self.config["text_encoders"], prompts)
 
     def encode_text(self, prompts: list[str], size_conds: list[SizeCond] | None = None,
-                    clip_skip: int | None = None) -> Conditioning:
+                    clip_skip: int | None = None, max_token_length: int | None = None) -> Conditioning:
         """Cross-attention context (and SDXL's y) as the WebUI computes it with CLIP skip 1, or at
-        kohya's ``clip_skip`` (SD1/SD2; see :func:`.conditioning.encode_text`; gradients flow
-        wherever something requires grad)."""
+        kohya's ``clip_skip`` (SD1/SD2) and in kohya's ``max_token_length`` chunks (see
+        :func:`.conditioning.encode_text`; gradients flow wherever something requires grad)."""
         return encode_text(self.family, self.text_encoders, self.config["text_encoders"], prompts, size_conds,
                            resolution=self.resolution,
                            size_embed_dim=int(self.config.get("size_embed_dim", SIZE_EMBED_DIM)),
-                           clip_skip=None if self.family == "sdxl" else clip_skip)
+                           clip_skip=None if self.family == "sdxl" else clip_skip,
+                           max_token_length=max_token_length)
 
     # -- VAE ----------------------------------------------------------------------------------
     def encode_images(self, pixels: Tensor, sample: bool = True, generator: torch.Generator | None = None) -> Tensor:
@@ -179,9 +180,10 @@ class Checkpoint:
     # -- training -----------------------------------------------------------------------------
     def trainable(self, device: torch.device | str | None = None,
                   latent_sampling: Literal["sample", "mean"] = "sample",
-                  clip_skip: int | None = None) -> TrainableModel:
+                  clip_skip: int | None = None, max_token_length: int | None = None) -> TrainableModel:
         """A :class:`TrainableModel` over these very modules (moved to ``device`` when given), its
-        captions encoded at ``clip_skip`` (kohya's; SDXL ignores it, as sd-scripts does)."""
+        captions encoded at ``clip_skip`` (kohya's; SDXL ignores it, as sd-scripts does) and cut
+        to kohya's ``max_token_length`` (None: no limit)."""
         if latent_sampling not in ("sample", "mean"):
             raise ValueError(f"latent_sampling must be 'sample' or 'mean', not {latent_sampling!r}")
         if device is not None:
@@ -194,7 +196,7 @@ class Checkpoint:
         skip = None if self.family == "sdxl" else clip_skip
 
         def encode_text(prompts: list[str], size_conds: list[SizeCond] | None = None) -> Conditioning:
-            return self.encode_text(prompts, size_conds, skip)
+            return self.encode_text(prompts, size_conds, skip, max_token_length)
 
         h = self.hashes()
         return TrainableModel(
@@ -202,6 +204,7 @@ class Checkpoint:
             encode_images=encode_images, alphas_cumprod=self.alphas_cumprod(), prediction=self.prediction,
             device=self.device, model_name=self.name, model_hash=h["sha256"], legacy_hash=h["legacy"],
             resolution=self.resolution, decode_latents=self.decode_latents, clip_skip=skip,
+            max_token_length=max_token_length,
             render=lambda prompts, **kw: sample(self, prompts, clip_skip=skip, **kw))
 
 

@@ -1,5 +1,5 @@
 """Prompts -> UNet conditioning, with the text encoders run as the WebUI's embedders run them (CLIP skip 1),
-or at kohya's ``--clip_skip`` for SD1/SD2."""
+or at kohya's ``--clip_skip`` for SD1/SD2, and with kohya's ``--max_token_length`` caption chunks."""
 from __future__ import annotations
 
 from typing import Any
@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ...training.model import Conditioning, SizeCond
-from .tokenizer import EOS, clip_chunk_tokenize
+from .tokenizer import EOS, clip_chunk_tokenize, kohya_tokenize
 
 
 def _dev(m: nn.Module) -> torch.device:
@@ -43,12 +43,14 @@ def _size_embedding(size_conds: list[SizeCond], dim: int, device: torch.device, 
     return timestep_embedding(ids.flatten(), dim).reshape(len(size_conds), -1).to(dtype)
 
 
-def tokenize(tcfgs: list[dict[str, Any]], prompts: list[str]) -> list[Tensor]:
-    """Token ids [B, chunks, context] per text encoder (HF CLIP pads with EOS, OpenCLIP with 0)."""
+def tokenize(tcfgs: list[dict[str, Any]], prompts: list[str], max_token_length: int | None = None) -> list[Tensor]:
+    """Token ids [B, chunks, context] per text encoder (HF CLIP pads with EOS, OpenCLIP with 0): as
+    many chunks as the longest prompt needs, or kohya's ``max_token_length`` // 75 (kohya_tokenize)."""
     out = []
     for tcfg in tcfgs:
         pad = EOS if tcfg["kind"] == "hf_clip" else 0
-        out.append(clip_chunk_tokenize(prompts, pad, tcfg["context_length"]))
+        out.append(clip_chunk_tokenize(prompts, pad, tcfg["context_length"]) if max_token_length is None
+                   else kohya_tokenize(prompts, pad, max_token_length, tcfg["context_length"]))
     return out
 
 
@@ -62,7 +64,8 @@ def _skip(clip_skip: int | None, layers: int) -> int:
 
 def encode_text(family: str, text_encoders: list[tuple[str, nn.Module]], tcfgs: list[dict[str, Any]],
                 prompts: list[str], size_conds: list[SizeCond] | None, *, resolution: int,
-                size_embed_dim: int, clip_skip: int | None = None) -> Conditioning:
+                size_embed_dim: int, clip_skip: int | None = None,
+                max_token_length: int | None = None) -> Conditioning:
     """Cross-attention context (and SDXL's y) as the WebUI computes it with CLIP skip 1.
 
     ``tcfgs`` are the text encoders' configs; ``resolution`` gives SDXL's size conditioning when
@@ -71,15 +74,22 @@ def encode_text(family: str, text_encoders: list[tuple[str, nn.Module]], tcfgs: 
     then the final layer norm.  sd-scripts' SD2 text encoder is the OpenCLIP one without its last
     block, so SD2 stops ``clip_skip`` blocks before the end.  SDXL has fixed layers (the caller
     says that it ignores clip skip, as sd-scripts does).
+    ``max_token_length`` (75, 150, 225; None = as many chunks as needed, each kept whole, as the
+    WebUI does) is sd-scripts' caption limit: its chunks' states are joined as sd-scripts joins
+    them, the first BOS, each chunk's 75 inner positions, then the last chunk's final position
+    (75n + 2 in all); SDXL's pooled vector is the first chunk's.
     No ``no_grad`` here: gradients reach text encoders (or LoRA modules hooked onto them) whenever
     anything there requires grad; callers that only infer wrap this in ``torch.no_grad``.
     """
-    chunked = tokenize(tcfgs, list(prompts))
+    chunked = tokenize(tcfgs, list(prompts), max_token_length)
     b, n = chunked[0].shape[:2]
     tokens = [t.flatten(0, 1) for t in chunked]   # every chunk of every prompt in one batch
 
     def joined(h: Tensor) -> Tensor:              # [B*n, L, C] -> [B, n*L, C], chunks side by side
-        return h.reshape(b, n * h.shape[1], h.shape[2])
+        h = h.reshape(b, n, h.shape[1], h.shape[2])
+        if max_token_length is not None and n > 1:  # kohya: BOS, every chunk's inner 75, the last position
+            return torch.cat([h[:, 0, :1], h[:, :, 1:-1].flatten(1, 2), h[:, -1, -1:]], dim=1)
+        return h.flatten(1, 2)
 
     if family == "sd1":  # FrozenCLIPEmbedder(layer="last"): last_hidden_state (after final LN)
         te = text_encoders[0][1]

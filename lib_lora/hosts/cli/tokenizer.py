@@ -75,3 +75,33 @@ def clip_chunk_tokenize(prompts: list[str], pad_id: int, context_length: int = C
             ids = chunks[j] if j < len(chunks) else []
             out[i, j, 1:len(ids) + 2] = torch.tensor(ids + [EOS])
     return out
+
+
+def kohya_tokenize(prompts: list[str], pad_id: int, max_token_length: int,
+                   context_length: int = CONTEXT_LENGTH) -> Tensor:
+    """Token ids [B, max_token_length // 75, context_length]: sd-scripts' ``--max_token_length`` rule.
+
+    The caption is cut to ``max_token_length`` tokens and padded to that length, then split into
+    fixed 75-token chunks, each between BOS and the sequence's last id (EOS, or padding), so every
+    caption has the same number of chunks, however short (no comma word wrap).  With OpenCLIP's
+    padding (``pad_id`` 0, not EOS) a chunk cut mid-caption ends in EOS and an empty chunk starts
+    with one, as sd-scripts' SD2/SDXL tokenizer strategy does.  75 is a single truncated chunk.
+    """
+    size = context_length - 2
+    if max_token_length % size:
+        raise ValueError(f"max_token_length {max_token_length}: expected a multiple of {size}")
+    n = max_token_length // size
+    bpe = _bpe()
+    out = torch.empty((len(prompts), n, context_length), dtype=torch.long)
+    for i, text in enumerate(prompts):
+        words = bpe.encode(text)[:max_token_length]
+        ids = [BOS] + words + [EOS] + [pad_id] * (max_token_length - len(words))
+        for j in range(n):
+            chunk = [BOS] + ids[1 + j * size:1 + (j + 1) * size] + [ids[-1]]
+            if pad_id != EOS:
+                if chunk[-2] not in (EOS, pad_id):
+                    chunk[-1] = EOS
+                if chunk[1] == pad_id:
+                    chunk[1] = EOS
+            out[i, j] = torch.tensor(chunk)
+    return out
