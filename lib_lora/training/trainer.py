@@ -34,7 +34,7 @@ from .metadata import build_metadata
 from .mode import TrainingMode
 from .model import TrainableModel
 from .network import TrainingNetwork
-from . import outputs, sample_prompts, tensorboard
+from . import flat_params, outputs, sample_prompts, tensorboard
 from .optim import lr_lambda, make_optimizer, snr_weights
 from .plan import Plan
 from .state import TrainingState, config_record, load_state, save_state, state_path
@@ -286,15 +286,15 @@ class Trainer:
                 scaler.scale(loss).backward()
                 loss_val += loss.item()
             if self.dist:
-                loss_val = self._all_reduce_grads(net, loss_val)
+                loss_val = self._all_reduce_grads(opt, loss_val)
             if not math.isfinite(loss_val):
                 raise FloatingPointError(f"loss became {loss_val} at step {step + 1}; lower the learning rate")
             if cfg.max_grad_norm:
                 scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(flat_params.params(opt), cfg.max_grad_norm)
             scaler.step(opt)
             scaler.update()
-            opt.zero_grad(set_to_none=True)
+            flat_params.zero_grads(opt)
             sched.step()
             step += 1
             losses.append(loss_val)
@@ -324,14 +324,14 @@ class Trainer:
             saved.append(out)
         return TrainResult(out, step, losses, stopped, saved)
 
-    def _all_reduce_grads(self, net: TrainingNetwork, loss_val: float) -> float:
+    def _all_reduce_grads(self, opt, loss_val: float) -> float:
         """Sum every process's gradient share (and loss) through accelerate."""
         from accelerate.utils import reduce
 
-        for p in net.parameters():
+        for p in flat_params.params(opt):
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            p.grad = reduce(p.grad, reduction="sum")
+            p.grad.copy_(reduce(p.grad, reduction="sum"))   # in place: a flat gradient's views stay its own
         return float(reduce(torch.tensor([loss_val], device=self.model.device), reduction="sum").item())
 
     # -- saving --------------------------------------------------------------------------
@@ -362,7 +362,7 @@ class Trainer:
             save_state(spath, TrainingState(
                 step=step, position=pos, losses=losses, started=started, session=self.session_id,
                 fingerprint=self.dataset.fingerprint(), config=config_record(cfg),
-                network=net.kohya_state_dict(torch.float32), optimizer=opt.state_dict(),
+                network=net.kohya_state_dict(torch.float32), optimizer=flat_params.state_dict(opt),
                 scheduler=sched.state_dict()),
                 overwrite=outputs.may_replace(spath, cfg.overwrite, self.session_id))
             self.cb.log(f"saved {spath}")
@@ -406,7 +406,7 @@ class Trainer:
         net.load_kohya_state_dict(st.network)
         # the kernel is this torch's and this device's choice, not the saved run's
         kernels = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in opt.param_groups]
-        opt.load_state_dict(st.optimizer)
+        flat_params.load_state_dict(opt, st.optimizer)
         for g, k in zip(opt.param_groups, kernels):
             g.update(k)
         sched.load_state_dict(st.scheduler)
