@@ -181,10 +181,16 @@ def _unfused_adamw() -> None:
     optim.adamw_kernel = lambda groups: {}
 
 
+def _per_tensor_adamw() -> None:
+    from lib_lora.training import optim
+    optim.FLAT_GROUPS = ()
+
+
 # what each ``ours-no-LEVER`` variant turns off in its process: (what that leaves, how)
 LEVERS = {
     "one-forward": ("a forward hook per LoRA'd layer, the LoRA's own modules beside it", _hooks),
     "fused-adamw": ("torch's default AdamW kernels (one tensor at a time on CPU, foreach on CUDA)", _unfused_adamw),
+    "flat-params": ("AdamW, zero_grad and the clip over each LoRA tensor, not one flat buffer", _per_tensor_adamw),
 }
 
 

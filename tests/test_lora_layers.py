@@ -135,3 +135,23 @@ def test_a_layer_with_an_instance_forward_of_its_own_keeps_it():
         net.detach()
     assert layer.forward is own and not layer._forward_hooks
     assert "forward" not in vars(tiny.unet.input_blocks[1][1].proj_out)
+
+
+@pytest.mark.parametrize("layer,shape", [(nn.Linear(24, 40), (2, 7, 24)), (nn.Conv2d(24, 40, 1), (1, 24, 5, 6))])
+def test_gradients_into_a_flat_buffer_are_autograds(layer, shape):
+    """With the LoRA's gradients views of one flat buffer (the trainer's AdamW), two backwards
+    accumulate there what autograd gives."""
+    from lib_lora.training import flat_params
+
+    lora = _layer_and_lora(layer)
+    x = torch.randn(shape, requires_grad=True)
+    _, ref = _outputs_and_grads(lambda t: _reference(layer, lora, t), x, lora)
+    flat = flat_params.flatten([lora.down.weight, lora.up.weight])
+    fwd = types.MethodType(lora_forward(layer, lora), layer)
+    for _ in range(2):
+        y = fwd(x)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(3)))
+    torch.testing.assert_close(lora.down.weight.grad, 2 * ref[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lora.up.weight.grad, 2 * ref[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, 2 * ref[2], rtol=1e-5, atol=1e-5)
+    assert flat.grad.abs().sum() > 0 and lora.down.weight.grad.data_ptr() == flat.grad.data_ptr()

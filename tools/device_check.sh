@@ -2,6 +2,7 @@
 # The checks that need a CUDA GPU, in one run (CI has none).  From the repository root:
 #   OUT=/tmp/gpu bash tools/device_check.sh                       # everything, about 15 minutes
 #   OUT=/tmp/gpu PARTS="bench_fp16 bench_sdxl" bash tools/device_check.sh   # the step benchmarks alone
+#   (each part fits a 10-minute call on its own: PARTS=bench_fp16, then PARTS=bench_sdxl)
 # Logs go to $OUT.  Packages missing from the machine's python can come as wheels in .whl/
 # (diffusers, stable-diffusion-sdkit, transformers 4.x, open_clip, ...: see tools/setup.sh).
 # Each part has its own time limit, so a hang in one still leaves the others' logs.
@@ -34,10 +35,11 @@ part() {  # part NAME SECONDS COMMAND...
 # the CUDA tests: training a half model, frozen-layer backward on GPU kernels, merging, the CLI in fp16
 part test_cuda 300 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py
 # SD1.5 as a WebUI holds it (fp16 weights, fp16 autocast, loss scaling) at 512 px, batch 4, rank 16:
-# ours, ours-lean and ours with each step lever off vs the diffusers + peft recipe vs a bare
-# forward+backward; per variant: wall s/step, the GPU's busy (kernel) time per step, wall/kernel,
-# peak CUDA memory over the model; ratios ours/reference (time, memory), ours/bare, ours wall/kernel
-part bench_fp16 330 "$PY" benchmarks/train.py --device cuda --precision fp16 --latent 64 --batch 4 --steps 8 --rounds 2
+# ours, ours-lean and ours with each step lever off (one-forward, fused-adamw, flat-params) vs the
+# diffusers + peft recipe vs a bare forward+backward; per variant: wall s/step, the GPU's busy (kernel)
+# time per step, wall/kernel, peak CUDA memory over the model; ratios ours/reference (time, memory),
+# each lever-off variant/ours, ours/bare, ours wall/kernel
+part bench_fp16 480 "$PY" benchmarks/train.py --device cuda --precision fp16 --latent 64 --batch 4 --steps 8 --rounds 2
 # SDXL (SGM UNet, fp16) at 1024 px, batch 1: ours vs reference vs bare, the same columns and ratios
 part bench_sdxl 240 "$PY" benchmarks/train.py --device cuda --precision fp16 --family sdxl --latent 128 --batch 1 \
     --steps 6 --rounds 1 --variants ours,reference,bare

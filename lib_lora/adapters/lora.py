@@ -142,8 +142,9 @@ class LoRAModule(torch.nn.Module):
         return (self.up.weight.flatten(1) @ self.down.weight.flatten(1)) * (self.multiplier * self.scale)
 
     def kohya_tensors(self, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
-        return {"lora_down.weight": self.down.weight.detach().to(dtype).contiguous(),
-                "lora_up.weight": self.up.weight.detach().to(dtype).contiguous(),
+        # copies: while training, the weights are views of one flat buffer (training/flat_params.py)
+        return {"lora_down.weight": self.down.weight.detach().to(dtype, copy=True).contiguous(),
+                "lora_up.weight": self.up.weight.detach().to(dtype, copy=True).contiguous(),
                 "alpha": torch.tensor(self.alpha, dtype=dtype)}
 
     def load_kohya_tensors(self, tensors: dict[str, Tensor]) -> None:

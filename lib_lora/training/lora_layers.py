@@ -122,19 +122,23 @@ class _LoraPointwise(torch.autograd.Function):
 
 
 def _fused(layer: nn.Module, lora: LoRAModule) -> Callable[[nn.Module, Tensor], Tensor]:
+    # Everything that cannot change while the layer is attached is read here, once: the forward
+    # runs for every LoRA'd layer in every step, where each attribute lookup and branch adds up.
     pointwise = isinstance(layer, nn.Conv2d)
     amp = _amp_query(layer.weight.device.type)
+    apply = (_LoraPointwise if pointwise else _LoraLinear).apply
+    down, up = lora.down.weight, lora.up.weight     # the Parameters themselves, updated in place
+    scale, dropout = lora.scale, lora.dropout > 0
 
     def forward(self: nn.Module, x: Tensor) -> Tensor:
-        if (lora.dropout > 0 and lora.training) or self.weight.requires_grad \
-                or (self.bias is not None and self.bias.requires_grad) or (pointwise and x.shape[0] != 1):
+        w, b = self.weight, self.bias
+        if (dropout and lora.training) or w.requires_grad or (b is not None and b.requires_grad) \
+                or (pointwise and x.shape[0] != 1):
             return lora.add_to(type(self).forward(self, x), x)
-        down, up = lora.down.weight, lora.up.weight
         dt = amp()
-        if dt is None and not (x.dtype == self.weight.dtype == down.dtype):
-            dt = self.weight.dtype    # outside autocast: the layer's own dtype, as the modules computed
-        fn = _LoraPointwise if pointwise else _LoraLinear
-        return fn.apply(x, self.weight, self.bias, down, up, lora.multiplier * lora.scale, dt)
+        if dt is None and not (x.dtype == w.dtype == down.dtype):
+            dt = w.dtype    # outside autocast: the layer's own dtype, as the modules computed
+        return apply(x, w, b, down, up, lora.multiplier * scale, dt)
     return forward
 
 

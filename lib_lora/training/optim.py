@@ -10,7 +10,13 @@ import torch
 from torch import Tensor
 
 from .config import TrainConfig
+from .flat_params import flatten
 from .options import check_optimizer
+
+# parameter groups that AdamW updates as one flat tensor (flat_params.py): the UNet's LoRA, every
+# layer of which gets a gradient in every step; a text encoder's may not (its last layers, when the
+# UNet reads a hidden state before them), and a zero gradient would still decay those weights
+FLAT_GROUPS = ("unet",)
 
 
 def adamw_kernel(groups: list[dict]) -> dict:
@@ -28,6 +34,8 @@ def make_optimizer(name: str, groups: list[dict], cfg: TrainConfig) -> tuple[tor
     args = dict(cfg.optimizer_args)
     entry = check_optimizer(name)
     if entry is None:
+        groups = [{**g, "params": [flatten(g["params"])]} if g.get("name") in FLAT_GROUPS and len(g["params"]) > 1
+                  else g for g in groups]
         opt = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                 **({} if {"fused", "foreach"} & set(args) else adamw_kernel(groups)), **args)
         return opt, "torch.optim.adamw.AdamW"

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..fileio import save_safetensors
 from ..hashes import hashes_from_bytes
-from . import outputs
+from . import flat_params, outputs
 from .epochs import Position
 from .metadata import build_metadata
 from .model import TrainableModel
@@ -66,7 +66,7 @@ def write_save(model: TrainableModel, plan: Plan, net: TrainingNetwork, path: Pa
         save_state(spath, TrainingState(
             step=step, position=pos, losses=losses, started=started, session=session_id,
             fingerprint=plan.dataset.fingerprint(), config=config_record(cfg),
-            network=net.kohya_state_dict(torch.float32), optimizer=opt.state_dict(),
+            network=net.kohya_state_dict(torch.float32), optimizer=flat_params.state_dict(opt),
             scheduler=sched.state_dict()),
             overwrite=outputs.may_replace(spath, cfg.overwrite, session_id))
         log(f"saved {spath}")
@@ -94,7 +94,7 @@ def resume_state(path: Path, plan: Plan, net: TrainingNetwork, opt: torch.optim.
     net.load_kohya_state_dict(st.network)
     # the kernel is this torch's and this device's choice, not the saved run's
     kernels = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in opt.param_groups]
-    opt.load_state_dict(st.optimizer)
+    flat_params.load_state_dict(opt, st.optimizer)
     for g, k in zip(opt.param_groups, kernels):
         g.update(k)
     sched.load_state_dict(st.scheduler)

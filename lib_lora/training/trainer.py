@@ -32,7 +32,7 @@ from .latents import LatentCache, TextCache, fill_caches
 from .mode import TrainingMode
 from .model import TrainableModel
 from .network import TrainingNetwork
-from . import outputs, sample_prompts, tensorboard
+from . import flat_params, outputs, sample_prompts, tensorboard
 from .optim import debiased_weights, lr_lambda, make_optimizer, snr_weights
 from .plan import Plan
 from .saves import prune_saves, resume_state, save_contents, write_save
@@ -285,15 +285,15 @@ class Trainer:
                 scaler.scale(loss).backward()
                 loss_val += loss.item()
             if self.dist:
-                loss_val = self._all_reduce_grads(net, loss_val)
+                loss_val = self._all_reduce_grads(opt, loss_val)
             if not math.isfinite(loss_val):
                 raise FloatingPointError(f"loss became {loss_val} at step {step + 1}; lower the learning rate")
             if cfg.max_grad_norm:
                 scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(flat_params.params(opt), cfg.max_grad_norm)
             scaler.step(opt)
             scaler.update()
-            opt.zero_grad(set_to_none=True)
+            flat_params.zero_grads(opt)
             sched.step()
             step += 1
             losses.append(loss_val)
@@ -323,14 +323,14 @@ class Trainer:
             saved.append(out)
         return TrainResult(out, step, losses, stopped, saved)
 
-    def _all_reduce_grads(self, net: TrainingNetwork, loss_val: float) -> float:
+    def _all_reduce_grads(self, opt, loss_val: float) -> float:
         """Sum every process's gradient share (and loss) through accelerate."""
         from accelerate.utils import reduce
 
-        for p in net.parameters():
+        for p in flat_params.params(opt):
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            p.grad = reduce(p.grad, reduction="sum")
+            p.grad.copy_(reduce(p.grad, reduction="sum"))   # in place: a flat gradient's views stay its own
         return float(reduce(torch.tensor([loss_val], device=self.model.device), reduction="sum").item())
 
     # -- saving (saves.py) -------------------------------------------------------------
