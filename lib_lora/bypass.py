@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .adapters import Adapter, AdapterError
-from .adapters.base import DoraFn, fit_shape
+from .adapters.base import DoraFn, delta_tensor
 from .autocast import autocasting
 from .merging import MATH_ERRORS, OOM, error_text, fits_dtype
 from .modelmap import Target
@@ -200,9 +200,13 @@ def make_term(target: Target, adapter: Adapter, multiplier: float, dyn: int | No
         return LowRank(module, adapter, multiplier, dyn)
     if not DeltaOutput.fits(module):
         raise AdapterError(f"{adapter.name}: {type(module).__name__} layers cannot follow a step schedule")
-    dw, db = adapter.deltas(original_weight, bias if adapter.has_bias else None, multiplier, dyn, dora)
-    if dw is None and db is None:
-        raise AdapterError(f"{adapter.name}: adapter has no delta")
+    dw = delta_tensor(adapter, original_weight.shape, multiplier, original=original_weight, dyn=dyn, dora=dora,
+                      device=original_weight.device)
+    db = None
+    if adapter.has_bias:
+        if bias is None:
+            raise AdapterError(f"{adapter.name}: file has a bias delta but the layer has no bias")
+        db = delta_tensor(adapter, bias.shape, multiplier, part="bias", device=bias.device)
     return DeltaOutput(module, dw, db)
 
 
@@ -263,15 +267,17 @@ class Bypass:
                     term = make_term(target, adapter, mult, dyn, weight, bias, dora_fn)
                     # hooked, it never writes the weight, but the layer's output must stay what a finite
                     # merged weight would give: the same check as merging
-                    dw = term.dw.float() if isinstance(term, DeltaOutput) else \
-                        adapter.weight_delta_at(weight, mult, dyn, dora_fn)
+                    if isinstance(term, DeltaOutput):
+                        merged = term.dw.float() + weight.float()
+                    else:
+                        merged = weight.to(torch.float32, copy=True)
+                        adapter.add_delta_(merged, weight, mult, dyn=dyn, dora=dora_fn)
                 except OOM:
                     raise
                 except (AdapterError,) + MATH_ERRORS as e:
                     bad.setdefault(netname, []).append(error_text(e))
                     continue
-                if dw is not None and not fits_dtype(fit_shape(dw, weight.shape, adapter.name) + weight.float(),
-                                                     weight.dtype):
+                if not fits_dtype(merged, weight.dtype):
                     overflowing[netname] = overflowing.get(netname, 0) + 1
                     continue
             term.gate = gate

@@ -50,24 +50,26 @@ def overflowing(contribs: list[Contribution], base: Tensor, param: Tensor, pname
     merged = base.to(param.device, torch.float32, copy=True)
     original = merged.clone()
     culprits: list[str] = []
-    for target, adapter, mult, dyn, netname in contribs:
+    for c in contribs:
         before = merged.clone()
         try:
-            if pname == target.weight_name:
-                rows = slice(None) if target.rows is None else target.rows
-                adapter.add_weight_delta_(merged[rows], original[rows], mult, dyn, dora_fn)
-            else:
-                bias = merged if target.rows is None else merged[target.rows]
-                db = adapter.bias_delta_at(bias, mult)
-                if db is not None:
-                    bias += db
+            add_contribution(merged, original, c, pname, dora_fn)
         except (AdapterError,) + MATH_ERRORS:
             merged = before  # reported by the merge itself
             continue
         if not fits_dtype(merged, param.dtype):
-            culprits.append(netname)
+            culprits.append(c.network)
             merged = before
     return culprits or [c.network for c in contribs]
+
+
+def add_contribution(merged: Tensor, original: Tensor | None, c: Contribution, pname: str, dora_fn) -> None:
+    """Add ``c``'s delta to the float32 value of ``pname`` (to its rows, on a fused layer)."""
+    rows = c.target.rows
+    if rows is not None:
+        merged, original = merged[rows], original[rows] if original is not None else None
+    part = "weight" if pname == c.target.weight_name else "bias"
+    c.adapter.add_delta_(merged, original, c.multiplier, part=part, dyn=c.dyn, dora=dora_fn)
 
 
 def original_for(merged: Tensor, contribs: list[Contribution]) -> Tensor | None:
@@ -80,21 +82,11 @@ def sum_into(merged: Tensor, original: Tensor | None, contribs: list[Contributio
               bad: dict[str, list[str]], failed: set, k: tuple[int, str]) -> None:
     """Add every contribution's delta for ``pname`` to the float32 ``merged``; one that raises is
     recorded in ``bad``/``failed`` and the rest still add."""
-    for target, adapter, mult, dyn, netname in contribs:
+    for c in contribs:
         try:
-            if pname == target.weight_name:
-                orig = original if original is not None else merged  # unread unless needs_weight
-                if target.rows is None:
-                    adapter.add_weight_delta_(merged, orig, mult, dyn, dora_fn)
-                else:
-                    adapter.add_weight_delta_(merged[target.rows], orig[target.rows], mult, dyn, dora_fn)
-            else:
-                bias = merged if target.rows is None else merged[target.rows]
-                db = adapter.bias_delta_at(bias, mult)
-                if db is not None:
-                    bias += db
+            add_contribution(merged, original, c, pname, dora_fn)  # original: None unless some delta reads it
         except OOM:
             raise
         except (AdapterError,) + MATH_ERRORS as e:
-            bad.setdefault(netname, []).append(error_text(e))
-            failed.add((k, id(adapter)))
+            bad.setdefault(c.network, []).append(error_text(e))
+            failed.add((k, id(c.adapter)))

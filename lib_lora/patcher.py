@@ -24,12 +24,13 @@ from torch import Tensor, nn
 from . import autocast, families
 from .adapters import Adapter, dora
 from .blockweights import target_block
-from .bypass import HOOK_MAX_COST, Bypass, Gate, hook_cost
+from .bypass import Gate, hook_cost
 from .elementweights import lbw_layer_name
 from .merging import Contribution, fits_dtype, original_for, overflowing, sum_into
 from .modelmap import ModelMap, Target
 from .network import Network
 from .params import LoraRequest
+from .schedules import Schedules
 
 
 @dataclass(frozen=True)
@@ -96,8 +97,11 @@ def bind(network: Network, mm: ModelMap) -> Binding:
     return Binding(pairs, unmatched)
 
 
-class Patcher:
+class Patcher(Schedules):
+    """Networks merged into (or hooked onto) one ModelMap's layers; its start=/stop= side is ``Schedules``."""
+
     def __init__(self, mm: ModelMap, backup_device: str | torch.device = "cpu"):
+        super().__init__()
         self.mm = mm
         self.backup_device = torch.device(backup_device)
         self.slots: dict[tuple[int, str], _Slot] = {}
@@ -105,16 +109,6 @@ class Patcher:
         self.dora_mode: str = dora.DEFAULT  # how DoRA magnitudes merge (adapters/dora.py); layers re-merge on change
         self._blocks: dict[Target, str | None] = {}
         self._lbw_names: dict[Target, str | None] = {}
-        self.bypass = Bypass()
-        self.gates: list[Gate] = []
-        self.step = 0
-        # start=/stop= layers whose hook costs more than this share of the layer (bypass.hook_cost)
-        # are merged while their gate is open instead
-        self.hook_max_cost: float = HOOK_MAX_COST
-        # per weight: the contributions wanted, with the gate each follows (None: always)
-        self._contribs: dict[tuple[int, str], list[tuple[Contribution, Gate | None]]] = {}
-        self._owners: dict[tuple[int, str], tuple[nn.Module, str]] = {}
-        self._checked: dict[tuple[int, str], tuple] = {}  # gated weights whose full merge passed _check_closed
 
     # -- public --------------------------------------------------------------------------
     def binding(self, network: Network) -> Binding:
@@ -254,18 +248,15 @@ class Patcher:
         dora_fn = dora.strategy(self.dora_mode)
         try:
             self._owners, self._contribs = plan.owners, plan.contribs
-            self._check_closed(report, errors.bad, errors.failed, dora_fn)
-            self._merge(report, errors.bad, errors.failed, touched, dora_fn)
+            self._check_closed(report.overflowing, errors.bad, errors.failed, dora_fn)
+            report.changed_slots += self._merge(report.overflowing, errors.bad, errors.failed, touched, dora_fn)
             # a gated contribution that cannot merge is not retried when its gate flips
             self._contribs = {k: [(c, g) for c, g in lst if g is None or (k, id(c.adapter)) not in errors.failed]
                               for k, lst in plan.contribs.items()}
             hooked = self.bypass.sync(plan.hooks, self._originals, errors.bad, report.overflowing, dora_fn)
             self.gates = plan.gates
         except BaseException:
-            # never leave a half-patched model behind: put back everything we changed
-            for slot in touched:
-                self._write(slot, slot.original)
-            self.restore()
+            self._roll_back(touched)
             raise
         return hooked
 
@@ -292,53 +283,17 @@ class Patcher:
         return tuple((id(a), id(t), m, d, self.dora_mode if a.dora_scale is not None else None)
                      for t, a, m, d, _ in contribs)
 
-    def _effective(self) -> dict[tuple[int, str], list[Contribution]]:
-        """The contributions to merge now: static ones and those whose gate is open, in prompt order."""
-        out = {}
-        for k, lst in self._contribs.items():
-            now = [c for c, g in lst if g is None or g.factor]
-            if now:
-                out[k] = now
-        return out
-
-    def _check_closed(self, report: ApplyReport, bad: dict[str, list[str]], failed: set, dora_fn) -> None:
-        """Weights with a gated contribution not merged now: check they merge, and stay finite, with every
-        contribution in (the most a flip can add), so that no flip during sampling can fail."""
-        checked = {}
-        for k, lst in self._contribs.items():
-            if all(g is None or g.factor for _, g in lst):
-                continue  # all merged now: the merge itself checks them
-            contribs = [c for c, _ in lst]
-            sig = self._signature(contribs)
-            if self._checked.get(k) == sig:
-                checked[k] = sig
-                continue
-            module, pname = self._owners[k]
-            param = getattr(module, pname)
-            slot = self.slots.get(k)
-            base = slot.original if slot is not None else param.detach()
-            merged = base.to(param.device, torch.float32, copy=True)
-            original = original_for(merged, contribs)
-            n_failed = len(failed)
-            # the static contributions' own errors are the merge's to report
-            sum_into(merged, original, [c for c, g in lst if g is None], pname, dora_fn, {}, set(), k)
-            sum_into(merged, original, [c for c, g in lst if g is not None], pname, dora_fn, bad, failed, k)
-            if not fits_dtype(merged, param.dtype):
-                for culprit in overflowing(contribs, base, param, pname, dora_fn):
-                    report.overflowing[culprit] = report.overflowing.get(culprit, 0) + 1
-            elif len(failed) == n_failed:
-                checked[k] = sig
-        self._checked = checked
-
-    def _merge(self, report: ApplyReport, bad: dict[str, list[str]], failed: set, touched: list,
-               dora_fn) -> None:
-        """Bring every slot to its effective contributions, re-merging only those that changed."""
+    def _merge(self, over: dict[str, int], bad: dict[str, list[str]], failed: set, touched: list,
+               dora_fn) -> int:
+        """Bring every slot to its effective contributions, re-merging only those that changed; returns
+        how many changed.  Networks whose merge would not be finite are counted in ``over``."""
+        changed = 0
         wanted = self._effective()
         for k, slot in list(self.slots.items()):
             if k not in wanted:
                 self._write(slot, slot.original)
                 del self.slots[k]
-                report.changed_slots += 1
+                changed += 1
         for k, contribs in wanted.items():
             module, pname = self._owners[k]
             sig = self._signature(contribs)
@@ -357,11 +312,11 @@ class Patcher:
             sum_into(merged, original_for(merged, contribs), contribs, pname, dora_fn, bad, failed, k)
             if not fits_dtype(merged, param.dtype):
                 for culprit in overflowing(contribs, base, param, pname, dora_fn):
-                    report.overflowing[culprit] = report.overflowing.get(culprit, 0) + 1
+                    over[culprit] = over.get(culprit, 0) + 1
                 if slot is not None:  # its storage may hold the failed merge: back to the original
                     self._write(slot, slot.original)
                     del self.slots[k]
-                    report.changed_slots += 1
+                    changed += 1
                 continue
             if slot is None:
                 # Where the backup lives with the weight, the current storage *becomes* the backup
@@ -374,50 +329,14 @@ class Patcher:
                 touched.append(slot)
             self._write(slot, merged)
             slot.contributions = sig
-            report.changed_slots += 1
+            changed += 1
+        return changed
 
-    def set_step(self, step: int) -> None:
-        """Sampling progressed: open/close the gates of scheduled networks.  Hooked layers only see
-        the gate; layers merged while it is open are re-merged from their originals when it flips."""
-        self.step = step
-        flipped = False
-        for gate in self.gates:
-            before = gate.factor
-            gate.set_step(step)
-            flipped = flipped or (gate.merges and gate.factor != before)
-        if flipped:
-            self._remerge()
-
-    def drop_schedules(self) -> None:
-        """Take the scheduled networks away (hooks removed, gated merges undone); merged networks stay."""
-        merges = any(g.merges for g in self.gates)
-        self._drop_hooks()
-        if merges:
-            kept = {k: [(c, g) for c, g in lst if g is None] for k, lst in self._contribs.items()}
-            self._contribs = {k: lst for k, lst in kept.items() if lst}
-            self._remerge()
-
-    def _drop_hooks(self) -> None:
-        self.bypass.remove()
-        self.bypass.terms.clear()
-        self.gates = []
-        self.step = 0
-
-    @torch.no_grad()
-    def _remerge(self) -> None:
-        with autocast.disabled():  # as in apply: a flip happens inside the host's sampling autocast
-            self._remerge_now()
-
-    def _remerge_now(self) -> None:
-        self._drop_stale()
-        touched: list[_Slot] = []
-        try:
-            self._merge(ApplyReport(), {}, set(), touched, dora.strategy(self.dora_mode))
-        except BaseException:
-            for slot in touched:
-                self._write(slot, slot.original)
-            self.restore()
-            raise
+    def _roll_back(self, touched: list[_Slot]) -> None:
+        """Never leave a half-patched model behind: put back everything a failed merge changed."""
+        for slot in touched:
+            self._write(slot, slot.original)
+        self.restore()
 
     def _originals(self, target: Target) -> tuple[Tensor, Tensor | None]:
         """The layer's weight and bias before any merge, on the layer's device."""
@@ -432,8 +351,7 @@ class Patcher:
     def restore(self) -> int:
         """Put every patched weight back; returns how many were restored."""
         self._drop_stale()
-        self._contribs, self._owners, self._checked = {}, {}, {}
-        self._drop_hooks()
+        self._forget_wanted()
         n = 0
         for slot in self.slots.values():
             self._write(slot, slot.original)
@@ -443,8 +361,7 @@ class Patcher:
 
     def forget(self) -> None:
         """The model was replaced or reloaded: drop originals without writing them back."""
-        self._contribs, self._owners, self._checked = {}, {}, {}
-        self._drop_hooks()
+        self._forget_wanted()
         self.slots.clear()
         self._bindings.clear()
 

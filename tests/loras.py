@@ -52,3 +52,18 @@ def activation(network: Network, *weights, **kwargs) -> Activation:
     """What the runtime hands the patcher for ``network`` at these ``LoraRequest`` weights
     (positional: te, unet, dyn; keywords: blocks, elements, start, stop)."""
     return Activation(network, LoraRequest(network.name, *weights, **kwargs))
+
+
+def deltas(adapter, weight: torch.Tensor, bias: torch.Tensor | None, multiplier: float, dora=None
+           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight delta, bias delta or None) at ``multiplier`` against the original ``weight``, through the
+    production verb (``Adapter.add_delta_`` into zeros, as the bypass hooks take them)."""
+    from lib_lora.adapters import AdapterError
+    from lib_lora.adapters.base import delta_tensor
+
+    dw = delta_tensor(adapter, weight.shape, multiplier, original=weight, dora=dora, device=weight.device)
+    if not adapter.has_bias:
+        return dw, None
+    if bias is None:
+        raise AdapterError(f"{adapter.name}: file has a bias delta but the layer has no bias")
+    return dw, delta_tensor(adapter, bias.shape, multiplier, part="bias", device=bias.device)

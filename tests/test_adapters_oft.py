@@ -26,7 +26,7 @@ from lib_lora.adapters.glora import GLoRA  # noqa: E402
 from lib_lora.modelmap import ModelMap  # noqa: E402
 from lib_lora.network import parse_state_dict  # noqa: E402
 from lib_lora.patcher import Patcher  # noqa: E402
-from loras import activation, same, snapshot  # noqa: E402
+from loras import activation, deltas, same, snapshot  # noqa: E402
 from test_adapters_lycoris import (MULTIPLIERS, assert_close, forward_delta, make_layer, merged_delta,  # noqa: E402
                                    originals, randomise, saved)
 
@@ -53,7 +53,7 @@ def _check(module, layer, sd, cls) -> None:
     adapter = _parsed(sd)
     assert type(adapter) is cls and adapter.needs_weight
     for m in MULTIPLIERS:
-        dw, db = adapter.deltas(weight, bias, m)
+        dw, db = deltas(adapter, weight, bias, m)
         assert db is None
         assert_close(dw, forward_delta(module, layer, m)[0])
         assert_close(dw, merged_delta(module, weight, bias, m)[0])
@@ -97,12 +97,12 @@ def test_lycoris_2_0_oft_diag_is_the_rotation_itself() -> None:
     adapter = _parsed(sd)
     assert type(adapter) is DiagOFT
     for m in MULTIPLIERS:
-        assert_close(adapter.deltas(weight, bias, m)[0], forward_delta(module, layer, m)[0])
+        assert_close(deltas(adapter, weight, bias, m)[0], forward_delta(module, layer, m)[0])
     # a stored R with a folded-in rescale is applied as it is: block by block, rows mixed as R^T W
     r = sd["oft_diag"] * (1 + 0.2 * torch.randn(sd["oft_diag"].shape[0], sd["oft_diag"].shape[1], 1))
     n, b, _ = r.shape
     ref = torch.cat([(0.6 * (r[k] - torch.eye(b))).T @ weight[k * b:(k + 1) * b] for k in range(n)])
-    assert_close(make_adapter("x", {"oft_diag": r}).deltas(weight, bias, 0.6)[0], ref)
+    assert_close(deltas(make_adapter("x", {"oft_diag": r}), weight, bias, 0.6)[0], ref)
 
 
 # --------------------------------------------------------------------------- LyCORIS BOFT
@@ -158,7 +158,7 @@ def test_sd_scripts_oft_formula(alpha: float, shape) -> None:
     adapter = net.adapters["lora_unet_x"]
     assert type(adapter) is DiagOFT and not net.unknown_keys
     for m in MULTIPLIERS + (-0.5,):
-        assert_close(adapter.deltas(weight, None, m)[0], sd_scripts_oft_delta(weight, blocks, alpha, m))
+        assert_close(deltas(adapter, weight, None, m)[0], sd_scripts_oft_delta(weight, blocks, alpha, m))
 
 
 def test_sd_scripts_oft_alpha_zero_is_a_no_op_unlike_lycoris() -> None:
@@ -167,8 +167,8 @@ def test_sd_scripts_oft_alpha_zero_is_a_no_op_unlike_lycoris() -> None:
     weight, blocks = torch.randn(16, 8, generator=g), torch.randn(2, 8, 8, generator=g) * 0.1
     kohya = parse_state_dict("k", {"oft_unet_x.oft_blocks": blocks, "oft_unet_x.alpha": torch.tensor(0.0)}, {})
     lyco = parse_state_dict("l", {"lora_unet_x.oft_blocks": blocks, "lora_unet_x.alpha": torch.tensor(0.0)}, {})
-    assert kohya.adapters["lora_unet_x"].deltas(weight, None, 1.0)[0].abs().max() < 1e-6
-    assert lyco.adapters["lora_unet_x"].deltas(weight, None, 1.0)[0].abs().max() > 1e-2
+    assert deltas(kohya.adapters["lora_unet_x"], weight, None, 1.0)[0].abs().max() < 1e-6
+    assert deltas(lyco.adapters["lora_unet_x"], weight, None, 1.0)[0].abs().max() > 1e-2
 
 
 # sd-scripts' default targets: the linears of CrossAttention blocks (attn1/attn2 to_q/k/v/out), diffusers names
@@ -227,7 +227,7 @@ def test_glora_tucker_core_matches_lycoris_formula() -> None:
     adapter = make_adapter("x", t)
     ref = _glora_weight(w, t["a1.weight"], t["a2.weight"], t["b1.weight"], t["b2.weight"], t["bm.weight"], 0.5)
     for m in MULTIPLIERS:
-        assert_close(adapter.deltas(w, None, m)[0], ref * m)
+        assert_close(deltas(adapter, w, None, m)[0], ref * m)
 
 
 # --------------------------------------------------------------------------- composition and errors
@@ -268,7 +268,7 @@ def test_oft_bad_shapes_raise() -> None:
         with pytest.raises(AdapterError):
             a = make_adapter("x", tensors)
             if weight is not None:
-                a.deltas(weight, None, 1.0)
+                deltas(a, weight, None, 1.0)
 
     raises({"oft_blocks": r(3, 4, 5)})                          # blocks not square
     raises({"oft_blocks": r(5, 4, 4)}, lin)                     # 5 x 4 rows != 12

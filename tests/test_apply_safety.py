@@ -103,7 +103,7 @@ def test_a_file_that_breaks_the_maths_is_only_its_own_error(monkeypatch):
     tiny, mm, a, b = setup()
     want = with_only(tiny, [activation(a, 1.0, 1.0)])
     for adapter in b.adapters.values():
-        monkeypatch.setattr(adapter, "add_weight_delta_", lambda *args, **kw: torch.ones(3, 5) @ torch.ones(4, 2))
+        monkeypatch.setattr(adapter, "add_delta_", lambda *args, **kw: torch.ones(3, 5) @ torch.ones(4, 2))
     rep = Patcher(mm).apply([activation(b, 1.0, 1.0), activation(a, 1.0, 1.0)])
     assert rep.applied["a"] > 0 and "b" not in rep.applied
     assert any(m.startswith("b:") and "RuntimeError" in m for m in rep.messages)

@@ -13,6 +13,7 @@ import torch
 
 from lib_lora.fileio import LoraFileError, load_file, read_header, save_safetensors
 from lib_lora.network import load_network
+from loras import deltas
 
 GOOD = {"lora_unet_x_to_q.lora_down.weight": torch.randn(2, 8), "lora_unet_x_to_q.lora_up.weight": torch.randn(8, 2),
         "lora_unet_x_to_q.alpha": torch.tensor(1.0)}
@@ -224,7 +225,7 @@ def test_float8_tensors_load_and_nan_float8_is_refused(tmp_path):
         DOWN: ("F8_E4M3", [1, 2], f8([0.5, 1.0])), "lora_unet_x_to_q.lora_up.weight": ("F8_E4M3", [2, 1], f8([2.0, 4.0]))})
     a = load_network(ok).adapters["lora_unet_x_to_q"]
     # hand-computed: up @ down = [[2], [4]] @ [[0.5, 1]]
-    assert torch.equal(a.weight_delta(torch.zeros(2, 2)), torch.tensor([[1.0, 2.0], [2.0, 4.0]]))
+    assert torch.equal(deltas(a, torch.zeros(2, 2), None, 1.0)[0], torch.tensor([[1.0, 2.0], [2.0, 4.0]]))
     nan = _raw_safetensors(tmp_path / "f8nan.safetensors", {
         DOWN: ("F8_E4M3", [1, 2], bytes([0x7F, 0x38])), "lora_unet_x_to_q.lora_up.weight": ("F8_E4M3", [2, 1], f8([1, 1]))})
     with pytest.raises(LoraFileError, match="^f8nan: .*NaN"):
@@ -289,7 +290,7 @@ def test_scale_overflowing_float32_is_refused():
     from lib_lora.adapters import make_adapter
     big = make_adapter("m", {"lora_down.weight": torch.full((1, 8), 1e-10), "lora_up.weight": torch.full((8, 1), 1e-10),
                              "alpha": torch.tensor(1e30)})
-    assert torch.allclose(big.weight_delta(torch.zeros(8, 8)), torch.full((8, 8), 1e10))  # 1e-20 * 1e30
+    assert torch.allclose(deltas(big, torch.zeros(8, 8), None, 1.0)[0], torch.full((8, 8), 1e10))  # 1e-20 * 1e30
 
 
 @pytest.mark.parametrize("extra, reason", [

@@ -243,7 +243,7 @@ def test_a_flip_that_fails_puts_everything_back(tiny, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(adapter, "add_weight_delta_", interrupted)
+    monkeypatch.setattr(adapter, "add_delta_", interrupted)
     with pytest.raises(KeyboardInterrupt):
         p.set_step(2)
     assert same(before, snapshot(tiny.unet))

@@ -17,7 +17,7 @@ from lib_lora.adapters import dora  # noqa: E402
 from lib_lora.modelmap import ModelMap  # noqa: E402
 from lib_lora.network import parse_state_dict  # noqa: E402
 from lib_lora.patcher import Patcher  # noqa: E402
-from loras import activation, same, snapshot  # noqa: E402
+from loras import activation, deltas, same, snapshot  # noqa: E402
 from test_adapters_lycoris import assert_close, forward_delta, randomise, saved  # noqa: E402
 from tiny_models import build_hf_clip  # noqa: E402
 
@@ -72,7 +72,7 @@ def test_webui_mode_differs_from_lycoris_where_the_definitions_do(te_model):
     module = LoConModule(KEY, layer, 1.0, lora_dim=4, alpha=2, weight_decompose=True, wd_on_out=False)
     randomise(module, seed=22)
     adapter = parse_state_dict("d", {f"{KEY}.{k}": v for k, v in saved(module).items()}, {}).adapters[KEY]
-    at = lambda mode, m: adapter.deltas(w, None, m, dora=dora.strategy(mode))[0]  # noqa: E731
+    at = lambda mode, m: deltas(adapter, w, None, m, dora=dora.strategy(mode))[0]  # noqa: E731
     torch.testing.assert_close(at("webui", 1.0), at("lycoris", 1.0), rtol=1e-4, atol=1e-5)  # same at 1, per input
     assert (at("webui", 0.5) - at("lycoris", 0.5)).abs().max() > 1e-3
 
@@ -82,7 +82,7 @@ def test_webui_mode_refuses_what_the_builtin_cannot_broadcast():
     with pytest.raises(AdapterError):  # refused when the file is read, at the latest when it is merged
         a = make_adapter("x", {"lora_down.weight": torch.randn(2, 16), "lora_up.weight": torch.randn(12, 2),
                                "dora_scale": torch.rand(5, 1)})
-        a.deltas(torch.randn(12, 16), None, 1.0, dora=dora.strategy("webui"))
+        deltas(a, torch.randn(12, 16), None, 1.0, dora=dora.strategy("webui"))
     with pytest.raises(ValueError, match="unknown DoRA mode"):
         dora.strategy("kohya")
 
@@ -96,9 +96,9 @@ def test_conv_shaped_magnitude_on_a_linear_layer_never_broadcasts():
     mag = torch.rand(12, 1, generator=g) + 0.5
     flat = make_adapter("x", {"lora_down.weight": down, "lora_up.weight": up, "dora_scale": mag})
     conv = make_adapter("x", {"lora_down.weight": down, "lora_up.weight": up, "dora_scale": mag.reshape(12, 1, 1, 1)})
-    want, _ = flat.deltas(w, None, 0.7)
-    got, _ = conv.deltas(w, None, 0.7)
+    want, _ = deltas(flat, w, None, 0.7)
+    got, _ = deltas(conv, w, None, 0.7)
     assert got.shape == w.shape
     torch.testing.assert_close(got, want)
     with pytest.raises(AdapterError, match="broadcast"):
-        conv.deltas(w, None, 0.7, dora=dora.strategy("webui"))
+        deltas(conv, w, None, 0.7, dora=dora.strategy("webui"))

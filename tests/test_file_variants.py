@@ -15,7 +15,7 @@ from lib_lora.fileio import load_file, save_safetensors
 from lib_lora.modelmap import ModelMap
 from lib_lora.network import load_network, parse_state_dict
 from lib_lora.patcher import Patcher, bind
-from loras import activation, kohya_lora
+from loras import activation, deltas, kohya_lora
 from test_diffusers_equivalence import KOHYA_TARGETS, assert_same_weights, ours_in_diffusers_names
 from tiny_models import build_diffusers_pipeline, build_sd1, build_sdxl, diffusers_fused_weights, \
     to_diffusers_text_encoder
@@ -75,9 +75,9 @@ def test_integer_alpha_scales_like_float(dtype, shape):
     nets = [parse_state_dict(str(a), {"lora_unet_x.lora_down.weight": down, "lora_unet_x.lora_up.weight": up,
                                       "lora_unet_x.alpha": a}, {})
             for a in (torch.tensor(2, dtype=dtype).reshape(shape), torch.tensor(2.0))]
-    deltas = [n.adapters["lora_unet_x"].deltas(w, None, 1.0)[0] for n in nets]
-    torch.testing.assert_close(deltas[0], deltas[1], rtol=0, atol=0)
-    torch.testing.assert_close(deltas[0], up @ down * 0.5)
+    got = [deltas(n.adapters["lora_unet_x"], w, None, 1.0)[0] for n in nets]
+    torch.testing.assert_close(got[0], got[1], rtol=0, atol=0)
+    torch.testing.assert_close(got[0], up @ down * 0.5)
 
 
 def test_integer_tensors_other_than_alpha_still_refused():

@@ -1,14 +1,17 @@
 """The contract every weight-adapter algorithm (LoRA, LoHa, LoKr, ...) fulfils.
 
-An adapter owns the tensors a file stores for one target module and turns them
-into a weight delta.  Deltas are computed in float32 against the *original*
-weight, so several adapters on one module simply add up, and DoRA (which needs
-the original weight) fits the same shape of call.
+An adapter owns the tensors a file stores for one target module.  Each algorithm
+implements one private computation, ``_delta``; the one public verb, ``add_delta_``,
+adds the delta at a multiplier into a float32 tensor the caller passes (its device is
+where the maths runs) and owns what all algorithms share: the multiplier, the shape
+check, the DoRA strategy, the bias.  Deltas are taken against the *original* weight,
+so several adapters on one module simply add up, and DoRA (which needs the original
+weight) fits the same call.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, ClassVar, Dict, Optional
+from typing import Callable, ClassVar, Dict, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -29,12 +32,27 @@ class AdapterError(ValueError):
     """The tensors of one module are inconsistent or do not fit the target."""
 
 
+class LowRankDelta(NamedTuple):
+    """A delta kept as its factors, ``up @ down * scale``, so that it can be added by one fused matmul."""
+    up: Tensor     # [out, r]
+    down: Tensor   # [r, in * kernel]
+    scale: float
+    shape: tuple[int, ...]  # the delta's own shape (a conv kernel's dims included)
+
+    def dense(self) -> Tensor:
+        return (self.up @ self.down).reshape(self.shape) * self.scale
+
+
 class Adapter:
     algo: ClassVar[str] = "base"
     # Suffixes (after the module key) that must all be present for this class to claim a group.
     required: ClassVar[tuple[str, ...]] = ()
     # Further suffixes it understands; anything else in the group is reported as unknown.
     optional: ClassVar[tuple[str, ...]] = ()
+    # Whether the delta is proportional to the multiplier (all but the rotations, OFT and BOFT).
+    linear: ClassVar[bool] = True
+    # The stored bias delta's role, for the algorithms that have one (Full, Norm).
+    bias_role: ClassVar[str | None] = None
 
     def __init__(self, name: str, tensors: dict[str, Tensor]):
         self.name = name
@@ -74,13 +92,14 @@ class Adapter:
         """An upper bound of the delta's entries before the alpha/rank scale (None: not known)."""
         return None
 
-    def weight_delta(self, weight: Tensor, dyn: int | None = None) -> Tensor | None:
-        """float32 delta for multiplier 1, shaped like ``weight`` (or reshapeable to it)."""
-        return None
+    def _delta(self, weight: Tensor, multiplier: float, dyn: int | None) -> Tensor | LowRankDelta:
+        """The algorithm: this adapter's float32 delta against the original ``weight`` (float32, on the
+        device the maths runs on; for an adapter that does not ``need_weight``, only its shape counts).
 
-    def bias_delta(self, bias: Tensor | None) -> Tensor | None:
-        """float32 bias delta for multiplier 1, on ``bias``'s device (the CPU when the layer has none)."""
-        return None
+        At multiplier 1 for a ``linear`` class (``add_delta_`` scales it, or hands it to DoRA);
+        at ``multiplier`` for one whose delta is not linear in it (OFT, BOFT).
+        """
+        raise NotImplementedError
 
     # -- shared behaviour ------------------------------------------------------------
     def _check_scale(self) -> None:
@@ -105,7 +124,7 @@ class Adapter:
     @property
     def has_bias(self) -> bool:
         """Whether this adapter changes the layer's bias (most only touch the weight)."""
-        return False
+        return self.bias_role is not None and self.bias_role in self.tensors
 
     def known_suffixes(self) -> set[str]:
         return set(self.required) | set(self.optional) | {"alpha", "dora_scale"}
@@ -114,40 +133,53 @@ class Adapter:
         """A stored tensor as float32 on ``device`` (the weight's: the caller says which, no state is kept)."""
         return self.tensors[key].to(device, torch.float32)
 
-    def weight_delta_at(self, weight: Tensor, multiplier: float, dyn: int | None = None,
-                        dora: Optional[DoraFn] = None) -> Tensor | None:
-        """float32 weight delta at ``multiplier`` against the original ``weight`` (any device).
+    def add_delta_(self, out: Tensor, original: Tensor | None, multiplier: float, *, part: str = "weight",
+                   dyn: int | None = None, dora: Optional[DoraFn] = None) -> None:
+        """``out += `` this adapter's delta at ``multiplier``, in place: the one delta verb.
 
+        ``out`` is float32 and shaped like the layer's weight (``part="weight"``) or its bias
+        (``"bias"``); its device is where the maths runs.  ``original`` is the weight before any
+        merge (any dtype or device), read only when the adapter ``needs_weight`` (None otherwise).
         ``dora`` is the DoRA strategy for files with a magnitude vector (default: LyCORIS's).
         """
-        w32 = weight.float()
-        dw = self.weight_delta(w32, dyn)
-        if dw is None:
-            return None
-        dw = fit_shape(dw, w32.shape, self.name)
+        if out.dtype != torch.float32:
+            raise TypeError(f"{self.name}: deltas are added to a float32 tensor, got {out.dtype}")
+        if part == "bias":
+            if self.has_bias:
+                out += fit_shape(self.t(self.bias_role, out.device), out.shape, self.name) * multiplier
+            return
+        if part != "weight":
+            raise ValueError(f"unknown part {part!r}")
+        if not self.needs_weight:
+            w32 = out  # only its shape is read
+        elif original is None:
+            raise AdapterError(f"{self.name}: {self.algo} needs the original weight")
+        else:
+            w32 = original.to(out.device, torch.float32)
+        dw = self._delta(w32, multiplier if not self.linear else 1.0, dyn)
+        if isinstance(dw, LowRankDelta):
+            if not shape_fits(dw.shape, tuple(out.shape)):
+                raise AdapterError(f"{self.name}: shape {dw.shape} does not fit layer weight {tuple(out.shape)}")
+            if self.dora_scale is None and out.is_contiguous():
+                # peft-style merge: one fused addmm into the destination, no delta tensor
+                out.view(out.shape[0], -1).addmm_(dw.up, dw.down, alpha=multiplier * dw.scale)
+                return
+            dw = dw.dense()
+        dw = fit_shape(dw, out.shape, self.name)
         if self.dora_scale is not None:
-            return (dora or dora_delta)(w32, dw, self.t("dora_scale", w32.device), multiplier, self.name)
-        return dw * multiplier
+            out += (dora or dora_delta)(w32, dw, self.t("dora_scale", out.device), multiplier, self.name)
+        else:
+            out += dw * multiplier if self.linear else dw
 
-    def bias_delta_at(self, bias: Tensor | None, multiplier: float) -> Tensor | None:
-        db = self.bias_delta(bias)
-        if db is None:
-            return None
-        if bias is None:
-            raise AdapterError(f"{self.name}: file has a bias delta but the layer has no bias")
-        return fit_shape(db.float(), bias.shape, self.name) * multiplier
 
-    def add_weight_delta_(self, dst: Tensor, weight: Tensor, multiplier: float, dyn: int | None = None,
-                          dora: Optional[DoraFn] = None) -> None:
-        """dst += delta, in place (dst is float32 and shaped like ``weight``)."""
-        dw = self.weight_delta_at(weight, multiplier, dyn, dora)
-        if dw is not None:
-            dst += dw
-
-    def deltas(self, weight: Tensor, bias: Tensor | None, multiplier: float, dyn: int | None = None,
-               dora: Optional[DoraFn] = None) -> tuple[Tensor | None, Tensor | None]:
-        """(weight delta, bias delta) at ``multiplier``, float32, against the original weight."""
-        return self.weight_delta_at(weight, multiplier, dyn, dora), self.bias_delta_at(bias, multiplier)
+def delta_tensor(adapter: Adapter, shape: tuple[int, ...] | torch.Size, multiplier: float, *,
+                 original: Tensor | None = None, part: str = "weight", dyn: int | None = None,
+                 dora: Optional[DoraFn] = None, device: torch.device | str = "cpu") -> Tensor:
+    """The delta itself, as a float32 tensor of ``shape`` on ``device``: ``add_delta_`` into zeros,
+    for callers that keep it apart from the weight (bypass hooks, the tools)."""
+    out = torch.zeros(tuple(shape), dtype=torch.float32, device=device)
+    adapter.add_delta_(out, original, multiplier, part=part, dyn=dyn, dora=dora)
+    return out
 
 
 def shape_fits(delta: tuple[int, ...], weight: tuple[int, ...]) -> bool:

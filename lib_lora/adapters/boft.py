@@ -36,12 +36,11 @@ class BOFT(OFTBase):
         if n % (2 ** (m - 1)):
             raise AdapterError(f"{self.name}: {m} butterfly stages need a multiple of {2 ** (m - 1)} blocks, got {n}")
 
-    def rotated_delta(self, weight: Tensor, multiplier: float) -> Tensor:
+    def _delta(self, weight: Tensor, multiplier: float, dyn: int | None) -> Tensor:
         blocks = self.t("oft_blocks", weight.device)
         m, n, b, _ = blocks.shape
+        self._check_cover(weight, n, b)
         out, rest = weight.shape[0], weight.shape[1:]
-        if n * b != out:
-            raise AdapterError(f"{self.name}: {n} BOFT blocks of {b} do not cover {out} output channels")
         steps = cayley_step(limit_lycoris(skew(blocks), self.constraint(out)))  # R_i - I
         eye = torch.eye(b, device=steps.device)
         x = weight

@@ -58,13 +58,12 @@ class DiagOFT(OFTBase):
         if present[0] == "kohya_oft_blocks" and self.alpha is None:
             raise AdapterError(f"{self.name}: sd-scripts OFT needs its alpha (the constraint)")
 
-    def rotated_delta(self, weight: Tensor, multiplier: float) -> Tensor:
+    def _delta(self, weight: Tensor, multiplier: float, dyn: int | None) -> Tensor:
         role = self.role
         blocks = self.t(role, weight.device)
         n, b, _ = blocks.shape
+        self._check_cover(weight, n, b)
         out = weight.shape[0]
-        if n * b != out:
-            raise AdapterError(f"{self.name}: {n} OFT blocks of {b} do not cover {out} output channels")
         if role == "oft_diag":
             step = blocks - torch.eye(b, device=blocks.device)
         else:

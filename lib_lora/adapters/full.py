@@ -11,12 +11,7 @@ class Full(Adapter):
     required = ("diff",)
     optional = ("diff_b",)
 
-    def weight_delta(self, weight: Tensor, dyn: int | None = None) -> Tensor:
+    bias_role = "diff_b"
+
+    def _delta(self, weight: Tensor, multiplier: float, dyn: int | None) -> Tensor:
         return self.t("diff", weight.device)  # alpha is not part of LyCORIS's full algo; fit_shape checks the shape
-
-    @property
-    def has_bias(self) -> bool:
-        return "diff_b" in self.tensors
-
-    def bias_delta(self, bias: Tensor | None) -> Tensor | None:
-        return self.t("diff_b", bias.device if bias is not None else "cpu") if "diff_b" in self.tensors else None

@@ -44,7 +44,7 @@ class GLoRA(Adapter):
     def rank(self) -> int:
         return int(self.tensors["a2.weight"].shape[0])
 
-    def weight_delta(self, weight: Tensor, dyn: int | None = None) -> Tensor:
+    def _delta(self, weight: Tensor, multiplier: float, dyn: int | None) -> Tensor:
         dev = weight.device
         a = self.t("a1.weight", dev).flatten(1) @ self.t("a2.weight", dev).flatten(1)  # [in, in]
         if a.shape[0] != weight.shape[1]:

@@ -32,7 +32,7 @@ class IA3(Adapter):
             return bool(self.tensors["on_input"].item())
         return n != weight.shape[0] and n == weight.shape[1]  # no flag: LyCORIS's default is output
 
-    def weight_delta(self, weight: Tensor, dyn: int | None = None) -> Tensor:
+    def _delta(self, weight: Tensor, multiplier: float, dyn: int | None) -> Tensor:
         vec = self.t("weight", weight.device).flatten()
         on_input = self._on_input(weight, vec.numel())
         axis = 1 if on_input else 0

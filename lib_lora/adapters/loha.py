@@ -59,7 +59,7 @@ class LoHa(Adapter):
             return rebuild_tucker(self.t(f"hada_t{i}", device), a.T, b)
         return a.flatten(1) @ b.flatten(1)
 
-    def weight_delta(self, weight: Tensor, dyn: int | None = None) -> Tensor:
+    def _delta(self, weight: Tensor, multiplier: float, dyn: int | None) -> Tensor:
         # alpha/rank once: the scale LyCORIS's forward applies (its get_diff_weight applies it twice).
         scale = self.alpha / self.rank() if self.alpha is not None else 1.0
         return unflatten_conv(self._half(1, weight.device) * self._half(2, weight.device) * scale, weight)

@@ -69,7 +69,7 @@ class LoKr(Adapter):
             bound *= b.shape[0] * amax(a) * amax(b) * (t.shape[0] * amax(t) if t is not None else 1.0)
         return bound
 
-    def weight_delta(self, weight: Tensor, dyn: int | None = None) -> Tensor:
+    def _delta(self, weight: Tensor, multiplier: float, dyn: int | None) -> Tensor:
         dev = weight.device
         w1 = self.t("lokr_w1", dev) if not self._factored(1) else self.t("lokr_w1_a", dev) @ self.t("lokr_w1_b", dev)
         if not self._factored(2):

@@ -1,13 +1,11 @@
 """LoRA and LoCon: W += up @ down * alpha / rank, with an optional CP core for convs."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
 from ..autocast import autocasting
-from .base import Adapter, AdapterError, DoraFn, amax, shape_fits
+from .base import Adapter, AdapterError, LowRankDelta, amax
 
 
 def rebuild_tucker(core: Tensor, left: Tensor, right: Tensor) -> Tensor:
@@ -56,26 +54,12 @@ class LoRA(Adapter):
             mid = mid[:dyn, :dyn] if mid is not None else None
         return down, up, mid, scale
 
-    def add_weight_delta_(self, dst: Tensor, weight: Tensor, multiplier: float, dyn: int | None = None,
-                          dora: Optional[DoraFn] = None) -> None:
-        # Fast path (peft-style merge): one fused addmm into the destination, no delta tensor.
-        if self.dora_scale is not None or "lora_mid.weight" in self.tensors or not dst.is_contiguous():
-            return super().add_weight_delta_(dst, weight, multiplier, dyn, dora)
-        down, up, _, scale = self._factors(dyn, dst.device)
-        if not shape_fits((up.shape[0], *down.shape[1:]), tuple(dst.shape)):
-            raise AdapterError(f"{self.name}: shape {(up.shape[0], *down.shape[1:])} does not fit layer "
-                               f"weight {tuple(dst.shape)}")
-        dst.view(dst.shape[0], -1).addmm_(up.flatten(1), down.flatten(1), alpha=multiplier * scale)
-
-    def weight_delta(self, weight: Tensor, dyn: int | None = None) -> Tensor:
+    def _delta(self, weight: Tensor, multiplier: float, dyn: int | None) -> Tensor | LowRankDelta:
         down, up, mid, scale = self._factors(dyn, weight.device)
         if mid is not None:
-            delta = rebuild_tucker(mid, up.flatten(1), down.flatten(1))
-        elif down.dim() == 4 and down.shape[2:] != (1, 1):
-            delta = (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:])
-        else:
-            delta = up.flatten(1) @ down.flatten(1)  # 1x1 convs are reshaped by the caller
-        return delta * scale
+            return rebuild_tucker(mid, up.flatten(1), down.flatten(1)) * scale
+        # kept factored: the caller adds it with one fused matmul where it can
+        return LowRankDelta(up.flatten(1), down.flatten(1), scale, (up.shape[0], *down.shape[1:]))
 
 
 class LoRAModule(torch.nn.Module):

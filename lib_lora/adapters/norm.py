@@ -17,12 +17,7 @@ class Norm(Adapter):
             if t is not None and t.dim() != 1:
                 raise AdapterError(f"{self.name}: {key} must be 1-D, got {tuple(t.shape)}")
 
-    def weight_delta(self, weight: Tensor, dyn: int | None = None) -> Tensor:
+    bias_role = "b_norm"
+
+    def _delta(self, weight: Tensor, multiplier: float, dyn: int | None) -> Tensor:
         return self.t("w_norm", weight.device)
-
-    @property
-    def has_bias(self) -> bool:
-        return "b_norm" in self.tensors
-
-    def bias_delta(self, bias: Tensor | None) -> Tensor | None:
-        return self.t("b_norm", bias.device if bias is not None else "cpu") if "b_norm" in self.tensors else None

@@ -1,7 +1,7 @@
 """What the orthogonal adapters (OFT, BOFT) share: Cayley rotations, the norm limits, rescale.
 
 Their deltas depend on the original weight (R W - W) and, for BOFT and rescale, not linearly
-on the multiplier, so they compute the delta at the multiplier themselves.
+on the multiplier, so they compute the delta at the multiplier themselves (``linear = False``).
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .base import Adapter, AdapterError, DoraFn
+from .base import Adapter, AdapterError
 
 
 def skew(blocks: Tensor) -> Tensor:
@@ -52,6 +52,7 @@ def rescaled(delta: Tensor, weight: Tensor, rescale: Optional[Tensor], name: str
 
 class OFTBase(Adapter):
     """What OFT and BOFT share: the delta depends on W and is not linear in the weight."""
+    linear = False
 
     @property
     def needs_weight(self) -> bool:
@@ -61,18 +62,13 @@ class OFTBase(Adapter):
         if self.dora_scale is not None:
             raise AdapterError(f"{self.name}: dora_scale is not defined for {self.algo}")
 
-    def rotated_delta(self, weight: Tensor, multiplier: float) -> Tensor:
-        raise NotImplementedError
-
-    def weight_delta(self, weight: Tensor, dyn: int | None = None) -> Tensor:
-        return self.weight_delta_at(weight, 1.0, dyn)
-
-    def weight_delta_at(self, weight: Tensor, multiplier: float, dyn: int | None = None,
-                        dora: Optional[DoraFn] = None) -> Tensor:
-        w32 = weight.float()
-        if w32.dim() < 2:
-            raise AdapterError(f"{self.name}: {self.algo} needs a linear or conv weight, got {tuple(w32.shape)}")
-        return self.rotated_delta(w32, multiplier)
+    def _check_cover(self, weight: Tensor, blocks: int, size: int) -> None:
+        """Refuse a weight whose output channels the stored blocks do not cover."""
+        if weight.dim() < 2:
+            raise AdapterError(f"{self.name}: {self.algo} needs a linear or conv weight, got {tuple(weight.shape)}")
+        if blocks * size != weight.shape[0]:
+            raise AdapterError(f"{self.name}: {blocks} {self.algo.upper()} blocks of {size} do not cover "
+                               f"{weight.shape[0]} output channels")
 
     def constraint(self, out: int) -> float:
         return (self.alpha or 0.0) * out

@@ -50,12 +50,8 @@ def _apply(t: Tensor, plan: list[tuple[Layer, list[Contribution], bool]]) -> Ten
         view = merged if rows is None else merged[rows]
         orig = original if rows is None else original[rows]
         for c in contribs:
-            if is_bias:
-                db = c.adapter.bias_delta_at(view, c.multiplier)
-                if db is not None:
-                    view += db
-            else:
-                c.adapter.add_weight_delta_(view, orig, c.multiplier, c.dyn, fn)
+            c.adapter.add_delta_(view, None if is_bias else orig, c.multiplier, part="bias" if is_bias else "weight",
+                                 dyn=c.dyn, dora=fn)
     return merged.to(t.dtype)
 
 

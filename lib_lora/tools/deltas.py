@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ..adapters import Adapter, dora
+from ..adapters.base import delta_tensor
 from ..adapters.lora import LoRA
 from ..fileio import TensorFile
 from ..merging import Contribution
@@ -96,12 +97,8 @@ def delta(c: Contribution, layer: Layer, base: Tensor | None, dev: torch.device)
     if a.needs_weight and base is None:
         raise NeedsBaseError(f"{c.network}: {a.algo}{' with DoRA' if a.dora_scale is not None else ''} changes "
                              f"{a.name} in proportion to the base weight; pass --base CKPT")
-    # an expanded zero has the layer's shape at no memory cost; weight-independent adapters never read it
-    w = base.to(dev, torch.float32) if base is not None else torch.zeros((), device=dev).expand(layer.shape)
-    d = a.weight_delta_at(w, c.multiplier, c.dyn, dora.strategy(dora.DEFAULT))
-    if d is None:
-        return torch.zeros(layer.shape, device=dev)
-    return d.reshape(layer.shape)
+    return delta_tensor(a, layer.shape, c.multiplier, original=base, dyn=c.dyn, dora=dora.strategy(dora.DEFAULT),
+                        device=dev)
 
 
 def base_weight(tf: TensorFile | None, layer: Layer) -> Tensor | None:
