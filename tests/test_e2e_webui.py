@@ -249,6 +249,36 @@ def test_training_job_on_the_loaded_model(server, tmp_path):
     assert pixels(server.txt2img("a photo <lora:e2e_trained:1>")["image"]) != pixels(before["image"])
 
 
+
+def test_training_at_clip_skip_2_gives_the_users_setting_back(server):
+    """kohya's clip_skip=2 in the real WebUI: captions and the sample are encoded at clip skip 2 through the
+    WebUI's own embedder, the file records it, and the user's Clip skip setting is the same afterwards."""
+    from PIL import Image
+
+    from lib_lora.fileio import read_header
+
+    data = server.log.parent / "datasets" / "e2e_cs2" / "1_cstrig"
+    data.mkdir(parents=True)
+    for i in range(2):
+        Image.new("RGB", (64, 64), (30, 200, 30 * i)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text("cstrig, green square", encoding="utf-8")
+    status, opts = server.request("GET", "/sdapi/v1/options")
+    assert status == 200, opts
+    before = opts["CLIP_stop_at_last_layers"]
+    body = {"output_name": "e2e_cs2", "dataset": {"train_dir": str(data.parent), "resolution": 64,
+                                                  "enable_buckets": False},
+            "network": {"rank": 4, "alpha": 4}, "max_train_epochs": None, "max_train_steps": 2, "clip_skip": 2,
+            "save_precision": "fp32", "sample_every_n_steps": 2, "sample_prompts": ["cstrig --s 2 --d 5"]}
+    status, job = server.request("POST", "/lora-workshop/v1/train", body)
+    assert status == 200, job
+    st = _wait_job(server, job["id"])
+    assert st["state"] == "finished", f"{st.get('error')}\n{server.log_tail()}"
+    assert any("captions are encoded at clip skip 2" in line for line in st["log"]), st["log"]
+    assert [x["step"] for x in st["samples"]] == [2], st["log"]
+    assert server.request("GET", "/sdapi/v1/options")[1]["CLIP_stop_at_last_layers"] == before
+    meta = read_header(server.lora.parent / "e2e_cs2.safetensors").metadata
+    assert (meta["ss_clip_skip"], meta["modelspec.encoder_layer"]) == ("2", "2")
+
 def _job_status(server: Server, job_id: str) -> dict:
     status, st = server.request("GET", f"/lora-workshop/v1/train/{job_id}")
     assert status == 200, st
