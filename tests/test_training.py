@@ -2,6 +2,7 @@
 and leaves the host model exactly as it was whatever happens."""
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -126,22 +127,24 @@ def test_saved_file_matches_diffusers_and_metadata(tmp_path, vae):
     assert entry.family == "sd1"
 
 
-def test_resume_equals_uninterrupted(tmp_path, vae):
+@pytest.mark.parametrize("ema", [None, 0.7])
+def test_resume_equals_uninterrupted(tmp_path, vae, ema):
     tiny = build_sd1(seed=2)
     quiet = Callbacks(log=lambda s: None)
-    one = Trainer(trainable(tiny, vae), make_plan(config(tmp_path / "a", max_train_steps=6)), quiet).run()
+    run_config = functools.partial(config, ema_decay=ema)  # with EMA, the saves hold the average
+    one = Trainer(trainable(tiny, vae), make_plan(run_config(tmp_path / "a", max_train_steps=6)), quiet).run()
 
     def stop_after_3(prog):
         if prog.step == 3:
             first.request_stop()
-    first = Trainer(trainable(tiny, vae), make_plan(config(tmp_path / "b", max_train_steps=6, save_every_n_steps=3,
-                                                           save_state=True)),
+    first = Trainer(trainable(tiny, vae), make_plan(run_config(tmp_path / "b", max_train_steps=6,
+                                                               save_every_n_steps=3, save_state=True)),
                     Callbacks(on_progress=stop_after_3, log=lambda s: None))
     r1 = first.run()
     assert r1.stopped and r1.output is None
     state = state_path(first.output_path(3))
     assert state.exists()
-    second = Trainer(trainable(tiny, vae), make_plan(config(tmp_path / "b", max_train_steps=6), state), quiet)
+    second = Trainer(trainable(tiny, vae), make_plan(run_config(tmp_path / "b", max_train_steps=6), state), quiet)
     r2 = second.run()
     a, b = load_safetensors(one.output)[0], load_safetensors(r2.output)[0]
     assert a.keys() == b.keys()

@@ -43,6 +43,7 @@ class TrainConfig:
     seed: int = _d("seed")
     min_snr_gamma: float | None = _d("min_snr_gamma")
     debiased_estimation_loss: bool = _d("debiased_estimation_loss")
+    ema_decay: float | None = _d("ema_decay")       # saves and samples use the LoRA's moving average (ema.py)
     min_timestep: int | None = _d("min_timestep")   # timesteps are drawn from [min_timestep, max_timestep)
     max_timestep: int | None = _d("max_timestep")
     noise_offset: float = _d("noise_offset")

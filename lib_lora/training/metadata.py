@@ -78,12 +78,19 @@ def source_revision() -> str:
     return hashlib.sha1(f"lora-workshop {__version__}".encode()).hexdigest()
 
 
+# ss_* keys of options sd-scripts does not have: written only when set, so that a file trained without
+# them has exactly the keys sd-scripts writes
+OWN_KEYS = ("ss_ema_decay",)
+
+
 def option_metadata(cfg: Any) -> dict[str, Any]:
     """The ss_* keys that hold one option's value as it is (options.py names them), in the option's type."""
     out = {}
     for o in OPTIONS:
         if o.ss:
             value = getattr(getattr(cfg, o.section) if o.section else cfg, o.name)
+            if value is None and o.ss in OWN_KEYS:
+                continue
             if o.type in (float, float | None) and value is not None:
                 value = float(value)  # sd-scripts' float options read "8.0", never "8"
             out[o.ss] = value

@@ -219,6 +219,12 @@ OPTIONS: list[Option] = [
        flag_action="store_true", kohya="debiased_estimation_loss", ss="ss_debiased_estimation",
        help="weight each step's loss by 1/sqrt(SNR) (v-prediction: 1/(SNR+1)), SNR capped at 1000: "
             "the noisiest steps, where composition and shape are decided, count most"),
+    # sd-scripts (v0.10.1) has no EMA for networks: no kohya spelling, and a key of ours in the metadata
+    _o("ema_decay", float | None, None, "EMA of the LoRA weights: decay (0 = off)", _ADV, minimum=0, above=True,
+       maximum=0.9999, flag="--ema-decay", ss="ss_ema_decay",
+       help="keep an exponential moving average of the LoRA's weights at this decay, e.g. 0.99 (averages over "
+            "about 1/(1-decay) steps, debiased from the first step); every saved file and every sample uses the "
+            "average. Not in sd-scripts (default: off)"),
     _o("min_timestep", int | None, None, "Lowest training timestep (0 = from the first)", _ADV, minimum=0, flag="--min-timestep",
        kohya="min_timestep", help="draw training timesteps from [min, max) only (default: 0)"),
     _o("max_timestep", int | None, None, "Highest training timestep, exclusive (0 = to the last)", _ADV, minimum=1,

@@ -1,12 +1,14 @@
 """A training run's saves: what a save at a step writes, pruning old ones, and resuming from one.
 
-A save is the LoRA in kohya's form with its metadata and ``sshs_*`` hashes, and, when the run saves
-states or a stop asked for one, the training state beside it (state.py).  Only the newest
+A save is the LoRA in kohya's form with its metadata and ``sshs_*`` hashes (the moving average of its
+weights when the run keeps one, ema.py), and, when the run saves states or a stop asked for one, the
+training state beside it (state.py).  Only the newest
 ``save_last_k`` intermediate saves are kept.  Resuming loads a state back into the network,
 optimiser and schedule of a run over the same dataset.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -16,6 +18,7 @@ from torch import Tensor
 from ..fileio import save_safetensors
 from ..hashes import hashes_from_bytes
 from . import flat_params, outputs
+from .ema import LoraEMA
 from .epochs import Position
 from .metadata import build_metadata
 from .model import TrainableModel
@@ -27,10 +30,13 @@ SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.floa
 
 
 def save_contents(model: TrainableModel, plan: Plan, net: TrainingNetwork, session_id: str, step: int, epoch: int,
-                  started: float, opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """The tensors and metadata a save at ``step`` writes (with its ``sshs_*`` hashes)."""
+                  started: float, opt: torch.optim.Optimizer, ema: LoraEMA | None = None
+                  ) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The tensors (``ema``'s average when given) and metadata a save at ``step`` writes (with its
+    ``sshs_*`` hashes)."""
     cfg, m = plan.config, model
-    tensors = net.kohya_state_dict(SAVE_DTYPES[cfg.save_precision])
+    with ema.applied() if ema is not None else nullcontext():
+        tensors = net.kohya_state_dict(SAVE_DTYPES[cfg.save_precision])
     per_epoch = max(1, plan.dataset.steps_per_epoch(plan.global_batch))
     meta = build_metadata(
         family=m.family, prediction=m.prediction, session_id=session_id, started_at=started,
@@ -49,11 +55,11 @@ def save_contents(model: TrainableModel, plan: Plan, net: TrainingNetwork, sessi
 
 def write_save(model: TrainableModel, plan: Plan, net: TrainingNetwork, path: Path, epoch: int, step: int,
                pos: Position, losses: list[float], started: float, opt: torch.optim.Optimizer, sched,
-               session_id: str, state_asked: bool, log: Callable[[str], None]) -> Path:
+               session_id: str, state_asked: bool, log: Callable[[str], None], ema: LoraEMA | None = None) -> Path:
     """Write a save at ``step`` to ``path``, and its training state beside it when the run saves states
     or ``state_asked`` (a stop that asked for one); returns the LoRA file written."""
     cfg = plan.config
-    tensors, meta = save_contents(model, plan, net, session_id, step, epoch, started, opt)
+    tensors, meta = save_contents(model, plan, net, session_id, step, epoch, started, opt, ema)
     # make_plan() checked every name; a file that appeared since is replaced only if it is ours
     out = save_safetensors(tensors, path, meta, overwrite=outputs.may_replace(path, cfg.overwrite, session_id))
     spath = state_path(path)
@@ -67,7 +73,7 @@ def write_save(model: TrainableModel, plan: Plan, net: TrainingNetwork, path: Pa
             step=step, position=pos, losses=losses, started=started, session=session_id,
             fingerprint=plan.dataset.fingerprint(), config=config_record(cfg),
             network=net.kohya_state_dict(torch.float32), optimizer=flat_params.state_dict(opt),
-            scheduler=sched.state_dict()),
+            scheduler=sched.state_dict(), ema=None if ema is None else ema.state_dict(net)),
             overwrite=outputs.may_replace(spath, cfg.overwrite, session_id))
         log(f"saved {spath}")
     log(f"saved {out}")
@@ -85,9 +91,10 @@ def prune_saves(saved: list[Path], keep: int) -> None:
                 p.unlink()
 
 
-def resume_state(path: Path, plan: Plan, net: TrainingNetwork, opt: torch.optim.Optimizer, sched) -> TrainingState:
-    """Load the training state at ``path`` into ``net``, ``opt`` and ``sched`` and return it; refused when the
-    dataset changed since it was saved."""
+def resume_state(path: Path, plan: Plan, net: TrainingNetwork, opt: torch.optim.Optimizer, sched,
+                 ema: LoraEMA | None = None, log: Callable[[str], None] = print) -> TrainingState:
+    """Load the training state at ``path`` into ``net``, ``opt``, ``sched`` and ``ema`` and return it; refused
+    when the dataset changed since it was saved."""
     st = load_state(Path(path))
     if st.fingerprint != plan.dataset.fingerprint():
         raise ValueError("the dataset changed since this state was saved; resuming would not continue the same run")
@@ -98,4 +105,10 @@ def resume_state(path: Path, plan: Plan, net: TrainingNetwork, opt: torch.optim.
     for g, k in zip(opt.param_groups, kernels):
         g.update(k)
     sched.load_state_dict(st.scheduler)
+    if ema is not None:
+        if st.ema is not None:
+            ema.load_state_dict(net, st.ema)
+        else:
+            ema.restart()
+            log("the resumed state kept no moving average of the weights: it starts from them now")
     return st

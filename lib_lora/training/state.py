@@ -36,6 +36,7 @@ class TrainingState:
     network: dict[str, Tensor]         # kohya keys, fp32
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]
+    ema: dict[str, Tensor] | None = None  # the LoRA's moving average (ema.py), kohya keys, fp32; None: not kept
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,8 @@ def save_state(path: Path, state: TrainingState, overwrite: bool = True) -> Path
               "started": state.started, "session": state.session, "fingerprint": state.fingerprint,
               "config": state.config, "network": state.network, "optimizer": state.optimizer,
               "scheduler": state.scheduler}
+    if state.ema is not None:
+        record["ema"] = state.ema
     tensors: dict[str, Tensor] = {}
     tree = _split(record, "s", tensors)
     if not tensors:
@@ -128,7 +131,8 @@ def load_state(path: Path) -> TrainingState:
             step=int(record["step"]), position=Position.from_dict(record["position"]),
             losses=list(record["losses"]), started=record["started"], session=str(record["session"]),
             fingerprint=record["fingerprint"], config=record["config"], network=record["network"],
-            optimizer=record["optimizer"], scheduler=record["scheduler"])
+            optimizer=record["optimizer"], scheduler=record["scheduler"],
+            ema=record.get("ema"))
     except (KeyError, TypeError, ValueError):
         raise LoraFileError(f"{Path(path).name}: damaged training state") from None
 

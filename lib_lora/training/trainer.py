@@ -27,6 +27,7 @@ from ..fileio import load_safetensors
 from .checks import model_notes
 from .frozen_layers import lean_by_default
 from .dataset import Dataset
+from .ema import LoraEMA
 from .epochs import Batch, Position, derive_seed
 from .latents import LatentCache, TextCache, fill_caches
 from .mode import TrainingMode
@@ -92,7 +93,7 @@ class StepBoundary:
         """The tensors (on their device) and metadata a save at this step writes."""
         t = self.trainer
         return save_contents(t.model, t.plan, self._net, t.session_id, self.step, t._step_epoch(self.step),
-                             self._started, self._opt)
+                             self._started, self._opt, t._ema)
 
     def keep(self) -> Path:
         """Save this step as kohya names a step save (``NAME-step00001234``, with its state file when the run
@@ -133,6 +134,7 @@ class Trainer:
         self.paused_seconds = 0.0  # spent suspended at step boundaries (StepBoundary.suspended)
         self._state_on_stop = False  # the final save of a stopped run also writes its training state
         self.session_id = str(random.SystemRandom().randint(0, 2**32))  # an integer, as kohya's ss_session_id
+        self._ema: LoraEMA | None = None  # the LoRA's moving average while a run keeps one (ema_decay)
         # Under `accelerate launch`, each process trains its slice of every global batch and the
         # gradients are summed through accelerate; one process alone is the same code with world 1.
         self.dist, self.world, self.rank = plan.dist, plan.world, plan.rank
@@ -167,7 +169,7 @@ class Trainer:
 
     def release(self) -> None:
         """Drop the model (a finished job is kept for its status and must not keep it alive)."""
-        self.model = None
+        self.model, self._ema = None, None
 
     def output_path(self, step: int | None = None, epoch: int | None = None) -> Path:
         return outputs.output_path(self.cfg.output_dir, self.cfg.output_name, step, epoch)
@@ -226,6 +228,7 @@ class Trainer:
         total = self.total_steps()
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.lr_scheduler, cfg.lr_warmup_steps, total))
         step, pos, losses, started = 0, Position(), [], time.time()
+        self._ema = LoraEMA(flat_params.params(opt), cfg.ema_decay) if cfg.ema_decay else None
         if resume_from is not None:
             step, pos, losses, started = self._resume(resume_from, net, opt, sched)
         use_cuda = m.device.type == "cuda"
@@ -296,6 +299,8 @@ class Trainer:
             flat_params.zero_grads(opt)
             sched.step()
             step += 1
+            if self._ema is not None:
+                self._ema.update(step)
             losses.append(loss_val)
             pos = batch.next_position
             elapsed = time.time() - t0 - self.paused_seconds  # training time: a pause is not a slow step
@@ -338,7 +343,7 @@ class Trainer:
         if self.is_main:
             asked = self._stop is not None and self._state_on_stop and path == self.output_path()
             out = write_save(self.model, self.plan, net, path, epoch, step, pos, losses, started, opt, sched,
-                             self.session_id, asked, self.cb.log)
+                             self.session_id, asked, self.cb.log, self._ema)
             if self.cb.on_saved:
                 self.cb.on_saved(out)
         if self.dist:
@@ -351,7 +356,7 @@ class Trainer:
         return (step - 1) // outputs.updates_per_epoch(per_epoch, self.cfg.gradient_accumulation_steps)
 
     def _resume(self, path, net, opt, sched):
-        st = resume_state(path, self.plan, net, opt, sched)
+        st = resume_state(path, self.plan, net, opt, sched, self._ema, self.cb.log)
         self.session_id = st.session
         self.cb.log(f"resumed at step {st.step} from {path}")
         return st.step, st.position, list(st.losses), st.started
@@ -360,8 +365,8 @@ class Trainer:
         if self.model.render is None:
             return
         net.eval()
-        try:
-            with torch.no_grad():
+        try:  # with the weights a save writes: the average when the run keeps one
+            with torch.no_grad(), self._ema.applied() if self._ema is not None else nullcontext():
                 images = self.model.render(self.cfg.sample_prompts, seed=self.cfg.seed)
         finally:
             net.train()
