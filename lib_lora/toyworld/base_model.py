@@ -34,11 +34,11 @@ embeddings mean something, so a LoRA on it behaves like one on a real SD1 text e
 words (zkx, qwv) never occur in training captions, so their embeddings stay at their random init.
 
 The committed asset (its numbers: assets/toy-sd1.json and the README's toy-world section) was built
-in three runs on 2 CPU cores: stage a (10 min), then stages b./c. with ``--vae-from`` (3600 steps;
-an earlier 10-minute UNet stage of 1837 steps of batch 32 drew the prompted shape and colour only a
-fifth of the time: the UNet needs the steps), then stage a2 alone with ``--vae-from`` and
-``--unet-from`` both naming the previous asset, so its UNet and text encoder are byte for byte the
-previous ones.  The whole recipe from scratch is ~70 min.
+in runs on CPU: stage a (10 min), then stages b./c. with ``--vae-from`` (3600 steps; an earlier
+10-minute UNet stage of 1837 steps of batch 32 drew the prompted shape and colour only a fifth of the
+time: the UNet needs the steps), then stage a2 alone, twice (7 then 6 min, the second continuing the
+first), with ``--vae-from`` and ``--unet-from`` both naming the previous asset, so its UNet, text
+encoder and encoder are byte for byte the previous ones.  The whole recipe from scratch is ~70 min.
 
 Everything is seeded; the VAE stage is time-boxed, so its step count (recorded in the JSON) varies with
 the machine: two runs are comparable, not bit-identical.
