@@ -18,10 +18,17 @@ from lib_lora.toyworld import base_model, demo
 #     LoRA that learned nothing has t = 0 +- 1 (or 0/0 when its delta is zero)
 #   base world shape+colour, 60 prompts: 0.92 -> 0.73..0.80 with the LoRA at 1; two of those LoRAs
 #     at weight 2 (a doubled delta) give 0.28 and 0.38, at 3 0.18 and 0.10
+# With the decoder-fine-tuned VAE (seed 2, 1 thread): star IoU 0.640 -> 0.732, t = 12.6; base world
+# 0.98 -> 0.77; the bars stand.
 CI_STEPS = 400
 CI_FIT_N = 80
 CI_MIN_T = 2.5
 CI_FORGETTING_MARGIN = 0.35
+# The committed VAE's round trips, read by the scorer: stars 98 of 120 (the first 60 of them: 49,
+# where the VAE before its decoder fine-tune got 43), base world and diagonal 120 of 120.  The star bar
+# leaves room for a few images of drift; the VAE before the fine-tune sits below it.
+STAR_RT_N = 120
+STAR_RT_MIN = 0.75
 
 
 def test_demo_quick_runs_end_to_end(tmp_path):
@@ -61,9 +68,28 @@ def test_committed_base_model_draws_the_base_world():
     with torch.random.fork_rng(devices=[]):
         got = base_model.evaluate(ck, n=ev["n"], seed=ev["seed"], steps=ev["steps"], cfg=ev["cfg"])
     got = {k: v for k, v in got.items() if k != "images"}
-    # measured when the asset was built: shape 0.98, colour 0.97, both 0.95; the issue's bar is 90%
+    # measured when the asset was built: shape, colour and both 1.00 (0.98 / 0.97 / 0.95 before the
+    # decoder fine-tune); the issue's bar is 90%
     assert got["shape_and_colour"] >= 0.9, got
     assert abs(got["shape_and_colour"] - ev["shape_and_colour"]) <= 0.05, (got, ev)  # same model, same numbers
+
+
+@pytest.mark.skipif(not base_model.DEFAULT_PATH.is_file(), reason="toy base model not built")
+def test_committed_base_vae_round_trips_stars_and_the_base_world():
+    """The VAE caps what any LoRA can score: a star it blobs into a circle reads as a circle however
+    well the UNet drew its latents.  Ground-truth images, encoded and decoded, read by the scorer."""
+    from lib_lora.hosts.cli.checkpoint import load_checkpoint
+    from lib_lora.toyworld.world import BASE_WORLD, CONCEPTS
+
+    vae = load_checkpoint(base_model.DEFAULT_PATH).vae
+    # held out of both VAE stages' training images (seeds 1 and 21) and of the JSON's figures (seed 22)
+    star = base_model.recon_scorer(vae, CONCEPTS["star"].world, STAR_RT_N, seed=0)
+    base = base_model.recon_scorer(vae, BASE_WORLD, STAR_RT_N, seed=500)
+    diagonal = base_model.recon_scorer(vae, CONCEPTS["diagonal"].world, STAR_RT_N, seed=501)
+    print(f"round trip read right: star {star}, base {base}, diagonal {diagonal}")
+    assert star["shape"] >= STAR_RT_MIN, star
+    assert base["shape"] >= 0.95 and base["colour"] >= 0.95, base
+    assert diagonal["background"] >= 0.95, diagonal
 
 
 @pytest.mark.skipif(not base_model.DEFAULT_PATH.is_file(), reason="toy base model not built")
@@ -93,5 +119,5 @@ def test_short_training_run_learns_the_concept_and_keeps_the_base(tmp_path):
     print(f"star IoU {sum(fit['0']) / CI_FIT_N:.3f} -> {sum(fit['1']) / CI_FIT_N:.3f} (t {t:.1f}), "
           f"base world {base} -> {base_with} with the LoRA")
     assert t >= CI_MIN_T, (t, float(gain.mean()))     # objects moved towards a star with the trigger
-    assert base >= 0.85, base                          # the committed base itself (measured 0.92)
+    assert base >= 0.85, base                          # the committed base itself (measured 0.98)
     assert base_with >= base - CI_FORGETTING_MARGIN, (base, base_with)
