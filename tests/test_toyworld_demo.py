@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from lib_lora.toyworld import base_model, demo
+from lib_lora.toyworld import base_model, demo, vae_decoder
 
 # The CI-sized concept run: the demo's settings (UNet LoCon rank 16, lr 1e-3, batch 8, 60 images)
 # for CI_STEPS steps; the same run as benchmarks/concept.py's locon_r16 row at --steps 400 --n 20.
@@ -83,9 +83,9 @@ def test_committed_base_vae_round_trips_stars_and_the_base_world():
 
     vae = load_checkpoint(base_model.DEFAULT_PATH).vae
     # held out of both VAE stages' training images (seeds 1 and 21) and of the JSON's figures (seed 22)
-    star = base_model.recon_scorer(vae, CONCEPTS["star"].world, STAR_RT_N, seed=0)
-    base = base_model.recon_scorer(vae, BASE_WORLD, STAR_RT_N, seed=500)
-    diagonal = base_model.recon_scorer(vae, CONCEPTS["diagonal"].world, STAR_RT_N, seed=501)
+    star = vae_decoder.recon_scorer(vae, CONCEPTS["star"].world, STAR_RT_N, seed=0)
+    base = vae_decoder.recon_scorer(vae, BASE_WORLD, STAR_RT_N, seed=500)
+    diagonal = vae_decoder.recon_scorer(vae, CONCEPTS["diagonal"].world, STAR_RT_N, seed=501)
     print(f"round trip read right: star {star}, base {base}, diagonal {diagonal}")
     assert star["shape"] >= STAR_RT_MIN, star
     assert base["shape"] >= 0.95 and base["colour"] >= 0.95, base

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA GPU, in one run (CI has none).  From the repository root:
-#   OUT=/tmp/gpu bash tools/device_check.sh                       # everything, about 15 minutes
+#   OUT=/tmp/gpu bash tools/device_check.sh                       # everything: at most 21 minutes (the parts' limits)
 #   OUT=/tmp/gpu PARTS="bench_fp16 bench_sdxl" bash tools/device_check.sh   # the step benchmarks alone
 #   (each part fits a 10-minute call on its own: PARTS=bench_fp16, then PARTS=bench_sdxl)
 # Logs go to $OUT.  Packages missing from the machine's python can come as wheels in .whl/

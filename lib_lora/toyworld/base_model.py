@@ -8,14 +8,10 @@ Stages, all on CPU:
      (8x: 64x64 RGB -> 8x8x4 latents), widths 32-64, trained on random 32x32 crops of BASE_WORLD images
      (4x cheaper than whole images; the network is fully convolutional) with MSE + L1 reconstruction +
      a small KL term.  ``--vae-from`` skips it and takes the VAE of an earlier run's checkpoint.
-  a2. decoder fine-tune (``--finetune-decoder MINUTES``, time-boxed, cosine lr): only ``post_quant_conv``
-     and the decoder train, on whole 64x64 FULL_WORLD images (every shape incl. the star, every
-     background incl. diagonal), with stage a's MSE + L1; the encoder is frozen, so every latent --
-     what the UNet learned and what LoRA training caches -- stays bit-identical.  Stage a's VAE never
-     saw a star and rounds small stars into blobs the scorer reads as circles, which caps what any
-     LoRA can score; a real SD VAE draws any shape, and SD's own ft-MSE VAE was such a decoder-only
-     fine-tune.  Each shape the decoder learns stays a shape the UNet has to learn: the UNet, text
-     encoder and latent space never see it.
+  a2. decoder fine-tune (``--finetune-decoder MINUTES``, ``vae_decoder.py``): only ``post_quant_conv``
+     and the decoder train, on whole FULL_WORLD images (every shape incl. the star), so the VAE can
+     draw what the base world never showed it; the encoder is frozen, so every latent stays
+     bit-identical and stage a2 may run after stages b./c.
   b./c. text encoder + UNet trained *jointly* for ``unet_steps`` steps (batch 128; capped by
      ``unet_share`` of ``--minutes``): an HF ``CLIPTextModel`` (width 64, 3 layers) and the exact SD1.5
      ldm ``UNetModel`` layout (4 levels, channel_mult 1-2-4-4, attention on the first three, transformer
@@ -33,12 +29,10 @@ Joint text-encoder training is cheap here (77 tokens x width 64) and gives a tex
 embeddings mean something, so a LoRA on it behaves like one on a real SD1 text encoder; the trigger
 words (zkx, qwv) never occur in training captions, so their embeddings stay at their random init.
 
-The committed asset (its numbers: assets/toy-sd1.json and the README's toy-world section) was built
-in runs on CPU: stage a (10 min), then stages b./c. with ``--vae-from`` (3600 steps; an earlier
-10-minute UNet stage of 1837 steps of batch 32 drew the prompted shape and colour only a fifth of the
-time: the UNet needs the steps), then stage a2 alone, twice (7 then 6 min, the second continuing the
-first), with ``--vae-from`` and ``--unet-from`` both naming the previous asset, so its UNet, text
-encoder and encoder are byte for byte the previous ones.  The whole recipe from scratch is ~70 min.
+The committed asset was built run by run: stage a, then stages b./c. with ``--vae-from``, then stage
+a2 alone, twice (the second continuing the first), with ``--vae-from`` and ``--unet-from`` both naming
+the previous asset, so its UNet, text encoder and encoder are byte for byte the previous ones.
+Its settings and measured numbers are in assets/toy-sd1.json and the README's toy-world section.
 
 Everything is seeded; the VAE stage is time-boxed, so its step count (recorded in the JSON) varies with
 the machine: two runs are comparable, not bit-identical.
@@ -58,7 +52,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .world import BASE_WORLD, FULL_WORLD, generate
+from .vae_decoder import finetune_decoder, hit_rates, log, pixels, to_pil
+from .world import BASE_WORLD, generate
 
 ASSETS = Path(__file__).parent / "assets"
 DEFAULT_PATH = ASSETS / "toy-sd1.safetensors"
@@ -78,11 +73,6 @@ SETTINGS: dict[str, Any] = dict(
     # evaluation
     eval_prompts=60, eval_seed=1000, eval_steps=20, eval_cfg=5.0,
 )
-
-
-def _pixels(images) -> torch.Tensor:
-    arr = np.stack([np.asarray(im, dtype=np.float32) for im in images])
-    return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
 def build_vae(s: dict[str, Any]) -> nn.Module:
@@ -114,10 +104,6 @@ def build_unet(s: dict[str, Any]) -> nn.Module:
                      context_dim=s["te_width"], use_checkpoint=False, legacy=False)
 
 
-def _log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
 # ---------------------------------------------------------------------------------------------
 # a. VAE
 
@@ -125,8 +111,8 @@ def _log(msg: str) -> None:
 def train_vae(s: dict[str, Any], seconds: float) -> tuple[nn.Module, dict[str, Any]]:
     torch.manual_seed(s["seed"])
     vae = build_vae(s).train()
-    data = _pixels([im for im, _, _ in generate(s["vae_images"], s["seed"] + 1, BASE_WORLD)])
-    held = _pixels([im for im, _, _ in generate(s["vae_eval_images"], s["seed"] + 2, BASE_WORLD)])
+    data = pixels([im for im, _, _ in generate(s["vae_images"], s["seed"] + 1, BASE_WORLD)])
+    held = pixels([im for im, _, _ in generate(s["vae_eval_images"], s["seed"] + 2, BASE_WORLD)])
     opt = torch.optim.AdamW(vae.parameters(), lr=s["vae_lr"], weight_decay=0.0)
     g = torch.Generator().manual_seed(s["seed"] + 3)
     t0, step, losses = time.time(), 0, []
@@ -148,7 +134,7 @@ def train_vae(s: dict[str, Any], seconds: float) -> tuple[nn.Module, dict[str, A
         losses.append(mse.item())
         step += 1
         if step % 50 == 0:
-            _log(f"vae step {step} mse {np.mean(losses[-50:]):.4f} kl {kl.item():.1f}")
+            log(f"vae step {step} mse {np.mean(losses[-50:]):.4f} kl {kl.item():.1f}")
     vae.eval()
     with torch.no_grad():
         post = vae.encode(held).latent_dist
@@ -158,98 +144,13 @@ def train_vae(s: dict[str, Any], seconds: float) -> tuple[nn.Module, dict[str, A
     # what the scorer reads back from reconstructions: the VAE's own ceiling on generation accuracy
     from .scorer import score
     scenes = [sc for _, _, sc in generate(s["vae_eval_images"], s["seed"] + 2, BASE_WORLD)]
-    imgs = _to_pil(rec)
+    imgs = to_pil(rec)
     hits = [score(im).matches(sc) for im, sc in zip(imgs, scenes)]
     stats = dict(steps=step, seconds=round(time.time() - t0, 1), train_mse_last50=float(np.mean(losses[-50:])),
                  heldout_mse=mse, heldout_mae_0_255=mae255, heldout_kl=float(post.kl().mean()),
-                 recon_scorer=_acc(hits))
-    _log(f"vae done: {stats}")
+                 recon_scorer=hit_rates(hits))
+    log(f"vae done: {stats}")
     return vae.requires_grad_(False), stats
-
-
-def _encode_all(vae: nn.Module, pix: torch.Tensor, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    with torch.no_grad():
-        dists = [vae.encode(pix[i:i + batch]).latent_dist for i in range(0, len(pix), batch)]
-    return torch.cat([d.mean for d in dists]), torch.cat([d.std for d in dists])
-
-
-def recon_scorer(vae: nn.Module, world, n: int, seed: int) -> dict[str, float]:
-    """The scorer's reading of the VAE's round trips (posterior mean) of ``generate(n, seed, world)``:
-    the ceiling the VAE puts on how well anything generated through it can score."""
-    from .scorer import score
-
-    items = generate(n, seed, world)
-    mean, _ = _encode_all(vae, _pixels([im for im, _, _ in items]))
-    with torch.no_grad():
-        rec = torch.cat([vae.decode(mean[i:i + 64]).sample for i in range(0, len(mean), 64)])
-    return _acc([score(im).matches(sc) for im, (_, _, sc) in zip(_to_pil(rec), items)])
-
-
-def recon_ceilings(vae: nn.Module, s: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """``recon_scorer`` on held-out images of the base world and of each concept's world."""
-    from .world import CONCEPTS
-
-    worlds = {"base": BASE_WORLD, **{k: c.world for k, c in CONCEPTS.items()}}
-    return {k: recon_scorer(vae, w, s["vae_eval_images"], s["seed"] + 22) for k, w in worlds.items()}
-
-
-def finetune_decoder(s: dict[str, Any], vae: nn.Module, seconds: float) -> tuple[nn.Module, dict[str, Any]]:
-    """Stage a2: train only the decoder side (``post_quant_conv`` + ``decoder``) on whole FULL_WORLD
-    images, stage a's reconstruction losses.  The encoder and ``quant_conv`` are frozen, so latents --
-    what the UNet was trained on and what LoRA training caches -- stay bit-identical; the decoder
-    learns to draw what the base world never showed it (stars, diagonal stripes), as SD's ft-MSE VAE
-    was a decoder-only fine-tune."""
-    torch.manual_seed(s["seed"] + 20)
-    vae.requires_grad_(False).eval()
-    dec = [vae.post_quant_conv, vae.decoder]
-    for m in dec:
-        m.requires_grad_(True).train()
-    params = [p for m in dec for p in m.parameters()]
-    before = recon_ceilings(vae, s)
-    data = _pixels([im for im, _, _ in generate(s["dec_images"], s["seed"] + 21, FULL_WORLD)])
-    mean, std = _encode_all(vae, data)  # the encoder is frozen: posteriors once, sampled each step
-    opt = torch.optim.AdamW(params, lr=s["dec_lr"], weight_decay=0.0)
-    g = torch.Generator().manual_seed(s["seed"] + 23)
-    t0, step, losses = time.time(), 0, []
-    while (elapsed := time.time() - t0) < seconds:
-        idx = torch.randint(len(data), (s["dec_batch"],), generator=g)
-        z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)
-        x = data[idx]
-        rec = vae.decode(z).sample
-        mse = F.mse_loss(rec, x)
-        loss = mse + F.l1_loss(rec, x)
-        # time-boxed: cosine from dec_lr down to dec_final_lr of it over the budget
-        f = s["dec_final_lr"] + (1 - s["dec_final_lr"]) * 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed / seconds)))
-        for grp in opt.param_groups:
-            grp["lr"] = s["dec_lr"] * f
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        losses.append(mse.item())
-        step += 1
-        if step % 100 == 0:
-            _log(f"decoder step {step} mse {np.mean(losses[-100:]):.4f} ({elapsed:.0f}s)")
-    vae.requires_grad_(False).eval()
-    stats = dict(steps=step, seconds=round(time.time() - t0, 1), train_mse_last100=float(np.mean(losses[-100:])),
-                 recon_scorer_before=before, recon_scorer=recon_ceilings(vae, s))
-    _log(f"decoder done: {stats}")
-    return vae, stats
-
-
-def _to_pil(pixels: torch.Tensor):
-    from PIL import Image
-
-    arr = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in arr]
-
-
-def _acc(hits: list[dict[str, bool]]) -> dict[str, float]:
-    n = max(len(hits), 1)
-    out = {a: sum(h[a] for h in hits) / n for a in ("shape", "colour", "background")}
-    out["shape_and_colour"] = sum(h["shape"] and h["colour"] for h in hits) / n
-    out["all"] = sum(all(h.values()) for h in hits) / n
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,7 +164,7 @@ def train_unet(s: dict[str, Any], vae: nn.Module, seconds: float) -> tuple[nn.Mo
 
     torch.manual_seed(s["seed"] + 10)
     samples = generate(s["unet_images"], s["seed"] + 11, BASE_WORLD)
-    pix = _pixels([im for im, _, _ in samples])
+    pix = pixels([im for im, _, _ in samples])
     captions = [c for _, c, _ in samples]
     with torch.no_grad():
         dists = [vae.encode(pix[i:i + 256]).latent_dist for i in range(0, len(pix), 256)]
@@ -324,10 +225,10 @@ def train_unet(s: dict[str, Any], vae: nn.Module, seconds: float) -> tuple[nn.Mo
             losses.append(loss.item())
             step += 1
             if step % 100 == 0:
-                _log(f"unet step {step} loss {np.mean(losses[-100:]):.4f} ({time.time() - t0:.0f}s)")
+                log(f"unet step {step} loss {np.mean(losses[-100:]):.4f} ({time.time() - t0:.0f}s)")
     stats = dict(steps=step, seconds=round(time.time() - t0, 1), loss_last100=float(np.mean(losses[-100:])),
                  scale_factor=scale, unique_captions=len(vocab) - 1)
-    _log(f"unet done: {stats}")
+    log(f"unet done: {stats}")
     return ema_unet, ema_te, scale, stats
 
 
@@ -353,7 +254,7 @@ def evaluate(checkpoint, n: int = 60, seed: int = 1000, steps: int = 20, cfg: fl
                           width=64, height=64)
             images += imgs
             hits += [score(im).matches(sc) for im, (_, _, sc) in zip(imgs, chunk)]
-    return {"n": n, "seed": seed, "steps": steps, "cfg": cfg, **_acc(hits), "images": images}
+    return {"n": n, "seed": seed, "steps": steps, "cfg": cfg, **hit_rates(hits), "images": images}
 
 
 def build_checkpoint(unet, te, vae, scale: float):
@@ -431,7 +332,7 @@ def run(out: Path, minutes: float = 75.0, settings: dict[str, Any] | None = None
         "torch": torch.__version__,
     }
     (out / f"{name}.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
-    _log(f"saved {path} ({size / 1e6:.1f} MB); eval {ev}")
+    log(f"saved {path} ({size / 1e6:.1f} MB); eval {ev}")
     return record
 
 

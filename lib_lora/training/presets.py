@@ -26,7 +26,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "cache_latents": True, "cache_text_encoder_outputs": True, "seed": 42,
     },
     # the toy world (lib_lora/toyworld, ``python -m lib_lora demo``): 64 px, a UNet-only LoCon at the
-    # settings benchmarks/concept.py compares against kohya's (README, "Training quality on the toy world")
+    # settings benchmarks/concept.py compares against kohya's (README, "The toy world and the demo":
+    # its "Training quality on the toy world" item)
     "toy": {
         "dataset": {"resolution": 64, "enable_buckets": False},
         "network": {"rank": 16, "alpha": 16, "conv_rank": 16, "conv_alpha": 16, "train_unet": True,
