@@ -297,6 +297,23 @@ def test_refusals(training_webui, sd_model, monkeypatch):
     assert "Cannot train" not in training_webui.runner.host.describe()
 
 
+def test_max_token_length_is_refused_when_asked_not_after_the_lock(training_webui, data):
+    """The WebUI encodes captions with its own prompt chunking: kohya's limit is refused by validate and
+    by the submission itself (no job is queued), whether asked for directly or by a config.toml."""
+    client = training_webui.start()
+    why = ("max_token_length: 225 is not used in the WebUI: captions are encoded by the WebUI's own prompt "
+           "chunking")
+    for body in (request(data, max_token_length=225), {**request(data), "config_toml": "max_token_length = 225\n"}):
+        for route in ("/lora-workshop/v1/train/validate", "/lora-workshop/v1/train"):
+            r = client.post(route, json=body)
+            assert r.status_code == 400 and r.json()["detail"].startswith(why), (route, r.text)
+    assert training_webui.runner.jobs() == []
+    values, notes = ui.import_files("max_token_length = 225\n", "")
+    assert [n for n in notes if "max_token_length" in n] == [
+        "config.toml: max_token_length is not used in the WebUI, which encodes captions with its own prompt "
+        "chunking: delete it from the config.toml box, or training is refused"]
+
+
 def test_routes_use_the_api_auth(training_webui, data):
     client = training_webui.start(auth="user:secret")
     assert client.post("/lora-workshop/v1/train", json=request(data)).status_code == 401
