@@ -29,7 +29,7 @@ from modules import paths, shared
 
 from .. import families
 from ..training import sample_prompts
-from ..training.checks import clip_skip_for
+from ..training.checks import OptionError, check_v2, clip_skip_for
 from ..training.config import TrainConfig
 from ..training.errors import RequestError
 from ..training.host import TrainingHost, TrainingRefused
@@ -112,6 +112,12 @@ class WebUITrainingHost(TrainingHost):
                                    "are encoded by the WebUI's own prompt chunking (as many 75-token chunks as a "
                                    "caption needs); kohya's limit is applied by the command-line trainer (python -m "
                                    "lib_lora train) only: leave it unset here")
+        sd_model = loaded_model()
+        if sd_model is not None and refusal(sd_model) is None:  # else check() or build_model says why
+            try:
+                check_v2(model_family(sd_model), config.v2)
+            except OptionError as e:
+                raise RequestError.of(e) from None
 
     def build_model(self, job: Job) -> TrainableModel:
         sd_model = loaded_model()
