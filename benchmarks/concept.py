@@ -125,9 +125,9 @@ def _fmt(v) -> str:
 
 
 def preset_settings(name: str = "toy") -> dict[str, object]:
-    """A preset (training/request.py PRESETS) as request-key settings for ``train``: what the demo and the
+    """A preset (training/presets.py PRESETS) as request-key settings for ``train``: what the demo and the
     tab's "toy" preset train with."""
-    from lib_lora.training.request import PRESETS
+    from lib_lora.training.presets import PRESETS
 
     p = PRESETS[name]
     skip = {"dataset", "network", "seed", "mixed_precision", "max_train_epochs", "save_every_n_epochs"}

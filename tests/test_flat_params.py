@@ -3,10 +3,16 @@ tensors themselves, and its saved state is the per-tensor state."""
 from __future__ import annotations
 
 import copy
+import types
 
+import pytest
 import torch
 
+from lib_lora.modelmap import ModelMap
 from lib_lora.training import flat_params
+from lib_lora.training.mode import TrainingMode
+from lib_lora.training.network import NetworkConfig, TrainingNetwork
+from tiny_models import build_sd1
 
 
 def _params(seed: int = 0) -> list[torch.nn.Parameter]:
@@ -78,3 +84,28 @@ def test_the_saved_state_is_per_tensor_and_resumes_exactly():
             _step(ref_cont, cont_opt, i, lambda: cont_opt.zero_grad(set_to_none=True))
         for a, b in zip(ref_cont, again):
             assert torch.equal(a, b)
+
+
+def test_reentering_training_mode_keeps_the_loras_in_the_flat_buffer():
+    """``suspended`` leaves and re-enters training mode between two steps: the LoRA tensors stay views of
+    the buffer the optimiser updates, and a layer moved meanwhile is refused, not silently detached."""
+    tiny = build_sd1()
+    net = TrainingNetwork(ModelMap.build(tiny.family, tiny.unet, tiny.text_encoders), NetworkConfig(rank=2, alpha=2))
+    model = types.SimpleNamespace(unet=tiny.unet, text_encoders=tiny.text_encoders, device=torch.device("cpu"),
+                                  context=None)
+    mode = TrainingMode(model, net, lean=False, checkpointing=False)
+    mode.enter()
+    flat = flat_params.flatten(list(net.parameters()))
+    opt = torch.optim.SGD([flat], lr=1.0)
+    with mode.suspended():
+        pass
+    before = [p.detach().clone() for p in net.parameters()]
+    flat.grad.fill_(0.25)
+    opt.step()
+    assert all(torch.equal(p.detach(), b - 0.25) for p, b in zip(net.parameters(), before))
+
+    with pytest.raises(RuntimeError, match="moved to meta while training was suspended"):
+        with mode.suspended():
+            tiny.unet.to("meta")
+    mode.leave()
+    assert all(p.device.type == "cpu" for p in net.parameters())

@@ -43,6 +43,17 @@ def test_timestep_bounds_are_checked(tmp_path):
         TrainConfig(ds, max_timestep=0)
 
 
+def test_timesteps_are_bounded_by_the_1000_step_schedule(tmp_path):
+    """sd-scripts' bounds (min 0..999, max 1..1000): refused when asked, not at step 1 or silently clamped."""
+    ds = DatasetConfig(tmp_path, resolution=64)
+    assert TrainConfig(ds, min_timestep=999).min_timestep == 999      # [999, 1000): the last timestep only
+    assert TrainConfig(ds, max_timestep=1000).max_timestep == 1000
+    with pytest.raises(OptionError, match="min_timestep: must be a whole number at least 0 and at most 999"):
+        TrainConfig(ds, min_timestep=1000)
+    with pytest.raises(OptionError, match="max_timestep: must be a whole number at least 1 and at most 1000"):
+        TrainConfig(ds, max_timestep=1001)
+
+
 def test_training_timesteps_stay_in_min_max(tmp_path, vae):
     """Every timestep the UNet sees during training lies in [min_timestep, max_timestep)."""
     make_dataset(tmp_path / "data")

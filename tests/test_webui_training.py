@@ -297,6 +297,47 @@ def test_refusals(training_webui, sd_model, monkeypatch):
     assert "Cannot train" not in training_webui.runner.host.describe()
 
 
+def test_max_token_length_is_refused_when_asked_not_after_the_lock(training_webui, data):
+    """The WebUI encodes captions with its own prompt chunking: kohya's limit is refused by validate and
+    by the submission itself (no job is queued), whether asked for directly or by a config.toml."""
+    client = training_webui.start()
+    why = ("max_token_length: 225 is not used in the WebUI: captions are encoded by the WebUI's own prompt "
+           "chunking")
+    for body in (request(data, max_token_length=225), {**request(data), "config_toml": "max_token_length = 225\n"}):
+        for route in ("/lora-workshop/v1/train/validate", "/lora-workshop/v1/train"):
+            r = client.post(route, json=body)
+            assert r.status_code == 400 and r.json()["detail"].startswith(why), (route, r.text)
+    assert training_webui.runner.jobs() == []
+    values, notes = ui.import_files("max_token_length = 225\n", "")
+    assert [n for n in notes if "max_token_length" in n] == [
+        "config.toml: max_token_length is not used in the WebUI, which encodes captions with its own prompt "
+        "chunking: delete it from the config.toml box, or training is refused"]
+
+
+def test_a_wrong_v2_is_refused_before_the_model_is_touched(training_webui, sd_model, data, monkeypatch):
+    """v2 on the SD1 stand-in: refused by validate and submission, and by build_model before it restores merged
+    LoRAs or switches token merging off."""
+    client = training_webui.start()
+    why = "v2: says SD2, but the checkpoint is SD1 (detected from its weights): leave v2 out"
+    for route in ("/lora-workshop/v1/train/validate", "/lora-workshop/v1/train"):
+        r = client.post(route, json=request(data, v2=True))
+        assert (r.status_code, r.json()["detail"]) == (400, why), route
+    assert training_webui.runner.jobs() == []
+
+    host = training_webui.runner.host
+    touched = []
+    monkeypatch.setattr(host.workshop, "restore", lambda: touched.append("restore") or 0)
+    monkeypatch.setattr(sys.modules["modules.sd_models"], "apply_token_merging",
+                        lambda *a: touched.append("token merging"), raising=False)
+    before = snapshot(sd_model)
+    job = types.SimpleNamespace(config=build_request(request(data, v2=True), training_webui.lora_dir).config,
+                                log=lambda line: touched.append(line))
+    with pytest.raises(RequestError, match="v2: says SD2"):
+        host.build_model(job)
+    assert touched == [] and host._trained is None
+    assert same(snapshot(sd_model), before)
+
+
 def test_routes_use_the_api_auth(training_webui, data):
     client = training_webui.start(auth="user:secret")
     assert client.post("/lora-workshop/v1/train", json=request(data)).status_code == 401

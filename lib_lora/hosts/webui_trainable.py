@@ -30,6 +30,7 @@ from modules import shared
 
 from .. import families
 from ..params import literal_caption
+from ..training.checks import clip_skip_for
 from ..training.model import Conditioning, TrainableModel
 from .webui_builtin import builtin_networks_module
 from .webui_model import model_family, text_encoder_roots, unet_root
@@ -212,9 +213,9 @@ def clip_skip_note(sd_model: Any, family: str, clip_skip: int | None) -> str | N
 def trainable_model(sd_model: Any, render: Callable[..., list] | None = None, model_map=None,
                     clip_skip: int | None = None) -> TrainableModel:
     """Wrap the WebUI's loaded model (call ``refusal`` first); captions are encoded at ``clip_skip``
-    (kohya's; SDXL ignores it, see ``training.checks.clip_skip_for``)."""
+    (kohya's; SDXL ignores it: ``training.checks.clip_skip_for``)."""
     family = model_family(sd_model)
-    skip = None if family == "sdxl" else clip_skip
+    skip = clip_skip_for(family, clip_skip)[0]
     unet = unet_root(sd_model)
     tes = text_encoder_roots(sd_model, family)
     device = _param(unet).device

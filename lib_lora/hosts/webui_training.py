@@ -29,7 +29,9 @@ from modules import paths, shared
 
 from .. import families
 from ..training import sample_prompts
-from ..training.checks import clip_skip_for
+from ..training.checks import OptionError, check_v2, clip_skip_for
+from ..training.config import TrainConfig
+from ..training.errors import RequestError
 from ..training.host import TrainingHost, TrainingRefused
 from ..training.job import Job
 from ..training.jobs import JobRunner
@@ -104,16 +106,25 @@ class WebUITrainingHost(TrainingHost):
         if why:
             raise TrainingRefused(why)
 
+    def check_config(self, config: TrainConfig) -> None:
+        if config.max_token_length is not None:
+            raise RequestError.bad("max_token_length", f"{config.max_token_length} is not used in the WebUI: captions "
+                                   "are encoded by the WebUI's own prompt chunking (as many 75-token chunks as a "
+                                   "caption needs); kohya's limit is applied by the command-line trainer (python -m "
+                                   "lib_lora train) only: leave it unset here")
+        sd_model = loaded_model()
+        if sd_model is not None and refusal(sd_model) is None:  # else check() or build_model says why
+            try:
+                check_v2(model_family(sd_model), config.v2)
+            except OptionError as e:
+                raise RequestError.of(e) from None
+
     def build_model(self, job: Job) -> TrainableModel:
         sd_model = loaded_model()
         why = refusal(sd_model)
         if why:
             raise TrainingRefused(why)
-        if job.config.max_token_length is not None:
-            raise TrainingRefused(f"max_token_length {job.config.max_token_length}: in the WebUI captions are encoded "
-                                  "by the WebUI's own prompt chunking (as many 75-token chunks as a caption needs); "
-                                  "kohya's limit is applied by the command-line trainer (python -m lib_lora train) "
-                                  "only: leave it unset here")
+        self.check_config(job.config)  # again: before anything below touches the model
         restored = self.workshop.restore()  # LoRAs left merged by the last generation must not be trained into
         if restored:
             job.log(f"restored the model's original weights ({restored} layers had LoRAs merged)")

@@ -13,7 +13,7 @@ The base is ``toyworld/assets/toy-sd1.safetensors`` (see ``base_model.py``).  Wh
 missing, a base is trained on the spot with the recipe at a tiny budget; it is then labelled
 ``FALLBACK`` everywhere, and its numbers mean little.
 
-Both LoRAs are trained with the "toy" preset (training/request.py ``PRESETS``), through the same request
+Both LoRAs are trained with the "toy" preset (training/presets.py ``PRESETS``), through the same request
 path as the tab and the API.  What it measures with the committed base, and how that compares with
 kohya's settings, is in the README ("The toy world demo").  quick=True runs in well under a minute.
 """
@@ -43,7 +43,7 @@ class DemoSettings:
     images: int            # training images per dataset
     repeats: int
     steps: int | None      # LoRA optimiser steps per LoRA (None: the toy preset's)
-    train: dict[str, Any]  # request keys over the "toy" preset (training/request.py PRESETS)
+    train: dict[str, Any]  # request keys over the "toy" preset (training/presets.py PRESETS)
     eval_n: int            # prompts per measured setting
     sample_steps: int
     cfg: float

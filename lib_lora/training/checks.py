@@ -44,6 +44,14 @@ def clip_skip_for(family: str, clip_skip: int | None) -> tuple[int | None, str |
 _FAMILY_NAMES = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
 
 
+def check_v2(family: str, v2: bool) -> None:
+    """OptionError for a kohya ``v2`` that contradicts the checkpoint's family (read from its weights);
+    a host calls it before it touches the model, and ``model_notes`` again."""
+    if v2 and family != "sd2":
+        raise OptionError("v2", f"says SD2, but the checkpoint is {_FAMILY_NAMES.get(family, family)} (detected "
+                                "from its weights): leave v2 out")
+
+
 def model_notes(family: str, prediction: str, v2: bool, v_parameterization: bool | None) -> list[str]:
     """The lines a run logs about kohya's ``v2`` / ``v_parameterization`` for the loaded checkpoint.
 
@@ -53,10 +61,8 @@ def model_notes(family: str, prediction: str, v2: bool, v_parameterization: bool
     sd-scripts honours it, with a line when it differs from what the checkpoint predicts."""
     name = _FAMILY_NAMES.get(family, family)
     notes = []
+    check_v2(family, v2)
     if v2:
-        if family != "sd2":
-            raise OptionError("v2", f"says SD2, but the checkpoint is {name} (detected from its weights): "
-                                    "leave v2 out")
         notes.append("v2: the checkpoint is SD2 (detected from its weights; --v2 only confirms it)")
     if v_parameterization is not None and ("v" if v_parameterization else "epsilon") != prediction:
         asked = "v" if v_parameterization else "epsilon (noise)"

@@ -12,7 +12,8 @@ Only an elementwise update may run on the flat tensor (AdamW: every element's st
 that element alone), and only for parameters that receive a gradient in every step (a zero
 gradient is not the same as none: AdamW would still decay the weight).  ``state_dict`` and
 ``load_state_dict`` keep the saved optimiser state per original tensor, as before, so that a
-state file does not depend on this layout and older ones resume exactly.
+state file does not depend on this layout and older ones load exactly (their continuation is not
+bit-identical to a per-tensor run: one gradient clip norm over the flat buffer rounds differently).
 """
 from __future__ import annotations
 

@@ -18,6 +18,7 @@ from .errors import JobConflict
 from .model import TrainableModel
 
 if TYPE_CHECKING:  # for the hints only: jobs.py imports this module
+    from .config import TrainConfig
     from .job import Job
 
 
@@ -40,6 +41,10 @@ class TrainingHost:
 
     def check(self) -> None:
         """Raise ``TrainingRefused`` when the loaded model cannot be trained on (called before queuing)."""
+
+    def check_config(self, config: TrainConfig) -> None:
+        """Raise ``RequestError`` for a setting this host cannot run with (or that contradicts what is
+        loaded); called when a request is validated or queued, so it is refused before the lock."""
 
     def build_model(self, job: Job) -> TrainableModel:
         """The loaded model as a TrainableModel; called with the lock held. May raise TrainingRefused."""

@@ -80,12 +80,14 @@ class JobRunner:
     def validate(self, data: dict, remote: bool = False) -> tuple[dict, list[Problem]]:
         """Dataset summary and every problem found (nothing is started)."""
         req = self.request(data, remote)
+        self.host.check_config(req.config)
         return validate(req.config.dataset, req.config.batch_size)
 
     def start(self, data: dict | JobRequest, remote: bool = False) -> Job:
         """Validate (raising RequestError / DatasetError / JobConflict) and start in the background."""
         self._check_can_start()  # first: a running job or an unusable model is the answer whatever was asked
         req = data if isinstance(data, JobRequest) else self.request(data, remote)
+        self.host.check_config(req.config)
         with self._lock:
             self._check_can_start()
             try:  # the dataset (DatasetError names the file) and every output name, before the lock

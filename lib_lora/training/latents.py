@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..fileio import LoraFileError, load_safetensors, save_safetensors
+from .checks import clip_skip_for
 from .config import TrainConfig
 from .dataset import Dataset, ImageItem, Sample
 from .epochs import derive_seed
@@ -103,7 +104,7 @@ class TextCache:
     """The text encoders' outputs for captions, kept per caption when nothing makes them vary."""
 
     def __init__(self, model: TrainableModel, cfg: TrainConfig):
-        wanted = None if model.family == "sdxl" else cfg.clip_skip  # checks.clip_skip_for: SDXL ignores it
+        wanted = clip_skip_for(model.family, cfg.clip_skip)[0]  # SDXL ignores it
         if (wanted or 1) != (model.clip_skip or 1):
             raise ValueError(f"clip_skip {cfg.clip_skip} is asked for, but the host encodes captions at clip skip "
                              f"{model.clip_skip or 1}: build the model with the run's clip_skip")

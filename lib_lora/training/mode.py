@@ -26,6 +26,7 @@ class TrainingMode:
         self.flags = [(p, p.requires_grad) for mod in self.modules for p in mod.parameters()]
         self.modes = [(m, m.training) for mod in self.modules for m in mod.modules()]
         self._stack: ExitStack | None = None
+        self._placed = False
 
     @property
     def active(self) -> bool:
@@ -38,7 +39,12 @@ class TrainingMode:
         for mod in self.modules:
             mod.eval()
         self._stack = stack = ExitStack()
-        self.net.to(self.model.device).train()
+        if self._placed:  # the optimiser's flat buffer holds the LoRA tensors now: they must not move
+            self.net.check_placed()
+        else:
+            self.net.place()
+            self._placed = True
+        self.net.train()
         self.net.attach()
         m = self.model
         stack.enter_context(m.context() if m.context else nullcontext())

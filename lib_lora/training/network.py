@@ -130,12 +130,27 @@ class TrainingNetwork(nn.Module):
         return [g for g in ({"params": unet, "lr": unet_lr, "name": "unet"},
                             {"params": te, "lr": te_lr, "name": "text_encoder"}) if g["params"]]
 
+    def place(self) -> None:
+        """Every LoRA on its layer's device.  Once, before the optimiser flattens the parameters
+        (flat_params): a later move would give them new storage, apart from the buffer it updates."""
+        for key, t in self.targets.items():
+            self.lora(key).to(device=getattr(t.module, t.weight_name).device)
+
+    def check_placed(self) -> None:
+        """RuntimeError when a layer is no longer on its LoRA's device (the LoRA cannot follow it)."""
+        for key, t in self.targets.items():
+            have, want = self.lora(key).down.weight.device, getattr(t.module, t.weight_name).device
+            if have != want:
+                raise RuntimeError(f"{key}: the layer moved to {want} while training was suspended, but its LoRA "
+                                   f"stays on {have}: moving it would detach it from the optimiser's buffer. "
+                                   "Stop the job, keep the model where it is, and resume from a saved state")
+
     def attach(self) -> None:
-        """Give every target its LoRA'd forward; where the weight is read inside a fused op, parametrize it instead."""
+        """Give every target its LoRA'd forward (``place`` first); where the weight is read inside a fused op,
+        parametrize it instead."""
         fused: dict[tuple[int, str], tuple[nn.Module, list]] = defaultdict(lambda: (None, []))
         for key, t in self.targets.items():
             lora = self.lora(key)
-            lora.to(device=t.weight().device)
             if t.rows is not None or _weight_read_by_parent(t.module):
                 mod, parts = fused[(id(t.module), t.weight_name)]
                 parts.append((t.rows, lora))

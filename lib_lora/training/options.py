@@ -225,10 +225,11 @@ OPTIONS: list[Option] = [
        help="keep an exponential moving average of the LoRA's weights at this decay, e.g. 0.99 (averages over "
             "about 1/(1-decay) steps, debiased from the first step); every saved file and every sample uses the "
             "average. Not in sd-scripts (default: off)"),
-    _o("min_timestep", int | None, None, "Lowest training timestep (0 = from the first)", _ADV, minimum=0, flag="--min-timestep",
-       kohya="min_timestep", help="draw training timesteps from [min, max) only (default: 0)"),
+    # sd-scripts' bounds: the schedule's 1000 training timesteps, drawn from [min, max)
+    _o("min_timestep", int | None, None, "Lowest training timestep (0 = from the first)", _ADV, minimum=0, maximum=999,
+       flag="--min-timestep", kohya="min_timestep", help="draw training timesteps from [min, max) only (default: 0)"),
     _o("max_timestep", int | None, None, "Highest training timestep, exclusive (0 = to the last)", _ADV, minimum=1,
-       flag="--max-timestep", kohya="max_timestep",
+       maximum=1000, flag="--max-timestep", kohya="max_timestep",
        help="draw training timesteps below this only (default: the scheduler's 1000)"),
     _o("noise_offset", float, 0.0, "Noise offset", _ADV, minimum=0, flag="--noise-offset", kohya="noise_offset",
        help="noise offset, e.g. 0.05 (0: off)"),

@@ -328,7 +328,7 @@ class Trainer:
             saved.append(out)
         return TrainResult(out, step, losses, stopped, saved)
 
-    def _all_reduce_grads(self, opt, loss_val: float) -> float:
+    def _all_reduce_grads(self, opt: torch.optim.Optimizer, loss_val: float) -> float:
         """Sum every process's gradient share (and loss) through accelerate."""
         from accelerate.utils import reduce
 

@@ -152,6 +152,10 @@ def import_files(config_text: str, dataset_text: str) -> tuple[dict[str, Any], l
                              "dataset config into the dataset.toml box)")
         hidden = [o.kohya or o.name for o in options.OPTIONS
                   if not o.label and o.key not in ("output_name", "output_dir") and (data.get(o.section, {}) if o.section else data).get(o.name, o.default) != o.default]
+        if "max_token_length" in hidden:  # the WebUI host refuses it (its own prompt chunking encodes captions)
+            hidden.remove("max_token_length")
+            notes.append("config.toml: max_token_length is not used in the WebUI, which encodes captions with its own "
+                         "prompt chunking: delete it from the config.toml box, or training is refused")
         if hidden:
             notes.append(f"config.toml: {', '.join(hidden)} apply from the file (the form has no field for them)")
     if (dataset_text or "").strip():

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from ... import families, hashes
 from ...fileio import load_file, save_safetensors, write_text_atomic
+from ...training.checks import clip_skip_for
 from ...training.model import Conditioning, SizeCond, TrainableModel
 from .builders import build_text_encoder, build_unet, build_vae, materialize
 from .conditioning import encode_text, tokenize
@@ -159,7 +160,7 @@ class Checkpoint:
         return encode_text(self.family, self.text_encoders, self.config["text_encoders"], prompts, size_conds,
                            resolution=self.resolution,
                            size_embed_dim=int(self.config.get("size_embed_dim", SIZE_EMBED_DIM)),
-                           clip_skip=None if self.family == "sdxl" else clip_skip,
+                           clip_skip=clip_skip_for(self.family, clip_skip)[0],
                            max_token_length=max_token_length)
 
     # -- VAE ----------------------------------------------------------------------------------
@@ -193,7 +194,7 @@ class Checkpoint:
             # same latents whatever order (or process) encodes them in
             return self.encode_images(pixels, latent_sampling == "sample", None)
 
-        skip = None if self.family == "sdxl" else clip_skip
+        skip = clip_skip_for(self.family, clip_skip)[0]
 
         def encode_text(prompts: list[str], size_conds: list[SizeCond] | None = None) -> Conditioning:
             return self.encode_text(prompts, size_conds, skip, max_token_length)

@@ -15,6 +15,7 @@ import torch
 
 from ...infotext import format_parameters, save_png
 from ...training import sample_prompts
+from ...training.checks import clip_skip_for
 from ...training.config import TrainConfig
 from ...training.options import OptionError
 from .checkpoint import Checkpoint
@@ -66,7 +67,7 @@ class TrainingSamples:
         images = []
         unet_dtype = next(self.ckpt.unet.parameters()).dtype
         half = self.ckpt.device.type == "cuda" and unet_dtype in (torch.float16, torch.bfloat16)
-        skip = None if self.ckpt.family == "sdxl" else self.cfg.clip_skip  # as the captions are encoded
+        skip = clip_skip_for(self.ckpt.family, self.cfg.clip_skip)[0]  # as the captions are encoded
         for p in self._parse(lines, seed):
             w, h = self._size(p)
             sampler = sampler_for(p.sampler or self.cfg.sample_sampler)
