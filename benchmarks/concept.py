@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/concept.py --compare-defaults    # our "toy" preset vs kohya's settings, 3 seeds
     .venv/bin/python benchmarks/concept.py --variant snr5:min_snr_gamma=5 --seeds 0 1 2   # a lever vs the baseline
+    .venv/bin/python benchmarks/concept.py --variant reg:preset=toy,reg=base,prior_loss_weight=1.0   # + base-model reg images
     .venv/bin/python benchmarks/concept.py --ranks 16 --kinds locon  # our trainer at kohya's settings, by rank
     .venv/bin/python benchmarks/concept.py --write-dataset DIR   # the datasets, for another trainer
     .venv/bin/python benchmarks/concept.py --lora A.safetensors --lora B.safetensors   # any kohya-format files
@@ -10,7 +11,11 @@ The concept is the toy world's "star" (trigger ``zkx``), never seen by the base 
 the composition row is the "diagonal" background (trigger ``qwv``), trained once with the demo's
 settings unless ``--style FILE`` is given.  The baseline, ``KOHYA``, is our trainer at sd-scripts'
 settings (UNet-only LoCon rank 16 / conv 16, alpha = rank, AdamW at lr 1e-3 constant, no min-SNR), 500
-steps of batch 8 on 60 training images at 64 px; ``--variant`` trains overrides of it in the same run.  Files are applied through the same Runtime as
+steps of batch 8 on 60 training images at 64 px; ``--variant`` trains overrides of it in the same run
+(``preset=toy`` overrides the toy preset instead; ``reg=base`` adds DreamBooth-style prior preservation:
+``--reg-images`` base-world prompts drawn by the base model itself at the scorer's 20 steps / CFG 5,
+captioned with their prompts, as a kohya ``1_shape`` regularisation folder, made once per seed; weigh
+them with ``prior_loss_weight``).  Files are applied through the same Runtime as
 ``<lora:name:w>`` in a WebUI prompt, so files written by kohya's sd-scripts, ComfyUI trainers or
 anything else that writes kohya keys are scored the same way as ours (train them on the folders
 ``--write-dataset`` writes, against ``lib_lora/toyworld/assets/toy-sd1.safetensors``).
@@ -22,7 +27,8 @@ Columns (fractions of a fixed prompt/seed set, read by ``toyworld.scorer``):
   80% step/s    first saved step (and training seconds) whose file reaches 80% acquisition at weight 1
                 (checked every --eval-every steps on --probe prompts; "-" if never); for --lora files,
                 "(N)" is the step count the file's ss_steps metadata records
-  train s       training seconds of the whole run (same process, same core for every row)
+  train s       training seconds of the whole run (same process, same core for every row); drawing the
+                reg images (once per seed, shared by every reg=base row) is printed after the row
   curve         step:acquisition at weight 1 of every saved file, on --probe prompts
   MB            file size
 """
@@ -62,7 +68,9 @@ KOHYA: dict[str, object] = {"network.rank": 16, "network.alpha": 16.0, "network.
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, object]]:
-    """ "label:key=value,key=value" -> (label, overrides of KOHYA); values are Python literals or strings."""
+    """ "label:key=value,key=value" -> (label, overrides of KOHYA); values are Python literals or strings.
+    Two keys are the benchmark's, not the trainer's: ``preset`` (override that preset, not KOHYA) and
+    ``reg`` ("base": train with regularisation images drawn by the base model, ``write_base_reg``)."""
     import ast
 
     label, _, body = text.partition(":")
@@ -76,10 +84,30 @@ def parse_variant(text: str) -> tuple[str, dict[str, object]]:
     return label, out
 
 
+def write_base_reg(ck, root: Path, n: int, seed: int, batch: int = 32) -> Path:
+    """``root/1_shape``: ``n`` base-world prompts drawn by the base model ``ck`` (the scorer's sampler
+    settings), each captioned with its prompt: regularisation images for prior preservation."""
+    from lib_lora.hosts.cli.attention import sdpa_attention
+    from lib_lora.hosts.cli.sampling import sample
+    from lib_lora.toyworld.world import BASE_WORLD, generate
+
+    folder = root / "1_shape"   # captions come from the .txt files; the folder's class word is a fallback
+    folder.mkdir(parents=True, exist_ok=True)
+    prompts = [c for _, c, _ in generate(n, seed, BASE_WORLD)]
+    with sdpa_attention(ck.unet):
+        for j in range(0, n, batch):
+            chunk = prompts[j:j + batch]
+            for i, im in enumerate(sample(ck, chunk, steps=20, cfg=5.0, seed=seed + 5000 + j, width=64, height=64)):
+                im.save(folder / f"reg_{j + i}.png")
+                (folder / f"reg_{j + i}.txt").write_text(chunk[i], encoding="utf-8")
+    return root
+
+
 def train(ck, data: Path, out: Path, name: str, settings: dict[str, object], steps: int, every: int,
-          batch: int, seed: int) -> tuple[Path, dict[int, float]]:
+          batch: int, seed: int, reg_dir: Path | None = None) -> tuple[Path, dict[int, float]]:
     """Our Trainer (the WebUI tab's and the CLI's code path) with request-key ``settings``; returns the
-    file and step -> training seconds."""
+    file and step -> training seconds.  ``reg_dir``: a kohya regularisation folder, shuffled into the
+    same batches (kohya's balancing: as many reg samples per epoch as training samples)."""
     from lib_lora.hosts.cli.attention import sdpa_attention
     from lib_lora.training.dataset import DatasetConfig
     from lib_lora.training.network import NetworkConfig
@@ -88,11 +116,11 @@ def train(ck, data: Path, out: Path, name: str, settings: dict[str, object], ste
     from lib_lora.training.trainer import Callbacks, Trainer
 
     net = {k.partition(".")[2]: v for k, v in settings.items() if k.startswith("network.")}
-    top = {k: v for k, v in settings.items() if "." not in k}
+    top = {k: v for k, v in settings.items() if "." not in k and k not in ("reg", "preset")}
     top = {"max_train_steps": steps, "batch_size": batch, **top}   # a variant may set its own steps and batch
     if every and top["max_train_steps"] != steps:    # probe the same fractions of the run
         every = every * top["max_train_steps"] // steps
-    cfg = TrainConfig(DatasetConfig(data, resolution=64, enable_buckets=False), NetworkConfig(**net),
+    cfg = TrainConfig(DatasetConfig(data, resolution=64, enable_buckets=False, reg_dir=reg_dir), NetworkConfig(**net),
                       output_dir=out, output_name=name, overwrite=True, seed=seed, save_every_n_steps=every, **top)
     model = ck.trainable()
     model.context = lambda: sdpa_attention(ck.unet)
@@ -140,7 +168,9 @@ def _jobs(a: argparse.Namespace) -> list[tuple[str, dict[str, object]]]:
     if a.compare_defaults:
         return [("kohya", dict(KOHYA)), ("ours (toy)", preset_settings("toy"))]
     if a.variant:
-        return [("kohya", dict(KOHYA))] * (not a.no_baseline) + [(lab, {**KOHYA, **ov}) for lab, ov in map(parse_variant, a.variant)]
+        return [("kohya", dict(KOHYA))] * (not a.no_baseline) + [
+            (lab, {**(preset_settings(str(ov["preset"])) if "preset" in ov else KOHYA), **ov})
+            for lab, ov in map(parse_variant, a.variant)]
     common = {**KOHYA, "learning_rate": a.lr, "network.train_text_encoder": a.text_encoder,
               "min_snr_gamma": a.min_snr_gamma}
     return [(f"{kind}_r{r}", {**common, "network.rank": r, "network.alpha": float(r),
@@ -168,16 +198,27 @@ def run_seed(a: argparse.Namespace, ck, work: Path, seed: int) -> list[dict]:
         for i, f in enumerate(a.lora):       # someone else's files: scored as they are
             stem = f"file{i}"
             shutil.copyfile(f, loras / f"{stem}.safetensors")
-            jobs.append((f.stem, stem, None))
-        for label, settings in ([] if a.lora else _jobs(a)):
-            path, clock = train(ck, data["star"], loras, label, settings, a.steps, a.eval_every, a.batch, seed + 2)
+            jobs.append((f.stem, stem, None, None))
+        jobs_to_train = [] if a.lora else _jobs(a)
+        reg_dir, reg_s = None, None
+        if any(s.get("reg") for _, s in jobs_to_train):
+            if {s.get("reg") for _, s in jobs_to_train} - {None, "base"}:
+                raise SystemExit("--variant reg=...: only 'base' (images drawn by the base model) is known")
+            t0 = time.time()
+            reg_dir = write_base_reg(ck, work / f"seed{seed}" / "reg", a.reg_images, seed + 104)
+            reg_s = round(time.time() - t0, 1)
+            print(f"seed {seed}: drew {a.reg_images} regularisation images with the base in {reg_s:.0f}s",
+                  file=sys.stderr)
+        for label, settings in jobs_to_train:
+            path, clock = train(ck, data["star"], loras, label, settings, a.steps, a.eval_every, a.batch, seed + 2,
+                                reg_dir if settings.get("reg") else None)
             print(f"seed {seed}: trained {label} in {max(clock.values()):.0f}s", file=sys.stderr)
-            jobs.append((label, path.stem, clock))
+            jobs.append((label, path.stem, clock, reg_s if settings.get("reg") else None))
         render.refresh()
-        for label, stem, clock in jobs:
+        for label, stem, clock, reg_seconds in jobs:
             path = loras / f"{stem}.safetensors"
             row = {"name": label, "seed": seed, **score_file(render, stem, a.n, seed, style), "base": base,
-                   "mb": round(path.stat().st_size / 1e6, 2)}
+                   "mb": round(path.stat().st_size / 1e6, 2), "reg_seconds": reg_seconds}
             if clock is not None:
                 steps = sorted(clock)
                 inter = sorted((int(f.stem.rpartition("-step")[2]), f.stem)
@@ -205,6 +246,7 @@ def print_rows(rows: list[dict]) -> None:
               f"{r['acq']['1']:6.2f} {r['base']:6.2f} {r['base_with']:7.2f} {_fmt(r.get('compose')):>8} "
               f"{_fmt(r.get('steps_to_80', r.get('steps'))):>9} {_fmt(r.get('seconds_to_80')):>7} "
               f"{_fmt(r.get('seconds')):>8} {r['mb']:6.2f}"
+              + (f"  (+{r['reg_seconds']:.0f}s drawing reg images)" if r.get("reg_seconds") is not None else "")
               + ("  curve " + " ".join(f"{k}:{v:.2f}" for k, v in r["curve"].items()) if r.get("curve") else ""))
 
 
@@ -246,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-snr-gamma", type=float, help="min-SNR loss weighting (kohya's --min_snr_gamma)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--images", type=int, default=60)
+    ap.add_argument("--reg-images", type=int, default=60, help="with a --variant's reg=base: regularisation "
+                    "images drawn by the base model per seed")
     ap.add_argument("--n", type=int, default=30, help="prompts per measured setting")
     ap.add_argument("--probe", type=int, default=15, help="prompts per intermediate-file check")
     ap.add_argument("--seeds", type=int, nargs="+", help="one full run per seed: dataset, "
