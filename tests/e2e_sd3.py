@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from webui_server import Server, StartError, data_dir, pixels, running, webui_python
+from webui_server import StartError, data_dir, pixels, running, webui_python
 
 SD3_ON = os.environ.get("WEBUI_E2E_SD3") == "1"
 KOHYA, DIFFUSERS = "e2e_sd3_kohya", "e2e_sd3_diffusers"
@@ -192,14 +192,6 @@ def sd3_server(tmp_path_factory):
         ckpt.unlink(missing_ok=True)
 
 
-def _txt2img_logged(server: Server, prompt: str) -> tuple[dict, str]:
-    start = server.log.stat().st_size
-    res = server.txt2img(prompt)
-    with open(server.log, "rb") as f:
-        f.seek(start)
-        return res, f.read().decode(errors="replace")
-
-
 def test_sd3_checkpoint_loads_as_sd3(sd3_server):
     status, models = sd3_server.request("GET", "/sdapi/v1/sd-models")
     assert status == 200 and [m["model_name"] for m in models] == ["tiny_sd3"], models
@@ -215,7 +207,7 @@ def test_sd3_lora_applies_writes_hashes_and_restores(sd3_server, name):
     from lib_lora.hashes import addnet_hash_safetensors
 
     plain = sd3_server.txt2img("a photo")
-    with_lora, log = _txt2img_logged(sd3_server, f"a photo <lora:{name}:1>")
+    with_lora, log = sd3_server.txt2img_logged(f"a photo <lora:{name}:1>")
     again = sd3_server.txt2img("a photo")
     params = with_lora["info"]["extra_generation_params"]
     assert params.get("Lora hashes") == f"{name}: {addnet_hash_safetensors(sd3_server.sd3_loras[name])[:12]}", params

@@ -249,7 +249,6 @@ def test_training_job_on_the_loaded_model(server, tmp_path):
     assert pixels(server.txt2img("a photo <lora:e2e_trained:1>")["image"]) != pixels(before["image"])
 
 
-
 def test_training_at_clip_skip_2_gives_the_users_setting_back(server):
     """kohya's clip_skip=2 in the real WebUI: captions and the sample are encoded at clip skip 2 through the
     WebUI's own embedder, the file records it, and the user's Clip skip setting is the same afterwards."""
@@ -399,15 +398,6 @@ def variants(server):
     return {"paths": paths, "base": server.txt2img("a photo")["image"]}
 
 
-def _txt2img_logged(server: Server, prompt: str) -> tuple[dict, str]:
-    """txt2img, and what the server printed meanwhile (our messages go there even when the info has none)."""
-    start = server.log.stat().st_size
-    res = server.txt2img(prompt)
-    with open(server.log, "rb") as f:
-        f.seek(start)
-        return res, f.read().decode(errors="replace")
-
-
 def _assert_applied_cleanly(server: Server, name: str, res: dict, log: str) -> None:
     status, detail = server.request("GET", f"/lora-workshop/v1/loras/{name}")
     assert status == 200, detail
@@ -423,7 +413,7 @@ def _assert_applied_cleanly(server: Server, name: str, res: dict, log: str) -> N
 
 @pytest.mark.parametrize("name", list(KINDS))
 def test_each_kind_of_file_applies_and_restores(server, variants, name):
-    with_lora, log = _txt2img_logged(server, f"a photo <lora:{name}:1>")
+    with_lora, log = server.txt2img_logged(f"a photo <lora:{name}:1>")
     again = server.txt2img("a photo")
     _assert_applied_cleanly(server, name, with_lora, log)
     assert pixels(with_lora["image"]) != pixels(variants["base"]), f"{name} changed nothing"
@@ -438,7 +428,7 @@ def test_dora_follows_the_builtin_dora_setting(server, variants):
     assert server.request("POST", "/sdapi/v1/options", {key: True})[0] == 200
     try:
         assert server.request("GET", "/sdapi/v1/options")[1][key] is True
-        webui_mode, log = _txt2img_logged(server, f"a photo <lora:{DORA}:1>")
+        webui_mode, log = server.txt2img_logged(f"a photo <lora:{DORA}:1>")
     finally:
         assert server.request("POST", "/sdapi/v1/options", {key: False})[0] == 200
     _assert_applied_cleanly(server, DORA, webui_mode, log)

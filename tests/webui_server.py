@@ -172,6 +172,14 @@ class Server:
         assert status == 200, f"txt2img failed: {res}\n{self.log_tail()}"
         return {"image": res["images"][0], "info": json.loads(res["info"])}
 
+    def txt2img_logged(self, prompt: str) -> tuple[dict, str]:
+        """``txt2img``, and what the server printed meanwhile (our messages go there even when the info has none)."""
+        start = self.log.stat().st_size
+        res = self.txt2img(prompt)
+        with open(self.log, "rb") as f:
+            f.seek(start)
+            return res, f.read().decode(errors="replace")
+
 
 class GradioUI:
     """The UI's event handlers, called the way the browser does (``/run/predict`` with an fn_index)."""
