@@ -88,12 +88,17 @@ def _value(text: str, x: float, rng: random.Random) -> float:
         if m.group(1) is None:
             return x
         return x + float(m.group(2)) if m.group(1) == "+" else x - float(m.group(2))
+    return finite_number(text, hint=" (nor R, U, X)")
+
+
+def finite_number(text: str, where: str = "", hint: str = "") -> float:
+    """``text`` as a finite float, or a BlockWeightError naming it (after ``where``, with ``hint``)."""
     try:
         value = float(text)
     except ValueError:
-        raise BlockWeightError(f"{text!r} is not a number (nor R, U, X)") from None
+        raise BlockWeightError(f"{where}{text!r} is not a number{hint}") from None
     if not math.isfinite(value):
-        raise BlockWeightError(f"{text!r} is not a finite number")
+        raise BlockWeightError(f"{where}{text!r} is not a finite number")
     return value
 
 

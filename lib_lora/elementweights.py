@@ -10,13 +10,12 @@ weight still multiplies it.
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from .blockweights import BLOCK_IDS, BlockWeightError, load_presets
+from .blockweights import BLOCK_IDS, BlockWeightError, finite_number, load_presets
 
 _INDEX = {b: i for i, b in enumerate(BLOCK_IDS)}
 
@@ -94,12 +93,7 @@ def parse_element_weights(name: str, presets: Mapping[str, str] | None = None) -
         if piece.count(":") != 2:
             continue
         blocks, elements, weight = piece.split(":")
-        try:
-            value = float(weight)
-        except ValueError:
-            raise BlockWeightError(f"{piece!r}: {weight!r} is not a number") from None
-        if not math.isfinite(value):
-            raise BlockWeightError(f"{piece!r}: {weight!r} is not a finite number")
+        value = finite_number(weight, where=f"{piece!r}: ")
         directives.append(Directive(*_words(blocks, True), *_words(elements, False), value))
     return ElementWeights(name, tuple(directives))
 
