@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from webui_server import StartError, data_dir, pixels, running, webui_python
+from webui_server import WEBUI_SD3_IMPORTS, StartError, data_dir, pixels, running, webui_python
 
 SD3_ON = os.environ.get("WEBUI_E2E_SD3") == "1"
 KOHYA, DIFFUSERS = "e2e_sd3_kohya", "e2e_sd3_diffusers"
@@ -34,18 +34,7 @@ from pathlib import Path
 import torch
 webui, ckpt, hub, depth = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
 sys.path.insert(0, str(webui))
-# other_impls imports modules.sd_hijack (the whole WebUI) for one embedding class only
-hijack = types.ModuleType("modules.sd_hijack")
-class TextualInversionEmbeddings(torch.nn.Embedding):
-    def __init__(self, num, dim, textual_inversion_key="clip_l", **kw):
-        super().__init__(num, dim, **kw)
-hijack.TextualInversionEmbeddings = TextualInversionEmbeddings
-import modules
-sys.modules["modules.sd_hijack"] = hijack
-modules.sd_hijack = hijack
-from modules.models.sd3.mmdit import MMDiT
-from modules.models.sd3.sd3_impls import SDVAE
-from modules.models.sd3 import other_impls
+''' + WEBUI_SD3_IMPORTS + r'''from modules.models.sd3.sd3_impls import SDVAE
 from safetensors.torch import save_file
 
 # the text encoders' sizes as sd3_cond.py hardcodes them (that module imports the whole WebUI)

@@ -23,6 +23,7 @@ from lib_lora.network import load_network
 from lib_lora.patcher import Patcher
 from loras import activation
 from sd3_standin import SD3Inferencer, text_encoder_roots
+from webui_server import WEBUI_SD3_IMPORTS
 
 RANK = 4
 
@@ -185,17 +186,7 @@ _DUMP_REAL = r"""
 import json, sys, types
 import torch
 sys.path[:0] = [sys.argv[1], sys.argv[2]]
-hijack = types.ModuleType("modules.sd_hijack")  # other_impls only needs its embedding class
-class TextualInversionEmbeddings(torch.nn.Embedding):
-    def __init__(self, num, dim, textual_inversion_key="clip_l", **kw):
-        super().__init__(num, dim, **kw)
-hijack.TextualInversionEmbeddings = TextualInversionEmbeddings
-import modules
-sys.modules["modules.sd_hijack"] = hijack
-modules.sd_hijack = hijack
-from modules.models.sd3.mmdit import MMDiT
-from modules.models.sd3 import other_impls
-from lib_lora.modelmap import ModelMap
+""" + WEBUI_SD3_IMPORTS + r"""from lib_lora.modelmap import ModelMap
 torch.set_grad_enabled(False)  # the WebUI builds these under no_grad
 mmdit = MMDiT(input_size=None, pos_embed_max_size=8, patch_size=2, in_channels=4, depth=2, adm_in_channels=64,
               context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 32, "out_features": 128}},

@@ -28,6 +28,21 @@ AUTH = ("e2e", "e2e-pass")
 LORA_NAME = "e2e_lora"
 
 
+# Code run in the WebUI's venv (after ``import sys, types, torch`` and the WebUI on sys.path): its SD3
+# classes, MMDiT and other_impls, without importing the whole WebUI, which other_impls pulls in through
+# modules.sd_hijack for one embedding class only.
+WEBUI_SD3_IMPORTS = '''hijack = types.ModuleType("modules.sd_hijack")
+class TextualInversionEmbeddings(torch.nn.Embedding):
+    def __init__(self, num, dim, textual_inversion_key="clip_l", **kw):
+        super().__init__(num, dim, **kw)
+hijack.TextualInversionEmbeddings = TextualInversionEmbeddings
+import modules
+sys.modules["modules.sd_hijack"] = hijack
+modules.sd_hijack = hijack
+from modules.models.sd3.mmdit import MMDiT
+from modules.models.sd3 import other_impls
+'''
+
 class StartError(RuntimeError):
     """The WebUI exited or did not answer in time; the message ends with its log's tail."""
 
