@@ -58,15 +58,20 @@ def _free_port() -> int:
 
 def test_two_processes_equal_one_with_double_batch(tiny_checkpoint, tmp_path):
     ckpt, data = tiny_checkpoint
+    # Both runs are fresh processes with one thread each, so their rounding does not depend on
+    # what earlier tests left in this process (thread count, allocator state).
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     single = tmp_path / "single.safetensors"
-    assert main(args(ckpt, data, single, "--max-train-steps", "3", "--batch-size", "2")) == 0
+    r = subprocess.run([sys.executable, "-m", "lib_lora", *args(ckpt, data, single, "--max-train-steps", "3",
+                                                                 "--batch-size", "2")],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
     multi = tmp_path / "multi.safetensors"
     accelerate = Path(sys.executable).with_name("accelerate")
     # --multi_gpu is accelerate's torchrun launcher; with no GPU the processes fall back to gloo on CPU
     cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
            "-m", "lib_lora", *args(ckpt, data, multi, "--max-train-steps", "3", "--batch-size", "1")]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     a, meta_a = load_safetensors(single)
@@ -83,9 +88,8 @@ def test_two_processes_equal_one_with_double_batch(tiny_checkpoint, tmp_path):
     assert rel < 1e-4
     lr = 1e-3
     # No weight ends more than one Adam step (~lr) apart.  Where a weight's gradient is ~0, Adam
-    # turns rounding into steps of up to ~lr, and the rounding of the in-process run depends on
-    # what earlier tests left behind (0.32 lr seen once in the full suite; the test alone passes
-    # the old bound of 0.25 lr).
+    # turns rounding into steps of up to ~lr.
+    print("largest weight difference / lr:", max((b[k] - a[k]).abs().max().item() for k in a) / lr)
     for k in a:
         assert (b[k] - a[k]).abs().max().item() < lr, k
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in a.items() if "lora_up" in k)
