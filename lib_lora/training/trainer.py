@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..fileio import load_safetensors
-from .checks import model_notes
+from .checks import model_notes, timestep_range
 from .frozen_layers import lean_by_default
 from .dataset import Dataset
 from .ema import LoraEMA
@@ -126,6 +126,11 @@ class Trainer:
         self.cb = callbacks or Callbacks()
         for line in model_notes(model.family, model.prediction, plan.config.v2, plan.config.v_parameterization):
             self.cb.log(line)
+        # [lo, hi) of the training timesteps: a max_timestep beyond the model's schedule is capped, and said so
+        lo, hi, note = timestep_range(plan.config.min_timestep, plan.config.max_timestep, len(model.alphas_cumprod))
+        self._t_range = lo, hi
+        if note:
+            self.cb.log(note)
         if plan.config.v_parameterization is not None:  # the user's word on what the model predicts
             model = dataclasses.replace(model, prediction="v" if plan.config.v_parameterization else "epsilon")
         self.model, self.plan, self.cfg = model, plan, plan.config
@@ -242,6 +247,7 @@ class Trainer:
         saved: list[Path] = []
         t0, step0 = time.time(), step
         acp_all = m.alphas_cumprod.to(m.device, torch.float32)
+        t_lo, t_hi = self._t_range
         batch: Batch | None = None
         B = cfg.batch_size
         if step == 0 and self.is_main and sample_prompts.due(cfg, 0, per_epoch)[0]:
@@ -267,7 +273,6 @@ class Trainer:
                 noise = torch.randn(shape, generator=g, device=m.device)
                 if cfg.noise_offset:
                     noise += cfg.noise_offset * torch.randn((*shape[:2], 1, 1), generator=g, device=m.device)
-                t_lo, t_hi = cfg.min_timestep or 0, min(cfg.max_timestep or acp_all.shape[0], acp_all.shape[0])
                 t = torch.randint(t_lo, t_hi, (n,), generator=g, device=m.device)
                 noise, t = noise[lo:hi], t[lo:hi]
                 acp = acp_all[t].view(-1, 1, 1, 1)
