@@ -176,10 +176,10 @@ def test_every_spelling_of_an_option_sets_it(tiny_checkpoint, tmp_path):
 def test_unknown_options_show_the_train_usage(tiny_checkpoint, tmp_path, capsys):
     ckpt, data = tiny_checkpoint
     with pytest.raises(SystemExit) as e:
-        main(args(ckpt, data, tmp_path / "x.safetensors", "--color_aug"))
+        main(args(ckpt, data, tmp_path / "x.safetensors", "--lowram"))
     err = capsys.readouterr().err
     assert e.value.code == 2
-    assert err.startswith("usage: python -m lib_lora train ") and "unrecognized arguments: --color_aug" in err
+    assert err.startswith("usage: python -m lib_lora train ") and "unrecognized arguments: --lowram" in err
     assert "never ignored" in err
 
 

@@ -122,6 +122,10 @@ OPTIONS: list[Option] = [
        kohya="flip_aug", ss="ss_flip_aug", help="flip images horizontally at random"),
     _o("dataset.random_crop", bool, False, "Random crop", _D, flag="--random-crop", flag_action="store_true",
        kohya="random_crop", ss="ss_random_crop", help="crop at random instead of the centre (latents are then not cached)"),
+    _o("dataset.color_aug", bool, False, "Random colour change (hue or gamma)", _D, flag="--color-aug",
+       flag_action="store_true", kohya="color_aug", ss="ss_color_aug",
+       help="sd-scripts' colour augmentation: each time an image is trained, one time in three its hue is turned by "
+            "up to 16 degrees or its gamma changed by up to 5% (latents are then encoded at every step, not cached)"),
     # -- Network
     _o("network.module", str, "networks.lora", group=_N, choices=("networks.lora",), kohya="network_module",
        ss="ss_network_module", help="the network kind: networks.lora (LoRA; LoCon with conv_dim) is the one here"),
