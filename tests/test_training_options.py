@@ -97,7 +97,8 @@ def test_every_flag_reaches_the_config_it_names(data, tmp_path):
     for o in options.OPTIONS:
         if not (o.flag and o.flag.startswith("--")) or o.key in ("dataset.reg_dir", "network_weights"):
             continue  # paths that must exist (test_cli_train covers them)
-        cfg = cli._train_config(parser.parse_args(base + _other_value(o)))
+        needs = {"full_fp16": ["--mixed-precision", "fp16"], "full_bf16": ["--mixed-precision", "bf16"]}
+        cfg = cli._train_config(parser.parse_args(base + needs.get(o.name, []) + _other_value(o)))
         holder, was = (getattr(cfg, o.section), getattr(defaults, o.section)) if o.section else (cfg, defaults)
         assert getattr(holder, o.name) != getattr(was, o.name), o.key
     assert (defaults.network.rank, defaults.max_train_steps, defaults.mixed_precision) == (16, 1000, "no")

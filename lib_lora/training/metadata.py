@@ -28,7 +28,7 @@ VERSION_KEY = "lora_workshop.version"  # our release; ss_sd_scripts_commit_hash 
 # What sd-scripts writes for features this trainer does not have, at their defaults (which is
 # also what this trainer does: MSE loss, plain noise, no validation split).
 _NOT_HERE: dict[str, Any] = {
-    "ss_num_validation_images": 0, "ss_full_fp16": False, "ss_lowram": False,
+    "ss_num_validation_images": 0, "ss_lowram": False,
     "ss_multires_noise_iterations": None, "ss_multires_noise_discount": 0.3, "ss_adaptive_noise_scale": None,
     "ss_zero_terminal_snr": False, "ss_face_crop_aug_range": None, "ss_scale_weight_norms": None,
     "ss_ip_noise_gamma": None, "ss_noise_offset_random_strength": False,

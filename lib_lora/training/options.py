@@ -214,6 +214,16 @@ OPTIONS: list[Option] = [
     _o("mixed_precision", str, "no", "Mixed precision", _ADV, choices=("no", "fp16", "bf16"),
        form_choices=("auto", "no", "fp16", "bf16"), flag="--mixed-precision", kohya="mixed_precision",
        ss="ss_mixed_precision", help="compute in half precision on a GPU"),
+    _o("full_fp16", bool, False, "Full fp16: the LoRA's weights themselves in fp16 (needs mixed precision fp16)",
+       _ADV, flag="--full-fp16", flag_action="store_true", kohya="full_fp16", ss="ss_full_fp16",
+       help="train the LoRA's weights, gradients and optimiser state in fp16, with no fp32 copy (needs "
+            "--mixed-precision fp16): half their memory, but fp16 rounds small gradients and Adam's moments to "
+            "zero; a loss scale and a guard skip any step that would make a weight non-finite"),
+    _o("full_bf16", bool, False, "Full bf16: the LoRA's weights themselves in bf16 (needs mixed precision bf16)",
+       _ADV, flag="--full-bf16", flag_action="store_true", kohya="full_bf16",
+       help="train the LoRA's weights, gradients and optimiser state in bf16, with no fp32 copy (needs "
+            "--mixed-precision bf16): half their memory, but bf16's 8 significant bits lose updates smaller than "
+            "about 1/256 of a weight; a guard skips any step that would make a weight non-finite"),
     _o("seed", int, 42, "Seed", _ADV, flag="--seed", kohya="seed", ss="ss_seed",
        help="seed of the initialisation, the noise and the order"),
     _o("min_snr_gamma", float | None, None, "Min-SNR gamma (0 = off)", _ADV, minimum=0, above=True,

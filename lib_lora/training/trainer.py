@@ -26,6 +26,7 @@ from torch import Tensor
 from ..fileio import load_safetensors
 from .checks import model_notes, timestep_range
 from .frozen_layers import lean_by_default
+from .half_weights import make_scaler, weight_dtype
 from .dataset import Dataset
 from .ema import LoraEMA
 from .epochs import Batch, Position, derive_seed
@@ -113,12 +114,6 @@ class TrainResult:
     saved: list[Path]
 
 
-def _grad_scaler(enabled: bool):
-    if hasattr(torch.amp, "GradScaler"):       # torch >= 2.3
-        return torch.amp.GradScaler("cuda", enabled=enabled)
-    return torch.cuda.amp.GradScaler(enabled=enabled)   # the torch 2.1 that WebUI 1.10 installs
-
-
 class Trainer:
     """The loop over one ready model and one plan (plan.py); the caller's config is never written."""
 
@@ -200,6 +195,10 @@ class Trainer:
             fresh = net.load_weights(load_safetensors(cfg.network_weights)[0], Path(cfg.network_weights).name)
             self.cb.log(f"starting from {Path(cfg.network_weights).name}"
                         + (f"; {len(fresh)} layers it lacks start fresh" if fresh else ""))
+        half = weight_dtype(cfg.full_fp16, cfg.full_bf16)
+        if half is not None:  # kohya's full_fp16/full_bf16: no fp32 copy of the LoRA (half_weights.py)
+            net.to(half)
+            self.cb.log(f"the LoRA's weights, gradients and optimiser state are {str(half).removeprefix('torch.')}")
         latents, texts = LatentCache(m, self.dataset, cfg, write_disk=self.is_main), TextCache(m, cfg)
         mode = TrainingMode(m, net, self._lean(), cfg.gradient_checkpointing)
         callbacks, tb = self.cb, None
@@ -239,7 +238,7 @@ class Trainer:
         use_cuda = m.device.type == "cuda"
         amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)
         autocast = torch.autocast("cuda", dtype=amp_dtype) if (use_cuda and amp_dtype) else nullcontext()
-        scaler = _grad_scaler(enabled=use_cuda and cfg.mixed_precision == "fp16")
+        scaler = make_scaler(weight_dtype(cfg.full_fp16, cfg.full_bf16), use_cuda, cfg.mixed_precision, self.cb.log)
         text_trains = cfg.network.train_text_encoder
         batches = ds.iterate(self.global_batch, cfg.seed, pos)
         per_epoch = max(1, ds.steps_per_epoch(self.global_batch))
