@@ -34,6 +34,13 @@ def weight_dtype(full_fp16: bool, full_bf16: bool) -> torch.dtype | None:
     return torch.float16 if full_fp16 else torch.bfloat16 if full_bf16 else None
 
 
+def hold_in_half(net: torch.nn.Module, dtype: torch.dtype | None, log: Callable[[str], None]) -> None:
+    """The LoRA's weights cast to ``dtype`` (nothing for None), before the optimiser sees them."""
+    if dtype is not None:
+        net.to(dtype)
+        log(f"the LoRA's weights, gradients and optimiser state are {str(dtype).removeprefix('torch.')}")
+
+
 def _finite(tensors: list[Tensor]) -> bool:
     if not tensors:
         return True

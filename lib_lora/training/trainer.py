@@ -26,7 +26,7 @@ from torch import Tensor
 from ..fileio import load_safetensors
 from .checks import model_notes, timestep_range
 from .frozen_layers import lean_by_default
-from .half_weights import make_scaler, weight_dtype
+from .half_weights import hold_in_half, make_scaler, weight_dtype
 from .dataset import Dataset
 from .ema import LoraEMA
 from .epochs import Batch, Position, derive_seed
@@ -195,10 +195,7 @@ class Trainer:
             fresh = net.load_weights(load_safetensors(cfg.network_weights)[0], Path(cfg.network_weights).name)
             self.cb.log(f"starting from {Path(cfg.network_weights).name}"
                         + (f"; {len(fresh)} layers it lacks start fresh" if fresh else ""))
-        half = weight_dtype(cfg.full_fp16, cfg.full_bf16)
-        if half is not None:  # kohya's full_fp16/full_bf16: no fp32 copy of the LoRA (half_weights.py)
-            net.to(half)
-            self.cb.log(f"the LoRA's weights, gradients and optimiser state are {str(half).removeprefix('torch.')}")
+        hold_in_half(net, weight_dtype(cfg.full_fp16, cfg.full_bf16), self.cb.log)  # kohya's full_fp16/bf16
         latents, texts = LatentCache(m, self.dataset, cfg, write_disk=self.is_main), TextCache(m, cfg)
         mode = TrainingMode(m, net, self._lean(), cfg.gradient_checkpointing)
         callbacks, tb = self.cb, None
