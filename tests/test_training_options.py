@@ -56,7 +56,8 @@ def test_the_tab_shows_the_labelled_options_in_the_schema_order():
     assert dict((k, kind) for k, _, kind, _ in ui.FIELDS)["lean_frozen_layers"] == "auto_bool"
     advanced = {k: kind for k, _, kind, _ in ui.SECTIONS[-1][2]}
     assert advanced["clip_skip"] == "opt_int"  # kohya's clip skip, 0 = unset on the tab
-    assert "max_token_length" not in ui.KEYS and "v2" not in ui.KEYS  # command line only / read from the model
+    # kohya's caption limit (0 = none) and its v2 (a tick the WebUI host checks against the loaded model)
+    assert (advanced["max_token_length"], advanced["v2"]) == ("opt_int", "bool")
     assert dict((k, e) for k, _, _, e in ui.FIELDS)["mixed_precision"]["choices"] == ["auto", "no", "fp16", "bf16"]
 
 

@@ -250,18 +250,21 @@ OPTIONS: list[Option] = [
     _o("v_parameterization", bool | None, None, group=_ADV, flag="--v-parameterization", flag_action="store_true",
        kohya="v_parameterization", help="the model predicts v (default: as the model says)"),
     # sd-scripts needs --v2 to load SD2; here the family is read from the weights, so it only confirms
-    _o("v2", bool, False, group=_ADV, kohya="v2",
-       help="kohya's \"this is SD2\": the family is detected from the checkpoint here, so this only confirms it "
-            "(refused when the checkpoint is not SD2)"),
+    # it (the tab ticks it for a loaded SD2 model; a tick on another model is refused before queuing)
+    _o("v2", bool, False, "SD2 model (kohya's v2: only confirms the loaded model; refused if it is not SD2)", _ADV,
+       kohya="v2", help="kohya's \"this is SD2\": the family is detected from the checkpoint here, so this only "
+                        "confirms it (refused when the checkpoint is not SD2)"),
     _o("clip_skip", int | None, None, "Clip skip (0 = unset: the last layer; SD1/SD2)", _ADV, minimum=1,
        maximum=CLIP_SKIP_MAX, flag="--clip-skip", kohya="clip_skip", ss="ss_clip_skip",
        help="SD1/SD2: condition on the text encoder's Nth layer from the end (2 is common for anime models; "
             "SDXL ignores it, as sd-scripts does) (default: unset, the last layer)"),
-    # not on the tab: the WebUI host encodes captions through the WebUI's own prompt chunking
-    _o("max_token_length", int | None, None, group=_ADV, choices=(75, 150, 225), flag="--max-token-length", kohya="max_token_length", ss="ss_max_token_length",
+    # in the WebUI, through its own prompt chunking (webui_trainable.caption_chunks)
+    _o("max_token_length", int | None, None,
+       "Caption tokens (kohya's max_token_length: 75, 150 or 225; 0 = no limit, as WebUI prompts)", _ADV,
+       choices=(75, 150, 225), flag="--max-token-length", kohya="max_token_length", ss="ss_max_token_length",
        help="kohya's caption length: 75 truncates to one 75-token chunk (sd-scripts' default), 150 and 225 to "
             "two and three; every caption then gets that many chunks (default: unset, no limit: long captions "
-            "get as many chunks as they need, as WebUI prompts do; the command line only)"),
+            "get as many chunks as they need, as WebUI prompts do)"),
     _o("cache_latents", bool, True, "Cache latents", _ADV, flag="--no-cache-latents", flag_action="store_false",
        kohya="cache_latents", ss="ss_cache_latents",
        help="encode the images at every step instead of caching their latents (cached by default)"),
