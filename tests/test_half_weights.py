@@ -169,3 +169,33 @@ def test_a_half_run_resumes_exactly(tmp_path, vae):
                       make_plan(cfg("b", overwrite=True), resume_from=state_path(first.saved[0])), quiet).run()
     a, b = load_safetensors(straight.output)[0], load_safetensors(resumed.output)[0]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fp16_adamw_gets_an_eps_fp16_can_use(tmp_path, vae, monkeypatch):
+    """With fp16 state, Adam's second moment (1 - 0.999) g^2 is 0 for |g| below about 5.5e-3 (fp16's smallest
+    step is 6e-8), so the step is lr * m / eps: torch's eps 1e-8 blows the weights up (the loss is NaN within a
+    few steps on the tiny SD1 at lr 5e-3), the default 1e-4 here trains; an eps the user gives is kept."""
+    from lib_lora.training.half_weights import FP16_ADAMW_EPS, adamw_eps
+    from lib_lora.training.network import NetworkConfig
+    assert torch.tensor(0.001 * 5.4e-3 ** 2).half().item() == 0.0 and torch.tensor(1e-8).half().item() == 0.0
+    assert adamw_eps("AdamW", True, {}) == FP16_ADAMW_EPS == 1e-4
+    assert adamw_eps("AdamW", True, {"eps": 1e-6}) is None and adamw_eps("AdamW", False, {}) is None
+    assert adamw_eps("Lion", True, {}) is None
+    make_dataset(tmp_path / "data")
+    opts = []
+    make = trainer_module.make_optimizer
+    monkeypatch.setattr(trainer_module, "make_optimizer", lambda *a: (lambda r: (opts.append(r[0]), r)[1])(make(*a)))
+
+    def run(out: str, **kw):
+        cfg = TrainConfig(DatasetConfig(tmp_path / "data", resolution=64, enable_buckets=False),
+                          NetworkConfig(rank=8, alpha=8, conv_rank=4, conv_alpha=4), output_dir=tmp_path / out,
+                          output_name="h", max_train_steps=12, batch_size=2, learning_rate=5e-3,
+                          mixed_precision="fp16", full_fp16=True, **kw)
+        log: list[str] = []
+        return Trainer(trainable(build_sd1(seed=0), vae), make_plan(cfg), Callbacks(log=log.append)).run(), log
+    res, log = run("a")
+    assert opts[-1].param_groups[0]["eps"] == 1e-4 and any("AdamW's eps is 0.0001" in line for line in log)
+    assert res.steps == 12 and all(math.isfinite(x) for x in res.losses)
+    with pytest.raises(FloatingPointError, match="loss became nan"):
+        run("b", optimizer_args={"eps": 1e-8})
+    assert opts[-1].param_groups[0]["eps"] == 1e-8

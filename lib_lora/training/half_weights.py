@@ -27,6 +27,9 @@ from . import flat_params
 
 GROWTH_INTERVAL = 2000   # good steps before an fp16 loss scale doubles (GradScaler's default)
 INIT_SCALE = 2.0 ** 16
+# AdamW's eps with fp16 state: (1 - beta2) g^2 rounds to 0 in fp16 for |g| below about 5.5e-3, so the
+# step is lr * m / eps there; torch's 1e-8 (itself 0 in fp16) then makes it explode (README: measured)
+FP16_ADAMW_EPS = 1e-4
 
 
 def weight_dtype(full_fp16: bool, full_bf16: bool) -> torch.dtype | None:
@@ -34,11 +37,24 @@ def weight_dtype(full_fp16: bool, full_bf16: bool) -> torch.dtype | None:
     return torch.float16 if full_fp16 else torch.bfloat16 if full_bf16 else None
 
 
-def hold_in_half(net: torch.nn.Module, dtype: torch.dtype | None, log: Callable[[str], None]) -> None:
-    """The LoRA's weights cast to ``dtype`` (nothing for None), before the optimiser sees them."""
-    if dtype is not None:
-        net.to(dtype)
-        log(f"the LoRA's weights, gradients and optimiser state are {str(dtype).removeprefix('torch.')}")
+def adamw_eps(optimizer: str, full_fp16: bool, optimizer_args: dict) -> float | None:
+    """AdamW's eps where this trainer chooses it: ``FP16_ADAMW_EPS`` for fp16 weights unless the user gave one."""
+    if full_fp16 and optimizer.lower() == "adamw" and "eps" not in optimizer_args:
+        return FP16_ADAMW_EPS
+    return None
+
+
+def hold_in_half(net: torch.nn.Module, cfg: Any, log: Callable[[str], None]) -> None:
+    """The LoRA's weights cast to the type kohya's ``full_fp16``/``full_bf16`` ask for (nothing without them),
+    before the optimiser sees them; the log says so."""
+    dtype = weight_dtype(cfg.full_fp16, cfg.full_bf16)
+    if dtype is None:
+        return
+    net.to(dtype)
+    log(f"the LoRA's weights, gradients and optimiser state are {str(dtype).removeprefix('torch.')}")
+    if adamw_eps(cfg.optimizer, cfg.full_fp16, cfg.optimizer_args) is not None:
+        log(f"full_fp16: AdamW's eps is {FP16_ADAMW_EPS:g}, not 1e-08: fp16 holds Adam's second moment as 0 for "
+            "gradients below about 5.5e-3, and eps alone would then divide the step (optimizer_args eps= sets another)")
 
 
 def _finite(tensors: list[Tensor]) -> bool:

@@ -218,7 +218,8 @@ OPTIONS: list[Option] = [
        _ADV, flag="--full-fp16", flag_action="store_true", kohya="full_fp16", ss="ss_full_fp16",
        help="train the LoRA's weights, gradients and optimiser state in fp16, with no fp32 copy (needs "
             "--mixed-precision fp16): half their memory, but fp16 rounds small gradients and Adam's moments to "
-            "zero; a loss scale and a guard skip any step that would make a weight non-finite"),
+            "zero (so AdamW's eps defaults to 1e-4 here); a loss scale and a guard skip any step that would make a "
+            "weight non-finite"),
     _o("full_bf16", bool, False, "Full bf16: the LoRA's weights themselves in bf16 (needs mixed precision bf16)",
        _ADV, flag="--full-bf16", flag_action="store_true", kohya="full_bf16",
        help="train the LoRA's weights, gradients and optimiser state in bf16, with no fp32 copy (needs "

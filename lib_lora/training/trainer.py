@@ -195,7 +195,7 @@ class Trainer:
             fresh = net.load_weights(load_safetensors(cfg.network_weights)[0], Path(cfg.network_weights).name)
             self.cb.log(f"starting from {Path(cfg.network_weights).name}"
                         + (f"; {len(fresh)} layers it lacks start fresh" if fresh else ""))
-        hold_in_half(net, weight_dtype(cfg.full_fp16, cfg.full_bf16), self.cb.log)  # kohya's full_fp16/bf16
+        hold_in_half(net, cfg, self.cb.log)  # kohya's full_fp16/full_bf16
         latents, texts = LatentCache(m, self.dataset, cfg, write_disk=self.is_main), TextCache(m, cfg)
         mode = TrainingMode(m, net, self._lean(), cfg.gradient_checkpointing)
         callbacks, tb = self.cb, None
