@@ -155,6 +155,7 @@ def test_every_spelling_of_an_option_sets_it(tiny_checkpoint, tmp_path):
               "save_model_as": "safetensors", "caption_extension": ".caption", "keep_tokens_separator": "|||",
               "caption_separator": ";", "bucket_reso_steps": "128", "min_bucket_reso": "128",
               "max_bucket_reso": "2048", "sample_sampler": "euler", "max_token_length": "150"}
+    needs = {"full_fp16": ["--mixed-precision", "fp16"], "full_bf16": ["--mixed-precision", "bf16"]}
     untested = {"network_weights", "reg_dir", "output_name", "output_dir"}  # paths: the tests above use them
     # these need the tensorboard package and each other: test_training_tensorboard.py spells them
     logging = {"log_with", "logging_dir"}
@@ -168,7 +169,7 @@ def test_every_spelling_of_an_option_sets_it(tiny_checkpoint, tmp_path):
         configs = []
         for flag in action.option_strings:
             assert set(spellings(flag)) <= set(action.option_strings), flag
-            cfg = _train_config(parser.parse_args(base + [flag, *value]))
+            cfg = _train_config(parser.parse_args(base + needs.get(o.name, []) + [flag, *value]))
             configs.append(getattr(getattr(cfg, o.section) if o.section else cfg, o.name))
         assert len(set(map(repr, configs))) == 1, (action.option_strings, configs)
         seen.add(o.key)
@@ -180,10 +181,10 @@ def test_every_spelling_of_an_option_sets_it(tiny_checkpoint, tmp_path):
 def test_unknown_options_show_the_train_usage(tiny_checkpoint, tmp_path, capsys):
     ckpt, data = tiny_checkpoint
     with pytest.raises(SystemExit) as e:
-        main(args(ckpt, data, tmp_path / "x.safetensors", "--color_aug"))
+        main(args(ckpt, data, tmp_path / "x.safetensors", "--lowram"))
     err = capsys.readouterr().err
     assert e.value.code == 2
-    assert err.startswith("usage: python -m lib_lora train ") and "unrecognized arguments: --color_aug" in err
+    assert err.startswith("usage: python -m lib_lora train ") and "unrecognized arguments: --lowram" in err
     assert "never ignored" in err
 
 

@@ -39,7 +39,6 @@ SUBSET_KEYS = _SUBSET_ASCENDABLE + _SUBSET_DISTINCT
 
 # kohya keys whose effect this trainer does not have: accepted at the value that means "off"
 _OFF: dict[str, tuple[tuple, str]] = {
-    "color_aug": ((False,), "colour augmentation is not implemented"),
     "enable_wildcard": ((False,), "wildcard and multi-line captions are not implemented"),
     "token_warmup_min": ((1,), "token warm-up is not implemented"),
     "token_warmup_step": ((0, 0.0), "token warm-up is not implemented"),

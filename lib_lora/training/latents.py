@@ -31,7 +31,9 @@ class LatentCache:
 
     def __init__(self, model: TrainableModel, dataset: Dataset, cfg: TrainConfig, write_disk: bool = True):
         self.model, self.dataset, self.seed = model, dataset, cfg.seed
-        self.caching = cfg.cache_latents and not any(s.random_crop for s in dataset.config.all_settings())
+        # a random crop or colour change makes every step's pixels new: nothing to cache
+        self.caching = cfg.cache_latents and not any(s.random_crop or s.color_aug
+                                                     for s in dataset.config.all_settings())
         self.on_disk = self.caching and cfg.cache_latents_to_disk
         self.write_disk = write_disk
         self._memory: dict[tuple, Tensor] = {}
