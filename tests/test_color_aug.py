@@ -119,8 +119,10 @@ def test_latents_are_not_cached_with_color_aug(tmp_path, vae):
     encoded: list[torch.Tensor] = []
     encode = model.encode_images
     model.encode_images = lambda px: (encoded.append(px.clone()), encode(px))[1]
-    Trainer(model, plan, Callbacks(log=lambda m: None)).run()
+    logged: list[str] = []
+    Trainer(model, plan, Callbacks(log=logged.append)).run()
     assert len(encoded) == 6  # each step encodes its 2 images, one at a time: nothing was cached before step 1
+    assert any(m.startswith("cache_latents: off for this run") for m in logged)  # said, not silent
 
 
 def test_a_dataset_toml_subset_turns_it_on_for_its_images_only(tmp_path):

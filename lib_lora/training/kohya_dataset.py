@@ -5,7 +5,7 @@ The schema is sd-scripts' (library/config_util.py, v0.10.1): ``[general]``, ``[[
 winning.  A DreamBooth-style subset (``image_dir`` with its images, ``num_repeats``,
 ``class_tokens``, ``is_reg``) is what this trainer has; the result is a request's ``dataset``
 object whose ``datasets`` list subsets.py reads.  A key kohya knows but this trainer cannot honour
-(``color_aug = true``, ``metadata_file``, ``enable_wildcard``…) is refused by name, and so is a
+(``metadata_file``, ``enable_wildcard``…) is refused by name, and so is a
 key kohya does not know: nothing is ignored.  Settings kohya lets each dataset choose but which are
 one per run here (``batch_size``) must agree across datasets.
 """
