@@ -90,6 +90,22 @@ def test_an_update_that_makes_a_weight_non_finite_is_undone():
     assert torch.equal(p.detach(), good) and torch.equal(opt.state[p]["momentum_buffer"], buf) and hs.skipped == 1
 
 
+def test_an_update_that_overflows_the_optimisers_fp16_state_is_undone():
+    """A finite gradient of 30000 gives AdamW's fp16 second moment 0.001 * 30000^2 = 9e5 > 65504: inf. The
+    weight itself stays finite (m / sqrt(inf) = 0) but would never move again, so the step is undone too."""
+    p = _param([1.0, 2.0], torch.float16)
+    opt = torch.optim.AdamW([p], lr=0.1, weight_decay=0.0)
+    log: list[str] = []
+    hs = HalfStep(torch.float16, log.append)
+    hs.loss_scale = 1.0      # unscaled: the gradient is 30000 (and 1) as it stands
+    p.grad.copy_(torch.tensor([30000.0, 1.0]))
+    hs.step(opt)
+    hs.update()
+    assert p.tolist() == [1.0, 2.0] and p not in opt.state and hs.skipped == 1
+    assert log == ["half-precision weights: step skipped (the update left a weight or the optimiser's state "
+                   "non-finite; both put back); 1 skipped so far"]
+
+
 def test_the_fp16_scale_grows_after_good_steps():
     p = _param([1.0], torch.float16)
     opt = torch.optim.SGD([p], lr=0.0)

@@ -12,9 +12,9 @@ The update then goes through ``HalfStep``, which stands in for torch's ``GradSca
 ``unscale_`` refuses fp16 gradients): for fp16 a dynamic loss scale (start 2^16, halved on a
 step with an overflow, doubled after 2000 good steps, as GradScaler's defaults); for both a
 guard, so a non-finite weight never reaches the model: a step whose gradients are not all
-finite is skipped, and a step that leaves a weight non-finite anyway is undone, the weights and
-the optimiser state put back as they were before it.  Skipped steps still count as steps (the
-schedule moves on, as with GradScaler), and each one is logged.
+finite is skipped, and a step that leaves a weight or the optimiser's state non-finite anyway
+is undone, the weights and the optimiser state put back as they were before it.  Skipped steps
+still count as steps (the schedule moves on, as with GradScaler), and each one is logged.
 """
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ class HalfStep:
         self._grads_finite = _finite(grads)
 
     def step(self, opt: torch.optim.Optimizer) -> None:
-        """``opt.step()``, unless the gradients are not finite; undone if it leaves a weight non-finite."""
+        """``opt.step()``, unless the gradients are not finite; undone if it leaves a weight or state non-finite."""
         self.unscale_(opt)
         if not self._grads_finite:
             self._skip("a gradient is not finite" + (f" at loss scale {self.loss_scale:g}" if self.dynamic else ""))
@@ -96,9 +96,11 @@ class HalfStep:
         params = flat_params.params(opt)
         before = _snapshot(opt)
         opt.step()
-        if not _finite(params):
+        # the state too: an fp16 moment that overflowed to inf leaves its weight finite (m / inf = 0) but frozen
+        state = [v for p in params for k, v in opt.state.get(p, {}).items() if isinstance(v, Tensor) and k != "step"]
+        if not _finite(params + state):
             _restore(opt, before)
-            self._skip("the update left a weight non-finite; weights and optimiser state put back")
+            self._skip("the update left a weight or the optimiser's state non-finite; both put back")
 
     def update(self) -> None:
         """After ``step``: the fp16 loss scale halved after a skip, doubled after ``GROWTH_INTERVAL`` good steps."""
