@@ -28,8 +28,10 @@ def test_each_switch_needs_its_mixed_precision(tmp_path):
         TrainConfig(ds, full_fp16=True)
     with pytest.raises(OptionError, match="full_bf16: needs mixed_precision bf16 \\(got fp16\\)"):
         TrainConfig(ds, mixed_precision="fp16", full_bf16=True)
-    with pytest.raises(OptionError, match="full_bf16"):
-        TrainConfig(ds, mixed_precision="fp16", full_fp16=True, full_bf16=True)
+    for precision in ("fp16", "bf16"):   # both switches: one type, whatever the precision
+        with pytest.raises(OptionError, match="full_bf16: full_fp16 is set too: the LoRA's weights are held in one "
+                                              "type, choose fp16 or bf16"):
+            TrainConfig(ds, mixed_precision=precision, full_fp16=True, full_bf16=True)
     assert weight_dtype(True, False) is torch.float16 and weight_dtype(False, True) is torch.bfloat16
     assert weight_dtype(False, False) is None
 
