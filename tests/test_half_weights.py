@@ -189,6 +189,46 @@ def test_a_half_run_resumes_exactly(tmp_path, vae):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_an_fp16_resume_continues_the_loss_scale(tmp_path, vae, monkeypatch):
+    """The fp16 loss scale is part of the run: a skip at step 2 halves it to 2^15, the step-3 state keeps it, and
+    the resumed run goes on at 2^15 with its count of skips (not at 2^16 again), ending on the straight run's file."""
+    from lib_lora.fileio import load_safetensors
+    from lib_lora.training.state import load_state, state_path
+    make_dataset(tmp_path / "data")
+    scalers = []
+    make = trainer_module.make_scaler
+    monkeypatch.setattr(trainer_module, "make_scaler", lambda *a: (lambda s: (scalers.append(s), s)[1])(make(*a)))
+
+    def model(poison: bool):
+        m, calls = trainable(build_sd1(seed=0), vae), {"n": 0}
+        predict = m.predict
+
+        def poisoned(x, t, cond):   # the 2nd forward (step 2) sends back an infinite gradient
+            out = predict(x, t, cond)
+            calls["n"] += 1
+            if poison and calls["n"] == 2:
+                out.register_hook(lambda g: g * float("inf"))
+            return out
+        m.predict = poisoned
+        return m
+
+    def cfg(out: str, **kw) -> TrainConfig:
+        return TrainConfig(DatasetConfig(tmp_path / "data", resolution=64, enable_buckets=False),
+                           output_dir=tmp_path / out, output_name="h", max_train_steps=6, batch_size=2,
+                           learning_rate=1e-3, mixed_precision="fp16", full_fp16=True, save_precision="fp32", **kw)
+    quiet = Callbacks(log=lambda m: None)
+    straight = Trainer(model(True), make_plan(cfg("a")), quiet).run()
+    assert (scalers[-1].loss_scale, scalers[-1].skipped) == (INIT_SCALE / 2, 1)
+    first = Trainer(model(True), make_plan(cfg("b", save_every_n_steps=3, save_state=True)), quiet).run()
+    assert load_state(state_path(first.saved[0])).scaler == {
+        "kind": "HalfStep", "state": {"loss_scale": INIT_SCALE / 2, "good": 1, "skipped": 1}}
+    resumed = Trainer(model(False), make_plan(cfg("b", overwrite=True), resume_from=state_path(first.saved[0])),
+                      quiet).run()
+    assert (scalers[-1].loss_scale, scalers[-1].skipped) == (INIT_SCALE / 2, 1)
+    a, b = load_safetensors(straight.output)[0], load_safetensors(resumed.output)[0]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_fp16_adamw_gets_an_eps_fp16_can_use(tmp_path, vae, monkeypatch):
     """With fp16 state, Adam's second moment (1 - 0.999) g^2 is 0 for |g| below about 5.5e-3 (fp16's smallest
     step is 6e-8), so the step is lr * m / eps: torch's eps 1e-8 blows the weights up (the loss is NaN within a

@@ -115,6 +115,14 @@ class HalfStep:
                 self._good = 0
         self._grads_finite, self._skipped_now = None, False
 
+    def state_dict(self) -> dict[str, Any]:
+        """The loss scale and its count of good steps, for the resume state (an exact resume needs them)."""
+        return {"loss_scale": self.loss_scale, "good": self._good, "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loss_scale, self._good = float(state["loss_scale"]), int(state["good"])
+        self.skipped = int(state["skipped"])
+
     def _skip(self, why: str) -> None:
         self.skipped += 1
         self._skipped_now = True
@@ -143,6 +151,20 @@ def _restore(opt: torch.optim.Optimizer, saved: list[tuple[Tensor, Tensor, dict[
                     opt.state[p][k] = v
         else:
             opt.state.pop(p, None)   # the first step created the state: drop it again
+
+
+def scaler_state(scaler: Any) -> dict[str, Any] | None:
+    """What a resume needs of ``scaler`` (``HalfStep`` or an enabled ``GradScaler``), named by its kind (None: nothing
+    to keep)."""
+    if isinstance(scaler, HalfStep) or scaler.is_enabled():
+        return {"kind": type(scaler).__name__, "state": scaler.state_dict()}
+    return None
+
+
+def load_scaler_state(scaler: Any, saved: dict[str, Any] | None) -> None:
+    """``scaler_state``'s record back into a scaler of the same kind (a state of earlier releases has none)."""
+    if saved and saved.get("kind") == type(scaler).__name__ and (isinstance(scaler, HalfStep) or scaler.is_enabled()):
+        scaler.load_state_dict(saved["state"])
 
 
 def make_scaler(half: torch.dtype | None, use_cuda: bool, mixed_precision: str, log: Callable[[str], None]) -> Any:
