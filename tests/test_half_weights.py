@@ -28,8 +28,10 @@ def test_each_switch_needs_its_mixed_precision(tmp_path):
         TrainConfig(ds, full_fp16=True)
     with pytest.raises(OptionError, match="full_bf16: needs mixed_precision bf16 \\(got fp16\\)"):
         TrainConfig(ds, mixed_precision="fp16", full_bf16=True)
-    with pytest.raises(OptionError, match="full_bf16"):
-        TrainConfig(ds, mixed_precision="fp16", full_fp16=True, full_bf16=True)
+    for precision in ("fp16", "bf16"):   # both switches: one type, whatever the precision
+        with pytest.raises(OptionError, match="full_bf16: full_fp16 is set too: the LoRA's weights are held in one "
+                                              "type, choose fp16 or bf16"):
+            TrainConfig(ds, mixed_precision=precision, full_fp16=True, full_bf16=True)
     assert weight_dtype(True, False) is torch.float16 and weight_dtype(False, True) is torch.bfloat16
     assert weight_dtype(False, False) is None
 
@@ -88,6 +90,22 @@ def test_an_update_that_makes_a_weight_non_finite_is_undone():
     hs.step(opt)
     hs.update()
     assert torch.equal(p.detach(), good) and torch.equal(opt.state[p]["momentum_buffer"], buf) and hs.skipped == 1
+
+
+def test_an_update_that_overflows_the_optimisers_fp16_state_is_undone():
+    """A finite gradient of 30000 gives AdamW's fp16 second moment 0.001 * 30000^2 = 9e5 > 65504: inf. The
+    weight itself stays finite (m / sqrt(inf) = 0) but would never move again, so the step is undone too."""
+    p = _param([1.0, 2.0], torch.float16)
+    opt = torch.optim.AdamW([p], lr=0.1, weight_decay=0.0)
+    log: list[str] = []
+    hs = HalfStep(torch.float16, log.append)
+    hs.loss_scale = 1.0      # unscaled: the gradient is 30000 (and 1) as it stands
+    p.grad.copy_(torch.tensor([30000.0, 1.0]))
+    hs.step(opt)
+    hs.update()
+    assert p.tolist() == [1.0, 2.0] and p not in opt.state and hs.skipped == 1
+    assert log == ["half-precision weights: step skipped (the update left a weight or the optimiser's state "
+                   "non-finite; both put back); 1 skipped so far"]
 
 
 def test_the_fp16_scale_grows_after_good_steps():
@@ -167,6 +185,46 @@ def test_a_half_run_resumes_exactly(tmp_path, vae):
                     quiet).run()
     resumed = Trainer(trainable(build_sd1(seed=0), vae),
                       make_plan(cfg("b", overwrite=True), resume_from=state_path(first.saved[0])), quiet).run()
+    a, b = load_safetensors(straight.output)[0], load_safetensors(resumed.output)[0]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_fp16_resume_continues_the_loss_scale(tmp_path, vae, monkeypatch):
+    """The fp16 loss scale is part of the run: a skip at step 2 halves it to 2^15, the step-3 state keeps it, and
+    the resumed run goes on at 2^15 with its count of skips (not at 2^16 again), ending on the straight run's file."""
+    from lib_lora.fileio import load_safetensors
+    from lib_lora.training.state import load_state, state_path
+    make_dataset(tmp_path / "data")
+    scalers = []
+    make = trainer_module.make_scaler
+    monkeypatch.setattr(trainer_module, "make_scaler", lambda *a: (lambda s: (scalers.append(s), s)[1])(make(*a)))
+
+    def model(poison: bool):
+        m, calls = trainable(build_sd1(seed=0), vae), {"n": 0}
+        predict = m.predict
+
+        def poisoned(x, t, cond):   # the 2nd forward (step 2) sends back an infinite gradient
+            out = predict(x, t, cond)
+            calls["n"] += 1
+            if poison and calls["n"] == 2:
+                out.register_hook(lambda g: g * float("inf"))
+            return out
+        m.predict = poisoned
+        return m
+
+    def cfg(out: str, **kw) -> TrainConfig:
+        return TrainConfig(DatasetConfig(tmp_path / "data", resolution=64, enable_buckets=False),
+                           output_dir=tmp_path / out, output_name="h", max_train_steps=6, batch_size=2,
+                           learning_rate=1e-3, mixed_precision="fp16", full_fp16=True, save_precision="fp32", **kw)
+    quiet = Callbacks(log=lambda m: None)
+    straight = Trainer(model(True), make_plan(cfg("a")), quiet).run()
+    assert (scalers[-1].loss_scale, scalers[-1].skipped) == (INIT_SCALE / 2, 1)
+    first = Trainer(model(True), make_plan(cfg("b", save_every_n_steps=3, save_state=True)), quiet).run()
+    assert load_state(state_path(first.saved[0])).scaler == {
+        "kind": "HalfStep", "state": {"loss_scale": INIT_SCALE / 2, "good": 1, "skipped": 1}}
+    resumed = Trainer(model(False), make_plan(cfg("b", overwrite=True), resume_from=state_path(first.saved[0])),
+                      quiet).run()
+    assert (scalers[-1].loss_scale, scalers[-1].skipped) == (INIT_SCALE / 2, 1)
     a, b = load_safetensors(straight.output)[0], load_safetensors(resumed.output)[0]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

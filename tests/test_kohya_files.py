@@ -167,6 +167,16 @@ def test_written_values_mean_the_same_to_kohya():
     coloured = config_data({"dataset": {"color_aug": True}})  # sd-scripts refuses cache_latents with color_aug
     flat = {k: v for table in coloured.values() for k, v in table.items()}
     assert flat["cache_latents"] is False and flat["color_aug"] is True
+    # the same when only a dataset.toml's subset asks for it (kohya checks every subset); others keep caching
+    for key, value, cache in (("color_aug", True, "cache_latents"), ("random_crop", True, "cache_latents"),
+                              ("shuffle_caption", True, "cache_text_encoder_outputs"),
+                              ("caption_dropout_rate", 0.1, "cache_text_encoder_outputs")):
+        subsets = [{"image_dir": "a"}, {"image_dir": "b", key: value}]
+        per_subset = config_data({"dataset": {"datasets": [{"subsets": subsets}]}, "cache_latents": True,
+                                  "cache_text_encoder_outputs": True, "network": {"train_text_encoder": False}})
+        flat = {k: v for table in per_subset.values() for k, v in table.items()}
+        assert flat[cache] is False, key
+        assert flat[({"cache_latents", "cache_text_encoder_outputs"} - {cache}).pop()] is True, key
 
 
 def test_unknown_keys_are_refused_by_name(in_tmp, capsys):

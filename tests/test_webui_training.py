@@ -326,6 +326,47 @@ def test_max_token_length_cuts_and_pads_captions_through_the_webuis_chunks(sd_mo
     assert "process_texts" not in vars(emb)   # the class's own again
 
 
+def test_caption_chunks_limits_only_its_own_thread_and_gives_back_what_was_there(sd_model):
+    """The wrapped process_texts cuts to N / 75 chunks in the training's thread only (the WebUI's img2img token
+    counter calls it without the queue lock); what the instance had before comes back, also on an error."""
+    emb = sd_model.cond_stage_model
+    long = _words(70)
+    n_all = len(emb.process_texts([long])[0][0])
+    assert n_all >= 3
+    other: list[int] = []
+    with trainable.caption_chunks([emb], 150):
+        assert len(emb.process_texts([long])[0][0]) == 2
+        t = threading.Thread(target=lambda: other.append(len(emb.process_texts([long])[0][0])))
+        t.start()
+        t.join()
+    assert other == [n_all] and "process_texts" not in vars(emb)
+    own = emb.process_texts          # an instance attribute someone else put there: wrapped, then given back
+    emb.process_texts = own
+    try:
+        with pytest.raises(ZeroDivisionError), trainable.caption_chunks([emb], 75):
+            assert len(emb.process_texts([long])[0][0]) == 1
+            raise ZeroDivisionError
+        assert vars(emb)["process_texts"] is own
+    finally:
+        vars(emb).pop("process_texts", None)
+
+
+def test_old_emphasis_switched_on_mid_run_stops_the_limited_encoding(sd_model):
+    """The setting can change between steps (a settings change runs in the gap): an encoding with the limit
+    then fails with the reason instead of silently encoding without it; unset, it encodes as the WebUI does."""
+    m = trainable.trainable_model(sd_model, max_token_length=150)
+    shared.opts.add_option("use_old_emphasis_implementation", OptionInfo(False))
+    shared.opts.set("use_old_emphasis_implementation", True)
+    try:
+        with pytest.raises(RuntimeError, match="max_token_length: needs the WebUI's prompt chunking"):
+            m.encode_text(["zkx, red square"])
+        assert "process_texts" not in vars(sd_model.cond_stage_model)
+        with trainable.caption_chunks([sd_model.cond_stage_model], None):
+            pass
+    finally:
+        shared.opts.set("use_old_emphasis_implementation", False)
+
+
 def test_max_token_length_trains_in_the_webui(training_webui, data):
     """No longer refused: a job with max_token_length 150 (asked for directly or by a config.toml) trains
     and records it; the tab's import fills its field."""

@@ -19,6 +19,7 @@ paths around them:
 from __future__ import annotations
 
 import sys
+import threading
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
@@ -204,12 +205,19 @@ def prompt_chunkers(sd_model: Any, family: str) -> list[Any]:
     return [e for e in embedders if hasattr(e, "process_texts") and hasattr(e, "empty_chunk")]
 
 
+_OLD_EMPHASIS = ("needs the WebUI's prompt chunking, which the \"Use old emphasis implementation\" setting "
+                 "(Settings > Compatibility) replaces: turn it off, or leave max_token_length unset")
+
+
+def _old_emphasis() -> bool:
+    return bool(getattr(shared.opts, "use_old_emphasis_implementation", False))
+
+
 def max_token_length_refusal(sd_model: Any, family: str) -> str | None:
     """Why kohya's ``max_token_length`` cannot be applied to the loaded model's captions (the message after
     "max_token_length: "), or None."""
-    if getattr(shared.opts, "use_old_emphasis_implementation", False):
-        return ("needs the WebUI's prompt chunking, which the \"Use old emphasis implementation\" "
-                "setting (Settings > Compatibility) replaces: turn it off, or leave max_token_length unset")
+    if _old_emphasis():
+        return _OLD_EMPHASIS
     if not prompt_chunkers(sd_model, family):
         return "the loaded model's text encoder does not chunk prompts as the WebUI's does"
     return None
@@ -224,25 +232,37 @@ def caption_chunks(embedders: list[Any], max_token_length: int | None) -> Iterat
     prompts get empty chunks.  With a limit of N tokens every caption gets exactly N / 75 chunks:
     the first ones kept, the rest cut, and empty chunks added to a shorter caption, as sd-scripts
     gives every caption N / 75 chunks.  Each embedder's ``process_texts`` is wrapped on the
-    instance and the class's comes back after."""
+    instance for this thread only (the WebUI's img2img token counter calls it without the queue
+    lock), and what the instance had comes back after, also on an error.  The "old emphasis"
+    setting, which can change between steps, bypasses the chunking: refused at each encoding."""
     if max_token_length is None:
         yield
         return
-    for e in embedders:
-        if "process_texts" in vars(e):
-            raise RuntimeError("the WebUI's text embedder already has a process_texts of its own instance")
-        chunk = getattr(e, "chunk_length", 75)
-        e.process_texts = _limited(e, type(e).process_texts, max(1, max_token_length // chunk))
+    if _old_emphasis():
+        raise RuntimeError(f"max_token_length: {_OLD_EMPHASIS}")
+    owner, saved = threading.get_ident(), []
     try:
+        for e in embedders:
+            saved.append((e, vars(e).get("process_texts", _ABSENT)))
+            chunks = max(1, max_token_length // getattr(e, "chunk_length", 75))
+            e.process_texts = _limited(e, e.process_texts, chunks, owner)
         yield
     finally:
-        for e in embedders:
-            vars(e).pop("process_texts", None)
+        for e, before in reversed(saved):
+            if before is _ABSENT:
+                vars(e).pop("process_texts", None)
+            else:
+                vars(e)["process_texts"] = before
 
 
-def _limited(embedder: Any, process_texts: Callable, chunks: int) -> Callable:
+_ABSENT = object()
+
+
+def _limited(embedder: Any, process_texts: Callable, chunks: int, owner: int) -> Callable:
     def limited(texts):
-        batch_chunks, token_count = process_texts(embedder, texts)
+        batch_chunks, token_count = process_texts(texts)
+        if threading.get_ident() != owner:  # not the training's encoding: the WebUI's own answer
+            return batch_chunks, token_count
         fitted = [list(c[:chunks]) + [embedder.empty_chunk() for _ in range(chunks - len(c))] for c in batch_chunks]
         return fitted, min(token_count, chunks * getattr(embedder, "chunk_length", 75))
     return limited

@@ -85,6 +85,9 @@ class TrainConfig:
         lo, hi = self.min_timestep or 0, self.max_timestep
         if hi is not None and lo >= hi:
             raise options.OptionError("min_timestep", f"must be below max_timestep ({lo} >= {hi})")
+        if self.full_fp16 and self.full_bf16:  # sd-scripts silently takes full_fp16
+            raise options.OptionError("full_bf16", "full_fp16 is set too: the LoRA's weights are held in one type, "
+                                                   "choose fp16 or bf16")
         for name, want in (("full_fp16", "fp16"), ("full_bf16", "bf16")):  # sd-scripts' rule too
             if getattr(self, name) and self.mixed_precision != want:
                 raise options.OptionError(name, f"needs mixed_precision {want} (got {self.mixed_precision}): the "

@@ -12,9 +12,9 @@ The update then goes through ``HalfStep``, which stands in for torch's ``GradSca
 ``unscale_`` refuses fp16 gradients): for fp16 a dynamic loss scale (start 2^16, halved on a
 step with an overflow, doubled after 2000 good steps, as GradScaler's defaults); for both a
 guard, so a non-finite weight never reaches the model: a step whose gradients are not all
-finite is skipped, and a step that leaves a weight non-finite anyway is undone, the weights and
-the optimiser state put back as they were before it.  Skipped steps still count as steps (the
-schedule moves on, as with GradScaler), and each one is logged.
+finite is skipped, and a step that leaves a weight or the optimiser's state non-finite anyway
+is undone, the weights and the optimiser state put back as they were before it.  Skipped steps
+still count as steps (the schedule moves on, as with GradScaler), and each one is logged.
 """
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ class HalfStep:
         self._grads_finite = _finite(grads)
 
     def step(self, opt: torch.optim.Optimizer) -> None:
-        """``opt.step()``, unless the gradients are not finite; undone if it leaves a weight non-finite."""
+        """``opt.step()``, unless the gradients are not finite; undone if it leaves a weight or state non-finite."""
         self.unscale_(opt)
         if not self._grads_finite:
             self._skip("a gradient is not finite" + (f" at loss scale {self.loss_scale:g}" if self.dynamic else ""))
@@ -96,9 +96,11 @@ class HalfStep:
         params = flat_params.params(opt)
         before = _snapshot(opt)
         opt.step()
-        if not _finite(params):
+        # the state too: an fp16 moment that overflowed to inf leaves its weight finite (m / inf = 0) but frozen
+        state = [v for p in params for k, v in opt.state.get(p, {}).items() if isinstance(v, Tensor) and k != "step"]
+        if not _finite(params + state):
             _restore(opt, before)
-            self._skip("the update left a weight non-finite; weights and optimiser state put back")
+            self._skip("the update left a weight or the optimiser's state non-finite; both put back")
 
     def update(self) -> None:
         """After ``step``: the fp16 loss scale halved after a skip, doubled after ``GROWTH_INTERVAL`` good steps."""
@@ -112,6 +114,14 @@ class HalfStep:
                 self.loss_scale *= 2
                 self._good = 0
         self._grads_finite, self._skipped_now = None, False
+
+    def state_dict(self) -> dict[str, Any]:
+        """The loss scale and its count of good steps, for the resume state (an exact resume needs them)."""
+        return {"loss_scale": self.loss_scale, "good": self._good, "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loss_scale, self._good = float(state["loss_scale"]), int(state["good"])
+        self.skipped = int(state["skipped"])
 
     def _skip(self, why: str) -> None:
         self.skipped += 1
@@ -141,6 +151,20 @@ def _restore(opt: torch.optim.Optimizer, saved: list[tuple[Tensor, Tensor, dict[
                     opt.state[p][k] = v
         else:
             opt.state.pop(p, None)   # the first step created the state: drop it again
+
+
+def scaler_state(scaler: Any) -> dict[str, Any] | None:
+    """What a resume needs of ``scaler`` (``HalfStep`` or an enabled ``GradScaler``), named by its kind (None: nothing
+    to keep)."""
+    if isinstance(scaler, HalfStep) or scaler.is_enabled():
+        return {"kind": type(scaler).__name__, "state": scaler.state_dict()}
+    return None
+
+
+def load_scaler_state(scaler: Any, saved: dict[str, Any] | None) -> None:
+    """``scaler_state``'s record back into a scaler of the same kind (a state of earlier releases has none)."""
+    if saved and saved.get("kind") == type(scaler).__name__ and (isinstance(scaler, HalfStep) or scaler.is_enabled()):
+        scaler.load_state_dict(saved["state"])
 
 
 def make_scaler(half: torch.dtype | None, use_cuda: bool, mixed_precision: str, log: Callable[[str], None]) -> Any:

@@ -239,7 +239,11 @@ def _as_kohya_reads(data: dict) -> dict:
     """Our "cache where it is allowed" as kohya's "cache" (which kohya refuses where it is not
     allowed): the same training either way."""
     out = {**data, "dataset": dict(data.get("dataset", {})), "network": dict(data.get("network", {}))}
-    ds = lambda k: _value_of(data, f"dataset.{k}")  # noqa: E731
+    datasets = data.get("dataset", {}).get("datasets") or []
+    tables = [*datasets, *(s for d in datasets for s in d.get("subsets") or [])]
+
+    def ds(k: str) -> Any:  # set anywhere: kohya checks every subset (a dataset.toml's too)
+        return _value_of(data, f"dataset.{k}") or any(t.get(k) for t in tables)
     out["cache_latents"] = bool(_value_of(data, "cache_latents")) and not (ds("random_crop") or ds("color_aug"))
     varies = ds("shuffle_caption") or ds("caption_dropout_rate") or ds("caption_tag_dropout_rate") \
         or ds("caption_dropout_every_n_epochs")

@@ -125,7 +125,8 @@ OPTIONS: list[Option] = [
     _o("dataset.color_aug", bool, False, "Random colour change (hue or gamma)", _D, flag="--color-aug",
        flag_action="store_true", kohya="color_aug", ss="ss_color_aug",
        help="sd-scripts' colour augmentation: each time an image is trained, one time in three its hue is turned by "
-            "up to 16 degrees or its gamma changed by up to 5% (latents are then encoded at every step, not cached)"),
+            "up to 16 degrees or its 0-255 values raised to a power in [0.95, 1.05], clipped at 255 (latents are then "
+            "encoded at every step, not cached)"),
     # -- Network
     _o("network.module", str, "networks.lora", group=_N, choices=("networks.lora",), kohya="network_module",
        ss="ss_network_module", help="the network kind: networks.lora (LoRA; LoCon with conv_dim) is the one here"),

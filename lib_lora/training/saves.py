@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -20,6 +20,7 @@ from ..hashes import hashes_from_bytes
 from . import flat_params, outputs
 from .ema import LoraEMA
 from .epochs import Position
+from .half_weights import load_scaler_state, scaler_state
 from .metadata import build_metadata
 from .model import TrainableModel
 from .network import TrainingNetwork
@@ -55,7 +56,8 @@ def save_contents(model: TrainableModel, plan: Plan, net: TrainingNetwork, sessi
 
 def write_save(model: TrainableModel, plan: Plan, net: TrainingNetwork, path: Path, epoch: int, step: int,
                pos: Position, losses: list[float], started: float, opt: torch.optim.Optimizer, sched,
-               session_id: str, state_asked: bool, log: Callable[[str], None], ema: LoraEMA | None = None) -> Path:
+               session_id: str, state_asked: bool, log: Callable[[str], None], ema: LoraEMA | None = None,
+               scaler: Any = None) -> Path:
     """Write a save at ``step`` to ``path``, and its training state beside it when the run saves states
     or ``state_asked`` (a stop that asked for one); returns the LoRA file written."""
     cfg = plan.config
@@ -73,7 +75,8 @@ def write_save(model: TrainableModel, plan: Plan, net: TrainingNetwork, path: Pa
             step=step, position=pos, losses=losses, started=started, session=session_id,
             fingerprint=plan.dataset.fingerprint(), config=config_record(cfg),
             network=net.kohya_state_dict(torch.float32), optimizer=flat_params.state_dict(opt),
-            scheduler=sched.state_dict(), ema=None if ema is None else ema.state_dict(net)),
+            scheduler=sched.state_dict(), ema=None if ema is None else ema.state_dict(net),
+            scaler=None if scaler is None else scaler_state(scaler)),
             overwrite=outputs.may_replace(spath, cfg.overwrite, session_id))
         log(f"saved {spath}")
     log(f"saved {out}")
@@ -92,9 +95,9 @@ def prune_saves(saved: list[Path], keep: int) -> None:
 
 
 def resume_state(path: Path, plan: Plan, net: TrainingNetwork, opt: torch.optim.Optimizer, sched,
-                 ema: LoraEMA | None = None, log: Callable[[str], None] = print) -> TrainingState:
-    """Load the training state at ``path`` into ``net``, ``opt``, ``sched`` and ``ema`` and return it; refused
-    when the dataset changed since it was saved."""
+                 ema: LoraEMA | None = None, log: Callable[[str], None] = print, scaler: Any = None) -> TrainingState:
+    """Load the training state at ``path`` into ``net``, ``opt``, ``sched``, ``ema`` and ``scaler`` and return it;
+    refused when the dataset changed since it was saved."""
     st = load_state(Path(path))
     if st.fingerprint != plan.dataset.fingerprint():
         raise ValueError("the dataset changed since this state was saved; resuming would not continue the same run")
@@ -105,6 +108,8 @@ def resume_state(path: Path, plan: Plan, net: TrainingNetwork, opt: torch.optim.
     for g, k in zip(opt.param_groups, kernels):
         g.update(k)
     sched.load_state_dict(st.scheduler)
+    if scaler is not None:
+        load_scaler_state(scaler, st.scaler)
     if ema is not None:
         if st.ema is not None:
             ema.load_state_dict(net, st.ema)

@@ -37,6 +37,7 @@ class TrainingState:
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]
     ema: dict[str, Tensor] | None = None  # the LoRA's moving average (ema.py), kohya keys, fp32; None: not kept
+    scaler: dict[str, Any] | None = None  # the loss scale's state (half_weights.scaler_state); None: none
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,8 @@ def save_state(path: Path, state: TrainingState, overwrite: bool = True) -> Path
               "scheduler": state.scheduler}
     if state.ema is not None:
         record["ema"] = state.ema
+    if state.scaler is not None:
+        record["scaler"] = state.scaler
     tensors: dict[str, Tensor] = {}
     tree = _split(record, "s", tensors)
     if not tensors:
@@ -132,7 +135,7 @@ def load_state(path: Path) -> TrainingState:
             losses=list(record["losses"]), started=record["started"], session=str(record["session"]),
             fingerprint=record["fingerprint"], config=record["config"], network=record["network"],
             optimizer=record["optimizer"], scheduler=record["scheduler"],
-            ema=record.get("ema"))
+            ema=record.get("ema"), scaler=record.get("scaler"))
     except (KeyError, TypeError, ValueError):
         raise LoraFileError(f"{Path(path).name}: damaged training state") from None
 

@@ -18,7 +18,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -135,6 +135,7 @@ class Trainer:
         self._state_on_stop = False  # the final save of a stopped run also writes its training state
         self.session_id = str(random.SystemRandom().randint(0, 2**32))  # an integer, as kohya's ss_session_id
         self._ema: LoraEMA | None = None  # the LoRA's moving average while a run keeps one (ema_decay)
+        self._scaler: Any = None          # the run's loss scaler (half_weights.make_scaler), kept in resume states
         # Under `accelerate launch`, each process trains its slice of every global batch and the
         # gradients are summed through accelerate; one process alone is the same code with world 1.
         self.dist, self.world, self.rank = plan.dist, plan.world, plan.rank
@@ -230,12 +231,13 @@ class Trainer:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.lr_scheduler, cfg.lr_warmup_steps, total))
         step, pos, losses, started = 0, Position(), [], time.time()
         self._ema = LoraEMA(flat_params.params(opt), cfg.ema_decay) if cfg.ema_decay else None
+        use_cuda = m.device.type == "cuda"
+        scaler = self._scaler = make_scaler(weight_dtype(cfg.full_fp16, cfg.full_bf16), use_cuda, cfg.mixed_precision,
+                                            self.cb.log)
         if resume_from is not None:
             step, pos, losses, started = self._resume(resume_from, net, opt, sched)
-        use_cuda = m.device.type == "cuda"
         amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)
         autocast = torch.autocast("cuda", dtype=amp_dtype) if (use_cuda and amp_dtype) else nullcontext()
-        scaler = make_scaler(weight_dtype(cfg.full_fp16, cfg.full_bf16), use_cuda, cfg.mixed_precision, self.cb.log)
         text_trains = cfg.network.train_text_encoder
         batches = ds.iterate(self.global_batch, cfg.seed, pos)
         per_epoch = max(1, ds.steps_per_epoch(self.global_batch))
@@ -344,7 +346,7 @@ class Trainer:
         if self.is_main:
             asked = self._stop is not None and self._state_on_stop and path == self.output_path()
             out = write_save(self.model, self.plan, net, path, epoch, step, pos, losses, started, opt, sched,
-                             self.session_id, asked, self.cb.log, self._ema)
+                             self.session_id, asked, self.cb.log, self._ema, self._scaler)
             if self.cb.on_saved:
                 self.cb.on_saved(out)
         if self.dist:
@@ -357,7 +359,7 @@ class Trainer:
         return (step - 1) // outputs.updates_per_epoch(per_epoch, self.cfg.gradient_accumulation_steps)
 
     def _resume(self, path, net, opt, sched):
-        st = resume_state(path, self.plan, net, opt, sched, self._ema, self.cb.log)
+        st = resume_state(path, self.plan, net, opt, sched, self._ema, self.cb.log, self._scaler)
         self.session_id = st.session
         self.cb.log(f"resumed at step {st.step} from {path}")
         return st.step, st.position, list(st.losses), st.started
