@@ -279,28 +279,34 @@ def test_training_at_clip_skip_2_gives_the_users_setting_back(server):
     assert (meta["ss_clip_skip"], meta["modelspec.encoder_layer"]) == ("2", "2")
 
 def test_training_with_max_token_length_through_the_webuis_chunking(server):
-    """kohya's max_token_length=150 in the real WebUI: a caption of over two chunks is cut to two and a short one
-    padded to two by the WebUI's own embedder (its process_texts and empty_chunk), and the file records it."""
+    """kohya's max_token_length=150 in the real WebUI: captions that agree in their first two chunks and differ
+    after them train bit-identical files (the WebUI's own embedder cut them at two chunks), while without the
+    limit the same two captions train different files; the file records the limit."""
+    import torch
     from PIL import Image
 
-    from lib_lora.fileio import read_header
+    from lib_lora.fileio import load_file, read_header
 
-    data = server.log.parent / "datasets" / "e2e_mtl" / "1_mtltrig"
-    data.mkdir(parents=True)
-    captions = ["mtltrig, " + ", ".join(f"tag{i}" for i in range(60)), "mtltrig, red square"]  # ~180 and 5 tokens
-    for i, caption in enumerate(captions):
-        Image.new("RGB", (64, 64), (200, 30, 30 * i)).save(data / f"{i}.png")
-        (data / f"{i}.txt").write_text(caption, encoding="utf-8")
-    body = {"output_name": "e2e_mtl", "dataset": {"train_dir": str(data.parent), "resolution": 64,
-                                                  "enable_buckets": False},
-            "network": {"rank": 4, "alpha": 4}, "max_train_epochs": None, "max_train_steps": 2, "batch_size": 2,
-            "max_token_length": 150, "save_precision": "fp32"}
-    status, job = server.request("POST", "/lora-workshop/v1/train", body)
-    assert status == 200, job
-    st = _wait_job(server, job["id"])
-    assert st["state"] == "finished", f"{st.get('error')}\n{server.log_tail()}"
-    meta = read_header(server.lora.parent / "e2e_mtl.safetensors").metadata
-    assert meta["ss_max_token_length"] == "150"
+    prefix = "mtltrig, " + ", ".join(f"tag{i}" for i in range(60))  # ~180 tokens: over two 75-token chunks
+    files = {}
+    for name, tail, limit in (("e2e_mtl_a", "red", 150), ("e2e_mtl_b", "blue", 150), ("e2e_mtl_c", "blue", None)):
+        data = server.log.parent / "datasets" / name / "1_mtltrig"
+        data.mkdir(parents=True)
+        Image.new("RGB", (64, 64), (200, 30, 30)).save(data / "0.png")
+        (data / "0.txt").write_text(f"{prefix}, {tail} square, {tail} background", encoding="utf-8")
+        body = {"output_name": name, "dataset": {"train_dir": str(data.parent), "resolution": 64,
+                                                 "enable_buckets": False},
+                "network": {"rank": 4, "alpha": 4}, "max_train_epochs": None, "max_train_steps": 2, "seed": 7,
+                "max_token_length": limit, "save_precision": "fp32", "learning_rate": 1e-2}
+        status, job = server.request("POST", "/lora-workshop/v1/train", body)
+        assert status == 200, job
+        st = _wait_job(server, job["id"])
+        assert st["state"] == "finished", f"{st.get('error')}\n{server.log_tail()}"
+        files[name] = load_file(server.lora.parent / f"{name}.safetensors")[0]
+    a, b, c = files["e2e_mtl_a"], files["e2e_mtl_b"], files["e2e_mtl_c"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(b[k], c[k]) for k in b)  # the tail does reach training when nothing cuts it
+    assert read_header(server.lora.parent / "e2e_mtl_a.safetensors").metadata["ss_max_token_length"] == "150"
 
 
 def _job_status(server: Server, job_id: str) -> dict:
