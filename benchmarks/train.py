@@ -186,11 +186,18 @@ def _per_tensor_adamw() -> None:
     optim.FLAT_GROUPS = ()
 
 
+def _grads_returned() -> None:
+    from lib_lora.training import lora_layers
+    lora_layers.GRADS_IN_PLACE = False
+
+
 # what each ``ours-no-LEVER`` variant turns off in its process: (what that leaves, how)
 LEVERS = {
     "one-forward": ("a forward hook per LoRA'd layer, the LoRA's own modules beside it", _hooks),
     "fused-adamw": ("torch's default AdamW kernels (one tensor at a time on CPU, foreach on CUDA)", _unfused_adamw),
     "flat-params": ("AdamW, zero_grad and the clip over each LoRA tensor, not one flat buffer", _per_tensor_adamw),
+    "grads-in-place": ("the LoRA's gradients returned to autograd, which adds them into the flat buffer",
+                       _grads_returned),
 }
 
 

@@ -138,20 +138,29 @@ def test_a_layer_with_an_instance_forward_of_its_own_keeps_it():
 
 
 @pytest.mark.parametrize("layer,shape", [(nn.Linear(24, 40), (2, 7, 24)), (nn.Conv2d(24, 40, 1), (1, 24, 5, 6))])
-def test_gradients_into_a_flat_buffer_are_autograds(layer, shape):
+@pytest.mark.parametrize("in_place", [True, False])
+@pytest.mark.parametrize("amp", [None, torch.bfloat16])
+def test_gradients_into_a_flat_buffer_are_autograds(layer, shape, in_place, amp, monkeypatch):
     """With the LoRA's gradients views of one flat buffer (the trainer's AdamW), two backwards
-    accumulate there what autograd gives."""
-    from lib_lora.training import flat_params
+    accumulate there what autograd gives for the plain formula, whether the backward adds them
+    into the buffer itself (no autograd node of theirs) or returns them; under autocast the half
+    products are added into the fp32 buffer."""
+    from lib_lora.training import flat_params, lora_layers
 
+    monkeypatch.setattr(lora_layers, "GRADS_IN_PLACE", in_place)
     lora = _layer_and_lora(layer)
     x = torch.randn(shape, requires_grad=True)
-    _, ref = _outputs_and_grads(lambda t: _reference(layer, lora, t), x, lora)
+    _, ref = _outputs_and_grads(lambda t: _reference(layer, lora, t), x, lora, amp=amp)
     flat = flat_params.flatten([lora.down.weight, lora.up.weight])
     fwd = types.MethodType(lora_forward(layer, lora), layer)
     for _ in range(2):
-        y = fwd(x)
-        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(3)))
-    torch.testing.assert_close(lora.down.weight.grad, 2 * ref[0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(lora.up.weight.grad, 2 * ref[1], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(x.grad, 2 * ref[2], rtol=1e-5, atol=1e-5)
+        with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
+            y = fwd(x)
+        # the LoRA's tensors are inputs of the layer's node only when autograd accumulates their gradients
+        assert (y.grad_fn.next_functions[1][0].variable is lora.down.weight) != in_place
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(y.dtype))
+    for got, want in zip((lora.down.weight.grad, lora.up.weight.grad, x.grad), ref):
+        tol = 1e-5 if amp is None else 0.05
+        torch.testing.assert_close(got, 2 * want, rtol=tol, atol=tol * max(1.0, want.abs().max().item()))
     assert flat.grad.abs().sum() > 0 and lora.down.weight.grad.data_ptr() == flat.grad.data_ptr()
+    assert lora.down.weight.grad.dtype == torch.float32 and lora_layers._ANCHOR.grad is None

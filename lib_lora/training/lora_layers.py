@@ -10,7 +10,9 @@ and deleting it restores the layer exactly) that computes
     y = x W^T + b + s (x D^T) U^T        (s = multiplier * alpha / rank)
 
 in one ``autograd.Function`` whose backward writes the input's gradient once and the LoRA's
-gradients directly.  It keeps what the separate modules kept (the input, read by D's
+gradients directly: where they are views of the trainer's flat buffer (flat_params.py), the
+backward adds them there itself (one GEMM each, beta 1), so the LoRA's tensors are no inputs of
+the node and autograd runs no accumulation node for them.  It keeps what the separate modules kept (the input, read by D's
 gradient, and the rank-wide ``x D^T``), and never the input a second time for the frozen
 weight.  A 1x1 convolution of one image (SD1.5's ``proj_in``/``proj_out``) is the same
 product over the channels.
@@ -30,6 +32,7 @@ from torch.nn import functional as F
 
 from ..adapters.lora import LoRAModule
 from .. import autocast
+from . import flat_params
 from .frozen_layers import runs_torch_forward
 
 
@@ -53,45 +56,82 @@ def _mm_scaled(a: Tensor, b: Tensor, s: float) -> Tensor:
     return torch.mm(a, b) if s == 1 else torch.addmm(a.new_empty(()), a, b, beta=0, alpha=s)
 
 
+# The one input that needs a gradient for a layer whose backward adds the LoRA's gradients into
+# their ``.grad`` itself (``GRADS_IN_PLACE``); its own gradient is always None.
+_ANCHOR = torch.zeros((), requires_grad=True)
+
+# whether the LoRA's gradients go straight into a flat buffer's views (flat_params.py) from the
+# backward; the benchmark turns this off to measure what it saves
+GRADS_IN_PLACE = True
+
+
+def _grad_into(p: Tensor, a: Tensor, b: Tensor, s: float) -> None:
+    """``p.grad += s * (a @ b)``, as autograd accumulates a returned gradient: one GEMM into the gradient
+    where the product's dtype is the gradient's, else the product added with a cast (half product, fp32 LoRA)."""
+    if p.grad is None:
+        p.grad = _mm_scaled(a, b, s).view(p.shape).to(p.dtype)
+    elif p.grad.dtype == a.dtype:
+        p.grad.view(a.shape[0], b.shape[1]).addmm_(a, b, alpha=s)
+    else:
+        p.grad.view(a.shape[0], b.shape[1]).add_(_mm_scaled(a, b, s))
+
+
+def _edges(down: Tensor, up: Tensor) -> tuple[Tensor | None, Tensor | None, tuple | None]:
+    """The node's inputs standing for the LoRA's tensors, and the Parameters whose ``.grad`` the backward
+    adds to itself (None: it returns their gradients to autograd)."""
+    if not down.requires_grad:
+        return None, None, None
+    if GRADS_IN_PLACE and flat_params.grads_are_views(down) and flat_params.grads_are_views(up):
+        return _ANCHOR, None, (down, up)
+    return down, up, None
+
+
 class _LoraLinear(torch.autograd.Function):
-    """``x W^T + b + s (x D^T) U^T`` over the last dimension; ``dt``: cast everything to it first (or None)."""
+    """``x W^T + b + s (x D^T) U^T`` over the last dimension.
+
+    ``gd``/``gu``: D and U, whose gradients the backward returns, or ``_ANCHOR`` and None when it adds
+    them into the Parameters ``into`` itself; ``k``: W, b, D, U, s and the dtype to cast all to first (or None).
+    """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, down: Tensor, up: Tensor, scale: float,
-                dt: torch.dtype | None):
+    def forward(ctx, x: Tensor, gd: Tensor | None, gu: Tensor | None, k: tuple, into: tuple | None):
+        weight, bias, down, up, scale, dt = k
         x2 = x.reshape(-1, x.shape[-1])
         if dt is not None:
             x2, weight, bias, down, up = _to(x2, dt), _to(weight, dt), _to(bias, dt), _to(down, dt), _to(up, dt)
         out = F.linear(x2, weight, bias)
         h = torch.mm(x2, down.t())
         out.addmm_(h, up.t(), alpha=scale)
-        ctx.save_for_backward(x2 if ctx.needs_input_grad[3] else None, h, weight, down, up)
-        ctx.scale, ctx.x_shape = scale, x.shape
+        if ctx.needs_input_grad[1]:
+            ctx.save_for_backward(x2, h)
+        ctx.k, ctx.into, ctx.x_shape = (weight, down, up, scale), into, x.shape
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x2, h, w, d, u = ctx.saved_tensors
-        s = ctx.scale
+        w, d, u, s = ctx.k
         g = grad.reshape(-1, grad.shape[-1])
         gh = torch.mm(g, u)                                   # the rank-wide gradient, before the scale
         gx = gd = gu = None
         if ctx.needs_input_grad[0]:
             gx = torch.mm(g, w).addmm_(gh, d, alpha=s).view(ctx.x_shape)
-        if ctx.needs_input_grad[3]:
-            gd = _mm_scaled(gh.t(), x2, s)
-        if ctx.needs_input_grad[4]:
-            gu = _mm_scaled(g.t(), h, s)
-        # autograd casts each gradient to its input's dtype (a half product's to the fp32 LoRA)
-        return gx, None, None, gd, gu, None, None
+        if ctx.needs_input_grad[1]:
+            x2, h = ctx.saved_tensors
+            if ctx.into is None:
+                # autograd casts each gradient to its input's dtype (a half product's to the fp32 LoRA)
+                gd, gu = _mm_scaled(gh.t(), x2, s), _mm_scaled(g.t(), h, s)
+            else:
+                _grad_into(ctx.into[0], gh.t(), x2, s)
+                _grad_into(ctx.into[1], g.t(), h, s)
+        return gx, gd, gu, None, None
 
 
 class _LoraPointwise(torch.autograd.Function):
     """The same for a 1x1 convolution of one image (C, H, W): ``W x + b + s U (D x)`` over the channels."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, down: Tensor, up: Tensor, scale: float,
-                dt: torch.dtype | None):
+    def forward(ctx, x: Tensor, gd: Tensor | None, gu: Tensor | None, k: tuple, into: tuple | None):
+        weight, bias, down, up, scale, dt = k
         x2 = x.reshape(x.shape[1], -1)                      # (C, H*W)
         weight, down, up = weight.flatten(1), down.flatten(1), up.flatten(1)
         if dt is not None:
@@ -99,26 +139,28 @@ class _LoraPointwise(torch.autograd.Function):
         out = torch.mm(weight, x2) if bias is None else torch.addmm(bias[:, None], weight, x2)
         h = torch.mm(down, x2)
         out.addmm_(up, h, alpha=scale)
-        ctx.save_for_backward(x2 if ctx.needs_input_grad[3] else None, h, weight, down, up)
-        ctx.scale, ctx.x_shape = scale, x.shape
+        if ctx.needs_input_grad[1]:
+            ctx.save_for_backward(x2, h)
+        ctx.k, ctx.into, ctx.x_shape = (weight, down, up, scale), into, x.shape
         return out.view(1, out.shape[0], *x.shape[2:])
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x2, h, w, d, u = ctx.saved_tensors
-        s = ctx.scale
+        w, d, u, s = ctx.k
         g = grad.reshape(grad.shape[1], -1)
         gh = torch.mm(u.t(), g)
         gx = gd = gu = None
         if ctx.needs_input_grad[0]:
             gx = torch.mm(w.t(), g).addmm_(d.t(), gh, alpha=s).view(ctx.x_shape)
-        if ctx.needs_input_grad[3]:
-            gd = _mm_scaled(gh, x2.t(), s)
-            gd = gd.view(*gd.shape, 1, 1)
-        if ctx.needs_input_grad[4]:
-            gu = _mm_scaled(g, h.t(), s)
-            gu = gu.view(*gu.shape, 1, 1)
-        return gx, None, None, gd, gu, None, None
+        if ctx.needs_input_grad[1]:
+            x2, h = ctx.saved_tensors
+            if ctx.into is None:
+                gd, gu = _mm_scaled(gh, x2.t(), s), _mm_scaled(g, h.t(), s)
+                gd, gu = gd.view(*gd.shape, 1, 1), gu.view(*gu.shape, 1, 1)
+            else:
+                _grad_into(ctx.into[0], gh, x2.t(), s)
+                _grad_into(ctx.into[1], g, h.t(), s)
+        return gx, gd, gu, None, None
 
 
 def _fused(layer: nn.Module, lora: LoRAModule) -> Callable[[nn.Module, Tensor], Tensor]:
@@ -138,7 +180,8 @@ def _fused(layer: nn.Module, lora: LoRAModule) -> Callable[[nn.Module, Tensor], 
         dt = amp()
         if dt is None and not (x.dtype == w.dtype == down.dtype):
             dt = w.dtype    # outside autocast: the layer's own dtype, as the modules computed
-        return apply(x, w, b, down, up, lora.multiplier * scale, dt)
+        gd, gu, into = _edges(down, up)
+        return apply(x, gd, gu, (w, b, down, up, lora.multiplier * scale, dt), into)
     return forward
 
 
