@@ -191,6 +191,11 @@ def _grads_returned() -> None:
     lora_layers.GRADS_IN_PLACE = False
 
 
+def _pointwise_beside() -> None:
+    from lib_lora.training import lora_layers
+    lora_layers.BATCHED_POINTWISE = False
+
+
 # what each ``ours-no-LEVER`` variant turns off in its process: (what that leaves, how)
 LEVERS = {
     "one-forward": ("a forward hook per LoRA'd layer, the LoRA's own modules beside it", _hooks),
@@ -198,6 +203,8 @@ LEVERS = {
     "flat-params": ("AdamW, zero_grad and the clip over each LoRA tensor, not one flat buffer", _per_tensor_adamw),
     "grads-in-place": ("the LoRA's gradients returned to autograd, which adds them into the flat buffer",
                        _grads_returned),
+    "batched-pointwise": ("a batch through a 1x1 conv (SD1.5's proj_in/out) by the conv, the LoRA's modules beside it",
+                          _pointwise_beside),
 }
 
 

@@ -47,7 +47,7 @@ def _outputs_and_grads(fn, x: Tensor, lora: LoRAModule, amp: torch.dtype | None 
     (nn.Linear(24, 40), (2, 7, 24)),               # tokens: the transformer's projections
     (nn.Linear(24, 40, bias=False), (7, 24)),
     (nn.Conv2d(24, 40, 1), (1, 24, 5, 6)),         # SD1.5's proj_in / proj_out, one image: matrix products
-    (nn.Conv2d(24, 40, 1), (3, 24, 5, 6)),         # a batch: the layer's own conv, the LoRA beside it
+    (nn.Conv2d(24, 40, 1), (3, 24, 5, 6)),         # a batch: batched products, the LoRA's gradients summed
     (nn.Conv2d(24, 40, 3, stride=2, padding=1), (2, 24, 9, 9)),   # LoCon on a resnet conv
 ])
 @pytest.mark.parametrize("x_grad", [True, False])
@@ -64,7 +64,8 @@ def test_one_forward_equals_autograd(layer, shape, x_grad):
     assert "forward" not in vars(layer)    # nothing was bound to the layer itself
 
 
-@pytest.mark.parametrize("layer,shape", [(nn.Linear(24, 40), (2, 7, 24)), (nn.Conv2d(24, 40, 1), (1, 24, 5, 6))])
+@pytest.mark.parametrize("layer,shape", [(nn.Linear(24, 40), (2, 7, 24)), (nn.Conv2d(24, 40, 1), (1, 24, 5, 6)),
+                                         (nn.Conv2d(24, 40, 1), (3, 24, 5, 6))])
 @pytest.mark.parametrize("torch_2_1", [False, True])   # the autocast queries of the WebUI's torch
 def test_under_autocast_the_product_is_half_and_the_lora_gradients_fp32(layer, shape, torch_2_1, monkeypatch):
     if torch_2_1:
@@ -137,7 +138,8 @@ def test_a_layer_with_an_instance_forward_of_its_own_keeps_it():
     assert "forward" not in vars(tiny.unet.input_blocks[1][1].proj_out)
 
 
-@pytest.mark.parametrize("layer,shape", [(nn.Linear(24, 40), (2, 7, 24)), (nn.Conv2d(24, 40, 1), (1, 24, 5, 6))])
+@pytest.mark.parametrize("layer,shape", [(nn.Linear(24, 40), (2, 7, 24)), (nn.Conv2d(24, 40, 1), (1, 24, 5, 6)),
+                                         (nn.Conv2d(24, 40, 1), (3, 24, 5, 6))])
 @pytest.mark.parametrize("in_place", [True, False])
 @pytest.mark.parametrize("amp", [None, torch.bfloat16])
 def test_gradients_into_a_flat_buffer_are_autograds(layer, shape, in_place, amp, monkeypatch):
@@ -156,6 +158,7 @@ def test_gradients_into_a_flat_buffer_are_autograds(layer, shape, in_place, amp,
     for _ in range(2):
         with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
             y = fwd(x)
+        assert type(y.grad_fn).__name__ in ("_LoraLinearBackward", "_LoraPointwiseBackward")
         # the LoRA's tensors are inputs of the layer's node only when autograd accumulates their gradients
         assert (y.grad_fn.next_functions[1][0].variable is lora.down.weight) != in_place
         y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(y.dtype))

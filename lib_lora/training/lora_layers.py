@@ -11,16 +11,16 @@ and deleting it restores the layer exactly) that computes
 
 in one ``autograd.Function`` whose backward writes the input's gradient once and the LoRA's
 gradients directly: where they are views of the trainer's flat buffer (flat_params.py), the
-backward adds them there itself (one GEMM each, beta 1), so the LoRA's tensors are no inputs of
-the node and autograd runs no accumulation node for them.  It keeps what the separate modules kept (the input, read by D's
-gradient, and the rank-wide ``x D^T``), and never the input a second time for the frozen
-weight.  A 1x1 convolution of one image (SD1.5's ``proj_in``/``proj_out``) is the same
-product over the channels.
+backward adds them there itself (one GEMM each), so the LoRA's tensors are no inputs of the node
+and autograd runs no accumulation node for them.  It keeps what the separate modules kept (the
+input, read by D's gradient, and the rank-wide ``x D^T``), and never the input a second time for
+the frozen weight.  A 1x1 convolution (SD1.5's ``proj_in``/``proj_out``) is the same product over
+the channels, batched over the images.
 
-Other convolutions (LoCon's 3x3), a batch through a 1x1 convolution, a LoRA with dropout
-while training, and a layer whose class does more than torch's math (a subclass, or the
-WebUI's built-in Lora patching ``Linear``/``Conv2d.forward`` at class level) run the layer's
-own forward with the LoRA added after it, as a hook would, minus the hook.
+Other convolutions (LoCon's 3x3), a LoRA with dropout while training, and a layer whose class
+does more than torch's math (a subclass, or the WebUI's built-in Lora patching
+``Linear``/``Conv2d.forward`` at class level) run the layer's own forward with the LoRA added
+after it, as a hook would, minus the hook.
 """
 from __future__ import annotations
 
@@ -63,6 +63,9 @@ _ANCHOR = torch.zeros((), requires_grad=True)
 # whether the LoRA's gradients go straight into a flat buffer's views (flat_params.py) from the
 # backward; the benchmark turns this off to measure what it saves
 GRADS_IN_PLACE = True
+# whether a batch through a 1x1 convolution takes batched products here (else the layer's own conv and
+# the LoRA's modules beside it); the benchmark turns this off to measure it
+BATCHED_POINTWISE = True
 
 
 def _grad_into(p: Tensor, a: Tensor, b: Tensor, s: float) -> None:
@@ -74,6 +77,14 @@ def _grad_into(p: Tensor, a: Tensor, b: Tensor, s: float) -> None:
         p.grad.view(a.shape[0], b.shape[1]).addmm_(a, b, alpha=s)
     else:
         p.grad.view(a.shape[0], b.shape[1]).add_(_mm_scaled(a, b, s))
+
+
+def _grad_add(p: Tensor, t: Tensor, s: float) -> None:
+    """``p.grad += s * t`` (``t`` a finished product, cast where its dtype is not the gradient's)."""
+    if p.grad is None:
+        p.grad = (t * s).view(p.shape).to(p.dtype)
+    else:
+        p.grad.view(t.shape).add_(t, alpha=s)
 
 
 def _edges(down: Tensor, up: Tensor) -> tuple[Tensor | None, Tensor | None, tuple | None]:
@@ -126,40 +137,70 @@ class _LoraLinear(torch.autograd.Function):
         return gx, gd, gu, None, None
 
 
+def _bmm(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b[i]`` for each image i of a batch: one batched GEMM with ``a`` broadcast (no copy)."""
+    return torch.bmm(a.expand(b.shape[0], *a.shape), b)
+
+
 class _LoraPointwise(torch.autograd.Function):
-    """The same for a 1x1 convolution of one image (C, H, W): ``W x + b + s U (D x)`` over the channels."""
+    """The same for a 1x1 convolution (B, C, H, W): ``W x + b + s U (D x)`` over the channels of each image.
+
+    One image is one matrix product per term; a batch one batched product, the weights broadcast,
+    with the LoRA's weight gradients summed over its images.
+    """
 
     @staticmethod
     def forward(ctx, x: Tensor, gd: Tensor | None, gu: Tensor | None, k: tuple, into: tuple | None):
         weight, bias, down, up, scale, dt = k
-        x2 = x.reshape(x.shape[1], -1)                      # (C, H*W)
+        x3 = x.reshape(x.shape[0], x.shape[1], -1)          # (B, C, H*W)
         weight, down, up = weight.flatten(1), down.flatten(1), up.flatten(1)
         if dt is not None:
-            x2, weight, bias, down, up = _to(x2, dt), _to(weight, dt), _to(bias, dt), _to(down, dt), _to(up, dt)
-        out = torch.mm(weight, x2) if bias is None else torch.addmm(bias[:, None], weight, x2)
-        h = torch.mm(down, x2)
-        out.addmm_(up, h, alpha=scale)
+            x3, weight, bias, down, up = _to(x3, dt), _to(weight, dt), _to(bias, dt), _to(down, dt), _to(up, dt)
+        if x3.shape[0] == 1:
+            x2 = x3[0]
+            out = torch.mm(weight, x2) if bias is None else torch.addmm(bias[:, None], weight, x2)
+            h = torch.mm(down, x2)
+            out.addmm_(up, h, alpha=scale)
+            h = h[None]
+        else:
+            out = _bmm(weight, x3)
+            if bias is not None:
+                out.add_(bias[:, None])
+            h = _bmm(down, x3)
+            out.baddbmm_(up.expand(x3.shape[0], *up.shape), h, alpha=scale)
         if ctx.needs_input_grad[1]:
-            ctx.save_for_backward(x2, h)
+            ctx.save_for_backward(x3, h)
         ctx.k, ctx.into, ctx.x_shape = (weight, down, up, scale), into, x.shape
-        return out.view(1, out.shape[0], *x.shape[2:])
+        return out.view(x.shape[0], out.shape[-2], *x.shape[2:])
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         w, d, u, s = ctx.k
-        g = grad.reshape(grad.shape[1], -1)
-        gh = torch.mm(u.t(), g)
+        g = grad.reshape(grad.shape[0], grad.shape[1], -1)
         gx = gd = gu = None
-        if ctx.needs_input_grad[0]:
-            gx = torch.mm(w.t(), g).addmm_(d.t(), gh, alpha=s).view(ctx.x_shape)
+        if g.shape[0] == 1:
+            gh = torch.mm(u.t(), g[0])[None]
+            if ctx.needs_input_grad[0]:
+                gx = torch.mm(w.t(), g[0]).addmm_(d.t(), gh[0], alpha=s).view(ctx.x_shape)
+        else:
+            gh = _bmm(u.t(), g)
+            if ctx.needs_input_grad[0]:
+                gx = _bmm(w.t(), g).baddbmm_(d.t().expand(g.shape[0], *d.t().shape), gh, alpha=s).view(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            x2, h = ctx.saved_tensors
+            x3, h = ctx.saved_tensors
+            if g.shape[0] == 1:
+                pairs = ((gh[0], x3[0].t()), (g[0], h[0].t()))
+            else:   # summed over the images: (B, r, C) and (B, O, r) products, far smaller than the activations
+                pairs = ((torch.bmm(gh, x3.transpose(1, 2)).sum(0), None), (torch.bmm(g, h.transpose(1, 2)).sum(0), None))
             if ctx.into is None:
-                gd, gu = _mm_scaled(gh, x2.t(), s), _mm_scaled(g, h.t(), s)
+                gd, gu = (_mm_scaled(a, b, s) if b is not None else a * s for a, b in pairs)
                 gd, gu = gd.view(*gd.shape, 1, 1), gu.view(*gu.shape, 1, 1)
             else:
-                _grad_into(ctx.into[0], gh, x2.t(), s)
-                _grad_into(ctx.into[1], g, h.t(), s)
+                for p, (a, b) in zip(ctx.into, pairs):
+                    if b is not None:
+                        _grad_into(p, a, b, s)
+                    else:
+                        _grad_add(p, a, s)
         return gx, gd, gu, None, None
 
 
@@ -172,15 +213,23 @@ def _fused(layer: nn.Module, lora: LoRAModule) -> Callable[[nn.Module, Tensor], 
     down, up = lora.down.weight, lora.up.weight     # the Parameters themselves, updated in place
     scale, dropout = lora.scale, lora.dropout > 0
 
+    edges: list = []    # _edges once the gradients go in place, which they then do for good
+
     def forward(self: nn.Module, x: Tensor) -> Tensor:
-        w, b = self.weight, self.bias
+        params = self._parameters           # what ``self.weight`` finds, without Module.__getattr__
+        w, b = params["weight"], params["bias"]
         if (dropout and lora.training) or w.requires_grad or (b is not None and b.requires_grad) \
-                or (pointwise and x.shape[0] != 1):
+                or (pointwise and not BATCHED_POINTWISE and x.shape[0] != 1):
             return lora.add_to(type(self).forward(self, x), x)
         dt = amp()
         if dt is None and not (x.dtype == w.dtype == down.dtype):
             dt = w.dtype    # outside autocast: the layer's own dtype, as the modules computed
-        gd, gu, into = _edges(down, up)
+        if edges and GRADS_IN_PLACE and down.requires_grad:
+            gd, gu, into = edges[0]
+        else:
+            gd, gu, into = e = _edges(down, up)
+            if into is not None:
+                edges.append(e)
         return apply(x, gd, gu, (w, b, down, up, lora.multiplier * scale, dt), into)
     return forward
 
