@@ -191,7 +191,8 @@ class _LoraPointwise(torch.autograd.Function):
             if g.shape[0] == 1:
                 pairs = ((gh[0], x3[0].t()), (g[0], h[0].t()))
             else:   # summed over the images: (B, r, C) and (B, O, r) products, far smaller than the activations
-                pairs = ((torch.bmm(gh, x3.transpose(1, 2)).sum(0), None), (torch.bmm(g, h.transpose(1, 2)).sum(0), None))
+                pairs = ((torch.bmm(gh, x3.transpose(1, 2)).sum(0), None),
+                         (torch.bmm(g, h.transpose(1, 2)).sum(0), None))
             if ctx.into is None:
                 gd, gu = (_mm_scaled(a, b, s) if b is not None else a * s for a, b in pairs)
                 gd, gu = gd.view(*gd.shape, 1, 1), gu.view(*gu.shape, 1, 1)
