@@ -167,3 +167,6 @@ def test_gradients_into_a_flat_buffer_are_autograds(layer, shape, in_place, amp,
         torch.testing.assert_close(got, 2 * want, rtol=tol, atol=tol * max(1.0, want.abs().max().item()))
     assert flat.grad.abs().sum() > 0 and lora.down.weight.grad.data_ptr() == flat.grad.data_ptr()
     assert lora.down.weight.grad.dtype == torch.float32 and lora_layers._ANCHOR.grad is None
+    with torch.no_grad():   # an optimiser's update in place: the layer computes with it at once
+        flat.mul_(-0.5).add_(0.01)
+    torch.testing.assert_close(fwd(x), _reference(layer, lora, x), rtol=1e-5, atol=1e-5)

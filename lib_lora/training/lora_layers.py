@@ -71,12 +71,16 @@ BATCHED_POINTWISE = True
 def _grad_into(p: Tensor, a: Tensor, b: Tensor, s: float) -> None:
     """``p.grad += s * (a @ b)``, as autograd accumulates a returned gradient: one GEMM into the gradient
     where the product's dtype is the gradient's, else the product added with a cast (half product, fp32 LoRA)."""
-    if p.grad is None:
+    g = p.grad
+    if g is None:
         p.grad = _mm_scaled(a, b, s).view(p.shape).to(p.dtype)
-    elif p.grad.dtype == a.dtype:
-        p.grad.view(a.shape[0], b.shape[1]).addmm_(a, b, alpha=s)
+        return
+    if g.dim() != 2:                        # a 1x1 conv's (r, C, 1, 1)
+        g = g.view(a.shape[0], b.shape[1])
+    if g.dtype == a.dtype:
+        g.addmm_(a, b, alpha=s)
     else:
-        p.grad.view(a.shape[0], b.shape[1]).add_(_mm_scaled(a, b, s))
+        g.add_(_mm_scaled(a, b, s))
 
 
 def _grad_add(p: Tensor, t: Tensor, s: float) -> None:
@@ -89,11 +93,12 @@ def _grad_add(p: Tensor, t: Tensor, s: float) -> None:
 
 def _edges(down: Tensor, up: Tensor) -> tuple[Tensor | None, Tensor | None, tuple | None]:
     """The node's inputs standing for the LoRA's tensors, and the Parameters whose ``.grad`` the backward
-    adds to itself (None: it returns their gradients to autograd)."""
+    adds to itself with their transposes, ``(D, U, D^T, U^T)`` (None: it returns their gradients to autograd)."""
     if not down.requires_grad:
         return None, None, None
     if GRADS_IN_PLACE and flat_params.grads_are_views(down) and flat_params.grads_are_views(up):
-        return _ANCHOR, None, (down, up)
+        with torch.no_grad():   # their transposes too, bound once: views of the flat buffer, as they are
+            return _ANCHOR, None, (down, up, down.flatten(1).t(), up.flatten(1).t())
     return down, up, None
 
 
@@ -110,9 +115,14 @@ class _LoraLinear(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         if dt is not None:
             x2, weight, bias, down, up = _to(x2, dt), _to(weight, dt), _to(bias, dt), _to(down, dt), _to(up, dt)
+            dT, uT = down.t(), up.t()
+        elif into is not None:
+            dT, uT = into[2], into[3]       # bound once (views: they follow every update in place)
+        else:
+            dT, uT = down.t(), up.t()
         out = F.linear(x2, weight, bias)
-        h = torch.mm(x2, down.t())
-        out.addmm_(h, up.t(), alpha=scale)
+        h = torch.mm(x2, dT)
+        out.addmm_(h, uT, alpha=scale)
         if ctx.needs_input_grad[1]:
             ctx.save_for_backward(x2, h)
         ctx.k, ctx.into, ctx.x_shape = (weight, down, up, scale), into, x.shape
