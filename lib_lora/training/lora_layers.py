@@ -155,59 +155,60 @@ def _bmm(a: Tensor, b: Tensor) -> Tensor:
 class _LoraPointwise(torch.autograd.Function):
     """The same for a 1x1 convolution (B, C, H, W): ``W x + b + s U (D x)`` over the channels of each image.
 
-    One image is one matrix product per term; a batch one batched product, the weights broadcast,
-    with the LoRA's weight gradients summed over its images.
+    One image is one matrix product per term; a batch one batched product per term, the weights
+    broadcast, with the LoRA's weight gradients summed over its images.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, gd: Tensor | None, gu: Tensor | None, k: tuple, into: tuple | None):
         weight, bias, down, up, scale, dt = k
-        x3 = x.reshape(x.shape[0], x.shape[1], -1)          # (B, C, H*W)
+        n = x.shape[0]
+        xm = x.reshape(x.shape[1], -1) if n == 1 else x.reshape(n, x.shape[1], -1)    # (C, HW) or (B, C, HW)
         weight, down, up = weight.flatten(1), down.flatten(1), up.flatten(1)
         if dt is not None:
-            x3, weight, bias, down, up = _to(x3, dt), _to(weight, dt), _to(bias, dt), _to(down, dt), _to(up, dt)
-        if x3.shape[0] == 1:
-            x2 = x3[0]
-            out = torch.mm(weight, x2) if bias is None else torch.addmm(bias[:, None], weight, x2)
-            h = torch.mm(down, x2)
+            xm, weight, bias, down, up = _to(xm, dt), _to(weight, dt), _to(bias, dt), _to(down, dt), _to(up, dt)
+        if n == 1:
+            out = torch.mm(weight, xm) if bias is None else torch.addmm(bias[:, None], weight, xm)
+            h = torch.mm(down, xm)
             out.addmm_(up, h, alpha=scale)
-            h = h[None]
         else:
-            out = _bmm(weight, x3)
+            out = _bmm(weight, xm)
             if bias is not None:
                 out.add_(bias[:, None])
-            h = _bmm(down, x3)
-            out.baddbmm_(up.expand(x3.shape[0], *up.shape), h, alpha=scale)
+            h = _bmm(down, xm)
+            out.baddbmm_(up.expand(n, *up.shape), h, alpha=scale)
         if ctx.needs_input_grad[1]:
-            ctx.save_for_backward(x3, h)
+            ctx.save_for_backward(xm, h)
         ctx.k, ctx.into, ctx.x_shape = (weight, down, up, scale), into, x.shape
-        return out.view(x.shape[0], out.shape[-2], *x.shape[2:])
+        return out.view(n, out.shape[-2], *x.shape[2:])
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         w, d, u, s = ctx.k
-        g = grad.reshape(grad.shape[0], grad.shape[1], -1)
+        n = grad.shape[0]
         gx = gd = gu = None
-        if g.shape[0] == 1:
-            gh = torch.mm(u.t(), g[0])[None]
+        if n == 1:
+            g = grad.reshape(grad.shape[1], -1)
+            gh = torch.mm(u.t(), g)
             if ctx.needs_input_grad[0]:
-                gx = torch.mm(w.t(), g[0]).addmm_(d.t(), gh[0], alpha=s).view(ctx.x_shape)
+                gx = torch.mm(w.t(), g).addmm_(d.t(), gh, alpha=s).view(ctx.x_shape)
         else:
+            g = grad.reshape(n, grad.shape[1], -1)
             gh = _bmm(u.t(), g)
             if ctx.needs_input_grad[0]:
-                gx = _bmm(w.t(), g).baddbmm_(d.t().expand(g.shape[0], *d.t().shape), gh, alpha=s).view(ctx.x_shape)
+                gx = _bmm(w.t(), g).baddbmm_(d.t().expand(n, *d.t().shape), gh, alpha=s).view(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            x3, h = ctx.saved_tensors
-            if g.shape[0] == 1:
-                pairs = ((gh[0], x3[0].t()), (g[0], h[0].t()))
+            xm, h = ctx.saved_tensors
+            if n == 1:
+                pd, pu = (gh, xm.t()), (g, h.t())
             else:   # summed over the images: (B, r, C) and (B, O, r) products, far smaller than the activations
-                pairs = ((torch.bmm(gh, x3.transpose(1, 2)).sum(0), None),
-                         (torch.bmm(g, h.transpose(1, 2)).sum(0), None))
+                pd = torch.bmm(gh, xm.transpose(1, 2)).sum(0), None
+                pu = torch.bmm(g, h.transpose(1, 2)).sum(0), None
             if ctx.into is None:
-                gd, gu = (_mm_scaled(a, b, s) if b is not None else a * s for a, b in pairs)
+                gd, gu = (_mm_scaled(a, b, s) if b is not None else a * s for a, b in (pd, pu))
                 gd, gu = gd.view(*gd.shape, 1, 1), gu.view(*gu.shape, 1, 1)
             else:
-                for p, (a, b) in zip(ctx.into, pairs):
+                for p, (a, b) in zip(ctx.into, (pd, pu)):
                     if b is not None:
                         _grad_into(p, a, b, s)
                     else:
