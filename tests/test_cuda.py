@@ -69,6 +69,36 @@ def _yard_loss(model, lat, cond, n: int = 8) -> float:
     return total / n
 
 
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_full_half_lora_weights_on_the_gpu_learn_and_stay_finite(tmp_path, precision):
+    """kohya's full_fp16/full_bf16 on the WebUI's fp16 model under autocast: the LoRA and its optimiser state in
+    half, the loss scale's early overflows skipped (few), every weight finite, and the file draws the images."""
+    weights = torch.float16 if DEVICE == "cuda" else torch.float32   # the CPU dry run: an fp32 model
+    tiny = _on_device(build_sd1(seed=0), weights)
+    model = trainable(tiny, tiny_vae().to(DEVICE, weights), device=DEVICE)
+    log: list[str] = []
+    cfg = config(tmp_path, max_train_steps=60, learning_rate=5e-3, mixed_precision=precision,
+                 network=NetworkConfig(rank=8, alpha=8, conv_rank=4, conv_alpha=4),
+                 **{f"full_{precision}": True})
+    tr = Trainer(model, make_plan(cfg), Callbacks(log=log.append))
+    ds = tr.dataset
+    with torch.no_grad():
+        lat = model.encode_images(torch.stack([ds.load_image(i) for i in ds.items]).to(DEVICE)).float()
+        cond = model.encode_text([i.caption for i in ds.items])
+    base_loss = _yard_loss(model, lat, cond)
+    res = tr.run()
+    skipped = [line for line in log if "step skipped" in line]
+    assert res.steps == 60 and all(map(torch.isfinite, torch.tensor(res.losses))) and len(skipped) <= 10, skipped
+    sd = load_safetensors(res.output)[0]
+    assert all(torch.isfinite(t).all() for t in sd.values())
+    p = Patcher(ModelMap.build("sd1", tiny.unet, tiny.text_encoders))
+    assert not p.apply([activation(load_network(res.output))]).messages
+    with torch.no_grad():
+        trained_loss = _yard_loss(model, lat, model.encode_text([i.caption for i in ds.items]))
+    p.restore()
+    assert trained_loss < 0.8 * base_loss, (base_loss, trained_loss)
+
+
 @pytest.mark.parametrize("family,weights,precision,lean", [
     ("sd1", torch.float16, "fp16", None),   # the WebUI default: fp16 weights, fp16 autocast with loss scaling
     ("sd1", torch.float16, "fp16", True),   # lean frozen layers, off by default on a GPU

@@ -278,6 +278,31 @@ def test_training_at_clip_skip_2_gives_the_users_setting_back(server):
     meta = read_header(server.lora.parent / "e2e_cs2.safetensors").metadata
     assert (meta["ss_clip_skip"], meta["modelspec.encoder_layer"]) == ("2", "2")
 
+def test_training_with_max_token_length_through_the_webuis_chunking(server):
+    """kohya's max_token_length=150 in the real WebUI: a caption of over two chunks is cut to two and a short one
+    padded to two by the WebUI's own embedder (its process_texts and empty_chunk), and the file records it."""
+    from PIL import Image
+
+    from lib_lora.fileio import read_header
+
+    data = server.log.parent / "datasets" / "e2e_mtl" / "1_mtltrig"
+    data.mkdir(parents=True)
+    captions = ["mtltrig, " + ", ".join(f"tag{i}" for i in range(60)), "mtltrig, red square"]  # ~180 and 5 tokens
+    for i, caption in enumerate(captions):
+        Image.new("RGB", (64, 64), (200, 30, 30 * i)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(caption, encoding="utf-8")
+    body = {"output_name": "e2e_mtl", "dataset": {"train_dir": str(data.parent), "resolution": 64,
+                                                  "enable_buckets": False},
+            "network": {"rank": 4, "alpha": 4}, "max_train_epochs": None, "max_train_steps": 2, "batch_size": 2,
+            "max_token_length": 150, "save_precision": "fp32"}
+    status, job = server.request("POST", "/lora-workshop/v1/train", body)
+    assert status == 200, job
+    st = _wait_job(server, job["id"])
+    assert st["state"] == "finished", f"{st.get('error')}\n{server.log_tail()}"
+    meta = read_header(server.lora.parent / "e2e_mtl.safetensors").metadata
+    assert meta["ss_max_token_length"] == "150"
+
+
 def _job_status(server: Server, job_id: str) -> dict:
     status, st = server.request("GET", f"/lora-workshop/v1/train/{job_id}")
     assert status == 200, st

@@ -164,14 +164,17 @@ def test_written_values_mean_the_same_to_kohya():
     assert {k: v for table in frozen.values() for k, v in table.items()}["cache_text_encoder_outputs"] is True
     cropped = config_data({"dataset": {"random_crop": True}})
     assert {k: v for table in cropped.values() for k, v in table.items()}["cache_latents"] is False
+    coloured = config_data({"dataset": {"color_aug": True}})  # sd-scripts refuses cache_latents with color_aug
+    flat = {k: v for table in coloured.values() for k, v in table.items()}
+    assert flat["cache_latents"] is False and flat["color_aug"] is True
 
 
 def test_unknown_keys_are_refused_by_name(in_tmp, capsys):
-    text = KOHYA_OUTPUT.read_text(encoding="utf-8") + "color_aug = true\nfull_fp16 = true\n"
+    text = KOHYA_OUTPUT.read_text(encoding="utf-8") + "lowram = true\nmasked_loss = true\n"
     (in_tmp / "k.toml").write_text(text, encoding="utf-8")
     assert main(["train", "--config_file", "k.toml"]) == 2
     err = capsys.readouterr().err
-    assert "color_aug" in err and "full_fp16" in err
+    assert "lowram" in err and "masked_loss" in err
     with pytest.raises(ConfigFileError, match="one value serves every text encoder"):
         read_config({"text_encoder_lr": [5e-5, 1e-5]})
     with pytest.raises(ConfigFileError, match="algo=loha"):
@@ -329,8 +332,8 @@ resolution = [128, 128]
      r"'resolution' is not allowed here; kohya takes it in \[general\] or \[\[datasets\]\]"),
     ("[[datasets]]\nbatch_size = 2\n  [[datasets.subsets]]\n  image_dir = 'x'\n[[datasets]]\nbatch_size = 4\n"
      "  [[datasets.subsets]]\n  image_dir = 'y'\n", "one batch size serves every dataset"),
-    ("[general]\ncolor_aug = true\n[[datasets]]\n  [[datasets.subsets]]\n  image_dir = 'x'\n",
-     r"general\.color_aug = True: colour augmentation is not implemented"),
+    ("[general]\nenable_wildcard = true\n[[datasets]]\n  [[datasets.subsets]]\n  image_dir = 'x'\n",
+     r"general\.enable_wildcard = True: wildcard and multi-line captions are not implemented"),
     ("[[datasets]]\nnetwork_multiplier = 0.5\n  [[datasets.subsets]]\n  image_dir = 'x'\n", "network_multiplier"),
     ("[[datasets]]\n", "needs at least one"),
     ("[dataset]\n", "'dataset' is not a key"),
@@ -436,8 +439,8 @@ def test_the_api_route_exports(tmp_path):
     r = client.post(f"{PREFIX}/train/export", json=body)
     assert r.status_code == 200, r.text
     assert toml_io.loads(r.json()["dataset_toml"])["datasets"][0]["subsets"][0]["num_repeats"] == 3
-    bad = client.post(f"{PREFIX}/train/export", json={"output_name": "c", "config_toml": "color_aug = true"})
-    assert bad.status_code == 400 and "color_aug" in bad.json()["detail"]
+    bad = client.post(f"{PREFIX}/train/export", json={"output_name": "c", "config_toml": "lowram = true"})
+    assert bad.status_code == 400 and "lowram" in bad.json()["detail"]
     noted = client.post(f"{PREFIX}/train/export", json={**body, "config_toml": "xformers = true"})
     assert noted.status_code == 200 and "config_toml: xformers: attention already runs fused" in noted.json()["notes"][0]
 

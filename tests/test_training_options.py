@@ -56,7 +56,8 @@ def test_the_tab_shows_the_labelled_options_in_the_schema_order():
     assert dict((k, kind) for k, _, kind, _ in ui.FIELDS)["lean_frozen_layers"] == "auto_bool"
     advanced = {k: kind for k, _, kind, _ in ui.SECTIONS[-1][2]}
     assert advanced["clip_skip"] == "opt_int"  # kohya's clip skip, 0 = unset on the tab
-    assert "max_token_length" not in ui.KEYS and "v2" not in ui.KEYS  # command line only / read from the model
+    # kohya's caption limit (0 = none) and its v2 (a tick the WebUI host checks against the loaded model)
+    assert (advanced["max_token_length"], advanced["v2"]) == ("opt_int", "bool")
     assert dict((k, e) for k, _, _, e in ui.FIELDS)["mixed_precision"]["choices"] == ["auto", "no", "fp16", "bf16"]
 
 
@@ -97,7 +98,8 @@ def test_every_flag_reaches_the_config_it_names(data, tmp_path):
     for o in options.OPTIONS:
         if not (o.flag and o.flag.startswith("--")) or o.key in ("dataset.reg_dir", "network_weights"):
             continue  # paths that must exist (test_cli_train covers them)
-        cfg = cli._train_config(parser.parse_args(base + _other_value(o)))
+        needs = {"full_fp16": ["--mixed-precision", "fp16"], "full_bf16": ["--mixed-precision", "bf16"]}
+        cfg = cli._train_config(parser.parse_args(base + needs.get(o.name, []) + _other_value(o)))
         holder, was = (getattr(cfg, o.section), getattr(defaults, o.section)) if o.section else (cfg, defaults)
         assert getattr(holder, o.name) != getattr(was, o.name), o.key
     assert (defaults.network.rank, defaults.max_train_steps, defaults.mixed_precision) == (16, 1000, "no")

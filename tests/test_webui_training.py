@@ -297,21 +297,72 @@ def test_refusals(training_webui, sd_model, monkeypatch):
     assert "Cannot train" not in training_webui.runner.host.describe()
 
 
-def test_max_token_length_is_refused_when_asked_not_after_the_lock(training_webui, data):
-    """The WebUI encodes captions with its own prompt chunking: kohya's limit is refused by validate and
-    by the submission itself (no job is queued), whether asked for directly or by a config.toml."""
+def _words(n: int) -> str:
+    return ", ".join(f"tag{i}" for i in range(n))
+
+
+def test_max_token_length_cuts_and_pads_captions_through_the_webuis_chunks(sd_model):
+    """kohya's limit through the WebUI's own prompt chunking: every caption gets exactly N / 75 chunks of 77
+    (a longer one cut after its first chunks, a shorter one given empty chunks); unset, as many as it needs.
+    Against the stand-in embedder encoding the chunks itself."""
+    emb = sd_model.cond_stage_model
+    long, short = _words(70), "zkx, red square"    # 70 "tagN," pieces: well over 150 tokens
+    chunks = emb.process_texts([long])[0][0]
+    assert len(chunks) >= 3
+
+    def one(chunk) -> torch.Tensor:
+        return emb._encode(torch.tensor([chunk.tokens]))[0]
+    with torch.no_grad():
+        for limit, n in ((None, len(chunks)), (75, 1), (150, 2), (225, 3)):
+            m = trainable.trainable_model(sd_model, max_token_length=limit)
+            ctx = m.encode_text([long, short]).context
+            assert ctx.shape[:2] == (2, 77 * n), limit
+            for i in range(n):
+                assert torch.allclose(ctx[0, 77 * i:77 * (i + 1)], one(chunks[i]), atol=1e-5)
+            assert torch.allclose(ctx[1, :77], one(emb.process_texts([short])[0][0][0]), atol=1e-5)
+            for i in range(1, n):
+                assert torch.allclose(ctx[1, 77 * i:77 * (i + 1)], one(emb.empty_chunk()), atol=1e-5)
+            assert m.max_token_length == limit
+    assert "process_texts" not in vars(emb)   # the class's own again
+
+
+def test_max_token_length_trains_in_the_webui(training_webui, data):
+    """No longer refused: a job with max_token_length 150 (asked for directly or by a config.toml) trains
+    and records it; the tab's import fills its field."""
     client = training_webui.start()
-    why = ("max_token_length: 225 is not used in the WebUI: captions are encoded by the WebUI's own prompt "
-           "chunking")
-    for body in (request(data, max_token_length=225), {**request(data), "config_toml": "max_token_length = 225\n"}):
-        for route in ("/lora-workshop/v1/train/validate", "/lora-workshop/v1/train"):
-            r = client.post(route, json=body)
-            assert r.status_code == 400 and r.json()["detail"].startswith(why), (route, r.text)
+    for body in (request(data, max_token_length=150), {**request(data), "config_toml": "max_token_length = 150\n"}):
+        r = client.post("/lora-workshop/v1/train/validate", json=body)
+        assert r.status_code == 200, r.text
+    r = client.post("/lora-workshop/v1/train", json=request(data, max_token_length=150))
+    assert r.status_code == 200, r.text
+    st = training_webui.wait(r.json()["id"])
+    assert st["state"] == "finished", st
+    assert read_header(training_webui.lora_dir / st["output"]).metadata["ss_max_token_length"] == "150"
+    values, notes = ui.import_files("max_token_length = 150\n", "")
+    assert values["max_token_length"] == 150 and not [n for n in notes if "max_token_length" in n]
+
+
+def test_max_token_length_is_refused_where_the_webui_does_not_chunk(training_webui, data):
+    """The WebUI's "old emphasis implementation" encodes without its chunking: refused before queuing."""
+    client = training_webui.start()
+    shared.opts.add_option("use_old_emphasis_implementation", OptionInfo(False))
+    shared.opts.set("use_old_emphasis_implementation", True)
+    try:
+        r = client.post("/lora-workshop/v1/train", json=request(data, max_token_length=225))
+        assert r.status_code == 400 and r.json()["detail"].startswith(
+            "max_token_length: needs the WebUI's prompt chunking, which the \"Use old emphasis implementation\""), r.text
+        assert client.post("/lora-workshop/v1/train/validate", json=request(data)).status_code == 200
+    finally:
+        shared.opts.set("use_old_emphasis_implementation", False)
     assert training_webui.runner.jobs() == []
-    values, notes = ui.import_files("max_token_length = 225\n", "")
-    assert [n for n in notes if "max_token_length" in n] == [
-        "config.toml: max_token_length is not used in the WebUI, which encodes captions with its own prompt "
-        "chunking: delete it from the config.toml box, or training is refused"]
+
+
+def test_the_tabs_v2_follows_the_loaded_model():
+    """kohya's v2 on the tab: ticked for a loaded SD2 model, not for SD1 (where a tick is refused, see below)."""
+    assert ui.preset_values("sd15", "sd1")["v2"] is False and ui.preset_values("sd15", "sd2")["v2"] is True
+    assert ("v2", "SD2 model (kohya's v2: only confirms the loaded model; refused if it is not SD2)", "bool", {}) \
+        in ui.FIELDS
+    assert next(f for f in ui.FIELDS if f[0] == "max_token_length")[2] == "opt_int"
 
 
 def test_a_wrong_v2_is_refused_before_the_model_is_touched(training_webui, sd_model, data, monkeypatch):

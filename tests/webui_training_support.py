@@ -44,16 +44,49 @@ class FrozenCLIPEmbedder(nn.Module):      # ldm's embedder: the HF model is .tra
         self.transformer = transformer
 
 
-class CLIPWithCustomWords(nn.Module):     # sd_hijack's wrapper: the original is .wrapped; texts in, context out
+class CLIPWithCustomWords(nn.Module):
+    """sd_hijack_clip's wrapper as far as training uses it: the original is ``.wrapped``; texts in, context out.
+
+    As WebUI 1.10.1's: ``process_texts`` cuts each text into chunks of ``chunk_length`` (75) tokens, each
+    encoded as 77 with its start and end tokens, ``forward`` encodes a batch chunk by chunk (a shorter
+    text's missing chunks are ``empty_chunk()``) and joins them along the tokens.  Simplified: no comma
+    back-tracking, no emphasis, and padding with 0 as open_clip pads (the real SD1 pads with the end token)."""
+    chunk_length = 75
+
     def __init__(self, wrapped):
         super().__init__()
         self.wrapped = wrapped
 
+    @staticmethod
+    def _chunk(ids: list[int]):
+        from open_clip.tokenizer import _tokenizer as bpe
+        tokens = [bpe.encoder["<start_of_text>"], *ids, bpe.encoder["<end_of_text>"]]
+        return types.SimpleNamespace(tokens=tokens + [0] * (77 - len(tokens)))
+
+    def empty_chunk(self):
+        return self._chunk([])
+
+    def process_texts(self, texts):
+        from open_clip.tokenizer import _tokenizer as bpe
+        out, most = [], 0
+        for text in texts:
+            ids = bpe.encode(text)
+            most = max(most, len(ids))
+            out.append([self._chunk(ids[i:i + 75]) for i in range(0, max(len(ids), 1), 75)])
+        return out, most
+
     def forward(self, texts):
+        batch_chunks, _ = self.process_texts(texts)
+        zs = []
+        for i in range(max(len(c) for c in batch_chunks)):
+            tokens = torch.tensor([(c[i] if i < len(c) else self.empty_chunk()).tokens for c in batch_chunks])
+            zs.append(self._encode(tokens))
+        return torch.hstack(zs)
+
+    def _encode(self, tokens):
         # as WebUI 1.10.1 encodes: at Clip skip N > 1, the hidden state N from the end, then the final layer norm
-        import open_clip
         skip = shared.opts.CLIP_stop_at_last_layers
-        out = self.wrapped.transformer(input_ids=open_clip.tokenize(list(texts)), output_hidden_states=True)
+        out = self.wrapped.transformer(input_ids=tokens, output_hidden_states=True)
         if skip > 1:
             return self.wrapped.transformer.text_model.final_layer_norm(out.hidden_states[-skip])
         return out.last_hidden_state

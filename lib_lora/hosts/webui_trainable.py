@@ -197,6 +197,57 @@ def text_encoding(sd_model: Any, family: str, clip_skip: int | None) -> Iterator
         embedder.layer_idx = before
 
 
+def prompt_chunkers(sd_model: Any, family: str) -> list[Any]:
+    """The WebUI's hijacked text embedders (``sd_hijack_clip``'s, with ``process_texts`` and ``empty_chunk``)
+    that captions go through; empty when the loaded model's embedders are not those."""
+    embedders = list(sd_model.conditioner.embedders) if family == "sdxl" else [sd_model.cond_stage_model]
+    return [e for e in embedders if hasattr(e, "process_texts") and hasattr(e, "empty_chunk")]
+
+
+def max_token_length_refusal(sd_model: Any, family: str) -> str | None:
+    """Why kohya's ``max_token_length`` cannot be applied to the loaded model's captions (the message after
+    "max_token_length: "), or None."""
+    if getattr(shared.opts, "use_old_emphasis_implementation", False):
+        return ("needs the WebUI's prompt chunking, which the \"Use old emphasis implementation\" "
+                "setting (Settings > Compatibility) replaces: turn it off, or leave max_token_length unset")
+    if not prompt_chunkers(sd_model, family):
+        return "the loaded model's text encoder does not chunk prompts as the WebUI's does"
+    return None
+
+
+@contextmanager
+def caption_chunks(embedders: list[Any], max_token_length: int | None) -> Iterator[None]:
+    """kohya's ``max_token_length`` through the WebUI's own prompt chunking, for the ``with`` block.
+
+    The WebUI cuts a prompt into chunks of 75 tokens (each encoded with its start and end tokens,
+    a chunk breaking early at a comma near its end) and joins their outputs; a batch's shorter
+    prompts get empty chunks.  With a limit of N tokens every caption gets exactly N / 75 chunks:
+    the first ones kept, the rest cut, and empty chunks added to a shorter caption, as sd-scripts
+    gives every caption N / 75 chunks.  Each embedder's ``process_texts`` is wrapped on the
+    instance and the class's comes back after."""
+    if max_token_length is None:
+        yield
+        return
+    for e in embedders:
+        if "process_texts" in vars(e):
+            raise RuntimeError("the WebUI's text embedder already has a process_texts of its own instance")
+        chunk = getattr(e, "chunk_length", 75)
+        e.process_texts = _limited(e, type(e).process_texts, max(1, max_token_length // chunk))
+    try:
+        yield
+    finally:
+        for e in embedders:
+            vars(e).pop("process_texts", None)
+
+
+def _limited(embedder: Any, process_texts: Callable, chunks: int) -> Callable:
+    def limited(texts):
+        batch_chunks, token_count = process_texts(embedder, texts)
+        fitted = [list(c[:chunks]) + [embedder.empty_chunk() for _ in range(chunks - len(c))] for c in batch_chunks]
+        return fitted, min(token_count, chunks * getattr(embedder, "chunk_length", 75))
+    return limited
+
+
 def clip_skip_note(sd_model: Any, family: str, clip_skip: int | None) -> str | None:
     """A line for the job's log when the WebUI's own setting differs from what training uses."""
     opts = shared.opts
@@ -211,9 +262,10 @@ def clip_skip_note(sd_model: Any, family: str, clip_skip: int | None) -> str | N
 
 
 def trainable_model(sd_model: Any, render: Callable[..., list] | None = None, model_map=None,
-                    clip_skip: int | None = None) -> TrainableModel:
+                    clip_skip: int | None = None, max_token_length: int | None = None) -> TrainableModel:
     """Wrap the WebUI's loaded model (call ``refusal`` first); captions are encoded at ``clip_skip``
-    (kohya's; SDXL ignores it: ``training.checks.clip_skip_for``)."""
+    (kohya's; SDXL ignores it: ``training.checks.clip_skip_for``) and, with ``max_token_length``, in
+    that many tokens' chunks (``caption_chunks``; ``max_token_length_refusal`` says when it cannot)."""
     family = model_family(sd_model)
     skip = clip_skip_for(family, clip_skip)[0]
     unet = unet_root(sd_model)
@@ -221,6 +273,7 @@ def trainable_model(sd_model: Any, render: Callable[..., list] | None = None, mo
     device = _param(unet).device
     unet_dtype = _param(unet).dtype
     v_pred = getattr(sd_model, "parameterization", "eps") == "v"
+    chunkers = prompt_chunkers(sd_model, family) if max_token_length is not None else []
 
     if family == "sdxl":
         resolution = 1024
@@ -241,7 +294,8 @@ def trainable_model(sd_model: Any, render: Callable[..., list] | None = None, mo
                 for e in embedders:
                     e.is_trainable = True   # sgm wraps non-trainable embedders in no_grad; the trainer decides
                     e.ucg_rate = 0.0        # no random caption dropout inside the conditioner
-                with _no_embedding_names(), text_encoding(sd_model, family, None):
+                with _no_embedding_names(), text_encoding(sd_model, family, None), \
+                        caption_chunks(chunkers, max_token_length):
                     out = sd_model.conditioner(batch)
             finally:
                 for e, trainable, ucg in saved:
@@ -251,7 +305,8 @@ def trainable_model(sd_model: Any, render: Callable[..., list] | None = None, mo
         resolution = 768 if (family == "sd2" and v_pred) else 512
 
         def encode_text(captions: list[str], sizes=None) -> Conditioning:
-            with _no_embedding_names(), text_encoding(sd_model, family, skip):
+            with _no_embedding_names(), text_encoding(sd_model, family, skip), \
+                    caption_chunks(chunkers, max_token_length):
                 context = sd_model.cond_stage_model([literal_caption(c) for c in captions])
             return Conditioning(context.to(unet_dtype))
 
@@ -278,8 +333,9 @@ def trainable_model(sd_model: Any, render: Callable[..., list] | None = None, mo
         family=family, unet=unet, text_encoders=tes, encode_text=encode_text, encode_images=encode_images,
         alphas_cumprod=acp, prediction="v" if v_pred else "epsilon", device=device, model_name=model_name,
         model_hash=getattr(info, "sha256", None) or "", legacy_hash=getattr(info, "hash", None) or "",
-        resolution=resolution, model_map=model_map, render=render, clip_skip=skip)
+        resolution=resolution, model_map=model_map, render=render, clip_skip=skip,
+        max_token_length=max_token_length)
 
 
 __all__ = ["loaded_model", "refusal", "checkpoint_change_pending", "trainable_model", "text_encoding",
-           "clip_skip_note"]
+           "clip_skip_note", "caption_chunks", "prompt_chunkers", "max_token_length_refusal"]

@@ -40,8 +40,8 @@ from . import webui_interleave as interleave
 from .webui import PerWorkshop, Workshop
 from .webui_host import log
 from .webui_model import model_family, unet_root
-from .webui_trainable import (checkpoint_change_pending, clip_skip_note, loaded_model, refusal, text_encoding,
-                              trainable_model)
+from .webui_trainable import (checkpoint_change_pending, clip_skip_note, loaded_model, max_token_length_refusal,
+                              refusal, text_encoding, trainable_model)
 
 JOB_NAME = "lora-workshop-train"
 
@@ -107,17 +107,16 @@ class WebUITrainingHost(TrainingHost):
             raise TrainingRefused(why)
 
     def check_config(self, config: TrainConfig) -> None:
-        if config.max_token_length is not None:
-            raise RequestError.bad("max_token_length", f"{config.max_token_length} is not used in the WebUI: captions "
-                                   "are encoded by the WebUI's own prompt chunking (as many 75-token chunks as a "
-                                   "caption needs); kohya's limit is applied by the command-line trainer (python -m "
-                                   "lib_lora train) only: leave it unset here")
         sd_model = loaded_model()
         if sd_model is not None and refusal(sd_model) is None:  # else check() or build_model says why
+            family = model_family(sd_model)
             try:
-                check_v2(model_family(sd_model), config.v2)
+                check_v2(family, config.v2)
             except OptionError as e:
                 raise RequestError.of(e) from None
+            why = max_token_length_refusal(sd_model, family) if config.max_token_length is not None else None
+            if why:
+                raise RequestError.bad("max_token_length", why)
 
     def build_model(self, job: Job) -> TrainableModel:
         sd_model = loaded_model()
@@ -136,7 +135,8 @@ class WebUITrainingHost(TrainingHost):
             if line:
                 job.log(line)
         self._trained = (sd_model, unet_root(sd_model))
-        return trainable_model(sd_model, render=self._renderer(job, sd_model, skip), model_map=mm, clip_skip=skip)
+        return trainable_model(sd_model, render=self._renderer(job, sd_model, skip), model_map=mm, clip_skip=skip,
+                               max_token_length=job.config.max_token_length)
 
     @staticmethod
     def _no_token_merging(sd_model: Any) -> None:

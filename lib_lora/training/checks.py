@@ -72,6 +72,20 @@ def model_notes(family: str, prediction: str, v2: bool, v_parameterization: bool
     return notes
 
 
+def timestep_range(min_timestep: int | None, max_timestep: int | None, schedule: int) -> tuple[int, int, str | None]:
+    """The training timesteps ``[lo, hi)`` for a noise schedule of ``schedule`` steps, and a warning line
+    when ``max_timestep`` lies beyond it (the draw is capped at the schedule's end).  A ``min_timestep``
+    at or beyond the schedule's end leaves nothing to draw: OptionError."""
+    lo = min_timestep or 0
+    if lo >= schedule:
+        raise OptionError("min_timestep", f"{lo} is beyond this model's noise schedule of {schedule} timesteps "
+                                          f"(0 to {schedule - 1}): choose one below {schedule}")
+    if max_timestep is None or max_timestep <= schedule:
+        return lo, max_timestep or schedule, None
+    return lo, schedule, (f"warning: max_timestep {max_timestep} is beyond this model's noise schedule of {schedule} "
+                          f"timesteps: training timesteps are drawn from [{lo}, {schedule}) instead")
+
+
 def check_optimizer(name: Any) -> tuple[str, str, str] | None:
     """The package entry for ``name``; OptionError if unknown or its package is not installed."""
     if not isinstance(name, str) or name.lower() not in OPTIMIZERS:

@@ -52,6 +52,8 @@ class TrainConfig:
     v2: bool = _d("v2")                             # kohya's "this is SD2": checked against the checkpoint
     max_token_length: int | None = _d("max_token_length")  # kohya's 75/150/225 caption limit (None: no limit)
     mixed_precision: str = _d("mixed_precision")    # no, fp16, bf16 (GPU only)
+    full_fp16: bool = _d("full_fp16")               # the LoRA's own weights in fp16 (half_weights.py)
+    full_bf16: bool = _d("full_bf16")               # ... or in bf16
     gradient_checkpointing: bool = _d("gradient_checkpointing")  # recompute UNet blocks in backward
     # frozen layers keep less for backward (frozen_layers.py).  None: on CPU only, where they are
     # leaner and faster; a GPU step at SD sizes is bound by Python overhead, which they add to
@@ -83,3 +85,7 @@ class TrainConfig:
         lo, hi = self.min_timestep or 0, self.max_timestep
         if hi is not None and lo >= hi:
             raise options.OptionError("min_timestep", f"must be below max_timestep ({lo} >= {hi})")
+        for name, want in (("full_fp16", "fp16"), ("full_bf16", "bf16")):  # sd-scripts' rule too
+            if getattr(self, name) and self.mixed_precision != want:
+                raise options.OptionError(name, f"needs mixed_precision {want} (got {self.mixed_precision}): the "
+                                                f"LoRA's weights are held in the type the model computes in")

@@ -6,6 +6,7 @@ crop drawn) and that sample's pixels.  One item path serves the trainer and the 
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -18,7 +19,9 @@ from typing import Iterator, Literal, NoReturn
 import torch
 
 from .buckets import Bucketer, Size, cover_size, crop_offset, parse_resolution
+from . import color_aug
 from .captions import CAPTION_EXTENSIONS, process_caption
+from .color_aug import ColorChange
 from .epochs import Batch, Position, check_batch_size, epoch_plan
 from .images import load_pixels
 from .options import default as _d
@@ -51,6 +54,7 @@ class DatasetConfig:
     caption_tag_dropout_rate: float = _d("dataset.caption_tag_dropout_rate")
     flip_aug: bool = _d("dataset.flip_aug")
     random_crop: bool = _d("dataset.random_crop")
+    color_aug: bool = _d("dataset.color_aug")      # kohya's random hue/gamma change (color_aug.py)
     max_pixels: int = _d("dataset.max_pixels")
     datasets: list[dict] = field(default_factory=lambda: _d("dataset.datasets"))
 
@@ -169,6 +173,7 @@ class Sample:
     flip: bool
     resized: Size             # the size the image is scaled to before cropping
     window: tuple[int, int]   # (left, top) of the bucket-sized crop in the resized image, before flipping
+    color: ColorChange | None = None  # color_aug's change this time (color_aug.py)
 
     @property
     def crop_top_left(self) -> tuple[int, int]:
@@ -322,12 +327,16 @@ class Dataset:
         caption = process_caption(item.caption, settings, batch.rng(slot, "caption"), batch.epoch)
         rng = batch.rng(slot, "image")
         flip = settings.flip_aug and rng.random() < 0.5
-        return self._place(item, batch.bucket, flip, rng, caption)
+        placed = self._place(item, batch.bucket, flip, rng, caption)
+        if not settings.color_aug:  # its own RNG: flips and crops are drawn as without it
+            return placed
+        return dataclasses.replace(placed, color=color_aug.draw(batch.rng(slot, "color")))
 
     def pixels(self, sample: Sample) -> torch.Tensor:
         """The sample's image: float32 CHW in [-1, 1], the VAE's input range."""
-        return load_pixels(sample.item.path, sample.item.orientation, sample.resized, sample.window, sample.bucket,
-                           sample.flip)
+        pixels = load_pixels(sample.item.path, sample.item.orientation, sample.resized, sample.window, sample.bucket,
+                             sample.flip)
+        return color_aug.apply(pixels, sample.color)
 
     def load_image(self, item: ImageItem, bucket: Size | None = None, flip: bool = False,
                    rng: random.Random | None = None) -> torch.Tensor:

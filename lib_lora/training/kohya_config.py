@@ -240,7 +240,7 @@ def _as_kohya_reads(data: dict) -> dict:
     allowed): the same training either way."""
     out = {**data, "dataset": dict(data.get("dataset", {})), "network": dict(data.get("network", {}))}
     ds = lambda k: _value_of(data, f"dataset.{k}")  # noqa: E731
-    out["cache_latents"] = bool(_value_of(data, "cache_latents")) and not ds("random_crop")
+    out["cache_latents"] = bool(_value_of(data, "cache_latents")) and not (ds("random_crop") or ds("color_aug"))
     varies = ds("shuffle_caption") or ds("caption_dropout_rate") or ds("caption_tag_dropout_rate") \
         or ds("caption_dropout_every_n_epochs")
     out["cache_text_encoder_outputs"] = bool(_value_of(data, "cache_text_encoder_outputs")) and not varies \

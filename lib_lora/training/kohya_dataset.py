@@ -5,7 +5,7 @@ The schema is sd-scripts' (library/config_util.py, v0.10.1): ``[general]``, ``[[
 winning.  A DreamBooth-style subset (``image_dir`` with its images, ``num_repeats``,
 ``class_tokens``, ``is_reg``) is what this trainer has; the result is a request's ``dataset``
 object whose ``datasets`` list subsets.py reads.  A key kohya knows but this trainer cannot honour
-(``color_aug = true``, ``metadata_file``, ``enable_wildcard``…) is refused by name, and so is a
+(``metadata_file``, ``enable_wildcard``…) is refused by name, and so is a
 key kohya does not know: nothing is ignored.  Settings kohya lets each dataset choose but which are
 one per run here (``batch_size``) must agree across datasets.
 """
@@ -39,7 +39,6 @@ SUBSET_KEYS = _SUBSET_ASCENDABLE + _SUBSET_DISTINCT
 
 # kohya keys whose effect this trainer does not have: accepted at the value that means "off"
 _OFF: dict[str, tuple[tuple, str]] = {
-    "color_aug": ((False,), "colour augmentation is not implemented"),
     "enable_wildcard": ((False,), "wildcard and multi-line captions are not implemented"),
     "token_warmup_min": ((1,), "token warm-up is not implemented"),
     "token_warmup_step": ((0, 0.0), "token warm-up is not implemented"),

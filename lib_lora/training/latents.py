@@ -31,7 +31,10 @@ class LatentCache:
 
     def __init__(self, model: TrainableModel, dataset: Dataset, cfg: TrainConfig, write_disk: bool = True):
         self.model, self.dataset, self.seed = model, dataset, cfg.seed
-        self.caching = cfg.cache_latents and not any(s.random_crop for s in dataset.config.all_settings())
+        # a random crop or colour change makes every step's pixels new: nothing to cache
+        self.asked = cfg.cache_latents
+        self.caching = cfg.cache_latents and not any(s.random_crop or s.color_aug
+                                                     for s in dataset.config.all_settings())
         self.on_disk = self.caching and cfg.cache_latents_to_disk
         self.write_disk = write_disk
         self._memory: dict[tuple, Tensor] = {}
@@ -166,6 +169,9 @@ def fill_caches(dataset: Dataset, latents: LatentCache, texts: TextCache, frozen
                 stop: Callable[[], bool]) -> None:
     """Cache every latent and (text encoders frozen) caption before the first step, as kohya does;
     ``report("caching latents", done, total)`` as it goes, ``stop()`` cuts it short."""
+    if latents.asked and not latents.caching:
+        log("cache_latents: off for this run, since random_crop or color_aug changes the pixels every step; "
+            "latents are encoded at each step")
     if not (latents.caching or (frozen_text and texts.caching)):
         return
     samples = dataset.fixed_samples()

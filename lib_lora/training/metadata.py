@@ -26,9 +26,9 @@ SAI_MODEL_SPEC = "1.0.1"
 VERSION_KEY = "lora_workshop.version"  # our release; ss_sd_scripts_commit_hash holds a commit-like hash
 
 # What sd-scripts writes for features this trainer does not have, at their defaults (which is
-# also what this trainer does: MSE loss, plain noise, no validation split, no colour augmentation).
+# also what this trainer does: MSE loss, plain noise, no validation split).
 _NOT_HERE: dict[str, Any] = {
-    "ss_num_validation_images": 0, "ss_full_fp16": False, "ss_lowram": False,
+    "ss_num_validation_images": 0, "ss_lowram": False,
     "ss_multires_noise_iterations": None, "ss_multires_noise_discount": 0.3, "ss_adaptive_noise_scale": None,
     "ss_zero_terminal_snr": False, "ss_face_crop_aug_range": None, "ss_scale_weight_norms": None,
     "ss_ip_noise_gamma": None, "ss_noise_offset_random_strength": False,
@@ -36,7 +36,6 @@ _NOT_HERE: dict[str, Any] = {
     "ss_huber_scale": 1.0, "ss_huber_c": 0.1, "ss_fp8_base": False, "ss_fp8_base_unet": False,
     "ss_validation_seed": None, "ss_validation_split": 0.0, "ss_max_validation_steps": None,
     "ss_validate_every_n_epochs": None, "ss_validate_every_n_steps": None, "ss_resize_interpolation": None,
-    "ss_color_aug": False,
 }
 
 
@@ -141,7 +140,7 @@ def datasets_info(dataset: Any, batch_size: int) -> list[dict[str, Any]]:
             "bucket_info": _bucket_info([i for i in dataset.items if i.subset in own], st),
             "resize_interpolation": None,
             "subsets": [{"img_count": folders[s.index].images if s.index in folders else 0,
-                         "num_repeats": s.num_repeats, "color_aug": False, "flip_aug": s.settings.flip_aug,
+                         "num_repeats": s.num_repeats, "color_aug": s.settings.color_aug, "flip_aug": s.settings.flip_aug,
                          "random_crop": s.settings.random_crop, "shuffle_caption": s.settings.shuffle_caption,
                          "keep_tokens": s.settings.keep_tokens,
                          "keep_tokens_separator": s.settings.keep_tokens_separator, "secondary_separator": None,

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .config import TrainConfig
 from .flat_params import flatten
+from .half_weights import adamw_eps
 from .options import check_optimizer
 
 # parameter groups that AdamW updates as one flat tensor (flat_params.py): the UNet's LoRA, every
@@ -34,6 +35,9 @@ def make_optimizer(name: str, groups: list[dict], cfg: TrainConfig) -> tuple[tor
     args = dict(cfg.optimizer_args)
     entry = check_optimizer(name)
     if entry is None:
+        eps = adamw_eps(name, cfg.full_fp16, args)  # fp16 weights: a larger default (half_weights.py)
+        if eps is not None:
+            args["eps"] = eps
         groups = [{**g, "params": [flatten(g["params"])]} if g.get("name") in FLAT_GROUPS and len(g["params"]) > 1
                   else g for g in groups]
         opt = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,

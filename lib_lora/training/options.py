@@ -122,6 +122,10 @@ OPTIONS: list[Option] = [
        kohya="flip_aug", ss="ss_flip_aug", help="flip images horizontally at random"),
     _o("dataset.random_crop", bool, False, "Random crop", _D, flag="--random-crop", flag_action="store_true",
        kohya="random_crop", ss="ss_random_crop", help="crop at random instead of the centre (latents are then not cached)"),
+    _o("dataset.color_aug", bool, False, "Random colour change (hue or gamma)", _D, flag="--color-aug",
+       flag_action="store_true", kohya="color_aug", ss="ss_color_aug",
+       help="sd-scripts' colour augmentation: each time an image is trained, one time in three its hue is turned by "
+            "up to 16 degrees or its gamma changed by up to 5% (latents are then encoded at every step, not cached)"),
     # -- Network
     _o("network.module", str, "networks.lora", group=_N, choices=("networks.lora",), kohya="network_module",
        ss="ss_network_module", help="the network kind: networks.lora (LoRA; LoCon with conv_dim) is the one here"),
@@ -210,6 +214,17 @@ OPTIONS: list[Option] = [
     _o("mixed_precision", str, "no", "Mixed precision", _ADV, choices=("no", "fp16", "bf16"),
        form_choices=("auto", "no", "fp16", "bf16"), flag="--mixed-precision", kohya="mixed_precision",
        ss="ss_mixed_precision", help="compute in half precision on a GPU"),
+    _o("full_fp16", bool, False, "Full fp16: the LoRA's weights themselves in fp16 (needs mixed precision fp16)",
+       _ADV, flag="--full-fp16", flag_action="store_true", kohya="full_fp16", ss="ss_full_fp16",
+       help="train the LoRA's weights, gradients and optimiser state in fp16, with no fp32 copy (needs "
+            "--mixed-precision fp16): half their memory, but fp16 rounds small gradients and Adam's moments to "
+            "zero (so AdamW's eps defaults to 1e-4 here); a loss scale and a guard skip any step that would make a "
+            "weight non-finite"),
+    _o("full_bf16", bool, False, "Full bf16: the LoRA's weights themselves in bf16 (needs mixed precision bf16)",
+       _ADV, flag="--full-bf16", flag_action="store_true", kohya="full_bf16",
+       help="train the LoRA's weights, gradients and optimiser state in bf16, with no fp32 copy (needs "
+            "--mixed-precision bf16): half their memory, but bf16's 8 significant bits lose updates smaller than "
+            "about 1/256 of a weight; a guard skips any step that would make a weight non-finite"),
     _o("seed", int, 42, "Seed", _ADV, flag="--seed", kohya="seed", ss="ss_seed",
        help="seed of the initialisation, the noise and the order"),
     _o("min_snr_gamma", float | None, None, "Min-SNR gamma (0 = off)", _ADV, minimum=0, above=True,
@@ -236,18 +251,21 @@ OPTIONS: list[Option] = [
     _o("v_parameterization", bool | None, None, group=_ADV, flag="--v-parameterization", flag_action="store_true",
        kohya="v_parameterization", help="the model predicts v (default: as the model says)"),
     # sd-scripts needs --v2 to load SD2; here the family is read from the weights, so it only confirms
-    _o("v2", bool, False, group=_ADV, kohya="v2",
-       help="kohya's \"this is SD2\": the family is detected from the checkpoint here, so this only confirms it "
-            "(refused when the checkpoint is not SD2)"),
+    # it (the tab ticks it for a loaded SD2 model; a tick on another model is refused before queuing)
+    _o("v2", bool, False, "SD2 model (kohya's v2: only confirms the loaded model; refused if it is not SD2)", _ADV,
+       kohya="v2", help="kohya's \"this is SD2\": the family is detected from the checkpoint here, so this only "
+                        "confirms it (refused when the checkpoint is not SD2)"),
     _o("clip_skip", int | None, None, "Clip skip (0 = unset: the last layer; SD1/SD2)", _ADV, minimum=1,
        maximum=CLIP_SKIP_MAX, flag="--clip-skip", kohya="clip_skip", ss="ss_clip_skip",
        help="SD1/SD2: condition on the text encoder's Nth layer from the end (2 is common for anime models; "
             "SDXL ignores it, as sd-scripts does) (default: unset, the last layer)"),
-    # not on the tab: the WebUI host encodes captions through the WebUI's own prompt chunking
-    _o("max_token_length", int | None, None, group=_ADV, choices=(75, 150, 225), flag="--max-token-length", kohya="max_token_length", ss="ss_max_token_length",
+    # in the WebUI, through its own prompt chunking (webui_trainable.caption_chunks)
+    _o("max_token_length", int | None, None,
+       "Caption tokens (kohya's max_token_length: 75, 150 or 225; 0 = no limit, as WebUI prompts)", _ADV,
+       choices=(75, 150, 225), flag="--max-token-length", kohya="max_token_length", ss="ss_max_token_length",
        help="kohya's caption length: 75 truncates to one 75-token chunk (sd-scripts' default), 150 and 225 to "
             "two and three; every caption then gets that many chunks (default: unset, no limit: long captions "
-            "get as many chunks as they need, as WebUI prompts do; the command line only)"),
+            "get as many chunks as they need, as WebUI prompts do)"),
     _o("cache_latents", bool, True, "Cache latents", _ADV, flag="--no-cache-latents", flag_action="store_false",
        kohya="cache_latents", ss="ss_cache_latents",
        help="encode the images at every step instead of caching their latents (cached by default)"),

@@ -367,8 +367,9 @@ def build_request(data: dict, output_dir: Path, family: str | None = None,
     if top.get("logging_dir") not in (None, "") and dataset_roots is not None:
         top["logging_dir"] = str(_folder_inside("logging_dir", top["logging_dir"], output_dir))
     auto = top.get("mixed_precision", "auto") in ("auto", None, "")
-    if auto:
-        top["mixed_precision"] = "no"  # resolved from the model's dtype once it is built
+    if auto:  # full_fp16/full_bf16 name the type; otherwise resolved from the model's dtype once it is built
+        half = "fp16" if top.get("full_fp16") else "bf16" if top.get("full_bf16") else None
+        top["mixed_precision"], auto = (half, False) if half else ("no", True)
     top_kwargs = _fields("", top, skip=_TOP_EXCLUDED)
     try:
         dataset = DatasetConfig(**ds_kwargs)

@@ -25,7 +25,7 @@ SUBSET_ONLY = ("image_dir", "is_reg")
 # DatasetConfig fields a subset may set (or inherit from its dataset, then from the config)
 SUBSET_FIELDS = ("caption_extension", "shuffle_caption", "keep_tokens", "keep_tokens_separator", "caption_separator",
                  "caption_dropout_rate", "caption_dropout_every_n_epochs", "caption_tag_dropout_rate", "flip_aug",
-                 "random_crop")
+                 "random_crop", "color_aug")
 # DatasetConfig fields only a dataset (or the config) sets: its subsets share one bucketing
 DATASET_FIELDS = ("resolution", "enable_buckets", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",
                   "bucket_no_upscale")

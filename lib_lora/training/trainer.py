@@ -24,8 +24,9 @@ import torch
 from torch import Tensor
 
 from ..fileio import load_safetensors
-from .checks import model_notes
+from .checks import model_notes, timestep_range
 from .frozen_layers import lean_by_default
+from .half_weights import hold_in_half, make_scaler, weight_dtype
 from .dataset import Dataset
 from .ema import LoraEMA
 from .epochs import Batch, Position, derive_seed
@@ -113,12 +114,6 @@ class TrainResult:
     saved: list[Path]
 
 
-def _grad_scaler(enabled: bool):
-    if hasattr(torch.amp, "GradScaler"):       # torch >= 2.3
-        return torch.amp.GradScaler("cuda", enabled=enabled)
-    return torch.cuda.amp.GradScaler(enabled=enabled)   # the torch 2.1 that WebUI 1.10 installs
-
-
 class Trainer:
     """The loop over one ready model and one plan (plan.py); the caller's config is never written."""
 
@@ -126,6 +121,11 @@ class Trainer:
         self.cb = callbacks or Callbacks()
         for line in model_notes(model.family, model.prediction, plan.config.v2, plan.config.v_parameterization):
             self.cb.log(line)
+        # [lo, hi) of the training timesteps: a max_timestep beyond the model's schedule is capped, and said so
+        lo, hi, note = timestep_range(plan.config.min_timestep, plan.config.max_timestep, len(model.alphas_cumprod))
+        self._t_range = lo, hi
+        if note:
+            self.cb.log(note)
         if plan.config.v_parameterization is not None:  # the user's word on what the model predicts
             model = dataclasses.replace(model, prediction="v" if plan.config.v_parameterization else "epsilon")
         self.model, self.plan, self.cfg = model, plan, plan.config
@@ -195,6 +195,7 @@ class Trainer:
             fresh = net.load_weights(load_safetensors(cfg.network_weights)[0], Path(cfg.network_weights).name)
             self.cb.log(f"starting from {Path(cfg.network_weights).name}"
                         + (f"; {len(fresh)} layers it lacks start fresh" if fresh else ""))
+        hold_in_half(net, cfg, self.cb.log)  # kohya's full_fp16/full_bf16
         latents, texts = LatentCache(m, self.dataset, cfg, write_disk=self.is_main), TextCache(m, cfg)
         mode = TrainingMode(m, net, self._lean(), cfg.gradient_checkpointing)
         callbacks, tb = self.cb, None
@@ -234,7 +235,7 @@ class Trainer:
         use_cuda = m.device.type == "cuda"
         amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)
         autocast = torch.autocast("cuda", dtype=amp_dtype) if (use_cuda and amp_dtype) else nullcontext()
-        scaler = _grad_scaler(enabled=use_cuda and cfg.mixed_precision == "fp16")
+        scaler = make_scaler(weight_dtype(cfg.full_fp16, cfg.full_bf16), use_cuda, cfg.mixed_precision, self.cb.log)
         text_trains = cfg.network.train_text_encoder
         batches = ds.iterate(self.global_batch, cfg.seed, pos)
         per_epoch = max(1, ds.steps_per_epoch(self.global_batch))
@@ -242,6 +243,7 @@ class Trainer:
         saved: list[Path] = []
         t0, step0 = time.time(), step
         acp_all = m.alphas_cumprod.to(m.device, torch.float32)
+        t_lo, t_hi = self._t_range
         batch: Batch | None = None
         B = cfg.batch_size
         if step == 0 and self.is_main and sample_prompts.due(cfg, 0, per_epoch)[0]:
@@ -267,7 +269,6 @@ class Trainer:
                 noise = torch.randn(shape, generator=g, device=m.device)
                 if cfg.noise_offset:
                     noise += cfg.noise_offset * torch.randn((*shape[:2], 1, 1), generator=g, device=m.device)
-                t_lo, t_hi = cfg.min_timestep or 0, min(cfg.max_timestep or acp_all.shape[0], acp_all.shape[0])
                 t = torch.randint(t_lo, t_hi, (n,), generator=g, device=m.device)
                 noise, t = noise[lo:hi], t[lo:hi]
                 acp = acp_all[t].view(-1, 1, 1, 1)

@@ -54,8 +54,9 @@ def _default(key: str) -> Any:
     return None if value is options.REQUIRED else value
 
 
-def preset_values(preset: str) -> dict[str, Any]:
-    """Form values (by request key) for a preset: the preset's values over the dataclass defaults."""
+def preset_values(preset: str, family: str | None = None) -> dict[str, Any]:
+    """Form values (by request key) for a preset: the preset's values over the dataclass defaults; kohya's
+    ``v2`` ticked when the host's loaded model (``family``) is SD2, as sd-scripts would need it."""
     data = PRESETS[preset]
     out: dict[str, Any] = {}
     for key in KEYS[1:]:
@@ -63,6 +64,7 @@ def preset_values(preset: str) -> dict[str, Any]:
         src = data.get(section, {}) if section else data
         value = src[name] if name in src else _default(key)
         out[key] = to_form(key, value)
+    out["v2"] = family == "sd2"
     return out
 
 
@@ -152,10 +154,6 @@ def import_files(config_text: str, dataset_text: str) -> tuple[dict[str, Any], l
                              "dataset config into the dataset.toml box)")
         hidden = [o.kohya or o.name for o in options.OPTIONS
                   if not o.label and o.key not in ("output_name", "output_dir") and (data.get(o.section, {}) if o.section else data).get(o.name, o.default) != o.default]
-        if "max_token_length" in hidden:  # the WebUI host refuses it (its own prompt chunking encodes captions)
-            hidden.remove("max_token_length")
-            notes.append("config.toml: max_token_length is not used in the WebUI, which encodes captions with its own "
-                         "prompt chunking: delete it from the config.toml box, or training is refused")
         if hidden:
             notes.append(f"config.toml: {', '.join(hidden)} apply from the file (the form has no field for them)")
     if (dataset_text or "").strip():
@@ -192,7 +190,7 @@ def create_tab(runner: JobRunner, sections: Sequence[Callable[[], None]] = ()) -
 
     host = runner.host
     default_preset = preset_for_family(host.family())
-    start_values = preset_values(default_preset)
+    start_values = preset_values(default_preset, host.family())
     components: dict[str, Any] = {}
 
     def make(key: str, label: str, kind: str, extra: dict):
@@ -296,7 +294,7 @@ def create_tab(runner: JobRunner, sections: Sequence[Callable[[], None]] = ()) -
                 "; ".join(req.notes) or "Written: save each box as a .toml file for kohya's scripts.")
 
         def on_preset(label):
-            vals = preset_values(preset_key(label))
+            vals = preset_values(preset_key(label), host.family())
             return [gr.update(value=vals[k]) if k in vals else gr.update() for k in keys]
 
         def on_validate(preset_label, *values):
