@@ -12,7 +12,8 @@ Each variant runs in its own process so peak RSS is its own:
   ours-lean  the same with lean_frozen_layers=True (of the two, the one that is ours runs only when named)
   ours-no-L  the same with one of our step's levers L turned off (LEVERS below): what each lever saves
   reference  the diffusers example recipe: UNet2DConditionModel + peft LoraConfig on the
-             same layers, AdamW, MSE on epsilon
+             same layers, AdamW, MSE on epsilon, the gradient clipped as the example clips it
+             (both clip at ``--max-grad-norm``, 1.0 by default as in both recipes; 0: neither)
   bare       one forward+backward of the frozen LDM/SGM UNet (gradient w.r.t. the input only):
              the floor any LoRA step pays
 Each variant runs ``--rounds`` times for time, the variants interleaved (a shared VM drifts by
@@ -186,11 +187,25 @@ def _per_tensor_adamw() -> None:
     optim.FLAT_GROUPS = ()
 
 
+def _grads_returned() -> None:
+    from lib_lora.training import lora_layers
+    lora_layers.GRADS_IN_PLACE = False
+
+
+def _pointwise_beside() -> None:
+    from lib_lora.training import lora_layers
+    lora_layers.BATCHED_POINTWISE = False
+
+
 # what each ``ours-no-LEVER`` variant turns off in its process: (what that leaves, how)
 LEVERS = {
     "one-forward": ("a forward hook per LoRA'd layer, the LoRA's own modules beside it", _hooks),
     "fused-adamw": ("torch's default AdamW kernels (one tensor at a time on CPU, foreach on CUDA)", _unfused_adamw),
     "flat-params": ("AdamW, zero_grad and the clip over each LoRA tensor, not one flat buffer", _per_tensor_adamw),
+    "grads-in-place": ("the LoRA's gradients returned to autograd, which adds them into the flat buffer",
+                       _grads_returned),
+    "batched-pointwise": ("a batch through a 1x1 conv (SD1.5's proj_in/out) by the conv, the LoRA's modules beside it",
+                          _pointwise_beside),
 }
 
 
@@ -235,7 +250,8 @@ def run_ours(args, q):
                       NetworkConfig(rank=args["rank"], alpha=args["rank"], train_text_encoder=False),
                       output_dir=root, output_name="bench", learning_rate=1e-4,
                       max_train_steps=2 + steps + (args["kernel_steps"] if clock.on else 0),
-                      max_grad_norm=0.0, lean_frozen_layers=args.get("lean"), batch_size=args["batch"],
+                      max_grad_norm=args["max_grad_norm"], lean_frozen_layers=args.get("lean"),
+                      batch_size=args["batch"],
                       mixed_precision="no" if args["precision"] == "fp32" else args["precision"])
     # torch.optim's first step imports its compiler support, a large one-time RSS growth: done here, before
     # the memory window opens, as the reference builds its optimiser before its window
@@ -310,6 +326,9 @@ def run_reference(args, q):
         with _amp(args):
             pred = unet((x + noise).to(_weights(args)), t, ctx, added_cond_kwargs=added).sample
         scaler.scale(torch.nn.functional.mse_loss(pred.float(), noise)).backward()
+        if args["max_grad_norm"]:    # the example's accelerator.clip_grad_norm_: unscale, then torch's clip
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(params, args["max_grad_norm"])
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
@@ -382,6 +401,9 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=320,
                     help="UNet base channels; e.g. --width 32 --latent 8 --threads 1 keeps SD1.5's layers but makes "
                          "the step bound by per-op overhead on CPU, as a GPU step at SD sizes is")
+    ap.add_argument("--max-grad-norm", type=float, default=1.0,
+                    help="gradient clipping of ours and the reference: 1.0 is the default of ours, sd-scripts and "
+                         "the diffusers example; 0 clips nothing")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--precision", default=None, choices=("fp32", "fp16", "bf16"),
                     help="weights and autocast type (default: fp32 on CPU, fp16 on CUDA)")
@@ -439,7 +461,8 @@ def report(res: dict, args: dict, rounds: int) -> None:
         ("" if args["width"] == 320 else f", width {args['width']}")
     layout = {"sd1": "SD1.5", "sdxl": "SDXL"}[args["family"]]
     print(f"\n{layout} layout, latent {args['latent']}x{args['latent']}, batch {args['batch']}, rank {args['rank']}, "
-          f"{where}; s/step: median of {rounds} runs (each the median of {args['steps'] - 1} "
+          f"{where}, max_grad_norm {args['max_grad_norm']:g}; s/step: median of {rounds} runs"
+          f" (each the median of {args['steps'] - 1} "
           f"steps after the first)")
     if cuda:
         print(f"{'variant':<22} {'s/step':>7} {'kernels':>8} {'wall/kern':>9} {'peak MiB':>9} | {'trainable':>9}")

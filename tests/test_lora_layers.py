@@ -47,7 +47,7 @@ def _outputs_and_grads(fn, x: Tensor, lora: LoRAModule, amp: torch.dtype | None 
     (nn.Linear(24, 40), (2, 7, 24)),               # tokens: the transformer's projections
     (nn.Linear(24, 40, bias=False), (7, 24)),
     (nn.Conv2d(24, 40, 1), (1, 24, 5, 6)),         # SD1.5's proj_in / proj_out, one image: matrix products
-    (nn.Conv2d(24, 40, 1), (3, 24, 5, 6)),         # a batch: the layer's own conv, the LoRA beside it
+    (nn.Conv2d(24, 40, 1), (3, 24, 5, 6)),         # a batch: batched products, the LoRA's gradients summed
     (nn.Conv2d(24, 40, 3, stride=2, padding=1), (2, 24, 9, 9)),   # LoCon on a resnet conv
 ])
 @pytest.mark.parametrize("x_grad", [True, False])
@@ -64,7 +64,8 @@ def test_one_forward_equals_autograd(layer, shape, x_grad):
     assert "forward" not in vars(layer)    # nothing was bound to the layer itself
 
 
-@pytest.mark.parametrize("layer,shape", [(nn.Linear(24, 40), (2, 7, 24)), (nn.Conv2d(24, 40, 1), (1, 24, 5, 6))])
+@pytest.mark.parametrize("layer,shape", [(nn.Linear(24, 40), (2, 7, 24)), (nn.Conv2d(24, 40, 1), (1, 24, 5, 6)),
+                                         (nn.Conv2d(24, 40, 1), (3, 24, 5, 6))])
 @pytest.mark.parametrize("torch_2_1", [False, True])   # the autocast queries of the WebUI's torch
 def test_under_autocast_the_product_is_half_and_the_lora_gradients_fp32(layer, shape, torch_2_1, monkeypatch):
     if torch_2_1:
@@ -137,21 +138,35 @@ def test_a_layer_with_an_instance_forward_of_its_own_keeps_it():
     assert "forward" not in vars(tiny.unet.input_blocks[1][1].proj_out)
 
 
-@pytest.mark.parametrize("layer,shape", [(nn.Linear(24, 40), (2, 7, 24)), (nn.Conv2d(24, 40, 1), (1, 24, 5, 6))])
-def test_gradients_into_a_flat_buffer_are_autograds(layer, shape):
+@pytest.mark.parametrize("layer,shape", [(nn.Linear(24, 40), (2, 7, 24)), (nn.Conv2d(24, 40, 1), (1, 24, 5, 6)),
+                                         (nn.Conv2d(24, 40, 1), (3, 24, 5, 6))])
+@pytest.mark.parametrize("in_place", [True, False])
+@pytest.mark.parametrize("amp", [None, torch.bfloat16])
+def test_gradients_into_a_flat_buffer_are_autograds(layer, shape, in_place, amp, monkeypatch):
     """With the LoRA's gradients views of one flat buffer (the trainer's AdamW), two backwards
-    accumulate there what autograd gives."""
-    from lib_lora.training import flat_params
+    accumulate there what autograd gives for the plain formula, whether the backward adds them
+    into the buffer itself (no autograd node of theirs) or returns them; under autocast the half
+    products are added into the fp32 buffer."""
+    from lib_lora.training import flat_params, lora_layers
 
+    monkeypatch.setattr(lora_layers, "GRADS_IN_PLACE", in_place)
     lora = _layer_and_lora(layer)
     x = torch.randn(shape, requires_grad=True)
-    _, ref = _outputs_and_grads(lambda t: _reference(layer, lora, t), x, lora)
+    _, ref = _outputs_and_grads(lambda t: _reference(layer, lora, t), x, lora, amp=amp)
     flat = flat_params.flatten([lora.down.weight, lora.up.weight])
     fwd = types.MethodType(lora_forward(layer, lora), layer)
     for _ in range(2):
-        y = fwd(x)
-        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(3)))
-    torch.testing.assert_close(lora.down.weight.grad, 2 * ref[0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(lora.up.weight.grad, 2 * ref[1], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(x.grad, 2 * ref[2], rtol=1e-5, atol=1e-5)
+        with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
+            y = fwd(x)
+        assert type(y.grad_fn).__name__ in ("_LoraLinearBackward", "_LoraPointwiseBackward")
+        # the LoRA's tensors are inputs of the layer's node only when autograd accumulates their gradients
+        assert (y.grad_fn.next_functions[1][0].variable is lora.down.weight) != in_place
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(y.dtype))
+    for got, want in zip((lora.down.weight.grad, lora.up.weight.grad, x.grad), ref):
+        tol = 1e-5 if amp is None else 0.05
+        torch.testing.assert_close(got, 2 * want, rtol=tol, atol=tol * max(1.0, want.abs().max().item()))
     assert flat.grad.abs().sum() > 0 and lora.down.weight.grad.data_ptr() == flat.grad.data_ptr()
+    assert lora.down.weight.grad.dtype == torch.float32 and lora_layers._ANCHOR.grad is None
+    with torch.no_grad():   # an optimiser's update in place: the layer computes with it at once
+        flat.mul_(-0.5).add_(0.01)
+    torch.testing.assert_close(fwd(x), _reference(layer, lora, x), rtol=1e-5, atol=1e-5)

@@ -35,13 +35,16 @@ part() {  # part NAME SECONDS COMMAND...
 # the CUDA tests: training a half model, frozen-layer backward on GPU kernels, merging, the CLI in fp16
 part test_cuda 300 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py
 # SD1.5 as a WebUI holds it (fp16 weights, fp16 autocast, loss scaling) at 512 px, batch 4, rank 16:
-# ours, ours-lean and ours with each step lever off (one-forward, fused-adamw, flat-params) vs the
-# diffusers + peft recipe vs a bare forward+backward; per variant: wall s/step, the GPU's busy (kernel)
-# time per step, wall/kernel, peak CUDA memory over the model; ratios ours/reference (time, memory),
-# each lever-off variant/ours, ours/bare, ours wall/kernel
-part bench_fp16 480 "$PY" benchmarks/train.py --device cuda --precision fp16 --latent 64 --batch 4 --steps 8 --rounds 2
-# SDXL (SGM UNet, fp16) at 1024 px, batch 1: ours vs reference vs bare, the same columns and ratios
+# ours and ours with each step lever off (one-forward, fused-adamw, flat-params, grads-in-place,
+# batched-pointwise: SD1.5's proj_in/out at batch 4) vs the diffusers + peft recipe vs a bare
+# forward+backward; per variant: wall s/step, the GPU's busy (kernel) time per step, wall/kernel, peak
+# CUDA memory over the model; ratios ours/reference (time, memory), each lever-off variant/ours,
+# ours/bare, ours wall/kernel.  (ours-lean is left out to fit the part's limit: `--variants ours-lean`.)
+part bench_fp16 480 "$PY" benchmarks/train.py --device cuda --precision fp16 --latent 64 --batch 4 --steps 6 --rounds 2 \
+    --variants ours,ours-no-one-forward,ours-no-fused-adamw,ours-no-flat-params,ours-no-grads-in-place,ours-no-batched-pointwise,reference,bare
+# SDXL (SGM UNet, fp16) at 1024 px, batch 1: ours, ours with the gradients returned to autograd, reference,
+# bare; the same columns and ratios
 part bench_sdxl 240 "$PY" benchmarks/train.py --device cuda --precision fp16 --family sdxl --latent 128 --batch 1 \
-    --steps 6 --rounds 1 --variants ours,reference,bare
+    --steps 6 --rounds 1 --variants ours,ours-no-grads-in-place,reference,bare
 # the CPU suite on this machine's python and torch (the one-GPU machine cannot run the two-process NCCL test)
 part suite_cpu 240 env CUDA_VISIBLE_DEVICES= "$PY" -m pytest -q -p no:cacheprovider -n 8 -k "not two_processes" tests

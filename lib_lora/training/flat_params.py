@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 _MEMBERS = "_lora_flat_members"     # attribute of a flat Parameter: the parameters it holds, in order
+_VIEW = "_lora_flat_view"           # attribute of a member: its gradient is a view of the flat one
 
 
 def flatten(params: list[nn.Parameter]) -> nn.Parameter:
@@ -38,6 +39,7 @@ def flatten(params: list[nn.Parameter]) -> nn.Parameter:
         n = p.numel()
         p.data = flat.data[i:i + n].view(p.shape)
         p.grad = flat.grad[i:i + n].view(p.shape)
+        setattr(p, _VIEW, True)
         i += n
     setattr(flat, _MEMBERS, tuple(params))
     return flat
@@ -46,6 +48,12 @@ def flatten(params: list[nn.Parameter]) -> nn.Parameter:
 def members(p: Tensor) -> tuple[nn.Parameter, ...] | None:
     """The parameters a flat Parameter holds, or None for any other tensor."""
     return getattr(p, _MEMBERS, None)
+
+
+def grads_are_views(p: Tensor) -> bool:
+    """Whether ``p`` is a flat Parameter's member, whose ``.grad`` a backward may add to in place (the
+    flat gradient is zeroed in place, never replaced, so the view stays the member's gradient)."""
+    return getattr(p, _VIEW, False)
 
 
 def zero_grads(opt: torch.optim.Optimizer) -> None:
