@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageFilter
 
-from .world import FULL_WORLD, PALETTE, SHAPES, Scene, World, generate, shape_mask, star_outline
+from .world import FULL_WORLD, PALETTE, SHAPES, Scene, World, generate, shape_mask
 
 _MIN_OBJECT_CHROMA = 40.0   # below this the image holds no coloured object at all
 # Measured on 3x3-smoothed greys, clean -> blur 2 + noise 16: textures have p95-p5 100 -> 30
@@ -137,12 +137,6 @@ def _segment(rgb: np.ndarray) -> tuple[np.ndarray, float]:
 
 _FIT_BLURS = (0.0, 1.0, 2.0)   # blur sigmas tried when fitting shapes to a (possibly blurry) blob
 _REFINE_ROUNDS = 4             # px each edge of a template's box may move from the blob's box
-# Outlines fitted per shape (None: the world's own).  A generative model draws the star plumper than
-# the world does (inner radius nearer 0.6 than 0.45); the plumper outline is still a five-pointed star,
-# and no other shape is read as a star with it (tests/test_toyworld.py, README "The scorer").
-Outline = tuple[tuple[float, float], ...]
-_OUTLINES: dict[str, tuple[Outline | None, ...]] = {
-    **{name: (None,) for name in SHAPES}, "star": (None, star_outline(inner=0.6))}
 
 
 def _gauss(a: np.ndarray, sigma: float) -> np.ndarray:
@@ -161,15 +155,15 @@ def _bbox(m: np.ndarray) -> np.ndarray:
     return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=float)
 
 
-def _template(name: str, outline: Outline | None, box: np.ndarray, mask: np.ndarray, sigma: float) -> np.ndarray:
-    return _gauss(shape_mask(name, tuple(box), mask.shape[1], mask.shape[0], outline), sigma) > 0.5
+def _template(name: str, box: np.ndarray, mask: np.ndarray, sigma: float) -> np.ndarray:
+    return _gauss(shape_mask(name, tuple(box), mask.shape[1], mask.shape[0]), sigma) > 0.5
 
 
 def _iou(t: np.ndarray, mask: np.ndarray) -> float:
     return float((t & mask).sum() / max((t | mask).sum(), 1))
 
 
-def _fit(name: str, outline: Outline | None, mask: np.ndarray, sigma: float) -> tuple[float, np.ndarray]:
+def _fit(name: str, mask: np.ndarray, sigma: float) -> tuple[float, np.ndarray]:
     """IoU of ``mask`` with ``name`` rendered, blurred by ``sigma`` and thresholded like the blob was,
     and the template's box.
 
@@ -179,7 +173,7 @@ def _fit(name: str, outline: Outline | None, mask: np.ndarray, sigma: float) -> 
     target = _bbox(mask)
     box = target.copy()
     for _ in range(2):
-        t = _template(name, outline, box, mask, sigma)
+        t = _template(name, box, mask, sigma)
         if not t.any():
             return 0.0, box
         got = _bbox(t)
@@ -192,12 +186,12 @@ def _fit(name: str, outline: Outline | None, mask: np.ndarray, sigma: float) -> 
 _MOVES = [np.eye(4)[k] * d for k in range(4) for d in (-1.0, 1.0)]
 
 
-def _refine(name: str, outline: Outline | None, mask: np.ndarray, sigma: float, box: np.ndarray, iou: float,
+def _refine(name: str, mask: np.ndarray, sigma: float, box: np.ndarray, iou: float,
             rounds: int = _REFINE_ROUNDS) -> float:
     """Best IoU when the template's box may move each edge by up to ``rounds`` px (greedy, 1 px a step):
     a drawn shape with one short or long tip has a box that does not match the template's proportions."""
     for _ in range(rounds):
-        best = max(((_iou(_template(name, outline, box + m, mask, sigma), mask), i) for i, m in enumerate(_MOVES)),
+        best = max(((_iou(_template(name, box + m, mask, sigma), mask), i) for i, m in enumerate(_MOVES)),
                    key=lambda x: x[0])
         if best[0] <= iou:
             break
@@ -213,11 +207,8 @@ def _score_shape(mask: np.ndarray) -> tuple[str, float, dict[str, float]]:
     win = mask[y0:ys.max() + pad + 1, x0:xs.max() + pad + 1]
     ious = {}
     for name in SHAPES:
-        best = 0.0
-        for outline in _OUTLINES[name]:
-            iou, box, sigma = max(((*_fit(name, outline, win, s), s) for s in _FIT_BLURS), key=lambda x: x[0])
-            best = max(best, _refine(name, outline, win, sigma, box, iou))
-        ious[name] = best
+        iou, box, sigma = max(((*_fit(name, win, s), s) for s in _FIT_BLURS), key=lambda x: x[0])
+        ious[name] = _refine(name, win, sigma, box, iou)
     ranked = sorted(ious, key=ious.get, reverse=True)
     margin = ious[ranked[0]] - ious[ranked[1]]
     return ranked[0], min(1.0, margin / 0.15), ious      # a 0.15 IoU lead is a clear win

@@ -43,7 +43,7 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 }
 
 
-def star_outline(points: int = 5, inner: float = 0.45) -> tuple[tuple[float, float], ...]:
+def _star(points: int = 5, inner: float = 0.45) -> tuple[tuple[float, float], ...]:
     out = []
     for k in range(2 * points):
         r = 1.0 if k % 2 == 0 else inner
@@ -61,7 +61,7 @@ SHAPES: dict[str, tuple[tuple[float, float], ...] | None] = {
     "diamond": ((0, -1), (1, 0), (0, 1), (-1, 0)),
     "cross": ((-_ARM, -1), (_ARM, -1), (_ARM, -_ARM), (1, -_ARM), (1, _ARM), (_ARM, _ARM),
               (_ARM, 1), (-_ARM, 1), (-_ARM, _ARM), (-1, _ARM), (-1, -_ARM), (-_ARM, -_ARM)),
-    "star": star_outline(),
+    "star": _star(),
 }
 
 # Background name -> caption words.
@@ -167,20 +167,19 @@ def background_array(name: str, phase: int = 0) -> np.ndarray:
 
 
 def shape_mask(shape: str, box: tuple[float, float, float, float], width: int = SIDE,
-               height: int = SIDE, outline: tuple[tuple[float, float], ...] | None = None) -> np.ndarray:
+               height: int = SIDE) -> np.ndarray:
     """Anti-aliased coverage (0..1) of ``shape`` stretched so its own extent fills ``box``.
 
     ``box`` = (x0, y0, x1, y1) in px, edges not pixel centres.  The shape's *own*
     bounding box (a star's is not square) is mapped onto ``box``; the scorer uses the
-    same mapping to fit candidate shapes to a segmented object.  ``outline``: draw this
-    polygon (unit coordinates, as in SHAPES) instead of the shape's own.
+    same mapping to fit candidate shapes to a segmented object.
     """
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; known: {list(SHAPES)}")
     canvas = Image.new("L", (width * _SS, height * _SS), 0)
     draw = ImageDraw.Draw(canvas)
     x0, y0, x1, y1 = (v * _SS for v in box)
-    pts = SHAPES[shape] if outline is None else outline
+    pts = SHAPES[shape]
     if pts is None:
         draw.ellipse((x0, y0, x1, y1), fill=255)
     else:
