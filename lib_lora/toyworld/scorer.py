@@ -8,8 +8,9 @@ Plain numpy image analysis, no learned weights:
   2. colour: hue of the median RGB inside the (eroded) blob, nearest palette hue
      (hue ignores the brightness/saturation drift a generator adds).
   3. shape: each known shape is stretched onto the blob's bounding box, blurred by a
-     few sigmas and thresholded the way the blob was; the best IoU wins (shapes are
-     never rotated, so a box fit is fair).
+     few sigmas and thresholded the way the blob was; then each edge of its box may move
+     a few px (a drawn star with one short tip has a box of other proportions); the best
+     IoU wins (shapes are never rotated, so a box fit is fair).
   4. background: 3x3-smoothed greys outside the dilated blob.  Little range or little
      pixel-to-pixel change -> plain light/dark by brightness.  Otherwise the mean
      change along four directions: stripes have one direction with none (horizontal
@@ -18,7 +19,10 @@ Plain numpy image analysis, no learned weights:
 
 Measured (tests/test_toyworld.py, FULL_WORLD, 1500 images): 100% on every attribute
 clean, >= 99.9% under MILD and STRONG degradation; under blur 2 + noise 16 the shape
-drops to ~98% (blurred star tips), colour and background stay at 100%.
+drops to ~98% (blurred star tips), colour and background stay at 100%.  Since the box
+refinement (600 images, seed 777): shape 100% clean, MILD and STRONG, 99.7% at blur 2
+(was 98.2%); on 120 generated images labelled by eye, 39 of 47 stars read as stars (33
+before) and 1 of 48 other shapes and blobs (0 before).
 """
 from __future__ import annotations
 
