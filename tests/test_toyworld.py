@@ -136,3 +136,24 @@ def test_degrade_is_seeded():
     image = render(Scene("square", "green", "checkered", 32, 32, 30))
     a = degrade(image, STRONG, np.random.default_rng(1))
     assert png(a) == png(degrade(image, STRONG, np.random.default_rng(1))) and png(a) != png(image)
+
+
+def test_scorer_on_generated_images_labelled_by_eye():
+    """120 images drawn by star LoRAs (tests/data/toyworld_generated_stars.json says which) and labelled by
+    eye: star, ambiguous or another shape.  Acquisition counts images read as "star", so the scorer must
+    find the drawn stars without reading blobs and other shapes as stars.  Before the box refinement it
+    read 33 of the 47 eye-labelled stars (70%) and 0 of the 48 others; now 39 (83%) and 1 (a pentagon-like
+    blob)."""
+    from pathlib import Path
+    import json
+
+    data = Path(__file__).parent / "data"
+    meta = json.loads((data / "toyworld_generated_stars.json").read_text())
+    sheet, cell, cols = Image.open(data / "toyworld_generated_stars.png").convert("RGB"), meta["cell"], meta["columns"]
+    read = {"star": [], "other": [], "ambiguous": []}
+    for k, label in enumerate(meta["labels"]):
+        x, y = (k % cols) * cell, (k // cols) * cell
+        read[label].append(score(sheet.crop((x, y, x + cell, y + cell))).shape == "star")
+    assert (len(read["star"]), len(read["other"])) == (47, 48)
+    assert sum(read["star"]) >= 0.8 * len(read["star"]), sum(read["star"])
+    assert sum(read["other"]) <= 1, sum(read["other"])

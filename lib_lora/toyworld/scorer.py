@@ -8,8 +8,9 @@ Plain numpy image analysis, no learned weights:
   2. colour: hue of the median RGB inside the (eroded) blob, nearest palette hue
      (hue ignores the brightness/saturation drift a generator adds).
   3. shape: each known shape is stretched onto the blob's bounding box, blurred by a
-     few sigmas and thresholded the way the blob was; the best IoU wins (shapes are
-     never rotated, so a box fit is fair).
+     few sigmas and thresholded the way the blob was; then each edge of its box may move
+     a few px (a drawn star with one short tip has a box of other proportions); the best
+     IoU wins (shapes are never rotated, so a box fit is fair).
   4. background: 3x3-smoothed greys outside the dilated blob.  Little range or little
      pixel-to-pixel change -> plain light/dark by brightness.  Otherwise the mean
      change along four directions: stripes have one direction with none (horizontal
@@ -18,7 +19,10 @@ Plain numpy image analysis, no learned weights:
 
 Measured (tests/test_toyworld.py, FULL_WORLD, 1500 images): 100% on every attribute
 clean, >= 99.9% under MILD and STRONG degradation; under blur 2 + noise 16 the shape
-drops to ~98% (blurred star tips), colour and background stay at 100%.
+drops to ~98% (blurred star tips), colour and background stay at 100%.  Since the box
+refinement (600 images, seed 777): shape 100% clean, MILD and STRONG, 99.7% at blur 2
+(was 98.2%); on 120 generated images labelled by eye, 39 of 47 stars read as stars (33
+before) and 1 of 48 other shapes and blobs (0 before).
 """
 from __future__ import annotations
 
@@ -136,6 +140,7 @@ def _segment(rgb: np.ndarray) -> tuple[np.ndarray, float]:
 
 
 _FIT_BLURS = (0.0, 1.0, 2.0)   # blur sigmas tried when fitting shapes to a (possibly blurry) blob
+_REFINE_ROUNDS = 4             # px each edge of a template's box may move from the blob's box
 
 
 def _gauss(a: np.ndarray, sigma: float) -> np.ndarray:
@@ -154,8 +159,17 @@ def _bbox(m: np.ndarray) -> np.ndarray:
     return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=float)
 
 
-def _fit(name: str, mask: np.ndarray, sigma: float) -> float:
-    """IoU of ``mask`` with ``name`` rendered, blurred by ``sigma`` and thresholded like the blob was.
+def _template(name: str, box: np.ndarray, mask: np.ndarray, sigma: float) -> np.ndarray:
+    return _gauss(shape_mask(name, tuple(box), mask.shape[1], mask.shape[0]), sigma) > 0.5
+
+
+def _iou(t: np.ndarray, mask: np.ndarray) -> float:
+    return float((t & mask).sum() / max((t | mask).sum(), 1))
+
+
+def _fit(name: str, mask: np.ndarray, sigma: float) -> tuple[float, np.ndarray]:
+    """IoU of ``mask`` with ``name`` rendered, blurred by ``sigma`` and thresholded like the blob was,
+    and the template's box.
 
     Blur shortens tips and rounds corners, so the blob's box is smaller than the drawn
     shape's: one correction step grows the box by what blurring the template lost.
@@ -163,14 +177,30 @@ def _fit(name: str, mask: np.ndarray, sigma: float) -> float:
     target = _bbox(mask)
     box = target.copy()
     for _ in range(2):
-        t = _gauss(shape_mask(name, tuple(box), mask.shape[1], mask.shape[0]), sigma) > 0.5
+        t = _template(name, box, mask, sigma)
         if not t.any():
-            return 0.0
+            return 0.0, box
         got = _bbox(t)
         if np.abs(got - target).max() < 0.5:
             break
         box = box + (target - got)
-    return float((t & mask).sum() / max((t | mask).sum(), 1))
+    return _iou(t, mask), box
+
+
+_MOVES = [np.eye(4)[k] * d for k in range(4) for d in (-1.0, 1.0)]
+
+
+def _refine(name: str, mask: np.ndarray, sigma: float, box: np.ndarray, iou: float,
+            rounds: int = _REFINE_ROUNDS) -> float:
+    """Best IoU when the template's box may move each edge by up to ``rounds`` px (greedy, 1 px a step):
+    a drawn shape with one short or long tip has a box that does not match the template's proportions."""
+    for _ in range(rounds):
+        best = max(((_iou(_template(name, box + m, mask, sigma), mask), i) for i, m in enumerate(_MOVES)),
+                   key=lambda x: x[0])
+        if best[0] <= iou:
+            break
+        iou, box = best[0], box + _MOVES[best[1]]
+    return iou
 
 
 def _score_shape(mask: np.ndarray) -> tuple[str, float, dict[str, float]]:
@@ -179,7 +209,10 @@ def _score_shape(mask: np.ndarray) -> tuple[str, float, dict[str, float]]:
     pad = 6
     y0, x0 = max(ys.min() - pad, 0), max(xs.min() - pad, 0)
     win = mask[y0:ys.max() + pad + 1, x0:xs.max() + pad + 1]
-    ious = {name: max(_fit(name, win, s) for s in _FIT_BLURS) for name in SHAPES}
+    ious = {}
+    for name in SHAPES:
+        iou, box, sigma = max(((*_fit(name, win, s), s) for s in _FIT_BLURS), key=lambda x: x[0])
+        ious[name] = _refine(name, win, sigma, box, iou)
     ranked = sorted(ious, key=ious.get, reverse=True)
     margin = ious[ranked[0]] - ious[ranked[1]]
     return ranked[0], min(1.0, margin / 0.15), ious      # a 0.15 IoU lead is a clear win
