@@ -162,3 +162,22 @@ def test_file_of_embeddings_alone_registers_them(webui, model, sd1_map):
     assert p.extra_generation_params.get("Lora hashes", "").startswith("only: ")
 
 
+
+
+def test_token_widths_through_the_webuis_hijack(sd1):
+    """sd_hijack wraps each token embedding in EmbeddingsWithFixes (the table in .wrapped): still found."""
+    from torch import nn
+
+    from lib_lora.hosts.webui_model import token_widths
+    model, _ = sd1
+    assert token_widths(model, "sd1") == {"": WIDTH}
+    embeddings = model.cond_stage_model.wrapped.transformer.text_model.embeddings
+    table = embeddings.token_embedding
+    fixes = nn.Module()
+    fixes.wrapped = table
+    embeddings.token_embedding = fixes
+    try:
+        assert token_widths(model, "sd1") == {"": WIDTH}
+        assert token_widths(model, "sd3") is None
+    finally:
+        embeddings.token_embedding = table

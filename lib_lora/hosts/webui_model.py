@@ -78,6 +78,7 @@ def token_widths(sd_model: Any, family: str) -> dict[str, int] | None:
         table = getattr(root, "token_embedding", None)  # OpenCLIP
         if table is None and hasattr(root, "get_input_embeddings"):  # HF CLIPTextModel
             table = root.get_input_embeddings()
+        table = _unwrap(table)  # sd_hijack's EmbeddingsWithFixes keeps the original table in .wrapped
         weight = getattr(table, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             return None
