@@ -181,3 +181,33 @@ def test_token_widths_through_the_webuis_hijack(sd1):
         assert token_widths(model, "sd3") is None
     finally:
         embeddings.token_embedding = table
+
+
+def test_sdxl_embedding_registered_with_both_encoders_vectors(standin_webui):
+    """SDXL: clip_l/clip_g checked against each encoder's token table, registered as the WebUI's SDXL embedding
+    (``vec`` a dict by encoder, ``shape`` both widths); an SD1 embedding is skipped with a message."""
+    from torch import nn
+
+    from lib_lora.hosts.webui_embeddings import BundledEmbeddings
+    from webui_glue_support import FakeSdModel, FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder, TinyOpenClip, \
+        WithCustomWords, tiny_clip
+
+    g = TinyOpenClip(width=16)
+    g.token_embedding = nn.Embedding(1000, 16)
+    conditioner = WithCustomWords(nn.Module())  # the WebUI's cond_stage_model for SDXL: the conditioner, tokenize
+    conditioner.embedders = nn.ModuleList([WithCustomWords(FrozenCLIPEmbedder(tiny_clip())),
+                                           WithCustomWords(FrozenOpenCLIPEmbedder(g))])
+    sdxl = FakeSdModel(None, conditioner=conditioner, is_sdxl=True)
+    sdxl.cond_stage_model = conditioner
+    l, gv = _vectors(n=3), _vectors(n=3, width=16, seed=8)
+    embs = parse_bundle("xl", {"bundle_emb.sky.clip_l": l, "bundle_emb.sky.clip_g": gv,
+                               "bundle_emb.old.string_to_param.*": _vectors()})
+    reg = BundledEmbeddings(lambda key, default=None: default)
+    messages = reg.register(sdxl, [("xl", embs["sky"]), ("xl", embs["old"])])
+    db = sd_hijack.model_hijack.embedding_db
+    emb = db.word_embeddings["sky"]
+    assert set(emb.vec) == {"clip_l", "clip_g"} and emb.shape == WIDTH + 16 and emb.vectors == 3
+    assert torch.equal(emb.vec["clip_l"], l) and torch.equal(emb.vec["clip_g"], gv)
+    assert messages == ["xl: embedding 'old' is for a one-text-encoder model (SD1/SD2), not the loaded model — skipped"]
+    reg.clear(sdxl)
+    assert db.word_embeddings == {} and db.ids_lookup == {}
