@@ -34,9 +34,6 @@ class _LoraNameHash(str):
     def __str__(self) -> str:
         return str.__str__(self) if self._enabled() else ""
 
-    def __format__(self, spec: str) -> str:
-        return format(str(self), spec)
-
 
 class BundledEmbeddings:
     """The embeddings one Workshop has registered in the WebUI's database."""
