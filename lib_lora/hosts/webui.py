@@ -7,8 +7,9 @@
 
 Around it: ``webui_host`` (the model map, folders, messages, lock), ``webui_model`` (where the
 WebUI keeps the model's parts), ``webui_settings``, ``webui_cards`` (the Extra Networks page),
-``webui_builtin`` (the built-in Lora), ``webui_embeddings`` (bundled embeddings in the WebUI's embedding database).  ``webui_training``, ``webui_tools`` and ``webui_routes``
-sit above this module and use its ``Workshop``.
+``webui_builtin`` (the built-in Lora), ``webui_embeddings`` (bundled embeddings in the WebUI's embedding
+database).  ``webui_training``, ``webui_tools`` and ``webui_routes`` sit above this module and use its
+``Workshop``.
 
 Coexistence with the built-in Lora extension: see ``claim`` and docs/coexistence (README).
 """
