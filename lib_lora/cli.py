@@ -215,7 +215,9 @@ def cmd_render(args: argparse.Namespace) -> int:
     from .modelmap import ModelMap
     rt.set_model(ModelMap.build(ckpt.family, ckpt.unet, ckpt.text_encoders))
     res = rt.activate(requests)
-    for m in bad_tokens + res.messages:
+    unused = [f"{lora}: bundled embedding {emb.name!r} not used (only the WebUI registers bundled embeddings)"
+              for lora, emb in res.embeddings]
+    for m in bad_tokens + res.messages + unused:
         console.log(f"warning: {m}")
     width, height = args.width or ckpt.resolution, args.height or ckpt.resolution
     try:

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from . import families
+from .bundled import BundledEmbedding, parse_bundle, split_bundle
 from .adapters import Adapter, AdapterError, make_adapter
 from .fileio import LoraFileError, load_file
 from .keymap import split_key
@@ -27,6 +28,7 @@ class Network:
     errors: list[str] = field(default_factory=list)  # modules whose tensors were unusable
     mtime: float = 0.0
     nbytes: int = 0
+    embeddings: dict[str, BundledEmbedding] = field(default_factory=dict)  # bundled textual inversions (bundled.py)
 
     def algorithms(self) -> dict[str, int]:
         out: dict[str, int] = defaultdict(int)
@@ -48,11 +50,13 @@ class Network:
 
 def parse_state_dict(name: str, sd: dict[str, Tensor], metadata: dict[str, str],
                      path: Path | None = None) -> Network:
-    """Group tensors by module and build one adapter per module."""
-    dual = dual_text_encoders(sd)
+    """Group tensors by module and build one adapter per module; read the bundled embeddings."""
+    lora_sd, bundle = split_bundle(sd)
+    embeddings = parse_bundle(name, bundle)
+    dual = dual_text_encoders(lora_sd)
     groups: dict[str, dict[str, Tensor]] = defaultdict(dict)
     unknown: list[str] = []
-    for key, tensor in sd.items():
+    for key, tensor in lora_sd.items():
         split = split_key(key, dual)
         if split is None:
             unknown.append(key)
@@ -87,13 +91,13 @@ def parse_state_dict(name: str, sd: dict[str, Tensor], metadata: dict[str, str],
             continue
         unknown.extend(f"{module}.{r}" for r in sorted(set(tensors) - adapter.known_suffixes()))
         adapters[module] = adapter
-    if not adapters:
+    if not adapters and not embeddings:  # a file of embeddings alone is what the built-in reads too
         detail = f" ({errors[0]})" if errors else ""
         raise LoraFileError(f"{name}: no LoRA/LyCORIS tensors recognised in file{detail}")
     shapes = {f"{m}.{r}": tuple(t.shape) for m, ts in groups.items() for r, t in ts.items()}
     family = families.detect_family(metadata, set(adapters), shapes)
     nbytes = sum(t.numel() * t.element_size() for t in sd.values())
-    return Network(name, path, metadata, adapters, family, unknown, errors, nbytes=nbytes)
+    return Network(name, path, metadata, adapters, family, unknown, errors, nbytes=nbytes, embeddings=embeddings)
 
 
 def dual_text_encoders(keys) -> bool:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .adapters import dora
+from .bundled import BundledEmbedding
 from .fileio import LoraFileError
 from .library import AmbiguousName, Library, LoraNotFound
 from .live import LiveRegistry, LiveSnapshot, LiveUnavailable
@@ -28,6 +29,8 @@ class ActivationResult:
     applied: list[str] = field(default_factory=list)
     report: ApplyReport | None = None
     live: list[tuple[str, LiveSnapshot]] = field(default_factory=list)  # (name as written, what it meant), applied
+    # (name as written, embedding) bundled in each loaded file, whether or not its layers applied (as the built-in)
+    embeddings: list[tuple[str, BundledEmbedding]] = field(default_factory=list)
 
 
 class Runtime:
@@ -93,13 +96,16 @@ class Runtime:
                 except (LoraNotFound, AmbiguousName, LoraFileError, OSError, LiveUnavailable) as e:
                     res.messages.append(str(e))
                     continue
-                acts.append(Activation(net, req))
+                res.embeddings.extend((req.name, emb) for emb in net.embeddings.values())
                 loaded.append((req, net.name, shorthash, snap))
+                if net.adapters:  # a file of bundled embeddings alone has no layers for the patcher
+                    acts.append(Activation(net, req))
             report = self.patcher.apply(acts)
             res.report = report
             res.messages.extend(report.messages)
+            with_layers = {act.network.name for act in acts}
             for req, netname, shorthash, snap in loaded:
-                if netname in report.applied:
+                if netname in report.applied or netname not in with_layers:
                     res.applied.append(req.name)
                     res.hashes.append((req.name, shorthash()))
                     if snap is not None:

@@ -76,6 +76,7 @@ class StandinWebUI:
         ui_extra_networks.allowed_dirs.clear()
         script_callbacks.clear_callbacks()
         sd_hijack.model_hijack.clear_comments()
+        mp.setattr(sd_hijack.model_hijack, "embedding_db", sd_hijack.EmbeddingDatabase())
         self.script = None
 
     def load_script(self):

@@ -11,10 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from lib_lora.cli import main
-from lib_lora.fileio import read_header
+from lib_lora.fileio import load_file, read_header, save_safetensors
 from lib_lora.training.state import read_state_header, state_path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,6 +64,13 @@ def test_render_shows_progress_and_writes_the_webuis_infotext(tiny_checkpoint, t
         assert text == ("zkx, red square <lora:zkx_lora:0.8>\nNegative prompt: blurry, grey\n"
                         f"Steps: 3, Sampler: DDIM, CFG scale: 7.0, Seed: {5 + i}, Size: 64x64, "
                         f'Model hash: {model_hash}, Model: toy, Lora hashes: "zkx_lora: {lora_hash}"'), text
+    # a bundled embedding is the WebUI's to register: the command line says it is not used
+    sd, meta = load_file(lora)
+    save_safetensors({**sd, "bundle_emb.zkx.string_to_param.*": torch.zeros(1, 8)}, tmp_path / "zkx_emb.safetensors",
+                     metadata=meta)
+    assert main(["render", "zkx <lora:zkx_emb:1>", "--base", str(ckpt), "--lora-dir", str(tmp_path),
+                 "--out", str(tmp_path / "emb.png"), "--steps", "1", "--width", "64", "--height", "64"]) == 0
+    assert "warning: zkx_emb: bundled embedding 'zkx' not used" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])

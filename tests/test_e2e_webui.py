@@ -556,3 +556,43 @@ def test_lbw_gives_the_pixels_of_builtin_plus_lbw(server, lbw_reference):
 
 from e2e_sd3 import (  # noqa: E402,F401
     sd3_server, test_sd3_checkpoint_loads_as_sd3, test_sd3_lora_applies_writes_hashes_and_restores)
+
+
+# -- textual-inversion embeddings bundled in a LoRA file -------------------------------------------------
+
+
+def test_bundled_embedding_changes_the_prompt_and_is_gone_after(server):
+    """A LoRA with ``bundle_emb.NAME.string_to_param.*`` against the same LoRA without it: the prompt that says
+    NAME gives another image (the embedding's vectors replace the word), ``TI hashes`` names the LoRA, nothing is
+    printed, and the next generation without the LoRA is the one from before."""
+    import torch
+    from safetensors import safe_open
+
+    from lib_lora.fileio import load_file, save_safetensors
+
+    if os.environ.get("WEBUI_E2E_CKPT"):
+        pytest.skip("the bundled embedding is made for the tiny checkpoint's text encoder")
+    with safe_open(str(server.ckpt), "pt") as f:
+        width = f.get_slice("cond_stage_model.transformer.text_model.embeddings.token_embedding.weight").get_shape()[1]
+    sd, meta = load_file(server.lora)
+    folder = server.lora.parent
+    save_safetensors(sd, folder / "e2e_bundle_plain.safetensors", metadata=meta)
+    vec = torch.randn(2, width, generator=torch.Generator().manual_seed(5))
+    save_safetensors({**sd, "bundle_emb.e2estar.string_to_param.*": vec}, folder / "e2e_bundle.safetensors",
+                     metadata=meta)
+    assert server.request("POST", "/lora-workshop/v1/refresh")[0] == 200
+
+    prompt = "a photo of e2estar"
+    before = server.txt2img(prompt)
+    plain, plain_log = server.txt2img_logged(f"{prompt} <lora:e2e_bundle_plain:1>")
+    bundled, log = server.txt2img_logged(f"{prompt} <lora:e2e_bundle:1>")
+    after = server.txt2img(prompt)
+    for text in (plain_log, log):
+        ours = [line for line in text.splitlines() if "[LoRA Workshop]" in line or "Traceback" in line
+                or "Skip bundle embedding" in line]
+        assert not ours, "\n".join(ours)
+    params = bundled["info"]["extra_generation_params"]
+    assert params.get("TI hashes") == "e2estar: e2e_bundle", params
+    assert "TI hashes" not in plain["info"]["extra_generation_params"]
+    assert pixels(bundled["image"]) != pixels(plain["image"]), "the bundled embedding changed nothing"
+    assert after["image"] == before["image"], "the bundled embedding stayed registered"

@@ -505,6 +505,10 @@ def test_bad_inputs_get_named_errors_and_no_output(sd1, tmp_path):
         bake(f32, [str(pbad)], out, log=lambda s: None)
     with pytest.raises(common.UnknownKeysError, match="no_such_layer"):
         resize(pbad, out, rank=1, layout=lay, log=lambda s: None)
+    pemb = save_safetensors({**a, "bundle_emb.star.string_to_param.*": torch.zeros(1, 8)}, tmp_path / "emb.safetensors")
+    with pytest.raises(common.UnknownKeysError, match="embeddings \\(star\\)"):  # not dropped silently
+        resize(pemb, out, rank=1, layout=lay, log=lambda s: None)
+    assert not out.exists()
     with pytest.raises(common.ToolError, match="overwrite an input"):
         resize(pa, pa, rank=1, layout=lay, force=True, log=lambda s: None)
     with pytest.raises(common.ToolError, match="overwrite an input"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import types
+import zlib
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,46 @@ class WithCustomWords(nn.Module):  # sd_hijack's wrapper: the original embedder 
     def __init__(self, wrapped):
         super().__init__()
         self.wrapped = wrapped
+
+    def tokenize(self, texts):
+        """One id per word (what ``register_embedding_by_name`` asks of the model's ``cond_stage_model``)."""
+        return [[1 + zlib.crc32(w.encode()) % 997 for w in text.split()] for text in texts]
+
+
+def encode_prompt(sd_model, prompt: str, seen: list | None = None) -> torch.Tensor:
+    """The stand-in of sd_hijack_clip for an SD1 ``cond_stage_model``: the prompt's words as token ids, a
+    registered embedding's name replaced by its vectors (``embedding_db.find_embedding_at_position``), spliced
+    into the token embeddings' output (as EmbeddingsWithFixes does), then the text encoder.  ``seen``
+    collects (position, vectors spliced in)."""
+    cond = sd_model.cond_stage_model
+    words = cond.tokenize([prompt])[0]
+    db = sd_hijack.model_hijack.embedding_db
+    ids, fixes, i = [0], [], 0  # position 0: the start token
+    while i < len(words):
+        emb, n = db.find_embedding_at_position(words, i)
+        if emb is None:
+            ids.append(words[i])
+            i += 1
+            continue
+        fixes.append((len(ids), emb.vec))
+        ids.extend([0] * emb.vec.shape[0])
+        i += n
+    te = cond.wrapped.transformer
+
+    def splice(_, __, out):
+        out = out.clone()
+        for pos, vec in fixes:
+            out[0, pos:pos + vec.shape[0]] = vec.to(out.dtype)
+            if seen is not None:
+                seen.append((pos, vec))
+        return out
+
+    handle = te.get_input_embeddings().register_forward_hook(splice)
+    try:
+        with torch.no_grad():
+            return te(input_ids=torch.tensor([ids])).last_hidden_state
+    finally:
+        handle.remove()
 
 
 class DiffusionWrapper(nn.Module):

@@ -7,8 +7,9 @@
 
 Around it: ``webui_host`` (the model map, folders, messages, lock), ``webui_model`` (where the
 WebUI keeps the model's parts), ``webui_settings``, ``webui_cards`` (the Extra Networks page),
-``webui_builtin`` (the built-in Lora).  ``webui_training``, ``webui_tools`` and ``webui_routes``
-sit above this module and use its ``Workshop``.
+``webui_builtin`` (the built-in Lora), ``webui_embeddings`` (bundled embeddings in the WebUI's embedding
+database).  ``webui_training``, ``webui_tools`` and ``webui_routes`` sit above this module and use its
+``Workshop``.
 
 Coexistence with the built-in Lora extension: see ``claim`` and docs/coexistence (README).
 """
@@ -29,6 +30,7 @@ from ..runtime import ActivationResult, Runtime
 from . import webui_settings as settings
 from .webui_builtin import BuiltinHandoff, builtin_lora_active, builtin_networks_module, lbw_active
 from .webui_cards import LoraPage
+from .webui_embeddings import BundledEmbeddings
 from .webui_host import WebUIHost, log, use_original_torch_load
 
 NETWORK_NAME = "lora"
@@ -47,6 +49,7 @@ class LoraNetwork(extra_networks.ExtraNetwork):
         self.workshop = workshop
 
     def activate(self, p, params_list):
+        self.workshop.drop_embeddings()  # the previous activation's bundled embeddings, whoever handles this one
         if self.workshop.hand_to_builtin(p, params_list):
             return
         self.workshop.activate(p, [params.items for params in params_list])
@@ -82,6 +85,7 @@ class Workshop:
         self.network = LoraNetwork(self)
         self.page = LoraPage(self)
         self.builtin = BuiltinHandoff(self)
+        self.embeddings = BundledEmbeddings(self.host.option)
         self._warned: set[str] = set()
         self._ui_claim_pending = False
 
@@ -201,6 +205,11 @@ class Workshop:
             res = ActivationResult(messages=[f"LoRA Workshop: applying LoRAs failed, generating without them "
                                              f"({type(e).__name__}: {e})"])
         res.messages[:0] = messages
+        try:  # before the prompt is encoded, so its conditioning sees them
+            res.messages.extend(self.embeddings.register(self.host.current_model(), res.embeddings))
+        except Exception as e:
+            self.drop_embeddings()
+            res.messages.append(f"LoRA Workshop: registering bundled embeddings failed ({type(e).__name__}: {e})")
         self._write_hashes(p, res)
         self._write_live(p, res)
         show = bool(self.host.option(settings.OPT_SHOW_WARNINGS))
@@ -214,7 +223,11 @@ class Workshop:
         self.claim()
         self.runtime.drop_schedules()
 
+    def drop_embeddings(self) -> None:
+        self.embeddings.clear(self.host.current_model())
+
     def deactivate(self, p: Any) -> None:
+        self.drop_embeddings()  # nothing of this generation's LoRAs stays registered between generations
         if self.host.option(settings.OPT_RESTORE_AFTER):
             self.restore()
         else:

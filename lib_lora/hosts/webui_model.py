@@ -65,3 +65,23 @@ def sd3_text_encoder_roots(sd_model: Any) -> list[tuple[str, torch.nn.Module]]:
 
 def unet_root(sd_model: Any) -> torch.nn.Module | None:
     return getattr(getattr(sd_model, "model", None), "diffusion_model", None)
+
+
+def token_widths(sd_model: Any, family: str) -> dict[str, int] | None:
+    """The token-embedding width of each text encoder, keyed as bundled embeddings key their vectors
+    (``""`` for SD1/SD2, ``clip_l``/``clip_g`` for SDXL); None where one cannot be found."""
+    if family not in ("sd1", "sd2", "sdxl"):
+        return None
+    parts = {"te": "", "te1": "clip_l", "te2": "clip_g"}
+    widths = {}
+    for prefix, root in text_encoder_roots(sd_model, family):
+        table = getattr(root, "token_embedding", None)  # OpenCLIP
+        if table is None and hasattr(root, "get_input_embeddings"):  # HF CLIPTextModel
+            table = root.get_input_embeddings()
+        table = _unwrap(table)  # sd_hijack's EmbeddingsWithFixes keeps the original table in .wrapped
+        weight = getattr(table, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            return None
+        widths[parts[prefix]] = int(weight.shape[1])
+    want = {""} if family != "sdxl" else {"clip_l", "clip_g"}
+    return widths if set(widths) == want else None

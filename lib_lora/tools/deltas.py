@@ -40,6 +40,9 @@ def bind(net: Network, layout: Layout) -> list[tuple[Layer, Adapter]]:
                                f"(e.g. {net.unknown_keys[0]})")
     if net.errors:
         raise UnknownKeysError(f"{net.name}: {len(net.errors)} unusable modules ({net.errors[0]})")
+    if net.embeddings:  # the tools would drop them from what they write
+        raise UnknownKeysError(f"{net.name}: bundled textual-inversion embeddings ({', '.join(net.embeddings)}), "
+                               "which the tools do not carry over")
     pairs, missing = [], []
     for key, adapter in net.adapters.items():
         layer = layout.get(key)

@@ -7,10 +7,30 @@ names up in ``model_hijack.embedding_db.ids_lookup``: first token id -> [(ids, e
 """
 
 
-class EmbeddingDatabase:   # modules.textual_inversion.textual_inversion.EmbeddingDatabase, lookup part
+class EmbeddingDatabase:   # modules.textual_inversion.textual_inversion.EmbeddingDatabase, lookup and registration
     def __init__(self):
         self.ids_lookup = {}
         self.word_embeddings = {}
+        self.skipped_embeddings = {}
+        self.expected_shape = -1
+
+    def register_embedding(self, embedding, model):
+        return self.register_embedding_by_name(embedding, model, embedding.name)
+
+    def register_embedding_by_name(self, embedding, model, name):
+        """v1.10.1's semantics: ``name``'s entry replaced by ``embedding``, or removed when it is None."""
+        ids = model.cond_stage_model.tokenize([name])[0]
+        rest = [x for x in self.ids_lookup.get(ids[0], []) if x[1].name != name]
+        if embedding is not None:
+            rest.append((ids, embedding))
+            self.word_embeddings[name] = embedding
+        else:
+            self.word_embeddings.pop(name, None)
+        if rest:
+            self.ids_lookup[ids[0]] = sorted(rest, key=lambda x: len(x[0]), reverse=True)
+        else:
+            self.ids_lookup.pop(ids[0], None)
+        return embedding
 
     def find_embedding_at_position(self, tokens, offset):
         for ids, embedding in self.ids_lookup.get(tokens[offset], []):
