@@ -15,7 +15,8 @@ steps of batch 8 on 60 training images at 64 px; ``--variant`` trains overrides 
 (``preset=toy`` overrides the toy preset instead; ``reg=base`` adds DreamBooth-style prior preservation:
 ``--reg-images`` base-world prompts drawn by the base model itself at the scorer's 20 steps / CFG 5,
 captioned with their prompts, as a kohya ``1_shape`` regularisation folder, made once per seed; weigh
-them with ``prior_loss_weight``).  Files are applied through the same Runtime as
+them with ``prior_loss_weight``; ``reg=base:cross+diamond`` draws prompts of only those shapes; a key
+``opt.NAME=VALUE`` goes to ``optimizer_args``, e.g. ``optimizer=Prodigy,learning_rate=1.0,opt.d_coef=2``).  Files are applied through the same Runtime as
 ``<lora:name:w>`` in a WebUI prompt, so files written by kohya's sd-scripts, ComfyUI trainers or
 anything else that writes kohya keys are scored the same way as ours (train them on the folders
 ``--write-dataset`` writes, against ``lib_lora/toyworld/assets/toy-sd1.safetensors``).
@@ -70,7 +71,9 @@ KOHYA: dict[str, object] = {"network.rank": 16, "network.alpha": 16.0, "network.
 def parse_variant(text: str) -> tuple[str, dict[str, object]]:
     """ "label:key=value,key=value" -> (label, overrides of KOHYA); values are Python literals or strings.
     Two keys are the benchmark's, not the trainer's: ``preset`` (override that preset, not KOHYA) and
-    ``reg`` ("base": train with regularisation images drawn by the base model, ``write_base_reg``)."""
+    ``reg`` ("base": train with regularisation images drawn by the base model, ``write_base_reg``;
+    "base:cross+diamond": of only those shapes).  ``opt.NAME`` keys are gathered into ``optimizer_args``
+    (a dict literal cannot be written here, as commas separate the keys)."""
     import ast
 
     label, _, body = text.partition(":")
@@ -81,19 +84,36 @@ def parse_variant(text: str) -> tuple[str, dict[str, object]]:
             out[key.strip()] = ast.literal_eval(raw.strip())
         except (ValueError, SyntaxError):
             out[key.strip()] = raw.strip()
+    opt = {k[4:]: out.pop(k) for k in [k for k in out if k.startswith("opt.")]}
+    if opt:
+        out["optimizer_args"] = {**dict(out.get("optimizer_args") or {}), **opt}
     return label, out
 
 
-def write_base_reg(ck, root: Path, n: int, seed: int, batch: int = 32) -> Path:
-    """``root/1_shape``: ``n`` base-world prompts drawn by the base model ``ck`` (the scorer's sampler
-    settings), each captioned with its prompt: regularisation images for prior preservation."""
+def reg_shapes(reg: str) -> tuple[str, ...] | None:
+    """The shapes a ``reg=`` value names ("base" -> None: every base-world shape)."""
+    from lib_lora.toyworld.world import BASE_WORLD
+
+    kind, _, names = reg.partition(":")
+    shapes = tuple(filter(None, names.split("+")))
+    if kind != "base" or set(shapes) - set(BASE_WORLD.shapes):
+        raise SystemExit(f"--variant reg={reg}: expected 'base' or 'base:SHAPE+SHAPE' with base-world shapes "
+                         f"{list(BASE_WORLD.shapes)}")
+    return shapes or None
+
+
+def write_base_reg(ck, root: Path, n: int, seed: int, batch: int = 32,
+                   shapes: tuple[str, ...] | None = None) -> Path:
+    """``root/1_shape``: ``n`` base-world prompts (of ``shapes`` only, if given) drawn by the base model
+    ``ck`` (the scorer's sampler settings), each captioned with its prompt: regularisation images for
+    prior preservation."""
     from lib_lora.hosts.cli.attention import sdpa_attention
     from lib_lora.hosts.cli.sampling import sample
     from lib_lora.toyworld.world import BASE_WORLD, generate
 
     folder = root / "1_shape"   # captions come from the .txt files; the folder's class word is a fallback
     folder.mkdir(parents=True, exist_ok=True)
-    prompts = [c for _, c, _ in generate(n, seed, BASE_WORLD)]
+    prompts = [c for _, c, _ in generate(n, seed, BASE_WORLD, shapes=shapes)]
     with sdpa_attention(ck.unet):
         for j in range(0, n, batch):
             chunk = prompts[j:j + batch]
@@ -200,20 +220,21 @@ def run_seed(a: argparse.Namespace, ck, work: Path, seed: int) -> list[dict]:
             shutil.copyfile(f, loras / f"{stem}.safetensors")
             jobs.append((f.stem, stem, None, None))
         jobs_to_train = [] if a.lora else _jobs(a)
-        reg_dir, reg_s = None, None
-        if any(s.get("reg") for _, s in jobs_to_train):
-            if {s.get("reg") for _, s in jobs_to_train} - {None, "base"}:
-                raise SystemExit("--variant reg=...: only 'base' (images drawn by the base model) is known")
+        regs: dict[str, tuple[Path, float]] = {}   # reg= value -> (folder, seconds to draw), once per seed
+        for reg in dict.fromkeys(str(s["reg"]) for _, s in jobs_to_train if s.get("reg")):
+            shapes = reg_shapes(reg)
             t0 = time.time()
-            reg_dir = write_base_reg(ck, work / f"seed{seed}" / "reg", a.reg_images, seed + 104)
-            reg_s = round(time.time() - t0, 1)
-            print(f"seed {seed}: drew {a.reg_images} regularisation images with the base in {reg_s:.0f}s",
-                  file=sys.stderr)
+            folder = work / f"seed{seed}" / ("reg" if shapes is None else "reg-" + "-".join(shapes))
+            regs[reg] = (write_base_reg(ck, folder, a.reg_images, seed + 104, shapes=shapes),
+                         round(time.time() - t0, 1))
+            print(f"seed {seed}: drew {a.reg_images} regularisation images ({reg}) with the base in "
+                  f"{regs[reg][1]:.0f}s", file=sys.stderr)
         for label, settings in jobs_to_train:
+            reg_dir, reg_s = regs.get(str(settings.get("reg")), (None, None))
             path, clock = train(ck, data["star"], loras, label, settings, a.steps, a.eval_every, a.batch, seed + 2,
-                                reg_dir if settings.get("reg") else None)
+                                reg_dir)
             print(f"seed {seed}: trained {label} in {max(clock.values()):.0f}s", file=sys.stderr)
-            jobs.append((label, path.stem, clock, reg_s if settings.get("reg") else None))
+            jobs.append((label, path.stem, clock, reg_s))
         render.refresh()
         for label, stem, clock, reg_seconds in jobs:
             path = loras / f"{stem}.safetensors"
