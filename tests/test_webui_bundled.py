@@ -103,6 +103,28 @@ def test_bundled_embedding_reaches_conditioning_and_is_gone_after(webui, model, 
     torch.testing.assert_close(encode_prompt(model, prompt), baseline, rtol=0, atol=0)
 
 
+def test_failed_generation_leaves_nothing_for_the_next_one(webui, model, sd1_map):
+    """A generation that raises never reaches deactivate; the next one's scripts.process (run before its
+    batches, also where ``p.disable_extra_networks`` skips activate) takes ours out, and only ours."""
+    from modules import scripts
+    from modules.textual_inversion.textual_inversion import Embedding
+    _files(webui, sd1_map, _vectors())
+    shared.sd_model = model
+    webui.load_script()
+    webui.start_ui()
+    db = sd_hijack.model_hijack.embedding_db
+    folder = Embedding(torch.ones(1, WIDTH), "moon")
+    db.register_embedding(folder, model)
+    webui.generate("starry moon <lora:tiny-emb:1>")           # ... and then the sampler raised: no deactivate
+    assert set(db.word_embeddings) == {"starry", "moon"}
+    for cls in [c for c in vars(webui.script).values() if isinstance(c, type) and issubclass(c, scripts.Script)
+                and c is not scripts.Script]:
+        cls().process(object())                                # the next generation, extra networks disabled
+    assert db.word_embeddings == {"moon": folder}
+    assert db.find_embedding_at_position(model.cond_stage_model.tokenize(["moon"])[0], 0)[0] is folder
+    assert db.find_embedding_at_position(model.cond_stage_model.tokenize(["starry"])[0], 0)[0] is None
+
+
 def test_ti_hashes_name_the_lora_and_follow_the_builtin_setting(webui, model, sd1_map):
     _files(webui, sd1_map, _vectors())
     shared.sd_model = model
