@@ -24,6 +24,7 @@ SDXL_PARTS = ("clip_l", "clip_g")
 class BundledEmbedding:
     name: str
     vectors: dict[str, Tensor]  # "" -> [n, width] (SD1/SD2), or "clip_l"/"clip_g" -> [n, width] (SDXL); float32
+    source: str = ""  # the LoRA file it came from, where known
 
     @property
     def count(self) -> int:
@@ -55,8 +56,9 @@ def split_bundle(sd: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Te
     return rest, {k: v for k, v in sd.items() if k.startswith(PREFIX)}
 
 
-def parse_bundle(file: str, tensors: dict[str, Tensor]) -> dict[str, BundledEmbedding]:
-    """The embeddings in a file's ``bundle_emb.`` tensors; LoraFileError naming the file and key if malformed."""
+def parse_bundle(file: str, tensors: dict[str, Tensor], source: str = "") -> dict[str, BundledEmbedding]:
+    """The embeddings in a file's ``bundle_emb.`` tensors; LoraFileError naming the file and key if malformed.
+    ``source``: the file's path, kept on each embedding."""
     parts: dict[str, dict[str, Tensor]] = {}
     for key, t in tensors.items():
         name, _, rest = key[len(PREFIX):].partition(".")
@@ -81,7 +83,7 @@ def parse_bundle(file: str, tensors: dict[str, Tensor]) -> dict[str, BundledEmbe
             raise LoraFileError(f"{file}: bundled SDXL embedding {name!r} needs both clip_l and clip_g")
         if len({t.shape[0] for t in got.values()}) != 1:
             raise LoraFileError(f"{file}: bundled embedding {name!r}: clip_l and clip_g have different vector counts")
-        out[name] = BundledEmbedding(name, got)
+        out[name] = BundledEmbedding(name, got, source)
     return out
 
 

@@ -179,7 +179,9 @@ def test_file_of_embeddings_alone_registers_them(webui, model, sd1_map):
     webui.start_ui()
     p = webui.generate("starry <lora:only:1>")
     assert not p.comments
-    assert torch.equal(sd_hijack.model_hijack.embedding_db.word_embeddings["starry"].vec, vec)
+    emb = sd_hijack.model_hijack.embedding_db.word_embeddings["starry"]
+    assert torch.equal(emb.vec, vec)
+    assert emb.filename == f"{webui.lora_dir / 'only.safetensors'}/starry"  # what the TI page lists it by
     assert p.extra_generation_params.get("Lora hashes", "").startswith("only: ")
 
 

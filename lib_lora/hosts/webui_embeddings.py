@@ -80,6 +80,9 @@ class BundledEmbeddings:
             vec = {k: v.to(devices.device) for k, v in bundled.vectors.items()}
             emb = Embedding(vec[""] if "" in vec else vec, name)
             emb.shape, emb.vectors = bundled.width, bundled.count
+            # the Textual Inversion page reads every registered embedding's filename as a path (None fails its
+            # listing); the built-in gives "<LoRA file>/<name>", which exists nowhere, so no preview is found
+            emb.filename = f"{bundled.source or lora}/{name}"
             emb.shorthash = _LoraNameHash(lora, lambda: bool(self._option(OPT_TO_INFOTEXT, True)))
             db.register_embedding(emb, sd_model)
             self._registered[name] = emb
