@@ -232,5 +232,7 @@ def test_sdxl_embedding_registered_with_both_encoders_vectors(standin_webui):
     assert set(emb.vec) == {"clip_l", "clip_g"} and emb.shape == WIDTH + 16 and emb.vectors == 3
     assert torch.equal(emb.vec["clip_l"], l) and torch.equal(emb.vec["clip_g"], gv)
     assert messages == ["xl: embedding 'old' is for a one-text-encoder model (SD1/SD2), not the loaded model — skipped"]
+    reg.clear(None)                                            # no model to tokenize with: kept for later
+    assert set(db.word_embeddings) == {"sky"}
     reg.clear(sdxl)
     assert db.word_embeddings == {} and db.ids_lookup == {}

@@ -47,10 +47,15 @@ class BundledEmbeddings:
         return sd_hijack.model_hijack.embedding_db
 
     def clear(self, sd_model: Any) -> None:
-        """Take ours out of the database (a name someone else has registered since is left alone)."""
+        """Take ours out of the database (a name someone else has registered since is left alone).
+
+        Without a model nothing can tokenize their names, so they are kept for the next call that has one
+        (a model load reloads the database, and then none of them is there any more)."""
+        if sd_model is None:
+            return
         db = self._db()
         for name, emb in list(self._registered.items()):
-            if db.word_embeddings.get(name) is emb and sd_model is not None:
+            if db.word_embeddings.get(name) is emb:
                 db.register_embedding_by_name(None, sd_model, name)
         self._registered.clear()
 
@@ -87,4 +92,3 @@ class BundledEmbeddings:
             db.register_embedding(emb, sd_model)
             self._registered[name] = emb
         return messages
-
