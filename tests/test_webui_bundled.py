@@ -44,6 +44,10 @@ def test_parse_both_layouts_and_lora_tensors_unchanged(webui, sd1_map):
     xl = parse_bundle("f", {"bundle_emb.x.clip_l": torch.zeros(3, 768), "bundle_emb.x.clip_g": torch.zeros(3, 1280)})
     assert xl["x"].count == 3 and xl["x"].width == 2048
     assert xl["x"].misfit({"clip_l": 768, "clip_g": 1280}) is None and xl["x"].misfit({"": 768})
+    # a diffusers concept (one tensor under any other key), a single vector as [width]: the built-in reads it too
+    concept = parse_bundle("f", {"bundle_emb.c.<c>": vec[0].half(), "bundle_emb.d.emb.params": vec})
+    torch.testing.assert_close(concept["c"].vectors[""], vec[:1].half().float(), rtol=0, atol=0)
+    assert concept["d"].vectors[""] is not vec and torch.equal(concept["d"].vectors[""], vec)
 
 
 @pytest.mark.parametrize("tensors, words", [
@@ -52,9 +56,13 @@ def test_parse_both_layouts_and_lora_tensors_unchanged(webui, sd1_map):
     ({"bundle_emb.x.string_to_param.*": torch.zeros(1, 2, dtype=torch.int32)}, "float"),
     ({"bundle_emb.x.string_to_param.a": torch.zeros(1, 2), "bundle_emb.x.string_to_param.b": torch.zeros(1, 2)},
      "more than one"),
+    ({"bundle_emb.x.string_to_param.*": torch.zeros(1, 2), "bundle_emb.x.concept": torch.zeros(1, 2)},
+     "more than one"),
     ({"bundle_emb.x.clip_l": torch.zeros(1, 768)}, "both clip_l and clip_g"),
     ({"bundle_emb.x.clip_l": torch.zeros(1, 768), "bundle_emb.x.clip_g": torch.zeros(2, 1280)}, "vector counts"),
-    ({"bundle_emb.x.weird": torch.zeros(1, 2)}, "expected"),
+    ({"bundle_emb.x.string_to_param": torch.zeros(1, 2)}, "string_to_param.KEY"),
+    ({"bundle_emb.x": torch.zeros(1, 2)}, "NAME.PART"),
+    ({"bundle_emb.x.string_to_param.": torch.zeros(1, 2)}, "string_to_param.KEY"),
 ])
 def test_malformed_bundle_refuses_the_file(tensors, words):
     with pytest.raises(LoraFileError, match="f: ") as e:
