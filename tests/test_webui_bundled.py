@@ -214,6 +214,22 @@ def test_token_widths_through_the_webuis_hijack(sd1):
         embeddings.token_embedding = table
 
 
+def test_token_widths_sd2_open_clip():
+    """SD2: cond_stage_model[.wrapped].model is open_clip, whose token table sd_hijack wraps the same way."""
+    from torch import nn
+
+    from lib_lora.hosts.webui_model import token_widths
+    from webui_glue_support import FakeSdModel, FrozenOpenCLIPEmbedder, TinyOpenClip, WithCustomWords
+    g = TinyOpenClip(width=24)
+    fixes = nn.Module()
+    fixes.wrapped = nn.Embedding(1000, 24)
+    g.token_embedding = fixes
+    sd2 = FakeSdModel(None, cond=WithCustomWords(FrozenOpenCLIPEmbedder(g)), is_sd2=True)
+    assert token_widths(sd2, "sd2") == {"": 24}
+    assert token_widths(FakeSdModel(None, cond=WithCustomWords(FrozenOpenCLIPEmbedder(TinyOpenClip(width=24))),
+                                    is_sd2=True), "sd2") is None    # no token table found: unknown, not a guess
+
+
 def test_sdxl_embedding_registered_with_both_encoders_vectors(standin_webui):
     """SDXL: clip_l/clip_g checked against each encoder's token table, registered as the WebUI's SDXL embedding
     (``vec`` a dict by encoder, ``shape`` both widths); an SD1 embedding is skipped with a message."""
