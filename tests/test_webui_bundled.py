@@ -79,6 +79,18 @@ def _files(webui, sd1_map, vec):
     return plain
 
 
+def _started_with_folder_embedding(webui, model, name):
+    """The WebUI started with ``model`` and an embedding ``name`` from the embeddings folder: (database, it)."""
+    from modules.textual_inversion.textual_inversion import Embedding
+    shared.sd_model = model
+    webui.load_script()
+    webui.start_ui()
+    db = sd_hijack.model_hijack.embedding_db
+    folder = Embedding(torch.ones(1, WIDTH), name)
+    db.register_embedding(folder, model)
+    return db, folder
+
+
 @pytest.mark.parametrize("builtin", [False, True])
 def test_bundled_embedding_reaches_conditioning_and_is_gone_after(webui, model, sd1_map, builtin):
     vec = _vectors()
@@ -114,20 +126,11 @@ def test_bundled_embedding_reaches_conditioning_and_is_gone_after(webui, model, 
 def test_failed_generation_leaves_nothing_for_the_next_one(webui, model, sd1_map):
     """A generation that raises never reaches deactivate; the next one's scripts.process (run before its
     batches, also where ``p.disable_extra_networks`` skips activate) takes ours out, and only ours."""
-    from modules import scripts
-    from modules.textual_inversion.textual_inversion import Embedding
     _files(webui, sd1_map, _vectors())
-    shared.sd_model = model
-    webui.load_script()
-    webui.start_ui()
-    db = sd_hijack.model_hijack.embedding_db
-    folder = Embedding(torch.ones(1, WIDTH), "moon")
-    db.register_embedding(folder, model)
+    db, folder = _started_with_folder_embedding(webui, model, "moon")
     webui.generate("starry moon <lora:tiny-emb:1>")           # ... and then the sampler raised: no deactivate
     assert set(db.word_embeddings) == {"starry", "moon"}
-    for cls in [c for c in vars(webui.script).values() if isinstance(c, type) and issubclass(c, scripts.Script)
-                and c is not scripts.Script]:
-        cls().process(object())                                # the next generation, extra networks disabled
+    webui.process(object())                                    # the next generation, extra networks disabled
     assert db.word_embeddings == {"moon": folder}
     assert db.find_embedding_at_position(model.cond_stage_model.tokenize(["moon"])[0], 0)[0] is folder
     assert db.find_embedding_at_position(model.cond_stage_model.tokenize(["starry"])[0], 0)[0] is None
@@ -149,16 +152,10 @@ def test_ti_hashes_name_the_lora_and_follow_the_builtin_setting(webui, model, sd
 
 
 def test_folder_embedding_wins_and_misfit_is_skipped_with_messages(webui, model, sd1_map):
-    from modules.textual_inversion.textual_inversion import Embedding
     plain = make_lora(webui.lora_dir / "tiny.safetensors", sd1_map, metadata=SD1_META)
     _with_bundle(plain, {"bundle_emb.starry.string_to_param.*": _vectors(),
                          "bundle_emb.wide.string_to_param.*": _vectors(width=64)})
-    shared.sd_model = model
-    webui.load_script()
-    webui.start_ui()
-    db = sd_hijack.model_hijack.embedding_db
-    folder = Embedding(torch.ones(1, WIDTH), "starry")
-    db.register_embedding(folder, model)
+    db, folder = _started_with_folder_embedding(webui, model, "starry")
     p = webui.generate("starry wide <lora:tiny-emb:1>")
     assert db.word_embeddings == {"starry": folder}
     text = " ".join(p.comments)
