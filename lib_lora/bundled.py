@@ -1,8 +1,9 @@
 """Textual-inversion embeddings bundled in a LoRA file (``bundle_emb.NAME.…`` keys), host-agnostic.
 
-The WebUI's built-in Lora reads two layouts, and so do we:
+The WebUI's built-in Lora reads these layouts, and so do we:
 - SD1/SD2: ``bundle_emb.NAME.string_to_param.<one key>``, a ``[vectors, width]`` tensor;
-- SDXL: ``bundle_emb.NAME.clip_l`` and ``bundle_emb.NAME.clip_g``, ``[vectors, 768]`` and ``[vectors, 1280]``.
+- SDXL: ``bundle_emb.NAME.clip_l`` and ``bundle_emb.NAME.clip_g``, ``[vectors, 768]`` and ``[vectors, 1280]``;
+- a diffusers concept: one other ``bundle_emb.NAME.<key>``, ``[vectors, width]`` or a single ``[width]`` vector.
 A malformed or non-finite bundle refuses the whole file (as the built-in's loader fails the file); whether an
 embedding fits the loaded model is asked per embedding at activation (``misfit``), and a misfit is skipped.
 """
@@ -24,6 +25,7 @@ SDXL_PARTS = ("clip_l", "clip_g")
 class BundledEmbedding:
     name: str
     vectors: dict[str, Tensor]  # "" -> [n, width] (SD1/SD2), or "clip_l"/"clip_g" -> [n, width] (SDXL); float32
+    source: str = ""  # the LoRA file it came from, where known
 
     @property
     def count(self) -> int:
@@ -55,8 +57,9 @@ def split_bundle(sd: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Te
     return rest, {k: v for k, v in sd.items() if k.startswith(PREFIX)}
 
 
-def parse_bundle(file: str, tensors: dict[str, Tensor]) -> dict[str, BundledEmbedding]:
-    """The embeddings in a file's ``bundle_emb.`` tensors; LoraFileError naming the file and key if malformed."""
+def parse_bundle(file: str, tensors: dict[str, Tensor], source: str = "") -> dict[str, BundledEmbedding]:
+    """The embeddings in a file's ``bundle_emb.`` tensors; LoraFileError naming the file and key if malformed.
+    ``source``: the file's path, kept on each embedding."""
     parts: dict[str, dict[str, Tensor]] = {}
     for key, t in tensors.items():
         name, _, rest = key[len(PREFIX):].partition(".")
@@ -66,12 +69,15 @@ def parse_bundle(file: str, tensors: dict[str, Tensor]) -> dict[str, BundledEmbe
             part = ""
         elif rest in SDXL_PARTS:
             part = rest
-        else:
-            raise LoraFileError(f"{file}: bundled embedding key {key!r}: expected "
-                                f"bundle_emb.{name}.{PARAM}.* or bundle_emb.{name}.clip_l / .clip_g")
+        elif rest == PARAM or rest.startswith(PARAM + "."):
+            raise LoraFileError(f"{file}: bundled embedding key {key!r} is not bundle_emb.{name}.{PARAM}.KEY")
+        else:  # a diffusers concept, one vector allowed as [width]
+            part = ""
+            t = t.unsqueeze(0) if isinstance(t, Tensor) and t.dim() == 1 else t
         got = parts.setdefault(name, {})
         if part in got:
-            raise LoraFileError(f"{file}: bundled embedding {name!r} has more than one {PARAM} tensor")
+            raise LoraFileError(f"{file}: bundled embedding {name!r} has more than one tensor for one text "
+                                f"encoder ({PARAM}.* or another key)")
         got[part] = _checked(file, key, t)
     out = {}
     for name, got in parts.items():
@@ -81,7 +87,7 @@ def parse_bundle(file: str, tensors: dict[str, Tensor]) -> dict[str, BundledEmbe
             raise LoraFileError(f"{file}: bundled SDXL embedding {name!r} needs both clip_l and clip_g")
         if len({t.shape[0] for t in got.values()}) != 1:
             raise LoraFileError(f"{file}: bundled embedding {name!r}: clip_l and clip_g have different vector counts")
-        out[name] = BundledEmbedding(name, got)
+        out[name] = BundledEmbedding(name, got, source)
     return out
 
 

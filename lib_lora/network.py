@@ -52,7 +52,7 @@ def parse_state_dict(name: str, sd: dict[str, Tensor], metadata: dict[str, str],
                      path: Path | None = None) -> Network:
     """Group tensors by module and build one adapter per module; read the bundled embeddings."""
     lora_sd, bundle = split_bundle(sd)
-    embeddings = parse_bundle(name, bundle)
+    embeddings = parse_bundle(name, bundle, str(path) if path is not None else "")
     dual = dual_text_encoders(lora_sd)
     groups: dict[str, dict[str, Tensor]] = defaultdict(dict)
     unknown: list[str] = []

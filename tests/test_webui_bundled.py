@@ -44,6 +44,10 @@ def test_parse_both_layouts_and_lora_tensors_unchanged(webui, sd1_map):
     xl = parse_bundle("f", {"bundle_emb.x.clip_l": torch.zeros(3, 768), "bundle_emb.x.clip_g": torch.zeros(3, 1280)})
     assert xl["x"].count == 3 and xl["x"].width == 2048
     assert xl["x"].misfit({"clip_l": 768, "clip_g": 1280}) is None and xl["x"].misfit({"": 768})
+    # a diffusers concept (one tensor under any other key), a single vector as [width]: the built-in reads it too
+    concept = parse_bundle("f", {"bundle_emb.c.<c>": vec[0].half(), "bundle_emb.d.emb.params": vec})
+    torch.testing.assert_close(concept["c"].vectors[""], vec[:1].half().float(), rtol=0, atol=0)
+    assert concept["d"].vectors[""] is not vec and torch.equal(concept["d"].vectors[""], vec)
 
 
 @pytest.mark.parametrize("tensors, words", [
@@ -52,9 +56,13 @@ def test_parse_both_layouts_and_lora_tensors_unchanged(webui, sd1_map):
     ({"bundle_emb.x.string_to_param.*": torch.zeros(1, 2, dtype=torch.int32)}, "float"),
     ({"bundle_emb.x.string_to_param.a": torch.zeros(1, 2), "bundle_emb.x.string_to_param.b": torch.zeros(1, 2)},
      "more than one"),
+    ({"bundle_emb.x.string_to_param.*": torch.zeros(1, 2), "bundle_emb.x.concept": torch.zeros(1, 2)},
+     "more than one"),
     ({"bundle_emb.x.clip_l": torch.zeros(1, 768)}, "both clip_l and clip_g"),
     ({"bundle_emb.x.clip_l": torch.zeros(1, 768), "bundle_emb.x.clip_g": torch.zeros(2, 1280)}, "vector counts"),
-    ({"bundle_emb.x.weird": torch.zeros(1, 2)}, "expected"),
+    ({"bundle_emb.x.string_to_param": torch.zeros(1, 2)}, "string_to_param.KEY"),
+    ({"bundle_emb.x": torch.zeros(1, 2)}, "NAME.PART"),
+    ({"bundle_emb.x.string_to_param.": torch.zeros(1, 2)}, "string_to_param.KEY"),
 ])
 def test_malformed_bundle_refuses_the_file(tensors, words):
     with pytest.raises(LoraFileError, match="f: ") as e:
@@ -69,6 +77,18 @@ def _files(webui, sd1_map, vec):
     plain = make_lora(webui.lora_dir / "tiny.safetensors", sd1_map, metadata=SD1_META)
     _with_bundle(plain, {"bundle_emb.starry.string_to_param.*": vec})
     return plain
+
+
+def _started_with_folder_embedding(webui, model, name):
+    """The WebUI started with ``model`` and an embedding ``name`` from the embeddings folder: (database, it)."""
+    from modules.textual_inversion.textual_inversion import Embedding
+    shared.sd_model = model
+    webui.load_script()
+    webui.start_ui()
+    db = sd_hijack.model_hijack.embedding_db
+    folder = Embedding(torch.ones(1, WIDTH), name)
+    db.register_embedding(folder, model)
+    return db, folder
 
 
 @pytest.mark.parametrize("builtin", [False, True])
@@ -103,6 +123,19 @@ def test_bundled_embedding_reaches_conditioning_and_is_gone_after(webui, model, 
     torch.testing.assert_close(encode_prompt(model, prompt), baseline, rtol=0, atol=0)
 
 
+def test_failed_generation_leaves_nothing_for_the_next_one(webui, model, sd1_map):
+    """A generation that raises never reaches deactivate; the next one's scripts.process (run before its
+    batches, also where ``p.disable_extra_networks`` skips activate) takes ours out, and only ours."""
+    _files(webui, sd1_map, _vectors())
+    db, folder = _started_with_folder_embedding(webui, model, "moon")
+    webui.generate("starry moon <lora:tiny-emb:1>")           # ... and then the sampler raised: no deactivate
+    assert set(db.word_embeddings) == {"starry", "moon"}
+    webui.process(object())                                    # the next generation, extra networks disabled
+    assert db.word_embeddings == {"moon": folder}
+    assert db.find_embedding_at_position(model.cond_stage_model.tokenize(["moon"])[0], 0)[0] is folder
+    assert db.find_embedding_at_position(model.cond_stage_model.tokenize(["starry"])[0], 0)[0] is None
+
+
 def test_ti_hashes_name_the_lora_and_follow_the_builtin_setting(webui, model, sd1_map):
     _files(webui, sd1_map, _vectors())
     shared.sd_model = model
@@ -119,16 +152,10 @@ def test_ti_hashes_name_the_lora_and_follow_the_builtin_setting(webui, model, sd
 
 
 def test_folder_embedding_wins_and_misfit_is_skipped_with_messages(webui, model, sd1_map):
-    from modules.textual_inversion.textual_inversion import Embedding
     plain = make_lora(webui.lora_dir / "tiny.safetensors", sd1_map, metadata=SD1_META)
     _with_bundle(plain, {"bundle_emb.starry.string_to_param.*": _vectors(),
                          "bundle_emb.wide.string_to_param.*": _vectors(width=64)})
-    shared.sd_model = model
-    webui.load_script()
-    webui.start_ui()
-    db = sd_hijack.model_hijack.embedding_db
-    folder = Embedding(torch.ones(1, WIDTH), "starry")
-    db.register_embedding(folder, model)
+    db, folder = _started_with_folder_embedding(webui, model, "starry")
     p = webui.generate("starry wide <lora:tiny-emb:1>")
     assert db.word_embeddings == {"starry": folder}
     text = " ".join(p.comments)
@@ -157,7 +184,9 @@ def test_file_of_embeddings_alone_registers_them(webui, model, sd1_map):
     webui.start_ui()
     p = webui.generate("starry <lora:only:1>")
     assert not p.comments
-    assert torch.equal(sd_hijack.model_hijack.embedding_db.word_embeddings["starry"].vec, vec)
+    emb = sd_hijack.model_hijack.embedding_db.word_embeddings["starry"]
+    assert torch.equal(emb.vec, vec)
+    assert emb.filename == f"{webui.lora_dir / 'only.safetensors'}/starry"  # what the TI page lists it by
     assert p.extra_generation_params.get("Lora hashes", "").startswith("only: ")
 
 
@@ -180,6 +209,22 @@ def test_token_widths_through_the_webuis_hijack(sd1):
         assert token_widths(model, "sd3") is None
     finally:
         embeddings.token_embedding = table
+
+
+def test_token_widths_sd2_open_clip():
+    """SD2: cond_stage_model[.wrapped].model is open_clip, whose token table sd_hijack wraps the same way."""
+    from torch import nn
+
+    from lib_lora.hosts.webui_model import token_widths
+    from webui_glue_support import FakeSdModel, FrozenOpenCLIPEmbedder, TinyOpenClip, WithCustomWords
+    g = TinyOpenClip(width=24)
+    fixes = nn.Module()
+    fixes.wrapped = nn.Embedding(1000, 24)
+    g.token_embedding = fixes
+    sd2 = FakeSdModel(None, cond=WithCustomWords(FrozenOpenCLIPEmbedder(g)), is_sd2=True)
+    assert token_widths(sd2, "sd2") == {"": 24}
+    assert token_widths(FakeSdModel(None, cond=WithCustomWords(FrozenOpenCLIPEmbedder(TinyOpenClip(width=24))),
+                                    is_sd2=True), "sd2") is None    # no token table found: unknown, not a guess
 
 
 def test_sdxl_embedding_registered_with_both_encoders_vectors(standin_webui):
@@ -208,5 +253,7 @@ def test_sdxl_embedding_registered_with_both_encoders_vectors(standin_webui):
     assert set(emb.vec) == {"clip_l", "clip_g"} and emb.shape == WIDTH + 16 and emb.vectors == 3
     assert torch.equal(emb.vec["clip_l"], l) and torch.equal(emb.vec["clip_g"], gv)
     assert messages == ["xl: embedding 'old' is for a one-text-encoder model (SD1/SD2), not the loaded model — skipped"]
+    reg.clear(None)                                            # no model to tokenize with: kept for later
+    assert set(db.word_embeddings) == {"sky"}
     reg.clear(sdxl)
     assert db.word_embeddings == {} and db.ids_lookup == {}

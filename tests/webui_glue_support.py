@@ -195,14 +195,19 @@ class WebUI:
         script_callbacks.app_started_callback(None, app)
         return app
 
-    def generate(self, prompt: str, hr: bool = False, p=None):
-        """The extra-network part of process_images_inner: parse, activate (deactivate separately)."""
-        p = p or processing.StableDiffusionProcessingTxt2Img(prompt=prompt)
-        p.is_hr_pass = hr
+    def process(self, p) -> None:
+        """Our scripts' ``process`` hooks, which process_images_inner runs before its batches (also with
+        ``p.disable_extra_networks``, where it skips the extra networks)."""
         if self.script is not None:
             for cls in [c for c in vars(self.script).values() if isinstance(c, type) and issubclass(c, scripts.Script)
                         and c is not scripts.Script]:
                 cls().process(p)
+
+    def generate(self, prompt: str, hr: bool = False, p=None):
+        """The extra-network part of process_images_inner: parse, activate (deactivate separately)."""
+        p = p or processing.StableDiffusionProcessingTxt2Img(prompt=prompt)
+        p.is_hr_pass = hr
+        self.process(p)
         _, data = extra_networks.parse_prompts([prompt])
         p.extra_network_data = data
         extra_networks.activate(p, data)

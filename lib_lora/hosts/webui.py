@@ -219,9 +219,11 @@ class Workshop:
 
     def before_generation(self) -> None:
         """scripts.process, before the first activation of a generation: our handler is the one, and no
-        start=/stop= hooks of an earlier generation remain (the WebUI skips deactivate when one fails)."""
+        start=/stop= hooks and no bundled embeddings of an earlier generation remain (the WebUI skips
+        deactivate when one fails, and skips activate where ``p.disable_extra_networks``)."""
         self.claim()
         self.runtime.drop_schedules()
+        self.drop_embeddings()
 
     def drop_embeddings(self) -> None:
         self.embeddings.clear(self.host.current_model())

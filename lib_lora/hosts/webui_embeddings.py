@@ -47,10 +47,15 @@ class BundledEmbeddings:
         return sd_hijack.model_hijack.embedding_db
 
     def clear(self, sd_model: Any) -> None:
-        """Take ours out of the database (a name someone else has registered since is left alone)."""
+        """Take ours out of the database (a name someone else has registered since is left alone).
+
+        Without a model nothing can tokenize their names, so they are kept for the next call that has one
+        (a model load reloads the database, and then none of them is there any more)."""
+        if sd_model is None:
+            return
         db = self._db()
         for name, emb in list(self._registered.items()):
-            if db.word_embeddings.get(name) is emb and sd_model is not None:
+            if db.word_embeddings.get(name) is emb:
                 db.register_embedding_by_name(None, sd_model, name)
         self._registered.clear()
 
@@ -80,8 +85,10 @@ class BundledEmbeddings:
             vec = {k: v.to(devices.device) for k, v in bundled.vectors.items()}
             emb = Embedding(vec[""] if "" in vec else vec, name)
             emb.shape, emb.vectors = bundled.width, bundled.count
+            # the Textual Inversion page reads every registered embedding's filename as a path (None fails its
+            # listing); the built-in gives "<LoRA file>/<name>", which exists nowhere, so no preview is found
+            emb.filename = f"{bundled.source or lora}/{name}"
             emb.shorthash = _LoraNameHash(lora, lambda: bool(self._option(OPT_TO_INFOTEXT, True)))
             db.register_embedding(emb, sd_model)
             self._registered[name] = emb
         return messages
-
