@@ -740,3 +740,26 @@ def test_a_run_at_clip_skip_2_samples_and_records_it(training_webui, sd_model, d
     assert any("captions are encoded at clip skip 2" in line for line in st["log"])
     meta = read_header(training_webui.lora_dir / "cs2.safetensors").metadata
     assert (meta["ss_clip_skip"], meta["modelspec.encoder_layer"]) == ("2", "2")
+
+
+def test_samples_never_see_a_failed_generations_bundled_embedding(training_webui, sd_model, data):
+    """A generation that raised leaves its bundled embeddings registered until the next generation starts;
+    a training sample (rendered with extra networks off) between the two must not use them."""
+    from modules import sd_hijack
+
+    from lib_lora.bundled import BundledEmbedding
+    from lib_lora.hosts.webui_model import token_widths
+
+    client = training_webui.start()
+    workshop = training_webui.runner.host.workshop
+    (width,) = token_widths(sd_model, "sd1").values()
+    msgs = workshop.embeddings.register(sd_model, [("gen_lora", BundledEmbedding("leftover", {"": torch.ones(1, width)}))])
+    db = sd_hijack.model_hijack.embedding_db
+    assert msgs == [] and "leftover" in db.word_embeddings  # as a failed generation leaves it
+    seen = []
+    processing.process_callbacks.append(lambda p: seen.append("leftover" in db.word_embeddings))
+    r = client.post("/lora-workshop/v1/train", json=request(data, name="noemb", sample_every_n_steps=4,
+                                                            sample_prompts=["leftover --s 1"]))
+    st = training_webui.wait(r.json()["id"])
+    assert st["state"] == "finished", st
+    assert seen == [False]

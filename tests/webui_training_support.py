@@ -66,6 +66,11 @@ class CLIPWithCustomWords(nn.Module):
     def empty_chunk(self):
         return self._chunk([])
 
+    def tokenize(self, texts):
+        """Token ids without start and end tokens, as the real wrapper's (the embedding database asks for them)."""
+        from open_clip.tokenizer import _tokenizer as bpe
+        return [bpe.encode(text) for text in texts]
+
     def process_texts(self, texts):
         from open_clip.tokenizer import _tokenizer as bpe
         out, most = [], 0

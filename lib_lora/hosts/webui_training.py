@@ -155,6 +155,8 @@ class WebUITrainingHost(TrainingHost):
             if checkpoint_change_pending(sd_model):
                 job.log("a checkpoint change is waiting: sample images skipped")
                 return []
+            # samples render with extra networks off: a failed generation's bundled embeddings must not reach them
+            self.workshop.drop_embeddings()
             images = []
             for line in prompts:
                 o = parse_sample_prompt(line, w, h, seed, sampler=job.config.sample_sampler)
