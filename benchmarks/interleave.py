@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--precision", default=None, choices=("fp32", "fp16", "bf16"))
     args = vars(ap.parse_args())
     args["precision"] = args["precision"] or ("fp16" if args["device"] == "cuda" else "fp32")
+    args["family"] = "sd1"  # the SD1.5 layout benchmarks/train.py builds
 
     import numpy as np
     import torch
@@ -64,8 +65,7 @@ def main() -> None:
     for i in range(2 * args["batch"]):
         Image.fromarray(np.random.default_rng(i).integers(0, 255, (side, side, 3), dtype=np.uint8)).save(
             data / f"{i}.png")
-    parts = bench._sd1(args)
-    parts.unet.dtype = dtype
+    unet = bench._ldm_unet(args)
     ctx = bench._inputs(args)[2][:1]
     proj = torch.nn.Conv2d(3, 4, 8, stride=8).to(dev, dtype)
 
@@ -84,10 +84,10 @@ def main() -> None:
 
         def build_model(self, job):
             from lib_lora.hosts.cli.attention import sdpa_attention
-            return TrainableModel("sd1", parts.unet, parts.text_encoders,
+            return TrainableModel("sd1", unet, [],
                                   lambda caps, sizes=None: Conditioning(ctx.expand(len(caps), -1, -1)),
                                   lambda px: proj(px.to(dtype)), torch.linspace(0.9999, 0.005, 1000),
-                                  context=lambda: sdpa_attention(parts.unet), device=torch.device(dev))
+                                  context=lambda: sdpa_attention(unet), device=torch.device(dev))
 
         def progress(self, job):
             if dev == "cuda":

@@ -40,27 +40,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
-import os
-import resource
 import statistics
 import sys
 import time
 from pathlib import Path
 
+import step_clock  # benchmarks/step_clock.py: the clocks and the process per variant
+
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
 CONTEXT_DIM = {"sd1": 768, "sdxl": 2048}
 SDXL_ADM = 2816      # SDXL's vector conditioning: pooled text (1280) + six size/crop embeddings (6 x 256)
-
-
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _current_rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
 def _inputs(args):
@@ -102,74 +92,6 @@ def _ldm_unet(args):
     unet = unet.to(_weights(args))
     unet.dtype = _weights(args)    # ldm's use_fp16, as the WebUI sets it for a half model
     return unet
-
-
-def _cuda_mark(args) -> int:
-    """Start a peak-memory window on CUDA; the bytes allocated now are its floor."""
-    import torch
-    if args["device"] != "cuda":
-        return 0
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    return torch.cuda.memory_allocated()
-
-
-def _cuda_peak_mb(floor: int) -> float:
-    import torch
-    return (torch.cuda.max_memory_allocated() - floor) / 2**20
-
-
-def _faults() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
-class _KernelClock:
-    """GPU busy time over some steps: the summed duration of every kernel, copy and fill the profiler saw."""
-
-    def __init__(self, args):
-        import torch
-        self.on = args["device"] == "cuda" and args["kernel_steps"] > 0
-        self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) if self.on else None
-
-    def start(self) -> None:
-        if self.on:
-            self.prof.__enter__()
-
-    def stop(self, steps: int) -> float:
-        """Seconds of GPU time per step (nan when not on CUDA)."""
-        if not self.on:
-            return float("nan")
-        import torch
-        torch.cuda.synchronize()
-        self.prof.__exit__(None, None, None)
-        cuda = torch.autograd.DeviceType.CUDA
-        busy_us = sum(e.time_range.elapsed_us() for e in self.prof.events() if e.device_type == cuda)
-        return busy_us / 1e6 / steps
-
-
-def _timed_steps(step, args) -> dict:
-    """Median wall and thread-CPU seconds and minor faults of ``step()`` (after the first), peak memory
-    growth in MiB, and on CUDA the GPU's busy seconds per step over ``kernel_steps`` more."""
-    import torch
-    cuda = args["device"] == "cuda"
-    base, floor = _current_rss_mb(), _cuda_mark(args)
-    times, cpu, faults = [], [], []
-    for _ in range(args["steps"]):
-        t0, c0, f0 = time.perf_counter(), time.thread_time(), _faults()
-        step()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-        cpu.append(time.thread_time() - c0)
-        faults.append(_faults() - f0)
-    peak = _cuda_peak_mb(floor) if cuda else _rss_mb() - base
-    clock = _KernelClock(args)
-    clock.start()
-    for _ in range(args["kernel_steps"] if clock.on else 0):
-        step()
-    return {"step_s": statistics.median(times[1:] or times), "cpu_s": statistics.median(cpu[1:] or cpu),
-            "faults": statistics.median(faults[1:] or faults), "peak_mb": peak,
-            "kernel_s": clock.stop(max(args["kernel_steps"], 1))}
 
 
 def _hooks() -> None:
@@ -244,7 +166,7 @@ def run_ours(args, q):
                            lambda px: proj(px.to(dtype)), torch.linspace(0.9999, 0.005, 1000),
                            context=lambda: sdpa_attention(unet), device=torch.device(dev))
     steps = args["steps"]
-    clock = _KernelClock(args)
+    clock = step_clock.KernelClock(args)
     cfg = TrainConfig(DatasetConfig(root / "data", resolution=side, min_bucket_reso=side, max_bucket_reso=side,
                                     enable_buckets=False),
                       NetworkConfig(rank=args["rank"], alpha=args["rank"], train_text_encoder=False),
@@ -260,14 +182,14 @@ def run_ours(args, q):
     warm.grad = torch.zeros_like(warm)
     torch.optim.AdamW([warm], **adamw_kernel([{"params": [warm]}])).step()
     stamps = []
-    base, floor = _current_rss_mb(), _cuda_mark(args)
+    base, floor = step_clock.current_rss_mb(), step_clock.cuda_mark(args)
 
     def progress(p) -> None:
         if dev == "cuda":
             torch.cuda.synchronize()
-        stamps.append((time.perf_counter(), time.thread_time(), _faults()))
+        stamps.append((time.perf_counter(), time.thread_time(), step_clock.minor_faults()))
         if p.step == 2 + steps:   # the timed steps are done: their peak, then the kernel clock
-            stamps.append(_cuda_peak_mb(floor) if dev == "cuda" else _rss_mb() - base)
+            stamps.append(step_clock.cuda_peak_mb(floor) if dev == "cuda" else step_clock.rss_mb() - base)
             clock.start()
         elif p.step == p.total and clock.on:
             stamps.append(clock.stop(args["kernel_steps"]))
@@ -333,7 +255,7 @@ def run_reference(args, q):
         scaler.update()
         opt.zero_grad(set_to_none=True)
 
-    q.put({**_timed_steps(step, args), "trainable": sum(p.numel() for p in params)})
+    q.put({**step_clock.timed_steps(step, args), "trainable": sum(p.numel() for p in params)})
 
 
 def _grad_scaler(args):
@@ -360,26 +282,7 @@ def run_bare(args, q):
             out = unet(xi, t, context=ctx, **extra)
         out.float().square().mean().backward()
 
-    q.put({**_timed_steps(step, args), "trainable": 0})
-
-
-def measure(fn, args, pinned: bool) -> dict:
-    # glibc reads MALLOC_MMAP_THRESHOLD_ once, when the spawned interpreter starts
-    env = os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
-    if pinned:
-        os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
-    try:
-        ctx = mp.get_context("spawn")
-        q = ctx.Queue()
-        p = ctx.Process(target=fn, args=(args, q))
-        p.start()
-        out = q.get()
-        p.join()
-    finally:
-        os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
-        if env is not None:
-            os.environ["MALLOC_MMAP_THRESHOLD_"] = env
-    return out
+    q.put({**step_clock.timed_steps(step, args), "trainable": 0})
 
 
 def _variants():
@@ -435,7 +338,7 @@ def main() -> None:
     timed: dict[str, list[dict]] = {name: [] for name, _, _ in variants}
     for i in range(rounds):
         for name, fn, extra in variants:
-            timed[name].append(measure(fn, {**args, **extra}, pinned=False))
+            timed[name].append(step_clock.measure(fn, {**args, **extra}, pinned=False))
             r = timed[name][-1]
             print(f"round {i + 1} {name}: {r['step_s']:.3f} s/step, cpu {r['cpu_s']:.3f} s"
                   + (f", kernels {r['kernel_s']:.3f} s" if cuda else ""), flush=True)
@@ -445,7 +348,7 @@ def main() -> None:
         runs = timed[name]
         # CUDA memory is the allocator's own count: the timed runs already measured it
         m = {"peak_mb": max(r["peak_mb"] for r in runs), "step_s": nan, "faults": nan} if cuda \
-            else measure(fn, {**args, **extra}, pinned=True)
+            else step_clock.measure(fn, {**args, **extra}, pinned=True)
         res[name] = {"step_s": statistics.median(r["step_s"] for r in runs), "runs": [r["step_s"] for r in runs],
                      "cpu_s": statistics.median(r["cpu_s"] for r in runs), "cpu_runs": [r["cpu_s"] for r in runs],
                      "kernel_s": statistics.median(r["kernel_s"] for r in runs),
