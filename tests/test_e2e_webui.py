@@ -596,3 +596,25 @@ def test_bundled_embedding_changes_the_prompt_and_is_gone_after(server):
     assert "TI hashes" not in plain["info"]["extra_generation_params"]
     assert pixels(bundled["image"]) != pixels(plain["image"]), "the bundled embedding changed nothing"
     assert after["image"] == before["image"], "the bundled embedding stayed registered"
+
+
+def test_a_bundled_embedding_of_another_width_is_listed_as_skipped(server):
+    """A bundled embedding whose width does not fit the model: the image is made, and ``/sdapi/v1/embeddings``
+    lists it under ``skipped`` (with its own width and vector count), as the built-in lists it."""
+    import torch
+    from safetensors import safe_open
+
+    from lib_lora.fileio import load_file, save_safetensors
+
+    if os.environ.get("WEBUI_E2E_CKPT"):
+        pytest.skip("the bundled embedding is made for the tiny checkpoint's text encoder")
+    with safe_open(str(server.ckpt), "pt") as f:
+        width = f.get_slice("cond_stage_model.transformer.text_model.embeddings.token_embedding.weight").get_shape()[1]
+    sd, meta = load_file(server.lora)
+    save_safetensors({**sd, "bundle_emb.e2ewide.string_to_param.*": torch.ones(3, width + 8)},
+                     server.lora.parent / "e2e_bundle_wide.safetensors", metadata=meta)
+    assert server.request("POST", "/lora-workshop/v1/refresh")[0] == 200
+    server.txt2img("a photo of e2ewide <lora:e2e_bundle_wide:1>")
+    status, body = server.request("GET", "/sdapi/v1/embeddings")
+    assert status == 200 and "e2ewide" not in body["loaded"], body
+    assert (body["skipped"]["e2ewide"]["shape"], body["skipped"]["e2ewide"]["vectors"]) == (width + 8, 3), body
