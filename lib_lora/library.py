@@ -9,6 +9,7 @@ import os
 import re
 import stat
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from .network import Network, load_network
 EXTENSIONS = SAFETENSORS_EXT + (".pt", ".ckpt")
 PREVIEW_EXT = (".png", ".jpg", ".jpeg", ".webp", ".gif")
 _HEX = re.compile(r"^[0-9a-fA-F]{8,64}$")
+RESCAN_INTERVAL = 2.0   # seconds: the least time between two rescans a missing name triggers
 
 
 class LoraNotFound(LookupError):
@@ -144,6 +146,7 @@ class Library:
         self._cache: OrderedDict[Path, Network] = OrderedDict()
         self.cache_bytes = cache_bytes
         self._index: tuple[list[Entry], int, list[dict[str, list[Entry]]]] | None = None
+        self._scanned_at = 0.0
         self.refresh()
 
     # -- scanning --------------------------------------------------------------------
@@ -179,6 +182,7 @@ class Library:
             yield from self._walk(sub, depth + 1, visited, reals)
 
     def refresh(self) -> None:
+        self._scanned_at = time.monotonic()
         old = {e.path: e for e in self.entries}
         found: list[Entry] = []
         seen: set[str] = set()
@@ -254,6 +258,18 @@ class Library:
                 paths = ", ".join(h.relname + h.path.suffix for h in hits)
                 raise AmbiguousName(f'Lora name "{name}" is ambiguous: {paths} — use the sub-folder path')
         raise LoraNotFound(f"Lora not found: {name}")
+
+    def resolve_fresh(self, name: str) -> Entry:
+        """``resolve``, rescanning the folders once when ``name`` is not found (a file copied in since the last
+        scan, as the built-in Lora finds it), at most once per ``RESCAN_INTERVAL`` seconds, so that a prompt
+        naming a missing file in every batch does not walk the folders each time."""
+        try:
+            return self.resolve(name)
+        except LoraNotFound:
+            if time.monotonic() - self._scanned_at < RESCAN_INTERVAL:
+                raise
+        self.refresh()
+        return self.resolve(name)
 
     def by_hash(self, shorthash: str, compute: bool = True) -> Entry | None:
         """The entry whose addnet hash starts with ``shorthash`` (at least 8 hex digits).

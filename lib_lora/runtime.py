@@ -120,7 +120,7 @@ class Runtime:
                 self._live_bound.append(snap.network)
             return snap.network, lambda: snap.shorthash, snap
         try:
-            entry = self.library.resolve(name)
+            entry = self.library.resolve_fresh(name)
         except LoraNotFound:
             message = self.live.not_found(name)
             if message is None:

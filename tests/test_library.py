@@ -58,6 +58,39 @@ def test_names_cannot_escape(lib, name):
         lib.resolve(name)
 
 
+def test_a_file_copied_in_since_the_scan_is_found_by_its_first_use(lib, tmp_path, monkeypatch):
+    """As the built-in Lora: a name that is not in the index rescans the folders once, so a file copied in
+    (or uploaded over the API) is used by the next generation, without a refresh by hand; a name still
+    missing rescans at most once per interval, and ``resolve`` itself never rescans."""
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    lib.refresh()
+    lora(lib.roots[0] / "new" / "fresh.safetensors")
+    with pytest.raises(LoraNotFound):
+        lib.resolve("fresh")
+    clock[0] += 0.5           # within the interval of the last scan: no rescan
+    with pytest.raises(LoraNotFound):
+        lib.resolve_fresh("fresh")
+    clock[0] += 10
+    assert lib.resolve_fresh("fresh").relname == "new/fresh"
+    scans = []
+    monkeypatch.setattr(lib, "refresh", lambda: scans.append(1))
+    for _ in range(3):       # a missing name in every batch of one generation: nothing rescans
+        with pytest.raises(LoraNotFound):
+            lib.resolve_fresh("nope")
+    assert scans == []
+    # a generation's <lora:> token: the runtime resolves through the rescan
+    tiny = build_sd1(seed=0)
+    mm = ModelMap.build("sd1", tiny.unet, tiny.text_encoders)
+    rt = Runtime(Library(lib.roots))
+    rt.set_model(mm)
+    save_safetensors(kohya_lora(mm, seed=1), lib.roots[0] / "later.safetensors")
+    clock[0] += 10
+    res = rt.activate([LoraRequest("later", 1.0)])
+    assert [n for n, _ in res.hashes] == ["later"] and not res.messages
+    rt.restore()
+
+
 def test_cache_reloads_changed_file_and_evicts(lib, tmp_path):
     e = lib.resolve("hero")
     a = lib.load(e)
