@@ -291,3 +291,31 @@ def test_merge_inside_autocast_gives_the_same_bits(sd1):
         results.append(snapshot(*modules(tiny)))
     assert not same(results[0], before)
     assert same(results[0], results[1])
+
+
+@pytest.mark.parametrize("extra", [5, 4])   # inpainting (4 + mask + masked image), instruct-pix2pix (4 + image)
+def test_a_locon_conv_in_applies_to_an_inpainting_models_latent_channels(extra):
+    """A LoCon trained on a 4-channel model, on a model whose conv_in takes 9 (or 8) channels: its delta goes to
+    the first 4, the latent's, as the built-in Lora pads the delta with zeros; the rest stay as they were."""
+    tiny = build_sd1(seed=3)
+    key = "lora_unet_conv_in"
+    sd = kohya_lora(model_map(tiny), rank=2, alpha=1.0, seed=2, convs=True, only=(key,))
+    old = tiny.unet.input_blocks[0][0]
+    wide = torch.nn.Conv2d(4 + extra, old.out_channels, old.kernel_size, padding=old.padding)
+    with torch.no_grad():
+        wide.weight[:, :4] = old.weight
+        wide.bias.copy_(old.bias)
+    tiny.unet.input_blocks[0][0] = wide
+    mm = model_map(tiny)
+    before = snapshot(tiny.unet)
+    w0 = wide.weight.detach().double().clone()
+    p = Patcher(mm)
+    rep = p.apply([activation(parse_state_dict("a", sd, {}), 1.0, 0.8)])
+    assert not rep.messages
+    got = wide.weight.detach().double()
+    down, up = sd[f"{key}.lora_down.weight"].double(), sd[f"{key}.lora_up.weight"].double()
+    want = 0.8 * 1.0 / 2 * (up.flatten(1) @ down.flatten(1)).view(up.shape[0], 4, *down.shape[2:])
+    torch.testing.assert_close(got[:, :4] - w0[:, :4], want, rtol=1e-5, atol=1e-6)
+    assert torch.equal(got[:, 4:], w0[:, 4:])
+    p.restore()
+    assert same(before, snapshot(tiny.unet))
