@@ -13,7 +13,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Protocol
 
 from . import families, safe_json
 from .fileio import (LEGACY_TRAINING_STATE_SUFFIX, SAFETENSORS_EXT, TRAINING_STATE_FORMAT, LoraFileError,
@@ -30,6 +30,15 @@ RESCAN_INTERVAL = 2.0   # seconds: the least time between two rescans a missing 
 
 class LoraNotFound(LookupError):
     pass
+
+
+class HashStore(Protocol):
+    """Hashes kept across sessions (the WebUI's hash cache): ``name`` is the file stem, ``addnet`` says
+    kohya's tensor-data hash (else the whole file's sha256).  ``get`` answers None for unknown or stale."""
+
+    def get(self, path: Path, name: str, addnet: bool) -> str | None: ...
+
+    def put(self, path: Path, name: str, addnet: bool, value: str) -> None: ...
 
 
 class AmbiguousName(LookupError):
@@ -50,6 +59,9 @@ class Entry:
     layout: Layout | None = None    # modules and sizes from the header, kept when the metadata names no family
     # real paths of the library's folders when files outside them are not served (empty: no limit)
     confined_to: tuple[str, ...] = ()
+    # where hashes persist between sessions (None: in memory only; also for a stem two files share, since
+    # the WebUI's cache, shared with the built-in Lora, keys them by stem)
+    store: HashStore | None = field(default=None, repr=False, compare=False)
     _hash: str | None = None
     _sha256: str | None = None
 
@@ -67,27 +79,32 @@ class Entry:
         """From the metadata, else from the key spelling and widths in the header."""
         return families.family_from_metadata(self.metadata) or (self.layout.family if self.layout else None)
 
+    @property
+    def _addnet(self) -> bool:
+        """Whether the addnet hash is kohya's tensor-data hash (else the whole file's, as the built-in's)."""
+        return self.path.suffix.lower() == ".safetensors" and not self.header_error
+
     def addnet_hash(self) -> str:
-        """kohya's tensor-data hash (what the WebUI's infotext uses), computed once."""
-        if self._hash is None:
-            given = self.metadata.get("sshs_model_hash", "")
-            if _HEX.match(given):  # metadata is untrusted text: accept it only as a hash
-                self._hash = given.lower()
-            elif self.path.suffix.lower() == ".safetensors" and not self.header_error:
-                self._hash = addnet_hash_safetensors(self.path)
-            else:
-                self._hash = self.sha256()
+        """kohya's tensor-data hash (what the WebUI's infotext uses), computed once and kept in the store."""
+        if self.known_hash() is None:
+            self._hash = addnet_hash_safetensors(self.path) if self._addnet else self.sha256()
+            if self.store is not None:
+                self.store.put(self.path, self.name, self._addnet, self._hash)
         return self._hash
 
     def shorthash(self) -> str:
         return self.addnet_hash()[:12]
 
     def known_hash(self) -> str | None:
-        """The addnet hash if it is known without reading the file (metadata or computed before)."""
+        """The addnet hash if it is known without reading the file (metadata, computed before, or stored)."""
         if self._hash is None:
             given = self.metadata.get("sshs_model_hash", "")
-            if _HEX.match(given):
+            if _HEX.match(given):  # metadata is untrusted text: accept it only as a hash
                 self._hash = given.lower()
+            elif self.store is not None:
+                stored = self.store.get(self.path, self.name, self._addnet)
+                if stored and _HEX.match(stored):
+                    self._hash = stored.lower()
         return self._hash
 
     def sha256(self) -> str:
@@ -138,9 +155,10 @@ class Library:
     """
 
     def __init__(self, roots: list[str | os.PathLike], cache_bytes: int = 2 << 30,
-                 follow_outside_links: bool = False):
+                 follow_outside_links: bool = False, hash_store: HashStore | None = None):
         self.roots = [Path(r) for r in roots]
         self.follow_outside_links = follow_outside_links
+        self.hash_store = hash_store
         self.entries: list[Entry] = []
         self._lock = threading.RLock()
         self._cache: OrderedDict[Path, Network] = OrderedDict()
@@ -225,6 +243,11 @@ class Library:
                         if families.family_from_metadata(e.metadata) is None:
                             e.layout = read_layout(header.shapes)
                 found.append(e)
+        stems: dict[str, int] = {}
+        for e in found:
+            stems[e.name] = stems.get(e.name, 0) + 1
+        for e in found:
+            e.store = self.hash_store if stems[e.name] == 1 else None
         with self._lock:
             self.entries = found
             live = {e.path for e in found}

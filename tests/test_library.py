@@ -116,6 +116,50 @@ def test_hashes_match_independent_computation(lib):
     assert lib.by_hash(e.shorthash()) is e
 
 
+class Store:
+    """A HashStore in a dict: what it was asked and told."""
+    def __init__(self):
+        self.kept, self.gets = {}, []
+
+    def get(self, path, name, addnet):
+        self.gets.append(name)
+        return self.kept.get((name, addnet))
+
+    def put(self, path, name, addnet, value):
+        self.kept[(name, addnet)] = value
+
+
+def _tensor_hash(path) -> str:
+    data = path.read_bytes()
+    return hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()
+
+
+def test_hashes_persist_in_the_store_and_a_shared_stem_is_kept_out(lib, monkeypatch):
+    """A hash computed once goes to the store; a library built later (another session) reads it from there
+    without reading the file; a stem two files share is neither read from nor written to the store (the
+    WebUI's cache keys by stem), and a stored value that is not a hash is ignored."""
+    import lib_lora.library as library_module
+    store = Store()
+    first = Library(lib.roots, hash_store=store)
+    hero = first.resolve("hero")
+    assert hero.addnet_hash() == _tensor_hash(hero.path) and store.kept == {("hero", True): _tensor_hash(hero.path)}
+    first.resolve("other/dup").addnet_hash()
+    assert ("dup", True) not in store.kept
+
+    store.kept[("style", True)] = "<b>not a hash</b>"
+    later = Library(lib.roots, hash_store=store)
+    reads = []
+    real = library_module.addnet_hash_safetensors
+    monkeypatch.setattr(library_module, "addnet_hash_safetensors", lambda p: reads.append(p.name) or real(p))
+    hero = later.resolve("hero")
+    assert hero.known_hash() == _tensor_hash(hero.path) and later.by_hash(_tensor_hash(hero.path)[:12], False) is hero
+    assert reads == []
+    style = later.resolve("style")
+    assert style.addnet_hash() == _tensor_hash(style.path) and reads == ["style.safetensors"]
+    assert store.kept[("style", True)] == _tensor_hash(style.path)
+    assert "dup" not in store.gets
+
+
 def test_untrusted_metadata_hash_is_ignored(tmp_path):
     lora(tmp_path / "x.safetensors", meta={"sshs_model_hash": "<img src=x onerror=alert(1)>"})
     e = Library([tmp_path]).resolve("x")

@@ -74,7 +74,8 @@ class Workshop:
         except OSError:
             pass
         self.library = Library(dirs, cache_bytes=self._cache_bytes(),
-                               follow_outside_links=bool(self.host.option(settings.OPT_OUTSIDE_LINKS)))
+                               follow_outside_links=bool(self.host.option(settings.OPT_OUTSIDE_LINKS)),
+                               hash_store=self.host.hash_store())
         self.runtime = Runtime(self.library)
         self.fits = FitCache()  # what cards of files that name no family say about the loaded model
         self.lbw_presets = blockweights.PresetSource(self.host.lbw_presets_files)
