@@ -71,11 +71,12 @@ def save_png(image, path, parameters: str) -> None:
     image.save(path, format="PNG", pnginfo=info)
 
 
-def paste_rename(prompt: str, hashes_value: str, library: Library) -> str:
+def paste_rename(prompt: str, hashes_value: str, library: Library, prefer_filename: bool = False) -> str:
     """Point ``<lora:NAME:`` tokens of a pasted prompt at local files, by the infotext's hashes.
 
     A name that already resolves to a file with the right hash is kept; otherwise the file
-    with that hash is looked up (hashing the library once if needed).
+    with that hash is looked up (hashing the library once if needed) and named as a card would name it
+    (``prefer_filename``: the built-in's ``lora_preferred_name`` is "Filename").
     """
     hashes = parse_hashes(hashes_value)
     if not hashes:
@@ -90,7 +91,7 @@ def paste_rename(prompt: str, hashes_value: str, library: Library) -> str:
             except (LookupError, OSError):
                 pass
             found = library.by_hash(shorthash)
-            return prompt_name(library, found) if found is not None else None
+            return prompt_name(library, found, prefer_filename) if found is not None else None
         return lookup
 
     out = prompt

@@ -121,6 +121,18 @@ def test_lora_hashes_infotext_and_paste_round_trip(webui, model, sd1_map):
     script_callbacks.infotext_pasted_callback("", params)
     assert params["Prompt"] == "x <lora:renamed:0.6> <lora:b:1> <lora:gone:1>"
 
+    # a file with an alias (ss_output_name) is named by it, or by its file name when the built-in's
+    # lora_preferred_name says "Filename", as the cards name it
+    c = make_lora(webui.lora_dir / "c_file.safetensors", sd1_map, seed=3, metadata={"ss_output_name": "c_alias"})
+    webui.workshop.library.refresh()
+    hc = addnet_hash_safetensors(c)[:12]
+    for preferred, want in (("Alias from file", "c_alias"), ("Filename", "c_file")):
+        shared.opts.data["lora_preferred_name"] = preferred
+        params = {"Prompt": "x <lora:elsewhere:1>", "Lora hashes": f"elsewhere: {hc}"}
+        script_callbacks.infotext_pasted_callback("", params)
+        assert params["Prompt"] == f"x <lora:{want}:1>", preferred
+    del shared.opts.data["lora_preferred_name"]
+
 
 def test_missing_lora_message_in_comments_and_console(webui, model, capsys):
     shared.sd_model = model

@@ -313,9 +313,10 @@ class Workshop:
         value = params.get(HASHES_KEY)
         if not value:
             return
+        by_filename = self.host.option("lora_preferred_name", "") == "Filename"   # as the cards name files
         for key in ("Prompt", "Negative prompt", "Hires prompt", "Hires negative prompt"):
             if isinstance(params.get(key), str):
-                params[key] = paste_rename(params[key], str(value), self.library)
+                params[key] = paste_rename(params[key], str(value), self.library, by_filename)
 
 
 _workshop: Workshop | None = None
