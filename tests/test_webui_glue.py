@@ -148,6 +148,22 @@ def test_missing_lora_message_in_comments_and_console(webui, model, capsys):
     assert "Lora not found: y" in capsys.readouterr().out
 
 
+def test_missing_loras_pop_up_when_the_builtins_setting_says_so(webui, model, sd1_map, monkeypatch):
+    """The built-in's ``lora_not_found_gradio_warning``: one gradio warning naming every missing file."""
+    popups = []
+    monkeypatch.setitem(sys.modules, "gradio", types.SimpleNamespace(Warning=popups.append))
+    make_lora(webui.lora_dir / "here.safetensors", sd1_map)
+    shared.sd_model = model
+    webui.load_script()
+    webui.start_ui()
+    webui.generate("x <lora:x:1> <lora:here:1> <lora:y:0.5> <lora:x:1>")
+    assert popups == []                          # off unless asked, as in the built-in
+    shared.opts.data["lora_not_found_gradio_warning"] = True
+    webui.generate("x <lora:x:1> <lora:here:1> <lora:y:0.5>")
+    webui.generate("x <lora:here:1>")
+    assert popups == ["Lora not found: x, y"]
+
+
 def test_bad_arguments_are_reported_not_raised(webui, model, sd1_map):
     make_lora(webui.lora_dir / "tiny.safetensors", sd1_map)
     shared.sd_model = model

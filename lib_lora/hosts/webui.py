@@ -216,6 +216,8 @@ class Workshop:
         show = bool(self.host.option(settings.OPT_SHOW_WARNINGS))
         for msg in dict.fromkeys(res.messages):
             self.host.notify(msg, p, show=show)
+        if res.missing and self.host.option("lora_not_found_gradio_warning", False):  # the built-in's setting
+            self.host.popup(f"Lora not found: {', '.join(dict.fromkeys(res.missing))}")
         return res
 
     def before_generation(self) -> None:

@@ -97,6 +97,12 @@ class WebUIHost:
         return [first, *others, Path(paths.script_path) / "scripts" / filename]
 
     # user feedback -------------------------------------------------------------------------
+    @staticmethod
+    def popup(message: str) -> None:
+        """A warning toast in the browser, for the generation's request (gradio's; a no-op over the API)."""
+        import gradio as gr  # only in the real WebUI
+        gr.Warning(message)
+
     def notify(self, message: str, p: Any = None, show: bool = True) -> None:
         log(message)
         if not show:
