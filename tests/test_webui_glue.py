@@ -134,6 +134,34 @@ def test_lora_hashes_infotext_and_paste_round_trip(webui, model, sd1_map):
     del shared.opts.data["lora_preferred_name"]
 
 
+def test_additional_networks_infotext_pastes_as_lora_tokens(webui, model, monkeypatch):
+    """An infotext from the sd-webui-additional-networks extension: its LoRA models become ``<lora:>`` tokens
+    on a new prompt line (the hash in brackets dropped, weight A), as the built-in's paste callback makes them;
+    not by us while the built-in is enabled (it does it itself) or that extension is installed (it fills its
+    own fields)."""
+    from modules import scripts
+    shared.sd_model = model
+    webui.load_script()
+    webui.start_ui()
+    infotext = {"Prompt": "a cat", "AddNet Enabled": "True", "AddNet Module 1": "LoRA",
+                "AddNet Model 1": "style_v2(0123abcd)", "AddNet Weight A 1": "0.7", "AddNet Weight B 1": "0.7",
+                "AddNet Module 2": "LoRA", "AddNet Model 2": "plain", "AddNet Module 3": "Other",
+                "AddNet Model 3": "not_lora(ffff0000)", "AddNet Weight A 3": "1"}
+    params = dict(infotext)
+    script_callbacks.infotext_pasted_callback("", params)
+    assert params["Prompt"] == "a cat\n<lora:style_v2:0.7><lora:plain:1.0>"
+
+    monkeypatch.setattr(scripts, "scripts_txt2img", types.SimpleNamespace(infotext_fields=[(object(), "AddNet Module 1")]))
+    params = dict(infotext)
+    script_callbacks.infotext_pasted_callback("", params)
+    assert params["Prompt"] == "a cat"
+    monkeypatch.setattr(scripts, "scripts_txt2img", None)
+    BuiltinLora(webui).load()
+    params = dict(infotext)
+    script_callbacks.infotext_pasted_callback("", params)
+    assert params["Prompt"] == "a cat"
+
+
 def test_missing_lora_message_in_comments_and_console(webui, model, capsys):
     shared.sd_model = model
     webui.load_script()

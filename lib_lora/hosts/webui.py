@@ -24,11 +24,12 @@ from modules import extra_networks, paths, shared, ui_extra_networks
 from .. import blockweights, elementweights, live
 from .. import params as lora_params
 from ..fit import FitCache
-from ..infotext import KEY as HASHES_KEY, format_hashes, paste_rename
+from ..infotext import KEY as HASHES_KEY, addnet_tokens, format_hashes, paste_rename
 from ..library import Library
 from ..runtime import ActivationResult, Runtime
 from . import webui_settings as settings
-from .webui_builtin import BuiltinHandoff, builtin_lora_active, builtin_networks_module, lbw_active
+from .webui_builtin import (BuiltinHandoff, addnet_extension_active, builtin_lora_active, builtin_networks_module,
+                            lbw_active)
 from .webui_cards import LoraPage
 from .webui_embeddings import BundledEmbeddings
 from .webui_host import WebUIHost, log, use_original_torch_load
@@ -312,6 +313,10 @@ class Workshop:
         self.runtime.set_model(mm)
 
     def infotext_pasted(self, infotext: str, params: dict) -> None:
+        if not builtin_lora_active() and isinstance(params.get("Prompt"), str) and not addnet_extension_active():
+            added = addnet_tokens(params)   # the built-in's own paste callback does this when it is enabled
+            if added:
+                params["Prompt"] += "\n" + "".join(added)
         value = params.get(HASHES_KEY)
         if not value:
             return
