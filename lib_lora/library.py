@@ -13,7 +13,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 from . import families, safe_json
 from .fileio import (LEGACY_TRAINING_STATE_SUFFIX, SAFETENSORS_EXT, TRAINING_STATE_FORMAT, LoraFileError,
@@ -155,10 +155,14 @@ class Library:
     """
 
     def __init__(self, roots: list[str | os.PathLike], cache_bytes: int = 2 << 30,
-                 follow_outside_links: bool = False, hash_store: HashStore | None = None):
+                 follow_outside_links: bool = False, hash_store: HashStore | None = None,
+                 on_outside_links: Callable[[list[str]], None] | None = None):
         self.roots = [Path(r) for r in roots]
         self.follow_outside_links = follow_outside_links
         self.hash_store = hash_store
+        # links in the folders to files or folders outside them, left out by the last scan (paths in the folders)
+        self.outside_links: list[str] = []
+        self.on_outside_links = on_outside_links   # told the list whenever a scan finds it changed
         self.entries: list[Entry] = []
         self._lock = threading.RLock()
         self._cache: OrderedDict[Path, Network] = OrderedDict()
@@ -171,7 +175,7 @@ class Library:
     def _inside(self, real: str, reals: list[str]) -> bool:
         return self.follow_outside_links or any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in reals)
 
-    def _walk(self, folder: str, depth: int, visited: set[str], reals: list[str]) -> Iterator[Path]:
+    def _walk(self, folder: str, depth: int, visited: set[str], reals: list[str], outside: list[str]) -> Iterator[Path]:
         """Files below ``folder``, files of a folder before its sub-folders, each sorted by name.
 
         Symlinked folders are followed, each real folder at most once (two links to ``.`` would
@@ -194,13 +198,17 @@ class Library:
                 subdirs.append(d.path)
         for sub in subdirs:
             real = os.path.realpath(sub)
-            if real in visited or not self._inside(real, reals):
+            if real in visited:
+                continue
+            if not self._inside(real, reals):
+                outside.append(sub)
                 continue
             visited.add(real)
-            yield from self._walk(sub, depth + 1, visited, reals)
+            yield from self._walk(sub, depth + 1, visited, reals, outside)
 
     def refresh(self) -> None:
         self._scanned_at = time.monotonic()
+        outside: list[str] = []     # links to outside every root, left out (their paths in the folders)
         old = {e.path: e for e in self.entries}
         found: list[Entry] = []
         seen: set[str] = set()
@@ -210,12 +218,15 @@ class Library:
             if not root.is_dir():
                 continue
             visited.add(os.path.realpath(root))
-            for p in self._walk(str(root), 0, visited, reals):
+            for p in self._walk(str(root), 0, visited, reals, outside):
                 fn = p.name
                 if p.suffix.lower() not in EXTENSIONS or fn.endswith(LEGACY_TRAINING_STATE_SUFFIX):
                     continue  # resumable training state saved beside a LoRA is not a LoRA
                 real = os.path.realpath(p)
-                if real in seen or not self._inside(real, reals):
+                if real in seen:
+                    continue
+                if not self._inside(real, reals):
+                    outside.append(str(p))
                     continue
                 seen.add(real)
                 try:
@@ -250,9 +261,12 @@ class Library:
             e.store = self.hash_store if stems[e.name] == 1 else None
         with self._lock:
             self.entries = found
+            changed, self.outside_links = outside != self.outside_links, outside
             live = {e.path for e in found}
             for p in [p for p in self._cache if p not in live]:
                 del self._cache[p]
+        if changed and self.outside_links and self.on_outside_links is not None:
+            self.on_outside_links(list(self.outside_links))
 
     # -- names -----------------------------------------------------------------------
     def _name_tables(self) -> list[dict[str, list[Entry]]]:

@@ -264,7 +264,14 @@ def test_links_out_of_the_lora_folder_are_not_indexed_unless_allowed(tmp_path):
     os.symlink(outside / "sub", root / "linked_dir")
     lora(root / "in" / "kept.safetensors")
     os.symlink(root / "in" / "kept.safetensors", root / "alias.safetensors")  # inside: fine
-    assert sorted(e.relname for e in _scan([root]).entries) == ["alias", "own"]
+    told = []
+    lib = _scan([root], on_outside_links=told.append)
+    assert sorted(e.relname for e in lib.entries) == ["alias", "own"]
+    # what was left out is said once, by its paths in the folder (never where the links point)
+    assert len(told) == 1 and sorted(told[0]) == sorted(str(root / n) for n in ("linked.safetensors", "x.safetensors",
+                                                                                 "linked_dir"))
+    lib.refresh()
+    assert len(told) == 1 and lib.outside_links == told[0]
     both = _scan([root, outside])  # a second LoRA folder: links into it are inside "a model folder"
     assert sorted(e.relname for e in both.entries if e.root == root) == ["alias", "linked", "linked_dir/deeper", "own"]
     trusting = _scan([root], follow_outside_links=True)

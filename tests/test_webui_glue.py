@@ -484,7 +484,7 @@ def test_builtin_compatible_dora_setting_reaches_the_merge(webui, model, sd1_map
     assert (builtin - lycoris).abs().max() > 1e-3
 
 
-def test_outside_links_setting_and_unreadable_file_on_its_card(webui, sd1_map, tmp_path):
+def test_outside_links_setting_and_unreadable_file_on_its_card(webui, sd1_map, tmp_path, capsys):
     outside = tmp_path / "my_own_loras"
     make_lora(outside / "linked.safetensors", sd1_map, only=("attn2",))
     webui.lora_dir.mkdir(parents=True, exist_ok=True)
@@ -497,6 +497,10 @@ def test_outside_links_setting_and_unreadable_file_on_its_card(webui, sd1_map, t
     webui.start_ui()
     lib = webui.workshop.library
     assert [e.relname for e in lib.entries] == ["broken"]  # the link out is not followed by default
+    said = [line for line in capsys.readouterr().out.splitlines() if "point outside them" in line]
+    assert said == [f"[LoRA Workshop] 1 link(s) in the LoRA folders point outside them and are not listed: "
+                    f"{webui.lora_dir / 'mine'} (Settings → LoRA Workshop → \"Index files that symlinks in the LoRA "
+                    "folder point to outside it\" lists them)"]
     shared.opts.set(settings.OPT_OUTSIDE_LINKS, True)
     assert [e.relname for e in lib.entries] == ["broken", "mine/linked"]
     page = webui.workshop.page

@@ -76,7 +76,7 @@ class Workshop:
             pass
         self.library = Library(dirs, cache_bytes=self._cache_bytes(),
                                follow_outside_links=bool(self.host.option(settings.OPT_OUTSIDE_LINKS)),
-                               hash_store=self.host.hash_store())
+                               hash_store=self.host.hash_store(), on_outside_links=self._outside_links)
         self.runtime = Runtime(self.library)
         self.fits = FitCache()  # what cards of files that name no family say about the loaded model
         self.lbw_presets = blockweights.PresetSource(self.host.lbw_presets_files)
@@ -109,6 +109,12 @@ class Workshop:
         """Folders whose datasets API requests may read: the WebUI's data folder and the listed ones."""
         listed = str(self.host.option(settings.OPT_DATASET_ROOTS) or "")
         return [Path(paths.data_path)] + [Path(x.strip()).expanduser() for x in listed.split(",") if x.strip()]
+
+    def _outside_links(self, links: list[str]) -> None:
+        shown = ", ".join(links[:5]) + (f" and {len(links) - 5} more" if len(links) > 5 else "")
+        self.host.notify(f"{len(links)} link(s) in the LoRA folders point outside them and are not listed: {shown} "
+                         "(Settings → LoRA Workshop → \"Index files that symlinks in the LoRA folder point to outside "
+                         "it\" lists them)", show=False)
 
     def apply_cache_setting(self) -> None:
         self.library.set_cache_bytes(self._cache_bytes())
