@@ -319,3 +319,24 @@ def test_a_locon_conv_in_applies_to_an_inpainting_models_latent_channels(extra):
     assert torch.equal(got[:, 4:], w0[:, 4:])
     p.restore()
     assert same(before, snapshot(tiny.unet))
+
+
+def test_an_fp8_layer_merges_from_the_webuis_fp16_copy_and_restores_its_fp8_bits():
+    """WebUI "FP8 weight" with "Cache FP16 weight for LoRA": each layer holds float8 weights and an fp16 copy
+    (``fp16_weight``/``fp16_bias``); the merge starts from the copy, as the built-in's does, and the restore
+    writes the fp8 bits back."""
+    tiny = build_sd1(seed=5)
+    mm = model_map(tiny)
+    sd = kohya_lora(mm, rank=4, alpha=3.0, seed=1, only=("attn1_to_q",))
+    layer = mm.get(Q).module
+    layer.fp16_weight = layer.weight.detach().half().clone()
+    layer.to(torch.float8_e4m3fn)
+    fp8 = layer.weight.detach().clone()
+    p = Patcher(mm)
+    assert not p.apply([activation(parse_state_dict("a", sd, {}), 1.0, 0.7)]).messages
+    want = (layer.fp16_weight.double() + hand_delta(sd, Q, 0.7)).float().to(torch.float8_e4m3fn)
+    assert torch.equal(layer.weight.view(torch.uint8), want.view(torch.uint8))
+    assert not torch.equal(want.view(torch.uint8),     # what merging from the fp8 value gives: other bits
+                           (fp8.double() + hand_delta(sd, Q, 0.7)).float().to(torch.float8_e4m3fn).view(torch.uint8))
+    p.restore()
+    assert layer.weight.dtype == torch.float8_e4m3fn and torch.equal(layer.weight.view(torch.uint8), fp8.view(torch.uint8))
