@@ -139,6 +139,9 @@ def test_cards_for_other_models_are_hidden_as_the_builtin_settings_say(webui, mo
     assert page.create_item("xl_keys") is None  # the page's own listing filters
     redrawn = page.create_item("xl_keys", enable_filter=False)  # the WebUI redrawing one card after an edit
     assert redrawn["sort_keys"]["lwfamily"] == "SDXL" and redrawn["sort_keys"]["lwcompat"] == "no"
+    shared.opts.data["lora_show_all"] = True  # saved in config.json while the built-in was enabled
+    assert set(cards(webui)) == everything
+    del shared.opts.data["lora_show_all"]
 
     builtin_filter_settings(hide_unknown_for=["SD2", "SDXL"])  # other versions than the loaded SD1
     assert set(cards(webui)) == {"fits", "labelled"}

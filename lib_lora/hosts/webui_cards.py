@@ -3,7 +3,7 @@
 Cards show the preview, the family badge (the notes' "sd version", else the file's own, or
 whether it fits the loaded model), the notes' description and the file's metadata; cards for
 another model family are left out as the built-in's settings ``lora_show_all`` and
-``lora_hide_unknown_for_versions`` say (their defaults when the built-in is disabled).  The prompt a
+``lora_hide_unknown_for_versions`` say (with the built-in disabled: as saved, else its defaults).  The prompt a
 card adds uses the notes' activation text and preferred weight, else the WebUI's default
 multiplier.  The notes are the ``<file>.json`` the built-in Lora uses.
 """
@@ -66,7 +66,8 @@ class LoraPage(ui_extra_networks.ExtraNetworksPage):
         return error + (f"<br>{text}" if text else "")
 
     def _hidden(self, fam: cards.CardFamily) -> bool:
-        """The built-in's filter settings, read where it registers them (its defaults without it)."""
+        """The built-in's filter settings; with it disabled, the WebUI's options still hold the values
+        config.json has for them, and the built-in's defaults stand in for the rest."""
         mm = self.workshop.runtime.model_map
         host = self.workshop.host
         return cards.card_hidden(fam, mm.family if mm is not None else None,
