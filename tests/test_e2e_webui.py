@@ -154,16 +154,18 @@ def test_ui_cards_notes_editor_and_training_tab(server):
     part = "txt2img_lora_edit_user_metadata"
     edit = ui.fn_index("click", target=f"{part}_button")
     opened = ui.call(edit, LORA_NAME)
-    assert len(opened) == 9 and LORA_NAME in opened[0] and "Family:" in opened[2], opened
-    assert opened[5] == "SD1"  # the "Stable Diffusion version" dropdown
+    assert len(opened) == 12 and LORA_NAME in opened[0] and "Family:" in opened[2], opened
+    assert opened[5] == "SD1"  # the "Stable Diffusion version" dropdown; then the training tags, ...
+    assert opened[6]["__type__"] == "update" and opened[10]["__type__"] == "update"  # ... their row and prompt
     [save] = [i for i, d in enumerate(ui.config["dependencies"]) if d["trigger"] == "click"
               and d["inputs"][:1] == [ui.elem(f"{part}_name")] and len(d["inputs"]) == 7]
     ui.call(save, LORA_NAME, "a description", "SD1", "e2e style", 0.7, "blurry", "my notes")
     notes = json.loads((server.lora.parent / f"{LORA_NAME}.json").read_text(encoding="utf-8"))
     assert notes["activation text"] == "e2e style" and notes["preferred weight"] == 0.7 and notes["notes"] == "my notes"
     assert notes["sd version"] == "SD1"
-    assert ui.call(edit, LORA_NAME)[1:] == [
-        "a description", opened[2], opened[3], "my notes", "SD1", "e2e style", 0.7, "blurry"]
+    again = ui.call(edit, LORA_NAME)
+    assert again[1:6] == ["a description", opened[2], opened[3], "my notes", "SD1"]
+    assert again[7:10] == ["e2e style", 0.7, "blurry"]
     status, card = server.request(
         "GET", f"/sd_extra_networks/get-single-card?page=lora&tabname=txt2img&name={LORA_NAME}", auth=None)
     assert status == 200 and f'"<lora:{LORA_NAME}:0.7> e2e style"' in html.unescape(card["html"]), card

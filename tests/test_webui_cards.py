@@ -153,7 +153,7 @@ def test_cards_for_other_models_are_hidden_as_the_builtin_settings_say(webui, mo
     assert keys["sd2"]["lwfamily"] == "SD2" and keys["sd2"]["lwcompat"] == "no"  # shown, dimmed
 
 
-def test_notes_sd_version_decides_the_badge_and_the_filter(webui, model, sd1_map):
+def test_notes_sd_version_decides_the_badge_and_the_filter(webui, model, sd1_map, gradio_standin):
     """The notes' "sd version" (the built-in's key and names) overrides the file's family for the badge
     and the filter; a name that is not a version is ignored; "Unknown" leaves it to the file."""
     d = files(webui, sd1_map)
@@ -211,3 +211,27 @@ def test_card_without_preferred_weight_inserts_the_webuis_default_multiplier(web
     assert card_click(page.items["weighted"]["prompt"], browser) == "<lora:weighted:0.8> zkx"
     # the value the browser has when clicked: a changed setting needs no new page
     assert card_click(page.items["plain"]["prompt"], {"extra_networks_default_multiplier": 1.5}) == "<lora:plain:1.5>"
+
+
+def test_editor_lists_training_tags_and_a_random_prompt(webui, sd1_map, gradio_standin):
+    """The built-in's editor lists the top 24 training tags (the words of sentence captions), shows a random
+    prompt drawn from them, and hides both for a file without tags."""
+    d = webui.lora_dir
+    tags = {f"tag{i:02d}": 30 - i for i in range(26)}
+    make_lora(d / "tagged.safetensors", sd1_map, only=("attn1",),
+              metadata={**SD1_META, "ss_tag_frequency": json.dumps({"5_x": tags})})
+    make_lora(d / "bare.safetensors", sd1_map, metadata=SD1_META, only=("attn1",))
+    webui.load_script()
+    webui.start_ui()
+    page = webui.workshop.page
+    page.create_html("txt2img")
+    editor = page.create_user_metadata_editor(None, "txt2img")
+    values = editor.put_values_into_components("tagged")
+    assert values[6] == gradio_standin.update(value=[(f"tag{i:02d}", str(30 - i)) for i in range(24)], visible=True)
+    assert values[10] == gradio_standin.update(visible=True)
+    drawn = values[11]["value"].split(", ")
+    assert "tag00" in drawn and set(drawn) <= set(tags) and drawn == sorted(drawn)
+    assert set(editor.random_prompt("tagged").split(", ")) <= set(tags)
+    bare = editor.put_values_into_components("bare")
+    assert bare[6]["visible"] is False and bare[10]["visible"] is False and bare[11]["visible"] is False
+    assert "Top tags:" not in dict(editor.get_metadata_table("tagged"))

@@ -5,7 +5,8 @@ whether it fits the loaded model), the notes' description and the file's metadat
 another model family are left out as the built-in's settings ``lora_show_all`` and
 ``lora_hide_unknown_for_versions`` say (with the built-in disabled: as saved, else its defaults).  The prompt a
 card adds uses the notes' activation text and preferred weight, else the WebUI's default
-multiplier.  The notes are the ``<file>.json`` the built-in Lora uses.
+multiplier.  The notes are the ``<file>.json`` the built-in Lora uses; their editor also lists
+the training tags (a click toggles one in the activation text) and a random prompt from them.
 """
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ from typing import Any
 
 from modules import shared, ui_extra_networks, ui_extra_networks_user_metadata
 
-from .. import cards, families
+from .. import cards, editor_tags, families
 from .. import metadata as lora_metadata
 from ..library import prompt_name
 
 PAGE_TITLE = "Lora"  # same tab (and element ids) as the built-in, which it replaces
+SHOWN_TAGS = 24       # training tags the notes editor lists
 
 
 class LoraPage(ui_extra_networks.ExtraNetworksPage):
@@ -125,6 +127,7 @@ class LoraMetadataEditor(ui_extra_networks_user_metadata.UserMetadataEditor):
     """Edits the ``<file>.json`` notes the built-in uses (same keys, other keys preserved)."""
 
     select_sd_version = None  # the "Stable Diffusion version" dropdown, made in create_editor
+    taginfo = None            # the clickable "Training dataset tags"
 
     def save_lora_user_metadata(self, name, desc, sd_version, activation_text, preferred_weight, negative_text,
                                 notes):
@@ -145,10 +148,13 @@ class LoraMetadataEditor(ui_extra_networks_user_metadata.UserMetadataEditor):
         table.append(("Family:", html.escape(item.get("sd_version", "Unknown"))))
         # metadata comes from the file: escape it, the WebUI puts table cells into HTML as they are
         table += [(html.escape(label) + ":", html.escape(text)) for label, text in lora_metadata.metadata_summary(metadata)]
-        tags = lora_metadata.tag_frequency(metadata, top=24)
-        if tags:
-            table.append(("Top tags:", html.escape(", ".join(f"{t} ({n})" for t, n in tags))))
-        return table
+        return table  # the training tags are the editor's clickable list
+
+    def _tags(self, name) -> list[tuple[str, int]]:
+        return editor_tags.editor_tags(self.page.items.get(name, {}).get("metadata") or {})
+
+    def random_prompt(self, name) -> str:
+        return editor_tags.random_prompt(self._tags(name))
 
     def put_values_into_components(self, name):
         user_metadata = self.get_user_metadata(name)
@@ -158,8 +164,11 @@ class LoraMetadataEditor(ui_extra_networks_user_metadata.UserMetadataEditor):
         except (TypeError, ValueError):
             weight = 0.0
         item = self.page.items.get(name, {})
+        tags = self._tags(name)
         return [*values[0:5], item.get("sd_version", cards.UNKNOWN_VERSION),
-                user_metadata.get("activation text", ""), weight, user_metadata.get("negative text", "")]
+                _update(value=[(t, str(n)) for t, n in tags[:SHOWN_TAGS]], visible=bool(tags)),
+                user_metadata.get("activation text", ""), weight, user_metadata.get("negative text", ""),
+                _update(visible=bool(tags)), _update(value=editor_tags.random_prompt(tags), visible=bool(tags))]
 
     def create_extra_default_items_in_left_column(self):
         import gradio as gr  # only in the real WebUI
@@ -172,18 +181,41 @@ class LoraMetadataEditor(ui_extra_networks_user_metadata.UserMetadataEditor):
         import gradio as gr  # only in the real WebUI
 
         self.create_default_editor_elems()
+        self.taginfo = gr.HighlightedText(label="Training dataset tags")
         self.edit_activation_text = gr.Textbox(label="Activation text", info="added to the prompt with the LoRA")
         self.slider_preferred_weight = gr.Slider(label="Preferred weight", info="0 = the WebUI's default multiplier",
                                                  minimum=0.0, maximum=2.0, step=0.01)
         self.edit_negative_text = gr.Textbox(label="Negative prompt", info="added to the negative prompt")
+        with gr.Row() as random_row:
+            with gr.Column(scale=8):
+                random_text = gr.Textbox(label="Random prompt", lines=4, max_lines=4, interactive=False)
+            with gr.Column(scale=1, min_width=120):
+                random_button = gr.Button("Generate", size="lg")
         self.edit_notes = gr.TextArea(label="Notes", lines=4)
+
+        def tag_clicked(activation_text, evt):
+            return editor_tags.toggle_tag(activation_text or "", str(evt.value[0]))  # a (tag, count) pair
+
+        # gradio passes the click's SelectData by this hint; a real class, as this module's annotations are strings
+        tag_clicked.__annotations__ = {"evt": gr.SelectData}
+
+        self.taginfo.select(fn=tag_clicked, inputs=[self.edit_activation_text], outputs=[self.edit_activation_text],
+                            show_progress=False)
+        random_button.click(fn=self.random_prompt, inputs=[self.edit_name_input], outputs=[random_text],
+                            show_progress=False)
         self.create_default_buttons()
         self.button_edit.click(
             fn=self.put_values_into_components, inputs=[self.edit_name_input],
             outputs=[self.edit_name, self.edit_description, self.html_filedata, self.html_preview, self.edit_notes,
-                     self.select_sd_version, self.edit_activation_text, self.slider_preferred_weight,
-                     self.edit_negative_text],
+                     self.select_sd_version, self.taginfo, self.edit_activation_text, self.slider_preferred_weight,
+                     self.edit_negative_text, random_row, random_text],
         ).then(fn=lambda: gr.update(visible=True), inputs=[], outputs=[self.box])
         self.setup_save_handler(self.button_save, self.save_lora_user_metadata,
                                 [self.edit_description, self.select_sd_version, self.edit_activation_text,
                                  self.slider_preferred_weight, self.edit_negative_text, self.edit_notes])
+
+
+def _update(**changes: Any) -> dict:
+    import gradio as gr  # only in the real WebUI (tests: tests/gradio_standin.py)
+
+    return gr.update(**changes)
