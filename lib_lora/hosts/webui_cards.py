@@ -3,9 +3,9 @@
 Cards show the preview, the family badge (the notes' "sd version", else the file's own, or
 whether it fits the loaded model), the notes' description and the file's metadata; cards for
 another model family are left out as the built-in's settings ``lora_show_all`` and
-``lora_hide_unknown_for_versions`` say (with the built-in disabled: as saved, else its defaults).  The prompt a
-card adds uses the notes' activation text and preferred weight, else the WebUI's default
-multiplier.  The notes are the ``<file>.json`` the built-in Lora uses; their editor also lists
+``lora_hide_unknown_for_versions`` say (with the built-in disabled: as saved, else its
+defaults).  The prompt a card adds uses the notes' activation text and preferred weight, else
+the WebUI's default multiplier.  The notes are the ``<file>.json`` the built-in Lora uses; their editor also lists
 the training tags (a click toggles one in the activation text) and a random prompt from them.
 """
 from __future__ import annotations
@@ -134,7 +134,8 @@ class LoraMetadataEditor(ui_extra_networks_user_metadata.UserMetadataEditor):
         """The built-in's fields in its order; "sd version" keeps its spellings (we add "SD3")."""
         user_metadata = self.get_user_metadata(name)
         user_metadata["description"] = desc
-        user_metadata[cards.NOTES_VERSION_KEY] = sd_version if sd_version in cards.SD_VERSIONS else cards.UNKNOWN_VERSION
+        known = sd_version in cards.SD_VERSIONS
+        user_metadata[cards.NOTES_VERSION_KEY] = sd_version if known else cards.UNKNOWN_VERSION
         user_metadata["activation text"] = activation_text
         user_metadata["preferred weight"] = preferred_weight
         user_metadata["negative text"] = negative_text
