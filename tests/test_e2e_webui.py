@@ -166,6 +166,12 @@ def test_ui_cards_notes_editor_and_training_tab(server):
     again = ui.call(edit, LORA_NAME)
     assert again[1:6] == ["a description", opened[2], opened[3], "my notes", "SD1"]
     assert again[7:10] == ["e2e style", 0.7, "blurry"]
+    # a click on a training tag adds it to the activation text, a second one takes it out
+    activation = ui.config["dependencies"][edit]["outputs"][7]
+    [pick] = [i for i, d in enumerate(ui.config["dependencies"]) if d["trigger"] == "select"
+              and d["inputs"] == [activation] and d["outputs"] == [activation]]
+    assert ui.call(pick, "e2e style", event_data={"index": 0, "value": ["cat", "2"]}) == ["e2e style, cat"]
+    assert ui.call(pick, "e2e style, cat", event_data={"index": 0, "value": ["cat", "2"]}) == ["e2e style"]
     status, card = server.request(
         "GET", f"/sd_extra_networks/get-single-card?page=lora&tabname=txt2img&name={LORA_NAME}", auth=None)
     assert status == 200 and f'"<lora:{LORA_NAME}:0.7> e2e style"' in html.unescape(card["html"]), card

@@ -201,9 +201,9 @@ class LoraMetadataEditor(ui_extra_networks_user_metadata.UserMetadataEditor):
         tag_clicked.__annotations__ = {"evt": gr.SelectData}
 
         self.taginfo.select(fn=tag_clicked, inputs=[self.edit_activation_text], outputs=[self.edit_activation_text],
-                            show_progress=False)
+                            show_progress="hidden")
         random_button.click(fn=self.random_prompt, inputs=[self.edit_name_input], outputs=[random_text],
-                            show_progress=False)
+                            show_progress="hidden")
         self.create_default_buttons()
         self.button_edit.click(
             fn=self.put_values_into_components, inputs=[self.edit_name_input],
