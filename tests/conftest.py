@@ -126,6 +126,15 @@ def standin_webui(tmp_path, monkeypatch) -> StandinWebUI:
     return StandinWebUI(tmp_path, monkeypatch)
 
 
+@pytest.fixture
+def gradio_standin(monkeypatch):
+    """tests/gradio_standin.py installed as ``gradio`` for the test (the WebUI's gradio is not installable here)."""
+    import gradio_standin as standin
+
+    monkeypatch.setitem(sys.modules, "gradio", standin)
+    return standin
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """(checkpoint file, dataset folder): a tiny SD1 single-file checkpoint and a 4-image kohya dataset

@@ -34,7 +34,7 @@ fastapi = pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 from webui_glue_support import (ALPHA, RANK, SD1_META, TE_KEY, UNET_KEY, BuiltinLora, FakeSdModel,  # noqa: E402
                                 FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder, TinyOpenClip, WebUI, WithCustomWords,
-                                lora_delta, make_lora, tiny_clip)
+                                card_click, lora_delta, make_lora, tiny_clip)
 
 
 # -- loading and activation -----------------------------------------------------------------------
@@ -554,7 +554,7 @@ def test_host_finds_text_encoders_where_the_webui_keeps_them():
 # -- the Extra Networks page ----------------------------------------------------------------------
 
 
-def test_page_items_prompt_search_badge_and_notes(webui, sd1_map):
+def test_page_items_prompt_search_badge_and_notes(webui, sd1_map, gradio_standin):
     meta = {**SD1_META, "ss_output_name": "Tiny Style", "sshs_model_hash": "ab" * 32,
             "ss_tag_frequency": json.dumps({"5_a": {"cat": 3, "<b>dog</b>": 1}, "5_b": {"cat": 2}}),
             "ss_training_comment": "<script>x</script>"}
@@ -577,16 +577,19 @@ def test_page_items_prompt_search_badge_and_notes(webui, sd1_map):
     assert item["sort_keys"]["lwfamily"] == "SD1" and item["shorthash"] == "ab" * 6
     assert item["preview"].startswith("./sd_extra_networks/thumb?filename=")
     assert item["metadata"]["ss_tag_frequency"] == {"5_a": {"cat": 3, "<b>dog</b>": 1}, "5_b": {"cat": 2}}
-    assert page.items["a/dup"]["prompt"] == ui_extra_networks.quote_js("<lora:a/dup:1>")
+    # no preferred weight: the WebUI's default multiplier, as the browser has it at the click
+    assert card_click(page.items["a/dup"]["prompt"], {"extra_networks_default_multiplier": 1.0}) == "<lora:a/dup:1>"
 
     editor = page.create_user_metadata_editor(None, "txt2img")
     table = dict(editor.get_metadata_table("tiny"))
-    assert table["Top tags:"] == "cat (5), &lt;b&gt;dog&lt;/b&gt; (1)"
     assert table["Comment:"] == "&lt;script&gt;x&lt;/script&gt;"
     assert table["Rank:"] == str(RANK)
     values = editor.put_values_into_components("tiny")
-    assert values[5:] == ["tinystyle", 0.8, "blurry"]
-    editor.save_lora_user_metadata("tiny", "desc", "newword", 0.6, "", "my notes")
+    assert values[5] == "SD1" and values[7:10] == ["tinystyle", 0.8, "blurry"]
+    # the training tags, clickable (gradio shows them as text, unescaped), and a random prompt from them
+    assert values[6] == gradio_standin.update(value=[("cat", "5"), ("<b>dog</b>", "1")], visible=True)
+    assert values[10] == gradio_standin.update(visible=True) and "cat" in values[11]["value"]
+    editor.save_lora_user_metadata("tiny", "desc", "SD1", "newword", 0.6, "", "my notes")
     saved = json.loads((webui.lora_dir / "tiny.json").read_text())
     assert saved == {"activation text": "newword", "preferred weight": 0.6, "negative text": "", "sd version": "SD1",
                      "description": "desc", "notes": "my notes"}
