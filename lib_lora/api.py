@@ -83,7 +83,7 @@ def add_routes(app: FastAPI, library: Callable[[], Library], *, dependencies: li
 
     def get_lora(name: str) -> dict[str, Any]:
         try:
-            entry = library().resolve(name)
+            entry = library().resolve_fresh(name)
         except LoraNotFound:
             raise HTTPException(status_code=404, detail=f"Lora not found: {name}") from None
         except AmbiguousName as e:

@@ -45,6 +45,27 @@ def rename_in_prompt(prompt: str, hashes: dict[str, str], lookup) -> str:
     return re.sub(r"<(lora|lyco):([^:>]+):", repl, prompt)
 
 
+_ADDNET_HASH = re.compile(r"^(.*?)\s*\([0-9a-fA-F]+\)$")
+
+
+def addnet_tokens(params: dict) -> list[str]:
+    """``<lora:NAME:W>`` for each LoRA of an infotext written by the sd-webui-additional-networks extension
+    (``AddNet Module N: LoRA``, ``AddNet Model N: NAME(hash)``, ``AddNet Weight A N: W``), as the built-in Lora
+    turns them into prompt tokens on paste (the hash in brackets is dropped; the weight defaults to 1.0)."""
+    out = []
+    for key in params:
+        if not key.startswith("AddNet Model "):
+            continue
+        n = key[len("AddNet Model "):]
+        name = params.get(key)
+        if params.get(f"AddNet Module {n}") != "LoRA" or not isinstance(name, str) or not name.strip():
+            continue
+        m = _ADDNET_HASH.match(name.strip())
+        weight = params.get(f"AddNet Weight A {n}", "1.0")
+        out.append(f"<lora:{m.group(1) if m else name.strip()}:{weight}>")
+    return out
+
+
 def _quote(value: object) -> str:
     """A value as the WebUI writes it in the last line: JSON-quoted when it holds ',', ':' or a newline."""
     text = str(value)
@@ -71,11 +92,12 @@ def save_png(image, path, parameters: str) -> None:
     image.save(path, format="PNG", pnginfo=info)
 
 
-def paste_rename(prompt: str, hashes_value: str, library: Library) -> str:
+def paste_rename(prompt: str, hashes_value: str, library: Library, prefer_filename: bool = False) -> str:
     """Point ``<lora:NAME:`` tokens of a pasted prompt at local files, by the infotext's hashes.
 
     A name that already resolves to a file with the right hash is kept; otherwise the file
-    with that hash is looked up (hashing the library once if needed).
+    with that hash is looked up (hashing the library once if needed) and named as a card would name it
+    (``prefer_filename``: the built-in's ``lora_preferred_name`` is "Filename").
     """
     hashes = parse_hashes(hashes_value)
     if not hashes:
@@ -90,7 +112,7 @@ def paste_rename(prompt: str, hashes_value: str, library: Library) -> str:
             except (LookupError, OSError):
                 pass
             found = library.by_hash(shorthash)
-            return prompt_name(library, found) if found is not None else None
+            return prompt_name(library, found, prefer_filename) if found is not None else None
         return lookup
 
     out = prompt

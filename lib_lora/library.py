@@ -9,10 +9,11 @@ import os
 import re
 import stat
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Protocol
 
 from . import families, safe_json
 from .fileio import (LEGACY_TRAINING_STATE_SUFFIX, SAFETENSORS_EXT, TRAINING_STATE_FORMAT, LoraFileError,
@@ -24,10 +25,20 @@ from .network import Network, load_network
 EXTENSIONS = SAFETENSORS_EXT + (".pt", ".ckpt")
 PREVIEW_EXT = (".png", ".jpg", ".jpeg", ".webp", ".gif")
 _HEX = re.compile(r"^[0-9a-fA-F]{8,64}$")
+RESCAN_INTERVAL = 2.0   # seconds: the least time between two rescans a missing name triggers
 
 
 class LoraNotFound(LookupError):
     pass
+
+
+class HashStore(Protocol):
+    """Hashes kept across sessions (the WebUI's hash cache): ``name`` is the file stem, ``addnet`` says
+    kohya's tensor-data hash (else the whole file's sha256).  ``get`` answers None for unknown or stale."""
+
+    def get(self, path: Path, name: str, addnet: bool) -> str | None: ...
+
+    def put(self, path: Path, name: str, addnet: bool, value: str) -> None: ...
 
 
 class AmbiguousName(LookupError):
@@ -48,6 +59,9 @@ class Entry:
     layout: Layout | None = None    # modules and sizes from the header, kept when the metadata names no family
     # real paths of the library's folders when files outside them are not served (empty: no limit)
     confined_to: tuple[str, ...] = ()
+    # where hashes persist between sessions (None: in memory only; also for a stem two files share, since
+    # the WebUI's cache, shared with the built-in Lora, keys them by stem)
+    store: HashStore | None = field(default=None, repr=False, compare=False)
     _hash: str | None = None
     _sha256: str | None = None
 
@@ -65,27 +79,32 @@ class Entry:
         """From the metadata, else from the key spelling and widths in the header."""
         return families.family_from_metadata(self.metadata) or (self.layout.family if self.layout else None)
 
+    @property
+    def _addnet(self) -> bool:
+        """Whether the addnet hash is kohya's tensor-data hash (else the whole file's, as the built-in's)."""
+        return self.path.suffix.lower() == ".safetensors" and not self.header_error
+
     def addnet_hash(self) -> str:
-        """kohya's tensor-data hash (what the WebUI's infotext uses), computed once."""
-        if self._hash is None:
-            given = self.metadata.get("sshs_model_hash", "")
-            if _HEX.match(given):  # metadata is untrusted text: accept it only as a hash
-                self._hash = given.lower()
-            elif self.path.suffix.lower() == ".safetensors" and not self.header_error:
-                self._hash = addnet_hash_safetensors(self.path)
-            else:
-                self._hash = self.sha256()
+        """kohya's tensor-data hash (what the WebUI's infotext uses), computed once and kept in the store."""
+        if self.known_hash() is None:
+            self._hash = addnet_hash_safetensors(self.path) if self._addnet else self.sha256()
+            if self.store is not None:
+                self.store.put(self.path, self.name, self._addnet, self._hash)
         return self._hash
 
     def shorthash(self) -> str:
         return self.addnet_hash()[:12]
 
     def known_hash(self) -> str | None:
-        """The addnet hash if it is known without reading the file (metadata or computed before)."""
+        """The addnet hash if it is known without reading the file (metadata, computed before, or stored)."""
         if self._hash is None:
             given = self.metadata.get("sshs_model_hash", "")
-            if _HEX.match(given):
+            if _HEX.match(given):  # metadata is untrusted text: accept it only as a hash
                 self._hash = given.lower()
+            elif self.store is not None:
+                stored = self.store.get(self.path, self.name, self._addnet)
+                if stored and _HEX.match(stored):
+                    self._hash = stored.lower()
         return self._hash
 
     def sha256(self) -> str:
@@ -136,21 +155,27 @@ class Library:
     """
 
     def __init__(self, roots: list[str | os.PathLike], cache_bytes: int = 2 << 30,
-                 follow_outside_links: bool = False):
+                 follow_outside_links: bool = False, hash_store: HashStore | None = None,
+                 on_outside_links: Callable[[list[str]], None] | None = None):
         self.roots = [Path(r) for r in roots]
         self.follow_outside_links = follow_outside_links
+        self.hash_store = hash_store
+        # links in the folders to files or folders outside them, left out by the last scan (paths in the folders)
+        self.outside_links: list[str] = []
+        self.on_outside_links = on_outside_links   # told the list whenever a scan finds it changed
         self.entries: list[Entry] = []
         self._lock = threading.RLock()
         self._cache: OrderedDict[Path, Network] = OrderedDict()
         self.cache_bytes = cache_bytes
         self._index: tuple[list[Entry], int, list[dict[str, list[Entry]]]] | None = None
+        self._scanned_at = 0.0
         self.refresh()
 
     # -- scanning --------------------------------------------------------------------
     def _inside(self, real: str, reals: list[str]) -> bool:
         return self.follow_outside_links or any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in reals)
 
-    def _walk(self, folder: str, depth: int, visited: set[str], reals: list[str]) -> Iterator[Path]:
+    def _walk(self, folder: str, depth: int, visited: set[str], reals: list[str], outside: list[str]) -> Iterator[Path]:
         """Files below ``folder``, files of a folder before its sub-folders, each sorted by name.
 
         Symlinked folders are followed, each real folder at most once (two links to ``.`` would
@@ -173,12 +198,17 @@ class Library:
                 subdirs.append(d.path)
         for sub in subdirs:
             real = os.path.realpath(sub)
-            if real in visited or not self._inside(real, reals):
+            if real in visited:
+                continue
+            if not self._inside(real, reals):
+                outside.append(sub)
                 continue
             visited.add(real)
-            yield from self._walk(sub, depth + 1, visited, reals)
+            yield from self._walk(sub, depth + 1, visited, reals, outside)
 
     def refresh(self) -> None:
+        self._scanned_at = time.monotonic()
+        outside: list[str] = []     # links to outside every root, left out (their paths in the folders)
         old = {e.path: e for e in self.entries}
         found: list[Entry] = []
         seen: set[str] = set()
@@ -188,12 +218,15 @@ class Library:
             if not root.is_dir():
                 continue
             visited.add(os.path.realpath(root))
-            for p in self._walk(str(root), 0, visited, reals):
+            for p in self._walk(str(root), 0, visited, reals, outside):
                 fn = p.name
                 if p.suffix.lower() not in EXTENSIONS or fn.endswith(LEGACY_TRAINING_STATE_SUFFIX):
                     continue  # resumable training state saved beside a LoRA is not a LoRA
                 real = os.path.realpath(p)
-                if real in seen or not self._inside(real, reals):
+                if real in seen:
+                    continue
+                if not self._inside(real, reals):
+                    outside.append(str(p))
                     continue
                 seen.add(real)
                 try:
@@ -221,11 +254,19 @@ class Library:
                         if families.family_from_metadata(e.metadata) is None:
                             e.layout = read_layout(header.shapes)
                 found.append(e)
+        stems: dict[str, int] = {}
+        for e in found:
+            stems[e.name] = stems.get(e.name, 0) + 1
+        for e in found:
+            e.store = self.hash_store if stems[e.name] == 1 else None
         with self._lock:
             self.entries = found
+            changed, self.outside_links = outside != self.outside_links, outside
             live = {e.path for e in found}
             for p in [p for p in self._cache if p not in live]:
                 del self._cache[p]
+        if changed and self.outside_links and self.on_outside_links is not None:
+            self.on_outside_links(list(self.outside_links))
 
     # -- names -----------------------------------------------------------------------
     def _name_tables(self) -> list[dict[str, list[Entry]]]:
@@ -254,6 +295,18 @@ class Library:
                 paths = ", ".join(h.relname + h.path.suffix for h in hits)
                 raise AmbiguousName(f'Lora name "{name}" is ambiguous: {paths} — use the sub-folder path')
         raise LoraNotFound(f"Lora not found: {name}")
+
+    def resolve_fresh(self, name: str) -> Entry:
+        """``resolve``, rescanning the folders once when ``name`` is not found (a file copied in since the last
+        scan, as the built-in Lora finds it), at most once per ``RESCAN_INTERVAL`` seconds, so that a prompt
+        naming a missing file in every batch does not walk the folders each time."""
+        try:
+            return self.resolve(name)
+        except LoraNotFound:
+            if time.monotonic() - self._scanned_at < RESCAN_INTERVAL:
+                raise
+        self.refresh()
+        return self.resolve(name)
 
     def by_hash(self, shorthash: str, compute: bool = True) -> Entry | None:
         """The entry whose addnet hash starts with ``shorthash`` (at least 8 hex digits).

@@ -90,3 +90,13 @@ def sum_into(merged: Tensor, original: Tensor | None, contribs: list[Contributio
         except (AdapterError,) + MATH_ERRORS as e:
             bad.setdefault(c.network, []).append(error_text(e))
             failed.add((k, id(c.adapter)))
+
+
+def precise_source(module: torch.nn.Module, pname: str, param: Tensor) -> Tensor | None:
+    """A higher-precision copy of an 8-bit float weight to merge from, where the host keeps one: the WebUI's
+    "Cache FP16 weight for LoRA" leaves ``fp16_weight``/``fp16_bias`` on each layer it stores in fp8, and its
+    built-in Lora merges from them (the fp8 value is still what a restore writes back)."""
+    if param.element_size() != 1 or not param.dtype.is_floating_point:
+        return None
+    copy = getattr(module, f"fp16_{pname}", None)
+    return copy if isinstance(copy, Tensor) and copy.shape == param.shape else None

@@ -26,7 +26,7 @@ from .adapters import Adapter, dora
 from .blockweights import target_block
 from .bypass import Gate, hook_cost
 from .elementweights import lbw_layer_name
-from .merging import Contribution, fits_dtype, original_for, overflowing, sum_into
+from .merging import Contribution, fits_dtype, original_for, overflowing, precise_source, sum_into
 from .modelmap import ModelMap, Target
 from .network import Network
 from .params import LoraRequest
@@ -301,7 +301,8 @@ class Patcher(Schedules):
             if slot is not None and slot.contributions == sig:
                 continue
             param = getattr(module, pname)
-            base = slot.original if slot is not None else param.detach()
+            precise = precise_source(module, pname, param)
+            base = precise if precise is not None else slot.original if slot is not None else param.detach()
             if slot is not None and param.dtype == torch.float32 and \
                     param.data.data_ptr() != slot.original.data_ptr():
                 touched.append(slot)
@@ -386,3 +387,4 @@ class Patcher(Schedules):
             t = getattr(slot.module, slot.param, None)
             if t is None or t is not slot.obj or t._version != slot.version:
                 del self.slots[k]
+

@@ -31,6 +31,7 @@ class ActivationResult:
     live: list[tuple[str, LiveSnapshot]] = field(default_factory=list)  # (name as written, what it meant), applied
     # (name as written, embedding) bundled in each loaded file, whether or not its layers applied (as the built-in)
     embeddings: list[tuple[str, BundledEmbedding]] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # names no file answers (also in messages)
 
 
 class Runtime:
@@ -95,6 +96,8 @@ class Runtime:
                     net, shorthash, snap = self._load(req.name)
                 except (LoraNotFound, AmbiguousName, LoraFileError, OSError, LiveUnavailable) as e:
                     res.messages.append(str(e))
+                    if isinstance(e, LoraNotFound):
+                        res.missing.append(req.name)
                     continue
                 res.embeddings.extend((req.name, emb) for emb in net.embeddings.values())
                 loaded.append((req, net.name, shorthash, snap))
@@ -120,7 +123,7 @@ class Runtime:
                 self._live_bound.append(snap.network)
             return snap.network, lambda: snap.shorthash, snap
         try:
-            entry = self.library.resolve(name)
+            entry = self.library.resolve_fresh(name)
         except LoraNotFound:
             message = self.live.not_found(name)
             if message is None:

@@ -32,7 +32,7 @@ class StandinWebUI:
     the app (with --api)."""
 
     def __init__(self, tmp: Path, monkeypatch):
-        from modules import (call_queue, extensions, extra_networks, fifo_lock, paths, paths_internal,
+        from modules import (call_queue, extensions, extra_networks, fifo_lock, hashes, paths, paths_internal,
                              script_callbacks, sd_hijack, sd_models, shared, shared_state, ui_extra_networks)
         from modules.options import OptionInfo, Options
 
@@ -49,6 +49,7 @@ class StandinWebUI:
         for mod in (paths_internal, paths):
             mp.setattr(mod, "models_path", str(tmp / "models"))
         mp.setattr(paths, "data_path", str(tmp))
+        mp.setattr(hashes, "caches", {})   # the WebUI's hash cache starts empty, as in a new data folder
         mp.setattr(paths_internal, "extensions_builtin_dir", str(tmp / "extensions-builtin"))
         mp.setattr(shared.cmd_opts, "lora_dir", str(self.lora_dir))
         mp.setattr(shared.cmd_opts, "lyco_dir_backcompat", str(tmp / "models" / "LyCORIS"))
@@ -123,6 +124,15 @@ def standin_webui(tmp_path, monkeypatch) -> StandinWebUI:
     if str(STUB) not in sys.path:
         sys.path.insert(0, str(STUB))
     return StandinWebUI(tmp_path, monkeypatch)
+
+
+@pytest.fixture
+def gradio_standin(monkeypatch):
+    """tests/gradio_standin.py installed as ``gradio`` for the test (the WebUI's gradio is not installable here)."""
+    import gradio_standin as standin
+
+    monkeypatch.setitem(sys.modules, "gradio", standin)
+    return standin
 
 
 @pytest.fixture(scope="session")

@@ -50,6 +50,20 @@ def test_captions_longer_than_one_chunk_batch_with_short_ones(tiny_checkpoint, t
     assert meta["ss_steps"] == "2" and all(torch.isfinite(v).all() for v in sd.values())
 
 
+def test_a_copied_dataset_trains_the_same_file(tiny_checkpoint, tmp_path):
+    """The same images in another folder, with the same seed: bit-identical weights.  The checkpoint's VAE
+    samples its posterior, and that sample is seeded by each image's place in the dataset, not its path."""
+    import shutil
+    ckpt, data = tiny_checkpoint
+    files = []
+    for where in ("a/data", "b/elsewhere/data"):
+        shutil.copytree(data, tmp_path / where)
+        files.append(tmp_path / f"{len(files)}.safetensors")
+        assert main(args(ckpt, tmp_path / where, files[-1], "--max-train-steps", "2", "--unet-only")) == 0
+    a, b = (load_safetensors(p)[0] for p in files)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -154,19 +154,29 @@ def test_ui_cards_notes_editor_and_training_tab(server):
     part = "txt2img_lora_edit_user_metadata"
     edit = ui.fn_index("click", target=f"{part}_button")
     opened = ui.call(edit, LORA_NAME)
-    assert len(opened) == 8 and LORA_NAME in opened[0] and "Family:" in opened[2], opened
+    assert len(opened) == 12 and LORA_NAME in opened[0] and "Family:" in opened[2], opened
+    assert opened[5] == "SD1"  # the "Stable Diffusion version" dropdown; then the training tags, ...
+    assert opened[6]["__type__"] == "update" and opened[10]["__type__"] == "update"  # ... their row and prompt
     [save] = [i for i, d in enumerate(ui.config["dependencies"]) if d["trigger"] == "click"
-              and d["inputs"][:1] == [ui.elem(f"{part}_name")] and len(d["inputs"]) == 6]
-    ui.call(save, LORA_NAME, "a description", "e2e style", 0.7, "blurry", "my notes")
+              and d["inputs"][:1] == [ui.elem(f"{part}_name")] and len(d["inputs"]) == 7]
+    ui.call(save, LORA_NAME, "a description", "SD1", "e2e style", 0.7, "blurry", "my notes")
     notes = json.loads((server.lora.parent / f"{LORA_NAME}.json").read_text(encoding="utf-8"))
     assert notes["activation text"] == "e2e style" and notes["preferred weight"] == 0.7 and notes["notes"] == "my notes"
-    assert ui.call(edit, LORA_NAME)[1:] == [
-        "a description", opened[2], opened[3], "my notes", "e2e style", 0.7, "blurry"]
+    assert notes["sd version"] == "SD1"
+    again = ui.call(edit, LORA_NAME)
+    assert again[1:6] == ["a description", opened[2], opened[3], "my notes", "SD1"]
+    assert again[7:10] == ["e2e style", 0.7, "blurry"]
+    # a click on a training tag adds it to the activation text, a second one takes it out
+    activation = ui.config["dependencies"][edit]["outputs"][7]
+    [pick] = [i for i, d in enumerate(ui.config["dependencies"]) if d["trigger"] == "select"
+              and d["inputs"] == [activation] and d["outputs"] == [activation]]
+    assert ui.call(pick, "e2e style", event_data={"index": 0, "value": ["cat", "2"]}) == ["e2e style, cat"]
+    assert ui.call(pick, "e2e style, cat", event_data={"index": 0, "value": ["cat", "2"]}) == ["e2e style"]
     status, card = server.request(
         "GET", f"/sd_extra_networks/get-single-card?page=lora&tabname=txt2img&name={LORA_NAME}", auth=None)
     assert status == 200 and f'"<lora:{LORA_NAME}:0.7> e2e style"' in html.unescape(card["html"]), card
     # back to no notes (deleting the file instead would confuse the WebUI's cached file listing)
-    ui.call(save, LORA_NAME, "", "", 0, "", "")
+    ui.call(save, LORA_NAME, "", "Unknown", "", 0, "", "")
 
     # the training tab's status poll (no queue: it runs every 2 s while the tab is shown)
     server.txt2img("a photo")  # the checkpoint loads in the background after start: wait for it
@@ -596,3 +606,25 @@ def test_bundled_embedding_changes_the_prompt_and_is_gone_after(server):
     assert "TI hashes" not in plain["info"]["extra_generation_params"]
     assert pixels(bundled["image"]) != pixels(plain["image"]), "the bundled embedding changed nothing"
     assert after["image"] == before["image"], "the bundled embedding stayed registered"
+
+
+def test_a_bundled_embedding_of_another_width_is_listed_as_skipped(server):
+    """A bundled embedding whose width does not fit the model: the image is made, and ``/sdapi/v1/embeddings``
+    lists it under ``skipped`` (with its own width and vector count), as the built-in lists it."""
+    import torch
+    from safetensors import safe_open
+
+    from lib_lora.fileio import load_file, save_safetensors
+
+    if os.environ.get("WEBUI_E2E_CKPT"):
+        pytest.skip("the bundled embedding is made for the tiny checkpoint's text encoder")
+    with safe_open(str(server.ckpt), "pt") as f:
+        width = f.get_slice("cond_stage_model.transformer.text_model.embeddings.token_embedding.weight").get_shape()[1]
+    sd, meta = load_file(server.lora)
+    save_safetensors({**sd, "bundle_emb.e2ewide.string_to_param.*": torch.ones(3, width + 8)},
+                     server.lora.parent / "e2e_bundle_wide.safetensors", metadata=meta)
+    assert server.request("POST", "/lora-workshop/v1/refresh")[0] == 200
+    server.txt2img("a photo of e2ewide <lora:e2e_bundle_wide:1>")
+    status, body = server.request("GET", "/sdapi/v1/embeddings")
+    assert status == 200 and "e2ewide" not in body["loaded"], body
+    assert (body["skipped"]["e2ewide"]["shape"], body["skipped"]["e2ewide"]["vectors"]) == (width + 8, 3), body

@@ -58,6 +58,39 @@ def test_names_cannot_escape(lib, name):
         lib.resolve(name)
 
 
+def test_a_file_copied_in_since_the_scan_is_found_by_its_first_use(lib, tmp_path, monkeypatch):
+    """As the built-in Lora: a name that is not in the index rescans the folders once, so a file copied in
+    (or uploaded over the API) is used by the next generation, without a refresh by hand; a name still
+    missing rescans at most once per interval, and ``resolve`` itself never rescans."""
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    lib.refresh()
+    lora(lib.roots[0] / "new" / "fresh.safetensors")
+    with pytest.raises(LoraNotFound):
+        lib.resolve("fresh")
+    clock[0] += 0.5           # within the interval of the last scan: no rescan
+    with pytest.raises(LoraNotFound):
+        lib.resolve_fresh("fresh")
+    clock[0] += 10
+    assert lib.resolve_fresh("fresh").relname == "new/fresh"
+    scans = []
+    monkeypatch.setattr(lib, "refresh", lambda: scans.append(1))
+    for _ in range(3):       # a missing name in every batch of one generation: nothing rescans
+        with pytest.raises(LoraNotFound):
+            lib.resolve_fresh("nope")
+    assert scans == []
+    # a generation's <lora:> token: the runtime resolves through the rescan
+    tiny = build_sd1(seed=0)
+    mm = ModelMap.build("sd1", tiny.unet, tiny.text_encoders)
+    rt = Runtime(Library(lib.roots))
+    rt.set_model(mm)
+    save_safetensors(kohya_lora(mm, seed=1), lib.roots[0] / "later.safetensors")
+    clock[0] += 10
+    res = rt.activate([LoraRequest("later", 1.0)])
+    assert [n for n, _ in res.hashes] == ["later"] and not res.messages
+    rt.restore()
+
+
 def test_cache_reloads_changed_file_and_evicts(lib, tmp_path):
     e = lib.resolve("hero")
     a = lib.load(e)
@@ -81,6 +114,50 @@ def test_hashes_match_independent_computation(lib):
     assert e.shorthash() == e.addnet_hash()[:12]
     assert e.sha256() == hashlib.sha256(data).hexdigest()
     assert lib.by_hash(e.shorthash()) is e
+
+
+class Store:
+    """A HashStore in a dict: what it was asked and told."""
+    def __init__(self):
+        self.kept, self.gets = {}, []
+
+    def get(self, path, name, addnet):
+        self.gets.append(name)
+        return self.kept.get((name, addnet))
+
+    def put(self, path, name, addnet, value):
+        self.kept[(name, addnet)] = value
+
+
+def _tensor_hash(path) -> str:
+    data = path.read_bytes()
+    return hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()
+
+
+def test_hashes_persist_in_the_store_and_a_shared_stem_is_kept_out(lib, monkeypatch):
+    """A hash computed once goes to the store; a library built later (another session) reads it from there
+    without reading the file; a stem two files share is neither read from nor written to the store (the
+    WebUI's cache keys by stem), and a stored value that is not a hash is ignored."""
+    import lib_lora.library as library_module
+    store = Store()
+    first = Library(lib.roots, hash_store=store)
+    hero = first.resolve("hero")
+    assert hero.addnet_hash() == _tensor_hash(hero.path) and store.kept == {("hero", True): _tensor_hash(hero.path)}
+    first.resolve("other/dup").addnet_hash()
+    assert ("dup", True) not in store.kept
+
+    store.kept[("style", True)] = "<b>not a hash</b>"
+    later = Library(lib.roots, hash_store=store)
+    reads = []
+    real = library_module.addnet_hash_safetensors
+    monkeypatch.setattr(library_module, "addnet_hash_safetensors", lambda p: reads.append(p.name) or real(p))
+    hero = later.resolve("hero")
+    assert hero.known_hash() == _tensor_hash(hero.path) and later.by_hash(_tensor_hash(hero.path)[:12], False) is hero
+    assert reads == []
+    style = later.resolve("style")
+    assert style.addnet_hash() == _tensor_hash(style.path) and reads == ["style.safetensors"]
+    assert store.kept[("style", True)] == _tensor_hash(style.path)
+    assert "dup" not in store.gets
 
 
 def test_untrusted_metadata_hash_is_ignored(tmp_path):
@@ -187,7 +264,14 @@ def test_links_out_of_the_lora_folder_are_not_indexed_unless_allowed(tmp_path):
     os.symlink(outside / "sub", root / "linked_dir")
     lora(root / "in" / "kept.safetensors")
     os.symlink(root / "in" / "kept.safetensors", root / "alias.safetensors")  # inside: fine
-    assert sorted(e.relname for e in _scan([root]).entries) == ["alias", "own"]
+    told = []
+    lib = _scan([root], on_outside_links=told.append)
+    assert sorted(e.relname for e in lib.entries) == ["alias", "own"]
+    # what was left out is said once, by its paths in the folder (never where the links point)
+    assert len(told) == 1 and sorted(told[0]) == sorted(str(root / n) for n in ("linked.safetensors", "x.safetensors",
+                                                                                 "linked_dir"))
+    lib.refresh()
+    assert len(told) == 1 and lib.outside_links == told[0]
     both = _scan([root, outside])  # a second LoRA folder: links into it are inside "a model folder"
     assert sorted(e.relname for e in both.entries if e.root == root) == ["alias", "linked", "linked_dir/deeper", "own"]
     trusting = _scan([root], follow_outside_links=True)

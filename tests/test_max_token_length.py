@@ -9,6 +9,8 @@ The word ids come from ``open_clip.tokenize``; the states from the text encoders
 """
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -19,8 +21,10 @@ from lib_lora.hosts.cli.tokenizer import BOS, EOS
 from lib_lora.training.checks import model_notes
 from lib_lora.training.config import TrainConfig
 from lib_lora.training.dataset import DatasetConfig
+from lib_lora.training.kohya_config import export_files
 from lib_lora.training.latents import TextCache
 from lib_lora.training.options import OptionError
+from lib_lora.training.request import build_request
 import tiny_models as tm
 from train_support import tiny_vae, trainable
 
@@ -124,6 +128,20 @@ def test_v2_confirms_sd2_and_is_refused_for_other_families():
     (line,) = model_notes("sd2", "epsilon", True, True)[1:]   # honoured as asked, as sd-scripts does, with a line
     assert line.startswith("warning: v_parameterization true: training the SD2 checkpoint to predict v")
     assert model_notes("sd2", "v", True, True) == model_notes("sd2", "v", True, None)
+
+
+def test_a_request_on_a_loaded_sd2_model_says_v2_whatever_the_form_says(tmp_path):
+    """The tab's v2 tick is set when the tab is built: after a switch from SD1 to SD2 it is unticked, and an
+    API request need not give it.  On a loaded SD2 model the request says v2 anyway, so an exported config.toml
+    loads SD2 in sd-scripts; on SD1 nothing changes."""
+    (tmp_path / "data" / "1_x").mkdir(parents=True)
+    for given in ({}, {"v2": False}):
+        req = {"output_name": "x", "dataset": {"train_dir": str(tmp_path / "data")}, **given}
+        cfg = build_request(req, tmp_path, family="sd2").config
+        assert cfg.v2 is True
+        assert re.search(r"^v2 = true$", export_files(cfg)["config_toml"], re.M)
+        cfg = build_request(req, tmp_path, family="sd1").config
+        assert cfg.v2 is False and not re.search(r"^v2 = true$", export_files(cfg)["config_toml"], re.M)
 
 
 def _kohya(ckpt, data, out, *extra):

@@ -291,3 +291,52 @@ def test_merge_inside_autocast_gives_the_same_bits(sd1):
         results.append(snapshot(*modules(tiny)))
     assert not same(results[0], before)
     assert same(results[0], results[1])
+
+
+@pytest.mark.parametrize("extra", [5, 4])   # inpainting (4 + mask + masked image), instruct-pix2pix (4 + image)
+def test_a_locon_conv_in_applies_to_an_inpainting_models_latent_channels(extra):
+    """A LoCon trained on a 4-channel model, on a model whose conv_in takes 9 (or 8) channels: its delta goes to
+    the first 4, the latent's, as the built-in Lora pads the delta with zeros; the rest stay as they were."""
+    tiny = build_sd1(seed=3)
+    key = "lora_unet_conv_in"
+    sd = kohya_lora(model_map(tiny), rank=2, alpha=1.0, seed=2, convs=True, only=(key,))
+    old = tiny.unet.input_blocks[0][0]
+    wide = torch.nn.Conv2d(4 + extra, old.out_channels, old.kernel_size, padding=old.padding)
+    with torch.no_grad():
+        wide.weight[:, :4] = old.weight
+        wide.bias.copy_(old.bias)
+    tiny.unet.input_blocks[0][0] = wide
+    mm = model_map(tiny)
+    before = snapshot(tiny.unet)
+    w0 = wide.weight.detach().double().clone()
+    p = Patcher(mm)
+    rep = p.apply([activation(parse_state_dict("a", sd, {}), 1.0, 0.8)])
+    assert not rep.messages
+    got = wide.weight.detach().double()
+    down, up = sd[f"{key}.lora_down.weight"].double(), sd[f"{key}.lora_up.weight"].double()
+    want = 0.8 * 1.0 / 2 * (up.flatten(1) @ down.flatten(1)).view(up.shape[0], 4, *down.shape[2:])
+    torch.testing.assert_close(got[:, :4] - w0[:, :4], want, rtol=1e-5, atol=1e-6)
+    assert torch.equal(got[:, 4:], w0[:, 4:])
+    p.restore()
+    assert same(before, snapshot(tiny.unet))
+
+
+def test_an_fp8_layer_merges_from_the_webuis_fp16_copy_and_restores_its_fp8_bits():
+    """WebUI "FP8 weight" with "Cache FP16 weight for LoRA": each layer holds float8 weights and an fp16 copy
+    (``fp16_weight``/``fp16_bias``); the merge starts from the copy, as the built-in's does, and the restore
+    writes the fp8 bits back."""
+    tiny = build_sd1(seed=5)
+    mm = model_map(tiny)
+    sd = kohya_lora(mm, rank=4, alpha=3.0, seed=1, only=("attn1_to_q",))
+    layer = mm.get(Q).module
+    layer.fp16_weight = layer.weight.detach().half().clone()
+    layer.to(torch.float8_e4m3fn)
+    fp8 = layer.weight.detach().clone()
+    p = Patcher(mm)
+    assert not p.apply([activation(parse_state_dict("a", sd, {}), 1.0, 0.7)]).messages
+    want = (layer.fp16_weight.double() + hand_delta(sd, Q, 0.7)).float().to(torch.float8_e4m3fn)
+    assert torch.equal(layer.weight.view(torch.uint8), want.view(torch.uint8))
+    assert not torch.equal(want.view(torch.uint8),     # what merging from the fp8 value gives: other bits
+                           (fp8.double() + hand_delta(sd, Q, 0.7)).float().to(torch.float8_e4m3fn).view(torch.uint8))
+    p.restore()
+    assert layer.weight.dtype == torch.float8_e4m3fn and torch.equal(layer.weight.view(torch.uint8), fp8.view(torch.uint8))

@@ -161,8 +161,17 @@ def test_folder_embedding_wins_and_misfit_is_skipped_with_messages(webui, model,
     text = " ".join(p.comments)
     assert "'starry' skipped" in text and "embeddings folder" in text
     assert "'wide' is 64 wide" in text and "are 32" in text
+    # the misfit is listed as skipped, as the built-in lists it (what /sdapi/v1/embeddings shows), until
+    # the next activation; the folder's name is not, since it is loaded
+    assert list(db.skipped_embeddings) == ["wide"]
+    wide = db.skipped_embeddings["wide"]
+    assert (wide.shape, wide.vectors) == (64, 2) and torch.equal(wide.vec, _vectors(width=64))
     webui.workshop.deactivate(p)
     assert db.word_embeddings == {"starry": folder}              # not ours: left alone
+    assert db.skipped_embeddings == {"wide": wide}
+    db.skipped_embeddings["other"] = theirs = object()          # the database's own entry is never touched
+    webui.workshop.deactivate(webui.generate("starry <lora:tiny:1>"))
+    assert db.skipped_embeddings == {"other": theirs}
 
 
 def test_malformed_bundle_is_a_message_and_generation_goes_on(webui, model, sd1_map):

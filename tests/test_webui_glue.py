@@ -34,7 +34,7 @@ fastapi = pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 from webui_glue_support import (ALPHA, RANK, SD1_META, TE_KEY, UNET_KEY, BuiltinLora, FakeSdModel,  # noqa: E402
                                 FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder, TinyOpenClip, WebUI, WithCustomWords,
-                                lora_delta, make_lora, tiny_clip)
+                                card_click, lora_delta, make_lora, tiny_clip)
 
 
 # -- loading and activation -----------------------------------------------------------------------
@@ -121,6 +121,46 @@ def test_lora_hashes_infotext_and_paste_round_trip(webui, model, sd1_map):
     script_callbacks.infotext_pasted_callback("", params)
     assert params["Prompt"] == "x <lora:renamed:0.6> <lora:b:1> <lora:gone:1>"
 
+    # a file with an alias (ss_output_name) is named by it, or by its file name when the built-in's
+    # lora_preferred_name says "Filename", as the cards name it
+    c = make_lora(webui.lora_dir / "c_file.safetensors", sd1_map, seed=3, metadata={"ss_output_name": "c_alias"})
+    webui.workshop.library.refresh()
+    hc = addnet_hash_safetensors(c)[:12]
+    for preferred, want in (("Alias from file", "c_alias"), ("Filename", "c_file")):
+        shared.opts.data["lora_preferred_name"] = preferred
+        params = {"Prompt": "x <lora:elsewhere:1>", "Lora hashes": f"elsewhere: {hc}"}
+        script_callbacks.infotext_pasted_callback("", params)
+        assert params["Prompt"] == f"x <lora:{want}:1>", preferred
+    del shared.opts.data["lora_preferred_name"]
+
+
+def test_additional_networks_infotext_pastes_as_lora_tokens(webui, model, monkeypatch):
+    """An infotext from the sd-webui-additional-networks extension: its LoRA models become ``<lora:>`` tokens
+    on a new prompt line (the hash in brackets dropped, weight A), as the built-in's paste callback makes them;
+    not by us while the built-in is enabled (it does it itself) or that extension is installed (it fills its
+    own fields)."""
+    from modules import scripts
+    shared.sd_model = model
+    webui.load_script()
+    webui.start_ui()
+    infotext = {"Prompt": "a cat", "AddNet Enabled": "True", "AddNet Module 1": "LoRA",
+                "AddNet Model 1": "style_v2(0123abcd)", "AddNet Weight A 1": "0.7", "AddNet Weight B 1": "0.7",
+                "AddNet Module 2": "LoRA", "AddNet Model 2": "plain", "AddNet Module 3": "Other",
+                "AddNet Model 3": "not_lora(ffff0000)", "AddNet Weight A 3": "1"}
+    params = dict(infotext)
+    script_callbacks.infotext_pasted_callback("", params)
+    assert params["Prompt"] == "a cat\n<lora:style_v2:0.7><lora:plain:1.0>"
+
+    monkeypatch.setattr(scripts, "scripts_txt2img", types.SimpleNamespace(infotext_fields=[(object(), "AddNet Module 1")]))
+    params = dict(infotext)
+    script_callbacks.infotext_pasted_callback("", params)
+    assert params["Prompt"] == "a cat"
+    monkeypatch.setattr(scripts, "scripts_txt2img", None)
+    BuiltinLora(webui).load()
+    params = dict(infotext)
+    script_callbacks.infotext_pasted_callback("", params)
+    assert params["Prompt"] == "a cat"
+
 
 def test_missing_lora_message_in_comments_and_console(webui, model, capsys):
     shared.sd_model = model
@@ -134,6 +174,22 @@ def test_missing_lora_message_in_comments_and_console(webui, model, capsys):
     p = webui.generate("x <lora:y:1>")
     assert not p.comments
     assert "Lora not found: y" in capsys.readouterr().out
+
+
+def test_missing_loras_pop_up_when_the_builtins_setting_says_so(webui, model, sd1_map, monkeypatch):
+    """The built-in's ``lora_not_found_gradio_warning``: one gradio warning naming every missing file."""
+    popups = []
+    monkeypatch.setitem(sys.modules, "gradio", types.SimpleNamespace(Warning=popups.append))
+    make_lora(webui.lora_dir / "here.safetensors", sd1_map)
+    shared.sd_model = model
+    webui.load_script()
+    webui.start_ui()
+    webui.generate("x <lora:x:1> <lora:here:1> <lora:y:0.5> <lora:x:1>")
+    assert popups == []                          # off unless asked, as in the built-in
+    shared.opts.data["lora_not_found_gradio_warning"] = True
+    webui.generate("x <lora:x:1> <lora:here:1> <lora:y:0.5>")
+    webui.generate("x <lora:here:1>")
+    assert popups == ["Lora not found: x, y"]
 
 
 def test_bad_arguments_are_reported_not_raised(webui, model, sd1_map):
@@ -428,7 +484,7 @@ def test_builtin_compatible_dora_setting_reaches_the_merge(webui, model, sd1_map
     assert (builtin - lycoris).abs().max() > 1e-3
 
 
-def test_outside_links_setting_and_unreadable_file_on_its_card(webui, sd1_map, tmp_path):
+def test_outside_links_setting_and_unreadable_file_on_its_card(webui, sd1_map, tmp_path, capsys):
     outside = tmp_path / "my_own_loras"
     make_lora(outside / "linked.safetensors", sd1_map, only=("attn2",))
     webui.lora_dir.mkdir(parents=True, exist_ok=True)
@@ -441,6 +497,10 @@ def test_outside_links_setting_and_unreadable_file_on_its_card(webui, sd1_map, t
     webui.start_ui()
     lib = webui.workshop.library
     assert [e.relname for e in lib.entries] == ["broken"]  # the link out is not followed by default
+    said = [line for line in capsys.readouterr().out.splitlines() if "point outside them" in line]
+    assert said == [f"[LoRA Workshop] 1 link(s) in the LoRA folders point outside them and are not listed: "
+                    f"{webui.lora_dir / 'mine'} (Settings → LoRA Workshop → \"Index files that symlinks in the LoRA "
+                    "folder point to outside it\" lists them)"]
     shared.opts.set(settings.OPT_OUTSIDE_LINKS, True)
     assert [e.relname for e in lib.entries] == ["broken", "mine/linked"]
     page = webui.workshop.page
@@ -494,7 +554,7 @@ def test_host_finds_text_encoders_where_the_webui_keeps_them():
 # -- the Extra Networks page ----------------------------------------------------------------------
 
 
-def test_page_items_prompt_search_badge_and_notes(webui, sd1_map):
+def test_page_items_prompt_search_badge_and_notes(webui, sd1_map, gradio_standin):
     meta = {**SD1_META, "ss_output_name": "Tiny Style", "sshs_model_hash": "ab" * 32,
             "ss_tag_frequency": json.dumps({"5_a": {"cat": 3, "<b>dog</b>": 1}, "5_b": {"cat": 2}}),
             "ss_training_comment": "<script>x</script>"}
@@ -517,16 +577,19 @@ def test_page_items_prompt_search_badge_and_notes(webui, sd1_map):
     assert item["sort_keys"]["lwfamily"] == "SD1" and item["shorthash"] == "ab" * 6
     assert item["preview"].startswith("./sd_extra_networks/thumb?filename=")
     assert item["metadata"]["ss_tag_frequency"] == {"5_a": {"cat": 3, "<b>dog</b>": 1}, "5_b": {"cat": 2}}
-    assert page.items["a/dup"]["prompt"] == ui_extra_networks.quote_js("<lora:a/dup:1>")
+    # no preferred weight: the WebUI's default multiplier, as the browser has it at the click
+    assert card_click(page.items["a/dup"]["prompt"], {"extra_networks_default_multiplier": 1.0}) == "<lora:a/dup:1>"
 
     editor = page.create_user_metadata_editor(None, "txt2img")
     table = dict(editor.get_metadata_table("tiny"))
-    assert table["Top tags:"] == "cat (5), &lt;b&gt;dog&lt;/b&gt; (1)"
     assert table["Comment:"] == "&lt;script&gt;x&lt;/script&gt;"
     assert table["Rank:"] == str(RANK)
     values = editor.put_values_into_components("tiny")
-    assert values[5:] == ["tinystyle", 0.8, "blurry"]
-    editor.save_lora_user_metadata("tiny", "desc", "newword", 0.6, "", "my notes")
+    assert values[5] == "SD1" and values[7:10] == ["tinystyle", 0.8, "blurry"]
+    # the training tags, clickable (gradio shows them as text, unescaped), and a random prompt from them
+    assert values[6] == gradio_standin.update(value=[("cat", "5"), ("<b>dog</b>", "1")], visible=True)
+    assert values[10] == gradio_standin.update(visible=True) and "cat" in values[11]["value"]
+    editor.save_lora_user_metadata("tiny", "desc", "SD1", "newword", 0.6, "", "my notes")
     saved = json.loads((webui.lora_dir / "tiny.json").read_text())
     assert saved == {"activation text": "newword", "preferred weight": 0.6, "negative text": "", "sd version": "SD1",
                      "description": "desc", "notes": "my notes"}

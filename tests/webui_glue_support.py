@@ -7,6 +7,10 @@ generation's extra-network part; ``BuiltinLora`` stands in for the built-in Lora
 """
 from __future__ import annotations
 
+import json
+import re
+import shutil
+import subprocess
 import sys
 import types
 import zlib
@@ -164,6 +168,26 @@ def lora_delta(path: Path, key: str) -> torch.Tensor:
     from safetensors.torch import load_file
     sd = load_file(str(path))
     return sd[f"{key}.lora_up.weight"] @ sd[f"{key}.lora_down.weight"] * (ALPHA / RANK)
+
+
+def card_click(js: str, opts: dict) -> str:
+    """What a card's ``prompt`` (the JavaScript expression the WebUI's ``cardClicked`` gets) evaluates to
+    in a browser whose settings are ``opts``: run by node where there is one, else read here (string
+    literals and ``opts.NAME`` joined by ``+``, numbers spelt as JavaScript spells them)."""
+    node = shutil.which("node")
+    if node:
+        script = f"const opts = {json.dumps(opts)}; process.stdout.write(String({js}));"
+        return subprocess.run([node, "-e", script], check=True, capture_output=True, text=True).stdout
+    token = r'"(?:[^"\\]|\\.)*"|opts\.\w+|\+'
+    assert not re.sub(token, "", js).strip(), f"not a card prompt: {js}"
+    out = []
+    for part in re.findall(token, js):
+        if part.startswith('"'):
+            out.append(json.loads(part))
+        elif part != "+":
+            v = opts[part[5:]]
+            out.append(str(int(v)) if isinstance(v, float) and v.is_integer() else str(v))
+    return "".join(out)
 
 
 # -- the stand-in WebUI ---------------------------------------------------------------------------

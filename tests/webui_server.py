@@ -217,9 +217,12 @@ class GradioUI:
         assert len(found) == 1, (trigger, target, output, found)
         return found[0]
 
-    def call(self, fn_index: int, *data) -> list:
-        status, res = self.server.request("POST", "/run/predict", {"fn_index": fn_index, "data": list(data),
-                                                                   "session_hash": "e2e"}, auth=None)
+    def call(self, fn_index: int, *data, event_data: dict | None = None) -> list:
+        """``event_data``: what the browser sends with a select event (``{"index": …, "value": …}``)."""
+        body = {"fn_index": fn_index, "data": list(data), "session_hash": "e2e"}
+        if event_data is not None:
+            body["event_data"] = event_data
+        status, res = self.server.request("POST", "/run/predict", body, auth=None)
         assert status == 200, f"{res}\n{self.server.log_tail()}"
         return res["data"]
 

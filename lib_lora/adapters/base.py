@@ -157,6 +157,9 @@ class Adapter:
         else:
             w32 = original.to(out.device, torch.float32)
         dw = self._delta(w32, multiplier if not self.linear else 1.0, dyn)
+        if self.dora_scale is None and not shape_fits(tuple(dw.shape), tuple(out.shape)):
+            part = latent_channels(out, tuple(dw.shape))
+            out = out if part is None else part     # an inpainting model's conv_in: its latent channels
         if isinstance(dw, LowRankDelta):
             if not shape_fits(dw.shape, tuple(out.shape)):
                 raise AdapterError(f"{self.name}: shape {dw.shape} does not fit layer weight {tuple(out.shape)}")
@@ -188,6 +191,16 @@ def shape_fits(delta: tuple[int, ...], weight: tuple[int, ...]) -> bool:
         return True
     squeeze = lambda s: tuple(s[:2]) if all(d == 1 for d in s[2:]) else tuple(s)  # noqa: E731
     return squeeze(delta) == squeeze(weight)
+
+
+def latent_channels(out: Tensor, delta: tuple[int, ...]) -> Tensor | None:
+    """The part of an inpainting (9 input channels) or instruct-pix2pix (8) model's ``conv_in`` weight that a
+    delta made for the 4 latent channels covers: the latent comes first, and the mask and image channels
+    take no delta, as the built-in Lora pads the delta with zeros.  None for any other pair of shapes."""
+    if out.dim() == 4 and len(delta) == 4 and out.shape[1] in (8, 9) and delta[1] == 4 \
+            and (delta[0], *delta[2:]) == (out.shape[0], *out.shape[2:]):
+        return out[:, :4]
+    return None
 
 
 def fit_shape(delta: Tensor, shape: torch.Size, name: str) -> Tensor:

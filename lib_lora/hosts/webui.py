@@ -24,11 +24,12 @@ from modules import extra_networks, paths, shared, ui_extra_networks
 from .. import blockweights, elementweights, live
 from .. import params as lora_params
 from ..fit import FitCache
-from ..infotext import KEY as HASHES_KEY, format_hashes, paste_rename
+from ..infotext import KEY as HASHES_KEY, addnet_tokens, format_hashes, paste_rename
 from ..library import Library
 from ..runtime import ActivationResult, Runtime
 from . import webui_settings as settings
-from .webui_builtin import BuiltinHandoff, builtin_lora_active, builtin_networks_module, lbw_active
+from .webui_builtin import (BuiltinHandoff, addnet_extension_active, builtin_lora_active, builtin_networks_module,
+                            lbw_active)
 from .webui_cards import LoraPage
 from .webui_embeddings import BundledEmbeddings
 from .webui_host import WebUIHost, log, use_original_torch_load
@@ -74,7 +75,8 @@ class Workshop:
         except OSError:
             pass
         self.library = Library(dirs, cache_bytes=self._cache_bytes(),
-                               follow_outside_links=bool(self.host.option(settings.OPT_OUTSIDE_LINKS)))
+                               follow_outside_links=bool(self.host.option(settings.OPT_OUTSIDE_LINKS)),
+                               hash_store=self.host.hash_store(), on_outside_links=self._outside_links)
         self.runtime = Runtime(self.library)
         self.fits = FitCache()  # what cards of files that name no family say about the loaded model
         self.lbw_presets = blockweights.PresetSource(self.host.lbw_presets_files)
@@ -107,6 +109,12 @@ class Workshop:
         """Folders whose datasets API requests may read: the WebUI's data folder and the listed ones."""
         listed = str(self.host.option(settings.OPT_DATASET_ROOTS) or "")
         return [Path(paths.data_path)] + [Path(x.strip()).expanduser() for x in listed.split(",") if x.strip()]
+
+    def _outside_links(self, links: list[str]) -> None:
+        shown = ", ".join(links[:5]) + (f" and {len(links) - 5} more" if len(links) > 5 else "")
+        self.host.notify(f"{len(links)} link(s) in the LoRA folders point outside them and are not listed: {shown} "
+                         "(Settings → LoRA Workshop → \"Index files that symlinks in the LoRA folder point to outside "
+                         "it\" lists them)", show=False)
 
     def apply_cache_setting(self) -> None:
         self.library.set_cache_bytes(self._cache_bytes())
@@ -215,6 +223,8 @@ class Workshop:
         show = bool(self.host.option(settings.OPT_SHOW_WARNINGS))
         for msg in dict.fromkeys(res.messages):
             self.host.notify(msg, p, show=show)
+        if res.missing and self.host.option("lora_not_found_gradio_warning", False):  # the built-in's setting
+            self.host.popup(f"Lora not found: {', '.join(dict.fromkeys(res.missing))}")
         return res
 
     def before_generation(self) -> None:
@@ -309,12 +319,17 @@ class Workshop:
         self.runtime.set_model(mm)
 
     def infotext_pasted(self, infotext: str, params: dict) -> None:
+        if not builtin_lora_active() and isinstance(params.get("Prompt"), str) and not addnet_extension_active():
+            added = addnet_tokens(params)   # the built-in's own paste callback does this when it is enabled
+            if added:
+                params["Prompt"] += "\n" + "".join(added)
         value = params.get(HASHES_KEY)
         if not value:
             return
+        by_filename = self.host.option("lora_preferred_name", "") == "Filename"   # as the cards name files
         for key in ("Prompt", "Negative prompt", "Hires prompt", "Hires negative prompt"):
             if isinstance(params.get(key), str):
-                params[key] = paste_rename(params[key], str(value), self.library)
+                params[key] = paste_rename(params[key], str(value), self.library, by_filename)
 
 
 _workshop: Workshop | None = None

@@ -42,6 +42,13 @@ def builtin_lora_active() -> bool:
         return builtin_networks_module() is not None
 
 
+def addnet_extension_active() -> bool:
+    """Whether the sd-webui-additional-networks extension fills txt2img's fields from its own infotext keys."""
+    from modules import scripts
+    fields = getattr(getattr(scripts, "scripts_txt2img", None), "infotext_fields", None) or []
+    return any(isinstance(f, tuple) and len(f) > 1 and f[1] == "AddNet Module 1" for f in fields)
+
+
 def lbw_active() -> bool:
     """Whether the LoRA Block Weight extension is enabled (under any folder name containing its own)."""
     try:

@@ -4,7 +4,8 @@ What the built-in Lora (v1.10.1) does, and so we do: at each ``<lora:>`` activat
 prompt is encoded, the embeddings the previous activation registered are taken out of
 ``sd_hijack.model_hijack.embedding_db``, then those of every file now loaded are registered under their
 names.  A name the database already holds (an embedding from the embeddings folder) keeps it, and one whose
-width does not fit the loaded model is skipped.  A registered embedding's short hash, written into
+width does not fit the loaded model is skipped and listed in the database's ``skipped_embeddings``
+(what ``/sdapi/v1/embeddings`` shows as skipped) until the next activation.  A registered embedding's short hash, written into
 ``TI hashes`` by the prompt encoder, is the LoRA's name as written (empty when the built-in's
 ``lora_bundled_ti_to_infotext`` is off).  We also take them out at deactivate, so nothing stays registered
 between generations.
@@ -41,6 +42,7 @@ class BundledEmbeddings:
     def __init__(self, option: Callable[[str, Any], Any]):
         self._option = option
         self._registered: dict[str, Embedding] = {}
+        self._skipped: dict[str, Embedding] = {}
 
     @staticmethod
     def _db() -> Any:
@@ -59,8 +61,16 @@ class BundledEmbeddings:
                 db.register_embedding_by_name(None, sd_model, name)
         self._registered.clear()
 
+    def _unlist_skipped(self) -> None:
+        skipped = self._db().skipped_embeddings
+        for name, emb in self._skipped.items():
+            if skipped.get(name) is emb:
+                del skipped[name]
+        self._skipped.clear()
+
     def register(self, sd_model: Any, embeddings: list[tuple[str, BundledEmbedding]]) -> list[str]:
         """Register each loaded file's embeddings; messages for those skipped."""
+        self._unlist_skipped()      # the last activation's, listed until now
         if not embeddings or sd_model is None:
             return []
         db = self._db()
@@ -81,14 +91,20 @@ class BundledEmbeddings:
                 f"embedding {name!r}: the loaded model's token-embedding width is unknown"
             if reason:
                 messages.append(f"{lora}: {reason} — skipped")
+                if name not in db.skipped_embeddings:   # as the built-in lists it (never on the device: unused)
+                    self._skipped[name] = db.skipped_embeddings[name] = self._embedding(lora, bundled, "cpu")
                 continue
-            vec = {k: v.to(devices.device) for k, v in bundled.vectors.items()}
-            emb = Embedding(vec[""] if "" in vec else vec, name)
-            emb.shape, emb.vectors = bundled.width, bundled.count
-            # the Textual Inversion page reads every registered embedding's filename as a path (None fails its
-            # listing); the built-in gives "<LoRA file>/<name>", which exists nowhere, so no preview is found
-            emb.filename = f"{bundled.source or lora}/{name}"
-            emb.shorthash = _LoraNameHash(lora, lambda: bool(self._option(OPT_TO_INFOTEXT, True)))
+            emb = self._embedding(lora, bundled, devices.device)
             db.register_embedding(emb, sd_model)
             self._registered[name] = emb
         return messages
+
+    def _embedding(self, lora: str, bundled: BundledEmbedding, device: Any) -> Embedding:
+        vec = {k: v.to(device) for k, v in bundled.vectors.items()}
+        emb = Embedding(vec[""] if "" in vec else vec, bundled.name)
+        emb.shape, emb.vectors = bundled.width, bundled.count
+        # the Textual Inversion page reads every registered embedding's filename as a path (None fails its
+        # listing); the built-in gives "<LoRA file>/<name>", which exists nowhere, so no preview is found
+        emb.filename = f"{bundled.source or lora}/{bundled.name}"
+        emb.shorthash = _LoraNameHash(lora, lambda: bool(self._option(OPT_TO_INFOTEXT, True)))
+        return emb

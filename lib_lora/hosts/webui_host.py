@@ -13,7 +13,7 @@ import weakref
 from pathlib import Path
 from typing import Any
 
-from modules import paths, shared
+from modules import hashes, paths, shared
 
 from .. import blockweights, fileio
 from ..modelmap import ModelMap
@@ -66,6 +66,10 @@ class WebUIHost:
             self._cached = None
 
     # files ------------------------------------------------------------------------------------
+    @staticmethod
+    def hash_store() -> "WebUIHashCache":
+        return WebUIHashCache()
+
     def lora_dirs(self) -> list[Path]:
         """--lora-dir (models/Lora by default) and the built-in's --lyco-dir-backcompat if present."""
         opts = shared.cmd_opts
@@ -93,6 +97,12 @@ class WebUIHost:
         return [first, *others, Path(paths.script_path) / "scripts" / filename]
 
     # user feedback -------------------------------------------------------------------------
+    @staticmethod
+    def popup(message: str) -> None:
+        """A warning toast in the browser, for the generation's request (gradio's; a no-op over the API)."""
+        import gradio as gr  # only in the real WebUI
+        gr.Warning(message)
+
     def notify(self, message: str, p: Any = None, show: bool = True) -> None:
         log(message)
         if not show:
@@ -122,3 +132,19 @@ def use_original_torch_load() -> None:
     original = getattr(safe, "unsafe_torch_load", None)
     if callable(original):
         fileio.use_torch_load(original)
+
+
+class WebUIHashCache:
+    """The WebUI's hash cache (``modules.hashes``, kept in its ``cache`` folder across restarts), under the
+    titles the built-in Lora uses (``lora/STEM``), so each fills it for the other: a file hashed once by
+    either is never read whole again while its mtime stays."""
+
+    @staticmethod
+    def get(path: Path, name: str, addnet: bool) -> str | None:
+        return hashes.sha256_from_cache(str(path), f"lora/{name}", use_addnet_hash=addnet)
+
+    @staticmethod
+    def put(path: Path, name: str, addnet: bool, value: str) -> None:
+        # what hashes.sha256 stores once it has computed one (it would read the file again itself)
+        hashes.cache("hashes-addnet" if addnet else "hashes")[f"lora/{name}"] = {
+            "mtime": os.path.getmtime(path), "sha256": value}

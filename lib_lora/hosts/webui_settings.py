@@ -46,7 +46,8 @@ def register(on_cache_change: Callable[[], None], on_links_change: Callable[[], 
     add(OPT_DEFAULT_WEIGHT, shared.OptionInfo(
         DEFAULTS[OPT_DEFAULT_WEIGHT], "Default weight for <lora:name> without a weight", slider,
         {"minimum": -2.0, "maximum": 2.0, "step": 0.05} if slider else None, section=SECTION,
-    ).info("also used by cards that have no preferred weight"))
+    ).info("cards without a preferred weight insert the WebUI's \"Default multiplier for extra networks\" "
+           "instead, as the built-in Lora's do"))
     add(OPT_RESTORE_AFTER, shared.OptionInfo(
         DEFAULTS[OPT_RESTORE_AFTER], "Restore the model's weights after every generation", section=SECTION,
     ).info("off: LoRAs stay merged until the next generation needs other ones, like the built-in Lora"))

@@ -55,7 +55,7 @@ class WebUIToolHost(ToolHost):
         return sorted(getattr(_sd_models(), "checkpoints_list", None) or {}, key=str.lower)
 
     def resolve_lora(self, name: str) -> Path:
-        return self.workshop.library.resolve(name).path
+        return self.workshop.library.resolve_fresh(name).path
 
     def resolve_checkpoint(self, name: str) -> Path:
         sd_models = _sd_models()

@@ -23,7 +23,14 @@ from .dataset import Dataset, ImageItem, Sample
 from .epochs import derive_seed
 from .model import Conditioning, TrainableModel
 
-LATENT_FORMAT = "lora-workshop-latent/1"
+# /2: the posterior sample is seeded by the image's place in the dataset, no longer by its absolute path
+LATENT_FORMAT = "lora-workshop-latent/2"
+
+
+def _place(item: ImageItem) -> tuple:
+    """An image's place in its dataset, independent of where the dataset lies: train or reg, its subset, its
+    repeat folder's name and its file name (images are not nested below the repeat folders)."""
+    return item.is_reg, item.subset, item.folder, item.path.name
 
 
 class LatentCache:
@@ -65,8 +72,9 @@ class LatentCache:
             m = self.model
             pixels = self.dataset.pixels(s)
             with torch.no_grad(), torch.random.fork_rng(devices=[m.device] if m.device.type == "cuda" else []):
-                # the posterior sample is seeded per image: the same latent whichever process or step encodes it
-                torch.manual_seed(derive_seed(self.seed, "latent", str(s.item.path), s.bucket, s.flip))
+                # the posterior sample is seeded per image: the same latent whichever process or step encodes it,
+                # and wherever the dataset lies (a copied or moved folder trains the same file)
+                torch.manual_seed(derive_seed(self.seed, "latent", *_place(s.item), s.bucket, s.flip))
                 hit = m.encode_images(pixels.unsqueeze(0).to(m.device))[0].float()
             if self.on_disk and self.write_disk:
                 self._write(s, hit)

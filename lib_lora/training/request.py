@@ -366,6 +366,10 @@ def build_request(data: dict, output_dir: Path, family: str | None = None,
         top.pop("network_weights", None)
     if top.get("logging_dir") not in (None, "") and dataset_roots is not None:
         top["logging_dir"] = str(_folder_inside("logging_dir", top["logging_dir"], output_dir))
+    if family == "sd2" and not top.get("v2"):
+        # the family is read from the weights and v2 only confirms it; a form built before the checkpoint
+        # switch (or a request without it) would export a config.toml that sd-scripts cannot load SD2 with
+        top["v2"] = True
     auto = top.get("mixed_precision", "auto") in ("auto", None, "")
     if auto:  # full_fp16/full_bf16 name the type; otherwise resolved from the model's dtype once it is built
         half = "fp16" if top.get("full_fp16") else "bf16" if top.get("full_bf16") else None

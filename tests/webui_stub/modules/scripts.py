@@ -2,6 +2,7 @@
 from modules import paths
 
 AlwaysVisible = object()
+scripts_txt2img = None   # the txt2img ScriptRunner once the UI is built; its infotext_fields list (component, key)
 
 
 class Script:

@@ -25,6 +25,9 @@ class UserMetadataEditor:
             item['user_metadata'] = user_metadata
         return user_metadata
 
+    def create_extra_default_items_in_left_column(self):
+        pass  # the real create_default_editor_elems calls it under the description and file table
+
     def get_card_html(self, name):
         item = self.page.items.get(name, {})
         preview_url = item.get("preview", None)
