@@ -13,6 +13,8 @@ loss are timed by the thread's CPU clock, the groups interleaved over ``--rounds
               without a LoRA they have no backward at all, since the context and weights are frozen
   other       every other LoRA'd layer
   all         all of them: the LoRA'd forward+backward of a training step
+  (with ``--by-kind`` also each kind of the other layers on its own: attn1_to_q, ..., ff_net_2; these
+  are not additive: 16 layers of one kind cost more per layer than the 160 together)
 
 Then each LoRA'd layer alone at its own input shape, many times over (caches hot: what a
 per-layer microbenchmark sees), and the update after the backward (clip at 1.0, AdamW as the
@@ -31,10 +33,16 @@ import train  # benchmarks/train.py: the UNet and inputs every variant there use
 
 ROOT = Path(__file__).resolve().parent.parent
 GROUPS = ("none", "kv-cross", "other", "all")
+KINDS = ("attn1_to_q", "attn1_to_k", "attn1_to_v", "attn1_to_out_0", "attn2_to_q", "attn2_to_out_0",
+         "proj_in", "proj_out", "ff_net_0_proj", "ff_net_2")
 
 
 def _group(key: str) -> str:
     return "kv-cross" if "attn2_to_k" in key or "attn2_to_v" in key else "other"
+
+
+def _kind(key: str) -> str:
+    return next(k for k in KINDS + ("attn2_to_k", "attn2_to_v") if key.endswith(k))
 
 
 def _attach(net, keys) -> list:
@@ -84,6 +92,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--steps", type=int, default=12, help="steps per group and round (the first is not counted)")
     ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--by-kind", action="store_true", help="also time each kind of the other layers on its own")
     a = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     import torch
@@ -104,8 +113,11 @@ def main() -> None:
     keys = {"none": [], "all": list(net.targets)}
     for k in net.targets:
         keys.setdefault(_group(k), []).append(k)
+        if a.by_kind and _group(k) == "other":
+            keys.setdefault(_kind(k), []).append(k)
+    groups = GROUPS + (KINDS if a.by_kind else ())
     shapes: dict[str, tuple] = {}
-    times = {g: ([], []) for g in GROUPS}
+    times = {g: ([], []) for g in groups}
     with sdpa_attention(unet):
         def seen(key):
             def hook(module, inputs) -> None:
@@ -116,14 +128,14 @@ def main() -> None:
         for h in hooks:
             h.remove()
         for _ in range(a.rounds):
-            for g in GROUPS:
+            for g in groups:
                 mods = _attach(net, keys[g])
                 runs = [_step(unet, x, t, ctx, noise) for _ in range(a.steps)][1:]
                 _detach(mods)
                 flat.grad.zero_()
                 times[g][0].append(statistics.median(r[0] for r in runs))
                 times[g][1].append(statistics.median(r[1] for r in runs))
-    alone = {g: 0.0 for g in GROUPS}
+    alone = {g: 0.0 for g in groups}
     for k, (shape, needs) in shapes.items():
         m = net.targets[k].module
         frozen = _alone(m, shape, needs)
@@ -131,6 +143,8 @@ def main() -> None:
         lora = _alone(m, shape, needs)
         _detach(mods)
         alone[_group(k)] += lora - frozen
+        if a.by_kind and _group(k) == "other":
+            alone[_kind(k)] += lora - frozen
     alone["all"] = alone["kv-cross"] + alone["other"]
     flat.grad.normal_()
     opt = torch.optim.AdamW([flat], lr=1e-4, **adamw_kernel([{"params": [flat]}]))
@@ -145,16 +159,16 @@ def main() -> None:
 
     print(f"SD1.5 layout, width {a.width}, latent {a.latent}, rank {a.rank}, {a.threads} thread(s); CPU ms of the "
           f"thread, median over {a.rounds} interleaved rounds of {a.steps - 1} steps")
-    print(f"{'group':<10} {'layers':>6} {'fwd':>7} {'bwd':>7} {'total':>7} {'+ vs none':>9} {'µs/layer':>8} "
+    print(f"{'group':<14} {'layers':>6} {'fwd':>7} {'bwd':>7} {'total':>7} {'+ vs none':>9} {'µs/layer':>8} "
           f"{'alone µs/layer':>14}   totals per round")
     base = [f + b for f, b in zip(*times["none"])]
-    for g in GROUPS:
+    for g in groups:
         f, b = (statistics.median(v) * 1e3 for v in times[g])
         tot = [x + y for x, y in zip(*times[g])]
         extra = statistics.median(x - y for x, y in zip(tot, base)) * 1e3
         n = len(keys[g])
         per = f"{extra / n * 1e3:8.1f} {alone[g] / n * 1e6:14.1f}" if n else f"{'':8} {'':14}"
-        print(f"{g:<10} {n:6d} {f:7.2f} {b:7.2f} {f + b:7.2f} {extra:9.2f} {per}   "
+        print(f"{g:<14} {n:6d} {f:7.2f} {b:7.2f} {f + b:7.2f} {extra:9.2f} {per}   "
               + " ".join(f"{x * 1e3:.1f}" for x in tot))
     print(f"update (clip, AdamW on {flat.numel()} values, zeroing): {statistics.median(upd[3:]) * 1e3:.2f} ms")
 
