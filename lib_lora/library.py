@@ -63,6 +63,7 @@ class Entry:
     # the WebUI's cache, shared with the built-in Lora, keys them by stem)
     store: HashStore | None = field(default=None, repr=False, compare=False)
     _hash: str | None = None
+    _store_asked: bool = False      # the store is asked once per entry (a new entry follows a changed file)
     _sha256: str | None = None
 
     @property
@@ -101,7 +102,8 @@ class Entry:
             given = self.metadata.get("sshs_model_hash", "")
             if _HEX.match(given):  # metadata is untrusted text: accept it only as a hash
                 self._hash = given.lower()
-            elif self.store is not None:
+            elif self.store is not None and not self._store_asked:
+                self._store_asked = True
                 stored = self.store.get(self.path, self.name, self._addnet)
                 if stored and _HEX.match(stored):
                     self._hash = stored.lower()

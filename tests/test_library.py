@@ -147,6 +147,7 @@ def test_hashes_persist_in_the_store_and_a_shared_stem_is_kept_out(lib, monkeypa
     assert ("dup", True) not in store.kept
 
     store.kept[("style", True)] = "<b>not a hash</b>"
+    start = len(store.gets)
     later = Library(lib.roots, hash_store=store)
     reads = []
     real = library_module.addnet_hash_safetensors
@@ -158,6 +159,10 @@ def test_hashes_persist_in_the_store_and_a_shared_stem_is_kept_out(lib, monkeypa
     assert style.addnet_hash() == _tensor_hash(style.path) and reads == ["style.safetensors"]
     assert store.kept[("style", True)] == _tensor_hash(style.path)
     assert "dup" not in store.gets
+    for _ in range(3):      # a page of cards listed again: a file the store did not know is not asked again
+        later.resolve("chars/hero").known_hash()
+        later.resolve("ünï cødé").known_hash()
+    assert store.gets[start:].count("ünï cødé") == 1 and store.gets[start:].count("hero") == 1
 
 
 def test_untrusted_metadata_hash_is_ignored(tmp_path):

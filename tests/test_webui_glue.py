@@ -97,6 +97,30 @@ def test_default_weight_setting_and_restore_after_generation(webui, model, sd1_m
     assert torch.equal(q_proj.weight, w0)
 
 
+# the built-in Lora's settings we follow and their defaults, as extensions-builtin/Lora/scripts/lora_script.py
+# of v1.10.1 registers them
+BUILTIN_SETTINGS = {"lora_preferred_name": "Alias from file", "lora_add_hashes_to_infotext": True,
+                    "lora_bundled_ti_to_infotext": True, "lora_show_all": False,
+                    "lora_hide_unknown_for_versions": [], "lora_not_found_gradio_warning": False}
+
+
+@pytest.mark.parametrize("with_builtin", [False, True])
+def test_the_builtins_settings_we_follow_have_a_switch_without_it(webui, model, with_builtin):
+    """With the built-in disabled, its settings that we follow are ours to register (its names, its defaults,
+    in our section), so each keeps a switch on the Settings page; with it enabled, it registers them itself."""
+    if with_builtin:
+        BuiltinLora(webui).load()
+    webui.load_script()
+    script_callbacks.ui_settings_callback()
+    ours = {k: v.default for k, v in shared.opts.data_labels.items() if k in BUILTIN_SETTINGS}
+    if with_builtin:
+        assert ours == {}
+    else:
+        assert ours == BUILTIN_SETTINGS
+        assert {shared.opts.data_labels[k].section for k in ours} == {settings.SECTION}
+        assert shared.opts.lora_preferred_name == "Alias from file"
+
+
 def test_lora_hashes_infotext_and_paste_round_trip(webui, model, sd1_map):
     a = make_lora(webui.lora_dir / "style_a.safetensors", sd1_map, seed=1)
     b = make_lora(webui.lora_dir / "sub" / "b.safetensors", sd1_map, seed=2, only=("attn2",))

@@ -125,7 +125,7 @@ class Workshop:
 
     def register_settings(self) -> None:
         """on_ui_settings: our section of the WebUI's settings (webui_settings)."""
-        settings.register(self.apply_cache_setting, self.apply_links_setting)
+        settings.register(self.apply_cache_setting, self.apply_links_setting, builtin_lora_active())
 
     # registry / page ----------------------------------------------------------------------------
     def claim(self) -> None:

@@ -31,13 +31,18 @@ DEFAULTS: dict[str, Any] = {OPT_CACHE_MB: 2048, OPT_DEFAULT_WEIGHT: 1.0, OPT_RES
 LBW_FOLDER = "sd-webui-lora-block-weight"
 
 
-def register(on_cache_change: Callable[[], None], on_links_change: Callable[[], None]) -> None:
-    """on_ui_settings: our own section; names are prefixed so they never clash with lora_*."""
+def register(on_cache_change: Callable[[], None], on_links_change: Callable[[], None],
+             builtin_active: bool = True) -> None:
+    """on_ui_settings: our own section; names are prefixed so they never clash with lora_*.  With the
+    built-in Lora disabled, the settings of its that we follow are registered here under its own names (so
+    values saved while it was enabled still apply, and the user still has a switch for each)."""
     try:
-        from gradio import Radio as radio, Slider as slider
+        from gradio import CheckboxGroup as checkboxes, Radio as radio, Slider as slider
     except ImportError:  # no gradio (tests, api-only tooling): the WebUI picks a field by type
-        radio = slider = None
+        checkboxes = radio = slider = None
     add = shared.opts.add_option
+    if not builtin_active:
+        _register_builtins(add, radio, checkboxes)
     add(OPT_CACHE_MB, shared.OptionInfo(
         DEFAULTS[OPT_CACHE_MB], "Memory for parsed LoRA files (MB)", slider,
         {"minimum": 0, "maximum": 16384, "step": 64} if slider else None,
@@ -87,3 +92,31 @@ def register(on_cache_change: Callable[[], None], on_links_change: Callable[[], 
         DEFAULTS[OPT_TRAIN_YIELD_SECONDS], "Training time between chances for a waiting generation (s)", slider,
         {"minimum": 0.0, "maximum": 60.0, "step": 0.5} if slider else None, section=SECTION,
     ).info("0: at every step boundary; a generation waits at most this long plus one step"))
+
+
+# The built-in Lora's settings we follow, with its defaults and choices (registered only while it is disabled).
+BUILTIN_DEFAULTS: dict[str, Any] = {
+    "lora_preferred_name": "Alias from file", "lora_add_hashes_to_infotext": True,
+    "lora_bundled_ti_to_infotext": True, "lora_show_all": False, "lora_hide_unknown_for_versions": [],
+    "lora_not_found_gradio_warning": False}
+
+
+def _register_builtins(add: Callable, radio: Any, checkboxes: Any) -> None:
+    d = BUILTIN_DEFAULTS
+    add("lora_preferred_name", shared.OptionInfo(
+        d["lora_preferred_name"], "Cards and pasted infotexts name a LoRA by", radio,
+        {"choices": ["Alias from file", "Filename"]} if radio else None, section=SECTION))
+    add("lora_add_hashes_to_infotext", shared.OptionInfo(
+        d["lora_add_hashes_to_infotext"], "Write \"Lora hashes\" into the infotext", section=SECTION))
+    add("lora_bundled_ti_to_infotext", shared.OptionInfo(
+        d["lora_bundled_ti_to_infotext"], "Give a bundled embedding's LoRA name as its \"TI hashes\" entry",
+        section=SECTION))
+    add("lora_show_all", shared.OptionInfo(
+        d["lora_show_all"], "Show cards of every model family", section=SECTION,
+    ).info("off: cards made for another family than the loaded model's are hidden"))
+    add("lora_hide_unknown_for_versions", shared.OptionInfo(
+        d["lora_hide_unknown_for_versions"], "Hide cards of unknown family while one of these is loaded", checkboxes,
+        {"choices": ["SD1", "SD2", "SDXL"]} if checkboxes else None, section=SECTION))
+    add("lora_not_found_gradio_warning", shared.OptionInfo(
+        d["lora_not_found_gradio_warning"], "Pop up a warning in the browser when a LoRA is not found",
+        section=SECTION))
