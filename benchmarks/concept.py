@@ -41,6 +41,7 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -136,18 +137,93 @@ def train(ck, data: Path, out: Path, name: str, settings: dict[str, object], ste
     from lib_lora.training.trainer import Callbacks, Trainer
 
     net = {k.partition(".")[2]: v for k, v in settings.items() if k.startswith("network.")}
-    top = {k: v for k, v in settings.items() if "." not in k and k not in ("reg", "preset")}
+    top = {k: v for k, v in settings.items() if "." not in k and k not in ("reg", "preset", *PIVOT_KEYS)}
     top = {"max_train_steps": steps, "batch_size": batch, **top}   # a variant may set its own steps and batch
     if every and top["max_train_steps"] != steps:    # probe the same fractions of the run
         every = every * top["max_train_steps"] // steps
+    pivot = Pivot(ck, settings) if settings.get("pivot_lr") else None
+    if pivot:
+        top["cache_text_encoder_outputs"] = False   # the trigger's captions change as its vectors train
     cfg = TrainConfig(DatasetConfig(data, resolution=64, enable_buckets=False, reg_dir=reg_dir), NetworkConfig(**net),
                       output_dir=out, output_name=name, overwrite=True, seed=seed, save_every_n_steps=every, **top)
     model = ck.trainable()
     model.context = lambda: sdpa_attention(ck.unet)
     clock: dict[int, float] = {}
-    res = Trainer(model, make_plan(cfg, log=lambda m: None),
-                  Callbacks(on_progress=lambda p: clock.__setitem__(p.step, p.elapsed), log=lambda m: None)).run()
+
+    def progress(p) -> None:
+        if pivot:
+            pivot.step(p.step)
+        clock[p.step] = p.elapsed
+
+    if pivot:
+        model.encode_text = pivot.encoder(model.encode_text)
+    with pivot.hooked() if pivot else nullcontext():
+        res = Trainer(model, make_plan(cfg, log=lambda m: None),
+                      Callbacks(on_progress=progress, on_saved=pivot.bundle if pivot else None,
+                                log=lambda m: None)).run()
     return res.output, clock
+
+
+# --- SCREENING HOOK: pivotal tuning (not a trainer option; see README "Training quality on the toy world") ------
+# Variant keys: pivot_lr (AdamW lr of the trigger's vectors; turns it on), pivot_init ("self": the trigger's own
+# token embeddings, "mean": the mean embedding of the base world's caption tokens, or a word, e.g. "cross": that
+# word's embedding for each of the trigger's tokens), pivot_steps (train the vectors for the first N steps only;
+# default all).  The trigger ``zkx`` is two BPE tokens, so it gets two vectors, one per token position (what the
+# WebUI's embedding database does with a 2-vector embedding named zkx).  The text encoder's weights stay frozen;
+# captions are encoded every step (no cache) with gradients to the vectors only, which step after the LoRA's own
+# optimiser step; every file the run saves gets them as ``bundle_emb.zkx.string_to_param.*``, and the renderer
+# (measure.bundled_vectors) applies them wherever the file is active.
+PIVOT_KEYS = ("pivot_lr", "pivot_init", "pivot_steps")
+
+
+class Pivot:
+    def __init__(self, ck, settings: dict[str, object]):
+        import torch
+        from lib_lora.hosts.cli.tokenizer import _bpe
+        from lib_lora.toyworld.world import BASE_WORLD, generate
+
+        self.te = ck.text_encoders[0][1]
+        table = self.te.text_model.embeddings.token_embedding.weight.detach()
+        self.seq = _bpe().encode(STAR.trigger)
+        init = str(settings.get("pivot_init") or "self")
+        if init == "self":
+            vecs = table[self.seq].clone()
+        elif init == "mean":
+            used = sorted({t for _, c, _ in generate(200, 0, BASE_WORLD) for t in _bpe().encode(c)})
+            vecs = table[used].mean(0, keepdim=True).repeat(len(self.seq), 1)
+        else:
+            word = _bpe().encode(init)
+            vecs = table[word].mean(0, keepdim=True).repeat(len(self.seq), 1)
+        self.vectors = torch.nn.Parameter(vecs.float().clone())
+        self.opt = torch.optim.AdamW([self.vectors], lr=float(settings["pivot_lr"]), weight_decay=0.0)
+        self.until = int(settings.get("pivot_steps") or 10**9)
+
+    def hooked(self):
+        return measure.token_vectors(self.te, self.seq, self.vectors)
+
+    def encoder(self, encode_text):
+        import torch
+
+        def encode(prompts, sizes=None):
+            with torch.enable_grad():   # the trainer encodes a frozen encoder's captions under no_grad
+                return encode_text(prompts, sizes)
+        return encode
+
+    def step(self, step: int) -> None:
+        if step <= self.until and self.vectors.grad is not None:
+            self.opt.step()
+        self.vectors.grad = None
+        if step == self.until:
+            self.vectors.requires_grad_(False)
+
+    def bundle(self, path: Path) -> None:
+        from lib_lora.fileio import load_safetensors, save_safetensors
+
+        tensors, meta = load_safetensors(path)
+        dtype = next(iter(tensors.values())).dtype
+        tensors[f"bundle_emb.{STAR.trigger}.string_to_param.*"] = self.vectors.detach().to(dtype).clone()
+        save_safetensors(tensors, path, meta, overwrite=True)
+# --- end of the screening hook
 
 
 def score_file(render: measure.LoraRenderer, name: str, n: int, seed: int, style: str | None) -> dict:
