@@ -172,7 +172,8 @@ def train(ck, data: Path, out: Path, name: str, settings: dict[str, object], ste
 # WebUI's embedding database does with a 2-vector embedding named zkx).  The text encoder's weights stay frozen;
 # captions are encoded every step (no cache) with gradients to the vectors only, which step after the LoRA's own
 # optimiser step; every file the run saves gets them as ``bundle_emb.zkx.string_to_param.*``, and the renderer
-# (measure.bundled_vectors) applies them wherever the file is active.
+# (measure.bundled_vectors) applies them wherever the file is active.  Once the vectors stop training
+# (pivot_steps), each caption's encoding is cached, so the rest of the run costs what the preset's steps cost.
 PIVOT_KEYS = ("pivot_lr", "pivot_init", "pivot_steps")
 
 
@@ -202,11 +203,21 @@ class Pivot:
         return measure.token_vectors(self.te, self.seq, self.vectors)
 
     def encoder(self, encode_text):
+        """``encode_text`` with gradients to the vectors while they train; once they are frozen (pivot_steps),
+        each caption's output is cached, as the trainer caches a frozen encoder's."""
         import torch
+        from lib_lora.training.model import Conditioning
+
+        cache: dict[str, object] = {}
 
         def encode(prompts, sizes=None):
-            with torch.enable_grad():   # the trainer encodes a frozen encoder's captions under no_grad
-                return encode_text(prompts, sizes)
+            if self.vectors.requires_grad:
+                with torch.enable_grad():   # the trainer encodes a frozen encoder's captions under no_grad
+                    return encode_text(prompts, sizes)
+            with torch.no_grad():
+                for p in set(prompts) - set(cache):
+                    cache[p] = encode_text([p], None).context
+            return Conditioning(torch.cat([cache[p] for p in prompts]))
         return encode
 
     def step(self, step: int) -> None:
