@@ -10,8 +10,9 @@ settings see the same noise image by image).
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from PIL import Image
 
@@ -49,9 +50,10 @@ class LoraRenderer:
             key = repr([(r.name, r.te, r.unet, r.dyn) for r in requests])
             groups.setdefault(key, []).append((" ".join(clean.split()), requests, i))
         for items in groups.values():
-            self.messages += self.rt.activate(items[0][1]).messages
+            res = self.rt.activate(items[0][1])
+            self.messages += res.messages
             try:
-                with sdpa_attention(self.ck.unet):
+                with sdpa_attention(self.ck.unet), bundled_vectors(self.ck, [e for _, e in res.embeddings]):
                     for j in range(0, len(items), self.batch):
                         chunk = items[j:j + self.batch]
                         imgs = self._sample([c for c, _, _ in chunk], [seeds[i] for _, _, i in chunk])
@@ -75,6 +77,65 @@ class LoraRenderer:
 
     def close(self) -> None:
         self.rt.set_model(None)
+
+
+# --- SCREENING HOOK (benchmarks/concept.py's pivotal-tuning variant), not a CLI feature: the CLI's sampler does
+# not apply bundled embeddings (cli.py says so); the renderer does, for one-text-encoder models, where an
+# embedding has one vector per BPE token of its name, by putting those vectors in place of the name's tokens,
+# which is what the WebUI's embedding database does for such an embedding.
+def _name_positions(ids: Any, seq: list[int]) -> Any:
+    """Bool [B, L]: the positions of every whole occurrence of the token sequence ``seq`` in ``ids``."""
+    import torch
+
+    k, L = len(seq), ids.shape[1]
+    start = torch.ones(ids.shape[0], L - k + 1, dtype=torch.bool, device=ids.device)
+    for j, tok in enumerate(seq):
+        start &= ids[:, j:L - k + 1 + j] == tok
+    return start
+
+
+@contextmanager
+def token_vectors(text_encoder: Any, seq: list[int], vectors: Any) -> Iterator[None]:
+    """While the block runs, the HF CLIP ``text_encoder``'s token embeddings of every occurrence of the token
+    sequence ``seq`` are ``vectors`` [len(seq), width] (gradients reach ``vectors`` if it requires them)."""
+    import torch
+
+    if vectors.shape[0] != len(seq):
+        raise ValueError(f"{vectors.shape[0]} vectors for a name of {len(seq)} tokens")
+
+    def hook(module, inputs, out):
+        ids = inputs[0]
+        start = _name_positions(ids, seq)
+        if not bool(start.any()):
+            return out
+        pad = torch.zeros(ids.shape[0], len(seq) - 1, dtype=torch.bool, device=ids.device)
+        for j in range(len(seq)):
+            at = torch.cat([pad[:, :j], start, pad[:, j:]], dim=1)[..., None]
+            out = torch.where(at, vectors[j].to(out.dtype), out)
+        return out
+
+    handle = text_encoder.text_model.embeddings.token_embedding.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def bundled_vectors(checkpoint: Any, embeddings: list) -> Iterator[None]:
+    """The bundled embeddings of the active LoRAs (``bundled.BundledEmbedding``) in place of their names."""
+    from contextlib import ExitStack
+
+    from ..hosts.cli.tokenizer import _bpe
+
+    with ExitStack() as stack:
+        for emb in embeddings:
+            seq = _bpe().encode(emb.name)
+            if checkpoint.family != "sdxl" and len(seq) == emb.count:
+                te = checkpoint.text_encoders[0][1]
+                stack.enter_context(token_vectors(te, seq, emb.vectors[""].to(te.device, te.dtype)))
+        yield
+# --- end of the screening hook
 
 
 def rate(images: list[Image.Image], scenes: list[Scene], check: Callable[[Any, Scene], bool]) -> float:
