@@ -35,6 +35,13 @@ def test_an_embedding_takes_one_position_per_vector_and_is_never_split_between_c
     assert ids[0, 0, 74].item() == a and ids[0, 0, 75].item() == EOS
     assert ids[0, 1, :6].tolist() == [BOS, 0, 0, 0, b, EOS]
     assert fixes == [(0, 1, 1, 0), (1, 0, 1, 0)]
+    # a chunk full at a word, 10 tokens after a comma: the words after the comma and an embedding among them
+    # start the next chunk (the WebUI's word wrap), and the embedding's place moves with them
+    fixes = []
+    ids = clip_chunk_tokenize([" ".join(["a"] * 64) + ", a zkx " + " ".join(["a"] * 10)], EOS,
+                              embeddings=[(zkx, 2)], fixes=fixes)
+    assert ids[0, 0, 65].item() == _bpe().encode(",")[0] and ids[0, 0, 66].item() == EOS
+    assert ids[0, 1, :4].tolist() == [BOS, a, 0, 0] and fixes == [(0, 1, 2, 0)]
 
 
 def _reference(te, vectors: torch.Tensor):

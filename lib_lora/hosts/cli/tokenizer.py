@@ -58,6 +58,7 @@ def clip_chunk_tokenize(prompts: list[str], pad_id: int, context_length: int = C
     for p, text in enumerate(prompts):
         chunks: list[list[int]] = []
         current: list[int] = []
+        placed: list[list[int]] = []    # [chunk, position in it, embedding] of this prompt's embeddings
         last_comma = -1
         toks = bpe.encode(text)
         i = 0
@@ -65,6 +66,9 @@ def clip_chunk_tokenize(prompts: list[str], pad_id: int, context_length: int = C
             tok = toks[i]
             if len(current) == size:
                 if tok != comma and comma_backtrack and last_comma >= 0 and size - last_comma <= comma_backtrack:
+                    for f in placed:    # an embedding after the comma moves with its words
+                        if f[0] == len(chunks) and f[1] > last_comma + 1:
+                            f[0], f[1] = f[0] + 1, f[1] - last_comma - 1
                     chunks.append(current[:last_comma + 1])
                     current = current[last_comma + 1:]
                 else:
@@ -82,13 +86,14 @@ def clip_chunk_tokenize(prompts: list[str], pad_id: int, context_length: int = C
             if len(current) + count > size:
                 chunks.append(current)
                 current, last_comma = [], -1
-            if fixes is not None:
-                fixes.append((p, len(chunks), 1 + len(current), e))   # after the chunk's BOS
+            placed.append([len(chunks), 1 + len(current), e])   # after the chunk's BOS
             current.extend([0] * count)
             i += len(embeddings[e][0])
         if current or not chunks:
             chunks.append(current)
         per_prompt.append(chunks)
+        if fixes is not None:
+            fixes.extend((p, c, pos, e) for c, pos, e in placed)
     n = max(len(c) for c in per_prompt)
     out = torch.full((len(prompts), n, context_length), pad_id, dtype=torch.long)
     out[:, :, 0] = BOS
