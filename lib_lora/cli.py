@@ -215,9 +215,8 @@ def cmd_render(args: argparse.Namespace) -> int:
     from .modelmap import ModelMap
     rt.set_model(ModelMap.build(ckpt.family, ckpt.unet, ckpt.text_encoders))
     res = rt.activate(requests)
-    unused = [f"{lora}: bundled embedding {emb.name!r} not used (only the WebUI registers bundled embeddings)"
-              for lora, emb in res.embeddings]
-    for m in bad_tokens + res.messages + unused:
+    ckpt.embeddings, skipped = ckpt.embeddings_for(res.embeddings)   # the prompt's names become their vectors
+    for m in bad_tokens + res.messages + skipped:
         console.log(f"warning: {m}")
     width, height = args.width or ckpt.resolution, args.height or ckpt.resolution
     try:
@@ -228,6 +227,7 @@ def cmd_render(args: argparse.Namespace) -> int:
                         seed=args.seed, width=width, height=height, sampler=args.sampler, progress=progress)
     finally:
         rt.restore()
+        ckpt.embeddings = []
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(images):

@@ -64,13 +64,22 @@ def test_render_shows_progress_and_writes_the_webuis_infotext(tiny_checkpoint, t
         assert text == ("zkx, red square <lora:zkx_lora:0.8>\nNegative prompt: blurry, grey\n"
                         f"Steps: 3, Sampler: DDIM, CFG scale: 7.0, Seed: {5 + i}, Size: 64x64, "
                         f'Model hash: {model_hash}, Model: toy, Lora hashes: "zkx_lora: {lora_hash}"'), text
-    # a bundled embedding is the WebUI's to register: the command line says it is not used
+    # a bundled embedding stands for its name in the prompt, as in the WebUI; one of another width is skipped
     sd, meta = load_file(lora)
-    save_safetensors({**sd, "bundle_emb.zkx.string_to_param.*": torch.zeros(1, 8)}, tmp_path / "zkx_emb.safetensors",
-                     metadata=meta)
-    assert main(["render", "zkx <lora:zkx_emb:1>", "--base", str(ckpt), "--lora-dir", str(tmp_path),
-                 "--out", str(tmp_path / "emb.png"), "--steps", "1", "--width", "64", "--height", "64"]) == 0
-    assert "warning: zkx_emb: bundled embedding 'zkx' not used" in capsys.readouterr().err
+    width = load_file(ckpt)[0]["cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"].shape[1]
+    vec = torch.randn(2, width, generator=torch.Generator().manual_seed(1))
+    save_safetensors({**sd, "bundle_emb.zkx.string_to_param.*": vec}, tmp_path / "zkx_emb.safetensors", metadata=meta)
+    save_safetensors({**sd, "bundle_emb.zkx.string_to_param.*": torch.zeros(1, width + 1)},
+                     tmp_path / "zkx_wide.safetensors", metadata=meta)
+    images = {}
+    for name in ("zkx_lora", "zkx_emb", "zkx_wide"):
+        assert main(["render", f"zkx <lora:{name}:1>", "--base", str(ckpt), "--lora-dir", str(tmp_path),
+                     "--out", str(tmp_path / f"{name}.png"), "--steps", "2", "--width", "64", "--height", "64"]) == 0
+        images[name] = Image.open(tmp_path / f"{name}.png").tobytes()
+    err = capsys.readouterr().err
+    assert f"warning: zkx_wide: embedding 'zkx' is {width + 1} wide, the loaded model's token embeddings are " \
+           f"{width} — skipped" in err and "zkx_emb" not in err
+    assert images["zkx_emb"] != images["zkx_lora"] and images["zkx_wide"] == images["zkx_lora"]
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])

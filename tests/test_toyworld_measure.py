@@ -71,13 +71,14 @@ def test_trigger_vectors_take_gradients(toy):
 
 
 def test_bundled_vectors_apply_an_embedding_named_as_the_trigger(toy):
+    """The renderer's bundled embeddings (the CLI's placement, tests/test_cli_embeddings.py) give, for one
+    vector per token of the name, what the row-written encoder gives; the encoder is as before afterwards."""
     te = toy.text_encoders[0][1]
     seq = _bpe().encode("zkx")
     vectors = torch.linspace(-0.3, 0.3, 2 * te.config.hidden_size).reshape(2, -1)
     prompts = ["a red zkx on a dotted background"]
-    with measure.bundled_vectors(toy, [BundledEmbedding("zkx", {"": vectors})]):
-        got = _encode(te, prompts)
-    torch.testing.assert_close(got, _encode(_rows_written(te, seq, vectors), prompts), rtol=0, atol=1e-6)
-    # one vector for a two-token name is not what the screen makes: left out, the encoder unchanged
-    with measure.bundled_vectors(toy, [BundledEmbedding("zkx", {"": vectors[:1]})]):
-        torch.testing.assert_close(_encode(te, prompts), _encode(copy.deepcopy(te), prompts), rtol=0, atol=0)
+    with torch.no_grad(), measure.bundled_vectors(toy, [("lora", BundledEmbedding("zkx", {"": vectors}))]):
+        got = toy.encode_text(prompts).context
+    want = _encode(_rows_written(te, seq, vectors), prompts)
+    torch.testing.assert_close(got[:, :77], want, rtol=0, atol=1e-6)
+    assert toy.embeddings == []

@@ -53,7 +53,7 @@ class LoraRenderer:
             res = self.rt.activate(items[0][1])
             self.messages += res.messages
             try:
-                with sdpa_attention(self.ck.unet), bundled_vectors(self.ck, [e for _, e in res.embeddings]):
+                with sdpa_attention(self.ck.unet), bundled_vectors(self.ck, res.embeddings):
                     for j in range(0, len(items), self.batch):
                         chunk = items[j:j + self.batch]
                         imgs = self._sample([c for c, _, _ in chunk], [seeds[i] for _, _, i in chunk])
@@ -79,10 +79,9 @@ class LoraRenderer:
         self.rt.set_model(None)
 
 
-# --- SCREENING HOOK (benchmarks/concept.py's pivotal-tuning variant), not a CLI feature: the CLI's sampler does
-# not apply bundled embeddings (cli.py says so); the renderer does, for one-text-encoder models, where an
-# embedding has one vector per BPE token of its name, by putting those vectors in place of the name's tokens,
-# which is what the WebUI's embedding database does for such an embedding.
+# --- SCREENING HOOK for benchmarks/pivot_screen.py (pivotal tuning is a screen, not an option): the trigger's
+# vectors trained in place of its tokens, one per BPE token of its name, on a one-text-encoder model.  The
+# renderer applies bundled embeddings as the CLI's ``render`` does (``bundled_vectors``, after the hook).
 def _name_positions(ids: Any, seq: list[int]) -> Any:
     """Bool [B, L]: the positions of every whole occurrence of the token sequence ``seq`` in ``ids``."""
     import torch
@@ -121,21 +120,18 @@ def token_vectors(text_encoder: Any, seq: list[int], vectors: Any) -> Iterator[N
         handle.remove()
 
 
-@contextmanager
-def bundled_vectors(checkpoint: Any, embeddings: list) -> Iterator[None]:
-    """The bundled embeddings of the active LoRAs (``bundled.BundledEmbedding``) in place of their names."""
-    from contextlib import ExitStack
-
-    from ..hosts.cli.tokenizer import _bpe
-
-    with ExitStack() as stack:
-        for emb in embeddings:
-            seq = _bpe().encode(emb.name)
-            if checkpoint.family != "sdxl" and len(seq) == emb.count:
-                te = checkpoint.text_encoders[0][1]
-                stack.enter_context(token_vectors(te, seq, emb.vectors[""].to(te.device, te.dtype)))
-        yield
 # --- end of the screening hook
+
+
+@contextmanager
+def bundled_vectors(checkpoint: Any, found: list) -> Iterator[None]:
+    """The active LoRAs' bundled embeddings (``(lora, BundledEmbedding)`` pairs) in place of their names while
+    the block renders, as ``render`` and the WebUI use them (``Checkpoint.embeddings_for``)."""
+    checkpoint.embeddings, _ = checkpoint.embeddings_for(found)
+    try:
+        yield
+    finally:
+        checkpoint.embeddings = []
 
 
 def rate(images: list[Image.Image], scenes: list[Scene], check: Callable[[Any, Scene], bool]) -> float:

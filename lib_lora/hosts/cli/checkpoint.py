@@ -25,11 +25,13 @@ import torch
 from torch import Tensor, nn
 
 from ... import families, hashes
+from ...bundled import BundledEmbedding
 from ...fileio import load_file, save_safetensors, write_text_atomic
 from ...training.checks import clip_skip_for
 from ...training.model import Conditioning, SizeCond, TrainableModel
 from .builders import build_text_encoder, build_unet, build_vae, materialize
-from .conditioning import encode_text, tokenize
+from .conditioning import _token_embedding, encode_text, tokenize
+from .tokenizer import CONTEXT_LENGTH
 from .config import (SCALE_FACTOR, SCHEDULE, SIZE_EMBED_DIM, TEXT_LAYOUT, UNET_PREFIX, VAE_PREFIX, ArchitectureError,
                      default_resolution, infer_config, merge_config, strip_prefix, text_encoder_state)
 from .ldm_yaml import dump_webui_yaml, read_yaml_config
@@ -54,6 +56,9 @@ class Checkpoint:
     path: Path | None = None
     config_source: str = "explicit"
     _hashes: dict[str, str] = field(default_factory=dict, repr=False)
+    # textual inversions the prompts may name (the active LoRAs' bundled ones: ``embeddings_for``), as the
+    # WebUI's embedding database holds them
+    embeddings: list[BundledEmbedding] = field(default_factory=list, repr=False)
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -161,7 +166,28 @@ class Checkpoint:
                            resolution=self.resolution,
                            size_embed_dim=int(self.config.get("size_embed_dim", SIZE_EMBED_DIM)),
                            clip_skip=clip_skip_for(self.family, clip_skip)[0],
-                           max_token_length=max_token_length)
+                           max_token_length=max_token_length, embeddings=self.embeddings)
+
+    def embeddings_for(self, found: list[tuple[str, BundledEmbedding]]) -> tuple[list[BundledEmbedding], list[str]]:
+        """Of the (LoRA, embedding) pairs the runtime found in the active files, those this model can use (the
+        first of a name, fitting its text encoders, at most one chunk of vectors) and a message for each other."""
+        widths = {"": self.text_encoders[0][1]} if self.family != "sdxl" else \
+            {"clip_l": self.text_encoders[0][1], "clip_g": self.text_encoders[1][1]}
+        widths = {k: _token_width(te) for k, te in widths.items()}
+        usable, messages, names = [], [], set()
+        for lora, emb in found:
+            if emb.name in names:
+                messages.append(f"{lora}: bundled embedding {emb.name!r} is also bundled in another LoRA of this "
+                                "prompt — the first one is used")
+                continue
+            why = emb.misfit(widths) or (f"embedding {emb.name!r} has {emb.count} vectors, more than one chunk of "
+                                         f"{CONTEXT_LENGTH - 2}" if emb.count > CONTEXT_LENGTH - 2 else None)
+            if why:
+                messages.append(f"{lora}: {why} — skipped")
+                continue
+            names.add(emb.name)
+            usable.append(emb)
+        return usable, messages
 
     # -- VAE ----------------------------------------------------------------------------------
     def encode_images(self, pixels: Tensor, sample: bool = True, generator: torch.Generator | None = None) -> Tensor:
@@ -331,3 +357,7 @@ def save_checkpoint(checkpoint: Checkpoint, path: str | os.PathLike, dtype: torc
     if checkpoint.path is not None and checkpoint.path.resolve() == path.resolve():
         checkpoint._hashes = {}  # overwrote the file it was loaded from
     return path
+
+
+def _token_width(te: nn.Module) -> int:
+    return _token_embedding(te).weight.shape[1]

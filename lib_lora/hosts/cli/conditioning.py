@@ -2,13 +2,15 @@
 or at kohya's ``--clip_skip`` for SD1/SD2, and with kohya's ``--max_token_length`` caption chunks."""
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from ...bundled import BundledEmbedding
 from ...training.model import Conditioning, SizeCond
-from .tokenizer import EOS, clip_chunk_tokenize, kohya_tokenize
+from .tokenizer import EOS, _bpe, clip_chunk_tokenize, kohya_tokenize
 
 
 def _dev(m: nn.Module) -> torch.device:
@@ -43,15 +45,47 @@ def _size_embedding(size_conds: list[SizeCond], dim: int, device: torch.device, 
     return timestep_embedding(ids.flatten(), dim).reshape(len(size_conds), -1).to(dtype)
 
 
-def tokenize(tcfgs: list[dict[str, Any]], prompts: list[str], max_token_length: int | None = None) -> list[Tensor]:
+def tokenize(tcfgs: list[dict[str, Any]], prompts: list[str], max_token_length: int | None = None,
+             embeddings: Sequence[tuple[list[int], int]] = (), fixes: list | None = None) -> list[Tensor]:
     """Token ids [B, chunks, context] per text encoder (HF CLIP pads with EOS, OpenCLIP with 0): as
-    many chunks as the longest prompt needs, or kohya's ``max_token_length`` // 75 (kohya_tokenize)."""
+    many chunks as the longest prompt needs, or kohya's ``max_token_length`` // 75 (kohya_tokenize).
+    ``embeddings``/``fixes``: textual inversions placed as ``clip_chunk_tokenize`` places them (the same
+    places for every encoder: one BPE)."""
     out = []
-    for tcfg in tcfgs:
+    for k, tcfg in enumerate(tcfgs):
         pad = EOS if tcfg["kind"] == "hf_clip" else 0
-        out.append(clip_chunk_tokenize(prompts, pad, tcfg["context_length"]) if max_token_length is None
+        out.append(clip_chunk_tokenize(prompts, pad, tcfg["context_length"], embeddings=embeddings,
+                                       fixes=fixes if k == 0 else None) if max_token_length is None
                    else kohya_tokenize(prompts, pad, max_token_length, tcfg["context_length"]))
     return out
+
+
+def _token_embedding(te: nn.Module) -> nn.Module:
+    """The module whose output is the encoder's token embeddings (HF CLIP, or OpenCLIP)."""
+    return te.text_model.embeddings.token_embedding if hasattr(te, "text_model") else te.token_embedding
+
+
+@contextmanager
+def _placed(text_encoders: list[tuple[str, nn.Module]], parts: list[str], chunks: int,
+            fixes: list[tuple[int, int, int, int]], embeddings: Sequence[BundledEmbedding]) -> Iterator[None]:
+    """While encoding: each placed embedding's vectors (its ``parts[k]`` for encoder k) in place of the
+    placeholders its token embeddings hold, row ``prompt * chunks + chunk`` of the encoders' batch."""
+    def hook_for(part: str):
+        def hook(module, inputs, out):
+            out = out.clone()
+            for p, c, pos, e in fixes:
+                vec = embeddings[e].vectors[part]
+                out[p * chunks + c, pos:pos + vec.shape[0]] = vec.to(out.device, out.dtype)
+            return out
+        return hook
+
+    handles = [_token_embedding(te).register_forward_hook(hook_for(part))
+               for (_, te), part in zip(text_encoders, parts)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _skip(clip_skip: int | None, layers: int) -> int:
@@ -65,7 +99,7 @@ def _skip(clip_skip: int | None, layers: int) -> int:
 def encode_text(family: str, text_encoders: list[tuple[str, nn.Module]], tcfgs: list[dict[str, Any]],
                 prompts: list[str], size_conds: list[SizeCond] | None, *, resolution: int,
                 size_embed_dim: int, clip_skip: int | None = None,
-                max_token_length: int | None = None) -> Conditioning:
+                max_token_length: int | None = None, embeddings: Sequence[BundledEmbedding] = ()) -> Conditioning:
     """Cross-attention context (and SDXL's y) as the WebUI computes it with CLIP skip 1.
 
     ``tcfgs`` are the text encoders' configs; ``resolution`` gives SDXL's size conditioning when
@@ -80,8 +114,23 @@ def encode_text(family: str, text_encoders: list[tuple[str, nn.Module]], tcfgs: 
     (75n + 2 in all); SDXL's pooled vector is the first chunk's.
     No ``no_grad`` here: gradients reach text encoders (or LoRA modules hooked onto them) whenever
     anything there requires grad; callers that only infer wrap this in ``torch.no_grad``.
+    ``embeddings`` (fitting the model, at most one chunk long each) stand for their names in the prompts as
+    the WebUI's embedding database makes them (not under ``max_token_length``, which is training's).
     """
-    chunked = tokenize(tcfgs, list(prompts), max_token_length)
+    fixes: list[tuple[int, int, int, int]] = []
+    names = [(_bpe().encode(e.name), e.count) for e in embeddings]
+    chunked = tokenize(tcfgs, list(prompts), max_token_length, names, fixes)
+    if fixes:
+        parts = [""] if family != "sdxl" else ["clip_l", "clip_g"]
+        with _placed(text_encoders, parts, chunked[0].shape[1], fixes, embeddings):
+            return _encode(family, text_encoders, chunked, size_conds, resolution, size_embed_dim, clip_skip,
+                           max_token_length)
+    return _encode(family, text_encoders, chunked, size_conds, resolution, size_embed_dim, clip_skip, max_token_length)
+
+
+def _encode(family: str, text_encoders: list[tuple[str, nn.Module]], chunked: list[Tensor],
+            size_conds: list[SizeCond] | None, resolution: int, size_embed_dim: int, clip_skip: int | None,
+            max_token_length: int | None) -> Conditioning:
     b, n = chunked[0].shape[:2]
     tokens = [t.flatten(0, 1) for t in chunked]   # every chunk of every prompt in one batch
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
@@ -34,7 +34,8 @@ def clip_tokenize(prompts: list[str], pad_id: int, context_length: int = CONTEXT
 
 
 def clip_chunk_tokenize(prompts: list[str], pad_id: int, context_length: int = CONTEXT_LENGTH,
-                        comma_backtrack: int = 20) -> Tensor:
+                        comma_backtrack: int = 20, embeddings: Sequence[tuple[list[int], int]] = (),
+                        fixes: list[tuple[int, int, int, int]] | None = None) -> Tensor:
     """Token ids [B, chunks, context_length]: prompts of any length, cut into chunks as the WebUI does.
 
     Each chunk holds ``context_length - 2`` tokens between BOS and EOS and is encoded on its own;
@@ -43,30 +44,56 @@ def clip_chunk_tokenize(prompts: list[str], pad_id: int, context_length: int = C
     moves the words after that comma to the next chunk (the WebUI's "prompt word wrap length
     limit", default 20).  Prompts with fewer chunks than the longest get empty chunks (BOS then
     padding), which is also what an empty prompt encodes to.  Emphasis syntax is not parsed.
+
+    ``embeddings`` are textual inversions, each ``(its name's token ids, its vector count)``: where a name
+    occurs (the longest that matches first), its tokens give way to as many placeholder positions as it has
+    vectors, never split between two chunks (a chunk it would not fit in ends early), as the WebUI places
+    them; each placement goes to ``fixes`` as ``(prompt, chunk, position in the chunk, embedding index)``.
     """
     bpe = _bpe()
     comma = bpe.encoder.get(",</w>")
     size = context_length - 2
+    order = sorted(range(len(embeddings)), key=lambda e: -len(embeddings[e][0]))
     per_prompt = []
-    for text in prompts:
+    for p, text in enumerate(prompts):
         chunks: list[list[int]] = []
         current: list[int] = []
+        placed: list[list[int]] = []    # [chunk, position in it, embedding] of this prompt's embeddings
         last_comma = -1
-        for tok in bpe.encode(text):
+        toks = bpe.encode(text)
+        i = 0
+        while i < len(toks):
+            tok = toks[i]
             if len(current) == size:
                 if tok != comma and comma_backtrack and last_comma >= 0 and size - last_comma <= comma_backtrack:
+                    for f in placed:    # an embedding after the comma moves with its words
+                        if f[0] == len(chunks) and f[1] > last_comma + 1:
+                            f[0], f[1] = f[0] + 1, f[1] - last_comma - 1
                     chunks.append(current[:last_comma + 1])
                     current = current[last_comma + 1:]
                 else:
                     chunks.append(current)
                     current = []
                 last_comma = -1
-            if tok == comma:
-                last_comma = len(current)
-            current.append(tok)
+            e = next((e for e in order if toks[i:i + len(embeddings[e][0])] == embeddings[e][0]), None)
+            if e is None:
+                if tok == comma:
+                    last_comma = len(current)
+                current.append(tok)
+                i += 1
+                continue
+            count = embeddings[e][1]
+            if len(current) + count > size:
+                chunks.append(current)
+                current, last_comma = [], -1
+            placed.append([len(chunks), 1 + len(current), e])   # after the chunk's BOS
+            current.extend([0] * count)
+            i += len(embeddings[e][0])
         if current or not chunks:
             chunks.append(current)
         per_prompt.append(chunks)
+        if fixes is not None:
+            fixes.extend((p, c, pos, e) for c, pos, e in placed)
     n = max(len(c) for c in per_prompt)
     out = torch.full((len(prompts), n, context_length), pad_id, dtype=torch.long)
     out[:, :, 0] = BOS
