@@ -23,14 +23,15 @@ from .dataset import Dataset, ImageItem, Sample
 from .epochs import derive_seed
 from .model import Conditioning, TrainableModel
 
-# /2: the posterior sample is seeded by the image's place in the dataset, no longer by its absolute path
-LATENT_FORMAT = "lora-workshop-latent/2"
+# /3: the posterior sample is seeded by the image's folder and file names (/2 also by subset; /1 by path)
+LATENT_FORMAT = "lora-workshop-latent/3"
 
 
 def _place(item: ImageItem) -> tuple:
-    """An image's place in its dataset, independent of where the dataset lies: train or reg, its subset, its
-    repeat folder's name and its file name (images are not nested below the repeat folders)."""
-    return item.is_reg, item.subset, item.folder, item.path.name
+    """An image's place in its dataset, independent of where the dataset lies: its folder's name and its file
+    name (images are not nested below the repeat folders).  Only the path, which the caches key latents by:
+    one image listed in two subsets (or as train and reg data) has one latent, cached or not."""
+    return item.path.parent.name, item.path.name
 
 
 class LatentCache:
