@@ -38,7 +38,7 @@ class HashStore(Protocol):
 
     def get(self, path: Path, name: str, addnet: bool) -> str | None: ...
 
-    def put(self, path: Path, name: str, addnet: bool, value: str) -> None: ...
+    def put(self, path: Path, name: str, addnet: bool, value: str, mtime: float) -> None: ...
 
 
 class AmbiguousName(LookupError):
@@ -90,7 +90,8 @@ class Entry:
         if self.known_hash() is None:
             self._hash = addnet_hash_safetensors(self.path) if self._addnet else self.sha256()
             if self.store is not None:
-                self.store.put(self.path, self.name, self._addnet, self._hash)
+                # under the mtime the scan saw: a file changed since is stale in the store, not mislabelled
+                self.store.put(self.path, self.name, self._addnet, self._hash, self.mtime)
         return self._hash
 
     def shorthash(self) -> str:

@@ -125,7 +125,8 @@ class Store:
         self.gets.append(name)
         return self.kept.get((name, addnet))
 
-    def put(self, path, name, addnet, value):
+    def put(self, path, name, addnet, value, mtime):
+        assert mtime == path.stat().st_mtime
         self.kept[(name, addnet)] = value
 
 

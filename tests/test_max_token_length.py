@@ -144,6 +144,15 @@ def test_a_request_on_a_loaded_sd2_model_says_v2_whatever_the_form_says(tmp_path
         assert cfg.v2 is False and not re.search(r"^v2 = true$", export_files(cfg)["config_toml"], re.M)
 
 
+def test_the_tabs_v2_follows_the_model_loaded_when_the_request_is_made():
+    """The tab's tick was set for another model (a checkpoint switch since): the loaded model decides."""
+    from lib_lora.training.ui import form_to_request
+    for tick in (True, False):
+        assert form_to_request({"v2": tick}, family="sd1")["v2"] is False
+        assert form_to_request({"v2": tick}, family="sd2")["v2"] is True
+        assert form_to_request({"v2": tick})["v2"] is tick      # no model to say: as ticked (refused then)
+
+
 def _kohya(ckpt, data, out, *extra):
     return ["train", "--pretrained_model_name_or_path", str(ckpt), "--train_data_dir", str(data),
             "--output_dir", str(out), "--output_name", "k", "--resolution", "64", "--min_bucket_reso", "64",

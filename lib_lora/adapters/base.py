@@ -158,8 +158,8 @@ class Adapter:
             w32 = original.to(out.device, torch.float32)
         dw = self._delta(w32, multiplier if not self.linear else 1.0, dyn)
         if self.dora_scale is None and not shape_fits(tuple(dw.shape), tuple(out.shape)):
-            part = latent_channels(out, tuple(dw.shape))
-            out = out if part is None else part     # an inpainting model's conv_in: its latent channels
+            latent = latent_channels(out, tuple(dw.shape))
+            out = out if latent is None else latent     # an inpainting model's conv_in: its latent channels
         if isinstance(dw, LowRankDelta):
             if not shape_fits(dw.shape, tuple(out.shape)):
                 raise AdapterError(f"{self.name}: shape {dw.shape} does not fit layer weight {tuple(out.shape)}")

@@ -144,7 +144,6 @@ class WebUIHashCache:
         return hashes.sha256_from_cache(str(path), f"lora/{name}", use_addnet_hash=addnet)
 
     @staticmethod
-    def put(path: Path, name: str, addnet: bool, value: str) -> None:
+    def put(path: Path, name: str, addnet: bool, value: str, mtime: float) -> None:
         # what hashes.sha256 stores once it has computed one (it would read the file again itself)
-        hashes.cache("hashes-addnet" if addnet else "hashes")[f"lora/{name}"] = {
-            "mtime": os.path.getmtime(path), "sha256": value}
+        hashes.cache("hashes-addnet" if addnet else "hashes")[f"lora/{name}"] = {"mtime": mtime, "sha256": value}

@@ -82,11 +82,13 @@ def to_form(key: str, value: Any) -> Any:
 
 
 def form_to_request(values: dict[str, Any], preset: str | None = None, config_toml: str = "",
-                    dataset_toml: str = "") -> dict[str, Any]:
+                    dataset_toml: str = "", family: str | None = None) -> dict[str, Any]:
     """Form values (by request key) -> a request for ``JobRunner.start`` / the HTTP API.
 
     kohya's files travel with it: the form's values win over ``config_toml``'s (which gives what
-    the form has no field for), and ``dataset_toml`` names the images instead of the form's folders."""
+    the form has no field for), and ``dataset_toml`` names the images instead of the form's folders.
+    ``family``: the host's loaded model, which decides kohya's ``v2`` (the form's tick is set when the tab
+    is built or a preset chosen, so a checkpoint switch since leaves it stale either way)."""
     req: dict[str, Any] = {"dataset": {}, "network": {}}
     if preset:
         req["preset"] = preset
@@ -112,6 +114,8 @@ def form_to_request(values: dict[str, Any], preset: str | None = None, config_to
             value = AUTO_ON_OFF[value or "auto"]
         section, _, name = key.rpartition(".")
         (req[section] if section else req)[name] = value
+    if family is not None:
+        req["v2"] = family == "sd2"
     return req
 
 
@@ -264,7 +268,8 @@ def create_tab(runner: JobRunner, sections: Sequence[Callable[[], None]] = ()) -
         inputs = [config_box, dataset_box] + [components[k] for k in keys]
 
         def request(preset_label, config_text, dataset_text, *values):
-            return form_to_request(dict(zip(keys, values)), preset_key(preset_label), config_text, dataset_text)
+            return form_to_request(dict(zip(keys, values)), preset_key(preset_label), config_text, dataset_text,
+                                   family=host.family())
 
         def on_upload(data):
             text = data.decode("utf-8-sig") if isinstance(data, bytes) else ""
