@@ -62,6 +62,7 @@ class Entry:
     # where hashes persist between sessions (None: in memory only; also for a stem two files share, since
     # the WebUI's cache, shared with the built-in Lora, keys them by stem)
     store: HashStore | None = field(default=None, repr=False, compare=False)
+    hashing: bool = True            # False: a hash not known already is never computed (the WebUI's --no-hashing)
     _hash: str | None = None
     _store_asked: bool = False      # the store is asked once per entry (a new entry follows a changed file)
     _sha256: str | None = None
@@ -86,8 +87,11 @@ class Entry:
         return self.path.suffix.lower() == ".safetensors" and not self.header_error
 
     def addnet_hash(self) -> str:
-        """kohya's tensor-data hash (what the WebUI's infotext uses), computed once and kept in the store."""
+        """kohya's tensor-data hash (what the WebUI's infotext uses), computed once and kept in the store;
+        "" where it is not known and hashing is off."""
         if self.known_hash() is None:
+            if not self.hashing:
+                return ""
             self._hash = addnet_hash_safetensors(self.path) if self._addnet else self.sha256()
             if self.store is not None:
                 # under the mtime the scan saw: a file changed since is stale in the store, not mislabelled
@@ -159,10 +163,11 @@ class Library:
 
     def __init__(self, roots: list[str | os.PathLike], cache_bytes: int = 2 << 30,
                  follow_outside_links: bool = False, hash_store: HashStore | None = None,
-                 on_outside_links: Callable[[list[str]], None] | None = None):
+                 on_outside_links: Callable[[list[str]], None] | None = None, hashing: bool = True):
         self.roots = [Path(r) for r in roots]
         self.follow_outside_links = follow_outside_links
         self.hash_store = hash_store
+        self.hashing = hashing      # False: files are never read whole for a hash (only known hashes are used)
         # links in the folders to files or folders outside them, left out by the last scan (paths in the folders)
         self.outside_links: list[str] = []
         self.on_outside_links = on_outside_links   # told the list whenever a scan finds it changed
@@ -262,6 +267,7 @@ class Library:
             stems[e.name] = stems.get(e.name, 0) + 1
         for e in found:
             e.store = self.hash_store if stems[e.name] == 1 else None
+            e.hashing = self.hashing
         with self._lock:
             self.entries = found
             changed, self.outside_links = outside != self.outside_links, outside

@@ -47,3 +47,22 @@ def test_a_hash_computed_once_serves_the_next_session_and_the_builtins(webui, mo
     p = webui.generate("x <lora:style_a:0.6> <lora:b:1>")
     extra_networks.deactivate(p, p.extra_network_data)
     assert p.extra_generation_params["Lora hashes"] == infotext and reads == ["style_a.safetensors"]
+
+
+def test_no_hashing_reads_no_file_and_uses_the_hashes_known(webui, model, sd1_map, monkeypatch):
+    """The WebUI's --no-hashing: a file whose hash is not known is never read whole for it, and leaves "Lora
+    hashes" without it (as the built-in writes no hash then); a hash the cache or the metadata knows is used."""
+    make_lora(webui.lora_dir / "unknown.safetensors", sd1_map, seed=1)
+    b = make_lora(webui.lora_dir / "cached.safetensors", sd1_map, seed=2, only=("attn2",))
+    hashes.cache("hashes-addnet")["lora/cached"] = {"mtime": b.stat().st_mtime, "sha256": addnet_hash_safetensors(b)}
+    monkeypatch.setattr(shared.cmd_opts, "no_hashing", True, raising=False)
+    shared.sd_model = model
+    webui.load_script()
+    webui.start_ui()
+    reads = []
+    real = library_module.addnet_hash_safetensors
+    monkeypatch.setattr(library_module, "addnet_hash_safetensors", lambda p: reads.append(p.name) or real(p))
+    p = webui.generate("x <lora:unknown:1> <lora:cached:1>")
+    extra_networks.deactivate(p, p.extra_network_data)
+    assert p.extra_generation_params["Lora hashes"] == f"cached: {addnet_hash_safetensors(b)[:12]}"
+    assert reads == [] and "lora/unknown" not in hashes.cache("hashes-addnet")

@@ -76,7 +76,8 @@ class Workshop:
             pass
         self.library = Library(dirs, cache_bytes=self._cache_bytes(),
                                follow_outside_links=bool(self.host.option(settings.OPT_OUTSIDE_LINKS)),
-                               hash_store=self.host.hash_store(), on_outside_links=self._outside_links)
+                               hash_store=self.host.hash_store(), on_outside_links=self._outside_links,
+                               hashing=not getattr(shared.cmd_opts, "no_hashing", False))
         self.runtime = Runtime(self.library)
         self.fits = FitCache()  # what cards of files that name no family say about the loaded model
         self.lbw_presets = blockweights.PresetSource(self.host.lbw_presets_files)
