@@ -195,3 +195,30 @@ def test_warns_when_lbw_runs_without_the_builtin(running, monkeypatch, capsys):
                                                    extensions.Extension("sd-webui-lora-block-weight", "/x")])
     webui.generate("x <lora:tiny:1>")
     assert "LoRA Block Weight is enabled while the built-in Lora extension is not" in capsys.readouterr().out
+
+
+def test_lbws_panel_switched_off_leaves_plain_weights(running, sd1_map):
+    """LoRA Block Weight installed with its panel switched off (its second script argument False): it applies
+    no lbw=/start=, and neither does the built-in, so neither do we; switched on (or absent), they apply."""
+    import types
+
+    webui, path = running
+    in01 = sd1_map.get(IN01_KEY).module
+    w0 = in01.weight.detach().clone()
+    lbw = types.SimpleNamespace(filename="/x/extensions/sd-webui-lora-block-weight/scripts/lora_block_weight.py",
+                                args_from=3, args_to=6)
+    other = types.SimpleNamespace(filename="/x/scripts/other.py", args_from=0, args_to=3)
+
+    def generate(useblocks):
+        from modules import processing
+        p = processing.StableDiffusionProcessingTxt2Img(prompt="x")
+        p.scripts = types.SimpleNamespace(alwayson_scripts=[other, lbw])
+        p.script_args = (None, False, None, "presets", useblocks, None)
+        return webui.generate("x <lora:tiny:1:lbw=OUTS:start=2>", p=p)
+
+    p = generate(False)
+    torch.testing.assert_close(in01.weight, w0 + lora_delta(path, IN01_KEY), rtol=0, atol=1e-6)  # IN01 at 1
+    assert any("LoRA Block Weight is switched off" in c for c in p.comments)
+    p = generate(True)
+    assert torch.equal(in01.weight, w0)      # OUTS: IN01 at 0 (and start=2 holds the UNet back anyway)
+    assert not any("switched off" in c for c in p.comments)

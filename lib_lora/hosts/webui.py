@@ -16,6 +16,7 @@ Coexistence with the built-in Lora extension: see ``claim`` and docs/coexistence
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Generic, TypeVar
 
@@ -29,7 +30,7 @@ from ..library import Library
 from ..runtime import ActivationResult, Runtime
 from . import webui_settings as settings
 from .webui_builtin import (BuiltinHandoff, addnet_extension_active, builtin_lora_active, builtin_networks_module,
-                            lbw_active)
+                            lbw_active, lbw_switched_off)
 from .webui_cards import LoraPage
 from .webui_embeddings import BundledEmbeddings
 from .webui_host import WebUIHost, log, use_original_torch_load
@@ -195,6 +196,10 @@ class Workshop:
         requests, messages = lora_params.requests_from_items(items_lists, self.default_weight(),
                                                          presets=self.lbw_presets.lazy(),
                                                          element_presets=self.lbw_element_presets.lazy())
+        if any(r.per_layer or r.scheduled for r in requests) and lbw_switched_off(p):
+            requests = [replace(r, blocks=None, elements=None, start=None, stop=None) for r in requests]
+            messages.append("LoRA Block Weight is switched off for this generation: its lbw=/lbwe=/start=/stop= "
+                            "are not applied (as with LoRA Block Weight itself)")
         if getattr(p, "is_hr_pass", False) and not self.host.option(settings.OPT_SCHEDULE_HIRES):
             # LBW's step ranges are used up by the first pass; its hires pass has the LoRA at full weight
             requests = [r.without_schedule() if r.scheduled else r for r in requests]

@@ -49,6 +49,20 @@ def addnet_extension_active() -> bool:
     return any(isinstance(f, tuple) and len(f) > 1 and f[1] == "AddNet Module 1" for f in fields)
 
 
+def lbw_switched_off(p: Any) -> bool:
+    """Whether LoRA Block Weight runs in this generation with its panel switched off (its "useblocks", the
+    second of its script arguments, False): it then applies no ``lbw=``/``lbwe=``/``start=``/``stop=``, and
+    neither does the built-in, so a prompt's LoRAs apply at their plain weights."""
+    args = getattr(p, "script_args", None)
+    for script in getattr(getattr(p, "scripts", None), "alwayson_scripts", None) or []:
+        if str(getattr(script, "filename", "") or "").replace("\\", "/").endswith("/lora_block_weight.py"):
+            start, end = getattr(script, "args_from", None), getattr(script, "args_to", None)
+            if args is None or start is None or end is None or end - start < 2:
+                return False
+            return args[start + 1] is False
+    return False
+
+
 def lbw_active() -> bool:
     """Whether the LoRA Block Weight extension is enabled (under any folder name containing its own)."""
     try:
