@@ -229,7 +229,7 @@ class Workshop:
         show = bool(self.host.option(settings.OPT_SHOW_WARNINGS))
         for msg in dict.fromkeys(res.messages):
             self.host.notify(msg, p, show=show)
-        if res.missing and self.host.option("lora_not_found_gradio_warning", False):  # the built-in's setting
+        if res.missing and self.host.option("lora_not_found_gradio_warning"):  # the built-in's setting
             self.host.popup(f"Lora not found: {', '.join(dict.fromkeys(res.missing))}")
         return res
 
@@ -265,7 +265,7 @@ class Workshop:
 
     def _write_hashes(self, p: Any, res: ActivationResult) -> None:
         """``Lora hashes`` infotext exactly like the built-in, accumulated over the hires pass."""
-        if not self.host.option("lora_add_hashes_to_infotext", True):  # the built-in's switch, if present
+        if not self.host.option("lora_add_hashes_to_infotext"):  # the built-in's switch, if present
             return
         if not getattr(p, "is_hr_pass", False) or not isinstance(getattr(p, "lora_hashes", None), dict):
             p.lora_hashes = {}
@@ -332,7 +332,7 @@ class Workshop:
         value = params.get(HASHES_KEY)
         if not value:
             return
-        by_filename = self.host.option("lora_preferred_name", "") == "Filename"   # as the cards name files
+        by_filename = self.host.option("lora_preferred_name") == "Filename"   # as the cards name files
         for key in ("Prompt", "Negative prompt", "Hires prompt", "Hires negative prompt"):
             if isinstance(params.get(key), str):
                 params[key] = paste_rename(params[key], str(value), self.library, by_filename)

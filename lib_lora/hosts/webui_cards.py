@@ -73,8 +73,8 @@ class LoraPage(ui_extra_networks.ExtraNetworksPage):
         mm = self.workshop.runtime.model_map
         host = self.workshop.host
         return cards.card_hidden(fam, mm.family if mm is not None else None,
-                                 bool(host.option("lora_show_all", False)),
-                                 host.option("lora_hide_unknown_for_versions", []))
+                                 bool(host.option("lora_show_all")),
+                                 host.option("lora_hide_unknown_for_versions"))
 
     def _item(self, entry, name: str, index, enable_filter: bool) -> dict | None:
         ws = self.workshop
@@ -104,7 +104,7 @@ class LoraPage(ui_extra_networks.ExtraNetworksPage):
         }
         item.update(notes)
         token_name = prompt_name(ws.library, entry,
-                                 prefer_filename=ws.host.option("lora_preferred_name", "") == "Filename")
+                                 prefer_filename=ws.host.option("lora_preferred_name") == "Filename")
         prompt = cards.card_prompt(token_name, item["user_metadata"])
         item["prompt"] = prompt_js(prompt)
         item["negative_prompt"] = ui_extra_networks.quote_js(prompt.negative)

@@ -20,7 +20,7 @@ from modules.textual_inversion.textual_inversion import Embedding
 from ..bundled import BundledEmbedding
 from .webui_model import model_family, token_widths
 
-OPT_TO_INFOTEXT = "lora_bundled_ti_to_infotext"  # the built-in's setting; on where it is absent
+OPT_TO_INFOTEXT = "lora_bundled_ti_to_infotext"  # the built-in's setting (webui_settings.BUILTIN_DEFAULTS)
 
 
 class _LoraNameHash(str):
@@ -106,5 +106,5 @@ class BundledEmbeddings:
         # the Textual Inversion page reads every registered embedding's filename as a path (None fails its
         # listing); the built-in gives "<LoRA file>/<name>", which exists nowhere, so no preview is found
         emb.filename = f"{bundled.source or lora}/{bundled.name}"
-        emb.shorthash = _LoraNameHash(lora, lambda: bool(self._option(OPT_TO_INFOTEXT, True)))
+        emb.shorthash = _LoraNameHash(lora, lambda: bool(self._option(OPT_TO_INFOTEXT)))
         return emb

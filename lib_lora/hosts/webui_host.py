@@ -18,7 +18,7 @@ from modules import hashes, paths, shared
 from .. import blockweights, fileio
 from ..modelmap import ModelMap
 from .webui_model import model_family, text_encoder_roots, unet_root
-from .webui_settings import DEFAULTS, LBW_FOLDER, OPT_LBW_PRESETS
+from .webui_settings import BUILTIN_DEFAULTS, DEFAULTS, LBW_FOLDER, OPT_LBW_PRESETS
 
 
 def log(message: str) -> None:
@@ -119,9 +119,10 @@ class WebUIHost:
         return call_queue.queue_lock
 
     def option(self, key: str, default: Any = None) -> Any:
-        """A setting, also before/without the settings UI (api-only mode never registers them)."""
+        """A setting, also before/without the settings UI (api-only mode never registers them), and the
+        built-in Lora's that we follow while neither it nor we registered them: their defaults then."""
         if default is None:
-            default = DEFAULTS.get(key)
+            default = DEFAULTS[key] if key in DEFAULTS else BUILTIN_DEFAULTS.get(key)
         return getattr(shared.opts, key, default)
 
 
