@@ -10,7 +10,7 @@ import re
 import stat
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
@@ -262,9 +262,7 @@ class Library:
                         if families.family_from_metadata(e.metadata) is None:
                             e.layout = read_layout(header.shapes)
                 found.append(e)
-        stems: dict[str, int] = {}
-        for e in found:
-            stems[e.name] = stems.get(e.name, 0) + 1
+        stems = Counter(e.name for e in found)
         for e in found:
             e.store = self.hash_store if stems[e.name] == 1 else None
             e.hashing = self.hashing

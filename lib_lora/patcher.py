@@ -387,4 +387,3 @@ class Patcher(Schedules):
             t = getattr(slot.module, slot.param, None)
             if t is None or t is not slot.obj or t._version != slot.version:
                 del self.slots[k]
-
