@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .fileio import LoraFileError
 
@@ -49,6 +49,25 @@ class BundledEmbedding:
                 return (f"embedding {self.name!r}{where} is {t.shape[1]} wide, "
                         f"the loaded model's token embeddings are {widths[part]}")
         return None
+
+
+def bundle_tensors(name: str, vectors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """An embedding's ``bundle_emb.`` tensors as the built-in Lora reads them (``parse_bundle``'s inverse):
+    ``vectors`` is ``{"": [n, width]}`` (SD1/SD2) or ``{"clip_l": …, "clip_g": …}`` (SDXL)."""
+    if not name or "." in name:
+        raise ValueError(f"embedding name {name!r}: must be non-empty and without '.' (bundle_emb.NAME.PART)")
+    return {f"{PREFIX}{name}.{PARAM}.*" if part == "" else f"{PREFIX}{name}.{part}": t
+            for part, t in vectors.items()}
+
+
+def token_table(root: nn.Module) -> nn.Embedding | None:
+    """The token-embedding table of a text encoder (HF CLIP or OpenCLIP); the WebUI's hijack wraps it in
+    ``EmbeddingsWithFixes``, which keeps the table itself in ``.wrapped``."""
+    table = getattr(root, "token_embedding", None)                      # OpenCLIP
+    if table is None and hasattr(root, "get_input_embeddings"):         # HF CLIPTextModel
+        table = root.get_input_embeddings()
+    table = getattr(table, "wrapped", table)
+    return table if isinstance(table, nn.Embedding) else None
 
 
 def split_bundle(sd: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:

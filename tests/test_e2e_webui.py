@@ -319,6 +319,50 @@ def test_training_with_max_token_length_through_the_webuis_chunking(server):
     assert read_header(server.lora.parent / "e2e_mtl_a.safetensors").metadata["ss_max_token_length"] == "150"
 
 
+def test_pivotal_tuning_trains_through_the_webuis_hijacked_embeddings(server):
+    """pivotal_word in the real WebUI: the word's ids from its own embedder, its vectors trained through the
+    hijacked token table (EmbeddingsWithFixes), every hook gone after (the job's fingerprint), and the file's
+    bundled embedding used by a generation that names the word (TI hashes)."""
+    import torch
+    from open_clip.tokenizer import _tokenizer
+    from PIL import Image
+    from safetensors import safe_open
+
+    from lib_lora.fileio import load_file, read_header
+
+    if os.environ.get("WEBUI_E2E_CKPT"):
+        pytest.skip("compares with the tiny checkpoint's token table")
+    data = server.log.parent / "datasets" / "e2e_piv" / "1_pvtrig"
+    data.mkdir(parents=True)
+    for i in range(2):
+        Image.new("RGB", (64, 64), (30, 30 * i, 200)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text("pvtrig, blue square", encoding="utf-8")
+    body = {"output_name": "e2e_pivotal", "dataset": {"train_dir": str(data.parent), "resolution": 64,
+                                                      "enable_buckets": False},
+            "network": {"rank": 4, "alpha": 4}, "max_train_epochs": None, "max_train_steps": 3,
+            "save_precision": "fp32", "pivotal_word": "pvtrig", "pivotal_lr": 1e-2,
+            "sample_every_n_steps": 3, "sample_prompts": ["pvtrig, blue square --s 2 --d 5"]}
+    status, problems = server.request("POST", "/lora-workshop/v1/train/validate", {**body, "pivotal_word": "nope"})
+    assert status == 200 and [p["kind"] for p in problems["problems"]] == ["pivotal_word"], problems
+    status, job = server.request("POST", "/lora-workshop/v1/train", body)
+    assert status == 200, job
+    st = _wait_job(server, job["id"])
+    assert st["state"] == "finished", f"{st.get('error')}\n{server.log_tail()}"
+    assert st["model_untouched"] is True and [x["step"] for x in st["samples"]] == [3], st["log"]
+    path = server.lora.parent / "e2e_pivotal.safetensors"
+    vec = load_file(path)[0]["bundle_emb.pvtrig.string_to_param.*"]
+    ids = _tokenizer.encode("pvtrig")
+    with safe_open(str(server.ckpt), "pt") as f:
+        table = f.get_tensor("cond_stage_model.transformer.text_model.embeddings.token_embedding.weight").float()
+    assert vec.shape == (len(ids), table.shape[1])
+    # three AdamW steps of lr 1e-2: Adam moves a weight by at most lr (1 - beta1) / sqrt(1 - beta2) per step
+    assert 0.5e-2 < (vec - table[ids]).abs().max() <= 3 * 1e-2 * 0.1 / 0.001 ** 0.5
+    assert read_header(path).metadata["ss_pivotal_word"] == "pvtrig"
+    assert server.request("POST", "/lora-workshop/v1/refresh")[0] == 200
+    made = server.txt2img("a photo of pvtrig <lora:e2e_pivotal:1>")
+    assert made["info"]["extra_generation_params"].get("TI hashes") == "pvtrig: e2e_pivotal", made["info"]
+
+
 def _job_status(server: Server, job_id: str) -> dict:
     status, st = server.request("GET", f"/lora-workshop/v1/train/{job_id}")
     assert status == 200, st

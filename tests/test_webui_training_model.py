@@ -382,3 +382,30 @@ def test_a_run_at_clip_skip_2_samples_and_records_it(training_webui, sd_model, d
     assert any("captions are encoded at clip skip 2" in line for line in st["log"])
     meta = read_header(training_webui.lora_dir / "cs2.safetensors").metadata
     assert (meta["ss_clip_skip"], meta["modelspec.encoder_layer"]) == ("2", "2")
+
+
+def test_pivotal_tuning_trains_through_the_webuis_embedders(training_webui, sd_model, data):
+    """The word's ids from the WebUI embedder's own tokenizer, the vectors trained through its text encoder and
+    bundled as the built-in Lora reads them; a word in no caption is a 400 naming the option, before queuing."""
+    from lib_lora.bundled import parse_bundle, split_bundle
+    from lib_lora.fileio import load_safetensors
+
+    client = training_webui.start()
+    r = client.post("/lora-workshop/v1/train/validate", json=request(data, pivotal_word="qwv"))
+    assert r.status_code == 200 and [p["kind"] for p in r.json()["problems"]] == ["pivotal_word"]
+    r = client.post("/lora-workshop/v1/train", json=request(data, pivotal_word="qwv"))
+    assert r.status_code == 400 and "'qwv' is in none of the training images' captions" in r.text
+    table = sd_model.cond_stage_model.wrapped.transformer.get_input_embeddings().weight.detach().clone()
+    r = client.post("/lora-workshop/v1/train", json=request(data, "piv", pivotal_word="zkx", pivotal_lr=1e-2))
+    assert r.status_code == 200, r.text
+    st = training_webui.wait(r.json()["id"])
+    assert st["state"] == "finished", st
+    tensors, meta = load_safetensors(training_webui.lora_dir / st["output"])
+    emb = parse_bundle("piv", split_bundle(tensors)[1])["zkx"]
+    ids = sd_model.cond_stage_model.tokenize(["zkx"])[0]
+    assert emb.vectors[""].shape == (len(ids), table.shape[1])
+    # 4 AdamW steps of lr 1e-2: Adam moves a weight by at most lr (1 - beta1) / sqrt(1 - beta2) per step
+    assert 0.5e-2 < (emb.vectors[""] - table[ids]).abs().max() <= 4 * 1e-2 * 0.1 / 0.001 ** 0.5
+    assert meta["ss_pivotal_word"] == "zkx"
+    assert torch.equal(sd_model.cond_stage_model.wrapped.transformer.get_input_embeddings().weight, table)
+    assert not sd_model.cond_stage_model.wrapped.transformer.get_input_embeddings()._forward_hooks

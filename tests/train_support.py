@@ -46,9 +46,14 @@ def trainable(tiny, vae=None, prediction: str = "epsilon", device: str = "cpu") 
 
     betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
     acp = torch.cumprod(1 - betas, 0).float()
+    def tokenize_word(word):
+        from open_clip.tokenizer import _tokenizer
+        return [_tokenizer.encode(word)] * len(tiny.text_encoders)
+
     return TrainableModel(tiny.family, tiny.unet, tiny.text_encoders, encode_text, encode_images, acp,
                           prediction=prediction, model_name=f"tiny-{tiny.family}", model_hash="0" * 64,
-                          legacy_hash="00000000", resolution=64, device=torch.device(device))
+                          legacy_hash="00000000", resolution=64, device=torch.device(device),
+                          tokenize_word=tokenize_word)
 
 
 def make_dataset(root: Path, n: int = 4, repeats: int = 2, trigger: str = "zkx", seed: int = 0) -> Path:

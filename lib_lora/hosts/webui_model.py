@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from ..bundled import token_table
+
 
 def model_family(sd_model: Any) -> str | None:
     """The WebUI's own flags (sd_models.set_model_type)."""
@@ -75,11 +77,7 @@ def token_widths(sd_model: Any, family: str) -> dict[str, int] | None:
     parts = {"te": "", "te1": "clip_l", "te2": "clip_g"}
     widths = {}
     for prefix, root in text_encoder_roots(sd_model, family):
-        table = getattr(root, "token_embedding", None)  # OpenCLIP
-        if table is None and hasattr(root, "get_input_embeddings"):  # HF CLIPTextModel
-            table = root.get_input_embeddings()
-        table = _unwrap(table)  # sd_hijack's EmbeddingsWithFixes keeps the original table in .wrapped
-        weight = getattr(table, "weight", None)
+        weight = getattr(token_table(root), "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             return None
         widths[parts[prefix]] = int(weight.shape[1])

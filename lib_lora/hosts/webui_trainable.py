@@ -330,6 +330,16 @@ def trainable_model(sd_model: Any, render: Callable[..., list] | None = None, mo
                 context = sd_model.cond_stage_model([literal_caption(c) for c in captions])
             return Conditioning(context.to(unet_dtype))
 
+    def tokenize_word(word: str) -> list[list[int]]:
+        # the hijacked embedders' own tokenisers, as the prompt parser uses them
+        embedders = ([e for e in sd_model.conditioner.embedders if hasattr(e, "tokenize")] if family == "sdxl"
+                     else [sd_model.cond_stage_model])
+        try:
+            return [list(e.tokenize([word])[0]) for e in embedders]
+        except AssertionError as e:   # OpenCLIP's tokenizer asserts that the old emphasis is off
+            raise ValueError(f"cannot tokenise {word!r}: {e} (Settings → Stable Diffusion → "
+                             "\"Use old emphasis implementation\" must be off)") from None
+
     vae = sd_model.first_stage_model
 
     def encode_images(pixels: torch.Tensor) -> torch.Tensor:
@@ -354,7 +364,7 @@ def trainable_model(sd_model: Any, render: Callable[..., list] | None = None, mo
         alphas_cumprod=acp, prediction="v" if v_pred else "epsilon", device=device, model_name=model_name,
         model_hash=getattr(info, "sha256", None) or "", legacy_hash=getattr(info, "hash", None) or "",
         resolution=resolution, model_map=model_map, render=render, clip_skip=skip,
-        max_token_length=max_token_length)
+        max_token_length=max_token_length, tokenize_word=tokenize_word)
 
 
 __all__ = ["loaded_model", "refusal", "checkpoint_change_pending", "trainable_model", "text_encoding",

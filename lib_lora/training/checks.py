@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 from typing import Any
 
 
@@ -106,6 +107,23 @@ def check_logging(log_with: Any, logging_dir: Any) -> None:
     if (log_with or logging_dir) and importlib.util.find_spec("tensorboard") is None:
         raise OptionError("log_with", "TensorBoard logging needs the 'tensorboard' package; install it yourself "
                                       "(pip install tensorboard)")
+
+
+def check_pivotal_word(word: Any) -> None:
+    """One word of letters, digits, ``-`` and ``_`` (or "" for off): an embedding's name that a prompt can hold
+    as it is, and that a bundled embedding's key (``bundle_emb.WORD.…``) can carry."""
+    if not isinstance(word, str) or (word and not re.fullmatch(r"[\w-]+", word)):
+        raise OptionError("pivotal_word", f"{word!r}: one word of letters, digits, - and _ (empty: off)")
+
+
+def pivotal_caption_problem(word: str, captions: list[str]) -> str | None:
+    """Why ``word`` cannot be trained as the pivotal word on ``captions`` (the training images'), or None: it
+    must stand, as a word, in one of them, or its embeddings would never train."""
+    pattern = re.compile(rf"(?<![\w-]){re.escape(word)}(?![\w-])", re.IGNORECASE)  # CLIP lower-cases prompts
+    if any(pattern.search(c) for c in captions):
+        return None
+    return (f"pivotal_word: {word!r} is in none of the training images' captions (or folder names): its embeddings "
+            "would never train")
 
 
 def integer(option: str, value: Any, minimum: int, maximum: int | None = None) -> None:

@@ -41,6 +41,9 @@ class TrainConfig:
     lr_warmup_steps: int = _d("lr_warmup_steps")
     max_grad_norm: float = _d("max_grad_norm")
     seed: int = _d("seed")
+    pivotal_word: str = _d("pivotal_word")           # train this word's embeddings too (pivotal.py); "": off
+    pivotal_lr: float = _d("pivotal_lr")
+    pivotal_steps: int = _d("pivotal_steps")         # the first N steps only (0: all)
     min_snr_gamma: float | None = _d("min_snr_gamma")
     debiased_estimation_loss: bool = _d("debiased_estimation_loss")
     ema_decay: float | None = _d("ema_decay")       # saves and samples use the LoRA's moving average (ema.py)

@@ -258,6 +258,10 @@ class Dataset:
         data = [(str(i.path), i.repeats, i.bucket, i.is_reg) for i in self.items]
         return hashlib.sha256(json.dumps(data).encode()).hexdigest()[:16]
 
+    def captions(self) -> list[str]:
+        """The training images' captions as read (not the regularisation images')."""
+        return [i.caption for i in self.items if not i.is_reg]
+
     def summary(self, batch_size: int = 1) -> dict:
         """JSON-ready overview the UI/API shows before training starts."""
         train = [i for i in self.items if not i.is_reg]

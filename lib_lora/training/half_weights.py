@@ -153,6 +153,13 @@ def _restore(opt: torch.optim.Optimizer, saved: list[tuple[Tensor, Tensor, dict[
             opt.state.pop(p, None)   # the first step created the state: drop it again
 
 
+def loss_scale(scaler: Any) -> float:
+    """The factor the loss was multiplied by before this step's backward (1: none)."""
+    if isinstance(scaler, HalfStep):
+        return scaler.loss_scale
+    return float(scaler.get_scale()) if scaler.is_enabled() else 1.0
+
+
 def scaler_state(scaler: Any) -> dict[str, Any] | None:
     """What a resume needs of ``scaler`` (``HalfStep`` or an enabled ``GradScaler``), named by its kind (None: nothing
     to keep)."""

@@ -81,7 +81,7 @@ class JobRunner:
         """Dataset summary and every problem found (nothing is started)."""
         req = self.request(data, remote)
         self.host.check_config(req.config)
-        return validate(req.config.dataset, req.config.batch_size)
+        return validate(req.config.dataset, req.config.batch_size, req.config.pivotal_word)
 
     def start(self, data: dict | JobRequest, remote: bool = False) -> Job:
         """Validate (raising RequestError / DatasetError / JobConflict) and start in the background."""

@@ -77,9 +77,10 @@ def source_revision() -> str:
     return hashlib.sha1(f"lora-workshop {__version__}".encode()).hexdigest()
 
 
-# ss_* keys of options sd-scripts does not have: written only when set, so that a file trained without
-# them has exactly the keys sd-scripts writes
-OWN_KEYS = ("ss_ema_decay",)
+# ss_* keys of options sd-scripts does not have -> the option that turns them on: written only when it is
+# set, so that a file trained without them has exactly the keys sd-scripts writes
+OWN_KEYS = {"ss_ema_decay": "ema_decay", "ss_pivotal_word": "pivotal_word", "ss_pivotal_lr": "pivotal_word",
+            "ss_pivotal_steps": "pivotal_word"}
 
 
 def option_metadata(cfg: Any) -> dict[str, Any]:
@@ -88,7 +89,7 @@ def option_metadata(cfg: Any) -> dict[str, Any]:
     for o in OPTIONS:
         if o.ss:
             value = getattr(getattr(cfg, o.section) if o.section else cfg, o.name)
-            if value is None and o.ss in OWN_KEYS:
+            if o.ss in OWN_KEYS and getattr(cfg, OWN_KEYS[o.ss]) in (None, ""):
                 continue
             if o.type in (float, float | None) and value is not None:
                 value = float(value)  # sd-scripts' float options read "8.0", never "8"

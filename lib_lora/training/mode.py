@@ -3,14 +3,14 @@
 Training mode is: every host parameter frozen (``requires_grad`` off), every host module in eval
 (SD has no dropout or batch norm to train), the LoRA modules attached beside the layers (hooks,
 parametrizations) and in train mode, and the run's contexts entered (the host's own, lean frozen
-layers, gradient checkpointing).  ``leave`` undoes all of it: flags, modes and forwards are as
-found, and no hook of ours is left.  A run enters once and leaves once; between two optimiser
+layers, gradient checkpointing, a pivotal word's vectors).  ``leave`` undoes all of it: flags, modes
+and forwards are as found, and no hook of ours is left.  A run enters once and leaves once; between two optimiser
 steps it may leave and re-enter (``suspended``) to hand the model to a generation.
 """
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager, nullcontext
-from typing import Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from typing import Callable, Iterator, Sequence
 
 from .checkpointing import gradient_checkpointing
 from .frozen_layers import frozen_layers
@@ -19,8 +19,11 @@ from .network import TrainingNetwork
 
 
 class TrainingMode:
-    def __init__(self, model: TrainableModel, net: TrainingNetwork, lean: bool, checkpointing: bool):
+    def __init__(self, model: TrainableModel, net: TrainingNetwork, lean: bool, checkpointing: bool,
+                 contexts: Sequence[Callable[[], AbstractContextManager]] = ()):
+        """``contexts``: more of the run's own, entered after the LoRA is attached (pivotal.PivotalWord.placed)."""
         self.model, self.net, self.lean, self.checkpointing = model, net, lean, checkpointing
+        self.contexts = list(contexts)
         self.modules = [model.unet] + [te for _, te in model.text_encoders]
         # as found: what leave() puts back
         self.flags = [(p, p.requires_grad) for mod in self.modules for p in mod.parameters()]
@@ -50,6 +53,8 @@ class TrainingMode:
         stack.enter_context(m.context() if m.context else nullcontext())
         stack.enter_context(frozen_layers(*(self.modules if self.lean else [])))
         stack.enter_context(gradient_checkpointing(m.unet, self.checkpointing))
+        for context in self.contexts:
+            stack.enter_context(context())
 
     def leave(self) -> None:
         """The model as found: contexts left, LoRA detached, flags and modes restored (idempotent)."""

@@ -46,6 +46,8 @@ class TrainableModel:
     context: Callable[[], AbstractContextManager] | None = None  # entered for the run (e.g. fused attention)
     clip_skip: int | None = None                       # kohya's clip skip encode_text applies (None: 1)
     max_token_length: int | None = None                # kohya's caption limit encode_text applies (None: none)
+    # a word's token ids per text encoder, as its prompts are tokenised (pivotal tuning); None: cannot say
+    tokenize_word: Callable[[str], list[list[int]]] | None = None
 
     def __post_init__(self) -> None:
         if self.model_map is None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .checks import (CLIP_SKIP_MAX, KOHYA_SAMPLERS, OPTIMIZER_NAMES, OPTIMIZERS, OptionError, check_logging,
-                     check_optimizer, integer, number)
+                     check_optimizer, check_pivotal_word, integer, number)
 
 __all__ = ["Option", "OPTIONS", "GROUPS", "OptionError", "OPTIMIZERS", "OPTIMIZER_NAMES", "check_optimizer",
            "integer", "number", "option", "by_name", "section", "default", "check", "AUTO_ON_OFF",
@@ -146,6 +146,20 @@ OPTIONS: list[Option] = [
     _o("network.train_text_encoder", bool, True, "Train the text encoder(s)", _N, flag="--unet-only",
        flag_action="store_false", kohya="network_train_unet_only", kohya_note="inverted",
        help="train the UNet only"),
+    # pivotal tuning (pivotal.py) is not in sd-scripts: no kohya spelling, and keys of ours in the metadata,
+    # written only when it is on
+    _o("pivotal_word", str, "", "Pivotal tuning: a caption word whose embedding trains too (empty = off)", _N,
+       flag="--pivotal-word", ss="ss_pivotal_word",
+       help="train this caption word's own token embeddings beside the LoRA (pivotal tuning) and bundle them in "
+            "every saved file, where the WebUI (built-in Lora or this extension) loads them as an embedding of "
+            "that name whenever the LoRA is used: a new trigger word the text encoder learns to stand for the "
+            "concept. Letters, digits, - and _ (default: off). Not in sd-scripts"),
+    _o("pivotal_lr", float, 5e-3, "Pivotal tuning: learning rate", _N, minimum=0, above=True, flag="--pivotal-lr",
+       ss="ss_pivotal_lr", help="the word's embeddings' own AdamW learning rate, constant, no weight decay"),
+    _o("pivotal_steps", int, 0, "Pivotal tuning: train the embedding for the first N steps (0 = all)", _N,
+       minimum=0, flag="--pivotal-steps", ss="ss_pivotal_steps",
+       help="train the word's embeddings for the first N steps only, then keep them as they are (the captions' "
+            "encodings can then be cached, which makes the steps after cheaper) (default: 0, the whole run)"),
     # -- Optimizer and schedule
     _o("optimizer", str, "AdamW", "Optimizer", _OPT, choices=tuple(OPTIMIZER_NAMES), cli_choices=(),
        flag="--optimizer", kohya="optimizer_type", help=", ".join(OPTIMIZER_NAMES)),
@@ -370,6 +384,9 @@ def check(obj: Any, set_name: str) -> None:
         value = getattr(obj, o.name)
         if o.key == "log_with":
             check_logging(value, obj.logging_dir)  # also: is its package installed
+            continue
+        if o.key == "pivotal_word":
+            check_pivotal_word(value)
             continue
         if value is None and o.default is None:
             continue

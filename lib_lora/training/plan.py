@@ -16,8 +16,10 @@ from typing import Any, Callable
 import torch
 
 from . import outputs
+from .checks import pivotal_caption_problem
 from .config import TrainConfig
 from .dataset import Dataset
+from .problems import DatasetError
 from .scan import scan
 from .state import read_state_header
 
@@ -64,6 +66,9 @@ def make_plan(config: TrainConfig, resume_from: str | Path | None = None,
     world, rank = (dist.num_processes, dist.process_index) if dist else (1, 0)
     gb = config.batch_size * world
     dataset = scan(config.dataset, strict=True)
+    problem = pivotal_caption_problem(config.pivotal_word, dataset.captions()) if config.pivotal_word else None
+    if problem:
+        raise DatasetError(problem, config.dataset.train_dir, kind="pivotal_word")
     resume = Path(resume_from) if resume_from is not None else None
     owner = read_state_header(resume).session if resume is not None else None
     total = total_steps(config, dataset, gb)

@@ -24,6 +24,7 @@ from .half_weights import load_scaler_state, scaler_state
 from .metadata import build_metadata
 from .model import TrainableModel
 from .network import TrainingNetwork
+from .pivotal import PivotalWord
 from .plan import Plan
 from .state import TrainingState, config_record, load_state, save_state, state_path
 
@@ -31,13 +32,15 @@ SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.floa
 
 
 def save_contents(model: TrainableModel, plan: Plan, net: TrainingNetwork, session_id: str, step: int, epoch: int,
-                  started: float, opt: torch.optim.Optimizer, ema: LoraEMA | None = None
-                  ) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """The tensors (``ema``'s average when given) and metadata a save at ``step`` writes (with its
-    ``sshs_*`` hashes)."""
+                  started: float, opt: torch.optim.Optimizer, ema: LoraEMA | None = None,
+                  pivot: PivotalWord | None = None) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The tensors (``ema``'s average when given; ``pivot``'s vectors bundled) and metadata a save at ``step``
+    writes (with its ``sshs_*`` hashes)."""
     cfg, m = plan.config, model
     with ema.applied() if ema is not None else nullcontext():
         tensors = net.kohya_state_dict(SAVE_DTYPES[cfg.save_precision])
+    if pivot is not None:
+        tensors.update(pivot.bundle(SAVE_DTYPES[cfg.save_precision]))
     per_epoch = max(1, plan.dataset.steps_per_epoch(plan.global_batch))
     meta = build_metadata(
         family=m.family, prediction=m.prediction, session_id=session_id, started_at=started,
@@ -57,11 +60,11 @@ def save_contents(model: TrainableModel, plan: Plan, net: TrainingNetwork, sessi
 def write_save(model: TrainableModel, plan: Plan, net: TrainingNetwork, path: Path, epoch: int, step: int,
                pos: Position, losses: list[float], started: float, opt: torch.optim.Optimizer, sched,
                session_id: str, state_asked: bool, log: Callable[[str], None], ema: LoraEMA | None = None,
-               scaler: Any = None) -> Path:
+               scaler: Any = None, pivot: PivotalWord | None = None) -> Path:
     """Write a save at ``step`` to ``path``, and its training state beside it when the run saves states
     or ``state_asked`` (a stop that asked for one); returns the LoRA file written."""
     cfg = plan.config
-    tensors, meta = save_contents(model, plan, net, session_id, step, epoch, started, opt, ema)
+    tensors, meta = save_contents(model, plan, net, session_id, step, epoch, started, opt, ema, pivot)
     # make_plan() checked every name; a file that appeared since is replaced only if it is ours
     out = save_safetensors(tensors, path, meta, overwrite=outputs.may_replace(path, cfg.overwrite, session_id))
     spath = state_path(path)
@@ -76,7 +79,8 @@ def write_save(model: TrainableModel, plan: Plan, net: TrainingNetwork, path: Pa
             fingerprint=plan.dataset.fingerprint(), config=config_record(cfg),
             network=net.kohya_state_dict(torch.float32), optimizer=flat_params.state_dict(opt),
             scheduler=sched.state_dict(), ema=None if ema is None else ema.state_dict(net),
-            scaler=None if scaler is None else scaler_state(scaler)),
+            scaler=None if scaler is None else scaler_state(scaler),
+            pivotal=None if pivot is None else pivot.state_dict()),
             overwrite=outputs.may_replace(spath, cfg.overwrite, session_id))
         log(f"saved {spath}")
     log(f"saved {out}")
@@ -95,13 +99,19 @@ def prune_saves(saved: list[Path], keep: int) -> None:
 
 
 def resume_state(path: Path, plan: Plan, net: TrainingNetwork, opt: torch.optim.Optimizer, sched,
-                 ema: LoraEMA | None = None, log: Callable[[str], None] = print, scaler: Any = None) -> TrainingState:
-    """Load the training state at ``path`` into ``net``, ``opt``, ``sched``, ``ema`` and ``scaler`` and return it;
-    refused when the dataset changed since it was saved."""
+                 ema: LoraEMA | None = None, log: Callable[[str], None] = print, scaler: Any = None,
+                 pivot: PivotalWord | None = None) -> TrainingState:
+    """Load the training state at ``path`` into ``net``, ``opt``, ``sched``, ``ema``, ``scaler`` and ``pivot`` and
+    return it; refused when the dataset changed since it was saved, or when it trained another pivotal word."""
     st = load_state(Path(path))
     if st.fingerprint != plan.dataset.fingerprint():
         raise ValueError("the dataset changed since this state was saved; resuming would not continue the same run")
+    if (st.pivotal or {}).get("word") != (pivot.word if pivot is not None else None):
+        raise ValueError(f"the state was saved with pivotal_word {(st.pivotal or {}).get('word') or 'off'}, and "
+                         f"this run has {pivot.word if pivot is not None else 'off'}: resuming would not continue it")
     net.load_kohya_state_dict(st.network)
+    if pivot is not None:
+        pivot.load_state_dict(st.pivotal)
     # the kernel is this torch's and this device's choice, not the saved run's
     kernels = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in opt.param_groups]
     flat_params.load_state_dict(opt, st.optimizer)

@@ -35,6 +35,7 @@ from PIL import Image
 
 from .buckets import Assignment, Bucketer, BucketTooSmall
 from .captions import read_caption
+from .checks import pivotal_caption_problem
 from .dataset import Dataset, DatasetConfig, FolderInfo, ImageItem
 from .subsets import Subset
 from .images import IMAGE_EXTENSIONS, is_image, read_image_header
@@ -260,10 +261,13 @@ def scan(config: DatasetConfig, strict: bool = True) -> Dataset:
     return Dataset(config, items, all_folders, report.problems, all_unused)
 
 
-def validate(config: DatasetConfig, batch_size: int = 1) -> tuple[dict, list[Problem]]:
-    """Collect every problem instead of stopping at the first: (summary, problems)."""
+def validate(config: DatasetConfig, batch_size: int = 1, pivotal_word: str = "") -> tuple[dict, list[Problem]]:
+    """Collect every problem instead of stopping at the first: (summary, problems); ``pivotal_word`` must stand
+    in a training caption."""
     try:
         ds = scan(config, strict=False)
     except DatasetError as e:  # config errors: nothing could be scanned
         ds = Dataset(config, [], [], [Problem("error", e.kind, str(e), e.path)])
-    return ds.summary(batch_size), ds.problems
+    problem = pivotal_caption_problem(pivotal_word, ds.captions()) if pivotal_word and ds.items else None
+    extra = [Problem("error", "pivotal_word", problem, str(config.train_dir))] if problem else []
+    return ds.summary(batch_size), ds.problems + extra

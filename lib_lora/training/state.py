@@ -38,6 +38,7 @@ class TrainingState:
     scheduler: dict[str, Any]
     ema: dict[str, Tensor] | None = None  # the LoRA's moving average (ema.py), kohya keys, fp32; None: not kept
     scaler: dict[str, Any] | None = None  # the loss scale's state (half_weights.scaler_state); None: none
+    pivotal: dict[str, Any] | None = None  # the pivotal word's vectors and optimiser (PivotalWord.state_dict)
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,8 @@ def save_state(path: Path, state: TrainingState, overwrite: bool = True) -> Path
         record["ema"] = state.ema
     if state.scaler is not None:
         record["scaler"] = state.scaler
+    if state.pivotal is not None:
+        record["pivotal"] = state.pivotal
     tensors: dict[str, Tensor] = {}
     tree = _split(record, "s", tensors)
     if not tensors:
@@ -135,7 +138,7 @@ def load_state(path: Path) -> TrainingState:
             losses=list(record["losses"]), started=record["started"], session=str(record["session"]),
             fingerprint=record["fingerprint"], config=record["config"], network=record["network"],
             optimizer=record["optimizer"], scheduler=record["scheduler"],
-            ema=record.get("ema"), scaler=record.get("scaler"))
+            ema=record.get("ema"), scaler=record.get("scaler"), pivotal=record.get("pivotal"))
     except (KeyError, TypeError, ValueError):
         raise LoraFileError(f"{Path(path).name}: damaged training state") from None
 

@@ -16,17 +16,16 @@ import math
 import random
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
-from torch import Tensor
 
+from ..bundled import BundledEmbedding, parse_bundle, split_bundle
 from ..fileio import load_safetensors
 from .checks import model_notes, timestep_range
 from .frozen_layers import lean_by_default
-from .half_weights import hold_in_half, make_scaler, weight_dtype
+from .half_weights import hold_in_half, loss_scale, make_scaler, weight_dtype
 from .dataset import Dataset
 from .ema import LoraEMA
 from .epochs import Batch, Position, derive_seed
@@ -34,84 +33,14 @@ from .latents import LatentCache, TextCache, fill_caches
 from .mode import TrainingMode
 from .model import TrainableModel
 from .network import TrainingNetwork
+from .pivotal import PivotalWord
 from . import flat_params, outputs, sample_prompts, tensorboard
 from .optim import debiased_weights, lr_lambda, make_optimizer, snr_weights
 from .plan import Plan
-from .saves import prune_saves, resume_state, save_contents, write_save
+from .saves import prune_saves, resume_state, write_save
+from .callbacks import Callbacks, Progress, StepBoundary, TrainResult
 
-
-@dataclass
-class Progress:
-    step: int
-    total: int
-    epoch: int
-    loss: float
-    avg_loss: float
-    lr: float
-    elapsed: float
-    eta: float
-    lrs: dict[str, float] = field(default_factory=dict)  # per parameter group: "unet", "text_encoder"
-
-
-@dataclass
-class Callbacks:
-    on_progress: Callable[[Progress], None] | None = None
-    on_saved: Callable[[Path], None] | None = None
-    on_samples: Callable[[int, list], None] | None = None
-    on_caching: Callable[[str, int, int], None] | None = None  # ("caching latents", done, total) before step 1
-    log: Callable[[str], None] = print
-    # after every optimiser step but the last, unless stopping: the run waits for it (see StepBoundary)
-    between_steps: Callable[["StepBoundary"], None] | None = None
-
-
-class StepBoundary:
-    """A run between two optimiser steps: what ``Callbacks.between_steps`` may do there.
-
-    Nothing of the run changes while the callback runs, so ``contents`` is exactly what a save at
-    this step writes, and ``suspended`` hands the host its model as loaded (for a generation)
-    and takes it back; training then continues as if nothing had happened, because all of its
-    randomness is derived from (seed, step, ...) and none of its state lives in the model.
-    """
-
-    def __init__(self, trainer: "Trainer", mode: TrainingMode, net: TrainingNetwork, step: int, pos: Position,
-                 losses: list[float], started: float, opt, sched):
-        self.trainer, self.step = trainer, step
-        self._mode, self._net, self._pos, self._losses = mode, net, pos, losses
-        self._started, self._opt, self._sched = started, opt, sched
-
-    @contextmanager
-    def suspended(self) -> Iterator[None]:
-        """The host's model exactly as loaded (no hook, flag or mode of ours) for the block; its time
-        is left out of the run's elapsed time and ETA."""
-        t0 = time.time()
-        try:
-            with self._mode.suspended():
-                yield
-        finally:
-            self.trainer.paused_seconds += time.time() - t0
-
-    def contents(self) -> tuple[dict[str, Tensor], dict[str, str]]:
-        """The tensors (on their device) and metadata a save at this step writes."""
-        t = self.trainer
-        return save_contents(t.model, t.plan, self._net, t.session_id, self.step, t._step_epoch(self.step),
-                             self._started, self._opt, t._ema)
-
-    def keep(self) -> Path:
-        """Save this step as kohya names a step save (``NAME-step00001234``, with its state file when the run
-        saves states); the run goes on, and this file is never pruned."""
-        t = self.trainer
-        path = t.output_path(step=self.step)
-        return t._save(self._net, path, t._step_epoch(self.step), self.step, self._pos, self._losses, self._started,
-                       self._opt, self._sched)
-
-
-@dataclass
-class TrainResult:
-    output: Path | None
-    steps: int
-    losses: list[float]
-    stopped: bool
-    saved: list[Path]
+__all__ = ["Trainer", "Callbacks", "Progress", "StepBoundary", "TrainResult"]
 
 
 class Trainer:
@@ -136,6 +65,7 @@ class Trainer:
         self.session_id = str(random.SystemRandom().randint(0, 2**32))  # an integer, as kohya's ss_session_id
         self._ema: LoraEMA | None = None  # the LoRA's moving average while a run keeps one (ema_decay)
         self._scaler: Any = None          # the run's loss scaler (half_weights.make_scaler), kept in resume states
+        self._pivot: PivotalWord | None = None  # the pivotal word's vectors while a run trains them (pivotal_word)
         # Under `accelerate launch`, each process trains its slice of every global batch and the
         # gradients are summed through accelerate; one process alone is the same code with world 1.
         self.dist, self.world, self.rank = plan.dist, plan.world, plan.rank
@@ -170,7 +100,7 @@ class Trainer:
 
     def release(self) -> None:
         """Drop the model (a finished job is kept for its status and must not keep it alive)."""
-        self.model, self._ema = None, None
+        self.model, self._ema, self._pivot = None, None, None
 
     def output_path(self, step: int | None = None, epoch: int | None = None) -> Path:
         return outputs.output_path(self.cfg.output_dir, self.cfg.output_name, step, epoch)
@@ -192,13 +122,13 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)  # LoRA init without disturbing the host's global RNG
             net = TrainingNetwork(m.model_map, cfg.network)
-        if cfg.network_weights:
-            fresh = net.load_weights(load_safetensors(cfg.network_weights)[0], Path(cfg.network_weights).name)
-            self.cb.log(f"starting from {Path(cfg.network_weights).name}"
-                        + (f"; {len(fresh)} layers it lacks start fresh" if fresh else ""))
+        start = self._start_from(net) if cfg.network_weights else None
+        self._pivot = PivotalWord(m, cfg.pivotal_word, cfg.pivotal_lr, cfg.pivotal_steps, start) \
+            if cfg.pivotal_word else None
         hold_in_half(net, cfg, self.cb.log)  # kohya's full_fp16/full_bf16
         latents, texts = LatentCache(m, self.dataset, cfg, write_disk=self.is_main), TextCache(m, cfg)
-        mode = TrainingMode(m, net, self._lean(), cfg.gradient_checkpointing)
+        mode = TrainingMode(m, net, self._lean(), cfg.gradient_checkpointing,
+                            [self._pivot.placed] if self._pivot else [])
         callbacks, tb = self.cb, None
         if self.is_main and tensorboard.wanted(cfg):
             per_epoch = max(1, self.dataset.steps_per_epoch(self.global_batch))
@@ -217,6 +147,19 @@ class Trainer:
                 tb.close()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+
+    def _start_from(self, net: TrainingNetwork) -> BundledEmbedding | None:
+        """Load ``network_weights`` into ``net``; the pivotal word's embedding bundled in it, if any."""
+        cfg, name = self.cfg, Path(self.cfg.network_weights).name
+        lora, bundle = split_bundle(load_safetensors(cfg.network_weights)[0])
+        fresh = net.load_weights(lora, name)
+        self.cb.log(f"starting from {name}" + (f"; {len(fresh)} layers it lacks start fresh" if fresh else ""))
+        embeddings = parse_bundle(name, bundle)
+        others = sorted(set(embeddings) - {cfg.pivotal_word})
+        if others:
+            self.cb.log(f"{name}: its bundled embedding(s) {', '.join(others)} are not trained or saved by this run"
+                        + ("" if cfg.pivotal_word else " (pivotal_word trains one of them on)"))
+        return embeddings.get(cfg.pivotal_word) if cfg.pivotal_word else None
 
     def _lean(self) -> bool:
         lean = self.cfg.lean_frozen_layers
@@ -238,10 +181,10 @@ class Trainer:
             step, pos, losses, started = self._resume(resume_from, net, opt, sched)
         amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)
         autocast = torch.autocast("cuda", dtype=amp_dtype) if (use_cuda and amp_dtype) else nullcontext()
-        text_trains = cfg.network.train_text_encoder
+        text_trains, pivot = cfg.network.train_text_encoder, self._pivot
         batches = ds.iterate(self.global_batch, cfg.seed, pos)
         per_epoch = max(1, ds.steps_per_epoch(self.global_batch))
-        fill_caches(ds, latents, texts, not text_trains, self.cb.on_caching, self.cb.log, lambda: self._stop is not None)
+        fill_caches(ds, latents, texts, not text_trains and pivot is None, self.cb.on_caching, self.cb.log, lambda: self._stop is not None)
         saved: list[Path] = []
         t0, step0 = time.time(), step
         acp_all = m.alphas_cumprod.to(m.device, torch.float32)
@@ -263,7 +206,7 @@ class Trainer:
                 samples = [ds.sample(batch, slot) for slot in range(lo, hi)]
                 x0 = latents.encode(samples)
                 cond = texts.encode([s.caption for s in samples], [s.size_cond for s in samples],
-                                    frozen=not text_trains)
+                                    frozen=not (text_trains or (pivot is not None and pivot.training)))
                 # noise and timesteps are drawn for the whole global batch, then sliced: the same
                 # numbers whatever the number of processes
                 g = torch.Generator(m.device).manual_seed(derive_seed(cfg.seed, "noise", step, micro))
@@ -291,13 +234,15 @@ class Trainer:
                 scaler.scale(loss).backward()
                 loss_val += loss.item()
             if self.dist:
-                loss_val = self._all_reduce_grads(opt, loss_val)
+                loss_val = self._all_reduce_grads(opt, loss_val, pivot)
             if not math.isfinite(loss_val):
                 raise FloatingPointError(f"loss became {loss_val} at step {step + 1}; lower the learning rate")
             if cfg.max_grad_norm:
                 scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(flat_params.params(opt), cfg.max_grad_norm)
             scaler.step(opt)
+            if pivot is not None:
+                pivot.step(step + 1, loss_scale(scaler))
             scaler.update()
             flat_params.zero_grads(opt)
             sched.step()
@@ -331,11 +276,12 @@ class Trainer:
             saved.append(out)
         return TrainResult(out, step, losses, stopped, saved)
 
-    def _all_reduce_grads(self, opt: torch.optim.Optimizer, loss_val: float) -> float:
+    def _all_reduce_grads(self, opt: torch.optim.Optimizer, loss_val: float, pivot: PivotalWord | None) -> float:
         """Sum every process's gradient share (and loss) through accelerate."""
         from accelerate.utils import reduce
 
-        for p in flat_params.params(opt):
+        extra = list(pivot.vectors.values()) if pivot is not None and pivot.training else []
+        for p in flat_params.params(opt) + extra:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             p.grad.copy_(reduce(p.grad, reduction="sum"))   # in place: a flat gradient's views stay its own
@@ -346,7 +292,7 @@ class Trainer:
         if self.is_main:
             asked = self._stop is not None and self._state_on_stop and path == self.output_path()
             out = write_save(self.model, self.plan, net, path, epoch, step, pos, losses, started, opt, sched,
-                             self.session_id, asked, self.cb.log, self._ema, self._scaler)
+                             self.session_id, asked, self.cb.log, self._ema, self._scaler, self._pivot)
             if self.cb.on_saved:
                 self.cb.on_saved(out)
         if self.dist:
@@ -359,7 +305,7 @@ class Trainer:
         return (step - 1) // outputs.updates_per_epoch(per_epoch, self.cfg.gradient_accumulation_steps)
 
     def _resume(self, path, net, opt, sched):
-        st = resume_state(path, self.plan, net, opt, sched, self._ema, self.cb.log, self._scaler)
+        st = resume_state(path, self.plan, net, opt, sched, self._ema, self.cb.log, self._scaler, self._pivot)
         self.session_id = st.session
         self.cb.log(f"resumed at step {st.step} from {path}")
         return st.step, st.position, list(st.losses), st.started

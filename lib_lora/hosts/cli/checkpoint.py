@@ -31,7 +31,7 @@ from ...training.checks import clip_skip_for
 from ...training.model import Conditioning, SizeCond, TrainableModel
 from .builders import build_text_encoder, build_unet, build_vae, materialize
 from .conditioning import _token_embedding, encode_text, tokenize
-from .tokenizer import CONTEXT_LENGTH
+from .tokenizer import CONTEXT_LENGTH, word_ids
 from .config import (SCALE_FACTOR, SCHEDULE, SIZE_EMBED_DIM, TEXT_LAYOUT, UNET_PREFIX, VAE_PREFIX, ArchitectureError,
                      default_resolution, infer_config, merge_config, strip_prefix, text_encoder_state)
 from .ldm_yaml import dump_webui_yaml, read_yaml_config
@@ -231,7 +231,7 @@ class Checkpoint:
             encode_images=encode_images, alphas_cumprod=self.alphas_cumprod(), prediction=self.prediction,
             device=self.device, model_name=self.name, model_hash=h["sha256"], legacy_hash=h["legacy"],
             resolution=self.resolution, decode_latents=self.decode_latents, clip_skip=skip,
-            max_token_length=max_token_length,
+            max_token_length=max_token_length, tokenize_word=lambda w: [word_ids(w)] * len(self.text_encoders),
             render=lambda prompts, **kw: sample(self, prompts, clip_skip=skip, **kw))
 
 

@@ -17,6 +17,11 @@ def _bpe() -> Any:
     return SimpleTokenizer()
 
 
+def word_ids(word: str) -> list[int]:
+    """A word's token ids as they stand in a tokenised prompt (no start or end token)."""
+    return list(_bpe().encode(word))
+
+
 def clip_tokenize(prompts: list[str], pad_id: int, context_length: int = CONTEXT_LENGTH) -> Tensor:
     """[BOS] + tokens[:context_length-2] + [EOS], padded with ``pad_id`` to ``context_length``.
 
