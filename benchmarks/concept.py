@@ -17,9 +17,7 @@ steps of batch 8 on 60 training images at 64 px; ``--variant`` trains overrides 
 captioned with their prompts, as a kohya ``1_shape`` regularisation folder, made once per seed; weigh
 them with ``prior_loss_weight``; ``reg=base:cross+diamond`` draws prompts of only those shapes; a key
 ``opt.NAME=VALUE`` goes to ``optimizer_args``, e.g. ``optimizer=Prodigy,learning_rate=1.0,opt.d_coef=2``;
-``pivot_lr=5e-3`` screens pivotal tuning: the trigger's token embedding trains beside the LoRA, at that lr, and is
-bundled in the file as ``bundle_emb.zkx``; ``pivot_init``, ``pivot_steps``: see ``pivot_screen.py``; a screening
-hook, not a trainer option).  Files are applied through the same Runtime as
+any trainer option by its request key, e.g. pivotal tuning: ``pivotal_word=zkx,pivotal_lr=5e-3,pivotal_steps=150``).  Files are applied through the same Runtime as
 ``<lora:name:w>`` in a WebUI prompt, so files written by kohya's sd-scripts, ComfyUI trainers or
 anything else that writes kohya keys are scored the same way as ours (train them on the folders
 ``--write-dataset`` writes, against ``lib_lora/toyworld/assets/toy-sd1.safetensors``).
@@ -44,7 +42,6 @@ import shutil
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,8 +49,6 @@ sys.path.insert(0, str(ROOT))
 
 from lib_lora.toyworld import measure  # noqa: E402
 from lib_lora.toyworld.world import CONCEPTS, write_kohya_dataset  # noqa: E402
-
-from pivot_screen import PIVOT_KEYS, Pivot  # noqa: E402  benchmarks/pivot_screen.py
 
 STAR, DIAGONAL = CONCEPTS["star"], CONCEPTS["diagonal"]
 
@@ -142,13 +137,10 @@ def train(ck, data: Path, out: Path, name: str, settings: dict[str, object], ste
     from lib_lora.training.trainer import Callbacks, Trainer
 
     net = {k.partition(".")[2]: v for k, v in settings.items() if k.startswith("network.")}
-    top = {k: v for k, v in settings.items() if "." not in k and k not in ("reg", "preset", *PIVOT_KEYS)}
+    top = {k: v for k, v in settings.items() if "." not in k and k not in ("reg", "preset")}
     top = {"max_train_steps": steps, "batch_size": batch, **top}   # a variant may set its own steps and batch
     if every and top["max_train_steps"] != steps:    # probe the same fractions of the run
         every = every * top["max_train_steps"] // steps
-    pivot = Pivot(ck, settings) if settings.get("pivot_lr") else None
-    if pivot:
-        top["cache_text_encoder_outputs"] = False   # the trigger's captions change as its vectors train
     cfg = TrainConfig(DatasetConfig(data, resolution=64, enable_buckets=False, reg_dir=reg_dir), NetworkConfig(**net),
                       output_dir=out, output_name=name, overwrite=True, seed=seed, save_every_n_steps=every, **top)
     model = ck.trainable()
@@ -156,16 +148,9 @@ def train(ck, data: Path, out: Path, name: str, settings: dict[str, object], ste
     clock: dict[int, float] = {}
 
     def progress(p) -> None:
-        if pivot:
-            pivot.step(p.step)
         clock[p.step] = p.elapsed
 
-    if pivot:
-        model.encode_text = pivot.encoder(model.encode_text)
-    with pivot.hooked() if pivot else nullcontext():
-        res = Trainer(model, make_plan(cfg, log=lambda m: None),
-                      Callbacks(on_progress=progress, on_saved=pivot.bundle if pivot else None,
-                                log=lambda m: None)).run()
+    res = Trainer(model, make_plan(cfg, log=lambda m: None), Callbacks(on_progress=progress, log=lambda m: None)).run()
     return res.output, clock
 
 
@@ -205,7 +190,8 @@ def _jobs(a: argparse.Namespace) -> list[tuple[str, dict[str, object]]]:
     """(label, request-key settings) per LoRA to train: the kohya-equivalent baseline and --variant
     overrides of it, or the --kinds x --ranks sweep."""
     if a.compare_defaults:
-        return [("kohya", dict(KOHYA)), ("ours (toy)", preset_settings("toy"))]
+        # the demo's settings: the toy preset with the trigger as pivotal word
+        return [("kohya", dict(KOHYA)), ("ours (toy)", {**preset_settings("toy"), "pivotal_word": STAR.trigger})]
     if a.variant:
         return [("kohya", dict(KOHYA))] * (not a.no_baseline) + [
             (lab, {**(preset_settings(str(ov["preset"])) if "preset" in ov else KOHYA), **ov})

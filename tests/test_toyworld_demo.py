@@ -105,7 +105,7 @@ def test_short_training_run_learns_the_concept_and_keeps_the_base(tmp_path):
     star = CONCEPTS["star"]
     s = replace(demo.FULL, steps=CI_STEPS)
     write_kohya_dataset(tmp_path / "data", star, s.images, s.repeats, 0)
-    path, losses, _ = demo._train(ck, tmp_path / "data", tmp_path / "loras", "zkx", s, 2)
+    path, losses, _ = demo._train(ck, tmp_path / "data", tmp_path / "loras", "zkx", s, 2, star.trigger)
     assert path.is_file() and len(losses) == CI_STEPS
     render = measure.LoraRenderer(ck, [tmp_path / "loras"], s.sample_steps, s.cfg)
     try:

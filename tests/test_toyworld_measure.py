@@ -1,8 +1,8 @@
-"""measure.py's screening hook for bundled embeddings (benchmarks/concept.py's pivotal-tuning variant).
+"""measure.py's bundled embeddings: the renderer puts a LoRA's bundled embedding in place of its name.
 
 The reference is a copy of the toy text encoder whose token-embedding rows for the trigger's tokens are
-overwritten with the vectors: for a prompt where those tokens occur only as the whole trigger, the hooked
-encoder must give exactly that copy's output; elsewhere it must give the untouched encoder's.
+overwritten with the vectors: for a prompt where those tokens occur only as the whole trigger, the renderer's
+encoder must give exactly that copy's output.
 """
 from __future__ import annotations
 
@@ -34,40 +34,6 @@ def _rows_written(te, seq: list[int], vectors: torch.Tensor):
     with torch.no_grad():
         ref.text_model.embeddings.token_embedding.weight[seq] = vectors
     return ref
-
-
-def test_trigger_vectors_replace_the_whole_trigger_only(toy):
-    te = toy.text_encoders[0][1]
-    seq = _bpe().encode("zkx")
-    assert len(seq) == 2   # z + kx: two positions, two vectors
-    g = torch.Generator().manual_seed(0)
-    vectors = 0.2 * torch.randn(2, te.config.hidden_size, generator=g)
-    ref = _rows_written(te, seq, vectors)
-    whole = ["a red zkx on a dotted background", "zkx zkx, zkx."]   # the trigger's tokens only as the trigger
-    partial = ["a red zk on a plain background", "a blue square on a striped background"]  # 'z' without 'kx'
-    with measure.token_vectors(te, seq, vectors):
-        got_whole, got_partial = _encode(te, whole), _encode(te, partial)
-    torch.testing.assert_close(got_whole, _encode(ref, whole), rtol=0, atol=1e-6)
-    torch.testing.assert_close(got_partial, _encode(te, partial), rtol=0, atol=0)
-    assert not torch.allclose(got_whole, _encode(te, whole), atol=1e-3)   # the vectors did change something
-    # the hook is gone afterwards
-    torch.testing.assert_close(_encode(te, whole), _encode(copy.deepcopy(te), whole), rtol=0, atol=0)
-
-
-def test_trigger_vectors_take_gradients(toy):
-    te = toy.text_encoders[0][1]
-    seq = _bpe().encode("zkx")
-    vectors = torch.nn.Parameter(te.text_model.embeddings.token_embedding.weight[seq].detach().clone())
-    flags = [p.requires_grad for p in te.parameters()]
-    te.requires_grad_(False)
-    try:
-        with measure.token_vectors(te, seq, vectors):
-            te(input_ids=clip_tokenize(["a red zkx on a dotted background"], EOS)).last_hidden_state.square().sum() \
-                .backward()
-    finally:
-        for p, f in zip(te.parameters(), flags):
-            p.requires_grad_(f)
-    assert vectors.grad is not None and bool(vectors.grad.abs().sum(1).gt(0).all())
 
 
 def test_bundled_vectors_apply_an_embedding_named_as_the_trigger(toy):

@@ -13,8 +13,9 @@ The base is ``toyworld/assets/toy-sd1.safetensors`` (see ``base_model.py``).  Wh
 missing, a base is trained on the spot with the recipe at a tiny budget; it is then labelled
 ``FALLBACK`` everywhere, and its numbers mean little.
 
-Both LoRAs are trained with the "toy" preset (training/presets.py ``PRESETS``), through the same request
-path as the tab and the API.  What it measures with the committed base, and how that compares with
+Both LoRAs are trained with the "toy" preset (training/presets.py ``PRESETS``), each with its trigger as the
+pivotal word (its embeddings trained too and bundled in the file), through the same request path as the tab and
+the API.  What it measures with the committed base, and how that compares with
 kohya's settings, is in the README ("The toy world demo").  quick=True runs in well under a minute.
 """
 from __future__ import annotations
@@ -90,15 +91,17 @@ def _base(out_dir: Path, base: Path | None, quick: bool, log: Callable[[str], No
                                 "recipe_total_minutes": rec["total_minutes"]}
 
 
-def _train(ck, data_root: Path, out: Path, name: str, s: DemoSettings, seed: int) -> tuple[Path, list[float], float]:
-    """One LoRA with the "toy" preset, through the same request path as the tab and the API."""
+def _train(ck, data_root: Path, out: Path, name: str, s: DemoSettings, seed: int,
+           trigger: str) -> tuple[Path, list[float], float]:
+    """One LoRA with the "toy" preset and its trigger as the pivotal word, through the same request path as the
+    tab and the API."""
     from ..hosts.cli.attention import sdpa_attention
     from ..training.plan import make_plan
     from ..training.request import build_request
     from ..training.trainer import Callbacks, Trainer
 
     req: dict[str, Any] = {"preset": "toy", "dataset": {"train_dir": str(data_root)}, "output_name": name,
-                           "overwrite": True, "seed": seed, "training_comment": "lib_lora toyworld demo", **s.train}
+                           "overwrite": True, "seed": seed, "training_comment": "lib_lora toyworld demo", "pivotal_word": trigger, **s.train}
     if s.steps is not None:
         req["max_train_steps"] = s.steps
     cfg = build_request(req, out, family=ck.family).config
@@ -181,8 +184,10 @@ def run_demo(out_dir: Path, quick: bool = False, base: Path | None = None, seed:
     write_kohya_dataset(data / "star", star, s.images, s.repeats, seed)
     write_kohya_dataset(data / "diagonal", diag, s.images, s.repeats, seed + 1)
 
-    concept_path, concept_losses, concept_s = _train(ck, data / "star", lora_dir, CONCEPT_LORA, s, seed + 2)
-    style_path, style_losses, style_s = _train(ck, data / "diagonal", lora_dir, STYLE_LORA, s, seed + 3)
+    concept_path, concept_losses, concept_s = _train(ck, data / "star", lora_dir, CONCEPT_LORA, s, seed + 2,
+                                                        CONCEPTS["star"].trigger)
+    style_path, style_losses, style_s = _train(ck, data / "diagonal", lora_dir, STYLE_LORA, s, seed + 3,
+                                                  CONCEPTS["diagonal"].trigger)
 
     render = LoraRenderer(ck, [lora_dir], s.sample_steps, s.cfg)
     try:

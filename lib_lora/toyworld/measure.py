@@ -79,50 +79,6 @@ class LoraRenderer:
         self.rt.set_model(None)
 
 
-# --- SCREENING HOOK for benchmarks/pivot_screen.py (pivotal tuning is a screen, not an option): the trigger's
-# vectors trained in place of its tokens, one per BPE token of its name, on a one-text-encoder model.  The
-# renderer applies bundled embeddings as the CLI's ``render`` does (``bundled_vectors``, after the hook).
-def _name_positions(ids: Any, seq: list[int]) -> Any:
-    """Bool [B, L]: the positions of every whole occurrence of the token sequence ``seq`` in ``ids``."""
-    import torch
-
-    k, L = len(seq), ids.shape[1]
-    start = torch.ones(ids.shape[0], L - k + 1, dtype=torch.bool, device=ids.device)
-    for j, tok in enumerate(seq):
-        start &= ids[:, j:L - k + 1 + j] == tok
-    return start
-
-
-@contextmanager
-def token_vectors(text_encoder: Any, seq: list[int], vectors: Any) -> Iterator[None]:
-    """While the block runs, the HF CLIP ``text_encoder``'s token embeddings of every occurrence of the token
-    sequence ``seq`` are ``vectors`` [len(seq), width] (gradients reach ``vectors`` if it requires them)."""
-    import torch
-
-    if vectors.shape[0] != len(seq):
-        raise ValueError(f"{vectors.shape[0]} vectors for a name of {len(seq)} tokens")
-
-    def hook(module, inputs, out):
-        ids = inputs[0]
-        start = _name_positions(ids, seq)
-        if not bool(start.any()):
-            return out
-        pad = torch.zeros(ids.shape[0], len(seq) - 1, dtype=torch.bool, device=ids.device)
-        for j in range(len(seq)):
-            at = torch.cat([pad[:, :j], start, pad[:, j:]], dim=1)[..., None]
-            out = torch.where(at, vectors[j].to(out.dtype), out)
-        return out
-
-    handle = text_encoder.text_model.embeddings.token_embedding.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-# --- end of the screening hook
-
-
 @contextmanager
 def bundled_vectors(checkpoint: Any, found: list) -> Iterator[None]:
     """The active LoRAs' bundled embeddings (``(lora, BundledEmbedding)`` pairs) in place of their names while

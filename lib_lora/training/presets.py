@@ -26,7 +26,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "cache_latents": True, "cache_text_encoder_outputs": True, "seed": 42,
     },
     # the toy world (lib_lora/toyworld, ``python -m lib_lora demo``): 64 px, a UNet-only LoCon at the
-    # settings benchmarks/concept.py compares against kohya's (README, "The toy world and the demo":
+    # settings benchmarks/concept.py compares against kohya's, and pivotal tuning of the trigger (README, "The toy world and the demo":
     # its "Training quality on the toy world" item)
     "toy": {
         "dataset": {"resolution": 64, "enable_buckets": False},
@@ -36,10 +36,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "lr_warmup_steps": 0, "batch_size": 8, "max_train_steps": 500, "max_train_epochs": None,
         "save_every_n_epochs": 0, "save_precision": "fp16", "mixed_precision": "auto", "min_snr_gamma": 5.0,
         "noise_offset": 0.0, "cache_latents": True, "cache_text_encoder_outputs": True, "seed": 42,
+        # pivotal tuning, once the tab or the request names the trigger as pivotal_word (the demo does)
+        "pivotal_lr": 5e-3, "pivotal_steps": 150,
     },
 }
 PRESET_LABELS = {"sd15": "SD1.5 (512, rank 32/16, TE on)", "sdxl": "SDXL (1024, rank 32/16, UNet only)",
-                 "toy": "Toy world (64 px, LoCon 16/16, UNet only; the demo's)"}
+                 "toy": "Toy world (64 px, LoCon 16/16, UNet only, pivotal tuning; the demo's)"}
 
 
 def preset_for_family(family: str | None) -> str:
