@@ -232,6 +232,27 @@ def test_sdxl_text_goes_through_the_conditioner_with_sizes_and_grads():
     assert sd.conditioner.seen[-1][0]["txt"] == [r"miku \(vocaloid\)"]   # literal for the prompt parser
 
 
+def test_sdxl_word_ids_come_from_each_text_embedders_own_tokenizer():
+    """SDXL: one id list per text embedder (the size embedders have no tokenizer), in the text encoders' order;
+    OpenCLIP's assertion about the old emphasis becomes a message naming the setting."""
+    unet = nn.Conv2d(4, 4, 1)
+    unet.in_channels = 4
+    cond = FakeConditioner()
+    cond.embedders[0].tokenize = lambda texts: [[11, 12] for _ in texts]
+    cond.embedders[1].tokenize = lambda texts: [[21, 22] for _ in texts]
+    sd = types.SimpleNamespace(is_sd1=False, is_sd2=False, is_sdxl=True, is_sd3=False,
+                               model=types.SimpleNamespace(diffusion_model=unet), conditioner=cond,
+                               first_stage_model=nn.Linear(1, 1), alphas_cumprod=torch.linspace(0.99, 0.01, 10))
+    m = trainable.trainable_model(sd, model_map=object())
+    assert m.tokenize_word("zkx") == [[11, 12], [21, 22]]
+
+    def old_emphasis(texts):
+        raise AssertionError("Old emphasis implementation not supported for Open Clip")
+    cond.embedders[1].tokenize = old_emphasis
+    with pytest.raises(ValueError, match="Use old emphasis implementation"):
+        m.tokenize_word("zkx")
+
+
 def test_sd1_captions_reach_the_encoder_literally(sd_model, monkeypatch):
     """Escaped for the prompt parser, and with textual-inversion names left as words (kohya's reading)."""
     from modules import sd_hijack
