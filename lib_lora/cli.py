@@ -15,7 +15,7 @@ from .training.options import OptionError
 
 _SUMMARY_KEYS = ("ss_output_name", "ss_sd_model_name", "ss_base_model_version", "ss_network_module",
                  "ss_network_dim", "ss_network_alpha", "ss_network_args", "ss_resolution", "ss_num_train_images",
-                 "ss_max_train_steps", "ss_num_epochs", "ss_learning_rate", "ss_training_comment",
+                 "ss_max_train_steps", "ss_num_epochs", "ss_learning_rate", "ss_training_comment", "ss_pivotal_word",
                  "modelspec.architecture", "modelspec.title", "modelspec.date")
 
 
@@ -33,6 +33,10 @@ def inspect_file(path: Path) -> dict:
         "unet_modules": net.count("unet"),
         "unknown_keys": len(net.unknown_keys),
         "unusable_modules": net.errors,
+        # bundled textual inversions: name -> vectors, and the width per text encoder ("" for SD1/SD2)
+        "embeddings": {name: {"vectors": e.count, "widths": {p: int(e.vectors[p].shape[1])
+                                                             for p in ("", "clip_l", "clip_g") if p in e.vectors}}
+                       for name, e in net.embeddings.items()},
         "metadata": {k: meta[k] for k in _SUMMARY_KEYS if k in meta},
         "metadata_keys": len(meta),
     }
@@ -55,6 +59,9 @@ def _print_inspect(info: dict) -> None:
         print(f"unknown     {info['unknown_keys']} keys not recognised")
     for err in info["unusable_modules"][:5]:
         print(f"unusable    {err}")
+    for name, e in info["embeddings"].items():
+        widths = " + ".join(f"{p} {w}" if p else str(w) for p, w in e["widths"].items())
+        print(f"embedding   {name}: {e['vectors']} vectors, {widths} wide (bundled)")
     print(f"sha256      {info['sha256']}")
     print(f"AutoV2      {info['autov2']}")
     if "sshs_model_hash" in info:

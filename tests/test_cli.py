@@ -47,3 +47,27 @@ def test_sample_sdxl(tmp_path, capsys):
     assert info["family"] == "sdxl" and info["algorithms"] == {"lora": 736}
     assert (info["text_encoder_modules"], info["unet_modules"]) == (12 * 4 + 32 * 4, 70 * 8)
     assert info["metadata"]["ss_base_model_version"] == "sdxl_base_v1-0"
+
+
+def test_inspect_lists_bundled_embeddings(tmp_path, capsys):
+    """The built-in's two layouts (SD1/SD2's string_to_param, SDXL's clip_l + clip_g), each with its vectors and
+    widths."""
+    import torch
+
+    from lib_lora.fileio import load_file, save_safetensors
+
+    out = tmp_path / "sample.safetensors"
+    assert main(["sample", str(out)]) == 0
+    sd, meta = load_file(out)
+    sd["bundle_emb.zkx.string_to_param.*"] = torch.zeros(2, 768)
+    sd["bundle_emb.qwv.clip_l"], sd["bundle_emb.qwv.clip_g"] = torch.zeros(3, 768), torch.zeros(3, 1280)
+    save_safetensors(sd, out, meta, overwrite=True)
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["embeddings"] == {"zkx": {"vectors": 2, "widths": {"": 768}},
+                                  "qwv": {"vectors": 3, "widths": {"clip_l": 768, "clip_g": 1280}}}
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "embedding   zkx: 2 vectors, 768 wide (bundled)" in text
+    assert "embedding   qwv: 3 vectors, clip_l 768 + clip_g 1280 wide (bundled)" in text
