@@ -206,6 +206,7 @@ def cmd_output_config(args: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
+    from .hosts.cli.conditioning import embeddings_used
     from .hosts.cli.console import Console
     from .hosts.cli.samples import DISPLAY
     from .hosts.cli.sampling import sample
@@ -223,6 +224,10 @@ def cmd_render(args: argparse.Namespace) -> int:
     rt.set_model(ModelMap.build(ckpt.family, ckpt.unet, ckpt.text_encoders))
     res = rt.activate(requests)
     ckpt.embeddings, skipped = ckpt.embeddings_for(res.embeddings)   # the prompt's names become their vectors
+    # the WebUI's TI hashes for a bundled embedding: its name and its LoRA's, for those the prompt names
+    lora_of = {id(e): lora for lora, e in reversed(res.embeddings)}
+    ti_hashes = ", ".join(f"{e.name}: {lora_of[id(e)]}"
+                          for e in embeddings_used(ckpt.config["text_encoders"], [prompt], ckpt.embeddings))
     for m in bad_tokens + res.messages + skipped:
         console.log(f"warning: {m}")
     width, height = args.width or ckpt.resolution, args.height or ckpt.resolution
@@ -243,7 +248,7 @@ def cmd_render(args: argparse.Namespace) -> int:
         text = format_parameters(args.prompt, args.negative, {
             "Steps": args.steps, "Sampler": DISPLAY[args.sampler], "CFG scale": args.cfg, "Seed": args.seed + i,
             "Size": f"{width}x{height}", "Model hash": ckpt.hashes()["sha256"][:10] or None, "Model": ckpt.name,
-            LORA_HASHES: format_hashes(res.hashes) or None})
+            "TI hashes": ti_hashes or None, LORA_HASHES: format_hashes(res.hashes) or None})
         if path.suffix.lower() == ".png":
             save_png(img, path, text)
         else:  # another format keeps the image only

@@ -80,6 +80,13 @@ def test_render_shows_progress_and_writes_the_webuis_infotext(tiny_checkpoint, t
     assert f"warning: zkx_wide: embedding 'zkx' is {width + 1} wide, the loaded model's token embeddings are " \
            f"{width} — skipped" in err and "zkx_emb" not in err
     assert images["zkx_emb"] != images["zkx_lora"] and images["zkx_wide"] == images["zkx_lora"]
+    # the WebUI's TI hashes names a bundled embedding the prompt used, by its LoRA's name; none otherwise
+    infos = {n: Image.open(tmp_path / f"{n}.png").info["parameters"] for n in images}
+    assert 'TI hashes: "zkx: zkx_emb", Lora hashes: "zkx_emb: ' in infos["zkx_emb"], infos["zkx_emb"]
+    assert "TI hashes" not in infos["zkx_wide"] and "TI hashes" not in infos["zkx_lora"]
+    assert main(["render", "a red square <lora:zkx_emb:1>", "--base", str(ckpt), "--lora-dir", str(tmp_path),
+                 "--out", str(tmp_path / "unnamed.png"), "--steps", "1", "--width", "64", "--height", "64"]) == 0
+    assert "TI hashes" not in Image.open(tmp_path / "unnamed.png").info["parameters"]
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])

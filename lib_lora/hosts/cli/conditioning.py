@@ -60,6 +60,15 @@ def tokenize(tcfgs: list[dict[str, Any]], prompts: list[str], max_token_length: 
     return out
 
 
+def embeddings_used(tcfgs: list[dict[str, Any]], prompts: list[str], embeddings: Sequence[BundledEmbedding]
+                    ) -> list[BundledEmbedding]:
+    """Those of ``embeddings`` that the prompts name, found as the encoding places them (the WebUI's ``TI hashes``
+    lists these)."""
+    fixes: list[tuple[int, int, int, int]] = []
+    tokenize(tcfgs, list(prompts), None, [(_bpe().encode(e.name), e.count) for e in embeddings], fixes)
+    return [embeddings[i] for i in sorted({e for *_, e in fixes})]
+
+
 def _token_embedding(te: nn.Module) -> nn.Module:
     """The module whose output is the encoder's token embeddings (HF CLIP, or OpenCLIP)."""
     return te.text_model.embeddings.token_embedding if hasattr(te, "text_model") else te.token_embedding
