@@ -211,3 +211,23 @@ def test_sdxl_encoders_that_split_the_word_differently_are_refused():
     model.tokenize_word = lambda w: [[1, 2], [1, 3]]
     with pytest.raises(ValueError, match="tokenise it differently"):
         PivotalWord(model, "zkx", 1e-3)
+
+
+def test_a_step_boundarys_contents_carry_the_vectors_for_name_at_live(tmp_path, vae):
+    """What ``NAME@live`` parses between two steps holds the word's vectors as trained so far, as a save at that
+    step would write them."""
+    from lib_lora.network import parse_state_dict
+
+    tiny = build_sd1(seed=3)
+    seen = {}
+
+    def between(b):
+        tensors, meta = b.contents()
+        seen[b.step] = parse_state_dict("t@live", {k: v.detach().cpu() for k, v in tensors.items()}, meta)
+
+    res = Trainer(trainable(tiny, vae), make_plan(_config(tmp_path, "live", max_train_steps=3, save_every_n_steps=2)),
+                  Callbacks(log=lambda s: None, between_steps=between)).run()
+    assert sorted(seen) == [1, 2]
+    saved = load_safetensors(res.saved[0])[0]["bundle_emb.zkx.string_to_param.*"]    # the step-2 save
+    assert torch.equal(seen[2].embeddings["zkx"].vectors[""], saved)
+    assert not torch.equal(seen[1].embeddings["zkx"].vectors[""], saved)
