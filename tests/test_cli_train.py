@@ -70,14 +70,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_equal_one_with_double_batch(tiny_checkpoint, tmp_path):
-    ckpt, data = tiny_checkpoint
+def _single_and_multi(ckpt, data, tmp_path, *extra):
+    """(one process at batch 2, two processes at batch 1 under ``accelerate launch``): their files."""
     # Both runs are fresh processes with one thread each, so their rounding does not depend on
     # what earlier tests left in this process (thread count, allocator state).
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     single = tmp_path / "single.safetensors"
-    r = subprocess.run([sys.executable, "-m", "lib_lora", *args(ckpt, data, single, "--max-train-steps", "3",
-                                                                 "--batch-size", "2")],
+    r = subprocess.run([sys.executable, "-m", "lib_lora", *args(ckpt, data, single, *extra, "--batch-size", "2")],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     multi = tmp_path / "multi.safetensors"
@@ -85,9 +84,15 @@ def test_two_processes_equal_one_with_double_batch(tiny_checkpoint, tmp_path):
     # --multi_gpu is accelerate's torchrun launcher; with no GPU the processes fall back to gloo on CPU
     cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-           "-m", "lib_lora", *args(ckpt, data, multi, "--max-train-steps", "3", "--batch-size", "1")]
+           "-m", "lib_lora", *args(ckpt, data, multi, *extra, "--batch-size", "1")]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    return single, multi
+
+
+def test_two_processes_equal_one_with_double_batch(tiny_checkpoint, tmp_path):
+    ckpt, data = tiny_checkpoint
+    single, multi = _single_and_multi(ckpt, data, tmp_path, "--max-train-steps", "3")
     a, meta_a = load_safetensors(single)
     b, meta_b = load_safetensors(multi)
     assert meta_b["ss_total_batch_size"] == meta_a["ss_total_batch_size"] == "2"
@@ -107,6 +112,31 @@ def test_two_processes_equal_one_with_double_batch(tiny_checkpoint, tmp_path):
     for k in a:
         assert (b[k] - a[k]).abs().max().item() < lr, k
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in a.items() if "lora_up" in k)
+
+
+def test_two_processes_step_the_pivotal_words_vectors_as_one_does(tiny_checkpoint, tmp_path):
+    """Most batches hold no caption with the word: one process then leaves the vectors (and AdamW's moments)
+    alone, and so must two, whose gradient sum would otherwise be a zero that AdamW still steps on."""
+    import shutil
+    ckpt, data = tiny_checkpoint
+    mixed = tmp_path / "data"
+    shutil.copytree(next(data.iterdir()), mixed / "3_plain")
+    for caption in (mixed / "3_plain").glob("*.txt"):
+        caption.write_text("red square, grey background", encoding="utf-8")
+    (mixed / "1_zkx").mkdir()
+    image = next((mixed / "3_plain").glob("*.png"))
+    shutil.copy(image, mixed / "1_zkx" / image.name)
+    (mixed / "1_zkx" / image.with_suffix(".txt").name).write_text("zkx, red square", encoding="utf-8")
+    # 13 samples an epoch, one with the word: 7 steps of 2 see it, and many batches without it after
+    single, multi = _single_and_multi(ckpt, mixed, tmp_path, "--max-train-steps", "7", "--unet-only",
+                                      "--pivotal-word", "zkx", "--pivotal-lr", "1e-2")
+    key = "bundle_emb.zkx.string_to_param.*"
+    (a, _), (b, _) = load_safetensors(single), load_safetensors(multi)
+    table = load_safetensors(ckpt)[0]["cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"]
+    start = table[__import__("open_clip").tokenizer._tokenizer.encode("zkx")].float()
+    assert (a[key] - start).abs().max() > 0.5e-2                      # the vectors did train
+    print("largest vector difference / lr:", (b[key] - a[key]).abs().max().item() / 1e-2)
+    assert (b[key] - a[key]).abs().max() < 1e-2 * 0.05
 
 
 def test_memory_options_reach_the_config(tiny_checkpoint, tmp_path):

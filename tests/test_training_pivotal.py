@@ -231,3 +231,52 @@ def test_a_step_boundarys_contents_carry_the_vectors_for_name_at_live(tmp_path, 
     saved = load_safetensors(res.saved[0])[0]["bundle_emb.zkx.string_to_param.*"]    # the step-2 save
     assert torch.equal(seen[2].embeddings["zkx"].vectors[""], saved)
     assert not torch.equal(seen[1].embeddings["zkx"].vectors[""], saved)
+
+
+def _vector_opt(grad: torch.Tensor):
+    p = torch.nn.Parameter(torch.zeros(2, 3))
+    p.grad = grad.clone()
+    return p, torch.optim.AdamW([p], lr=0.1, weight_decay=0.0)
+
+
+def test_the_vectors_step_through_the_runs_loss_scaler():
+    """The vectors' gradients are unscaled by the run's loss scale before their step, and a non-finite one skips
+    the step and lowers the scale as the LoRA's own would (HalfStep and torch's GradScaler), or is an error."""
+    from lib_lora.training.half_weights import HalfStep, step_another
+
+    half = HalfStep(torch.float16, log=lambda s: None)
+    scale = half.loss_scale
+    p, opt = _vector_opt(torch.full((2, 3), scale * 1e-3))
+    step_another(half, opt, "v")
+    torch.testing.assert_close(p.grad, torch.full((2, 3), 1e-3))       # unscaled before AdamW saw it
+    assert torch.allclose(p.detach(), torch.full((2, 3), -0.1))         # AdamW's first step: lr against the sign
+    p, opt = _vector_opt(torch.tensor([[1.0, float("inf"), 0], [0, 0, 0]]))
+    step_another(half, opt, "v")
+    half.update()
+    assert torch.equal(p.detach(), torch.zeros(2, 3)) and half.skipped == 1 and half.loss_scale == scale / 2
+
+    gs = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    gs.scale(torch.tensor(1.0))                     # as the run's backward did
+    p, opt = _vector_opt(torch.tensor([[1.0, float("nan"), 0], [0, 0, 0]]))
+    step_another(gs, opt, "v")
+    gs.update()
+    assert torch.equal(p.detach(), torch.zeros(2, 3)) and gs.get_scale() == 512.0
+
+    off = torch.amp.GradScaler("cpu", enabled=False)
+    p, opt = _vector_opt(torch.tensor([[1.0, float("inf"), 0], [0, 0, 0]]))
+    with pytest.raises(FloatingPointError, match="gradient of v is not finite"):
+        step_another(off, opt, "v")
+    p, opt = _vector_opt(torch.zeros(2, 3))
+    p.grad = None                                   # a batch without the word: no step, and no complaint
+    gs.scale(torch.tensor(1.0))
+    step_another(gs, opt, "v")
+    assert not opt.state
+
+
+def test_the_caption_check_follows_clips_word_splitting():
+    from lib_lora.training.checks import pivotal_caption_problem
+
+    for caption in ("zkx, red", "a ZKX-style drawing", "zkx_style", "zkx2 on grey"):
+        assert pivotal_caption_problem("zkx", [caption]) is None, caption
+    for caption in ("zkxs on grey", "azkx"):
+        assert "none of the training images' captions" in pivotal_caption_problem("zkx", [caption]), caption

@@ -119,7 +119,9 @@ def check_pivotal_word(word: Any) -> None:
 def pivotal_caption_problem(word: str, captions: list[str]) -> str | None:
     """Why ``word`` cannot be trained as the pivotal word on ``captions`` (the training images'), or None: it
     must stand, as a word, in one of them, or its embeddings would never train."""
-    pattern = re.compile(rf"(?<![\w-]){re.escape(word)}(?![\w-])", re.IGNORECASE)  # CLIP lower-cases prompts
+    # CLIP lower-cases a prompt and cuts letters from digits and punctuation before its BPE: "zkx-style" and
+    # "zkx2" hold the word's tokens, "zkxs" need not
+    pattern = re.compile(rf"(?<![^\W\d_]){re.escape(word)}(?![^\W\d_])", re.IGNORECASE)
     if any(pattern.search(c) for c in captions):
         return None
     return (f"pivotal_word: {word!r} is in none of the training images' captions (or folder names): its embeddings "

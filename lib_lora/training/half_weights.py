@@ -153,11 +153,26 @@ def _restore(opt: torch.optim.Optimizer, saved: list[tuple[Tensor, Tensor, dict[
             opt.state.pop(p, None)   # the first step created the state: drop it again
 
 
-def loss_scale(scaler: Any) -> float:
-    """The factor the loss was multiplied by before this step's backward (1: none)."""
-    if isinstance(scaler, HalfStep):
-        return scaler.loss_scale
-    return float(scaler.get_scale()) if scaler.is_enabled() else 1.0
+def step_another(scaler: Any, opt: torch.optim.Optimizer, what: str) -> None:
+    """Step a second optimiser (fp32 parameters, e.g. the pivotal word's vectors) through the run's scaler, before
+    its ``update``: an enabled ``GradScaler`` unscales, skips on a non-finite gradient and lowers its scale for it
+    as for the LoRA's; otherwise the gradients are divided by ``HalfStep``'s loss scale (or 1), and a non-finite
+    one skips the step, which ``HalfStep`` counts as a skipped step (its scale halves) and logs."""
+    grads = [p.grad for p in flat_params.params(opt) if p.grad is not None]
+    if not grads:   # GradScaler refuses an optimiser with no gradient at all
+        return
+    if not isinstance(scaler, HalfStep) and scaler.is_enabled():
+        scaler.step(opt)
+        return
+    scale = scaler.loss_scale if isinstance(scaler, HalfStep) else 1.0
+    if scale != 1:
+        torch._foreach_mul_(grads, 1.0 / scale)
+    if _finite(grads):
+        opt.step()
+    elif isinstance(scaler, HalfStep):
+        scaler._skip(f"a gradient of {what} is not finite" + (f" at loss scale {scale:g}" if scaler.dynamic else ""))
+    else:
+        raise FloatingPointError(f"a gradient of {what} is not finite; lower its learning rate")
 
 
 def scaler_state(scaler: Any) -> dict[str, Any] | None:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..bundled import BundledEmbedding, bundle_tensors, token_table
+from .half_weights import step_another
 from .model import TrainableModel
 
 
@@ -81,17 +82,12 @@ class PivotalWord:
                 stack.callback(h.remove)
             yield
 
-    def step(self, step: int, loss_scale: float) -> None:
-        """After the LoRA's optimiser step ``step``: the vectors' own step (gradients divided by the loss's
-        scale; a non-finite gradient skips it, as the loss scaler skips the LoRA's), then their gradients
-        cleared; after ``pivotal_steps`` they train no more."""
-        params = [v for v in self.vectors.values() if v.grad is not None]
-        if params and self.training:
-            grads = [p.grad for p in params]
-            if loss_scale != 1:
-                torch._foreach_mul_(grads, 1.0 / loss_scale)
-            if bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
-                self.opt.step()
+    def step(self, step: int, scaler: Any) -> None:
+        """After the LoRA's optimiser step ``step``, before the run's loss scaler updates: the vectors' own step
+        through that scaler (half_weights.step_another; none when no caption of the batch held the word), then
+        their gradients cleared; after ``pivotal_steps`` they train no more."""
+        if self.training:
+            step_another(scaler, self.opt, f"pivotal word {self.word!r}'s embeddings")
         for v in self.vectors.values():
             v.grad = None
         if self.until is not None and step >= self.until:

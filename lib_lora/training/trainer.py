@@ -25,7 +25,7 @@ from ..bundled import BundledEmbedding, parse_bundle, split_bundle
 from ..fileio import load_safetensors
 from .checks import model_notes, timestep_range
 from .frozen_layers import lean_by_default
-from .half_weights import hold_in_half, loss_scale, make_scaler, weight_dtype
+from .half_weights import hold_in_half, make_scaler, weight_dtype
 from .dataset import Dataset
 from .ema import LoraEMA
 from .epochs import Batch, Position, derive_seed
@@ -242,7 +242,7 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(flat_params.params(opt), cfg.max_grad_norm)
             scaler.step(opt)
             if pivot is not None:
-                pivot.step(step + 1, loss_scale(scaler))
+                pivot.step(step + 1, scaler)
             scaler.update()
             flat_params.zero_grads(opt)
             sched.step()
@@ -281,11 +281,16 @@ class Trainer:
         from accelerate.utils import reduce
 
         extra = list(pivot.vectors.values()) if pivot is not None and pivot.training else []
-        for p in flat_params.params(opt) + extra:
+        dev = self.model.device
+        # a batch without the pivotal word leaves its vectors no gradient, and one process alone does not step
+        # them then: nor may several, whose zero-filled sum would still move AdamW's moments
+        word_seen = bool(extra) and float(reduce(torch.tensor([float(any(p.grad is not None for p in extra))],
+                                                              device=dev), reduction="sum").item()) > 0
+        for p in flat_params.params(opt) + (extra if word_seen else []):
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             p.grad.copy_(reduce(p.grad, reduction="sum"))   # in place: a flat gradient's views stay its own
-        return float(reduce(torch.tensor([loss_val], device=self.model.device), reduction="sum").item())
+        return float(reduce(torch.tensor([loss_val], device=dev), reduction="sum").item())
 
     # -- saving (saves.py) -------------------------------------------------------------
     def _save(self, net, path, epoch, step, pos, losses, started, opt, sched) -> Path:
