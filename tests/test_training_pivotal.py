@@ -145,18 +145,19 @@ def test_after_pivotal_steps_the_vectors_stay(tmp_path, vae):
     assert not torch.equal(loras[-2][key], loras[-1][key])       # the LoRA goes on training
 
 
-@pytest.mark.parametrize("ema", [None, 0.8])
-def test_a_resumed_run_ends_as_the_uninterrupted_one(tmp_path, vae, ema):
+@pytest.mark.parametrize("ema,until", [(None, 4), (0.8, 4), (None, 2)])
+def test_a_resumed_run_ends_as_the_uninterrupted_one(tmp_path, vae, ema, until):
+    """Resumed at step 3: while the vectors still train (pivotal_steps 4), or after they stopped (2)."""
     tiny = build_sd1(seed=3)
-    full = Trainer(trainable(tiny, vae), make_plan(_config(tmp_path, "full", ema_decay=ema, pivotal_steps=4)),
+    full = Trainer(trainable(tiny, vae), make_plan(_config(tmp_path, "full", ema_decay=ema, pivotal_steps=until)),
                    QUIET).run()
-    # a run saving its state at step 3 (while the vectors still train), resumed from there in a new trainer
-    part = Trainer(trainable(tiny, vae), make_plan(_config(tmp_path, "part", ema_decay=ema, pivotal_steps=4,
+    part = Trainer(trainable(tiny, vae), make_plan(_config(tmp_path, "part", ema_decay=ema, pivotal_steps=until,
                                                            save_every_n_steps=3, save_state=True)), QUIET).run()
     st_path = state_path(part.saved[0])
     assert load_state(st_path).pivotal["word"] == "zkx"
+    assert load_state(st_path).pivotal["training"] == (until > 3)
     resumed = Trainer(trainable(tiny, vae),
-                      make_plan(_config(tmp_path, "part", ema_decay=ema, pivotal_steps=4, save_every_n_steps=3,
+                      make_plan(_config(tmp_path, "part", ema_decay=ema, pivotal_steps=until, save_every_n_steps=3,
                                         save_state=True, overwrite=True), resume_from=st_path), QUIET).run()
     a, b = load_safetensors(full.output)[0], load_safetensors(resumed.output)[0]
     assert set(a) == set(b)
