@@ -428,5 +428,11 @@ def test_pivotal_tuning_trains_through_the_webuis_embedders(training_webui, sd_m
     # 4 AdamW steps of lr 1e-2: Adam moves a weight by at most lr (1 - beta1) / sqrt(1 - beta2) per step
     assert 0.5e-2 < (emb.vectors[""] - table[ids]).abs().max() <= 4 * 1e-2 * 0.1 / 0.001 ** 0.5
     assert meta["ss_pivotal_word"] == "zkx"
+    # an embedding of that name from the embeddings folder would stand for the word at generation: refused
+    from modules import sd_hijack
+    from modules.textual_inversion.textual_inversion import Embedding
+    sd_hijack.model_hijack.embedding_db.register_embedding(Embedding(torch.zeros(1, table.shape[1]), "ZKX"), sd_model)
+    r = client.post("/lora-workshop/v1/train", json=request(data, "piv2", pivotal_word="zkx"))
+    assert r.status_code == 400 and "the embedding 'ZKX' from the embeddings folder" in r.text, r.text
     assert torch.equal(sd_model.cond_stage_model.wrapped.transformer.get_input_embeddings().weight, table)
     assert not sd_model.cond_stage_model.wrapped.transformer.get_input_embeddings()._forward_hooks

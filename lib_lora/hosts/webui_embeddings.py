@@ -99,6 +99,14 @@ class BundledEmbeddings:
             self._registered[name] = emb
         return messages
 
+    def folder_embedding(self, word: str) -> str | None:
+        """The name of a loaded embedding other than ours that a prompt's ``word`` would take (the database
+        matches a prompt's lower-cased tokens), or None."""
+        for name in self._db().word_embeddings:
+            if name.lower() == word.lower() and name not in self._registered:
+                return name
+        return None
+
     def _embedding(self, lora: str, bundled: BundledEmbedding, device: Any) -> Embedding:
         vec = {k: v.to(device) for k, v in bundled.vectors.items()}
         emb = Embedding(vec[""] if "" in vec else vec, bundled.name)

@@ -117,6 +117,12 @@ class WebUITrainingHost(TrainingHost):
             why = max_token_length_refusal(sd_model, family) if config.max_token_length is not None else None
             if why:
                 raise RequestError.bad("max_token_length", why)
+        shadow = self.workshop.embeddings.folder_embedding(config.pivotal_word) if config.pivotal_word else None
+        if shadow:
+            # it would stand for the word wherever the LoRA is used, as the built-in keeps a folder embedding
+            raise RequestError.bad("pivotal_word", f"{config.pivotal_word!r}: the embedding {shadow!r} from the "
+                                   "embeddings folder would stand for this word in prompts instead of the trained "
+                                   "vectors; choose another word, or rename that embedding")
 
     def build_model(self, job: Job) -> TrainableModel:
         sd_model = loaded_model()
