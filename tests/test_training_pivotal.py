@@ -281,3 +281,25 @@ def test_the_caption_check_follows_clips_word_splitting():
         assert pivotal_caption_problem("zkx", [caption]) is None, caption
     for caption in ("zkxs on grey", "azkx"):
         assert "none of the training images' captions" in pivotal_caption_problem("zkx", [caption]), caption
+
+
+def test_sdxl_trains_one_vector_set_per_text_encoder_and_bundles_them_as_clip_l_and_clip_g(tmp_path, vae):
+    """Both encoders' tables take the word's vectors, each trains (the pooled output and the context carry the
+    gradient), and the file holds them as the built-in reads an SDXL embedding; the model is left as it was."""
+    from lib_lora.network import load_network
+    from loras import same, snapshot
+
+    tiny = build_sdxl(seed=0)
+    before = snapshot(tiny.unet, *[m for _, m in tiny.text_encoders])
+    tables = [_token_embedding(te).weight.detach().clone() for _, te in tiny.text_encoders]
+    model = trainable(tiny, vae)
+    ids = model.tokenize_word("zkx")[0]
+    res = Trainer(model, make_plan(_config(tmp_path, "xl", max_train_steps=2)), QUIET).run()
+    net = load_network(res.output)
+    emb = net.embeddings["zkx"]
+    assert set(emb.vectors) == {"clip_l", "clip_g"} and emb.count == len(ids)
+    for part, table in zip(("clip_l", "clip_g"), tables):
+        assert emb.vectors[part].shape == (len(ids), table.shape[1])
+        assert 0.5e-2 < (emb.vectors[part] - table[ids]).abs().max() <= 2 * 1e-2 * 0.1 / 0.001 ** 0.5, part
+    assert emb.misfit({"clip_l": tables[0].shape[1], "clip_g": tables[1].shape[1]}) is None
+    assert same(before, snapshot(tiny.unet, *[m for _, m in tiny.text_encoders]))
