@@ -17,7 +17,8 @@ steps of batch 8 on 60 training images at 64 px; ``--variant`` trains overrides 
 captioned with their prompts, as a kohya ``1_shape`` regularisation folder, made once per seed; weigh
 them with ``prior_loss_weight``; ``reg=base:cross+diamond`` draws prompts of only those shapes; a key
 ``opt.NAME=VALUE`` goes to ``optimizer_args``, e.g. ``optimizer=Prodigy,learning_rate=1.0,opt.d_coef=2``;
-any trainer option by its request key, e.g. pivotal tuning: ``pivotal_word=zkx,pivotal_lr=5e-3,pivotal_steps=150``).  Files are applied through the same Runtime as
+any trainer option by its request key, e.g. pivotal tuning:
+``pivotal_word=zkx,pivotal_lr=5e-3,pivotal_steps=150``).  Files are applied through the same Runtime as
 ``<lora:name:w>`` in a WebUI prompt, so files written by kohya's sd-scripts, ComfyUI trainers or
 anything else that writes kohya keys are scored the same way as ours (train them on the folders
 ``--write-dataset`` writes, against ``lib_lora/toyworld/assets/toy-sd1.safetensors``).

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from . import families
+from .bundled import SDXL_PARTS
 from .fileio import LoraFileError
 from .hashes import file_hashes
 from .network import load_network
@@ -35,7 +36,7 @@ def inspect_file(path: Path) -> dict:
         "unusable_modules": net.errors,
         # bundled textual inversions: name -> vectors, and the width per text encoder ("" for SD1/SD2)
         "embeddings": {name: {"vectors": e.count, "widths": {p: int(e.vectors[p].shape[1])
-                                                             for p in ("", "clip_l", "clip_g") if p in e.vectors}}
+                                                             for p in ("", *SDXL_PARTS) if p in e.vectors}}
                        for name, e in net.embeddings.items()},
         "metadata": {k: meta[k] for k in _SUMMARY_KEYS if k in meta},
         "metadata_keys": len(meta),

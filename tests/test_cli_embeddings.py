@@ -12,9 +12,9 @@ import copy
 import pytest
 import torch
 
-from lib_lora.bundled import BundledEmbedding
+from lib_lora.bundled import BundledEmbedding, token_table
 from lib_lora.hosts.cli.checkpoint import Checkpoint
-from lib_lora.hosts.cli.conditioning import _token_embedding, tokenize
+from lib_lora.hosts.cli.conditioning import tokenize
 from lib_lora.hosts.cli.tokenizer import BOS, EOS, _bpe, clip_chunk_tokenize
 from tiny_models import build_sd1, build_sdxl
 from train_support import tiny_vae
@@ -47,7 +47,7 @@ def test_an_embedding_takes_one_position_per_vector_and_is_never_split_between_c
 def _reference(te, vectors: torch.Tensor):
     ref = copy.deepcopy(te)
     with torch.no_grad():
-        _token_embedding(ref).weight[SPARE:SPARE + vectors.shape[0]] = vectors
+        token_table(ref).weight[SPARE:SPARE + vectors.shape[0]] = vectors
     return ref
 
 
@@ -86,7 +86,7 @@ def test_sdxl_uses_each_encoders_part_for_context_and_pooled():
     ck = Checkpoint.from_modules("sdxl", tiny.unet, tiny.text_encoders, tiny_vae())
     (_, te1), (_, te2) = ck.text_encoders
     g = torch.Generator().manual_seed(5)
-    w1, w2 = _token_embedding(te1).weight.shape[1], _token_embedding(te2).weight.shape[1]
+    w1, w2 = token_table(te1).weight.shape[1], token_table(te2).weight.shape[1]
     emb = BundledEmbedding("zkx", {"clip_l": 0.3 * torch.randn(2, w1, generator=g),
                                    "clip_g": 0.3 * torch.randn(2, w2, generator=g)})
     prompts = ["a zkx on a dotted background"]
@@ -108,7 +108,7 @@ def test_sdxl_uses_each_encoders_part_for_context_and_pooled():
 def test_which_embeddings_a_model_can_use():
     tiny = build_sd1(seed=2)
     ck = Checkpoint.from_modules("sd1", tiny.unet, tiny.text_encoders, tiny_vae())
-    w = _token_embedding(ck.text_encoders[0][1]).weight.shape[1]
+    w = token_table(ck.text_encoders[0][1]).weight.shape[1]
     ok, wide, xl, long_ = (BundledEmbedding("ok", {"": torch.zeros(1, w)}), BundledEmbedding("wide", {"": torch.zeros(1, w + 1)}),
                            BundledEmbedding("xl", {"clip_l": torch.zeros(1, w), "clip_g": torch.zeros(1, 8)}),
                            BundledEmbedding("long", {"": torch.zeros(76, w)}))

@@ -11,11 +11,10 @@ import copy
 import pytest
 import torch
 
-from lib_lora.bundled import BundledEmbedding, parse_bundle, split_bundle
+from lib_lora.bundled import BundledEmbedding, parse_bundle, split_bundle, token_table
 from lib_lora.fileio import load_safetensors
 from lib_lora.hashes import hashes_from_bytes
 from lib_lora.hosts.cli.checkpoint import Checkpoint
-from lib_lora.hosts.cli.conditioning import _token_embedding
 from lib_lora.hosts.cli.tokenizer import EOS, clip_tokenize
 from lib_lora.training.config import TrainConfig
 from lib_lora.training.dataset import DatasetConfig
@@ -35,7 +34,7 @@ QUIET = Callbacks(log=lambda s: None)
 def _vectors(ck: Checkpoint, n: int, seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     parts = ["clip_l", "clip_g"] if ck.family == "sdxl" else [""]
-    return {p: 0.3 * torch.randn(n, _token_embedding(te).weight.shape[1], generator=g)
+    return {p: 0.3 * torch.randn(n, token_table(te).weight.shape[1], generator=g)
             for p, (_, te) in zip(parts, ck.text_encoders)}
 
 
@@ -76,7 +75,7 @@ def test_only_the_whole_word_takes_the_vectors_and_they_take_gradients():
     word = PivotalWord(model, "zkx", 1e-3, start=BundledEmbedding("zkx", _vectors(ck, 2, 0)))
     ref = copy.deepcopy(te)
     with torch.no_grad():
-        _token_embedding(ref).weight[word.ids] = word.vectors[""]
+        token_table(ref).weight[word.ids] = word.vectors[""]
     whole = ["a red zkx on a dotted background", "zkx zkx, zkx."]
     partial = ["a red zk on a plain background", "a blue square on a striped background"]  # 'z' without 'kx'
     te.requires_grad_(False)
@@ -104,14 +103,14 @@ def _config(tmp_path, out: str, **kw) -> TrainConfig:
 def test_a_run_trains_the_vectors_and_bundles_them_in_every_save(tmp_path, vae):
     tiny = build_sd1(seed=3)
     model = trainable(tiny, vae)
-    table = _token_embedding(tiny.text_encoders[0][1]).weight.detach().clone()
+    table = token_table(tiny.text_encoders[0][1]).weight.detach().clone()
     ids = model.tokenize_word("zkx")[0]
     one = Trainer(model, make_plan(_config(tmp_path, "one", max_train_steps=1)), QUIET).run()
     emb = parse_bundle("t", split_bundle(load_safetensors(one.output)[0])[1])["zkx"]
     # AdamW's first step moves each entry with a gradient by lr (Adam's m/sqrt(v) is its sign), no decay
     moved = emb.vectors[""] - table[ids]
     assert moved.abs().max() <= 1e-2 * 1.0001 and moved.abs().gt(0.99e-2).float().mean() > 0.9
-    assert torch.equal(_token_embedding(tiny.text_encoders[0][1]).weight, table)   # the model's table untouched
+    assert torch.equal(token_table(tiny.text_encoders[0][1]).weight, table)   # the model's table untouched
 
     res = Trainer(trainable(tiny, vae), make_plan(_config(tmp_path, "run", save_every_n_steps=3)), QUIET).run()
     assert [p.name for p in res.saved] == ["t-step00000003.safetensors", "t.safetensors"]
@@ -291,7 +290,7 @@ def test_sdxl_trains_one_vector_set_per_text_encoder_and_bundles_them_as_clip_l_
 
     tiny = build_sdxl(seed=0)
     before = snapshot(tiny.unet, *[m for _, m in tiny.text_encoders])
-    tables = [_token_embedding(te).weight.detach().clone() for _, te in tiny.text_encoders]
+    tables = [token_table(te).weight.detach().clone() for _, te in tiny.text_encoders]
     model = trainable(tiny, vae)
     ids = model.tokenize_word("zkx")[0]
     res = Trainer(model, make_plan(_config(tmp_path, "xl", max_train_steps=2)), QUIET).run()

@@ -1,7 +1,7 @@
 """What the WebUI's loaded model looks like to us: its family and where it keeps the UNet and text encoders.
 
-A leaf (torch, and ``bundled.token_table``): the runtime's model map (``webui_host.WebUIHost.model_map``) and training
-(``webui_trainable``) both find the modules here.
+A leaf (torch, and ``bundled.token_table``): the runtime's model map (``webui_host.WebUIHost.model_map``)
+and training (``webui_trainable``) both find the modules here.
 """
 from __future__ import annotations
 

@@ -101,7 +101,8 @@ def _train(ck, data_root: Path, out: Path, name: str, s: DemoSettings, seed: int
     from ..training.trainer import Callbacks, Trainer
 
     req: dict[str, Any] = {"preset": "toy", "dataset": {"train_dir": str(data_root)}, "output_name": name,
-                           "overwrite": True, "seed": seed, "training_comment": "lib_lora toyworld demo", "pivotal_word": trigger, **s.train}
+                           "overwrite": True, "seed": seed, "training_comment": "lib_lora toyworld demo",
+                           "pivotal_word": trigger, **s.train}
     if s.steps is not None:
         req["max_train_steps"] = s.steps
     cfg = build_request(req, out, family=ck.family).config

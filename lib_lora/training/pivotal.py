@@ -19,14 +19,14 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from ..bundled import BundledEmbedding, bundle_tensors, token_table
+from ..bundled import SDXL_PARTS, BundledEmbedding, bundle_tensors, token_table
 from .half_weights import step_another
 from .model import TrainableModel
 
 
 def bundle_parts(family: str) -> list[str]:
     """How a bundled embedding names each text encoder's vectors, in the encoders' order."""
-    return ["clip_l", "clip_g"] if family == "sdxl" else [""]
+    return list(SDXL_PARTS) if family == "sdxl" else [""]
 
 
 class PivotalWord:

@@ -184,7 +184,8 @@ class Trainer:
         text_trains, pivot = cfg.network.train_text_encoder, self._pivot
         batches = ds.iterate(self.global_batch, cfg.seed, pos)
         per_epoch = max(1, ds.steps_per_epoch(self.global_batch))
-        fill_caches(ds, latents, texts, not text_trains and pivot is None, self.cb.on_caching, self.cb.log, lambda: self._stop is not None)
+        fill_caches(ds, latents, texts, not text_trains and pivot is None, self.cb.on_caching, self.cb.log,
+                    lambda: self._stop is not None)
         saved: list[Path] = []
         t0, step0 = time.time(), step
         acp_all = m.alphas_cumprod.to(m.device, torch.float32)

@@ -25,12 +25,12 @@ import torch
 from torch import Tensor, nn
 
 from ... import families, hashes
-from ...bundled import BundledEmbedding
+from ...bundled import BundledEmbedding, token_table
 from ...fileio import load_file, save_safetensors, write_text_atomic
 from ...training.checks import clip_skip_for
 from ...training.model import Conditioning, SizeCond, TrainableModel
 from .builders import build_text_encoder, build_unet, build_vae, materialize
-from .conditioning import _token_embedding, encode_text, tokenize
+from .conditioning import encode_text, tokenize
 from .tokenizer import CONTEXT_LENGTH, word_ids
 from .config import (SCALE_FACTOR, SCHEDULE, SIZE_EMBED_DIM, TEXT_LAYOUT, UNET_PREFIX, VAE_PREFIX, ArchitectureError,
                      default_resolution, infer_config, merge_config, strip_prefix, text_encoder_state)
@@ -360,4 +360,4 @@ def save_checkpoint(checkpoint: Checkpoint, path: str | os.PathLike, dtype: torc
 
 
 def _token_width(te: nn.Module) -> int:
-    return _token_embedding(te).weight.shape[1]
+    return token_table(te).weight.shape[1]

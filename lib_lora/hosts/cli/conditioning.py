@@ -8,7 +8,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from ...bundled import BundledEmbedding
+from ...bundled import BundledEmbedding, token_table
 from ...training.model import Conditioning, SizeCond
 from .tokenizer import EOS, _bpe, clip_chunk_tokenize, kohya_tokenize
 
@@ -69,11 +69,6 @@ def embeddings_used(tcfgs: list[dict[str, Any]], prompts: list[str], embeddings:
     return [embeddings[i] for i in sorted({e for *_, e in fixes})]
 
 
-def _token_embedding(te: nn.Module) -> nn.Module:
-    """The module whose output is the encoder's token embeddings (HF CLIP, or OpenCLIP)."""
-    return te.text_model.embeddings.token_embedding if hasattr(te, "text_model") else te.token_embedding
-
-
 @contextmanager
 def _placed(text_encoders: list[tuple[str, nn.Module]], parts: list[str], chunks: int,
             fixes: list[tuple[int, int, int, int]], embeddings: Sequence[BundledEmbedding]) -> Iterator[None]:
@@ -88,7 +83,7 @@ def _placed(text_encoders: list[tuple[str, nn.Module]], parts: list[str], chunks
             return out
         return hook
 
-    handles = [_token_embedding(te).register_forward_hook(hook_for(part))
+    handles = [token_table(te).register_forward_hook(hook_for(part))
                for (_, te), part in zip(text_encoders, parts)]
     try:
         yield
